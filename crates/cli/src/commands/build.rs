@@ -1,0 +1,337 @@
+//! `nixspace build`: demand a derivation's closure and follow it to the end.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use nixspace_nix_tools::DerivationInfo;
+use nixspace_protocol::build;
+use nixspace_space::Role;
+use syndicate::actor::{Activation, ActorError};
+use syndicate::enclose;
+use syndicate_macros::{during, on_message};
+
+use super::JoinArgs;
+use crate::progress::{short_name, Progress};
+
+/// How many log lines of a failed step are shown.
+const LOG_TAIL: usize = 25;
+
+/// Build a Nix file or a derivation on the dataspace's workers.
+///
+/// Instantiates FILE.nix with the local `nix-instantiate` (or takes a
+/// /nix/store/…drv path as is), demands every derivation in its closure whose
+/// outputs are not valid yet, shows progress, and prints the output paths.
+/// Exits 0 when everything was built, 1 with the failing steps' log tails
+/// otherwise. Ctrl-C withdraws the demands (steps nobody else wants stop).
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    join: JoinArgs,
+
+    /// A Nix file to instantiate, or a store path ending in `.drv`.
+    #[arg(value_name = "FILE.nix|DRV")]
+    target: PathBuf,
+
+    /// Attribute(s) of the file to build (like nix-build -A).
+    #[arg(short = 'A', long = "attr", value_name = "ATTR")]
+    attrs: Vec<String>,
+
+    /// Priority of this build's demands (higher first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i64,
+
+    /// Show build logs as they arrive.
+    #[arg(short = 'L', long)]
+    print_build_logs: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Status {
+    Pending,
+    Built(Vec<String>),
+    Failed { worker: String, reason: String },
+}
+
+struct Session {
+    steps: BTreeMap<String, Status>,
+    running: BTreeMap<String, String>,
+    logs: HashMap<String, VecDeque<String>>,
+    progress: Progress,
+    finished: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Session {
+    fn done(&self) -> usize {
+        self.steps
+            .values()
+            .filter(|s| !matches!(s, Status::Pending))
+            .count()
+    }
+
+    fn settle(&mut self, drv: &str, status: Status) {
+        let Some(slot) = self.steps.get_mut(drv) else {
+            return;
+        };
+        if !matches!(slot, Status::Pending) {
+            return;
+        }
+        match &status {
+            Status::Built(_) => self.progress.event(&format!("built {}", short_name(drv))),
+            Status::Failed { reason, .. } => self
+                .progress
+                .event(&format!("failed {}: {reason}", short_name(drv))),
+            Status::Pending => {}
+        }
+        *slot = status;
+        self.running.remove(drv);
+        self.progress.update(self.done(), &self.running);
+        if self.done() == self.steps.len() {
+            if let Some(tx) = self.finished.take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Session>>;
+
+fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorError> {
+    let mut g = s.lock().map_err(|_| "build session state poisoned")?;
+    Ok(f(&mut g))
+}
+
+/// Run `nixspace build`.
+pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let route = args.join.route(Role::Submit)?;
+    let roots = resolve_target(&args.target, &args.attrs).await?;
+    let infos = nixspace_nix_tools::show_derivations(&roots).await?;
+    let known: Vec<String> = infos
+        .values()
+        .flat_map(|i| i.outputs.values().flatten().cloned())
+        .collect();
+    let invalid = nixspace_nix_tools::invalid_paths(&known).await?;
+    let needed: BTreeMap<String, &DerivationInfo> = infos
+        .iter()
+        .filter(|(_, i)| {
+            i.outputs
+                .values()
+                .any(|p| p.as_ref().is_none_or(|p| invalid.contains(p)))
+        })
+        .map(|(d, i)| (d.clone(), i))
+        .collect();
+    if needed.is_empty() {
+        eprintln!("nixspace: nothing to build; all outputs are valid");
+        print_outputs(&roots, &infos, &BTreeMap::new());
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!(
+        "nixspace: {} of {} derivations to build",
+        needed.len(),
+        infos.len()
+    );
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let session: Shared = Arc::new(Mutex::new(Session {
+        steps: needed
+            .keys()
+            .map(|d| (d.clone(), Status::Pending))
+            .collect(),
+        running: BTreeMap::new(),
+        logs: HashMap::new(),
+        progress: Progress::new(needed.len(), args.print_build_logs),
+        finished: Some(tx),
+    }));
+    let demands: Vec<build::Demand> = inputs_first(&needed)
+        .into_iter()
+        .map(|(drv, info)| build::Demand {
+            drv: drv.clone(),
+            step: build::StepInfo {
+                system: info.system.clone(),
+                features: info.features.clone(),
+                input_drvs: info.input_drvs.clone(),
+            },
+            requester: format!("nixspace-build-{}", std::process::id()),
+            priority: args.priority.into(),
+        })
+        .collect();
+    let _actor = nixspace_space::join::join(
+        &route,
+        enclose!((session) move |t: &mut Activation, ds| {
+            observe(t, &ds, &session);
+            for d in &demands {
+                ds.assert(t, d);
+            }
+            Ok(())
+        }),
+    )
+    .await?;
+
+    tokio::select! {
+        _ = rx => {}
+        r = super::shutdown_signal() => {
+            r?;
+            let _ = with(&session, |s| s.progress.finish());
+            eprintln!("nixspace: interrupted; demands withdrawn");
+            return Ok(ExitCode::from(130));
+        }
+    }
+    let s = session
+        .lock()
+        .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
+    s.progress.finish();
+    report(&roots, &infos, &s)
+}
+
+/// The steps ordered so that every step comes after its inputs, so the
+/// planner never sees a step before the inputs it must wait for.
+fn inputs_first<'a>(
+    steps: &'a BTreeMap<String, &'a DerivationInfo>,
+) -> Vec<(&'a String, &'a DerivationInfo)> {
+    fn visit<'a>(
+        drv: &'a String,
+        steps: &'a BTreeMap<String, &'a DerivationInfo>,
+        seen: &mut std::collections::BTreeSet<&'a str>,
+        order: &mut Vec<(&'a String, &'a DerivationInfo)>,
+    ) {
+        let Some(info) = steps.get(drv) else { return };
+        if !seen.insert(drv) {
+            return;
+        }
+        for input in &info.input_drvs {
+            visit(input, steps, seen, order);
+        }
+        order.push((drv, info));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut order = Vec::with_capacity(steps.len());
+    for drv in steps.keys() {
+        visit(drv, steps, &mut seen, &mut order);
+    }
+    order
+}
+
+/// Register the observers that keep the session up to date.
+fn observe(t: &mut Activation, ds: &Arc<syndicate::actor::Cap>, session: &Shared) {
+    enclose!((session) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
+    |_t: &mut Activation| {
+        with(&session, |s| s.settle(&drv, Status::Built(outputs.clone())))
+    }));
+    enclose!((session) during!(t, ds, <failed $drv: String $worker: String $reason: String _>,
+    |_t: &mut Activation| {
+        with(&session, |s| s.settle(&drv, Status::Failed { worker: worker.clone(), reason: reason.clone() }))
+    }));
+    enclose!((session) during!(t, ds, <assigned $drv: String $worker: String>,
+    |t: &mut Activation| {
+        with(&session, |s| {
+            if matches!(s.steps.get(&drv), Some(Status::Pending)) {
+                s.progress.event(&format!("building {} on {worker}", short_name(&drv)));
+                s.running.insert(drv.clone(), worker.clone());
+                s.progress.update(s.done(), &s.running);
+            }
+        })?;
+        nixspace_protocol::on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
+            s.running.remove(&drv);
+            s.progress.update(s.done(), &s.running);
+        })));
+        Ok(())
+    }));
+    enclose!((session) on_message!(t, ds, <log $drv: String _ $line: String>,
+    |_t: &mut Activation| {
+        with(&session, |s| {
+            if s.steps.contains_key(&drv) {
+                s.progress.log_line(&drv, &line);
+                let tail = s.logs.entry(drv.clone()).or_default();
+                if tail.len() == LOG_TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+            }
+        })
+    }));
+}
+
+/// Turn the command-line target into root derivations.
+async fn resolve_target(target: &std::path::Path, attrs: &[String]) -> anyhow::Result<Vec<String>> {
+    let text = target.to_string_lossy();
+    if text.ends_with(".drv") {
+        if !attrs.is_empty() {
+            anyhow::bail!("-A/--attr applies to Nix files, not to a .drv path");
+        }
+        if !target.is_file() {
+            anyhow::bail!("derivation {text} does not exist");
+        }
+        return Ok(vec![text.into_owned()]);
+    }
+    if !target.exists() {
+        anyhow::bail!("{text}: no such file");
+    }
+    let drvs = nixspace_nix_tools::instantiate(target, attrs).await?;
+    if drvs.is_empty() {
+        anyhow::bail!("{text} evaluates to no derivation");
+    }
+    Ok(drvs)
+}
+
+fn print_outputs(
+    roots: &[String],
+    infos: &BTreeMap<String, DerivationInfo>,
+    built: &BTreeMap<String, Vec<String>>,
+) {
+    for root in roots {
+        match built.get(root) {
+            Some(outputs) => outputs.iter().for_each(|o| println!("{o}")),
+            None => infos
+                .get(root)
+                .into_iter()
+                .flat_map(|i| i.outputs.values().flatten())
+                .for_each(|o| println!("{o}")),
+        }
+    }
+}
+
+fn report(
+    roots: &[String],
+    infos: &BTreeMap<String, DerivationInfo>,
+    s: &Session,
+) -> anyhow::Result<ExitCode> {
+    let mut built = BTreeMap::new();
+    let mut failures = Vec::new();
+    for (drv, status) in &s.steps {
+        match status {
+            Status::Built(outputs) => {
+                built.insert(drv.clone(), outputs.clone());
+            }
+            Status::Failed { worker, reason } => failures.push((drv, worker, reason)),
+            Status::Pending => {}
+        }
+    }
+    if failures.is_empty() {
+        print_outputs(roots, infos, &built);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Root causes first: failures not caused by another failure.
+    failures.sort_by_key(|(_, _, reason)| reason.starts_with("dependency "));
+    for (drv, worker, reason) in &failures {
+        let at = if worker.is_empty() {
+            String::new()
+        } else {
+            format!(" on {worker}")
+        };
+        eprintln!("error: {}{at}: {reason}", short_name(drv));
+        if let Some(tail) = s.logs.get(*drv).filter(|t| !t.is_empty()) {
+            eprintln!("  last {} log lines of {drv}:", tail.len());
+            for line in tail {
+                eprintln!("  > {line}");
+            }
+        }
+    }
+    eprintln!(
+        "nixspace: {} of {} steps failed",
+        failures.len(),
+        s.steps.len()
+    );
+    Ok(ExitCode::FAILURE)
+}

@@ -1,0 +1,141 @@
+//! `nixspace demo`: a whole dataspace on this machine, building a bundled example.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nixspace_space::Role;
+use tokio::process::{Child, Command};
+
+/// The bundled example (examples/demo/default.nix).
+const DEMO_NIX: &str = include_str!("../../../../examples/demo/default.nix");
+
+/// Run a complete nixspace on this machine and build a small example.
+///
+/// Starts `nixspace up` in a fresh runtime directory, attaches `--workers`
+/// `nixspace worker` processes, builds the bundled example (a chain with a
+/// fan-out, fresh derivations every run) with `nixspace build`, prints the
+/// result and stops everything. Needs a working local Nix.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Number of worker processes.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    workers: u32,
+
+    /// Build this Nix file instead of the bundled example.
+    #[arg(long, value_name = "FILE.nix")]
+    file: Option<PathBuf>,
+}
+
+/// Child processes that are stopped (SIGTERM, then killed) when dropped.
+struct Children(Vec<Child>);
+
+impl Children {
+    /// Stop the children, last started first (workers before the dataspace).
+    async fn stop(&mut self) {
+        while let Some(mut child) = self.0.pop() {
+            if let Some(pid) = child
+                .id()
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+}
+
+/// Run `nixspace demo`.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("nixspace-demo-")
+        .tempdir()?;
+    let dir = tmp.path().join("run");
+    let mut children = Children(Vec::new());
+    // Keep the demo's output to the build's own progress unless asked otherwise.
+    let quiet: &[&str] = if std::env::var_os("RUST_LOG").is_some() {
+        &[]
+    } else {
+        &["--log-level", "warn"]
+    };
+    let result = demo(&exe, quiet, &dir, tmp.path(), &args, &mut children).await;
+    children.stop().await;
+    result
+}
+
+async fn demo(
+    exe: &Path,
+    quiet: &[&str],
+    dir: &Path,
+    tmp: &Path,
+    args: &DemoArgs,
+    children: &mut Children,
+) -> anyhow::Result<ExitCode> {
+    eprintln!("demo: starting a dataspace in {}", dir.display());
+    children.0.push(
+        Command::new(exe)
+            .args(quiet)
+            .args(["up", "--dir"])
+            .arg(dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?,
+    );
+    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await?;
+    for i in 1..=args.workers {
+        children.0.push(
+            Command::new(exe)
+                .args(quiet)
+                .args(["worker", "--max-jobs", "2", "--id"])
+                .arg(format!("demo-worker-{i}"))
+                .arg("--dir")
+                .arg(dir)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => {
+            let nonce = format!("{:?}", std::time::SystemTime::now());
+            let text = DEMO_NIX.replace("nonce ? \"\"", &format!("nonce ? \"{nonce}\""));
+            let f = tmp.join("demo.nix");
+            std::fs::write(&f, text)?;
+            f
+        }
+    };
+    eprintln!("demo: building {}", file.display());
+    let status = Command::new(exe)
+        .arg("build")
+        .arg("--dir")
+        .arg(dir)
+        .arg(&file)
+        .status()
+        .await?;
+    if status.success() {
+        eprintln!("demo: done; the paths above are in your Nix store");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("demo: the build failed ({status})");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > limit {
+            anyhow::bail!("{} did not appear within {limit:?}", path.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! One module per subcommand: its clap arguments and its `run`.
+
+pub mod build;
+pub mod demo;
+pub mod up;
+pub mod worker;
+
+use std::path::PathBuf;
+
+use clap::Args;
+use nixspace_space::{Role, Route};
+
+/// Where to find the dataspace: shared by the commands that join one.
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// Route file naming the dataspace and the capability to present
+    /// (written by `nixspace up`). Default: <dir>/worker.route or
+    /// <dir>/submit.route, depending on the command.
+    #[arg(long, env = "NIXSPACE_ROUTE", value_name = "FILE")]
+    pub route: Option<PathBuf>,
+
+    /// Runtime directory of the dataspace, used to find the default route
+    /// file. Default: $XDG_RUNTIME_DIR/nixspace or /tmp/nixspace-<uid>.
+    #[arg(long, env = "NIXSPACE_DIR", value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+impl JoinArgs {
+    /// Read the route for `role`.
+    pub fn route(&self, role: Role) -> anyhow::Result<Route> {
+        let path = match &self.route {
+            Some(p) => p.clone(),
+            None => role.route_file(&self.dir()),
+        };
+        Route::read(&path).map_err(|e| {
+            anyhow::anyhow!("{e}\n  hint: start a dataspace with `nixspace up`, or pass --route")
+        })
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(nixspace_space::runtime_dir::default_runtime_dir)
+    }
+}
+
+/// Wait for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}

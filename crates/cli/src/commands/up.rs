@@ -1,0 +1,80 @@
+//! `nixspace up`: host a dataspace with its planner.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use nixspace_space::host::Listeners;
+use nixspace_space::{HostConfig, HostedSpace};
+use syndicate::actor::Actor;
+
+/// Host a dataspace (embedded; nothing else to install) with its planner.
+///
+/// Listens on a unix socket (and optionally TCP), guarded by a gatekeeper.
+/// Writes `worker.route` and `submit.route` (mode 0600) into the runtime
+/// directory: they carry the capabilities workers and frontends need.
+/// Runs until Ctrl-C or SIGTERM.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Runtime directory for the socket, keys and route files.
+    /// Default: $XDG_RUNTIME_DIR/nixspace or /tmp/nixspace-<uid>.
+    #[arg(long, env = "NIXSPACE_DIR", value_name = "DIR")]
+    dir: Option<PathBuf>,
+
+    /// Unix socket path. Default: <dir>/nixspace.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Also listen on TCP, e.g. 127.0.0.1:7420 (port 0 picks a free port).
+    /// Route files then list it too, for workers on other machines.
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<SocketAddr>,
+
+    /// How many times a step is tried when its worker goes away.
+    #[arg(long, default_value_t = nixspace_planner::DEFAULT_MAX_ATTEMPTS, value_name = "N")]
+    max_attempts: u32,
+}
+
+/// Run `nixspace up`.
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let dir = args
+        .dir
+        .unwrap_or_else(nixspace_space::runtime_dir::default_runtime_dir);
+    let socket = args.socket.unwrap_or_else(|| dir.join("nixspace.sock"));
+    let config = HostConfig {
+        dir,
+        socket: socket.clone(),
+        tcp: args.tcp,
+    };
+    let listeners = Listeners::bind(&config).await?;
+    let transports = listeners.transports();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let max_attempts = args.max_attempts;
+    let _actor = Actor::top(None, move |t| {
+        let hosted = HostedSpace::start(t, &config, listeners);
+        let ok = hosted.as_ref().ok().map(|h| {
+            nixspace_planner::service::start(t, h.dataspace.clone(), max_attempts);
+            h.routes
+                .values()
+                .map(|(_, p)| p.clone())
+                .collect::<Vec<_>>()
+        });
+        let _ = tx.send(hosted.map(|_| ok.unwrap_or_default()));
+        Ok(())
+    });
+    let route_files = rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the dataspace stopped while starting"))??;
+    for t in &transports {
+        eprintln!("nixspace: listening on {t}");
+    }
+    for f in &route_files {
+        eprintln!("nixspace: wrote {}", f.display());
+    }
+    eprintln!("nixspace: dataspace up; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
+    super::shutdown_signal().await?;
+    eprintln!("nixspace: shutting down");
+    let _ = std::fs::remove_file(&socket);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,98 @@
+//! `nixspace worker`: join a dataspace and build steps with the local Nix.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use nixspace_space::Role;
+use nixspace_workers::BuilderConfig;
+
+use super::JoinArgs;
+
+/// Join a dataspace as a build worker.
+///
+/// Announces what this machine can build, pulls ready steps while it has free
+/// slots, builds them with the local Nix (`nix-store --realise`, after
+/// checking every input is valid), streams their logs and reports outcomes.
+/// Stops on Ctrl-C or SIGTERM; its unfinished steps go back to the queue.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    join: JoinArgs,
+
+    /// Name of this worker in the dataspace. Default: <hostname>-<pid>.
+    #[arg(long, value_name = "NAME")]
+    id: Option<String>,
+
+    /// Platforms to build for (repeat or comma-separate). Default: this machine's.
+    #[arg(long = "system", value_delimiter = ',', value_name = "SYSTEM")]
+    systems: Vec<String>,
+
+    /// System features offered, e.g. kvm,big-parallel (repeat or comma-separate).
+    #[arg(long = "features", value_delimiter = ',', value_name = "FEATURE")]
+    features: Vec<String>,
+
+    /// Steps built at once. Default: the number of CPUs.
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<u32>,
+
+    /// Speed relative to a reference machine (used for work stealing).
+    #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
+    speed: f64,
+}
+
+/// Run `nixspace worker`.
+pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    if !(args.speed.is_finite() && args.speed > 0.0) {
+        anyhow::bail!("--speed must be a positive number, got {}", args.speed);
+    }
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    let config = BuilderConfig {
+        id: args
+            .id
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        host,
+        systems: if args.systems.is_empty() {
+            vec![nixspace_nix_tools::current_system()]
+        } else {
+            args.systems
+        },
+        features: args.features,
+        max_jobs: match args.max_jobs {
+            Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        },
+        speed: args.speed,
+    };
+    let route = args.join.route(Role::Worker)?;
+    let id = config.id.clone();
+    let summary = format!(
+        "systems {}, features [{}], {} slots, speed {}",
+        config.systems.join(","),
+        config.features.join(","),
+        config.max_jobs,
+        config.speed
+    );
+    let actor =
+        nixspace_space::join::join(&route, move |t, ds| nixspace_workers::start(t, ds, config))
+            .await?;
+    eprintln!("nixspace: worker {id} joined ({summary})");
+    tokio::select! {
+        r = super::shutdown_signal() => {
+            r?;
+            eprintln!("nixspace: worker {id} leaving; its unfinished steps return to the queue");
+            Ok(ExitCode::SUCCESS)
+        }
+        end = actor => {
+            let why = match end {
+                Ok(Ok(())) => "the connection closed".to_owned(),
+                Ok(Err(e)) => format!("{e:?}"),
+                Err(e) => e.to_string(),
+            };
+            anyhow::bail!("worker {id} lost the dataspace: {why}")
+        }
+    }
+}

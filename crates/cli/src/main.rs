@@ -1,0 +1,70 @@
+//! `nixspace`: Nix builds over a Syndicate dataspace.
+//!
+//! Exit codes: 0 success, 1 a build or command failed, 2 bad usage (clap),
+//! 130 interrupted.
+
+mod commands;
+mod logging;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Nix builds over a Syndicate dataspace.
+///
+/// Start a dataspace with `nixspace up`, attach builders with `nixspace worker`
+/// (on this or other machines), then build with `nixspace build FILE.nix`.
+/// Route files written by `up` carry the capabilities: hand `worker.route` to
+/// builders and `submit.route` to people who submit builds.
+#[derive(Parser)]
+#[command(name = "nixspace", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style
+    /// directive list). RUST_LOG is used when this is not given.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Up(commands::up::UpArgs),
+    Worker(commands::worker::WorkerArgs),
+    Build(commands::build::BuildArgs),
+    Demo(commands::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.log_level.as_deref()) {
+        eprintln!("nixspace: {e:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("nixspace: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(a) => commands::up::run(a).await,
+            Command::Worker(a) => commands::worker::run(a).await,
+            Command::Build(a) => commands::build::run(a).await,
+            Command::Demo(a) => commands::demo::run(a).await,
+        }
+    });
+    // Relay tasks may still be draining; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nixspace: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Pure implementations of Nix's data formats, as Nix 2.8 defines them.
+//!
+//! * [`nixbase32`]: Nix's base-32 text encoding.
+//! * [`hash`]: hash algorithms and the textual forms of hashes.
+//! * [`store_path`]: store directories, store paths and path computation.
+//! * [`derivation`]: the `.drv` ATerm format, hashing modulo, output paths
+//!   and resolution.
+//! * [`nar`]: the NAR archive format (streaming writer and reader).
+//!
+//! Nothing here does I/O except through caller-supplied `std::io` readers
+//! and writers (NAR) and the separate file system walker in
+//! [`nar::fs`]. There is no async and no global state: the store
+//! directory is always a [`store_path::StoreDir`] value.
+
+pub mod derivation;
+pub mod hash;
+pub mod nixbase32;
+pub mod store_path;
+
+pub use derivation::{BasicDerivation, Derivation, DerivationOutput, DrvHash, DrvHashKind};
+pub use hash::{Hash, HashAlgo};
+pub use store_path::{FileIngestionMethod, StoreDir, StorePath};

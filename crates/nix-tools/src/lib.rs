@@ -1,0 +1,61 @@
+//! The local Nix, driven through its command-line tools.
+//!
+//! Everything here runs a real Nix program (`nix-instantiate`, `nix-store`,
+//! `nix show-derivation`) found on `PATH`, with the caller's environment, so
+//! `NIX_REMOTE`, `NIX_CONF_DIR` and friends apply as they would to a user's
+//! own commands. Failures carry the command and the tail of its stderr.
+
+mod command;
+mod derivation_info;
+mod realise;
+
+pub use command::NixError;
+pub use derivation_info::{show_derivations, DerivationInfo};
+pub use realise::{realise, RealiseError};
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use command::run;
+
+/// Evaluate a Nix file (optionally selecting attributes) into `.drv` paths.
+pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, NixError> {
+    let mut args = vec![file.to_string_lossy().into_owned()];
+    for a in attrs {
+        args.push("-A".to_owned());
+        args.push(a.clone());
+    }
+    let out = run("nix-instantiate", &args).await?;
+    Ok(out
+        .lines()
+        .map(str::to_owned)
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// The subset of `paths` that are not valid in the local store.
+pub async fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>, NixError> {
+    if paths.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let mut args = vec!["--check-validity".to_owned(), "--print-invalid".to_owned()];
+    args.extend(paths.iter().cloned());
+    let out = run("nix-store", &args).await?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// The output paths of the given derivations (`nix-store -q --outputs`).
+pub async fn output_paths(drvs: &[String]) -> Result<Vec<String>, NixError> {
+    if drvs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut args = vec!["--query".to_owned(), "--outputs".to_owned()];
+    args.extend(drvs.iter().cloned());
+    let out = run("nix-store", &args).await?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// The platform of this machine in Nix's spelling, e.g. `x86_64-linux`.
+pub fn current_system() -> String {
+    format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}

@@ -1,0 +1,81 @@
+//! Building one derivation with `nix-store --realise`, streaming its log.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::command::tail;
+
+/// Why a build did not produce its outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum RealiseError {
+    /// `nix-store` could not be started.
+    #[error("cannot run nix-store: {0}")]
+    Spawn(std::io::Error),
+    /// Reading the build's output failed.
+    #[error("lost the build's output: {0}")]
+    Io(std::io::Error),
+    /// The build failed.
+    #[error("{message}")]
+    Failed {
+        /// The last meaningful error line from Nix.
+        message: String,
+    },
+}
+
+/// Build `drv` with the local Nix; call `on_line` for each log line as it
+/// arrives. Returns the output paths. The child is killed if the returned
+/// future is dropped (that is how a cancelled step stops).
+pub async fn realise(
+    drv: &str,
+    mut on_line: impl FnMut(String) + Send,
+) -> Result<Vec<String>, RealiseError> {
+    let mut child = tokio::process::Command::new("nix-store")
+        .args(["--realise", drv])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(RealiseError::Spawn)?;
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(RealiseError::Spawn(std::io::Error::other("no pipes")));
+    };
+    let collect_stdout = async {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut out = Vec::new();
+        while let Some(line) = lines.next_line().await? {
+            out.push(line);
+        }
+        Ok::<_, std::io::Error>(out)
+    };
+    let stream_stderr = async {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut recent = String::new();
+        while let Some(line) = lines.next_line().await? {
+            recent.push_str(&line);
+            recent.push('\n');
+            if recent.len() > 16 * 1024 {
+                let cut = recent.len() - 8 * 1024;
+                recent = recent[recent.ceil_char_boundary(cut)..].to_owned();
+            }
+            on_line(line);
+        }
+        Ok::<_, std::io::Error>(recent)
+    };
+    let (outputs, recent) =
+        tokio::try_join!(collect_stdout, stream_stderr).map_err(RealiseError::Io)?;
+    let status = child.wait().await.map_err(RealiseError::Io)?;
+    if status.success() {
+        return Ok(outputs.into_iter().filter(|l| l.starts_with('/')).collect());
+    }
+    let errors: Vec<&str> = recent.lines().filter(|l| l.starts_with("error:")).collect();
+    let message = match errors.first() {
+        Some(first) => first.trim_start_matches("error: ").to_owned(),
+        None => format!(
+            "nix-store --realise exited with {status}: {}",
+            tail(&recent, 3)
+        ),
+    };
+    Err(RealiseError::Failed { message })
+}

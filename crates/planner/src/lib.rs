@@ -1,0 +1,16 @@
+//! The planner: which steps are ready, who builds what, what failed.
+//!
+//! [`schedule`] is pure: [`Schedule`] is fed the events the planner observes
+//! (demands, claims and outcomes) and answers with the [`Effect`]s to publish.
+//! It decides readiness (all input steps built), grants one claim per step,
+//! retries steps whose worker vanished, and propagates permanent failures to
+//! dependents. It trusts its caller for one thing: a demanded step's inputs
+//! that are *not* themselves demanded are already valid (frontends demand
+//! every step whose outputs are missing).
+//!
+//! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
+
+pub mod schedule;
+pub mod service;
+
+pub use schedule::{Effect, FailureKind, Schedule, StepInfo, StepState, DEFAULT_MAX_ATTEMPTS};

@@ -1,0 +1,360 @@
+//! Hosting a dataspace: listeners, gatekeeper and the capabilities it honours.
+//!
+//! [`Listeners::bind`] opens the sockets first, outside any actor, so that
+//! "address in use" and permission problems surface as clear errors before
+//! anything starts. [`HostedSpace::start`] then creates the dataspace, a
+//! syndicate-server gatekeeper in front of it, binds one sturdy ref per
+//! [`Role`], serves every accepted connection with syndicate-server's relay,
+//! and writes the route files.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use preserves::NoEmbeddedDomainCodec;
+use preserves_schema::Unparse;
+use rand::RngCore;
+use syndicate::actor::{Account, Activation, AnyValue, Cap, LinkedTaskTermination};
+use syndicate::dataspace::Dataspace;
+use syndicate::relay;
+use syndicate::schemas::gatekeeper;
+use syndicate::schemas::sturdy::{SturdyDescriptionDetail, SturdyRef};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+
+use crate::route::{Role, Route, RouteError, Transport};
+
+/// Where the host listens and keeps its files.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Directory for route files and keys (created 0700 if missing).
+    pub dir: PathBuf,
+    /// The unix socket path.
+    pub socket: PathBuf,
+    /// Optional TCP address (use 127.0.0.1; port 0 picks a free port).
+    pub tcp: Option<SocketAddr>,
+}
+
+/// Failures while starting a host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A filesystem problem with the runtime directory or key file.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Another live process already serves this socket.
+    #[error("socket {0} is in use by a running process (another `nixspace up`?); stop it or pass --socket")]
+    SocketInUse(PathBuf),
+    /// TCP bind failure.
+    #[error("cannot listen on tcp {addr}: {source}")]
+    Tcp {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The key file exists but is not ours.
+    #[error("key file {0} is malformed; delete it to mint new capabilities")]
+    BadKeys(PathBuf),
+    /// Writing a route file failed.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+}
+
+/// Sockets bound and ready to accept.
+pub struct Listeners {
+    unix: UnixListener,
+    unix_path: PathBuf,
+    tcp: Option<(TcpListener, SocketAddr)>,
+}
+
+impl Listeners {
+    /// Bind the unix socket (replacing a stale one) and the optional TCP port.
+    pub async fn bind(config: &HostConfig) -> Result<Listeners, HostError> {
+        create_private_dir(&config.dir)?;
+        if let Some(parent) = config.socket.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
+                what: "cannot create socket directory",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        let unix = bind_unix(&config.socket).await?;
+        let tcp = match config.tcp {
+            None => None,
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| HostError::Tcp { addr, source })?;
+                let local = l
+                    .local_addr()
+                    .map_err(|source| HostError::Tcp { addr, source })?;
+                Some((l, local))
+            }
+        };
+        Ok(Listeners {
+            unix,
+            unix_path: config.socket.clone(),
+            tcp,
+        })
+    }
+
+    /// The transports clients can use, unix first.
+    pub fn transports(&self) -> Vec<Transport> {
+        let mut t = vec![Transport::Unix(self.unix_path.clone())];
+        if let Some((_, addr)) = &self.tcp {
+            t.push(Transport::Tcp(addr.ip().to_string(), addr.port()));
+        }
+        t
+    }
+}
+
+async fn bind_unix(path: &Path) -> Result<UnixListener, HostError> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(HostError::SocketInUse(path.to_owned()));
+            }
+            tracing::debug!(path = %path.display(), "removing stale socket");
+            let io = |what, source| HostError::Io {
+                what,
+                path: path.to_owned(),
+                source,
+            };
+            std::fs::remove_file(path).map_err(|e| io("cannot remove stale socket", e))?;
+            UnixListener::bind(path).map_err(|e| io("cannot listen on", e))
+        }
+        Err(source) => Err(HostError::Io {
+            what: "cannot listen on",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), HostError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |what, source| HostError::Io {
+        what,
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("cannot create runtime directory", e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("cannot restrict runtime directory", e))
+}
+
+/// The secret keys behind each role's sturdy ref. Kept in `<dir>/keys` so that
+/// refs stay valid across restarts of the host.
+struct Keys(BTreeMap<&'static str, Vec<u8>>);
+
+impl Keys {
+    fn load_or_create(dir: &Path) -> Result<Keys, HostError> {
+        let path = dir.join("keys");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Keys::parse(&text).ok_or(HostError::BadKeys(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut keys = BTreeMap::new();
+                for role in Role::ALL {
+                    let mut key = vec![0u8; 32];
+                    rand::thread_rng().fill_bytes(&mut key);
+                    keys.insert(role.name(), key);
+                }
+                let keys = Keys(keys);
+                keys.write(&path)?;
+                Ok(keys)
+            }
+            Err(source) => Err(HostError::Io {
+                what: "cannot read key file",
+                path,
+                source,
+            }),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Keys> {
+        let v: AnyValue = preserves::read_text(text, false, &mut NoEmbeddedDomainCodec).ok()?;
+        let mut keys = BTreeMap::new();
+        for role in Role::ALL {
+            let key = v.get(&AnyValue::symbol(role.name()))?;
+            keys.insert(role.name(), key.as_bytestring()?.into_owned());
+        }
+        Some(Keys(keys))
+    }
+
+    fn write(&self, path: &Path) -> Result<(), HostError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut text = String::from("{");
+        for (name, key) in &self.0 {
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            text.push_str(&format!(" {name}: #x\"{hex}\""));
+        }
+        text.push_str(" }\n");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| HostError::Io {
+                what: "cannot create key file",
+                path: path.to_owned(),
+                source,
+            })?;
+        f.write_all(text.as_bytes())
+            .map_err(|source| HostError::Io {
+                what: "cannot write key file",
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    fn key(&self, role: Role) -> &[u8] {
+        self.0
+            .get(role.name())
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+}
+
+/// A running dataspace host.
+pub struct HostedSpace {
+    /// The dataspace itself (for in-process services such as the planner).
+    pub dataspace: Arc<Cap>,
+    /// The route handed out for each role, also written to `<dir>/<role>.route`.
+    pub routes: BTreeMap<&'static str, (Route, PathBuf)>,
+}
+
+impl HostedSpace {
+    /// Start the dataspace, its gatekeeper and the accept loops; write route files.
+    pub fn start(
+        t: &mut Activation,
+        config: &HostConfig,
+        listeners: Listeners,
+    ) -> Result<HostedSpace, HostError> {
+        let keys = Keys::load_or_create(&config.dir)?;
+        let dataspace = Dataspace::new(t, Some(AnyValue::symbol("nixspace")));
+        let bindspace = Dataspace::new(t, Some(AnyValue::symbol("bindspace")));
+        let gatekeeper = syndicate_server::services::gatekeeper::create_gatekeeper(t, &bindspace)
+            .map_err(|e| HostError::Io {
+            what: "cannot start gatekeeper for",
+            path: config.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let transports = listeners.transports();
+        let mut routes = BTreeMap::new();
+        for role in Role::ALL {
+            let oid = AnyValue::new(role.name());
+            bindspace.assert(
+                t,
+                &gatekeeper::Bind {
+                    description: gatekeeper::Description {
+                        step_type: "ref".to_owned(),
+                        detail: SturdyDescriptionDetail {
+                            oid: oid.clone(),
+                            key: keys.key(role).to_vec(),
+                        }
+                        .unparse(),
+                    },
+                    target: Arc::clone(&dataspace),
+                    observer: gatekeeper::BindObserver::Absent,
+                },
+            );
+            let route = Route {
+                transports: transports.clone(),
+                sturdy_ref: SturdyRef::mint(oid, keys.key(role)),
+            };
+            let path = role.route_file(&config.dir);
+            route.write(&path)?;
+            routes.insert(role.name(), (route, path));
+        }
+        let Listeners { unix, tcp, .. } = listeners;
+        serve(t, "unix", unix, Arc::clone(&gatekeeper));
+        if let Some((tcp, _)) = tcp {
+            serve(t, "tcp", tcp, Arc::clone(&gatekeeper));
+        }
+        Ok(HostedSpace { dataspace, routes })
+    }
+}
+
+/// A listener whose connections become byte streams for the relay.
+trait Accept: Send + 'static {
+    /// Wait for the next connection; describe the peer for logs.
+    fn next(
+        &self,
+    ) -> impl std::future::Future<Output = std::io::Result<(relay::Input, relay::Output, String)>> + Send;
+}
+
+impl Accept for UnixListener {
+    async fn next(&self) -> std::io::Result<(relay::Input, relay::Output, String)> {
+        let (stream, _) = self.accept().await?;
+        let peer = match stream.peer_cred() {
+            Ok(c) => format!("pid {} uid {}", c.pid().unwrap_or(-1), c.uid()),
+            Err(_) => "unknown peer".to_owned(),
+        };
+        let (i, o) = stream.into_split();
+        Ok((
+            relay::Input::Bytes(Box::pin(i)),
+            relay::Output::Bytes(Box::pin(o)),
+            peer,
+        ))
+    }
+}
+
+impl Accept for TcpListener {
+    async fn next(&self) -> std::io::Result<(relay::Input, relay::Output, String)> {
+        let (stream, addr) = self.accept().await?;
+        stream.set_nodelay(true)?;
+        let (i, o) = stream.into_split();
+        Ok((
+            relay::Input::Bytes(Box::pin(i)),
+            relay::Output::Bytes(Box::pin(o)),
+            addr.to_string(),
+        ))
+    }
+}
+
+/// Accept connections forever, each served by its own relay actor whose
+/// first reference is the gatekeeper.
+fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, gatekeeper: Arc<Cap>) {
+    let facet = t.facet_ref();
+    t.linked_task(Some(AnyValue::symbol(kind)), async move {
+        let account = Account::new(Some(AnyValue::symbol(kind)), None);
+        loop {
+            let (i, o, peer) = match listener.next().await {
+                Ok(c) => c,
+                Err(error) => {
+                    tracing::warn!(%error, kind, "accept failed");
+                    continue;
+                }
+            };
+            tracing::debug!(kind, %peer, "connection");
+            let gatekeeper = Arc::clone(&gatekeeper);
+            let alive = facet.activate(&account, None, move |t| {
+                t.spawn(Some(AnyValue::new(format!("{kind} {peer}"))), move |t| {
+                    let facet = t.facet_ref();
+                    t.linked_task(None, async move {
+                        syndicate_server::protocol::run_connection(None, facet, i, o, gatekeeper);
+                        Ok(LinkedTaskTermination::KeepFacet)
+                    });
+                    Ok(())
+                });
+                Ok(())
+            });
+            if !alive {
+                return Ok(LinkedTaskTermination::Normal);
+            }
+        }
+    });
+}

@@ -1,0 +1,146 @@
+//! Joining a dataspace: open a transport, present the sturdy ref to the
+//! gatekeeper, and run the caller's code with the dataspace it resolves to.
+//!
+//! [`join`] returns only once the gatekeeper has answered, so callers learn
+//! about unreachable hosts and refused capabilities as errors, before they
+//! assert anything. A ref whose oid the host does not know gets no answer at
+//! all from a Syndicate gatekeeper; [`join`] turns that silence into
+//! [`JoinError::NoAnswer`] after a timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use preserves_schema::{Parse, Unparse};
+use syndicate::actor::{Activation, Actor, ActorHandle, ActorResult, AnyValue, Cap};
+use syndicate::relay;
+use syndicate::schemas::{gatekeeper, rpc, sturdy};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+
+use crate::route::{Route, Transport};
+
+/// How long to wait for the gatekeeper's answer.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why joining failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// No transport in the route could be opened.
+    #[error("cannot reach the dataspace: {0}")]
+    Unreachable(String),
+    /// The gatekeeper rejected the capability.
+    #[error("the dataspace refused the capability ({0}); is the route file current? `nixspace up` rewrites it on start")]
+    Refused(String),
+    /// The gatekeeper never answered.
+    #[error("the dataspace did not answer within {0:?}: the capability names an object it does not know (a route file from another host?)")]
+    NoAnswer(Duration),
+    /// The connection ended before an answer arrived.
+    #[error("the connection to the dataspace closed during the handshake")]
+    Closed,
+}
+
+type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Open the first transport of `route` that accepts a connection.
+pub async fn open(route: &Route) -> Result<(BoxedRead, BoxedWrite, Transport), JoinError> {
+    let mut failures = Vec::new();
+    for transport in &route.transports {
+        let opened: std::io::Result<(BoxedRead, BoxedWrite)> = match transport {
+            Transport::Unix(path) => tokio::net::UnixStream::connect(path).await.map(|s| {
+                let (i, o) = s.into_split();
+                (Box::new(i) as BoxedRead, Box::new(o) as BoxedWrite)
+            }),
+            Transport::Tcp(host, port) => tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .and_then(|s| {
+                    s.set_nodelay(true)?;
+                    let (i, o) = s.into_split();
+                    Ok((Box::new(i) as BoxedRead, Box::new(o) as BoxedWrite))
+                }),
+        };
+        match opened {
+            Ok((i, o)) => return Ok((i, o, transport.clone())),
+            Err(e) => failures.push(format!("{transport}: {e}")),
+        }
+    }
+    if failures.is_empty() {
+        failures.push("the route lists no transports".to_owned());
+    }
+    Err(JoinError::Unreachable(failures.join("; ")))
+}
+
+enum Answer {
+    Joined,
+    Refused(String),
+}
+
+/// Connect to the dataspace named by `route` and run `body` with it in a new
+/// top-level actor. Returns that actor's handle once the gatekeeper accepted
+/// the ref; the handle completes when the actor ends (for example because the
+/// connection dropped).
+pub async fn join<F>(route: &Route, body: F) -> Result<ActorHandle, JoinError>
+where
+    F: 'static + Send + FnOnce(&mut Activation, Arc<Cap>) -> ActorResult,
+{
+    let (i, o, transport) = open(route).await?;
+    tracing::debug!(%transport, "connected");
+    let step = gatekeeper::Step::parse(&route.sturdy_ref.unparse())
+        .map_err(|_| JoinError::Refused("malformed sturdy ref".to_owned()))?;
+    let (tx, rx) = oneshot::channel();
+    let handle = Actor::top(None, move |t| {
+        let Some(gk) = relay::TunnelRelay::run(
+            t,
+            relay::Input::Bytes(Box::pin(i)),
+            relay::Output::Bytes(Box::pin(o)),
+            None,
+            Some(sturdy::Oid(0.into())),
+            false,
+        ) else {
+            return Err("relay did not provide the gatekeeper reference".into());
+        };
+        let state = (Some(tx), Some(body));
+        let observer = t.create_cap(syndicate::during::entity(state).on_asserted(
+            move |(tx, body), t, answer: rpc::Result| {
+                match answer {
+                    rpc::Result::Ok(rpc::Ok { value }) => {
+                        let Some(ds) = value.as_embedded().map(|d| d.into_owned()) else {
+                            return Err("gatekeeper answered without a reference".into());
+                        };
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(Answer::Joined);
+                        }
+                        if let Some(body) = body.take() {
+                            body(t, ds)?;
+                        }
+                    }
+                    rpc::Result::Error(rpc::Error { error }) => {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(Answer::Refused(describe(&error)));
+                        }
+                        t.stop_root();
+                    }
+                }
+                Ok(None)
+            },
+        ));
+        gk.assert(t, &gatekeeper::Resolve { step, observer });
+        Ok(())
+    });
+    match tokio::time::timeout(RESOLVE_TIMEOUT, rx).await {
+        Ok(Ok(Answer::Joined)) => Ok(handle),
+        Ok(Ok(Answer::Refused(why))) => Err(JoinError::Refused(why)),
+        Ok(Err(_)) => Err(JoinError::Closed),
+        Err(_) => {
+            handle.abort();
+            Err(JoinError::NoAnswer(RESOLVE_TIMEOUT))
+        }
+    }
+}
+
+fn describe(error: &AnyValue) -> String {
+    match error.as_symbol() {
+        Some(s) => s.to_string(),
+        None => format!("{error:?}"),
+    }
+}

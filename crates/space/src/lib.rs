@@ -1,0 +1,19 @@
+//! Hosting and joining a nixspace dataspace.
+//!
+//! A dataspace is reached through a gatekeeper: a client connects to one of
+//! the host's transports (a unix socket, optionally TCP on loopback) and
+//! resolves a sturdy ref (a capability) to get the dataspace itself. The host
+//! writes one *route file* per role (`submit` for frontends, `worker` for
+//! workers); holding the file is holding the capability, so route files are
+//! created with mode 0600 in a 0700 directory.
+//!
+//! This crate knows nothing about Nix: it moves capabilities, not builds.
+
+pub mod host;
+pub mod join;
+pub mod route;
+pub mod runtime_dir;
+
+pub use host::{HostConfig, HostedSpace};
+pub use join::JoinError;
+pub use route::{Role, Route, RouteError, Transport};

@@ -1,0 +1,268 @@
+//! Route files: where a dataspace listens and which capability opens it.
+//!
+//! A route file holds one Syndicate `gatekeeper.Route` in Preserves text, e.g.
+//! `<route [<unix "/run/user/0/nixspace/nixspace.sock">] <ref {oid: "worker" sig: #[...]}>>`.
+//! It is the standard Syndicate form, so other Syndicate tools can use it too.
+//! This module parses and prints them; it does not check the signature (only
+//! the host can).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use preserves::{NoEmbeddedDomainCodec, TextWriter};
+use preserves_schema::{Parse, Unparse};
+use syndicate::actor::AnyValue;
+use syndicate::schemas::gatekeeper;
+use syndicate::schemas::sturdy::SturdyRef;
+use syndicate::schemas::transport_address;
+
+/// The two kinds of capability a nixspace host hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Frontends: assert demands, watch progress.
+    Submit,
+    /// Workers: assert offers, claim and build steps.
+    Worker,
+}
+
+impl Role {
+    /// Every role, in a fixed order.
+    pub const ALL: [Role; 2] = [Role::Submit, Role::Worker];
+
+    /// The role's name, used as the sturdy ref's oid and in file names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Submit => "submit",
+            Role::Worker => "worker",
+        }
+    }
+
+    /// The route file for this role inside a runtime directory.
+    pub fn route_file(self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.route", self.name()))
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A way to reach the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP host and port.
+    Tcp(String, u16),
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Transport::Unix(p) => write!(f, "unix:{}", p.display()),
+            Transport::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+        }
+    }
+}
+
+/// Failures reading or parsing a route.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    /// The file could not be read.
+    #[error("cannot read route file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write route file {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The text is not a Preserves value.
+    #[error("route is not valid Preserves text: {0}")]
+    Syntax(String),
+    /// The value is not a `<route [transports…] <ref {…}>>`.
+    #[error(
+        "route does not have the form <route [transports ...] <ref {{oid: ... sig: ...}}>>: {0}"
+    )]
+    Shape(String),
+    /// A transport that nixspace cannot use.
+    #[error("unsupported transport {0}: expected <unix \"path\"> or <tcp \"host\" port>")]
+    Transport(String),
+}
+
+/// Where to connect and which capability to present.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Ways to reach the host, tried in order.
+    pub transports: Vec<Transport>,
+    /// The capability: a sturdy ref checked by the host's gatekeeper.
+    pub sturdy_ref: SturdyRef,
+}
+
+impl Route {
+    /// Parse a route from Preserves text.
+    pub fn parse(text: &str) -> Result<Route, RouteError> {
+        let value: AnyValue = preserves::read_text(text.trim(), false, &mut NoEmbeddedDomainCodec)
+            .map_err(|e| RouteError::Syntax(e.to_string()))?;
+        let route = gatekeeper::Route::<std::sync::Arc<syndicate::actor::Cap>>::parse(&value)
+            .map_err(|_| RouteError::Shape(short(text)))?;
+        let transports = route
+            .transports
+            .iter()
+            .map(parse_transport)
+            .collect::<Result<Vec<_>, _>>()?;
+        let [step] = route.path_steps.as_slice() else {
+            return Err(RouteError::Shape(format!(
+                "expected exactly one path step, found {}",
+                route.path_steps.len()
+            )));
+        };
+        let sturdy_ref =
+            SturdyRef::parse(&step.unparse()).map_err(|_| RouteError::Shape(short(text)))?;
+        Ok(Route {
+            transports,
+            sturdy_ref,
+        })
+    }
+
+    /// Read a route file.
+    pub fn read(path: &Path) -> Result<Route, RouteError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Route::parse(&text)
+    }
+
+    /// Write the route to `path`, readable by the owner only (mode 0600).
+    pub fn write(&self, path: &Path) -> Result<(), RouteError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("route.tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            writeln!(f, "{self}")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|source| RouteError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The Syndicate value of this route.
+    pub fn to_value(&self) -> AnyValue {
+        let path_step = gatekeeper::PathStep::<std::sync::Arc<syndicate::actor::Cap>>::parse(
+            &self.sturdy_ref.unparse(),
+        );
+        gatekeeper::Route {
+            transports: self.transports.iter().map(transport_value).collect(),
+            path_steps: path_step.into_iter().collect(),
+        }
+        .unparse()
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = TextWriter::encode(&mut NoEmbeddedDomainCodec, &self.to_value())
+            .map_err(|_| fmt::Error)?;
+        f.write_str(&text)
+    }
+}
+
+fn short(text: &str) -> String {
+    let t = text.trim();
+    if t.len() > 80 {
+        format!("{}…", &t[..t.floor_char_boundary(80)])
+    } else {
+        t.to_owned()
+    }
+}
+
+fn parse_transport(v: &AnyValue) -> Result<Transport, RouteError> {
+    if let Ok(u) = transport_address::Unix::parse(v) {
+        return Ok(Transport::Unix(PathBuf::from(u.path)));
+    }
+    if let Ok(t) = transport_address::Tcp::parse(v) {
+        if let Ok(port) = u16::try_from(&t.port) {
+            return Ok(Transport::Tcp(t.host, port));
+        }
+    }
+    Err(RouteError::Transport(format!("{v:?}")))
+}
+
+fn transport_value(t: &Transport) -> AnyValue {
+    match t {
+        Transport::Unix(p) => transport_address::Unix {
+            path: p.to_string_lossy().into_owned(),
+        }
+        .unparse(),
+        Transport::Tcp(host, port) => transport_address::Tcp {
+            host: host.clone(),
+            port: (*port as i64).into(),
+        }
+        .unparse(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Route {
+        Route {
+            transports: vec![
+                Transport::Unix("/tmp/x/nixspace.sock".into()),
+                Transport::Tcp("127.0.0.1".into(), 7001),
+            ],
+            sturdy_ref: SturdyRef::mint(AnyValue::new("worker"), b"secret key"),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_text() {
+        let r = sample();
+        let text = r.to_string();
+        assert!(text.starts_with("<route ["), "{text}");
+        let back = Route::parse(&text).expect("parses");
+        assert_eq!(back.transports, r.transports);
+        assert_eq!(back.sturdy_ref, r.sturdy_ref);
+    }
+
+    #[test]
+    fn rejects_garbage_with_a_reason() {
+        let e = Route::parse("<route").unwrap_err();
+        assert!(matches!(e, RouteError::Syntax(_)), "{e}");
+        let e = Route::parse("<hello 1 2>").unwrap_err();
+        assert!(e.to_string().contains("<route"), "{e}");
+        let e = Route::parse("<route [<udp 1>] <ref {oid: 1 sig: #[]}>>").unwrap_err();
+        assert!(matches!(e, RouteError::Transport(_)), "{e}");
+    }
+
+    #[test]
+    fn write_makes_an_owner_only_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.route");
+        sample().write(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(Route::read(&path).unwrap().transports, sample().transports);
+    }
+}

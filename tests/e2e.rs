@@ -1,0 +1,132 @@
+//! End-to-end: `nixspace up`, worker processes and `nixspace build` with the
+//! real Nix, over a real unix socket.
+
+mod support;
+
+use std::time::Duration;
+
+use nixspace_space::{Role, Route};
+use support::{nonce, repo_root, run, Space};
+
+const BUILD_LIMIT: Duration = Duration::from_secs(120);
+
+#[test]
+fn builds_a_chain_with_a_fan_out_on_two_workers() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    space.worker("w2", &[]);
+    let demo = repo_root().join("examples/demo/default.nix");
+    let file = space.nix_file(
+        "demo.nix",
+        &format!("import {} {{ nonce = \"{}\"; }}", demo.display(), nonce()),
+    );
+    let result = space.build(&file, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    let outputs: Vec<&str> = result.stdout.lines().collect();
+    assert_eq!(outputs.len(), 1, "{result:?}");
+    assert!(outputs[0].ends_with("-demo-top"), "{result:?}");
+    let content = std::fs::read_to_string(outputs[0]).expect("output exists in the store");
+    assert_eq!(
+        content,
+        "demo-base\ndemo-left\ndemo-base\ndemo-right\ndemo-top\n"
+    );
+    for step in ["demo-base", "demo-left", "demo-right", "demo-top"] {
+        assert!(
+            result.stderr.contains(&format!("built {step}.drv")),
+            "{step} not reported built: {result:?}"
+        );
+    }
+    // The workers, not the frontend, built the steps.
+    let worker_logs = space.log("w1") + &space.log("w2");
+    assert_eq!(worker_logs.matches(" built ").count(), 4, "{worker_logs}");
+}
+
+#[test]
+fn a_failing_derivation_fails_the_build_with_its_log() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let file = space.nix_file(
+        "broken.nix",
+        &format!(
+            r#"
+let
+  sh = name: script: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  }};
+  ok = sh "fine" "echo fine > $out" [ ];
+  broken = sh "broken" "echo boom-marker-{nonce}; echo more detail >&2; exit 3" [ ok ];
+in sh "after-broken" "echo never > $out" [ broken ]
+"#,
+            nonce = nonce()
+        ),
+    );
+    let result = space.build(&file, BUILD_LIMIT);
+    assert_eq!(result.status.code(), Some(1), "{result:?}");
+    let err = &result.stderr;
+    assert!(err.contains("error: broken.drv on w1"), "{result:?}");
+    assert!(err.contains("boom-marker-"), "log tail missing: {result:?}");
+    assert!(err.contains("more detail"), "log tail missing: {result:?}");
+    assert!(
+        err.contains("error: after-broken.drv: dependency") && err.contains("broken.drv failed"),
+        "dependent not reported: {result:?}"
+    );
+    assert!(err.contains("2 of 3 steps failed"), "{result:?}");
+    assert!(
+        result.stdout.is_empty(),
+        "no output paths on failure: {result:?}"
+    );
+}
+
+#[test]
+fn a_worker_with_a_forged_ref_is_refused() {
+    let space = Space::start();
+    let good = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    let forged = Route {
+        transports: good.transports.clone(),
+        sturdy_ref: syndicate::schemas::sturdy::SturdyRef::mint(
+            syndicate::actor::AnyValue::new("worker"),
+            b"not the key",
+        ),
+    };
+    let path = space.tmp.path().join("forged.route");
+    forged.write(&path).expect("write forged route");
+    let mut c = space.command(&["worker", "--route"]);
+    c.arg(&path);
+    let result = run(c, Duration::from_secs(30));
+    assert!(!result.status.success(), "{result:?}");
+    assert!(
+        result.stderr.contains("refused the capability"),
+        "{result:?}"
+    );
+    assert!(!result.stderr.contains("joined"), "{result:?}");
+}
+
+#[test]
+fn a_garbage_route_file_is_a_clear_error() {
+    let space = Space::start();
+    let path = space.tmp.path().join("garbage.route");
+    std::fs::write(&path, "<route [<unix").expect("write");
+    let mut c = space.command(&["build", "--route"]);
+    c.arg(&path)
+        .arg(repo_root().join("examples/demo/default.nix"));
+    let result = run(c, Duration::from_secs(30));
+    assert_eq!(result.status.code(), Some(1), "{result:?}");
+    assert!(
+        result.stderr.contains("route is not valid Preserves text"),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_second_up_on_the_same_socket_is_refused() {
+    let space = Space::start();
+    let mut c = space.command(&["up", "--dir"]);
+    c.arg(space.dir());
+    let result = run(c, Duration::from_secs(30));
+    assert_eq!(result.status.code(), Some(1), "{result:?}");
+    assert!(result.stderr.contains("in use"), "{result:?}");
+}

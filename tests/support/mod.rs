@@ -1,0 +1,207 @@
+//! A nixspace on this machine for end-to-end tests: real `nixspace` processes,
+//! a real dataspace over a unix socket, and the real Nix.
+//!
+//! Every process gets `NIX_CONF_DIR` pointing at a private nix.conf fit for
+//! a root CI box (no build users, no sandbox, no substituters), so the tests
+//! do not depend on the machine's Nix configuration. Children are killed when
+//! the [`Space`] is dropped.
+
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `nixspace` binary under test.
+pub fn nixspace_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_nixspace")
+}
+
+/// The repository root (for `examples/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A fresh string that makes a test's derivations unique in the shared store.
+pub fn nonce() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// What a finished command printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A running dataspace with its workers.
+pub struct Space {
+    pub tmp: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+impl Space {
+    /// Start `nixspace up` in a fresh directory and wait for its route files.
+    pub fn start() -> Space {
+        let tmp = tempfile::Builder::new()
+            .prefix("nixspace-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(tmp.path().join("nix-conf")).expect("conf dir");
+        std::fs::write(
+            tmp.path().join("nix-conf/nix.conf"),
+            "build-users-group =\nsandbox = false\nexperimental-features = nix-command ca-derivations\nsubstituters =\n",
+        )
+        .expect("nix.conf");
+        let mut space = Space {
+            tmp,
+            children: Vec::new(),
+        };
+        let up = space
+            .command(&["up"])
+            .arg("--dir")
+            .arg(space.dir())
+            .stderr(Stdio::from(space.log_file("up")))
+            .spawn()
+            .expect("spawn nixspace up");
+        space.children.push(up);
+        space.wait_for(&space.dir().join("worker.route"));
+        space
+    }
+
+    /// The runtime directory (socket, route files).
+    pub fn dir(&self) -> PathBuf {
+        self.tmp.path().join("run")
+    }
+
+    /// A `nixspace` command with the test's Nix configuration.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(nixspace_bin());
+        c.args(args)
+            .env("NIX_CONF_DIR", self.tmp.path().join("nix-conf"))
+            .env_remove("NIX_REMOTE")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn log_file(&self, name: &str) -> std::fs::File {
+        std::fs::File::create(self.tmp.path().join(format!("{name}.log"))).expect("log file")
+    }
+
+    /// The log a background process wrote so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Start a worker; its stderr goes to `<id>.log`.
+    pub fn worker(&mut self, id: &str, extra: &[&str]) {
+        let child = self
+            .command(&["worker", "--id", id, "--max-jobs", "2"])
+            .args(extra)
+            .arg("--dir")
+            .arg(self.dir())
+            .stderr(Stdio::from(self.log_file(id)))
+            .spawn()
+            .expect("spawn nixspace worker");
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log(id).contains("joined") {
+            assert!(
+                Instant::now() < deadline,
+                "worker {id} did not join:\n{}",
+                self.log(id)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Write a Nix file into the test directory.
+    pub fn nix_file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.tmp.path().join(name);
+        std::fs::write(&path, text).expect("write nix file");
+        path
+    }
+
+    /// Run `nixspace build` against this space, failing the test after `limit`.
+    pub fn build(&self, file: &Path, limit: Duration) -> Finished {
+        let mut c = self.command(&["build", "--dir"]);
+        c.arg(self.dir()).arg(file);
+        run(c, limit)
+    }
+
+    fn wait_for(&self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear; nixspace up said:\n{}",
+                path.display(),
+                self.log("up")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run a command to completion, killing it (and failing) after `limit`.
+pub fn run(mut c: Command, limit: Duration) -> Finished {
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "command did not finish within {limit:?}; stderr so far:\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Finished {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}

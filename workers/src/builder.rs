@@ -1,0 +1,297 @@
+//! The builder: a worker that pulls ready steps and builds them with the local Nix.
+//!
+//! Protocol, as seen from one worker W:
+//! 1. W asserts `<worker W …>` (what it can build) and `<offer W free-slots>`.
+//! 2. For each `<ready drv step>` it can build (system and features match)
+//!    W asserts `<claim drv W>` while it has free slots.
+//! 3. The planner grants one claim: `<assigned drv X>`. If X is another
+//!    worker, W withdraws its claim. If X is W, W builds the step — but only
+//!    once every input's outputs are valid in its store.
+//! 4. W sends `<log drv W line>` messages while building, then asserts
+//!    `<built drv W outputs>` or `<failed drv W reason kind>`.
+//! 5. When the planner withdraws the assignment (outcome recorded, or the
+//!    step is no longer wanted) W withdraws everything about the step; a
+//!    build still running is killed.
+//!
+//! Observers only forward [`Event`]s to the [`Builder`] entity in the root
+//! facet, so claims and the offer outlive the observer facets that caused
+//! them. Each build runs in its own child facet: stopping it kills the build
+//! and withdraws its outcome.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use nixspace_protocol::{build, on_retraction};
+use syndicate::actor::{
+    Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef, Handle,
+    LinkedTaskTermination, Ref,
+};
+use syndicate::enclose;
+use syndicate_macros::during;
+
+/// What a builder offers.
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    /// Unique name of this worker in the dataspace.
+    pub id: String,
+    /// The machine it runs on (informational).
+    pub host: String,
+    /// Platforms it builds for (`builtin` is always accepted).
+    pub systems: Vec<String>,
+    /// System features it supports.
+    pub features: Vec<String>,
+    /// How many steps it builds at once.
+    pub max_jobs: u32,
+    /// Speed relative to a reference machine (1.0).
+    pub speed: f64,
+}
+
+impl BuilderConfig {
+    /// Whether a step with this description may run here.
+    pub fn can_build(&self, step: &build::StepInfo) -> bool {
+        (step.system == "builtin" || self.systems.contains(&step.system))
+            && step.features.iter().all(|f| self.features.contains(f))
+    }
+}
+
+/// What the builder's observers saw.
+#[derive(Debug)]
+pub enum Event {
+    /// A step became ready.
+    Ready(String, build::StepInfo),
+    /// A step is no longer ready.
+    Unready(String),
+    /// The planner granted a step to a worker.
+    Assigned(String, String),
+    /// The planner withdrew an assignment.
+    Unassigned(String, String),
+}
+
+struct Builder {
+    ds: Arc<Cap>,
+    config: Arc<BuilderConfig>,
+    /// Ready steps this worker could build and has not claimed.
+    ready: BTreeMap<String, build::StepInfo>,
+    /// Steps this worker claimed (waiting for a grant, or building).
+    claims: BTreeMap<String, (Handle, build::StepInfo)>,
+    /// The facet of each running build.
+    building: BTreeMap<String, FacetId>,
+    offer: Option<Handle>,
+}
+
+impl Entity<Event> for Builder {
+    fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
+        match event {
+            Event::Ready(drv, step) => {
+                if self.config.can_build(&step) {
+                    self.ready.insert(drv, step);
+                }
+            }
+            Event::Unready(drv) => {
+                self.ready.remove(&drv);
+                // The planner asserts the grant before withdrawing readiness,
+                // so a claim still pending now was not granted to us.
+                if !self.building.contains_key(&drv) {
+                    self.release(t, &drv);
+                }
+            }
+            Event::Assigned(drv, worker) if worker == self.config.id => {
+                if let Some((_, step)) = self.claims.get(&drv) {
+                    let step = step.clone();
+                    let facet = t.facet(|t| {
+                        build_step(
+                            t,
+                            Arc::clone(&self.ds),
+                            Arc::clone(&self.config),
+                            drv.clone(),
+                            step,
+                        );
+                        Ok(())
+                    })?;
+                    self.building.insert(drv, facet);
+                }
+            }
+            Event::Assigned(drv, _) => self.release(t, &drv),
+            Event::Unassigned(drv, worker) if worker == self.config.id => {
+                if let Some(facet) = self.building.remove(&drv) {
+                    t.stop_facet(facet);
+                }
+                self.release(t, &drv);
+            }
+            Event::Unassigned(..) => {}
+        }
+        self.fill_slots(t);
+        Ok(())
+    }
+}
+
+impl Builder {
+    /// Claim ready steps while slots are free, then refresh the offer.
+    fn fill_slots(&mut self, t: &mut Activation) {
+        while self.claims.len() < self.config.max_jobs as usize {
+            let Some((drv, step)) = self.ready.pop_first() else {
+                break;
+            };
+            let claim = build::Claim {
+                drv: drv.clone(),
+                worker: self.config.id.clone(),
+            };
+            if let Some(h) = self.ds.assert(t, &claim) {
+                tracing::debug!(%drv, "claiming");
+                self.claims.insert(drv, (h, step));
+            }
+        }
+        let free = self.config.max_jobs as i64 - self.building.len() as i64;
+        let offer = build::Offer {
+            worker: self.config.id.clone(),
+            free_slots: free.into(),
+        };
+        self.ds.update(t, &mut self.offer, Some(&offer));
+    }
+
+    /// Withdraw our claim on a step (lost the race, finished, or cancelled).
+    fn release(&mut self, t: &mut Activation, drv: &str) {
+        if let Some((h, _)) = self.claims.remove(drv) {
+            tracing::debug!(%drv, "releasing claim");
+            t.retract(h);
+        }
+    }
+}
+
+/// Start the builder in the current actor, on dataspace `ds`.
+pub fn start(t: &mut Activation, ds: Arc<Cap>, config: BuilderConfig) -> Result<(), ActorError> {
+    let config = Arc::new(config);
+    ds.assert(
+        t,
+        &build::Worker {
+            id: config.id.clone(),
+            host: config.host.clone(),
+            systems: config.systems.clone(),
+            features: config.features.clone(),
+            max_jobs: (config.max_jobs as i64).into(),
+            speed: config.speed.into(),
+        },
+    );
+    let mut builder = Builder {
+        ds: Arc::clone(&ds),
+        config,
+        ready: BTreeMap::new(),
+        claims: BTreeMap::new(),
+        building: BTreeMap::new(),
+        offer: None,
+    };
+    builder.fill_slots(t);
+    let builder: Arc<Ref<Event>> = t.create_ref(builder);
+
+    enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo>,
+    |t: &mut Activation| {
+        t.message(&builder, Event::Ready(drv.clone(), step.clone()));
+        on_retraction(t, enclose!((builder, drv) move |t| {
+            t.message(&builder, Event::Unready(drv));
+            Ok(())
+        }));
+        Ok(())
+    }));
+
+    enclose!((builder) during!(t, ds, <assigned $drv: String $worker: String>,
+    |t: &mut Activation| {
+        t.message(&builder, Event::Assigned(drv.clone(), worker.clone()));
+        on_retraction(t, enclose!((builder, drv, worker) move |t| {
+            t.message(&builder, Event::Unassigned(drv, worker));
+            Ok(())
+        }));
+        Ok(())
+    }));
+    Ok(())
+}
+
+/// Build one assigned step in the current facet; stopping the facet kills
+/// the build and withdraws its outcome.
+fn build_step(
+    t: &mut Activation,
+    ds: Arc<Cap>,
+    config: Arc<BuilderConfig>,
+    drv: String,
+    step: build::StepInfo,
+) {
+    let facet = t.facet_ref();
+    t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
+        let account = Account::new(Some(AnyValue::symbol("build")), None);
+        tracing::info!(%drv, "building");
+        let outcome = run_build(&facet, &account, &ds, &config.id, &drv, &step).await;
+        facet.activate(&account, None, |t| {
+            match outcome {
+                Ok(outputs) => {
+                    tracing::info!(%drv, "built");
+                    ds.assert(
+                        t,
+                        &build::Built {
+                            drv,
+                            worker: config.id.clone(),
+                            outputs,
+                        },
+                    );
+                }
+                Err((reason, kind)) => {
+                    tracing::warn!(%drv, %reason, "failed");
+                    ds.assert(
+                        t,
+                        &build::Failed {
+                            drv,
+                            worker: config.id.clone(),
+                            reason,
+                            kind,
+                        },
+                    );
+                }
+            }
+            Ok(())
+        });
+        Ok(LinkedTaskTermination::KeepFacet)
+    });
+}
+
+async fn run_build(
+    facet: &FacetRef,
+    account: &Arc<Account>,
+    ds: &Arc<Cap>,
+    worker: &str,
+    drv: &str,
+    step: &build::StepInfo,
+) -> Result<Vec<String>, (String, build::FailureKind)> {
+    let transient = |e: &dyn std::fmt::Display| (e.to_string(), build::FailureKind::Transient);
+    let inputs = nixspace_nix_tools::output_paths(&step.input_drvs)
+        .await
+        .map_err(|e| transient(&e))?;
+    let missing = nixspace_nix_tools::invalid_paths(&inputs)
+        .await
+        .map_err(|e| transient(&e))?;
+    if !missing.is_empty() {
+        let list: Vec<_> = missing.into_iter().collect();
+        return Err(transient(&format!(
+            "inputs not valid on worker {worker}: {}",
+            list.join(" ")
+        )));
+    }
+    let send_line = |line: String| {
+        facet.activate(account, None, |t| {
+            ds.message(
+                t,
+                &build::Log {
+                    drv: drv.to_owned(),
+                    worker: worker.to_owned(),
+                    line,
+                },
+            );
+            Ok(())
+        });
+    };
+    nixspace_nix_tools::realise(drv, send_line)
+        .await
+        .map_err(|e| match e {
+            nixspace_nix_tools::RealiseError::Failed { message } => {
+                (message, build::FailureKind::Permanent)
+            }
+            other => transient(&other),
+        })
+}

@@ -1,0 +1,9 @@
+//! Worker actors.
+//!
+//! [`builder`] joins a dataspace as a build worker: it announces what it can
+//! build, claims ready steps while it has free slots, builds the ones it is
+//! assigned with the local Nix, streams their logs and asserts the outcome.
+
+pub mod builder;
+
+pub use builder::{start, BuilderConfig};
