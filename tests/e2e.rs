@@ -130,3 +130,100 @@ fn a_second_up_on_the_same_socket_is_refused() {
     assert_eq!(result.status.code(), Some(1), "{result:?}");
     assert!(result.stderr.contains("in use"), "{result:?}");
 }
+
+/// A derivation whose builder sleeps (by absolute path: builders have no
+/// PATH). Returns the file and strings that identify its processes: the
+/// marker (in `nix-store`'s and `sh`'s command lines) and the sleep itself.
+fn sleeper(space: &Space, seconds: u32) -> (std::path::PathBuf, Vec<String>) {
+    let marker = format!("sleeper-{}", nonce());
+    let file = space.nix_file(
+        "sleeper.nix",
+        &format!(
+            r#"derivation {{
+  name = "{marker}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo started {marker}; /bin/sleep {seconds}; echo done > $out" ];
+}}"#
+        ),
+    );
+    (file, vec![marker, format!("/bin/sleep {seconds} ")])
+}
+
+/// Processes whose command line mentions one of `needles`.
+fn processes_mentioning(needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let seconds = 3000 + (rand::random::<u32>() % 1000);
+    let (file, needles) = sleeper(&space, seconds);
+    let build = space.spawn_build(&file);
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    // The builder really runs (nix-store and the sleeping sh).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while processes_mentioning(&needles[1..]).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = rustix::process::Pid::from_raw(build.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+    let out = build.wait_with_output().expect("wait");
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    // Within a few seconds nothing about the step runs any more.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = processes_mentioning(&needles);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "build still running after the demand was withdrawn: {left:?}\nworker log:\n{}",
+            space.log("w1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_worker_joins_over_tcp() {
+    let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
+    let route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    let tcp_only = Route {
+        transports: route
+            .transports
+            .iter()
+            .filter(|t| matches!(t, nixspace_space::Transport::Tcp(..)))
+            .cloned()
+            .collect(),
+        sturdy_ref: route.sturdy_ref.clone(),
+    };
+    assert_eq!(tcp_only.transports.len(), 1, "{route:?}");
+    let path = space.tmp.path().join("tcp.route");
+    tcp_only.write(&path).expect("write route");
+    space.worker(
+        "tcp-worker",
+        &["--route", path.to_str().expect("utf-8 path")],
+    );
+    let (file, _) = sleeper(&space, 0);
+    let result = space.build(&file, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("on tcp-worker"), "{result:?}");
+}

@@ -55,6 +55,11 @@ pub struct Space {
 impl Space {
     /// Start `nixspace up` in a fresh directory and wait for its route files.
     pub fn start() -> Space {
+        Space::start_with(&[])
+    }
+
+    /// Like [`Space::start`], with extra arguments for `nixspace up`.
+    pub fn start_with(up_args: &[&str]) -> Space {
         let tmp = tempfile::Builder::new()
             .prefix("nixspace-test-")
             .tempdir()
@@ -71,6 +76,7 @@ impl Space {
         };
         let up = space
             .command(&["up"])
+            .args(up_args)
             .arg("--dir")
             .arg(space.dir())
             .stderr(Stdio::from(space.log_file("up")))
@@ -117,12 +123,28 @@ impl Space {
             .spawn()
             .expect("spawn nixspace worker");
         self.children.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log(id).contains("joined") {
+        self.wait_for_log(id, "joined", Duration::from_secs(20));
+    }
+
+    /// Start `nixspace build` in the background; the test decides when it ends.
+    pub fn spawn_build(&self, file: &Path) -> Child {
+        self.command(&["build", "--dir"])
+            .arg(self.dir())
+            .arg(file)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nixspace build")
+    }
+
+    /// Wait until `name.log` contains `needle`.
+    pub fn wait_for_log(&self, name: &str, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.log(name).contains(needle) {
             assert!(
                 Instant::now() < deadline,
-                "worker {id} did not join:\n{}",
-                self.log(id)
+                "{name}.log never said {needle:?}:\n{}",
+                self.log(name)
             );
             std::thread::sleep(Duration::from_millis(50));
         }

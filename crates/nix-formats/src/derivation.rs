@@ -441,19 +441,19 @@ pub fn floating_output_path(
 /// Replaces every occurrence of each key of `rewrites` (in key order) by its
 /// value, as Nix's `rewriteStrings` does: after a replacement the search
 /// resumes at the start of the replacement. Where that would loop forever in
-/// Nix (an empty key, or a value containing its key), the search resumes
-/// after the replacement instead.
+/// Nix, we differ: an empty key is ignored, and after replacing a key by a
+/// value that contains it, the search resumes after the replacement.
 pub fn rewrite_strings(s: &[u8], rewrites: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<u8> {
     let mut s = s.to_vec();
     for (from, to) in rewrites {
-        if from == to {
+        if from == to || from.is_empty() {
             continue;
         }
-        let rescans = !from.is_empty() && find(to, from, 0).is_none();
+        let rescans = find(to, from, 0).is_none();
         let mut j = 0;
         while let Some(k) = find(&s, from, j) {
             s.splice(k..k + from.len(), to.iter().copied());
-            j = if rescans { k } else { k + to.len().max(1) };
+            j = if rescans { k } else { k + to.len() };
         }
     }
     s
@@ -1295,9 +1295,10 @@ mod tests {
         assert_eq!(rewrite_strings(b"xaay", &map(&[("a", "b")])), b"xbby");
         // Nix rescans from the start of the replacement.
         assert_eq!(rewrite_strings(b"abb", &map(&[("ab", "a")])), b"a");
+        assert_eq!(rewrite_strings(b"abbb", &map(&[("ab", "ca")])), b"ccca");
         // Would loop forever in Nix; we stop.
         assert_eq!(rewrite_strings(b"a", &map(&[("a", "aa")])), b"aa");
-        assert_eq!(rewrite_strings(b"ab", &map(&[("", "x")])), b"xaxb");
+        assert_eq!(rewrite_strings(b"ab", &map(&[("", "x")])), b"ab");
         // Keys apply in sorted order.
         assert_eq!(rewrite_strings(b"a", &map(&[("b", "c"), ("a", "b")])), b"c");
     }

@@ -1,6 +1,7 @@
 //! Building one derivation with `nix-store --realise`, streaming its log.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -23,24 +24,64 @@ pub enum RealiseError {
     },
 }
 
+/// How long an interrupted `nix-store` gets to stop its builder before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
+/// A running `nix-store` that is interrupted if dropped before it exits.
+///
+/// Nix runs the builder in its own session, so killing `nix-store` outright
+/// would orphan the builder. SIGINT lets Nix kill its builder and release its
+/// locks; SIGKILL follows after [`INTERRUPT_GRACE`].
+struct Interruptible(Option<tokio::process::Child>);
+
+impl Drop for Interruptible {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        if let Some(pid) = child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if tokio::time::timeout(INTERRUPT_GRACE, child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.kill().await;
+                    }
+                });
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
 /// Build `drv` with the local Nix; call `on_line` for each log line as it
-/// arrives. Returns the output paths. The child is killed if the returned
-/// future is dropped (that is how a cancelled step stops).
+/// arrives. Returns the output paths. If the returned future is dropped (that
+/// is how a cancelled step stops) the build is interrupted.
 pub async fn realise(
     drv: &str,
     mut on_line: impl FnMut(String) + Send,
 ) -> Result<Vec<String>, RealiseError> {
+    let mut guard = Interruptible(None);
     let mut child = tokio::process::Command::new("nix-store")
         .args(["--realise", drv])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .map_err(RealiseError::Spawn)?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(RealiseError::Spawn(std::io::Error::other("no pipes")));
     };
+    let child = guard.0.insert(child);
     let collect_stdout = async {
         let mut lines = BufReader::new(stdout).lines();
         let mut out = Vec::new();
@@ -66,6 +107,7 @@ pub async fn realise(
     let (outputs, recent) =
         tokio::try_join!(collect_stdout, stream_stderr).map_err(RealiseError::Io)?;
     let status = child.wait().await.map_err(RealiseError::Io)?;
+    guard.0 = None;
     if status.success() {
         return Ok(outputs.into_iter().filter(|l| l.starts_with('/')).collect());
     }
