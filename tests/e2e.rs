@@ -164,14 +164,21 @@ fn processes_mentioning(needles: &[String]) -> Vec<String> {
     found
 }
 
-#[test]
-fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
+/// Start a space with worker `w1` and a build that sleeps for an hour, and
+/// wait until `w1` builds it. Returns the build and its process needles.
+fn long_build() -> (Space, std::process::Child, Vec<String>) {
     let mut space = Space::start();
     space.worker("w1", &[]);
     let seconds = 3000 + (rand::random::<u32>() % 1000);
     let (file, needles) = sleeper(&space, seconds);
     let build = space.spawn_build(&file);
     space.wait_for_log("w1", "building", Duration::from_secs(30));
+    (space, build, needles)
+}
+
+#[test]
+fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
+    let (space, build, needles) = long_build();
     // The builder really runs (nix-store and the sleeping sh).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while processes_mentioning(&needles[1..]).is_empty() {
@@ -226,4 +233,19 @@ fn a_worker_joins_over_tcp() {
     let result = space.build(&file, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("on tcp-worker"), "{result:?}");
+}
+
+#[test]
+fn losing_the_dataspace_fails_the_build_instead_of_hanging() {
+    let (mut space, build, _) = long_build();
+    space.kill_up();
+    let finished = support::wait_output(build, Duration::from_secs(30));
+    assert_eq!(finished.status.code(), Some(1), "{finished:?}");
+    assert!(
+        finished
+            .stderr
+            .contains("lost the dataspace before the build finished"),
+        "{finished:?}"
+    );
+    space.wait_for_log("w1", "lost the dataspace", Duration::from_secs(30));
 }

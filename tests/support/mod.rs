@@ -87,6 +87,13 @@ impl Space {
         space
     }
 
+    /// Kill `nixspace up` (SIGKILL): the dataspace vanishes.
+    pub fn kill_up(&mut self) {
+        let up = &mut self.children[0];
+        up.kill().expect("kill nixspace up");
+        up.wait().expect("reap nixspace up");
+    }
+
     /// The runtime directory (socket, route files).
     pub fn dir(&self) -> PathBuf {
         self.tmp.path().join("run")
@@ -189,11 +196,17 @@ impl Drop for Space {
 
 /// Run a command to completion, killing it (and failing) after `limit`.
 pub fn run(mut c: Command, limit: Duration) -> Finished {
-    let mut child = c
+    let child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
+    wait_output(child, limit)
+}
+
+/// Wait for a child started with piped stdout and stderr, killing it (and
+/// failing) after `limit`.
+pub fn wait_output(mut child: Child, limit: Duration) -> Finished {
     let mut stdout = child.stdout.take().expect("stdout");
     let mut stderr = child.stderr.take().expect("stderr");
     let out = std::thread::spawn(move || {

@@ -35,24 +35,24 @@ pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, N
 
 /// The subset of `paths` that are not valid in the local store.
 pub async fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>, NixError> {
-    if paths.is_empty() {
-        return Ok(BTreeSet::new());
-    }
-    let mut args = vec!["--check-validity".to_owned(), "--print-invalid".to_owned()];
-    args.extend(paths.iter().cloned());
-    let out = run("nix-store", &args).await?;
+    let out = nix_store_on(&["--check-validity", "--print-invalid"], paths).await?;
     Ok(out.lines().map(str::to_owned).collect())
 }
 
 /// The output paths of the given derivations (`nix-store -q --outputs`).
 pub async fn output_paths(drvs: &[String]) -> Result<Vec<String>, NixError> {
-    if drvs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut args = vec!["--query".to_owned(), "--outputs".to_owned()];
-    args.extend(drvs.iter().cloned());
-    let out = run("nix-store", &args).await?;
+    let out = nix_store_on(&["--query", "--outputs"], drvs).await?;
     Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// `nix-store <flags> <paths…>`; nothing to do (and no process) for no paths.
+async fn nix_store_on(flags: &[&str], paths: &[String]) -> Result<String, NixError> {
+    if paths.is_empty() {
+        return Ok(String::new());
+    }
+    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+    args.extend(paths.iter().cloned());
+    run("nix-store", &args).await
 }
 
 /// The platform of this machine in Nix's spelling, e.g. `x86_64-linux`.

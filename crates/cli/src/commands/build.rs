@@ -157,7 +157,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             priority: args.priority.into(),
         })
         .collect();
-    let _actor = nixspace_space::join::join(
+    let actor = nixspace_space::join::join(
         &route,
         enclose!((session) move |t: &mut Activation, ds| {
             observe(t, &ds, &session);
@@ -171,6 +171,13 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
 
     tokio::select! {
         _ = rx => {}
+        end = actor => {
+            let _ = with(&session, |s| s.progress.finish());
+            anyhow::bail!(
+                "lost the dataspace before the build finished ({}); its demands are gone, run the build again",
+                super::describe_end(end)
+            );
+        }
         r = super::shutdown_signal() => {
             r?;
             let _ = with(&session, |s| s.progress.finish());

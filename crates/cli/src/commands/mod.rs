@@ -53,3 +53,12 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
         _ = term.recv() => Ok(()),
     }
 }
+
+/// Why the actor that held a dataspace connection ended, for messages.
+pub fn describe_end(end: Result<syndicate::actor::ActorResult, tokio::task::JoinError>) -> String {
+    match end {
+        Ok(Ok(())) => "the connection closed".to_owned(),
+        Ok(Err(e)) => format!("{e:?}"),
+        Err(e) => e.to_string(),
+    }
+}

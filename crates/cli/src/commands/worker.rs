@@ -87,12 +87,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         end = actor => {
-            let why = match end {
-                Ok(Ok(())) => "the connection closed".to_owned(),
-                Ok(Err(e)) => format!("{e:?}"),
-                Err(e) => e.to_string(),
-            };
-            anyhow::bail!("worker {id} lost the dataspace: {why}")
+            anyhow::bail!("worker {id} lost the dataspace: {}", super::describe_end(end))
         }
     }
 }
