@@ -1333,7 +1333,7 @@ mod tests {
             DerivationError::TrailingData { .. }
         ));
         assert!(matches!(
-            err(&A.replace("\"echo hi > $out\"]", "\"echo hi > $out\"")),
+            err(&A.replace("\"-c\",\"echo", "\"-c\" \"echo")),
             DerivationError::Expected {
                 expected: "',' or ']'",
                 ..

@@ -12,8 +12,11 @@
 //! [`nar::fs`]. There is no async and no global state: the store
 //! directory is always a [`store_path::StoreDir`] value.
 
+#![warn(missing_docs)]
+
 pub mod derivation;
 pub mod hash;
+pub mod nar;
 pub mod nixbase32;
 pub mod store_path;
 

@@ -135,7 +135,9 @@ impl<R: Read> Read for Contents<'_, R> {
         if self.left == 0 {
             return Ok(0);
         }
-        let n = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let got = self.src.inner.read(&mut buf[..n])?;
         if got == 0 {
             return Err(io::Error::new(
@@ -212,7 +214,11 @@ pub fn parse<R: Read>(
                 let drained = io::copy(&mut contents, &mut io::sink());
                 let left = contents.left;
                 map_contents_eof(res)?;
-                map_contents_eof(drained.map_err(|e| NarError::io("reading NAR", e)))?;
+                map_contents_eof(
+                    drained
+                        .map(drop)
+                        .map_err(|e| NarError::io("reading NAR", e)),
+                )?;
                 if left != 0 {
                     return Err(NarError::Truncated);
                 }
