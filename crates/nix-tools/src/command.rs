@@ -25,6 +25,14 @@ pub enum NixError {
         /// The last lines of its stderr.
         stderr: String,
     },
+    /// A derivation could not be read or parsed.
+    #[error("cannot read derivation {path}: {detail}")]
+    Derivation {
+        /// The `.drv` path.
+        path: String,
+        /// What was wrong.
+        detail: String,
+    },
     /// The program printed something we could not understand.
     #[error("unexpected output from `{command}`: {detail}")]
     Output {
@@ -63,7 +71,7 @@ pub(crate) async fn run(program: &str, args: &[String]) -> Result<String, NixErr
 }
 
 /// A command line for messages, shortened when it names many paths.
-pub(crate) fn command_line(program: &str, args: &[String]) -> String {
+fn command_line(program: &str, args: &[String]) -> String {
     let mut s = program.to_owned();
     for a in args.iter().take(6) {
         s.push(' ');

@@ -1,10 +1,13 @@
-//! What `nix show-derivation -r` says about a derivation closure.
+//! Reading a derivation closure straight from the store, with our own
+//! ATerm parser (no `nix` process per derivation, or at all).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
 
-use serde::Deserialize;
+use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::store_path::StoreDir;
 
-use crate::command::{command_line, run, NixError};
+use crate::command::NixError;
 
 /// The facts about one derivation that scheduling needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,54 +22,80 @@ pub struct DerivationInfo {
     pub outputs: BTreeMap<String, Option<String>>,
 }
 
-#[derive(Deserialize)]
-struct RawDerivation {
-    system: String,
-    #[serde(rename = "inputDrvs", default)]
-    input_drvs: BTreeMap<String, serde_json::Value>,
-    #[serde(default)]
-    outputs: BTreeMap<String, RawOutput>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize)]
-struct RawOutput {
-    path: Option<String>,
-}
-
-/// Every derivation in the closure of `drvs`, keyed by `.drv` path.
-pub async fn show_derivations(
-    drvs: &[String],
-) -> Result<BTreeMap<String, DerivationInfo>, NixError> {
-    let mut args = vec![
-        "--extra-experimental-features".to_owned(),
-        "nix-command".to_owned(),
-        "show-derivation".to_owned(),
-        "--recursive".to_owned(),
-    ];
-    args.extend(drvs.iter().cloned());
-    let json = run("nix", &args).await?;
-    let raw: BTreeMap<String, RawDerivation> =
-        serde_json::from_str(&json).map_err(|e| NixError::Output {
-            command: command_line("nix", &args),
-            detail: e.to_string(),
-        })?;
-    Ok(raw
-        .into_iter()
-        .map(|(path, d)| {
-            let features = d
-                .env
-                .get("requiredSystemFeatures")
+impl DerivationInfo {
+    fn from_derivation(drv: &Derivation, store: &StoreDir) -> DerivationInfo {
+        DerivationInfo {
+            system: drv.system.clone(),
+            features: drv
+                .env_str("requiredSystemFeatures")
                 .map(|f| f.split_whitespace().map(str::to_owned).collect())
-                .unwrap_or_default();
-            let info = DerivationInfo {
-                system: d.system,
-                features,
-                input_drvs: d.input_drvs.into_keys().collect(),
-                outputs: d.outputs.into_iter().map(|(n, o)| (n, o.path)).collect(),
-            };
-            (path, info)
-        })
-        .collect())
+                .unwrap_or_default(),
+            input_drvs: drv.input_drvs.keys().map(|p| store.print(p)).collect(),
+            outputs: drv
+                .outputs
+                .iter()
+                .map(|(name, out)| (name.clone(), out.path().map(|p| store.print(p))))
+                .collect(),
+        }
+    }
+}
+
+/// Every derivation in the closure of `roots` (`.drv` store paths), keyed by
+/// `.drv` path. The store directory is the roots' parent directory.
+pub async fn read_closure(roots: &[String]) -> Result<BTreeMap<String, DerivationInfo>, NixError> {
+    let roots = roots.to_vec();
+    tokio::task::spawn_blocking(move || read_closure_blocking(&roots))
+        .await
+        .map_err(|e| NixError::Derivation {
+            path: String::new(),
+            detail: e.to_string(),
+        })?
+}
+
+fn read_closure_blocking(roots: &[String]) -> Result<BTreeMap<String, DerivationInfo>, NixError> {
+    let mut closure = BTreeMap::new();
+    let mut queue: VecDeque<String> = roots.iter().cloned().collect();
+    while let Some(path) = queue.pop_front() {
+        if closure.contains_key(&path) {
+            continue;
+        }
+        let info = read_one(&path)?;
+        queue.extend(info.input_drvs.iter().cloned());
+        closure.insert(path, info);
+    }
+    Ok(closure)
+}
+
+fn read_one(path: &str) -> Result<DerivationInfo, NixError> {
+    let err = |detail: String| NixError::Derivation {
+        path: path.to_owned(),
+        detail,
+    };
+    let dir = Path::new(path)
+        .parent()
+        .and_then(Path::to_str)
+        .ok_or_else(|| err("not an absolute store path".to_owned()))?;
+    let store = StoreDir::new(dir).map_err(|e| err(e.to_string()))?;
+    let store_path = store.parse(path).map_err(|e| err(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let drv = Derivation::parse_at(&store, &store_path, &bytes).map_err(|e| err(e.to_string()))?;
+    Ok(DerivationInfo::from_derivation(&drv, &store))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unreadable_derivations_name_the_path() {
+        let e =
+            read_closure(&["/nix/store/00000000000000000000000000000000-missing.drv".to_owned()])
+                .await
+                .unwrap_err();
+        assert!(e.to_string().contains("missing.drv"), "{e}");
+        let e = read_closure(&["relative.drv".to_owned()])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("relative.drv"), "{e}");
+    }
 }

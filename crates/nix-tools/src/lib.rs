@@ -1,16 +1,17 @@
 //! The local Nix, driven through its command-line tools.
 //!
-//! Everything here runs a real Nix program (`nix-instantiate`, `nix-store`,
-//! `nix show-derivation`) found on `PATH`, with the caller's environment, so
-//! `NIX_REMOTE`, `NIX_CONF_DIR` and friends apply as they would to a user's
-//! own commands. Failures carry the command and the tail of its stderr.
+//! Commands run a real Nix program (`nix-instantiate`, `nix-store`) found on
+//! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
+//! friends apply as they would to a user's own commands; failures carry the
+//! command and the tail of its stderr. Derivation closures are read directly
+//! from the store with our own parser ([`read_closure`]).
 
 mod command;
 mod derivation_info;
 mod realise;
 
 pub use command::NixError;
-pub use derivation_info::{show_derivations, DerivationInfo};
+pub use derivation_info::{read_closure, DerivationInfo};
 pub use realise::{realise, RealiseError};
 
 use std::collections::BTreeSet;

@@ -107,7 +107,7 @@ fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorErro
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let route = args.join.route(Role::Submit)?;
     let roots = resolve_target(&args.target, &args.attrs).await?;
-    let infos = nixspace_nix_tools::show_derivations(&roots).await?;
+    let infos = nixspace_nix_tools::read_closure(&roots).await?;
     let known: Vec<String> = infos
         .values()
         .flat_map(|i| i.outputs.values().flatten().cloned())
