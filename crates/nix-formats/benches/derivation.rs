@@ -17,10 +17,20 @@ fn sample(store: &StoreDir) -> String {
     let outputs: Vec<String> = ["dev", "doc", "out"]
         .iter()
         .enumerate()
-        .map(|(i, o)| format!("(\"{o}\",\"{}\",\"\",\"\")", path(store, 100 + i as u8, &format!("pkg-1.0-{o}"))))
+        .map(|(i, o)| {
+            format!(
+                "(\"{o}\",\"{}\",\"\",\"\")",
+                path(store, 100 + i as u8, &format!("pkg-1.0-{o}"))
+            )
+        })
         .collect();
     let mut inputs: Vec<String> = (0..20)
-        .map(|i| format!("(\"{}\",[\"out\"])", path(store, i, &format!("dep{i:02}.drv"))))
+        .map(|i| {
+            format!(
+                "(\"{}\",[\"out\"])",
+                path(store, i, &format!("dep{i:02}.drv"))
+            )
+        })
         .collect();
     inputs.sort();
     let mut srcs: Vec<String> = (0..5)
@@ -28,7 +38,9 @@ fn sample(store: &StoreDir) -> String {
         .collect();
     srcs.sort();
     let mut env: Vec<String> = (0..60)
-        .map(|i| format!("(\"VAR_{i:02}\",\"value number {i} with \\\"quotes\\\" and \\n newlines\")"))
+        .map(|i| {
+            format!("(\"VAR_{i:02}\",\"value number {i} with \\\"quotes\\\" and \\n newlines\")")
+        })
         .collect();
     env.sort();
     format!(

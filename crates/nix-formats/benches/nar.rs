@@ -21,7 +21,9 @@ fn make_tree(root: &Path) -> io::Result<()> {
         let dir = root.join(format!("dir-{d:02}"));
         fs::create_dir(&dir)?;
         for f in 0..25 {
-            let body: Vec<u8> = (0..64 * 1024).map(|i| ((i * 31 + f * 7 + d) % 251) as u8).collect();
+            let body: Vec<u8> = (0..64 * 1024)
+                .map(|i| ((i * 31 + f * 7 + d) % 251) as u8)
+                .collect();
             let p = dir.join(format!("file-{f:02}"));
             fs::write(&p, body)?;
             if f % 5 == 0 {
@@ -88,7 +90,12 @@ fn nar_benches(c: &mut Criterion) {
                     .stdin(Stdio::piped())
                     .spawn()
                     .expect("nix-store");
-                child.stdin.take().expect("stdin").write_all(&nar).expect("write");
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(&nar)
+                    .expect("write");
                 assert!(child.wait().expect("wait").success());
                 fs::remove_dir_all(&target).expect("cleanup");
             },
