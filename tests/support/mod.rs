@@ -50,6 +50,7 @@ impl std::fmt::Debug for Finished {
 pub struct Space {
     pub tmp: tempfile::TempDir,
     children: Vec<Child>,
+    workers: Vec<(String, Child)>,
 }
 
 impl Space {
@@ -73,6 +74,7 @@ impl Space {
         let mut space = Space {
             tmp,
             children: Vec::new(),
+            workers: Vec::new(),
         };
         let up = space
             .command(&["up"])
@@ -129,8 +131,40 @@ impl Space {
             .stderr(Stdio::from(self.log_file(id)))
             .spawn()
             .expect("spawn nixspace worker");
-        self.children.push(child);
+        self.workers.push((id.to_owned(), child));
         self.wait_for_log(id, "joined", Duration::from_secs(20));
+    }
+
+    /// Send `signal` to worker `id`.
+    pub fn signal_worker(&mut self, id: &str, signal: rustix::process::Signal) {
+        let (_, child) = self
+            .workers
+            .iter()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, signal).expect("signal worker");
+    }
+
+    /// Wait for worker `id` to exit; its exit status.
+    pub fn wait_worker(&mut self, id: &str, limit: Duration) -> ExitStatus {
+        let (_, child) = self
+            .workers
+            .iter_mut()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {id} did not exit:\n{}",
+                self.log(id)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Start `nixspace build` in the background; the test decides when it ends.
@@ -166,8 +200,13 @@ impl Space {
 
     /// Run `nixspace build` against this space, failing the test after `limit`.
     pub fn build(&self, file: &Path, limit: Duration) -> Finished {
+        self.build_with(file, &[], limit)
+    }
+
+    /// Like [`Space::build`], with extra arguments for `nixspace build`.
+    pub fn build_with(&self, file: &Path, args: &[&str], limit: Duration) -> Finished {
         let mut c = self.command(&["build", "--dir"]);
-        c.arg(self.dir()).arg(file);
+        c.arg(self.dir()).args(args).arg(file);
         run(c, limit)
     }
 
@@ -187,6 +226,10 @@ impl Space {
 
 impl Drop for Space {
     fn drop(&mut self) {
+        for (_, child) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for child in self.children.iter_mut().rev() {
             let _ = child.kill();
             let _ = child.wait();

@@ -49,29 +49,75 @@ pub struct BuilderConfig {
 impl BuilderConfig {
     /// Whether a step with this description may run here.
     pub fn can_build(&self, step: &build::StepInfo) -> bool {
-        (step.system == "builtin" || self.systems.contains(&step.system))
-            && step.features.iter().all(|f| self.features.contains(f))
+        nixspace_planner::matching::mismatch(
+            &self.systems,
+            &self.features,
+            &step.system,
+            &step.features,
+        )
+        .is_none()
     }
+}
+
+/// The order in which a worker takes ready steps: highest priority, then
+/// deepest (most demanded steps waiting on it), then first seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct TakeOrder {
+    priority: std::cmp::Reverse<i64>,
+    depth: std::cmp::Reverse<u64>,
+    seen: u64,
 }
 
 /// What the builder's observers saw.
 #[derive(Debug)]
 pub enum Event {
-    /// A step became ready.
-    Ready(String, build::StepInfo),
+    /// A step became ready, with its priority and depth.
+    Ready(String, build::StepInfo, i64, u64),
     /// A step is no longer ready.
     Unready(String),
     /// The planner granted a step to a worker.
     Assigned(String, String),
     /// The planner withdrew an assignment.
     Unassigned(String, String),
+    /// Stop taking steps; report on `done` once running builds finished.
+    Drain(DrainDone),
+}
+
+/// Told once a draining builder has no build left.
+#[derive(Clone)]
+pub struct DrainDone(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>);
+
+impl DrainDone {
+    /// A notifier and the receiver it completes.
+    pub fn new() -> (DrainDone, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (DrainDone(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    fn notify(&self) {
+        if let Some(tx) = self.0.lock().ok().and_then(|mut g| g.take()) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl std::fmt::Debug for DrainDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DrainDone")
+    }
 }
 
 struct Builder {
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
-    /// Ready steps this worker could build and has not claimed.
-    ready: BTreeMap<String, build::StepInfo>,
+    /// Ready steps this worker could build and has not claimed, in take order.
+    ready: BTreeMap<TakeOrder, (String, build::StepInfo)>,
+    /// Where each ready step sits in `ready`.
+    ready_index: BTreeMap<String, TakeOrder>,
+    /// Counts ready steps as they are seen (the age in [`TakeOrder`]).
+    seen: u64,
+    /// Set when the worker is leaving: take nothing new.
+    draining: Option<DrainDone>,
     /// Steps this worker claimed (waiting for a grant, or building).
     claims: BTreeMap<String, (Handle, build::StepInfo)>,
     /// The facet of each running build.
@@ -82,13 +128,21 @@ struct Builder {
 impl Entity<Event> for Builder {
     fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
         match event {
-            Event::Ready(drv, step) => {
+            Event::Ready(drv, step, priority, depth) => {
                 if self.config.can_build(&step) {
-                    self.ready.insert(drv, step);
+                    self.forget_ready(&drv);
+                    self.seen += 1;
+                    let order = TakeOrder {
+                        priority: std::cmp::Reverse(priority),
+                        depth: std::cmp::Reverse(depth),
+                        seen: self.seen,
+                    };
+                    self.ready_index.insert(drv.clone(), order);
+                    self.ready.insert(order, (drv, step));
                 }
             }
             Event::Unready(drv) => {
-                self.ready.remove(&drv);
+                self.forget_ready(&drv);
                 // The planner asserts the grant before withdrawing readiness,
                 // so a claim still pending now was not granted to us.
                 if !self.building.contains_key(&drv) {
@@ -119,19 +173,47 @@ impl Entity<Event> for Builder {
                 self.release(t, &drv);
             }
             Event::Unassigned(..) => {}
+            Event::Drain(done) => {
+                tracing::info!(
+                    building = self.building.len(),
+                    "draining: taking no new steps"
+                );
+                let pending: Vec<String> = self
+                    .claims
+                    .keys()
+                    .filter(|d| !self.building.contains_key(*d))
+                    .cloned()
+                    .collect();
+                for drv in pending {
+                    self.release(t, &drv);
+                }
+                self.draining = Some(done);
+            }
         }
         self.fill_slots(t);
+        if let Some(done) = &self.draining {
+            if self.building.is_empty() {
+                done.notify();
+            }
+        }
         Ok(())
     }
 }
 
 impl Builder {
+    fn forget_ready(&mut self, drv: &str) {
+        if let Some(order) = self.ready_index.remove(drv) {
+            self.ready.remove(&order);
+        }
+    }
+
     /// Claim ready steps while slots are free, then refresh the offer.
     fn fill_slots(&mut self, t: &mut Activation) {
-        while self.claims.len() < self.config.max_jobs as usize {
-            let Some((drv, step)) = self.ready.pop_first() else {
+        while self.draining.is_none() && self.claims.len() < self.config.max_jobs as usize {
+            let Some((_, (drv, step))) = self.ready.pop_first() else {
                 break;
             };
+            self.ready_index.remove(&drv);
             let claim = build::Claim {
                 drv: drv.clone(),
                 worker: self.config.id.clone(),
@@ -141,7 +223,11 @@ impl Builder {
                 self.claims.insert(drv, (h, step));
             }
         }
-        let free = self.config.max_jobs as i64 - self.building.len() as i64;
+        let free = if self.draining.is_some() {
+            0
+        } else {
+            self.config.max_jobs as i64 - self.building.len() as i64
+        };
         let offer = build::Offer {
             worker: self.config.id.clone(),
             free_slots: free.into(),
@@ -158,8 +244,13 @@ impl Builder {
     }
 }
 
-/// Start the builder in the current actor, on dataspace `ds`.
-pub fn start(t: &mut Activation, ds: Arc<Cap>, config: BuilderConfig) -> Result<(), ActorError> {
+/// Start the builder in the current actor, on dataspace `ds`. Returns the
+/// builder entity, to which [`Event::Drain`] can be sent.
+pub fn start(
+    t: &mut Activation,
+    ds: Arc<Cap>,
+    config: BuilderConfig,
+) -> Result<Arc<Ref<Event>>, ActorError> {
     let config = Arc::new(config);
     ds.assert(
         t,
@@ -176,6 +267,9 @@ pub fn start(t: &mut Activation, ds: Arc<Cap>, config: BuilderConfig) -> Result<
         ds: Arc::clone(&ds),
         config,
         ready: BTreeMap::new(),
+        ready_index: BTreeMap::new(),
+        seen: 0,
+        draining: None,
         claims: BTreeMap::new(),
         building: BTreeMap::new(),
         offer: None,
@@ -183,9 +277,9 @@ pub fn start(t: &mut Activation, ds: Arc<Cap>, config: BuilderConfig) -> Result<
     builder.fill_slots(t);
     let builder: Arc<Ref<Event>> = t.create_ref(builder);
 
-    enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo>,
+    enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo $priority: i64 $depth: u64>,
     |t: &mut Activation| {
-        t.message(&builder, Event::Ready(drv.clone(), step.clone()));
+        t.message(&builder, Event::Ready(drv.clone(), step.clone(), priority, depth));
         on_retraction(t, enclose!((builder, drv) move |t| {
             t.message(&builder, Event::Unready(drv));
             Ok(())
@@ -202,7 +296,7 @@ pub fn start(t: &mut Activation, ds: Arc<Cap>, config: BuilderConfig) -> Result<
         }));
         Ok(())
     }));
-    Ok(())
+    Ok(builder)
 }
 
 /// Build one assigned step in the current facet; stopping the facet kills
@@ -218,7 +312,7 @@ fn build_step(
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
         let account = Account::new(Some(AnyValue::symbol("build")), None);
         tracing::info!(%drv, "building");
-        let outcome = run_build(&facet, &account, &ds, &config.id, &drv, &step).await;
+        let outcome = run_build(&facet, &account, &ds, &config, &drv, &step).await;
         facet.activate(&account, None, |t| {
             match outcome {
                 Ok(outputs) => {
@@ -255,10 +349,11 @@ async fn run_build(
     facet: &FacetRef,
     account: &Arc<Account>,
     ds: &Arc<Cap>,
-    worker: &str,
+    config: &BuilderConfig,
     drv: &str,
     step: &build::StepInfo,
 ) -> Result<Vec<String>, (String, build::FailureKind)> {
+    let worker = config.id.as_str();
     let transient = |e: &dyn std::fmt::Display| (e.to_string(), build::FailureKind::Transient);
     let inputs = nixspace_nix_tools::output_paths(&step.input_drvs)
         .await
@@ -286,7 +381,7 @@ async fn run_build(
             Ok(())
         });
     };
-    nixspace_nix_tools::realise(drv, send_line)
+    nixspace_nix_tools::realise(drv, &config.features, send_line)
         .await
         .map_err(|e| match e {
             nixspace_nix_tools::RealiseError::Failed { message } => {

@@ -6,4 +6,4 @@
 
 pub mod builder;
 
-pub use builder::{start, BuilderConfig};
+pub use builder::{start, BuilderConfig, DrainDone, Event};

@@ -3,6 +3,9 @@
 //!
 //! Run: `cargo bench -p nixspace-nix-formats --bench derivation`.
 
+// A benchmark aborts on a broken setup; the crate's no-expect rule is for library code.
+#![allow(clippy::expect_used)]
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};

@@ -64,15 +64,19 @@ impl Drop for Interruptible {
 }
 
 /// Build `drv` with the local Nix; call `on_line` for each log line as it
-/// arrives. Returns the output paths. If the returned future is dropped (that
-/// is how a cancelled step stops) the build is interrupted.
+/// arrives. Returns the output paths. `features` are system features the
+/// caller vouches for (a worker's offer); Nix is told it has them too. If the
+/// returned future is dropped (that is how a cancelled step stops) the build
+/// is interrupted.
 pub async fn realise(
     drv: &str,
+    features: &[String],
     mut on_line: impl FnMut(String) + Send,
 ) -> Result<Vec<String>, RealiseError> {
     let mut guard = Interruptible(None);
     let mut child = tokio::process::Command::new("nix-store")
         .args(["--realise", drv])
+        .args(feature_option(features))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -120,4 +124,16 @@ pub async fn realise(
         ),
     };
     Err(RealiseError::Failed { message })
+}
+
+/// `--option extra-system-features "a b"`, or nothing for no features.
+fn feature_option(features: &[String]) -> Vec<String> {
+    if features.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        "--option".to_owned(),
+        "extra-system-features".to_owned(),
+        features.join(" "),
+    ]
 }

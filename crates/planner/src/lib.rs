@@ -10,7 +10,11 @@
 //!
 //! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
 
+pub mod matching;
 pub mod schedule;
 pub mod service;
 
-pub use schedule::{Effect, FailureKind, Schedule, StepInfo, StepState, DEFAULT_MAX_ATTEMPTS};
+pub use schedule::{
+    Effect, FailureKind, Schedule, StepInfo, StepState, Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BACKOFF,
+};

@@ -1,9 +1,18 @@
 //! The step table and its transitions.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::matching::{mismatch, unschedulable_reason};
 
 /// How many times a step is tried before a transient failure becomes final.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// The first retry delay after a transient failure; it doubles per attempt.
+pub const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The longest retry delay.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What the planner knows about a step without reading its derivation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +23,25 @@ pub struct StepInfo {
     pub features: Vec<String>,
     /// The derivations whose outputs this step needs.
     pub input_drvs: Vec<String>,
+}
+
+/// How urgent a step is: higher priority first, then deeper (more demanded
+/// steps wait on it), then older.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Urgency {
+    /// The highest priority of the demands that want the step.
+    pub priority: i64,
+    /// The longest chain of demanded steps waiting on it.
+    pub depth: u64,
+}
+
+/// What a connected worker can build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerOffer {
+    /// Platforms it builds for.
+    pub systems: Vec<String>,
+    /// Features it offers.
+    pub features: Vec<String>,
 }
 
 /// Whether a failure is worth retrying elsewhere.
@@ -34,6 +62,8 @@ pub enum StepState {
     Ready,
     /// A worker was granted the step and is building it.
     Assigned(String),
+    /// A transient failure happened; the step is ready again after a delay.
+    Retrying,
     /// Outputs are valid.
     Built {
         /// The worker that built it.
@@ -50,17 +80,23 @@ pub enum StepState {
     },
 }
 
-/// Something the planner actor must publish or withdraw.
+/// Something the planner actor must publish, withdraw or schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Assert that the step is ready to be claimed.
-    Ready(String, StepInfo),
+    Ready(String, StepInfo, Urgency),
     /// Withdraw the step's ready assertion.
     Unready(String),
+    /// Assert that no connected worker can take the ready step, and why.
+    Unschedulable(String, String),
+    /// Withdraw the step's unschedulable assertion.
+    Schedulable(String),
     /// Assert that `worker` is building the step.
     Assign(String, String),
     /// Withdraw the step's assignment (the worker must stop building it).
     Unassign(String),
+    /// Call [`Schedule::retry`] for the step after this delay.
+    RetryAfter(String, Duration),
     /// Assert the step's successful outcome.
     Built {
         /// The step.
@@ -86,34 +122,43 @@ pub enum Effect {
 #[derive(Debug)]
 struct Step {
     info: StepInfo,
+    urgency: Urgency,
     demands: usize,
     state: StepState,
     attempts: u32,
     transient_reasons: Vec<String>,
 }
 
-/// The planner's table of demanded steps.
+/// The planner's table of demanded steps and connected workers.
 #[derive(Debug)]
 pub struct Schedule {
     steps: BTreeMap<String, Step>,
     /// input drv → steps that list it as an input.
     dependents: BTreeMap<String, BTreeSet<String>>,
+    workers: BTreeMap<String, WorkerOffer>,
+    /// Ready steps no connected worker can take.
+    unschedulable: BTreeSet<String>,
     max_attempts: u32,
+    retry_backoff: Duration,
 }
 
 impl Default for Schedule {
     fn default() -> Self {
-        Schedule::new(DEFAULT_MAX_ATTEMPTS)
+        Schedule::new(DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF)
     }
 }
 
 impl Schedule {
-    /// An empty schedule that tries each step at most `max_attempts` times.
-    pub fn new(max_attempts: u32) -> Schedule {
+    /// An empty schedule that tries each step at most `max_attempts` times,
+    /// waiting `retry_backoff` (doubling per attempt) after a transient failure.
+    pub fn new(max_attempts: u32, retry_backoff: Duration) -> Schedule {
         Schedule {
             steps: BTreeMap::new(),
             dependents: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            unschedulable: BTreeSet::new(),
             max_attempts: max_attempts.max(1),
+            retry_backoff,
         }
     }
 
@@ -133,10 +178,21 @@ impl Schedule {
     }
 
     /// A frontend demands `drv`.
-    pub fn demand(&mut self, drv: &str, info: StepInfo) -> Vec<Effect> {
+    pub fn demand(&mut self, drv: &str, info: StepInfo, urgency: Urgency) -> Vec<Effect> {
+        let mut effects = Vec::new();
         if let Some(step) = self.steps.get_mut(drv) {
             step.demands += 1;
-            return Vec::new();
+            let raised = Urgency {
+                priority: step.urgency.priority.max(urgency.priority),
+                depth: step.urgency.depth.max(urgency.depth),
+            };
+            if raised != step.urgency {
+                step.urgency = raised;
+                if step.state == StepState::Ready {
+                    effects.push(Effect::Ready(drv.to_owned(), step.info.clone(), raised));
+                }
+            }
+            return effects;
         }
         for input in &info.input_drvs {
             self.dependents
@@ -148,21 +204,18 @@ impl Schedule {
             drv.to_owned(),
             Step {
                 info,
+                urgency,
                 demands: 1,
                 state: StepState::Waiting,
                 attempts: 0,
                 transient_reasons: Vec::new(),
             },
         );
-        let mut effects = Vec::new();
         // Dependents that were ready because this input was not demanded
         // (and so taken to be valid) must wait for it after all.
         for dependent in self.dependents_of(drv) {
-            if let Some(d) = self.steps.get_mut(&dependent) {
-                if d.state == StepState::Ready {
-                    d.state = StepState::Waiting;
-                    effects.push(Effect::Unready(dependent));
-                }
+            if self.state(&dependent) == Some(&StepState::Ready) {
+                self.leave_ready(&dependent, StepState::Waiting, &mut effects);
             }
         }
         self.settle(drv, &mut effects);
@@ -179,6 +232,9 @@ impl Schedule {
         if step.demands > 0 {
             return effects;
         }
+        if step.state == StepState::Ready {
+            self.leave_ready(drv, StepState::Waiting, &mut effects);
+        }
         let Some(step) = self.steps.remove(drv) else {
             return effects;
         };
@@ -191,38 +247,47 @@ impl Schedule {
             }
         }
         match step.state {
-            StepState::Ready => effects.push(Effect::Unready(drv.to_owned())),
             StepState::Assigned(_) => effects.push(Effect::Unassign(drv.to_owned())),
             StepState::Built { .. } | StepState::Failed { .. } => {
                 effects.push(Effect::Forget(drv.to_owned()))
             }
-            StepState::Waiting => {}
+            StepState::Waiting | StepState::Ready | StepState::Retrying => {}
         }
         effects
     }
 
+    /// A worker connected (or changed what it offers).
+    pub fn worker_joined(&mut self, id: &str, offer: WorkerOffer) -> Vec<Effect> {
+        self.workers.insert(id.to_owned(), offer);
+        self.recheck_schedulability()
+    }
+
+    /// A worker disconnected.
+    pub fn worker_left(&mut self, id: &str) -> Vec<Effect> {
+        self.workers.remove(id);
+        self.recheck_schedulability()
+    }
+
     /// `worker` asks to build `drv`. Granted when the step is ready.
     pub fn claim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
-        let Some(step) = self.steps.get_mut(drv) else {
-            return Vec::new();
-        };
-        if step.state != StepState::Ready {
-            return Vec::new();
+        let mut effects = Vec::new();
+        if self.state(drv) != Some(&StepState::Ready) {
+            return effects;
         }
-        step.state = StepState::Assigned(worker.to_owned());
-        step.attempts += 1;
         // Assign before Unready: a worker that sees the step stop being ready
         // already knows whether it won.
-        vec![
-            Effect::Assign(drv.to_owned(), worker.to_owned()),
-            Effect::Unready(drv.to_owned()),
-        ]
+        effects.push(Effect::Assign(drv.to_owned(), worker.to_owned()));
+        self.leave_ready(drv, StepState::Assigned(worker.to_owned()), &mut effects);
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.attempts += 1;
+        }
+        effects
     }
 
     /// `worker` withdrew its claim on `drv`. If it was building the step and
     /// reported no outcome, the worker was lost: a transient failure.
     pub fn unclaim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
-        match self.steps.get(drv).map(|s| &s.state) {
+        match self.state(drv) {
             Some(StepState::Assigned(w)) if w == worker => {
                 let reason = format!("worker {worker} went away while building");
                 self.failed(drv, worker, &reason, FailureKind::Transient)
@@ -231,25 +296,33 @@ impl Schedule {
         }
     }
 
+    /// The retry delay of a transiently failed step is over.
+    pub fn retry(&mut self, drv: &str) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        if self.state(drv) == Some(&StepState::Retrying) {
+            self.enter_ready(drv, &mut effects);
+        }
+        effects
+    }
+
     /// `worker` built `drv`.
     pub fn built(&mut self, drv: &str, worker: &str, outputs: Vec<String>) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let Some(step) = self.steps.get_mut(drv) else {
-            return effects;
-        };
-        if matches!(step.state, StepState::Built { .. }) {
-            return effects;
-        }
-        if matches!(step.state, StepState::Assigned(_)) {
-            effects.push(Effect::Unassign(drv.to_owned()));
-        }
-        if step.state == StepState::Ready {
-            effects.push(Effect::Unready(drv.to_owned()));
-        }
-        step.state = StepState::Built {
+        let built = StepState::Built {
             worker: worker.to_owned(),
             outputs: outputs.clone(),
         };
+        match self.state(drv) {
+            None | Some(StepState::Built { .. }) => return effects,
+            Some(StepState::Assigned(_)) => effects.push(Effect::Unassign(drv.to_owned())),
+            Some(StepState::Ready) => {
+                self.leave_ready(drv, built.clone(), &mut effects);
+            }
+            Some(_) => {}
+        }
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.state = built;
+        }
         effects.push(Effect::Built {
             drv: drv.to_owned(),
             worker: worker.to_owned(),
@@ -270,7 +343,7 @@ impl Schedule {
         kind: FailureKind,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let max_attempts = self.max_attempts;
+        let (max_attempts, base) = (self.max_attempts, self.retry_backoff);
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
         };
@@ -279,23 +352,26 @@ impl Schedule {
             _ => return effects,
         }
         effects.push(Effect::Unassign(drv.to_owned()));
-        if kind == FailureKind::Transient {
-            step.transient_reasons
-                .push(format!("attempt {}: {reason}", step.attempts));
-            if step.attempts < max_attempts {
-                step.state = StepState::Ready;
-                effects.push(Effect::Ready(drv.to_owned(), step.info.clone()));
-                return effects;
-            }
-            let reason = format!(
-                "gave up after {} attempts: {}",
-                step.attempts,
-                step.transient_reasons.join("; ")
-            );
-            self.fail_for_good(drv, worker, reason, &mut effects);
-        } else {
+        if kind == FailureKind::Permanent {
             self.fail_for_good(drv, worker, reason.to_owned(), &mut effects);
+            return effects;
         }
+        step.transient_reasons
+            .push(format!("attempt {}: {reason}", step.attempts));
+        if step.attempts < max_attempts {
+            step.state = StepState::Retrying;
+            let delay = base
+                .saturating_mul(1 << (step.attempts - 1).min(16))
+                .min(MAX_RETRY_BACKOFF);
+            effects.push(Effect::RetryAfter(drv.to_owned(), delay));
+            return effects;
+        }
+        let reason = format!(
+            "gave up after {} attempts: {}",
+            step.attempts,
+            step.transient_reasons.join("; ")
+        );
+        self.fail_for_good(drv, worker, reason, &mut effects);
         effects
     }
 
@@ -306,18 +382,18 @@ impl Schedule {
         reason: String,
         effects: &mut Vec<Effect>,
     ) {
-        let Some(step) = self.steps.get_mut(drv) else {
-            return;
-        };
-        match step.state {
-            StepState::Ready => effects.push(Effect::Unready(drv.to_owned())),
-            StepState::Built { .. } | StepState::Failed { .. } => return,
-            StepState::Waiting | StepState::Assigned(_) => {}
-        }
-        step.state = StepState::Failed {
+        let failed = StepState::Failed {
             worker: worker.to_owned(),
             reason: reason.clone(),
         };
+        match self.state(drv) {
+            None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => return,
+            Some(StepState::Ready) => self.leave_ready(drv, failed.clone(), effects),
+            Some(_) => {}
+        }
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.state = failed;
+        }
         effects.push(Effect::Failed {
             drv: drv.to_owned(),
             worker: worker.to_owned(),
@@ -357,11 +433,79 @@ impl Schedule {
         if let Some(input) = failed_input {
             self.fail_for_good(drv, "", format!("dependency {input} failed"), effects);
         } else if all_built {
-            if let Some(step) = self.steps.get_mut(drv) {
-                step.state = StepState::Ready;
-                effects.push(Effect::Ready(drv.to_owned(), step.info.clone()));
+            self.enter_ready(drv, effects);
+        }
+    }
+
+    /// Make a step ready, noting whether any worker can take it.
+    fn enter_ready(&mut self, drv: &str, effects: &mut Vec<Effect>) {
+        let Some(step) = self.steps.get_mut(drv) else {
+            return;
+        };
+        step.state = StepState::Ready;
+        effects.push(Effect::Ready(
+            drv.to_owned(),
+            step.info.clone(),
+            step.urgency,
+        ));
+        if let Some(reason) = self.unschedulable_because(drv) {
+            self.unschedulable.insert(drv.to_owned());
+            effects.push(Effect::Unschedulable(drv.to_owned(), reason));
+        }
+    }
+
+    /// Move a ready step to `next`, withdrawing its readiness.
+    fn leave_ready(&mut self, drv: &str, next: StepState, effects: &mut Vec<Effect>) {
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.state = next;
+        }
+        effects.push(Effect::Unready(drv.to_owned()));
+        if self.unschedulable.remove(drv) {
+            effects.push(Effect::Schedulable(drv.to_owned()));
+        }
+    }
+
+    /// Why no connected worker can take the step, if none can.
+    fn unschedulable_because(&self, drv: &str) -> Option<String> {
+        let info = &self.steps.get(drv)?.info;
+        let mut mismatches = Vec::new();
+        for offer in self.workers.values() {
+            match mismatch(
+                &offer.systems,
+                &offer.features,
+                &info.system,
+                &info.features,
+            ) {
+                None => return None,
+                Some(m) => mismatches.push(m),
             }
         }
+        Some(unschedulable_reason(&mismatches, &info.system))
+    }
+
+    fn recheck_schedulability(&mut self) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let ready: Vec<String> = self
+            .steps
+            .iter()
+            .filter(|(_, s)| s.state == StepState::Ready)
+            .map(|(d, _)| d.clone())
+            .collect();
+        for drv in ready {
+            match self.unschedulable_because(&drv) {
+                None => {
+                    if self.unschedulable.remove(&drv) {
+                        effects.push(Effect::Schedulable(drv));
+                    }
+                }
+                Some(reason) => {
+                    if self.unschedulable.insert(drv.clone()) {
+                        effects.push(Effect::Unschedulable(drv, reason));
+                    }
+                }
+            }
+        }
+        effects
     }
 }
 
@@ -381,7 +525,7 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Ready(d, _) => Some(d.as_str()),
+                Effect::Ready(d, _, _) => Some(d.as_str()),
                 _ => None,
             })
             .collect()
@@ -390,9 +534,14 @@ mod tests {
     #[test]
     fn chain_becomes_ready_in_order() {
         let mut s = Schedule::default();
-        assert_eq!(readies(&s.demand("a", info(&[]))), vec!["a"]);
-        assert!(readies(&s.demand("b", info(&["a"]))).is_empty());
-        assert!(readies(&s.demand("c", info(&["b", "valid-elsewhere"]))).is_empty());
+        assert_eq!(
+            readies(&s.demand("a", info(&[]), Urgency::default())),
+            vec!["a"]
+        );
+        assert!(readies(&s.demand("b", info(&["a"]), Urgency::default())).is_empty());
+        assert!(
+            readies(&s.demand("c", info(&["b", "valid-elsewhere"]), Urgency::default())).is_empty()
+        );
         s.claim("a", "w1");
         assert_eq!(
             readies(&s.built("a", "w1", vec!["/out/a".into()])),
@@ -405,8 +554,11 @@ mod tests {
     #[test]
     fn late_input_demand_makes_a_ready_dependent_wait() {
         let mut s = Schedule::default();
-        assert_eq!(readies(&s.demand("b", info(&["a"]))), vec!["b"]);
-        let e = s.demand("a", info(&[]));
+        assert_eq!(
+            readies(&s.demand("b", info(&["a"]), Urgency::default())),
+            vec!["b"]
+        );
+        let e = s.demand("a", info(&[]), Urgency::default());
         assert!(e.contains(&Effect::Unready("b".into())), "{e:?}");
         assert_eq!(readies(&e), vec!["a"]);
         assert_eq!(s.state("b"), Some(&StepState::Waiting));
@@ -417,7 +569,7 @@ mod tests {
     #[test]
     fn only_one_claim_is_granted() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]));
+        s.demand("a", info(&[]), Urgency::default());
         let first = s.claim("a", "w1");
         assert!(first.contains(&Effect::Assign("a".into(), "w1".into())));
         assert!(s.claim("a", "w2").is_empty());
@@ -426,11 +578,20 @@ mod tests {
 
     #[test]
     fn lost_worker_is_retried_then_given_up() {
-        let mut s = Schedule::new(2);
-        s.demand("a", info(&[]));
+        let mut s = Schedule::new(2, Duration::from_secs(1));
+        s.demand("a", info(&[]), Urgency::default());
         s.claim("a", "w1");
         let e = s.unclaim("a", "w1");
-        assert_eq!(readies(&e), vec!["a"]);
+        assert!(
+            readies(&e).is_empty(),
+            "ready only after the back-off: {e:?}"
+        );
+        assert!(e.contains(&Effect::RetryAfter("a".into(), Duration::from_secs(1))));
+        assert!(
+            s.claim("a", "w2").is_empty(),
+            "not claimable while backing off"
+        );
+        assert_eq!(readies(&s.retry("a")), vec!["a"]);
         s.claim("a", "w2");
         let e = s.unclaim("a", "w2");
         let Some(Effect::Failed { reason, .. }) =
@@ -445,9 +606,9 @@ mod tests {
     #[test]
     fn permanent_failure_reaches_dependents() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]));
-        s.demand("b", info(&["a"]));
-        s.demand("c", info(&["b"]));
+        s.demand("a", info(&[]), Urgency::default());
+        s.demand("b", info(&["a"]), Urgency::default());
+        s.demand("c", info(&["b"]), Urgency::default());
         s.claim("a", "w1");
         let e = s.failed("a", "w1", "builder exited 1", FailureKind::Permanent);
         let failed: Vec<_> = e
@@ -466,7 +627,7 @@ mod tests {
             ]
         );
         // A late demand on a failed input fails at once.
-        let e = s.demand("d", info(&["a"]));
+        let e = s.demand("d", info(&["a"]), Urgency::default());
         assert!(e
             .iter()
             .any(|e| matches!(e, Effect::Failed { drv, .. } if drv == "d")));
@@ -475,8 +636,8 @@ mod tests {
     #[test]
     fn shared_step_survives_one_withdrawal() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]));
-        s.demand("a", info(&[]));
+        s.demand("a", info(&[]), Urgency::default());
+        s.demand("a", info(&[]), Urgency::default());
         s.claim("a", "w1");
         assert!(s.undemand("a").is_empty());
         assert_eq!(s.undemand("a"), vec![Effect::Unassign("a".into())]);
@@ -486,12 +647,116 @@ mod tests {
     #[test]
     fn stale_reports_are_ignored() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]));
+        s.demand("a", info(&[]), Urgency::default());
         s.claim("a", "w1");
         assert!(s
             .failed("a", "w2", "not mine", FailureKind::Permanent)
             .is_empty());
         assert!(s.unclaim("a", "w2").is_empty());
         assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    fn info(system: &str, features: &[&str]) -> StepInfo {
+        StepInfo {
+            system: system.into(),
+            features: features.iter().map(|s| s.to_string()).collect(),
+            input_drvs: vec![],
+        }
+    }
+
+    fn offer(features: &[&str]) -> WorkerOffer {
+        WorkerOffer {
+            systems: vec!["x86_64-linux".into()],
+            features: features.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn unschedulable_until_a_capable_worker_joins() {
+        let mut s = Schedule::default();
+        s.worker_joined("small", offer(&[]));
+        let e = s.demand(
+            "big-step",
+            info("x86_64-linux", &["big"]),
+            Urgency::default(),
+        );
+        assert!(
+            e.contains(&Effect::Unschedulable(
+                "big-step".into(),
+                "no worker for system x86_64-linux offers the required features: big".into()
+            )),
+            "{e:?}"
+        );
+        let e = s.demand("arm", info("aarch64-linux", &[]), Urgency::default());
+        assert!(
+            e.contains(&Effect::Unschedulable(
+                "arm".into(),
+                "no worker offers system aarch64-linux".into()
+            )),
+            "{e:?}"
+        );
+        let e = s.worker_joined("big", offer(&["big"]));
+        assert_eq!(e, vec![Effect::Schedulable("big-step".into())]);
+        let e = s.worker_left("big");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(matches!(&e[0], Effect::Unschedulable(d, _) if d == "big-step"));
+        // Claiming (or withdrawing) a step clears its unschedulable mark.
+        let e = s.undemand("arm");
+        assert!(e.contains(&Effect::Schedulable("arm".into())), "{e:?}");
+    }
+
+    #[test]
+    fn back_off_doubles_per_attempt() {
+        let mut s = Schedule::new(5, Duration::from_millis(100));
+        s.worker_joined("w", offer(&[]));
+        s.demand("a", info("x86_64-linux", &[]), Urgency::default());
+        let mut delays = Vec::new();
+        for _ in 0..3 {
+            s.claim("a", "w");
+            for e in s.unclaim("a", "w") {
+                if let Effect::RetryAfter(_, d) = e {
+                    delays.push(d.as_millis());
+                }
+            }
+            s.retry("a");
+        }
+        assert_eq!(delays, vec![100, 200, 400]);
+    }
+
+    #[test]
+    fn a_second_demand_can_raise_urgency() {
+        let mut s = Schedule::default();
+        s.demand(
+            "a",
+            info("x86_64-linux", &[]),
+            Urgency {
+                priority: 0,
+                depth: 1,
+            },
+        );
+        let e = s.demand(
+            "a",
+            info("x86_64-linux", &[]),
+            Urgency {
+                priority: 5,
+                depth: 0,
+            },
+        );
+        assert_eq!(
+            e,
+            vec![Effect::Ready(
+                "a".into(),
+                info("x86_64-linux", &[]),
+                Urgency {
+                    priority: 5,
+                    depth: 1
+                }
+            )]
+        );
     }
 }

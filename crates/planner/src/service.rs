@@ -8,7 +8,8 @@
 //! itself withdraws it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use nixspace_protocol::{build, on_retraction};
 use preserves_schema::Parse;
@@ -16,19 +17,25 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
-use crate::schedule::{Effect, FailureKind, Schedule, StepInfo};
+use crate::schedule::{Effect, FailureKind, Schedule, StepInfo, Urgency, WorkerOffer};
 
 /// What the planner's observers saw.
 #[derive(Debug)]
 pub enum Event {
     /// A demand for a step appeared.
-    Demand(String, StepInfo),
+    Demand(String, StepInfo, Urgency),
     /// A demand for a step went away.
     Undemand(String),
     /// A worker claimed a step.
     Claim(String, String),
     /// A worker's claim went away.
     Unclaim(String, String),
+    /// A worker connected.
+    WorkerJoined(String, WorkerOffer),
+    /// A worker disconnected.
+    WorkerLeft(String),
+    /// A step's retry delay is over.
+    Retry(String),
     /// A worker reported a step built.
     Built(String, String, Vec<String>),
     /// A worker reported a step failed.
@@ -38,8 +45,11 @@ pub enum Event {
 /// The planner entity: the schedule and the handles of what it asserted.
 struct Planner {
     ds: Arc<Cap>,
+    /// This entity's own reference, for timers that call back into it.
+    me: Arc<OnceLock<Weak<Ref<Event>>>>,
     schedule: Schedule,
     ready: HashMap<String, Handle>,
+    unschedulable: HashMap<String, Handle>,
     assigned: HashMap<String, Handle>,
     outcomes: HashMap<String, Handle>,
 }
@@ -49,7 +59,10 @@ impl Entity<Event> for Planner {
         tracing::debug!(?event);
         let s = &mut self.schedule;
         let effects = match event {
-            Event::Demand(drv, info) => s.demand(&drv, info),
+            Event::Demand(drv, info, urgency) => s.demand(&drv, info, urgency),
+            Event::WorkerJoined(id, offer) => s.worker_joined(&id, offer),
+            Event::WorkerLeft(id) => s.worker_left(&id),
+            Event::Retry(drv) => s.retry(&drv),
             Event::Undemand(drv) => s.undemand(&drv),
             Event::Claim(drv, worker) => s.claim(&drv, &worker),
             Event::Unclaim(drv, worker) => s.unclaim(&drv, &worker),
@@ -66,17 +79,30 @@ impl Planner {
         for effect in effects {
             tracing::debug!(?effect);
             match effect {
-                Effect::Ready(drv, info) => {
-                    let h = self.ds.assert(
-                        t,
-                        &build::Ready {
-                            drv: drv.clone(),
-                            step: to_wire(&info),
-                        },
-                    );
+                Effect::Ready(drv, info, urgency) => {
+                    let ready = build::Ready {
+                        drv: drv.clone(),
+                        step: to_wire(&info),
+                        priority: urgency.priority.into(),
+                        depth: (urgency.depth as i64).into(),
+                    };
+                    let h = self.ds.assert(t, &ready);
                     replace(t, &mut self.ready, drv, h);
                 }
                 Effect::Unready(drv) => retract(t, &mut self.ready, &drv),
+                Effect::Unschedulable(drv, reason) => {
+                    tracing::warn!(%drv, %reason, "unschedulable");
+                    let h = self.ds.assert(
+                        t,
+                        &build::Unschedulable {
+                            drv: drv.clone(),
+                            reason,
+                        },
+                    );
+                    replace(t, &mut self.unschedulable, drv, h);
+                }
+                Effect::Schedulable(drv) => retract(t, &mut self.unschedulable, &drv),
+                Effect::RetryAfter(drv, delay) => self.retry_after(t, drv, delay),
                 Effect::Assign(drv, worker) => {
                     tracing::info!(%drv, %worker, "assigned");
                     let h = self.ds.assert(
@@ -126,6 +152,19 @@ impl Planner {
     }
 }
 
+impl Planner {
+    fn retry_after(&self, t: &mut Activation, drv: String, delay: Duration) {
+        tracing::info!(%drv, ?delay, "retrying after a transient failure");
+        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        t.after(delay, move |t| {
+            t.message(&me, Event::Retry(drv));
+            Ok(())
+        });
+    }
+}
+
 fn replace(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: String, h: Option<Handle>) {
     let old = match h {
         Some(h) => map.insert(drv, h),
@@ -166,23 +205,42 @@ fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
     }
 }
 
-/// Start the planner as its own actor on `ds`, retrying a step whose worker
-/// vanished at most `max_attempts` times.
-pub fn start(t: &mut Activation, ds: Arc<Cap>, max_attempts: u32) {
+/// Start the planner as its own actor on `ds`. A step whose worker vanished
+/// is retried after `retry_backoff` (doubling per attempt), at most
+/// `max_attempts` times in all.
+pub fn start(t: &mut Activation, ds: Arc<Cap>, max_attempts: u32, retry_backoff: Duration) {
     t.spawn(Some(AnyValue::symbol("planner")), move |t| {
+        let me = Arc::new(OnceLock::new());
         let planner: Arc<Ref<Event>> = t.create_ref(Planner {
             ds: Arc::clone(&ds),
-            schedule: Schedule::new(max_attempts),
+            me: Arc::clone(&me),
+            schedule: Schedule::new(max_attempts, retry_backoff),
             ready: HashMap::new(),
+            unschedulable: HashMap::new(),
             assigned: HashMap::new(),
             outcomes: HashMap::new(),
         });
+        let _ = me.set(Arc::downgrade(&planner));
 
-        enclose!((planner) during!(t, ds, <demand $drv: String $step: build::StepInfo _ _>,
+        enclose!((planner) during!(t, ds, <demand $drv: String $step: build::StepInfo _ $priority: i64 $depth: u64>,
             |t: &mut Activation| {
-                t.message(&planner, Event::Demand(drv.clone(), from_wire(step.clone())));
+                let urgency = Urgency { priority, depth };
+                t.message(&planner, Event::Demand(drv.clone(), from_wire(step.clone()), urgency));
                 on_retraction(t, enclose!((planner, drv) move |t| {
                     t.message(&planner, Event::Undemand(drv));
+                    Ok(())
+                }));
+                Ok(())
+            }));
+
+        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> _ _>,
+            |t: &mut Activation| {
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone() };
+                tracing::info!(worker = %id, ?offer, "worker joined");
+                t.message(&planner, Event::WorkerJoined(id.clone(), offer));
+                on_retraction(t, enclose!((planner, id) move |t| {
+                    tracing::info!(worker = %id, "worker left");
+                    t.message(&planner, Event::WorkerLeft(id));
                     Ok(())
                 }));
                 Ok(())

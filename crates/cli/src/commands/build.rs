@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_nix_tools::DerivationInfo;
-use nixspace_protocol::build;
+use nixspace_protocol::{build, on_retraction};
 use nixspace_space::Role;
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
@@ -46,6 +46,11 @@ pub struct BuildArgs {
     /// Show build logs as they arrive.
     #[arg(short = 'L', long)]
     print_build_logs: bool,
+
+    /// How long a step may wait for a worker able to build it (right system
+    /// and features) before the build fails as unschedulable, in seconds.
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    wait_for_workers: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +63,10 @@ enum Status {
 struct Session {
     steps: BTreeMap<String, Status>,
     running: BTreeMap<String, String>,
+    /// Steps no connected worker can take, with the planner's reason.
+    unschedulable: BTreeMap<String, String>,
+    /// Set when the build cannot finish (a step stayed unschedulable).
+    stuck: bool,
     logs: HashMap<String, VecDeque<String>>,
     progress: Progress,
     finished: Option<tokio::sync::oneshot::Sender<()>>,
@@ -89,9 +98,13 @@ impl Session {
         self.running.remove(drv);
         self.progress.update(self.done(), &self.running);
         if self.done() == self.steps.len() {
-            if let Some(tx) = self.finished.take() {
-                let _ = tx.send(());
-            }
+            self.finish();
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(tx) = self.finished.take() {
+            let _ = tx.send(());
         }
     }
 }
@@ -140,11 +153,15 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             .map(|d| (d.clone(), Status::Pending))
             .collect(),
         running: BTreeMap::new(),
+        unschedulable: BTreeMap::new(),
+        stuck: false,
         logs: HashMap::new(),
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
     }));
-    let demands: Vec<build::Demand> = inputs_first(&needed)
+    let order = inputs_first(&needed);
+    let depths = depths(&order);
+    let demands: Vec<build::Demand> = order
         .into_iter()
         .map(|(drv, info)| build::Demand {
             drv: drv.clone(),
@@ -155,12 +172,15 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             },
             requester: format!("nixspace-build-{}", std::process::id()),
             priority: args.priority.into(),
+            depth: (depths.get(drv.as_str()).copied().unwrap_or(0) as i64).into(),
         })
         .collect();
+    let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
+        .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let actor = nixspace_space::join::join(
         &route,
         enclose!((session) move |t: &mut Activation, ds| {
-            observe(t, &ds, &session);
+            observe(t, &ds, &session, patience);
             for d in &demands {
                 ds.assert(t, d);
             }
@@ -220,8 +240,56 @@ fn inputs_first<'a>(
     order
 }
 
+/// How many demanded steps wait on each step, at most, in a chain: steps in
+/// `order` come after their inputs, so walking it backwards sees every
+/// dependent before its inputs.
+fn depths<'a>(order: &[(&'a String, &'a DerivationInfo)]) -> HashMap<&'a str, u64> {
+    let mut depth: HashMap<&str, u64> = order.iter().map(|(d, _)| (d.as_str(), 0)).collect();
+    for (drv, info) in order.iter().rev() {
+        let mine = depth.get(drv.as_str()).copied().unwrap_or(0);
+        for input in &info.input_drvs {
+            if let Some(d) = depth.get_mut(input.as_str()) {
+                *d = (*d).max(mine + 1);
+            }
+        }
+    }
+    depth
+}
+
 /// Register the observers that keep the session up to date.
-fn observe(t: &mut Activation, ds: &Arc<syndicate::actor::Cap>, session: &Shared) {
+fn observe(
+    t: &mut Activation,
+    ds: &Arc<syndicate::actor::Cap>,
+    session: &Shared,
+    patience: std::time::Duration,
+) {
+    enclose!((session) during!(t, ds, <unschedulable $drv: String $reason: String>,
+    |t: &mut Activation| {
+        let ours = with(&session, |s| {
+            if !s.steps.contains_key(&drv) {
+                return false;
+            }
+            s.progress.event(&format!(
+                "waiting for a worker for {}: {reason}",
+                short_name(&drv)
+            ));
+            s.unschedulable.insert(drv.clone(), reason.clone());
+            true
+        })?;
+        if ours {
+            // Still unschedulable after the grace period: give up.
+            t.after(patience, enclose!((session, drv) move |_t| with(&session, |s| {
+                if s.unschedulable.contains_key(&drv) {
+                    s.stuck = true;
+                    s.finish();
+                }
+            })));
+            on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
+                s.unschedulable.remove(&drv);
+            })));
+        }
+        Ok(())
+    }));
     enclose!((session) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
     |_t: &mut Activation| {
         with(&session, |s| s.settle(&drv, Status::Built(outputs.clone())))
@@ -239,7 +307,7 @@ fn observe(t: &mut Activation, ds: &Arc<syndicate::actor::Cap>, session: &Shared
                 s.progress.update(s.done(), &s.running);
             }
         })?;
-        nixspace_protocol::on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
+        on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
             s.running.remove(&drv);
             s.progress.update(s.done(), &s.running);
         })));
@@ -314,6 +382,16 @@ fn report(
             Status::Failed { worker, reason } => failures.push((drv, worker, reason)),
             Status::Pending => {}
         }
+    }
+    if s.stuck {
+        for (drv, reason) in &s.unschedulable {
+            eprintln!("error: {} is unschedulable: {reason}", short_name(drv));
+        }
+        eprintln!(
+            "nixspace: the build cannot finish: no connected worker can take {} step(s); start a worker that can, or raise --wait-for-workers",
+            s.unschedulable.len()
+        );
+        return Ok(ExitCode::FAILURE);
     }
     if failures.is_empty() {
         print_outputs(roots, infos, &built);

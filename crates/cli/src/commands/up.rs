@@ -34,6 +34,11 @@ pub struct UpArgs {
     /// How many times a step is tried when its worker goes away.
     #[arg(long, default_value_t = nixspace_planner::DEFAULT_MAX_ATTEMPTS, value_name = "N")]
     max_attempts: u32,
+
+    /// Delay before retrying a step whose worker went away, in seconds;
+    /// doubles with every attempt.
+    #[arg(long, default_value_t = nixspace_planner::DEFAULT_RETRY_BACKOFF.as_secs_f64(), value_name = "SECONDS")]
+    retry_backoff: f64,
 }
 
 /// Run `nixspace up`.
@@ -51,10 +56,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let transports = listeners.transports();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let max_attempts = args.max_attempts;
+    let retry_backoff = std::time::Duration::try_from_secs_f64(args.retry_backoff)
+        .map_err(|e| anyhow::anyhow!("--retry-backoff {}: {e}", args.retry_backoff))?;
     let _actor = Actor::top(None, move |t| {
         let hosted = HostedSpace::start(t, &config, listeners);
         let ok = hosted.as_ref().ok().map(|h| {
-            nixspace_planner::service::start(t, h.dataspace.clone(), max_attempts);
+            nixspace_planner::service::start(t, h.dataspace.clone(), max_attempts, retry_backoff);
             h.routes
                 .values()
                 .map(|(_, p)| p.clone())

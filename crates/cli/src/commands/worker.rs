@@ -2,9 +2,13 @@
 
 use std::process::ExitCode;
 
+use std::sync::{Arc, Mutex};
+
 use clap::Args;
 use nixspace_space::Role;
-use nixspace_workers::BuilderConfig;
+use nixspace_workers::{BuilderConfig, DrainDone, Event};
+use syndicate::actor::{Account, AnyValue};
+use syndicate::enclose;
 
 use super::JoinArgs;
 
@@ -13,7 +17,9 @@ use super::JoinArgs;
 /// Announces what this machine can build, pulls ready steps while it has free
 /// slots, builds them with the local Nix (`nix-store --realise`, after
 /// checking every input is valid), streams their logs and reports outcomes.
-/// Stops on Ctrl-C or SIGTERM; its unfinished steps go back to the queue.
+/// On Ctrl-C or SIGTERM it drains: takes no new steps and leaves once its
+/// running builds are finished; a second signal leaves at once (unfinished
+/// steps go back to the queue).
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
     #[command(flatten)]
@@ -76,14 +82,47 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         config.max_jobs,
         config.speed
     );
-    let actor =
-        nixspace_space::join::join(&route, move |t, ds| nixspace_workers::start(t, ds, config))
-            .await?;
+    let handle = Arc::new(Mutex::new(None));
+    let actor = nixspace_space::join::join(
+        &route,
+        enclose!((handle) move |t, ds| {
+            let builder = nixspace_workers::start(t, ds, config)?;
+            if let Ok(mut h) = handle.lock() {
+                *h = Some((t.facet_ref(), builder));
+            }
+            Ok(())
+        }),
+    )
+    .await?;
     eprintln!("nixspace: worker {id} joined ({summary})");
+    tokio::pin!(actor);
     tokio::select! {
+        r = super::shutdown_signal() => r?,
+        end = &mut actor => {
+            anyhow::bail!("worker {id} lost the dataspace: {}", super::describe_end(end))
+        }
+    }
+    // Leave gracefully: finish the running builds, take nothing new.
+    let (done, drained) = DrainDone::new();
+    let builder = handle.lock().ok().and_then(|mut h| h.take());
+    if let Some((facet, builder)) = builder {
+        let account = Account::new(Some(AnyValue::symbol("drain")), None);
+        facet.activate(&account, None, |t| {
+            t.message(&builder, Event::Drain(done));
+            Ok(())
+        });
+    }
+    eprintln!(
+        "nixspace: worker {id} draining: finishing its running builds (signal again to leave now)"
+    );
+    tokio::select! {
+        _ = drained => {
+            eprintln!("nixspace: worker {id} left after finishing its builds");
+            Ok(ExitCode::SUCCESS)
+        }
         r = super::shutdown_signal() => {
             r?;
-            eprintln!("nixspace: worker {id} leaving; its unfinished steps return to the queue");
+            eprintln!("nixspace: worker {id} leaving now; its unfinished steps return to the queue");
             Ok(ExitCode::SUCCESS)
         }
         end = actor => {

@@ -1,0 +1,460 @@
+//! [`DaemonClient`]: a worker-protocol client over any `AsyncRead`/`AsyncWrite` pair — a
+//! unix socket ([`DaemonClient::connect`]) or a child's stdio ([`DaemonClient::from_child`],
+//! for `nix-daemon --stdio`).
+//!
+//! Errors are classified: [`ClientError::Daemon`] (the daemon refused the operation with
+//! `STDERR_ERROR`) and requests that cannot be encoded at the negotiated version leave the
+//! connection usable; every other error may have left the stream out of step, so the client
+//! poisons itself and refuses further operations with [`ClientError::Poisoned`].
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+use crate::framed::{self, FramedError};
+use crate::handshake::{self, HandshakeError, HandshakeInfo};
+use crate::nar_copy::{self, NarCopyError};
+use crate::ops::Request;
+use crate::stderr::{DaemonError, DiscardLogs, LogSink, StderrFrame};
+use crate::store_path::StorePath;
+use crate::types::{
+    BasicDerivation, BuildMode, BuildResult, ClientSettings, DerivedPath, PathInfo, ValidPathInfo,
+};
+use crate::version::{
+    ProtocolVersion, ADD_TO_STORE_NAR_FRAMED, MAX_SUPPORTED, QUERY_PATH_INFO_VALID_FLAG,
+};
+use crate::wire::{NixDeserialize, NixReader, NixWriter, WireError};
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting to the socket failed.
+    #[error("cannot connect to the Nix daemon at {path}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The child process was not started with piped stdin and stdout.
+    #[error("the child's stdin and stdout must be piped")]
+    ChildStdio,
+    /// The handshake failed.
+    #[error("handshake with the Nix daemon failed")]
+    Handshake(#[from] HandshakeError),
+    /// The daemon reported an error for this operation; the connection remains usable.
+    #[error("the Nix daemon reported an error: {0}")]
+    Daemon(#[from] DaemonError),
+    /// A request could not be encoded at the negotiated version; nothing was sent.
+    #[error("request cannot be sent at the negotiated protocol version")]
+    Unencodable(#[source] WireError),
+    /// Reading, writing or decoding the connection failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// Reading the caller's data source failed.
+    #[error("reading the data to send for {what} failed")]
+    Source {
+        /// The operation.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon asked for more data than the caller's source held.
+    #[error("the daemon wanted more data than the source held")]
+    SourceExhausted,
+    /// Writing to the caller's sink failed.
+    #[error("writing the received data for {what} failed")]
+    Sink {
+        /// The operation.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The NAR the daemon sent is not a NAR.
+    #[error("the daemon sent a malformed NAR: {0}")]
+    MalformedNar(&'static str),
+    /// An earlier error left the connection unusable.
+    #[error("the connection is unusable after an earlier protocol error")]
+    Poisoned,
+}
+
+impl ClientError {
+    /// Whether the connection is still in step after this error.
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, ClientError::Daemon(_) | ClientError::Unencodable(_))
+    }
+}
+
+impl From<NarCopyError> for ClientError {
+    fn from(e: NarCopyError) -> Self {
+        match e {
+            NarCopyError::Wire(w) => ClientError::Wire(w),
+            NarCopyError::Sink(source) => ClientError::Sink {
+                what: "NarFromPath",
+                source,
+            },
+            NarCopyError::Malformed(m) => ClientError::MalformedNar(m),
+        }
+    }
+}
+
+/// A connection to a Nix daemon.
+pub struct DaemonClient<R, W: AsyncWrite> {
+    reader: NixReader<R>,
+    writer: NixWriter<W>,
+    info: HandshakeInfo,
+    logs: Box<dyn LogSink + Send>,
+    poisoned: bool,
+}
+
+impl<R, W: AsyncWrite> std::fmt::Debug for DaemonClient<R, W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonClient")
+            .field("info", &self.info)
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaemonClient<OwnedReadHalf, OwnedWriteHalf> {
+    /// Connects to a daemon socket and runs the handshake.
+    pub async fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
+        let (r, w) = stream.into_split();
+        Self::handshake(r, w).await
+    }
+}
+
+impl DaemonClient<ChildStdout, ChildStdin> {
+    /// Takes the piped stdin/stdout of a `nix-daemon --stdio` child and runs the handshake.
+    pub async fn from_child(child: &mut Child) -> Result<Self, ClientError> {
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(ClientError::ChildStdio);
+        };
+        Self::handshake(stdout, stdin).await
+    }
+}
+
+impl<R, W> DaemonClient<R, W>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    /// Runs the handshake offering [`MAX_SUPPORTED`] and no features.
+    pub async fn handshake(read: R, write: W) -> Result<Self, ClientError> {
+        Self::handshake_with(read, write, MAX_SUPPORTED, &BTreeSet::new()).await
+    }
+
+    /// Runs the handshake offering `version` and `features`.
+    pub async fn handshake_with(
+        read: R,
+        write: W,
+        version: ProtocolVersion,
+        features: &BTreeSet<String>,
+    ) -> Result<Self, ClientError> {
+        let mut reader = NixReader::new(read, version);
+        let mut writer = NixWriter::new(write, version);
+        let mut logs: Box<dyn LogSink + Send> = Box::new(DiscardLogs);
+        let info =
+            handshake::client_handshake(&mut reader, &mut writer, version, features, &mut *logs)
+                .await?;
+        Ok(Self {
+            reader,
+            writer,
+            info,
+            logs,
+            poisoned: false,
+        })
+    }
+
+    /// What the handshake established.
+    pub fn info(&self) -> &HandshakeInfo {
+        &self.info
+    }
+
+    /// The negotiated version.
+    pub fn version(&self) -> ProtocolVersion {
+        self.info.version
+    }
+
+    /// Sets where log frames of operations without their own log callback go (default:
+    /// discarded).
+    pub fn set_log_sink(&mut self, logs: Box<dyn LogSink + Send>) {
+        self.logs = logs;
+    }
+
+    fn track<T>(&mut self, res: Result<T, ClientError>) -> Result<T, ClientError> {
+        if let Err(e) = &res {
+            if !e.is_recoverable() {
+                self.poisoned = true;
+            }
+        }
+        res
+    }
+
+    /// Encodes `req` completely before sending anything, so that an unencodable request
+    /// leaves the connection untouched.
+    async fn send(&mut self, req: &Request) -> Result<(), ClientError> {
+        if self.poisoned {
+            return Err(ClientError::Poisoned);
+        }
+        let mut scratch = NixWriter::new(Vec::new(), self.writer.version());
+        req.write(&mut scratch)
+            .await
+            .map_err(ClientError::Unencodable)?;
+        scratch.flush().await.map_err(ClientError::Unencodable)?;
+        let bytes = scratch.into_inner();
+        self.writer.write_raw(&bytes, "request").await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Reads stderr frames until `LAST`, answering `READ` from `source` if given.
+    async fn process_stderr<L>(
+        reader: &mut NixReader<R>,
+        writer: &mut NixWriter<W>,
+        logs: &mut L,
+        mut source: Option<&mut (dyn AsyncRead + Unpin + Send)>,
+    ) -> Result<(), ClientError>
+    where
+        L: LogSink + ?Sized + Send,
+    {
+        loop {
+            match StderrFrame::read_from(reader).await? {
+                StderrFrame::Log(event) => logs.log(event),
+                StderrFrame::Last => return Ok(()),
+                StderrFrame::Error(e) => return Err(ClientError::Daemon(e)),
+                StderrFrame::Read(len) => {
+                    let Some(src) = source.as_deref_mut() else {
+                        return Err(WireError::UnexpectedStderrFrame { tag: "STDERR_READ" }.into());
+                    };
+                    let want = len.min(reader.limits().max_bytes).min(1 << 20) as usize;
+                    let mut buf = vec![0u8; want];
+                    let n = src
+                        .read(&mut buf)
+                        .await
+                        .map_err(|source| ClientError::Source {
+                            what: "AddToStoreNar",
+                            source,
+                        })?;
+                    if n == 0 && want > 0 {
+                        return Err(ClientError::SourceExhausted);
+                    }
+                    writer.write_bytes(&buf[..n], "read reply").await?;
+                    writer.flush().await?;
+                }
+                StderrFrame::Write(_) => {
+                    return Err(WireError::UnexpectedStderrFrame {
+                        tag: "STDERR_WRITE",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    /// Sends `req` and processes stderr with the client's own log sink.
+    async fn simple(&mut self, req: &Request) -> Result<(), ClientError> {
+        self.send(req).await?;
+        Self::process_stderr(&mut self.reader, &mut self.writer, &mut *self.logs, None).await
+    }
+
+    /// `SetOptions`.
+    pub async fn set_options(&mut self, settings: &ClientSettings) -> Result<(), ClientError> {
+        let res = self.simple(&Request::SetOptions(settings.clone())).await;
+        self.track(res)
+    }
+
+    /// `IsValidPath`.
+    pub async fn is_valid_path(&mut self, path: &StorePath) -> Result<bool, ClientError> {
+        let res = async {
+            self.simple(&Request::IsValidPath(path.clone())).await?;
+            Ok(self.reader.read_bool("IsValidPath reply").await?)
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `QueryValidPaths`: which of `paths` are valid (substituting first if `substitute`).
+    pub async fn query_valid_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+        substitute: bool,
+    ) -> Result<BTreeSet<StorePath>, ClientError> {
+        let res = async {
+            self.simple(&Request::QueryValidPaths {
+                paths: paths.clone(),
+                substitute,
+            })
+            .await?;
+            Ok(self
+                .reader
+                .read_store_path_set("QueryValidPaths reply")
+                .await?)
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `QueryPathInfo`: `None` if the path is not valid.
+    pub async fn query_path_info(
+        &mut self,
+        path: &StorePath,
+    ) -> Result<Option<PathInfo>, ClientError> {
+        let res = async {
+            self.simple(&Request::QueryPathInfo(path.clone())).await?;
+            if self.reader.version() >= QUERY_PATH_INFO_VALID_FLAG
+                && !self.reader.read_bool("QueryPathInfo valid").await?
+            {
+                return Ok(None);
+            }
+            Ok(Some(PathInfo::read_from(&mut self.reader).await?))
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `NarFromPath`: streams the path's NAR into `out`; returns its size.
+    pub async fn nar_from_path<O>(
+        &mut self,
+        path: &StorePath,
+        out: &mut O,
+    ) -> Result<u64, ClientError>
+    where
+        O: AsyncWrite + Unpin + Send + ?Sized,
+    {
+        let res = async {
+            self.simple(&Request::NarFromPath(path.clone())).await?;
+            Ok(nar_copy::copy_nar(&mut self.reader, out).await?)
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `AddToStoreNar`: adds `info.path` from the NAR read from `nar` (framed from 1.23,
+    /// pulled through `STDERR_READ` before). Log frames go to the client's log sink.
+    pub async fn add_to_store_nar<S>(
+        &mut self,
+        info: &ValidPathInfo,
+        nar: &mut S,
+        repair: bool,
+        dont_check_sigs: bool,
+    ) -> Result<(), ClientError>
+    where
+        S: AsyncRead + Unpin + Send,
+    {
+        let res = async {
+            self.send(&Request::AddToStoreNar {
+                info: info.clone(),
+                repair,
+                dont_check_sigs,
+            })
+            .await?;
+            let (reader, writer, logs) = (&mut self.reader, &mut self.writer, &mut self.logs);
+            if writer.version() < ADD_TO_STORE_NAR_FRAMED {
+                return Self::process_stderr(reader, writer, &mut **logs, Some(nar)).await;
+            }
+            // The daemon may log while it reads, so read stderr while writing the frames.
+            let write = async {
+                framed::write_framed(writer, nar)
+                    .await
+                    .map_err(|e| match e {
+                        FramedError::Source(source) => ClientError::Source {
+                            what: "AddToStoreNar",
+                            source,
+                        },
+                        FramedError::Wire(w) => ClientError::Wire(w),
+                    })
+            };
+            let read = async {
+                loop {
+                    match StderrFrame::read_from(reader).await? {
+                        StderrFrame::Log(event) => logs.log(event),
+                        StderrFrame::Last => return Ok(()),
+                        StderrFrame::Error(e) => return Err(ClientError::Daemon(e)),
+                        StderrFrame::Read(_) => {
+                            return Err(
+                                WireError::UnexpectedStderrFrame { tag: "STDERR_READ" }.into()
+                            )
+                        }
+                        StderrFrame::Write(_) => {
+                            return Err(WireError::UnexpectedStderrFrame {
+                                tag: "STDERR_WRITE",
+                            }
+                            .into())
+                        }
+                    }
+                }
+            };
+            let (written, read) = tokio::join!(write, read);
+            // A write failure desynchronises the stream even if the daemon answered.
+            written?;
+            read
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `BuildDerivation`: builds `drv` (named by `drv_path`), passing log frames to `logs`.
+    pub async fn build_derivation<L>(
+        &mut self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        mode: BuildMode,
+        logs: &mut L,
+    ) -> Result<BuildResult, ClientError>
+    where
+        L: LogSink + Send + ?Sized,
+    {
+        let res = async {
+            self.send(&Request::BuildDerivation {
+                drv_path: drv_path.clone(),
+                drv: drv.clone(),
+                mode,
+            })
+            .await?;
+            Self::process_stderr(&mut self.reader, &mut self.writer, logs, None).await?;
+            Ok(BuildResult::read_from(&mut self.reader).await?)
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `BuildPaths`: builds or substitutes `paths`, passing log frames to `logs`.
+    pub async fn build_paths<L>(
+        &mut self,
+        paths: &[DerivedPath],
+        mode: BuildMode,
+        logs: &mut L,
+    ) -> Result<(), ClientError>
+    where
+        L: LogSink + Send + ?Sized,
+    {
+        let res = async {
+            self.send(&Request::BuildPaths {
+                paths: paths.to_vec(),
+                mode,
+            })
+            .await?;
+            Self::process_stderr(&mut self.reader, &mut self.writer, logs, None).await?;
+            self.reader.read_u64("BuildPaths reply").await?;
+            Ok(())
+        }
+        .await;
+        self.track(res)
+    }
+}

@@ -1,0 +1,401 @@
+//! Operation numbers and request bodies.
+//!
+//! [`Opcode`] lists every operation number Nix has assigned (including obsolete and removed
+//! ones, so that a server can name what it refuses). [`Request`] models the bodies of the
+//! operations this crate's client sends; [`Request::read`] lets a server decode them and
+//! [`Request::write`] is what the client uses, so both sides share one codec. Data that
+//! follows a request body (the NAR of `AddToStoreNar`, the framed stream of
+//! `AddMultipleToStore`) is not part of the request: see [`crate::framed`].
+
+use std::collections::BTreeSet;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::store_path::StorePath;
+use crate::types::{BasicDerivation, BuildMode, ClientSettings, DerivedPath, ValidPathInfo};
+use crate::version::{
+    ProtocolVersion, ADD_MULTIPLE_TO_STORE, BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE,
+};
+use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
+
+/// A number read where an opcode was expected that names no Nix operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown worker operation {0}")]
+pub struct UnknownOpcode(pub u64);
+
+macro_rules! opcodes {
+    ($( $(#[$doc:meta])* $name:ident = $num:literal, )*) => {
+        /// A worker-protocol operation, numbered as in Nix's `worker-protocol.hh`.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u64)]
+        pub enum Opcode {
+            $( $(#[$doc])* $name = $num, )*
+        }
+
+        impl TryFrom<u64> for Opcode {
+            type Error = UnknownOpcode;
+            fn try_from(n: u64) -> Result<Self, UnknownOpcode> {
+                match n {
+                    $( $num => Ok(Opcode::$name), )*
+                    other => Err(UnknownOpcode(other)),
+                }
+            }
+        }
+
+        impl Opcode {
+            /// Every opcode, in numeric order.
+            pub const ALL: &'static [Opcode] = &[$( Opcode::$name, )*];
+        }
+    };
+}
+
+opcodes! {
+    /// Is a path valid? path → bool.
+    IsValidPath = 1,
+    /// Obsolete (removed in later Nix).
+    HasSubstitutes = 3,
+    /// Obsolete.
+    QueryPathHash = 4,
+    /// Obsolete.
+    QueryReferences = 5,
+    /// Paths referring to a path.
+    QueryReferrers = 6,
+    /// Add a path from a dump (content-addressed).
+    AddToStore = 7,
+    /// Obsolete since 1.25 (use AddToStore).
+    AddTextToStore = 8,
+    /// Build derived paths.
+    BuildPaths = 9,
+    /// Make a path valid (substitute it).
+    EnsurePath = 10,
+    /// Add a temporary GC root.
+    AddTempRoot = 11,
+    /// Add an indirect GC root.
+    AddIndirectRoot = 12,
+    /// Obsolete no-op.
+    SyncWithGC = 13,
+    /// List GC roots.
+    FindRoots = 14,
+    /// Obsolete.
+    ExportPath = 16,
+    /// Obsolete.
+    QueryDeriver = 18,
+    /// Send client settings.
+    SetOptions = 19,
+    /// Run the garbage collector.
+    CollectGarbage = 20,
+    /// Substitutable path info (single).
+    QuerySubstitutablePathInfo = 21,
+    /// Obsolete.
+    QueryDerivationOutputs = 22,
+    /// All valid paths.
+    QueryAllValidPaths = 23,
+    /// Obsolete.
+    QueryFailedPaths = 24,
+    /// Obsolete.
+    ClearFailedPaths = 25,
+    /// Path info of a path.
+    QueryPathInfo = 26,
+    /// Obsolete.
+    ImportPaths = 27,
+    /// Obsolete.
+    QueryDerivationOutputNames = 28,
+    /// Find a path by its hash part.
+    QueryPathFromHashPart = 29,
+    /// Substitutable path infos (many).
+    QuerySubstitutablePathInfos = 30,
+    /// Which of these paths are valid.
+    QueryValidPaths = 31,
+    /// Which of these paths are substitutable.
+    QuerySubstitutablePaths = 32,
+    /// Valid derivers of a path.
+    QueryValidDerivers = 33,
+    /// Deduplicate the store.
+    OptimiseStore = 34,
+    /// Verify the store.
+    VerifyStore = 35,
+    /// Build a derivation sent inline.
+    BuildDerivation = 36,
+    /// Add signatures to a path.
+    AddSignatures = 37,
+    /// Dump a path as a NAR.
+    NarFromPath = 38,
+    /// Add a path from a NAR with its path info.
+    AddToStoreNar = 39,
+    /// What would be built/substituted.
+    QueryMissing = 40,
+    /// Output paths of a derivation.
+    QueryDerivationOutputMap = 41,
+    /// Register a realisation.
+    RegisterDrvOutput = 42,
+    /// Look up a realisation.
+    QueryRealisation = 43,
+    /// Add many paths from one framed stream (1.32).
+    AddMultipleToStore = 44,
+    /// Upload a build log.
+    AddBuildLog = 45,
+    /// Build derived paths, returning results (1.34).
+    BuildPathsWithResults = 46,
+    /// Add a permanent GC root (newer Nix).
+    AddPermRoot = 47,
+}
+
+/// A decoded request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `SetOptions`.
+    SetOptions(ClientSettings),
+    /// `IsValidPath`.
+    IsValidPath(StorePath),
+    /// `QueryValidPaths` (`substitute` is on the wire from 1.27).
+    QueryValidPaths {
+        /// The paths to check.
+        paths: BTreeSet<StorePath>,
+        /// Whether the daemon may substitute missing ones.
+        substitute: bool,
+    },
+    /// `QueryPathInfo`.
+    QueryPathInfo(StorePath),
+    /// `NarFromPath`; the reply NAR follows `STDERR_LAST` unframed.
+    NarFromPath(StorePath),
+    /// `AddToStoreNar`; the NAR follows (framed from 1.23, pulled by `STDERR_READ` before).
+    AddToStoreNar {
+        /// The path and its info.
+        info: ValidPathInfo,
+        /// Repair an existing path.
+        repair: bool,
+        /// Skip signature checks (trusted clients only).
+        dont_check_sigs: bool,
+    },
+    /// `AddMultipleToStore` (1.32); a framed stream follows.
+    AddMultipleToStore {
+        /// Repair existing paths.
+        repair: bool,
+        /// Skip signature checks.
+        dont_check_sigs: bool,
+    },
+    /// `BuildDerivation`.
+    BuildDerivation {
+        /// The `.drv` path (names the derivation).
+        drv_path: StorePath,
+        /// The derivation.
+        drv: BasicDerivation,
+        /// The build mode.
+        mode: BuildMode,
+    },
+    /// `BuildPaths`.
+    BuildPaths {
+        /// What to build.
+        paths: Vec<DerivedPath>,
+        /// The build mode.
+        mode: BuildMode,
+    },
+    /// `BuildPathsWithResults` (1.34).
+    BuildPathsWithResults {
+        /// What to build.
+        paths: Vec<DerivedPath>,
+        /// The build mode.
+        mode: BuildMode,
+    },
+    /// `EnsurePath`.
+    EnsurePath(StorePath),
+    /// `AddTempRoot`.
+    AddTempRoot(StorePath),
+    /// `QueryAllValidPaths`.
+    QueryAllValidPaths,
+}
+
+fn require(
+    version: ProtocolVersion,
+    needed: ProtocolVersion,
+    what: &'static str,
+) -> Result<(), WireError> {
+    if version < needed {
+        Err(WireError::NotAtThisVersion { what, version })
+    } else {
+        Ok(())
+    }
+}
+
+async fn read_derived_paths<R: AsyncRead + Unpin + Send>(
+    r: &mut NixReader<R>,
+) -> Result<Vec<DerivedPath>, WireError> {
+    let n = r.read_count("derived paths").await?;
+    let mut out = Vec::with_capacity(n.min(1024) as usize);
+    for _ in 0..n {
+        out.push(DerivedPath::read_from(r).await?);
+    }
+    Ok(out)
+}
+
+async fn write_derived_paths<W: AsyncWrite + Unpin + Send>(
+    w: &mut NixWriter<W>,
+    paths: &[DerivedPath],
+) -> Result<(), WireError> {
+    w.write_u64(paths.len() as u64, "derived paths").await?;
+    for p in paths {
+        p.write_to(w).await?;
+    }
+    Ok(())
+}
+
+impl Request {
+    /// The operation this request belongs to.
+    pub fn opcode(&self) -> Opcode {
+        match self {
+            Request::SetOptions(_) => Opcode::SetOptions,
+            Request::IsValidPath(_) => Opcode::IsValidPath,
+            Request::QueryValidPaths { .. } => Opcode::QueryValidPaths,
+            Request::QueryPathInfo(_) => Opcode::QueryPathInfo,
+            Request::NarFromPath(_) => Opcode::NarFromPath,
+            Request::AddToStoreNar { .. } => Opcode::AddToStoreNar,
+            Request::AddMultipleToStore { .. } => Opcode::AddMultipleToStore,
+            Request::BuildDerivation { .. } => Opcode::BuildDerivation,
+            Request::BuildPaths { .. } => Opcode::BuildPaths,
+            Request::BuildPathsWithResults { .. } => Opcode::BuildPathsWithResults,
+            Request::EnsurePath(_) => Opcode::EnsurePath,
+            Request::AddTempRoot(_) => Opcode::AddTempRoot,
+            Request::QueryAllValidPaths => Opcode::QueryAllValidPaths,
+        }
+    }
+
+    /// Reads the next request (opcode and body). `Ok(None)` means the client closed the
+    /// connection cleanly between operations. A known opcode without a modelled body gives
+    /// [`WireError::UnsupportedOp`]; the connection cannot continue after that.
+    pub async fn read<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Option<Request>, WireError> {
+        let Some(n) = r.try_read_u64("opcode").await? else {
+            return Ok(None);
+        };
+        let op = Opcode::try_from(n)?;
+        let v = r.version();
+        Ok(Some(match op {
+            Opcode::SetOptions => Request::SetOptions(ClientSettings::read_from(r).await?),
+            Opcode::IsValidPath => Request::IsValidPath(r.read_store_path("path").await?),
+            Opcode::QueryValidPaths => {
+                let paths = r.read_store_path_set("paths").await?;
+                let substitute = if v >= QUERY_VALID_PATHS_SUBSTITUTE {
+                    r.read_bool("substitute").await?
+                } else {
+                    false
+                };
+                Request::QueryValidPaths { paths, substitute }
+            }
+            Opcode::QueryPathInfo => Request::QueryPathInfo(r.read_store_path("path").await?),
+            Opcode::NarFromPath => Request::NarFromPath(r.read_store_path("path").await?),
+            Opcode::AddToStoreNar => Request::AddToStoreNar {
+                info: ValidPathInfo::read_from(r).await?,
+                repair: r.read_bool("repair").await?,
+                dont_check_sigs: r.read_bool("dontCheckSigs").await?,
+            },
+            Opcode::AddMultipleToStore => {
+                require(v, ADD_MULTIPLE_TO_STORE, "AddMultipleToStore")?;
+                Request::AddMultipleToStore {
+                    repair: r.read_bool("repair").await?,
+                    dont_check_sigs: r.read_bool("dontCheckSigs").await?,
+                }
+            }
+            Opcode::BuildDerivation => Request::BuildDerivation {
+                drv_path: r.read_store_path("drvPath").await?,
+                drv: BasicDerivation::read_from(r).await?,
+                mode: BuildMode::read_from(r).await?,
+            },
+            Opcode::BuildPaths => Request::BuildPaths {
+                paths: read_derived_paths(r).await?,
+                mode: BuildMode::read_from(r).await?,
+            },
+            Opcode::BuildPathsWithResults => {
+                require(v, BUILD_PATHS_WITH_RESULTS, "BuildPathsWithResults")?;
+                Request::BuildPathsWithResults {
+                    paths: read_derived_paths(r).await?,
+                    mode: BuildMode::read_from(r).await?,
+                }
+            }
+            Opcode::EnsurePath => Request::EnsurePath(r.read_store_path("path").await?),
+            Opcode::AddTempRoot => Request::AddTempRoot(r.read_store_path("path").await?),
+            Opcode::QueryAllValidPaths => Request::QueryAllValidPaths,
+            other => return Err(WireError::UnsupportedOp(other)),
+        }))
+    }
+
+    /// Writes the opcode and the body (into the writer's buffer).
+    pub async fn write<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        let v = w.version();
+        match self {
+            Request::AddMultipleToStore { .. } => {
+                require(v, ADD_MULTIPLE_TO_STORE, "AddMultipleToStore")?
+            }
+            Request::BuildPathsWithResults { .. } => {
+                require(v, BUILD_PATHS_WITH_RESULTS, "BuildPathsWithResults")?
+            }
+            _ => {}
+        }
+        w.write_u64(self.opcode() as u64, "opcode").await?;
+        match self {
+            Request::SetOptions(s) => s.write_to(w).await,
+            Request::IsValidPath(p)
+            | Request::QueryPathInfo(p)
+            | Request::NarFromPath(p)
+            | Request::EnsurePath(p)
+            | Request::AddTempRoot(p) => p.write_to(w).await,
+            Request::QueryValidPaths { paths, substitute } => {
+                w.write_strings(paths, "paths").await?;
+                if v >= QUERY_VALID_PATHS_SUBSTITUTE {
+                    w.write_bool(*substitute, "substitute").await?;
+                }
+                Ok(())
+            }
+            Request::AddToStoreNar {
+                info,
+                repair,
+                dont_check_sigs,
+            } => {
+                info.write_to(w).await?;
+                w.write_bool(*repair, "repair").await?;
+                w.write_bool(*dont_check_sigs, "dontCheckSigs").await
+            }
+            Request::AddMultipleToStore {
+                repair,
+                dont_check_sigs,
+            } => {
+                w.write_bool(*repair, "repair").await?;
+                w.write_bool(*dont_check_sigs, "dontCheckSigs").await
+            }
+            Request::BuildDerivation {
+                drv_path,
+                drv,
+                mode,
+            } => {
+                drv_path.write_to(w).await?;
+                drv.write_to(w).await?;
+                mode.write_to(w).await
+            }
+            Request::BuildPaths { paths, mode }
+            | Request::BuildPathsWithResults { paths, mode } => {
+                write_derived_paths(w, paths).await?;
+                mode.write_to(w).await
+            }
+            Request::QueryAllValidPaths => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opcodes_round_trip_and_unknown_numbers_are_named() {
+        for op in Opcode::ALL {
+            assert_eq!(Opcode::try_from(*op as u64), Ok(*op));
+        }
+        assert_eq!(Opcode::AddMultipleToStore as u64, 44);
+        let err = Opcode::try_from(2).unwrap_err();
+        assert_eq!(err.to_string(), "unknown worker operation 2");
+        assert!(Opcode::try_from(u64::MAX).is_err());
+    }
+}

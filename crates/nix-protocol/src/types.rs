@@ -1,0 +1,799 @@
+//! The protocol's compound values, each readable and writable at every supported version:
+//! path infos, build results, derived paths, realisations, the `BasicDerivation` that
+//! `BuildDerivation` carries, build modes and the `SetOptions` settings.
+//!
+//! Strings that Nix parses further (content addresses, output hash algorithms, signatures)
+//! are kept as strings here; `nixspace-nix-formats` owns their grammar. Store paths are checked
+//! for shape by [`StorePath`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::store_path::StorePath;
+use crate::version::{
+    BUILD_RESULT_BUILT_OUTPUTS, BUILD_RESULT_CPU_TIMES, BUILD_RESULT_TIMES, DERIVED_PATH_STRINGS,
+    PATH_INFO_ULTIMATE_SIGS_CA,
+};
+use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
+
+/// A SHA-256 NAR hash. On the wire: 64 lowercase hex digits without an algorithm prefix
+/// (a `sha256:` prefix is accepted when reading).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NarHash(pub [u8; 32]);
+
+impl NarHash {
+    /// Parses 64 hex digits, optionally prefixed with `sha256:`.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let s = s.strip_prefix("sha256:").unwrap_or(s);
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hi = (chunk[0] as char).to_digit(16)?;
+            let lo = (chunk[1] as char).to_digit(16)?;
+            out[i] = (hi * 16 + lo) as u8;
+        }
+        Some(Self(out))
+    }
+
+    /// 64 lowercase hex digits.
+    pub fn to_hex(&self) -> String {
+        use fmt::Write;
+        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+}
+
+impl fmt::Display for NarHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}", self.to_hex())
+    }
+}
+
+/// What the daemon knows about a valid path, without the path itself (the reply of
+/// `QueryPathInfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The derivation that produced the path, if known.
+    pub deriver: Option<StorePath>,
+    /// The hash of the path's NAR serialisation.
+    pub nar_hash: NarHash,
+    /// The paths it references.
+    pub references: BTreeSet<StorePath>,
+    /// Seconds since the epoch at registration.
+    pub registration_time: u64,
+    /// The size of the NAR serialisation.
+    pub nar_size: u64,
+    /// Whether the path was built locally and is trusted without signatures.
+    pub ultimate: bool,
+    /// Signatures, `key-name:base64`.
+    pub sigs: BTreeSet<String>,
+    /// The rendered content address (`fixed:r:sha256:…`, `text:sha256:…`), if any.
+    pub ca: Option<String>,
+}
+
+/// A path with its [`PathInfo`] (what `AddToStoreNar` and `AddMultipleToStore` send).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidPathInfo {
+    /// The path.
+    pub path: StorePath,
+    /// What is known about it.
+    pub info: PathInfo,
+}
+
+impl NixDeserialize for PathInfo {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let deriver = r.read_opt_store_path("deriver").await?;
+        let hash = r.read_string("narHash").await?;
+        let nar_hash = NarHash::from_hex(&hash).ok_or(WireError::InvalidString {
+            what: "narHash",
+            value: hash,
+        })?;
+        let references = r.read_store_path_set("references").await?;
+        let registration_time = r.read_u64("registrationTime").await?;
+        let nar_size = r.read_u64("narSize").await?;
+        let (mut ultimate, mut sigs, mut ca) = (false, BTreeSet::new(), None);
+        if r.version() >= PATH_INFO_ULTIMATE_SIGS_CA {
+            ultimate = r.read_bool("ultimate").await?;
+            sigs = r.read_string_set("sigs").await?;
+            ca = Some(r.read_string("ca").await?).filter(|s| !s.is_empty());
+        }
+        Ok(Self {
+            deriver,
+            nar_hash,
+            references,
+            registration_time,
+            nar_size,
+            ultimate,
+            sigs,
+            ca,
+        })
+    }
+}
+
+impl NixSerialize for PathInfo {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_opt_store_path(self.deriver.as_ref(), "deriver")
+            .await?;
+        w.write_str(&self.nar_hash.to_hex(), "narHash").await?;
+        w.write_strings(&self.references, "references").await?;
+        w.write_u64(self.registration_time, "registrationTime")
+            .await?;
+        w.write_u64(self.nar_size, "narSize").await?;
+        if w.version() >= PATH_INFO_ULTIMATE_SIGS_CA {
+            w.write_bool(self.ultimate, "ultimate").await?;
+            w.write_strings(&self.sigs, "sigs").await?;
+            w.write_str(self.ca.as_deref().unwrap_or(""), "ca").await?;
+        }
+        Ok(())
+    }
+}
+
+impl NixDeserialize for ValidPathInfo {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let path = r.read_store_path("path").await?;
+        let info = PathInfo::read_from(r).await?;
+        Ok(Self { path, info })
+    }
+}
+
+impl NixSerialize for ValidPathInfo {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_str(self.path.as_str(), "path").await?;
+        self.info.write_to(w).await
+    }
+}
+
+/// How a build request treats existing outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(u64)]
+pub enum BuildMode {
+    /// Build what is missing.
+    #[default]
+    Normal = 0,
+    /// Rebuild and replace corrupted outputs (trusted users only).
+    Repair = 1,
+    /// Rebuild and compare with the existing outputs.
+    Check = 2,
+}
+
+impl NixDeserialize for BuildMode {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        match r.read_u64("buildMode").await? {
+            0 => Ok(Self::Normal),
+            1 => Ok(Self::Repair),
+            2 => Ok(Self::Check),
+            value => Err(WireError::InvalidValue {
+                what: "buildMode",
+                value,
+            }),
+        }
+    }
+}
+
+impl NixSerialize for BuildMode {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_u64(*self as u64, "buildMode").await
+    }
+}
+
+/// A build's outcome, with Nix's numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+#[allow(missing_docs)]
+pub enum BuildStatus {
+    Built = 0,
+    Substituted = 1,
+    AlreadyValid = 2,
+    PermanentFailure = 3,
+    InputRejected = 4,
+    OutputRejected = 5,
+    TransientFailure = 6,
+    CachedFailure = 7,
+    TimedOut = 8,
+    MiscFailure = 9,
+    DependencyFailed = 10,
+    LogLimitExceeded = 11,
+    NotDeterministic = 12,
+    ResolvesToAlreadyValid = 13,
+    NoSubstituters = 14,
+}
+
+impl BuildStatus {
+    /// All statuses, in wire order.
+    pub const ALL: [BuildStatus; 15] = [
+        Self::Built,
+        Self::Substituted,
+        Self::AlreadyValid,
+        Self::PermanentFailure,
+        Self::InputRejected,
+        Self::OutputRejected,
+        Self::TransientFailure,
+        Self::CachedFailure,
+        Self::TimedOut,
+        Self::MiscFailure,
+        Self::DependencyFailed,
+        Self::LogLimitExceeded,
+        Self::NotDeterministic,
+        Self::ResolvesToAlreadyValid,
+        Self::NoSubstituters,
+    ];
+
+    /// Whether the outputs are valid afterwards.
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            Self::Built | Self::Substituted | Self::AlreadyValid | Self::ResolvesToAlreadyValid
+        )
+    }
+}
+
+impl TryFrom<u64> for BuildStatus {
+    type Error = WireError;
+    fn try_from(value: u64) -> Result<Self, WireError> {
+        usize::try_from(value)
+            .ok()
+            .and_then(|i| Self::ALL.get(i).copied())
+            .ok_or(WireError::InvalidValue {
+                what: "build status",
+                value,
+            })
+    }
+}
+
+/// The result of `BuildDerivation` (and, keyed by path, of `BuildPathsWithResults`).
+/// Fields that the negotiated version does not carry read as their defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildResult {
+    /// The outcome.
+    pub status: BuildStatus,
+    /// The error message (empty on success).
+    pub error_msg: String,
+    /// How many times the derivation was built (from 1.29).
+    pub times_built: u64,
+    /// Whether a `--check` build differed (from 1.29).
+    pub is_non_deterministic: bool,
+    /// Build start, seconds since the epoch (from 1.29).
+    pub start_time: u64,
+    /// Build end, seconds since the epoch (from 1.29).
+    pub stop_time: u64,
+    /// User CPU time in microseconds, if measured (from 1.37).
+    pub cpu_user: Option<u64>,
+    /// System CPU time in microseconds, if measured (from 1.37).
+    pub cpu_system: Option<u64>,
+    /// Realisations of the built outputs keyed by `sha256:<hex>!<output>` (from 1.28).
+    pub built_outputs: BTreeMap<String, Realisation>,
+}
+
+impl BuildResult {
+    /// A result with the given status and every other field empty.
+    pub fn new(status: BuildStatus) -> Self {
+        Self {
+            status,
+            error_msg: String::new(),
+            times_built: 0,
+            is_non_deterministic: false,
+            start_time: 0,
+            stop_time: 0,
+            cpu_user: None,
+            cpu_system: None,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+}
+
+async fn read_opt_micros<R: AsyncRead + Unpin>(
+    r: &mut NixReader<R>,
+    what: &'static str,
+) -> Result<Option<u64>, WireError> {
+    match r.read_u64(what).await? {
+        0 => Ok(None),
+        1 => Ok(Some(r.read_u64(what).await?)),
+        value => Err(WireError::InvalidValue { what, value }),
+    }
+}
+
+async fn write_opt_micros<W: AsyncWrite + Unpin>(
+    w: &mut NixWriter<W>,
+    v: Option<u64>,
+    what: &'static str,
+) -> Result<(), WireError> {
+    match v {
+        None => w.write_u64(0, what).await,
+        Some(us) => {
+            w.write_u64(1, what).await?;
+            w.write_u64(us, what).await
+        }
+    }
+}
+
+impl NixDeserialize for BuildResult {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let status = BuildStatus::try_from(r.read_u64("build status").await?)?;
+        let mut res = BuildResult::new(status);
+        res.error_msg = r.read_string_lossy("errorMsg").await?;
+        if r.version() >= BUILD_RESULT_TIMES {
+            res.times_built = r.read_u64("timesBuilt").await?;
+            res.is_non_deterministic = r.read_bool("isNonDeterministic").await?;
+            res.start_time = r.read_u64("startTime").await?;
+            res.stop_time = r.read_u64("stopTime").await?;
+        }
+        if r.version() >= BUILD_RESULT_CPU_TIMES {
+            res.cpu_user = read_opt_micros(r, "cpuUser").await?;
+            res.cpu_system = read_opt_micros(r, "cpuSystem").await?;
+        }
+        if r.version() >= BUILD_RESULT_BUILT_OUTPUTS {
+            let n = r.read_count("builtOutputs").await?;
+            for _ in 0..n {
+                let id = r.read_string("builtOutputs id").await?;
+                let realisation = Realisation::read_from(r).await?;
+                res.built_outputs.insert(id, realisation);
+            }
+        }
+        Ok(res)
+    }
+}
+
+impl NixSerialize for BuildResult {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_u64(self.status as u64, "build status").await?;
+        w.write_str(&self.error_msg, "errorMsg").await?;
+        if w.version() >= BUILD_RESULT_TIMES {
+            w.write_u64(self.times_built, "timesBuilt").await?;
+            w.write_bool(self.is_non_deterministic, "isNonDeterministic")
+                .await?;
+            w.write_u64(self.start_time, "startTime").await?;
+            w.write_u64(self.stop_time, "stopTime").await?;
+        }
+        if w.version() >= BUILD_RESULT_CPU_TIMES {
+            write_opt_micros(w, self.cpu_user, "cpuUser").await?;
+            write_opt_micros(w, self.cpu_system, "cpuSystem").await?;
+        }
+        if w.version() >= BUILD_RESULT_BUILT_OUTPUTS {
+            w.write_u64(self.built_outputs.len() as u64, "builtOutputs")
+                .await?;
+            for (id, realisation) in &self.built_outputs {
+                w.write_str(id, "builtOutputs id").await?;
+                realisation.write_to(w).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The output of a content-addressed (or any) derivation, as recorded by Nix. On the wire it
+/// is a JSON string (in build results from 1.28, in `QueryRealisation` from 1.31); the JSON
+/// keys are printed in Nix's (sorted) order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Realisation {
+    /// Realisations this one depends on: `DrvOutput` id to store path.
+    #[serde(rename = "dependentRealisations", default)]
+    pub dependent_realisations: BTreeMap<String, String>,
+    /// `sha256:<hex>!<output name>`.
+    pub id: String,
+    /// The output path (Nix 2.8 prints the base name, without the store directory).
+    #[serde(rename = "outPath")]
+    pub out_path: String,
+    /// Signatures.
+    #[serde(default)]
+    pub signatures: BTreeSet<String>,
+}
+
+impl NixDeserialize for Realisation {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let s = r.read_string("realisation").await?;
+        serde_json::from_str(&s).map_err(|source| WireError::Json {
+            what: "realisation",
+            source,
+        })
+    }
+}
+
+impl NixSerialize for Realisation {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        let s = serde_json::to_string(self).map_err(|source| WireError::Json {
+            what: "realisation",
+            source,
+        })?;
+        w.write_str(&s, "realisation").await
+    }
+}
+
+/// Which outputs of a derivation a request wants.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OutputSpec {
+    /// Every output (`drv!*`).
+    All,
+    /// The named outputs (`drv!out,dev`); never empty.
+    Names(BTreeSet<String>),
+}
+
+/// Something to build or make valid: an existing path, or outputs of a derivation.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DerivedPath {
+    /// A store path that must be valid (substituted if need be).
+    Opaque(StorePath),
+    /// Outputs of a derivation that must be built or substituted.
+    Built {
+        /// The `.drv` path.
+        drv_path: StorePath,
+        /// The wanted outputs.
+        outputs: OutputSpec,
+    },
+}
+
+fn valid_output_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains([',', '!', '*'])
+}
+
+impl DerivedPath {
+    /// The wire form at `version`: from 1.30 `path`, `drv!*` or `drv!a,b`; before that the
+    /// "path with outputs" form, where all outputs are the bare `.drv` path and an opaque
+    /// `.drv` cannot be expressed.
+    pub fn to_wire_string(
+        &self,
+        version: crate::version::ProtocolVersion,
+    ) -> Result<String, WireError> {
+        let new_form = version >= DERIVED_PATH_STRINGS;
+        Ok(match self {
+            DerivedPath::Opaque(p) if !new_form && p.is_derivation() => {
+                return Err(WireError::NotAtThisVersion {
+                    what: "an opaque .drv path",
+                    version,
+                })
+            }
+            DerivedPath::Opaque(p) => p.to_string(),
+            DerivedPath::Built {
+                drv_path,
+                outputs: OutputSpec::All,
+            } if new_form => format!("{drv_path}!*"),
+            DerivedPath::Built {
+                drv_path,
+                outputs: OutputSpec::All,
+            } => drv_path.to_string(),
+            DerivedPath::Built {
+                drv_path,
+                outputs: OutputSpec::Names(names),
+            } => {
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                format!("{drv_path}!{}", names.join(","))
+            }
+        })
+    }
+
+    /// Parses the wire form at `version` (see [`DerivedPath::to_wire_string`]).
+    pub fn parse_wire(
+        s: &str,
+        version: crate::version::ProtocolVersion,
+    ) -> Result<Self, WireError> {
+        let invalid = || WireError::InvalidString {
+            what: "derived path",
+            value: s.to_owned(),
+        };
+        let path = |p: &str| {
+            StorePath::parse(p).map_err(|source| WireError::StorePath {
+                what: "derived path",
+                source,
+            })
+        };
+        match s.split_once('!') {
+            None if version < DERIVED_PATH_STRINGS && s.ends_with(".drv") => {
+                Ok(DerivedPath::Built {
+                    drv_path: path(s)?,
+                    outputs: OutputSpec::All,
+                })
+            }
+            None => Ok(DerivedPath::Opaque(path(s)?)),
+            Some((drv, "*")) if version >= DERIVED_PATH_STRINGS => Ok(DerivedPath::Built {
+                drv_path: path(drv)?,
+                outputs: OutputSpec::All,
+            }),
+            Some((drv, outs)) => {
+                let names: BTreeSet<String> = outs.split(',').map(str::to_owned).collect();
+                if !names.iter().all(|n| valid_output_name(n)) {
+                    return Err(invalid());
+                }
+                Ok(DerivedPath::Built {
+                    drv_path: path(drv)?,
+                    outputs: OutputSpec::Names(names),
+                })
+            }
+        }
+    }
+}
+
+impl NixDeserialize for DerivedPath {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let s = r.read_string("derived path").await?;
+        DerivedPath::parse_wire(&s, r.version())
+    }
+}
+
+impl NixSerialize for DerivedPath {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        let s = self.to_wire_string(w.version())?;
+        w.write_str(&s, "derived path").await
+    }
+}
+
+/// One output of a [`BasicDerivation`], as the three strings Nix sends: the path (empty for
+/// floating or deferred outputs), the hash algorithm (`r:sha256`, `sha256`, … or empty) and
+/// the expected hash in hex (fixed outputs only, `impure` for impure ones).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DerivationOutput {
+    /// The output path, if known.
+    pub path: Option<StorePath>,
+    /// The method and hash algorithm, empty for input-addressed outputs.
+    pub hash_algo: String,
+    /// The fixed hash, empty unless fixed-output.
+    pub hash: String,
+}
+
+/// A derivation without its input derivations, as `BuildDerivation` sends it. The name comes
+/// from the `.drv` path sent alongside, so it is not part of this value.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BasicDerivation {
+    /// Outputs by name.
+    pub outputs: BTreeMap<String, DerivationOutput>,
+    /// Input sources (including input derivations' outputs, after resolution).
+    pub input_srcs: BTreeSet<StorePath>,
+    /// The system, e.g. `x86_64-linux`.
+    pub platform: String,
+    /// The builder executable.
+    pub builder: String,
+    /// The builder's arguments.
+    pub args: Vec<String>,
+    /// The builder's environment.
+    pub env: BTreeMap<String, String>,
+}
+
+impl NixDeserialize for BasicDerivation {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let mut drv = BasicDerivation::default();
+        let n = r.read_count("outputs").await?;
+        for _ in 0..n {
+            let name = r.read_string("output name").await?;
+            let path = r.read_opt_store_path("output path").await?;
+            let hash_algo = r.read_string("output hashAlgo").await?;
+            let hash = r.read_string("output hash").await?;
+            drv.outputs.insert(
+                name,
+                DerivationOutput {
+                    path,
+                    hash_algo,
+                    hash,
+                },
+            );
+        }
+        drv.input_srcs = r.read_store_path_set("inputSrcs").await?;
+        drv.platform = r.read_string("platform").await?;
+        drv.builder = r.read_string("builder").await?;
+        drv.args = r.read_strings("args").await?;
+        drv.env = r.read_string_map("env").await?;
+        Ok(drv)
+    }
+}
+
+impl NixSerialize for BasicDerivation {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_u64(self.outputs.len() as u64, "outputs").await?;
+        for (name, out) in &self.outputs {
+            w.write_str(name, "output name").await?;
+            w.write_opt_store_path(out.path.as_ref(), "output path")
+                .await?;
+            w.write_str(&out.hash_algo, "output hashAlgo").await?;
+            w.write_str(&out.hash, "output hash").await?;
+        }
+        w.write_strings(&self.input_srcs, "inputSrcs").await?;
+        w.write_str(&self.platform, "platform").await?;
+        w.write_str(&self.builder, "builder").await?;
+        w.write_strings(&self.args, "args").await?;
+        w.write_string_map(&self.env, "env").await
+    }
+}
+
+/// The settings a client sends with `SetOptions`. Verbosities use Nix's levels (0 error …
+/// 7 vomit). `use_build_hook`, `log_type` and `print_build_trace` are obsolete and ignored
+/// by the daemon but still on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// Keep failed build directories.
+    pub keep_failed: bool,
+    /// Keep building other derivations after a failure.
+    pub keep_going: bool,
+    /// Build from source when substitution fails.
+    pub try_fallback: bool,
+    /// The client's verbosity.
+    pub verbosity: u64,
+    /// `max-jobs`.
+    pub max_build_jobs: u64,
+    /// `max-silent-time`, seconds.
+    pub max_silent_time: u64,
+    /// Obsolete; Nix sends true.
+    pub use_build_hook: bool,
+    /// 0 (error) when build logs should be shown, 7 (vomit) otherwise.
+    pub build_verbosity: u64,
+    /// Obsolete; 0.
+    pub log_type: u64,
+    /// Obsolete; false.
+    pub print_build_trace: bool,
+    /// `cores`.
+    pub build_cores: u64,
+    /// `substitute`.
+    pub use_substitutes: bool,
+    /// Further settings by name (the daemon applies only those it allows).
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            keep_failed: false,
+            keep_going: false,
+            try_fallback: false,
+            verbosity: 0,
+            max_build_jobs: 1,
+            max_silent_time: 0,
+            use_build_hook: true,
+            build_verbosity: 0,
+            log_type: 0,
+            print_build_trace: false,
+            build_cores: 0,
+            use_substitutes: true,
+            overrides: BTreeMap::new(),
+        }
+    }
+}
+
+impl NixDeserialize for ClientSettings {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        Ok(Self {
+            keep_failed: r.read_bool("keepFailed").await?,
+            keep_going: r.read_bool("keepGoing").await?,
+            try_fallback: r.read_bool("tryFallback").await?,
+            verbosity: r.read_u64("verbosity").await?,
+            max_build_jobs: r.read_u64("maxBuildJobs").await?,
+            max_silent_time: r.read_u64("maxSilentTime").await?,
+            use_build_hook: r.read_bool("useBuildHook").await?,
+            build_verbosity: r.read_u64("buildVerbosity").await?,
+            log_type: r.read_u64("logType").await?,
+            print_build_trace: r.read_bool("printBuildTrace").await?,
+            build_cores: r.read_u64("buildCores").await?,
+            use_substitutes: r.read_bool("useSubstitutes").await?,
+            overrides: r.read_string_map("overrides").await?,
+        })
+    }
+}
+
+impl NixSerialize for ClientSettings {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_bool(self.keep_failed, "keepFailed").await?;
+        w.write_bool(self.keep_going, "keepGoing").await?;
+        w.write_bool(self.try_fallback, "tryFallback").await?;
+        w.write_u64(self.verbosity, "verbosity").await?;
+        w.write_u64(self.max_build_jobs, "maxBuildJobs").await?;
+        w.write_u64(self.max_silent_time, "maxSilentTime").await?;
+        w.write_bool(self.use_build_hook, "useBuildHook").await?;
+        w.write_u64(self.build_verbosity, "buildVerbosity").await?;
+        w.write_u64(self.log_type, "logType").await?;
+        w.write_bool(self.print_build_trace, "printBuildTrace")
+            .await?;
+        w.write_u64(self.build_cores, "buildCores").await?;
+        w.write_bool(self.use_substitutes, "useSubstitutes").await?;
+        w.write_string_map(&self.overrides, "overrides").await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::{ProtocolVersion, MIN_SUPPORTED, NIX_2_8};
+
+    const DRV: &str = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv";
+
+    #[test]
+    fn nar_hash_hex_round_trip() {
+        let h = NarHash([0xab; 32]);
+        assert_eq!(NarHash::from_hex(&h.to_hex()), Some(h));
+        assert_eq!(
+            NarHash::from_hex(&format!("sha256:{}", h.to_hex())),
+            Some(h)
+        );
+        assert_eq!(NarHash::from_hex("abc"), None);
+        assert_eq!(NarHash::from_hex(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn derived_path_forms() {
+        let all = DerivedPath::Built {
+            drv_path: StorePath::parse(DRV).unwrap(),
+            outputs: OutputSpec::All,
+        };
+        assert_eq!(all.to_wire_string(NIX_2_8).unwrap(), format!("{DRV}!*"));
+        assert_eq!(all.to_wire_string(MIN_SUPPORTED).unwrap(), DRV);
+        assert_eq!(DerivedPath::parse_wire(DRV, MIN_SUPPORTED).unwrap(), all);
+        assert_eq!(
+            DerivedPath::parse_wire(&format!("{DRV}!*"), NIX_2_8).unwrap(),
+            all
+        );
+        let opaque = DerivedPath::Opaque(StorePath::parse(DRV).unwrap());
+        assert_eq!(DerivedPath::parse_wire(DRV, NIX_2_8).unwrap(), opaque);
+        assert!(opaque.to_wire_string(ProtocolVersion::new(1, 29)).is_err());
+        let outs = DerivedPath::parse_wire(&format!("{DRV}!out,dev"), NIX_2_8).unwrap();
+        assert_eq!(
+            outs.to_wire_string(MIN_SUPPORTED).unwrap(),
+            format!("{DRV}!dev,out")
+        );
+        assert!(DerivedPath::parse_wire(&format!("{DRV}!"), NIX_2_8).is_err());
+        assert!(DerivedPath::parse_wire(&format!("{DRV}!a,,b"), NIX_2_8).is_err());
+    }
+
+    #[test]
+    fn realisation_json_matches_nix_key_order() {
+        let r = Realisation {
+            dependent_realisations: BTreeMap::new(),
+            id: "sha256:00!out".into(),
+            out_path: "x".into(),
+            signatures: BTreeSet::new(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"dependentRealisations":{},"id":"sha256:00!out","outPath":"x","signatures":[]}"#
+        );
+    }
+
+    #[test]
+    fn unknown_build_status_is_an_error() {
+        assert!(BuildStatus::try_from(15).is_err());
+        assert_eq!(
+            BuildStatus::try_from(13).unwrap(),
+            BuildStatus::ResolvesToAlreadyValid
+        );
+    }
+}

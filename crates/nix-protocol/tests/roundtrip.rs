@@ -1,0 +1,524 @@
+//! Property tests: every wire type survives write → read at 1.21, 1.34 and 1.38, the
+//! encoding is a multiple of 8 bytes, and the reader consumes it exactly (no trailing bytes).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::io::Cursor;
+
+use nixspace_nix_protocol::stderr::Field;
+use nixspace_nix_protocol::version::{
+    BUILD_PATHS_WITH_RESULTS, BUILD_RESULT_BUILT_OUTPUTS, BUILD_RESULT_CPU_TIMES,
+    BUILD_RESULT_TIMES, DERIVED_PATH_STRINGS, MAX_SUPPORTED, MIN_SUPPORTED, NIX_2_8,
+    QUERY_VALID_PATHS_SUBSTITUTE, STRUCTURED_ERRORS,
+};
+use nixspace_nix_protocol::{
+    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError,
+    DerivationOutput, DerivedPath, LogEvent, NarHash, NixDeserialize, NixReader, NixSerialize,
+    NixWriter, OutputSpec, PathInfo, ProtocolVersion, Realisation, Request, StderrFrame, StorePath,
+    ValidPathInfo,
+};
+use proptest::prelude::*;
+
+/// Lists, sets, maps, bytes, an integer and a boolean, in that order.
+type Primitives = (
+    Vec<String>,
+    BTreeSet<String>,
+    BTreeMap<String, String>,
+    Vec<u8>,
+    u64,
+    bool,
+);
+
+const VERSIONS: [ProtocolVersion; 3] = [MIN_SUPPORTED, NIX_2_8, MAX_SUPPORTED];
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+fn encode<T: NixSerialize + Sync>(v: &T, version: ProtocolVersion) -> Vec<u8> {
+    block_on(async {
+        let mut w = NixWriter::new(Vec::new(), version);
+        v.write_to(&mut w).await.unwrap();
+        w.flush().await.unwrap();
+        w.into_inner()
+    })
+}
+
+fn round_trip<T>(v: &T, version: ProtocolVersion) -> T
+where
+    T: NixSerialize + NixDeserialize + Sync + Debug,
+{
+    let bytes = encode(v, version);
+    assert_eq!(bytes.len() % 8, 0, "not padded: {v:?}");
+    block_on(async {
+        let mut r = NixReader::new(Cursor::new(bytes), version);
+        let out = T::read_from(&mut r).await.unwrap();
+        assert_eq!(
+            r.try_read_u64("trailing").await.unwrap(),
+            None,
+            "trailing bytes"
+        );
+        out
+    })
+}
+
+fn request_round_trip(req: &Request, version: ProtocolVersion) -> Request {
+    let bytes = block_on(async {
+        let mut w = NixWriter::new(Vec::new(), version);
+        req.write(&mut w).await.unwrap();
+        w.flush().await.unwrap();
+        w.into_inner()
+    });
+    assert_eq!(bytes.len() % 8, 0);
+    block_on(async {
+        let mut r = NixReader::new(Cursor::new(bytes), version);
+        let out = Request::read(&mut r).await.unwrap().unwrap();
+        assert_eq!(Request::read(&mut r).await.unwrap(), None, "trailing bytes");
+        out
+    })
+}
+
+fn store_path() -> impl Strategy<Value = StorePath> {
+    (
+        "[0-9a-df-np-sv-z]{32}",
+        "[a-zA-Z0-9+._?=-]{1,24}",
+        any::<bool>(),
+    )
+        .prop_map(|(h, n, drv)| {
+            let suffix = if drv { ".drv" } else { "" };
+            StorePath::parse(&format!("/nix/store/{h}-{n}{suffix}")).unwrap()
+        })
+}
+
+fn text() -> impl Strategy<Value = String> {
+    "\\PC{0,24}"
+}
+
+fn path_info() -> impl Strategy<Value = PathInfo> {
+    (
+        proptest::option::of(store_path()),
+        any::<[u8; 32]>(),
+        proptest::collection::btree_set(store_path(), 0..4),
+        any::<u64>(),
+        any::<u64>(),
+        any::<bool>(),
+        proptest::collection::btree_set(text(), 0..3),
+        proptest::option::of("[a-z]{1,8}:[a-z0-9:]{1,40}"),
+    )
+        .prop_map(
+            |(deriver, h, references, rt, ns, ultimate, sigs, ca)| PathInfo {
+                deriver,
+                nar_hash: NarHash(h),
+                references,
+                registration_time: rt,
+                nar_size: ns,
+                ultimate,
+                sigs,
+                ca,
+            },
+        )
+}
+
+fn realisation() -> impl Strategy<Value = Realisation> {
+    (
+        proptest::collection::btree_map(text(), text(), 0..3),
+        text(),
+        text(),
+        proptest::collection::btree_set(text(), 0..3),
+    )
+        .prop_map(|(d, id, out_path, signatures)| Realisation {
+            dependent_realisations: d,
+            id,
+            out_path,
+            signatures,
+        })
+}
+
+fn build_result() -> impl Strategy<Value = BuildResult> {
+    (
+        proptest::sample::select(BuildStatus::ALL.to_vec()),
+        text(),
+        (any::<u64>(), any::<bool>(), any::<u64>(), any::<u64>()),
+        (
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+        ),
+        proptest::collection::btree_map(text(), realisation(), 0..3),
+    )
+        .prop_map(
+            |(status, msg, (tb, nd, st, sp), (cu, cs), outs)| BuildResult {
+                status,
+                error_msg: msg,
+                times_built: tb,
+                is_non_deterministic: nd,
+                start_time: st,
+                stop_time: sp,
+                cpu_user: cu,
+                cpu_system: cs,
+                built_outputs: outs,
+            },
+        )
+}
+
+/// What a build result looks like after a trip at `v`: fields the version lacks are reset.
+fn build_result_at(mut r: BuildResult, v: ProtocolVersion) -> BuildResult {
+    if v < BUILD_RESULT_TIMES {
+        r.times_built = 0;
+        r.is_non_deterministic = false;
+        r.start_time = 0;
+        r.stop_time = 0;
+    }
+    if v < BUILD_RESULT_CPU_TIMES {
+        r.cpu_user = None;
+        r.cpu_system = None;
+    }
+    if v < BUILD_RESULT_BUILT_OUTPUTS {
+        r.built_outputs.clear();
+    }
+    r
+}
+
+fn output_name() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9_-]{0,8}"
+}
+
+fn derived_path() -> impl Strategy<Value = DerivedPath> {
+    prop_oneof![
+        store_path().prop_map(DerivedPath::Opaque),
+        (
+            store_path(),
+            proptest::option::of(proptest::collection::btree_set(output_name(), 1..4))
+        )
+            .prop_map(|(p, outs)| DerivedPath::Built {
+                drv_path: StorePath::parse(&format!("{p}.drv")).unwrap(),
+                outputs: outs.map_or(OutputSpec::All, OutputSpec::Names),
+            }),
+    ]
+}
+
+/// Whether `p` can be expressed at `v` (opaque `.drv` paths need 1.30).
+fn expressible(p: &DerivedPath, v: ProtocolVersion) -> bool {
+    !matches!(p, DerivedPath::Opaque(s) if s.is_derivation() && v < DERIVED_PATH_STRINGS)
+}
+
+fn basic_derivation() -> impl Strategy<Value = BasicDerivation> {
+    (
+        proptest::collection::btree_map(
+            output_name(),
+            (proptest::option::of(store_path()), text(), text()).prop_map(
+                |(path, hash_algo, hash)| DerivationOutput {
+                    path,
+                    hash_algo,
+                    hash,
+                },
+            ),
+            0..3,
+        ),
+        proptest::collection::btree_set(store_path(), 0..3),
+        text(),
+        text(),
+        proptest::collection::vec(text(), 0..4),
+        proptest::collection::btree_map(text(), text(), 0..4),
+    )
+        .prop_map(
+            |(outputs, input_srcs, platform, builder, args, env)| BasicDerivation {
+                outputs,
+                input_srcs,
+                platform,
+                builder,
+                args,
+                env,
+            },
+        )
+}
+
+fn client_settings() -> impl Strategy<Value = ClientSettings> {
+    (
+        (any::<bool>(), any::<bool>(), any::<bool>(), 0..8u64),
+        (any::<u64>(), any::<u64>(), any::<bool>(), 0..8u64),
+        (any::<u64>(), any::<bool>(), any::<u64>(), any::<bool>()),
+        proptest::collection::btree_map(text(), text(), 0..4),
+    )
+        .prop_map(
+            |((kf, kg, tf, v), (mj, ms, ubh, bv), (lt, pbt, bc, us), o)| ClientSettings {
+                keep_failed: kf,
+                keep_going: kg,
+                try_fallback: tf,
+                verbosity: v,
+                max_build_jobs: mj,
+                max_silent_time: ms,
+                use_build_hook: ubh,
+                build_verbosity: bv,
+                log_type: lt,
+                print_build_trace: pbt,
+                build_cores: bc,
+                use_substitutes: us,
+                overrides: o,
+            },
+        )
+}
+
+fn build_mode() -> impl Strategy<Value = BuildMode> {
+    proptest::sample::select(vec![BuildMode::Normal, BuildMode::Repair, BuildMode::Check])
+}
+
+fn field() -> impl Strategy<Value = Field> {
+    prop_oneof![
+        any::<u64>().prop_map(Field::Int),
+        text().prop_map(Field::String)
+    ]
+}
+
+fn daemon_error() -> impl Strategy<Value = DaemonError> {
+    (
+        0..8u64,
+        text(),
+        text(),
+        proptest::collection::vec(text(), 0..3),
+        any::<u64>(),
+    )
+        .prop_map(|(level, name, message, traces, exit_status)| DaemonError {
+            level,
+            name,
+            message,
+            traces,
+            exit_status,
+        })
+}
+
+fn daemon_error_at(mut e: DaemonError, v: ProtocolVersion) -> DaemonError {
+    if v < STRUCTURED_ERRORS {
+        e.level = 0;
+        e.name = "Error".into();
+        e.traces.clear();
+    } else {
+        e.exit_status = 1;
+    }
+    e
+}
+
+fn stderr_frame() -> impl Strategy<Value = StderrFrame> {
+    prop_oneof![
+        text().prop_map(|m| StderrFrame::Log(LogEvent::Message(m))),
+        (
+            any::<u64>(),
+            0..8u64,
+            any::<u64>(),
+            text(),
+            proptest::collection::vec(field(), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(id, level, activity_type, text, fields, parent)| {
+                StderrFrame::Log(LogEvent::StartActivity {
+                    id,
+                    level,
+                    activity_type,
+                    text,
+                    fields,
+                    parent,
+                })
+            }),
+        any::<u64>().prop_map(|id| StderrFrame::Log(LogEvent::StopActivity { id })),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(field(), 0..4)
+        )
+            .prop_map(
+                |(id, result_type, fields)| StderrFrame::Log(LogEvent::Result {
+                    id,
+                    result_type,
+                    fields
+                })
+            ),
+        any::<u64>().prop_map(StderrFrame::Read),
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(StderrFrame::Write),
+        Just(StderrFrame::Last),
+        daemon_error().prop_map(StderrFrame::Error),
+    ]
+}
+
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        client_settings().prop_map(Request::SetOptions),
+        store_path().prop_map(Request::IsValidPath),
+        (
+            proptest::collection::btree_set(store_path(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(paths, substitute)| Request::QueryValidPaths { paths, substitute }),
+        store_path().prop_map(Request::QueryPathInfo),
+        store_path().prop_map(Request::NarFromPath),
+        (store_path(), path_info(), any::<bool>(), any::<bool>()).prop_map(
+            |(path, info, repair, dont_check_sigs)| Request::AddToStoreNar {
+                info: ValidPathInfo { path, info },
+                repair,
+                dont_check_sigs,
+            }
+        ),
+        (any::<bool>(), any::<bool>()).prop_map(|(repair, dont_check_sigs)| {
+            Request::AddMultipleToStore {
+                repair,
+                dont_check_sigs,
+            }
+        }),
+        (store_path(), basic_derivation(), build_mode()).prop_map(|(drv_path, drv, mode)| {
+            Request::BuildDerivation {
+                drv_path,
+                drv,
+                mode,
+            }
+        }),
+        (
+            proptest::collection::vec(derived_path(), 0..4),
+            build_mode()
+        )
+            .prop_map(|(paths, mode)| Request::BuildPaths { paths, mode }),
+        (
+            proptest::collection::vec(derived_path(), 0..4),
+            build_mode()
+        )
+            .prop_map(|(paths, mode)| Request::BuildPathsWithResults { paths, mode }),
+        store_path().prop_map(Request::EnsurePath),
+        store_path().prop_map(Request::AddTempRoot),
+        Just(Request::QueryAllValidPaths),
+    ]
+}
+
+/// What a request looks like after a trip at `v`, or `None` if it cannot be sent at `v`.
+fn request_at(req: Request, v: ProtocolVersion) -> Option<Request> {
+    Some(match req {
+        Request::QueryValidPaths { paths, substitute } => Request::QueryValidPaths {
+            paths,
+            substitute: substitute && v >= QUERY_VALID_PATHS_SUBSTITUTE,
+        },
+        Request::AddMultipleToStore { .. }
+            if v < nixspace_nix_protocol::version::ADD_MULTIPLE_TO_STORE =>
+        {
+            return None
+        }
+        Request::BuildPathsWithResults { .. } if v < BUILD_PATHS_WITH_RESULTS => return None,
+        Request::BuildPaths { ref paths, .. }
+        | Request::BuildPathsWithResults { ref paths, .. }
+            if !paths.iter().all(|p| expressible(p, v)) =>
+        {
+            return None
+        }
+        other => other,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn path_info_round_trips(info in path_info(), path in store_path()) {
+        for v in VERSIONS {
+            prop_assert_eq!(&round_trip(&info, v), &info);
+            let vpi = ValidPathInfo { path: path.clone(), info: info.clone() };
+            prop_assert_eq!(round_trip(&vpi, v), vpi);
+        }
+    }
+
+    #[test]
+    fn build_result_round_trips(r in build_result()) {
+        for v in VERSIONS {
+            prop_assert_eq!(round_trip(&r, v), build_result_at(r.clone(), v));
+        }
+    }
+
+    #[test]
+    fn derived_path_round_trips(p in derived_path()) {
+        for v in VERSIONS {
+            if expressible(&p, v) {
+                prop_assert_eq!(&round_trip(&p, v), &p);
+            }
+        }
+    }
+
+    #[test]
+    fn realisation_round_trips(r in realisation()) {
+        for v in VERSIONS {
+            prop_assert_eq!(&round_trip(&r, v), &r);
+        }
+    }
+
+    #[test]
+    fn basic_derivation_round_trips(d in basic_derivation()) {
+        for v in VERSIONS {
+            prop_assert_eq!(&round_trip(&d, v), &d);
+        }
+    }
+
+    #[test]
+    fn client_settings_round_trip(s in client_settings(), m in build_mode()) {
+        for v in VERSIONS {
+            prop_assert_eq!(&round_trip(&s, v), &s);
+            prop_assert_eq!(round_trip(&m, v), m);
+        }
+    }
+
+    #[test]
+    fn stderr_frames_round_trip(f in stderr_frame()) {
+        for v in VERSIONS {
+            let expected = match f.clone() {
+                StderrFrame::Error(e) => StderrFrame::Error(daemon_error_at(e, v)),
+                other => other,
+            };
+            prop_assert_eq!(round_trip(&f, v), expected);
+        }
+    }
+
+    #[test]
+    fn requests_round_trip(req in request()) {
+        for v in VERSIONS {
+            if let Some(expected) = request_at(req.clone(), v) {
+                prop_assert_eq!(request_round_trip(&req, v), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn primitives_round_trip(
+        strings in proptest::collection::vec(text(), 0..6),
+        map in proptest::collection::btree_map(text(), text(), 0..6),
+        bytes in proptest::collection::vec(any::<u8>(), 0..70),
+        n in any::<u64>(),
+        b in any::<bool>(),
+    ) {
+        for v in VERSIONS {
+            let encoded = block_on(async {
+                let mut w = NixWriter::new(Vec::new(), v);
+                w.write_strings(&strings, "l").await.unwrap();
+                w.write_strings(strings.iter().collect::<BTreeSet<_>>(), "s").await.unwrap();
+                w.write_string_map(&map, "m").await.unwrap();
+                w.write_bytes(&bytes, "b").await.unwrap();
+                w.write_u64(n, "n").await.unwrap();
+                w.write_bool(b, "b").await.unwrap();
+                w.flush().await.unwrap();
+                w.into_inner()
+            });
+            prop_assert_eq!(encoded.len() % 8, 0);
+            let decoded = block_on(async {
+                let mut r = NixReader::new(Cursor::new(encoded), v);
+                let out = (
+                    r.read_strings("l").await.unwrap(),
+                    r.read_string_set("s").await.unwrap(),
+                    r.read_string_map("m").await.unwrap(),
+                    r.read_bytes("b").await.unwrap(),
+                    r.read_u64("n").await.unwrap(),
+                    r.read_bool("b").await.unwrap(),
+                );
+                assert_eq!(r.try_read_u64("trailing").await.unwrap(), None);
+                out
+            });
+            let set: BTreeSet<String> = strings.iter().cloned().collect();
+            let expected: Primitives =
+                (strings.clone(), set, map.clone(), bytes.clone(), n, b);
+            prop_assert_eq!(decoded, expected);
+        }
+    }
+}

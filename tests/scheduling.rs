@@ -1,0 +1,175 @@
+//! Scheduling over the dataspace with several real worker processes:
+//! exactly-once builds, feature matching, unschedulable steps, worker loss
+//! and graceful leave.
+
+mod support;
+
+use std::time::Duration;
+
+use rustix::process::Signal;
+use support::{nonce, Space};
+
+const BUILD_LIMIT: Duration = Duration::from_secs(180);
+
+/// A layered DAG of `layers` × `width` trivial steps plus one root; every
+/// builder run appends the step's name to `runs` (outside the store), so the
+/// test can count builder runs.
+fn layered_dag(
+    space: &Space,
+    layers: usize,
+    width: usize,
+    runs: &std::path::Path,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+let
+  nonce = "{nonce}";
+  step = name: deps: derivation {{
+    inherit name nonce deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} > $out" ];
+  }};
+  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
+  layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
+in step "root" (builtins.elemAt layers ({layers} - 1))
+"#,
+        nonce = nonce(),
+        runs = runs.display(),
+    );
+    space.nix_file("dag.nix", &text)
+}
+
+#[test]
+fn a_fifty_step_dag_is_built_exactly_once_by_three_workers() {
+    let mut space = Space::start();
+    for w in ["w1", "w2", "w3"] {
+        space.worker(w, &[]);
+    }
+    let runs = space.tmp.path().join("runs");
+    let file = layered_dag(&space, 7, 7, &runs); // 49 + root = 50 steps
+    let result = space.build(&file, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(
+        result.stderr.contains("50 of 50 derivations to build"),
+        "{result:?}"
+    );
+    let log = std::fs::read_to_string(&runs).expect("runs file");
+    let mut names: Vec<&str> = log.lines().collect();
+    assert_eq!(names.len(), 50, "builder runs: {log}");
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 50, "a step was built twice: {log}");
+    let out = result.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
+    // All three workers took part.
+    for w in ["w1", "w2", "w3"] {
+        assert!(
+            space.log(w).contains(" built "),
+            "{w} built nothing:\n{}",
+            space.log(w)
+        );
+    }
+}
+
+fn needs_feature(space: &Space, feature: &str) -> std::path::PathBuf {
+    space.nix_file(
+        "feature.nix",
+        &format!(
+            r#"derivation {{
+  name = "needs-{feature}";
+  nonce = "{nonce}";
+  requiredSystemFeatures = [ "{feature}" ];
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo big > $out" ];
+}}"#,
+            nonce = nonce()
+        ),
+    )
+}
+
+#[test]
+fn a_step_needing_a_feature_goes_to_the_worker_offering_it() {
+    let mut space = Space::start();
+    space.worker("small", &[]);
+    space.worker("large", &["--features", "big,kvm"]);
+    let result = space.build(&needs_feature(&space, "big"), BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("on large"), "{result:?}");
+    assert!(
+        !space.log("small").contains("building"),
+        "{}",
+        space.log("small")
+    );
+}
+
+#[test]
+fn a_step_no_worker_can_take_is_reported_unschedulable() {
+    let mut space = Space::start();
+    space.worker("small", &[]);
+    let result = space.build_with(
+        &needs_feature(&space, "big"),
+        &["--wait-for-workers", "1"],
+        BUILD_LIMIT,
+    );
+    assert_eq!(result.status.code(), Some(1), "{result:?}");
+    assert!(
+        result
+            .stderr
+            .contains("no worker for system x86_64-linux offers the required features: big"),
+        "{result:?}"
+    );
+    assert!(result.stderr.contains("is unschedulable"), "{result:?}");
+}
+
+fn sleeping_step(space: &Space, seconds: u32) -> std::path::PathBuf {
+    space.nix_file(
+        "sleep.nix",
+        &format!(
+            r#"derivation {{
+  name = "sleep-{nonce}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "/bin/sleep {seconds}; echo slept > $out" ];
+}}"#,
+            nonce = nonce()
+        ),
+    )
+}
+
+#[test]
+fn a_step_whose_worker_is_killed_completes_on_another_worker() {
+    let mut space = Space::start();
+    space.worker("doomed", &[]);
+    let build = space.spawn_build(&sleeping_step(&space, 2));
+    space.wait_for_log("doomed", "building", Duration::from_secs(30));
+    space.worker("survivor", &[]);
+    space.signal_worker("doomed", Signal::KILL);
+    let result = support::wait_output(build, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("on survivor"), "{result:?}");
+    assert_eq!(
+        std::fs::read_to_string(result.stdout.trim()).expect("output"),
+        "slept\n"
+    );
+}
+
+#[test]
+fn a_terminated_worker_finishes_its_build_before_leaving() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let build = space.spawn_build(&sleeping_step(&space, 2));
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    space.signal_worker("w1", Signal::TERM);
+    let status = space.wait_worker("w1", Duration::from_secs(60));
+    assert!(status.success(), "{}", space.log("w1"));
+    assert!(
+        space.log("w1").contains("left after finishing its builds"),
+        "{}",
+        space.log("w1")
+    );
+    let result = support::wait_output(build, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("built sleep-"), "{result:?}");
+}
