@@ -173,3 +173,62 @@ fn a_terminated_worker_finishes_its_build_before_leaving() {
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("built sleep-"), "{result:?}");
 }
+
+#[test]
+fn status_shows_workers_demands_and_unschedulable_steps() {
+    let mut space = Space::start();
+    space.worker("w1", &["--features", "kvm"]);
+    let file = space.nix_file(
+        "mixed.nix",
+        &format!(
+            r#"[
+  (derivation {{ name = "long-{n}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "/bin/sleep 30; echo > $out" ]; }})
+  (derivation {{ name = "arm-{n}"; system = "aarch64-linux"; builder = "/bin/sh"; }})
+]"#,
+            n = nonce()
+        ),
+    );
+    let mut build = space.spawn_build(&file);
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    let mut c = space.command(&["status", "--json", "--dir"]);
+    c.arg(space.dir());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let report: serde_json::Value = loop {
+        let out = support::run(c, Duration::from_secs(30));
+        assert!(out.status.success(), "{out:?}");
+        let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        if report["unschedulable"]
+            .as_object()
+            .is_some_and(|u| !u.is_empty())
+            || std::time::Instant::now() > deadline
+        {
+            break report;
+        }
+        c = space.command(&["status", "--json", "--dir"]);
+        c.arg(space.dir());
+    };
+    let workers = report["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 1, "{report}");
+    assert_eq!(workers[0]["id"], "w1");
+    assert_eq!(workers[0]["features"][0], "kvm");
+    assert_eq!(workers[0]["slots_used"], 1, "{report}");
+    assert_eq!(workers[0]["slots_total"], 2, "{report}");
+    let demand = &report["demands"][0];
+    assert_eq!(demand["steps"], 2, "{report}");
+    assert_eq!(demand["running"], 1, "{report}");
+    assert_eq!(demand["queued"], 1, "{report}");
+    assert_eq!(report["queue"]["aarch64-linux"], 1, "{report}");
+    let reasons: Vec<&str> = report["unschedulable"]
+        .as_object()
+        .expect("unschedulable")
+        .values()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec!["no worker offers system aarch64-linux"],
+        "{report}"
+    );
+    build.kill().expect("stop the build");
+    build.wait().expect("reap the build");
+}

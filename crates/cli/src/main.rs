@@ -6,6 +6,7 @@
 mod commands;
 mod logging;
 mod progress;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,7 @@ enum Command {
     Up(commands::up::UpArgs),
     Worker(commands::worker::WorkerArgs),
     Build(commands::build::BuildArgs),
+    Status(commands::status::StatusArgs),
     Demo(commands::demo::DemoArgs),
 }
 
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
             Command::Up(a) => commands::up::run(a).await,
             Command::Worker(a) => commands::worker::run(a).await,
             Command::Build(a) => commands::build::run(a).await,
+            Command::Status(a) => commands::status::run(a).await,
             Command::Demo(a) => commands::demo::run(a).await,
         }
     });

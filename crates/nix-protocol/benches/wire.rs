@@ -10,23 +10,25 @@
 use std::collections::BTreeSet;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use nixspace_nix_protocol::types::{NarHash, PathInfo};
+use nixspace_nix_formats::hash::{Hash, HashAlgo};
+use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_protocol::types::PathInfo;
 use nixspace_nix_protocol::version::NIX_2_8;
 use nixspace_nix_protocol::{
-    LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter, StderrFrame, StorePath,
+    LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter, StderrFrame,
 };
 
 fn path(i: usize, name: &str) -> StorePath {
     let hash: String = (0..32)
         .map(|j| "0123456789abcdfghijklmnpqrsvwxyz".as_bytes()[(i * 7 + j) % 32] as char)
         .collect();
-    StorePath::parse(&format!("/nix/store/{hash}-{name}")).expect("store path")
+    StorePath::from_base_name(&format!("{hash}-{name}")).expect("store path")
 }
 
 fn path_info() -> PathInfo {
     PathInfo {
         deriver: Some(path(1, "hello-2.12.drv")),
-        nar_hash: NarHash([0xab; 32]),
+        nar_hash: Hash::new(HashAlgo::Sha256, &[0xab; 32]).expect("sha256"),
         references: (0..20).map(|i| path(i + 2, &format!("dep-{i}"))).collect(),
         registration_time: 1_700_000_000,
         nar_size: 123_456,

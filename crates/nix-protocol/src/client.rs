@@ -6,11 +6,16 @@
 //! `STDERR_ERROR`) and requests that cannot be encoded at the negotiated version leave the
 //! connection usable; every other error may have left the stream out of step, so the client
 //! poisons itself and refuses further operations with [`ClientError::Poisoned`].
+//!
+//! The client's store directory (default `/nix/store`, see [`ClientConfig`]) is fixed at
+//! construction: store paths in requests are printed with it and store paths in replies must be
+//! inside it.
 
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -21,7 +26,6 @@ use crate::handshake::{self, HandshakeError, HandshakeInfo};
 use crate::nar_copy::{self, NarCopyError};
 use crate::ops::Request;
 use crate::stderr::{DaemonError, DiscardLogs, LogSink, StderrFrame};
-use crate::store_path::StorePath;
 use crate::types::{
     BasicDerivation, BuildMode, BuildResult, ClientSettings, DerivedPath, PathInfo, ValidPathInfo,
 };
@@ -106,6 +110,29 @@ impl From<NarCopyError> for ClientError {
     }
 }
 
+/// How a [`DaemonClient`] connects: what it offers in the handshake, and the daemon's store
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// The newest version to offer (default [`MAX_SUPPORTED`]).
+    pub version: ProtocolVersion,
+    /// The features to offer (default none).
+    pub features: BTreeSet<String>,
+    /// The daemon's store directory (default `/nix/store`): store paths are printed into it
+    /// and parsed from it.
+    pub store_dir: StoreDir,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            version: MAX_SUPPORTED,
+            features: BTreeSet::new(),
+            store_dir: StoreDir::default(),
+        }
+    }
+}
+
 /// A connection to a Nix daemon.
 pub struct DaemonClient<R, W: AsyncWrite> {
     reader: NixReader<R>,
@@ -125,8 +152,16 @@ impl<R, W: AsyncWrite> std::fmt::Debug for DaemonClient<R, W> {
 }
 
 impl DaemonClient<OwnedReadHalf, OwnedWriteHalf> {
-    /// Connects to a daemon socket and runs the handshake.
+    /// Connects to a daemon socket and runs the handshake with the default [`ClientConfig`].
     pub async fn connect(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        Self::connect_with(path, &ClientConfig::default()).await
+    }
+
+    /// Connects to a daemon socket and runs the handshake with `config`.
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path)
             .await
@@ -135,17 +170,27 @@ impl DaemonClient<OwnedReadHalf, OwnedWriteHalf> {
                 source,
             })?;
         let (r, w) = stream.into_split();
-        Self::handshake(r, w).await
+        Self::handshake_with_config(r, w, config).await
     }
 }
 
 impl DaemonClient<ChildStdout, ChildStdin> {
-    /// Takes the piped stdin/stdout of a `nix-daemon --stdio` child and runs the handshake.
+    /// Takes the piped stdin/stdout of a `nix-daemon --stdio` child and runs the handshake
+    /// with the default [`ClientConfig`].
     pub async fn from_child(child: &mut Child) -> Result<Self, ClientError> {
+        Self::from_child_with(child, &ClientConfig::default()).await
+    }
+
+    /// Takes the piped stdin/stdout of a `nix-daemon --stdio` child and runs the handshake
+    /// with `config`.
+    pub async fn from_child_with(
+        child: &mut Child,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
             return Err(ClientError::ChildStdio);
         };
-        Self::handshake(stdout, stdin).await
+        Self::handshake_with_config(stdout, stdin, config).await
     }
 }
 
@@ -154,24 +199,45 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
-    /// Runs the handshake offering [`MAX_SUPPORTED`] and no features.
+    /// Runs the handshake with the default [`ClientConfig`]: offering [`MAX_SUPPORTED`] and
+    /// no features, for the store `/nix/store`.
     pub async fn handshake(read: R, write: W) -> Result<Self, ClientError> {
-        Self::handshake_with(read, write, MAX_SUPPORTED, &BTreeSet::new()).await
+        Self::handshake_with_config(read, write, &ClientConfig::default()).await
     }
 
-    /// Runs the handshake offering `version` and `features`.
+    /// Runs the handshake offering `version` and `features`, for the store `/nix/store`.
     pub async fn handshake_with(
         read: R,
         write: W,
         version: ProtocolVersion,
         features: &BTreeSet<String>,
     ) -> Result<Self, ClientError> {
-        let mut reader = NixReader::new(read, version);
-        let mut writer = NixWriter::new(write, version);
+        let config = ClientConfig {
+            version,
+            features: features.clone(),
+            ..ClientConfig::default()
+        };
+        Self::handshake_with_config(read, write, &config).await
+    }
+
+    /// Runs the handshake as `config` says.
+    pub async fn handshake_with_config(
+        read: R,
+        write: W,
+        config: &ClientConfig,
+    ) -> Result<Self, ClientError> {
+        let version = config.version;
+        let mut reader = NixReader::new(read, version).with_store_dir(config.store_dir.clone());
+        let mut writer = NixWriter::new(write, version).with_store_dir(config.store_dir.clone());
         let mut logs: Box<dyn LogSink + Send> = Box::new(DiscardLogs);
-        let info =
-            handshake::client_handshake(&mut reader, &mut writer, version, features, &mut *logs)
-                .await?;
+        let info = handshake::client_handshake(
+            &mut reader,
+            &mut writer,
+            version,
+            &config.features,
+            &mut *logs,
+        )
+        .await?;
         Ok(Self {
             reader,
             writer,
@@ -189,6 +255,11 @@ where
     /// The negotiated version.
     pub fn version(&self) -> ProtocolVersion {
         self.info.version
+    }
+
+    /// The daemon's store directory, as configured at construction.
+    pub fn store_dir(&self) -> &StoreDir {
+        self.writer.store_dir()
     }
 
     /// Sets where log frames of operations without their own log callback go (default:
@@ -212,7 +283,8 @@ where
         if self.poisoned {
             return Err(ClientError::Poisoned);
         }
-        let mut scratch = NixWriter::new(Vec::new(), self.writer.version());
+        let mut scratch = NixWriter::new(Vec::new(), self.writer.version())
+            .with_store_dir(self.writer.store_dir().clone());
         req.write(&mut scratch)
             .await
             .map_err(ClientError::Unencodable)?;
@@ -456,5 +528,102 @@ where
         }
         .await;
         self.track(res)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::handshake::{server_handshake, ServerHello};
+    use crate::stderr::write_last;
+    use crate::version::NIX_2_8;
+    use nixspace_nix_formats::store_path::StorePathError;
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+    use tokio::task::JoinHandle;
+
+    type Client = DaemonClient<ReadHalf<DuplexStream>, WriteHalf<DuplexStream>>;
+
+    /// A client with `config` against a one-request server that reads store paths in
+    /// `read_dir`, writes them in `write_dir`, and answers `QueryValidPaths` with the paths it
+    /// was asked about (which it also returns).
+    async fn against_server(
+        config: ClientConfig,
+        read_dir: StoreDir,
+        write_dir: StoreDir,
+    ) -> (Client, JoinHandle<Result<BTreeSet<StorePath>, WireError>>) {
+        let (c, s) = tokio::io::duplex(4096);
+        let (cr, cw) = tokio::io::split(c);
+        let (sr, sw) = tokio::io::split(s);
+        let server = tokio::spawn(async move {
+            let mut r = NixReader::new(sr, NIX_2_8).with_store_dir(read_dir);
+            let mut w = NixWriter::new(sw, NIX_2_8).with_store_dir(write_dir);
+            let hello = ServerHello {
+                version: NIX_2_8,
+                nix_version: "2.8.0".into(),
+                trusted: None,
+                features: BTreeSet::new(),
+            };
+            server_handshake(&mut r, &mut w, &hello).await.unwrap();
+            let Some(Request::QueryValidPaths { paths, .. }) = Request::read(&mut r).await? else {
+                panic!("expected QueryValidPaths");
+            };
+            write_last(&mut w).await?;
+            w.write_store_paths(&paths, "reply").await?;
+            w.flush().await?;
+            Ok(paths)
+        });
+        let client = DaemonClient::handshake_with_config(cr, cw, &config)
+            .await
+            .unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn the_store_dir_is_fixed_at_construction() {
+        let p = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x").unwrap();
+        let paths = BTreeSet::from([p]);
+        let tmp = StoreDir::new("/tmp/s/store").unwrap();
+        let config = ClientConfig {
+            store_dir: tmp.clone(),
+            ..ClientConfig::default()
+        };
+
+        // Requests are printed, and replies parsed, in the configured store.
+        let (mut client, server) = against_server(config, tmp.clone(), tmp.clone()).await;
+        assert_eq!(client.store_dir(), &tmp);
+        assert_eq!(
+            client.query_valid_paths(&paths, false).await.unwrap(),
+            paths
+        );
+        assert_eq!(server.await.unwrap().unwrap(), paths);
+
+        // A default client prints /nix/store paths, which a server in another store refuses.
+        let (mut client, server) =
+            against_server(ClientConfig::default(), tmp.clone(), tmp.clone()).await;
+        assert_eq!(client.store_dir(), &StoreDir::default());
+        assert!(client.query_valid_paths(&paths, false).await.is_err());
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(WireError::StorePath {
+                what: "paths",
+                source: StorePathError::NotInStore { .. }
+            })
+        ));
+
+        // ... and refuses replies naming paths outside its store.
+        let (mut client, server) =
+            against_server(ClientConfig::default(), StoreDir::default(), tmp).await;
+        let err = client.query_valid_paths(&paths, false).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::Wire(WireError::StorePath {
+                    what: "QueryValidPaths reply",
+                    source: StorePathError::NotInStore { .. }
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(server.await.unwrap().unwrap(), paths);
     }
 }

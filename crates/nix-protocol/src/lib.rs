@@ -4,14 +4,19 @@
 //!
 //! Layering, bottom up:
 //! - [`version`]: [`ProtocolVersion`] and every version threshold the crate consults.
-//! - [`wire`]: [`NixReader`]/[`NixWriter`], which carry the negotiated version and the size
-//!   limits, and read/write the primitive encodings (u64, bool, padded bytes, lists, maps).
-//! - [`store_path`]: a small validated store-path newtype (until `nixspace-nix-formats`
-//!   settles, store paths stay strings checked for shape only).
+//! - [`wire`]: [`NixReader`]/[`NixWriter`], which carry the negotiated version, the size
+//!   limits and the store directory, and read/write the primitive encodings (u64, bool, padded
+//!   bytes, lists, maps) and store paths.
 //! - [`types`], [`stderr`], [`ops`], [`framed`], [`handshake`]: the protocol's vocabulary,
 //!   each with read and write implementations so both the client and the server side can use
 //!   them.
 //! - [`client`]: [`DaemonClient`], a client over any `AsyncRead`/`AsyncWrite` pair.
+//!
+//! Store paths and hashes are `nixspace-nix-formats`' types:
+//! [`StorePath`](nixspace_nix_formats::store_path::StorePath) (a base name, printed and parsed
+//! on the wire with the reader's or writer's
+//! [`StoreDir`](nixspace_nix_formats::store_path::StoreDir)) and
+//! [`Hash`](nixspace_nix_formats::hash::Hash).
 //!
 //! The crate depends on tokio's I/O traits only; it knows nothing of syndicate.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -23,19 +28,17 @@ pub mod handshake;
 mod nar_copy;
 pub mod ops;
 pub mod stderr;
-pub mod store_path;
 pub mod types;
 pub mod version;
 pub mod wire;
 
-pub use client::{ClientError, DaemonClient};
+pub use client::{ClientConfig, ClientError, DaemonClient};
 pub use handshake::{HandshakeError, HandshakeInfo, TrustedFlag};
 pub use ops::{Opcode, Request, UnknownOpcode};
 pub use stderr::{DaemonError, LogEvent, LogSink, StderrFrame};
-pub use store_path::{StorePath, StorePathError};
 pub use types::{
     BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DerivationOutput,
-    DerivedPath, NarHash, OutputSpec, PathInfo, Realisation, ValidPathInfo,
+    DerivedPath, OutputSpec, PathInfo, Realisation, ValidPathInfo,
 };
 pub use version::{ProtocolVersion, VersionError};
 pub use wire::{Limits, NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};

@@ -9,9 +9,9 @@
 
 use std::collections::BTreeSet;
 
+use nixspace_nix_formats::store_path::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::store_path::StorePath;
 use crate::types::{BasicDerivation, BuildMode, ClientSettings, DerivedPath, ValidPathInfo};
 use crate::version::{
     ProtocolVersion, ADD_MULTIPLE_TO_STORE, BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE,
@@ -341,9 +341,9 @@ impl Request {
             | Request::QueryPathInfo(p)
             | Request::NarFromPath(p)
             | Request::EnsurePath(p)
-            | Request::AddTempRoot(p) => p.write_to(w).await,
+            | Request::AddTempRoot(p) => w.write_store_path(p, "path").await,
             Request::QueryValidPaths { paths, substitute } => {
-                w.write_strings(paths, "paths").await?;
+                w.write_store_paths(paths, "paths").await?;
                 if v >= QUERY_VALID_PATHS_SUBSTITUTE {
                     w.write_bool(*substitute, "substitute").await?;
                 }
@@ -370,7 +370,7 @@ impl Request {
                 drv,
                 mode,
             } => {
-                drv_path.write_to(w).await?;
+                w.write_store_path(drv_path, "drvPath").await?;
                 drv.write_to(w).await?;
                 mode.write_to(w).await
             }

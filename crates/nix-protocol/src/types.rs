@@ -2,58 +2,52 @@
 //! path infos, build results, derived paths, realisations, the `BasicDerivation` that
 //! `BuildDerivation` carries, build modes and the `SetOptions` settings.
 //!
-//! Strings that Nix parses further (content addresses, output hash algorithms, signatures)
-//! are kept as strings here; `nixspace-nix-formats` owns their grammar. Store paths are checked
-//! for shape by [`StorePath`].
+//! Store paths are `nixspace-nix-formats`' [`StorePath`], parsed and printed against the
+//! reader's or writer's store directory; the NAR hash is its
+//! [`Hash`](struct@Hash) (always SHA-256).
+//! Other strings that Nix parses further (content addresses, output hash algorithms,
+//! signatures) are kept as strings here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
+use nixspace_nix_formats::hash::{Hash, HashAlgo, HashError};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::store_path::StorePath;
 use crate::version::{
     BUILD_RESULT_BUILT_OUTPUTS, BUILD_RESULT_CPU_TIMES, BUILD_RESULT_TIMES, DERIVED_PATH_STRINGS,
     PATH_INFO_ULTIMATE_SIGS_CA,
 };
 use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
 
-/// A SHA-256 NAR hash. On the wire: 64 lowercase hex digits without an algorithm prefix
-/// (a `sha256:` prefix is accepted when reading).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NarHash(pub [u8; 32]);
-
-impl NarHash {
-    /// Parses 64 hex digits, optionally prefixed with `sha256:`.
-    pub fn from_hex(s: &str) -> Option<Self> {
-        let s = s.strip_prefix("sha256:").unwrap_or(s);
-        if s.len() != 64 {
-            return None;
-        }
-        let mut out = [0u8; 32];
-        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-            let hi = (chunk[0] as char).to_digit(16)?;
-            let lo = (chunk[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
-        }
-        Some(Self(out))
-    }
-
-    /// 64 lowercase hex digits.
-    pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    }
+/// Reads a NAR hash. Nix 2.8 sends 64 lowercase hex digits without a prefix and reads with
+/// `Hash::parseAny(s, htSHA256)`, so any SHA-256 form is accepted (bare or `sha256:`-prefixed
+/// base-16, nixbase32 or base-64, or SRI); another algorithm is an error.
+async fn read_nar_hash<R: AsyncRead + Unpin>(r: &mut NixReader<R>) -> Result<Hash, WireError> {
+    let s = r.read_string("narHash").await?;
+    Hash::parse_any(&s, Some(HashAlgo::Sha256)).map_err(|source| WireError::Hash {
+        what: "narHash",
+        source,
+    })
 }
 
-impl fmt::Display for NarHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", self.to_hex())
+/// Writes a NAR hash as unprefixed base-16, as Nix does; it must be SHA-256, since the peer
+/// reads the unprefixed digest as SHA-256.
+async fn write_nar_hash<W: AsyncWrite + Unpin>(
+    w: &mut NixWriter<W>,
+    hash: &Hash,
+) -> Result<(), WireError> {
+    if hash.algo() != HashAlgo::Sha256 {
+        return Err(WireError::Hash {
+            what: "narHash",
+            source: HashError::AlgoMismatch {
+                text: hash.to_string(),
+                expected: HashAlgo::Sha256,
+            },
+        });
     }
+    w.write_str(&hash.to_base16(), "narHash").await
 }
 
 /// What the daemon knows about a valid path, without the path itself (the reply of
@@ -62,8 +56,9 @@ impl fmt::Display for NarHash {
 pub struct PathInfo {
     /// The derivation that produced the path, if known.
     pub deriver: Option<StorePath>,
-    /// The hash of the path's NAR serialisation.
-    pub nar_hash: NarHash,
+    /// The SHA-256 hash of the path's NAR serialisation (writing another algorithm is an
+    /// error).
+    pub nar_hash: Hash,
     /// The paths it references.
     pub references: BTreeSet<StorePath>,
     /// Seconds since the epoch at registration.
@@ -92,11 +87,7 @@ impl NixDeserialize for PathInfo {
         r: &mut NixReader<R>,
     ) -> Result<Self, WireError> {
         let deriver = r.read_opt_store_path("deriver").await?;
-        let hash = r.read_string("narHash").await?;
-        let nar_hash = NarHash::from_hex(&hash).ok_or(WireError::InvalidString {
-            what: "narHash",
-            value: hash,
-        })?;
+        let nar_hash = read_nar_hash(r).await?;
         let references = r.read_store_path_set("references").await?;
         let registration_time = r.read_u64("registrationTime").await?;
         let nar_size = r.read_u64("narSize").await?;
@@ -126,8 +117,8 @@ impl NixSerialize for PathInfo {
     ) -> Result<(), WireError> {
         w.write_opt_store_path(self.deriver.as_ref(), "deriver")
             .await?;
-        w.write_str(&self.nar_hash.to_hex(), "narHash").await?;
-        w.write_strings(&self.references, "references").await?;
+        write_nar_hash(w, &self.nar_hash).await?;
+        w.write_store_paths(&self.references, "references").await?;
         w.write_u64(self.registration_time, "registrationTime")
             .await?;
         w.write_u64(self.nar_size, "narSize").await?;
@@ -155,7 +146,7 @@ impl NixSerialize for ValidPathInfo {
         &self,
         w: &mut NixWriter<W>,
     ) -> Result<(), WireError> {
-        w.write_str(self.path.as_str(), "path").await?;
+        w.write_store_path(&self.path, "path").await?;
         self.info.write_to(w).await
     }
 }
@@ -458,11 +449,13 @@ fn valid_output_name(s: &str) -> bool {
 }
 
 impl DerivedPath {
-    /// The wire form at `version`: from 1.30 `path`, `drv!*` or `drv!a,b`; before that the
-    /// "path with outputs" form, where all outputs are the bare `.drv` path and an opaque
-    /// `.drv` cannot be expressed.
+    /// The wire form at `version`, with paths printed in `store_dir`: from 1.30 `path`,
+    /// `drv!*` or `drv!a,b`; before that the "path with outputs" form, where all outputs are
+    /// the bare `.drv` path and an opaque `.drv` cannot be expressed. Writing a
+    /// [`DerivedPath`] to a [`NixWriter`] uses the writer's version and store directory.
     pub fn to_wire_string(
         &self,
+        store_dir: &StoreDir,
         version: crate::version::ProtocolVersion,
     ) -> Result<String, WireError> {
         let new_form = version >= DERIVED_PATH_STRINGS;
@@ -473,28 +466,30 @@ impl DerivedPath {
                     version,
                 })
             }
-            DerivedPath::Opaque(p) => p.to_string(),
+            DerivedPath::Opaque(p) => store_dir.print(p),
             DerivedPath::Built {
                 drv_path,
                 outputs: OutputSpec::All,
-            } if new_form => format!("{drv_path}!*"),
+            } if new_form => format!("{}!*", store_dir.print(drv_path)),
             DerivedPath::Built {
                 drv_path,
                 outputs: OutputSpec::All,
-            } => drv_path.to_string(),
+            } => store_dir.print(drv_path),
             DerivedPath::Built {
                 drv_path,
                 outputs: OutputSpec::Names(names),
             } => {
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                format!("{drv_path}!{}", names.join(","))
+                format!("{}!{}", store_dir.print(drv_path), names.join(","))
             }
         })
     }
 
-    /// Parses the wire form at `version` (see [`DerivedPath::to_wire_string`]).
+    /// Parses the wire form at `version`, with paths in `store_dir` (see
+    /// [`DerivedPath::to_wire_string`]).
     pub fn parse_wire(
         s: &str,
+        store_dir: &StoreDir,
         version: crate::version::ProtocolVersion,
     ) -> Result<Self, WireError> {
         let invalid = || WireError::InvalidString {
@@ -502,7 +497,7 @@ impl DerivedPath {
             value: s.to_owned(),
         };
         let path = |p: &str| {
-            StorePath::parse(p).map_err(|source| WireError::StorePath {
+            store_dir.parse(p).map_err(|source| WireError::StorePath {
                 what: "derived path",
                 source,
             })
@@ -538,7 +533,7 @@ impl NixDeserialize for DerivedPath {
         r: &mut NixReader<R>,
     ) -> Result<Self, WireError> {
         let s = r.read_string("derived path").await?;
-        DerivedPath::parse_wire(&s, r.version())
+        DerivedPath::parse_wire(&s, r.store_dir(), r.version())
     }
 }
 
@@ -547,7 +542,7 @@ impl NixSerialize for DerivedPath {
         &self,
         w: &mut NixWriter<W>,
     ) -> Result<(), WireError> {
-        let s = self.to_wire_string(w.version())?;
+        let s = self.to_wire_string(w.store_dir(), w.version())?;
         w.write_str(&s, "derived path").await
     }
 }
@@ -625,7 +620,7 @@ impl NixSerialize for BasicDerivation {
             w.write_str(&out.hash_algo, "output hashAlgo").await?;
             w.write_str(&out.hash, "output hash").await?;
         }
-        w.write_strings(&self.input_srcs, "inputSrcs").await?;
+        w.write_store_paths(&self.input_srcs, "inputSrcs").await?;
         w.write_str(&self.platform, "platform").await?;
         w.write_str(&self.builder, "builder").await?;
         w.write_strings(&self.args, "args").await?;
@@ -734,44 +729,117 @@ impl NixSerialize for ClientSettings {
 mod tests {
     use super::*;
     use crate::version::{ProtocolVersion, MIN_SUPPORTED, NIX_2_8};
+    use nixspace_nix_formats::store_path::StorePathError;
 
     const DRV: &str = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv";
 
-    #[test]
-    fn nar_hash_hex_round_trip() {
-        let h = NarHash([0xab; 32]);
-        assert_eq!(NarHash::from_hex(&h.to_hex()), Some(h));
-        assert_eq!(
-            NarHash::from_hex(&format!("sha256:{}", h.to_hex())),
-            Some(h)
-        );
-        assert_eq!(NarHash::from_hex("abc"), None);
-        assert_eq!(NarHash::from_hex(&"g".repeat(64)), None);
+    fn wire_string(s: &str) -> NixReader<std::io::Cursor<Vec<u8>>> {
+        let mut bytes = (s.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(s.as_bytes());
+        bytes.extend(&[0u8; 8][..crate::wire::padding_len(s.len() as u64)]);
+        NixReader::new(std::io::Cursor::new(bytes), NIX_2_8)
+    }
+
+    #[tokio::test]
+    async fn nar_hash_wire_forms() {
+        let h = Hash::new(HashAlgo::Sha256, &[0xab; 32]).unwrap();
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        write_nar_hash(&mut w, &h).await.unwrap();
+        w.flush().await.unwrap();
+        let bytes = w.into_inner();
+        // Unprefixed base-16, as Nix 2.8 writes it.
+        assert_eq!(&bytes[..8], &64u64.to_le_bytes());
+        assert_eq!(&bytes[8..], "ab".repeat(32).as_bytes());
+        let mut r = NixReader::new(std::io::Cursor::new(bytes), NIX_2_8);
+        assert_eq!(read_nar_hash(&mut r).await.unwrap(), h);
+        for form in [
+            h.to_prefixed_base16(),
+            h.to_prefixed_nixbase32(),
+            h.to_sri(),
+        ] {
+            assert_eq!(read_nar_hash(&mut wire_string(&form)).await.unwrap(), h);
+        }
+        for bad in ["abc".to_owned(), "g".repeat(64), String::new()] {
+            assert!(
+                matches!(
+                    read_nar_hash(&mut wire_string(&bad)).await,
+                    Err(WireError::Hash {
+                        what: "narHash",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        let md5 = Hash::digest(HashAlgo::Md5, b"x");
+        assert!(matches!(
+            read_nar_hash(&mut wire_string(&md5.to_prefixed_base16())).await,
+            Err(WireError::Hash {
+                source: HashError::AlgoMismatch { .. },
+                ..
+            })
+        ));
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        assert!(matches!(
+            write_nar_hash(&mut w, &md5).await,
+            Err(WireError::Hash {
+                what: "narHash",
+                source: HashError::AlgoMismatch {
+                    expected: HashAlgo::Sha256,
+                    ..
+                }
+            })
+        ));
     }
 
     #[test]
     fn derived_path_forms() {
+        let dir = StoreDir::default();
+        let drv = dir.parse(DRV).unwrap();
         let all = DerivedPath::Built {
-            drv_path: StorePath::parse(DRV).unwrap(),
+            drv_path: drv.clone(),
             outputs: OutputSpec::All,
         };
-        assert_eq!(all.to_wire_string(NIX_2_8).unwrap(), format!("{DRV}!*"));
-        assert_eq!(all.to_wire_string(MIN_SUPPORTED).unwrap(), DRV);
-        assert_eq!(DerivedPath::parse_wire(DRV, MIN_SUPPORTED).unwrap(), all);
         assert_eq!(
-            DerivedPath::parse_wire(&format!("{DRV}!*"), NIX_2_8).unwrap(),
+            all.to_wire_string(&dir, NIX_2_8).unwrap(),
+            format!("{DRV}!*")
+        );
+        assert_eq!(all.to_wire_string(&dir, MIN_SUPPORTED).unwrap(), DRV);
+        assert_eq!(
+            DerivedPath::parse_wire(DRV, &dir, MIN_SUPPORTED).unwrap(),
             all
         );
-        let opaque = DerivedPath::Opaque(StorePath::parse(DRV).unwrap());
-        assert_eq!(DerivedPath::parse_wire(DRV, NIX_2_8).unwrap(), opaque);
-        assert!(opaque.to_wire_string(ProtocolVersion::new(1, 29)).is_err());
-        let outs = DerivedPath::parse_wire(&format!("{DRV}!out,dev"), NIX_2_8).unwrap();
         assert_eq!(
-            outs.to_wire_string(MIN_SUPPORTED).unwrap(),
+            DerivedPath::parse_wire(&format!("{DRV}!*"), &dir, NIX_2_8).unwrap(),
+            all
+        );
+        let opaque = DerivedPath::Opaque(drv);
+        assert_eq!(DerivedPath::parse_wire(DRV, &dir, NIX_2_8).unwrap(), opaque);
+        assert!(opaque
+            .to_wire_string(&dir, ProtocolVersion::new(1, 29))
+            .is_err());
+        let outs = DerivedPath::parse_wire(&format!("{DRV}!out,dev"), &dir, NIX_2_8).unwrap();
+        assert_eq!(
+            outs.to_wire_string(&dir, MIN_SUPPORTED).unwrap(),
             format!("{DRV}!dev,out")
         );
-        assert!(DerivedPath::parse_wire(&format!("{DRV}!"), NIX_2_8).is_err());
-        assert!(DerivedPath::parse_wire(&format!("{DRV}!a,,b"), NIX_2_8).is_err());
+        assert!(DerivedPath::parse_wire(&format!("{DRV}!"), &dir, NIX_2_8).is_err());
+        assert!(DerivedPath::parse_wire(&format!("{DRV}!a,,b"), &dir, NIX_2_8).is_err());
+        // Paths are printed and parsed in the given store directory.
+        let tmp = StoreDir::new("/tmp/store").unwrap();
+        let moved = all.to_wire_string(&tmp, NIX_2_8).unwrap();
+        assert_eq!(
+            moved,
+            "/tmp/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello.drv!*"
+        );
+        assert_eq!(DerivedPath::parse_wire(&moved, &tmp, NIX_2_8).unwrap(), all);
+        assert!(matches!(
+            DerivedPath::parse_wire(&moved, &dir, NIX_2_8),
+            Err(WireError::StorePath {
+                what: "derived path",
+                source: StorePathError::NotInStore { .. }
+            })
+        ));
     }
 
     #[test]

@@ -13,17 +13,21 @@
 //! [`NixReader::try_read_u64`] tells a clean end of stream at an operation boundary ("the
 //! client left") apart from a truncated message.
 //!
-//! This layer does not know what the strings mean (store paths, hashes, JSON): the [`crate::types`]
-//! module validates those.
+//! Store paths are the one kind of string this layer interprets: on the wire they are full
+//! paths, so each reader and writer also carries the connection's [`StoreDir`] (default
+//! `/nix/store`, see [`NixReader::with_store_dir`]). [`NixReader::read_store_path`] parses
+//! against it into a [`StorePath`] base name, and [`NixWriter::write_store_path`] prints with
+//! it. Other strings that carry meaning (hashes, JSON) are validated by [`crate::types`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 
+use nixspace_nix_formats::hash::HashError;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::ops::UnknownOpcode;
-use crate::store_path::StorePathError;
 use crate::version::ProtocolVersion;
 
 /// Size limits applied while reading.
@@ -118,7 +122,8 @@ pub enum WireError {
         /// The offending string.
         value: String,
     },
-    /// A store path that failed validation.
+    /// A store path that failed validation, or that is not directly inside the connection's
+    /// store directory ([`StorePathError::NotInStore`]).
     #[error("{what}: invalid store path")]
     StorePath {
         /// The field being read.
@@ -126,6 +131,16 @@ pub enum WireError {
         /// Why it is invalid.
         #[source]
         source: StorePathError,
+    },
+    /// A hash that failed to parse, or that has the wrong algorithm for the field (reading or
+    /// writing; the NAR hash must be SHA-256).
+    #[error("{what}: invalid hash")]
+    Hash {
+        /// The field being read or written.
+        what: &'static str,
+        /// Why it is invalid.
+        #[source]
+        source: HashError,
     },
     /// A JSON document (realisations) that failed to parse or print.
     #[error("{what}: invalid JSON")]
@@ -195,23 +210,27 @@ pub const fn padding_len(len: u64) -> usize {
     ((8 - (len % 8)) % 8) as usize
 }
 
-/// A buffered reader for one direction of a connection, carrying its negotiated version and
-/// its limits.
+/// A buffered reader for one direction of a connection, carrying its negotiated version, its
+/// limits and the store directory that store paths are parsed against.
 #[derive(Debug)]
 pub struct NixReader<R> {
     inner: BufReader<R>,
     version: ProtocolVersion,
     limits: Limits,
+    store_dir: StoreDir,
 }
 
 impl<R: AsyncRead + Unpin> NixReader<R> {
     /// Wraps a stream whose version is already known (for tests and for servers that
-    /// negotiated elsewhere). [`crate::handshake`] builds readers for real connections.
+    /// negotiated elsewhere). [`crate::handshake`] sets the negotiated version on real
+    /// connections. The store directory is `/nix/store` until
+    /// [`NixReader::with_store_dir`] replaces it.
     pub fn new(inner: R, version: ProtocolVersion) -> Self {
         Self {
             inner: BufReader::new(inner),
             version,
             limits: Limits::default(),
+            store_dir: StoreDir::default(),
         }
     }
 
@@ -219,6 +238,17 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Replaces the store directory that store paths read from the wire must be in.
+    pub fn with_store_dir(mut self, store_dir: StoreDir) -> Self {
+        self.store_dir = store_dir;
+        self
+    }
+
+    /// The store directory store paths are parsed against.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
     }
 
     /// The negotiated protocol version.
@@ -400,6 +430,44 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
         Ok(out)
     }
 
+    /// Parses a full store path against the reader's store directory.
+    fn parse_store_path(&self, s: &str, what: &'static str) -> Result<StorePath, WireError> {
+        self.store_dir
+            .parse(s)
+            .map_err(|source| WireError::StorePath { what, source })
+    }
+
+    /// Reads a full store path, which must be directly inside the reader's store directory.
+    pub async fn read_store_path(&mut self, what: &'static str) -> Result<StorePath, WireError> {
+        let s = self.read_string(what).await?;
+        self.parse_store_path(&s, what)
+    }
+
+    /// Reads an optional store path (the empty string means none).
+    pub async fn read_opt_store_path(
+        &mut self,
+        what: &'static str,
+    ) -> Result<Option<StorePath>, WireError> {
+        let s = self.read_string(what).await?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        self.parse_store_path(&s, what).map(Some)
+    }
+
+    /// Reads a set of store paths (duplicates collapse, as in Nix).
+    pub async fn read_store_path_set(
+        &mut self,
+        what: &'static str,
+    ) -> Result<BTreeSet<StorePath>, WireError> {
+        let n = self.read_count(what).await?;
+        let mut out = BTreeSet::new();
+        for _ in 0..n {
+            out.insert(self.read_store_path(what).await?);
+        }
+        Ok(out)
+    }
+
     /// Reads any [`NixDeserialize`] value.
     pub async fn read_value<T: NixDeserialize>(&mut self) -> Result<T, WireError>
     where
@@ -409,21 +477,36 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
     }
 }
 
-/// A buffered writer for one direction of a connection, carrying its negotiated version.
-/// Writes go into a buffer; [`NixWriter::flush`] sends them.
+/// A buffered writer for one direction of a connection, carrying its negotiated version and
+/// the store directory that store paths are printed with. Writes go into a buffer;
+/// [`NixWriter::flush`] sends them.
 #[derive(Debug)]
 pub struct NixWriter<W: AsyncWrite> {
     inner: BufWriter<W>,
     version: ProtocolVersion,
+    store_dir: StoreDir,
 }
 
 impl<W: AsyncWrite + Unpin> NixWriter<W> {
-    /// Wraps a stream whose version is already known.
+    /// Wraps a stream whose version is already known. The store directory is `/nix/store`
+    /// until [`NixWriter::with_store_dir`] replaces it.
     pub fn new(inner: W, version: ProtocolVersion) -> Self {
         Self {
             inner: BufWriter::new(inner),
             version,
+            store_dir: StoreDir::default(),
         }
+    }
+
+    /// Replaces the store directory that store paths are printed with.
+    pub fn with_store_dir(mut self, store_dir: StoreDir) -> Self {
+        self.store_dir = store_dir;
+        self
+    }
+
+    /// The store directory store paths are printed with.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.store_dir
     }
 
     /// The negotiated protocol version.
@@ -519,12 +602,69 @@ impl<W: AsyncWrite + Unpin> NixWriter<W> {
         Ok(())
     }
 
+    /// Writes a store path as a full path in the writer's store directory.
+    pub async fn write_store_path(
+        &mut self,
+        p: &StorePath,
+        what: &'static str,
+    ) -> Result<(), WireError> {
+        let s = self.store_dir.print(p);
+        self.write_str(&s, what).await
+    }
+
+    /// Writes an optional store path (none as the empty string).
+    pub async fn write_opt_store_path(
+        &mut self,
+        p: Option<&StorePath>,
+        what: &'static str,
+    ) -> Result<(), WireError> {
+        match p {
+            Some(p) => self.write_store_path(p, what).await,
+            None => self.write_str("", what).await,
+        }
+    }
+
+    /// Writes a list or set of store paths, in iteration order.
+    pub async fn write_store_paths<'a, I>(
+        &mut self,
+        paths: I,
+        what: &'static str,
+    ) -> Result<(), WireError>
+    where
+        I: IntoIterator<Item = &'a StorePath>,
+        I::IntoIter: ExactSizeIterator,
+    {
+        let paths = paths.into_iter();
+        self.write_u64(paths.len() as u64, what).await?;
+        for p in paths {
+            self.write_store_path(p, what).await?;
+        }
+        Ok(())
+    }
+
     /// Writes any [`NixSerialize`] value.
     pub async fn write_value<T: NixSerialize + Sync>(&mut self, v: &T) -> Result<(), WireError>
     where
         W: Send,
     {
         v.write_to(self).await
+    }
+}
+
+impl NixDeserialize for StorePath {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        r.read_store_path("store path").await
+    }
+}
+
+impl NixSerialize for StorePath {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        w.write_store_path(self, "store path").await
     }
 }
 
@@ -585,6 +725,93 @@ mod tests {
         assert!(matches!(
             reader(bytes).read_bytes("s").await,
             Err(WireError::UnexpectedEof { .. })
+        ));
+    }
+
+    const P: &str = "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello-2.12.drv";
+
+    fn strings(ss: &[&str]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in ss {
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+            out.extend(&[0u8; 8][..padding_len(s.len() as u64)]);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn store_paths_are_parsed_against_the_store_dir() {
+        let p = reader(strings(&[P])).read_store_path("p").await.unwrap();
+        assert_eq!(p.hash_part(), "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz");
+        assert_eq!(p.name(), "hello-2.12.drv");
+        assert!(p.is_derivation());
+
+        let tmp = StoreDir::new("/tmp/s").unwrap();
+        let other = "/tmp/s/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x";
+        let mut r = reader(strings(&[other])).with_store_dir(tmp.clone());
+        assert_eq!(r.store_dir(), &tmp);
+        let q = r.read_store_path("p").await.unwrap();
+        assert_eq!(q.to_string(), "7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x");
+        // The same path is not in the default store.
+        assert!(matches!(
+            reader(strings(&[other])).read_store_path("p").await,
+            Err(WireError::StorePath {
+                what: "p",
+                source: StorePathError::NotInStore { .. }
+            })
+        ));
+
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8).with_store_dir(tmp.clone());
+        w.write_store_path(&q, "p").await.unwrap();
+        w.write_opt_store_path(None, "o").await.unwrap();
+        w.write_store_paths([&q, &p], "s").await.unwrap();
+        w.flush().await.unwrap();
+        let mut r = reader(w.into_inner()).with_store_dir(tmp);
+        assert_eq!(r.read_store_path("p").await.unwrap(), q);
+        assert_eq!(r.read_opt_store_path("o").await.unwrap(), None);
+        assert_eq!(
+            r.read_store_path_set("s").await.unwrap(),
+            BTreeSet::from([p, q])
+        );
+        assert!(r.try_read_u64("end").await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn bad_store_paths_are_rejected_by_field() {
+        for bad in [
+            "",
+            "nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x",
+            "/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x",
+            "/nix/store/short-x",
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxle-x",
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz_x",
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a b",
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-",
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x/sub",
+        ] {
+            let res = reader(strings(&[bad])).read_store_path("deriver").await;
+            assert!(
+                matches!(
+                    res,
+                    Err(WireError::StorePath {
+                        what: "deriver",
+                        ..
+                    })
+                ),
+                "{bad}: {res:?}"
+            );
+        }
+        let err = reader(strings(&["/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxle-x"]))
+            .read_opt_store_path("deriver")
+            .await
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            WireError::StorePath {
+                what: "deriver",
+                source: StorePathError::InvalidHashChar { character: 'e', .. }
+            }
         ));
     }
 

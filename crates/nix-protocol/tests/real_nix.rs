@@ -4,11 +4,13 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{make_tree, store_path, unique, NixEnv};
+use common::{full, make_tree, store_path, unique, NixEnv};
+use nixspace_nix_formats::hash::{Hash, HashAlgo};
+use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::version::{MIN_SUPPORTED, NIX_2_8};
 use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildStatus, DaemonClient, DerivationOutput, DerivedPath, LogEvent,
-    NarHash, OutputSpec, PathInfo, ProtocolVersion, StorePath, ValidPathInfo,
+    OutputSpec, PathInfo, ProtocolVersion, ValidPathInfo,
 };
 
 fn instantiate(env: &NixEnv, tag: &str) -> StorePath {
@@ -24,8 +26,9 @@ fn instantiate(env: &NixEnv, tag: &str) -> StorePath {
 /// Converts `nix show-derivation` JSON into the `BasicDerivation` that `BuildDerivation`
 /// sends.
 fn basic_derivation(env: &NixEnv, drv: &StorePath) -> BasicDerivation {
+    let drv = full(drv);
     let json: serde_json::Value =
-        serde_json::from_str(&env.run("nix", &["show-derivation", drv.as_str()])).unwrap();
+        serde_json::from_str(&env.run("nix", &["show-derivation", &drv])).unwrap();
     let d = &json[drv.as_str()];
     let str_of = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
     let outputs = d["outputs"]
@@ -81,13 +84,15 @@ async fn check_path_info(env: &NixEnv, version: ProtocolVersion) {
     client.set_options(&common::settings()).await.unwrap();
 
     let drv = instantiate(env, &unique("qpi"));
-    let src = env.run("nix-store", &["-q", "--references", drv.as_str()]);
+    let drv_s = full(&drv);
+    let src = env.run("nix-store", &["-q", "--references", &drv_s]);
     let info: PathInfo = client.query_path_info(&drv).await.unwrap().unwrap();
-    let expected_hash = hex_hash(env, &env.run("nix-store", &["-q", "--hash", drv.as_str()]));
-    assert_eq!(info.nar_hash.to_hex(), expected_hash);
+    let expected_hash = hex_hash(env, &env.run("nix-store", &["-q", "--hash", &drv_s]));
+    assert_eq!(info.nar_hash.algo(), HashAlgo::Sha256);
+    assert_eq!(info.nar_hash.to_base16(), expected_hash);
     assert_eq!(
         info.nar_size,
-        env.run("nix-store", &["-q", "--size", drv.as_str()])
+        env.run("nix-store", &["-q", "--size", &drv_s])
             .parse::<u64>()
             .unwrap()
     );
@@ -100,7 +105,7 @@ async fn check_path_info(env: &NixEnv, version: ProtocolVersion) {
     assert!(client.is_valid_path(&drv).await.unwrap());
     let missing = store_path(&format!(
         "{}/00000000000000000000000000000000-missing",
-        drv.store_dir()
+        client.store_dir()
     ));
     assert!(!client.is_valid_path(&missing).await.unwrap());
     assert_eq!(client.query_path_info(&missing).await.unwrap(), None);
@@ -141,7 +146,7 @@ async fn nar_from_path_matches_nix_store_dump() {
     let env = NixEnv::new();
     let tree = make_tree(env.conf_dir(), &unique("nar"));
     let path = store_path(&env.run("nix-store", &["--add", tree.to_str().unwrap()]));
-    let expected = env.run_bytes("nix-store", &["--dump", path.as_str()]);
+    let expected = env.run_bytes("nix-store", &["--dump", &full(&path)]);
     let mut daemon = env.daemon();
     let mut client = daemon.client().await;
     client.set_options(&common::settings()).await.unwrap();
@@ -172,7 +177,7 @@ async fn add_to_store_nar(version: ProtocolVersion) {
         path: path.clone(),
         info: PathInfo {
             deriver: None,
-            nar_hash: NarHash::from_hex(&hex).unwrap(),
+            nar_hash: Hash::parse_unprefixed(&hex, HashAlgo::Sha256).unwrap(),
             references: BTreeSet::new(),
             registration_time: 0,
             nar_size: nar.len() as u64,
@@ -200,19 +205,21 @@ async fn add_to_store_nar(version: ProtocolVersion) {
     let stored = client.query_path_info(&path).await.unwrap().unwrap();
     assert_eq!(stored.nar_hash, info.info.nar_hash);
     assert_eq!(stored.ca, info.info.ca);
-    assert!(env.run_bytes("nix-store", &["--dump", path.as_str()]) == nar);
+    assert!(env.run_bytes("nix-store", &["--dump", &full(&path)]) == nar);
 
     // A wrong hash is refused by the daemon, and the connection survives.
     let mut bad = info.clone();
-    bad.path = store_path(&format!("{}/{}", path.store_dir(), {
-        let other = unique("bad");
-        let p = env.run(
-            "nix-store",
-            &["--print-fixed-path", "--recursive", "sha256", &hex, &other],
-        );
-        p.rsplit('/').next().unwrap().to_owned()
-    }));
-    bad.info.nar_hash = NarHash([7; 32]);
+    bad.path = store_path(&env.run(
+        "nix-store",
+        &[
+            "--print-fixed-path",
+            "--recursive",
+            "sha256",
+            &hex,
+            &unique("bad"),
+        ],
+    ));
+    bad.info.nar_hash = Hash::new(HashAlgo::Sha256, &[7; 32]).unwrap();
     let err = client
         .add_to_store_nar(&bad, &mut nar.as_slice(), false, true)
         .await
@@ -268,7 +275,7 @@ async fn build_derivation(version: ProtocolVersion) {
         assert!(result.stop_time >= result.start_time && result.start_time > 0);
         let (id, real) = result.built_outputs.iter().next().unwrap();
         assert!(id.ends_with("!out"), "{id}");
-        assert_eq!(real.out_path, out.base_name());
+        assert_eq!(real.out_path, out.to_string());
     }
     assert!(client.is_valid_path(&out).await.unwrap());
 
@@ -328,7 +335,7 @@ async fn build_paths_builds_all_outputs() {
     // Building a missing path is a daemon error; the session continues.
     let missing = DerivedPath::Opaque(store_path(&format!(
         "{}/00000000000000000000000000000000-nope",
-        drv.store_dir()
+        client.store_dir()
     )));
     let err = client
         .build_paths(&[missing], BuildMode::Normal, &mut |_| {})

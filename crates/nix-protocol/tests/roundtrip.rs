@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io::Cursor;
 
+use nixspace_nix_formats::hash::{Hash, HashAlgo};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::stderr::Field;
 use nixspace_nix_protocol::version::{
     BUILD_PATHS_WITH_RESULTS, BUILD_RESULT_BUILT_OUTPUTS, BUILD_RESULT_CPU_TIMES,
@@ -13,9 +15,8 @@ use nixspace_nix_protocol::version::{
 };
 use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError,
-    DerivationOutput, DerivedPath, LogEvent, NarHash, NixDeserialize, NixReader, NixSerialize,
-    NixWriter, OutputSpec, PathInfo, ProtocolVersion, Realisation, Request, StderrFrame, StorePath,
-    ValidPathInfo,
+    DerivationOutput, DerivedPath, LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter,
+    OutputSpec, PathInfo, ProtocolVersion, Realisation, Request, StderrFrame, ValidPathInfo,
 };
 use proptest::prelude::*;
 
@@ -38,23 +39,36 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-fn encode<T: NixSerialize + Sync>(v: &T, version: ProtocolVersion) -> Vec<u8> {
+fn encode<T: NixSerialize + Sync>(v: &T, version: ProtocolVersion, dir: &StoreDir) -> Vec<u8> {
     block_on(async {
-        let mut w = NixWriter::new(Vec::new(), version);
+        let mut w = NixWriter::new(Vec::new(), version).with_store_dir(dir.clone());
         v.write_to(&mut w).await.unwrap();
         w.flush().await.unwrap();
         w.into_inner()
     })
 }
 
+/// A store directory other than `/nix/store`.
+fn other_store_dir() -> StoreDir {
+    StoreDir::new("/tmp/nixspace-test/store").unwrap()
+}
+
 fn round_trip<T>(v: &T, version: ProtocolVersion) -> T
 where
     T: NixSerialize + NixDeserialize + Sync + Debug,
 {
-    let bytes = encode(v, version);
+    round_trip_in(v, version, &StoreDir::default())
+}
+
+/// [`round_trip`] with reader and writer in store directory `dir`.
+fn round_trip_in<T>(v: &T, version: ProtocolVersion, dir: &StoreDir) -> T
+where
+    T: NixSerialize + NixDeserialize + Sync + Debug,
+{
+    let bytes = encode(v, version, dir);
     assert_eq!(bytes.len() % 8, 0, "not padded: {v:?}");
     block_on(async {
-        let mut r = NixReader::new(Cursor::new(bytes), version);
+        let mut r = NixReader::new(Cursor::new(bytes), version).with_store_dir(dir.clone());
         let out = T::read_from(&mut r).await.unwrap();
         assert_eq!(
             r.try_read_u64("trailing").await.unwrap(),
@@ -89,7 +103,7 @@ fn store_path() -> impl Strategy<Value = StorePath> {
     )
         .prop_map(|(h, n, drv)| {
             let suffix = if drv { ".drv" } else { "" };
-            StorePath::parse(&format!("/nix/store/{h}-{n}{suffix}")).unwrap()
+            StorePath::from_base_name(&format!("{h}-{n}{suffix}")).unwrap()
         })
 }
 
@@ -111,7 +125,7 @@ fn path_info() -> impl Strategy<Value = PathInfo> {
         .prop_map(
             |(deriver, h, references, rt, ns, ultimate, sigs, ca)| PathInfo {
                 deriver,
-                nar_hash: NarHash(h),
+                nar_hash: Hash::new(HashAlgo::Sha256, &h).unwrap(),
                 references,
                 registration_time: rt,
                 nar_size: ns,
@@ -193,7 +207,7 @@ fn derived_path() -> impl Strategy<Value = DerivedPath> {
             proptest::option::of(proptest::collection::btree_set(output_name(), 1..4))
         )
             .prop_map(|(p, outs)| DerivedPath::Built {
-                drv_path: StorePath::parse(&format!("{p}.drv")).unwrap(),
+                drv_path: StorePath::from_base_name(&format!("{p}.drv")).unwrap(),
                 outputs: outs.map_or(OutputSpec::All, OutputSpec::Names),
             }),
     ]
@@ -419,7 +433,8 @@ proptest! {
         for v in VERSIONS {
             prop_assert_eq!(&round_trip(&info, v), &info);
             let vpi = ValidPathInfo { path: path.clone(), info: info.clone() };
-            prop_assert_eq!(round_trip(&vpi, v), vpi);
+            prop_assert_eq!(&round_trip(&vpi, v), &vpi);
+            prop_assert_eq!(round_trip_in(&vpi, v, &other_store_dir()), vpi);
         }
     }
 
@@ -435,6 +450,7 @@ proptest! {
         for v in VERSIONS {
             if expressible(&p, v) {
                 prop_assert_eq!(&round_trip(&p, v), &p);
+                prop_assert_eq!(&round_trip_in(&p, v, &other_store_dir()), &p);
             }
         }
     }
@@ -450,6 +466,7 @@ proptest! {
     fn basic_derivation_round_trips(d in basic_derivation()) {
         for v in VERSIONS {
             prop_assert_eq!(&round_trip(&d, v), &d);
+            prop_assert_eq!(&round_trip_in(&d, v, &other_store_dir()), &d);
         }
     }
 

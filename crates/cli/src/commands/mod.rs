@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod demo;
+pub mod status;
 pub mod up;
 pub mod worker;
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nixspace_nix_protocol::{ClientSettings, DaemonClient, StorePath};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_protocol::{ClientSettings, DaemonClient};
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
 /// A private Nix configuration directory.
@@ -124,8 +125,14 @@ pub fn make_tree(root: &Path, tag: &str) -> PathBuf {
     dir
 }
 
+/// Parses a full path in the default store (the one these tests' Nix uses).
 pub fn store_path(s: &str) -> StorePath {
-    StorePath::parse(s).unwrap()
+    StoreDir::default().parse(s).unwrap()
+}
+
+/// The full path of `p` in the default store, for the Nix CLI.
+pub fn full(p: &StorePath) -> String {
+    StoreDir::default().print(p)
 }
 
 pub fn settings() -> ClientSettings {

@@ -1,0 +1,228 @@
+//! A picture of a dataspace for `nixspace status`: what is asserted, and the
+//! report (table or JSON) made from it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::progress::short_name;
+
+/// What is known about one connected worker.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    /// Its machine.
+    pub host: String,
+    /// Platforms it builds for.
+    pub systems: Vec<String>,
+    /// Features it offers.
+    pub features: Vec<String>,
+    /// Steps it builds at once.
+    pub max_jobs: i64,
+    /// Relative speed.
+    pub speed: f64,
+}
+
+/// Where a step stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepView {
+    /// Ready, waiting for a worker.
+    Queued,
+    /// Being built by this worker.
+    Running(String),
+    /// Built.
+    Built,
+    /// Failed, with the reason.
+    Failed(String),
+}
+
+/// Everything observed so far.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Workers by id.
+    pub workers: BTreeMap<String, WorkerView>,
+    /// Free slots by worker id.
+    pub offers: BTreeMap<String, i64>,
+    /// Demanded steps (with priority) by requester.
+    pub demands: BTreeMap<String, BTreeMap<String, i64>>,
+    /// The system of each demanded step.
+    pub systems: BTreeMap<String, String>,
+    /// Steps whose state is asserted (ready, assigned, built, failed).
+    pub steps: BTreeMap<String, StepView>,
+    /// Unschedulable steps with the reason.
+    pub unschedulable: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// Forget a step's state if it is still `view` (a newer state may have
+    /// replaced it already).
+    pub fn clear_step(&mut self, drv: &str, view: &StepView) {
+        if self.steps.get(drv) == Some(view) {
+            self.steps.remove(drv);
+        }
+    }
+
+    /// The report for people or scripts.
+    pub fn report(&self) -> Report {
+        let workers = self
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                let building: Vec<String> = self
+                    .steps
+                    .iter()
+                    .filter(|(_, v)| matches!(v, StepView::Running(r) if r == id))
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                WorkerReport {
+                    id: id.clone(),
+                    host: w.host.clone(),
+                    systems: w.systems.clone(),
+                    features: w.features.clone(),
+                    slots_total: w.max_jobs,
+                    slots_used: w.max_jobs - self.offers.get(id).copied().unwrap_or(w.max_jobs),
+                    speed: w.speed,
+                    building,
+                }
+            })
+            .collect();
+        let demands = self
+            .demands
+            .iter()
+            .map(|(requester, steps)| {
+                let mut d = DemandReport {
+                    requester: requester.clone(),
+                    priority: steps.values().copied().max().unwrap_or(0),
+                    steps: steps.len(),
+                    ..DemandReport::default()
+                };
+                for drv in steps.keys() {
+                    match self.steps.get(drv) {
+                        Some(StepView::Built) => d.built += 1,
+                        Some(StepView::Running(_)) => d.running += 1,
+                        Some(StepView::Queued) => d.queued += 1,
+                        Some(StepView::Failed(_)) => d.failed += 1,
+                        None => d.waiting += 1,
+                    }
+                }
+                d
+            })
+            .collect();
+        let mut queue: BTreeMap<String, usize> = BTreeMap::new();
+        for (drv, view) in &self.steps {
+            if *view == StepView::Queued {
+                let system = self.systems.get(drv).cloned().unwrap_or_default();
+                *queue.entry(system).or_default() += 1;
+            }
+        }
+        Report {
+            workers,
+            demands,
+            queue,
+            unschedulable: self.unschedulable.clone(),
+        }
+    }
+}
+
+/// One worker's line.
+#[derive(Debug, Serialize)]
+pub struct WorkerReport {
+    id: String,
+    host: String,
+    systems: Vec<String>,
+    features: Vec<String>,
+    slots_used: i64,
+    slots_total: i64,
+    speed: f64,
+    building: Vec<String>,
+}
+
+/// One frontend's progress.
+#[derive(Debug, Default, Serialize)]
+pub struct DemandReport {
+    requester: String,
+    priority: i64,
+    steps: usize,
+    built: usize,
+    running: usize,
+    queued: usize,
+    waiting: usize,
+    failed: usize,
+}
+
+/// What `nixspace status` prints.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    workers: Vec<WorkerReport>,
+    demands: Vec<DemandReport>,
+    /// Ready steps per system.
+    queue: BTreeMap<String, usize>,
+    /// Steps no worker can take, with the reason.
+    unschedulable: BTreeMap<String, String>,
+}
+
+fn list(xs: &[String]) -> String {
+    if xs.is_empty() {
+        "-".to_owned()
+    } else {
+        xs.join(",")
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "workers: {}", self.workers.len())?;
+        if !self.workers.is_empty() {
+            writeln!(
+                f,
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  BUILDING",
+                "ID", "HOST", "SYSTEMS", "FEATURES", "SLOTS", "SPEED"
+            )?;
+        }
+        for w in &self.workers {
+            let building: Vec<&str> = w.building.iter().map(|d| short_name(d)).collect();
+            writeln!(
+                f,
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  {}",
+                w.id,
+                w.host,
+                list(&w.systems),
+                list(&w.features),
+                format!("{}/{}", w.slots_used, w.slots_total),
+                w.speed,
+                if building.is_empty() {
+                    "-".to_owned()
+                } else {
+                    building.join(", ")
+                }
+            )?;
+        }
+        writeln!(f, "demands: {}", self.demands.len())?;
+        if !self.demands.is_empty() {
+            writeln!(
+                f,
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
+                "REQUESTER", "PRIO", "STEPS", "BUILT", "RUNNING", "QUEUED", "WAITING", "FAILED"
+            )?;
+        }
+        for d in &self.demands {
+            writeln!(
+                f,
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
+                d.requester, d.priority, d.steps, d.built, d.running, d.queued, d.waiting, d.failed
+            )?;
+        }
+        let queued: usize = self.queue.values().sum();
+        write!(f, "queue: {queued} ready")?;
+        for (system, n) in &self.queue {
+            write!(f, "\n  {system}: {n}")?;
+        }
+        if !self.unschedulable.is_empty() {
+            write!(f, "\nunschedulable: {}", self.unschedulable.len())?;
+            for (drv, reason) in &self.unschedulable {
+                write!(f, "\n  {}: {reason}", short_name(drv))?;
+            }
+        }
+        Ok(())
+    }
+}
