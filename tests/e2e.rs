@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use nixspace_space::{Role, Route};
-use support::{nonce, repo_root, run, Space};
+use support::{nonce, repo_root, run, sleeper, Space};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(120);
 
@@ -129,25 +129,6 @@ fn a_second_up_on_the_same_socket_is_refused() {
     let result = run(c, Duration::from_secs(30));
     assert_eq!(result.status.code(), Some(1), "{result:?}");
     assert!(result.stderr.contains("in use"), "{result:?}");
-}
-
-/// A derivation whose builder sleeps (by absolute path: builders have no
-/// PATH). Returns the file and strings that identify its processes: the
-/// marker (in `nix-store`'s and `sh`'s command lines) and the sleep itself.
-fn sleeper(space: &Space, seconds: u32) -> (std::path::PathBuf, Vec<String>) {
-    let marker = format!("sleeper-{}", nonce());
-    let file = space.nix_file(
-        "sleeper.nix",
-        &format!(
-            r#"derivation {{
-  name = "{marker}";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo started {marker}; /bin/sleep {seconds}; echo done > $out" ];
-}}"#
-        ),
-    );
-    (file, vec![marker, format!("/bin/sleep {seconds} ")])
 }
 
 /// Processes whose command line mentions one of `needles`.

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use rustix::process::Signal;
-use support::{nonce, Space};
+use support::{nonce, sleeper, Space};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
 
@@ -123,26 +123,11 @@ fn a_step_no_worker_can_take_is_reported_unschedulable() {
     assert!(result.stderr.contains("is unschedulable"), "{result:?}");
 }
 
-fn sleeping_step(space: &Space, seconds: u32) -> std::path::PathBuf {
-    space.nix_file(
-        "sleep.nix",
-        &format!(
-            r#"derivation {{
-  name = "sleep-{nonce}";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "/bin/sleep {seconds}; echo slept > $out" ];
-}}"#,
-            nonce = nonce()
-        ),
-    )
-}
-
 #[test]
 fn a_step_whose_worker_is_killed_completes_on_another_worker() {
     let mut space = Space::start();
     space.worker("doomed", &[]);
-    let build = space.spawn_build(&sleeping_step(&space, 2));
+    let build = space.spawn_build(&sleeper(&space, 2).0);
     space.wait_for_log("doomed", "building", Duration::from_secs(30));
     space.worker("survivor", &[]);
     space.signal_worker("doomed", Signal::KILL);
@@ -151,7 +136,7 @@ fn a_step_whose_worker_is_killed_completes_on_another_worker() {
     assert!(result.stderr.contains("on survivor"), "{result:?}");
     assert_eq!(
         std::fs::read_to_string(result.stdout.trim()).expect("output"),
-        "slept\n"
+        "done\n"
     );
 }
 
@@ -159,7 +144,7 @@ fn a_step_whose_worker_is_killed_completes_on_another_worker() {
 fn a_terminated_worker_finishes_its_build_before_leaving() {
     let mut space = Space::start();
     space.worker("w1", &[]);
-    let build = space.spawn_build(&sleeping_step(&space, 2));
+    let build = space.spawn_build(&sleeper(&space, 2).0);
     space.wait_for_log("w1", "building", Duration::from_secs(30));
     space.signal_worker("w1", Signal::TERM);
     let status = space.wait_worker("w1", Duration::from_secs(60));
@@ -171,7 +156,7 @@ fn a_terminated_worker_finishes_its_build_before_leaving() {
     );
     let result = support::wait_output(build, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
-    assert!(result.stderr.contains("built sleep-"), "{result:?}");
+    assert!(result.stderr.contains("built sleeper-"), "{result:?}");
 }
 
 #[test]

@@ -283,3 +283,22 @@ pub fn wait_output(mut child: Child, limit: Duration) -> Finished {
         stderr: err.join().unwrap_or_default(),
     }
 }
+
+/// A derivation whose builder sleeps (by absolute path: builders have no
+/// PATH). Returns the file and strings that identify its processes: the
+/// marker (in `nix-store`'s and `sh`'s command lines) and the sleep itself.
+pub fn sleeper(space: &Space, seconds: u32) -> (PathBuf, Vec<String>) {
+    let marker = format!("sleeper-{}", nonce());
+    let file = space.nix_file(
+        "sleeper.nix",
+        &format!(
+            r#"derivation {{
+  name = "{marker}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo started {marker}; /bin/sleep {seconds}; echo done > $out" ];
+}}"#
+        ),
+    );
+    (file, vec![marker, format!("/bin/sleep {seconds} ")])
+}
