@@ -175,23 +175,11 @@ fn status_shows_workers_demands_and_unschedulable_steps() {
     );
     let mut build = space.spawn_build(&file);
     space.wait_for_log("w1", "building", Duration::from_secs(30));
-    let mut c = space.command(&["status", "--json", "--dir"]);
-    c.arg(space.dir());
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let report: serde_json::Value = loop {
-        let out = support::run(c, Duration::from_secs(30));
-        assert!(out.status.success(), "{out:?}");
-        let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
-        if report["unschedulable"]
+    let report = space.wait_for_status("the unschedulable step", |r| {
+        r["unschedulable"]
             .as_object()
             .is_some_and(|u| !u.is_empty())
-            || std::time::Instant::now() > deadline
-        {
-            break report;
-        }
-        c = space.command(&["status", "--json", "--dir"]);
-        c.arg(space.dir());
-    };
+    });
     let workers = report["workers"].as_array().expect("workers");
     assert_eq!(workers.len(), 1, "{report}");
     assert_eq!(workers[0]["id"], "w1");
@@ -216,4 +204,68 @@ fn status_shows_workers_demands_and_unschedulable_steps() {
     );
     build.kill().expect("stop the build");
     build.wait().expect("reap the build");
+}
+
+/// GET `path` from a plain HTTP server; the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    response
+}
+
+#[test]
+fn metrics_count_builds_workers_and_dispatch() {
+    let mut space = Space::start_with(&["--metrics", "127.0.0.1:0"]);
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let file = layered_dag(&space, 2, 3, &runs); // 6 + root = 7 steps
+    let result = space.build(&file, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    let log = space.log("up");
+    let addr = log
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"));
+    let response = http_get(addr, "/metrics");
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    for line in [
+        "nixspace_steps_built_total 7",
+        "nixspace_steps_failed_total 0",
+        "nixspace_workers 1",
+        "nixspace_steps_running 0",
+        "nixspace_dispatch_seconds_count 7",
+    ] {
+        assert!(response.contains(line), "{line:?} missing:\n{response}");
+    }
+    assert!(http_get(addr, "/other").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn interrupting_one_of_two_builds_sharing_a_step_keeps_the_step() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let (file, _) = sleeper(&space, 3);
+    let first = space.spawn_build(&file);
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    let second = space.spawn_build(&file);
+    space.wait_for_status("two frontends", |r| {
+        r["demands"].as_array().is_some_and(|d| d.len() == 2)
+    });
+    let pid = rustix::process::Pid::from_raw(first.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, Signal::INT).expect("SIGINT");
+    let first = support::wait_output(first, BUILD_LIMIT);
+    assert_eq!(first.status.code(), Some(130), "{first:?}");
+    let second = support::wait_output(second, BUILD_LIMIT);
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(
+        std::fs::read_to_string(second.stdout.trim()).expect("output"),
+        "done\n"
+    );
+    // The step was built once, never stopped and restarted.
+    let log = space.log("w1");
+    assert_eq!(log.matches(" building ").count(), 1, "{log}");
 }

@@ -191,6 +191,35 @@ impl Space {
         }
     }
 
+    /// `nixspace status --json` of this space.
+    pub fn status(&self) -> serde_json::Value {
+        let mut c = self.command(&["status", "--json", "--dir"]);
+        c.arg(self.dir());
+        let out = run(c, Duration::from_secs(30));
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_str(&out.stdout).expect("status JSON")
+    }
+
+    /// Poll `nixspace status` until `done` holds for its report.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let report = self.status();
+            if done(&report) {
+                return report;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never showed {what}: {report}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Write a Nix file into the test directory.
     pub fn nix_file(&self, name: &str, text: &str) -> PathBuf {
         let path = self.tmp.path().join(name);

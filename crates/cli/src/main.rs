@@ -5,6 +5,7 @@
 
 mod commands;
 mod logging;
+mod metrics_http;
 mod progress;
 mod snapshot;
 

@@ -11,6 +11,7 @@
 //! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
 
 pub mod matching;
+pub mod metrics;
 pub mod schedule;
 pub mod service;
 

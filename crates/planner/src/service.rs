@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nixspace_protocol::{build, on_retraction};
 use preserves_schema::Parse;
@@ -17,6 +17,7 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
+use crate::metrics::Metrics;
 use crate::schedule::{Effect, FailureKind, Schedule, StepInfo, Urgency, WorkerOffer};
 
 /// What the planner's observers saw.
@@ -49,7 +50,10 @@ struct Planner {
     me: Arc<OnceLock<Weak<Ref<Event>>>>,
     schedule: Schedule,
     ready: HashMap<String, Handle>,
+    /// When each ready step became ready (for the dispatch latency).
+    ready_since: HashMap<String, Instant>,
     unschedulable: HashMap<String, Handle>,
+    metrics: Arc<Metrics>,
     assigned: HashMap<String, Handle>,
     outcomes: HashMap<String, Handle>,
 }
@@ -60,8 +64,14 @@ impl Entity<Event> for Planner {
         let s = &mut self.schedule;
         let effects = match event {
             Event::Demand(drv, info, urgency) => s.demand(&drv, info, urgency),
-            Event::WorkerJoined(id, offer) => s.worker_joined(&id, offer),
-            Event::WorkerLeft(id) => s.worker_left(&id),
+            Event::WorkerJoined(id, offer) => {
+                self.metrics.workers.inc();
+                s.worker_joined(&id, offer)
+            }
+            Event::WorkerLeft(id) => {
+                self.metrics.workers.dec();
+                s.worker_left(&id)
+            }
             Event::Retry(drv) => s.retry(&drv),
             Event::Undemand(drv) => s.undemand(&drv),
             Event::Claim(drv, worker) => s.claim(&drv, &worker),
@@ -70,6 +80,10 @@ impl Entity<Event> for Planner {
             Event::Failed(drv, worker, reason, kind) => s.failed(&drv, &worker, &reason, kind),
         };
         self.publish(t, effects);
+        let m = &self.metrics;
+        m.ready.set(self.ready.len() as i64);
+        m.running.set(self.assigned.len() as i64);
+        m.unschedulable.set(self.unschedulable.len() as i64);
         Ok(())
     }
 }
@@ -87,9 +101,15 @@ impl Planner {
                         depth: (urgency.depth as i64).into(),
                     };
                     let h = self.ds.assert(t, &ready);
+                    self.ready_since
+                        .entry(drv.clone())
+                        .or_insert_with(Instant::now);
                     replace(t, &mut self.ready, drv, h);
                 }
-                Effect::Unready(drv) => retract(t, &mut self.ready, &drv),
+                Effect::Unready(drv) => {
+                    self.ready_since.remove(&drv);
+                    retract(t, &mut self.ready, &drv)
+                }
                 Effect::Unschedulable(drv, reason) => {
                     tracing::warn!(%drv, %reason, "unschedulable");
                     let h = self.ds.assert(
@@ -102,9 +122,17 @@ impl Planner {
                     replace(t, &mut self.unschedulable, drv, h);
                 }
                 Effect::Schedulable(drv) => retract(t, &mut self.unschedulable, &drv),
-                Effect::RetryAfter(drv, delay) => self.retry_after(t, drv, delay),
+                Effect::RetryAfter(drv, delay) => {
+                    self.metrics.retries.inc();
+                    self.retry_after(t, drv, delay)
+                }
                 Effect::Assign(drv, worker) => {
                     tracing::info!(%drv, %worker, "assigned");
+                    if let Some(since) = self.ready_since.remove(&drv) {
+                        self.metrics
+                            .dispatch_seconds
+                            .observe(since.elapsed().as_secs_f64());
+                    }
                     let h = self.ds.assert(
                         t,
                         &build::Assigned {
@@ -120,6 +148,7 @@ impl Planner {
                     worker,
                     outputs,
                 } => {
+                    self.metrics.built.inc();
                     tracing::info!(%drv, %worker, "built");
                     let h = self.ds.assert(
                         t,
@@ -136,6 +165,7 @@ impl Planner {
                     worker,
                     reason,
                 } => {
+                    self.metrics.failed.inc();
                     tracing::warn!(%drv, %worker, %reason, "failed");
                     let failed = build::Failed {
                         drv: drv.clone(),
@@ -207,8 +237,14 @@ fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
 
 /// Start the planner as its own actor on `ds`. A step whose worker vanished
 /// is retried after `retry_backoff` (doubling per attempt), at most
-/// `max_attempts` times in all.
-pub fn start(t: &mut Activation, ds: Arc<Cap>, max_attempts: u32, retry_backoff: Duration) {
+/// `max_attempts` times in all. The planner keeps `metrics` up to date.
+pub fn start(
+    t: &mut Activation,
+    ds: Arc<Cap>,
+    max_attempts: u32,
+    retry_backoff: Duration,
+    metrics: Arc<Metrics>,
+) {
     t.spawn(Some(AnyValue::symbol("planner")), move |t| {
         let me = Arc::new(OnceLock::new());
         let planner: Arc<Ref<Event>> = t.create_ref(Planner {
@@ -216,7 +252,9 @@ pub fn start(t: &mut Activation, ds: Arc<Cap>, max_attempts: u32, retry_backoff:
             me: Arc::clone(&me),
             schedule: Schedule::new(max_attempts, retry_backoff),
             ready: HashMap::new(),
+            ready_since: HashMap::new(),
             unschedulable: HashMap::new(),
+            metrics,
             assigned: HashMap::new(),
             outcomes: HashMap::new(),
         });

@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::Args;
+use nixspace_planner::metrics::Metrics;
 use nixspace_space::host::Listeners;
 use nixspace_space::{HostConfig, HostedSpace};
 use syndicate::actor::Actor;
@@ -31,6 +34,12 @@ pub struct UpArgs {
     #[arg(long, value_name = "ADDR")]
     tcp: Option<SocketAddr>,
 
+    /// Serve Prometheus metrics on this address (GET /metrics), e.g.
+    /// 127.0.0.1:9420: queue sizes, running steps, builds done/failed,
+    /// dispatch latency, retries, steals, workers.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+
     /// How many times a step is tried when its worker goes away.
     #[arg(long, default_value_t = nixspace_planner::DEFAULT_MAX_ATTEMPTS, value_name = "N")]
     max_attempts: u32,
@@ -53,15 +62,31 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         tcp: args.tcp,
     };
     let listeners = Listeners::bind(&config).await?;
+    let metrics = Arc::new(Metrics::default());
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let transports = listeners.transports();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let max_attempts = args.max_attempts;
     let retry_backoff = std::time::Duration::try_from_secs_f64(args.retry_backoff)
         .map_err(|e| anyhow::anyhow!("--retry-backoff {}: {e}", args.retry_backoff))?;
+    let planner_metrics = Arc::clone(&metrics);
     let _actor = Actor::top(None, move |t| {
         let hosted = HostedSpace::start(t, &config, listeners);
         let ok = hosted.as_ref().ok().map(|h| {
-            nixspace_planner::service::start(t, h.dataspace.clone(), max_attempts, retry_backoff);
+            nixspace_planner::service::start(
+                t,
+                h.dataspace.clone(),
+                max_attempts,
+                retry_backoff,
+                planner_metrics,
+            );
             h.routes
                 .values()
                 .map(|(_, p)| p.clone())
@@ -78,6 +103,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     for f in &route_files {
         eprintln!("nixspace: wrote {}", f.display());
+    }
+    if let Some(listener) = metrics_listener {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("nixspace: metrics on http://{addr}/metrics");
+        }
+        tokio::spawn(crate::metrics_http::serve(listener, metrics));
     }
     eprintln!("nixspace: dataspace up; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
     super::shutdown_signal().await?;

@@ -1,0 +1,136 @@
+//! The planner's Prometheus metrics.
+//!
+//! Updated by the planner actor as it publishes effects; rendered in the
+//! Prometheus text format by [`Metrics::render`] (served by `nixspace up
+//! --metrics`).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Every metric the planner keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Steps ready and unclaimed.
+    pub ready: Gauge,
+    /// Steps being built.
+    pub running: Gauge,
+    /// Ready steps no connected worker can take.
+    pub unschedulable: Gauge,
+    /// Connected workers.
+    pub workers: Gauge,
+    /// Steps built.
+    pub built: Counter,
+    /// Steps that failed for good.
+    pub failed: Counter,
+    /// Transient failures scheduled for a retry.
+    pub retries: Counter,
+    /// Steps granted to a second, faster worker.
+    pub steals: Counter,
+    /// Seconds from a step becoming ready to a worker being granted it.
+    pub dispatch_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("nixspace");
+        let metrics = Metrics {
+            ready: Gauge::default(),
+            running: Gauge::default(),
+            unschedulable: Gauge::default(),
+            workers: Gauge::default(),
+            built: Counter::default(),
+            failed: Counter::default(),
+            retries: Counter::default(),
+            steals: Counter::default(),
+            // 50 µs to ~1.6 s.
+            dispatch_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "steps_ready",
+            "Steps ready and not yet claimed",
+            metrics.ready.clone(),
+        );
+        registry.register(
+            "steps_running",
+            "Steps being built",
+            metrics.running.clone(),
+        );
+        registry.register(
+            "steps_unschedulable",
+            "Ready steps that no connected worker can take",
+            metrics.unschedulable.clone(),
+        );
+        registry.register("workers", "Connected workers", metrics.workers.clone());
+        registry.register("steps_built", "Steps built", metrics.built.clone());
+        registry.register(
+            "steps_failed",
+            "Steps that failed for good",
+            metrics.failed.clone(),
+        );
+        registry.register(
+            "step_retries",
+            "Transient failures (worker lost) scheduled for a retry",
+            metrics.retries.clone(),
+        );
+        registry.register(
+            "steals",
+            "Steps duplicated on a faster worker",
+            metrics.steals.clone(),
+        );
+        registry.register(
+            "dispatch_seconds",
+            "Time from a step becoming ready to a worker being granted it",
+            metrics.dispatch_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_metric_with_its_prefix() {
+        let m = Metrics::default();
+        m.built.inc();
+        m.dispatch_seconds.observe(0.001);
+        let text = m.render();
+        for name in [
+            "nixspace_steps_ready",
+            "nixspace_steps_running",
+            "nixspace_steps_unschedulable",
+            "nixspace_workers",
+            "nixspace_steps_built_total 1",
+            "nixspace_steps_failed_total",
+            "nixspace_step_retries_total",
+            "nixspace_steals_total",
+            "nixspace_dispatch_seconds_count 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}
