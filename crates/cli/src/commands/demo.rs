@@ -28,12 +28,13 @@ pub struct DemoArgs {
     file: Option<PathBuf>,
 }
 
-/// Child processes that are stopped (SIGTERM, then killed) when dropped.
-struct Children(Vec<Child>);
+/// Child processes that are stopped (SIGTERM, then killed) when asked.
+#[derive(Default)]
+pub struct Children(Vec<Child>);
 
 impl Children {
     /// Stop the children, last started first (workers before the dataspace).
-    async fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         while let Some(mut child) = self.0.pop() {
             if let Some(pid) = child
                 .id()
@@ -51,6 +52,45 @@ impl Children {
     }
 }
 
+/// Start `nixspace up` in `dir` (with `up_args`) and `workers` workers of
+/// `jobs` slots each, as child processes of `exe`; return once the
+/// dataspace's route files exist.
+pub async fn spawn_space(
+    exe: &Path,
+    quiet: &[&str],
+    dir: &Path,
+    workers: u32,
+    jobs: u32,
+    up_args: &[&str],
+    children: &mut Children,
+) -> anyhow::Result<()> {
+    children.0.push(
+        Command::new(exe)
+            .args(quiet)
+            .args(["up", "--dir"])
+            .arg(dir)
+            .args(up_args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?,
+    );
+    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await?;
+    for i in 1..=workers {
+        children.0.push(
+            Command::new(exe)
+                .args(quiet)
+                .args(["worker", "--max-jobs", &jobs.to_string(), "--id"])
+                .arg(format!("local-worker-{i}"))
+                .arg("--dir")
+                .arg(dir)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
+    }
+    Ok(())
+}
+
 /// Run `nixspace demo`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe()?;
@@ -58,7 +98,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .prefix("nixspace-demo-")
         .tempdir()?;
     let dir = tmp.path().join("run");
-    let mut children = Children(Vec::new());
+    let mut children = Children::default();
     // Keep the demo's output to the build's own progress unless asked otherwise.
     let quiet: &[&str] = if std::env::var_os("RUST_LOG").is_some() {
         &[]
@@ -79,29 +119,7 @@ async fn demo(
     children: &mut Children,
 ) -> anyhow::Result<ExitCode> {
     eprintln!("demo: starting a dataspace in {}", dir.display());
-    children.0.push(
-        Command::new(exe)
-            .args(quiet)
-            .args(["up", "--dir"])
-            .arg(dir)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
-    );
-    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await?;
-    for i in 1..=args.workers {
-        children.0.push(
-            Command::new(exe)
-                .args(quiet)
-                .args(["worker", "--max-jobs", "2", "--id"])
-                .arg(format!("demo-worker-{i}"))
-                .arg("--dir")
-                .arg(dir)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
+    spawn_space(exe, quiet, dir, args.workers, 2, &[], children).await?;
     let file = match &args.file {
         Some(f) => f.clone(),
         None => {
