@@ -269,3 +269,49 @@ fn interrupting_one_of_two_builds_sharing_a_step_keeps_the_step() {
     let log = space.log("w1");
     assert_eq!(log.matches(" building ").count(), 1, "{log}");
 }
+
+#[test]
+fn history_records_steps_and_attempts_and_outlives_the_dataspace() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let result = space.build(&layered_dag(&space, 1, 2, &runs), BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    let broken = space.nix_file(
+        "broken.nix",
+        &format!(
+            r#"derivation {{ name = "broken-{n}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo no; exit 1" ]; }}"#,
+            n = nonce()
+        ),
+    );
+    let failed = space.build(&broken, BUILD_LIMIT);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    // The history outlives the dataspace.
+    space.kill_up();
+    let c = space.command(&["history", "--json"]);
+    let out = support::run(c, Duration::from_secs(30));
+    assert!(out.status.success(), "{out:?}");
+    let steps: serde_json::Value = serde_json::from_str(&out.stdout).expect("history JSON");
+    let steps = steps.as_array().expect("steps");
+    assert_eq!(steps.len(), 4, "2 + root + broken: {steps:?}");
+    let built = steps.iter().filter(|s| s["status"] == "built").count();
+    assert_eq!(built, 3, "{steps:?}");
+    let broken = steps
+        .iter()
+        .find(|s| s["status"] == "failed")
+        .expect("the broken step");
+    assert!(
+        broken["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exit code 1"),
+        "{broken}"
+    );
+    assert_eq!(broken["attempts"][0]["worker"], "w1");
+    assert_eq!(broken["attempts"][0]["outcome"], "failed");
+    for s in steps.iter().filter(|s| s["status"] == "built") {
+        assert_eq!(s["attempts"].as_array().map(Vec::len), Some(1), "{s}");
+        assert_eq!(s["attempts"][0]["outcome"], "built", "{s}");
+        assert!(!s["outputs"].as_array().expect("outputs").is_empty(), "{s}");
+    }
+}

@@ -106,6 +106,7 @@ impl Space {
         let mut c = Command::new(nixspace_bin());
         c.args(args)
             .env("NIX_CONF_DIR", self.tmp.path().join("nix-conf"))
+            .env("NIXSPACE_STATE_DIR", self.tmp.path().join("state"))
             .env_remove("NIX_REMOTE")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null());

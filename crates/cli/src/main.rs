@@ -37,6 +37,7 @@ enum Command {
     Worker(commands::worker::WorkerArgs),
     Build(commands::build::BuildArgs),
     Status(commands::status::StatusArgs),
+    History(commands::history::HistoryArgs),
     Bench(commands::bench::BenchArgs),
     Demo(commands::demo::DemoArgs),
 }
@@ -60,6 +61,7 @@ fn main() -> ExitCode {
             Command::Worker(a) => commands::worker::run(a).await,
             Command::Build(a) => commands::build::run(a).await,
             Command::Status(a) => commands::status::run(a).await,
+            Command::History(a) => commands::history::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Demo(a) => commands::demo::run(a).await,
         }

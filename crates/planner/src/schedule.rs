@@ -95,8 +95,11 @@ pub enum Effect {
     Assign(String, String),
     /// Withdraw the step's assignment (the worker must stop building it).
     Unassign(String),
-    /// Call [`Schedule::retry`] for the step after this delay.
-    RetryAfter(String, Duration),
+    /// Withdraw the step's assignment because nobody wants the step any more.
+    Cancel(String),
+    /// The attempt failed transiently (the reason); call
+    /// [`Schedule::retry`] for the step after the delay.
+    RetryAfter(String, Duration, String),
     /// Assert the step's successful outcome.
     Built {
         /// The step.
@@ -247,7 +250,7 @@ impl Schedule {
             }
         }
         match step.state {
-            StepState::Assigned(_) => effects.push(Effect::Unassign(drv.to_owned())),
+            StepState::Assigned(_) => effects.push(Effect::Cancel(drv.to_owned())),
             StepState::Built { .. } | StepState::Failed { .. } => {
                 effects.push(Effect::Forget(drv.to_owned()))
             }
@@ -363,7 +366,7 @@ impl Schedule {
             let delay = base
                 .saturating_mul(1 << (step.attempts - 1).min(16))
                 .min(MAX_RETRY_BACKOFF);
-            effects.push(Effect::RetryAfter(drv.to_owned(), delay));
+            effects.push(Effect::RetryAfter(drv.to_owned(), delay, reason.to_owned()));
             return effects;
         }
         let reason = format!(
@@ -586,7 +589,11 @@ mod tests {
             readies(&e).is_empty(),
             "ready only after the back-off: {e:?}"
         );
-        assert!(e.contains(&Effect::RetryAfter("a".into(), Duration::from_secs(1))));
+        assert!(e.contains(&Effect::RetryAfter(
+            "a".into(),
+            Duration::from_secs(1),
+            "worker w1 went away while building".into()
+        )));
         assert!(
             s.claim("a", "w2").is_empty(),
             "not claimable while backing off"
@@ -640,7 +647,7 @@ mod tests {
         s.demand("a", info(&[]), Urgency::default());
         s.claim("a", "w1");
         assert!(s.undemand("a").is_empty());
-        assert_eq!(s.undemand("a"), vec![Effect::Unassign("a".into())]);
+        assert_eq!(s.undemand("a"), vec![Effect::Cancel("a".into())]);
         assert!(s.is_empty());
     }
 
@@ -719,7 +726,7 @@ mod more_tests {
         for _ in 0..3 {
             s.claim("a", "w");
             for e in s.unclaim("a", "w") {
-                if let Effect::RetryAfter(_, d) = e {
+                if let Effect::RetryAfter(_, d, _) = e {
                     delays.push(d.as_millis());
                 }
             }

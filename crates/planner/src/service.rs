@@ -17,6 +17,7 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
+use crate::history::{AttemptOutcome, History};
 use crate::metrics::Metrics;
 use crate::schedule::{Effect, FailureKind, Schedule, StepInfo, Urgency, WorkerOffer};
 
@@ -54,6 +55,7 @@ struct Planner {
     ready_since: HashMap<String, Instant>,
     unschedulable: HashMap<String, Handle>,
     metrics: Arc<Metrics>,
+    history: Option<History>,
     assigned: HashMap<String, Handle>,
     outcomes: HashMap<String, Handle>,
 }
@@ -63,7 +65,14 @@ impl Entity<Event> for Planner {
         tracing::debug!(?event);
         let s = &mut self.schedule;
         let effects = match event {
-            Event::Demand(drv, info, urgency) => s.demand(&drv, info, urgency),
+            Event::Demand(drv, info, urgency) => {
+                if let Some(h) = &mut self.history {
+                    if let Err(error) = h.demanded(&drv, &info.system) {
+                        tracing::warn!(%error, "history not updated");
+                    }
+                }
+                s.demand(&drv, info, urgency)
+            }
             Event::WorkerJoined(id, offer) => {
                 self.metrics.workers.inc();
                 s.worker_joined(&id, offer)
@@ -122,12 +131,18 @@ impl Planner {
                     replace(t, &mut self.unschedulable, drv, h);
                 }
                 Effect::Schedulable(drv) => retract(t, &mut self.unschedulable, &drv),
-                Effect::RetryAfter(drv, delay) => {
+                Effect::RetryAfter(drv, delay, reason) => {
                     self.metrics.retries.inc();
+                    self.record(&drv, AttemptOutcome::Lost, Some(&reason), &[]);
                     self.retry_after(t, drv, delay)
                 }
                 Effect::Assign(drv, worker) => {
                     tracing::info!(%drv, %worker, "assigned");
+                    if let Some(h) = &mut self.history {
+                        if let Err(error) = h.attempt_started(&drv, &worker) {
+                            tracing::warn!(%error, "history not updated");
+                        }
+                    }
                     if let Some(since) = self.ready_since.remove(&drv) {
                         self.metrics
                             .dispatch_seconds
@@ -143,6 +158,11 @@ impl Planner {
                     replace(t, &mut self.assigned, drv, h);
                 }
                 Effect::Unassign(drv) => retract(t, &mut self.assigned, &drv),
+                Effect::Cancel(drv) => {
+                    tracing::info!(%drv, "cancelled: no demand left");
+                    self.record(&drv, AttemptOutcome::Cancelled, None, &[]);
+                    retract(t, &mut self.assigned, &drv)
+                }
                 Effect::Built {
                     drv,
                     worker,
@@ -150,6 +170,7 @@ impl Planner {
                 } => {
                     self.metrics.built.inc();
                     tracing::info!(%drv, %worker, "built");
+                    self.record(&drv, AttemptOutcome::Built, None, &outputs);
                     let h = self.ds.assert(
                         t,
                         &build::Built {
@@ -167,6 +188,7 @@ impl Planner {
                 } => {
                     self.metrics.failed.inc();
                     tracing::warn!(%drv, %worker, %reason, "failed");
+                    self.record(&drv, AttemptOutcome::Failed, Some(&reason), &[]);
                     let failed = build::Failed {
                         drv: drv.clone(),
                         worker,
@@ -183,6 +205,21 @@ impl Planner {
 }
 
 impl Planner {
+    /// Note the end of an attempt in the history, if one is kept.
+    fn record(
+        &mut self,
+        drv: &str,
+        outcome: AttemptOutcome,
+        reason: Option<&str>,
+        outputs: &[String],
+    ) {
+        if let Some(h) = &mut self.history {
+            if let Err(error) = h.attempt_ended(drv, outcome, reason, outputs) {
+                tracing::warn!(%error, "history not updated");
+            }
+        }
+    }
+
     fn retry_after(&self, t: &mut Activation, drv: String, delay: Duration) {
         tracing::info!(%drv, ?delay, "retrying after a transient failure");
         let Some(me) = self.me.get().and_then(Weak::upgrade) else {
@@ -244,6 +281,7 @@ pub fn start(
     max_attempts: u32,
     retry_backoff: Duration,
     metrics: Arc<Metrics>,
+    history: Option<History>,
 ) {
     t.spawn(Some(AnyValue::symbol("planner")), move |t| {
         let me = Arc::new(OnceLock::new());
@@ -255,6 +293,7 @@ pub fn start(
             ready_since: HashMap::new(),
             unschedulable: HashMap::new(),
             metrics,
+            history,
             assigned: HashMap::new(),
             outcomes: HashMap::new(),
         });

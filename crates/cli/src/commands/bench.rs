@@ -109,13 +109,20 @@ async fn dag_runs(
         .port();
     let metrics = format!("127.0.0.1:{metrics_port}");
     let quiet = ["--log-level", "warn"];
+    let state = tmp.join("state");
+    let up_args = [
+        "--metrics",
+        &metrics,
+        "--state-dir",
+        state.to_str().unwrap_or("state"),
+    ];
     spawn_space(
         exe,
         &quiet,
         dir,
         args.workers,
         args.jobs,
-        &["--metrics", &metrics],
+        &up_args,
         children,
     )
     .await?;

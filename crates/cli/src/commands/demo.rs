@@ -119,7 +119,9 @@ async fn demo(
     children: &mut Children,
 ) -> anyhow::Result<ExitCode> {
     eprintln!("demo: starting a dataspace in {}", dir.display());
-    spawn_space(exe, quiet, dir, args.workers, 2, &[], children).await?;
+    let state = tmp.join("state");
+    let up_args = ["--state-dir", state.to_str().unwrap_or("state")];
+    spawn_space(exe, quiet, dir, args.workers, 2, &up_args, children).await?;
     let file = match &args.file {
         Some(f) => f.clone(),
         None => {

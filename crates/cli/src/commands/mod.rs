@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod demo;
+pub mod history;
 pub mod status;
 pub mod up;
 pub mod worker;
@@ -63,4 +64,23 @@ pub fn describe_end(end: Result<syndicate::actor::ActorResult, tokio::task::Join
         Ok(Err(e)) => format!("{e:?}"),
         Err(e) => e.to_string(),
     }
+}
+
+/// Open the build history in `state_dir` (creating the directory when `create`).
+pub fn open_history(
+    state_dir: &std::path::Path,
+    create: bool,
+) -> anyhow::Result<nixspace_planner::history::History> {
+    let path = state_dir.join("history.sqlite");
+    if create {
+        std::fs::create_dir_all(state_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create state directory {}: {e}", state_dir.display())
+        })?;
+    } else if !path.exists() {
+        anyhow::bail!(
+            "no build history at {} (has `nixspace up` run with this --state-dir?)",
+            path.display()
+        );
+    }
+    Ok(nixspace_planner::history::History::open(&path)?)
 }

@@ -34,6 +34,12 @@ pub struct UpArgs {
     #[arg(long, value_name = "ADDR")]
     tcp: Option<SocketAddr>,
 
+    /// Directory for state kept across restarts (the build history,
+    /// `history.sqlite`). Default: $XDG_STATE_HOME/nixspace or
+    /// ~/.local/state/nixspace.
+    #[arg(long, env = "NIXSPACE_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
     /// Serve Prometheus metrics on this address (GET /metrics), e.g.
     /// 127.0.0.1:9420: queue sizes, running steps, builds done/failed,
     /// dispatch latency, retries, steals, workers.
@@ -61,6 +67,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         socket: socket.clone(),
         tcp: args.tcp,
     };
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(nixspace_space::runtime_dir::default_state_dir);
+    let history = super::open_history(&state_dir, true)?;
     let listeners = Listeners::bind(&config).await?;
     let metrics = Arc::new(Metrics::default());
     let metrics_listener = match args.metrics {
@@ -86,6 +96,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 max_attempts,
                 retry_backoff,
                 planner_metrics,
+                Some(history),
             );
             h.routes
                 .values()

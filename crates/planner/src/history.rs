@@ -1,0 +1,382 @@
+//! The planner's build history in SQLite: every step it was asked for and
+//! every attempt to build it, kept across restarts of `nixspace up`.
+//!
+//! One file, versioned with `PRAGMA user_version`; [`History::open`] applies
+//! the migrations a file lacks, in order, each in its own transaction. Each
+//! recorded state change is one transaction.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection};
+use serde::Serialize;
+
+/// The schema, one entry per version; never edit a released entry, append.
+const MIGRATIONS: &[&str] = &[
+    // 1: steps and attempts.
+    "CREATE TABLE steps (
+         drv TEXT PRIMARY KEY,
+         system TEXT NOT NULL,
+         first_demanded INTEGER NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('demanded', 'built', 'failed')),
+         outputs TEXT,
+         error TEXT,
+         finished INTEGER
+     );
+     CREATE TABLE attempts (
+         id INTEGER PRIMARY KEY,
+         drv TEXT NOT NULL REFERENCES steps(drv),
+         worker TEXT NOT NULL,
+         started INTEGER NOT NULL,
+         finished INTEGER,
+         outcome TEXT CHECK (outcome IN ('built', 'failed', 'lost', 'cancelled')),
+         reason TEXT
+     );
+     CREATE INDEX attempts_by_drv ON attempts(drv);",
+];
+
+/// A history database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// SQLite failed on the file.
+    #[error("build history {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer nixspace.
+    #[error("build history {path} has schema version {found}, newer than this nixspace knows ({known}); upgrade nixspace or use another --state-dir")]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// The newest version known here.
+        known: usize,
+    },
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The outputs are valid.
+    Built,
+    /// The builder failed.
+    Failed,
+    /// The worker went away.
+    Lost,
+    /// Nobody wanted the step any more.
+    Cancelled,
+}
+
+impl AttemptOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Built => "built",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Lost => "lost",
+            AttemptOutcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One step as recorded, with its attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepRecord {
+    /// The derivation.
+    pub drv: String,
+    /// Its platform.
+    pub system: String,
+    /// `demanded`, `built` or `failed`.
+    pub status: String,
+    /// Output paths, when built.
+    pub outputs: Vec<String>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+    /// Seconds since the epoch when it was first demanded.
+    pub first_demanded: i64,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One attempt to build a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AttemptRecord {
+    /// The worker.
+    pub worker: String,
+    /// Seconds since the epoch.
+    pub started: i64,
+    /// Seconds since the epoch, when it ended.
+    pub finished: Option<i64>,
+    /// `built`, `failed`, `lost` or `cancelled`, when it ended.
+    pub outcome: Option<String>,
+    /// Why it ended so, if known.
+    pub reason: Option<String>,
+}
+
+/// The open history database.
+pub struct History {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "History({})", self.path.display())
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl History {
+    /// Open (creating if needed) the history at `path` and bring its schema
+    /// up to date.
+    pub fn open(path: &Path) -> Result<History, HistoryError> {
+        let err = |source| HistoryError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(HistoryError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(migration).map_err(err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(History {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn err(&self, source: rusqlite::Error) -> HistoryError {
+        HistoryError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// A step was demanded (again). A step demanded anew after it finished
+    /// starts a new life: status back to `demanded`, attempts kept.
+    pub fn demanded(&mut self, drv: &str, system: &str) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
+                 ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, finished = NULL
+                 WHERE status = 'failed'",
+                params![drv, system, now()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// `worker` started building `drv`.
+    pub fn attempt_started(&mut self, drv: &str, worker: &str) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
+                params![drv, worker, now()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// The open attempts on `drv` (if any: a step can fail because a
+    /// dependency did) ended with `outcome`; a built or failed outcome also
+    /// finishes the step. One transaction.
+    pub fn attempt_ended(
+        &mut self,
+        drv: &str,
+        outcome: AttemptOutcome,
+        reason: Option<&str>,
+        outputs: &[String],
+    ) -> Result<(), HistoryError> {
+        let t = now();
+        let path = self.path.clone();
+        let err = |source| HistoryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4
+             WHERE drv = ?1 AND finished IS NULL",
+            params![drv, t, outcome.as_str(), reason],
+        )
+        .map_err(err)?;
+        match outcome {
+            AttemptOutcome::Built => {
+                tx.execute(
+                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, finished = ?3 WHERE drv = ?1",
+                    params![drv, outputs.join(" "), t],
+                )
+                .map_err(err)?;
+            }
+            AttemptOutcome::Failed => {
+                tx.execute(
+                    "UPDATE steps SET status = 'failed', error = ?2, finished = ?3 WHERE drv = ?1",
+                    params![drv, reason, t],
+                )
+                .map_err(err)?;
+            }
+            AttemptOutcome::Lost | AttemptOutcome::Cancelled => {}
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// The most recently demanded steps, newest first.
+    pub fn recent(&self, limit: usize) -> Result<Vec<StepRecord>, HistoryError> {
+        let mut steps = self
+            .conn
+            .prepare(
+                "SELECT drv, system, status, outputs, error, first_demanded FROM steps
+                 ORDER BY first_demanded DESC, drv LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = steps
+            .query_map(params![limit as i64], |r| {
+                let outputs: Option<String> = r.get(3)?;
+                Ok(StepRecord {
+                    drv: r.get(0)?,
+                    system: r.get(1)?,
+                    status: r.get(2)?,
+                    outputs: outputs
+                        .map(|o| o.split_whitespace().map(str::to_owned).collect())
+                        .unwrap_or_default(),
+                    error: r.get(4)?,
+                    first_demanded: r.get(5)?,
+                    attempts: Vec::new(),
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        let mut attempts = self
+            .conn
+            .prepare(
+                "SELECT worker, started, finished, outcome, reason FROM attempts WHERE drv = ?1 ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for mut step in rows {
+            step.attempts = attempts
+                .query_map(params![step.drv], |r| {
+                    Ok(AttemptRecord {
+                        worker: r.get(0)?,
+                        started: r.get(1)?,
+                        finished: r.get(2)?,
+                        outcome: r.get(3)?,
+                        reason: r.get(4)?,
+                    })
+                })
+                .map_err(|e| self.err(e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.err(e))?;
+            out.push(step);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_a_step_through_a_lost_worker_to_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.sqlite");
+        let mut h = History::open(&path).unwrap();
+        h.demanded("/nix/store/a.drv", "x86_64-linux").unwrap();
+        h.attempt_started("/nix/store/a.drv", "w1").unwrap();
+        h.attempt_ended(
+            "/nix/store/a.drv",
+            AttemptOutcome::Lost,
+            Some("w1 went away"),
+            &[],
+        )
+        .unwrap();
+        h.attempt_started("/nix/store/a.drv", "w2").unwrap();
+        let outputs = vec!["/nix/store/a".to_owned()];
+        h.attempt_ended("/nix/store/a.drv", AttemptOutcome::Built, None, &outputs)
+            .unwrap();
+        drop(h);
+        // Reopening keeps everything and runs no migration twice.
+        let h = History::open(&path).unwrap();
+        let steps = h.recent(10).unwrap();
+        assert_eq!(steps.len(), 1);
+        let s = &steps[0];
+        assert_eq!(s.status, "built");
+        assert_eq!(s.outputs, outputs);
+        let outcomes: Vec<_> = s
+            .attempts
+            .iter()
+            .map(|a| (a.worker.as_str(), a.outcome.as_deref()))
+            .collect();
+        assert_eq!(outcomes, vec![("w1", Some("lost")), ("w2", Some("built"))]);
+    }
+
+    #[test]
+    fn a_failed_step_demanded_again_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        h.attempt_ended(
+            "/nix/store/b.drv",
+            AttemptOutcome::Failed,
+            Some("dependency failed"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(h.recent(1).unwrap()[0].status, "failed");
+        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        let s = &h.recent(1).unwrap()[0];
+        assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        std::fs::write(
+            &path,
+            b"this is not sqlite at all, not even close..........",
+        )
+        .unwrap();
+        let e = History::open(&path).unwrap_err();
+        assert!(e.to_string().contains("h.sqlite"), "{e}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let e = History::open(&path).unwrap_err();
+        assert!(matches!(e, HistoryError::TooNew { found: 99, .. }), "{e}");
+    }
+}
