@@ -1,6 +1,6 @@
 //! Hash algorithms and hash texts as Nix prints and parses them.
 //!
-//! A [`Hash`] is an algorithm plus its digest bytes. Nix writes hashes in
+//! A [`Hash`](struct@Hash) is an algorithm plus its digest bytes. Nix writes hashes in
 //! four encodings (base-16, nixbase32, base-64, and SRI, which is base-64
 //! with an `algo-` prefix), optionally prefixed by `algo:`. [`Hash::parse_any`]
 //! accepts every form Nix accepts; [`Hash::to_base16`], [`Hash::to_nixbase32`],

@@ -6,6 +6,8 @@
 //! * [`derivation`]: the `.drv` ATerm format, hashing modulo, output paths
 //!   and resolution.
 //! * [`nar`]: the NAR archive format (streaming writer and reader).
+//! * [`narinfo`]: the `.narinfo` text format of binary caches.
+//! * [`signature`]: ed25519 keys and signatures of store paths.
 //!
 //! Nothing here does I/O except through caller-supplied `std::io` readers
 //! and writers (NAR) and the separate file system walker in
@@ -17,9 +19,13 @@
 pub mod derivation;
 pub mod hash;
 pub mod nar;
+pub mod narinfo;
 pub mod nixbase32;
+pub mod signature;
 pub mod store_path;
 
 pub use derivation::{BasicDerivation, Derivation, DerivationOutput, DrvHash, DrvHashKind};
 pub use hash::{Hash, HashAlgo};
+pub use narinfo::NarInfo;
+pub use signature::{PublicKey, PublicKeys, SecretKey, Signature};
 pub use store_path::{FileIngestionMethod, StoreDir, StorePath};

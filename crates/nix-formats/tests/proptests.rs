@@ -282,3 +282,127 @@ impl NarVisitor for Rebuild {
         Ok(())
     }
 }
+
+// ---- narinfo and signatures ----
+
+use nixspace_nix_formats::narinfo::field;
+use nixspace_nix_formats::signature::{check_narinfo_signatures, PublicKeys, SecretKey};
+use nixspace_nix_formats::store_path::ContentAddress;
+use nixspace_nix_formats::NarInfo;
+
+fn hash() -> impl Strategy<Value = Hash> {
+    (algo(), prop::collection::vec(any::<u8>(), 0..16)).prop_map(|(a, d)| Hash::digest(a, d))
+}
+
+fn content_address() -> impl Strategy<Value = ContentAddress> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..16)
+            .prop_map(|d| ContentAddress::Text(Hash::sha256(d))),
+        (method(), hash()).prop_map(|(m, h)| ContentAddress::Fixed(m, h)),
+    ]
+}
+
+/// Text without newlines; `non_empty` for fields where empty means absent.
+fn line_text(non_empty: bool) -> impl Strategy<Value = String> {
+    let min = usize::from(non_empty);
+    prop::collection::vec(
+        prop_oneof![Just(' '), Just(':'), Just('é'), any::<char>()],
+        min..12,
+    )
+    .prop_map(|cs| cs.into_iter().filter(|&c| c != '\n').collect::<String>())
+    .prop_filter("non-empty", move |s| !non_empty || !s.is_empty())
+}
+
+fn unknown_line() -> impl Strategy<Value = (String, String)> {
+    ("[A-Za-z][A-Za-z0-9-]{0,10}", line_text(false))
+        .prop_filter("unknown key", |(k, _)| !field::KNOWN.contains(&k.as_str()))
+}
+
+fn narinfo() -> impl Strategy<Value = (StoreDir, NarInfo)> {
+    (
+        store_dir(),
+        (
+            store_path(),
+            line_text(true),
+            prop::option::of("[a-z0-9]{1,6}"),
+            prop::option::of(hash()),
+        ),
+        (prop::option::of(any::<u64>()), hash(), 1..=u64::MAX),
+        prop::collection::btree_set(store_path(), 0..5),
+        (
+            prop::option::of(drv_path()),
+            prop::option::of(line_text(true)),
+        ),
+        prop::collection::btree_set(line_text(false), 0..3),
+        prop::option::of(content_address()),
+        prop::collection::vec(unknown_line(), 0..3),
+    )
+        .prop_map(
+            |(
+                dir,
+                (path, url, compression, file_hash),
+                (file_size, nar_hash, nar_size),
+                references,
+                (deriver, system),
+                sigs,
+                ca,
+                unknown,
+            )| {
+                let mut n = NarInfo::new(path, url, nar_hash, nar_size);
+                n.compression = compression;
+                n.file_hash = file_hash;
+                n.file_size = file_size;
+                n.references = references;
+                n.deriver = deriver;
+                n.system = system;
+                n.sigs = sigs;
+                n.ca = ca;
+                n.unknown = unknown;
+                (dir, n)
+            },
+        )
+}
+
+proptest! {
+    #[test]
+    fn narinfo_round_trips((dir, n) in narinfo()) {
+        let text = n.to_text(&dir);
+        let back = NarInfo::parse(&dir, &text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert_eq!(&back, &n);
+        prop_assert_eq!(back.to_text(&dir), text);
+    }
+
+    #[test]
+    fn narinfo_parser_survives_mutations((dir, n) in narinfo(), pos in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = n.to_text(&dir).into_bytes();
+        let i = pos.index(bytes.len());
+        bytes[i] = byte;
+        if let Ok(m) = NarInfo::parse_bytes(&dir, &bytes) {
+            // Whatever parses prints to a text that parses to the same value.
+            prop_assert_eq!(NarInfo::parse(&dir, &m.to_text(&dir)).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn narinfo_parser_rejects_garbage_without_panicking(dir in store_dir(), text in ".{0,200}") {
+        let _ = NarInfo::parse(&dir, &text);
+    }
+
+    #[test]
+    fn signatures_verify_and_tampering_fails((dir, mut n) in narinfo(), seed in any::<[u8; 32]>(), extra in store_path()) {
+        let sk = SecretKey::from_seed("prop-key-1", &seed).unwrap();
+        let keys: PublicKeys = [sk.to_public()].into_iter().collect();
+        n.sign(&dir, &sk).unwrap();
+        prop_assert_eq!(check_narinfo_signatures(&dir, &n, &keys).unwrap(), vec!["prop-key-1".to_owned()]);
+        // Signed narinfos round-trip with their signatures intact.
+        let back = NarInfo::parse(&dir, &n.to_text(&dir)).unwrap();
+        prop_assert!(check_narinfo_signatures(&dir, &back, &keys).is_ok());
+        let mut t = n.clone();
+        t.nar_size = t.nar_size.wrapping_add(1).max(1);
+        prop_assert!(check_narinfo_signatures(&dir, &t, &keys).is_err());
+        let mut t = n.clone();
+        if t.references.insert(extra) {
+            prop_assert!(check_narinfo_signatures(&dir, &t, &keys).is_err());
+        }
+    }
+}
