@@ -332,3 +332,49 @@ pub fn sleeper(space: &Space, seconds: u32) -> (PathBuf, Vec<String>) {
     );
     (file, vec![marker, format!("/bin/sleep {seconds} ")])
 }
+
+impl Space {
+    /// Start `nixspace translate` on `<tmp>/translator.sock` against this space (stderr to
+    /// `translator.log`) and wait for its socket. Returns the socket path.
+    pub fn translator(&mut self) -> PathBuf {
+        let socket = self.tmp.path().join("translator.sock");
+        let child = self
+            .command(&["translate", "--socket"])
+            .arg(&socket)
+            .arg("--dir")
+            .arg(self.dir())
+            .stderr(Stdio::from(self.log_file("translator")))
+            .spawn()
+            .expect("spawn nixspace translate");
+        self.children.push(child);
+        self.wait_for(&socket);
+        socket
+    }
+
+    /// A Nix command (e.g. `nix-build`) with the test's Nix configuration, talking to the
+    /// store at `NIX_REMOTE=remote` (`None`: the local store directly).
+    pub fn nix(&self, program: &str, remote: Option<&Path>) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_CONF_DIR", self.tmp.path().join("nix-conf"))
+            .stdin(Stdio::null());
+        match remote {
+            Some(socket) => c.env("NIX_REMOTE", format!("unix://{}", socket.display())),
+            None => c.env_remove("NIX_REMOTE"),
+        };
+        c
+    }
+}
+
+/// Command lines of the processes whose command line contains any of `needles`.
+pub fn command_lines_with(needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}

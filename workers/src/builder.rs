@@ -6,7 +6,8 @@
 //!    W asserts `<claim drv W>` while it has free slots.
 //! 3. The planner grants one claim: `<assigned drv X>`. If X is another
 //!    worker, W withdraws its claim. If X is W, W builds the step — but only
-//!    once every input's outputs are valid in its store.
+//!    once every input's outputs are valid in its store. Builds go to the
+//!    local Nix daemon over a pool of reused connections (one per slot).
 //! 4. W sends `<log drv W line>` messages while building, then asserts
 //!    `<built drv W outputs>` or `<failed drv W reason kind>`.
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
@@ -19,8 +20,10 @@
 //! and withdraws its outcome.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef, Handle,
@@ -44,6 +47,9 @@ pub struct BuilderConfig {
     pub max_jobs: u32,
     /// Speed relative to a reference machine (1.0).
     pub speed: f64,
+    /// Build through the Nix daemon listening on this socket instead of
+    /// private `nix-daemon --stdio` children on the local store.
+    pub daemon_socket: Option<PathBuf>,
 }
 
 impl BuilderConfig {
@@ -56,6 +62,16 @@ impl BuilderConfig {
             &step.features,
         )
         .is_none()
+    }
+
+    /// The daemon connections this worker builds over: one per slot.
+    fn pool(&self) -> DaemonPool {
+        let mut pool = PoolConfig::new(self.max_jobs as usize);
+        pool.features = self.features.clone();
+        if let Some(socket) = &self.daemon_socket {
+            pool.target = DaemonTarget::Socket(socket.clone());
+        }
+        DaemonPool::new(pool)
     }
 }
 
@@ -110,8 +126,10 @@ impl std::fmt::Debug for DrainDone {
 struct Builder {
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
+    /// Connections to the Nix daemon, opened on demand.
+    pool: DaemonPool,
     /// Ready steps this worker could build and has not claimed, in take order.
-    ready: BTreeMap<TakeOrder, (String, build::StepInfo)>,
+    ready: BTreeMap<TakeOrder, String>,
     /// Where each ready step sits in `ready`.
     ready_index: BTreeMap<String, TakeOrder>,
     /// Counts ready steps as they are seen (the age in [`TakeOrder`]).
@@ -119,7 +137,7 @@ struct Builder {
     /// Set when the worker is leaving: take nothing new.
     draining: Option<DrainDone>,
     /// Steps this worker claimed (waiting for a grant, or building).
-    claims: BTreeMap<String, (Handle, build::StepInfo)>,
+    claims: BTreeMap<String, Handle>,
     /// The facet of each running build.
     building: BTreeMap<String, FacetId>,
     offer: Option<Handle>,
@@ -138,7 +156,7 @@ impl Entity<Event> for Builder {
                         seen: self.seen,
                     };
                     self.ready_index.insert(drv.clone(), order);
-                    self.ready.insert(order, (drv, step));
+                    self.ready.insert(order, drv);
                 }
             }
             Event::Unready(drv) => {
@@ -150,15 +168,14 @@ impl Entity<Event> for Builder {
                 }
             }
             Event::Assigned(drv, worker) if worker == self.config.id => {
-                if let Some((_, step)) = self.claims.get(&drv) {
-                    let step = step.clone();
+                if self.claims.contains_key(&drv) {
                     let facet = t.facet(|t| {
                         build_step(
                             t,
                             Arc::clone(&self.ds),
                             Arc::clone(&self.config),
+                            self.pool.clone(),
                             drv.clone(),
-                            step,
                         );
                         Ok(())
                     })?;
@@ -210,7 +227,7 @@ impl Builder {
     /// Claim ready steps while slots are free, then refresh the offer.
     fn fill_slots(&mut self, t: &mut Activation) {
         while self.draining.is_none() && self.claims.len() < self.config.max_jobs as usize {
-            let Some((_, (drv, step))) = self.ready.pop_first() else {
+            let Some((_, drv)) = self.ready.pop_first() else {
                 break;
             };
             self.ready_index.remove(&drv);
@@ -220,7 +237,7 @@ impl Builder {
             };
             if let Some(h) = self.ds.assert(t, &claim) {
                 tracing::debug!(%drv, "claiming");
-                self.claims.insert(drv, (h, step));
+                self.claims.insert(drv, h);
             }
         }
         let free = if self.draining.is_some() {
@@ -237,7 +254,7 @@ impl Builder {
 
     /// Withdraw our claim on a step (lost the race, finished, or cancelled).
     fn release(&mut self, t: &mut Activation, drv: &str) {
-        if let Some((h, _)) = self.claims.remove(drv) {
+        if let Some(h) = self.claims.remove(drv) {
             tracing::debug!(%drv, "releasing claim");
             t.retract(h);
         }
@@ -265,6 +282,7 @@ pub fn start(
     );
     let mut builder = Builder {
         ds: Arc::clone(&ds),
+        pool: config.pool(),
         config,
         ready: BTreeMap::new(),
         ready_index: BTreeMap::new(),
@@ -305,14 +323,14 @@ fn build_step(
     t: &mut Activation,
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
+    pool: DaemonPool,
     drv: String,
-    step: build::StepInfo,
 ) {
     let facet = t.facet_ref();
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
         let account = Account::new(Some(AnyValue::symbol("build")), None);
         tracing::info!(%drv, "building");
-        let outcome = run_build(&facet, &account, &ds, &config, &drv, &step).await;
+        let outcome = run_build(&facet, &account, &ds, &config, &pool, &drv).await;
         facet.activate(&account, None, |t| {
             match outcome {
                 Ok(outputs) => {
@@ -345,29 +363,18 @@ fn build_step(
     });
 }
 
+/// Build `drv` over the worker's daemon pool, streaming its log as
+/// `<log drv worker line>` messages. Dropping the future (the facet stopped)
+/// interrupts the build.
 async fn run_build(
     facet: &FacetRef,
     account: &Arc<Account>,
     ds: &Arc<Cap>,
     config: &BuilderConfig,
+    pool: &DaemonPool,
     drv: &str,
-    step: &build::StepInfo,
 ) -> Result<Vec<String>, (String, build::FailureKind)> {
     let worker = config.id.as_str();
-    let transient = |e: &dyn std::fmt::Display| (e.to_string(), build::FailureKind::Transient);
-    let inputs = nixspace_nix_tools::output_paths(&step.input_drvs)
-        .await
-        .map_err(|e| transient(&e))?;
-    let missing = nixspace_nix_tools::invalid_paths(&inputs)
-        .await
-        .map_err(|e| transient(&e))?;
-    if !missing.is_empty() {
-        let list: Vec<_> = missing.into_iter().collect();
-        return Err(transient(&format!(
-            "inputs not valid on worker {worker}: {}",
-            list.join(" ")
-        )));
-    }
     let send_line = |line: String| {
         facet.activate(account, None, |t| {
             ds.message(
@@ -381,12 +388,12 @@ async fn run_build(
             Ok(())
         });
     };
-    nixspace_nix_tools::realise(drv, &config.features, send_line)
-        .await
-        .map_err(|e| match e {
-            nixspace_nix_tools::RealiseError::Failed { message } => {
-                (message, build::FailureKind::Permanent)
-            }
-            other => transient(&other),
-        })
+    pool.build(drv, send_line).await.map_err(|e| match e {
+        StepError::InputsMissing(missing) => (
+            format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
+            build::FailureKind::Transient,
+        ),
+        e if e.is_permanent() => (e.to_string(), build::FailureKind::Permanent),
+        e => (e.to_string(), build::FailureKind::Transient),
+    })
 }

@@ -40,6 +40,7 @@ enum Command {
     History(commands::history::HistoryArgs),
     Bench(commands::bench::BenchArgs),
     Demo(commands::demo::DemoArgs),
+    Translate(commands::translate::TranslateArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
             Command::History(a) => commands::history::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Demo(a) => commands::demo::run(a).await,
+            Command::Translate(a) => commands::translate::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

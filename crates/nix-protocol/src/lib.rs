@@ -25,7 +25,7 @@
 pub mod client;
 pub mod framed;
 pub mod handshake;
-mod nar_copy;
+pub mod nar_copy;
 pub mod ops;
 pub mod stderr;
 pub mod types;

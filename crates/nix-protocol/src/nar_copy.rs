@@ -9,7 +9,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::wire::{padding_len, NixReader, WireError};
+use crate::wire::{padding_len, NixReader, NixWriter, WireError};
 
 /// The longest non-contents token accepted (names are ≤ 255 bytes, symlink targets ≤ 4096).
 const MAX_TOKEN: u64 = 64 * 1024;
@@ -89,7 +89,7 @@ impl<R: AsyncRead + Unpin, O: AsyncWrite + Unpin + ?Sized> Copier<'_, R, O> {
 }
 
 /// Copies one NAR from `r` to `out`; returns the number of bytes copied.
-pub(crate) async fn copy_nar<R, O>(r: &mut NixReader<R>, out: &mut O) -> Result<u64, NarCopyError>
+pub async fn copy_nar<R, O>(r: &mut NixReader<R>, out: &mut O) -> Result<u64, NarCopyError>
 where
     R: AsyncRead + Unpin,
     O: AsyncWrite + Unpin + ?Sized,
@@ -115,11 +115,23 @@ where
     Ok(c.written)
 }
 
+/// Relays one NAR from `r` to the writer `w` (a proxy's other connection) without buffering
+/// it whole; returns the number of bytes copied. The writer is flushed.
+pub async fn relay_nar<R, W>(
+    r: &mut NixReader<R>,
+    w: &mut NixWriter<W>,
+) -> Result<u64, NarCopyError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    copy_nar(r, w.buffered()).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::version::NIX_2_8;
-    use crate::wire::NixWriter;
 
     async fn nar(tokens: &[&[u8]]) -> Vec<u8> {
         let mut w = NixWriter::new(Vec::new(), NIX_2_8);

@@ -14,7 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::types::{BasicDerivation, BuildMode, ClientSettings, DerivedPath, ValidPathInfo};
 use crate::version::{
-    ProtocolVersion, ADD_MULTIPLE_TO_STORE, BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE,
+    ProtocolVersion, ADD_MULTIPLE_TO_STORE, ADD_TO_STORE_FRAMED, BUILD_PATHS_WITH_RESULTS,
+    QUERY_VALID_PATHS_SUBSTITUTE,
 };
 use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
 
@@ -203,6 +204,69 @@ pub enum Request {
     AddTempRoot(StorePath),
     /// `QueryAllValidPaths`.
     QueryAllValidPaths,
+    /// `AddToStore` in its 1.25+ form; the dump follows as a framed stream.
+    AddToStore {
+        /// The name of the new path.
+        name: String,
+        /// The content-address method and hash algorithm (`text:sha256`, `fixed:r:sha256`…).
+        cam_str: String,
+        /// Its references.
+        references: BTreeSet<StorePath>,
+        /// Repair an existing path.
+        repair: bool,
+    },
+    /// `AddTextToStore` (obsolete since 1.25, still served).
+    AddTextToStore {
+        /// The name of the new path.
+        suffix: String,
+        /// The file's contents.
+        text: Vec<u8>,
+        /// Its references.
+        references: BTreeSet<StorePath>,
+    },
+    /// `QueryMissing`: what would be built, substituted or is unknown.
+    QueryMissing(Vec<DerivedPath>),
+    /// `QueryDerivationOutputMap`: the output paths of a derivation.
+    QueryDerivationOutputMap(StorePath),
+    /// `AddIndirectRoot`: a filesystem path (a symlink into the store) to register.
+    AddIndirectRoot(String),
+    /// `AddPermRoot` (newer Nix).
+    AddPermRoot {
+        /// The path to protect.
+        path: StorePath,
+        /// Where the root symlink goes.
+        gc_root: String,
+    },
+    /// `QueryReferrers`.
+    QueryReferrers(StorePath),
+    /// `QueryValidDerivers`.
+    QueryValidDerivers(StorePath),
+    /// `QuerySubstitutablePaths`.
+    QuerySubstitutablePaths(BTreeSet<StorePath>),
+    /// `QueryPathFromHashPart`.
+    QueryPathFromHashPart(String),
+    /// `SyncWithGC` (a no-op in current Nix).
+    SyncWithGC,
+    /// `FindRoots`.
+    FindRoots,
+    /// `OptimiseStore`.
+    OptimiseStore,
+    /// `VerifyStore`.
+    VerifyStore {
+        /// Check the contents against their hashes.
+        check_contents: bool,
+        /// Repair what is broken.
+        repair: bool,
+    },
+    /// `AddSignatures`.
+    AddSignatures {
+        /// The path.
+        path: StorePath,
+        /// The signatures to add.
+        sigs: Vec<String>,
+    },
+    /// `QueryRealisation`: a `DrvOutput` id (`sha256:<hex>!<output>`).
+    QueryRealisation(String),
 }
 
 fn require(
@@ -256,6 +320,22 @@ impl Request {
             Request::EnsurePath(_) => Opcode::EnsurePath,
             Request::AddTempRoot(_) => Opcode::AddTempRoot,
             Request::QueryAllValidPaths => Opcode::QueryAllValidPaths,
+            Request::AddToStore { .. } => Opcode::AddToStore,
+            Request::AddTextToStore { .. } => Opcode::AddTextToStore,
+            Request::QueryMissing(_) => Opcode::QueryMissing,
+            Request::QueryDerivationOutputMap(_) => Opcode::QueryDerivationOutputMap,
+            Request::AddIndirectRoot(_) => Opcode::AddIndirectRoot,
+            Request::AddPermRoot { .. } => Opcode::AddPermRoot,
+            Request::QueryReferrers(_) => Opcode::QueryReferrers,
+            Request::QueryValidDerivers(_) => Opcode::QueryValidDerivers,
+            Request::QuerySubstitutablePaths(_) => Opcode::QuerySubstitutablePaths,
+            Request::QueryPathFromHashPart(_) => Opcode::QueryPathFromHashPart,
+            Request::SyncWithGC => Opcode::SyncWithGC,
+            Request::FindRoots => Opcode::FindRoots,
+            Request::OptimiseStore => Opcode::OptimiseStore,
+            Request::VerifyStore { .. } => Opcode::VerifyStore,
+            Request::AddSignatures { .. } => Opcode::AddSignatures,
+            Request::QueryRealisation(_) => Opcode::QueryRealisation,
         }
     }
 
@@ -315,6 +395,51 @@ impl Request {
             Opcode::EnsurePath => Request::EnsurePath(r.read_store_path("path").await?),
             Opcode::AddTempRoot => Request::AddTempRoot(r.read_store_path("path").await?),
             Opcode::QueryAllValidPaths => Request::QueryAllValidPaths,
+            Opcode::AddToStore => {
+                require(v, ADD_TO_STORE_FRAMED, "AddToStore")?;
+                Request::AddToStore {
+                    name: r.read_string("name").await?,
+                    cam_str: r.read_string("camStr").await?,
+                    references: r.read_store_path_set("references").await?,
+                    repair: r.read_bool("repair").await?,
+                }
+            }
+            Opcode::AddTextToStore => Request::AddTextToStore {
+                suffix: r.read_string("suffix").await?,
+                text: r.read_bytes("text").await?,
+                references: r.read_store_path_set("references").await?,
+            },
+            Opcode::QueryMissing => Request::QueryMissing(read_derived_paths(r).await?),
+            Opcode::QueryDerivationOutputMap => {
+                Request::QueryDerivationOutputMap(r.read_store_path("path").await?)
+            }
+            Opcode::AddIndirectRoot => Request::AddIndirectRoot(r.read_string("path").await?),
+            Opcode::AddPermRoot => Request::AddPermRoot {
+                path: r.read_store_path("path").await?,
+                gc_root: r.read_string("gcRoot").await?,
+            },
+            Opcode::QueryReferrers => Request::QueryReferrers(r.read_store_path("path").await?),
+            Opcode::QueryValidDerivers => {
+                Request::QueryValidDerivers(r.read_store_path("path").await?)
+            }
+            Opcode::QuerySubstitutablePaths => {
+                Request::QuerySubstitutablePaths(r.read_store_path_set("paths").await?)
+            }
+            Opcode::QueryPathFromHashPart => {
+                Request::QueryPathFromHashPart(r.read_string("hashPart").await?)
+            }
+            Opcode::SyncWithGC => Request::SyncWithGC,
+            Opcode::FindRoots => Request::FindRoots,
+            Opcode::OptimiseStore => Request::OptimiseStore,
+            Opcode::VerifyStore => Request::VerifyStore {
+                check_contents: r.read_bool("checkContents").await?,
+                repair: r.read_bool("repair").await?,
+            },
+            Opcode::AddSignatures => Request::AddSignatures {
+                path: r.read_store_path("path").await?,
+                sigs: r.read_strings("sigs").await?,
+            },
+            Opcode::QueryRealisation => Request::QueryRealisation(r.read_string("outputId").await?),
             other => return Err(WireError::UnsupportedOp(other)),
         }))
     }
@@ -332,6 +457,7 @@ impl Request {
             Request::BuildPathsWithResults { .. } => {
                 require(v, BUILD_PATHS_WITH_RESULTS, "BuildPathsWithResults")?
             }
+            Request::AddToStore { .. } => require(v, ADD_TO_STORE_FRAMED, "AddToStore")?,
             _ => {}
         }
         w.write_u64(self.opcode() as u64, "opcode").await?;
@@ -341,7 +467,10 @@ impl Request {
             | Request::QueryPathInfo(p)
             | Request::NarFromPath(p)
             | Request::EnsurePath(p)
-            | Request::AddTempRoot(p) => w.write_store_path(p, "path").await,
+            | Request::AddTempRoot(p)
+            | Request::QueryDerivationOutputMap(p)
+            | Request::QueryReferrers(p)
+            | Request::QueryValidDerivers(p) => w.write_store_path(p, "path").await,
             Request::QueryValidPaths { paths, substitute } => {
                 w.write_store_paths(paths, "paths").await?;
                 if v >= QUERY_VALID_PATHS_SUBSTITUTE {
@@ -379,7 +508,50 @@ impl Request {
                 write_derived_paths(w, paths).await?;
                 mode.write_to(w).await
             }
-            Request::QueryAllValidPaths => Ok(()),
+            Request::QueryAllValidPaths
+            | Request::SyncWithGC
+            | Request::FindRoots
+            | Request::OptimiseStore => Ok(()),
+            Request::AddToStore {
+                name,
+                cam_str,
+                references,
+                repair,
+            } => {
+                w.write_str(name, "name").await?;
+                w.write_str(cam_str, "camStr").await?;
+                w.write_store_paths(references, "references").await?;
+                w.write_bool(*repair, "repair").await
+            }
+            Request::AddTextToStore {
+                suffix,
+                text,
+                references,
+            } => {
+                w.write_str(suffix, "suffix").await?;
+                w.write_bytes(text, "text").await?;
+                w.write_store_paths(references, "references").await
+            }
+            Request::QueryMissing(paths) => write_derived_paths(w, paths).await,
+            Request::AddIndirectRoot(path) => w.write_str(path, "path").await,
+            Request::AddPermRoot { path, gc_root } => {
+                w.write_store_path(path, "path").await?;
+                w.write_str(gc_root, "gcRoot").await
+            }
+            Request::QuerySubstitutablePaths(paths) => w.write_store_paths(paths, "paths").await,
+            Request::QueryPathFromHashPart(s) => w.write_str(s, "hashPart").await,
+            Request::QueryRealisation(s) => w.write_str(s, "outputId").await,
+            Request::VerifyStore {
+                check_contents,
+                repair,
+            } => {
+                w.write_bool(*check_contents, "checkContents").await?;
+                w.write_bool(*repair, "repair").await
+            }
+            Request::AddSignatures { path, sigs } => {
+                w.write_store_path(path, "path").await?;
+                w.write_strings(sigs, "sigs").await
+            }
         }
     }
 }
@@ -397,5 +569,92 @@ mod tests {
         let err = Opcode::try_from(2).unwrap_err();
         assert_eq!(err.to_string(), "unknown worker operation 2");
         assert!(Opcode::try_from(u64::MAX).is_err());
+    }
+}
+
+#[cfg(test)]
+mod round_trip {
+    use super::*;
+    use crate::types::OutputSpec;
+    use crate::version::NIX_2_8;
+
+    fn path(name: &str) -> StorePath {
+        StorePath::from_base_name(&format!("7rjj86a15146cq4nsd2q3v4n7ks1hkgn-{name}")).unwrap()
+    }
+
+    async fn round_trip(req: Request) {
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        req.write(&mut w).await.unwrap();
+        w.write_u64(0xfeed, "sentinel").await.unwrap();
+        w.flush().await.unwrap();
+        let mut r = NixReader::new(std::io::Cursor::new(w.into_inner()), NIX_2_8);
+        let back = Request::read(&mut r).await.unwrap().unwrap();
+        assert_eq!(back, req);
+        // The body was consumed exactly.
+        assert_eq!(r.read_u64("sentinel").await.unwrap(), 0xfeed);
+    }
+
+    #[tokio::test]
+    async fn new_requests_round_trip() {
+        let refs: BTreeSet<StorePath> = [path("a"), path("b")].into();
+        for req in [
+            Request::AddToStore {
+                name: "x.drv".into(),
+                cam_str: "text:sha256".into(),
+                references: refs.clone(),
+                repair: false,
+            },
+            Request::AddTextToStore {
+                suffix: "x.drv".into(),
+                text: b"Derive(...)".to_vec(),
+                references: refs.clone(),
+            },
+            Request::QueryMissing(vec![
+                DerivedPath::Opaque(path("a")),
+                DerivedPath::Built {
+                    drv_path: path("x.drv"),
+                    outputs: OutputSpec::All,
+                },
+            ]),
+            Request::QueryDerivationOutputMap(path("x.drv")),
+            Request::AddIndirectRoot("/tmp/result".into()),
+            Request::AddPermRoot {
+                path: path("a"),
+                gc_root: "/tmp/r".into(),
+            },
+            Request::QueryReferrers(path("a")),
+            Request::QueryValidDerivers(path("a")),
+            Request::QuerySubstitutablePaths(refs.clone()),
+            Request::QueryPathFromHashPart("7rjj86a15146cq4nsd2q3v4n7ks1hkgn".into()),
+            Request::SyncWithGC,
+            Request::FindRoots,
+            Request::OptimiseStore,
+            Request::VerifyStore {
+                check_contents: true,
+                repair: false,
+            },
+            Request::AddSignatures {
+                path: path("a"),
+                sigs: vec!["k:sig".into()],
+            },
+            Request::QueryRealisation("sha256:00!out".into()),
+        ] {
+            round_trip(req).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn old_add_to_store_is_refused_at_old_versions() {
+        let req = Request::AddToStore {
+            name: "x".into(),
+            cam_str: "text:sha256".into(),
+            references: BTreeSet::new(),
+            repair: false,
+        };
+        let mut w = NixWriter::new(Vec::new(), crate::version::MIN_SUPPORTED);
+        assert!(matches!(
+            req.write(&mut w).await,
+            Err(WireError::NotAtThisVersion { .. })
+        ));
     }
 }

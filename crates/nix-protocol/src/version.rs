@@ -140,6 +140,9 @@ pub const BUILD_RESULT_TIMES: ProtocolVersion = ProtocolVersion::new(1, 29);
 /// Nix 2.4 (protocol 1.30): derived paths travel as `drv!out1,out2` / `drv!*` strings instead
 /// of the older `path!outs` form, and a bare `.drv` may be requested as an opaque path.
 pub const DERIVED_PATH_STRINGS: ProtocolVersion = ProtocolVersion::new(1, 30);
+/// Nix 2.4 (development step 1.25): `AddToStore` takes a name, a content-address method,
+/// references and a framed dump.
+pub const ADD_TO_STORE_FRAMED: ProtocolVersion = ProtocolVersion::new(1, 25);
 /// Nix 2.4 (protocol 1.32): the `AddMultipleToStore` operation exists.
 pub const ADD_MULTIPLE_TO_STORE: ProtocolVersion = ProtocolVersion::new(1, 32);
 /// Nix 2.7 (protocol 1.33): the daemon sends its Nix version string in the handshake.

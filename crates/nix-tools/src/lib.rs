@@ -1,18 +1,20 @@
-//! The local Nix, driven through its command-line tools.
+//! The local Nix: its command-line tools, its daemon, and derivations read
+//! from the store.
 //!
 //! Commands run a real Nix program (`nix-instantiate`, `nix-store`) found on
 //! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
 //! friends apply as they would to a user's own commands; failures carry the
 //! command and the tail of its stderr. Derivation closures are read directly
-//! from the store with our own parser ([`read_closure`]).
+//! from the store with our own parser ([`read_closure`]). Builds go through
+//! the Nix worker protocol over reused daemon connections ([`DaemonPool`]).
 
 mod command;
+mod daemon_pool;
 mod derivation_info;
-mod realise;
 
 pub use command::NixError;
+pub use daemon_pool::{DaemonPool, DaemonTarget, PoolConfig, StepError, INTERRUPT_GRACE};
 pub use derivation_info::{read_closure, DerivationInfo};
-pub use realise::{realise, RealiseError};
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -37,12 +39,6 @@ pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, N
 /// The subset of `paths` that are not valid in the local store.
 pub async fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>, NixError> {
     let out = nix_store_on(&["--check-validity", "--print-invalid"], paths).await?;
-    Ok(out.lines().map(str::to_owned).collect())
-}
-
-/// The output paths of the given derivations (`nix-store -q --outputs`).
-pub async fn output_paths(drvs: &[String]) -> Result<Vec<String>, NixError> {
-    let out = nix_store_on(&["--query", "--outputs"], drvs).await?;
     Ok(out.lines().map(str::to_owned).collect())
 }
 

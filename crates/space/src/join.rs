@@ -144,3 +144,86 @@ fn describe(error: &AnyValue) -> String {
         None => format!("{error:?}"),
     }
 }
+
+/// How long to wait between reconnection attempts: from `initial`, doubling
+/// up to `max`; reset after every successful join.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(250),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What happened to a long-lived session, for logs and progress displays.
+#[derive(Debug)]
+pub enum SessionEvent<'a> {
+    /// Joined (again): the body runs anew in a fresh actor.
+    Joined {
+        /// 1 for the first connection, 2 after the first reconnection, …
+        connection: u32,
+    },
+    /// The connection ended; a reconnection follows.
+    Lost(String),
+    /// Joining failed for a reason that may pass; the next try is after `after`.
+    Retrying {
+        /// The delay before the next try.
+        after: Duration,
+        /// What went wrong.
+        why: &'a JoinError,
+    },
+}
+
+/// Stay joined to the dataspace named by `route`: run `body` after every
+/// (re)connection in a fresh actor (so it re-asserts everything it needs),
+/// and reconnect with `backoff` whenever the host is unreachable or the
+/// connection drops — for example while `nixspace up` restarts. Returns only
+/// when joining can never succeed: the host refused the capability or never
+/// answered.
+pub async fn stay_joined<F>(
+    route: &Route,
+    backoff: Backoff,
+    body: F,
+    mut on_event: impl FnMut(SessionEvent<'_>),
+) -> JoinError
+where
+    F: 'static + Send + Clone + FnOnce(&mut Activation, Arc<Cap>) -> ActorResult,
+{
+    let mut delay = backoff.initial;
+    let mut connection = 0;
+    loop {
+        match join(route, body.clone()).await {
+            Ok(actor) => {
+                connection += 1;
+                delay = backoff.initial;
+                on_event(SessionEvent::Joined { connection });
+                let why = match actor.await {
+                    Ok(Ok(())) => "the connection closed".to_owned(),
+                    Ok(Err(e)) => format!("{e:?}"),
+                    Err(e) => e.to_string(),
+                };
+                tracing::warn!(%why, "lost the dataspace; reconnecting");
+                on_event(SessionEvent::Lost(why));
+            }
+            Err(e @ (JoinError::Refused(_) | JoinError::NoAnswer(_))) => return e,
+            Err(e) => {
+                tracing::warn!(error = %e, after = ?delay, "cannot join the dataspace; retrying");
+                on_event(SessionEvent::Retrying {
+                    after: delay,
+                    why: &e,
+                });
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(backoff.max);
+            }
+        }
+    }
+}

@@ -15,5 +15,5 @@ pub mod route;
 pub mod runtime_dir;
 
 pub use host::{HostConfig, HostedSpace};
-pub use join::JoinError;
+pub use join::{Backoff, JoinError, SessionEvent};
 pub use route::{Role, Route, RouteError, Transport};

@@ -7,11 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_nix_tools::DerivationInfo;
-use nixspace_protocol::{build, on_retraction};
 use nixspace_space::Role;
+use nixspace_translator::steps::{self, StepEvent};
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
-use syndicate_macros::{during, on_message};
 
 use super::JoinArgs;
 use crate::progress::{short_name, Progress};
@@ -120,24 +119,12 @@ fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorErro
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let route = args.join.route(Role::Submit)?;
     let roots = resolve_target(&args.target, &args.attrs).await?;
-    let infos = nixspace_nix_tools::read_closure(&roots).await?;
-    let known: Vec<String> = infos
-        .values()
-        .flat_map(|i| i.outputs.values().flatten().cloned())
-        .collect();
-    let invalid = nixspace_nix_tools::invalid_paths(&known).await?;
-    let needed: BTreeMap<String, &DerivationInfo> = infos
-        .iter()
-        .filter(|(_, i)| {
-            i.outputs
-                .values()
-                .any(|p| p.as_ref().is_none_or(|p| invalid.contains(p)))
-        })
-        .map(|(d, i)| (d.clone(), i))
-        .collect();
+    let plan = nixspace_translator::steps::plan(&roots).await?;
+    let infos = &plan.infos;
+    let needed = plan.steps();
     if needed.is_empty() {
         eprintln!("nixspace: nothing to build; all outputs are valid");
-        print_outputs(&roots, &infos, &BTreeMap::new());
+        print_outputs(&roots, infos, &BTreeMap::new());
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
@@ -159,22 +146,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
     }));
-    let order = inputs_first(&needed);
-    let depths = depths(&order);
-    let demands: Vec<build::Demand> = order
-        .into_iter()
-        .map(|(drv, info)| build::Demand {
-            drv: drv.clone(),
-            step: build::StepInfo {
-                system: info.system.clone(),
-                features: info.features.clone(),
-                input_drvs: info.input_drvs.clone(),
-            },
-            requester: format!("nixspace-build-{}", std::process::id()),
-            priority: args.priority.into(),
-            depth: (depths.get(drv.as_str()).copied().unwrap_or(0) as i64).into(),
-        })
-        .collect();
+    let demands = steps::demands(
+        &needed,
+        &format!("nixspace-build-{}", std::process::id()),
+        args.priority,
+    );
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let actor = nixspace_space::join::join(
@@ -209,51 +185,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .lock()
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     s.progress.finish();
-    report(&roots, &infos, &s)
-}
-
-/// The steps ordered so that every step comes after its inputs, so the
-/// planner never sees a step before the inputs it must wait for.
-fn inputs_first<'a>(
-    steps: &'a BTreeMap<String, &'a DerivationInfo>,
-) -> Vec<(&'a String, &'a DerivationInfo)> {
-    fn visit<'a>(
-        drv: &'a String,
-        steps: &'a BTreeMap<String, &'a DerivationInfo>,
-        seen: &mut std::collections::BTreeSet<&'a str>,
-        order: &mut Vec<(&'a String, &'a DerivationInfo)>,
-    ) {
-        let Some(info) = steps.get(drv) else { return };
-        if !seen.insert(drv) {
-            return;
-        }
-        for input in &info.input_drvs {
-            visit(input, steps, seen, order);
-        }
-        order.push((drv, info));
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    let mut order = Vec::with_capacity(steps.len());
-    for drv in steps.keys() {
-        visit(drv, steps, &mut seen, &mut order);
-    }
-    order
-}
-
-/// How many demanded steps wait on each step, at most, in a chain: steps in
-/// `order` come after their inputs, so walking it backwards sees every
-/// dependent before its inputs.
-fn depths<'a>(order: &[(&'a String, &'a DerivationInfo)]) -> HashMap<&'a str, u64> {
-    let mut depth: HashMap<&str, u64> = order.iter().map(|(d, _)| (d.as_str(), 0)).collect();
-    for (drv, info) in order.iter().rev() {
-        let mine = depth.get(drv.as_str()).copied().unwrap_or(0);
-        for input in &info.input_drvs {
-            if let Some(d) = depth.get_mut(input.as_str()) {
-                *d = (*d).max(mine + 1);
-            }
-        }
-    }
-    depth
+    report(&roots, infos, &s)
 }
 
 /// Register the observers that keep the session up to date.
@@ -263,59 +195,70 @@ fn observe(
     session: &Shared,
     patience: std::time::Duration,
 ) {
-    enclose!((session) during!(t, ds, <unschedulable $drv: String $reason: String>,
-    |t: &mut Activation| {
-        let ours = with(&session, |s| {
-            if !s.steps.contains_key(&drv) {
-                return false;
-            }
-            s.progress.event(&format!(
-                "waiting for a worker for {}: {reason}",
-                short_name(&drv)
-            ));
-            s.unschedulable.insert(drv.clone(), reason.clone());
-            true
-        })?;
-        if ours {
-            // Still unschedulable after the grace period: give up.
-            t.after(patience, enclose!((session, drv) move |_t| with(&session, |s| {
-                if s.unschedulable.contains_key(&drv) {
-                    s.stuck = true;
-                    s.finish();
+    let session = Arc::clone(session);
+    let handler: steps::Handler = Arc::new(move |t, event| on_event(t, &session, patience, event));
+    steps::observe(t, ds, handler);
+}
+
+fn on_event(
+    t: &mut Activation,
+    session: &Shared,
+    patience: std::time::Duration,
+    event: StepEvent,
+) -> Result<(), ActorError> {
+    match event {
+        StepEvent::Unschedulable { drv, reason } => {
+            let ours = with(session, |s| {
+                if !s.steps.contains_key(&drv) {
+                    return false;
                 }
-            })));
-            on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
-                s.unschedulable.remove(&drv);
-            })));
+                s.progress.event(&format!(
+                    "waiting for a worker for {}: {reason}",
+                    short_name(&drv)
+                ));
+                s.unschedulable.insert(drv.clone(), reason.clone());
+                true
+            })?;
+            if ours {
+                // Still unschedulable after the grace period: give up.
+                t.after(
+                    patience,
+                    enclose!((session, drv) move |_t| with(&session, |s| {
+                        if s.unschedulable.contains_key(&drv) {
+                            s.stuck = true;
+                            s.finish();
+                        }
+                    })),
+                );
+            }
+            Ok(())
         }
-        Ok(())
-    }));
-    enclose!((session) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
-    |_t: &mut Activation| {
-        with(&session, |s| s.settle(&drv, Status::Built(outputs.clone())))
-    }));
-    enclose!((session) during!(t, ds, <failed $drv: String $worker: String $reason: String _>,
-    |_t: &mut Activation| {
-        with(&session, |s| s.settle(&drv, Status::Failed { worker: worker.clone(), reason: reason.clone() }))
-    }));
-    enclose!((session) during!(t, ds, <assigned $drv: String $worker: String>,
-    |t: &mut Activation| {
-        with(&session, |s| {
+        StepEvent::Schedulable { drv } => with(session, |s| {
+            s.unschedulable.remove(&drv);
+        }),
+        StepEvent::Built { drv, outputs } => {
+            with(session, |s| s.settle(&drv, Status::Built(outputs)))
+        }
+        StepEvent::Failed {
+            drv,
+            worker,
+            reason,
+        } => with(session, |s| {
+            s.settle(&drv, Status::Failed { worker, reason })
+        }),
+        StepEvent::Assigned { drv, worker } => with(session, |s| {
             if matches!(s.steps.get(&drv), Some(Status::Pending)) {
-                s.progress.event(&format!("building {} on {worker}", short_name(&drv)));
+                s.progress
+                    .event(&format!("building {} on {worker}", short_name(&drv)));
                 s.running.insert(drv.clone(), worker.clone());
                 s.progress.update(s.done(), &s.running);
             }
-        })?;
-        on_retraction(t, enclose!((session, drv) move |_t| with(&session, |s| {
+        }),
+        StepEvent::Unassigned { drv } => with(session, |s| {
             s.running.remove(&drv);
             s.progress.update(s.done(), &s.running);
-        })));
-        Ok(())
-    }));
-    enclose!((session) on_message!(t, ds, <log $drv: String _ $line: String>,
-    |_t: &mut Activation| {
-        with(&session, |s| {
+        }),
+        StepEvent::Log { drv, line, .. } => with(session, |s| {
             if s.steps.contains_key(&drv) {
                 s.progress.log_line(&drv, &line);
                 let tail = s.logs.entry(drv.clone()).or_default();
@@ -324,8 +267,8 @@ fn observe(
                 }
                 tail.push_back(line.clone());
             }
-        })
-    }));
+        }),
+    }
 }
 
 /// Turn the command-line target into root derivations.

@@ -5,6 +5,7 @@ pub mod build;
 pub mod demo;
 pub mod history;
 pub mod status;
+pub mod translate;
 pub mod up;
 pub mod worker;
 

@@ -1,7 +1,7 @@
 //! `nixspace worker`: join a dataspace and build steps with the local Nix.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
-
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
@@ -15,8 +15,9 @@ use super::JoinArgs;
 /// Join a dataspace as a build worker.
 ///
 /// Announces what this machine can build, pulls ready steps while it has free
-/// slots, builds them with the local Nix (`nix-store --realise`, after
-/// checking every input is valid), streams their logs and reports outcomes.
+/// slots, builds them with the local Nix (over reused `nix-daemon --stdio`
+/// connections, one per slot, after checking every input is valid), streams
+/// their logs and reports outcomes.
 /// On Ctrl-C or SIGTERM it drains: takes no new steps and leaves once its
 /// running builds are finished; a second signal leaves at once (unfinished
 /// steps go back to the queue).
@@ -44,6 +45,12 @@ pub struct WorkerArgs {
     /// Speed relative to a reference machine (used for work stealing).
     #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
     speed: f64,
+
+    /// Build through the Nix daemon listening on this socket (e.g.
+    /// /nix/var/nix/daemon-socket/socket). Default: private `nix-daemon
+    /// --stdio` processes on the local store.
+    #[arg(long, value_name = "PATH")]
+    daemon_socket: Option<PathBuf>,
 }
 
 /// Run `nixspace worker`.
@@ -72,6 +79,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         },
         speed: args.speed,
+        daemon_socket: args.daemon_socket,
     };
     let route = args.join.route(Role::Worker)?;
     let id = config.id.clone();

@@ -1,0 +1,670 @@
+//! Building derivations through the Nix worker protocol, over a pool of
+//! long-lived daemon connections.
+//!
+//! Each connection is a private `nix-daemon --stdio` child on the local store
+//! (or a connection to a running daemon's socket), handshaken once, then
+//! reused for many builds: a step costs two protocol round trips instead of
+//! three `nix-store` processes. Connections send no `SetOptions`, so the
+//! daemon keeps the settings of its own configuration (`cores`,
+//! `max-silent-time`, …), as `nix-store --realise` did.
+//!
+//! A build whose future is dropped (a withdrawn step) leaves its connection in
+//! the middle of an operation: that connection is never reused. A daemon child
+//! is interrupted (SIGINT and SIGTERM, then SIGKILL after [`INTERRUPT_GRACE`])
+//! so that Nix kills its builder; a socket connection is closed, which the daemon takes as
+//! an interruption.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nixspace_nix_formats::derivation::{Derivation, DerivationOutput as DrvOutput};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_protocol::{
+    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient,
+    DerivationOutput, LogEvent,
+};
+use rustix::process::{Pid, Signal};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// How long an interrupted daemon gets to stop its builder before it is killed.
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long opening a connection (start, handshake, options) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+type Client = DaemonClient<Reader, Writer>;
+
+/// Which daemon a pool talks to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DaemonTarget {
+    /// A private `nix-daemon --stdio` child per connection, on the local
+    /// store (`NIX_REMOTE=local`, otherwise the caller's environment).
+    #[default]
+    Spawn,
+    /// A running daemon listening on this unix socket.
+    Socket(PathBuf),
+}
+
+/// What a [`DaemonPool`] connects to and how.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// At most this many connections (and so builds) at once.
+    pub max_connections: usize,
+    /// The daemon.
+    pub target: DaemonTarget,
+    /// System features a spawned daemon is told it has
+    /// (`extra-system-features`); a daemon behind a socket must declare them
+    /// in its own configuration.
+    pub features: Vec<String>,
+    /// The store directory (`NIX_STORE_DIR`, or `/nix/store`).
+    pub store_dir: StoreDir,
+}
+
+impl PoolConfig {
+    /// Up to `max_connections` private daemons on the local store, no extra
+    /// features, the store directory from `NIX_STORE_DIR` or the default.
+    pub fn new(max_connections: usize) -> PoolConfig {
+        let store_dir = std::env::var("NIX_STORE_DIR")
+            .ok()
+            .and_then(|d| StoreDir::new(&d).ok())
+            .unwrap_or_default();
+        PoolConfig {
+            max_connections: max_connections.max(1),
+            target: DaemonTarget::Spawn,
+            features: Vec::new(),
+            store_dir,
+        }
+    }
+}
+
+/// Why a step did not produce its outputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StepError {
+    /// Some inputs are not valid in the store (this store lacks them; another
+    /// may have them): transient.
+    #[error("inputs not valid: {}", .0.join(" "))]
+    InputsMissing(Vec<String>),
+    /// The build failed, or the derivation cannot be built here at all:
+    /// permanent.
+    #[error("{0}")]
+    Failed(String),
+    /// The daemon or the connection failed: transient.
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl StepError {
+    /// Whether trying again (here or elsewhere) cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StepError::Failed(_))
+    }
+}
+
+/// A pool of connections to the Nix daemon, opened on demand and reused.
+#[derive(Clone)]
+pub struct DaemonPool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: PoolConfig,
+    idle: Mutex<Vec<Connection>>,
+    slots: Arc<Semaphore>,
+    opened: AtomicU64,
+}
+
+impl std::fmt::Debug for DaemonPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonPool")
+            .field("config", &self.inner.config)
+            .field("opened", &self.opened())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DaemonPool {
+    /// A pool with no connection yet.
+    pub fn new(config: PoolConfig) -> DaemonPool {
+        let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        DaemonPool {
+            inner: Arc::new(Inner {
+                config,
+                idle: Mutex::new(Vec::new()),
+                slots,
+                opened: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// How many connections the pool has opened so far.
+    pub fn opened(&self) -> u64 {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
+    /// Build the derivation at `drv` (a `.drv` store path) with
+    /// `BuildDerivation`, once its inputs are valid; call `on_line` for each
+    /// log line as it arrives. Returns the output paths, by output name.
+    ///
+    /// Dropping the returned future interrupts the build.
+    pub async fn build(
+        &self,
+        drv: &str,
+        mut on_line: impl FnMut(String) + Send,
+    ) -> Result<Vec<String>, StepError> {
+        let store = &self.inner.config.store_dir;
+        let step = Step::load(store, drv).await?;
+        let mut lease = self.lease().await?;
+        let valid = match lease.client().query_valid_paths(&step.closure, false).await {
+            Ok(valid) => valid,
+            // A reused connection may have died while idle: try a fresh one.
+            Err(e) if !e.is_recoverable() && lease.reused => {
+                tracing::debug!(error = %e, "idle daemon connection failed; reconnecting");
+                lease.close();
+                lease = self.lease_new().await?;
+                lease
+                    .client()
+                    .query_valid_paths(&step.closure, false)
+                    .await
+                    .map_err(|e| lease.failed(e))?
+            }
+            Err(e) => return Err(lease.failed(e)),
+        };
+        let missing: Vec<String> = step
+            .closure
+            .difference(&valid)
+            .map(|p| store.print(p))
+            .collect();
+        if !missing.is_empty() {
+            lease.release();
+            return Err(StepError::InputsMissing(missing));
+        }
+        let mut logs = |event: LogEvent| forward_log(event, &mut on_line);
+        let result = lease
+            .client()
+            .build_derivation(&step.drv_path, &step.basic, BuildMode::Normal, &mut logs)
+            .await
+            .map_err(|e| lease.failed(e))?;
+        lease.release();
+        step.outputs(store, result)
+    }
+
+    /// A connection: an idle one, or a new one if none is idle.
+    async fn lease(&self) -> Result<Lease, StepError> {
+        let permit = self.permit().await?;
+        let idle = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match idle {
+            Some(conn) => Ok(Lease {
+                conn: Some(conn),
+                inner: Arc::clone(&self.inner),
+                reused: true,
+                _permit: permit,
+            }),
+            None => self.open(permit).await,
+        }
+    }
+
+    /// A new connection.
+    async fn lease_new(&self) -> Result<Lease, StepError> {
+        let permit = self.permit().await?;
+        self.open(permit).await
+    }
+
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, StepError> {
+        Arc::clone(&self.inner.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| StepError::Transient("the daemon pool is closed".to_owned()))
+    }
+
+    async fn open(&self, permit: OwnedSemaphorePermit) -> Result<Lease, StepError> {
+        let conn = Connection::open(&self.inner.config).await?;
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            conn: Some(conn),
+            inner: Arc::clone(&self.inner),
+            reused: false,
+            _permit: permit,
+        })
+    }
+}
+
+/// One connection in use. Returned to the pool by [`Lease::release`];
+/// dropped any other way (the build was abandoned mid-operation) its
+/// connection is interrupted and closed.
+struct Lease {
+    conn: Option<Connection>,
+    inner: Arc<Inner>,
+    reused: bool,
+    // Dropped after `conn` went back to the idle list.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    fn client(&mut self) -> &mut Client {
+        &mut self
+            .conn
+            .as_mut()
+            .expect("a lease holds its connection until released")
+            .client
+    }
+
+    /// The operation finished with the connection in step: keep it.
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if let Ok(mut idle) = self.inner.idle.lock() {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// Close the connection: it is out of step, and the daemon may still be
+    /// building, so it is interrupted.
+    fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.interrupt();
+        }
+    }
+
+    /// An operation failed: keep the connection if it is still in step.
+    fn failed(&mut self, e: ClientError) -> StepError {
+        if e.is_recoverable() {
+            self.release();
+        } else {
+            self.close();
+        }
+        StepError::Transient(format!("Nix daemon: {}", error_chain(&e)))
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A handshaken, configured connection, and the daemon child behind it.
+struct Connection {
+    client: Client,
+    child: Option<tokio::process::Child>,
+}
+
+impl Connection {
+    async fn open(config: &PoolConfig) -> Result<Connection, StepError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(config)).await {
+            Ok(conn) => conn,
+            Err(_) => Err(StepError::Transient(format!(
+                "the Nix daemon did not answer within {CONNECT_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn open_now(config: &PoolConfig) -> Result<Connection, StepError> {
+        let client_config = ClientConfig {
+            store_dir: config.store_dir.clone(),
+            ..ClientConfig::default()
+        };
+        let handshake_err =
+            |e: ClientError| StepError::Transient(format!("Nix daemon: {}", error_chain(&e)));
+        let conn = match &config.target {
+            DaemonTarget::Spawn => {
+                let mut cmd = tokio::process::Command::new("nix-daemon");
+                // The store must be the local one: a daemon whose store is
+                // "auto" may connect to itself.
+                cmd.arg("--stdio")
+                    .args(feature_option(&config.features))
+                    .env("NIX_REMOTE", "local")
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .kill_on_drop(true)
+                    // Its own group: a terminal's Ctrl-C does not reach it,
+                    // and a stuck daemon is killed with its whole group.
+                    .process_group(0);
+                let mut child = cmd.spawn().map_err(|e| {
+                    StepError::Transient(format!(
+                        "cannot run nix-daemon: {e} (is Nix installed? on Debian: apt-get install nix-bin)"
+                    ))
+                })?;
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err(StepError::Transient("nix-daemon has no pipes".to_owned()));
+                };
+                // If the handshake fails, `child` is killed on drop.
+                let (r, w): (Reader, Writer) = (Box::new(stdout), Box::new(stdin));
+                let client = DaemonClient::handshake_with_config(r, w, &client_config)
+                    .await
+                    .map_err(handshake_err)?;
+                Connection {
+                    client,
+                    child: Some(child),
+                }
+            }
+            DaemonTarget::Socket(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    StepError::Transient(format!(
+                        "cannot connect to the Nix daemon at {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let (r, w) = stream.into_split();
+                let (r, w): (Reader, Writer) = (Box::new(r), Box::new(w));
+                let client = DaemonClient::handshake_with_config(r, w, &client_config)
+                    .await
+                    .map_err(handshake_err)?;
+                Connection {
+                    client,
+                    child: None,
+                }
+            }
+        };
+        tracing::debug!(target = ?config.target, "opened a Nix daemon connection");
+        Ok(conn)
+    }
+
+    /// Stop whatever the connection is doing: interrupt the daemon child
+    /// (Nix then kills its builder), kill it if it has not exited after
+    /// [`INTERRUPT_GRACE`]; close a socket connection.
+    fn interrupt(mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let Some(raw) = child.id() else {
+            return;
+        };
+        let Some(pid) = Pid::from_raw(raw as i32) else {
+            return;
+        };
+        tracing::debug!(pid = raw, "interrupting a Nix daemon");
+        let _ = rustix::process::kill_process(pid, Signal::INT);
+        // SIGINT is ignored by processes started in the background by a
+        // shell; Nix treats SIGTERM the same way.
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+        // A thread, not a task: if the runtime is shutting down (the worker
+        // is leaving), a task would be dropped at once, and with it the
+        // child, which would be killed before it could stop its builder. A
+        // thread ends with the process instead, leaving the daemon to finish
+        // its interruption on its own.
+        let watch = move || {
+            let deadline = std::time::Instant::now() + INTERRUPT_GRACE;
+            while matches!(child.try_wait(), Ok(None)) {
+                if std::time::Instant::now() >= deadline {
+                    tracing::warn!(pid = raw, "Nix daemon ignored the interrupt; killing it");
+                    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("nix-daemon-interrupt".to_owned())
+            .spawn(watch)
+        {
+            tracing::warn!(pid = raw, error = %e, "cannot watch an interrupted Nix daemon");
+        }
+        // Dropping `self` closes the pipes.
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // An idle (or discarded) daemon: nothing to stop gracefully.
+        if let Some(child) = &self.child {
+            if let Some(pid) = child.id().and_then(|p| Pid::from_raw(p as i32)) {
+                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// `--option extra-system-features "a b"`, or nothing for no features.
+///
+/// A command-line option, not a `SetOptions` override: Nix's local store
+/// takes its `system-features` from the settings when it is opened, before
+/// any client can change them.
+fn feature_option(features: &[String]) -> Vec<String> {
+    if features.is_empty() {
+        return Vec::new();
+    }
+    vec![
+        "--option".to_owned(),
+        "extra-system-features".to_owned(),
+        features.join(" "),
+    ]
+}
+
+/// One derivation, ready to send.
+struct Step {
+    drv_path: StorePath,
+    basic: BasicDerivation,
+    /// The outputs of the derivation itself.
+    outputs: BTreeMap<String, DrvOutput>,
+    /// Everything the build reads: input sources and used input outputs.
+    closure: BTreeSet<StorePath>,
+}
+
+impl Step {
+    /// Read and parse `drv` and its input derivations.
+    async fn load(store: &StoreDir, drv: &str) -> Result<Step, StepError> {
+        let drv_path = store
+            .parse(drv)
+            .map_err(|e| StepError::Failed(format!("{drv}: {e}")))?;
+        let derivation = read_derivation(store, &drv_path).await?;
+        let mut closure = derivation.input_srcs.clone();
+        for (input, names) in &derivation.input_drvs {
+            let input_drv = read_derivation(store, input).await?;
+            for name in names {
+                let path = input_drv.outputs.get(name).and_then(DrvOutput::path);
+                let Some(path) = path else {
+                    return Err(StepError::Failed(format!(
+                        "output '{name}' of {} has no path known before it is built \
+                         (floating content-addressed inputs are not supported yet)",
+                        store.print(input)
+                    )));
+                };
+                closure.insert(path.clone());
+            }
+        }
+        let basic = to_basic(&derivation, closure.clone())
+            .map_err(|e| StepError::Failed(format!("{drv}: {e}")))?;
+        Ok(Step {
+            drv_path,
+            basic,
+            outputs: derivation.outputs,
+            closure,
+        })
+    }
+
+    /// The output paths of a finished build, or why it failed.
+    fn outputs(&self, store: &StoreDir, result: BuildResult) -> Result<Vec<String>, StepError> {
+        if !result.status.is_success() {
+            let message = first_line(&result.error_msg);
+            let message = if message.is_empty() {
+                format!("build failed ({:?})", result.status)
+            } else {
+                message
+            };
+            return Err(match result.status {
+                BuildStatus::TransientFailure => StepError::Transient(message),
+                _ => StepError::Failed(message),
+            });
+        }
+        let mut paths = Vec::new();
+        for (name, output) in &self.outputs {
+            let path = match output.path() {
+                Some(path) => store.print(path),
+                None => {
+                    let suffix = format!("!{name}");
+                    let realised = result
+                        .built_outputs
+                        .iter()
+                        .find(|(id, _)| id.ends_with(&suffix))
+                        .map(|(_, r)| r.out_path.as_str());
+                    match realised {
+                        Some(p) if p.starts_with('/') => p.to_owned(),
+                        Some(base) => format!("{store}/{base}"),
+                        None => {
+                            return Err(StepError::Transient(format!(
+                                "the Nix daemon built {} but did not report output '{name}'",
+                                store.print(&self.drv_path)
+                            )))
+                        }
+                    }
+                }
+            };
+            paths.push(path);
+        }
+        Ok(paths)
+    }
+}
+
+async fn read_derivation(store: &StoreDir, path: &StorePath) -> Result<Derivation, StepError> {
+    let file = store.print(path);
+    let bytes = tokio::fs::read(&file)
+        .await
+        .map_err(|e| StepError::Transient(format!("cannot read derivation {file}: {e}")))?;
+    Derivation::parse_at(store, path, &bytes)
+        .map_err(|e| StepError::Failed(format!("cannot parse derivation {file}: {e}")))
+}
+
+/// The derivation as `BuildDerivation` sends it: no input derivations, their
+/// used outputs among the input sources (as Nix does).
+fn to_basic(drv: &Derivation, input_srcs: BTreeSet<StorePath>) -> Result<BasicDerivation, String> {
+    let text = |what: &str, bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec()).map_err(|_| format!("its {what} is not UTF-8"))
+    };
+    let outputs = drv
+        .outputs
+        .iter()
+        .map(|(name, output)| {
+            let (path, hash_algo, hash) = match output {
+                DrvOutput::InputAddressed(p) => (Some(p.clone()), String::new(), String::new()),
+                DrvOutput::CaFixed { method, hash, path } => (
+                    Some(path.clone()),
+                    format!("{}{}", method.prefix(), hash.algo()),
+                    hash.to_base16(),
+                ),
+                DrvOutput::CaFloating { method, algo } => {
+                    (None, format!("{}{}", method.prefix(), algo), String::new())
+                }
+                DrvOutput::Deferred => (None, String::new(), String::new()),
+                DrvOutput::Impure { method, algo } => (
+                    None,
+                    format!("{}{}", method.prefix(), algo),
+                    "impure".to_owned(),
+                ),
+            };
+            let output = DerivationOutput {
+                path,
+                hash_algo,
+                hash,
+            };
+            (name.clone(), output)
+        })
+        .collect();
+    Ok(BasicDerivation {
+        outputs,
+        input_srcs,
+        platform: drv.system.clone(),
+        builder: text("builder", &drv.builder)?,
+        args: drv
+            .args
+            .iter()
+            .map(|a| text("arguments", a))
+            .collect::<Result<_, _>>()?,
+        env: drv
+            .env
+            .iter()
+            .map(|(k, v)| Ok((text("environment", k)?, text("environment", v)?)))
+            .collect::<Result<_, String>>()?,
+    })
+}
+
+/// Pass build output and daemon messages on as lines.
+fn forward_log(event: LogEvent, on_line: &mut impl FnMut(String)) {
+    if let Some(line) = event.build_log_line() {
+        on_line(line.to_owned());
+    } else if let LogEvent::Message(message) = event {
+        for line in message.lines() {
+            on_line(strip_ansi(line));
+        }
+    }
+}
+
+/// The first non-empty line of a Nix error message, without colours or a
+/// trailing `;`.
+fn first_line(message: &str) -> String {
+    let line = message
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let line = strip_ansi(line);
+    line.trim_start_matches("error: ")
+        .trim_end_matches(';')
+        .to_owned()
+}
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.clone().next() == Some('[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An error with its causes, `a: b: c`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_lose_colours_and_log_tails() {
+        let msg =
+            "builder for '\u{1b}[35;1m/nix/store/x-a.drv\u{1b}[0m' failed with exit code 3;\n\
+                   last 10 log lines:\n> boom";
+        assert_eq!(
+            first_line(msg),
+            "builder for '/nix/store/x-a.drv' failed with exit code 3"
+        );
+        assert_eq!(first_line("\n  error: nope\n"), "nope");
+        assert_eq!(first_line("\u{1b}[31;1merror:\u{1b}[0m nope"), "nope");
+        assert_eq!(strip_ansi("a\u{1b}[1mb\u{1b}[0m"), "ab");
+    }
+
+    #[test]
+    fn only_failures_nothing_can_fix_are_permanent() {
+        assert!(StepError::Failed("x".into()).is_permanent());
+        assert!(!StepError::Transient("x".into()).is_permanent());
+        assert!(!StepError::InputsMissing(vec!["/nix/store/x".into()]).is_permanent());
+    }
+}

@@ -1,0 +1,20 @@
+//! The nixspace translator: serves the Nix worker protocol on a unix socket so that unmodified
+//! Nix clients (`NIX_REMOTE=unix:///path nix-build …`) build on a nixspace dataspace.
+//!
+//! - [`server`]: the socket server; per connection a handshake, then an op loop.
+//!   Store operations are proxied to an upstream `nix-daemon` ([`upstream`]), build operations
+//!   become demands in the dataspace ([`dataspace`]).
+//! - [`realisation`]: the output realisations that build results carry.
+//! - [`steps`]: closure → steps → demands, and the outcome observers, shared with
+//!   `nixspace build`.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+#![warn(missing_docs)]
+
+pub mod dataspace;
+pub mod realisation;
+pub mod server;
+pub mod steps;
+pub mod upstream;
+
+pub use server::{serve, Config};
+pub use upstream::UpstreamSpec;

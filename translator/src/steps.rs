@@ -1,0 +1,244 @@
+//! From root derivations to dataspace demands, and the outcomes that come back.
+//!
+//! Shared by every frontend that submits builds (`nixspace build` and the translator):
+//! [`plan`] reads the closure of the roots and keeps the derivations whose outputs are not
+//! valid yet (the *steps*); [`demands`] orders them inputs first with their depths; and
+//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned` and `log` in the dataspace
+//! into [`StepEvent`]s for the caller's handler.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use nixspace_nix_tools::{DerivationInfo, NixError};
+use nixspace_protocol::{build, on_retraction};
+use syndicate::actor::{Activation, ActorResult, Cap};
+use syndicate::enclose;
+use syndicate_macros::{during, on_message};
+
+/// The derivation closure of some roots and which of its derivations must be built.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Every derivation of the closure, by `.drv` path.
+    pub infos: BTreeMap<String, DerivationInfo>,
+    /// The derivations with an output that is not valid (or not known before building).
+    pub needed: BTreeSet<String>,
+}
+
+impl Plan {
+    /// The needed steps with their facts.
+    pub fn steps(&self) -> BTreeMap<String, &DerivationInfo> {
+        self.needed
+            .iter()
+            .filter_map(|d| self.infos.get(d).map(|i| (d.clone(), i)))
+            .collect()
+    }
+}
+
+/// Read the closure of `roots` (`.drv` paths) from the local store and find the steps.
+pub async fn plan(roots: &[String]) -> Result<Plan, NixError> {
+    let infos = nixspace_nix_tools::read_closure(roots).await?;
+    let known: Vec<String> = infos
+        .values()
+        .flat_map(|i| i.outputs.values().flatten().cloned())
+        .collect();
+    let invalid = nixspace_nix_tools::invalid_paths(&known).await?;
+    let needed = infos
+        .iter()
+        .filter(|(_, i)| {
+            i.outputs
+                .values()
+                .any(|p| p.as_ref().is_none_or(|p| invalid.contains(p)))
+        })
+        .map(|(d, _)| d.clone())
+        .collect();
+    Ok(Plan { infos, needed })
+}
+
+/// The steps ordered so that every step comes after its inputs, so the
+/// planner never sees a step before the inputs it must wait for.
+pub fn inputs_first<'a>(
+    steps: &'a BTreeMap<String, &'a DerivationInfo>,
+) -> Vec<(&'a String, &'a DerivationInfo)> {
+    fn visit<'a>(
+        drv: &'a String,
+        steps: &'a BTreeMap<String, &'a DerivationInfo>,
+        seen: &mut BTreeSet<&'a str>,
+        order: &mut Vec<(&'a String, &'a DerivationInfo)>,
+    ) {
+        let Some(info) = steps.get(drv) else { return };
+        if !seen.insert(drv) {
+            return;
+        }
+        for input in &info.input_drvs {
+            visit(input, steps, seen, order);
+        }
+        order.push((drv, info));
+    }
+    let mut seen = BTreeSet::new();
+    let mut order = Vec::with_capacity(steps.len());
+    for drv in steps.keys() {
+        visit(drv, steps, &mut seen, &mut order);
+    }
+    order
+}
+
+/// How many demanded steps wait on each step, at most, in a chain: steps in
+/// `order` come after their inputs, so walking it backwards sees every
+/// dependent before its inputs.
+pub fn depths<'a>(order: &[(&'a String, &'a DerivationInfo)]) -> HashMap<&'a str, u64> {
+    let mut depth: HashMap<&str, u64> = order.iter().map(|(d, _)| (d.as_str(), 0)).collect();
+    for (drv, info) in order.iter().rev() {
+        let mine = depth.get(drv.as_str()).copied().unwrap_or(0);
+        for input in &info.input_drvs {
+            if let Some(d) = depth.get_mut(input.as_str()) {
+                *d = (*d).max(mine + 1);
+            }
+        }
+    }
+    depth
+}
+
+/// One demand per step, inputs first, each with its depth.
+pub fn demands(
+    steps: &BTreeMap<String, &DerivationInfo>,
+    requester: &str,
+    priority: i64,
+) -> Vec<build::Demand> {
+    let order = inputs_first(steps);
+    let depths = depths(&order);
+    order
+        .into_iter()
+        .map(|(drv, info)| build::Demand {
+            drv: drv.clone(),
+            step: build::StepInfo {
+                system: info.system.clone(),
+                features: info.features.clone(),
+                input_drvs: info.input_drvs.clone(),
+            },
+            requester: requester.to_owned(),
+            priority: priority.into(),
+            depth: (depths.get(drv.as_str()).copied().unwrap_or(0) as i64).into(),
+        })
+        .collect()
+}
+
+/// Something the dataspace said about a step (any step: handlers filter their own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepEvent {
+    /// No connected worker can take the step.
+    Unschedulable {
+        /// The step.
+        drv: String,
+        /// The planner's reason.
+        reason: String,
+    },
+    /// The step is no longer unschedulable.
+    Schedulable {
+        /// The step.
+        drv: String,
+    },
+    /// The step's outputs are valid.
+    Built {
+        /// The step.
+        drv: String,
+        /// Its output paths.
+        outputs: Vec<String>,
+    },
+    /// The step failed.
+    Failed {
+        /// The step.
+        drv: String,
+        /// The worker (empty if none was involved).
+        worker: String,
+        /// Why.
+        reason: String,
+    },
+    /// A worker was granted the step.
+    Assigned {
+        /// The step.
+        drv: String,
+        /// The worker.
+        worker: String,
+    },
+    /// The assignment was withdrawn.
+    Unassigned {
+        /// The step.
+        drv: String,
+    },
+    /// One line of a step's build log.
+    Log {
+        /// The step.
+        drv: String,
+        /// The worker building it.
+        worker: String,
+        /// The line (no newline).
+        line: String,
+    },
+}
+
+/// A receiver of [`StepEvent`]s, called inside the actor's turns.
+pub type Handler = Arc<dyn Fn(&mut Activation, StepEvent) -> ActorResult + Send + Sync>;
+
+/// Register observers on `ds` that pass every step event to `handler`.
+pub fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
+    enclose!((handler) during!(t, ds, <unschedulable $drv: String $reason: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Unschedulable { drv: drv.clone(), reason: reason.clone() })?;
+        on_retraction(t, enclose!((handler, drv) move |t| handler(t, StepEvent::Schedulable { drv })));
+        Ok(())
+    }));
+    enclose!((handler) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Built { drv: drv.clone(), outputs: outputs.clone() })
+    }));
+    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String _>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Failed { drv: drv.clone(), worker: worker.clone(), reason: reason.clone() })
+    }));
+    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Assigned { drv: drv.clone(), worker: worker.clone() })?;
+        on_retraction(t, enclose!((handler, drv) move |t| handler(t, StepEvent::Unassigned { drv })));
+        Ok(())
+    }));
+    enclose!((handler) on_message!(t, ds, <log $drv: String $worker: String $line: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Log { drv: drv.clone(), worker: worker.clone(), line: line.clone() })
+    }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(inputs: &[&str]) -> DerivationInfo {
+        DerivationInfo {
+            system: "x86_64-linux".into(),
+            features: Vec::new(),
+            input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn demands_come_inputs_first_with_depths() {
+        // top -> left, right -> base; "valid" is an input that is not demanded.
+        let infos = [
+            ("a-top", info(&["b-left", "c-right"])),
+            ("b-left", info(&["d-base"])),
+            ("c-right", info(&["d-base", "valid"])),
+            ("d-base", info(&[])),
+        ];
+        let steps: BTreeMap<String, &DerivationInfo> =
+            infos.iter().map(|(d, i)| (d.to_string(), i)).collect();
+        let demands = demands(&steps, "me", 5);
+        let order: Vec<&str> = demands.iter().map(|d| d.drv.as_str()).collect();
+        assert_eq!(order, ["d-base", "b-left", "c-right", "a-top"]);
+        let depth: Vec<i64> = demands
+            .iter()
+            .map(|d| i64::try_from(&d.depth).unwrap())
+            .collect();
+        assert_eq!(depth, [2, 1, 1, 0]);
+        assert!(demands.iter().all(|d| d.requester == "me"));
+    }
+}
