@@ -217,18 +217,45 @@ fn a_worker_joins_over_tcp() {
 }
 
 #[test]
-fn losing_the_dataspace_fails_the_build_instead_of_hanging() {
-    let (mut space, build, _) = long_build();
+fn a_dataspace_that_stays_away_fails_the_build_instead_of_hanging() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let (file, _) = sleeper(&space, 3000 + (rand::random::<u32>() % 1000));
+    let build = space.spawn_build_with(&file, &["--reconnect-for", "2"]);
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
     space.kill_up();
-    let finished = support::wait_output(build, Duration::from_secs(30));
+    let finished = support::wait_output(build, Duration::from_secs(60));
     assert_eq!(finished.status.code(), Some(1), "{finished:?}");
     assert!(
-        finished
-            .stderr
-            .contains("lost the dataspace before the build finished"),
+        finished.stderr.contains("lost the dataspace")
+            && finished
+                .stderr
+                .contains("could not rejoin the dataspace within 2s"),
         "{finished:?}"
     );
     space.wait_for_log("w1", "lost the dataspace", Duration::from_secs(30));
+}
+
+#[test]
+fn a_build_survives_a_restart_of_the_dataspace() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let (file, _) = sleeper(&space, 2);
+    let build = space.spawn_build(&file);
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    space.kill_up();
+    space.restart_up();
+    let finished = support::wait_output(build, BUILD_LIMIT);
+    assert!(finished.status.success(), "{finished:?}");
+    assert!(
+        finished.stderr.contains("rejoined the dataspace"),
+        "{finished:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(finished.stdout.trim()).expect("output"),
+        "done\n"
+    );
+    space.wait_for_log("w1", "rejoined the dataspace", Duration::from_secs(30));
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub struct Space {
     pub tmp: tempfile::TempDir,
     children: Vec<Child>,
     workers: Vec<(String, Child)>,
+    up_args: Vec<String>,
 }
 
 impl Space {
@@ -75,18 +76,31 @@ impl Space {
             tmp,
             children: Vec::new(),
             workers: Vec::new(),
+            up_args: up_args.iter().map(|a| a.to_string()).collect(),
         };
-        let up = space
-            .command(&["up"])
-            .args(up_args)
-            .arg("--dir")
-            .arg(space.dir())
-            .stderr(Stdio::from(space.log_file("up")))
-            .spawn()
-            .expect("spawn nixspace up");
+        let up = space.spawn_up("up");
         space.children.push(up);
         space.wait_for(&space.dir().join("worker.route"));
         space
+    }
+
+    /// Start `nixspace up` on this space's directory; stderr to `<log>.log`.
+    fn spawn_up(&self, log: &str) -> Child {
+        self.command(&["up"])
+            .args(&self.up_args)
+            .arg("--dir")
+            .arg(self.dir())
+            .stderr(Stdio::from(self.log_file(log)))
+            .spawn()
+            .expect("spawn nixspace up")
+    }
+
+    /// Start `nixspace up` again after [`Space::kill_up`]: same socket,
+    /// keys (so the same route files) and state directory.
+    pub fn restart_up(&mut self) {
+        let up = self.spawn_up("up-restarted");
+        self.children[0] = up;
+        self.wait_for_log("up-restarted", "dataspace up", Duration::from_secs(20));
     }
 
     /// Kill `nixspace up` (SIGKILL): the dataspace vanishes.
@@ -170,8 +184,14 @@ impl Space {
 
     /// Start `nixspace build` in the background; the test decides when it ends.
     pub fn spawn_build(&self, file: &Path) -> Child {
+        self.spawn_build_with(file, &[])
+    }
+
+    /// Like [`Space::spawn_build`], with extra arguments for `nixspace build`.
+    pub fn spawn_build_with(&self, file: &Path, args: &[&str]) -> Child {
         self.command(&["build", "--dir"])
             .arg(self.dir())
+            .args(args)
             .arg(file)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -8,7 +8,7 @@
 //! [`JoinError::NoAnswer`] after a timeout.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use preserves_schema::{Parse, Unparse};
 use syndicate::actor::{Activation, Actor, ActorHandle, ActorResult, AnyValue, Cap};
@@ -37,6 +37,9 @@ pub enum JoinError {
     /// The connection ended before an answer arrived.
     #[error("the connection to the dataspace closed during the handshake")]
     Closed,
+    /// The dataspace stayed unreachable for longer than the caller allows.
+    #[error("could not rejoin the dataspace within {0:?}: {1}")]
+    GaveUp(Duration, Box<JoinError>),
 }
 
 type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
@@ -146,13 +149,16 @@ fn describe(error: &AnyValue) -> String {
 }
 
 /// How long to wait between reconnection attempts: from `initial`, doubling
-/// up to `max`; reset after every successful join.
+/// up to `max`; reset after every successful join. With `give_up_after`,
+/// stop trying once the dataspace has been out of reach that long.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
     /// The first delay.
     pub initial: Duration,
     /// The longest delay.
     pub max: Duration,
+    /// How long to keep trying without a connection (forever when `None`).
+    pub give_up_after: Option<Duration>,
 }
 
 impl Default for Backoff {
@@ -160,6 +166,7 @@ impl Default for Backoff {
         Backoff {
             initial: Duration::from_millis(250),
             max: Duration::from_secs(10),
+            give_up_after: None,
         }
     }
 }
@@ -187,8 +194,8 @@ pub enum SessionEvent<'a> {
 /// (re)connection in a fresh actor (so it re-asserts everything it needs),
 /// and reconnect with `backoff` whenever the host is unreachable or the
 /// connection drops — for example while `nixspace up` restarts. Returns only
-/// when joining can never succeed: the host refused the capability or never
-/// answered.
+/// when joining can never succeed (the host refused the capability or never
+/// answered) or when the back-off gives up.
 pub async fn stay_joined<F>(
     route: &Route,
     backoff: Backoff,
@@ -200,6 +207,7 @@ where
 {
     let mut delay = backoff.initial;
     let mut connection = 0;
+    let mut out_of_reach_since = Instant::now();
     loop {
         match join(route, body.clone()).await {
             Ok(actor) => {
@@ -213,9 +221,15 @@ where
                 };
                 tracing::warn!(%why, "lost the dataspace; reconnecting");
                 on_event(SessionEvent::Lost(why));
+                out_of_reach_since = Instant::now();
             }
             Err(e @ (JoinError::Refused(_) | JoinError::NoAnswer(_))) => return e,
             Err(e) => {
+                if let Some(limit) = backoff.give_up_after {
+                    if out_of_reach_since.elapsed() >= limit {
+                        return JoinError::GaveUp(limit, Box::new(e));
+                    }
+                }
                 tracing::warn!(error = %e, after = ?delay, "cannot join the dataspace; retrying");
                 on_event(SessionEvent::Retrying {
                     after: delay,

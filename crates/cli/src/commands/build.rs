@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_nix_tools::DerivationInfo;
-use nixspace_space::Role;
+use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_translator::steps::{self, StepEvent};
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
@@ -50,6 +50,12 @@ pub struct BuildArgs {
     /// and features) before the build fails as unschedulable, in seconds.
     #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
     wait_for_workers: f64,
+
+    /// How long to keep trying to rejoin the dataspace after losing it (for
+    /// example while `nixspace up` restarts), in seconds; the build's pending
+    /// demands are asserted again on rejoining.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    reconnect_for: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -153,26 +159,39 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     );
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
-    let actor = nixspace_space::join::join(
-        &route,
-        enclose!((session) move |t: &mut Activation, ds| {
-            observe(t, &ds, &session, patience);
-            for d in &demands {
+    let reconnect_for = std::time::Duration::try_from_secs_f64(args.reconnect_for)
+        .map_err(|e| anyhow::anyhow!("--reconnect-for {}: {e}", args.reconnect_for))?;
+    // (Re)assert the demands of the steps still pending on every connection:
+    // a restarted dataspace learns them again, and finished steps stay done.
+    let body = enclose!((session) move |t: &mut Activation, ds: Arc<syndicate::actor::Cap>| {
+        observe(t, &ds, &session, patience);
+        for d in &demands {
+            if with(&session, |s| matches!(s.steps.get(&d.drv), Some(Status::Pending)))? {
                 ds.assert(t, d);
             }
-            Ok(())
-        }),
-    )
-    .await?;
+        }
+        Ok(())
+    });
+    let backoff = Backoff {
+        give_up_after: Some(reconnect_for),
+        ..Backoff::default()
+    };
+    let events = enclose!((session) move |event: SessionEvent<'_>| {
+        let line = match event {
+            SessionEvent::Joined { connection: 1 } => return,
+            SessionEvent::Joined { .. } => "rejoined the dataspace; demands asserted again".to_owned(),
+            SessionEvent::Lost(why) => format!("lost the dataspace ({why}); reconnecting"),
+            SessionEvent::Retrying { after, why } => format!("{why}; retrying in {after:?}"),
+        };
+        let _ = with(&session, |s| s.progress.event(&format!("nixspace: {line}")));
+    });
+    let session_loop = nixspace_space::join::stay_joined(&route, backoff, body, events);
 
     tokio::select! {
         _ = rx => {}
-        end = actor => {
+        e = session_loop => {
             let _ = with(&session, |s| s.progress.finish());
-            anyhow::bail!(
-                "lost the dataspace before the build finished ({}); its demands are gone, run the build again",
-                super::describe_end(end)
-            );
+            anyhow::bail!("the build cannot continue: {e}");
         }
         r = super::shutdown_signal() => {
             r?;

@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_space::Role;
+use nixspace_space::{Backoff, SessionEvent};
 use nixspace_workers::{BuilderConfig, DrainDone, Event};
-use syndicate::actor::{Account, AnyValue};
+use syndicate::actor::{Account, Activation, AnyValue};
 use syndicate::enclose;
 
 use super::JoinArgs;
@@ -91,24 +92,34 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         config.speed
     );
     let handle = Arc::new(Mutex::new(None));
-    let actor = nixspace_space::join::join(
-        &route,
-        enclose!((handle) move |t, ds| {
-            let builder = nixspace_workers::start(t, ds, config)?;
-            if let Ok(mut h) = handle.lock() {
-                *h = Some((t.facet_ref(), builder));
+    let body = enclose!((handle) move |t: &mut Activation, ds| {
+        let builder = nixspace_workers::start(t, ds, config)?;
+        if let Ok(mut h) = handle.lock() {
+            *h = Some((t.facet_ref(), builder));
+        }
+        Ok(())
+    });
+    // Keep the worker joined: rejoin (and re-announce) whenever the
+    // dataspace restarts; only a refused capability ends it.
+    let session =
+        nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event {
+            SessionEvent::Joined { connection: 1 } => {
+                eprintln!("nixspace: worker {id} joined ({summary})")
             }
-            Ok(())
-        }),
-    )
-    .await?;
-    eprintln!("nixspace: worker {id} joined ({summary})");
-    tokio::pin!(actor);
+            SessionEvent::Joined { .. } => {
+                eprintln!("nixspace: worker {id} rejoined the dataspace")
+            }
+            SessionEvent::Lost(why) => {
+                eprintln!("nixspace: worker {id} lost the dataspace ({why}); reconnecting")
+            }
+            SessionEvent::Retrying { after, why } => {
+                eprintln!("nixspace: worker {id}: {why}; retrying in {after:?}")
+            }
+        });
+    tokio::pin!(session);
     tokio::select! {
         r = super::shutdown_signal() => r?,
-        end = &mut actor => {
-            anyhow::bail!("worker {id} lost the dataspace: {}", super::describe_end(end))
-        }
+        e = &mut session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
     // Leave gracefully: finish the running builds, take nothing new.
     let (done, drained) = DrainDone::new();
@@ -133,8 +144,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             eprintln!("nixspace: worker {id} leaving now; its unfinished steps return to the queue");
             Ok(ExitCode::SUCCESS)
         }
-        end = actor => {
-            anyhow::bail!("worker {id} lost the dataspace: {}", super::describe_end(end))
-        }
+        e = session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
 }
