@@ -131,20 +131,6 @@ fn a_second_up_on_the_same_socket_is_refused() {
     assert!(result.stderr.contains("in use"), "{result:?}");
 }
 
-/// Processes whose command line mentions one of `needles`.
-fn processes_mentioning(needles: &[String]) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
-}
-
 /// Start a space with worker `w1` and a build that sleeps for an hour, and
 /// wait until `w1` builds it. Returns the build and its process needles.
 fn long_build() -> (Space, std::process::Child, Vec<String>) {
@@ -162,7 +148,7 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
     let (space, build, needles) = long_build();
     // The builder really runs (nix-store and the sleeping sh).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while processes_mentioning(&needles[1..]).is_empty() {
+    while support::command_lines_with(&needles[1..]).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the build never started"
@@ -177,7 +163,7 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
     // Within a few seconds nothing about the step runs any more.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let left = processes_mentioning(&needles);
+        let left = support::command_lines_with(&needles);
         if left.is_empty() {
             break;
         }
