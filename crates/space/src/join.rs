@@ -194,8 +194,8 @@ pub enum SessionEvent<'a> {
 /// (re)connection in a fresh actor (so it re-asserts everything it needs),
 /// and reconnect with `backoff` whenever the host is unreachable or the
 /// connection drops — for example while `nixspace up` restarts. Returns only
-/// when joining can never succeed (the host refused the capability or never
-/// answered) or when the back-off gives up.
+/// when joining can never succeed (the host refused the capability, or never
+/// answered the first time) or when the back-off gives up.
 pub async fn stay_joined<F>(
     route: &Route,
     backoff: Backoff,
@@ -222,8 +222,14 @@ where
                 tracing::warn!(%why, "lost the dataspace; reconnecting");
                 on_event(SessionEvent::Lost(why));
                 out_of_reach_since = Instant::now();
+                // A host that is going down may still accept connections it
+                // will never answer: give it a moment before knocking again.
+                tokio::time::sleep(backoff.initial).await;
             }
-            Err(e @ (JoinError::Refused(_) | JoinError::NoAnswer(_))) => return e,
+            Err(e @ JoinError::Refused(_)) => return e,
+            // Silence from a host we never reached is a wrong route file;
+            // after we have been joined it is a host restarting.
+            Err(e @ JoinError::NoAnswer(_)) if connection == 0 => return e,
             Err(e) => {
                 if let Some(limit) = backoff.give_up_after {
                     if out_of_reach_since.elapsed() >= limit {
