@@ -66,12 +66,7 @@ impl Space {
             .prefix("nixspace-test-")
             .tempdir()
             .expect("tempdir");
-        std::fs::create_dir_all(tmp.path().join("nix-conf")).expect("conf dir");
-        std::fs::write(
-            tmp.path().join("nix-conf/nix.conf"),
-            "build-users-group =\nsandbox = false\nexperimental-features = nix-command ca-derivations\nsubstituters =\n",
-        )
-        .expect("nix.conf");
+        nixspace_test_support::write_nix_conf(&tmp.path().join("nix-conf")).expect("nix.conf");
         let mut space = Space {
             tmp,
             children: Vec::new(),

@@ -2,11 +2,11 @@
 //! `nix-daemon --stdio` children on the local store, with a private config.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_test_support::unique;
 
 /// Points Nix (ours and the pool's daemons, which inherit the environment)
 /// at a private config, once, before any test starts a process.
@@ -14,29 +14,11 @@ fn setup() {
     static CONF: OnceLock<tempfile::TempDir> = OnceLock::new();
     CONF.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("nix.conf"),
-            "build-users-group =\nsandbox = false\n\
-             experimental-features = nix-command ca-derivations\nsubstituters =\n",
-        )
-        .unwrap();
+        nixspace_test_support::write_nix_conf(dir.path()).unwrap();
         std::env::set_var("NIX_CONF_DIR", dir.path());
         std::env::set_var("NIX_REMOTE", "local");
         dir
     });
-}
-
-fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{prefix}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// `nix-instantiate -E expr` (a `.drv` path); `expr` may use `sh`, which

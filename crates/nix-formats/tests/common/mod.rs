@@ -21,13 +21,7 @@ impl Nix {
     pub fn private() -> Nix {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = tmp.path().join("s/store");
-        std::fs::create_dir_all(tmp.path().join("conf")).unwrap();
-        std::fs::write(
-            tmp.path().join("conf/nix.conf"),
-            "build-users-group =\nsandbox = false\n\
-             experimental-features = nix-command ca-derivations\nsubstituters =\n",
-        )
-        .unwrap();
+        nixspace_test_support::write_nix_conf(&tmp.path().join("conf")).unwrap();
         let store_dir = StoreDir::new(store.to_str().unwrap()).unwrap();
         Nix {
             tmp,

@@ -5,7 +5,6 @@
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::{ClientSettings, DaemonClient};
@@ -19,12 +18,7 @@ pub struct NixEnv {
 impl NixEnv {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("nix.conf"),
-            "build-users-group =\nsandbox = false\n\
-             experimental-features = nix-command ca-derivations\nsubstituters =\n",
-        )
-        .unwrap();
+        nixspace_test_support::write_nix_conf(dir.path()).unwrap();
         Self { dir }
     }
 
@@ -97,19 +91,7 @@ impl Drop for Daemon {
     }
 }
 
-/// A name unique to this process and call.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{prefix}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use nixspace_test_support::unique;
 
 /// Writes a small tree (file, executable, symlink, subdirectory) with unique contents.
 pub fn make_tree(root: &Path, tag: &str) -> PathBuf {

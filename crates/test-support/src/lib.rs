@@ -1,0 +1,48 @@
+//! Helpers shared by nixspace's tests that run the real Nix (Debian's
+//! `nix-bin`): one private configuration fit for a root CI box, and unique
+//! names so tests sharing `/nix/store` never collide.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The `nix.conf` every test gives Nix: no build users, no sandbox, no
+/// binary caches (no network here), `nix-command` and `ca-derivations` on.
+pub const NIX_CONF: &str = "build-users-group =\nsandbox = false\n\
+experimental-features = nix-command ca-derivations\nsubstituters =\n";
+
+/// Write [`NIX_CONF`] as `dir/nix.conf`, creating `dir`; point
+/// `NIX_CONF_DIR` at `dir` to use it.
+pub fn write_nix_conf(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("nix.conf"), NIX_CONF)
+}
+
+/// A name unique to this process and call: `<prefix>-<pid>-<nanos>-<n>`.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_the_config_is_written() {
+        assert_ne!(unique("x"), unique("x"));
+        let dir = std::env::temp_dir().join(unique("conf"));
+        write_nix_conf(&dir).unwrap();
+        let text = std::fs::read_to_string(dir.join("nix.conf")).unwrap();
+        assert!(text.contains("build-users-group =\n"));
+        assert!(text.contains("substituters =\n"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
