@@ -227,3 +227,29 @@ fn bad_clients_are_dropped_and_others_keep_being_served() {
     let log = space.log("translator");
     assert!(log.contains("connection closed"), "{log}");
 }
+
+#[test]
+fn the_translator_never_takes_over_a_live_socket_or_a_file() {
+    let space = Space::start();
+    let live = space.dir().join("nixspace.sock");
+    let mut c = space.command(&["translate", "--dir"]);
+    c.arg(space.dir()).arg("--socket").arg(&live);
+    let out = run(c, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains("is in use by a running process"),
+        "{out:?}"
+    );
+
+    let file = space.tmp.path().join("precious");
+    std::fs::write(&file, "keep me").expect("write");
+    let mut c = space.command(&["translate", "--dir"]);
+    c.arg(space.dir()).arg("--socket").arg(&file);
+    let out = run(c, Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("exists and is not a socket"), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).expect("still there"),
+        "keep me"
+    );
+}

@@ -49,8 +49,11 @@ pub enum HostError {
         source: std::io::Error,
     },
     /// Another live process already serves this socket.
-    #[error("socket {0} is in use by a running process (another `nixspace up`?); stop it or pass --socket")]
+    #[error("socket {0} is in use by a running process; stop it or choose another --socket")]
     SocketInUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("{0} exists and is not a socket; not replacing it")]
+    NotASocket(PathBuf),
     /// TCP bind failure.
     #[error("cannot listen on tcp {addr}: {source}")]
     Tcp {
@@ -115,10 +118,18 @@ impl Listeners {
     }
 }
 
-async fn bind_unix(path: &Path) -> Result<UnixListener, HostError> {
+/// Listen on the unix socket `path`. A stale socket file (nobody accepts on
+/// it) is replaced; a live one, or a file that is not a socket, is an error.
+pub async fn bind_unix(path: &Path) -> Result<UnixListener, HostError> {
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let is_socket = std::fs::symlink_metadata(path)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                .unwrap_or(false);
+            if !is_socket {
+                return Err(HostError::NotASocket(path.to_owned()));
+            }
             if UnixStream::connect(path).await.is_ok() {
                 return Err(HostError::SocketInUse(path.to_owned()));
             }

@@ -71,18 +71,7 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         Some(p) => UpstreamSpec::Socket(p),
         None => UpstreamSpec::default(),
     };
-    match std::fs::symlink_metadata(&args.socket) {
-        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-            std::fs::remove_file(&args.socket)?
-        }
-        Ok(_) => anyhow::bail!(
-            "{} exists and is not a socket; not replacing it",
-            args.socket.display()
-        ),
-        Err(_) => {}
-    }
-    let listener = tokio::net::UnixListener::bind(&args.socket)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.socket.display()))?;
+    let listener = nixspace_space::host::bind_unix(&args.socket).await?;
     // Every client acts with the upstream's trust: owner only until peer credentials and
     // trusted-users are checked.
     std::fs::set_permissions(
