@@ -17,7 +17,7 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
-use crate::history::{AttemptOutcome, History};
+use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
 use crate::schedule::{Effect, FailureKind, Schedule, StepInfo, Urgency, WorkerOffer};
 
@@ -66,11 +66,7 @@ impl Entity<Event> for Planner {
         let s = &mut self.schedule;
         let effects = match event {
             Event::Demand(drv, info, urgency) => {
-                if let Some(h) = &mut self.history {
-                    if let Err(error) = h.demanded(&drv, &info.system) {
-                        tracing::warn!(%error, "history not updated");
-                    }
-                }
+                note(&mut self.history, |h| h.demanded(&drv, &info.system));
                 s.demand(&drv, info, urgency)
             }
             Event::WorkerJoined(id, offer) => {
@@ -138,11 +134,7 @@ impl Planner {
                 }
                 Effect::Assign(drv, worker) => {
                     tracing::info!(%drv, %worker, "assigned");
-                    if let Some(h) = &mut self.history {
-                        if let Err(error) = h.attempt_started(&drv, &worker) {
-                            tracing::warn!(%error, "history not updated");
-                        }
-                    }
+                    note(&mut self.history, |h| h.attempt_started(&drv, &worker));
                     if let Some(since) = self.ready_since.remove(&drv) {
                         self.metrics
                             .dispatch_seconds
@@ -204,6 +196,16 @@ impl Planner {
     }
 }
 
+/// Record something in the history, if one is kept. A failure is logged, not
+/// fatal: scheduling goes on from the in-memory state.
+fn note(history: &mut Option<History>, f: impl FnOnce(&mut History) -> Result<(), HistoryError>) {
+    if let Some(h) = history {
+        if let Err(error) = f(h) {
+            tracing::warn!(%error, "history not updated");
+        }
+    }
+}
+
 impl Planner {
     /// Note the end of an attempt in the history, if one is kept.
     fn record(
@@ -213,11 +215,9 @@ impl Planner {
         reason: Option<&str>,
         outputs: &[String],
     ) {
-        if let Some(h) = &mut self.history {
-            if let Err(error) = h.attempt_ended(drv, outcome, reason, outputs) {
-                tracing::warn!(%error, "history not updated");
-            }
-        }
+        note(&mut self.history, |h| {
+            h.attempt_ended(drv, outcome, reason, outputs)
+        });
     }
 
     fn retry_after(&self, t: &mut Activation, drv: String, delay: Duration) {
