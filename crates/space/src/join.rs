@@ -214,11 +214,7 @@ where
                 connection += 1;
                 delay = backoff.initial;
                 on_event(SessionEvent::Joined { connection });
-                let why = match actor.await {
-                    Ok(Ok(())) => "the connection closed".to_owned(),
-                    Ok(Err(e)) => format!("{e:?}"),
-                    Err(e) => e.to_string(),
-                };
+                let why = describe_end(actor.await);
                 tracing::warn!(%why, "lost the dataspace; reconnecting");
                 on_event(SessionEvent::Lost(why));
                 out_of_reach_since = Instant::now();
@@ -245,5 +241,14 @@ where
                 delay = (delay * 2).min(backoff.max);
             }
         }
+    }
+}
+
+/// Why the actor holding a dataspace connection ended, for messages.
+pub fn describe_end(end: Result<ActorResult, tokio::task::JoinError>) -> String {
+    match end {
+        Ok(Ok(())) => "the connection closed".to_owned(),
+        Ok(Err(e)) => format!("{e:?}"),
+        Err(e) => e.to_string(),
     }
 }

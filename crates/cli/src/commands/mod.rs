@@ -58,15 +58,6 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     }
 }
 
-/// Why the actor that held a dataspace connection ended, for messages.
-pub fn describe_end(end: Result<syndicate::actor::ActorResult, tokio::task::JoinError>) -> String {
-    match end {
-        Ok(Ok(())) => "the connection closed".to_owned(),
-        Ok(Err(e)) => format!("{e:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
 /// Open the build history in `state_dir` (creating the directory when `create`).
 pub fn open_history(
     state_dir: &std::path::Path,

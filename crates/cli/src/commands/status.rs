@@ -91,7 +91,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::time::sleep(interval) => {}
             r = super::shutdown_signal() => { r?; return Ok(ExitCode::SUCCESS); }
             end = &mut actor => {
-                anyhow::bail!("lost the dataspace: {}", super::describe_end(end))
+                anyhow::bail!("lost the dataspace: {}", nixspace_space::join::describe_end(end))
             }
         }
     }
