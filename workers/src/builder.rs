@@ -25,12 +25,16 @@ use std::sync::Arc;
 
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
+use nixspace_transfer::{FetchError, StoreNode};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef, Handle,
     LinkedTaskTermination, Ref,
 };
 use syndicate::enclose;
 use syndicate_macros::during;
+
+/// Store connections kept for transfers (serving paths to peers, fetching inputs).
+const TRANSFER_CONNECTIONS: usize = 2;
 
 /// What a builder offers.
 #[derive(Debug, Clone)]
@@ -66,7 +70,17 @@ impl BuilderConfig {
 
     /// The daemon connections this worker builds over: one per slot.
     fn pool(&self) -> DaemonPool {
-        let mut pool = PoolConfig::new(self.max_jobs as usize);
+        self.pool_of(self.max_jobs as usize)
+    }
+
+    /// The worker's store in the dataspace: it serves the paths this worker has and fetches
+    /// the inputs it lacks, over connections of its own.
+    fn store(&self) -> StoreNode {
+        StoreNode::new(self.id.clone(), self.pool_of(TRANSFER_CONNECTIONS))
+    }
+
+    fn pool_of(&self, connections: usize) -> DaemonPool {
+        let mut pool = PoolConfig::new(connections);
         pool.features = self.features.clone();
         if let Some(socket) = &self.daemon_socket {
             pool.target = DaemonTarget::Socket(socket.clone());
@@ -128,6 +142,8 @@ struct Builder {
     config: Arc<BuilderConfig>,
     /// Connections to the Nix daemon, opened on demand.
     pool: DaemonPool,
+    /// This worker's store in the dataspace.
+    store: StoreNode,
     /// Ready steps this worker could build and has not claimed, in take order.
     ready: BTreeMap<TakeOrder, String>,
     /// Where each ready step sits in `ready`.
@@ -175,6 +191,7 @@ impl Entity<Event> for Builder {
                             Arc::clone(&self.ds),
                             Arc::clone(&self.config),
                             self.pool.clone(),
+                            self.store.clone(),
                             drv.clone(),
                         );
                         Ok(())
@@ -280,9 +297,12 @@ pub fn start(
             speed: config.speed.into(),
         },
     );
+    let store = config.store();
+    store.attach(t, Arc::clone(&ds));
     let mut builder = Builder {
         ds: Arc::clone(&ds),
         pool: config.pool(),
+        store,
         config,
         ready: BTreeMap::new(),
         ready_index: BTreeMap::new(),
@@ -324,13 +344,14 @@ fn build_step(
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
     pool: DaemonPool,
+    store: StoreNode,
     drv: String,
 ) {
     let facet = t.facet_ref();
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
         let account = Account::new(Some(AnyValue::symbol("build")), None);
         tracing::info!(%drv, "building");
-        let outcome = run_build(&facet, &account, &ds, &config, &pool, &drv).await;
+        let outcome = run_build(&facet, &account, &ds, &config, &pool, &store, &drv).await;
         facet.activate(&account, None, |t| {
             match outcome {
                 Ok(outputs) => {
@@ -364,18 +385,30 @@ fn build_step(
 }
 
 /// Build `drv` over the worker's daemon pool, streaming its log as
-/// `<log drv worker line>` messages. Dropping the future (the facet stopped)
-/// interrupts the build.
+/// `<log drv worker line>` messages. The derivation and the inputs the local
+/// store lacks are fetched first from the stores in the dataspace. Dropping
+/// the future (the facet stopped) interrupts the build.
 async fn run_build(
     facet: &FacetRef,
     account: &Arc<Account>,
     ds: &Arc<Cap>,
     config: &BuilderConfig,
     pool: &DaemonPool,
+    store: &StoreNode,
     drv: &str,
 ) -> Result<Vec<String>, (String, build::FailureKind)> {
     let worker = config.id.as_str();
-    let send_line = |line: String| {
+    let fetch_failed = |e: FetchError| {
+        (
+            format!("cannot fetch inputs on worker {worker}: {e}"),
+            build::FailureKind::Transient,
+        )
+    };
+    store
+        .ensure(&[drv.to_owned()])
+        .await
+        .map_err(fetch_failed)?;
+    let mut send_line = |line: String| {
         facet.activate(account, None, |t| {
             ds.message(
                 t,
@@ -388,7 +421,14 @@ async fn run_build(
             Ok(())
         });
     };
-    pool.build(drv, send_line).await.map_err(|e| match e {
+    let built = match pool.build(drv, &mut send_line).await {
+        Err(StepError::InputsMissing(missing)) => {
+            store.ensure(&missing).await.map_err(fetch_failed)?;
+            pool.build(drv, &mut send_line).await
+        }
+        built => built,
+    };
+    built.map_err(|e| match e {
         StepError::InputsMissing(missing) => (
             format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
             build::FailureKind::Transient,

@@ -6,6 +6,7 @@
 mod commands;
 mod logging;
 mod metrics_http;
+mod own_store;
 mod progress;
 mod snapshot;
 
@@ -48,6 +49,15 @@ fn main() -> ExitCode {
     if let Err(e) = logging::init(cli.log_level.as_deref()) {
         eprintln!("nixspace: {e:#}");
         return ExitCode::from(2);
+    }
+    // Process-wide setup that must happen while this is the only thread.
+    if let Command::Worker(a) = &cli.command {
+        if let Some(dir) = a.own_store() {
+            if let Err(e) = own_store::enter(dir) {
+                eprintln!("nixspace: error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

@@ -37,9 +37,12 @@ pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 /// How long opening a connection (start, handshake, options) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Reader = Box<dyn AsyncRead + Unpin + Send>;
-type Writer = Box<dyn AsyncWrite + Unpin + Send>;
-type Client = DaemonClient<Reader, Writer>;
+/// The read half of a pooled connection.
+pub type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// The write half of a pooled connection.
+pub type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+/// A client of one pooled daemon connection.
+pub type Client = DaemonClient<Reader, Writer>;
 
 /// Which daemon a pool talks to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -195,8 +198,14 @@ impl DaemonPool {
         step.outputs(store, result)
     }
 
-    /// A connection: an idle one, or a new one if none is idle.
-    async fn lease(&self) -> Result<Lease, StepError> {
+    /// The store directory the pool's daemons use.
+    pub fn store_dir(&self) -> &StoreDir {
+        &self.inner.config.store_dir
+    }
+
+    /// A connection for any store operation: an idle one, or a new one if none is idle.
+    /// Hand it back with [`Lease::release`] when the operation finished cleanly.
+    pub async fn lease(&self) -> Result<Lease, StepError> {
         let permit = self.permit().await?;
         let idle = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
         match idle {
@@ -236,9 +245,9 @@ impl DaemonPool {
 }
 
 /// One connection in use. Returned to the pool by [`Lease::release`];
-/// dropped any other way (the build was abandoned mid-operation) its
+/// dropped any other way (the operation was abandoned midway) its
 /// connection is interrupted and closed.
-struct Lease {
+pub struct Lease {
     conn: Option<Connection>,
     inner: Arc<Inner>,
     reused: bool,
@@ -247,7 +256,8 @@ struct Lease {
 }
 
 impl Lease {
-    fn client(&mut self) -> &mut Client {
+    /// The daemon client of this connection.
+    pub fn client(&mut self) -> &mut Client {
         &mut self
             .conn
             .as_mut()
@@ -256,7 +266,7 @@ impl Lease {
     }
 
     /// The operation finished with the connection in step: keep it.
-    fn release(&mut self) {
+    pub fn release(&mut self) {
         if let Some(conn) = self.conn.take() {
             if let Ok(mut idle) = self.inner.idle.lock() {
                 idle.push(conn);
@@ -273,7 +283,7 @@ impl Lease {
     }
 
     /// An operation failed: keep the connection if it is still in step.
-    fn failed(&mut self, e: ClientError) -> StepError {
+    pub fn failed(&mut self, e: ClientError) -> StepError {
         if e.is_recoverable() {
             self.release();
         } else {

@@ -10,7 +10,7 @@ pub mod schemas {
     include!(concat!(env!("OUT_DIR"), "/src/schemas/mod.rs"));
 }
 
-pub use schemas::build;
+pub use schemas::{build, store};
 
 use syndicate::actor::{Activation, ActorResult};
 

@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context;
 use clap::Args;
-use nixspace_nix_tools::DerivationInfo;
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
+use nixspace_transfer::StoreNode;
 use nixspace_translator::steps::{self, StepEvent};
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
@@ -152,18 +154,19 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
     }));
-    let demands = steps::demands(
-        &needed,
-        &format!("nixspace-build-{}", std::process::id()),
-        args.priority,
-    );
+    let requester = format!("nixspace-build-{}", std::process::id());
+    let demands = steps::demands(&needed, &requester, args.priority);
+    // This machine's store in the dataspace: workers with stores of their own
+    // fetch the derivations and sources from it, and the results come back.
+    let store = StoreNode::new(requester, DaemonPool::new(PoolConfig::new(2)));
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let reconnect_for = std::time::Duration::try_from_secs_f64(args.reconnect_for)
         .map_err(|e| anyhow::anyhow!("--reconnect-for {}: {e}", args.reconnect_for))?;
     // (Re)assert the demands of the steps still pending on every connection:
     // a restarted dataspace learns them again, and finished steps stay done.
-    let body = enclose!((session) move |t: &mut Activation, ds: Arc<syndicate::actor::Cap>| {
+    let body = enclose!((session, store) move |t: &mut Activation, ds: Arc<syndicate::actor::Cap>| {
+        store.attach(t, Arc::clone(&ds));
         observe(t, &ds, &session, patience);
         for d in &demands {
             if with(&session, |s| matches!(s.steps.get(&d.drv), Some(Status::Pending)))? {
@@ -186,10 +189,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         let _ = with(&session, |s| s.progress.event(&format!("nixspace: {line}")));
     });
     let session_loop = nixspace_space::join::stay_joined(&route, backoff, body, events);
+    tokio::pin!(session_loop);
 
     tokio::select! {
         _ = rx => {}
-        e = session_loop => {
+        e = &mut session_loop => {
             let _ = with(&session, |s| s.progress.finish());
             anyhow::bail!("the build cannot continue: {e}");
         }
@@ -200,11 +204,39 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(130));
         }
     }
+    // The outputs asked for must be valid here, wherever they were built.
+    let wanted = with(&session, |s| root_outputs(&roots, s))
+        .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
+    if !wanted.is_empty() {
+        tokio::select! {
+            r = store.ensure(&wanted) => r.context("cannot copy the outputs to this machine's store")?,
+            e = &mut session_loop => anyhow::bail!("lost the dataspace while copying the outputs: {e}"),
+        }
+    }
     let s = session
         .lock()
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     s.progress.finish();
     report(&roots, infos, &s)
+}
+
+/// The outputs of the roots that were built (none if any step failed).
+fn root_outputs(roots: &[String], s: &Session) -> Vec<String> {
+    if s.stuck
+        || s.steps
+            .values()
+            .any(|st| matches!(st, Status::Failed { .. }))
+    {
+        return Vec::new();
+    }
+    roots
+        .iter()
+        .filter_map(|r| match s.steps.get(r) {
+            Some(Status::Built(outputs)) => Some(outputs.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }
 
 /// Register the observers that keep the session up to date.

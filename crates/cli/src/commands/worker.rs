@@ -52,6 +52,21 @@ pub struct WorkerArgs {
     /// --stdio` processes on the local store.
     #[arg(long, value_name = "PATH")]
     daemon_socket: Option<PathBuf>,
+
+    /// Build in a Nix store of this worker's own, kept in DIR: DIR/nix is
+    /// mounted on /nix in a private mount namespace (needs root), so the
+    /// worker behaves like a separate machine. Inputs it lacks are fetched
+    /// from the other stores in the dataspace; what it builds is served to
+    /// them.
+    #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
+    own_store: Option<PathBuf>,
+}
+
+impl WorkerArgs {
+    /// The directory of the worker's own store, if it has one.
+    pub fn own_store(&self) -> Option<&std::path::Path> {
+        self.own_store.as_deref()
+    }
 }
 
 /// Run `nixspace worker`.

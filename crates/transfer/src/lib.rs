@@ -1,0 +1,17 @@
+//! Store paths moving between the Nix stores of a dataspace's participants.
+//!
+//! Every participant with a store (a worker, a frontend) runs a [`StoreNode`]:
+//! - it *serves* its store: for each `<want path store>` of somebody else whose path it has,
+//!   it asserts `<available path me info>` while the want lasts, and it streams the NAR of a
+//!   path to whoever asserts `<nar-request path me sink>`;
+//! - it *fetches* what it lacks ([`StoreNode::ensure`]): it asserts `<want path me>`, picks a
+//!   store that answered, fetches the path's references first, then streams the NAR into its
+//!   own store with `AddToStoreNar`, checking size and hash on the way (the daemon checks the
+//!   hash again and registers nothing that does not match). A path wanted by several steps at
+//!   once is fetched once.
+
+mod nar_stream;
+mod node;
+mod path_info;
+
+pub use node::{FetchError, StoreNode};

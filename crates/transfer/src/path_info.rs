@@ -1,0 +1,125 @@
+//! A path's registration data, between the Nix protocol's form and the dataspace's.
+
+use nixspace_nix_formats::hash::{Hash, HashAlgo};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_protocol::{PathInfo, ValidPathInfo};
+use nixspace_protocol::store;
+
+/// The dataspace form of what the daemon told about a path.
+pub fn to_wire(store_dir: &StoreDir, info: &PathInfo) -> store::PathInfo {
+    store::PathInfo {
+        nar_hash: info.nar_hash.to_prefixed_base16(),
+        nar_size: (info.nar_size as i64).into(),
+        references: info.references.iter().map(|r| store_dir.print(r)).collect(),
+        deriver: info
+            .deriver
+            .as_ref()
+            .map(|d| store_dir.print(d))
+            .unwrap_or_default(),
+        ca: info.ca.clone().unwrap_or_default(),
+    }
+}
+
+/// What a copy of `path` is registered with, from the dataspace form; `None` with the reason
+/// if a field is malformed (it came from another participant).
+pub fn from_wire(
+    store_dir: &StoreDir,
+    path: &StorePath,
+    info: &store::PathInfo,
+) -> Result<ValidPathInfo, String> {
+    let nar_hash = Hash::parse_any(&info.nar_hash, Some(HashAlgo::Sha256))
+        .map_err(|e| format!("bad NAR hash {:?}: {e}", info.nar_hash))?;
+    let nar_size = i64::try_from(&info.nar_size)
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| format!("bad NAR size {}", info.nar_size))?;
+    let references = info
+        .references
+        .iter()
+        .map(|r| {
+            store_dir
+                .parse(r)
+                .map_err(|e| format!("bad reference {r}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let deriver = match info.deriver.as_str() {
+        "" => None,
+        d => Some(
+            store_dir
+                .parse(d)
+                .map_err(|e| format!("bad deriver {d}: {e}"))?,
+        ),
+    };
+    Ok(ValidPathInfo {
+        path: path.clone(),
+        info: PathInfo {
+            deriver,
+            nar_hash,
+            references,
+            registration_time: 0,
+            nar_size,
+            ultimate: false,
+            sigs: Default::default(),
+            ca: Some(info.ca.clone()).filter(|c| !c.is_empty()),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_info_survives_the_round_trip() {
+        let dir = StoreDir::default();
+        let path = dir
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello")
+            .unwrap();
+        let reference = dir
+            .parse("/nix/store/0vkw1m51q34dr64z5i87dy99an4hfmyg-dep")
+            .unwrap();
+        let info = PathInfo {
+            deriver: None,
+            nar_hash: Hash::sha256(b"nar"),
+            references: [reference].into(),
+            registration_time: 0,
+            nar_size: 120,
+            ultimate: false,
+            sigs: Default::default(),
+            ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
+        };
+        let back = from_wire(&dir, &path, &to_wire(&dir, &info)).unwrap();
+        assert_eq!(back.info, info);
+    }
+
+    #[test]
+    fn malformed_fields_are_refused_with_the_reason() {
+        let dir = StoreDir::default();
+        let path = dir
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-hello")
+            .unwrap();
+        let mut wire = to_wire(
+            &dir,
+            &PathInfo {
+                deriver: None,
+                nar_hash: Hash::sha256(b"nar"),
+                references: Default::default(),
+                registration_time: 0,
+                nar_size: 1,
+                ultimate: false,
+                sigs: Default::default(),
+                ca: None,
+            },
+        );
+        wire.nar_size = (-1).into();
+        assert!(from_wire(&dir, &path, &wire).unwrap_err().contains("size"));
+        wire.nar_size = 1.into();
+        wire.references = vec!["/etc/passwd".into()];
+        assert!(from_wire(&dir, &path, &wire)
+            .unwrap_err()
+            .contains("reference"));
+        wire.references = vec![];
+        wire.nar_hash = "md5:00".into();
+        assert!(from_wire(&dir, &path, &wire).unwrap_err().contains("hash"));
+    }
+}
