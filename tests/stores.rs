@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{nonce, run, Space};
+use support::{command_lines_with, nonce, run, wait_output, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -97,4 +97,69 @@ fn workers_with_their_own_stores_pass_inputs_and_return_outputs() {
     );
     assert!(in_own_store(&s2, out), "second is in w2's store");
     assert!(!in_own_store(&s1, out), "second never reached w1's store");
+}
+
+/// One step that sleeps `seconds` on a worker whose store holds the file
+/// `/nix/var/nixspace-test-slow`, and finishes at once elsewhere. Returns the file and the
+/// sleep's command line (to find it among the processes).
+fn slow_somewhere(space: &Space, seconds: u32) -> (PathBuf, String) {
+    let sleep = format!("/bin/sleep {seconds}.{}", std::process::id());
+    let file = space.nix_file(
+        "slow.nix",
+        &format!(
+            r#"derivation {{
+  name = "slow-somewhere";
+  nonce = "{nonce}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "if [ -e /nix/var/nixspace-test-slow ]; then {sleep}; fi; echo done > $out" ];
+}}"#,
+            nonce = nonce()
+        ),
+    );
+    (file, sleep)
+}
+
+#[test]
+fn a_faster_idle_worker_steals_a_slow_step_and_the_slow_build_stops() {
+    let mut space = Space::start_with(&["--steal-after", "1"]);
+    let (s1, s2) = (space.tmp.path().join("slow"), space.tmp.path().join("fast"));
+    std::fs::create_dir_all(s1.join("nix/var")).unwrap();
+    std::fs::write(s1.join("nix/var/nixspace-test-slow"), "").unwrap();
+    let (file, sleep) = slow_somewhere(&space, 90);
+    let own = |dir: &Path| dir.to_str().unwrap().to_owned();
+    space.worker("slow", &["--speed", "1", "--own-store", &own(&s1)]);
+    let build = space.spawn_build(&file);
+    space.wait_for_log("slow", "building", LIMIT);
+
+    // The fast worker joins while the slow one builds, and steals the step.
+    space.worker("fast", &["--speed", "4", "--own-store", &own(&s2)]);
+    // Well before the slow build could have finished.
+    let built = wait_output(build, Duration::from_secs(60));
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "done\n");
+
+    let (slow, fast) = (space.log("slow"), space.log("fast"));
+    assert!(
+        fast.contains("stealing a step") && fast.contains(" built "),
+        "{fast}"
+    );
+    assert!(!slow.contains(" built "), "{slow}");
+    assert!(slow.contains("assignment withdrawn"), "{slow}");
+    assert!(space.log("up").contains("stolen"), "{}", space.log("up"));
+    // The slow build is stopped and its slot is free again.
+    space.wait_for_status("the slow worker's slot to be free", |r| {
+        r["workers"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["id"] == "slow" && w["slots_used"] == 0))
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !command_lines_with(std::slice::from_ref(&sleep)).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow build still runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

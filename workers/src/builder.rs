@@ -109,6 +109,10 @@ pub enum Event {
     Assigned(String, String),
     /// The planner withdrew an assignment.
     Unassigned(String, String),
+    /// The planner invites this worker to duplicate a step another worker is building.
+    Steal(String, String),
+    /// The invitation to steal a step was withdrawn.
+    StealWithdrawn(String),
     /// Stop taking steps; report on `done` once running builds finished.
     Drain(DrainDone),
 }
@@ -199,14 +203,32 @@ impl Entity<Event> for Builder {
                     self.building.insert(drv, facet);
                 }
             }
-            Event::Assigned(drv, _) => self.release(t, &drv),
+            // Another worker got the step; unless we build it too (a steal), let go.
+            Event::Assigned(drv, _) => {
+                if !self.building.contains_key(&drv) {
+                    self.release(t, &drv);
+                }
+            }
             Event::Unassigned(drv, worker) if worker == self.config.id => {
                 if let Some(facet) = self.building.remove(&drv) {
+                    tracing::info!(%drv, "assignment withdrawn; stopping its build");
                     t.stop_facet(facet);
                 }
                 self.release(t, &drv);
             }
             Event::Unassigned(..) => {}
+            Event::Steal(drv, from) => {
+                let free = self.claims.len() < self.config.max_jobs as usize;
+                if self.draining.is_none() && free && !self.claims.contains_key(&drv) {
+                    tracing::info!(%drv, %from, "stealing a step from a slower worker");
+                    self.claim(t, drv);
+                }
+            }
+            Event::StealWithdrawn(drv) => {
+                if !self.building.contains_key(&drv) {
+                    self.release(t, &drv);
+                }
+            }
             Event::Drain(done) => {
                 tracing::info!(
                     building = self.building.len(),
@@ -248,14 +270,7 @@ impl Builder {
                 break;
             };
             self.ready_index.remove(&drv);
-            let claim = build::Claim {
-                drv: drv.clone(),
-                worker: self.config.id.clone(),
-            };
-            if let Some(h) = self.ds.assert(t, &claim) {
-                tracing::debug!(%drv, "claiming");
-                self.claims.insert(drv, h);
-            }
+            self.claim(t, drv);
         }
         let free = if self.draining.is_some() {
             0
@@ -267,6 +282,18 @@ impl Builder {
             free_slots: free.into(),
         };
         self.ds.update(t, &mut self.offer, Some(&offer));
+    }
+
+    /// Ask to build a step.
+    fn claim(&mut self, t: &mut Activation, drv: String) {
+        let claim = build::Claim {
+            drv: drv.clone(),
+            worker: self.config.id.clone(),
+        };
+        if let Some(h) = self.ds.assert(t, &claim) {
+            tracing::debug!(%drv, "claiming");
+            self.claims.insert(drv, h);
+        }
     }
 
     /// Withdraw our claim on a step (lost the race, finished, or cancelled).
@@ -286,6 +313,7 @@ pub fn start(
     config: BuilderConfig,
 ) -> Result<Arc<Ref<Event>>, ActorError> {
     let config = Arc::new(config);
+    let me = config.id.clone();
     ds.assert(
         t,
         &build::Worker {
@@ -322,6 +350,18 @@ pub fn start(
             t.message(&builder, Event::Unready(drv));
             Ok(())
         }));
+        Ok(())
+    }));
+
+    enclose!((builder) during!(t, ds, <steal $drv: String $from: String $to: String>,
+    |t: &mut Activation| {
+        if to == me {
+            t.message(&builder, Event::Steal(drv.clone(), from.clone()));
+            on_retraction(t, enclose!((builder, drv) move |t| {
+                t.message(&builder, Event::StealWithdrawn(drv));
+                Ok(())
+            }));
+        }
         Ok(())
     }));
 

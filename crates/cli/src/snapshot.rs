@@ -51,9 +51,37 @@ pub struct Snapshot {
     pub steps: BTreeMap<String, StepView>,
     /// Unschedulable steps with the reason.
     pub unschedulable: BTreeMap<String, String>,
+    /// Steps a second worker duplicates (stole), with the first worker and the thief.
+    pub stolen: BTreeMap<String, (String, String)>,
 }
 
 impl Snapshot {
+    /// `worker` was assigned `drv`; a second worker on a running step stole it.
+    pub fn assigned(&mut self, drv: &str, worker: &str) {
+        if let Some(StepView::Running(first)) = self.steps.get(drv) {
+            if first != worker {
+                self.stolen
+                    .insert(drv.to_owned(), (first.clone(), worker.to_owned()));
+                return;
+            }
+        }
+        self.steps
+            .insert(drv.to_owned(), StepView::Running(worker.to_owned()));
+    }
+
+    /// `worker`'s assignment of `drv` was withdrawn.
+    pub fn unassigned(&mut self, drv: &str, worker: &str) {
+        if let Some((first, thief)) = self.stolen.remove(drv) {
+            // The other one goes on building it.
+            let other = if thief == worker { first } else { thief };
+            if self.steps.get(drv) == Some(&StepView::Running(worker.to_owned())) {
+                self.steps.insert(drv.to_owned(), StepView::Running(other));
+            }
+            return;
+        }
+        self.clear_step(drv, &StepView::Running(worker.to_owned()));
+    }
+
     /// Forget a step's state if it is still `view` (a newer state may have
     /// replaced it already).
     pub fn clear_step(&mut self, drv: &str, view: &StepView) {
@@ -68,11 +96,17 @@ impl Snapshot {
             .workers
             .iter()
             .map(|(id, w)| {
+                let thefts = self
+                    .stolen
+                    .iter()
+                    .filter(|(_, (_, thief))| thief == id)
+                    .map(|(d, _)| d.clone());
                 let building: Vec<String> = self
                     .steps
                     .iter()
                     .filter(|(_, v)| matches!(v, StepView::Running(r) if r == id))
                     .map(|(d, _)| d.clone())
+                    .chain(thefts)
                     .collect();
                 WorkerReport {
                     id: id.clone(),
@@ -120,6 +154,15 @@ impl Snapshot {
             demands,
             queue,
             unschedulable: self.unschedulable.clone(),
+            stolen: self
+                .stolen
+                .iter()
+                .map(|(drv, (from, by))| StealReport {
+                    drv: drv.clone(),
+                    from: from.clone(),
+                    by: by.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -150,6 +193,16 @@ pub struct DemandReport {
     failed: usize,
 }
 
+/// A step being duplicated by a faster worker.
+#[derive(Debug, Serialize)]
+pub struct StealReport {
+    drv: String,
+    /// The worker that started it.
+    from: String,
+    /// The faster worker that stole it.
+    by: String,
+}
+
 /// What `nixspace status` prints.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -159,6 +212,8 @@ pub struct Report {
     queue: BTreeMap<String, usize>,
     /// Steps no worker can take, with the reason.
     unschedulable: BTreeMap<String, String>,
+    /// Steps being duplicated by faster workers.
+    stolen: Vec<StealReport>,
 }
 
 fn list(xs: &[String]) -> String {
@@ -223,6 +278,36 @@ impl fmt::Display for Report {
                 write!(f, "\n  {}: {reason}", short_name(drv))?;
             }
         }
+        if !self.stolen.is_empty() {
+            write!(f, "\nstolen: {}", self.stolen.len())?;
+            for s in &self.stolen {
+                write!(f, "\n  {}: {} -> {}", short_name(&s.drv), s.from, s.by)?;
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_assignment_shows_as_stolen_until_one_builder_is_left() {
+        let mut s = Snapshot::default();
+        s.assigned("a.drv", "slow");
+        s.assigned("a.drv", "fast");
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(
+            report["stolen"],
+            serde_json::json!([{"drv": "a.drv", "from": "slow", "by": "fast"}])
+        );
+        assert!(s.report().to_string().contains("a.drv: slow -> fast"));
+        // The slow one is withdrawn (say it left): the thief goes on alone.
+        s.unassigned("a.drv", "slow");
+        assert!(s.stolen.is_empty());
+        assert_eq!(s.steps["a.drv"], StepView::Running("fast".into()));
+        s.unassigned("a.drv", "fast");
+        assert!(s.steps.is_empty());
     }
 }

@@ -3,8 +3,8 @@
 //! [`schedule`] is pure: [`Schedule`] is fed the events the planner observes
 //! (demands, claims and outcomes) and answers with the [`Effect`]s to publish.
 //! It decides readiness (all input steps built), grants one claim per step,
-//! retries steps whose worker vanished, and propagates permanent failures to
-//! dependents. It trusts its caller for one thing: a demanded step's inputs
+//! retries steps whose worker vanished, lets a faster idle worker duplicate a
+//! long step of a slow one, and propagates permanent failures to dependents. It trusts its caller for one thing: a demanded step's inputs
 //! that are *not* themselves demanded are already valid (frontends demand
 //! every step whose outputs are missing).
 //!
@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod service;
 
 pub use schedule::{
-    Effect, FailureKind, Schedule, StepInfo, StepState, Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS,
-    DEFAULT_RETRY_BACKOFF,
+    Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
+pub use service::PlannerConfig;

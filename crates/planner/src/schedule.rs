@@ -1,9 +1,13 @@
 //! The step table and its transitions.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::matching::{mismatch, unschedulable_reason};
+
+mod stealing;
+
+pub use stealing::StealPolicy;
 
 /// How many times a step is tried before a transient failure becomes final.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
@@ -42,6 +46,8 @@ pub struct WorkerOffer {
     pub systems: Vec<String>,
     /// Features it offers.
     pub features: Vec<String>,
+    /// Its speed relative to a reference machine (1.0).
+    pub speed: f64,
 }
 
 /// Whether a failure is worth retrying elsewhere.
@@ -120,6 +126,17 @@ pub enum Effect {
     },
     /// Withdraw any outcome assertion of the step (nobody wants it any more).
     Forget(String),
+    /// Invite an idle, faster worker (the third) to duplicate the step running on the
+    /// second.
+    OfferSteal(String, String, String),
+    /// Withdraw the step's steal invitation.
+    WithdrawSteal(String),
+    /// Assert that the worker also builds the step (it stole it): the first to finish wins.
+    Stolen(String, String),
+    /// Withdraw the thief's assignment (it failed or left; the first worker goes on).
+    Unsteal(String),
+    /// The first worker failed or left: the thief's assignment becomes the step's only one.
+    Promote(String),
 }
 
 #[derive(Debug)]
@@ -130,6 +147,12 @@ struct Step {
     state: StepState,
     attempts: u32,
     transient_reasons: Vec<String>,
+    /// When the current assignment was granted.
+    assigned_at: Option<Instant>,
+    /// The worker invited to steal the step, until it claims it.
+    steal_offer: Option<String>,
+    /// The worker duplicating the step's build.
+    thief: Option<String>,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -139,6 +162,9 @@ pub struct Schedule {
     /// input drv → steps that list it as an input.
     dependents: BTreeMap<String, BTreeSet<String>>,
     workers: BTreeMap<String, WorkerOffer>,
+    /// Free build slots each worker announced.
+    free_slots: BTreeMap<String, i64>,
+    steal: StealPolicy,
     /// Ready steps no connected worker can take.
     unschedulable: BTreeSet<String>,
     max_attempts: u32,
@@ -159,10 +185,18 @@ impl Schedule {
             steps: BTreeMap::new(),
             dependents: BTreeMap::new(),
             workers: BTreeMap::new(),
+            free_slots: BTreeMap::new(),
+            steal: StealPolicy::default(),
             unschedulable: BTreeSet::new(),
             max_attempts: max_attempts.max(1),
             retry_backoff,
         }
+    }
+
+    /// The same schedule, stealing by `policy`.
+    pub fn with_stealing(mut self, policy: StealPolicy) -> Schedule {
+        self.steal = policy;
+        self
     }
 
     /// The state of a step, if it is demanded.
@@ -212,6 +246,9 @@ impl Schedule {
                 state: StepState::Waiting,
                 attempts: 0,
                 transient_reasons: Vec::new(),
+                assigned_at: None,
+                steal_offer: None,
+                thief: None,
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -268,6 +305,7 @@ impl Schedule {
     /// A worker disconnected.
     pub fn worker_left(&mut self, id: &str) -> Vec<Effect> {
         self.workers.remove(id);
+        self.free_slots.remove(id);
         self.recheck_schedulability()
     }
 
@@ -275,7 +313,7 @@ impl Schedule {
     pub fn claim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
         if self.state(drv) != Some(&StepState::Ready) {
-            return effects;
+            return self.claim_steal(drv, worker);
         }
         // Assign before Unready: a worker that sees the step stop being ready
         // already knows whether it won.
@@ -283,6 +321,7 @@ impl Schedule {
         self.leave_ready(drv, StepState::Assigned(worker.to_owned()), &mut effects);
         if let Some(step) = self.steps.get_mut(drv) {
             step.attempts += 1;
+            step.assigned_at = Some(Instant::now());
         }
         effects
     }
@@ -290,6 +329,9 @@ impl Schedule {
     /// `worker` withdrew its claim on `drv`. If it was building the step and
     /// reported no outcome, the worker was lost: a transient failure.
     pub fn unclaim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+        if let Some(effects) = self.thief_gone(drv, worker) {
+            return effects;
+        }
         match self.state(drv) {
             Some(StepState::Assigned(w)) if w == worker => {
                 let reason = format!("worker {worker} went away while building");
@@ -347,13 +389,20 @@ impl Schedule {
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let (max_attempts, base) = (self.max_attempts, self.retry_backoff);
+        if kind == FailureKind::Transient {
+            if let Some(effects) = self.thief_gone(drv, worker) {
+                return effects;
+            }
+        }
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
         };
         match &step.state {
-            StepState::Assigned(w) if w == worker => {}
+            StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
             _ => return effects,
         }
+        step.thief = None;
+        step.steal_offer = None;
         effects.push(Effect::Unassign(drv.to_owned()));
         if kind == FailureKind::Permanent {
             self.fail_for_good(drv, worker, reason.to_owned(), &mut effects);
@@ -680,6 +729,7 @@ mod more_tests {
         WorkerOffer {
             systems: vec!["x86_64-linux".into()],
             features: features.iter().map(|s| s.to_string()).collect(),
+            speed: 1.0,
         }
     }
 

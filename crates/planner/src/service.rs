@@ -19,7 +19,7 @@ use syndicate_macros::during;
 
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
-use crate::schedule::{Effect, FailureKind, Schedule, StepInfo, Urgency, WorkerOffer};
+use crate::schedule::{Effect, FailureKind, Schedule, StealPolicy, StepInfo, Urgency, WorkerOffer};
 
 /// What the planner's observers saw.
 #[derive(Debug)]
@@ -42,6 +42,10 @@ pub enum Event {
     Built(String, String, Vec<String>),
     /// A worker reported a step failed.
     Failed(String, String, String, FailureKind),
+    /// A worker announced its free build slots.
+    Offer(String, i64),
+    /// Time to look for steals.
+    Tick,
 }
 
 /// The planner entity: the schedule and the handles of what it asserted.
@@ -57,6 +61,10 @@ struct Planner {
     metrics: Arc<Metrics>,
     history: Option<History>,
     assigned: HashMap<String, Handle>,
+    /// Invitations to steal, by step.
+    steal_offers: HashMap<String, Handle>,
+    /// The thieves' assignments, by step.
+    stolen: HashMap<String, Handle>,
     outcomes: HashMap<String, Handle>,
 }
 
@@ -83,6 +91,11 @@ impl Entity<Event> for Planner {
             Event::Unclaim(drv, worker) => s.unclaim(&drv, &worker),
             Event::Built(drv, worker, outputs) => s.built(&drv, &worker, outputs),
             Event::Failed(drv, worker, reason, kind) => s.failed(&drv, &worker, &reason, kind),
+            Event::Offer(worker, free) => {
+                s.offer(&worker, free);
+                Vec::new()
+            }
+            Event::Tick => s.tick(Instant::now()),
         };
         self.publish(t, effects);
         let m = &self.metrics;
@@ -149,11 +162,40 @@ impl Planner {
                     );
                     replace(t, &mut self.assigned, drv, h);
                 }
-                Effect::Unassign(drv) => retract(t, &mut self.assigned, &drv),
+                Effect::Unassign(drv) => self.unassign(t, &drv),
                 Effect::Cancel(drv) => {
                     tracing::info!(%drv, "cancelled: no demand left");
                     self.record(&drv, AttemptOutcome::Cancelled, None, &[]);
-                    retract(t, &mut self.assigned, &drv)
+                    self.unassign(t, &drv)
+                }
+                Effect::OfferSteal(drv, from, to) => {
+                    tracing::info!(%drv, %from, %to, "inviting a faster idle worker to steal");
+                    let steal = build::Steal {
+                        drv: drv.clone(),
+                        from,
+                        to,
+                    };
+                    let h = self.ds.assert(t, &steal);
+                    replace(t, &mut self.steal_offers, drv, h);
+                }
+                Effect::WithdrawSteal(drv) => retract(t, &mut self.steal_offers, &drv),
+                Effect::Stolen(drv, worker) => {
+                    self.metrics.steals.inc();
+                    tracing::info!(%drv, %worker, "stolen: building it too");
+                    let h = self.ds.assert(
+                        t,
+                        &build::Assigned {
+                            drv: drv.clone(),
+                            worker,
+                        },
+                    );
+                    replace(t, &mut self.stolen, drv, h);
+                }
+                Effect::Unsteal(drv) => retract(t, &mut self.stolen, &drv),
+                Effect::Promote(drv) => {
+                    if let Some(h) = self.stolen.remove(&drv) {
+                        replace(t, &mut self.assigned, drv, Some(h));
+                    }
                 }
                 Effect::Built {
                     drv,
@@ -207,6 +249,13 @@ fn note(history: &mut Option<History>, f: impl FnOnce(&mut History) -> Result<()
 }
 
 impl Planner {
+    /// Withdraw every assignment of a step and any invitation to steal it.
+    fn unassign(&mut self, t: &mut Activation, drv: &str) {
+        retract(t, &mut self.assigned, drv);
+        retract(t, &mut self.stolen, drv);
+        retract(t, &mut self.steal_offers, drv);
+    }
+
     /// Note the end of an attempt in the history, if one is kept.
     fn record(
         &mut self,
@@ -272,14 +321,23 @@ fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
     }
 }
 
-/// Start the planner as its own actor on `ds`. A step whose worker vanished
-/// is retried after `retry_backoff` (doubling per attempt), at most
-/// `max_attempts` times in all. The planner keeps `metrics` up to date.
+/// How the planner retries and steals.
+#[derive(Debug, Clone, Copy)]
+pub struct PlannerConfig {
+    /// A step whose worker vanished is tried at most this many times in all.
+    pub max_attempts: u32,
+    /// The first retry delay; it doubles per attempt.
+    pub retry_backoff: Duration,
+    /// When a faster idle worker duplicates a running step.
+    pub steal: StealPolicy,
+}
+
+/// Start the planner as its own actor on `ds`, scheduling by `config`. The
+/// planner keeps `metrics` up to date and records changes in `history`.
 pub fn start(
     t: &mut Activation,
     ds: Arc<Cap>,
-    max_attempts: u32,
-    retry_backoff: Duration,
+    config: PlannerConfig,
     metrics: Arc<Metrics>,
     history: Option<History>,
 ) {
@@ -288,16 +346,30 @@ pub fn start(
         let planner: Arc<Ref<Event>> = t.create_ref(Planner {
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
-            schedule: Schedule::new(max_attempts, retry_backoff),
+            schedule: Schedule::new(config.max_attempts, config.retry_backoff)
+                .with_stealing(config.steal),
             ready: HashMap::new(),
             ready_since: HashMap::new(),
             unschedulable: HashMap::new(),
             metrics,
             history,
             assigned: HashMap::new(),
+            steal_offers: HashMap::new(),
+            stolen: HashMap::new(),
             outcomes: HashMap::new(),
         });
         let _ = me.set(Arc::downgrade(&planner));
+
+        let period = (config.steal.after / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        enclose!((planner) t.every(period, move |t| {
+            t.message(&planner, Event::Tick);
+            Ok(())
+        }))?;
+
+        enclose!((planner) during!(t, ds, <offer $worker: String $free: i64>, |t: &mut Activation| {
+            t.message(&planner, Event::Offer(worker.clone(), free));
+            Ok(())
+        }));
 
         enclose!((planner) during!(t, ds, <demand $drv: String $step: build::StepInfo _ $priority: i64 $depth: u64>,
             |t: &mut Activation| {
@@ -310,9 +382,9 @@ pub fn start(
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> _ _>,
+        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> _ $speed: f64>,
             |t: &mut Activation| {
-                let offer = WorkerOffer { systems: systems.clone(), features: features.clone() };
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed };
                 tracing::info!(worker = %id, ?offer, "worker joined");
                 t.message(&planner, Event::WorkerJoined(id.clone(), offer));
                 on_retraction(t, enclose!((planner, id) move |t| {

@@ -252,6 +252,7 @@ pub fn planner_time(nodes: usize, width: usize) -> (Duration, usize) {
         WorkerOffer {
             systems: vec![system.clone()],
             features: vec![],
+            speed: 1.0,
         },
     );
     let mut ready = Vec::new();

@@ -163,10 +163,9 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
             move |s| s.clear_step(&d, &StepView::Queued))
     }));
     enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String>, |t: &mut Activation| {
-        let (d, view) = (drv.clone(), StepView::Running(worker.clone()));
-        let undo = view.clone();
-        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), view); },
-            move |s| s.clear_step(&d, &undo))
+        let (d, w) = (drv.clone(), worker.clone());
+        track(t, &snapshot, |s| s.assigned(&drv, &worker),
+            move |s| s.unassigned(&d, &w))
     }));
     enclose!((snapshot) during!(t, ds, <built $drv: String _ _>, |t: &mut Activation| {
         let d = drv.clone();

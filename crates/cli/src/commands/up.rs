@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use nixspace_planner::metrics::Metrics;
+use nixspace_planner::{PlannerConfig, StealPolicy};
 use nixspace_space::host::Listeners;
 use nixspace_space::{HostConfig, HostedSpace};
 use syndicate::actor::Actor;
@@ -54,6 +55,17 @@ pub struct UpArgs {
     /// doubles with every attempt.
     #[arg(long, default_value_t = nixspace_planner::DEFAULT_RETRY_BACKOFF.as_secs_f64(), value_name = "SECONDS")]
     retry_backoff: f64,
+
+    /// Work stealing: an idle worker at least this many times faster (by
+    /// `worker --speed`) than the one building a step may duplicate it; the
+    /// first to finish wins and the other build is stopped.
+    #[arg(long, default_value_t = StealPolicy::default().ratio, value_name = "RATIO")]
+    steal_ratio: f64,
+
+    /// Work stealing: how long a step must have been running, in seconds,
+    /// before a faster worker may duplicate it.
+    #[arg(long, default_value_t = StealPolicy::default().after.as_secs_f64(), value_name = "SECONDS")]
+    steal_after: f64,
 }
 
 /// Run `nixspace up`.
@@ -83,9 +95,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let transports = listeners.transports();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let max_attempts = args.max_attempts;
-    let retry_backoff = std::time::Duration::try_from_secs_f64(args.retry_backoff)
-        .map_err(|e| anyhow::anyhow!("--retry-backoff {}: {e}", args.retry_backoff))?;
+    if !(args.steal_ratio.is_finite() && args.steal_ratio >= 1.0) {
+        anyhow::bail!("--steal-ratio must be at least 1, got {}", args.steal_ratio);
+    }
+    let seconds = |flag: &str, value: f64| {
+        std::time::Duration::try_from_secs_f64(value)
+            .map_err(|e| anyhow::anyhow!("--{flag} {value}: {e}"))
+    };
+    let planner_config = PlannerConfig {
+        max_attempts: args.max_attempts,
+        retry_backoff: seconds("retry-backoff", args.retry_backoff)?,
+        steal: StealPolicy {
+            ratio: args.steal_ratio,
+            after: seconds("steal-after", args.steal_after)?,
+        },
+    };
     let planner_metrics = Arc::clone(&metrics);
     let _actor = Actor::top(None, move |t| {
         let hosted = HostedSpace::start(t, &config, listeners);
@@ -93,8 +117,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             nixspace_planner::service::start(
                 t,
                 h.dataspace.clone(),
-                max_attempts,
-                retry_backoff,
+                planner_config,
                 planner_metrics,
                 Some(history),
             );

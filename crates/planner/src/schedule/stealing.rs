@@ -1,0 +1,270 @@
+//! Work stealing: an idle worker at least `ratio` times faster than the one building a step
+//! that has run for `after` duplicates it; the first to finish wins and the other's
+//! assignment is withdrawn (which stops its build).
+
+use std::time::{Duration, Instant};
+
+use super::{Effect, Schedule, StepState};
+use crate::matching::mismatch;
+
+/// When a running step may be duplicated by a faster idle worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StealPolicy {
+    /// The thief must be at least this many times faster than the worker building the step.
+    pub ratio: f64,
+    /// The step must have been running at least this long.
+    pub after: Duration,
+}
+
+impl Default for StealPolicy {
+    fn default() -> Self {
+        StealPolicy {
+            ratio: 2.0,
+            after: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Schedule {
+    /// `worker` announced how many build slots it has free.
+    pub fn offer(&mut self, worker: &str, free_slots: i64) {
+        self.free_slots.insert(worker.to_owned(), free_slots);
+    }
+
+    /// Look for steals as of `now`: invite idle, fast enough workers to duplicate steps that
+    /// have run past the policy's threshold, and withdraw invitations nobody can take up any
+    /// more.
+    pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let running: Vec<String> = self
+            .steps
+            .iter()
+            .filter(|(_, s)| matches!(s.state, StepState::Assigned(_)) && s.thief.is_none())
+            .filter(|(_, s)| {
+                s.assigned_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= self.steal.after)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        for drv in running {
+            let invited = self.steps.get(&drv).and_then(|s| s.steal_offer.clone());
+            match invited {
+                Some(thief) if self.can_steal(&drv, &thief) => {}
+                Some(_) => {
+                    if let Some(step) = self.steps.get_mut(&drv) {
+                        step.steal_offer = None;
+                    }
+                    effects.push(Effect::WithdrawSteal(drv.clone()));
+                }
+                None => {
+                    if let Some(thief) = self.best_thief(&drv) {
+                        let Some(step) = self.steps.get_mut(&drv) else {
+                            continue;
+                        };
+                        let StepState::Assigned(from) = &step.state else {
+                            continue;
+                        };
+                        effects.push(Effect::OfferSteal(drv.clone(), from.clone(), thief.clone()));
+                        step.steal_offer = Some(thief);
+                    }
+                }
+            }
+        }
+        effects
+    }
+
+    /// The fastest worker that may steal `drv` now, if any.
+    fn best_thief(&self, drv: &str) -> Option<String> {
+        self.workers
+            .iter()
+            .filter(|(id, _)| self.can_steal(drv, id))
+            .max_by(|(_, a), (_, b)| a.speed.total_cmp(&b.speed))
+            .map(|(id, _)| id.clone())
+    }
+
+    /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot,
+    /// no ready step it could take instead, and no other invitation.
+    fn can_steal(&self, drv: &str, thief: &str) -> bool {
+        let (Some(step), Some(offer)) = (self.steps.get(drv), self.workers.get(thief)) else {
+            return false;
+        };
+        let StepState::Assigned(owner) = &step.state else {
+            return false;
+        };
+        let Some(owner_speed) = self.workers.get(owner).map(|w| w.speed) else {
+            return false;
+        };
+        let matches = |info: &super::StepInfo| {
+            mismatch(
+                &offer.systems,
+                &offer.features,
+                &info.system,
+                &info.features,
+            )
+            .is_none()
+        };
+        owner != thief
+            && offer.speed >= self.steal.ratio * owner_speed
+            && self.free_slots.get(thief).is_some_and(|&f| f > 0)
+            && matches(&step.info)
+            && !self
+                .steps
+                .values()
+                .any(|s| s.state == StepState::Ready && matches(&s.info))
+            && !self.steps.iter().any(|(d, s)| {
+                d != drv
+                    && (s.steal_offer.as_deref() == Some(thief)
+                        || s.thief.as_deref() == Some(thief))
+            })
+    }
+
+    /// A claim on a step that is already assigned: granted to the invited thief.
+    pub(super) fn claim_steal(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+        let Some(step) = self.steps.get_mut(drv) else {
+            return Vec::new();
+        };
+        if !matches!(step.state, StepState::Assigned(_))
+            || step.thief.is_some()
+            || step.steal_offer.as_deref() != Some(worker)
+        {
+            return Vec::new();
+        }
+        step.steal_offer = None;
+        step.thief = Some(worker.to_owned());
+        // The thief sees its assignment before the invitation goes away, so it keeps its claim.
+        vec![
+            Effect::Stolen(drv.to_owned(), worker.to_owned()),
+            Effect::WithdrawSteal(drv.to_owned()),
+        ]
+    }
+
+    /// `worker` stopped building `drv` without a result (it left, or failed transiently).
+    /// If a duplicate build goes on, the step does not fail: the thief's assignment is
+    /// dropped, or the thief becomes the step's only builder. `None` if no steal is involved.
+    pub(super) fn thief_gone(&mut self, drv: &str, worker: &str) -> Option<Vec<Effect>> {
+        let step = self.steps.get_mut(drv)?;
+        let StepState::Assigned(owner) = &step.state else {
+            return None;
+        };
+        let thief = step.thief.clone()?;
+        if thief == worker {
+            step.thief = None;
+            return Some(vec![Effect::Unsteal(drv.to_owned())]);
+        }
+        if owner != worker {
+            return None;
+        }
+        step.state = StepState::Assigned(thief);
+        step.thief = None;
+        Some(vec![Effect::Promote(drv.to_owned())])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{StepInfo, Urgency, WorkerOffer};
+    use super::*;
+
+    fn worker(speed: f64) -> WorkerOffer {
+        WorkerOffer {
+            systems: vec!["x86_64-linux".into()],
+            features: vec![],
+            speed,
+        }
+    }
+
+    fn step() -> StepInfo {
+        StepInfo {
+            system: "x86_64-linux".into(),
+            features: vec![],
+            input_drvs: vec![],
+        }
+    }
+
+    /// `a` running on `slow` (speed 1) since now, `fast` (speed `fast`) idle.
+    fn running(fast: f64) -> (Schedule, Instant) {
+        let policy = StealPolicy {
+            ratio: 2.0,
+            after: Duration::from_secs(5),
+        };
+        let mut s = Schedule::default().with_stealing(policy);
+        s.worker_joined("slow", worker(1.0));
+        s.demand("a", step(), Urgency::default());
+        s.claim("a", "slow");
+        s.worker_joined("fast", worker(fast));
+        s.offer("fast", 1);
+        (s, Instant::now())
+    }
+
+    #[test]
+    fn a_fast_idle_worker_steals_a_long_step_and_the_first_result_wins() {
+        let (mut s, start) = running(4.0);
+        assert!(s.tick(start).is_empty(), "too early");
+        let later = start + Duration::from_secs(6);
+        let e = s.tick(later);
+        assert_eq!(
+            e,
+            vec![Effect::OfferSteal("a".into(), "slow".into(), "fast".into())]
+        );
+        assert!(s.tick(later).is_empty(), "invited once");
+        let e = s.claim("a", "fast");
+        assert_eq!(
+            e,
+            vec![
+                Effect::Stolen("a".into(), "fast".into()),
+                Effect::WithdrawSteal("a".into())
+            ]
+        );
+        let e = s.built("a", "fast", vec!["/out".into()]);
+        assert!(e.contains(&Effect::Unassign("a".into())), "{e:?}");
+        assert!(s.built("a", "slow", vec!["/out".into()]).is_empty());
+    }
+
+    #[test]
+    fn no_steal_from_a_worker_not_slow_enough_or_by_a_busy_one() {
+        let (mut s, start) = running(1.5);
+        assert!(s.tick(start + Duration::from_secs(60)).is_empty());
+        let (mut s, start) = running(4.0);
+        s.offer("fast", 0);
+        assert!(s.tick(start + Duration::from_secs(60)).is_empty());
+        // A ready step the fast worker could take instead keeps it busy.
+        let (mut s, start) = running(4.0);
+        s.demand("b", step(), Urgency::default());
+        assert!(s.tick(start + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn an_invitation_is_withdrawn_once_the_thief_is_busy() {
+        let (mut s, start) = running(4.0);
+        s.tick(start + Duration::from_secs(6));
+        s.offer("fast", 0);
+        assert_eq!(
+            s.tick(start + Duration::from_secs(7)),
+            vec![Effect::WithdrawSteal("a".into())]
+        );
+        assert!(s.claim("a", "fast").is_empty(), "no longer invited");
+    }
+
+    #[test]
+    fn losing_either_builder_keeps_the_other() {
+        let (mut s, start) = running(4.0);
+        s.tick(start + Duration::from_secs(6));
+        s.claim("a", "fast");
+        assert_eq!(s.unclaim("a", "fast"), vec![Effect::Unsteal("a".into())]);
+        assert_eq!(s.state("a"), Some(&StepState::Assigned("slow".into())));
+
+        let (mut s, start) = running(4.0);
+        s.tick(start + Duration::from_secs(6));
+        s.claim("a", "fast");
+        assert_eq!(
+            s.failed(
+                "a",
+                "slow",
+                "link dropped",
+                super::super::FailureKind::Transient
+            ),
+            vec![Effect::Promote("a".into())]
+        );
+        assert_eq!(s.state("a"), Some(&StepState::Assigned("fast".into())));
+    }
+}
