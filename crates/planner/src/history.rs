@@ -148,6 +148,11 @@ impl History {
             .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
+        // In WAL mode, NORMAL still survives the process being killed at any moment (kill -9 of
+        // `nixspace up`); only a power cut may lose the last commits. FULL would cost an fsync
+        // per state change, which bounds how fast steps can be dispatched.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(err)?;

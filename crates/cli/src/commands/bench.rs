@@ -21,6 +21,7 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     Dag(DagArgs),
+    Dispatch(super::bench_dispatch::DispatchArgs),
 }
 
 /// A layered DAG of trivial derivations: `nix-build` vs `nixspace build`.
@@ -57,6 +58,7 @@ struct DagArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchCommand::Dag(a) => dag(a).await,
+        BenchCommand::Dispatch(a) => super::bench_dispatch::run(a).await,
     }
 }
 

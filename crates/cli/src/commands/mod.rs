@@ -1,6 +1,7 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
 pub mod bench;
+pub mod bench_dispatch;
 pub mod build;
 pub mod demo;
 pub mod history;
