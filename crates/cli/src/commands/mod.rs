@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod daemon;
 pub mod demo;
 pub mod history;
 pub mod status;
