@@ -23,19 +23,11 @@ fn layered_dag(
     let text = format!(
         r#"
 let
-  nonce = "{nonce}";
-  step = name: deps: derivation {{
-    inherit name nonce deps;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} > $out" ];
-  }};
-  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
+{step}  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
   layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
 in step "root" (builtins.elemAt layers ({layers} - 1))
 "#,
-        nonce = nonce(),
-        runs = runs.display(),
+        step = support::counted_step_bindings(runs, ""),
     );
     space.nix_file("dag.nix", &text)
 }
@@ -54,12 +46,7 @@ fn a_fifty_step_dag_is_built_exactly_once_by_three_workers() {
         result.stderr.contains("50 of 50 derivations to build"),
         "{result:?}"
     );
-    let log = std::fs::read_to_string(&runs).expect("runs file");
-    let mut names: Vec<&str> = log.lines().collect();
-    assert_eq!(names.len(), 50, "builder runs: {log}");
-    names.sort_unstable();
-    names.dedup();
-    assert_eq!(names.len(), 50, "a step was built twice: {log}");
+    support::assert_each_step_built_once(&runs, 50);
     let out = result.stdout.trim();
     assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
     // All three workers took part.

@@ -93,17 +93,10 @@ fn a_failing_build_fails_the_client() {
     let mut space = Space::start();
     space.worker("w1", &[]);
     let socket = space.translator();
-    let file = space.nix_file(
+    let file = space.sh_derivation(
         "broken.nix",
-        &format!(
-            r#"derivation {{
-  name = "broken-{}";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo about to fail; exit 3" ];
-}}"#,
-            nonce()
-        ),
+        &format!("broken-{}", nonce()),
+        "echo about to fail; exit 3",
     );
     let mut c = space.nix("nix-build", Some(&socket));
     c.arg(&file).arg("--no-out-link");
@@ -157,27 +150,115 @@ fn a_client_that_leaves_withdraws_its_demands() {
 
 /// A raw client that has done the handshake at protocol 1.34.
 fn handshaken(socket: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(socket).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    s.write_all(&0x6e69_7863u64.to_le_bytes()).expect("magic");
-    let mut buf = [0u8; 16];
-    s.read_exact(&mut buf).expect("daemon magic and version");
-    assert_eq!(&buf[..8], &0x6478_696fu64.to_le_bytes());
-    for v in [0x122u64, 0, 0] {
-        s.write_all(&v.to_le_bytes())
-            .expect("version, affinity, reserve");
+    Raw::connect(socket, 0x122).0
+}
+
+/// A raw worker-protocol client, for operations no Nix 2.8 command sends.
+struct Raw(UnixStream);
+
+impl Raw {
+    /// Connect and shake hands at protocol `version` (1.21 ≤ version ≤ 1.34).
+    fn connect(socket: &Path, version: u64) -> Raw {
+        let (mut raw, _) = Raw::greet(socket, version);
+        assert_eq!(raw.u64(), 0x616c_7473, "STDERR_LAST");
+        raw
     }
-    // Nix version string, then STDERR_LAST.
-    let mut len = [0u8; 8];
-    s.read_exact(&mut len).expect("version length");
-    let n = u64::from_le_bytes(len) as usize;
-    let mut text = vec![0u8; n.div_ceil(8) * 8];
-    s.read_exact(&mut text).expect("version string");
-    let mut last = [0u8; 8];
-    s.read_exact(&mut last).expect("STDERR_LAST");
-    assert_eq!(u64::from_le_bytes(last), 0x616c_7473);
-    s
+
+    /// The handshake at `version` (1.21 ≤ version ≤ 1.37) up to its final stderr frame;
+    /// the trust flag, if the version carries it.
+    fn greet(socket: &Path, version: u64) -> (Raw, Option<u64>) {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(&0x6e69_7863u64.to_le_bytes()).expect("magic");
+        let mut raw = Raw(s);
+        assert_eq!(raw.u64(), 0x6478_696f);
+        raw.u64();
+        for v in [version, 0, 0] {
+            raw.put(v);
+        }
+        if version >= 0x121 {
+            raw.string(); // the daemon's Nix version
+        }
+        let trust = (version >= 0x123).then(|| raw.u64());
+        (raw, trust)
+    }
+
+    fn put(&mut self, v: u64) {
+        self.0.write_all(&v.to_le_bytes()).expect("write");
+    }
+
+    fn put_str(&mut self, b: &[u8]) {
+        self.put(b.len() as u64);
+        self.0.write_all(b).expect("write");
+        self.0
+            .write_all(&[0u8; 8][..(8 - b.len() % 8) % 8])
+            .expect("padding");
+    }
+
+    fn u64(&mut self) -> u64 {
+        let mut b = [0u8; 8];
+        self.0.read_exact(&mut b).expect("read u64");
+        u64::from_le_bytes(b)
+    }
+
+    fn string(&mut self) -> String {
+        let n = self.u64() as usize;
+        let mut b = vec![0u8; n.div_ceil(8) * 8];
+        self.0.read_exact(&mut b).expect("read string");
+        b.truncate(n);
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    fn skip_u64s(&mut self, n: usize) {
+        for _ in 0..n {
+            self.u64();
+        }
+    }
+
+    fn fields(&mut self) {
+        for _ in 0..self.u64() {
+            if self.u64() == 0 {
+                self.u64();
+            } else {
+                self.string();
+            }
+        }
+    }
+
+    /// Skip log frames until `STDERR_LAST` (`Ok`) or `STDERR_ERROR` (`Err` with its
+    /// message; protocol ≥ 1.26 layout).
+    fn result(&mut self) -> Result<(), String> {
+        loop {
+            match self.u64() {
+                0x616c_7473 => return Ok(()),
+                0x6f6c_6d67 => drop(self.string()),
+                0x5354_5254 => {
+                    // id, level, type, text, fields, parent
+                    self.skip_u64s(3);
+                    self.string();
+                    self.fields();
+                    self.skip_u64s(1);
+                }
+                0x5354_4f50 => drop(self.u64()),
+                0x5253_4c54 => {
+                    // id, type, fields
+                    self.skip_u64s(2);
+                    self.fields();
+                }
+                0x6378_7470 => {
+                    let (_, _, _, msg) = (self.string(), self.u64(), self.string(), self.string());
+                    self.u64(); // no position
+                    for _ in 0..self.u64() {
+                        self.u64();
+                        self.string();
+                    }
+                    return Err(msg);
+                }
+                other => panic!("unexpected stderr frame {other:#x}"),
+            }
+        }
+    }
 }
 
 /// Read until the translator closes the connection; true if an error frame came first.
@@ -252,4 +333,522 @@ fn the_translator_never_takes_over_a_live_socket_or_a_file() {
         std::fs::read_to_string(&file).expect("still there"),
         "keep me"
     );
+}
+
+#[test]
+fn the_socket_is_open_to_all_and_allowed_users_decide() {
+    let mut space = Space::start();
+    let open = space.translator();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&open).expect("socket").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o666);
+
+    // root is neither allowed nor trusted here: refused with nix-daemon's words.
+    let closed = space.translator_with(
+        "closed",
+        "allowed-users = nobody @nogroup\ntrusted-users = nobody\n",
+    );
+    let mut c = space.nix("nix-store", Some(&closed));
+    c.arg("--add").arg(space.nix_file("refused.txt", &nonce()));
+    let out = run(c, LIMIT);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("user 'root' is not allowed to connect to the Nix daemon"),
+        "{out:?}"
+    );
+    space.wait_for_log("closed", "refused connection", Duration::from_secs(5));
+    // A client at protocol 1.35 also learns that it is not trusted (flag 2).
+    let (mut raw, trust) = Raw::greet(&closed, 0x123);
+    assert_eq!(trust, Some(2));
+    assert_eq!(
+        raw.result(),
+        Err("user 'root' is not allowed to connect to the Nix daemon".to_owned())
+    );
+}
+
+/// A path built in the local store (input-addressed, unsigned) and its `nix-store --export`.
+fn unsigned_export(space: &Space) -> (String, Vec<u8>) {
+    let file = space.sh_derivation(
+        "unsigned.nix",
+        &format!("unsigned-{}", nonce()),
+        "echo unsigned > $out",
+    );
+    let mut b = space.nix("nix-build", None);
+    b.arg(&file).arg("--no-out-link");
+    let built = run(b, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let path = built.stdout.trim().to_owned();
+    let mut e = space.nix("nix-store", None);
+    e.args(["--export", &path]);
+    let out = e
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("nix-store --export");
+    assert!(out.status.success(), "{out:?}");
+    (path, out.stdout)
+}
+
+/// `nix-store --import` of `nar` through `socket` (it asks to skip signature checks), with a
+/// restricted and an unrestricted setting on the command line.
+fn import(space: &Space, socket: &Path, nar: &[u8]) -> support::Finished {
+    let mut c = space.nix("nix-store", Some(socket));
+    c.args(["--option", "sandbox", "false", "--option", "timeout", "600"])
+        .arg("--import")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("spawn nix-store --import");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(nar).expect("write the export");
+    drop(stdin);
+    support::wait_output(child, LIMIT)
+}
+
+#[test]
+fn untrusted_clients_cannot_skip_signature_checks() {
+    let mut space = Space::start();
+    let trusted = space.translator();
+    let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
+    let (path, nar) = unsigned_export(&space);
+
+    let refused = import(&space, &untrusted, &nar);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("because it lacks a valid signature"),
+        "{refused:?}"
+    );
+    // Restricted settings of the client's nix.conf were withheld, with nix-daemon's warning.
+    assert!(
+        refused
+            .stderr
+            .contains("ignoring the client-specified setting 'sandbox'"),
+        "{refused:?}"
+    );
+    assert!(!refused.stderr.contains("'timeout'"), "{refused:?}");
+
+    let imported = import(&space, &trusted, &nar);
+    assert!(imported.status.success(), "{imported:?}");
+    assert_eq!(imported.stdout.trim(), path);
+    space.wait_for_log("untrusted", "accepted connection", Duration::from_secs(5));
+    let log = space.log("untrusted");
+    let accepted = log
+        .lines()
+        .find(|l| l.contains("accepted connection"))
+        .unwrap_or_default();
+    assert!(accepted.contains("false"), "{log}");
+}
+
+/// A fresh store path base name (a random nixbase32 hash part and `name`).
+fn fake_base_name(name: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let hash: String = (0..32)
+        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+        .collect();
+    format!("{hash}-{name}")
+}
+
+/// Send `AddBuildLog` for `drv` (a base name) with `log` as its framed stream.
+fn add_build_log(raw: &mut Raw, drv: &str, log: &str) {
+    raw.put(45);
+    raw.put_str(drv.as_bytes());
+    raw.put(log.len() as u64);
+    raw.0.write_all(log.as_bytes()).expect("log");
+    raw.put(0);
+}
+
+#[test]
+fn remaining_store_operations_are_proxied() {
+    let mut space = Space::start();
+    let socket = space.translator();
+    let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
+
+    // Substitutable infos: there are no substituters here, so nothing is known.
+    let mut raw = Raw::connect(&socket, 0x122);
+    let missing = format!("/nix/store/{}", fake_base_name("missing"));
+    raw.put(21);
+    raw.put_str(missing.as_bytes());
+    assert_eq!(raw.result(), Ok(()));
+    assert_eq!(raw.u64(), 0);
+    raw.put(30);
+    raw.put(1);
+    raw.put_str(missing.as_bytes());
+    raw.put_str(b"");
+    assert_eq!(raw.result(), Ok(()));
+    assert_eq!(raw.u64(), 0);
+
+    // A trusted client's build log lands in the store's log directory.
+    let drv = fake_base_name("logged.drv");
+    let log = format!("the log of {drv}\n");
+    add_build_log(&mut raw, &drv, &log);
+    assert_eq!(raw.result(), Ok(()));
+    assert_eq!(raw.u64(), 1);
+    let mut read = space.nix("nix-store", None);
+    read.arg("--read-log").arg(format!("/nix/store/{drv}"));
+    let read = run(read, LIMIT);
+    assert!(read.status.success(), "{read:?}");
+    assert_eq!(read.stdout, log);
+
+    // An untrusted client's is refused; the connection goes on.
+    let mut u = Raw::connect(&untrusted, 0x122);
+    add_build_log(&mut u, &fake_base_name("refused.drv"), "nope\n");
+    assert_eq!(
+        u.result(),
+        Err("you are not privileged to add logs".to_owned())
+    );
+    u.put(1);
+    u.put_str(missing.as_bytes());
+    assert_eq!(u.result(), Ok(()));
+    assert_eq!(u.u64(), 0, "IsValidPath of a missing path");
+
+    // CollectGarbage: `nix-store --delete` of a path added through the translator.
+    let mut add = space.nix("nix-store", Some(&socket));
+    add.arg("--add").arg(space.nix_file("doomed.txt", &nonce()));
+    let added = run(add, LIMIT);
+    assert!(added.status.success(), "{added:?}");
+    let doomed = added.stdout.trim().to_owned();
+    let mut del = space.nix("nix-store", Some(&socket));
+    del.args(["--delete", &doomed]);
+    let deleted = run(del, LIMIT);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!Path::new(&doomed).exists(), "{deleted:?}");
+
+    // Operations the translator does not model are named in the error.
+    let mut x = Raw::connect(&socket, 0x122);
+    x.put(24);
+    assert_eq!(
+        x.result(),
+        Err("operation QueryFailedPaths (24) is not supported by nixspace translator".to_owned())
+    );
+}
+
+#[test]
+fn old_clients_add_to_the_store_in_the_pre_1_25_form() {
+    let mut space = Space::start();
+    let socket = space.translator();
+    let contents = nonce();
+    let file = space.nix_file("legacy.txt", &contents);
+    let mut direct = space.nix("nix-store", None);
+    direct.arg("--add").arg(&file);
+    let direct = run(direct, LIMIT);
+    assert!(direct.status.success(), "{direct:?}");
+
+    // Protocol 1.24: name, fixed, recursive, hash algorithm, then the NAR unframed.
+    let mut raw = Raw::connect(&socket, 0x118);
+    raw.put(7);
+    raw.put_str(b"legacy.txt");
+    raw.put(1);
+    raw.put(1);
+    raw.put_str(b"sha256");
+    for token in [
+        b"nix-archive-1".as_slice(),
+        b"(",
+        b"type",
+        b"regular",
+        b"contents",
+        contents.as_bytes(),
+        b")",
+    ] {
+        raw.put_str(token);
+    }
+    assert_eq!(raw.result(), Ok(()));
+    assert_eq!(raw.string(), direct.stdout.trim());
+}
+
+#[test]
+fn ensure_path_of_a_missing_output_builds_it_on_workers() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let file = space.sh_derivation(
+        "ensured.nix",
+        &format!("ensured-{}", nonce()),
+        "echo ensured > $out",
+    );
+    let mut inst = space.nix("nix-instantiate", None);
+    inst.arg(&file);
+    let drv = run(inst, LIMIT);
+    assert!(drv.status.success(), "{drv:?}");
+    let mut outs = space.nix("nix-store", None);
+    outs.args(["-q", "--outputs", drv.stdout.trim()]);
+    let out = run(outs, LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    let out = out.stdout.trim().to_owned();
+    assert!(!Path::new(&out).exists());
+
+    // `builtins.storePath` asks the daemon to EnsurePath the output.
+    let mut eval = space.nix("nix-instantiate", Some(&socket));
+    eval.args(["--eval", "--read-write-mode", "-E"])
+        .arg(format!("builtins.readFile (builtins.storePath \"{out}\")"));
+    let eval = run(eval, LIMIT);
+    assert!(eval.status.success(), "{eval:?}");
+    assert_eq!(eval.stdout.trim(), r#""ensured\n""#);
+    let worker = space.log("w1");
+    assert_eq!(worker.matches(" built ").count(), 1, "{worker}");
+}
+
+#[test]
+fn nixspace_daemon_is_a_drop_in_nix_daemon() {
+    let tmp = tempfile::Builder::new()
+        .prefix("nixspace-daemon-test-")
+        .tempdir()
+        .expect("tempdir");
+    let conf = tmp.path().join("nix-conf");
+    nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
+    // The socket's directory does not exist yet: the daemon creates it, like nix-daemon.
+    let socket = tmp.path().join("daemon-socket/socket");
+    let log = std::fs::File::create(tmp.path().join("daemon.log")).expect("log");
+    let mut daemon = support::KillOnDrop(
+        std::process::Command::new(support::nixspace_bin())
+            .arg("daemon")
+            .env("NIX_CONF_DIR", &conf)
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .env("NIX_REMOTE", "daemon")
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nixspace daemon"),
+    );
+    let daemon_log = || std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
+    let mut version = std::process::Command::new(support::nixspace_bin());
+    version.args(["daemon", "--version"]);
+    let version = run(version, LIMIT);
+    assert!(version.status.success(), "{version:?}");
+    assert!(
+        version.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "{version:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket: {}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let nix = |program: &str| {
+        let mut c = std::process::Command::new(program);
+        c.env("NIX_CONF_DIR", &conf)
+            .env("NIX_REMOTE", "daemon")
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let demo = repo_root().join("examples/demo/default.nix");
+    let file = tmp.path().join("demo.nix");
+    std::fs::write(
+        &file,
+        format!("import {} {{ nonce = \"{}\"; }}", demo.display(), nonce()),
+    )
+    .expect("demo.nix");
+    let mut build = nix("nix-build");
+    build.arg(&file).arg("--no-out-link");
+    let built = run(build, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", daemon_log());
+    assert!(built.stdout.trim().ends_with("-demo-top"), "{built:?}");
+    assert!(built.stderr.contains("on nixspace worker"), "{built:?}");
+
+    let pid = rustix::process::Pid::from_raw(daemon.0.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not exit: {}",
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0), "{}", daemon_log());
+    assert!(!socket.exists(), "the socket was left behind");
+}
+
+#[test]
+fn up_can_serve_a_translator_in_process() {
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let socket = socket_dir.path().join("up-translator.sock");
+    let mut space = Space::start_with(&["--translator", socket.to_str().expect("utf-8")]);
+    space.worker("w1", &[]);
+    space.wait_for_log("up", "translating on", Duration::from_secs(20));
+    let file = demo_file(&space);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = run(c, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", space.log("up"));
+    assert!(built.stdout.trim().ends_with("-demo-top"), "{built:?}");
+    assert!(
+        built.stderr.contains("on nixspace worker 'w1'"),
+        "{built:?}"
+    );
+}
+
+#[test]
+fn eight_concurrent_clients_share_their_common_steps() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    space.worker("w2", &[]);
+    let socket = space.translator();
+    let runs = space.tmp.path().join("runs");
+    // Client i builds top-i ← [own-i, pair-(i/2), shared-2 ← shared-1 ← shared-0]: the shared
+    // chain is common to all eight, each pair step to two. Every builder run appends the
+    // step's name to `runs` (outside the store); shared-0 takes a second, so that every
+    // client wants it while it is being built.
+    let step =
+        support::counted_step_bindings(&runs, "if [ ${name} = shared-0 ]; then /bin/sleep 1; fi;");
+    let file = space.nix_file(
+        "overlap.nix",
+        &format!(
+            r#"{{ i }}:
+let
+{step}  shared0 = step "shared-0" [ ];
+  shared1 = step "shared-1" [ shared0 ];
+  shared2 = step "shared-2" [ shared1 ];
+  pair = step "pair-${{toString (i / 2)}}" [ shared2 ];
+  own = step "own-${{toString i}}" [ ];
+in step "top-${{toString i}}" [ own pair shared2 ]
+"#
+        ),
+    );
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = space.nix("nix-build", Some(&socket));
+            c.arg(&file)
+                .args(["--arg", "i", &i.to_string(), "--no-out-link"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().expect("spawn nix-build")
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let built = support::wait_output(client, LIMIT);
+        assert!(built.status.success(), "client {i}: {built:?}");
+        assert!(
+            built.stdout.trim().ends_with(&format!("-top-{i}")),
+            "client {i}: {built:?}"
+        );
+    }
+    // 3 shared + 4 pairs + 8 own + 8 tops.
+    support::assert_each_step_built_once(&runs, 23);
+}
+
+/// A plain `nix-daemon` on its own socket, in its own process group (killed with the group
+/// when dropped), on the local store.
+struct PlainDaemon {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl PlainDaemon {
+    fn start(space: &Space) -> PlainDaemon {
+        use std::os::unix::process::CommandExt;
+        let socket = space.tmp.path().join("plain-daemon/socket");
+        std::fs::create_dir_all(socket.parent().expect("parent")).expect("socket dir");
+        // NIX_REMOTE=local: a daemon whose store is "auto" can connect to itself.
+        let child = std::process::Command::new("nix-daemon")
+            .env("NIX_CONF_DIR", space.tmp.path().join("nix-conf"))
+            .env("NIX_REMOTE", "local")
+            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn nix-daemon");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nix-daemon never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PlainDaemon { child, socket }
+    }
+}
+
+impl Drop for PlainDaemon {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// `line` with every quoted store path replaced by `PATH`.
+fn without_store_paths(line: &str) -> String {
+    line.split('\'')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 && part.starts_with("/nix/store/") {
+                "PATH"
+            } else {
+                part
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("'")
+}
+
+/// The lines of a client's stderr that say why it failed.
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| l.trim_start().starts_with("error:"))
+        .collect()
+}
+
+#[test]
+fn a_failing_build_exits_as_it_does_against_nix_daemon() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let plain = PlainDaemon::start(&space);
+    // Two identical derivations but for their names, so that neither run sees the other's
+    // failure.
+    let broken = |which: &str| {
+        space.sh_derivation(
+            &format!("broken-{which}.nix"),
+            &format!("broken-{which}-{}", nonce()),
+            "echo about to fail; exit 3",
+        )
+    };
+    let (direct_file, via_file) = (broken("direct"), broken("via"));
+    // nix-build sends BuildPaths, `nix build` BuildPathsWithResults.
+    for args in [
+        &["nix-build", "--no-out-link"][..],
+        &["nix", "build", "--no-link", "-f"],
+    ] {
+        let build = |remote: &Path, file: &Path| {
+            let mut c = space.nix(args[0], Some(remote));
+            c.args(&args[1..]).arg(file);
+            run(c, LIMIT)
+        };
+        let direct = build(&plain.socket, &direct_file);
+        let via = build(&socket, &via_file);
+        assert!(!direct.status.success(), "{direct:?}");
+        assert_eq!(
+            via.status.code(),
+            direct.status.code(),
+            "{via:?}\n{direct:?}"
+        );
+        let (direct_errors, via_errors) = (error_lines(&direct.stderr), error_lines(&via.stderr));
+        assert!(!direct_errors.is_empty(), "{direct:?}");
+        // The same key line but for the derivation.
+        assert_eq!(
+            without_store_paths(via_errors[0]),
+            without_store_paths(direct_errors[0]),
+            "\n{via:?}\n{direct:?}"
+        );
+        assert!(via.stderr.contains("about to fail"), "{via:?}");
+    }
 }

@@ -236,6 +236,22 @@ impl Space {
         }
     }
 
+    /// Write `file`: one derivation named `name` whose builder runs `script` with `/bin/sh`
+    /// (no `"` in the script; builders have no PATH, so call programs by absolute path).
+    pub fn sh_derivation(&self, file: &str, name: &str, script: &str) -> PathBuf {
+        self.nix_file(
+            file,
+            &format!(
+                r#"derivation {{
+  name = "{name}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "{script}" ];
+}}"#
+            ),
+        )
+    }
+
     /// Write a Nix file into the test directory.
     pub fn nix_file(&self, name: &str, text: &str) -> PathBuf {
         let path = self.tmp.path().join(name);
@@ -334,16 +350,10 @@ pub fn wait_output(mut child: Child, limit: Duration) -> Finished {
 /// marker (in `nix-store`'s and `sh`'s command lines) and the sleep itself.
 pub fn sleeper(space: &Space, seconds: u32) -> (PathBuf, Vec<String>) {
     let marker = format!("sleeper-{}", nonce());
-    let file = space.nix_file(
+    let file = space.sh_derivation(
         "sleeper.nix",
-        &format!(
-            r#"derivation {{
-  name = "{marker}";
-  system = builtins.currentSystem;
-  builder = "/bin/sh";
-  args = [ "-c" "echo started {marker}; /bin/sleep {seconds}; echo done > $out" ];
-}}"#
-        ),
+        &marker,
+        &format!("echo started {marker}; /bin/sleep {seconds}; echo done > $out"),
     );
     (file, vec![marker, format!("/bin/sleep {seconds} ")])
 }
@@ -352,13 +362,26 @@ impl Space {
     /// Start `nixspace translate` on `<tmp>/translator.sock` against this space (stderr to
     /// `translator.log`) and wait for its socket. Returns the socket path.
     pub fn translator(&mut self) -> PathBuf {
-        let socket = self.tmp.path().join("translator.sock");
+        self.translator_with("translator", "")
+    }
+
+    /// Start `nixspace translate` on `<tmp>/<name>.sock` (stderr to `<name>.log`) with the
+    /// test's nix.conf plus `extra_conf` (e.g. `trusted-users = nobody`) as its own
+    /// configuration. Returns the socket path.
+    pub fn translator_with(&mut self, name: &str, extra_conf: &str) -> PathBuf {
+        let socket = self.tmp.path().join(format!("{name}.sock"));
+        let conf = self.tmp.path().join(format!("{name}-conf"));
+        nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
+        let mut text = nixspace_test_support::NIX_CONF.to_owned();
+        text.push_str(extra_conf);
+        std::fs::write(conf.join("nix.conf"), text).expect("nix.conf");
         let child = self
             .command(&["translate", "--socket"])
             .arg(&socket)
             .arg("--dir")
             .arg(self.dir())
-            .stderr(Stdio::from(self.log_file("translator")))
+            .env("NIX_CONF_DIR", &conf)
+            .stderr(Stdio::from(self.log_file(name)))
             .spawn()
             .expect("spawn nixspace translate");
         self.children.push(child);
@@ -392,4 +415,44 @@ pub fn command_lines_with(needles: &[String]) -> Vec<String> {
         }
     }
     found
+}
+
+/// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Check that the builder runs logged in `runs` (one step name a line, appended by each
+/// builder) are `expected` many, all of different steps.
+pub fn assert_each_step_built_once(runs: &Path, expected: usize) {
+    let log = std::fs::read_to_string(runs).expect("runs file");
+    let mut names: Vec<&str> = log.lines().collect();
+    assert_eq!(names.len(), expected, "builder runs:\n{log}");
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), expected, "a step was built twice:\n{log}");
+}
+
+/// Nix bindings (for a `let`) of a fresh `nonce` and `step = name: deps: derivation …`: a
+/// trivial step whose builder appends its name to `runs` (outside the store, so tests can
+/// count builder runs), runs the shell code `extra` (which may use `${name}`), then writes
+/// its output.
+pub fn counted_step_bindings(runs: &Path, extra: &str) -> String {
+    format!(
+        r#"  nonce = "{nonce}";
+  step = name: deps: derivation {{
+    inherit name nonce deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{name}} >> {runs}; {extra} echo ${{name}} > $out" ];
+  }};
+"#,
+        nonce = nonce(),
+        runs = runs.display(),
+    )
 }

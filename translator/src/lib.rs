@@ -4,6 +4,8 @@
 //! - [`server`]: the socket server; per connection a handshake, then an op loop.
 //!   Store operations are proxied to an upstream `nix-daemon` ([`upstream`]), build operations
 //!   become demands in the dataspace ([`dataspace`]).
+//! - [`trust`]: who may connect and who is trusted (`allowed-users`, `trusted-users`).
+//! - [`relay`]: the shapes of proxied operations' uploads and replies.
 //! - [`realisation`]: the output realisations that build results carry.
 //! - [`steps`]: closure → steps → demands, and the outcome observers, shared with
 //!   `nixspace build`.
@@ -12,9 +14,12 @@
 
 pub mod dataspace;
 pub mod realisation;
+pub mod relay;
 pub mod server;
 pub mod steps;
+pub mod trust;
 pub mod upstream;
 
 pub use server::{serve, Config};
+pub use trust::TrustConfig;
 pub use upstream::UpstreamSpec;

@@ -8,29 +8,28 @@
 //! the upstream are relayed as they arrive. An operation that cannot be decoded gets an error
 //! frame and ends that connection only; the server keeps serving others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::framed::{self, FramedError, FramedSource};
-use nixspace_nix_protocol::handshake::{server_handshake, ServerHello};
-use nixspace_nix_protocol::nar_copy::{relay_nar, NarCopyError};
+use nixspace_nix_protocol::handshake::{server_greeting, server_handshake, ServerHello};
+use nixspace_nix_protocol::nar_copy::{copy_nar, relay_nar, NarCopyError};
 use nixspace_nix_protocol::stderr::{activity_type, result_type, send_error, send_log, Field};
-use nixspace_nix_protocol::version::{ADD_TO_STORE_NAR_FRAMED, QUERY_PATH_INFO_VALID_FLAG};
 use nixspace_nix_protocol::{
     BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError, DerivedPath, HandshakeError,
-    LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter, Opcode, PathInfo, Request,
-    StderrFrame, ValidPathInfo, WireError,
+    LogEvent, NixReader, NixSerialize, NixWriter, Request, StderrFrame, TrustedFlag, WireError,
 };
 use nixspace_space::Route;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::dataspace::DataspaceBuild;
+use crate::relay::{self, copy_reply, relay_logs, Upload};
 use crate::steps::{self, StepEvent};
+use crate::trust::{Peer, Refusal, SystemGroups, Trust, TrustConfig};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSpec};
 
 /// What the translator serves with.
@@ -46,6 +45,8 @@ pub struct Config {
     pub priority: i64,
     /// The store directory (`/nix/store` unless NIX_STORE_DIR says otherwise).
     pub store_dir: StoreDir,
+    /// Who may connect and who is trusted.
+    pub trust: TrustConfig,
 }
 
 /// Why a client connection ended abnormally.
@@ -77,7 +78,8 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
 }
 
-/// Accept clients on `listener` forever, one task each.
+/// Accept clients on `listener` forever, one task each. Each peer's credentials decide, as
+/// `config.trust` says, whether it may connect and whether it is trusted.
 pub async fn serve(listener: UnixListener, config: Arc<Config>) -> std::io::Result<()> {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     loop {
@@ -93,8 +95,8 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> std::io::Resu
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let config = Arc::clone(&config);
         tokio::spawn(async move {
-            tracing::debug!(client = id, "connected");
-            match handle(stream, &config, id).await {
+            let trust = admit(&stream, &config.trust, id).await;
+            match handle(stream, &config, id, trust).await {
                 Ok(()) => tracing::debug!(client = id, "disconnected"),
                 Err(e) => {
                     tracing::warn!(client = id, error = %display_chain(&e), "connection closed")
@@ -102,6 +104,46 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> std::io::Resu
             }
         });
     }
+}
+
+/// Decide about the peer of `stream` (the user and group lookups run off the async threads).
+async fn admit(stream: &UnixStream, trust: &TrustConfig, id: u64) -> Result<Trust, Refusal> {
+    let unknown = || Refusal {
+        user: "<unknown>".to_owned(),
+    };
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(client = id, error = %e, "cannot read the peer's credentials");
+            return Err(unknown());
+        }
+    };
+    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
+    let trust = trust.clone();
+    let decided = tokio::task::spawn_blocking(move || {
+        let peer = Peer::lookup(uid, gid, pid);
+        let decision = trust.decide(&peer, &SystemGroups);
+        (peer, decision)
+    })
+    .await;
+    let Ok((peer, decision)) = decided else {
+        tracing::warn!(client = id, uid, "looking up the peer's user failed");
+        return Err(unknown());
+    };
+    let pid = peer
+        .pid
+        .map_or_else(|| "<unknown>".to_owned(), |p| p.to_string());
+    match &decision {
+        Ok(t) => tracing::info!(
+            client = id,
+            %pid,
+            user = %peer.user,
+            trusted = (*t == Trust::Trusted),
+            "accepted connection"
+        ),
+        Err(e) => tracing::warn!(client = id, %pid, error = %e, "refused connection"),
+    }
+    decision
 }
 
 fn display_chain(e: &dyn std::error::Error) -> String {
@@ -126,27 +168,56 @@ struct Conn<'a> {
     up: Upstream,
     /// A second handle on the client socket, to notice it closing during a build.
     watch: UnixStream,
-    /// The client's last `SetOptions`.
+    /// The client's last `SetOptions` (as passed upstream).
     settings: ClientSettings,
+    /// How much the client is trusted.
+    trust: Trust,
 }
 
-async fn handle(stream: UnixStream, config: &Config, id: u64) -> Result<(), ConnError> {
+/// The Nix version string announced to a client that is refused before an upstream exists.
+const OWN_VERSION: &str = concat!("nixspace ", env!("CARGO_PKG_VERSION"));
+
+async fn handle(
+    stream: UnixStream,
+    config: &Config,
+    id: u64,
+    trust: Result<Trust, Refusal>,
+) -> Result<(), ConnError> {
     let std_stream = stream.into_std()?;
     let watch = UnixStream::from_std(std_stream.try_clone()?)?;
     let stream = UnixStream::from_std(std_stream)?;
     let (r, w) = stream.into_split();
     let ours = nixspace_nix_protocol::version::MAX_SUPPORTED;
-    let mut up = Upstream::connect(&config.upstream, ours, &config.store_dir).await?;
     let mut cr = NixReader::new(r, ours).with_store_dir(config.store_dir.clone());
     let mut cw = NixWriter::new(w, ours).with_store_dir(config.store_dir.clone());
+    let trust = match trust {
+        Ok(t) => t,
+        Err(refusal) => {
+            // Like nix-daemon, but the client learns why: the handshake ends in an error.
+            let hello = ServerHello {
+                version: ours,
+                nix_version: OWN_VERSION.to_owned(),
+                trusted: Some(TrustedFlag::NotTrusted),
+                features: BTreeSet::new(),
+            };
+            server_greeting(&mut cr, &mut cw, &hello).await?;
+            send_error(&mut cw, &DaemonError::new(refusal.to_string())).await?;
+            return Ok(());
+        }
+    };
+    let mut up = Upstream::connect(&config.upstream, ours, &config.store_dir).await?;
     let hello = ServerHello {
         version: up.info.version,
         nix_version: up
             .info
             .daemon_nix_version
             .clone()
-            .unwrap_or_else(|| "nixspace".to_owned()),
-        trusted: up.info.trusted,
+            .unwrap_or_else(|| OWN_VERSION.to_owned()),
+        // Like nix-daemon: trusted only if the upstream trusts us too.
+        trusted: match trust {
+            Trust::Trusted => up.info.trusted,
+            Trust::Untrusted => Some(TrustedFlag::NotTrusted),
+        },
         features: up.info.features.clone(),
     };
     let info = server_handshake(&mut cr, &mut cw, &hello).await?;
@@ -162,6 +233,7 @@ async fn handle(stream: UnixStream, config: &Config, id: u64) -> Result<(), Conn
         up,
         watch,
         settings: ClientSettings::default(),
+        trust,
     };
     conn.op_loop().await
 }
@@ -170,6 +242,38 @@ fn not_supported(what: &str) -> DaemonError {
     DaemonError::new(format!(
         "operation {what} is not supported by nixspace translator"
     ))
+}
+
+/// Why `nix-daemon` refuses `req` from an untrusted client, if it does.
+fn refused_when_untrusted(req: &Request) -> Option<&'static str> {
+    match req {
+        Request::VerifyStore { repair: true, .. } => Some("you are not privileged to repair paths"),
+        Request::AddPermRoot { .. } => Some("you are not privileged to create perm roots"),
+        Request::AddBuildLog(_) => Some("you are not privileged to add logs"),
+        _ => None,
+    }
+}
+
+/// `req` as an untrusted client may send it upstream: signature checks are never skipped and
+/// no path is claimed as built locally (`ultimate`).
+fn restricted(req: Request) -> Request {
+    match req {
+        Request::AddToStoreNar {
+            mut info, repair, ..
+        } => {
+            info.info.ultimate = false;
+            Request::AddToStoreNar {
+                info,
+                repair,
+                dont_check_sigs: false,
+            }
+        }
+        Request::AddMultipleToStore { repair, .. } => Request::AddMultipleToStore {
+            repair,
+            dont_check_sigs: false,
+        },
+        other => other,
+    }
 }
 
 impl Conn<'_> {
@@ -204,16 +308,91 @@ impl Conn<'_> {
                     self.build_paths(paths, mode, true).await?
                 }
                 Request::BuildDerivation { drv_path, mode, .. } => {
+                    // The stored derivation is built, never the client's inline copy, so an
+                    // untrusted client can build nothing it could not build with BuildPaths.
                     self.build_derivation(drv_path, mode).await?
                 }
-                Request::SetOptions(settings) => {
-                    tracing::debug!(client = self.id, ?settings, "client settings");
-                    self.settings = settings.clone();
-                    self.proxy(Request::SetOptions(settings)).await?
-                }
+                Request::SetOptions(settings) => self.set_options(settings).await?,
+                Request::EnsurePath(path) => self.ensure_path(path).await?,
+                other if self.trust == Trust::Untrusted => match refused_when_untrusted(&other) {
+                    Some(why) => self.refuse(&other, why).await?,
+                    None => self.proxy(restricted(other)).await?,
+                },
                 other => self.proxy(other).await?,
             }
         }
+    }
+
+    /// Answer `req` with an error, first consuming whatever data follows it.
+    async fn refuse(&mut self, req: &Request, why: &str) -> Result<(), ConnError> {
+        tracing::info!(client = self.id, op = ?req.opcode(), why, "refused an operation");
+        match relay::upload_of(req, self.cr.version()) {
+            Some(Upload::Framed) => {
+                FramedSource::new(&mut self.cr).drain().await?;
+            }
+            Some(Upload::Nar) => {
+                copy_nar(&mut self.cr, &mut tokio::io::sink()).await?;
+            }
+            // Nothing is pulled from a client that is refused at once.
+            Some(Upload::Pulled) | None => {}
+        }
+        send_error(&mut self.cw, &DaemonError::new(why)).await?;
+        Ok(())
+    }
+
+    /// `SetOptions`: an untrusted client's restricted settings are withheld from the
+    /// upstream, with a warning each, as `nix-daemon` does.
+    async fn set_options(&mut self, mut settings: ClientSettings) -> Result<(), ConnError> {
+        tracing::debug!(client = self.id, ?settings, "client settings");
+        if self.trust == Trust::Untrusted {
+            let (kept, warnings) = self.config.trust.filter_overrides(&settings.overrides);
+            for w in warnings {
+                tracing::debug!(client = self.id, "{w}");
+                self.log(format!("warning: {w}\n")).await?;
+            }
+            settings.overrides = kept;
+        }
+        self.settings = settings.clone();
+        self.proxy(Request::SetOptions(settings)).await
+    }
+
+    /// `EnsurePath`: a missing output of a derivation in the store is built on the dataspace
+    /// (like `BuildPaths`); anything else (valid, or only substitutable) is the upstream's.
+    async fn ensure_path(&mut self, path: StorePath) -> Result<(), ConnError> {
+        let valid = match self
+            .call(&Request::IsValidPath(path.clone()), false)
+            .await?
+        {
+            Ok(()) => self.up.reader.read_bool("IsValidPath reply").await?,
+            Err(e) => return Ok(send_error(&mut self.cw, &e).await?),
+        };
+        let derivers = if valid {
+            BTreeSet::new()
+        } else {
+            match self
+                .call(&Request::QueryValidDerivers(path.clone()), false)
+                .await?
+            {
+                Ok(()) => self.up.reader.read_store_path_set("derivers").await?,
+                Err(e) => return Ok(send_error(&mut self.cw, &e).await?),
+            }
+        };
+        let Some(drv) = derivers.first() else {
+            return self.proxy(Request::EnsurePath(path)).await;
+        };
+        let drv = self.config.store_dir.print(drv);
+        tracing::info!(client = self.id, path = %path, %drv, "EnsurePath builds a derivation output");
+        let failure = match self.build_on_dataspace(std::slice::from_ref(&drv)).await? {
+            Ok(report) => report.error_message().map(DaemonError::new),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            return Ok(send_error(&mut self.cw, &e).await?);
+        }
+        StderrFrame::Last.write_to(&mut self.cw).await?;
+        self.cw.write_u64(1, "EnsurePath reply").await?;
+        self.cw.flush().await?;
+        Ok(())
     }
 
     /// Send `req` upstream and relay its log frames until `LAST` or `ERROR`, which are
@@ -225,10 +404,6 @@ impl Conn<'_> {
     ) -> Result<Result<(), DaemonError>, ConnError> {
         req.write(&mut self.up.writer).await?;
         self.up.writer.flush().await?;
-        self.relay_logs(pull).await
-    }
-
-    async fn relay_logs(&mut self, pull: bool) -> Result<Result<(), DaemonError>, ConnError> {
         let pull = if pull {
             Some((&mut self.cr, &mut self.up.writer))
         } else {
@@ -237,178 +412,54 @@ impl Conn<'_> {
         relay_logs(&mut self.up.reader, &mut self.cw, pull).await
     }
 
-    /// Proxy a store operation: request, any data stream, log frames, reply.
+    /// Proxy a store operation: request, any data that follows it, log frames, reply.
     async fn proxy(&mut self, req: Request) -> Result<(), ConnError> {
-        let op = req.opcode();
-        let framed = match &req {
-            Request::AddToStore { .. } | Request::AddMultipleToStore { .. } => true,
-            Request::AddToStoreNar { .. } => self.cr.version() >= ADD_TO_STORE_NAR_FRAMED,
-            _ => false,
-        };
-        let outcome = if framed {
-            req.write(&mut self.up.writer).await?;
-            self.up.writer.flush().await?;
-            // The daemon may log while it reads: relay both directions at once.
-            let copy = async {
-                let mut source = FramedSource::new(&mut self.cr);
-                let res = framed::write_framed(&mut self.up.writer, &mut source).await;
-                res.map(|_| ())
-            };
-            let logs = relay_logs(
-                &mut self.up.reader,
+        let Some(reply) = relay::reply_of(&req) else {
+            let op = req.opcode();
+            send_error(
                 &mut self.cw,
-                None::<(&mut ClientReader, &mut ClientWriter)>,
-            );
-            let (copied, outcome) = tokio::join!(copy, logs);
-            copied?;
-            outcome?
-        } else {
-            self.call(&req, matches!(req, Request::AddToStoreNar { .. }))
-                .await?
+                &not_supported(&format!("{op:?} ({})", op as u64)),
+            )
+            .await?;
+            return Ok(());
+        };
+        let outcome = match relay::upload_of(&req, self.cr.version()) {
+            None => self.call(&req, false).await?,
+            Some(Upload::Pulled) => self.call(&req, true).await?,
+            Some(kind) => {
+                req.write(&mut self.up.writer).await?;
+                self.up.writer.flush().await?;
+                // The daemon may log while it reads: relay both directions at once.
+                let (cr, uw) = (&mut self.cr, &mut self.up.writer);
+                let copy = async move {
+                    if kind == Upload::Nar {
+                        relay_nar(cr, uw).await.map(|_| ())?;
+                    } else {
+                        let mut source = FramedSource::new(cr);
+                        framed::write_framed(uw, &mut source).await?;
+                    }
+                    Ok::<(), ConnError>(())
+                };
+                let logs = relay_logs(
+                    &mut self.up.reader,
+                    &mut self.cw,
+                    None::<(&mut ClientReader, &mut ClientWriter)>,
+                );
+                let (copied, outcome) = tokio::join!(copy, logs);
+                copied?;
+                outcome?
+            }
         };
         if let Err(e) = outcome {
             send_error(&mut self.cw, &e).await?;
             return Ok(());
         }
         StderrFrame::Last.write_to(&mut self.cw).await?;
-        let (r, w) = (&mut self.up.reader, &mut self.cw);
-        match op {
-            Opcode::SetOptions | Opcode::AddToStoreNar | Opcode::AddMultipleToStore => {}
-            Opcode::IsValidPath
-            | Opcode::AddTempRoot
-            | Opcode::AddIndirectRoot
-            | Opcode::EnsurePath
-            | Opcode::SyncWithGC
-            | Opcode::OptimiseStore
-            | Opcode::VerifyStore
-            | Opcode::AddSignatures
-            | Opcode::BuildPaths => copy_u64(r, w).await?,
-            Opcode::AddTextToStore | Opcode::QueryPathFromHashPart | Opcode::AddPermRoot => {
-                copy_bytes(r, w).await?
-            }
-            Opcode::QueryValidPaths
-            | Opcode::QueryReferrers
-            | Opcode::QueryValidDerivers
-            | Opcode::QuerySubstitutablePaths
-            | Opcode::QueryAllValidPaths
-            | Opcode::QueryRealisation => copy_list(r, w).await?,
-            Opcode::QueryDerivationOutputMap | Opcode::FindRoots => copy_pairs(r, w).await?,
-            Opcode::QueryMissing => {
-                for _ in 0..3 {
-                    copy_list(r, w).await?;
-                }
-                copy_u64(r, w).await?;
-                copy_u64(r, w).await?;
-            }
-            Opcode::QueryPathInfo => {
-                let valid = if r.version() >= QUERY_PATH_INFO_VALID_FLAG {
-                    let valid = r.read_bool("QueryPathInfo valid").await?;
-                    w.write_bool(valid, "QueryPathInfo valid").await?;
-                    valid
-                } else {
-                    true
-                };
-                if valid {
-                    let info = PathInfo::read_from(r).await?;
-                    info.write_to(w).await?;
-                }
-            }
-            Opcode::AddToStore => {
-                let info = ValidPathInfo::read_from(r).await?;
-                info.write_to(w).await?;
-            }
-            Opcode::NarFromPath => {
-                relay_nar(r, w).await?;
-            }
-            other => {
-                // Every request this crate decodes has a reply shape above.
-                return Err(ConnError::Unsupported(format!("{other:?} reply")));
-            }
-        }
+        let censor = self.trust == Trust::Untrusted;
+        copy_reply(reply, &mut self.up.reader, &mut self.cw, censor).await?;
         self.cw.flush().await?;
         Ok(())
     }
-}
-
-/// Relay log frames from the upstream to the client until `LAST` or `ERROR` (returned, not
-/// relayed). `STDERR_READ` is passed to the client and its answer back upstream when `pull`
-/// holds the client's reader and the upstream's writer.
-async fn relay_logs<R, W, CR, UW>(
-    up: &mut NixReader<R>,
-    client: &mut NixWriter<W>,
-    mut pull: Option<(&mut NixReader<CR>, &mut NixWriter<UW>)>,
-) -> Result<Result<(), DaemonError>, ConnError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-    CR: AsyncRead + Unpin + Send,
-    UW: AsyncWrite + Unpin + Send,
-{
-    loop {
-        match StderrFrame::read_from(up).await? {
-            StderrFrame::Last => return Ok(Ok(())),
-            StderrFrame::Error(e) => return Ok(Err(e)),
-            StderrFrame::Read(n) => {
-                let Some((cr, uw)) = pull.as_mut() else {
-                    return Err(WireError::UnexpectedStderrFrame { tag: "STDERR_READ" }.into());
-                };
-                StderrFrame::Read(n).write_to(client).await?;
-                client.flush().await?;
-                let data = cr.read_bytes("STDERR_READ answer").await?;
-                uw.write_bytes(&data, "STDERR_READ answer").await?;
-                uw.flush().await?;
-            }
-            frame => {
-                frame.write_to(client).await?;
-                client.flush().await?;
-            }
-        }
-    }
-}
-
-async fn copy_u64<R, W>(r: &mut NixReader<R>, w: &mut NixWriter<W>) -> Result<(), WireError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let v = r.read_u64("reply").await?;
-    w.write_u64(v, "reply").await
-}
-
-async fn copy_bytes<R, W>(r: &mut NixReader<R>, w: &mut NixWriter<W>) -> Result<(), WireError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let v = r.read_bytes("reply").await?;
-    w.write_bytes(&v, "reply").await
-}
-
-async fn copy_list<R, W>(r: &mut NixReader<R>, w: &mut NixWriter<W>) -> Result<(), WireError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let n = r.read_count("reply list").await?;
-    w.write_u64(n, "reply list").await?;
-    for _ in 0..n {
-        copy_bytes(r, w).await?;
-    }
-    Ok(())
-}
-
-async fn copy_pairs<R, W>(r: &mut NixReader<R>, w: &mut NixWriter<W>) -> Result<(), WireError>
-where
-    R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
-{
-    let n = r.read_count("reply map").await?;
-    w.write_u64(n, "reply map").await?;
-    for _ in 0..n {
-        copy_bytes(r, w).await?;
-        copy_bytes(r, w).await?;
-    }
-    Ok(())
 }
 
 /// How one demanded step ended.
@@ -422,8 +473,33 @@ enum Outcome {
 #[derive(Debug, Default)]
 struct Report {
     outcomes: BTreeMap<String, Outcome>,
+    /// The last [`LOG_TAIL`] log lines of each step's latest attempt.
+    tails: BTreeMap<String, VecDeque<String>>,
     start: u64,
     stop: u64,
+}
+
+/// How many log lines of a failed step the error repeats (Nix's default `log-lines`).
+const LOG_TAIL: usize = 10;
+
+/// How a failed step is described to the client: in Nix's own words when the worker relays
+/// them (so the client shows the error line it would show with nix-daemon, and the log's
+/// tail), else which worker failed and why.
+fn describe(drv: &str, worker: &str, reason: &str, tail: Option<&VecDeque<String>>) -> String {
+    if reason.starts_with(&format!("builder for '{drv}'")) {
+        let mut msg = reason.trim_end_matches(';').to_owned();
+        if let Some(tail) = tail.filter(|t| !t.is_empty()) {
+            msg.push_str(&format!(";\nlast {} log lines:", tail.len()));
+            for line in tail {
+                msg.push_str(&format!("\n> {line}"));
+            }
+        }
+        msg
+    } else if worker.is_empty() {
+        format!("build of '{drv}' failed: {reason}")
+    } else {
+        format!("build of '{drv}' failed on worker {worker}: {reason}")
+    }
 }
 
 impl Report {
@@ -444,16 +520,24 @@ impl Report {
     fn error_message(&self) -> Option<String> {
         let failures = self.failures();
         let (drv, worker, reason) = failures.first()?;
-        let at = if worker.is_empty() {
-            String::new()
-        } else {
-            format!(" on worker {worker}")
-        };
-        let more = match failures.len() {
-            1 => String::new(),
-            n => format!(" ({} more step(s) failed)", n - 1),
-        };
-        Some(format!("build of '{drv}' failed{at}: {reason}{more}"))
+        let mut msg = describe(drv, worker, reason, self.tails.get(*drv));
+        if failures.len() > 1 {
+            let sep = if msg.contains('\n') { '\n' } else { ' ' };
+            msg.push_str(&format!(
+                "{sep}({} more step(s) failed)",
+                failures.len() - 1
+            ));
+        }
+        Some(msg)
+    }
+
+    /// Remember a log line of `drv`'s build.
+    fn log_line(&mut self, drv: &str, line: &str) {
+        let tail = self.tails.entry(drv.to_owned()).or_default();
+        if tail.len() == LOG_TAIL {
+            tail.pop_front();
+        }
+        tail.push_back(line.to_owned());
     }
 
     /// The result for one root.
@@ -468,11 +552,7 @@ impl Report {
                     BuildStatus::PermanentFailure
                 };
                 let mut r = BuildResult::new(status);
-                r.error_msg = if worker.is_empty() {
-                    format!("build of '{drv}' failed: {reason}")
-                } else {
-                    format!("build of '{drv}' failed on worker {worker}: {reason}")
-                };
+                r.error_msg = describe(drv, worker, reason, self.tails.get(drv));
                 r
             }
         };
@@ -739,6 +819,7 @@ impl Conn<'_> {
                     };
                     match ev {
                         StepEvent::Log { drv, line, .. } if wanted.contains(&drv) => {
+                            report.log_line(&drv, &line);
                             if self.wants_build_logs() {
                                 self.log(format!("{line}\n")).await?;
                             } else {
@@ -758,6 +839,8 @@ impl Conn<'_> {
                         StepEvent::Assigned { drv, worker }
                             if wanted.contains(&drv) && !report.outcomes.contains_key(&drv) =>
                         {
+                            // A new attempt: its log is the one that counts.
+                            report.tails.remove(&drv);
                             self.start_activity(&mut activities, &drv, &worker).await?;
                         }
                         StepEvent::Built { drv, .. } if wanted.contains(&drv) => {
@@ -869,6 +952,89 @@ mod tests {
             report.result_for("/nix/store/c-other.drv").status,
             BuildStatus::AlreadyValid
         );
+    }
+
+    #[test]
+    fn nix_builder_failures_keep_nix_words_and_the_log_tail() {
+        let drv = "/nix/store/b-base.drv";
+        let mut report = Report::default();
+        report.outcomes.insert(
+            drv.into(),
+            Outcome::Failed {
+                worker: "w1".into(),
+                reason: format!("builder for '{drv}' failed with exit code 3;"),
+            },
+        );
+        for i in 0..12 {
+            report.log_line(drv, &format!("line {i}"));
+        }
+        let msg = report.error_message().unwrap();
+        let mut lines = msg.lines();
+        assert_eq!(
+            lines.next(),
+            Some("builder for '/nix/store/b-base.drv' failed with exit code 3;")
+        );
+        assert_eq!(lines.next(), Some("last 10 log lines:"));
+        assert_eq!(lines.next(), Some("> line 2"));
+        assert_eq!(lines.last(), Some("> line 11"));
+        assert_eq!(report.result_for(drv).error_msg, msg);
+    }
+
+    #[test]
+    fn untrusted_clients_never_skip_signature_checks() {
+        assert_eq!(
+            restricted(Request::AddMultipleToStore {
+                repair: true,
+                dont_check_sigs: true,
+            }),
+            Request::AddMultipleToStore {
+                repair: true,
+                dont_check_sigs: false,
+            }
+        );
+        let path = StorePath::from_base_name("7rjj86a15146cq4nsd2q3v4n7ks1hkgn-a").unwrap();
+        let info = nixspace_nix_protocol::ValidPathInfo {
+            path: path.clone(),
+            info: nixspace_nix_protocol::PathInfo {
+                deriver: None,
+                nar_hash: nixspace_nix_formats::hash::Hash::digest(
+                    nixspace_nix_formats::hash::HashAlgo::Sha256,
+                    b"nar",
+                ),
+                references: BTreeSet::new(),
+                registration_time: 0,
+                nar_size: 3,
+                ultimate: true,
+                sigs: BTreeSet::new(),
+                ca: None,
+            },
+        };
+        let Request::AddToStoreNar {
+            info,
+            dont_check_sigs,
+            ..
+        } = restricted(Request::AddToStoreNar {
+            info,
+            repair: false,
+            dont_check_sigs: true,
+        })
+        else {
+            panic!("not an AddToStoreNar");
+        };
+        assert!(!dont_check_sigs);
+        assert!(!info.info.ultimate);
+        assert_eq!(
+            refused_when_untrusted(&Request::AddBuildLog(path.clone())),
+            Some("you are not privileged to add logs")
+        );
+        assert_eq!(
+            refused_when_untrusted(&Request::VerifyStore {
+                check_contents: true,
+                repair: false,
+            }),
+            None
+        );
+        assert_eq!(refused_when_untrusted(&Request::IsValidPath(path)), None);
     }
 
     #[test]

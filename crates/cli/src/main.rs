@@ -42,6 +42,7 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     Demo(commands::demo::DemoArgs),
     Translate(commands::translate::TranslateArgs),
+    Daemon(commands::daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +59,12 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
+    }
+    if matches!(cli.command, Command::Daemon(_)) {
+        // Everything this daemon runs (nix-store, nix-instantiate, nix-daemon --stdio) must
+        // use the local store, never a daemon socket (which could be this one), as Nix's own
+        // daemon does. Set before any thread exists.
+        std::env::set_var("NIX_REMOTE", "local");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Demo(a) => commands::demo::run(a).await,
             Command::Translate(a) => commands::translate::run(a).await,
+            Command::Daemon(a) => commands::daemon::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

@@ -181,6 +181,24 @@ where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
 {
+    let info = server_greeting(r, w, hello).await?;
+    stderr::write_last(w).await?;
+    w.flush().await?;
+    Ok(info)
+}
+
+/// Runs the server side of the handshake up to, not including, the final stderr frame, so
+/// that the server can still refuse the client with an error frame
+/// ([`stderr::send_error`]) instead of accepting it with `STDERR_LAST`.
+pub async fn server_greeting<R, W>(
+    r: &mut NixReader<R>,
+    w: &mut NixWriter<W>,
+    hello: &ServerHello,
+) -> Result<HandshakeInfo, HandshakeError>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
     let magic = r.read_u64("client magic").await?;
     if magic != WORKER_MAGIC_1 {
         return Err(HandshakeError::BadMagic {
@@ -222,8 +240,6 @@ where
         };
         w.write_u64(flag, "trusted flag").await?;
     }
-    stderr::write_last(w).await?;
-    w.flush().await?;
     Ok(HandshakeInfo {
         version,
         peer_version,
@@ -285,6 +301,42 @@ mod tests {
         let (c, _) = pair(MIN_SUPPORTED, MAX_SUPPORTED).await;
         assert_eq!(c.version, MIN_SUPPORTED);
         assert_eq!(c.daemon_nix_version, None);
+    }
+
+    #[tokio::test]
+    async fn a_server_can_refuse_after_the_greeting() {
+        let (c, s) = tokio::io::duplex(4096);
+        let (cr, cw) = tokio::io::split(c);
+        let (sr, sw) = tokio::io::split(s);
+        let hello = ServerHello {
+            version: MAX_SUPPORTED,
+            nix_version: "nixspace".into(),
+            trusted: Some(TrustedFlag::NotTrusted),
+            features: BTreeSet::new(),
+        };
+        let server = tokio::spawn(async move {
+            let mut r = NixReader::new(sr, MIN_SUPPORTED);
+            let mut w = NixWriter::new(sw, MIN_SUPPORTED);
+            server_greeting(&mut r, &mut w, &hello).await.unwrap();
+            stderr::send_error(&mut w, &DaemonError::new("go away"))
+                .await
+                .unwrap();
+        });
+        let mut r = NixReader::new(cr, MIN_SUPPORTED);
+        let mut w = NixWriter::new(cw, MIN_SUPPORTED);
+        let refused = client_handshake(
+            &mut r,
+            &mut w,
+            MAX_SUPPORTED,
+            &BTreeSet::new(),
+            &mut DiscardLogs,
+        )
+        .await;
+        server.await.unwrap();
+        match refused {
+            Err(HandshakeError::Refused(e)) => assert_eq!(e.message, "go away"),
+            other => panic!("not refused: {other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -7,15 +7,15 @@
 //! follows a request body (the NAR of `AddToStoreNar`, the framed stream of
 //! `AddMultipleToStore`) is not part of the request: see [`crate::framed`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use nixspace_nix_formats::store_path::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::types::{BasicDerivation, BuildMode, ClientSettings, DerivedPath, ValidPathInfo};
 use crate::version::{
-    ProtocolVersion, ADD_MULTIPLE_TO_STORE, ADD_TO_STORE_FRAMED, BUILD_PATHS_WITH_RESULTS,
-    QUERY_VALID_PATHS_SUBSTITUTE,
+    ProtocolVersion, ADD_BUILD_LOG, ADD_MULTIPLE_TO_STORE, ADD_TO_STORE_FRAMED,
+    BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE, SUBSTITUTABLE_INFOS_CA,
 };
 use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
 
@@ -267,6 +267,35 @@ pub enum Request {
     },
     /// `QueryRealisation`: a `DrvOutput` id (`sha256:<hex>!<output>`).
     QueryRealisation(String),
+    /// `AddToStore` in its pre-1.25 form; a NAR follows, unframed.
+    AddToStoreLegacy {
+        /// The name of the new path.
+        name: String,
+        /// Obsolete: false makes the daemon hash recursively with SHA-256 whatever follows.
+        fixed: bool,
+        /// Hash the NAR (true) or the single regular file inside it (false).
+        recursive: bool,
+        /// The hash algorithm (`sha256`…).
+        hash_algo: String,
+    },
+    /// `QuerySubstitutablePathInfo`: what a substituter knows about one path.
+    QuerySubstitutablePathInfo(StorePath),
+    /// `QuerySubstitutablePathInfos`: paths with their content addresses (sent from 1.22;
+    /// before that only the paths travel and every address reads as `None`).
+    QuerySubstitutablePathInfos(BTreeMap<StorePath, Option<String>>),
+    /// `CollectGarbage`.
+    CollectGarbage {
+        /// Nix's `GCAction`: 0 return live, 1 return dead, 2 delete dead, 3 delete specific.
+        action: u64,
+        /// The paths for action 3.
+        paths_to_delete: BTreeSet<StorePath>,
+        /// Ignore liveness (Nix always refuses this over the daemon protocol).
+        ignore_liveness: bool,
+        /// Stop after freeing this many bytes (0: no limit).
+        max_freed: u64,
+    },
+    /// `AddBuildLog` (1.32): the log of a derivation follows as a framed stream.
+    AddBuildLog(StorePath),
 }
 
 fn require(
@@ -336,6 +365,11 @@ impl Request {
             Request::VerifyStore { .. } => Opcode::VerifyStore,
             Request::AddSignatures { .. } => Opcode::AddSignatures,
             Request::QueryRealisation(_) => Opcode::QueryRealisation,
+            Request::AddToStoreLegacy { .. } => Opcode::AddToStore,
+            Request::QuerySubstitutablePathInfo(_) => Opcode::QuerySubstitutablePathInfo,
+            Request::QuerySubstitutablePathInfos(_) => Opcode::QuerySubstitutablePathInfos,
+            Request::CollectGarbage { .. } => Opcode::CollectGarbage,
+            Request::AddBuildLog(_) => Opcode::AddBuildLog,
         }
     }
 
@@ -395,14 +429,60 @@ impl Request {
             Opcode::EnsurePath => Request::EnsurePath(r.read_store_path("path").await?),
             Opcode::AddTempRoot => Request::AddTempRoot(r.read_store_path("path").await?),
             Opcode::QueryAllValidPaths => Request::QueryAllValidPaths,
-            Opcode::AddToStore => {
-                require(v, ADD_TO_STORE_FRAMED, "AddToStore")?;
-                Request::AddToStore {
-                    name: r.read_string("name").await?,
-                    cam_str: r.read_string("camStr").await?,
-                    references: r.read_store_path_set("references").await?,
-                    repair: r.read_bool("repair").await?,
+            Opcode::AddToStore if v >= ADD_TO_STORE_FRAMED => Request::AddToStore {
+                name: r.read_string("name").await?,
+                cam_str: r.read_string("camStr").await?,
+                references: r.read_store_path_set("references").await?,
+                repair: r.read_bool("repair").await?,
+            },
+            Opcode::AddToStore => Request::AddToStoreLegacy {
+                name: r.read_string("baseName").await?,
+                fixed: r.read_bool("fixed").await?,
+                recursive: r.read_bool("recursive").await?,
+                hash_algo: r.read_string("hashAlgo").await?,
+            },
+            Opcode::QuerySubstitutablePathInfo => {
+                Request::QuerySubstitutablePathInfo(r.read_store_path("path").await?)
+            }
+            Opcode::QuerySubstitutablePathInfos if v >= SUBSTITUTABLE_INFOS_CA => {
+                let n = r.read_count("paths").await?;
+                let mut paths = BTreeMap::new();
+                for _ in 0..n {
+                    let path = r.read_store_path("path").await?;
+                    let ca = r.read_string("ca").await?;
+                    paths.insert(path, Some(ca).filter(|c| !c.is_empty()));
                 }
+                Request::QuerySubstitutablePathInfos(paths)
+            }
+            Opcode::QuerySubstitutablePathInfos => Request::QuerySubstitutablePathInfos(
+                r.read_store_path_set("paths")
+                    .await?
+                    .into_iter()
+                    .map(|p| (p, None))
+                    .collect(),
+            ),
+            Opcode::CollectGarbage => {
+                let req = Request::CollectGarbage {
+                    action: r.read_u64("action").await?,
+                    paths_to_delete: r.read_store_path_set("pathsToDelete").await?,
+                    ignore_liveness: r.read_bool("ignoreLiveness").await?,
+                    max_freed: r.read_u64("maxFreed").await?,
+                };
+                for _ in 0..3 {
+                    r.read_u64("obsolete GC field").await?;
+                }
+                req
+            }
+            Opcode::AddBuildLog => {
+                require(v, ADD_BUILD_LOG, "AddBuildLog")?;
+                // The base name, without the store directory.
+                let name = r.read_string("drvPath").await?;
+                let path =
+                    StorePath::from_base_name(&name).map_err(|source| WireError::StorePath {
+                        what: "drvPath",
+                        source,
+                    })?;
+                Request::AddBuildLog(path)
             }
             Opcode::AddTextToStore => Request::AddTextToStore {
                 suffix: r.read_string("suffix").await?,
@@ -458,6 +538,13 @@ impl Request {
                 require(v, BUILD_PATHS_WITH_RESULTS, "BuildPathsWithResults")?
             }
             Request::AddToStore { .. } => require(v, ADD_TO_STORE_FRAMED, "AddToStore")?,
+            Request::AddToStoreLegacy { .. } if v >= ADD_TO_STORE_FRAMED => {
+                return Err(WireError::NotAtThisVersion {
+                    what: "AddToStore in its pre-1.25 form",
+                    version: v,
+                })
+            }
+            Request::AddBuildLog(_) => require(v, ADD_BUILD_LOG, "AddBuildLog")?,
             _ => {}
         }
         w.write_u64(self.opcode() as u64, "opcode").await?;
@@ -470,7 +557,8 @@ impl Request {
             | Request::AddTempRoot(p)
             | Request::QueryDerivationOutputMap(p)
             | Request::QueryReferrers(p)
-            | Request::QueryValidDerivers(p) => w.write_store_path(p, "path").await,
+            | Request::QueryValidDerivers(p)
+            | Request::QuerySubstitutablePathInfo(p) => w.write_store_path(p, "path").await,
             Request::QueryValidPaths { paths, substitute } => {
                 w.write_store_paths(paths, "paths").await?;
                 if v >= QUERY_VALID_PATHS_SUBSTITUTE {
@@ -552,6 +640,45 @@ impl Request {
                 w.write_store_path(path, "path").await?;
                 w.write_strings(sigs, "sigs").await
             }
+            Request::AddToStoreLegacy {
+                name,
+                fixed,
+                recursive,
+                hash_algo,
+            } => {
+                w.write_str(name, "baseName").await?;
+                w.write_bool(*fixed, "fixed").await?;
+                w.write_bool(*recursive, "recursive").await?;
+                w.write_str(hash_algo, "hashAlgo").await
+            }
+            Request::QuerySubstitutablePathInfos(paths) if v >= SUBSTITUTABLE_INFOS_CA => {
+                w.write_u64(paths.len() as u64, "paths").await?;
+                for (path, ca) in paths {
+                    w.write_store_path(path, "path").await?;
+                    w.write_str(ca.as_deref().unwrap_or(""), "ca").await?;
+                }
+                Ok(())
+            }
+            Request::QuerySubstitutablePathInfos(paths) => {
+                w.write_store_paths(paths.keys(), "paths").await
+            }
+            Request::CollectGarbage {
+                action,
+                paths_to_delete,
+                ignore_liveness,
+                max_freed,
+            } => {
+                w.write_u64(*action, "action").await?;
+                w.write_store_paths(paths_to_delete, "pathsToDelete")
+                    .await?;
+                w.write_bool(*ignore_liveness, "ignoreLiveness").await?;
+                w.write_u64(*max_freed, "maxFreed").await?;
+                for _ in 0..3 {
+                    w.write_u64(0, "obsolete GC field").await?;
+                }
+                Ok(())
+            }
+            Request::AddBuildLog(path) => w.write_str(&path.to_string(), "drvPath").await,
         }
     }
 }
@@ -583,11 +710,15 @@ mod round_trip {
     }
 
     async fn round_trip(req: Request) {
-        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        round_trip_at(req, NIX_2_8).await
+    }
+
+    async fn round_trip_at(req: Request, version: ProtocolVersion) {
+        let mut w = NixWriter::new(Vec::new(), version);
         req.write(&mut w).await.unwrap();
         w.write_u64(0xfeed, "sentinel").await.unwrap();
         w.flush().await.unwrap();
-        let mut r = NixReader::new(std::io::Cursor::new(w.into_inner()), NIX_2_8);
+        let mut r = NixReader::new(std::io::Cursor::new(w.into_inner()), version);
         let back = Request::read(&mut r).await.unwrap().unwrap();
         assert_eq!(back, req);
         // The body was consumed exactly.
@@ -638,9 +769,75 @@ mod round_trip {
                 sigs: vec!["k:sig".into()],
             },
             Request::QueryRealisation("sha256:00!out".into()),
+            Request::QuerySubstitutablePathInfo(path("a")),
+            Request::QuerySubstitutablePathInfos(
+                [
+                    (path("a"), None),
+                    (path("b"), Some("fixed:r:sha256:00".into())),
+                ]
+                .into(),
+            ),
+            Request::CollectGarbage {
+                action: 3,
+                paths_to_delete: refs.clone(),
+                ignore_liveness: false,
+                max_freed: 1 << 20,
+            },
+            Request::AddBuildLog(path("x.drv")),
         ] {
             round_trip(req).await;
         }
+    }
+
+    #[tokio::test]
+    async fn version_dependent_forms_round_trip() {
+        let old = ProtocolVersion::new(1, 21);
+        let legacy = Request::AddToStoreLegacy {
+            name: "x".into(),
+            fixed: true,
+            recursive: false,
+            hash_algo: "sha256".into(),
+        };
+        round_trip_at(legacy.clone(), old).await;
+        // At 1.21 substitutable infos travel without content addresses.
+        let infos = Request::QuerySubstitutablePathInfos([(path("a"), None)].into());
+        round_trip_at(infos, old).await;
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        assert!(matches!(
+            legacy.write(&mut w).await,
+            Err(WireError::NotAtThisVersion { .. })
+        ));
+        let mut w = NixWriter::new(Vec::new(), old);
+        assert!(matches!(
+            Request::AddBuildLog(path("x.drv")).write(&mut w).await,
+            Err(WireError::NotAtThisVersion { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn build_logs_name_a_base_name() {
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        Request::AddBuildLog(path("x.drv"))
+            .write(&mut w)
+            .await
+            .unwrap();
+        w.flush().await.unwrap();
+        let bytes = w.into_inner();
+        let name = "7rjj86a15146cq4nsd2q3v4n7ks1hkgn-x.drv";
+        assert_eq!(&bytes[8..16], &(name.len() as u64).to_le_bytes());
+        assert_eq!(&bytes[16..16 + name.len()], name.as_bytes());
+        // A full path is not a base name.
+        let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+        w.write_u64(Opcode::AddBuildLog as u64, "op").await.unwrap();
+        w.write_str(&format!("/nix/store/{name}"), "p")
+            .await
+            .unwrap();
+        w.flush().await.unwrap();
+        let mut r = NixReader::new(std::io::Cursor::new(w.into_inner()), NIX_2_8);
+        assert!(matches!(
+            Request::read(&mut r).await,
+            Err(WireError::StorePath { .. })
+        ));
     }
 
     #[tokio::test]

@@ -140,11 +140,16 @@ pub const BUILD_RESULT_TIMES: ProtocolVersion = ProtocolVersion::new(1, 29);
 /// Nix 2.4 (protocol 1.30): derived paths travel as `drv!out1,out2` / `drv!*` strings instead
 /// of the older `path!outs` form, and a bare `.drv` may be requested as an opaque path.
 pub const DERIVED_PATH_STRINGS: ProtocolVersion = ProtocolVersion::new(1, 30);
+/// Nix 2.0 (protocol 1.22): `QuerySubstitutablePathInfos` sends each path with its content
+/// address (a map) instead of a plain set.
+pub const SUBSTITUTABLE_INFOS_CA: ProtocolVersion = ProtocolVersion::new(1, 22);
 /// Nix 2.4 (development step 1.25): `AddToStore` takes a name, a content-address method,
 /// references and a framed dump.
 pub const ADD_TO_STORE_FRAMED: ProtocolVersion = ProtocolVersion::new(1, 25);
 /// Nix 2.4 (protocol 1.32): the `AddMultipleToStore` operation exists.
 pub const ADD_MULTIPLE_TO_STORE: ProtocolVersion = ProtocolVersion::new(1, 32);
+/// Nix 2.4 (protocol 1.32): the `AddBuildLog` operation exists.
+pub const ADD_BUILD_LOG: ProtocolVersion = ProtocolVersion::new(1, 32);
 /// Nix 2.7 (protocol 1.33): the daemon sends its Nix version string in the handshake.
 pub const DAEMON_NIX_VERSION: ProtocolVersion = ProtocolVersion::new(1, 33);
 /// Nix 2.8 (protocol 1.34): the `BuildPathsWithResults` operation exists.

@@ -67,10 +67,10 @@ async fn unknown_opcode_is_named() {
     let err = Request::read(&mut reader(u64s(&[9999]))).await.unwrap_err();
     assert!(err.to_string().contains("9999"));
     // A known but unmodelled operation is refused by name.
-    let err = Request::read(&mut reader(u64s(&[20]))).await.unwrap_err();
+    let err = Request::read(&mut reader(u64s(&[24]))).await.unwrap_err();
     assert_eq!(
         err.to_string(),
-        "operation CollectGarbage is not supported by nixspace"
+        "operation QueryFailedPaths is not supported by nixspace"
     );
     // Clean EOF at an op boundary is "client left", not an error.
     assert_eq!(Request::read(&mut reader(vec![])).await.unwrap(), None);

@@ -332,6 +332,16 @@ pub struct PlannerConfig {
     pub steal: StealPolicy,
 }
 
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            max_attempts: crate::DEFAULT_MAX_ATTEMPTS,
+            retry_backoff: crate::DEFAULT_RETRY_BACKOFF,
+            steal: StealPolicy::default(),
+        }
+    }
+}
+
 /// Start the planner as its own actor on `ds`, scheduling by `config`. The
 /// planner keeps `metrics` up to date and records changes in `history`.
 pub fn start(

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_dispatch;
 pub mod build;
+pub mod daemon;
 pub mod demo;
 pub mod history;
 pub mod status;

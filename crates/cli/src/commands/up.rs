@@ -1,16 +1,16 @@
 //! `nixspace up`: host a dataspace with its planner.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
 use std::sync::Arc;
 
 use clap::Args;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
 use nixspace_space::host::Listeners;
-use nixspace_space::{HostConfig, HostedSpace};
+use nixspace_space::{HostConfig, HostedSpace, Role, Route, Transport};
 use syndicate::actor::Actor;
 
 /// Host a dataspace (embedded; nothing else to install) with its planner.
@@ -66,6 +66,68 @@ pub struct UpArgs {
     /// before a faster worker may duplicate it.
     #[arg(long, default_value_t = StealPolicy::default().after.as_secs_f64(), value_name = "SECONDS")]
     steal_after: f64,
+
+    /// Also serve the Nix daemon protocol on this unix socket (as
+    /// `nixspace translate --socket PATH` would, in this process): unmodified
+    /// Nix clients build on this dataspace with NIX_REMOTE=unix://PATH.
+    #[arg(long, value_name = "PATH")]
+    translator: Option<PathBuf>,
+}
+
+/// What hosting a dataspace takes (shared by `up` and `daemon`).
+pub struct SpaceOptions {
+    /// Where the socket, keys and route files go.
+    pub host: HostConfig,
+    /// The build history, if kept.
+    pub history: Option<nixspace_planner::history::History>,
+    /// How the planner retries and steals.
+    pub planner: PlannerConfig,
+    /// The planner's metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A dataspace hosted in this process, with its planner; it lives as long as the process.
+pub struct Space {
+    /// Where it listens.
+    pub transports: Vec<Transport>,
+    /// The route of each role (by [`Role::name`]) and the file it was written to.
+    pub routes: BTreeMap<&'static str, (Route, PathBuf)>,
+}
+
+impl Space {
+    /// The route for `role`.
+    pub fn route(&self, role: Role) -> anyhow::Result<Route> {
+        self.routes
+            .get(role.name())
+            .map(|(r, _)| r.clone())
+            .ok_or_else(|| anyhow::anyhow!("the dataspace has no {} route", role.name()))
+    }
+}
+
+/// Bind the listeners, start the dataspace and its planner, write the route files.
+pub async fn host(options: SpaceOptions) -> anyhow::Result<Space> {
+    let SpaceOptions {
+        host,
+        history,
+        planner,
+        metrics,
+    } = options;
+    let listeners = Listeners::bind(&host).await?;
+    let transports = listeners.transports();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // The actor lives on in the runtime after its handle is dropped.
+    let _actor = Actor::top(None, move |t| {
+        let hosted = HostedSpace::start(t, &host, listeners).map(|h| {
+            nixspace_planner::service::start(t, h.dataspace.clone(), planner, metrics, history);
+            h.routes
+        });
+        let _ = tx.send(hosted);
+        Ok(())
+    });
+    let routes = rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the dataspace stopped while starting"))??;
+    Ok(Space { transports, routes })
 }
 
 /// Run `nixspace up`.
@@ -74,17 +136,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .dir
         .unwrap_or_else(nixspace_space::runtime_dir::default_runtime_dir);
     let socket = args.socket.unwrap_or_else(|| dir.join("nixspace.sock"));
-    let config = HostConfig {
-        dir,
-        socket: socket.clone(),
-        tcp: args.tcp,
-    };
     let state_dir = args
         .state_dir
         .unwrap_or_else(nixspace_space::runtime_dir::default_state_dir);
     let history = super::open_history(&state_dir, true)?;
-    let listeners = Listeners::bind(&config).await?;
-    let metrics = Arc::new(Metrics::default());
     let metrics_listener = match args.metrics {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -93,8 +148,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let transports = listeners.transports();
-    let (tx, rx) = tokio::sync::oneshot::channel();
     if !(args.steal_ratio.is_finite() && args.steal_ratio >= 1.0) {
         anyhow::bail!("--steal-ratio must be at least 1, got {}", args.steal_ratio);
     }
@@ -102,7 +155,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         std::time::Duration::try_from_secs_f64(value)
             .map_err(|e| anyhow::anyhow!("--{flag} {value}: {e}"))
     };
-    let planner_config = PlannerConfig {
+    let planner = PlannerConfig {
         max_attempts: args.max_attempts,
         retry_backoff: seconds("retry-backoff", args.retry_backoff)?,
         steal: StealPolicy {
@@ -110,32 +163,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             after: seconds("steal-after", args.steal_after)?,
         },
     };
-    let planner_metrics = Arc::clone(&metrics);
-    let _actor = Actor::top(None, move |t| {
-        let hosted = HostedSpace::start(t, &config, listeners);
-        let ok = hosted.as_ref().ok().map(|h| {
-            nixspace_planner::service::start(
-                t,
-                h.dataspace.clone(),
-                planner_config,
-                planner_metrics,
-                Some(history),
-            );
-            h.routes
-                .values()
-                .map(|(_, p)| p.clone())
-                .collect::<Vec<_>>()
-        });
-        let _ = tx.send(hosted.map(|_| ok.unwrap_or_default()));
-        Ok(())
-    });
-    let route_files = rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the dataspace stopped while starting"))??;
-    for t in &transports {
+    let metrics = Arc::new(Metrics::default());
+    let space = host(SpaceOptions {
+        host: HostConfig {
+            dir,
+            socket: socket.clone(),
+            tcp: args.tcp,
+        },
+        history: Some(history),
+        planner,
+        metrics: Arc::clone(&metrics),
+    })
+    .await?;
+    for t in &space.transports {
         eprintln!("nixspace: listening on {t}");
     }
-    for f in &route_files {
+    for (_, f) in space.routes.values() {
         eprintln!("nixspace: wrote {}", f.display());
     }
     if let Some(listener) = metrics_listener {
@@ -144,9 +187,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::spawn(crate::metrics_http::serve(listener, metrics));
     }
+    let mut translator = match args.translator {
+        Some(path) => Some(
+            super::translate::Translator::start(super::translate::TranslatorOptions::new(
+                path,
+                space.route(Role::Submit)?,
+            ))
+            .await?,
+        ),
+        None => None,
+    };
     eprintln!("nixspace: dataspace up; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
-    super::shutdown_signal().await?;
+    let result = match translator.as_mut() {
+        Some(t) => tokio::select! {
+            r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
+            e = t.failed() => Err(e),
+        },
+        None => super::shutdown_signal().await.map_err(anyhow::Error::from),
+    };
     eprintln!("nixspace: shutting down");
+    drop(translator);
     let _ = std::fs::remove_file(&socket);
-    Ok(ExitCode::SUCCESS)
+    result.map(|()| ExitCode::SUCCESS)
 }

@@ -5,10 +5,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use nixspace_space::Role;
-use nixspace_space::{Backoff, SessionEvent};
+use nixspace_space::{Backoff, JoinError, Role, Route, SessionEvent};
 use nixspace_workers::{BuilderConfig, DrainDone, Event};
-use syndicate::actor::{Account, Activation, AnyValue};
+use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
 use syndicate::enclose;
 
 use super::JoinArgs;
@@ -69,83 +68,129 @@ impl WorkerArgs {
     }
 }
 
+/// A builder for this machine with the defaults of `nixspace worker`: named
+/// `<hostname>-<pid>`, building for this machine's platform, one slot per CPU,
+/// through private `nix-daemon --stdio` processes.
+pub fn local_builder() -> BuilderConfig {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    BuilderConfig {
+        id: format!("{host}-{}", std::process::id()),
+        host,
+        systems: vec![nixspace_nix_tools::current_system()],
+        features: Vec::new(),
+        max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        speed: 1.0,
+        daemon_socket: None,
+    }
+}
+
+/// A worker in this process that stays joined to a dataspace (rejoining whenever it
+/// restarts); only a refused capability ends its session.
+pub struct JoinedWorker {
+    /// The worker's name.
+    pub id: String,
+    /// Ends only with the reason the worker cannot join.
+    pub session: std::pin::Pin<Box<dyn std::future::Future<Output = JoinError> + Send>>,
+    handle: BuilderHandle,
+}
+
+/// Where the running builder can be reached (set once it has joined).
+type BuilderHandle = Arc<Mutex<Option<(FacetRef, Arc<Ref<Event>>)>>>;
+
+impl JoinedWorker {
+    /// Join the dataspace at `route` as a worker configured by `config`, reporting the
+    /// session's events on stderr.
+    pub fn join(route: Route, config: BuilderConfig) -> JoinedWorker {
+        let id = config.id.clone();
+        let summary = format!(
+            "systems {}, features [{}], {} slots, speed {}",
+            config.systems.join(","),
+            config.features.join(","),
+            config.max_jobs,
+            config.speed
+        );
+        let handle = Arc::new(Mutex::new(None));
+        let body = enclose!((handle) move |t: &mut Activation, ds| {
+            let builder = nixspace_workers::start(t, ds, config)?;
+            if let Ok(mut h) = handle.lock() {
+                *h = Some((t.facet_ref(), builder));
+            }
+            Ok(())
+        });
+        let name = id.clone();
+        let session = async move {
+            nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event
+            {
+                SessionEvent::Joined { connection: 1 } => {
+                    eprintln!("nixspace: worker {name} joined ({summary})")
+                }
+                SessionEvent::Joined { .. } => {
+                    eprintln!("nixspace: worker {name} rejoined the dataspace")
+                }
+                SessionEvent::Lost(why) => {
+                    eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
+                }
+                SessionEvent::Retrying { after, why } => {
+                    eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
+                }
+            })
+            .await
+        };
+        JoinedWorker {
+            id,
+            session: Box::pin(session),
+            handle,
+        }
+    }
+
+    /// Ask the worker to drain: take nothing new, finish its running builds. The receiver
+    /// fires once they are finished.
+    pub fn drain(&self) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, drained) = DrainDone::new();
+        let builder = self.handle.lock().ok().and_then(|mut h| h.take());
+        if let Some((facet, builder)) = builder {
+            let account = Account::new(Some(AnyValue::symbol("drain")), None);
+            facet.activate(&account, None, |t| {
+                t.message(&builder, Event::Drain(done));
+                Ok(())
+            });
+        }
+        drained
+    }
+}
+
 /// Run `nixspace worker`.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if !(args.speed.is_finite() && args.speed > 0.0) {
         anyhow::bail!("--speed must be a positive number, got {}", args.speed);
     }
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
-    let config = BuilderConfig {
-        id: args
-            .id
-            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
-        host,
-        systems: if args.systems.is_empty() {
-            vec![nixspace_nix_tools::current_system()]
-        } else {
-            args.systems
-        },
-        features: args.features,
-        max_jobs: match args.max_jobs {
-            Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        },
-        speed: args.speed,
-        daemon_socket: args.daemon_socket,
-    };
+    let mut config = local_builder();
+    if let Some(id) = args.id {
+        config.id = id;
+    }
+    if !args.systems.is_empty() {
+        config.systems = args.systems;
+    }
+    config.features = args.features;
+    match args.max_jobs {
+        Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
+        Some(n) => config.max_jobs = n,
+        None => {}
+    }
+    config.speed = args.speed;
+    config.daemon_socket = args.daemon_socket;
     let route = args.join.route(Role::Worker)?;
-    let id = config.id.clone();
-    let summary = format!(
-        "systems {}, features [{}], {} slots, speed {}",
-        config.systems.join(","),
-        config.features.join(","),
-        config.max_jobs,
-        config.speed
-    );
-    let handle = Arc::new(Mutex::new(None));
-    let body = enclose!((handle) move |t: &mut Activation, ds| {
-        let builder = nixspace_workers::start(t, ds, config)?;
-        if let Ok(mut h) = handle.lock() {
-            *h = Some((t.facet_ref(), builder));
-        }
-        Ok(())
-    });
-    // Keep the worker joined: rejoin (and re-announce) whenever the
-    // dataspace restarts; only a refused capability ends it.
-    let session =
-        nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event {
-            SessionEvent::Joined { connection: 1 } => {
-                eprintln!("nixspace: worker {id} joined ({summary})")
-            }
-            SessionEvent::Joined { .. } => {
-                eprintln!("nixspace: worker {id} rejoined the dataspace")
-            }
-            SessionEvent::Lost(why) => {
-                eprintln!("nixspace: worker {id} lost the dataspace ({why}); reconnecting")
-            }
-            SessionEvent::Retrying { after, why } => {
-                eprintln!("nixspace: worker {id}: {why}; retrying in {after:?}")
-            }
-        });
-    tokio::pin!(session);
+    let mut worker = JoinedWorker::join(route, config);
+    let id = worker.id.clone();
     tokio::select! {
         r = super::shutdown_signal() => r?,
-        e = &mut session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
+        e = &mut worker.session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
     // Leave gracefully: finish the running builds, take nothing new.
-    let (done, drained) = DrainDone::new();
-    let builder = handle.lock().ok().and_then(|mut h| h.take());
-    if let Some((facet, builder)) = builder {
-        let account = Account::new(Some(AnyValue::symbol("drain")), None);
-        facet.activate(&account, None, |t| {
-            t.message(&builder, Event::Drain(done));
-            Ok(())
-        });
-    }
+    let drained = worker.drain();
     eprintln!(
         "nixspace: worker {id} draining: finishing its running builds (signal again to leave now)"
     );
@@ -159,6 +204,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             eprintln!("nixspace: worker {id} leaving now; its unfinished steps return to the queue");
             Ok(ExitCode::SUCCESS)
         }
-        e = session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
+        e = worker.session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
 }

@@ -1,0 +1,89 @@
+//! `nixspace daemon`: a drop-in for `nix-daemon` whose builds go through an embedded
+//! dataspace.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use nixspace_space::{HostConfig, Role};
+
+use super::translate::{Translator, TranslatorOptions};
+use super::up::SpaceOptions;
+use super::worker::{local_builder, JoinedWorker};
+
+/// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
+///
+/// Needs no configuration: it serves NIX_DAEMON_SOCKET_PATH (default
+/// $NIX_STATE_DIR/daemon-socket/socket, that is
+/// /nix/var/nix/daemon-socket/socket), hosts a private dataspace with one
+/// local worker, and answers store operations with a private
+/// `nix-daemon --stdio` on the local store. NIX_STORE_DIR, NIX_STATE_DIR,
+/// NIX_LOG_DIR and NIX_CONF_DIR mean what they mean to Nix; `allowed-users`
+/// and `trusted-users` in nix.conf decide who may connect and who is
+/// trusted. Exits on Ctrl-C or SIGTERM, removing the socket.
+///
+/// Workers on other machines cannot join this dataspace; to spread builds,
+/// run `nixspace up --translator PATH` and `nixspace worker` instead.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Steps the local worker builds at once. Default: the number of CPUs.
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<u32>,
+}
+
+/// The socket nix-daemon would serve.
+fn daemon_socket() -> PathBuf {
+    let nonempty = |var| std::env::var_os(var).filter(|v| !v.is_empty());
+    match nonempty("NIX_DAEMON_SOCKET_PATH") {
+        Some(p) => PathBuf::from(p),
+        None => nonempty("NIX_STATE_DIR")
+            .map_or_else(|| PathBuf::from("/nix/var/nix"), PathBuf::from)
+            .join("daemon-socket/socket"),
+    }
+}
+
+/// Run `nixspace daemon`.
+pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    let mut builder = local_builder();
+    builder.id = format!("{}-daemon-{}", builder.host, std::process::id());
+    match args.max_jobs {
+        Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
+        Some(n) => builder.max_jobs = n,
+        None => {}
+    }
+    let socket = daemon_socket();
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
+    }
+    // The dataspace's socket, keys and route files are private to this process.
+    let runtime = tempfile::Builder::new()
+        .prefix("nixspace-daemon-")
+        .tempdir()
+        .map_err(|e| anyhow::anyhow!("cannot create a runtime directory: {e}"))?;
+    let space = super::up::host(SpaceOptions {
+        host: HostConfig {
+            dir: runtime.path().to_owned(),
+            socket: runtime.path().join("nixspace.sock"),
+            tcp: None,
+        },
+        history: None,
+        planner: nixspace_planner::PlannerConfig::default(),
+        metrics: Arc::default(),
+    })
+    .await?;
+    let mut worker = JoinedWorker::join(space.route(Role::Worker)?, builder);
+    let mut translator =
+        Translator::start(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
+    tracing::info!(worker = %worker.id, "nixspace daemon ready");
+    let result = tokio::select! {
+        r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
+        e = translator.failed() => Err(e),
+        e = &mut worker.session => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
+    };
+    // Stop serving (the socket goes) before the dataspace's directory goes.
+    drop(translator);
+    drop(runtime);
+    result.map(|()| ExitCode::SUCCESS)
+}
