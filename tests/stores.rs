@@ -163,3 +163,30 @@ fn a_faster_idle_worker_steals_a_slow_step_and_the_slow_build_stops() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_stores() {
+    let mut space = Space::start();
+    let (s1, s2) = (space.tmp.path().join("w1"), space.tmp.path().join("w2"));
+    space.worker("w1", &["--features", "fa", "--own-store", s1.to_str().unwrap()]);
+    space.worker("w2", &["--features", "fb", "--own-store", s2.to_str().unwrap()]);
+    let socket = space.translator();
+    let file = split_chain(&space);
+    let result = space.tmp.path().join("result");
+
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("-o").arg(&result);
+    let built = run(c, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    // The result symlink resolves in the client's store, which never built anything.
+    assert_eq!(std::fs::read_to_string(&result).unwrap(), "first\nsecond\n");
+    let out = built.stdout.trim();
+    assert!(in_own_store(&s2, out) && !in_own_store(&s1, out));
+    let translator = space.log("translator");
+    assert!(
+        translator
+            .lines()
+            .any(|l| l.contains("fetched") && l.contains("-second") && l.contains("w2")),
+        "{translator}"
+    );
+}

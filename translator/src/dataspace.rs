@@ -7,6 +7,7 @@ use std::sync::Arc;
 use nixspace_nix_tools::DerivationInfo;
 use nixspace_space::join::{join, JoinError};
 use nixspace_space::Route;
+use nixspace_transfer::StoreNode;
 use syndicate::actor::{Account, ActorHandle, FacetRef};
 use tokio::sync::mpsc;
 
@@ -26,13 +27,16 @@ impl std::fmt::Debug for DataspaceBuild {
 }
 
 impl DataspaceBuild {
-    /// Join the dataspace at `route` and demand `steps` (inputs first) as `requester`.
+    /// Join the dataspace at `route` and demand `steps` (inputs first) as `requester`,
+    /// serving `store` there (workers with stores of their own fetch the derivations from it).
     pub async fn start(
         route: &Route,
         steps: &BTreeMap<String, &DerivationInfo>,
         requester: &str,
         priority: i64,
+        store: &StoreNode,
     ) -> Result<DataspaceBuild, JoinError> {
+        let store = store.clone();
         let demands = steps::demands(steps, requester, priority);
         let (tx, events) = mpsc::unbounded_channel();
         let (facet_tx, facet_rx) = tokio::sync::oneshot::channel();
@@ -43,6 +47,7 @@ impl DataspaceBuild {
         });
         let actor = join(route, move |t, ds| {
             let _ = facet_tx.send(t.facet_ref());
+            store.attach(t, Arc::clone(&ds));
             steps::observe(t, &ds, handler);
             for d in &demands {
                 ds.assert(t, d);

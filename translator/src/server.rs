@@ -31,6 +31,8 @@ use crate::relay::{self, copy_reply, relay_logs, Upload};
 use crate::steps::{self, StepEvent};
 use crate::trust::{Peer, Refusal, SystemGroups, Trust, TrustConfig};
 use crate::upstream::{Upstream, UpstreamError, UpstreamSpec};
+use nixspace_nix_tools::DaemonPool;
+use nixspace_transfer::StoreNode;
 
 /// What the translator serves with.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub struct Config {
     pub store_dir: StoreDir,
     /// Who may connect and who is trusted.
     pub trust: TrustConfig,
+    /// Connections to the upstream store for path transfers: workers with stores of their
+    /// own fetch inputs from it, and results are copied back into it.
+    pub transfers: DaemonPool,
 }
 
 /// Why a client connection ended abnormally.
@@ -787,11 +792,13 @@ impl Conn<'_> {
             return Ok(Ok(report));
         }
         let requester = format!("nixspace-translator-{}-{}", std::process::id(), self.id);
+        let store = StoreNode::new(requester.clone(), self.config.transfers.clone());
         let mut build = match DataspaceBuild::start(
             &self.config.route,
             &steps,
             &requester,
             self.config.priority,
+            &store,
         )
         .await
         {
@@ -809,6 +816,8 @@ impl Conn<'_> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut probe = [0u8; 1];
         let mut activities: BTreeMap<String, u64> = BTreeMap::new();
+        // The outputs of the roots, to be valid upstream before the client hears of them.
+        let mut root_outputs = Vec::new();
         while report.outcomes.len() < wanted.len() {
             tokio::select! {
                 ev = build.next() => {
@@ -843,8 +852,11 @@ impl Conn<'_> {
                             report.tails.remove(&drv);
                             self.start_activity(&mut activities, &drv, &worker).await?;
                         }
-                        StepEvent::Built { drv, .. } if wanted.contains(&drv) => {
+                        StepEvent::Built { drv, outputs } if wanted.contains(&drv) => {
                             self.stop_activity(&mut activities, &drv).await?;
+                            if roots.contains(&drv) && !report.outcomes.contains_key(&drv) {
+                                root_outputs.extend(outputs);
+                            }
                             report.outcomes.entry(drv).or_insert(Outcome::Built);
                         }
                         StepEvent::Failed { drv, worker, reason } if wanted.contains(&drv) => {
@@ -902,6 +914,14 @@ impl Conn<'_> {
                         Err(e) => return Err(e.into()),
                     }
                 }
+            }
+        }
+        if report.failures().is_empty() {
+            if let Err(e) = store.ensure(&root_outputs).await {
+                build.stop();
+                return Ok(Err(DaemonError::new(format!(
+                    "nixspace translator: cannot copy the outputs into the store: {e}"
+                ))));
             }
         }
         build.stop();

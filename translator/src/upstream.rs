@@ -10,6 +10,7 @@ use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::handshake::client_handshake;
 use nixspace_nix_protocol::stderr::DiscardLogs;
 use nixspace_nix_protocol::{HandshakeError, HandshakeInfo, NixReader, NixWriter, ProtocolVersion};
+use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::process::{Child, Command};
 
@@ -23,6 +24,18 @@ pub enum UpstreamSpec {
         /// The `nix-daemon` program (looked up on PATH if relative).
         program: PathBuf,
     },
+}
+
+impl UpstreamSpec {
+    /// A few connections to the same store, for moving paths in and out of it.
+    pub fn transfer_pool(&self, store_dir: &StoreDir) -> DaemonPool {
+        let mut config = PoolConfig::new(2);
+        config.store_dir = store_dir.clone();
+        if let UpstreamSpec::Socket(path) = self {
+            config.target = DaemonTarget::Socket(path.clone());
+        }
+        DaemonPool::new(config)
+    }
 }
 
 impl Default for UpstreamSpec {

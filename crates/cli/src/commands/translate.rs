@@ -115,7 +115,9 @@ impl Translator {
             options.upstream,
             socket.display()
         );
+        let transfers = options.upstream.transfer_pool(&store_dir);
         let config = Arc::new(Config {
+            transfers,
             upstream: options.upstream,
             route: options.route,
             patience: options.patience,
