@@ -8,6 +8,8 @@ use nixspace_nix_tools::DerivationInfo;
 use nixspace_space::join::{join, JoinError};
 use nixspace_space::Route;
 use nixspace_transfer::StoreNode;
+
+use crate::resolve::Resolver;
 use syndicate::actor::{Account, ActorHandle, FacetRef};
 use tokio::sync::mpsc;
 
@@ -28,15 +30,25 @@ impl std::fmt::Debug for DataspaceBuild {
 
 impl DataspaceBuild {
     /// Join the dataspace at `route` and demand `steps` (inputs first) as `requester`,
-    /// serving `store` there (workers with stores of their own fetch the derivations from it).
+    /// serving `store` there (workers with stores of their own fetch the derivations from it)
+    /// and resolving the steps `resolver` holds back as their inputs land.
     pub async fn start(
         route: &Route,
         steps: &BTreeMap<String, &DerivationInfo>,
         requester: &str,
         priority: i64,
         store: &StoreNode,
+        resolver: &Resolver,
     ) -> Result<DataspaceBuild, JoinError> {
         let store = store.clone();
+        let resolver = resolver.clone();
+        let held = resolver.held();
+        let steps: BTreeMap<String, &DerivationInfo> = steps
+            .iter()
+            .filter(|(d, _)| !held.contains(*d))
+            .map(|(d, i)| (d.clone(), *i))
+            .collect();
+        let steps = &steps;
         let demands = steps::demands(steps, requester, priority);
         let (tx, events) = mpsc::unbounded_channel();
         let (facet_tx, facet_rx) = tokio::sync::oneshot::channel();
@@ -48,7 +60,8 @@ impl DataspaceBuild {
         let actor = join(route, move |t, ds| {
             let _ = facet_tx.send(t.facet_ref());
             store.attach(t, Arc::clone(&ds));
-            steps::observe(t, &ds, handler);
+            steps::observe(t, &ds, Arc::clone(&handler));
+            resolver.attach(t, Arc::clone(&ds), handler);
             for d in &demands {
                 ds.assert(t, d);
             }

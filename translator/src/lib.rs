@@ -15,6 +15,7 @@
 pub mod dataspace;
 pub mod realisation;
 pub mod relay;
+pub mod resolve;
 pub mod server;
 pub mod steps;
 pub mod trust;

@@ -43,12 +43,49 @@ fn read(store_dir: &StoreDir, path: &StorePath) -> Result<Derivation, Realisatio
     })
 }
 
-/// The realisations of `drv`'s outputs that have a known path, keyed by their `DrvOutput` id.
-/// Reads the derivation closure from the store (blocking).
+/// The realisations of `drv`'s outputs, keyed by their `DrvOutput` id: outputs with a path
+/// in the derivation, and those `realised` gives (by output name) for the others. Reads the
+/// derivation closure from the store (blocking).
 pub fn built_outputs(
     store_dir: &StoreDir,
     drv: &StorePath,
+    realised: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, Realisation>, RealisationError> {
+    let root = read(store_dir, drv)?;
+    let mut out = BTreeMap::new();
+    for (name, id) in output_ids(store_dir, drv)? {
+        let path = root
+            .outputs
+            .get(&name)
+            .and_then(|o| o.path())
+            .map(|p| p.to_string())
+            .or_else(|| {
+                realised
+                    .get(&name)
+                    .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
+            });
+        let Some(out_path) = path else {
+            continue;
+        };
+        out.insert(
+            id.clone(),
+            Realisation {
+                dependent_realisations: BTreeMap::new(),
+                id,
+                out_path,
+                signatures: BTreeSet::new(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The `DrvOutput` id (`sha256:<hash modulo in base16>!<output>`) of each output of `drv`, as
+/// Nix's `staticOutputHashes` computes them. Reads the derivation closure (blocking).
+pub fn output_ids(
+    store_dir: &StoreDir,
+    drv: &StorePath,
+) -> Result<BTreeMap<String, String>, RealisationError> {
     // Inputs first, so every lookup finds its hash.
     let mut derivations: HashMap<StorePath, Derivation> = HashMap::new();
     let mut order = Vec::new();
@@ -93,21 +130,15 @@ pub fn built_outputs(
             path: store_dir.print(drv),
             source: Box::new(source),
         })?;
-    let mut out = BTreeMap::new();
-    for (name, output) in &root.outputs {
-        let (Some(path), Some(hash)) = (output.path(), h.hashes.get(name)) else {
-            continue;
-        };
-        let id = format!("{}:{}!{name}", hash.algo(), hash.to_base16());
-        out.insert(
-            id.clone(),
-            Realisation {
-                dependent_realisations: BTreeMap::new(),
-                id,
-                out_path: path.to_string(),
-                signatures: BTreeSet::new(),
-            },
-        );
-    }
-    Ok(out)
+    Ok(root
+        .outputs
+        .keys()
+        .filter_map(|name| {
+            let hash = h.hashes.get(name)?;
+            Some((
+                name.clone(),
+                format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
+            ))
+        })
+        .collect())
 }

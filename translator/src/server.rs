@@ -34,6 +34,8 @@ use crate::upstream::{Upstream, UpstreamError, UpstreamSpec};
 use nixspace_nix_tools::DaemonPool;
 use nixspace_transfer::StoreNode;
 
+use crate::resolve::Resolver;
+
 /// What the translator serves with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -478,6 +480,8 @@ enum Outcome {
 #[derive(Debug, Default)]
 struct Report {
     outcomes: BTreeMap<String, Outcome>,
+    /// Output paths by name of the roots whose outputs became known by building them.
+    realised: BTreeMap<String, BTreeMap<String, String>>,
     /// The last [`LOG_TAIL`] log lines of each step's latest attempt.
     tails: BTreeMap<String, VecDeque<String>>,
     start: u64,
@@ -575,9 +579,13 @@ impl Report {
 async fn built_outputs(
     store_dir: &StoreDir,
     drv: &StorePath,
+    realised: BTreeMap<String, String>,
 ) -> BTreeMap<String, nixspace_nix_protocol::Realisation> {
     let (dir, path) = (store_dir.clone(), drv.clone());
-    match tokio::task::spawn_blocking(move || crate::realisation::built_outputs(&dir, &path)).await
+    match tokio::task::spawn_blocking(move || {
+        crate::realisation::built_outputs(&dir, &path, &realised)
+    })
+    .await
     {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -720,7 +728,10 @@ impl Conn<'_> {
                     DerivedPath::Built { drv_path, .. } => {
                         let mut res = report.result_for(&store_dir.print(drv_path));
                         if res.status.is_success() {
-                            res.built_outputs = built_outputs(&store_dir, drv_path).await;
+                            let printed = store_dir.print(drv_path);
+                            let realised =
+                                report.realised.get(&printed).cloned().unwrap_or_default();
+                            res.built_outputs = built_outputs(&store_dir, drv_path, realised).await;
                         }
                         res
                     }
@@ -793,12 +804,25 @@ impl Conn<'_> {
         }
         let requester = format!("nixspace-translator-{}-{}", std::process::id(), self.id);
         let store = StoreNode::new(requester.clone(), self.config.transfers.clone());
+        let resolver = match Resolver::new(
+            &plan,
+            self.config.store_dir.clone(),
+            self.config.transfers.clone(),
+            &requester,
+            self.config.priority,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(DaemonError::new(format!("nixspace translator: {e}")))),
+        };
         let mut build = match DataspaceBuild::start(
             &self.config.route,
             &steps,
             &requester,
             self.config.priority,
             &store,
+            &resolver,
         )
         .await
         {
@@ -922,6 +946,18 @@ impl Conn<'_> {
                 return Ok(Err(DaemonError::new(format!(
                     "nixspace translator: cannot copy the outputs into the store: {e}"
                 ))));
+            }
+            if let Err(e) = resolver.register_realisations().await {
+                build.stop();
+                return Ok(Err(DaemonError::new(format!(
+                    "nixspace translator: cannot register the realisations: {e}"
+                ))));
+            }
+            for root in roots {
+                let realised = resolver.realised(root);
+                if !realised.is_empty() {
+                    report.realised.insert(root.clone(), realised);
+                }
             }
         }
         build.stop();

@@ -24,13 +24,16 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 use crate::framed::{self, FramedError};
 use crate::handshake::{self, HandshakeError, HandshakeInfo};
 use crate::nar_copy::{self, NarCopyError};
+use crate::ops::Opcode;
 use crate::ops::Request;
 use crate::stderr::{DaemonError, DiscardLogs, LogSink, StderrFrame};
 use crate::types::{
-    BasicDerivation, BuildMode, BuildResult, ClientSettings, DerivedPath, PathInfo, ValidPathInfo,
+    BasicDerivation, BuildMode, BuildResult, ClientSettings, DerivedPath, PathInfo, Realisation,
+    ValidPathInfo,
 };
 use crate::version::{
     ProtocolVersion, ADD_TO_STORE_NAR_FRAMED, MAX_SUPPORTED, QUERY_PATH_INFO_VALID_FLAG,
+    REGISTER_DRV_OUTPUT_JSON,
 };
 use crate::wire::{NixDeserialize, NixReader, NixWriter, WireError};
 
@@ -348,6 +351,67 @@ where
     /// `SetOptions`.
     pub async fn set_options(&mut self, settings: &ClientSettings) -> Result<(), ClientError> {
         let res = self.simple(&Request::SetOptions(settings.clone())).await;
+        self.track(res)
+    }
+
+    /// `AddTextToStore`: adds a text file (e.g. a `.drv`) named `suffix` with `references`;
+    /// returns its store path.
+    pub async fn add_text_to_store(
+        &mut self,
+        suffix: &str,
+        text: &[u8],
+        references: &BTreeSet<StorePath>,
+    ) -> Result<StorePath, ClientError> {
+        let res = async {
+            self.simple(&Request::AddTextToStore {
+                suffix: suffix.to_owned(),
+                text: text.to_vec(),
+                references: references.clone(),
+            })
+            .await?;
+            Ok(self.reader.read_store_path("AddTextToStore reply").await?)
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `RegisterDrvOutput`: records that the output `realisation.id` of a derivation was
+    /// realised as `realisation.out_path` (which must be valid in the store).
+    pub async fn register_drv_output(
+        &mut self,
+        realisation: &Realisation,
+    ) -> Result<(), ClientError> {
+        if self.poisoned {
+            return Err(ClientError::Poisoned);
+        }
+        let res = async {
+            let w = &mut self.writer;
+            w.write_u64(Opcode::RegisterDrvOutput as u64, "op").await?;
+            if w.version() >= REGISTER_DRV_OUTPUT_JSON {
+                let json = serde_json::to_string(realisation)
+                    .map_err(|e| WireError::io("realisation", std::io::Error::other(e)))?;
+                w.write_bytes(json.as_bytes(), "realisation").await?;
+            } else {
+                w.write_bytes(realisation.id.as_bytes(), "realisation id")
+                    .await?;
+                w.write_bytes(realisation.out_path.as_bytes(), "realisation path")
+                    .await?;
+            }
+            w.flush().await?;
+            Self::process_stderr(&mut self.reader, &mut self.writer, &mut *self.logs, None).await
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `AddTempRoot`: keeps `path` from the garbage collector while this connection lasts.
+    pub async fn add_temp_root(&mut self, path: &StorePath) -> Result<(), ClientError> {
+        let res = async {
+            self.simple(&Request::AddTempRoot(path.clone())).await?;
+            self.reader.read_u64("AddTempRoot reply").await?;
+            Ok(())
+        }
+        .await;
         self.track(res)
     }
 

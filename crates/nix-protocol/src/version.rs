@@ -146,6 +146,9 @@ pub const SUBSTITUTABLE_INFOS_CA: ProtocolVersion = ProtocolVersion::new(1, 22);
 /// Nix 2.4 (development step 1.25): `AddToStore` takes a name, a content-address method,
 /// references and a framed dump.
 pub const ADD_TO_STORE_FRAMED: ProtocolVersion = ProtocolVersion::new(1, 25);
+/// Nix 2.4 (protocol 1.31): `RegisterDrvOutput` sends the whole realisation as JSON (before:
+/// its id and path).
+pub const REGISTER_DRV_OUTPUT_JSON: ProtocolVersion = ProtocolVersion::new(1, 31);
 /// Nix 2.4 (protocol 1.32): the `AddMultipleToStore` operation exists.
 pub const ADD_MULTIPLE_TO_STORE: ProtocolVersion = ProtocolVersion::new(1, 32);
 /// Nix 2.4 (protocol 1.32): the `AddBuildLog` operation exists.

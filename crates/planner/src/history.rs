@@ -33,6 +33,26 @@ const MIGRATIONS: &[&str] = &[
          reason TEXT
      );
      CREATE INDEX attempts_by_drv ON attempts(drv);",
+    // 2: resolved content-addressed steps: status `resolved`, and the link from each original
+    // to the derivation it resolved to.
+    "CREATE TABLE steps_v2 (
+         drv TEXT PRIMARY KEY,
+         system TEXT NOT NULL,
+         first_demanded INTEGER NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('demanded', 'built', 'failed', 'resolved')),
+         outputs TEXT,
+         error TEXT,
+         finished INTEGER
+     );
+     INSERT INTO steps_v2 SELECT * FROM steps;
+     DROP TABLE steps;
+     ALTER TABLE steps_v2 RENAME TO steps;
+     CREATE TABLE resolutions (
+         resolved_from TEXT PRIMARY KEY REFERENCES steps(drv),
+         resolved_to TEXT NOT NULL REFERENCES steps(drv),
+         recorded INTEGER NOT NULL
+     );
+     CREATE INDEX resolutions_by_target ON resolutions(resolved_to);",
 ];
 
 /// A history database could not be used.
@@ -89,7 +109,7 @@ pub struct StepRecord {
     pub drv: String,
     /// Its platform.
     pub system: String,
-    /// `demanded`, `built` or `failed`.
+    /// `demanded`, `built`, `failed` or `resolved`.
     pub status: String,
     /// Output paths, when built.
     pub outputs: Vec<String>,
@@ -99,6 +119,10 @@ pub struct StepRecord {
     pub first_demanded: i64,
     /// Every attempt, oldest first.
     pub attempts: Vec<AttemptRecord>,
+    /// The derivation this step was resolved to, if it was.
+    pub resolved_to: Option<String>,
+    /// The original steps that were resolved to this one.
+    pub resolved_from: Vec<String>,
 }
 
 /// One attempt to build a step.
@@ -144,7 +168,8 @@ impl History {
             source,
         };
         let mut conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", true)
+        // Off while migrating (a migration may rebuild a referenced table), on afterwards.
+        conn.pragma_update(None, "foreign_keys", false)
             .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -170,6 +195,8 @@ impl History {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(err)?;
         Ok(History {
             conn,
             path: path.to_owned(),
@@ -195,6 +222,39 @@ impl History {
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// The content-addressed step `from` was resolved to the derivation `to` (for `system`):
+    /// the original is finished as `resolved`, the resolved step recorded as demanded, and the
+    /// link between them, in one transaction.
+    pub fn resolved(&mut self, from: &str, to: &str, system: &str) -> Result<(), HistoryError> {
+        let t = now();
+        let path = self.path.clone();
+        let err = |source| HistoryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT INTO steps (drv, system, first_demanded, status, finished)
+             VALUES (?1, ?2, ?3, 'resolved', ?3)
+             ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, finished = ?3",
+            params![from, system, t],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
+             ON CONFLICT(drv) DO NOTHING",
+            params![to, system, t],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO resolutions (resolved_from, resolved_to, recorded) VALUES (?1, ?2, ?3)
+             ON CONFLICT(resolved_from) DO UPDATE SET resolved_to = ?2, recorded = ?3",
+            params![from, to, t],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
     }
 
     /// `worker` started building `drv`.
@@ -238,6 +298,13 @@ impl History {
                     params![drv, outputs.join(" "), t],
                 )
                 .map_err(err)?;
+                // The originals resolved to it have its outputs.
+                tx.execute(
+                    "UPDATE steps SET outputs = ?2 WHERE drv IN
+                     (SELECT resolved_from FROM resolutions WHERE resolved_to = ?1)",
+                    params![drv, outputs.join(" ")],
+                )
+                .map_err(err)?;
             }
             AttemptOutcome::Failed => {
                 tx.execute(
@@ -256,8 +323,9 @@ impl History {
         let mut steps = self
             .conn
             .prepare(
-                "SELECT drv, system, status, outputs, error, first_demanded FROM steps
-                 ORDER BY first_demanded DESC, drv LIMIT ?1",
+                "SELECT drv, system, status, outputs, error, first_demanded,
+                        (SELECT resolved_to FROM resolutions WHERE resolved_from = drv)
+                 FROM steps ORDER BY first_demanded DESC, drv LIMIT ?1",
             )
             .map_err(|e| self.err(e))?;
         let rows = steps
@@ -273,6 +341,8 @@ impl History {
                     error: r.get(4)?,
                     first_demanded: r.get(5)?,
                     attempts: Vec::new(),
+                    resolved_to: r.get(6)?,
+                    resolved_from: Vec::new(),
                 })
             })
             .map_err(|e| self.err(e))?
@@ -284,8 +354,17 @@ impl History {
                 "SELECT worker, started, finished, outcome, reason FROM attempts WHERE drv = ?1 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
+        let mut originals = self
+            .conn
+            .prepare("SELECT resolved_from FROM resolutions WHERE resolved_to = ?1 ORDER BY resolved_from")
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(rows.len());
         for mut step in rows {
+            step.resolved_from = originals
+                .query_map(params![step.drv], |r| r.get(0))
+                .map_err(|e| self.err(e))?
+                .collect::<Result<Vec<String>, _>>()
+                .map_err(|e| self.err(e))?;
             step.attempts = attempts
                 .query_map(params![step.drv], |r| {
                     Ok(AttemptRecord {
@@ -308,6 +387,62 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resolved_step_links_to_its_resolution_and_gets_its_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.sqlite");
+        let mut h = History::open(&path).unwrap();
+        h.resolved("/nix/store/s1.drv", "/nix/store/r.drv", "x86_64-linux")
+            .unwrap();
+        // A second original with the same resolution shares the resolved step.
+        h.resolved("/nix/store/s2.drv", "/nix/store/r.drv", "x86_64-linux")
+            .unwrap();
+        h.demanded("/nix/store/r.drv", "x86_64-linux").unwrap();
+        h.attempt_started("/nix/store/r.drv", "w1").unwrap();
+        let outputs = vec!["/nix/store/out".to_owned()];
+        h.attempt_ended("/nix/store/r.drv", AttemptOutcome::Built, None, &outputs)
+            .unwrap();
+        drop(h);
+        // Reopened (as after a restart): the links are intact, no duplicate rows.
+        let h = History::open(&path).unwrap();
+        let steps = h.recent(10).unwrap();
+        assert_eq!(steps.len(), 3);
+        let r = steps.iter().find(|s| s.drv == "/nix/store/r.drv").unwrap();
+        assert_eq!(r.status, "built");
+        assert_eq!(r.resolved_from, ["/nix/store/s1.drv", "/nix/store/s2.drv"]);
+        for s in steps.iter().filter(|s| s.drv != "/nix/store/r.drv") {
+            assert_eq!(s.status, "resolved");
+            assert_eq!(s.resolved_to.as_deref(), Some("/nix/store/r.drv"));
+            assert_eq!(s.outputs, outputs);
+        }
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_with_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.sqlite");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            conn.execute(
+                "INSERT INTO steps (drv, system, first_demanded, status) VALUES ('/nix/store/a.drv', 's', 1, 'built')",
+                [],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO attempts (drv, worker, started) VALUES ('/nix/store/a.drv', 'w', 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let h = History::open(&path).unwrap();
+        let steps = h.recent(10).unwrap();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].attempts.len(), 1);
+        assert_eq!(steps[0].status, "built");
+    }
 
     #[test]
     fn records_a_step_through_a_lost_worker_to_success() {

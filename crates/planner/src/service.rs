@@ -44,6 +44,8 @@ pub enum Event {
     Failed(String, String, String, FailureKind),
     /// A worker announced its free build slots.
     Offer(String, i64),
+    /// A frontend resolved a content-addressed step (from, to, system).
+    Resolved(String, String, String),
     /// Time to look for steals.
     Tick,
 }
@@ -96,6 +98,11 @@ impl Entity<Event> for Planner {
                 Vec::new()
             }
             Event::Tick => s.tick(Instant::now()),
+            Event::Resolved(from, to, system) => {
+                tracing::info!(%from, %to, "resolved");
+                note(&mut self.history, |h| h.resolved(&from, &to, &system));
+                Vec::new()
+            }
         };
         self.publish(t, effects);
         let m = &self.metrics;
@@ -375,6 +382,11 @@ pub fn start(
             t.message(&planner, Event::Tick);
             Ok(())
         }))?;
+
+        enclose!((planner) during!(t, ds, <resolved $from: String $to: String $system: String>, |t: &mut Activation| {
+            t.message(&planner, Event::Resolved(from.clone(), to.clone(), system.clone()));
+            Ok(())
+        }));
 
         enclose!((planner) during!(t, ds, <offer $worker: String $free: i64>, |t: &mut Activation| {
             t.message(&planner, Event::Offer(worker.clone(), free));

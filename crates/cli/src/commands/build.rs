@@ -10,6 +10,7 @@ use clap::Args;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::StoreNode;
+use nixspace_translator::resolve::Resolver;
 use nixspace_translator::steps::{self, StepEvent};
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
@@ -155,19 +156,38 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         finished: Some(tx),
     }));
     let requester = format!("nixspace-build-{}", std::process::id());
-    let demands = steps::demands(&needed, &requester, args.priority);
+    let pool = DaemonPool::new(PoolConfig::new(2));
+    // Steps with inputs whose outputs are known only once built (content-addressed) are
+    // resolved as those land, and demanded then.
+    let resolver = Resolver::new(
+        &plan,
+        pool.store_dir().clone(),
+        pool.clone(),
+        &requester,
+        args.priority,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let held = resolver.held();
+    let demanded: BTreeMap<String, &DerivationInfo> = needed
+        .iter()
+        .filter(|(d, _)| !held.contains(*d))
+        .map(|(d, i)| (d.clone(), *i))
+        .collect();
+    let demands = steps::demands(&demanded, &requester, args.priority);
     // This machine's store in the dataspace: workers with stores of their own
     // fetch the derivations and sources from it, and the results come back.
-    let store = StoreNode::new(requester, DaemonPool::new(PoolConfig::new(2)));
+    let store = StoreNode::new(requester, pool);
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let reconnect_for = std::time::Duration::try_from_secs_f64(args.reconnect_for)
         .map_err(|e| anyhow::anyhow!("--reconnect-for {}: {e}", args.reconnect_for))?;
     // (Re)assert the demands of the steps still pending on every connection:
     // a restarted dataspace learns them again, and finished steps stay done.
-    let body = enclose!((session, store) move |t: &mut Activation, ds: Arc<syndicate::actor::Cap>| {
+    let body = enclose!((session, store, resolver) move |t: &mut Activation, ds: Arc<syndicate::actor::Cap>| {
         store.attach(t, Arc::clone(&ds));
-        observe(t, &ds, &session, patience);
+        let handler = observe(t, &ds, &session, patience);
+        resolver.attach(t, Arc::clone(&ds), handler);
         for d in &demands {
             if with(&session, |s| matches!(s.steps.get(&d.drv), Some(Status::Pending)))? {
                 ds.assert(t, d);
@@ -212,6 +232,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             r = store.ensure(&wanted) => r.context("cannot copy the outputs to this machine's store")?,
             e = &mut session_loop => anyhow::bail!("lost the dataspace while copying the outputs: {e}"),
         }
+        // Content-addressed originals: Nix finds their outputs through these.
+        resolver
+            .register_realisations()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot register the realisations: {e}"))?;
     }
     let s = session
         .lock()
@@ -239,16 +264,17 @@ fn root_outputs(roots: &[String], s: &Session) -> Vec<String> {
         .collect()
 }
 
-/// Register the observers that keep the session up to date.
+/// Register the observers that keep the session up to date; returns their event handler.
 fn observe(
     t: &mut Activation,
     ds: &Arc<syndicate::actor::Cap>,
     session: &Shared,
     patience: std::time::Duration,
-) {
+) -> steps::Handler {
     let session = Arc::clone(session);
     let handler: steps::Handler = Arc::new(move |t, event| on_event(t, &session, patience, event));
-    steps::observe(t, ds, handler);
+    steps::observe(t, ds, Arc::clone(&handler));
+    handler
 }
 
 fn on_event(

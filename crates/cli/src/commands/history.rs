@@ -10,7 +10,7 @@ use crate::progress::short_name;
 /// Show recently demanded steps, their outcome and every attempt.
 ///
 /// Reads the build history that `nixspace up` keeps in its state directory
-/// (`history.sqlite`): for each step its status (demanded, built, failed),
+/// (`history.sqlite`): for each step its status (demanded, built, failed, resolved),
 /// outputs or error, and each attempt with its worker and how it ended
 /// (built, failed, lost, cancelled).
 #[derive(Args, Debug)]
@@ -66,6 +66,12 @@ pub async fn run(args: HistoryArgs) -> anyhow::Result<ExitCode> {
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
             println!("  on {}: {outcome}{took}{reason}", a.worker);
+        }
+        if let Some(to) = &step.resolved_to {
+            println!("  resolved to {to}");
+        }
+        for from in &step.resolved_from {
+            println!("  resolved from {from}");
         }
     }
     Ok(ExitCode::SUCCESS)

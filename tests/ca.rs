@@ -1,0 +1,197 @@
+//! Floating content-addressed derivations (`ca-derivations`) built on the dataspace: steps
+//! whose inputs are content-addressed are resolved as their inputs land, the resolved
+//! derivations are built by workers, and the links are recorded.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::{nonce, run, Space};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A diamond of floating content-addressed steps (`base` → `left`, `right` → `top`), each
+/// appending its name to `runs` when its builder runs. `left` and `right` write the same
+/// content, so they resolve `top`'s inputs to identical paths.
+fn ca_diamond(space: &Space, runs: &std::path::Path, broken_base: bool) -> PathBuf {
+    let fail = if broken_base { "exit 3;" } else { "" };
+    space.nix_file(
+        "ca.nix",
+        &format!(
+            r#"
+let
+  step = name: script: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    __contentAddressed = true;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    args = [ "-c" ''
+      echo ${{name}} >> {runs}
+      {{ for d in $deps; do
+        while IFS= read -r line; do echo "$line"; done < "$d"
+      done; ${{script}}; }} > "$out"
+    '' ];
+  }};
+  base = step "base" "{fail} echo base" [ ];
+  left = step "left" "echo side" [ base ];
+  right = step "right" "echo side" [ base ];
+in
+step "top" "echo top" [ left right ]
+"#,
+            nonce = nonce(),
+            runs = runs.display(),
+        ),
+    )
+}
+
+fn runs_of(runs: &std::path::Path) -> Vec<String> {
+    let mut r: Vec<String> = std::fs::read_to_string(runs)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    r.sort();
+    r
+}
+
+#[test]
+fn a_content_addressed_diamond_is_resolved_and_built_once_per_step() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond(&space, &runs, false);
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim();
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "base\nside\nbase\nside\ntop\n"
+    );
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+
+    // The history links each original to its resolved derivation, which is in the store
+    // (rooted while the frontend ran) with its realisation registered by the build.
+    let history = run(space.command(&["history", "--json"]), LIMIT);
+    assert!(history.status.success(), "{history:?}");
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let steps = steps.as_array().unwrap();
+    let resolved: Vec<&serde_json::Value> =
+        steps.iter().filter(|s| s["status"] == "resolved").collect();
+    let names: Vec<&str> = resolved
+        .iter()
+        .map(|s| s["drv"].as_str().unwrap().rsplit('-').next().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        3,
+        "left, right and top are resolved: {steps:?}"
+    );
+    for original in resolved {
+        let to = original["resolved_to"].as_str().unwrap();
+        assert!(std::path::Path::new(to).exists(), "{to}");
+        let target = steps.iter().find(|s| s["drv"] == to).unwrap();
+        assert_eq!(target["status"], "built", "{target}");
+        assert_eq!(target["resolved_from"][0], original["drv"]);
+        assert_eq!(original["outputs"], target["outputs"]);
+        let mut info = space.nix("nix", None);
+        info.args(["realisation", "info", "--json", to]);
+        let info = run(info, LIMIT);
+        assert!(info.status.success(), "{info:?}");
+        let output = target["outputs"][0].as_str().unwrap();
+        let base = output.rsplit('/').next().unwrap();
+        assert!(info.stdout.contains(base), "{info:?}");
+    }
+    // The originals' realisations are registered too: Nix finds the root's output.
+    for original in steps.iter().filter(|s| s["status"] == "resolved") {
+        let mut info = space.nix("nix", None);
+        info.args([
+            "realisation",
+            "info",
+            "--json",
+            original["drv"].as_str().unwrap(),
+        ]);
+        let info = run(info, LIMIT);
+        let output = original["outputs"][0].as_str().unwrap();
+        let base = output.rsplit('/').next().unwrap();
+        assert!(
+            info.status.success() && info.stdout.contains(base),
+            "{info:?}"
+        );
+    }
+}
+
+#[test]
+fn originals_that_resolve_alike_share_one_build() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    // `a1` and `a2` differ but write the same content, so `c` over either resolves to the
+    // same derivation: built once (early cut-off).
+    let file = space.nix_file(
+        "cutoff.nix",
+        &format!(
+            r#"
+let
+  step = name: variant: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    __contentAddressed = true;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    variant = toString variant;
+    args = [ "-c" "echo ${{name}} >> {runs}; echo same > $out" ];
+  }};
+  c1 = step "c" 0 [ (step "a" 1 [ ]) ];
+  c2 = step "c" 0 [ (step "a" 2 [ ]) ];
+in
+step "top" 0 [ c1 c2 ]
+"#,
+            nonce = nonce(),
+            runs = runs.display(),
+        ),
+    );
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert_eq!(runs_of(&runs), ["a", "a", "c", "top"]);
+}
+
+#[test]
+fn a_step_whose_input_failed_cannot_be_resolved() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond(&space, &runs, true);
+    let built = space.build(&file, LIMIT);
+    assert_eq!(built.status.code(), Some(1), "{built:?}");
+    assert!(
+        built.stderr.contains("cannot resolve: input") && built.stderr.contains("-base.drv failed"),
+        "{built:?}"
+    );
+    assert_eq!(runs_of(&runs), ["base"]);
+}
+
+#[test]
+fn nix_build_through_the_translator_resolves_content_addressed_steps() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond(&space, &runs, false);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = run(c, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim();
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "base\nside\nbase\nside\ntop\n"
+    );
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+    assert!(space.log("translator").contains("resolved"));
+}

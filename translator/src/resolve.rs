@@ -1,0 +1,465 @@
+//! Content-addressed derivations resolved reactively, on the frontend's side.
+//!
+//! A step whose inputs include outputs not known before they are built (floating
+//! content-addressed outputs, and the deferred outputs of input-addressed derivations that
+//! depend on them) is *held*: it is not demanded. When every input's outputs are realised
+//! (their steps reported `built`), the [`Resolver`] resolves it (inputs replaced by their
+//! realised paths, Nix's `tryResolve`), writes the resolved `.drv` into the local store (held
+//! by a temporary GC root while this frontend runs), asserts `<resolved from to>` and demands
+//! the resolved derivation in its place. Workers only ever see resolved derivations;
+//! originals that resolve to the same derivation share its build. When the resolved step is
+//! built, its outputs are the original's, reported to the frontend as the original's `built`
+//! (which may in turn let dependents resolve). A held step whose input failed fails with
+//! "cannot resolve: input X failed".
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_tools::{DaemonPool, DerivationInfo};
+use nixspace_protocol::build;
+use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
+use syndicate::enclose;
+use syndicate_macros::during;
+
+use crate::realisation::built_outputs;
+use crate::steps::{Handler, Plan, StepEvent};
+
+/// A held step.
+struct Held {
+    drv: Derivation,
+    info: DerivationInfo,
+}
+
+#[derive(Default)]
+struct State {
+    held: BTreeMap<String, Held>,
+    /// Output names of every known derivation, sorted (as `built` lists outputs).
+    output_names: BTreeMap<String, Vec<String>>,
+    /// Realised outputs: derivation → output name → path.
+    realised: BTreeMap<String, BTreeMap<String, StorePath>>,
+    /// Held steps being resolved right now.
+    resolving: BTreeSet<String>,
+    /// What was asserted for each resolved original (re-asserted on rejoining).
+    resolved: BTreeMap<String, (build::Resolved, build::Demand)>,
+    /// Resolved derivation → the originals it stands for.
+    originals: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// Resolves this frontend's held steps as their inputs are realised. Cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store_dir: StoreDir,
+    pool: DaemonPool,
+    requester: String,
+    priority: i64,
+    state: Mutex<State>,
+    link: Mutex<Option<Link>>,
+}
+
+#[derive(Clone)]
+struct Link {
+    ds: Arc<Cap>,
+    facet: FacetRef,
+    handler: Handler,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver")
+            .field("held", &self.held())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a held step could not be resolved.
+fn cannot_resolve(why: impl std::fmt::Display) -> String {
+    format!("cannot resolve: {why}")
+}
+
+impl Resolver {
+    /// A resolver for the needed steps of `plan`; the steps it holds back are in
+    /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s.
+    pub async fn new(
+        plan: &Plan,
+        store_dir: StoreDir,
+        pool: DaemonPool,
+        requester: &str,
+        priority: i64,
+    ) -> Result<Resolver, String> {
+        let mut state = State::default();
+        for (drv, info) in &plan.infos {
+            state
+                .output_names
+                .insert(drv.clone(), info.outputs.keys().cloned().collect());
+            let known: BTreeMap<String, StorePath> = info
+                .outputs
+                .iter()
+                .filter_map(|(n, p)| Some((n.clone(), store_dir.parse(p.as_ref()?).ok()?)))
+                .collect();
+            if known.len() == info.outputs.len() {
+                state.realised.insert(drv.clone(), known);
+            }
+        }
+        for drv in &plan.needed {
+            let Some(info) = plan.infos.get(drv) else {
+                continue;
+            };
+            let unknown_input = info.input_drvs.iter().any(|i| {
+                plan.infos
+                    .get(i)
+                    .is_some_and(|i| i.outputs.values().any(Option::is_none))
+            });
+            if !unknown_input {
+                continue;
+            }
+            let path = store_dir.parse(drv).map_err(|e| format!("{drv}: {e}"))?;
+            let text = tokio::fs::read(drv)
+                .await
+                .map_err(|e| format!("cannot read {drv}: {e}"))?;
+            let parsed = Derivation::parse_at(&store_dir, &path, &text)
+                .map_err(|e| format!("cannot parse {drv}: {e}"))?;
+            state.held.insert(
+                drv.clone(),
+                Held {
+                    drv: parsed,
+                    info: info.clone(),
+                },
+            );
+        }
+        Ok(Resolver {
+            inner: Arc::new(Inner {
+                store_dir,
+                pool,
+                requester: requester.to_owned(),
+                priority,
+                state: Mutex::new(state),
+                link: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The steps held back until their inputs are realised (not to be demanded directly).
+    pub fn held(&self) -> BTreeSet<String> {
+        self.inner
+            .state
+            .lock()
+            .map(|s| s.held.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The output paths of `drv` by output name, as far as they are realised.
+    pub fn realised(&self, drv: &str) -> BTreeMap<String, String> {
+        let state = self.inner.state.lock();
+        state
+            .ok()
+            .and_then(|s| s.realised.get(drv).cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, p)| (n, self.inner.store_dir.print(&p)))
+            .collect()
+    }
+
+    /// Record in the local store the realisations of the resolved originals whose outputs are
+    /// valid there (`RegisterDrvOutput`), so Nix finds their outputs as if it had built them.
+    /// Returns how many were registered.
+    pub async fn register_realisations(&self) -> Result<usize, String> {
+        let originals: Vec<String> = self
+            .inner
+            .state
+            .lock()
+            .map(|s| s.resolved.keys().cloned().collect())
+            .unwrap_or_default();
+        let store = self.inner.store_dir.clone();
+        let mut realisations = Vec::new();
+        for original in originals {
+            let path = store.parse(&original).map_err(cannot_resolve)?;
+            let realised = self.realised(&original);
+            let dir = store.clone();
+            let found = tokio::task::spawn_blocking(move || built_outputs(&dir, &path, &realised))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("realisations of {original}: {e}"))?;
+            realisations.extend(found.into_values());
+        }
+        if realisations.is_empty() {
+            return Ok(0);
+        }
+        let mut lease = self.inner.pool.lease().await.map_err(|e| e.to_string())?;
+        let paths: BTreeSet<StorePath> = realisations
+            .iter()
+            .filter_map(|r| StorePath::from_base_name(&r.out_path).ok())
+            .collect();
+        let valid = match lease.client().query_valid_paths(&paths, false).await {
+            Ok(v) => v,
+            Err(e) => return Err(lease.failed(e).to_string()),
+        };
+        let mut registered = 0;
+        for r in realisations {
+            let Ok(path) = StorePath::from_base_name(&r.out_path) else {
+                continue;
+            };
+            if !valid.contains(&path) {
+                continue;
+            }
+            if let Err(e) = lease.client().register_drv_output(&r).await {
+                return Err(format!("cannot register {}: {}", r.id, lease.failed(e)));
+            }
+            registered += 1;
+        }
+        lease.release();
+        Ok(registered)
+    }
+
+    /// Resolve on `ds` from the current facet, reporting originals' outcomes to `handler`;
+    /// demands of steps already resolved are asserted again (after rejoining a dataspace).
+    pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>, handler: Handler) {
+        if let Ok(mut link) = self.inner.link.lock() {
+            *link = Some(Link {
+                ds: Arc::clone(&ds),
+                facet: t.facet_ref(),
+                handler,
+            });
+        }
+        if let Ok(state) = self.inner.state.lock() {
+            for (resolved, demand) in state.resolved.values() {
+                ds.assert(t, resolved);
+                ds.assert(t, demand);
+            }
+        }
+        let inner = &self.inner;
+        enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
+            Inner::built(&inner, t, &drv, &outputs)
+        }));
+        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String _>, |t: &mut Activation| {
+            inner.failed(t, &drv, &reason)
+        }));
+    }
+}
+
+impl Inner {
+    fn link(&self) -> Option<Link> {
+        self.link.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// `drv` was built: record its outputs, report the originals it stands for, and resolve
+    /// the held steps this completes.
+    fn built(inner: &Arc<Inner>, t: &mut Activation, drv: &str, outputs: &[String]) -> ActorResult {
+        let (originals, ready) = {
+            let mut state = inner.state.lock().map_err(|_| "resolver state poisoned")?;
+            let originals = state.originals.get(drv).cloned().unwrap_or_default();
+            let names = state
+                .output_names
+                .get(drv)
+                .or_else(|| originals.iter().find_map(|o| state.output_names.get(o)))
+                .cloned()
+                .unwrap_or_default();
+            let realised: BTreeMap<String, StorePath> = names
+                .into_iter()
+                .zip(outputs)
+                .filter_map(|(n, p)| Some((n, inner.store_dir.parse(p).ok()?)))
+                .collect();
+            for d in originals.iter().map(String::as_str).chain([drv]) {
+                state.realised.insert(d.to_owned(), realised.clone());
+            }
+            let ready: Vec<String> = state
+                .held
+                .iter()
+                .filter(|(d, h)| {
+                    !state.resolving.contains(*d)
+                        && h.info
+                            .input_drvs
+                            .iter()
+                            .all(|i| state.realised.contains_key(i))
+                })
+                .map(|(d, _)| d.clone())
+                .collect();
+            state.resolving.extend(ready.iter().cloned());
+            (originals, ready)
+        };
+        if let Some(link) = inner.link() {
+            for original in originals {
+                tracing::info!(%original, resolved = %drv, "built through its resolved derivation");
+                (link.handler)(
+                    t,
+                    StepEvent::Built {
+                        drv: original,
+                        outputs: outputs.to_vec(),
+                    },
+                )?;
+            }
+        }
+        for held in ready {
+            let inner = Arc::clone(inner);
+            tokio::spawn(async move { inner.resolve(held).await });
+        }
+        Ok(())
+    }
+
+    /// `drv` failed: the originals it stands for fail with it, and held steps that need it
+    /// cannot be resolved.
+    fn failed(&self, t: &mut Activation, drv: &str, reason: &str) -> ActorResult {
+        let Some(link) = self.link() else {
+            return Ok(());
+        };
+        let mut failures: Vec<(String, String)> = Vec::new();
+        {
+            let mut state = self.state.lock().map_err(|_| "resolver state poisoned")?;
+            for original in state.originals.get(drv).cloned().unwrap_or_default() {
+                failures.push((original, reason.to_owned()));
+            }
+            // Held steps waiting on a failed step, and on those, and so on.
+            let mut gone = vec![drv.to_owned()];
+            gone.extend(failures.iter().map(|(d, _)| d.clone()));
+            while let Some(failed) = gone.pop() {
+                let waiting: Vec<String> = state
+                    .held
+                    .iter()
+                    .filter(|(_, h)| h.info.input_drvs.contains(&failed))
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                for d in waiting {
+                    state.held.remove(&d);
+                    failures.push((d.clone(), cannot_resolve(format!("input {failed} failed"))));
+                    gone.push(d);
+                }
+            }
+        }
+        for (drv, reason) in failures {
+            (link.handler)(
+                t,
+                StepEvent::Failed {
+                    drv,
+                    worker: String::new(),
+                    reason,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Resolve `original`, write the resolved derivation and demand it in the original's place.
+    async fn resolve(self: Arc<Self>, original: String) {
+        let outcome = self.write_resolved(&original).await;
+        let Some(link) = self.link() else {
+            return;
+        };
+        let account = Account::new(Some(AnyValue::symbol("resolve")), None);
+        link.facet.activate(&account, None, |t| {
+            match outcome {
+                Ok((resolved, demand)) => {
+                    tracing::info!(%original, to = %resolved.to, "resolved");
+                    link.ds.assert(t, &resolved);
+                    link.ds.assert(t, &demand);
+                    let to = resolved.to.clone();
+                    let already = {
+                        let mut state = self.state.lock().map_err(|_| "resolver state poisoned")?;
+                        state
+                            .originals
+                            .entry(to.clone())
+                            .or_default()
+                            .insert(original.clone());
+                        state.held.remove(&original);
+                        state.resolving.remove(&original);
+                        state.resolved.insert(original.clone(), (resolved, demand));
+                        state.realised.get(&to).map(|r| {
+                            r.values()
+                                .map(|p| self.store_dir.print(p))
+                                .collect::<Vec<_>>()
+                        })
+                    };
+                    // Another original resolved to the same derivation, already built: this
+                    // one is done too (early cut-off), and its `built` will not come again.
+                    match already {
+                        Some(outputs) => Inner::built(&self, t, &to, &outputs),
+                        None => Ok(()),
+                    }
+                }
+                Err(reason) => {
+                    tracing::warn!(%original, %reason, "cannot resolve");
+                    if let Ok(mut state) = self.state.lock() {
+                        state.held.remove(&original);
+                        state.resolving.remove(&original);
+                    }
+                    (link.handler)(
+                        t,
+                        StepEvent::Failed {
+                            drv: original,
+                            worker: String::new(),
+                            reason,
+                        },
+                    )
+                }
+            }
+        });
+    }
+
+    /// The resolved derivation of `original`, written into the local store.
+    async fn write_resolved(
+        &self,
+        original: &str,
+    ) -> Result<(build::Resolved, build::Demand), String> {
+        let (derivation, info, realised) = {
+            let state = self.state.lock().map_err(|_| "resolver state poisoned")?;
+            let held = state
+                .held
+                .get(original)
+                .ok_or_else(|| cannot_resolve("the step is not held"))?;
+            (held.drv.clone(), held.info.clone(), state.realised.clone())
+        };
+        let store = &self.store_dir;
+        let basic = derivation
+            .try_resolve(store, |input, output| {
+                realised.get(&store.print(input))?.get(output).cloned()
+            })
+            .map_err(cannot_resolve)?
+            .ok_or_else(|| cannot_resolve("an input's output was not realised"))?;
+        let resolved = Derivation::from(basic);
+        let text = resolved.to_aterm(store);
+        let path = resolved.drv_path(store).map_err(cannot_resolve)?;
+        let mut lease = self.pool.lease().await.map_err(cannot_resolve)?;
+        let client = lease.client();
+        let written = client
+            .add_text_to_store(path.name(), &text, &resolved.input_srcs)
+            .await;
+        let rooted = match written {
+            Ok(w) if w == path => client.add_temp_root(&path).await,
+            Ok(w) => {
+                return Err(cannot_resolve(format!(
+                    "the store wrote the resolved derivation as {}, expected {}",
+                    store.print(&w),
+                    store.print(&path)
+                )))
+            }
+            Err(e) => Err(e),
+        };
+        match rooted {
+            Ok(()) => lease.release(),
+            Err(e) => return Err(cannot_resolve(lease.failed(e))),
+        }
+        let to = store.print(&path);
+        Ok((
+            build::Resolved {
+                from: original.to_owned(),
+                to: to.clone(),
+                system: info.system.clone(),
+            },
+            build::Demand {
+                drv: to,
+                step: build::StepInfo {
+                    system: info.system,
+                    features: info.features,
+                    input_drvs: Vec::new(),
+                },
+                requester: self.requester.clone(),
+                priority: self.priority.into(),
+                depth: 0.into(),
+            },
+        ))
+    }
+}
