@@ -195,3 +195,80 @@ fn nix_build_through_the_translator_resolves_content_addressed_steps() {
     assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
     assert!(space.log("translator").contains("resolved"));
 }
+
+/// The steps of `runs` whose builder ran, by name, with how many times.
+fn run_counts(runs: &std::path::Path) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for name in runs_of(runs) {
+        *counts.entry(name).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    // A content-addressed chain whose steps take a moment, so the coordinator dies while
+    // the resolved `mid` builds (its input's realisation landed, it was resolved and
+    // scheduled) and stays down while the worker finishes it.
+    let file = space.nix_file(
+        "chain.nix",
+        &format!(
+            r#"
+let
+  step = name: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    __contentAddressed = true;
+    outputHashMode = "recursive";
+    outputHashAlgo = "sha256";
+    args = [ "-c" "echo ${{name}} >> {runs}; /bin/sleep 2; echo ${{name}} $deps > $out" ];
+  }};
+in
+step "top" [ (step "mid" [ (step "base" [ ]) ]) ]
+"#,
+            nonce = nonce(),
+            runs = runs.display(),
+        ),
+    );
+    let build = space.spawn_build(&file);
+    space.wait_for_log("w1", "-mid.drv", LIMIT);
+    space.kill_up();
+    // The worker finishes `mid` while nobody listens.
+    std::thread::sleep(Duration::from_secs(3));
+    space.restart_up();
+    let finished = support::wait_output(build, LIMIT);
+    assert!(finished.status.success(), "{finished:?}");
+    let counts = run_counts(&runs);
+    assert_eq!(
+        counts,
+        [
+            ("base".to_owned(), 1),
+            ("mid".to_owned(), 1),
+            ("top".to_owned(), 1)
+        ]
+        .into(),
+        "every builder ran once"
+    );
+    let worker = space.log("w1");
+    assert!(worker.contains("rejoined the dataspace"), "{worker}");
+    assert!(
+        worker.contains("claiming a step built while the dataspace was away"),
+        "{worker}"
+    );
+    // The history survived: one row per step, links intact.
+    let history = run(space.command(&["history", "--json"]), LIMIT);
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let steps = steps.as_array().unwrap();
+    let mut drvs: Vec<&str> = steps.iter().map(|s| s["drv"].as_str().unwrap()).collect();
+    let all = drvs.len();
+    drvs.sort_unstable();
+    drvs.dedup();
+    assert_eq!(drvs.len(), all, "no duplicate rows: {steps:?}");
+    let resolved = steps.iter().filter(|s| s["status"] == "resolved").count();
+    assert_eq!(resolved, 2, "mid and top were resolved: {steps:?}");
+}

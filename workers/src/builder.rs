@@ -26,8 +26,10 @@ use std::sync::Arc;
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
 use nixspace_transfer::{FetchError, StoreNode};
+
+use crate::detached::{Builds, Outcome};
 use syndicate::actor::{
-    Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef, Handle,
+    Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
     LinkedTaskTermination, Ref,
 };
 use syndicate::enclose;
@@ -160,6 +162,8 @@ struct Builder {
     claims: BTreeMap<String, Handle>,
     /// The facet of each running build.
     building: BTreeMap<String, FacetId>,
+    /// The builds themselves, which outlive this connection.
+    builds: Builds,
     offer: Option<Handle>,
 }
 
@@ -196,6 +200,7 @@ impl Entity<Event> for Builder {
                             Arc::clone(&self.config),
                             self.pool.clone(),
                             self.store.clone(),
+                            self.builds.clone(),
                             drv.clone(),
                         );
                         Ok(())
@@ -210,6 +215,7 @@ impl Entity<Event> for Builder {
                 }
             }
             Event::Unassigned(drv, worker) if worker == self.config.id => {
+                self.builds.cancel(&drv);
                 if let Some(facet) = self.building.remove(&drv) {
                     tracing::info!(%drv, "assignment withdrawn; stopping its build");
                     t.stop_facet(facet);
@@ -311,6 +317,7 @@ pub fn start(
     t: &mut Activation,
     ds: Arc<Cap>,
     config: BuilderConfig,
+    builds: Builds,
 ) -> Result<Arc<Ref<Event>>, ActorError> {
     let config = Arc::new(config);
     let me = config.id.clone();
@@ -338,8 +345,15 @@ pub fn start(
         draining: None,
         claims: BTreeMap::new(),
         building: BTreeMap::new(),
+        builds,
         offer: None,
     };
+    // Steps built (or building) while the dataspace was away: claim them again, so the
+    // planner grants them back to us once they are demanded again.
+    for drv in builder.builds.pending() {
+        tracing::info!(%drv, "claiming a step built while the dataspace was away");
+        builder.claim(t, drv);
+    }
     builder.fill_slots(t);
     let builder: Arc<Ref<Event>> = t.create_ref(builder);
 
@@ -377,21 +391,44 @@ pub fn start(
     Ok(builder)
 }
 
-/// Build one assigned step in the current facet; stopping the facet kills
-/// the build and withdraws its outcome.
+/// Follow the build of one assigned step from the current facet (starting it if it is not
+/// running already), then assert its outcome there. Stopping the facet withdraws the
+/// outcome; the build itself is stopped by [`Builds::cancel`].
 fn build_step(
     t: &mut Activation,
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
     pool: DaemonPool,
     store: StoreNode,
+    builds: Builds,
     drv: String,
 ) {
     let facet = t.facet_ref();
+    let account = Account::new(Some(AnyValue::symbol("build")), None);
+    let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
+        facet.activate(&account, None, |t| {
+            ds.message(t, &build::Log { drv: drv.clone(), worker: config.id.clone(), line });
+            Ok(())
+        });
+    });
+    let mut outcome = builds.follow(&drv, Box::new(lines), |lines| {
+        let (config, drv) = (Arc::clone(&config), drv.clone());
+        async move {
+            tracing::info!(%drv, "building");
+            run_build(&config, &pool, &store, &drv, |line| lines.send(line)).await
+        }
+    });
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
-        let account = Account::new(Some(AnyValue::symbol("build")), None);
-        tracing::info!(%drv, "building");
-        let outcome = run_build(&facet, &account, &ds, &config, &pool, &store, &drv).await;
+        let outcome = match outcome.wait_for(Option::is_some).await {
+            Ok(o) => o.clone(),
+            Err(_) => None,
+        };
+        let outcome = outcome.unwrap_or_else(|| {
+            Err((
+                "the build stopped".to_owned(),
+                build::FailureKind::Transient,
+            ))
+        });
         facet.activate(&account, None, |t| {
             match outcome {
                 Ok(outputs) => {
@@ -424,19 +461,16 @@ fn build_step(
     });
 }
 
-/// Build `drv` over the worker's daemon pool, streaming its log as
-/// `<log drv worker line>` messages. The derivation and the inputs the local
-/// store lacks are fetched first from the stores in the dataspace. Dropping
-/// the future (the facet stopped) interrupts the build.
+/// Build `drv` over the worker's daemon pool, passing its log lines to `on_line`. The
+/// derivation and the inputs the local store lacks are fetched first from the stores in the
+/// dataspace. Dropping the future interrupts the build.
 async fn run_build(
-    facet: &FacetRef,
-    account: &Arc<Account>,
-    ds: &Arc<Cap>,
     config: &BuilderConfig,
     pool: &DaemonPool,
     store: &StoreNode,
     drv: &str,
-) -> Result<Vec<String>, (String, build::FailureKind)> {
+    mut send_line: impl FnMut(String) + Send,
+) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
         (
@@ -448,19 +482,6 @@ async fn run_build(
         .ensure(&[drv.to_owned()])
         .await
         .map_err(fetch_failed)?;
-    let mut send_line = |line: String| {
-        facet.activate(account, None, |t| {
-            ds.message(
-                t,
-                &build::Log {
-                    drv: drv.to_owned(),
-                    worker: worker.to_owned(),
-                    line,
-                },
-            );
-            Ok(())
-        });
-    };
     let built = match pool.build(drv, &mut send_line).await {
         Err(StepError::InputsMissing(missing)) => {
             store.ensure(&missing).await.map_err(fetch_failed)?;

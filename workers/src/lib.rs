@@ -3,7 +3,10 @@
 //! [`builder`] joins a dataspace as a build worker: it announces what it can
 //! build, claims ready steps while it has free slots, builds the ones it is
 //! assigned with the local Nix, streams their logs and asserts the outcome.
+//! [`detached`] keeps those builds running across losses of the dataspace.
 
 pub mod builder;
+pub mod detached;
 
 pub use builder::{start, BuilderConfig, DrainDone, Event};
+pub use detached::Builds;

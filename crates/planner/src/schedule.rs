@@ -164,6 +164,9 @@ pub struct Schedule {
     workers: BTreeMap<String, WorkerOffer>,
     /// Free build slots each worker announced.
     free_slots: BTreeMap<String, i64>,
+    /// Claims on steps not ready (yet): a worker that built a step while the planner was
+    /// away claims it again on rejoining, and gets it as soon as it is ready.
+    early_claims: BTreeMap<String, BTreeSet<String>>,
     steal: StealPolicy,
     /// Ready steps no connected worker can take.
     unschedulable: BTreeSet<String>,
@@ -186,6 +189,7 @@ impl Schedule {
             dependents: BTreeMap::new(),
             workers: BTreeMap::new(),
             free_slots: BTreeMap::new(),
+            early_claims: BTreeMap::new(),
             steal: StealPolicy::default(),
             unschedulable: BTreeSet::new(),
             max_attempts: max_attempts.max(1),
@@ -312,8 +316,16 @@ impl Schedule {
     /// `worker` asks to build `drv`. Granted when the step is ready.
     pub fn claim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
-        if self.state(drv) != Some(&StepState::Ready) {
-            return self.claim_steal(drv, worker);
+        match self.state(drv) {
+            Some(StepState::Ready) => {}
+            None | Some(StepState::Waiting) | Some(StepState::Retrying) => {
+                self.early_claims
+                    .entry(drv.to_owned())
+                    .or_default()
+                    .insert(worker.to_owned());
+                return effects;
+            }
+            Some(_) => return self.claim_steal(drv, worker),
         }
         // Assign before Unready: a worker that sees the step stop being ready
         // already knows whether it won.
@@ -329,6 +341,12 @@ impl Schedule {
     /// `worker` withdrew its claim on `drv`. If it was building the step and
     /// reported no outcome, the worker was lost: a transient failure.
     pub fn unclaim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+        if let Some(claims) = self.early_claims.get_mut(drv) {
+            claims.remove(worker);
+            if claims.is_empty() {
+                self.early_claims.remove(drv);
+            }
+        }
         if let Some(effects) = self.thief_gone(drv, worker) {
             return effects;
         }
@@ -489,11 +507,23 @@ impl Schedule {
         }
     }
 
-    /// Make a step ready, noting whether any worker can take it.
+    /// Make a step ready, noting whether any worker can take it; a connected worker that
+    /// claimed it early gets it at once.
     fn enter_ready(&mut self, drv: &str, effects: &mut Vec<Effect>) {
+        let early = self
+            .early_claims
+            .remove(drv)
+            .and_then(|ws| ws.into_iter().find(|w| self.workers.contains_key(w)));
         let Some(step) = self.steps.get_mut(drv) else {
             return;
         };
+        if let Some(worker) = early {
+            step.state = StepState::Assigned(worker.clone());
+            step.attempts += 1;
+            step.assigned_at = Some(Instant::now());
+            effects.push(Effect::Assign(drv.to_owned(), worker));
+            return;
+        }
         step.state = StepState::Ready;
         effects.push(Effect::Ready(
             drv.to_owned(),
@@ -616,6 +646,31 @@ mod tests {
         assert_eq!(s.state("b"), Some(&StepState::Waiting));
         s.claim("a", "w1");
         assert_eq!(readies(&s.built("a", "w1", vec![])), vec!["b"]);
+    }
+
+    #[test]
+    fn an_early_claim_is_granted_once_the_step_is_ready() {
+        let mut s = Schedule::default();
+        s.worker_joined(
+            "w1",
+            WorkerOffer {
+                systems: vec!["x86_64-linux".into()],
+                features: vec![],
+                speed: 1.0,
+            },
+        );
+        // The worker rejoined a restarted planner before the frontend demanded again.
+        assert!(s.claim("a", "w1").is_empty());
+        let e = s.demand("a", info(&[]), Urgency::default());
+        assert_eq!(e, vec![Effect::Assign("a".into(), "w1".into())]);
+        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
+        // A withdrawn early claim is forgotten.
+        assert!(s.claim("b", "w1").is_empty());
+        s.unclaim("b", "w1");
+        assert_eq!(
+            readies(&s.demand("b", info(&[]), Urgency::default())),
+            vec!["b"]
+        );
     }
 
     #[test]

@@ -113,8 +113,10 @@ impl JoinedWorker {
             config.speed
         );
         let handle = Arc::new(Mutex::new(None));
+        // Builds outlive a connection: a restarted dataspace gets their outcomes.
+        let builds = nixspace_workers::Builds::default();
         let body = enclose!((handle) move |t: &mut Activation, ds| {
-            let builder = nixspace_workers::start(t, ds, config)?;
+            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone())?;
             if let Ok(mut h) = handle.lock() {
                 *h = Some((t.facet_ref(), builder));
             }

@@ -1,0 +1,156 @@
+//! Builds that outlive the worker's connection to the dataspace.
+//!
+//! A build runs as its own task, not inside the connection's actor: if the dataspace goes
+//! away (its coordinator restarts), the build goes on, and its outcome waits here. On
+//! rejoining, the worker claims its pending steps again and, once granted, reports the
+//! outcome (or follows the build still running) instead of building again. Only the planner
+//! withdrawing a step stops its build ([`Builds::cancel`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use nixspace_protocol::build;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+/// How a build ended: its outputs, or why it failed and whether that is for good.
+pub type Outcome = Result<Vec<String>, (String, build::FailureKind)>;
+
+/// Where a build's log lines go (the connection following it, if any).
+type LineSink = Box<dyn Fn(String) + Send + Sync>;
+
+struct Slot {
+    outcome: watch::Sender<Option<Outcome>>,
+    lines: Mutex<Option<LineSink>>,
+    task: Mutex<Option<AbortHandle>>,
+}
+
+/// Sends a running build's log lines to whichever connection follows it now.
+#[derive(Clone)]
+pub struct LogLines(Arc<Slot>);
+
+impl LogLines {
+    /// Pass one log line on (dropped while no connection follows the build).
+    pub fn send(&self, line: String) {
+        if let Ok(lines) = self.0.lines.lock() {
+            if let Some(sink) = lines.as_ref() {
+                sink(line);
+            }
+        }
+    }
+}
+
+/// The worker's builds, running or finished but not yet acknowledged, by step.
+#[derive(Clone, Default)]
+pub struct Builds {
+    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+}
+
+impl Builds {
+    /// Steps built or being built whose outcome the planner has not taken yet.
+    pub fn pending(&self) -> Vec<String> {
+        self.slots
+            .lock()
+            .map(|s| s.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Follow the build of `drv`, sending its log lines to `lines`; start it with `start` if
+    /// it is not running or finished already. The receiver sees its outcome.
+    pub fn follow<F>(
+        &self,
+        drv: &str,
+        lines: LineSink,
+        start: impl FnOnce(LogLines) -> F,
+    ) -> watch::Receiver<Option<Outcome>>
+    where
+        F: Future<Output = Outcome> + Send + 'static,
+    {
+        let Ok(mut slots) = self.slots.lock() else {
+            let (_, rx) = watch::channel(Some(Err((
+                "worker state poisoned".to_owned(),
+                build::FailureKind::Transient,
+            ))));
+            return rx;
+        };
+        if let Some(slot) = slots.get(drv) {
+            if let Ok(mut l) = slot.lines.lock() {
+                *l = Some(lines);
+            }
+            tracing::info!(%drv, "following a build that outlived a connection");
+            return slot.outcome.subscribe();
+        }
+        let (tx, rx) = watch::channel(None);
+        let slot = Arc::new(Slot {
+            outcome: tx,
+            lines: Mutex::new(Some(lines)),
+            task: Mutex::new(None),
+        });
+        let build = start(LogLines(Arc::clone(&slot)));
+        let done = Arc::clone(&slot);
+        let task = tokio::spawn(async move {
+            let outcome = build.await;
+            done.outcome.send_replace(Some(outcome));
+        });
+        if let Ok(mut t) = slot.task.lock() {
+            *t = Some(task.abort_handle());
+        }
+        slots.insert(drv.to_owned(), slot);
+        rx
+    }
+
+    /// The planner withdrew `drv` (its outcome is recorded, or nobody wants it): stop its
+    /// build if it still runs, and forget it.
+    pub fn cancel(&self, drv: &str) {
+        let slot = self.slots.lock().ok().and_then(|mut s| s.remove(drv));
+        if let Some(task) = slot.and_then(|s| s.task.lock().ok().and_then(|mut t| t.take())) {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn quiet() -> LineSink {
+        Box::new(|_| {})
+    }
+
+    #[tokio::test]
+    async fn a_build_runs_once_and_its_outcome_waits_to_be_taken() {
+        let builds = Builds::default();
+        let mut rx = builds.follow("d", quiet(), |lines| async move {
+            lines.send("hello".into());
+            Ok(vec!["/out".into()])
+        });
+        rx.wait_for(Option::is_some).await.unwrap();
+        // Followed again (after a reconnection): not started again, the outcome is there.
+        let again = builds.follow("d", quiet(), |_| async { panic!("built twice") });
+        assert_eq!(*again.borrow(), Some(Ok(vec!["/out".to_owned()])));
+        assert_eq!(builds.pending(), ["d"]);
+        builds.cancel("d");
+        assert!(builds.pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancelling_stops_a_running_build() {
+        let builds = Builds::default();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
+        let _rx = builds.follow("d", quiet(), |_| async move {
+            let _guard = dropped_tx;
+            let _ = started_tx.send(());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(vec![])
+        });
+        started.await.unwrap();
+        builds.cancel("d");
+        // The build's future was dropped: its guard went with it.
+        assert!(tokio::time::timeout(Duration::from_secs(5), dropped)
+            .await
+            .is_ok());
+    }
+}
