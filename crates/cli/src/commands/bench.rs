@@ -1,7 +1,7 @@
 //! `nixspace bench dag`: build the same generated DAG with `nix-build` and
 //! with nixspace on this machine, and time the planner on a large DAG.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,9 +27,10 @@ enum BenchCommand {
 /// A layered DAG of trivial derivations: `nix-build` vs `nixspace build`.
 ///
 /// Each run generates fresh derivations (a new nonce) so nothing is cached.
-/// (a) `nix-build --max-jobs WORKERS×JOBS` on the local store, (b) `nixspace
-/// build` with WORKERS local worker processes of JOBS slots each (started
-/// once, before the runs). Prints min/median/max wall time over --runs, the
+/// (a) `nix-build --max-jobs WORKERS×JOBS` on the local store, (a') the same
+/// through a `nix-daemon` socket (a private daemon on this store), (b)
+/// `nixspace build` with WORKERS local worker processes of JOBS slots each
+/// (started once, before the runs). Prints min/median/max wall time over --runs, the
 /// dispatch latency (ready → granted) from the planner's histogram, and the
 /// time the pure planner takes for a --planner-nodes DAG.
 #[derive(Args, Debug)]
@@ -129,7 +130,10 @@ async fn dag_runs(
     )
     .await?;
     let total_jobs = (args.workers * args.jobs).to_string();
+    let daemon = spawn_nix_daemon(tmp, children).await?;
+    let daemon_store = format!("unix://{}", daemon.display());
     let mut nix_times = Vec::new();
+    let mut daemon_times = Vec::new();
     let mut ours = Vec::new();
     for run in 0..args.runs {
         let nonce = format!("{}-{run}", std::process::id());
@@ -144,6 +148,22 @@ async fn dag_runs(
                 "--quiet",
                 "--max-jobs",
                 &total_jobs,
+            ]))
+            .await?,
+        );
+        let file = tmp.join(format!("daemon-{run}.nix"));
+        std::fs::write(
+            &file,
+            layered_dag_nix(args.nodes, args.width, &format!("daemon-{nonce}")),
+        )?;
+        daemon_times.push(
+            timed(Command::new("nix-build").arg(&file).args([
+                "--no-out-link",
+                "--quiet",
+                "--max-jobs",
+                &total_jobs,
+                "--store",
+                &daemon_store,
             ]))
             .await?,
         );
@@ -176,11 +196,20 @@ async fn dag_runs(
         &format!("nix-build --max-jobs {total_jobs}"),
         &mut nix_times,
     );
+    print_row(
+        &format!("nix-build via nix-daemon, {total_jobs} jobs"),
+        &mut daemon_times,
+    );
     print_row("nixspace build", &mut ours);
     let ratio = median(&ours).as_secs_f64() / median(&nix_times).as_secs_f64();
     println!(
         "{:<34} {:>9} {:>8.2}x",
         "ratio nixspace / nix-build", "", ratio
+    );
+    let ratio = median(&ours).as_secs_f64() / median(&daemon_times).as_secs_f64();
+    println!(
+        "{:<34} {:>9} {:>8.2}x",
+        "ratio nixspace / via nix-daemon", "", ratio
     );
     println!(
         "per derivation (median): nix-build {:.1} ms, nixspace {:.1} ms",
@@ -200,6 +229,31 @@ async fn dag_runs(
         ms(planner.as_secs_f64())
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Start a `nix-daemon` on this machine's store, listening on a socket in `tmp` (stopped with
+/// `children`); returns the socket once it exists.
+async fn spawn_nix_daemon(tmp: &Path, children: &mut Children) -> anyhow::Result<PathBuf> {
+    let socket = tmp.join("nix-daemon.sock");
+    // NIX_REMOTE=local: a daemon whose store is "auto" could connect to itself.
+    let child = Command::new("nix-daemon")
+        .env("NIX_REMOTE", "local")
+        .env("NIX_DAEMON_SOCKET_PATH", &socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start nix-daemon: {e}"))?;
+    children.push(child);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!("nix-daemon did not create {}", socket.display());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(socket)
 }
 
 async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {

@@ -33,6 +33,11 @@ pub struct DemoArgs {
 pub struct Children(Vec<Child>);
 
 impl Children {
+    /// Keep `child` to be stopped with the others.
+    pub fn push(&mut self, child: Child) {
+        self.0.push(child);
+    }
+
     /// Stop the children, last started first (workers before the dataspace).
     pub async fn stop(&mut self) {
         while let Some(mut child) = self.0.pop() {
