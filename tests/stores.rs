@@ -7,7 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{command_lines_with, nonce, run, wait_output, Space};
+use support::{command_lines_with, nonce, run, wait_output, KillOnDrop, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -195,4 +195,140 @@ fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_sto
             .any(|l| l.contains("fetched") && l.contains("-second") && l.contains("w2")),
         "{translator}"
     );
+}
+
+/// A chain `base` → `top` built with plain `nix-build` on the local store, copied into a
+/// binary cache at `cache` (`nix copy --to file://…` with `compression`), then deleted from
+/// the store. Returns the Nix file and `top`'s output path.
+fn cached_chain(space: &Space, runs: &Path, cache: &Path, compression: &str) -> (PathBuf, String) {
+    // `top`'s output names `base`'s, so the cache holds both and `base` comes first.
+    let file = space.nix_file(
+        "cached.nix",
+        &format!(
+            r#"
+let
+  step = name: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} $deps > $out" ];
+  }};
+in
+step "top" [ (step "base" [ ]) ]
+"#,
+            nonce = nonce(),
+            runs = runs.display(),
+        ),
+    );
+    let mut b = space.nix("nix-build", None);
+    b.arg(&file).arg("--no-out-link");
+    let built = run(b, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let top = built.stdout.trim().to_owned();
+    let mut q = space.nix("nix-store", None);
+    q.args(["-qR", &top]);
+    let closure = run(q, LIMIT);
+    let mut copy = space.nix("nix", None);
+    copy.args(["copy", "--to"])
+        .arg(format!(
+            "file://{}?compression={compression}",
+            cache.display()
+        ))
+        .arg(&top);
+    let copied = run(copy, LIMIT);
+    assert!(copied.status.success(), "{copied:?}");
+    let mut delete = space.nix("nix-store", None);
+    delete.arg("--delete").args(closure.stdout.lines());
+    let deleted = run(delete, LIMIT);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert_eq!(closure.stdout.lines().count(), 2, "{closure:?}");
+    assert!(!Path::new(&top).exists());
+    std::fs::remove_file(runs).unwrap();
+    (file, top)
+}
+
+/// Start `nixspace substitute CACHE` on `space`, logging to `<tmp>/substituter.log`.
+fn substituter(space: &Space, cache: &Path) -> KillOnDrop {
+    let log = space.tmp.path().join("substituter.log");
+    let child = space
+        .command(&["substitute", "--name", "cache"])
+        .arg("--dir")
+        .arg(space.dir())
+        .arg(cache)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    space.wait_for_log("substituter", "serving", LIMIT);
+    KillOnDrop(child)
+}
+
+#[test]
+fn outputs_in_a_binary_cache_are_substituted_not_built() {
+    let mut space = Space::start();
+    let (runs, cache) = (
+        space.tmp.path().join("runs"),
+        space.tmp.path().join("cache"),
+    );
+    let (file, top) = cached_chain(&space, &runs, &cache, "xz");
+    space.worker("w1", &[]);
+    let _cache = substituter(&space, &cache);
+
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert_eq!(built.stdout.trim(), top);
+    assert!(std::fs::read_to_string(&top)
+        .unwrap()
+        .starts_with("top /nix/store/"));
+    assert!(
+        !runs.exists(),
+        "nothing was built: {:?}",
+        std::fs::read_to_string(&runs)
+    );
+    let worker = space.log("w1");
+    assert_eq!(
+        worker.matches("substituted the outputs").count(),
+        0,
+        "logs are relayed, not printed"
+    );
+    assert!(
+        worker.contains("fetched") && worker.contains("from") && worker.contains("cache"),
+        "{worker}"
+    );
+    let mut verify = space.nix("nix-store", None);
+    verify.args(["--verify-path", &top]);
+    assert!(run(verify, LIMIT).status.success());
+}
+
+#[test]
+fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
+    let mut space = Space::start();
+    let (runs, cache) = (
+        space.tmp.path().join("runs"),
+        space.tmp.path().join("cache"),
+    );
+    let (file, top) = cached_chain(&space, &runs, &cache, "none");
+    // Flip one byte in the middle of every NAR of the cache.
+    for entry in std::fs::read_dir(cache.join("nar")).unwrap() {
+        let path = entry.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x20;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    space.worker("w1", &[]);
+    let _cache = substituter(&space, &cache);
+
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert!(std::fs::read_to_string(&top)
+        .unwrap()
+        .starts_with("top /nix/store/"));
+    let worker = space.log("w1");
+    assert!(worker.contains("hash mismatch"), "{worker}");
+    // Both steps were built after all, and what is in the store is sound.
+    support::assert_each_step_built_once(&runs, 2);
+    let mut verify = space.nix("nix-store", None);
+    verify.args(["--verify-path", &top]);
+    assert!(run(verify, LIMIT).status.success());
 }

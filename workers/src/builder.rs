@@ -23,6 +23,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
 use nixspace_transfer::{FetchError, StoreNode};
@@ -461,6 +463,29 @@ fn build_step(
     });
 }
 
+/// The outputs of `drv` (by output name), if substituters in the dataspace had them all and
+/// they are valid in the local store now; `None` means build it.
+async fn substituted(store: &StoreNode, drv: &str) -> Option<Vec<String>> {
+    let text = tokio::fs::read(drv).await.ok()?;
+    let dir = std::path::Path::new(drv).parent()?.to_str()?;
+    let store_dir = StoreDir::new(dir).ok()?;
+    let path = store_dir.parse(drv).ok()?;
+    let derivation = Derivation::parse_at(&store_dir, &path, &text).ok()?;
+    let outputs: Vec<String> = derivation
+        .outputs
+        .values()
+        .map(|o| o.path().map(|p| store_dir.print(p)))
+        .collect::<Option<_>>()?;
+    match store.substitute(&outputs).await {
+        Ok(true) => Some(outputs),
+        Ok(false) => None,
+        Err(e) => {
+            tracing::warn!(%drv, error = %e, "substitution failed; building instead");
+            None
+        }
+    }
+}
+
 /// Build `drv` over the worker's daemon pool, passing its log lines to `on_line`. The
 /// derivation and the inputs the local store lacks are fetched first from the stores in the
 /// dataspace. Dropping the future interrupts the build.
@@ -482,6 +507,10 @@ async fn run_build(
         .ensure(&[drv.to_owned()])
         .await
         .map_err(fetch_failed)?;
+    if let Some(outputs) = substituted(store, drv).await {
+        send_line(format!("substituted the outputs of {drv}"));
+        return Ok(outputs);
+    }
     let built = match pool.build(drv, &mut send_line).await {
         Err(StepError::InputsMissing(missing)) => {
             store.ensure(&missing).await.map_err(fetch_failed)?;

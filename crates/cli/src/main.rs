@@ -43,6 +43,7 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     Translate(commands::translate::TranslateArgs),
     Daemon(commands::daemon::DaemonArgs),
+    Substitute(commands::substitute::SubstituteArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +85,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => commands::demo::run(a).await,
             Command::Translate(a) => commands::translate::run(a).await,
             Command::Daemon(a) => commands::daemon::run(a).await,
+            Command::Substitute(a) => commands::substitute::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

@@ -37,6 +37,9 @@ use crate::version::{
 };
 use crate::wire::{NixDeserialize, NixReader, NixWriter, WireError};
 
+/// How long an upload may take to send its last frame once the daemon has answered.
+const UPLOAD_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -536,10 +539,28 @@ where
                     }
                 }
             };
-            let (written, read) = tokio::join!(write, read);
-            // A write failure desynchronises the stream even if the daemon answered.
-            written?;
-            read
+            tokio::pin!(write, read);
+            tokio::select! {
+                // A failed source (e.g. a NAR that did not check out) ends the upload midway:
+                // the daemon would wait for the rest forever, so do not wait for its answer.
+                // The stream is out of step now, and the error says so (not recoverable).
+                written = &mut write => {
+                    written?;
+                    read.await
+                }
+                answered = &mut read => match answered {
+                    Ok(()) => write.await.map(|_| ()),
+                    // The daemon refused the upload: in step if our last frame is out, else
+                    // the daemon gave up midway and the stream is out of step.
+                    Err(e) => match tokio::time::timeout(UPLOAD_SETTLE, &mut write).await {
+                        Ok(Ok(_)) => Err(e),
+                        _ => Err(ClientError::Wire(WireError::io(
+                            "AddToStoreNar",
+                            io::Error::other(e.to_string()),
+                        ))),
+                    },
+                },
+            }
         }
         .await;
         self.track(res)

@@ -10,8 +10,10 @@
 //!   hash again and registers nothing that does not match). A path wanted by several steps at
 //!   once is fetched once.
 
-mod nar_stream;
+pub mod binary_cache;
+pub mod nar_stream;
 mod node;
 mod path_info;
+pub mod source;
 
 pub use node::{FetchError, StoreNode};

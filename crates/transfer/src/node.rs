@@ -11,21 +11,33 @@ use std::time::Duration;
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::DaemonPool;
+use nixspace_protocol::on_retraction;
 use nixspace_protocol::store::{self, NarReply};
 use preserves_schema::Parse;
 use syndicate::actor::{
     Account, Activation, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef,
-    LinkedTaskTermination,
 };
 use syndicate::enclose;
 use syndicate_macros::during;
 use tokio::sync::{mpsc, OnceCell};
 
-use crate::nar_stream::{NarReceiver, NarSender};
-use crate::path_info::{from_wire, to_wire};
+use crate::nar_stream::NarReceiver;
+use crate::path_info::from_wire;
+use crate::source::{serve, DaemonSource, PathSource, Role};
 
 /// How long a fetch waits for some store to say it has the path.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a worker waits for substituters to say whether they have a path.
+const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whom a fetch waits for.
+enum Patience<'a> {
+    /// Any store, for up to [`WANT_PATIENCE`].
+    Anyone,
+    /// These substituters, until each said it lacks the path (or [`SUBSTITUTE_PATIENCE`]).
+    Substitutes(&'a BTreeSet<String>),
+}
 
 /// How long a NAR stream may stay silent before the transfer is abandoned.
 const STREAM_IDLE: Duration = Duration::from_secs(60);
@@ -67,6 +79,8 @@ struct Inner {
     inflight: Mutex<HashMap<StorePath, Arc<FetchOnce>>>,
     fetched: AtomicU64,
     fetched_bytes: AtomicU64,
+    /// The substituters in the dataspace.
+    substituters: Mutex<BTreeSet<String>>,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -90,7 +104,8 @@ type FetchOnce = OnceCell<Result<(), FetchError>>;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-fn account(what: &'static str) -> Arc<Account> {
+/// An account for turns started outside the actor (tasks, callbacks).
+pub(crate) fn account(what: &'static str) -> Arc<Account> {
     Account::new(Some(AnyValue::symbol(what)), None)
 }
 
@@ -105,6 +120,7 @@ impl StoreNode {
                 inflight: Mutex::new(HashMap::new()),
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
+                substituters: Mutex::new(BTreeSet::new()),
             }),
         }
     }
@@ -131,38 +147,58 @@ impl StoreNode {
                 facet: t.facet_ref(),
             });
         }
+        let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
+        serve(t, &ds, &self.inner.name, source, Role::Peer);
         let inner = &self.inner;
-        enclose!((inner, ds) during!(t, ds, <want $path: String $store: String>, |t: &mut Activation| {
-            if store != inner.name {
-                let facet = t.facet_ref();
-                t.linked_task(Some(AnyValue::symbol("answer-want")), enclose!((inner, ds, path) async move {
-                    if let Some(info) = inner.path_info(&path).await {
-                        let available = store::Available { path, store: inner.name.clone(), info };
-                        facet.activate(&account("available"), None, |t| {
-                            ds.assert(t, &available);
-                            Ok(())
-                        });
-                    }
-                    Ok(LinkedTaskTermination::KeepFacet)
-                }));
+        enclose!((inner) during!(t, ds, <substituter $name: String>, |t: &mut Activation| {
+            if let Ok(mut s) = inner.substituters.lock() {
+                s.insert(name.clone());
             }
-            Ok(())
-        }));
-        enclose!((inner) during!(t, ds, <nar-request $path: String $store: String $sink>, |t: &mut Activation| {
-            if store != inner.name {
-                return Ok(());
-            }
-            let Some(sink) = sink.as_embedded().map(|s| Arc::clone(&s)) else {
-                tracing::warn!(%path, "NAR request without a sink capability; ignored");
-                return Ok(());
-            };
-            let facet = t.facet_ref();
-            t.linked_task(Some(AnyValue::symbol("send-nar")), enclose!((inner, path) async move {
-                inner.send_nar(facet, &path, sink).await;
-                Ok(LinkedTaskTermination::KeepFacet)
+            on_retraction(t, enclose!((inner, name) move |_t| {
+                if let Ok(mut s) = inner.substituters.lock() {
+                    s.remove(&name);
+                }
+                Ok(())
             }));
             Ok(())
         }));
+    }
+
+    /// Make `paths` valid in this store from what the dataspace already has (substituters and
+    /// peers), without waiting for anything to be built: `Ok(true)` if all are valid now,
+    /// `Ok(false)` if some store lacks one (or there is no substituter to ask).
+    pub async fn substitute(&self, paths: &[String]) -> Result<bool, FetchError> {
+        let substituters = self
+            .inner
+            .substituters
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        if substituters.is_empty() {
+            return Ok(false);
+        }
+        let store_dir = self.inner.pool.store_dir();
+        let parsed = paths
+            .iter()
+            .map(|p| {
+                store_dir
+                    .parse(p)
+                    .map_err(|e| FetchError::Local(format!("{p}: {e}")))
+            })
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let valid = self.inner.valid(&parsed).await?;
+        for path in parsed.difference(&valid) {
+            match self
+                .inner
+                .fetch_within(path, Patience::Substitutes(&substituters))
+                .await
+            {
+                Ok(()) => {}
+                Err(FetchError::Nowhere(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Make `paths` (printed store paths) and their closures valid in this store, fetching
@@ -190,51 +226,6 @@ impl Inner {
             .ok_or(FetchError::Detached)
     }
 
-    /// What the local store knows about `path`, if it is valid here.
-    async fn path_info(&self, path: &str) -> Option<store::PathInfo> {
-        let store_dir = self.pool.store_dir();
-        let parsed = store_dir.parse(path).ok()?;
-        let mut lease = self.pool.lease().await.ok()?;
-        match lease.client().query_path_info(&parsed).await {
-            Ok(info) => {
-                lease.release();
-                info.map(|i| to_wire(store_dir, &i))
-            }
-            Err(e) => {
-                let e = lease.failed(e);
-                tracing::warn!(%path, error = %e, "cannot query the local store");
-                None
-            }
-        }
-    }
-
-    /// Stream the NAR of `path` to `sink`, from `facet`.
-    async fn send_nar(&self, facet: FacetRef, path: &str, sink: Arc<Cap>) {
-        let mut sender = NarSender::new(facet, sink);
-        let parsed = match self.pool.store_dir().parse(path) {
-            Ok(p) => p,
-            Err(e) => return sender.fail(format!("{path}: {e}")),
-        };
-        let mut lease = match self.pool.lease().await {
-            Ok(l) => l,
-            Err(e) => return sender.fail(e.to_string()),
-        };
-        match lease.client().nar_from_path(&parsed, &mut sender).await {
-            Ok(size) => {
-                lease.release();
-                tracing::debug!(%path, size, "sent a NAR");
-                if let Err(e) = sender.finish() {
-                    tracing::debug!(%path, error = %e, "NAR sent to nobody");
-                }
-            }
-            Err(e) => {
-                let e = lease.failed(e);
-                tracing::warn!(%path, error = %e, "cannot send a NAR");
-                sender.fail(e.to_string());
-            }
-        }
-    }
-
     fn ensure(
         self: &Arc<Self>,
         paths: BTreeSet<StorePath>,
@@ -243,24 +234,28 @@ impl Inner {
             if paths.is_empty() {
                 return Ok(());
             }
-            let mut lease = self
-                .pool
-                .lease()
-                .await
-                .map_err(|e| FetchError::Local(e.to_string()))?;
-            let valid = match lease.client().query_valid_paths(&paths, false).await {
-                Ok(v) => {
-                    lease.release();
-                    v
-                }
-                Err(e) => return Err(FetchError::Local(lease.failed(e).to_string())),
-            };
-            drop(lease);
+            let valid = self.valid(&paths).await?;
             for path in paths.difference(&valid) {
                 self.fetch_once(path).await?;
             }
             Ok(())
         })
+    }
+
+    /// Which of `paths` are valid in the local store.
+    async fn valid(&self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, FetchError> {
+        let mut lease = self
+            .pool
+            .lease()
+            .await
+            .map_err(|e| FetchError::Local(e.to_string()))?;
+        match lease.client().query_valid_paths(paths, false).await {
+            Ok(v) => {
+                lease.release();
+                Ok(v)
+            }
+            Err(e) => Err(FetchError::Local(lease.failed(e).to_string())),
+        }
     }
 
     /// Fetch `path`, or wait for the fetch already under way.
@@ -269,7 +264,10 @@ impl Inner {
             Ok(mut m) => Arc::clone(m.entry(path.clone()).or_default()),
             Err(_) => Arc::new(OnceCell::new()),
         };
-        let result = cell.get_or_init(|| self.fetch(path)).await.clone();
+        let result = cell
+            .get_or_init(|| self.fetch_within(path, Patience::Anyone))
+            .await
+            .clone();
         if let Ok(mut m) = self.inflight.lock() {
             if m.get(path).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
                 m.remove(path);
@@ -279,10 +277,15 @@ impl Inner {
     }
 
     /// Want `path`, then copy it from the first store that has it and sends a good copy.
-    async fn fetch(self: &Arc<Self>, path: &StorePath) -> Result<(), FetchError> {
+    async fn fetch_within(
+        self: &Arc<Self>,
+        path: &StorePath,
+        patience: Patience<'_>,
+    ) -> Result<(), FetchError> {
         let printed = self.pool.store_dir().print(path);
         let link = self.link()?;
         let (tx, mut offers) = mpsc::unbounded_channel();
+        let (missing_tx, mut missing) = mpsc::unbounded_channel();
         let me = self.name.clone();
         let want = ChildFacet::start(&link, |t| {
             link.ds.assert(
@@ -293,24 +296,45 @@ impl Inner {
                 },
             );
             let literal = AnyValue::new(printed.clone());
-            enclose!((me) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
+            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
                 if store != me {
                     let _ = tx.send((store.clone(), info.clone()));
                 }
                 Ok(())
             }));
+            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
+                let _ = missing_tx.send(store.clone());
+                Ok(())
+            });
             Ok(())
         });
         tracing::debug!(path = %printed, "wanted");
         let mut reasons = Vec::new();
-        let mut patience = WANT_PATIENCE;
+        let (mut wait, mut lacking) = match patience {
+            Patience::Anyone => (WANT_PATIENCE, BTreeSet::new()),
+            Patience::Substitutes(s) => (SUBSTITUTE_PATIENCE, s.clone()),
+        };
         loop {
-            let offer = tokio::time::timeout(patience, offers.recv()).await;
+            let offer = tokio::time::timeout(wait, async {
+                loop {
+                    tokio::select! {
+                        offer = offers.recv() => return offer,
+                        Some(store) = missing.recv() => {
+                            lacking.remove(&store);
+                            // Every substituter asked said it lacks the path.
+                            if matches!(patience, Patience::Substitutes(_)) && lacking.is_empty() {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
             let Ok(Some((holder, info))) = offer else {
                 break;
             };
             // Later offers are alternatives: do not wait long for them.
-            patience = Duration::from_secs(2);
+            wait = Duration::from_secs(2);
             match self.copy_from(&link, path, &printed, &holder, &info).await {
                 Ok(size) => {
                     self.fetched.fetch_add(1, Ordering::Relaxed);

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod demo;
 pub mod history;
 pub mod status;
+pub mod substitute;
 pub mod translate;
 pub mod up;
 pub mod worker;

@@ -1,0 +1,97 @@
+//! `nixspace substitute`: serve a Nix binary cache directory to a dataspace.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Args;
+use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
+use nixspace_nix_formats::store_path::StoreDir;
+use nixspace_space::{Backoff, Role, SessionEvent};
+use nixspace_transfer::binary_cache::BinaryCache;
+use nixspace_transfer::source::{self, PathSource};
+use syndicate::actor::Activation;
+
+use super::JoinArgs;
+
+/// Serve a Nix binary cache directory to the dataspace as a substituter.
+///
+/// DIR is a cache in the layout `nix copy --to file://DIR` writes (`*.narinfo` and the NARs
+/// they name, uncompressed or xz). Workers ask substituters for a step's outputs before
+/// building it and fetch them from here (checking size and hash) when the cache has them.
+/// With --trusted-public-key, only paths signed by one of the keys are offered.
+#[derive(Args, Debug)]
+pub struct SubstituteArgs {
+    #[command(flatten)]
+    join: JoinArgs,
+
+    /// The binary cache directory (a `file://` URL or a path).
+    #[arg(value_name = "DIR")]
+    cache: String,
+
+    /// Offer only paths whose narinfo is signed by this key (`name:base64`, as in nix.conf's
+    /// trusted-public-keys); repeat for several.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    trusted: Vec<String>,
+
+    /// Name of this substituter in the dataspace. Default: cache-<pid>.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+}
+
+/// Run `nixspace substitute`.
+pub async fn run(args: SubstituteArgs) -> anyhow::Result<ExitCode> {
+    let dir = PathBuf::from(args.cache.strip_prefix("file://").unwrap_or(&args.cache));
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a directory", dir.display());
+    }
+    let trusted = if args.trusted.is_empty() {
+        None
+    } else {
+        let mut keys = PublicKeys::new();
+        for k in &args.trusted {
+            keys.insert(
+                PublicKey::parse(k)
+                    .map_err(|e| anyhow::anyhow!("--trusted-public-key {k}: {e}"))?,
+            );
+        }
+        Some(keys)
+    };
+    let store_dir = std::env::var("NIX_STORE_DIR")
+        .ok()
+        .and_then(|d| StoreDir::new(&d).ok())
+        .unwrap_or_default();
+    let cache: Arc<dyn PathSource> = Arc::new(BinaryCache::new(dir.clone(), store_dir, trusted));
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("cache-{}", std::process::id()));
+    let route = args.join.route(Role::Worker)?;
+    let body = {
+        let name = name.clone();
+        move |t: &mut Activation, ds| {
+            source::serve(t, &ds, &name, Arc::clone(&cache), source::Role::Substituter);
+            Ok(())
+        }
+    };
+    let shown = dir.display().to_string();
+    let session =
+        nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event {
+            SessionEvent::Joined { connection: 1 } => {
+                eprintln!("nixspace: substituter {name} serving {shown}")
+            }
+            SessionEvent::Joined { .. } => eprintln!("nixspace: substituter {name} rejoined"),
+            SessionEvent::Lost(why) => {
+                eprintln!("nixspace: substituter {name} lost the dataspace ({why}); reconnecting")
+            }
+            SessionEvent::Retrying { after, why } => {
+                eprintln!("nixspace: substituter {name}: {why}; retrying in {after:?}")
+            }
+        });
+    tokio::select! {
+        r = super::shutdown_signal() => {
+            r?;
+            Ok(ExitCode::SUCCESS)
+        }
+        e = session => anyhow::bail!("the substituter cannot join the dataspace: {e}"),
+    }
+}
