@@ -168,8 +168,14 @@ fn a_faster_idle_worker_steals_a_slow_step_and_the_slow_build_stops() {
 fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_stores() {
     let mut space = Space::start();
     let (s1, s2) = (space.tmp.path().join("w1"), space.tmp.path().join("w2"));
-    space.worker("w1", &["--features", "fa", "--own-store", s1.to_str().unwrap()]);
-    space.worker("w2", &["--features", "fb", "--own-store", s2.to_str().unwrap()]);
+    space.worker(
+        "w1",
+        &["--features", "fa", "--own-store", s1.to_str().unwrap()],
+    );
+    space.worker(
+        "w2",
+        &["--features", "fb", "--own-store", s2.to_str().unwrap()],
+    );
     let socket = space.translator();
     let file = split_chain(&space);
     let result = space.tmp.path().join("result");
