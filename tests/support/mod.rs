@@ -8,6 +8,8 @@
 
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod dataspace;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -126,9 +128,12 @@ impl Space {
         std::fs::File::create(self.tmp.path().join(format!("{name}.log"))).expect("log file")
     }
 
-    /// The log a background process wrote so far.
+    /// The log a background process wrote so far (without colour codes:
+    /// logs are coloured even in files).
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.tmp.path().join(format!("{name}.log"))).unwrap_or_default()
+        let text = std::fs::read_to_string(self.tmp.path().join(format!("{name}.log")))
+            .unwrap_or_default();
+        nixspace_nix_tools::strip_ansi(&text)
     }
 
     /// Start a worker; its stderr goes to `<id>.log`.

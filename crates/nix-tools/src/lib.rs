@@ -13,7 +13,9 @@ mod daemon_pool;
 mod derivation_info;
 
 pub use command::NixError;
-pub use daemon_pool::{DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE};
+pub use daemon_pool::{
+    strip_ansi, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE,
+};
 pub use derivation_info::{read_closure, DerivationInfo};
 
 use std::collections::BTreeSet;

@@ -368,24 +368,25 @@ impl Schedule {
         effects
     }
 
-    /// `worker` built `drv`.
+    /// `worker` built `drv`. Only the worker the step is assigned to (or the
+    /// worker stealing it) can complete it: a report from anyone else, or for
+    /// a step that is not being built, is ignored.
     pub fn built(&mut self, drv: &str, worker: &str, outputs: Vec<String>) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let built = StepState::Built {
+        let Some(step) = self.steps.get_mut(drv) else {
+            return effects;
+        };
+        match &step.state {
+            StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
+            _ => return effects,
+        }
+        step.state = StepState::Built {
             worker: worker.to_owned(),
             outputs: outputs.clone(),
         };
-        match self.state(drv) {
-            None | Some(StepState::Built { .. }) => return effects,
-            Some(StepState::Assigned(_)) => effects.push(Effect::Unassign(drv.to_owned())),
-            Some(StepState::Ready) => {
-                self.leave_ready(drv, built.clone(), &mut effects);
-            }
-            Some(_) => {}
-        }
-        if let Some(step) = self.steps.get_mut(drv) {
-            step.state = built;
-        }
+        step.thief = None;
+        step.steal_offer = None;
+        effects.push(Effect::Unassign(drv.to_owned()));
         effects.push(Effect::Built {
             drv: drv.to_owned(),
             worker: worker.to_owned(),
@@ -753,6 +754,30 @@ mod tests {
         assert!(s.undemand("a").is_empty());
         assert_eq!(s.undemand("a"), vec![Effect::Cancel("a".into())]);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn only_the_assignee_can_report_a_step_built() {
+        let mut s = Schedule::default();
+        s.demand("a", info(&[]), Urgency::default());
+        s.demand("b", info(&["a"]), Urgency::default());
+        // Not assigned yet: nobody can complete it.
+        assert!(s.built("a", "w1", vec!["/fake".into()]).is_empty());
+        assert_eq!(s.state("a"), Some(&StepState::Ready));
+        // A step waiting for its inputs cannot be reported built either.
+        assert!(s.built("b", "w1", vec!["/fake".into()]).is_empty());
+        assert_eq!(s.state("b"), Some(&StepState::Waiting));
+        s.claim("a", "w1");
+        // Another worker's report is ignored; the assignee's counts.
+        assert!(s.built("a", "w2", vec!["/fake".into()]).is_empty());
+        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
+        let e = s.built("a", "w1", vec!["/out/a".into()]);
+        assert!(e.contains(&Effect::Unassign("a".into())), "{e:?}");
+        assert_eq!(readies(&e), vec!["b"]);
+        // A late report about a built step changes nothing.
+        assert!(s.built("a", "w2", vec!["/fake".into()]).is_empty());
+        // Nor does one about a step nobody demanded.
+        assert!(s.built("zzz", "w1", vec![]).is_empty());
     }
 
     #[test]

@@ -19,7 +19,9 @@ use syndicate_macros::during;
 
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
-use crate::schedule::{Effect, FailureKind, Schedule, StealPolicy, StepInfo, Urgency, WorkerOffer};
+use crate::schedule::{
+    Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
+};
 
 /// What the planner's observers saw.
 #[derive(Debug)]
@@ -91,7 +93,13 @@ impl Entity<Event> for Planner {
             Event::Undemand(drv) => s.undemand(&drv),
             Event::Claim(drv, worker) => s.claim(&drv, &worker),
             Event::Unclaim(drv, worker) => s.unclaim(&drv, &worker),
-            Event::Built(drv, worker, outputs) => s.built(&drv, &worker, outputs),
+            Event::Built(drv, worker, outputs) => {
+                let effects = s.built(&drv, &worker, outputs);
+                if effects.is_empty() && !matches!(s.state(&drv), Some(StepState::Built { .. })) {
+                    tracing::warn!(%drv, %worker, "ignoring a built report from a worker not assigned the step");
+                }
+                effects
+            }
             Event::Failed(drv, worker, reason, kind) => s.failed(&drv, &worker, &reason, kind),
             Event::Offer(worker, free) => {
                 s.offer(&worker, free);

@@ -4,8 +4,10 @@
 //! "address in use" and permission problems surface as clear errors before
 //! anything starts. [`HostedSpace::start`] then creates the dataspace, a
 //! syndicate-server gatekeeper in front of it, binds one sturdy ref per
-//! [`Role`], serves every accepted connection with syndicate-server's relay,
-//! and writes the route files.
+//! [`Role`] to the dataspace attenuated to that role's vocabulary
+//! ([`crate::policy`]), serves every accepted connection with
+//! syndicate-server's relay behind a [`Doorman`] that checks and logs
+//! capability requests, and writes the route files.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -20,8 +22,11 @@ use syndicate::dataspace::Dataspace;
 use syndicate::relay;
 use syndicate::schemas::gatekeeper;
 use syndicate::schemas::sturdy::{SturdyDescriptionDetail, SturdyRef};
+use syndicate_macros::{during, on_message};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
+use crate::doorman::{brief, Doorman, KeyRing};
+use crate::policy::role_caveats;
 use crate::route::{Role, Route, RouteError, Transport};
 
 /// Where the host listens and keeps its files.
@@ -237,6 +242,16 @@ impl Keys {
             .map(Vec::as_slice)
             .unwrap_or_default()
     }
+
+    /// Every role's key by oid, for the [`Doorman`].
+    fn ring(&self) -> KeyRing {
+        Arc::new(
+            self.0
+                .iter()
+                .map(|(name, key)| ((*name).to_owned(), key.clone()))
+                .collect(),
+        )
+    }
 }
 
 /// A running dataspace host.
@@ -263,10 +278,18 @@ impl HostedSpace {
             path: config.dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        log_refusals(t, &dataspace);
         let transports = listeners.transports();
         let mut routes = BTreeMap::new();
         for role in Role::ALL {
             let oid = AnyValue::new(role.name());
+            let target = dataspace
+                .attenuate(&role_caveats(role))
+                .map_err(|e| HostError::Io {
+                    what: "cannot confine the capabilities of",
+                    path: config.dir.clone(),
+                    source: std::io::Error::other(format!("{e:?}")),
+                })?;
             bindspace.assert(
                 t,
                 &gatekeeper::Bind {
@@ -278,7 +301,7 @@ impl HostedSpace {
                         }
                         .unparse(),
                     },
-                    target: Arc::clone(&dataspace),
+                    target,
                     observer: gatekeeper::BindObserver::Absent,
                 },
             );
@@ -291,9 +314,13 @@ impl HostedSpace {
             routes.insert(role.name(), (route, path));
         }
         let Listeners { unix, tcp, .. } = listeners;
-        serve(t, "unix", unix, Arc::clone(&gatekeeper));
+        let front = Front {
+            gatekeeper,
+            keys: keys.ring(),
+        };
+        serve(t, "unix", unix, front.clone());
         if let Some((tcp, _)) = tcp {
-            serve(t, "tcp", tcp, Arc::clone(&gatekeeper));
+            serve(t, "tcp", tcp, front);
         }
         Ok(HostedSpace { dataspace, routes })
     }
@@ -336,9 +363,31 @@ impl Accept for TcpListener {
     }
 }
 
+/// Log what the role caveats refused (`<nixspace-refused role value>`
+/// assertions and messages); nothing else in nixspace looks at them.
+fn log_refusals(t: &mut Activation, dataspace: &Arc<Cap>) {
+    during!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused an assertion the role may not make");
+        Ok(())
+    });
+    on_message!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused a message the role may not send");
+        Ok(())
+    });
+}
+
+/// What each connection's [`Doorman`] needs.
+#[derive(Clone)]
+struct Front {
+    gatekeeper: Arc<Cap>,
+    keys: KeyRing,
+}
+
 /// Accept connections forever, each served by its own relay actor whose
-/// first reference is the gatekeeper.
-fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, gatekeeper: Arc<Cap>) {
+/// first reference is a [`Doorman`] in front of the gatekeeper.
+fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: Front) {
     let facet = t.facet_ref();
     t.linked_task(Some(AnyValue::symbol(kind)), async move {
         let account = Account::new(Some(AnyValue::symbol(kind)), None);
@@ -351,12 +400,14 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, gatekee
                 }
             };
             tracing::debug!(kind, %peer, "connection");
-            let gatekeeper = Arc::clone(&gatekeeper);
+            let front = front.clone();
             let alive = facet.activate(&account, None, move |t| {
                 t.spawn(Some(AnyValue::new(format!("{kind} {peer}"))), move |t| {
+                    let doorman = Doorman::new(front.gatekeeper, front.keys, peer);
+                    let doorman = Cap::new(&t.create_ref(doorman));
                     let facet = t.facet_ref();
                     t.linked_task(None, async move {
-                        syndicate_server::protocol::run_connection(None, facet, i, o, gatekeeper);
+                        syndicate_server::protocol::run_connection(None, facet, i, o, doorman);
                         Ok(LinkedTaskTermination::KeepFacet)
                     });
                     Ok(())

@@ -9,8 +9,10 @@
 //!
 //! This crate knows nothing about Nix: it moves capabilities, not builds.
 
+pub mod doorman;
 pub mod host;
 pub mod join;
+pub mod policy;
 pub mod route;
 pub mod runtime_dir;
 

@@ -1,0 +1,221 @@
+//! What each role's capability lets its holder put into the dataspace.
+//!
+//! The host binds every role's sturdy ref to the dataspace *attenuated* by a
+//! Syndicate caveat (see [`role_caveats`]): an `<or [<rewrite …> …]>` whose
+//! alternatives pass the records of the role's vocabulary unchanged and turn
+//! everything else into `<nixspace-refused role value>`. A Syndicate caveat
+//! filters assertions and messages alike, so a role that may send `<log …>`
+//! messages may also assert them. Observing (`<Observe pattern observer>`)
+//! is allowed to every role. The attenuation lives on the host side of the
+//! gatekeeper, so holding a route file cannot lift it.
+//!
+//! The host logs every refused value ([`REFUSED_LABEL`] records are observed
+//! by `host`), which keeps a misbehaving client visible without giving it a
+//! way to reach the planner: nothing in nixspace reacts to refused values.
+
+use nixspace_protocol::{build, store};
+use syndicate::actor::AnyValue;
+use syndicate::dataspace_patterns::AsDataspacePattern;
+use syndicate::schemas::dataspace::Observe;
+use syndicate::schemas::dataspace_patterns as dp;
+use syndicate::schemas::sturdy::{
+    Alts, Caveat, Lit, PBind, PCompound, PDiscard, Pattern, Rewrite, TCompound, TRef, Template,
+};
+
+use crate::route::Role;
+
+/// The label of what a role's caveat makes of a value the role may not
+/// assert or send: `<nixspace-refused role value>`.
+pub const REFUSED_LABEL: &str = "nixspace-refused";
+
+/// A record a role may assert or send: its label and number of fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// The record label (a symbol).
+    pub label: String,
+    /// How many fields the record has.
+    pub arity: usize,
+}
+
+impl Shape {
+    fn new(label: &str, arity: usize) -> Shape {
+        Shape {
+            label: label.to_owned(),
+            arity,
+        }
+    }
+
+    /// The shape of a record type from the schemas (its label and field
+    /// count, read from the type's dataspace pattern).
+    fn of<T: AsDataspacePattern>() -> Option<Shape> {
+        match T::wildcard_dataspace_pattern() {
+            dp::Pattern::Group {
+                type_: dp::GroupType::Rec { label },
+                entries,
+            } => Some(Shape::new(&label.as_symbol()?, entries.len())),
+            _ => None,
+        }
+    }
+}
+
+/// The records `role` may assert or send to the dataspace, besides observing.
+pub fn allowed(role: Role) -> Vec<Shape> {
+    let mut shapes = vec![
+        Shape::of::<Observe>(),
+        Shape::of::<build::Probe>(),
+        Shape::of::<store::Want>(),
+        Shape::of::<store::Available>(),
+        Shape::of::<store::NarRequest>(),
+    ];
+    match role {
+        Role::Submit => shapes.extend([
+            Shape::of::<build::Demand>(),
+            // A frontend resolving content-addressed steps links them.
+            Shape::of::<build::Resolved>(),
+        ]),
+        Role::Worker => {
+            shapes.extend([
+                Shape::of::<build::Worker>(),
+                Shape::of::<build::Offer>(),
+                Shape::of::<build::Claim>(),
+                Shape::of::<build::Built>(),
+                Shape::of::<build::Failed>(),
+                Shape::of::<build::Log>(),
+                // Substituters join with the worker capability.
+                Shape::of::<store::Substituter>(),
+                Shape::of::<store::Missing>(),
+            ]);
+            // `NarReply` is an or-type of inline records: no pattern type of
+            // its own. Normally sent to a requester's sink, not the dataspace.
+            shapes.extend([
+                Some(Shape::new("nar-chunk", 1)),
+                Some(Shape::new("nar-end", 0)),
+                Some(Shape::new("nar-error", 1)),
+            ]);
+        }
+    }
+    shapes.into_iter().flatten().collect()
+}
+
+/// The caveat that confines a capability to `role`'s vocabulary: allowed
+/// records pass unchanged, anything else becomes `<nixspace-refused role
+/// value>` (logged by the host, ignored by everything else).
+pub fn role_caveats(role: Role) -> Vec<Caveat> {
+    let discard = || Pattern::PDiscard(PDiscard);
+    let bind = |pattern: Pattern| {
+        Pattern::PBind(Box::new(PBind {
+            pattern: Box::new(pattern),
+        }))
+    };
+    let first_binding = || Template::TRef(TRef { binding: 0.into() });
+    let mut alternatives: Vec<Rewrite> = allowed(role)
+        .into_iter()
+        .map(|shape| Rewrite {
+            pattern: bind(Pattern::PCompound(PCompound::Rec {
+                label: AnyValue::symbol(shape.label),
+                fields: vec![discard(); shape.arity],
+            })),
+            template: first_binding(),
+        })
+        .collect();
+    alternatives.push(Rewrite {
+        pattern: bind(discard()),
+        template: Template::TCompound(TCompound::Rec {
+            label: AnyValue::symbol(REFUSED_LABEL),
+            fields: vec![
+                Template::Lit(Lit {
+                    value: AnyValue::symbol(role.name()),
+                }),
+                first_binding(),
+            ],
+        }),
+    });
+    vec![Caveat::Alts(Alts { alternatives })]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use preserves::ValueImpl;
+    use preserves_schema::Unparse;
+
+    /// What `role`'s attenuation makes of `value`.
+    fn through(role: Role, value: AnyValue) -> Option<AnyValue> {
+        let caveats = role_caveats(role);
+        let checked = Caveat::check_many(&caveats).expect("valid caveats");
+        checked.iter().try_fold(value, |v, c| c.rewrite(&v))
+    }
+
+    fn passes(role: Role, value: AnyValue) -> bool {
+        through(role, value.clone()) == Some(value)
+    }
+
+    fn demand() -> AnyValue {
+        build::Demand {
+            drv: "/nix/store/x.drv".into(),
+            step: build::StepInfo {
+                system: "x86_64-linux".into(),
+                features: vec![],
+                input_drvs: vec![],
+            },
+            requester: "me".into(),
+            priority: 0.into(),
+            depth: 0.into(),
+        }
+        .unparse()
+    }
+
+    fn built() -> AnyValue {
+        build::Built {
+            drv: "/nix/store/x.drv".into(),
+            worker: "w".into(),
+            outputs: vec![],
+        }
+        .unparse()
+    }
+
+    #[test]
+    fn every_shape_is_derived_from_the_schemas() {
+        assert_eq!(allowed(Role::Submit).len(), 7);
+        assert_eq!(allowed(Role::Worker).len(), 16);
+        assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
+        assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
+        assert!(allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
+    }
+
+    #[test]
+    fn roles_pass_their_own_vocabulary_only() {
+        assert!(passes(Role::Submit, demand()));
+        assert!(!passes(Role::Worker, demand()));
+        assert!(passes(Role::Worker, built()));
+        assert!(!passes(Role::Submit, built()));
+        let assigned = build::Assigned {
+            drv: "d".into(),
+            worker: "w".into(),
+        }
+        .unparse();
+        assert!(!passes(Role::Submit, assigned.clone()));
+        assert!(!passes(Role::Worker, assigned));
+    }
+
+    #[test]
+    fn refused_values_are_wrapped_with_the_role() {
+        let out = through(Role::Worker, demand()).expect("rewritten, not dropped");
+        assert_eq!(out.label(), AnyValue::symbol(REFUSED_LABEL));
+        assert_eq!(out.index(0), AnyValue::symbol("worker"));
+        assert_eq!(out.index(1), demand());
+        // A wrong arity is refused too.
+        let short = AnyValue::record(AnyValue::symbol("demand"), vec![AnyValue::new(1)]);
+        assert!(!passes(Role::Submit, short));
+    }
+
+    #[test]
+    fn observing_is_allowed() {
+        let observe = AnyValue::record(
+            AnyValue::symbol("Observe"),
+            vec![dp::Pattern::Discard.unparse(), AnyValue::new(0)],
+        );
+        assert!(passes(Role::Submit, observe.clone()));
+        assert!(passes(Role::Worker, observe));
+    }
+}

@@ -1,0 +1,255 @@
+//! Fuzzing every socket nixspace listens on: random and mutated packets to a
+//! real `nixspace up` (Syndicate packets, text and binary) and to a real
+//! `nixspace translate` (the Nix worker protocol). Each input goes over its
+//! own connection, which the host must close once we stop sending (nothing
+//! hangs), and a normal client must still work afterwards (nothing died).
+//!
+//! Quick by default; `NIXSPACE_FUZZ_LONG=1` sends 100 000 inputs to `up` and
+//! 20 000 to the translator (see `docs/RELIABILITY.md`). The corpora
+//! `tests/corpus/syndicate-packet/` and `tests/corpus/nix-client/` are
+//! replayed every run.
+
+mod support;
+
+use std::path::Path;
+
+use nixspace_nix_protocol::version::NIX_2_8;
+use nixspace_nix_protocol::{ClientSettings, DaemonClient, NixWriter, Request};
+use nixspace_space::{Role, Route};
+use nixspace_test_support::fuzz;
+use preserves::{NoEmbeddedDomainCodec, PackedWriter};
+use proptest::prelude::*;
+use support::dataspace::{resolve_text, RawPeer, Session, ANSWER};
+use support::Space;
+use syndicate::actor::AnyValue;
+
+/// How often (in inputs) a normal client checks that the host still serves.
+const HEALTH_EVERY: u32 = 500;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Send `bytes` on a fresh connection to `socket`, stop, and require the
+/// host to close the connection in time.
+fn send_one(socket: &Path, bytes: &[u8]) -> Result<(), TestCaseError> {
+    let mut peer = RawPeer::connect(socket)
+        .map_err(|e| TestCaseError::fail(format!("cannot connect: {e}")))?;
+    let _ = peer.send(bytes);
+    prop_assert!(
+        peer.finish(ANSWER),
+        "the connection stayed open after our input"
+    );
+    Ok(())
+}
+
+/// Syndicate packets a client might send: capability requests (good and
+/// bad), then assertions, messages, retractions and syncs to the dataspace
+/// (oid 1 once resolved) and to oids nobody exported.
+fn syndicate_seeds(route: &Route) -> Vec<Vec<u8>> {
+    let resolve = format!("[[0 <A {} 0>]]", resolve_text(route));
+    let text = [
+        resolve.clone(),
+        format!("{resolve}[[1 <A <want \"p\" \"s\"> 1>] [1 <M <probe \"x\">>] [1 <R 1>]]"),
+        format!("{resolve}[[1 <A <Observe <_> #:[0 5]> 2>] [1 <S #:[0 6]>]]"),
+        format!("{resolve}[[1 <A <demand \"d\" <step \"s\" [] []> \"r\" 0 0> 3>]]"),
+        "[[0 <A <resolve <ref {oid: \"worker\" sig: #[AAAA]}> #:[0 0]> 0>]]".to_owned(),
+        "[[0 <R 0>] [9 <M 1>] [0 <S #:[1 0]>]]".to_owned(),
+        "#f".to_owned(),
+        "<error \"bye\" 1>".to_owned(),
+        "<<rec> credit [1]>".to_owned(),
+    ];
+    let mut seeds: Vec<Vec<u8>> = text.iter().map(|t| t.clone().into_bytes()).collect();
+    // Binary packets (no embedded references: those need the relay's codec).
+    let probe = AnyValue::record(AnyValue::symbol("probe"), vec![AnyValue::new("x")]);
+    let event = |oid: i64, e: AnyValue| AnyValue::new(vec![AnyValue::new(oid), e]);
+    let message = AnyValue::record(AnyValue::symbol("M"), vec![probe.clone()]);
+    let assert = AnyValue::record(AnyValue::symbol("A"), vec![probe, AnyValue::new(4)]);
+    for turn in [
+        vec![event(0, message.clone())],
+        vec![event(0, assert.clone()), event(1, message)],
+        vec![event(2, assert)],
+    ] {
+        if let Ok(bytes) = PackedWriter::encode(&mut NoEmbeddedDomainCodec, &AnyValue::new(turn)) {
+            seeds.push(bytes);
+        }
+    }
+    seeds
+}
+
+/// What a Nix client sends: the handshake, then requests.
+fn nix_client_seeds() -> Vec<Vec<u8>> {
+    let handshake: Vec<u8> = [0x6e69_7863u64, 0x122, 0, 0]
+        .iter()
+        .flat_map(|n| n.to_le_bytes())
+        .collect();
+    let requests = [
+        Request::SetOptions(ClientSettings::default()),
+        Request::IsValidPath(
+            nixspace_nix_formats::store_path::StorePath::new([7; 20], "a").expect("path"),
+        ),
+    ];
+    let mut seeds = vec![handshake.clone()];
+    runtime().block_on(async {
+        let mut stream = handshake.clone();
+        for r in &requests {
+            let mut w = NixWriter::new(Vec::new(), NIX_2_8);
+            if r.write(&mut w).await.is_ok() && w.flush().await.is_ok() {
+                stream.extend(w.into_inner());
+                seeds.push(stream.clone());
+            }
+        }
+    });
+    seeds
+}
+
+/// A normal client joins `up` and sees its own probe come back.
+fn up_serves(space: &Space, rt: &tokio::runtime::Runtime) -> Result<(), TestCaseError> {
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    rt.block_on(async {
+        let session = Session::join(&route, vec![]).await;
+        prop_assert!(
+            session.is_ok(),
+            "a normal client failed: {:?}",
+            session.err()
+        );
+        if let Ok(s) = session {
+            s.leave();
+        }
+        Ok(())
+    })
+}
+
+/// A normal Nix client completes the handshake and one operation.
+fn translator_serves(socket: &Path, rt: &tokio::runtime::Runtime) -> Result<(), TestCaseError> {
+    rt.block_on(async {
+        let talk = async {
+            let mut client = DaemonClient::connect(socket).await?;
+            client.set_options(&ClientSettings::default()).await?;
+            Ok::<_, nixspace_nix_protocol::ClientError>(())
+        };
+        let done = tokio::time::timeout(ANSWER, talk).await;
+        prop_assert!(
+            matches!(done, Ok(Ok(()))),
+            "a normal Nix client failed: {done:?}"
+        );
+        Ok(())
+    })
+}
+
+fn up_socket(space: &Space) -> std::path::PathBuf {
+    space.dir().join("nixspace.sock")
+}
+
+/// Fuzz `socket` with `input`, checking health with `serves` every
+/// [`HEALTH_EVERY`] inputs and at the end.
+fn fuzz_socket(
+    socket: &Path,
+    input: impl Strategy<Value = Vec<u8>>,
+    (quick, thorough): (u32, u32),
+    serves: &dyn Fn() -> Result<(), TestCaseError>,
+) {
+    let count = std::cell::Cell::new(0u32);
+    fuzz::runner(quick, thorough)
+        .run(&input, |bytes| {
+            send_one(socket, &bytes)?;
+            count.set(count.get() + 1);
+            if count.get().is_multiple_of(HEALTH_EVERY) {
+                serves()?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    serves().unwrap();
+}
+
+#[test]
+fn up_survives_random_and_mutated_packets() {
+    let space = Space::start();
+    let rt = runtime();
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    let input = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..256),
+        fuzz::mutated(syndicate_seeds(&route)),
+    ];
+    fuzz_socket(&up_socket(&space), input, (1500, 100_000), &|| {
+        up_serves(&space, &rt)
+    });
+}
+
+#[test]
+fn the_translator_survives_random_and_mutated_requests() {
+    let mut space = Space::start();
+    let socket = space.translator();
+    let rt = runtime();
+    let input = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..128),
+        fuzz::mutated(nix_client_seeds()),
+    ];
+    fuzz_socket(&socket, input, (150, 20_000), &|| {
+        translator_serves(&socket, &rt)
+    });
+}
+
+#[test]
+fn the_corpora_replay() {
+    let mut space = Space::start();
+    let translator = space.translator();
+    let rt = runtime();
+    let packets = fuzz::corpus("syndicate-packet");
+    let requests = fuzz::corpus("nix-client");
+    assert!(!packets.is_empty() && !requests.is_empty(), "no corpus");
+    for (name, bytes) in packets {
+        send_one(&up_socket(&space), &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    up_serves(&space, &rt).unwrap();
+    for (name, bytes) in requests {
+        send_one(&translator, &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    translator_serves(&translator, &rt).unwrap();
+}
+
+/// Writes the corpus seeds (run with `--ignored` after changing them).
+#[test]
+#[ignore = "regenerates tests/corpus/syndicate-packet and nix-client"]
+fn write_corpus_seeds() {
+    let write = |target: &str, name: String, bytes: &[u8]| {
+        let dir = fuzz::corpus_dir(target);
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        std::fs::write(dir.join(name), bytes).expect("corpus file");
+    };
+    // A route whose ref no host honours: the seeds must not carry real keys.
+    let route = Route {
+        transports: vec![],
+        sturdy_ref: syndicate::schemas::sturdy::SturdyRef::mint(AnyValue::new("submit"), b"k"),
+    };
+    for (i, seed) in syndicate_seeds(&route).iter().enumerate() {
+        write("syndicate-packet", format!("seed-{i}.bin"), seed);
+    }
+    write(
+        "syndicate-packet",
+        "unterminated-text.bin".into(),
+        b"[[0 <A <resolve",
+    );
+    write(
+        "syndicate-packet",
+        "huge-bytestring.bin".into(),
+        &[0xb5, 0xb2, 0x8f, 0xff, 0xff, 0xff, 0x0f],
+    );
+    write(
+        "syndicate-packet",
+        "deep-nesting.bin".into(),
+        "[".repeat(10_000).as_bytes(),
+    );
+    for (i, seed) in nix_client_seeds().iter().enumerate() {
+        write("nix-client", format!("seed-{i}.bin"), seed);
+    }
+    write(
+        "nix-client",
+        "bad-magic.bin".into(),
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+}

@@ -1,0 +1,326 @@
+//! Security: what a real `nixspace up` lets each capability do, and what it
+//! refuses (and logs) — clients without a capability, forged or garbage
+//! capabilities, roles asserting what only another role (or the planner)
+//! may assert, workers reporting steps they were not assigned, and clients
+//! reaching for another client's assertions.
+
+mod support;
+
+use std::time::Duration;
+
+use nixspace_protocol::build;
+use nixspace_space::{Role, Route};
+use preserves_schema::Unparse;
+use support::dataspace::{resolve_text, text, RawPeer, Session, ANSWER};
+use support::Space;
+use syndicate::actor::AnyValue;
+
+/// Long enough for the planner to have reacted to anything it was going to.
+const SETTLE: Duration = Duration::from_millis(1500);
+
+fn route(space: &Space, role: Role) -> Route {
+    Route::read(&role.route_file(&space.dir())).expect("route file")
+}
+
+fn socket(space: &Space) -> std::path::PathBuf {
+    match &route(space, Role::Submit).transports[0] {
+        nixspace_space::Transport::Unix(path) => path.clone(),
+        other => panic!("expected a unix transport first, got {other}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn fake_drv(name: &str) -> String {
+    format!("/nix/store/{}-{name}.drv", "0".repeat(32))
+}
+
+fn demand(drv: &str) -> AnyValue {
+    build::Demand {
+        drv: drv.to_owned(),
+        step: build::StepInfo {
+            system: "test-system".to_owned(),
+            features: vec![],
+            input_drvs: vec![],
+        },
+        requester: "security-test".to_owned(),
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+    .unparse()
+}
+
+fn ready(drv: &str) -> AnyValue {
+    build::Ready {
+        drv: drv.to_owned(),
+        step: build::StepInfo {
+            system: "test-system".to_owned(),
+            features: vec![],
+            input_drvs: vec![],
+        },
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+    .unparse()
+}
+
+fn built(drv: &str, worker: &str) -> AnyValue {
+    build::Built {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: vec![format!("/nix/store/{}-forged", "1".repeat(32))],
+    }
+    .unparse()
+}
+
+fn worker(id: &str) -> AnyValue {
+    build::Worker {
+        id: id.to_owned(),
+        host: "test".to_owned(),
+        systems: vec!["test-system".to_owned()],
+        features: vec![],
+        max_jobs: 1.into(),
+        speed: 1.0.into(),
+    }
+    .unparse()
+}
+
+fn claim(drv: &str, worker: &str) -> AnyValue {
+    build::Claim {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+fn assigned(drv: &str, worker: &str) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+#[test]
+fn an_assertion_without_a_capability_is_refused_and_logged() {
+    let space = Space::start();
+    let drv = fake_drv("no-capability");
+    let mut peer = RawPeer::connect(&socket(&space)).expect("connect");
+    // Straight to the gatekeeper object, as an assertion and as a message.
+    let packet = format!("[[0 <A {d} 0>] [0 <M {d}>]]", d = text(&demand(&drv)));
+    peer.send(packet.as_bytes()).expect("send");
+    space.wait_for_log(
+        "up",
+        "refused an assertion made without a capability",
+        ANSWER,
+    );
+    space.wait_for_log("up", "refused a message sent without a capability", ANSWER);
+    runtime().block_on(async {
+        let observer = Session::join(&route(&space, Role::Submit), vec![])
+            .await
+            .expect("join");
+        tokio::time::sleep(SETTLE).await;
+        assert!(observer.with_label("demand").is_empty());
+        assert!(!observer.sees(&ready(&drv)));
+    });
+}
+
+#[test]
+fn unknown_forged_and_garbage_capabilities_are_refused_at_once_and_logged() {
+    let space = Space::start();
+    let good = route(&space, Role::Worker);
+    let with = |sturdy_ref| Route {
+        transports: good.transports.clone(),
+        sturdy_ref,
+    };
+    let forged = with(syndicate::schemas::sturdy::SturdyRef::mint(
+        AnyValue::new("worker"),
+        b"not the key",
+    ));
+    let unknown = with(syndicate::schemas::sturdy::SturdyRef::mint(
+        AnyValue::new("admin"),
+        b"any key",
+    ));
+    runtime().block_on(async {
+        for (route, reason) in [
+            (forged, "sturdyref-failed-validation"),
+            (unknown, "unknown-capability"),
+        ] {
+            let started = std::time::Instant::now();
+            let err = Session::join(&route, vec![]).await.err().expect("refused");
+            assert!(err.to_string().contains(reason), "{err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "refused only after {:?}",
+                started.elapsed()
+            );
+            space.wait_for_log("up", &format!("reason=\"{reason}\""), ANSWER);
+        }
+    });
+    // A capability request whose step is not a sturdy ref at all.
+    let mut peer = RawPeer::connect(&socket(&space)).expect("connect");
+    peer.send(b"[[0 <A <resolve <ref \"garbage\"> #:[0 0]> 0>]]")
+        .expect("send");
+    let answer = peer.read_until("malformed-capability", ANSWER);
+    assert!(answer.contains("<error malformed-capability>"), "{answer}");
+    space.wait_for_log("up", "reason=\"malformed-capability\"", ANSWER);
+    // The capabilities that are good still work.
+    runtime().block_on(async {
+        Session::join(&good, vec![])
+            .await
+            .expect("the real worker ref");
+        let raw = resolve_text(&good);
+        assert!(raw.starts_with("<resolve <ref {"), "{raw}");
+    });
+}
+
+#[test]
+fn a_worker_capability_cannot_demand() {
+    let space = Space::start();
+    let drv = fake_drv("worker-demand");
+    runtime().block_on(async {
+        let w = Session::join(&route(&space, Role::Worker), vec![demand(&drv)])
+            .await
+            .expect("join as worker");
+        let observer = Session::join(&route(&space, Role::Submit), vec![])
+            .await
+            .expect("join as submit");
+        tokio::time::sleep(SETTLE).await;
+        assert!(!observer.sees(&demand(&drv)));
+        assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
+        space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
+        assert!(
+            space.log("up").contains("role=worker"),
+            "{}",
+            space.log("up")
+        );
+        w.leave();
+        // The same demand through the submit capability is planned.
+        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+    });
+}
+
+#[test]
+fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
+    let space = Space::start();
+    let drv = fake_drv("submit-forges");
+    runtime().block_on(async {
+        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        let forged = vec![
+            built(&drv, "w"),
+            assigned(&drv, "w"),
+            claim(&drv, "w"),
+            worker("w"),
+        ];
+        let _forger = Session::join(&route(&space, Role::Submit), forged.clone())
+            .await
+            .expect("join as submit");
+        tokio::time::sleep(SETTLE).await;
+        for value in &forged {
+            assert!(!s.sees(value), "{value:?} reached the dataspace");
+        }
+        assert!(s.sees(&ready(&drv)), "the step left the ready queue");
+        for label in ["built", "assigned", "claim", "worker"] {
+            let log = space.log("up");
+            assert!(
+                log.contains(&format!("value=<{label} ")),
+                "refusal of {label} not logged:\n{log}"
+            );
+        }
+    });
+}
+
+#[test]
+fn only_the_assigned_worker_can_complete_a_step() {
+    let space = Space::start();
+    let drv = fake_drv("not-yours");
+    runtime().block_on(async {
+        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        // Built by a worker nobody assigned: ignored, the step stays ready.
+        let _rogue = Session::join(&route(&space, Role::Worker), vec![built(&drv, "rogue")])
+            .await
+            .expect("join as worker");
+        tokio::time::sleep(SETTLE).await;
+        assert!(s.sees(&ready(&drv)), "a rogue report completed the step");
+        space.wait_for_log("up", "ignoring a built report", ANSWER);
+        // The assigned worker's report completes it; another's does not.
+        let good = Session::join(
+            &route(&space, Role::Worker),
+            vec![worker("good"), claim(&drv, "good")],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            s.wait_until(&assigned(&drv, "good"), true).await,
+            "never assigned"
+        );
+        let _other = Session::join(&route(&space, Role::Worker), vec![built(&drv, "other")])
+            .await
+            .expect("join as worker");
+        tokio::time::sleep(SETTLE).await;
+        assert!(
+            s.sees(&assigned(&drv, "good")),
+            "another worker's report counted"
+        );
+        let _done = Session::join(&route(&space, Role::Worker), vec![built(&drv, "good")])
+            .await
+            .expect("join as worker");
+        assert!(
+            s.wait_until(&assigned(&drv, "good"), false).await,
+            "the assignee's report did not complete the step"
+        );
+        good.leave();
+    });
+}
+
+#[test]
+fn a_client_cannot_retract_another_clients_demand() {
+    let space = Space::start();
+    let drv = fake_drv("not-yours-to-retract");
+    let submit = route(&space, Role::Submit);
+    runtime().block_on(async {
+        let owner = Session::join(&submit, vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(owner.wait_until(&ready(&drv), true).await, "never ready");
+        // Another client resolves the same capability, asserts and retracts
+        // the very same demand, then retracts every handle it can name.
+        let mut peer = RawPeer::connect(&socket(&space)).expect("connect");
+        let oid = peer.resolve(&submit).expect("resolved");
+        let same = text(&demand(&drv));
+        peer.send(format!("[[{oid} <A {same} 7>]]").as_bytes())
+            .expect("assert");
+        peer.send(format!("[[{oid} <R 7>]]").as_bytes())
+            .expect("retract");
+        for target in [0, oid] {
+            let retracts: String = (0..500).map(|h| format!("[{target} <R {h}>]")).collect();
+            peer.send(format!("[{retracts}]").as_bytes())
+                .expect("retracts");
+        }
+        tokio::time::sleep(SETTLE).await;
+        // The connection may be closed for the retractions of unknown handles; the
+        // host must not be, and the owner's demand is untouched.
+        assert!(owner.sees(&demand(&drv)), "the demand was withdrawn");
+        assert!(owner.sees(&ready(&drv)), "the planner dropped the step");
+        let observer = Session::join(&submit, vec![]).await.expect("join");
+        assert!(observer.sees(&demand(&drv)));
+        // Only its owner withdraws it.
+        owner.leave();
+        assert!(observer.wait_until(&demand(&drv), false).await);
+        assert!(observer.wait_until(&ready(&drv), false).await);
+    });
+}

@@ -1,0 +1,257 @@
+//! Talking to a real `nixspace up` from a test: an in-process Syndicate client
+//! that sees everything its capability lets it observe ([`Session`]), and a raw
+//! socket peer that writes Syndicate packets by hand ([`RawPeer`]), for what a
+//! well-behaved client never sends.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nixspace_space::Route;
+use preserves::{NoEmbeddedDomainCodec, TextWriter};
+use preserves_schema::Unparse;
+use syndicate::actor::{ActorHandle, AnyValue};
+use syndicate::schemas::dataspace::Observe;
+use syndicate::schemas::dataspace_patterns as dp;
+
+/// How long a test waits for the dataspace to answer.
+pub const ANSWER: Duration = Duration::from_secs(10);
+
+/// A joined client that observes every assertion it may see.
+pub struct Session {
+    actor: ActorHandle,
+    seen: Arc<Mutex<Vec<AnyValue>>>,
+}
+
+impl Session {
+    /// Join with `route`, assert `asserts`, observe everything, and return
+    /// once a probe of ours came back (so the dataspace has processed our
+    /// assertions and sent us every match so far).
+    pub async fn join(route: &Route, asserts: Vec<AnyValue>) -> anyhow::Result<Session> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let probe_id = format!("test-probe-{}", super::nonce());
+        let collected = Arc::clone(&seen);
+        let actor = nixspace_space::join::join(route, move |t, ds| {
+            for a in &asserts {
+                ds.assert(t, a);
+            }
+            let observer = t.create_cap(syndicate::during::entity(collected).on_asserted(
+                |seen: &mut Arc<Mutex<Vec<AnyValue>>>, _t, captures: Vec<AnyValue>| {
+                    let Some(value) = captures.into_iter().next() else {
+                        return Ok(None);
+                    };
+                    seen.lock().map_err(|_| "poisoned")?.push(value.clone());
+                    Ok(Some(Box::new(
+                        move |seen: &mut Arc<Mutex<Vec<AnyValue>>>, _t| {
+                            let mut seen = seen.lock().map_err(|_| "poisoned")?;
+                            if let Some(i) = seen.iter().position(|v| *v == value) {
+                                seen.remove(i);
+                            }
+                            Ok(())
+                        },
+                    )))
+                },
+            ));
+            let everything = dp::Pattern::Bind {
+                pattern: Box::new(dp::Pattern::Discard),
+            };
+            ds.assert(
+                t,
+                &Observe {
+                    pattern: everything,
+                    observer,
+                },
+            );
+            let mut tx = Some(tx);
+            let id = probe_id.clone();
+            let echo = t.create_cap(syndicate::during::entity(()).on_message(
+                move |_, _t, captures: Vec<AnyValue>| {
+                    if captures.first().and_then(string_of).as_deref() == Some(id.as_str()) {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(())
+                },
+            ));
+            let probes = dp::Pattern::Group {
+                type_: dp::GroupType::Rec {
+                    label: AnyValue::symbol("probe"),
+                },
+                entries: [(
+                    AnyValue::new(0),
+                    dp::Pattern::Bind {
+                        pattern: Box::new(dp::Pattern::Discard),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            };
+            ds.assert(
+                t,
+                &Observe {
+                    pattern: probes,
+                    observer: echo,
+                },
+            );
+            ds.message(t, &nixspace_protocol::build::Probe { id: probe_id });
+            Ok(())
+        })
+        .await?;
+        tokio::time::timeout(ANSWER, rx)
+            .await
+            .map_err(|_| anyhow::anyhow!("our probe did not come back within {ANSWER:?}"))??;
+        Ok(Session { actor, seen })
+    }
+
+    /// Every assertion seen now whose label is the symbol `label`.
+    pub fn with_label(&self, label: &str) -> Vec<AnyValue> {
+        let label = AnyValue::symbol(label.to_owned());
+        self.seen
+            .lock()
+            .map(|seen| {
+                seen.iter()
+                    .filter(|v| label_of(v).as_ref() == Some(&label))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether `value` is asserted now.
+    pub fn sees(&self, value: &AnyValue) -> bool {
+        self.seen.lock().map(|s| s.contains(value)).unwrap_or(false)
+    }
+
+    /// Wait until `value` is asserted (or not, with `present = false`).
+    pub async fn wait_until(&self, value: &AnyValue, present: bool) -> bool {
+        let deadline = Instant::now() + ANSWER;
+        while self.sees(value) != present {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Leave: the connection closes and our assertions are withdrawn.
+    pub fn leave(self) {
+        self.actor.abort();
+    }
+}
+
+/// The label of a record (`ValueImpl` is imported only here: it shadows
+/// `Vec`'s methods).
+fn label_of(v: &AnyValue) -> Option<AnyValue> {
+    use preserves::ValueImpl;
+    v.is_record().then(|| v.label())
+}
+
+/// The contents of a string value.
+fn string_of(v: &AnyValue) -> Option<String> {
+    use preserves::ValueImpl;
+    v.as_string().map(|s| s.into_owned())
+}
+
+/// The Preserves text of a value without embedded references.
+pub fn text(v: &AnyValue) -> String {
+    TextWriter::encode(&mut NoEmbeddedDomainCodec, v).unwrap_or_default()
+}
+
+/// The text of `<resolve <ref …> #:[0 0]>` for `route`'s sturdy ref: a
+/// capability request whose answer goes to our object 0.
+pub fn resolve_text(route: &Route) -> String {
+    format!("<resolve {} #:[0 0]>", text(&route.sturdy_ref.unparse()))
+}
+
+/// A hand-written Syndicate peer on a raw unix socket.
+pub struct RawPeer {
+    stream: UnixStream,
+    received: Vec<u8>,
+}
+
+impl RawPeer {
+    /// Connect to the socket at `path`.
+    pub fn connect(path: &Path) -> std::io::Result<RawPeer> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(ANSWER))?;
+        Ok(RawPeer {
+            stream,
+            received: Vec::new(),
+        })
+    }
+
+    /// Send raw bytes (a write error means the host closed the connection).
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Read for at most `wait`, or until the text received so far contains
+    /// `needle`. Returns everything received on this connection so far.
+    pub fn read_until(&mut self, needle: &str, wait: Duration) -> String {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 65536];
+        while !String::from_utf8_lossy(&self.received).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero()
+                || self
+                    .stream
+                    .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .is_err()
+            {
+                break;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => self.received.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&self.received).into_owned()
+    }
+
+    /// Stop sending and wait for the host to close the connection. Whether
+    /// it did within `wait`.
+    pub fn finish(&mut self, wait: Duration) -> bool {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stream.set_read_timeout(Some(left)).is_err() {
+                return false;
+            }
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Resolve `route`'s capability over text packets and return the oid
+    /// under which the host exports the dataspace to us; what we received
+    /// if it did not answer ok.
+    pub fn resolve(&mut self, route: &Route) -> Result<u64, String> {
+        let packet = format!("[[0 <A {} 0>]]", resolve_text(route));
+        self.send(packet.as_bytes()).map_err(|e| e.to_string())?;
+        // The answer looks like `[[0, <A <ok #:[0, 1]> 523>]]`.
+        let got = self.read_until("<ok #:[0", ANSWER);
+        got.find("<ok #:[0")
+            .and_then(|at| {
+                got[at + "<ok #:[0".len()..]
+                    .trim_start_matches([',', ' '])
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .ok_or(got)
+    }
+}
