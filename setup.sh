@@ -38,6 +38,8 @@ case "${1:-demo}" in
         ;;
     test)
         ensure_nix
+        # The examples run as separate programs in the tests: build every binary first.
+        cargo build --workspace --bins
         cargo test --workspace
         ;;
     *)

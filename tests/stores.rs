@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -331,4 +332,106 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
     let mut verify = space.nix("nix-store", None);
     verify.args(["--verify-path", &top]);
     assert!(run(verify, LIMIT).status.success());
+}
+
+/// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
+/// Nix store of its own, as on another machine.
+fn in_other_store(space: &Space, store: &Path, script: &str) -> std::process::Command {
+    for sub in ["nix/store", "nix/var/nix/db"] {
+        std::fs::create_dir_all(store.join(sub)).unwrap();
+    }
+    let mut c = space.nix("unshare", None);
+    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+        .arg(format!(
+            "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
+            store.display()
+        ));
+    c
+}
+
+#[test]
+fn an_external_substituter_serves_another_store() {
+    let mut space = Space::start();
+    let runs = space.tmp.path().join("runs");
+    let other = space.tmp.path().join("other");
+    // Build the chain in the other store only.
+    let file = space.nix_file(
+        "other.nix",
+        &format!(
+            r#"
+let
+  step = name: deps: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} $deps > $out" ];
+  }};
+in
+step "top" [ (step "base" [ ]) ]
+"#,
+            nonce = nonce(),
+            runs = runs.display(),
+        ),
+    );
+    let built = run(
+        in_other_store(
+            &space,
+            &other,
+            &format!("nix-build {} --no-out-link", file.display()),
+        ),
+        LIMIT,
+    );
+    assert!(built.status.success(), "{built:?}");
+    let top = built.stdout.trim().to_owned();
+    assert!(!Path::new(&top).exists(), "built in the other store only");
+    std::fs::remove_file(&runs).unwrap();
+    // Its daemon, reachable from here.
+    let socket = space.tmp.path().join("other.sock");
+    let daemon = in_other_store(
+        &space,
+        &other,
+        &format!(
+            "NIX_DAEMON_SOCKET_PATH={} exec nix-daemon",
+            socket.display()
+        ),
+    )
+    .process_group(0)
+    .spawn()
+    .unwrap();
+    let _daemon = KillOnDrop(daemon);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "no daemon socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The example, a separate program knowing only the route file and that socket.
+    let example = Path::new(support::nixspace_bin()).with_file_name("store-substituter");
+    assert!(
+        example.exists(),
+        "{} missing: build the workspace's binaries first (./setup.sh test does)",
+        example.display()
+    );
+    let log = space.tmp.path().join("example.log");
+    let substituter = std::process::Command::new(&example)
+        .arg("--route")
+        .arg(space.dir().join("worker.route"))
+        .arg("--store-socket")
+        .arg(&socket)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _substituter = KillOnDrop(substituter);
+    space.wait_for_log("example", "serving the store", LIMIT);
+    space.worker("w1", &[]);
+
+    let got = space.build(&file, LIMIT);
+    assert!(got.status.success(), "{got:?}");
+    assert_eq!(got.stdout.trim(), top);
+    assert!(std::fs::read_to_string(&top)
+        .unwrap()
+        .starts_with("top /nix/store/"));
+    assert!(!runs.exists(), "nothing was built here");
+    let worker = space.log("w1");
+    assert!(worker.contains("store-substituter"), "{worker}");
 }
