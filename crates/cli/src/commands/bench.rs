@@ -22,6 +22,7 @@ pub struct BenchArgs {
 enum BenchCommand {
     Dag(DagArgs),
     Dispatch(super::bench_dispatch::DispatchArgs),
+    Queries(super::bench_queries::QueriesArgs),
 }
 
 /// A layered DAG of trivial derivations: `nix-build` vs `nixspace build`.
@@ -59,6 +60,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchCommand::Dag(a) => dag(a).await,
         BenchCommand::Dispatch(a) => super::bench_dispatch::run(a).await,
+        BenchCommand::Queries(a) => super::bench_queries::run(a).await,
     }
 }
 
@@ -204,11 +206,14 @@ async fn dag_runs(
 
 async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
     let start = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .await?;
+    succeeded(cmd.stdout(Stdio::null())).await?;
+    Ok(start.elapsed())
+}
+
+/// Run `cmd` (stdin closed) to its end; what it printed, or an error with its stderr if it
+/// failed.
+pub(super) async fn succeeded(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+    let out = cmd.stdin(Stdio::null()).output().await?;
     if !out.status.success() {
         anyhow::bail!(
             "benchmark command failed ({}): {}",
@@ -216,10 +221,11 @@ async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(start.elapsed())
+    Ok(out)
 }
 
-fn median(xs: &[Duration]) -> Duration {
+/// The median of `xs` (the upper one of an even count).
+pub(super) fn median(xs: &[Duration]) -> Duration {
     let mut v = xs.to_vec();
     v.sort();
     v[v.len() / 2]
