@@ -12,6 +12,17 @@ use support::{command_lines_with, nonce, run, wait_output, KillOnDrop, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
+/// Workers `w1` (feature `fa`) and `w2` (feature `fb`), each with a store of its own under
+/// the test directory. Those stores' directories.
+fn own_store_workers(space: &mut Space) -> (PathBuf, PathBuf) {
+    let (s1, s2) = (space.tmp.path().join("w1"), space.tmp.path().join("w2"));
+    for (id, feature, store) in [("w1", "fa", &s1), ("w2", "fb", &s2)] {
+        let store = store.to_str().expect("utf-8 path");
+        space.worker(id, &["--features", feature, "--own-store", store]);
+    }
+    (s1, s2)
+}
+
 /// A two-step chain whose steps need different features: `first` (feature `fa`) and
 /// `second` (feature `fb`) reading `first`'s output.
 fn split_chain(space: &Space) -> PathBuf {
@@ -50,15 +61,7 @@ fn in_own_store(dir: &Path, path: &str) -> bool {
 #[test]
 fn workers_with_their_own_stores_pass_inputs_and_return_outputs() {
     let mut space = Space::start();
-    let (s1, s2) = (space.tmp.path().join("w1"), space.tmp.path().join("w2"));
-    space.worker(
-        "w1",
-        &["--features", "fa", "--own-store", s1.to_str().unwrap()],
-    );
-    space.worker(
-        "w2",
-        &["--features", "fb", "--own-store", s2.to_str().unwrap()],
-    );
+    let (s1, s2) = own_store_workers(&mut space);
     let file = split_chain(&space);
 
     let built = space.build(&file, LIMIT);
@@ -168,15 +171,7 @@ fn a_faster_idle_worker_steals_a_slow_step_and_the_slow_build_stops() {
 #[test]
 fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_stores() {
     let mut space = Space::start();
-    let (s1, s2) = (space.tmp.path().join("w1"), space.tmp.path().join("w2"));
-    space.worker(
-        "w1",
-        &["--features", "fa", "--own-store", s1.to_str().unwrap()],
-    );
-    space.worker(
-        "w2",
-        &["--features", "fb", "--own-store", s2.to_str().unwrap()],
-    );
+    let (s1, s2) = own_store_workers(&mut space);
     let socket = space.translator();
     let file = split_chain(&space);
     let result = space.tmp.path().join("result");

@@ -21,17 +21,28 @@ fn demo_file(space: &Space) -> std::path::PathBuf {
     )
 }
 
+/// Run `program args` with the test's Nix configuration against `remote` (`None`: the local
+/// store directly); it must succeed. Its stdout.
+fn stdout_of(space: &Space, remote: Option<&Path>, program: &str, args: &[&str]) -> String {
+    let mut c = space.nix(program, remote);
+    c.args(args);
+    let out = run(c, LIMIT);
+    assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    out.stdout
+}
+
+/// `program args` prints the same through the translator at `socket` as directly against
+/// the local store; what it printed.
+fn same_answer(space: &Space, socket: &Path, program: &str, args: &[&str]) -> String {
+    let via = stdout_of(space, Some(socket), program, args);
+    let direct = stdout_of(space, None, program, args);
+    assert_eq!(via, direct, "{program} {args:?}");
+    via
+}
+
 /// `nix-store -q --references` of the translator's answer equals the direct one.
 fn references_agree(space: &Space, socket: &Path, path: &str) {
-    let mut via = space.nix("nix-store", Some(socket));
-    via.args(["-q", "--references", path]);
-    let via = run(via, LIMIT);
-    let mut direct = space.nix("nix-store", None);
-    direct.args(["-q", "--references", path]);
-    let direct = run(direct, LIMIT);
-    assert!(via.status.success(), "{via:?}");
-    assert!(direct.status.success(), "{direct:?}");
-    assert_eq!(via.stdout, direct.stdout);
+    same_answer(space, socket, "nix-store", &["-q", "--references", path]);
 }
 
 #[test]
@@ -380,20 +391,27 @@ fn unsigned_export(space: &Space) -> (String, Vec<u8>) {
     let built = run(b, LIMIT);
     assert!(built.status.success(), "{built:?}");
     let path = built.stdout.trim().to_owned();
-    let mut e = space.nix("nix-store", None);
-    e.args(["--export", &path]);
+    let nar = export(space, None, &path);
+    (path, nar)
+}
+
+/// `nix-store --export path` against `remote` (`None`: the local store directly).
+fn export(space: &Space, remote: Option<&Path>, path: &str) -> Vec<u8> {
+    let mut e = space.nix("nix-store", remote);
+    e.args(["--export", path]);
     let out = e
         .stderr(std::process::Stdio::piped())
         .output()
         .expect("nix-store --export");
     assert!(out.status.success(), "{out:?}");
-    (path, out.stdout)
+    out.stdout
 }
 
-/// `nix-store --import` of `nar` through `socket` (it asks to skip signature checks), with a
-/// restricted and an unrestricted setting on the command line.
-fn import(space: &Space, socket: &Path, nar: &[u8]) -> support::Finished {
-    let mut c = space.nix("nix-store", Some(socket));
+/// `nix-store --import` of `nar` through `socket` (`None`: into the local store directly; it
+/// asks to skip signature checks), with a restricted and an unrestricted setting on the
+/// command line.
+fn import(space: &Space, socket: Option<&Path>, nar: &[u8]) -> support::Finished {
+    let mut c = space.nix("nix-store", socket);
     c.args(["--option", "sandbox", "false", "--option", "timeout", "600"])
         .arg("--import")
         .stdin(std::process::Stdio::piped())
@@ -413,7 +431,7 @@ fn untrusted_clients_cannot_skip_signature_checks() {
     let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
     let (path, nar) = unsigned_export(&space);
 
-    let refused = import(&space, &untrusted, &nar);
+    let refused = import(&space, Some(&untrusted), &nar);
     assert!(!refused.status.success(), "{refused:?}");
     assert!(
         refused
@@ -430,7 +448,7 @@ fn untrusted_clients_cannot_skip_signature_checks() {
     );
     assert!(!refused.stderr.contains("'timeout'"), "{refused:?}");
 
-    let imported = import(&space, &trusted, &nar);
+    let imported = import(&space, Some(&trusted), &nar);
     assert!(imported.status.success(), "{imported:?}");
     assert_eq!(imported.stdout.trim(), path);
     space.wait_for_log("untrusted", "accepted connection", Duration::from_secs(5));
@@ -851,4 +869,184 @@ fn a_failing_build_exits_as_it_does_against_nix_daemon() {
         );
         assert!(via.stderr.contains("about to fail"), "{via:?}");
     }
+}
+
+/// A chain `top ← base` of trivial derivations (fresh names) whose builders print a line
+/// with `marker` each; top's output refers to base's.
+fn chain_file(space: &Space, file: &str, marker: &str) -> std::path::PathBuf {
+    space.nix_file(
+        file,
+        &format!(
+            r#"let
+  step = name: deps: derivation {{
+    inherit name deps;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo {marker} says ${{name}}; echo ${{name}} $deps > $out" ];
+  }};
+in step "top-{nonce}" [ (step "base-{nonce}" [ ]) ]
+"#,
+            nonce = nonce()
+        ),
+    )
+}
+
+/// The fields of `nix path-info --json` that must agree between two stores' answers.
+fn path_info_essentials(json: &str) -> Vec<serde_json::Value> {
+    let infos: serde_json::Value = serde_json::from_str(json).expect("path-info JSON");
+    infos
+        .as_array()
+        .expect("a list of path infos")
+        .iter()
+        .map(|i| serde_json::json!([i["path"], i["narHash"], i["narSize"], i["references"]]))
+        .collect()
+}
+
+#[test]
+fn store_operations_answer_as_the_local_store_does() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let file = chain_file(&space, "parity.nix", "parity");
+    let file = file.to_str().expect("utf-8 path");
+
+    let drv = same_answer(&space, &socket, "nix-instantiate", &[file]);
+    let drv = drv.trim();
+    // Built by the worker through the translator, then already valid locally.
+    let out = same_answer(&space, &socket, "nix-store", &["--realise", drv]);
+    let out = out.trim();
+    assert!(out.contains("-top-"), "{out}");
+    let worker = space.log("w1");
+    assert_eq!(worker.matches(" built ").count(), 2, "{worker}");
+    let base = stdout_of(&space, None, "nix-store", &["-q", "--references", out]);
+    let base = base.trim();
+    assert!(base.contains("-base-"), "{base}");
+    for path in [drv, out, base] {
+        for query in ["--references", "--referrers"] {
+            same_answer(&space, &socket, "nix-store", &["-q", query, path]);
+        }
+    }
+    let referrers = stdout_of(
+        &space,
+        Some(&socket),
+        "nix-store",
+        &["-q", "--referrers", base],
+    );
+    assert_eq!(referrers.trim(), out);
+
+    let (via, direct) = (
+        stdout_of(
+            &space,
+            Some(&socket),
+            "nix",
+            &["path-info", "--json", out, base],
+        ),
+        stdout_of(&space, None, "nix", &["path-info", "--json", out, base]),
+    );
+    assert_eq!(path_info_essentials(&via), path_info_essentials(&direct));
+
+    let built = same_answer(
+        &space,
+        &socket,
+        "nix",
+        &["build", "--json", "--no-link", "-f", file],
+    );
+    let built: serde_json::Value = serde_json::from_str(&built).expect("nix build JSON");
+    assert_eq!(built[0]["outputs"]["out"], out, "{built}");
+
+    let added = space.nix_file("parity.txt", &nonce());
+    let added = same_answer(
+        &space,
+        &socket,
+        "nix-store",
+        &["--add", added.to_str().expect("utf-8")],
+    );
+    assert!(added.trim().ends_with("-parity.txt"), "{added}");
+
+    // Exports agree byte for byte; an export of the local store imports through the
+    // translator as the same path.
+    let nar = export(&space, None, out);
+    assert!(
+        export(&space, Some(&socket), out) == nar,
+        "the exports differ"
+    );
+    let (via, direct) = (
+        import(&space, Some(&socket), &nar),
+        import(&space, None, &nar),
+    );
+    assert!(via.status.success(), "{via:?}");
+    assert!(direct.status.success(), "{direct:?}");
+    assert_eq!(via.stdout.trim(), out);
+    assert_eq!(via.stdout, direct.stdout);
+}
+
+/// The `@nix` JSON events of a client's stderr (`--log-format internal-json`).
+fn internal_json(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("@nix "))
+        .map(|l| serde_json::from_str(l).expect("internal-json event"))
+        .collect()
+}
+
+/// The builder lines of `drv` in internal-json `events`: the text of each buildLogLine
+/// result (101) of a build activity (105) started for `drv`.
+fn build_log_lines(events: &[serde_json::Value], drv: &str) -> Vec<String> {
+    let ids: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["action"] == "start" && e["type"] == 105 && e["fields"][0] == drv)
+        .map(|e| &e["id"])
+        .collect();
+    events
+        .iter()
+        .filter(|e| e["action"] == "result" && e["type"] == 101 && ids.contains(&&e["id"]))
+        .map(|e| e["fields"][0].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn nix_build_shows_the_builders_output_as_nix_daemon_does() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let plain = PlainDaemon::start(&space);
+    // Fresh derivations per build: each must really run its builder.
+    let build = |remote: &Path, args: &[&str]| {
+        let file = chain_file(&space, &format!("progress-{}.nix", nonce()), "progress");
+        let mut i = space.nix("nix-instantiate", None);
+        i.arg(&file);
+        let drv = run(i, LIMIT).stdout.trim().to_owned();
+        let mut c = space.nix("nix", Some(remote));
+        c.args(["build", "--no-link"])
+            .args(args)
+            .arg("-f")
+            .arg(&file);
+        let built = run(c, LIMIT);
+        assert!(built.status.success(), "{built:?}");
+        (drv, built.stderr)
+    };
+    // Builders' lines, as `-L` and `--log-format raw-with-logs` print them.
+    for args in [&["-L"][..], &["--log-format", "raw-with-logs"]] {
+        for remote in [&socket, &plain.socket] {
+            let (_, stderr) = build(remote, args);
+            for step in ["base", "top"] {
+                assert!(
+                    stderr.contains(&format!("progress says {step}-")),
+                    "{args:?} against {}:\n{stderr}",
+                    remote.display()
+                );
+            }
+        }
+    }
+    // Nix's internal-json: a build activity for the step, its lines as its results.
+    let (drv, via) = build(&socket, &["--log-format", "internal-json"]);
+    let (plain_drv, direct) = build(&plain.socket, &["--log-format", "internal-json"]);
+    let (via, direct) = (internal_json(&via), internal_json(&direct));
+    let (via, direct) = (
+        build_log_lines(&via, &drv),
+        build_log_lines(&direct, &plain_drv),
+    );
+    assert_eq!(via.len(), 1, "{via:?}");
+    assert!(via[0].starts_with("progress says top-"), "{via:?}");
+    assert_eq!(via.len(), direct.len(), "{via:?} {direct:?}");
 }

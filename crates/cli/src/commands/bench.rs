@@ -1,7 +1,7 @@
 //! `nixspace bench dag`: build the same generated DAG with `nix-build` and
 //! with nixspace on this machine, and time the planner on a large DAG.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ pub struct BenchArgs {
 enum BenchCommand {
     Dag(DagArgs),
     Dispatch(super::bench_dispatch::DispatchArgs),
+    Queries(super::bench_queries::QueriesArgs),
 }
 
 /// A layered DAG of trivial derivations: `nix-build` vs `nixspace build`.
@@ -60,6 +61,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.what {
         BenchCommand::Dag(a) => dag(a).await,
         BenchCommand::Dispatch(a) => super::bench_dispatch::run(a).await,
+        BenchCommand::Queries(a) => super::bench_queries::run(a).await,
     }
 }
 
@@ -130,8 +132,8 @@ async fn dag_runs(
     )
     .await?;
     let total_jobs = (args.workers * args.jobs).to_string();
-    let daemon = spawn_nix_daemon(tmp, children).await?;
-    let daemon_store = format!("unix://{}", daemon.display());
+    let daemon = super::bench_queries::PrivateDaemon::start(&tmp.join("daemon")).await?;
+    let daemon_store = format!("unix://{}", daemon.socket.display());
     let mut nix_times = Vec::new();
     let mut daemon_times = Vec::new();
     let mut ours = Vec::new();
@@ -231,38 +233,16 @@ async fn dag_runs(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Start a `nix-daemon` on this machine's store, listening on a socket in `tmp` (stopped with
-/// `children`); returns the socket once it exists.
-async fn spawn_nix_daemon(tmp: &Path, children: &mut Children) -> anyhow::Result<PathBuf> {
-    let socket = tmp.join("nix-daemon.sock");
-    // NIX_REMOTE=local: a daemon whose store is "auto" could connect to itself.
-    let child = Command::new("nix-daemon")
-        .env("NIX_REMOTE", "local")
-        .env("NIX_DAEMON_SOCKET_PATH", &socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start nix-daemon: {e}"))?;
-    children.push(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !socket.exists() {
-        if Instant::now() > deadline {
-            anyhow::bail!("nix-daemon did not create {}", socket.display());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(socket)
-}
-
 async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
     let start = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .await?;
+    succeeded(cmd.stdout(Stdio::null())).await?;
+    Ok(start.elapsed())
+}
+
+/// Run `cmd` (stdin closed) to its end; what it printed, or an error with its stderr if it
+/// failed.
+pub(super) async fn succeeded(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+    let out = cmd.stdin(Stdio::null()).output().await?;
     if !out.status.success() {
         anyhow::bail!(
             "benchmark command failed ({}): {}",
@@ -270,10 +250,11 @@ async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    Ok(start.elapsed())
+    Ok(out)
 }
 
-fn median(xs: &[Duration]) -> Duration {
+/// The median of `xs` (the upper one of an even count).
+pub(super) fn median(xs: &[Duration]) -> Duration {
     let mut v = xs.to_vec();
     v.sort();
     v[v.len() / 2]

@@ -33,7 +33,7 @@ pub struct DemoArgs {
 pub struct Children(Vec<Child>);
 
 impl Children {
-    /// Keep `child` to be stopped with the others.
+    /// Keep `child` to be stopped with the others (after every child started before it).
     pub fn push(&mut self, child: Child) {
         self.0.push(child);
     }
@@ -154,7 +154,8 @@ async fn demo(
     }
 }
 
-async fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<()> {
+/// Wait until `path` exists, failing after `limit`.
+pub async fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     while !path.exists() {
         if start.elapsed() > limit {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_dispatch;
+pub mod bench_queries;
 pub mod build;
 pub mod daemon;
 pub mod demo;
