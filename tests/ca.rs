@@ -7,7 +7,7 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{nonce, run, Space};
+use support::{run, step_binding, Space, CA_ATTRS};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -16,34 +16,28 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// content, so they resolve `top`'s inputs to identical paths.
 fn ca_diamond(space: &Space, runs: &std::path::Path, broken_base: bool) -> PathBuf {
     let fail = if broken_base { "exit 3;" } else { "" };
+    let binding = step_binding(
+        "name: script: deps",
+        CA_ATTRS,
+        &format!(
+            r#"echo ${{name}} >> {runs}
+      {{ for d in $deps; do
+        while IFS= read -r line; do echo "$line"; done < "$d"
+      done; ${{script}}; }} > "$out""#,
+            runs = runs.display()
+        ),
+    );
     space.nix_file(
         "ca.nix",
         &format!(
             r#"
 let
-  step = name: script: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
-    args = [ "-c" ''
-      echo ${{name}} >> {runs}
-      {{ for d in $deps; do
-        while IFS= read -r line; do echo "$line"; done < "$d"
-      done; ${{script}}; }} > "$out"
-    '' ];
-  }};
-  base = step "base" "{fail} echo base" [ ];
+{binding}  base = step "base" "{fail} echo base" [ ];
   left = step "left" "echo side" [ base ];
   right = step "right" "echo side" [ base ];
 in
 step "top" "echo top" [ left right ]
-"#,
-            nonce = nonce(),
-            runs = runs.display(),
+"#
         ),
     )
 }
@@ -131,29 +125,21 @@ fn originals_that_resolve_alike_share_one_build() {
     let runs = space.tmp.path().join("runs");
     // `a1` and `a2` differ but write the same content, so `c` over either resolves to the
     // same derivation: built once (early cut-off).
+    let binding = step_binding(
+        "name: variant: deps",
+        &format!("{CA_ATTRS} variant = toString variant;"),
+        &format!("echo ${{name}} >> {}; echo same > $out", runs.display()),
+    );
     let file = space.nix_file(
         "cutoff.nix",
         &format!(
             r#"
 let
-  step = name: variant: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
-    variant = toString variant;
-    args = [ "-c" "echo ${{name}} >> {runs}; echo same > $out" ];
-  }};
-  c1 = step "c" 0 [ (step "a" 1 [ ]) ];
+{binding}  c1 = step "c" 0 [ (step "a" 1 [ ]) ];
   c2 = step "c" 0 [ (step "a" 2 [ ]) ];
 in
 step "top" 0 [ c1 c2 ]
-"#,
-            nonce = nonce(),
-            runs = runs.display(),
+"#
         ),
     );
     let built = space.build(&file, LIMIT);
@@ -213,27 +199,17 @@ fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
     // A content-addressed chain whose steps take a moment, so the coordinator dies while
     // the resolved `mid` builds (its input's realisation landed, it was resolved and
     // scheduled) and stays down while the worker finishes it.
+    let binding = step_binding(
+        "name: deps",
+        CA_ATTRS,
+        &format!(
+            "echo ${{name}} >> {}; /bin/sleep 2; echo ${{name}} $deps > $out",
+            runs.display()
+        ),
+    );
     let file = space.nix_file(
         "chain.nix",
-        &format!(
-            r#"
-let
-  step = name: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    __contentAddressed = true;
-    outputHashMode = "recursive";
-    outputHashAlgo = "sha256";
-    args = [ "-c" "echo ${{name}} >> {runs}; /bin/sleep 2; echo ${{name}} $deps > $out" ];
-  }};
-in
-step "top" [ (step "mid" [ (step "base" [ ]) ]) ]
-"#,
-            nonce = nonce(),
-            runs = runs.display(),
-        ),
+        &format!("let\n{binding}in\nstep \"top\" [ (step \"mid\" [ (step \"base\" [ ]) ]) ]\n"),
     );
     let build = space.spawn_build(&file);
     space.wait_for_log("w1", "-mid.drv", LIMIT);

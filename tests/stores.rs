@@ -8,7 +8,10 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{command_lines_with, nonce, run, wait_output, KillOnDrop, Space};
+use support::{
+    command_lines_with, counted_referring_script, nonce, run, step_binding, wait_output,
+    KillOnDrop, Space,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -26,30 +29,29 @@ fn own_store_workers(space: &mut Space) -> (PathBuf, PathBuf) {
 /// A two-step chain whose steps need different features: `first` (feature `fa`) and
 /// `second` (feature `fb`) reading `first`'s output.
 fn split_chain(space: &Space) -> PathBuf {
+    let binding = step_binding(
+        "name: features: deps",
+        "requiredSystemFeatures = features;",
+        r#"for d in $deps; do
+        while IFS= read -r line; do echo "$line"; done < "$d"
+      done > "$out"
+      echo "${name}" >> "$out""#,
+    );
     space.nix_file(
         "split.nix",
         &format!(
-            r#"
-let
-  step = name: features: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    requiredSystemFeatures = features;
-    args = [ "-c" ''
-      for d in $deps; do
-        while IFS= read -r line; do echo "$line"; done < "$d"
-      done > "$out"
-      echo "${{name}}" >> "$out"
-    '' ];
-  }};
-  first = step "first" [ "fa" ] [ ];
-in
-step "second" [ "fb" ] [ first ]
-"#,
-            nonce = nonce()
+            "let\n{binding}  first = step \"first\" [ \"fa\" ] [ ];\nin\nstep \"second\" [ \"fb\" ] [ first ]\n"
         ),
+    )
+}
+
+/// A chain `base` → `top` whose `top` output refers to `base`'s, each builder run appended
+/// to `runs`.
+fn referring_chain(space: &Space, runs: &Path) -> PathBuf {
+    let binding = step_binding("name: deps", "", &counted_referring_script(runs));
+    space.nix_file(
+        "chain.nix",
+        &format!("let\n{binding}in\nstep \"top\" [ (step \"base\" [ ]) ]\n"),
     )
 }
 
@@ -198,25 +200,7 @@ fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_sto
 /// the store. Returns the Nix file and `top`'s output path.
 fn cached_chain(space: &Space, runs: &Path, cache: &Path, compression: &str) -> (PathBuf, String) {
     // `top`'s output names `base`'s, so the cache holds both and `base` comes first.
-    let file = space.nix_file(
-        "cached.nix",
-        &format!(
-            r#"
-let
-  step = name: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} $deps > $out" ];
-  }};
-in
-step "top" [ (step "base" [ ]) ]
-"#,
-            nonce = nonce(),
-            runs = runs.display(),
-        ),
-    );
+    let file = referring_chain(space, runs);
     let mut b = space.nix("nix-build", None);
     b.arg(&file).arg("--no-out-link");
     let built = run(b, LIMIT);
@@ -350,25 +334,7 @@ fn an_external_substituter_serves_another_store() {
     let runs = space.tmp.path().join("runs");
     let other = space.tmp.path().join("other");
     // Build the chain in the other store only.
-    let file = space.nix_file(
-        "other.nix",
-        &format!(
-            r#"
-let
-  step = name: deps: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" "echo ${{name}} >> {runs}; echo ${{name}} $deps > $out" ];
-  }};
-in
-step "top" [ (step "base" [ ]) ]
-"#,
-            nonce = nonce(),
-            runs = runs.display(),
-        ),
-    );
+    let file = referring_chain(&space, &runs);
     let built = run(
         in_other_store(
             &space,

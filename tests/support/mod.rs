@@ -461,3 +461,37 @@ pub fn counted_step_bindings(runs: &Path, extra: &str) -> String {
         runs = runs.display(),
     )
 }
+
+/// Nix attributes that make a derivation floating content-addressed.
+pub const CA_ATTRS: &str =
+    r#"__contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";"#;
+
+/// A Nix `let` binding `step = PARAMS: derivation { … };` (PARAMS must include `name` and
+/// `deps`): a fresh `nonce`, `/bin/sh` running `script` (Nix string text: it may use
+/// `${name}`, `$deps` and `$out`), plus the Nix attributes `attrs`.
+pub fn step_binding(params: &str, attrs: &str, script: &str) -> String {
+    format!(
+        r#"  step = {params}: derivation {{
+    inherit name deps;
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    {attrs}
+    args = [ "-c" ''
+      {script}
+    '' ];
+  }};
+"#,
+        nonce = nonce()
+    )
+}
+
+/// Shell code for [`step_binding`]: append the step's name to `runs` (outside the store, so
+/// tests count builder runs), then write the name and the input paths to `$out` (so the
+/// output refers to its inputs).
+pub fn counted_referring_script(runs: &Path) -> String {
+    format!(
+        "echo ${{name}} >> {}; echo ${{name}} $deps > $out",
+        runs.display()
+    )
+}
