@@ -177,15 +177,7 @@ impl StoreNode {
         if substituters.is_empty() {
             return Ok(false);
         }
-        let store_dir = self.inner.pool.store_dir();
-        let parsed = paths
-            .iter()
-            .map(|p| {
-                store_dir
-                    .parse(p)
-                    .map_err(|e| FetchError::Local(format!("{p}: {e}")))
-            })
-            .collect::<Result<BTreeSet<_>, _>>()?;
+        let parsed = self.parse_all(paths)?;
         let valid = self.inner.valid(&parsed).await?;
         for path in parsed.difference(&valid) {
             match self
@@ -201,18 +193,23 @@ impl StoreNode {
         Ok(true)
     }
 
-    /// Make `paths` (printed store paths) and their closures valid in this store, fetching
-    /// what is missing from the stores in the dataspace.
-    pub async fn ensure(&self, paths: &[String]) -> Result<(), FetchError> {
+    /// `paths` as store paths of this store.
+    fn parse_all(&self, paths: &[String]) -> Result<BTreeSet<StorePath>, FetchError> {
         let store_dir = self.inner.pool.store_dir();
-        let parsed = paths
+        paths
             .iter()
             .map(|p| {
                 store_dir
                     .parse(p)
                     .map_err(|e| FetchError::Local(format!("{p}: {e}")))
             })
-            .collect::<Result<BTreeSet<_>, _>>()?;
+            .collect()
+    }
+
+    /// Make `paths` (printed store paths) and their closures valid in this store, fetching
+    /// what is missing from the stores in the dataspace.
+    pub async fn ensure(&self, paths: &[String]) -> Result<(), FetchError> {
+        let parsed = self.parse_all(paths)?;
         self.inner.ensure(parsed).await
     }
 }

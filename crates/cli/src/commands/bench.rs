@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use nixspace_planner::{Schedule, StepInfo, Urgency, WorkerOffer};
 use tokio::process::Command;
 
-use super::demo::{spawn_space, Children};
+use super::demo::{spawn_space, Children, Scratch};
 
 /// Measure nixspace against what users run today.
 #[derive(Args, Debug)]
@@ -91,12 +91,12 @@ async fn dag(args: DagArgs) -> anyhow::Result<ExitCode> {
     if args.runs == 0 || args.nodes == 0 || args.width == 0 || args.workers == 0 || args.jobs == 0 {
         anyhow::bail!("--nodes, --width, --workers, --jobs and --runs must be at least 1");
     }
-    let exe = std::env::current_exe()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("nixspace-bench-")
-        .tempdir()?;
-    let dir = tmp.path().join("run");
-    let mut children = Children::default();
+    let Scratch {
+        exe,
+        tmp,
+        dir,
+        mut children,
+    } = Scratch::new("nixspace-bench-")?;
     let result = dag_runs(&args, &exe, &dir, tmp.path(), &mut children).await;
     children.stop().await;
     result

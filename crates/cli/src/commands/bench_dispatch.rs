@@ -17,7 +17,7 @@ use syndicate::actor::{Activation, ActorResult, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::during;
 
-use super::demo::{spawn_space, Children};
+use super::demo::{spawn_space, Children, Scratch};
 
 /// The scheduler alone: simulated workers that finish every step at once.
 ///
@@ -46,12 +46,12 @@ pub async fn run(args: DispatchArgs) -> anyhow::Result<ExitCode> {
     if args.steps == 0 || args.workers == 0 || args.jobs == 0 || args.runs == 0 {
         anyhow::bail!("--steps, --workers, --jobs and --runs must be at least 1");
     }
-    let exe = std::env::current_exe()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("nixspace-bench-")
-        .tempdir()?;
-    let dir = tmp.path().join("run");
-    let mut children = Children::default();
+    let Scratch {
+        exe,
+        tmp,
+        dir,
+        mut children,
+    } = Scratch::new("nixspace-bench-")?;
     let result = runs(&args, &exe, &dir, tmp.path(), &mut children).await;
     children.stop().await;
     result

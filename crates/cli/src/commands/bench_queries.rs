@@ -14,7 +14,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, Command};
 
 use super::bench::{median, succeeded};
-use super::demo::{spawn_space, wait_for_file, Children};
+use super::demo::{spawn_space, wait_for_file, Children, Scratch};
 
 /// Store queries directly against `nix-daemon` and through the translator.
 ///
@@ -82,12 +82,13 @@ pub async fn run(args: QueriesArgs) -> anyhow::Result<ExitCode> {
     if args.ops == 0 || args.runs == 0 {
         anyhow::bail!("--ops and --runs must be at least 1");
     }
-    let exe = std::env::current_exe()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("nixspace-bench-")
-        .tempdir()?;
+    let Scratch {
+        exe,
+        tmp,
+        mut children,
+        ..
+    } = Scratch::new("nixspace-bench-")?;
     let daemon = PrivateDaemon::start(&tmp.path().join("daemon")).await?;
-    let mut children = Children::default();
     let result = measure(&args, &exe, tmp.path(), &daemon, &mut children).await;
     children.stop().await;
     drop(daemon);

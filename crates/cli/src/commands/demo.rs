@@ -96,14 +96,40 @@ pub async fn spawn_space(
     Ok(())
 }
 
+/// What a demo or benchmark run needs: this program, a temporary directory (removed when
+/// dropped) with `run/` for the dataspace, and the child processes it starts.
+pub struct Scratch {
+    /// This program, to start `up` and workers with.
+    pub exe: std::path::PathBuf,
+    /// The temporary directory.
+    pub tmp: tempfile::TempDir,
+    /// `<tmp>/run`: the dataspace's runtime directory.
+    pub dir: std::path::PathBuf,
+    /// The children started so far.
+    pub children: Children,
+}
+
+impl Scratch {
+    /// A fresh temporary directory named `<prefix>…`.
+    pub fn new(prefix: &str) -> anyhow::Result<Scratch> {
+        let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+        Ok(Scratch {
+            exe: std::env::current_exe()?,
+            dir: tmp.path().join("run"),
+            tmp,
+            children: Children::default(),
+        })
+    }
+}
+
 /// Run `nixspace demo`.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe()?;
-    let tmp = tempfile::Builder::new()
-        .prefix("nixspace-demo-")
-        .tempdir()?;
-    let dir = tmp.path().join("run");
-    let mut children = Children::default();
+    let Scratch {
+        exe,
+        tmp,
+        dir,
+        mut children,
+    } = Scratch::new("nixspace-demo-")?;
     // Keep the demo's output to the build's own progress unless asked otherwise.
     let quiet: &[&str] = if std::env::var_os("RUST_LOG").is_some() {
         &[]
