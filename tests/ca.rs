@@ -191,14 +191,24 @@ fn run_counts(runs: &std::path::Path) -> std::collections::BTreeMap<String, usiz
     counts
 }
 
-#[test]
-fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
+/// When, in a content-addressed chain `base` → `mid` → `top` (each step taking 2 s), the
+/// coordinator is killed.
+enum Crash {
+    /// `base` is built: its realisation landed, `mid` is being resolved and scheduled.
+    InputRealised,
+    /// The resolved `mid` is building (the coordinator stays down until it is done).
+    ResolvedBuilding,
+    /// `mid` was just reported built, perhaps not recorded yet.
+    JustBuilt,
+}
+
+/// Kill `nixspace up` (-9) at the moment `crash` names, restart it, and check that the build
+/// still succeeds, every builder ran exactly once, and the history has one row per step with
+/// the resolved links.
+fn survive(crash: Crash) {
     let mut space = Space::start();
     space.worker("w1", &[]);
     let runs = space.tmp.path().join("runs");
-    // A content-addressed chain whose steps take a moment, so the coordinator dies while
-    // the resolved `mid` builds (its input's realisation landed, it was resolved and
-    // scheduled) and stays down while the worker finishes it.
     let binding = step_binding(
         "name: deps",
         CA_ATTRS,
@@ -212,16 +222,24 @@ fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
         &format!("let\n{binding}in\nstep \"top\" [ (step \"mid\" [ (step \"base\" [ ]) ]) ]\n"),
     );
     let build = space.spawn_build(&file);
-    space.wait_for_log("w1", "-mid.drv", LIMIT);
+    let (needle, times) = match crash {
+        Crash::InputRealised => ("built drv=", 1),
+        Crash::ResolvedBuilding => ("-mid.drv", 1),
+        Crash::JustBuilt => ("built drv=", 2),
+    };
+    let deadline = std::time::Instant::now() + LIMIT;
+    while space.log("w1").matches(needle).count() < times {
+        assert!(std::time::Instant::now() < deadline, "{}", space.log("w1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     space.kill_up();
-    // The worker finishes `mid` while nobody listens.
+    // Down long enough for a running build to finish while nobody listens.
     std::thread::sleep(Duration::from_secs(3));
     space.restart_up();
     let finished = support::wait_output(build, LIMIT);
     assert!(finished.status.success(), "{finished:?}");
-    let counts = run_counts(&runs);
     assert_eq!(
-        counts,
+        run_counts(&runs),
         [
             ("base".to_owned(), 1),
             ("mid".to_owned(), 1),
@@ -232,10 +250,12 @@ fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
     );
     let worker = space.log("w1");
     assert!(worker.contains("rejoined the dataspace"), "{worker}");
-    assert!(
-        worker.contains("claiming a step built while the dataspace was away"),
-        "{worker}"
-    );
+    if matches!(crash, Crash::ResolvedBuilding) {
+        assert!(
+            worker.contains("claiming a step built while the dataspace was away"),
+            "{worker}"
+        );
+    }
     // The history survived: one row per step, links intact.
     let history = run(space.command(&["history", "--json"]), LIMIT);
     let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
@@ -245,6 +265,26 @@ fn killing_the_coordinator_mid_build_loses_nothing_and_rebuilds_nothing() {
     drvs.sort_unstable();
     drvs.dedup();
     assert_eq!(drvs.len(), all, "no duplicate rows: {steps:?}");
-    let resolved = steps.iter().filter(|s| s["status"] == "resolved").count();
-    assert_eq!(resolved, 2, "mid and top were resolved: {steps:?}");
+    let resolved: Vec<&serde_json::Value> =
+        steps.iter().filter(|s| s["status"] == "resolved").collect();
+    assert_eq!(resolved.len(), 2, "mid and top were resolved: {steps:?}");
+    for original in resolved {
+        let to = original["resolved_to"].as_str().unwrap();
+        assert!(steps.iter().any(|s| s["drv"] == to), "{steps:?}");
+    }
+}
+
+#[test]
+fn killing_the_coordinator_once_an_input_is_realised_loses_nothing() {
+    survive(Crash::InputRealised);
+}
+
+#[test]
+fn killing_the_coordinator_while_a_resolved_step_builds_loses_nothing() {
+    survive(Crash::ResolvedBuilding);
+}
+
+#[test]
+fn killing_the_coordinator_right_after_a_step_is_built_loses_nothing() {
+    survive(Crash::JustBuilt);
 }

@@ -32,6 +32,27 @@ struct Held {
     info: DerivationInfo,
 }
 
+impl State {
+    /// Held steps whose inputs are all realised and that nobody is resolving yet, now marked
+    /// as being resolved.
+    fn take_resolvable(&mut self) -> Vec<String> {
+        let ready: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(d, h)| {
+                !self.resolving.contains(*d)
+                    && h.info
+                        .input_drvs
+                        .iter()
+                        .all(|i| self.realised.contains_key(i))
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        self.resolving.extend(ready.iter().cloned());
+        ready
+    }
+}
+
 #[derive(Default)]
 struct State {
     held: BTreeMap<String, Held>,
@@ -226,12 +247,18 @@ impl Resolver {
                 handler,
             });
         }
-        if let Ok(state) = self.inner.state.lock() {
-            for (resolved, demand) in state.resolved.values() {
-                ds.assert(t, resolved);
-                ds.assert(t, demand);
+        let resolvable = match self.inner.state.lock() {
+            Ok(mut state) => {
+                for (resolved, demand) in state.resolved.values() {
+                    ds.assert(t, resolved);
+                    ds.assert(t, demand);
+                }
+                // Steps whose resolution was lost with the previous connection.
+                state.take_resolvable()
             }
-        }
+            Err(_) => Vec::new(),
+        };
+        Inner::spawn_resolutions(&self.inner, resolvable);
         let inner = &self.inner;
         enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
             Inner::built(&inner, t, &drv, &outputs)
@@ -267,20 +294,7 @@ impl Inner {
             for d in originals.iter().map(String::as_str).chain([drv]) {
                 state.realised.insert(d.to_owned(), realised.clone());
             }
-            let ready: Vec<String> = state
-                .held
-                .iter()
-                .filter(|(d, h)| {
-                    !state.resolving.contains(*d)
-                        && h.info
-                            .input_drvs
-                            .iter()
-                            .all(|i| state.realised.contains_key(i))
-                })
-                .map(|(d, _)| d.clone())
-                .collect();
-            state.resolving.extend(ready.iter().cloned());
-            (originals, ready)
+            (originals, state.take_resolvable())
         };
         if let Some(link) = inner.link() {
             for original in originals {
@@ -294,11 +308,15 @@ impl Inner {
                 )?;
             }
         }
-        for held in ready {
-            let inner = Arc::clone(inner);
-            tokio::spawn(async move { inner.resolve(held).await });
-        }
+        Inner::spawn_resolutions(inner, ready);
         Ok(())
+    }
+
+    fn spawn_resolutions(inner: &Arc<Inner>, held: Vec<String>) {
+        for original in held {
+            let inner = Arc::clone(inner);
+            tokio::spawn(async move { inner.resolve(original).await });
+        }
     }
 
     /// `drv` failed: the originals it stands for fail with it, and held steps that need it
@@ -346,57 +364,65 @@ impl Inner {
     /// Resolve `original`, write the resolved derivation and demand it in the original's place.
     async fn resolve(self: Arc<Self>, original: String) {
         let outcome = self.write_resolved(&original).await;
-        let Some(link) = self.link() else {
-            return;
-        };
         let account = Account::new(Some(AnyValue::symbol("resolve")), None);
-        link.facet.activate(&account, None, |t| {
-            match outcome {
-                Ok((resolved, demand)) => {
-                    tracing::info!(%original, to = %resolved.to, "resolved");
-                    link.ds.assert(t, &resolved);
-                    link.ds.assert(t, &demand);
-                    let to = resolved.to.clone();
-                    let already = {
-                        let mut state = self.state.lock().map_err(|_| "resolver state poisoned")?;
-                        state
-                            .originals
-                            .entry(to.clone())
-                            .or_default()
-                            .insert(original.clone());
-                        state.held.remove(&original);
-                        state.resolving.remove(&original);
-                        state.resolved.insert(original.clone(), (resolved, demand));
-                        state.realised.get(&to).map(|r| {
-                            r.values()
-                                .map(|p| self.store_dir.print(p))
-                                .collect::<Vec<_>>()
-                        })
-                    };
-                    // Another original resolved to the same derivation, already built: this
-                    // one is done too (early cut-off), and its `built` will not come again.
-                    match already {
-                        Some(outputs) => Inner::built(&self, t, &to, &outputs),
-                        None => Ok(()),
+        // The dataspace may be gone (restarting): then the step is resolved again on rejoining.
+        let name = original.clone();
+        let delivered = self.link().is_some_and(|link| {
+            link.facet.activate(&account, None, |t| {
+                match outcome {
+                    Ok((resolved, demand)) => {
+                        tracing::info!(%original, to = %resolved.to, "resolved");
+                        link.ds.assert(t, &resolved);
+                        link.ds.assert(t, &demand);
+                        let to = resolved.to.clone();
+                        let already = {
+                            let mut state =
+                                self.state.lock().map_err(|_| "resolver state poisoned")?;
+                            state
+                                .originals
+                                .entry(to.clone())
+                                .or_default()
+                                .insert(original.clone());
+                            state.held.remove(&original);
+                            state.resolving.remove(&original);
+                            state.resolved.insert(original.clone(), (resolved, demand));
+                            state.realised.get(&to).map(|r| {
+                                r.values()
+                                    .map(|p| self.store_dir.print(p))
+                                    .collect::<Vec<_>>()
+                            })
+                        };
+                        // Another original resolved to the same derivation, already built: this
+                        // one is done too (early cut-off), and its `built` will not come again.
+                        match already {
+                            Some(outputs) => Inner::built(&self, t, &to, &outputs),
+                            None => Ok(()),
+                        }
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%original, %reason, "cannot resolve");
+                        if let Ok(mut state) = self.state.lock() {
+                            state.held.remove(&original);
+                            state.resolving.remove(&original);
+                        }
+                        (link.handler)(
+                            t,
+                            StepEvent::Failed {
+                                drv: original,
+                                worker: String::new(),
+                                reason,
+                            },
+                        )
                     }
                 }
-                Err(reason) => {
-                    tracing::warn!(%original, %reason, "cannot resolve");
-                    if let Ok(mut state) = self.state.lock() {
-                        state.held.remove(&original);
-                        state.resolving.remove(&original);
-                    }
-                    (link.handler)(
-                        t,
-                        StepEvent::Failed {
-                            drv: original,
-                            worker: String::new(),
-                            reason,
-                        },
-                    )
-                }
-            }
+            })
         });
+        if !delivered {
+            tracing::info!(original = %name, "the dataspace went away while resolving; resolving again on rejoining");
+            if let Ok(mut state) = self.state.lock() {
+                state.resolving.remove(&name);
+            }
+        }
     }
 
     /// The resolved derivation of `original`, written into the local store.
