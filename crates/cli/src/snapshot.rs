@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub unschedulable: BTreeMap<String, String>,
     /// Steps a second worker duplicates (stole), with the first worker and the thief.
     pub stolen: BTreeMap<String, (String, String)>,
+    /// Store paths being fetched: (path, the store fetching it).
+    pub transfers: std::collections::BTreeSet<(String, String)>,
 }
 
 impl Snapshot {
@@ -163,6 +165,14 @@ impl Snapshot {
                     by: by.clone(),
                 })
                 .collect(),
+            transfers: self
+                .transfers
+                .iter()
+                .map(|(path, into)| TransferReport {
+                    path: path.clone(),
+                    into: into.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -214,6 +224,16 @@ pub struct Report {
     unschedulable: BTreeMap<String, String>,
     /// Steps being duplicated by faster workers.
     stolen: Vec<StealReport>,
+    /// Store paths being fetched into a store.
+    transfers: Vec<TransferReport>,
+}
+
+/// A store path on its way into a store.
+#[derive(Debug, Serialize)]
+pub struct TransferReport {
+    path: String,
+    /// The store fetching it.
+    into: String,
 }
 
 fn list(xs: &[String]) -> String {
@@ -278,6 +298,12 @@ impl fmt::Display for Report {
                 write!(f, "\n  {}: {reason}", short_name(drv))?;
             }
         }
+        if !self.transfers.is_empty() {
+            write!(f, "\ntransfers: {}", self.transfers.len())?;
+            for t in &self.transfers {
+                write!(f, "\n  {} -> {}", short_name(&t.path), t.into)?;
+            }
+        }
         if !self.stolen.is_empty() {
             write!(f, "\nstolen: {}", self.stolen.len())?;
             for s in &self.stolen {
@@ -309,5 +335,18 @@ mod tests {
         assert_eq!(s.steps["a.drv"], StepView::Running("fast".into()));
         s.unassigned("a.drv", "fast");
         assert!(s.steps.is_empty());
+    }
+
+    #[test]
+    fn paths_being_fetched_show_as_transfers() {
+        let mut s = Snapshot::default();
+        s.transfers
+            .insert(("/nix/store/abc-foo".into(), "w2".into()));
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(
+            report["transfers"],
+            serde_json::json!([{"path": "/nix/store/abc-foo", "into": "w2"}])
+        );
+        assert!(s.report().to_string().contains("transfers: 1"));
     }
 }

@@ -178,6 +178,12 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
         track(t, &snapshot, |s| { s.steps.insert(drv.clone(), view); },
             move |s| s.clear_step(&d, &undo))
     }));
+    enclose!((snapshot) during!(t, ds, <want $path: String $store: String>, |t: &mut Activation| {
+        let key = (path.clone(), store.clone());
+        let undo = key.clone();
+        track(t, &snapshot, |s| { s.transfers.insert(key); },
+            move |s| { s.transfers.remove(&undo); })
+    }));
     enclose!((snapshot) during!(t, ds, <unschedulable $drv: String $reason: String>, |t: &mut Activation| {
         let d = drv.clone();
         track(t, &snapshot, |s| { s.unschedulable.insert(drv.clone(), reason.clone()); },
