@@ -18,6 +18,7 @@ pub mod relay;
 pub mod resolve;
 pub mod server;
 pub mod steps;
+pub mod store_db;
 pub mod trust;
 pub mod upstream;
 

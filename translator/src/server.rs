@@ -35,6 +35,13 @@ use nixspace_nix_tools::DaemonPool;
 use nixspace_transfer::StoreNode;
 
 use crate::resolve::Resolver;
+use crate::store_db::StoreDb;
+
+/// An answer read from the store database.
+enum DbAnswer {
+    Valid(bool),
+    Info(Option<Box<nixspace_nix_protocol::PathInfo>>),
+}
 
 /// What the translator serves with.
 #[derive(Debug, Clone)]
@@ -54,6 +61,9 @@ pub struct Config {
     /// Connections to the upstream store for path transfers: workers with stores of their
     /// own fetch inputs from it, and results are copied back into it.
     pub transfers: DaemonPool,
+    /// The upstream store's database, when it is the local store: `IsValidPath` and
+    /// `QueryPathInfo` are answered from it instead of relayed.
+    pub store_db: Option<Arc<StoreDb>>,
 }
 
 /// Why a client connection ended abnormally.
@@ -321,6 +331,9 @@ impl Conn<'_> {
                 }
                 Request::SetOptions(settings) => self.set_options(settings).await?,
                 Request::EnsurePath(path) => self.ensure_path(path).await?,
+                req @ (Request::IsValidPath(_) | Request::QueryPathInfo(_)) => {
+                    self.answer_from_db(req).await?
+                }
                 other if self.trust == Trust::Untrusted => match refused_when_untrusted(&other) {
                     Some(why) => self.refuse(&other, why).await?,
                     None => self.proxy(restricted(other)).await?,
@@ -417,6 +430,42 @@ impl Conn<'_> {
             None
         };
         relay_logs(&mut self.up.reader, &mut self.cw, pull).await
+    }
+
+    /// Answer `IsValidPath` or `QueryPathInfo` from the store database if there is one (and the
+    /// answer is one the negotiated version can carry), else relay it.
+    async fn answer_from_db(&mut self, req: Request) -> Result<(), ConnError> {
+        let Some(db) = self.config.store_db.clone() else {
+            return self.proxy(req).await;
+        };
+        let answer = match &req {
+            Request::IsValidPath(p) => db.is_valid(p).map(DbAnswer::Valid),
+            Request::QueryPathInfo(p)
+                if self.cw.version()
+                    >= nixspace_nix_protocol::version::QUERY_PATH_INFO_VALID_FLAG =>
+            {
+                db.path_info(p).map(|i| DbAnswer::Info(i.map(Box::new)))
+            }
+            _ => return self.proxy(req).await,
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(client = self.id, error = %e, "relaying a query instead");
+                return self.proxy(req).await;
+            }
+        };
+        StderrFrame::Last.write_to(&mut self.cw).await?;
+        match answer {
+            DbAnswer::Valid(valid) => self.cw.write_bool(valid, "IsValidPath reply").await?,
+            DbAnswer::Info(None) => self.cw.write_bool(false, "QueryPathInfo reply").await?,
+            DbAnswer::Info(Some(info)) => {
+                self.cw.write_bool(true, "QueryPathInfo reply").await?;
+                info.write_to(&mut self.cw).await?;
+            }
+        }
+        self.cw.flush().await?;
+        Ok(())
     }
 
     /// Proxy a store operation: request, any data that follows it, log frames, reply.

@@ -1,7 +1,7 @@
-//! `nixspace bench queries`: the cost of the translator's relay for store queries. A private
-//! `nix-daemon` serves a socket; a `nixspace translate` child relays to it. Over one
-//! connection to each, the same `IsValidPath` and `QueryPathInfo` calls are timed directly
-//! against the daemon and through the translator.
+//! `nixspace bench queries`: the cost of the translator for store queries. A private
+//! `nix-daemon` serves a socket; a `nixspace translate` child serves the same (local) store in
+//! its default configuration. Over one connection to each, the same `IsValidPath` and
+//! `QueryPathInfo` calls are timed directly against the daemon and through the translator.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -19,7 +19,7 @@ use super::demo::{spawn_space, wait_for_file, Children, Scratch};
 /// Store queries directly against `nix-daemon` and through the translator.
 ///
 /// Starts a private `nix-daemon` (NIX_REMOTE=local, its own socket and process group), a
-/// dataspace and a `nixspace translate` relaying to that daemon. Over one connection to
+/// dataspace and a `nixspace translate` on the same local store (default upstream). Over one connection to
 /// each, issues OPS `IsValidPath` and then OPS `QueryPathInfo` calls, alternating a valid
 /// and an invalid path, per run. Prints min/median/max per OPS calls and the ratio of the
 /// medians (translator / direct).
@@ -115,8 +115,6 @@ async fn measure(
             .arg(&dir)
             .arg("--socket")
             .arg(&socket)
-            .arg("--upstream-socket")
-            .arg(&daemon.socket)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()?,

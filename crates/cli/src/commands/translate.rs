@@ -116,8 +116,20 @@ impl Translator {
             socket.display()
         );
         let transfers = options.upstream.transfer_pool(&store_dir);
+        // The local store's database answers the cheapest queries without a relay hop.
+        let store_db = match options.upstream {
+            UpstreamSpec::Private { .. } => {
+                let state_dir = std::env::var_os("NIX_STATE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
+                nixspace_translator::store_db::StoreDb::open(&state_dir, store_dir.clone())
+                    .map(Arc::new)
+            }
+            UpstreamSpec::Socket(_) => None,
+        };
         let config = Arc::new(Config {
             transfers,
+            store_db,
             upstream: options.upstream,
             route: options.route,
             patience: options.patience,

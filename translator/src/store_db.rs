@@ -1,0 +1,143 @@
+//! Answering the cheapest store queries from the local store's database.
+//!
+//! `IsValidPath` and `QueryPathInfo` cost the daemon a database lookup; relaying them costs
+//! two more process wake-ups per call, which more than doubles their round trip. When the
+//! upstream is the local store, the translator reads its SQLite database (read-only, each
+//! query its own read transaction, so it sees every committed change) and answers these two
+//! itself. Any database error falls back to relaying.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nixspace_nix_formats::hash::Hash;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_protocol::PathInfo;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+/// The local store's database, opened read-only.
+pub struct StoreDb {
+    conn: Mutex<Connection>,
+    store_dir: StoreDir,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StoreDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreDb({})", self.path.display())
+    }
+}
+
+/// Why a query could not be answered from the database (the caller relays it instead).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreDbError {
+    /// SQLite failed.
+    #[error("store database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row held something that is not a valid store path or hash.
+    #[error("store database: unexpected value {0:?}")]
+    Value(String),
+}
+
+impl StoreDb {
+    /// The database of the store whose state directory is `state_dir` (`NIX_STATE_DIR`,
+    /// `/nix/var/nix` by default), if it can be opened and looks like Nix's.
+    pub fn open(state_dir: &Path, store_dir: StoreDir) -> Option<StoreDb> {
+        let path = state_dir.join("db/db.sqlite");
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).ok()?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).ok()?;
+        // Nix's schema: refuse anything else rather than misread it.
+        conn.prepare("SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths LIMIT 0")
+            .ok()?;
+        conn.prepare("SELECT referrer, reference FROM Refs LIMIT 0")
+            .ok()?;
+        tracing::info!(db = %path.display(), "answering IsValidPath and QueryPathInfo from the store database");
+        Some(StoreDb {
+            conn: Mutex::new(conn),
+            store_dir,
+            path,
+        })
+    }
+
+    /// Whether `path` is valid.
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreDbError> {
+        let conn = self.lock()?;
+        let mut q = conn.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?1")?;
+        Ok(q.exists(params![self.store_dir.print(path)])?)
+    }
+
+    /// What the store knows about `path`, if it is valid.
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreDbError> {
+        let conn = self.lock()?;
+        let mut q = conn.prepare_cached(
+            "SELECT id, hash, registrationTime, deriver, narSize, ultimate, sigs, ca
+             FROM ValidPaths WHERE path = ?1",
+        )?;
+        type Row = (
+            i64,
+            String,
+            i64,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+        );
+        let row: Option<Row> = q
+            .query_row(params![self.store_dir.print(path)], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .optional()?;
+        let Some((id, hash, registered, deriver, nar_size, ultimate, sigs, ca)) = row else {
+            return Ok(None);
+        };
+        let mut refs = conn.prepare_cached(
+            "SELECT path FROM Refs JOIN ValidPaths ON reference = id WHERE referrer = ?1",
+        )?;
+        let references = refs
+            .query_map(params![id], |r| r.get::<_, String>(0))?
+            .map(|p| self.store_path(&p?))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let nar_hash = Hash::parse_any(&hash, None).map_err(|_| StoreDbError::Value(hash))?;
+        let deriver = deriver
+            .filter(|d| !d.is_empty())
+            .map(|d| self.store_path(&d))
+            .transpose()?;
+        Ok(Some(PathInfo {
+            deriver,
+            nar_hash,
+            references,
+            registration_time: u64::try_from(registered).unwrap_or(0),
+            nar_size: nar_size.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
+            ultimate: ultimate.unwrap_or(0) != 0,
+            sigs: sigs
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
+            ca: ca.filter(|c| !c.is_empty()),
+        }))
+    }
+
+    fn store_path(&self, text: &str) -> Result<StorePath, StoreDbError> {
+        self.store_dir
+            .parse(text)
+            .map_err(|_| StoreDbError::Value(text.to_owned()))
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreDbError> {
+        self.conn
+            .lock()
+            .map_err(|_| StoreDbError::Value("connection lock poisoned".to_owned()))
+    }
+}
