@@ -141,3 +141,69 @@ impl StoreDb {
             .map_err(|_| StoreDbError::Value("connection lock poisoned".to_owned()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_is_not_nix_s_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("db")).unwrap();
+        assert!(
+            StoreDb::open(dir.path(), StoreDir::default()).is_none(),
+            "missing"
+        );
+        let conn = Connection::open(dir.path().join("db/db.sqlite")).unwrap();
+        conn.execute_batch("CREATE TABLE ValidPaths (id INTEGER, path TEXT);")
+            .unwrap();
+        drop(conn);
+        assert!(
+            StoreDb::open(dir.path(), StoreDir::default()).is_none(),
+            "other schema"
+        );
+    }
+
+    #[test]
+    fn rows_read_like_nix_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("db")).unwrap();
+        let conn = Connection::open(dir.path().join("db/db.sqlite")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null,
+               hash text not null, registrationTime integer not null, deriver text, narSize integer,
+               ultimate integer, sigs text, ca text);
+             CREATE TABLE Refs (referrer integer not null, reference integer not null, primary key (referrer, reference));
+             INSERT INTO ValidPaths VALUES (1, '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a',
+               'sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae', 7, NULL, 120, 1, 'k:c2ln', NULL);
+             INSERT INTO ValidPaths VALUES (2, '/nix/store/0vkw1m51q34dr64z5i87dy99an4hfmyg-b',
+               'sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae', 8, '', 1, NULL, '', '');
+             INSERT INTO Refs VALUES (1, 2), (1, 1);",
+        )
+        .unwrap();
+        drop(conn);
+        let db = StoreDb::open(dir.path(), StoreDir::default()).unwrap();
+        let dir_ = StoreDir::default();
+        let a = dir_
+            .parse("/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a")
+            .unwrap();
+        let b = dir_
+            .parse("/nix/store/0vkw1m51q34dr64z5i87dy99an4hfmyg-b")
+            .unwrap();
+        let missing = dir_
+            .parse("/nix/store/00000000000000000000000000000000-c")
+            .unwrap();
+        assert!(db.is_valid(&a).unwrap());
+        assert!(!db.is_valid(&missing).unwrap());
+        let info = db.path_info(&a).unwrap().unwrap();
+        assert_eq!(info.references, [a.clone(), b.clone()].into());
+        assert_eq!(
+            (info.nar_size, info.registration_time, info.ultimate),
+            (120, 7, true)
+        );
+        assert_eq!(info.sigs, ["k:c2ln".to_owned()].into());
+        let info = db.path_info(&b).unwrap().unwrap();
+        assert_eq!((info.deriver, info.ca, info.ultimate), (None, None, false));
+        assert!(db.path_info(&missing).unwrap().is_none());
+    }
+}
