@@ -99,6 +99,16 @@ fn a_content_addressed_diamond_is_resolved_and_built_once_per_step() {
         let base = output.rsplit('/').next().unwrap();
         assert!(info.stdout.contains(base), "{info:?}");
     }
+    // The planner recorded the originals' realisations.
+    for original in steps.iter().filter(|s| s["status"] == "resolved") {
+        let ids = original["realisations"].as_array().unwrap();
+        assert!(
+            ids.iter()
+                .any(|id| id.as_str().unwrap().starts_with("sha256:")
+                    && id.as_str().unwrap().ends_with("!out")),
+            "{original}"
+        );
+    }
     // The originals' realisations are registered too: Nix finds the root's output.
     for original in steps.iter().filter(|s| s["status"] == "resolved") {
         let mut info = space.nix("nix", None);

@@ -21,7 +21,7 @@ use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::build;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
-use syndicate_macros::during;
+use syndicate_macros::{during, on_message};
 
 use crate::realisation::built_outputs;
 use crate::steps::{Handler, Plan, StepEvent};
@@ -186,9 +186,9 @@ impl Resolver {
             .collect()
     }
 
-    /// Record in the local store the realisations of the resolved originals whose outputs are
-    /// valid there (`RegisterDrvOutput`), so Nix finds their outputs as if it had built them.
-    /// Returns how many were registered.
+    /// Assert the realisations of the resolved originals in the dataspace, and record in the
+    /// local store those whose outputs are valid there (`RegisterDrvOutput`), so Nix finds
+    /// their outputs as if it had built them. Returns how many were registered locally.
     pub async fn register_realisations(&self) -> Result<usize, String> {
         let originals: Vec<String> = self
             .inner
@@ -210,6 +210,47 @@ impl Resolver {
         }
         if realisations.is_empty() {
             return Ok(0);
+        }
+        // Tell the dataspace (the planner records them), wherever the outputs are, and wait
+        // for a probe to come back so they have arrived before this frontend may leave.
+        if let Some(link) = self.inner.link() {
+            let account = Account::new(Some(AnyValue::symbol("realisations")), None);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut tx = Some(tx);
+            let id = format!(
+                "realisations-{}-{}",
+                std::process::id(),
+                self.inner.requester
+            );
+            link.facet.activate(&account, None, |t| {
+                for r in &realisations {
+                    let path = format!("{}/{}", store.as_str(), r.out_path);
+                    link.ds.assert(
+                        t,
+                        &build::Realisation {
+                            id: r.id.clone(),
+                            path,
+                        },
+                    );
+                }
+                let echo_id = id.clone();
+                on_message!(t, link.ds, <probe $echo: String>, |_t: &mut Activation| {
+                    if echo == echo_id {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(())
+                });
+                link.ds.message(t, &build::Probe { id: id.clone() });
+                Ok(())
+            });
+            if tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the dataspace did not confirm the realisations");
+            }
         }
         let mut lease = self.inner.pool.lease().await.map_err(|e| e.to_string())?;
         let paths: BTreeSet<StorePath> = realisations

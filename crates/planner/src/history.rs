@@ -53,6 +53,13 @@ const MIGRATIONS: &[&str] = &[
          recorded INTEGER NOT NULL
      );
      CREATE INDEX resolutions_by_target ON resolutions(resolved_to);",
+    // 3: realisations of content-addressed outputs.
+    "CREATE TABLE realisations (
+         id TEXT PRIMARY KEY,
+         out_path TEXT NOT NULL,
+         recorded INTEGER NOT NULL
+     );
+     CREATE INDEX realisations_by_path ON realisations(out_path);",
 ];
 
 /// A history database could not be used.
@@ -123,6 +130,8 @@ pub struct StepRecord {
     pub resolved_to: Option<String>,
     /// The original steps that were resolved to this one.
     pub resolved_from: Vec<String>,
+    /// The realisations (`sha256:<hash modulo>!<output>`) recorded for its outputs.
+    pub realisations: Vec<String>,
 }
 
 /// One attempt to build a step.
@@ -257,6 +266,18 @@ impl History {
         tx.commit().map_err(err)
     }
 
+    /// Output `id` (`sha256:<hash modulo>!<output>`) was realised as `out_path`.
+    pub fn realised(&mut self, id: &str, out_path: &str) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "INSERT INTO realisations (id, out_path, recorded) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET out_path = ?2",
+                params![id, out_path, now()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// `worker` started building `drv`.
     pub fn attempt_started(&mut self, drv: &str, worker: &str) -> Result<(), HistoryError> {
         self.conn
@@ -343,6 +364,7 @@ impl History {
                     attempts: Vec::new(),
                     resolved_to: r.get(6)?,
                     resolved_from: Vec::new(),
+                    realisations: Vec::new(),
                 })
             })
             .map_err(|e| self.err(e))?
@@ -358,8 +380,20 @@ impl History {
             .conn
             .prepare("SELECT resolved_from FROM resolutions WHERE resolved_to = ?1 ORDER BY resolved_from")
             .map_err(|e| self.err(e))?;
+        let mut realisations = self
+            .conn
+            .prepare("SELECT id FROM realisations WHERE out_path = ?1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(rows.len());
         for mut step in rows {
+            for output in &step.outputs {
+                let ids = realisations
+                    .query_map(params![output], |r| r.get::<_, String>(0))
+                    .map_err(|e| self.err(e))?
+                    .collect::<Result<Vec<String>, _>>()
+                    .map_err(|e| self.err(e))?;
+                step.realisations.extend(ids);
+            }
             step.resolved_from = originals
                 .query_map(params![step.drv], |r| r.get(0))
                 .map_err(|e| self.err(e))?

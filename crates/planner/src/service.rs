@@ -48,6 +48,8 @@ pub enum Event {
     Offer(String, i64),
     /// A frontend resolved a content-addressed step (from, to, system).
     Resolved(String, String, String),
+    /// A content-addressed output was realised (id, path).
+    Realised(String, String),
     /// Time to look for steals.
     Tick,
 }
@@ -106,6 +108,10 @@ impl Entity<Event> for Planner {
                 Vec::new()
             }
             Event::Tick => s.tick(Instant::now()),
+            Event::Realised(id, path) => {
+                note(&mut self.history, |h| h.realised(&id, &path));
+                Vec::new()
+            }
             Event::Resolved(from, to, system) => {
                 tracing::info!(%from, %to, "resolved");
                 note(&mut self.history, |h| h.resolved(&from, &to, &system));
@@ -390,6 +396,11 @@ pub fn start(
             t.message(&planner, Event::Tick);
             Ok(())
         }))?;
+
+        enclose!((planner) during!(t, ds, <realisation $id: String $path: String>, |t: &mut Activation| {
+            t.message(&planner, Event::Realised(id.clone(), path.clone()));
+            Ok(())
+        }));
 
         enclose!((planner) during!(t, ds, <resolved $from: String $to: String $system: String>, |t: &mut Activation| {
             t.message(&planner, Event::Resolved(from.clone(), to.clone(), system.clone()));

@@ -70,8 +70,10 @@ pub fn allowed(role: Role) -> Vec<Shape> {
     match role {
         Role::Submit => shapes.extend([
             Shape::of::<build::Demand>(),
-            // A frontend resolving content-addressed steps links them.
+            // A frontend resolving content-addressed steps links them and reports the
+            // realisations.
             Shape::of::<build::Resolved>(),
+            Shape::of::<build::Realisation>(),
         ]),
         Role::Worker => {
             shapes.extend([
@@ -176,7 +178,7 @@ mod tests {
 
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
-        assert_eq!(allowed(Role::Submit).len(), 7);
+        assert_eq!(allowed(Role::Submit).len(), 8);
         assert_eq!(allowed(Role::Worker).len(), 16);
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
