@@ -19,6 +19,7 @@ use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::build;
+use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -304,8 +305,12 @@ impl Resolver {
         enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
             Inner::built(&inner, t, &drv, &outputs)
         }));
-        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String _>, |t: &mut Activation| {
-            inner.failed(t, &drv, &reason)
+        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String $kind>, |t: &mut Activation| {
+            // Transient failures are retried; only final ones stop a resolution.
+            match build::FailureKind::parse(&kind) {
+                Ok(build::FailureKind::Permanent) => inner.failed(t, &drv, &reason),
+                _ => Ok(()),
+            }
         }));
     }
 }

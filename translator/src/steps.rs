@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use nixspace_nix_tools::{DerivationInfo, NixError};
 use nixspace_protocol::{build, on_retraction};
+use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, Cap};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -191,8 +192,13 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
     |t: &mut Activation| {
         handler(t, StepEvent::Built { drv: drv.clone(), outputs: outputs.clone() })
     }));
-    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String _>,
+    // Only final failures: a worker's transient failure is retried by the planner, which
+    // asserts its own (permanent) copy when it gives up.
+    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
     |t: &mut Activation| {
+        if !matches!(build::FailureKind::parse(&kind), Ok(build::FailureKind::Permanent)) {
+            return Ok(());
+        }
         handler(t, StepEvent::Failed { drv: drv.clone(), worker: worker.clone(), reason: reason.clone() })
     }));
     enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,

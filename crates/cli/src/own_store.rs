@@ -36,6 +36,16 @@ pub fn enter(dir: &Path) -> anyhow::Result<()> {
     )
     .context("cannot make the mount namespace private")?;
     mount_bind(&nix, "/nix").with_context(|| format!("cannot mount {} on /nix", nix.display()))?;
+    // Create the store's database now, once: daemons started at the same moment on a store
+    // without one would race to create it.
+    let init = std::process::Command::new("nix-store")
+        .arg("--init")
+        .env("NIX_REMOTE", "local")
+        .status()
+        .context("cannot run nix-store --init (is Nix installed?)")?;
+    if !init.success() {
+        anyhow::bail!("nix-store --init failed in {} ({init})", nix.display());
+    }
     tracing::info!(store = %nix.display(), "using a store of its own, mounted on /nix");
     Ok(())
 }
