@@ -324,3 +324,31 @@ fn a_client_cannot_retract_another_clients_demand() {
         assert!(observer.wait_until(&ready(&drv), false).await);
     });
 }
+
+#[test]
+fn a_flood_of_demands_does_not_take_the_coordinator_down() {
+    let space = Space::start();
+    // 20,000 took ~30 s here (most of it `status` reading every assertion back); the default
+    // run keeps it short.
+    const FLOOD: usize = 5_000;
+    let demands: Vec<AnyValue> = (0..FLOOD)
+        .map(|i| demand(&format!("/nix/store/{i:032}-flood.drv")))
+        .collect();
+    runtime().block_on(async {
+        let flood = Session::join(&route(&space, Role::Submit), demands)
+            .await
+            .expect("join with the flood");
+        // The coordinator took every demand and still answers others.
+        space.wait_for_status("the whole flood, each step unschedulable", |r| {
+            r["demands"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["steps"] == FLOOD))
+                && r["unschedulable"].as_object().map(|u| u.len()) == Some(FLOOD)
+        });
+        // Leaving withdraws all of it.
+        flood.leave();
+        space.wait_for_status("the flood withdrawn", |r| {
+            r["demands"].as_array().is_some_and(|d| d.is_empty())
+        });
+    });
+}
