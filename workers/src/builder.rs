@@ -465,12 +465,14 @@ fn build_step(
 
 /// The outputs of `drv` (by output name), if substituters in the dataspace had them all and
 /// they are valid in the local store now; `None` means build it.
-async fn substituted(store: &StoreNode, drv: &str) -> Option<Vec<String>> {
+async fn substituted(store: &StoreNode, store_dir: &StoreDir, drv: &str) -> Option<Vec<String>> {
+    // Most dataspaces have no substituter: then do not even read the derivation.
+    if !store.has_substituters() {
+        return None;
+    }
     let text = tokio::fs::read(drv).await.ok()?;
-    let dir = std::path::Path::new(drv).parent()?.to_str()?;
-    let store_dir = StoreDir::new(dir).ok()?;
     let path = store_dir.parse(drv).ok()?;
-    let derivation = Derivation::parse_at(&store_dir, &path, &text).ok()?;
+    let derivation = Derivation::parse_at(store_dir, &path, &text).ok()?;
     let outputs: Vec<String> = derivation
         .outputs
         .values()
@@ -507,7 +509,7 @@ async fn run_build(
         .ensure(&[drv.to_owned()])
         .await
         .map_err(fetch_failed)?;
-    if let Some(outputs) = substituted(store, drv).await {
+    if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
         send_line(format!("substituted the outputs of {drv}"));
         return Ok(outputs);
     }

@@ -164,6 +164,12 @@ impl StoreNode {
         }));
     }
 
+    /// Whether any substituter is in the dataspace (else [`StoreNode::substitute`] has nobody
+    /// to ask).
+    pub fn has_substituters(&self) -> bool {
+        self.inner.substituters.lock().is_ok_and(|s| !s.is_empty())
+    }
+
     /// Make `paths` valid in this store from what the dataspace already has (substituters and
     /// peers), without waiting for anything to be built: `Ok(true)` if all are valid now,
     /// `Ok(false)` if some store lacks one (or there is no substituter to ask).
