@@ -51,9 +51,9 @@ pub fn built_outputs(
     drv: &StorePath,
     realised: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, Realisation>, RealisationError> {
-    let root = read(store_dir, drv)?;
+    let (root, ids) = output_ids(store_dir, drv)?;
     let mut out = BTreeMap::new();
-    for (name, id) in output_ids(store_dir, drv)? {
+    for (name, id) in ids {
         let path = root
             .outputs
             .get(&name)
@@ -80,12 +80,13 @@ pub fn built_outputs(
     Ok(out)
 }
 
-/// The `DrvOutput` id (`sha256:<hash modulo in base16>!<output>`) of each output of `drv`, as
-/// Nix's `staticOutputHashes` computes them. Reads the derivation closure (blocking).
-pub fn output_ids(
+/// The derivation `drv` and the `DrvOutput` id (`sha256:<hash modulo in base16>!<output>`) of
+/// each of its outputs, as Nix's `staticOutputHashes` computes them. Reads the derivation
+/// closure (blocking).
+fn output_ids(
     store_dir: &StoreDir,
     drv: &StorePath,
-) -> Result<BTreeMap<String, String>, RealisationError> {
+) -> Result<(Derivation, BTreeMap<String, String>), RealisationError> {
     // Inputs first, so every lookup finds its hash.
     let mut derivations: HashMap<StorePath, Derivation> = HashMap::new();
     let mut order = Vec::new();
@@ -121,8 +122,10 @@ pub fn output_ids(
             })?;
         hashes.insert(path.clone(), h);
     }
-    let Some(root) = derivations.get(drv) else {
-        return Ok(BTreeMap::new());
+    // The walk reads `drv` first, so it is there.
+    let root = match derivations.remove(drv) {
+        Some(root) => root,
+        None => read(store_dir, drv)?,
     };
     let h = root
         .hash_modulo(store_dir, true, |p| hashes.get(p).cloned())
@@ -130,7 +133,7 @@ pub fn output_ids(
             path: store_dir.print(drv),
             source: Box::new(source),
         })?;
-    Ok(root
+    let ids = root
         .outputs
         .keys()
         .filter_map(|name| {
@@ -140,5 +143,6 @@ pub fn output_ids(
                 format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
             ))
         })
-        .collect())
+        .collect();
+    Ok((root, ids))
 }
