@@ -138,42 +138,24 @@ async fn dag_runs(
     let mut daemon_times = Vec::new();
     let mut ours = Vec::new();
     for run in 0..args.runs {
-        let nonce = format!("{}-{run}", std::process::id());
-        let file = tmp.join(format!("nix-{run}.nix"));
-        std::fs::write(
-            &file,
-            layered_dag_nix(args.nodes, args.width, &format!("nix-{nonce}")),
-        )?;
-        nix_times.push(
-            timed(Command::new("nix-build").arg(&file).args([
-                "--no-out-link",
-                "--quiet",
-                "--max-jobs",
-                &total_jobs,
-            ]))
-            .await?,
-        );
-        let file = tmp.join(format!("daemon-{run}.nix"));
-        std::fs::write(
-            &file,
-            layered_dag_nix(args.nodes, args.width, &format!("daemon-{nonce}")),
-        )?;
+        // A fresh DAG (its own nonce) for each measurement, so nothing is built already.
+        let fresh = |what: &str| -> anyhow::Result<std::path::PathBuf> {
+            let file = tmp.join(format!("{what}-{run}.nix"));
+            let nonce = format!("{what}-{}-{run}", std::process::id());
+            std::fs::write(&file, layered_dag_nix(args.nodes, args.width, &nonce))?;
+            Ok(file)
+        };
+        let nix_build = ["--no-out-link", "--quiet", "--max-jobs", &total_jobs];
+        nix_times.push(timed(Command::new("nix-build").arg(fresh("nix")?).args(nix_build)).await?);
         daemon_times.push(
-            timed(Command::new("nix-build").arg(&file).args([
-                "--no-out-link",
-                "--quiet",
-                "--max-jobs",
-                &total_jobs,
-                "--store",
-                &daemon_store,
-            ]))
+            timed(
+                Command::new("nix-build")
+                    .arg(fresh("daemon")?)
+                    .args(nix_build)
+                    .args(["--store", &daemon_store]),
+            )
             .await?,
         );
-        let file = tmp.join(format!("ns-{run}.nix"));
-        std::fs::write(
-            &file,
-            layered_dag_nix(args.nodes, args.width, &format!("ns-{nonce}")),
-        )?;
         ours.push(
             timed(
                 Command::new(exe)
@@ -181,7 +163,7 @@ async fn dag_runs(
                     .arg("build")
                     .arg("--dir")
                     .arg(dir)
-                    .arg(&file),
+                    .arg(fresh("ns")?),
             )
             .await?,
         );
