@@ -24,8 +24,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
-use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
 use nixspace_transfer::{FetchError, StoreNode};
 
@@ -58,6 +59,8 @@ pub struct BuilderConfig {
     /// Build through the Nix daemon listening on this socket instead of
     /// private `nix-daemon --stdio` children on the local store.
     pub daemon_socket: Option<PathBuf>,
+    /// Signs the realisations of the content-addressed outputs this worker builds.
+    pub signing_key: Option<SecretKey>,
 }
 
 impl BuilderConfig {
@@ -406,6 +409,7 @@ fn build_step(
     drv: String,
 ) {
     let facet = t.facet_ref();
+    let store_dir = pool.store_dir().clone();
     let account = Account::new(Some(AnyValue::symbol("build")), None);
     let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
         facet.activate(&account, None, |t| {
@@ -433,14 +437,25 @@ fn build_step(
         });
         facet.activate(&account, None, |t| {
             match outcome {
-                Ok(outputs) => {
+                Ok(built) => {
                     tracing::info!(%drv, "built");
+                    // Realisations first: whoever sees `built` can already find them.
+                    for r in built.realisations {
+                        ds.assert(
+                            t,
+                            &build::Realisation {
+                                id: r.id,
+                                path: format!("{}/{}", store_dir.as_str(), r.out_path),
+                                signatures: r.signatures.into_iter().collect(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Built {
                             drv,
                             worker: config.id.clone(),
-                            outputs,
+                            outputs: built.outputs,
                         },
                     );
                 }
@@ -511,7 +526,10 @@ async fn run_build(
         .map_err(fetch_failed)?;
     if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
         send_line(format!("substituted the outputs of {drv}"));
-        return Ok(outputs);
+        return Ok(BuiltStep {
+            outputs,
+            realisations: Vec::new(),
+        });
     }
     let built = match pool.build(drv, &mut send_line).await {
         Err(StepError::InputsMissing(missing)) => {
@@ -520,12 +538,45 @@ async fn run_build(
         }
         built => built,
     };
-    built.map_err(|e| match e {
+    let mut built = built.map_err(|e| match e {
         StepError::InputsMissing(missing) => (
             format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
             build::FailureKind::Transient,
         ),
         e if e.is_permanent() => (e.to_string(), build::FailureKind::Permanent),
         e => (e.to_string(), build::FailureKind::Transient),
-    })
+    })?;
+    if let Some(key) = &config.signing_key {
+        sign_realisations(pool, key, &mut built.realisations)
+            .await
+            .map_err(|e| {
+                (
+                    format!("cannot sign the realisations on worker {worker}: {e}"),
+                    build::FailureKind::Transient,
+                )
+            })?;
+    }
+    Ok(built)
+}
+
+/// Sign `realisations` with `key` and register the signed copies in the local store (Nix adds
+/// the signatures to the realisations it registered when it built them).
+async fn sign_realisations(
+    pool: &DaemonPool,
+    key: &SecretKey,
+    realisations: &mut [nixspace_nix_protocol::Realisation],
+) -> Result<(), StepError> {
+    if realisations.is_empty() {
+        return Ok(());
+    }
+    let mut lease = pool.lease().await?;
+    for r in realisations.iter_mut() {
+        let fingerprint = realisation_fingerprint(&r.id, &r.out_path, &r.dependent_realisations);
+        r.signatures.insert(sign(key, &fingerprint));
+        if let Err(e) = lease.client().register_drv_output(r).await {
+            return Err(lease.failed(e));
+        }
+    }
+    lease.release();
+    Ok(())
 }

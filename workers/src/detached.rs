@@ -10,12 +10,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use nixspace_nix_tools::BuiltStep;
 use nixspace_protocol::build;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-/// How a build ended: its outputs, or why it failed and whether that is for good.
-pub type Outcome = Result<Vec<String>, (String, build::FailureKind)>;
+/// How a build ended: its outputs (and realisations), or why it failed and whether that is
+/// for good.
+pub type Outcome = Result<BuiltStep, (String, build::FailureKind)>;
 
 /// Where a build's log lines go (the connection following it, if any).
 type LineSink = Box<dyn Fn(String) + Send + Sync>;
@@ -119,17 +121,24 @@ mod tests {
         Box::new(|_| {})
     }
 
+    fn built(outputs: &[&str]) -> BuiltStep {
+        BuiltStep {
+            outputs: outputs.iter().map(|o| o.to_string()).collect(),
+            realisations: Vec::new(),
+        }
+    }
+
     #[tokio::test]
     async fn a_build_runs_once_and_its_outcome_waits_to_be_taken() {
         let builds = Builds::default();
         let mut rx = builds.follow("d", quiet(), |lines| async move {
             lines.send("hello".into());
-            Ok(vec!["/out".into()])
+            Ok(built(&["/out"]))
         });
         rx.wait_for(Option::is_some).await.unwrap();
         // Followed again (after a reconnection): not started again, the outcome is there.
         let again = builds.follow("d", quiet(), |_| async { panic!("built twice") });
-        assert_eq!(*again.borrow(), Some(Ok(vec!["/out".to_owned()])));
+        assert_eq!(*again.borrow(), Some(Ok(built(&["/out"]))));
         assert_eq!(builds.pending(), ["d"]);
         builds.cancel("d");
         assert!(builds.pending().is_empty());
@@ -144,7 +153,7 @@ mod tests {
             let _guard = dropped_tx;
             let _ = started_tx.send(());
             tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok(vec![])
+            Ok(built(&[]))
         });
         started.await.unwrap();
         builds.cancel("d");

@@ -83,6 +83,8 @@ pub fn allowed(role: Role) -> Vec<Shape> {
                 Shape::of::<build::Built>(),
                 Shape::of::<build::Failed>(),
                 Shape::of::<build::Log>(),
+                // The realisations of the content-addressed outputs a worker built.
+                Shape::of::<build::Realisation>(),
                 // Substituters join with the worker capability.
                 Shape::of::<store::Substituter>(),
                 Shape::of::<store::Missing>(),

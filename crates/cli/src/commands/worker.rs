@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_space::{Backoff, JoinError, Role, Route, SessionEvent};
 use nixspace_workers::{BuilderConfig, DrainDone, Event};
 use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
@@ -59,6 +60,13 @@ pub struct WorkerArgs {
     /// them.
     #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
     own_store: Option<PathBuf>,
+
+    /// Sign the realisations of the content-addressed outputs this worker
+    /// builds with the secret key in FILE (`name:base64`, as written by
+    /// `nix-store --generate-binary-cache-key`). The signatures are added to
+    /// the worker's store and travel with the realisations in the dataspace.
+    #[arg(long, value_name = "FILE")]
+    signing_key: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -84,6 +92,7 @@ pub fn local_builder() -> BuilderConfig {
         max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         speed: 1.0,
         daemon_socket: None,
+        signing_key: None,
     }
 }
 
@@ -184,6 +193,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.speed = args.speed;
     config.daemon_socket = args.daemon_socket;
+    if let Some(file) = &args.signing_key {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read --signing-key {}: {e}", file.display()))?;
+        let key = SecretKey::parse(&text)
+            .map_err(|e| anyhow::anyhow!("--signing-key {}: {e}", file.display()))?;
+        config.signing_key = Some(key);
+    }
     let route = args.join.route(Role::Worker)?;
     let mut worker = JoinedWorker::join(route, config);
     let id = worker.id.clone();
