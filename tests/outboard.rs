@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,11 +19,10 @@ use support::{nonce, run, KillOnDrop, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A toolchain built with plain `nix-build` in the machine's store: `tool`, whose
-/// `bin/tool` prints the contents of its dependency `dep` (so `tool` refers to `dep`).
-/// Returns both paths.
-fn toolchain(space: &Space) -> (String, String) {
-    let file = space.nix_file(
+/// A Nix file for the toolchain: `tool`, whose `bin/tool` prints the contents of its
+/// dependency `dep` (so `tool` refers to `dep`; `(import file).dep` is `dep`).
+fn toolchain_file(space: &Space) -> PathBuf {
+    space.nix_file(
         "toolchain.nix",
         &format!(
             r#"let
@@ -48,22 +48,45 @@ in derivation {{
 "#,
             nonce = nonce()
         ),
-    );
+    )
+}
+
+/// The output path of `expr` (a Nix expression), evaluated without building.
+fn out_path(space: &Space, expr: &str) -> String {
+    let mut e = space.nix("nix-instantiate", None);
+    e.args(["--eval", "--json", "-E", expr]);
+    let evaluated = run(e, LIMIT);
+    assert!(evaluated.status.success(), "{evaluated:?}");
+    evaluated.stdout.trim().trim_matches('"').to_owned()
+}
+
+/// The toolchain built with plain `nix-build` in the machine's store, with a nonce for
+/// which `tool` sorts before `dep`: a store fetching paths in order then meets `dep` first
+/// as `tool`'s reference, and must not fetch it again. Returns `tool` and `dep`.
+fn toolchain(space: &Space) -> (String, String) {
+    let (file, tool, dep) = (0..64)
+        .map(|_| {
+            let file = toolchain_file(space);
+            let import = format!("(import {})", file.display());
+            let tool = out_path(space, &format!("{import}.outPath"));
+            let dep = out_path(space, &format!("{import}.dep.outPath"));
+            (file, tool, dep)
+        })
+        .find(|(_, tool, dep)| tool < dep)
+        .expect("a nonce with tool before dep");
     let mut b = space.nix("nix-build", None);
     b.arg(&file).arg("--no-out-link");
     let built = run(b, LIMIT);
     assert!(built.status.success(), "{built:?}");
-    let tool = built.stdout.trim().to_owned();
+    assert_eq!(built.stdout.trim(), tool);
     let mut q = space.nix("nix-store", None);
     q.args(["-qR", &tool]);
     let closure = run(q, LIMIT);
-    let dep = closure
-        .stdout
-        .lines()
-        .find(|p| *p != tool)
-        .expect("tool refers to dep")
-        .to_owned();
-    assert_eq!(closure.stdout.lines().count(), 2, "{closure:?}");
+    assert_eq!(
+        closure.stdout.lines().collect::<BTreeSet<_>>(),
+        BTreeSet::from([tool.as_str(), dep.as_str()]),
+        "{closure:?}"
+    );
     (tool, dep)
 }
 
@@ -112,11 +135,9 @@ fn start_until_ready(space: &Space, mut c: Command, log: &str) -> (KillOnDrop, V
     let child = KillOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Read to the end: a closed pipe would make the example's writes fail.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let ready = line.starts_with("ready:");
-            if tx.send(line).is_err() || ready {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let mut lines = Vec::new();
@@ -142,7 +163,7 @@ fn an_empty_store_receives_the_toolchain_closure_and_runs_the_action() {
     let cold = space.tmp.path().join("cold");
     assert!(!cold.exists());
 
-    let (_example, lines) = start_until_ready(
+    let (mut example, lines) = start_until_ready(
         &space,
         outboard(&space, &root, &cold, &["--keep-serving"]),
         "example",
@@ -161,11 +182,12 @@ fn an_empty_store_receives_the_toolchain_closure_and_runs_the_action() {
             .starts_with("ready: 2 paths valid, 2 fetched"),
         "{lines:?}"
     );
-    assert!(
-        space.log("example").contains("from=w1"),
-        "{}",
-        space.log("example")
-    );
+    // Each path was fetched once, from the worker (the toolchain's references first).
+    let log = space.log("example");
+    let fetches: Vec<&str> = log.lines().filter(|l| l.contains(" fetched ")).collect();
+    assert_eq!(fetches.len(), 2, "{log}");
+    assert!(fetches.iter().all(|l| l.contains("from=w1")), "{log}");
+    assert!(fetches[0].contains(&dep), "{log}");
 
     // Both paths are valid in the cold store (checked by Nix there), and the action runs in
     // its namespace; in another empty store it cannot.
@@ -180,7 +202,12 @@ fn an_empty_store_receives_the_toolchain_closure_and_runs_the_action() {
     let failed = run(space.in_other_store(&elsewhere, &action), LIMIT);
     assert!(!failed.status.success(), "{failed:?}");
 
-    // The closure is in the dataspace, for anybody to see.
+    // The closure is in the dataspace, for anybody to see, while the first run serves.
+    assert!(
+        example.0.try_wait().unwrap().is_none(),
+        "{}",
+        space.log("example")
+    );
     let mut closure = vec![tool.clone(), dep.clone()];
     closure.sort();
     let record = store::Closure {

@@ -319,7 +319,15 @@ impl Inner {
             Err(_) => Arc::new(OnceCell::new()),
         };
         let result = cell
-            .get_or_init(|| self.fetch_within(path, Patience::Anyone))
+            .get_or_init(|| async {
+                // Fetching an earlier path of the same `ensure` may have fetched this one as
+                // its reference.
+                let one = BTreeSet::from([path.clone()]);
+                if self.valid(&one).await?.contains(path) {
+                    return Ok(());
+                }
+                self.fetch_within(path, Patience::Anyone).await
+            })
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {

@@ -12,6 +12,7 @@ mod closures;
 mod input_root;
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -156,7 +157,10 @@ async fn prepare(
             .resolve(store, target, patience)
             .await
             .with_context(|| format!("cannot find the closure of {target}"))?;
-        println!("closure {target}: {} paths ({origin})", paths.len());
+        say(format_args!(
+            "closure {target}: {} paths ({origin})",
+            paths.len()
+        ))?;
         all.extend(paths);
         all.insert(target.clone());
     }
@@ -167,15 +171,22 @@ async fn prepare(
         .await
         .context("cannot make the closures valid in this store")?;
     for path in &missing {
-        println!("fetched {path}");
+        say(format_args!("fetched {path}"))?;
     }
     let (_, bytes) = store.fetched();
-    println!(
+    say(format_args!(
         "ready: {} paths valid, {} fetched ({bytes} NAR bytes)",
         all.len(),
         missing.len()
-    );
-    Ok(())
+    ))
+}
+
+/// Print one line of the report on stdout (an error, not a panic, if nobody reads it).
+fn say(line: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .context("cannot write the report to stdout")
 }
 
 /// Ctrl-C or SIGTERM.
