@@ -351,7 +351,6 @@ impl Inner {
             mut offers,
             mut missing,
         } = self.want(&link, &printed);
-        tracing::debug!(path = %printed, "wanted");
         let mut reasons = Vec::new();
         let mut wait = patience.initial();
         let mut lacking = match patience {

@@ -121,7 +121,7 @@ impl Closures {
     }
 
     /// The closure of `path` if somebody asserted it.
-    pub fn known(&self, path: &str) -> Option<Vec<String>> {
+    fn known(&self, path: &str) -> Option<Vec<String>> {
         self.state().known.get(path).cloned()
     }
 
