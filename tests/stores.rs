@@ -313,21 +313,6 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
     assert!(run(verify, LIMIT).status.success());
 }
 
-/// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
-/// Nix store of its own, as on another machine.
-fn in_other_store(space: &Space, store: &Path, script: &str) -> std::process::Command {
-    for sub in ["nix/store", "nix/var/nix/db"] {
-        std::fs::create_dir_all(store.join(sub)).unwrap();
-    }
-    let mut c = space.nix("unshare", None);
-    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-        .arg(format!(
-            "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
-            store.display()
-        ));
-    c
-}
-
 #[test]
 fn an_external_substituter_serves_another_store() {
     let mut space = Space::start();
@@ -336,8 +321,7 @@ fn an_external_substituter_serves_another_store() {
     // Build the chain in the other store only.
     let file = referring_chain(&space, &runs);
     let built = run(
-        in_other_store(
-            &space,
+        space.in_other_store(
             &other,
             &format!("nix-build {} --no-out-link", file.display()),
         ),
@@ -349,17 +333,17 @@ fn an_external_substituter_serves_another_store() {
     std::fs::remove_file(&runs).unwrap();
     // Its daemon, reachable from here.
     let socket = space.tmp.path().join("other.sock");
-    let daemon = in_other_store(
-        &space,
-        &other,
-        &format!(
-            "NIX_DAEMON_SOCKET_PATH={} exec nix-daemon",
-            socket.display()
-        ),
-    )
-    .process_group(0)
-    .spawn()
-    .unwrap();
+    let daemon = space
+        .in_other_store(
+            &other,
+            &format!(
+                "NIX_DAEMON_SOCKET_PATH={} exec nix-daemon",
+                socket.display()
+            ),
+        )
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let _daemon = KillOnDrop(daemon);
     let deadline = std::time::Instant::now() + LIMIT;
     while !socket.exists() {

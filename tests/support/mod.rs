@@ -394,6 +394,21 @@ impl Space {
         socket
     }
 
+    /// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
+    /// Nix store of its own, as on another machine.
+    pub fn in_other_store(&self, store: &Path, script: &str) -> Command {
+        for sub in ["nix/store", "nix/var/nix/db"] {
+            std::fs::create_dir_all(store.join(sub)).expect("store directories");
+        }
+        let mut c = self.nix("unshare", None);
+        c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(format!(
+                "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
+                store.display()
+            ));
+        c
+    }
+
     /// A Nix command (e.g. `nix-build`) with the test's Nix configuration, talking to the
     /// store at `NIX_REMOTE=remote` (`None`: the local store directly).
     pub fn nix(&self, program: &str, remote: Option<&Path>) -> Command {

@@ -6,7 +6,6 @@
 mod commands;
 mod logging;
 mod metrics_http;
-mod own_store;
 mod progress;
 mod snapshot;
 
@@ -55,7 +54,7 @@ fn main() -> ExitCode {
     // Process-wide setup that must happen while this is the only thread.
     if let Command::Worker(a) = &cli.command {
         if let Some(dir) = a.own_store() {
-            if let Err(e) = own_store::enter(dir) {
+            if let Err(e) = nixspace_nix_tools::own_store::enter(dir) {
                 eprintln!("nixspace: error: {e:#}");
                 return ExitCode::FAILURE;
             }

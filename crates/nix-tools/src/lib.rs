@@ -11,6 +11,7 @@
 mod command;
 mod daemon_pool;
 mod derivation_info;
+pub mod own_store;
 
 pub use command::NixError;
 pub use daemon_pool::{

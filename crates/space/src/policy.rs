@@ -66,6 +66,8 @@ pub fn allowed(role: Role) -> Vec<Shape> {
         Shape::of::<store::Want>(),
         Shape::of::<store::Available>(),
         Shape::of::<store::NarRequest>(),
+        // Any participant with a store may compute a closure and share it.
+        Shape::of::<store::Closure>(),
     ];
     match role {
         Role::Submit => shapes.extend([
@@ -180,8 +182,9 @@ mod tests {
 
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
-        assert_eq!(allowed(Role::Submit).len(), 8);
-        assert_eq!(allowed(Role::Worker).len(), 16);
+        assert_eq!(allowed(Role::Submit).len(), 9);
+        assert_eq!(allowed(Role::Worker).len(), 17);
+        assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
         assert!(allowed(Role::Submit).contains(&Shape::new("Observe", 2)));

@@ -39,6 +39,26 @@ enum Patience<'a> {
     Substitutes(&'a BTreeSet<String>),
 }
 
+impl Patience<'_> {
+    /// How long to wait for the first answer.
+    fn initial(&self) -> Duration {
+        match self {
+            Patience::Anyone => WANT_PATIENCE,
+            Patience::Substitutes(_) => SUBSTITUTE_PATIENCE,
+        }
+    }
+}
+
+/// A want being held, and the answers to it.
+struct Wanted {
+    /// Stopping it withdraws the want.
+    facet: ChildFacet,
+    /// `(store, info)` of each other store that has the path.
+    offers: mpsc::UnboundedReceiver<(String, store::PathInfo)>,
+    /// Substituters that lack it.
+    missing: mpsc::UnboundedReceiver<String>,
+}
+
 /// How long a NAR stream may stay silent before the transfer is abandoned.
 const STREAM_IDLE: Duration = Duration::from_secs(60);
 
@@ -49,8 +69,8 @@ pub enum FetchError {
     #[error("not connected to a dataspace")]
     Detached,
     /// Nobody answered the want.
-    #[error("no store in the dataspace has {0} (waited {WANT_PATIENCE:?})")]
-    Nowhere(String),
+    #[error("no store in the dataspace has {0} (waited {1:?})")]
+    Nowhere(String, Duration),
     /// Every store that had the path failed to send a good copy.
     #[error("cannot fetch {path}: {reasons}")]
     Failed {
@@ -192,7 +212,7 @@ impl StoreNode {
                 .await
             {
                 Ok(()) => {}
-                Err(FetchError::Nowhere(_)) => return Ok(false),
+                Err(FetchError::Nowhere(..)) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -210,6 +230,37 @@ impl StoreNode {
                     .map_err(|e| FetchError::Local(format!("{p}: {e}")))
             })
             .collect()
+    }
+
+    /// Which of `paths` (printed store paths) are not valid in this store.
+    pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, FetchError> {
+        let parsed = self.parse_all(paths)?;
+        let valid = self.inner.valid(&parsed).await?;
+        let store_dir = self.inner.pool.store_dir();
+        Ok(parsed
+            .difference(&valid)
+            .map(|p| store_dir.print(p))
+            .collect())
+    }
+
+    /// What `path` (printed) is registered with: from this store if it is valid here, else
+    /// from the first other store in the dataspace that answers a want within `patience`.
+    /// Its references are what a closure is computed from.
+    pub async fn path_info(
+        &self,
+        path: &str,
+        patience: Duration,
+    ) -> Result<store::PathInfo, FetchError> {
+        self.parse_all(&[path.to_owned()])?;
+        if let Some(info) = DaemonSource(self.inner.pool.clone()).path_info(path).await {
+            return Ok(info);
+        }
+        let link = self.inner.link()?;
+        let mut wanted = self.inner.want(&link, path);
+        match tokio::time::timeout(patience, wanted.offers.recv()).await {
+            Ok(Some((_, info))) => Ok(info),
+            _ => Err(FetchError::Nowhere(path.to_owned(), patience)),
+        }
     }
 
     /// Make `paths` (printed store paths) and their closures valid in this store, fetching
@@ -268,7 +319,15 @@ impl Inner {
             Err(_) => Arc::new(OnceCell::new()),
         };
         let result = cell
-            .get_or_init(|| self.fetch_within(path, Patience::Anyone))
+            .get_or_init(|| async {
+                // Fetching an earlier path of the same `ensure` may have fetched this one as
+                // its reference.
+                let one = BTreeSet::from([path.clone()]);
+                if self.valid(&one).await?.contains(path) {
+                    return Ok(());
+                }
+                self.fetch_within(path, Patience::Anyone).await
+            })
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {
@@ -287,35 +346,16 @@ impl Inner {
     ) -> Result<(), FetchError> {
         let printed = self.pool.store_dir().print(path);
         let link = self.link()?;
-        let (tx, mut offers) = mpsc::unbounded_channel();
-        let (missing_tx, mut missing) = mpsc::unbounded_channel();
-        let me = self.name.clone();
-        let want = ChildFacet::start(&link, |t| {
-            link.ds.assert(
-                t,
-                &store::Want {
-                    path: printed.clone(),
-                    store: me.clone(),
-                },
-            );
-            let literal = AnyValue::new(printed.clone());
-            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
-                if store != me {
-                    let _ = tx.send((store.clone(), info.clone()));
-                }
-                Ok(())
-            }));
-            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
-                let _ = missing_tx.send(store.clone());
-                Ok(())
-            });
-            Ok(())
-        });
-        tracing::debug!(path = %printed, "wanted");
+        let Wanted {
+            facet: want,
+            mut offers,
+            mut missing,
+        } = self.want(&link, &printed);
         let mut reasons = Vec::new();
-        let (mut wait, mut lacking) = match patience {
-            Patience::Anyone => (WANT_PATIENCE, BTreeSet::new()),
-            Patience::Substitutes(s) => (SUBSTITUTE_PATIENCE, s.clone()),
+        let mut wait = patience.initial();
+        let mut lacking = match patience {
+            Patience::Anyone => BTreeSet::new(),
+            Patience::Substitutes(s) => s.clone(),
         };
         loop {
             let offer = tokio::time::timeout(wait, async {
@@ -354,12 +394,48 @@ impl Inner {
         }
         drop(want);
         if reasons.is_empty() {
-            Err(FetchError::Nowhere(printed))
+            Err(FetchError::Nowhere(printed, patience.initial()))
         } else {
             Err(FetchError::Failed {
                 path: printed,
                 reasons: reasons.join("; "),
             })
+        }
+    }
+
+    /// Assert `<want printed me>` in a child facet of `link`'s, forwarding other stores'
+    /// `available` answers and substituters' `missing` ones while it lasts.
+    fn want(&self, link: &Link, printed: &str) -> Wanted {
+        let (tx, offers) = mpsc::unbounded_channel();
+        let (missing_tx, missing) = mpsc::unbounded_channel();
+        let me = self.name.clone();
+        let printed = printed.to_owned();
+        let facet = ChildFacet::start(link, |t| {
+            link.ds.assert(
+                t,
+                &store::Want {
+                    path: printed.clone(),
+                    store: me.clone(),
+                },
+            );
+            let literal = AnyValue::new(printed.clone());
+            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
+                if store != me {
+                    let _ = tx.send((store.clone(), info.clone()));
+                }
+                Ok(())
+            }));
+            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
+                let _ = missing_tx.send(store.clone());
+                Ok(())
+            });
+            Ok(())
+        });
+        tracing::debug!(path = %printed, "wanted");
+        Wanted {
+            facet,
+            offers,
+            missing,
         }
     }
 
