@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
@@ -30,7 +31,7 @@ use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepEr
 use nixspace_protocol::{build, on_retraction};
 use nixspace_transfer::{FetchError, StoreNode};
 
-use crate::detached::{Builds, Outcome};
+use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
     LinkedTaskTermination, Ref,
@@ -61,6 +62,9 @@ pub struct BuilderConfig {
     pub daemon_socket: Option<PathBuf>,
     /// Signs the realisations of the content-addressed outputs this worker builds.
     pub signing_key: Option<SecretKey>,
+    /// How long fetching an input waits for some store in the dataspace to have it; then the
+    /// input is reported lost, and the step that made it is built again.
+    pub fetch_patience: Duration,
 }
 
 impl BuilderConfig {
@@ -83,7 +87,11 @@ impl BuilderConfig {
     /// The worker's store in the dataspace: it serves the paths this worker has and fetches
     /// the inputs it lacks, over connections of its own.
     fn store(&self) -> StoreNode {
-        StoreNode::new(self.id.clone(), self.pool_of(TRANSFER_CONNECTIONS))
+        StoreNode::with_want_patience(
+            self.id.clone(),
+            self.pool_of(TRANSFER_CONNECTIONS),
+            self.fetch_patience,
+        )
     }
 
     fn pool_of(&self, connections: usize) -> DaemonPool {
@@ -429,12 +437,7 @@ fn build_step(
             Ok(o) => o.clone(),
             Err(_) => None,
         };
-        let outcome = outcome.unwrap_or_else(|| {
-            Err((
-                "the build stopped".to_owned(),
-                build::FailureKind::Transient,
-            ))
-        });
+        let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
             match outcome {
                 Ok(built) => {
@@ -459,8 +462,19 @@ fn build_step(
                         },
                     );
                 }
-                Err((reason, kind)) => {
+                Err(BuildFailure { reason, kind, lost }) => {
                     tracing::warn!(%drv, %reason, "failed");
+                    // Before the failure: the planner builds the lost input again first.
+                    if let Some(path) = lost {
+                        ds.message(
+                            t,
+                            &build::Lost {
+                                drv: drv.clone(),
+                                path,
+                                worker: config.id.clone(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Failed {
@@ -515,10 +529,14 @@ async fn run_build(
 ) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
-        (
-            format!("cannot fetch inputs on worker {worker}: {e}"),
-            build::FailureKind::Transient,
-        )
+        let lost = match &e {
+            FetchError::Nowhere(path, _) => Some(path.clone()),
+            _ => None,
+        };
+        BuildFailure {
+            lost,
+            ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
+        }
     };
     store
         .ensure(&[drv.to_owned()])
@@ -539,21 +557,20 @@ async fn run_build(
         built => built,
     };
     let mut built = built.map_err(|e| match e {
-        StepError::InputsMissing(missing) => (
-            format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
-            build::FailureKind::Transient,
-        ),
-        e if e.is_permanent() => (e.to_string(), build::FailureKind::Permanent),
-        e => (e.to_string(), build::FailureKind::Transient),
+        StepError::InputsMissing(missing) => BuildFailure::transient(format!(
+            "inputs not valid on worker {worker}: {}",
+            missing.join(" ")
+        )),
+        e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
+        e => BuildFailure::transient(e.to_string()),
     })?;
     if let Some(key) = &config.signing_key {
         sign_realisations(pool, key, &mut built.realisations)
             .await
             .map_err(|e| {
-                (
-                    format!("cannot sign the realisations on worker {worker}: {e}"),
-                    build::FailureKind::Transient,
-                )
+                BuildFailure::transient(format!(
+                    "cannot sign the realisations on worker {worker}: {e}"
+                ))
             })?;
     }
     Ok(built)

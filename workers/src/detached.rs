@@ -15,9 +15,40 @@ use nixspace_protocol::build;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-/// How a build ended: its outputs (and realisations), or why it failed and whether that is
-/// for good.
-pub type Outcome = Result<BuiltStep, (String, build::FailureKind)>;
+/// How a build ended: its outputs (and realisations), or why it failed.
+pub type Outcome = Result<BuiltStep, BuildFailure>;
+
+/// Why a build produced no outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildFailure {
+    /// What went wrong.
+    pub reason: String,
+    /// Whether building it again (elsewhere) may help.
+    pub kind: build::FailureKind,
+    /// An input that no store in the dataspace has any more: the step that made it must be
+    /// built again.
+    pub lost: Option<String>,
+}
+
+impl BuildFailure {
+    /// A failure worth retrying.
+    pub fn transient(reason: impl Into<String>) -> BuildFailure {
+        BuildFailure {
+            reason: reason.into(),
+            kind: build::FailureKind::Transient,
+            lost: None,
+        }
+    }
+
+    /// A failure that building again would repeat.
+    pub fn permanent(reason: impl Into<String>) -> BuildFailure {
+        BuildFailure {
+            reason: reason.into(),
+            kind: build::FailureKind::Permanent,
+            lost: None,
+        }
+    }
+}
 
 /// Where a build's log lines go (the connection following it, if any).
 type LineSink = Box<dyn Fn(String) + Send + Sync>;
@@ -70,10 +101,8 @@ impl Builds {
         F: Future<Output = Outcome> + Send + 'static,
     {
         let Ok(mut slots) = self.slots.lock() else {
-            let (_, rx) = watch::channel(Some(Err((
-                "worker state poisoned".to_owned(),
-                build::FailureKind::Transient,
-            ))));
+            let (_, rx) =
+                watch::channel(Some(Err(BuildFailure::transient("worker state poisoned"))));
             return rx;
         };
         if let Some(slot) = slots.get(drv) {

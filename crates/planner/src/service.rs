@@ -15,7 +15,7 @@ use nixspace_protocol::{build, on_retraction};
 use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
-use syndicate_macros::during;
+use syndicate_macros::{during, on_message};
 
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
@@ -52,6 +52,8 @@ pub enum Event {
     Realised(String, String, Vec<String>),
     /// Time to look for steals.
     Tick,
+    /// A worker found no store with input `path` of step `drv` (drv, path, worker).
+    Lost(String, String, String),
 }
 
 /// The planner entity: the schedule and the handles of what it asserted.
@@ -111,6 +113,19 @@ impl Entity<Event> for Planner {
                 Vec::new()
             }
             Event::Tick => s.tick(Instant::now()),
+            Event::Lost(drv, path, worker) => {
+                let (rebuilt, effects) = s.lost(&path);
+                match rebuilt {
+                    Some(made_it) => {
+                        self.metrics.rebuilds.inc();
+                        tracing::warn!(%path, %made_it, needed_by = %drv, %worker, "no store has this output any more; building its step again");
+                    }
+                    None => {
+                        tracing::warn!(%path, needed_by = %drv, %worker, "no store has this input, and no demanded step makes it")
+                    }
+                }
+                effects
+            }
             Event::Realised(id, path, signatures) => {
                 self.realised(t, id, path, signatures);
                 Vec::new()
@@ -465,6 +480,11 @@ pub fn start(
 
         enclose!((planner) during!(t, ds, <realisation $id: String $path: String $signatures: Vec<String>>, |t: &mut Activation| {
             t.message(&planner, Event::Realised(id.clone(), path.clone(), signatures.clone()));
+            Ok(())
+        }));
+
+        enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
+            t.message(&planner, Event::Lost(drv, path, worker));
             Ok(())
         }));
 

@@ -87,6 +87,7 @@ pub fn allowed(role: Role) -> Vec<Shape> {
                 Shape::of::<build::Log>(),
                 // The realisations of the content-addressed outputs a worker built.
                 Shape::of::<build::Realisation>(),
+                Shape::of::<build::Lost>(),
                 // Substituters join with the worker capability.
                 Shape::of::<store::Substituter>(),
                 Shape::of::<store::Missing>(),

@@ -25,7 +25,7 @@ use crate::nar_stream::NarReceiver;
 use crate::path_info::from_wire;
 use crate::source::{serve, DaemonSource, PathSource, Role};
 
-/// How long a fetch waits for some store to say it has the path.
+/// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long a worker waits for substituters to say whether they have a path.
@@ -33,8 +33,8 @@ const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whom a fetch waits for.
 enum Patience<'a> {
-    /// Any store, for up to [`WANT_PATIENCE`].
-    Anyone,
+    /// Any store, for up to this long.
+    Anyone(Duration),
     /// These substituters, until each said it lacks the path (or [`SUBSTITUTE_PATIENCE`]).
     Substitutes(&'a BTreeSet<String>),
 }
@@ -43,7 +43,7 @@ impl Patience<'_> {
     /// How long to wait for the first answer.
     fn initial(&self) -> Duration {
         match self {
-            Patience::Anyone => WANT_PATIENCE,
+            Patience::Anyone(patience) => *patience,
             Patience::Substitutes(_) => SUBSTITUTE_PATIENCE,
         }
     }
@@ -101,6 +101,8 @@ struct Inner {
     fetched_bytes: AtomicU64,
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
+    /// How long a fetch waits for some store to have the path.
+    want_patience: Duration,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -132,6 +134,17 @@ pub(crate) fn account(what: &'static str) -> Arc<Account> {
 impl StoreNode {
     /// The store reached through `pool`, known in the dataspace as `name`.
     pub fn new(name: impl Into<String>, pool: DaemonPool) -> StoreNode {
+        StoreNode::with_want_patience(name, pool, WANT_PATIENCE)
+    }
+
+    /// Like [`StoreNode::new`], with fetches waiting up to `patience` (instead of
+    /// [`WANT_PATIENCE`]) for some store to have a path before giving up with
+    /// [`FetchError::Nowhere`].
+    pub fn with_want_patience(
+        name: impl Into<String>,
+        pool: DaemonPool,
+        patience: Duration,
+    ) -> StoreNode {
         StoreNode {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -141,6 +154,7 @@ impl StoreNode {
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
+                want_patience: patience,
             }),
         }
     }
@@ -326,7 +340,8 @@ impl Inner {
                 if self.valid(&one).await?.contains(path) {
                     return Ok(());
                 }
-                self.fetch_within(path, Patience::Anyone).await
+                self.fetch_within(path, Patience::Anyone(self.want_patience))
+                    .await
             })
             .await
             .clone();
@@ -354,7 +369,7 @@ impl Inner {
         let mut reasons = Vec::new();
         let mut wait = patience.initial();
         let mut lacking = match patience {
-            Patience::Anyone => BTreeSet::new(),
+            Patience::Anyone(_) => BTreeSet::new(),
             Patience::Substitutes(s) => s.clone(),
         };
         loop {

@@ -67,6 +67,12 @@ pub struct WorkerArgs {
     /// the worker's store and travel with the realisations in the dataspace.
     #[arg(long, value_name = "FILE")]
     signing_key: Option<PathBuf>,
+
+    /// How long fetching an input waits for some store in the dataspace to
+    /// have it, in seconds. After that the input is reported lost (the store
+    /// that had it left) and the planner builds the step that made it again.
+    #[arg(long, default_value_t = nixspace_transfer::WANT_PATIENCE.as_secs_f64(), value_name = "SECONDS")]
+    fetch_patience: f64,
 }
 
 impl WorkerArgs {
@@ -93,6 +99,7 @@ pub fn local_builder() -> BuilderConfig {
         speed: 1.0,
         daemon_socket: None,
         signing_key: None,
+        fetch_patience: nixspace_transfer::WANT_PATIENCE,
     }
 }
 
@@ -193,6 +200,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.speed = args.speed;
     config.daemon_socket = args.daemon_socket;
+    config.fetch_patience = std::time::Duration::try_from_secs_f64(args.fetch_patience)
+        .map_err(|e| anyhow::anyhow!("--fetch-patience {}: {e}", args.fetch_patience))?;
     if let Some(file) = &args.signing_key {
         let text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("cannot read --signing-key {}: {e}", file.display()))?;
