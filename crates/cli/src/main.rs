@@ -43,6 +43,7 @@ enum Command {
     Translate(commands::translate::TranslateArgs),
     Daemon(commands::daemon::DaemonArgs),
     Substitute(commands::substitute::SubstituteArgs),
+    ServerConfig(commands::server_config::ServerConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +86,7 @@ fn main() -> ExitCode {
             Command::Translate(a) => commands::translate::run(a).await,
             Command::Daemon(a) => commands::daemon::run(a).await,
             Command::Substitute(a) => commands::substitute::run(a).await,
+            Command::ServerConfig(a) => commands::server_config::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

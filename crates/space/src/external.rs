@@ -93,14 +93,20 @@ fn config_text(listen: &[Transport], keys: &Keys) -> String {
          # It holds the capabilities' secret keys: keep it private (mode 0600).\n",
     );
     for transport in listen {
-        let listener = record("relay-listener", vec![transport_value(transport), sym("$gatekeeper")]);
+        let listener = record(
+            "relay-listener",
+            vec![transport_value(transport), sym("$gatekeeper")],
+        );
         text += &form(&record("require-service", vec![listener]));
     }
     text += "let ?ds = dataspace\n";
     text += "# The planner (`nixspace up --external`): the whole dataspace.\n";
     text += &bind(keys, PLANNER, sym("$ds"));
     for role in Role::ALL {
-        text += &format!("# {}s: their own records only; the rest becomes <{REFUSED_LABEL} {role} value>.\n", role.name());
+        text += &format!(
+            "# {}s: their own records only; the rest becomes <{REFUSED_LABEL} {role} value>.\n",
+            role.name()
+        );
         text += &bind(keys, role.name(), attenuated_dataspace(role));
     }
     text
@@ -110,7 +116,11 @@ fn config_text(listen: &[Transport], keys: &Keys) -> String {
 fn bind(keys: &Keys, name: &str, target: AnyValue) -> String {
     form(&record(
         "bind",
-        vec![keys.description(name).unparse(), target, AnyValue::new(false)],
+        vec![
+            keys.description(name).unparse(),
+            target,
+            AnyValue::new(false),
+        ],
     ))
 }
 
@@ -205,14 +215,21 @@ mod tests {
         };
         assert_eq!(labelled("require-service"), 2, "{text}");
         assert_eq!(labelled("bind"), 3, "{text}");
-        assert!(text.contains("<relay-listener <tcp \"127.0.0.1\" 7420> $gatekeeper>"), "{text}");
+        assert!(
+            text.contains("<relay-listener <tcp \"127.0.0.1\" 7420> $gatekeeper>"),
+            "{text}"
+        );
         // Each role's attenuation accepts exactly its vocabulary.
         for role in Role::ALL {
             let line = text
                 .lines()
                 .find(|l| l.contains(&format!("<{REFUSED_LABEL} {role} $v>")))
                 .expect("a bind per role");
-            assert_eq!(line.matches("<accept ").count(), allowed(role).len(), "{line}");
+            assert_eq!(
+                line.matches("<accept ").count(),
+                allowed(role).len(),
+                "{line}"
+            );
         }
         assert!(text.contains("<accept <demand _ _ _ _ _>>"), "{text}");
     }
@@ -227,7 +244,8 @@ mod tests {
             .unwrap()
             .ring();
         let before = Route::read(&Role::Worker.route_file(&dir)).unwrap();
-        let step = syndicate::schemas::gatekeeper::Step::parse(&before.sturdy_ref.unparse()).unwrap();
+        let step =
+            syndicate::schemas::gatekeeper::Step::parse(&before.sturdy_ref.unparse()).unwrap();
         assert_eq!(check(&keys, &step).as_deref(), Ok("worker"));
         // Writing again keeps the keys: handed-out routes stay valid.
         write(&dir, &before.transports).unwrap();

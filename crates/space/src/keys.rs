@@ -153,7 +153,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keys");
         Keys::load_or_create(&path, &["a"]).unwrap();
-        let e = Keys::load_or_create(&path, &["a", "b"]).err().expect("lacks b");
+        let e = Keys::load_or_create(&path, &["a", "b"])
+            .err()
+            .expect("lacks b");
         assert!(matches!(e, KeyError::Malformed(_)), "{e}");
     }
 }
