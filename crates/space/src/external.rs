@@ -104,8 +104,8 @@ fn config_text(listen: &[Transport], keys: &Keys) -> String {
     text += &bind(keys, PLANNER, sym("$ds"));
     for role in Role::ALL {
         text += &format!(
-            "# {}s: their own records only; the rest becomes <{REFUSED_LABEL} {role} value>.\n",
-            role.name()
+            "# The {role} capability: its own records only; the rest becomes \
+             <{REFUSED_LABEL} {role} value>.\n"
         );
         text += &bind(keys, role.name(), attenuated_dataspace(role));
     }

@@ -46,22 +46,28 @@ impl ExternalPlanner {
             );
             Ok(())
         };
-        let end = nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| {
-            match event {
-                SessionEvent::Joined { connection } => {
-                    eprintln!(
+        let end =
+            nixspace_space::join::stay_joined(
+                &route,
+                Backoff::default(),
+                body,
+                |event| match event {
+                    SessionEvent::Joined { connection } => {
+                        eprintln!(
                         "nixspace: planner joined the external dataspace (connection {connection})"
                     )
-                }
-                SessionEvent::Lost(why) => {
-                    eprintln!("nixspace: planner lost the external dataspace ({why}); rejoining")
-                }
-                SessionEvent::Retrying { after, why } => {
-                    eprintln!("nixspace: planner: {why}; retrying in {after:?}")
-                }
-            }
-        })
-        .await;
+                    }
+                    SessionEvent::Lost(why) => {
+                        eprintln!(
+                            "nixspace: planner lost the external dataspace ({why}); rejoining"
+                        )
+                    }
+                    SessionEvent::Retrying { after, why } => {
+                        eprintln!("nixspace: planner: {why}; retrying in {after:?}")
+                    }
+                },
+            )
+            .await;
         anyhow::anyhow!("the planner cannot join the external dataspace: {end}")
     }
 }
