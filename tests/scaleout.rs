@@ -56,6 +56,22 @@ fn two_worker_processes_build_a_dag_on_a_syndicate_server() {
 }
 
 #[test]
+fn nix_build_through_the_translator_of_up_external_builds_on_the_server() {
+    let (mut space, socket) = ExternalSpace::start_with_translator();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let file = support::layered_dag(&space, 2, 2, &runs);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = support::run(c, BUILD_LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    support::assert_each_step_built_once(&runs, 5);
+    let out = built.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
+    assert!(space.log("w1").contains(" built "), "{}", space.log("w1"));
+}
+
+#[test]
 fn a_worker_capability_on_the_server_cannot_demand() {
     let space = ExternalSpace::start();
     support::dataspace::assert_a_worker_cannot_demand(&space);

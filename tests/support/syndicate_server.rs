@@ -57,8 +57,20 @@ impl ExternalSpace {
     /// a free port of 127.0.0.1), start `syndicate-server` on it, then
     /// `nixspace up --external`, and wait until the planner has joined.
     pub fn start() -> ExternalSpace {
+        ExternalSpace::start_on(Space::unstarted(&["--external"]))
+    }
+
+    /// Like [`ExternalSpace::start`], with `up --translator <tmp>/translator.sock`
+    /// (unmodified Nix clients build on the server's dataspace); returns that socket too.
+    pub fn start_with_translator() -> (ExternalSpace, PathBuf) {
+        let mut space = Space::unstarted(&["--external", "--translator"]);
+        let socket = space.tmp.path().join("translator.sock");
+        space.up_args.push(socket.display().to_string());
+        (ExternalSpace::start_on(space), socket)
+    }
+
+    fn start_on(space: Space) -> ExternalSpace {
         let binary = binary();
-        let space = Space::unstarted(&["--external"]);
         let port = free_port();
         let mut config = space.command(&["server-config", "--tcp"]);
         config
