@@ -20,9 +20,9 @@ use preserves_schema::Unparse;
 use syndicate::actor::AnyValue;
 
 use crate::host::{create_private_dir, HostError};
-use crate::keys::Keys;
+use crate::keys::{KeyError, Keys};
 use crate::policy::{allowed, REFUSED_LABEL};
-use crate::route::{transport_value, Role, Route, Transport};
+use crate::route::{transport_value, Role, Route, RouteError, Transport};
 
 /// The name (oid) of the unattenuated capability the planner joins with.
 pub const PLANNER: &str = "planner";
@@ -33,6 +33,34 @@ pub const CONFIG_FILE: &str = "syndicate-server.pr";
 /// The planner's route file inside `dir`.
 pub fn planner_route_file(dir: &Path) -> PathBuf {
     dir.join(format!("{PLANNER}.route"))
+}
+
+/// Why the configuration could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Neither a TCP address nor a unix socket was given.
+    #[error("give the server an address to listen on (TCP or a unix socket)")]
+    NoAddress,
+    /// A TCP address with port 0.
+    #[error("give {0} a fixed port: route files cannot name a port the server picks")]
+    AnyPort(String),
+    /// The directory could not be created.
+    #[error(transparent)]
+    Dir(#[from] HostError),
+    /// The key file is unreadable or malformed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// A route file could not be written.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// The configuration file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// What [`write`] wrote.
@@ -47,24 +75,16 @@ pub struct Written {
 /// Write the server configuration, keys and route files for a
 /// syndicate-server listening on `listen` into `dir` (created 0700). Keys
 /// already in `dir` are kept, so earlier route files stay valid.
-pub fn write(dir: &Path, listen: &[Transport]) -> Result<Written, HostError> {
+pub fn write(dir: &Path, listen: &[Transport]) -> Result<Written, ConfigError> {
     if listen.is_empty() {
-        return Err(HostError::Io {
-            what: "no address to listen on given for",
-            path: dir.to_owned(),
-            source: std::io::Error::other("pass a TCP address or a unix socket"),
-        });
+        return Err(ConfigError::NoAddress);
     }
     let any_port = listen.iter().find_map(|t| match t {
         Transport::Tcp(host, 0) => Some(host),
         _ => None,
     });
     if let Some(host) = any_port {
-        return Err(HostError::Io {
-            what: "port 0 (any free port) cannot be written into route files for",
-            path: dir.to_owned(),
-            source: std::io::Error::other(format!("give {host} a fixed port")),
-        });
+        return Err(ConfigError::AnyPort(host.clone()));
     }
     create_private_dir(dir)?;
     let names = [PLANNER, Role::Submit.name(), Role::Worker.name()];
@@ -160,7 +180,7 @@ fn form(value: &AnyValue) -> String {
     text + "\n"
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
+fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write = || -> std::io::Result<()> {
@@ -175,8 +195,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
-    write().map_err(|source| HostError::Io {
-        what: "cannot write",
+    write().map_err(|source| ConfigError::Write {
         path: path.to_owned(),
         source,
     })
@@ -257,7 +276,7 @@ mod tests {
     fn bad_listen_addresses_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let e = write(tmp.path(), &[]).unwrap_err();
-        assert!(e.to_string().contains("no address"), "{e}");
+        assert!(matches!(e, ConfigError::NoAddress), "{e}");
         let e = write(tmp.path(), &[Transport::Tcp("127.0.0.1".into(), 0)]).unwrap_err();
         assert!(e.to_string().contains("fixed port"), "{e}");
     }
