@@ -96,3 +96,14 @@ fn the_planner_and_workers_rejoin_a_restarted_server() {
     space.wait_for_log("w1", "rejoined the dataspace", Duration::from_secs(30));
     build_a_small_dag(&space, "runs-after-restart");
 }
+
+#[test]
+fn a_restarted_planner_rejoins_the_server_and_plans_again() {
+    let mut space = ExternalSpace::start();
+    space.worker("w1", &[]);
+    build_a_small_dag(&space, "runs-before");
+    space.restart_planner();
+    // The worker stayed joined to the server; the new planner learns it from there.
+    space.wait_for_log("up-restarted", "worker joined", Duration::from_secs(20));
+    build_a_small_dag(&space, "runs-after");
+}

@@ -121,6 +121,19 @@ impl ExternalSpace {
         }
     }
 
+    /// Kill `nixspace up --external` (SIGKILL) and start it again (stderr to
+    /// `up-restarted.log`); wait until the new planner has joined.
+    pub fn restart_planner(&mut self) {
+        self.kill_up();
+        let up = self.space.spawn_up("up-restarted");
+        self.space.children[0] = up;
+        self.wait_for_log(
+            "up-restarted",
+            "planner joined the external dataspace (connection 1)",
+            Duration::from_secs(20),
+        );
+    }
+
     /// Kill the server (SIGKILL): the dataspace and everything in it vanish.
     pub fn kill_server(&mut self) {
         self.server = None;
