@@ -205,8 +205,9 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         assert_eq!(allowed(Role::Submit).len(), 9);
-        assert_eq!(allowed(Role::Worker).len(), 18);
+        assert_eq!(allowed(Role::Worker).len(), 19);
         assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
+        assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
