@@ -443,6 +443,10 @@ impl Default for PlannerConfig {
 
 /// Start the planner as its own actor on `ds`, scheduling by `config`. The
 /// planner keeps `metrics` up to date and records changes in `history`.
+/// It is linked to the active facet: it stops with it (for a planner joined
+/// to an external dataspace, when the connection drops, so that a rejoined
+/// planner does not run beside a stale one), and the facet stops if the
+/// planner fails.
 pub fn start(
     t: &mut Activation,
     ds: Arc<Cap>,
@@ -450,7 +454,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     history: Option<History>,
 ) {
-    t.spawn(Some(AnyValue::symbol("planner")), move |t| {
+    t.spawn_link(Some(AnyValue::symbol("planner")), move |t| {
         let me = Arc::new(OnceLock::new());
         let mut planner = Planner {
             ds: Arc::clone(&ds),

@@ -10,8 +10,10 @@
 //! This crate knows nothing about Nix: it moves capabilities, not builds.
 
 pub mod doorman;
+pub mod external;
 pub mod host;
 pub mod join;
+pub mod keys;
 pub mod policy;
 pub mod route;
 pub mod runtime_dir;

@@ -14,14 +14,18 @@
 //! way to reach the planner: nothing in nixspace reacts to refused values.
 
 use nixspace_protocol::{build, store};
-use syndicate::actor::AnyValue;
+use std::sync::Arc;
+
+use syndicate::actor::{Activation, AnyValue, Cap};
 use syndicate::dataspace_patterns::AsDataspacePattern;
 use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 use syndicate::schemas::sturdy::{
     Alts, Caveat, Lit, PBind, PCompound, PDiscard, Pattern, Rewrite, TCompound, TRef, Template,
 };
+use syndicate_macros::{during, on_message};
 
+use crate::doorman::brief;
 use crate::route::Role;
 
 /// The label of what a role's caveat makes of a value the role may not
@@ -203,6 +207,23 @@ fn bind(pattern: Pattern) -> Pattern {
     }))
 }
 
+/// Log what the role caveats refused (`<nixspace-refused role value>`
+/// assertions and messages) in `dataspace`; nothing else in nixspace looks
+/// at them. Run by whoever holds the full capability: the embedded host, or
+/// `nixspace up --external` on a syndicate-server.
+pub fn log_refused(t: &mut Activation, dataspace: &Arc<Cap>) {
+    during!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused an assertion the role may not make");
+        Ok(())
+    });
+    on_message!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused a message the role may not send");
+        Ok(())
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +269,8 @@ mod tests {
     fn every_shape_is_derived_from_the_schemas() {
         assert_eq!(allowed(Role::Submit).len(), 9);
         assert_eq!(allowed(Role::Worker).len(), 19);
+        assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
+        assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));

@@ -207,7 +207,8 @@ fn parse_transport(v: &AnyValue) -> Result<Transport, RouteError> {
     Err(RouteError::Transport(format!("{v:?}")))
 }
 
-fn transport_value(t: &Transport) -> AnyValue {
+/// The Syndicate transport address of `t` (`<unix "path">`, `<tcp "host" port>`).
+pub(crate) fn transport_value(t: &Transport) -> AnyValue {
     match t {
         Transport::Unix(p) => transport_address::Unix {
             path: p.to_string_lossy().into_owned(),
