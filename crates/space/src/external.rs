@@ -181,21 +181,7 @@ fn form(value: &AnyValue) -> String {
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = || -> std::io::Result<()> {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|source| ConfigError::Write {
+    crate::private_file::write(path, text).map_err(|source| ConfigError::Write {
         path: path.to_owned(),
         source,
     })
