@@ -1,5 +1,6 @@
 //! Flow control on NAR streams between real processes: a serving store never runs more than
-//! a window of chunks ahead of what its receiver acknowledged, gives up on a receiver that
+//! a window of chunks ahead of what its receiver acknowledged, stops when the request is
+//! withdrawn, gives up on a receiver that
 //! stops granting credit, and a big path moves between stores without the dataspace's host
 //! or the receiving worker holding it in memory.
 
@@ -43,7 +44,7 @@ fn delete(space: &Space, paths: &[&str]) {
 }
 
 #[test]
-fn a_sender_keeps_to_its_window_and_gives_up_on_a_receiver_without_credit() {
+fn a_sender_keeps_to_its_window_stops_when_withdrawn_and_gives_up_without_credit() {
     let mut space = Space::start();
     space.worker("w1", &["--stream-idle", "2"]);
     let file = space.tmp.path().join("flow-medium");
@@ -60,6 +61,20 @@ fn a_sender_keeps_to_its_window_and_gives_up_on_a_receiver_without_credit() {
     let route = route(&space, Role::Worker);
 
     runtime().block_on(async {
+        // A request withdrawn mid-stream stops its sender at once: it does not wait out its
+        // idle time for credit (which it would log).
+        let withdrawn = NarFetch::request(&route, &path, "w1", false)
+            .await
+            .expect("request");
+        assert!(withdrawn.wait_until(ANSWER, |a| a.chunks == WINDOW).await);
+        withdrawn.leave();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !space.log("w1").contains("no credit"),
+            "{}",
+            space.log("w1")
+        );
+
         let stalled = NarFetch::request(&route, &path, "w1", false)
             .await
             .expect("request");
