@@ -1,8 +1,7 @@
 //! Flow control on NAR streams between real processes: a serving store never runs more than
 //! a window of chunks ahead of what its receiver acknowledged, stops when the request is
-//! withdrawn, gives up on a receiver that
-//! stops granting credit, and a big path moves between stores without the dataspace's host
-//! or the receiving worker holding it in memory.
+//! withdrawn, gives up on a receiver that stops granting credit, and a big path moves between
+//! stores without the dataspace's host or the receiving worker holding it in memory.
 
 mod support;
 
