@@ -29,7 +29,7 @@ use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
-use nixspace_transfer::{FetchError, StoreNode};
+use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 
 use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
@@ -65,6 +65,9 @@ pub struct BuilderConfig {
     /// How long fetching an input waits for some store in the dataspace to have it; then the
     /// input is reported lost, and the step that made it is built again.
     pub fetch_patience: Duration,
+    /// How long a NAR stream to or from this worker's store may stall (no credit from the
+    /// receiver, no data from the sender) before it is abandoned.
+    pub stream_idle: Duration,
 }
 
 impl BuilderConfig {
@@ -87,10 +90,13 @@ impl BuilderConfig {
     /// The worker's store in the dataspace: it serves the paths this worker has and fetches
     /// the inputs it lacks, over connections of its own.
     fn store(&self) -> StoreNode {
-        StoreNode::with_want_patience(
+        StoreNode::with_timeouts(
             self.id.clone(),
             self.pool_of(TRANSFER_CONNECTIONS),
-            self.fetch_patience,
+            Timeouts {
+                want: self.fetch_patience,
+                stream_idle: self.stream_idle,
+            },
         )
     }
 

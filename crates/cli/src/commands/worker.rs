@@ -73,6 +73,11 @@ pub struct WorkerArgs {
     /// that had it left) and the planner builds the step that made it again.
     #[arg(long, default_value_t = nixspace_transfer::WANT_PATIENCE.as_secs_f64(), value_name = "SECONDS")]
     fetch_patience: f64,
+
+    /// Abandon a NAR stream to or from this worker's store that stalls for SECONDS: a
+    /// receiver granting no credit, a sender sending no data.
+    #[arg(long, default_value_t = nixspace_transfer::nar_stream::STREAM_IDLE.as_secs_f64(), value_name = "SECONDS")]
+    stream_idle: f64,
 }
 
 impl WorkerArgs {
@@ -100,6 +105,7 @@ pub fn local_builder() -> BuilderConfig {
         daemon_socket: None,
         signing_key: None,
         fetch_patience: nixspace_transfer::WANT_PATIENCE,
+        stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
     }
 }
 
@@ -202,6 +208,15 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     config.daemon_socket = args.daemon_socket;
     config.fetch_patience = std::time::Duration::try_from_secs_f64(args.fetch_patience)
         .map_err(|e| anyhow::anyhow!("--fetch-patience {}: {e}", args.fetch_patience))?;
+    config.stream_idle = std::time::Duration::try_from_secs_f64(args.stream_idle)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--stream-idle must be a positive number of seconds, got {}",
+                args.stream_idle
+            )
+        })?;
     if let Some(file) = &args.signing_key {
         let text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("cannot read --signing-key {}: {e}", file.display()))?;
