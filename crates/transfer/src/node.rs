@@ -241,7 +241,7 @@ impl StoreNode {
         for path in parsed.difference(&valid) {
             match self
                 .inner
-                .fetch_within(path, Patience::Substitutes(&substituters))
+                .fetch_once(path, Patience::Substitutes(&substituters))
                 .await
             {
                 Ok(()) => {}
@@ -323,7 +323,8 @@ impl Inner {
             }
             let valid = self.valid(&paths).await?;
             for path in paths.difference(&valid) {
-                self.fetch_once(path).await?;
+                self.fetch_once(path, Patience::Anyone(self.timeouts.want))
+                    .await?;
             }
             Ok(())
         })
@@ -345,8 +346,13 @@ impl Inner {
         }
     }
 
-    /// Fetch `path`, or wait for the fetch already under way.
-    async fn fetch_once(self: &Arc<Self>, path: &StorePath) -> Result<(), FetchError> {
+    /// Fetch `path` waiting as `patience` says, or wait for the fetch already under way (a
+    /// path is fetched once however many steps, or substitutions, need it).
+    async fn fetch_once(
+        self: &Arc<Self>,
+        path: &StorePath,
+        patience: Patience<'_>,
+    ) -> Result<(), FetchError> {
         let cell = match self.inflight.lock() {
             Ok(mut m) => Arc::clone(m.entry(path.clone()).or_default()),
             Err(_) => Arc::new(OnceCell::new()),
@@ -359,8 +365,7 @@ impl Inner {
                 if self.valid(&one).await?.contains(path) {
                     return Ok(());
                 }
-                self.fetch_within(path, Patience::Anyone(self.timeouts.want))
-                    .await
+                self.fetch_within(path, patience).await
             })
             .await
             .clone();
