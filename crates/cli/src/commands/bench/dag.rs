@@ -253,11 +253,23 @@ fn print_dispatch_latency(histogram: &[(f64, u64)]) {
     if histogram.is_empty() {
         return;
     }
-    match (super::quantile(histogram, 0.5), super::quantile(histogram, 0.99)) {
+    // The last bucket is unbounded: name the largest finite bound instead.
+    let bound = |q: f64| {
+        let le = super::quantile(histogram, q)?;
+        let top = histogram
+            .iter()
+            .map(|b| b.0)
+            .filter(|b| b.is_finite())
+            .fold(0.0, f64::max);
+        Some(if le.is_finite() {
+            format!("≤ {:.3} ms", le * 1e3)
+        } else {
+            format!("> {:.3} ms", top * 1e3)
+        })
+    };
+    match (bound(0.5), bound(0.99)) {
         (Some(p50), Some(p99)) => println!(
-            "dispatch latency of (c)/(d), ready → granted, all runs: p50 ≤ {:.3} ms, p99 ≤ {:.3} ms (histogram bucket bounds)",
-            p50 * 1e3,
-            p99 * 1e3
+            "dispatch latency of (c)/(d), ready → granted, all runs: p50 {p50}, p99 {p99} (histogram bucket bounds)"
         ),
         _ => println!("dispatch latency: no samples"),
     }
