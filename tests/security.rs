@@ -11,62 +11,18 @@ use std::time::Duration;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use preserves_schema::Unparse;
-use support::dataspace::{resolve_text, text, RawPeer, Session, ANSWER};
+use support::dataspace::{
+    assert_a_worker_cannot_demand, demand, fake_drv, ready, resolve_text, route, runtime, text,
+    RawPeer, Session, ANSWER, SETTLE,
+};
 use support::Space;
 use syndicate::actor::AnyValue;
-
-/// Long enough for the planner to have reacted to anything it was going to.
-const SETTLE: Duration = Duration::from_millis(1500);
-
-fn route(space: &Space, role: Role) -> Route {
-    Route::read(&role.route_file(&space.dir())).expect("route file")
-}
 
 fn socket(space: &Space) -> std::path::PathBuf {
     match &route(space, Role::Submit).transports[0] {
         nixspace_space::Transport::Unix(path) => path.clone(),
         other => panic!("expected a unix transport first, got {other}"),
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn fake_drv(name: &str) -> String {
-    format!("/nix/store/{}-{name}.drv", "0".repeat(32))
-}
-
-fn demand(drv: &str) -> AnyValue {
-    build::Demand {
-        drv: drv.to_owned(),
-        step: build::StepInfo {
-            system: "test-system".to_owned(),
-            features: vec![],
-            input_drvs: vec![],
-        },
-        requester: "security-test".to_owned(),
-        priority: 0.into(),
-        depth: 0.into(),
-    }
-    .unparse()
-}
-
-fn ready(drv: &str) -> AnyValue {
-    build::Ready {
-        drv: drv.to_owned(),
-        step: build::StepInfo {
-            system: "test-system".to_owned(),
-            features: vec![],
-            input_drvs: vec![],
-        },
-        priority: 0.into(),
-        depth: 0.into(),
-    }
-    .unparse()
 }
 
 fn built(drv: &str, worker: &str) -> AnyValue {
@@ -181,31 +137,7 @@ fn unknown_forged_and_garbage_capabilities_are_refused_at_once_and_logged() {
 
 #[test]
 fn a_worker_capability_cannot_demand() {
-    let space = Space::start();
-    let drv = fake_drv("worker-demand");
-    runtime().block_on(async {
-        let w = Session::join(&route(&space, Role::Worker), vec![demand(&drv)])
-            .await
-            .expect("join as worker");
-        let observer = Session::join(&route(&space, Role::Submit), vec![])
-            .await
-            .expect("join as submit");
-        tokio::time::sleep(SETTLE).await;
-        assert!(!observer.sees(&demand(&drv)));
-        assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
-        space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
-        assert!(
-            space.log("up").contains("role=worker"),
-            "{}",
-            space.log("up")
-        );
-        w.leave();
-        // The same demand through the submit capability is planned.
-        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
-            .await
-            .expect("join as submit");
-        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
-    });
+    assert_a_worker_cannot_demand(&Space::start());
 }
 
 #[test]
@@ -351,4 +283,70 @@ fn a_flood_of_demands_does_not_take_the_coordinator_down() {
             r["demands"].as_array().is_some_and(|d| d.is_empty())
         });
     });
+}
+
+fn assigned_to(drv: &str, worker: &str) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+#[test]
+fn a_named_worker_route_acts_only_as_that_worker() {
+    let mut space = Space::start();
+    let narrowed = space.tmp.path().join("w-good.route");
+    let dir = space.dir();
+    let made = support::run(
+        space.command(&[
+            "route",
+            "worker",
+            "w-good",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--output",
+            narrowed.to_str().unwrap(),
+        ]),
+        ANSWER,
+    );
+    assert!(made.status.success(), "{made:?}");
+    let named = Route::read(&narrowed).expect("narrowed route");
+    let drv = fake_drv("named-worker");
+    runtime().block_on(async {
+        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        // Claiming, or announcing itself, as another worker is refused and logged.
+        let forged = vec![claim(&drv, "w-other"), worker("w-other")];
+        let _forger = Session::join(&named, forged.clone())
+            .await
+            .expect("join with the narrowed route");
+        tokio::time::sleep(SETTLE).await;
+        for value in &forged {
+            assert!(!s.sees(value), "{value:?} reached the dataspace");
+        }
+        assert!(!s.sees(&assigned_to(&drv, "w-other")));
+        let log = space.log("up");
+        assert!(log.contains("worker:w-good"), "refusal not logged:\n{log}");
+        // As itself, it is granted the step.
+        let _me = Session::join(&named, vec![claim(&drv, "w-good")])
+            .await
+            .expect("join with the narrowed route");
+        assert!(
+            s.wait_until(&assigned_to(&drv, "w-good"), true).await,
+            "the named worker's claim was not granted"
+        );
+    });
+    // A real worker started with its narrowed route builds.
+    space.worker("w-good", &["--route", narrowed.to_str().unwrap()]);
+    let file = space.sh_derivation(
+        "named.nix",
+        &format!("named-{}", support::nonce()),
+        "echo ok > $out",
+    );
+    let built = space.build(&file, Duration::from_secs(120));
+    assert!(built.status.success(), "{built:?}");
+    assert!(built.stderr.contains("on w-good"), "{built:?}");
 }

@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod dataspace;
+pub mod syndicate_server;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,21 +65,26 @@ impl Space {
 
     /// Like [`Space::start`], with extra arguments for `nixspace up`.
     pub fn start_with(up_args: &[&str]) -> Space {
+        let mut space = Space::unstarted(up_args);
+        let up = space.spawn_up("up");
+        space.children.push(up);
+        space.wait_for(&space.dir().join("worker.route"));
+        space
+    }
+
+    /// A fresh directory with the test's Nix configuration; nothing runs yet.
+    fn unstarted(up_args: &[&str]) -> Space {
         let tmp = tempfile::Builder::new()
             .prefix("nixspace-test-")
             .tempdir()
             .expect("tempdir");
         nixspace_test_support::write_nix_conf(&tmp.path().join("nix-conf")).expect("nix.conf");
-        let mut space = Space {
+        Space {
             tmp,
             children: Vec::new(),
             workers: Vec::new(),
             up_args: up_args.iter().map(|a| a.to_string()).collect(),
-        };
-        let up = space.spawn_up("up");
-        space.children.push(up);
-        space.wait_for(&space.dir().join("worker.route"));
-        space
+        }
     }
 
     /// Start `nixspace up` on this space's directory; stderr to `<log>.log`.
@@ -110,6 +116,21 @@ impl Space {
     /// The runtime directory (socket, route files).
     pub fn dir(&self) -> PathBuf {
         self.tmp.path().join("run")
+    }
+
+    /// The process id of `nixspace up`.
+    pub fn up_pid(&self) -> u32 {
+        self.children[0].id()
+    }
+
+    /// The process id of worker `id`.
+    pub fn worker_pid(&self, id: &str) -> u32 {
+        let (_, child) = self
+            .workers
+            .iter()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        child.id()
     }
 
     /// A `nixspace` command with the test's Nix configuration.
@@ -394,6 +415,21 @@ impl Space {
         socket
     }
 
+    /// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
+    /// Nix store of its own, as on another machine.
+    pub fn in_other_store(&self, store: &Path, script: &str) -> Command {
+        for sub in ["nix/store", "nix/var/nix/db"] {
+            std::fs::create_dir_all(store.join(sub)).expect("store directories");
+        }
+        let mut c = self.nix("unshare", None);
+        c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(format!(
+                "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
+                store.display()
+            ));
+        c
+    }
+
     /// A Nix command (e.g. `nix-build`) with the test's Nix configuration, talking to the
     /// store at `NIX_REMOTE=remote` (`None`: the local store directly).
     pub fn nix(&self, program: &str, remote: Option<&Path>) -> Command {
@@ -422,6 +458,17 @@ pub fn command_lines_with(needles: &[String]) -> Vec<String> {
     found
 }
 
+/// The peak resident set size of process `pid` so far, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in the process status");
+    kib * 1024
+}
+
 /// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.
 pub struct KillOnDrop(pub Child);
 
@@ -441,6 +488,27 @@ pub fn assert_each_step_built_once(runs: &Path, expected: usize) {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), expected, "a step was built twice:\n{log}");
+}
+
+/// A layered DAG of `layers` × `width` trivial steps plus one root; every
+/// builder run appends the step's name to `runs` (outside the store), so the
+/// test can count builder runs.
+pub fn layered_dag(
+    space: &Space,
+    layers: usize,
+    width: usize,
+    runs: &std::path::Path,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+let
+{step}  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
+  layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
+in step "root" (builtins.elemAt layers ({layers} - 1))
+"#,
+        step = counted_step_bindings(runs, ""),
+    );
+    space.nix_file("dag.nix", &text)
 }
 
 /// Nix bindings (for a `let`) of a fresh `nonce` and `step = name: deps: derivation …`: a

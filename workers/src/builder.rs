@@ -19,17 +19,19 @@
 //! them. Each build runs in its own child facet: stopping it kills the build
 //! and withdraws its outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
-use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
-use nixspace_transfer::{FetchError, StoreNode};
+use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 
-use crate::detached::{Builds, Outcome};
+use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
     LinkedTaskTermination, Ref,
@@ -58,6 +60,14 @@ pub struct BuilderConfig {
     /// Build through the Nix daemon listening on this socket instead of
     /// private `nix-daemon --stdio` children on the local store.
     pub daemon_socket: Option<PathBuf>,
+    /// Signs the realisations of the content-addressed outputs this worker builds.
+    pub signing_key: Option<SecretKey>,
+    /// How long fetching an input waits for some store in the dataspace to have it; then the
+    /// input is reported lost, and the step that made it is built again.
+    pub fetch_patience: Duration,
+    /// How long a NAR stream to or from this worker's store may stall (no credit from the
+    /// receiver, no data from the sender) before it is abandoned.
+    pub stream_idle: Duration,
 }
 
 impl BuilderConfig {
@@ -80,7 +90,14 @@ impl BuilderConfig {
     /// The worker's store in the dataspace: it serves the paths this worker has and fetches
     /// the inputs it lacks, over connections of its own.
     fn store(&self) -> StoreNode {
-        StoreNode::new(self.id.clone(), self.pool_of(TRANSFER_CONNECTIONS))
+        StoreNode::with_timeouts(
+            self.id.clone(),
+            self.pool_of(TRANSFER_CONNECTIONS),
+            Timeouts {
+                want: self.fetch_patience,
+                stream_idle: self.stream_idle,
+            },
+        )
     }
 
     fn pool_of(&self, connections: usize) -> DaemonPool {
@@ -119,6 +136,13 @@ pub enum Event {
     StealWithdrawn(String),
     /// Stop taking steps; report on `done` once running builds finished.
     Drain(DrainDone),
+    /// A planner is present.
+    PlannerJoined(String),
+    /// A planner went away.
+    PlannerLeft(String),
+    /// The assignment of a step this worker builds was withdrawn a turn ago: by a planner
+    /// still here (stop the build), or with the planner itself (keep it).
+    AssignmentGone(String),
 }
 
 /// Told once a draining builder has no build left.
@@ -167,6 +191,10 @@ struct Builder {
     /// The builds themselves, which outlive this connection.
     builds: Builds,
     offer: Option<Handle>,
+    /// The planners present.
+    planners: BTreeSet<String>,
+    /// This entity's own reference, for messages to itself.
+    me: Arc<OnceLock<Weak<Ref<Event>>>>,
 }
 
 impl Entity<Event> for Builder {
@@ -216,13 +244,26 @@ impl Entity<Event> for Builder {
                     self.release(t, &drv);
                 }
             }
+            // The planner's own retraction, if it went away, arrives with the assignment's:
+            // decide once it has been handled, in a later turn.
             Event::Unassigned(drv, worker) if worker == self.config.id => {
-                self.builds.cancel(&drv);
+                match self.me.get().and_then(Weak::upgrade) {
+                    Some(me) => t.message(&me, Event::AssignmentGone(drv)),
+                    None => self.stop_build(t, &drv),
+                }
+            }
+            Event::AssignmentGone(drv) if self.planners.is_empty() => {
                 if let Some(facet) = self.building.remove(&drv) {
-                    tracing::info!(%drv, "assignment withdrawn; stopping its build");
+                    tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
                     t.stop_facet(facet);
                 }
-                self.release(t, &drv);
+            }
+            Event::AssignmentGone(drv) => self.stop_build(t, &drv),
+            Event::PlannerJoined(id) => {
+                self.planners.insert(id);
+            }
+            Event::PlannerLeft(id) => {
+                self.planners.remove(&id);
             }
             Event::Unassigned(..) => {}
             Event::Steal(drv, from) => {
@@ -304,6 +345,16 @@ impl Builder {
         }
     }
 
+    /// Stop building `drv` and let go of it (its assignment was withdrawn).
+    fn stop_build(&mut self, t: &mut Activation, drv: &str) {
+        self.builds.cancel(drv);
+        if let Some(facet) = self.building.remove(drv) {
+            tracing::info!(%drv, "assignment withdrawn; stopping its build");
+            t.stop_facet(facet);
+        }
+        self.release(t, drv);
+    }
+
     /// Withdraw our claim on a step (lost the race, finished, or cancelled).
     fn release(&mut self, t: &mut Activation, drv: &str) {
         if let Some(h) = self.claims.remove(drv) {
@@ -349,6 +400,8 @@ pub fn start(
         building: BTreeMap::new(),
         builds,
         offer: None,
+        planners: BTreeSet::new(),
+        me: Arc::new(OnceLock::new()),
     };
     // Steps built (or building) while the dataspace was away: claim them again, so the
     // planner grants them back to us once they are demanded again.
@@ -357,7 +410,18 @@ pub fn start(
         builder.claim(t, drv);
     }
     builder.fill_slots(t);
+    let own_ref = Arc::clone(&builder.me);
     let builder: Arc<Ref<Event>> = t.create_ref(builder);
+    let _ = own_ref.set(Arc::downgrade(&builder));
+
+    enclose!((builder) during!(t, ds, <planner $id: String>, |t: &mut Activation| {
+        t.message(&builder, Event::PlannerJoined(id.clone()));
+        on_retraction(t, enclose!((builder, id) move |t| {
+            t.message(&builder, Event::PlannerLeft(id));
+            Ok(())
+        }));
+        Ok(())
+    }));
 
     enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo $priority: i64 $depth: u64>,
     |t: &mut Activation| {
@@ -406,6 +470,7 @@ fn build_step(
     drv: String,
 ) {
     let facet = t.facet_ref();
+    let store_dir = pool.store_dir().clone();
     let account = Account::new(Some(AnyValue::symbol("build")), None);
     let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
         facet.activate(&account, None, |t| {
@@ -425,27 +490,44 @@ fn build_step(
             Ok(o) => o.clone(),
             Err(_) => None,
         };
-        let outcome = outcome.unwrap_or_else(|| {
-            Err((
-                "the build stopped".to_owned(),
-                build::FailureKind::Transient,
-            ))
-        });
+        let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
             match outcome {
-                Ok(outputs) => {
+                Ok(built) => {
                     tracing::info!(%drv, "built");
+                    // Realisations first: whoever sees `built` can already find them.
+                    for r in built.realisations {
+                        ds.assert(
+                            t,
+                            &build::Realisation {
+                                id: r.id,
+                                path: format!("{}/{}", store_dir.as_str(), r.out_path),
+                                signatures: r.signatures.into_iter().collect(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Built {
                             drv,
                             worker: config.id.clone(),
-                            outputs,
+                            outputs: built.outputs,
                         },
                     );
                 }
-                Err((reason, kind)) => {
+                Err(BuildFailure { reason, kind, lost }) => {
                     tracing::warn!(%drv, %reason, "failed");
+                    // Before the failure: the planner builds the lost input again first.
+                    if let Some(path) = lost {
+                        ds.message(
+                            t,
+                            &build::Lost {
+                                drv: drv.clone(),
+                                path,
+                                worker: config.id.clone(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Failed {
@@ -500,10 +582,14 @@ async fn run_build(
 ) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
-        (
-            format!("cannot fetch inputs on worker {worker}: {e}"),
-            build::FailureKind::Transient,
-        )
+        let lost = match &e {
+            FetchError::Nowhere(path, _) => Some(path.clone()),
+            _ => None,
+        };
+        BuildFailure {
+            lost,
+            ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
+        }
     };
     store
         .ensure(&[drv.to_owned()])
@@ -511,7 +597,10 @@ async fn run_build(
         .map_err(fetch_failed)?;
     if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
         send_line(format!("substituted the outputs of {drv}"));
-        return Ok(outputs);
+        return Ok(BuiltStep {
+            outputs,
+            realisations: Vec::new(),
+        });
     }
     let built = match pool.build(drv, &mut send_line).await {
         Err(StepError::InputsMissing(missing)) => {
@@ -520,12 +609,44 @@ async fn run_build(
         }
         built => built,
     };
-    built.map_err(|e| match e {
-        StepError::InputsMissing(missing) => (
-            format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
-            build::FailureKind::Transient,
-        ),
-        e if e.is_permanent() => (e.to_string(), build::FailureKind::Permanent),
-        e => (e.to_string(), build::FailureKind::Transient),
-    })
+    let mut built = built.map_err(|e| match e {
+        StepError::InputsMissing(missing) => BuildFailure::transient(format!(
+            "inputs not valid on worker {worker}: {}",
+            missing.join(" ")
+        )),
+        e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
+        e => BuildFailure::transient(e.to_string()),
+    })?;
+    if let Some(key) = &config.signing_key {
+        sign_realisations(pool, key, &mut built.realisations)
+            .await
+            .map_err(|e| {
+                BuildFailure::transient(format!(
+                    "cannot sign the realisations on worker {worker}: {e}"
+                ))
+            })?;
+    }
+    Ok(built)
+}
+
+/// Sign `realisations` with `key` and register the signed copies in the local store (Nix adds
+/// the signatures to the realisations it registered when it built them).
+async fn sign_realisations(
+    pool: &DaemonPool,
+    key: &SecretKey,
+    realisations: &mut [nixspace_nix_protocol::Realisation],
+) -> Result<(), StepError> {
+    if realisations.is_empty() {
+        return Ok(());
+    }
+    let mut lease = pool.lease().await?;
+    for r in realisations.iter_mut() {
+        let fingerprint = realisation_fingerprint(&r.id, &r.out_path, &r.dependent_realisations);
+        r.signatures.insert(sign(key, &fingerprint));
+        if let Err(e) = lease.client().register_drv_output(r).await {
+            return Err(lease.failed(e));
+        }
+    }
+    lease.release();
+    Ok(())
 }

@@ -12,35 +12,68 @@ use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::DaemonPool;
 use nixspace_protocol::on_retraction;
-use nixspace_protocol::store::{self, NarReply};
-use preserves_schema::Parse;
-use syndicate::actor::{
-    Account, Activation, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef,
-};
+use nixspace_protocol::store;
+use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetId, FacetRef};
 use syndicate::enclose;
 use syndicate_macros::during;
 use tokio::sync::{mpsc, OnceCell};
 
-use crate::nar_stream::NarReceiver;
+use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::from_wire;
 use crate::source::{serve, DaemonSource, PathSource, Role};
 
-/// How long a fetch waits for some store to say it has the path.
+/// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a store node waits for other stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long a fetch waits for some store to have the path.
+    pub want: Duration,
+    /// How long a NAR stream, sent or received, may stall (a receiver granting no credit, a
+    /// sender sending no data) before it is abandoned.
+    pub stream_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            want: WANT_PATIENCE,
+            stream_idle: STREAM_IDLE,
+        }
+    }
+}
 
 /// How long a worker waits for substituters to say whether they have a path.
 const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whom a fetch waits for.
 enum Patience<'a> {
-    /// Any store, for up to [`WANT_PATIENCE`].
-    Anyone,
+    /// Any store, for up to this long.
+    Anyone(Duration),
     /// These substituters, until each said it lacks the path (or [`SUBSTITUTE_PATIENCE`]).
     Substitutes(&'a BTreeSet<String>),
 }
 
-/// How long a NAR stream may stay silent before the transfer is abandoned.
-const STREAM_IDLE: Duration = Duration::from_secs(60);
+impl Patience<'_> {
+    /// How long to wait for the first answer.
+    fn initial(&self) -> Duration {
+        match self {
+            Patience::Anyone(patience) => *patience,
+            Patience::Substitutes(_) => SUBSTITUTE_PATIENCE,
+        }
+    }
+}
+
+/// A want being held, and the answers to it.
+struct Wanted {
+    /// Stopping it withdraws the want.
+    facet: ChildFacet,
+    /// `(store, info)` of each other store that has the path.
+    offers: mpsc::UnboundedReceiver<(String, store::PathInfo)>,
+    /// Substituters that lack it.
+    missing: mpsc::UnboundedReceiver<String>,
+}
 
 /// Why a path could not be made valid in the local store.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,8 +82,8 @@ pub enum FetchError {
     #[error("not connected to a dataspace")]
     Detached,
     /// Nobody answered the want.
-    #[error("no store in the dataspace has {0} (waited {WANT_PATIENCE:?})")]
-    Nowhere(String),
+    #[error("no store in the dataspace has {0} (waited {1:?})")]
+    Nowhere(String, Duration),
     /// Every store that had the path failed to send a good copy.
     #[error("cannot fetch {path}: {reasons}")]
     Failed {
@@ -74,6 +107,7 @@ pub struct StoreNode {
 struct Inner {
     name: String,
     pool: DaemonPool,
+    timeouts: Timeouts,
     link: Mutex<Option<Link>>,
     /// Fetches under way, so that a path is fetched once however many steps need it.
     inflight: Mutex<HashMap<StorePath, Arc<FetchOnce>>>,
@@ -112,10 +146,22 @@ pub(crate) fn account(what: &'static str) -> Arc<Account> {
 impl StoreNode {
     /// The store reached through `pool`, known in the dataspace as `name`.
     pub fn new(name: impl Into<String>, pool: DaemonPool) -> StoreNode {
+        StoreNode::with_timeouts(name, pool, Timeouts::default())
+    }
+
+    /// Like [`StoreNode::new`], with fetches waiting up to `timeouts.want` for some store to
+    /// have a path before giving up with [`FetchError::Nowhere`], and NAR streams abandoned
+    /// when they stall for `timeouts.stream_idle`.
+    pub fn with_timeouts(
+        name: impl Into<String>,
+        pool: DaemonPool,
+        timeouts: Timeouts,
+    ) -> StoreNode {
         StoreNode {
             inner: Arc::new(Inner {
                 name: name.into(),
                 pool,
+                timeouts,
                 link: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
                 fetched: AtomicU64::new(0),
@@ -148,7 +194,14 @@ impl StoreNode {
             });
         }
         let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
-        serve(t, &ds, &self.inner.name, source, Role::Peer);
+        serve(
+            t,
+            &ds,
+            &self.inner.name,
+            source,
+            Role::Peer,
+            self.inner.timeouts.stream_idle,
+        );
         let inner = &self.inner;
         enclose!((inner) during!(t, ds, <substituter $name: String>, |t: &mut Activation| {
             if let Ok(mut s) = inner.substituters.lock() {
@@ -192,7 +245,7 @@ impl StoreNode {
                 .await
             {
                 Ok(()) => {}
-                Err(FetchError::Nowhere(_)) => return Ok(false),
+                Err(FetchError::Nowhere(..)) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -210,6 +263,37 @@ impl StoreNode {
                     .map_err(|e| FetchError::Local(format!("{p}: {e}")))
             })
             .collect()
+    }
+
+    /// Which of `paths` (printed store paths) are not valid in this store.
+    pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, FetchError> {
+        let parsed = self.parse_all(paths)?;
+        let valid = self.inner.valid(&parsed).await?;
+        let store_dir = self.inner.pool.store_dir();
+        Ok(parsed
+            .difference(&valid)
+            .map(|p| store_dir.print(p))
+            .collect())
+    }
+
+    /// What `path` (printed) is registered with: from this store if it is valid here, else
+    /// from the first other store in the dataspace that answers a want within `patience`.
+    /// Its references are what a closure is computed from.
+    pub async fn path_info(
+        &self,
+        path: &str,
+        patience: Duration,
+    ) -> Result<store::PathInfo, FetchError> {
+        self.parse_all(&[path.to_owned()])?;
+        if let Some(info) = DaemonSource(self.inner.pool.clone()).path_info(path).await {
+            return Ok(info);
+        }
+        let link = self.inner.link()?;
+        let mut wanted = self.inner.want(&link, path);
+        match tokio::time::timeout(patience, wanted.offers.recv()).await {
+            Ok(Some((_, info))) => Ok(info),
+            _ => Err(FetchError::Nowhere(path.to_owned(), patience)),
+        }
     }
 
     /// Make `paths` (printed store paths) and their closures valid in this store, fetching
@@ -268,7 +352,16 @@ impl Inner {
             Err(_) => Arc::new(OnceCell::new()),
         };
         let result = cell
-            .get_or_init(|| self.fetch_within(path, Patience::Anyone))
+            .get_or_init(|| async {
+                // Fetching an earlier path of the same `ensure` may have fetched this one as
+                // its reference.
+                let one = BTreeSet::from([path.clone()]);
+                if self.valid(&one).await?.contains(path) {
+                    return Ok(());
+                }
+                self.fetch_within(path, Patience::Anyone(self.timeouts.want))
+                    .await
+            })
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {
@@ -287,35 +380,16 @@ impl Inner {
     ) -> Result<(), FetchError> {
         let printed = self.pool.store_dir().print(path);
         let link = self.link()?;
-        let (tx, mut offers) = mpsc::unbounded_channel();
-        let (missing_tx, mut missing) = mpsc::unbounded_channel();
-        let me = self.name.clone();
-        let want = ChildFacet::start(&link, |t| {
-            link.ds.assert(
-                t,
-                &store::Want {
-                    path: printed.clone(),
-                    store: me.clone(),
-                },
-            );
-            let literal = AnyValue::new(printed.clone());
-            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
-                if store != me {
-                    let _ = tx.send((store.clone(), info.clone()));
-                }
-                Ok(())
-            }));
-            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
-                let _ = missing_tx.send(store.clone());
-                Ok(())
-            });
-            Ok(())
-        });
-        tracing::debug!(path = %printed, "wanted");
+        let Wanted {
+            facet: want,
+            mut offers,
+            mut missing,
+        } = self.want(&link, &printed);
         let mut reasons = Vec::new();
-        let (mut wait, mut lacking) = match patience {
-            Patience::Anyone => (WANT_PATIENCE, BTreeSet::new()),
-            Patience::Substitutes(s) => (SUBSTITUTE_PATIENCE, s.clone()),
+        let mut wait = patience.initial();
+        let mut lacking = match patience {
+            Patience::Anyone(_) => BTreeSet::new(),
+            Patience::Substitutes(s) => s.clone(),
         };
         loop {
             let offer = tokio::time::timeout(wait, async {
@@ -354,12 +428,48 @@ impl Inner {
         }
         drop(want);
         if reasons.is_empty() {
-            Err(FetchError::Nowhere(printed))
+            Err(FetchError::Nowhere(printed, patience.initial()))
         } else {
             Err(FetchError::Failed {
                 path: printed,
                 reasons: reasons.join("; "),
             })
+        }
+    }
+
+    /// Assert `<want printed me>` in a child facet of `link`'s, forwarding other stores'
+    /// `available` answers and substituters' `missing` ones while it lasts.
+    fn want(&self, link: &Link, printed: &str) -> Wanted {
+        let (tx, offers) = mpsc::unbounded_channel();
+        let (missing_tx, missing) = mpsc::unbounded_channel();
+        let me = self.name.clone();
+        let printed = printed.to_owned();
+        let facet = ChildFacet::start(link, |t| {
+            link.ds.assert(
+                t,
+                &store::Want {
+                    path: printed.clone(),
+                    store: me.clone(),
+                },
+            );
+            let literal = AnyValue::new(printed.clone());
+            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
+                if store != me {
+                    let _ = tx.send((store.clone(), info.clone()));
+                }
+                Ok(())
+            }));
+            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
+                let _ = missing_tx.send(store.clone());
+                Ok(())
+            });
+            Ok(())
+        });
+        tracing::debug!(path = %printed, "wanted");
+        Wanted {
+            facet,
+            offers,
+            missing,
         }
     }
 
@@ -384,9 +494,14 @@ impl Inner {
         self.ensure(references)
             .await
             .map_err(|e| format!("its references: {e}"))?;
-        let (tx, replies) = mpsc::unbounded_channel();
+        let (sink, mut nar) = receive(
+            link.facet.clone(),
+            info.info.nar_hash.clone(),
+            info.info.nar_size,
+            self.timeouts.stream_idle,
+        );
         let _request = ChildFacet::start(link, |t| {
-            let sink = t.create_cap(NarSink(tx));
+            let sink = t.create_cap(sink);
             link.ds.assert(
                 t,
                 &store::NarRequest {
@@ -397,12 +512,6 @@ impl Inner {
             );
             Ok(())
         });
-        let mut nar = NarReceiver::new(
-            replies,
-            info.info.nar_hash.clone(),
-            info.info.nar_size,
-            STREAM_IDLE,
-        );
         let mut lease = self.pool.lease().await.map_err(|e| e.to_string())?;
         // Our own daemon, trusted: the hash is what is checked, not signatures.
         match lease
@@ -416,21 +525,6 @@ impl Inner {
             }
             Err(e) => Err(lease.failed(e).to_string()),
         }
-    }
-}
-
-/// Receives the replies to one NAR request.
-struct NarSink(mpsc::UnboundedSender<NarReply>);
-
-impl Entity<AnyValue> for NarSink {
-    fn message(&mut self, _t: &mut Activation, m: AnyValue) -> ActorResult {
-        match NarReply::parse(&m) {
-            Ok(reply) => {
-                let _ = self.0.send(reply);
-            }
-            Err(_) => tracing::warn!(?m, "ignoring a malformed NAR reply"),
-        }
-        Ok(())
     }
 }
 
