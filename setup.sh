@@ -28,6 +28,16 @@ ensure_nix() {
     fi
 }
 
+# tests/bench.rs runs a private sshd (an ssh-ng remote builder, the baseline of
+# `nixspace bench dag --columns ssh`).
+ensure_sshd() {
+    if [ ! -x /usr/sbin/sshd ]; then
+        echo "setup: installing openssh-server (for the ssh-ng benchmark test)..." >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server
+    fi
+}
+
 case "${1:-demo}" in
     demo)
         ensure_nix
@@ -38,6 +48,7 @@ case "${1:-demo}" in
         ;;
     test)
         ensure_nix
+        ensure_sshd
         # The examples run as separate programs in the tests: build every binary first.
         cargo build --workspace --bins
         cargo test --workspace

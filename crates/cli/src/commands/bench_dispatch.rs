@@ -24,7 +24,8 @@ use super::demo::{spawn_space, Children, Scratch};
 /// Starts `nixspace up`, joins WORKERS simulated workers of JOBS slots each over its socket,
 /// demands STEPS independent steps and waits until all are reported built. Prints the
 /// dispatch latency a worker sees (claim asserted → grant received) as min/median/p99/max,
-/// and the steps per second through the whole cycle, per run.
+/// and the steps per second through the whole cycle, per run. Then demands LATENCY_STEPS
+/// steps one at a time and prints the median and p99 of demand → claim → built.
 #[derive(Args, Debug)]
 pub struct DispatchArgs {
     /// Steps demanded per run.
@@ -39,6 +40,10 @@ pub struct DispatchArgs {
     /// Repetitions.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// Then demand this many steps one at a time (each once the previous one is built)
+    /// and report demand → claim → built latencies; 0 skips it.
+    #[arg(long, default_value_t = 200)]
+    latency_steps: usize,
 }
 
 /// Run `nixspace bench dispatch`.
@@ -70,9 +75,15 @@ async fn runs(
     let worker_route = Route::read(&Role::Worker.route_file(dir))?;
     let submit_route = Route::read(&Role::Submit.route_file(dir))?;
     let samples = Arc::new(Mutex::new(Vec::new()));
+    let claimed = ClaimTimes::default();
     let mut actors = Vec::new();
     for i in 0..args.workers {
-        let worker = SimWorker::new(format!("sim-{i}"), args.jobs, Arc::clone(&samples));
+        let worker = SimWorker::new(
+            format!("sim-{i}"),
+            args.jobs,
+            Arc::clone(&samples),
+            claimed.clone(),
+        );
         actors.push(
             nixspace_space::join::join(&worker_route, move |t, ds| {
                 worker.start(t, ds);
@@ -113,30 +124,116 @@ async fn runs(
             args.steps as f64 / total.as_secs_f64()
         );
     }
+    if args.latency_steps > 0 {
+        let lat = one_at_a_time(&submit_route, args.latency_steps, &claimed).await?;
+        print_latency(args.latency_steps, &lat);
+    }
     for a in actors {
         a.abort();
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// When each step was claimed (by whichever simulated worker claimed it first).
+type ClaimTimes = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// Demand `steps` steps one after the other, each once the previous one is reported built;
+/// for each, (demand → first claim, first claim → built seen by the frontend).
+async fn one_at_a_time(
+    route: &Route,
+    steps: usize,
+    claimed: &ClaimTimes,
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
+    let (built_tx, mut built_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let actor = nixspace_space::join::join(route, move |t, ds| {
+        enclose!((built_tx) during!(t, ds, <built $drv: String _ _>, |_t| {
+            let _ = built_tx.send(drv);
+            Ok(())
+        }));
+        let _ = ready_tx.send((t.facet_ref(), ds));
+        Ok(())
+    })
+    .await?;
+    let (facet, ds) = ready_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the latency client did not start"))?;
+    let account = syndicate::actor::Account::new(None, None);
+    let limit = Duration::from_secs(60);
+    let mut out = Vec::new();
+    for i in 0..steps {
+        let demand = sim_demand(
+            &format!("/nix/store/latency{i:025}-sim.drv"),
+            "bench-latency",
+        );
+        let drv = demand.drv.clone();
+        let ds = Arc::clone(&ds);
+        let demanded = Instant::now();
+        facet.activate(&account, None, move |t| {
+            ds.assert(t, &demand);
+            Ok(())
+        });
+        loop {
+            match tokio::time::timeout(limit, built_rx.recv()).await {
+                Ok(Some(b)) if b == drv => break,
+                Ok(Some(_)) => {}
+                _ => anyhow::bail!("step {drv} was not built within {limit:?}"),
+            }
+        }
+        let built = Instant::now();
+        let claim = claimed
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&drv).copied())
+            .ok_or_else(|| anyhow::anyhow!("step {drv} was built without a claim"))?;
+        out.push((claim - demanded, built - claim));
+    }
+    actor.abort();
+    Ok(out)
+}
+
+fn print_latency(steps: usize, lat: &[(Duration, Duration)]) {
+    let q = |mut xs: Vec<Duration>, f: f64| {
+        xs.sort();
+        xs[((xs.len() as f64 - 1.0) * f).round() as usize]
+    };
+    let row = |name: &str, xs: Vec<Duration>| {
+        let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+        println!(
+            "{name:<22} median {:>10}  p99 {:>10}",
+            us(q(xs.clone(), 0.5)),
+            us(q(xs, 0.99))
+        );
+    };
+    println!("one step at a time, {steps} steps (nothing else queued):");
+    row("demand → claim", lat.iter().map(|l| l.0).collect());
+    row("claim → built", lat.iter().map(|l| l.1).collect());
+    row("demand → built", lat.iter().map(|l| l.0 + l.1).collect());
+}
+
+/// A demand for an independent step `drv` of this machine's system.
+fn sim_demand(drv: &str, requester: &str) -> build::Demand {
+    build::Demand {
+        drv: drv.to_owned(),
+        step: build::StepInfo {
+            system: nixspace_nix_tools::current_system(),
+            features: vec![],
+            input_drvs: vec![],
+        },
+        requester: requester.to_owned(),
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+}
+
 /// Demand `steps` independent steps and wait until every one is reported built.
 async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<Duration> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
-    let system = nixspace_nix_tools::current_system();
     let prefix = format!("/nix/store/{run:08}");
+    let requester = format!("bench-dispatch-{run}");
     let demands: Vec<build::Demand> = (0..steps)
-        .map(|i| build::Demand {
-            drv: format!("{prefix}{i:024}-sim.drv"),
-            step: build::StepInfo {
-                system: system.clone(),
-                features: vec![],
-                input_drvs: vec![],
-            },
-            requester: format!("bench-dispatch-{run}"),
-            priority: 0.into(),
-            depth: 0.into(),
-        })
+        .map(|i| sim_demand(&format!("{prefix}{i:024}-sim.drv"), &requester))
         .collect();
     let start = Instant::now();
     let built = Arc::new(Mutex::new(0usize));
@@ -184,6 +281,7 @@ struct SimWorker {
     id: String,
     slots: usize,
     samples: Arc<Mutex<Vec<Duration>>>,
+    claimed: ClaimTimes,
     ds: Option<Arc<Cap>>,
     ready: VecDeque<String>,
     /// Claims with when they were asserted.
@@ -193,11 +291,17 @@ struct SimWorker {
 }
 
 impl SimWorker {
-    fn new(id: String, slots: usize, samples: Arc<Mutex<Vec<Duration>>>) -> SimWorker {
+    fn new(
+        id: String,
+        slots: usize,
+        samples: Arc<Mutex<Vec<Duration>>>,
+        claimed: ClaimTimes,
+    ) -> SimWorker {
         SimWorker {
             id,
             slots,
             samples,
+            claimed,
             ds: None,
             ready: VecDeque::new(),
             claims: HashMap::new(),
@@ -252,7 +356,11 @@ impl SimWorker {
                 worker: self.id.clone(),
             };
             if let Some(h) = ds.assert(t, &claim) {
-                self.claims.insert(drv, (h, Instant::now()));
+                let now = Instant::now();
+                if let Ok(mut c) = self.claimed.lock() {
+                    c.entry(drv.clone()).or_insert(now);
+                }
+                self.claims.insert(drv, (h, now));
             }
         }
         let offer = build::Offer {

@@ -1,5 +1,6 @@
 //! `nixspace demo`: a whole dataspace on this machine, building a bundled example.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -69,6 +70,30 @@ pub async fn spawn_space(
     up_args: &[&str],
     children: &mut Children,
 ) -> anyhow::Result<()> {
+    spawn_up(exe, quiet, dir, up_args, children).await?;
+    for i in 1..=workers {
+        let id = format!("local-worker-{i}");
+        spawn_worker(
+            exe,
+            quiet,
+            &id,
+            jobs,
+            &[OsStr::new("--dir"), dir.as_os_str()],
+            children,
+        )?;
+    }
+    Ok(())
+}
+
+/// Start `nixspace up` in `dir` (with `up_args`) as a child process of `exe`; return once
+/// the dataspace's route files exist.
+pub async fn spawn_up(
+    exe: &Path,
+    quiet: &[&str],
+    dir: &Path,
+    up_args: &[&str],
+    children: &mut Children,
+) -> anyhow::Result<()> {
     children.0.push(
         Command::new(exe)
             .args(quiet)
@@ -79,20 +104,28 @@ pub async fn spawn_space(
             .kill_on_drop(true)
             .spawn()?,
     );
-    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await?;
-    for i in 1..=workers {
-        children.0.push(
-            Command::new(exe)
-                .args(quiet)
-                .args(["worker", "--max-jobs", &jobs.to_string(), "--id"])
-                .arg(format!("local-worker-{i}"))
-                .arg("--dir")
-                .arg(dir)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()?,
-        );
-    }
+    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await
+}
+
+/// Start `nixspace worker` named `id` with `jobs` slots and `args` (where to join, store
+/// options) as a child process of `exe`.
+pub fn spawn_worker(
+    exe: &Path,
+    quiet: &[&str],
+    id: &str,
+    jobs: u32,
+    args: &[&OsStr],
+    children: &mut Children,
+) -> anyhow::Result<()> {
+    children.0.push(
+        Command::new(exe)
+            .args(quiet)
+            .args(["worker", "--max-jobs", &jobs.to_string(), "--id", id])
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?,
+    );
     Ok(())
 }
 

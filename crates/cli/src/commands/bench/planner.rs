@@ -1,0 +1,248 @@
+//! `nixspace bench planner`: the pure schedule (no dataspace, no Nix) on large generated
+//! DAGs: how long demanding every step and then granting and finishing each takes, and how
+//! much memory the schedule needs at its peak. Each measurement runs in a fresh child
+//! process, so its peak resident set is the planner's alone.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nixspace_planner::{Effect, Schedule, StepInfo, Urgency, WorkerOffer};
+use tokio::process::Command;
+
+use super::shapes::{Dag, Shape};
+use super::{plot, succeeded, Stats};
+
+/// The planner alone on DAGs of --nodes steps: time and peak memory.
+///
+/// Every step is demanded (with its inputs and depth), then the ready steps are granted to
+/// one worker and reported built until none is left. Prints min/median/max of the time and
+/// the peak resident-set growth over --runs, each run in a fresh process.
+#[derive(Args, Debug)]
+pub struct PlannerArgs {
+    /// Sizes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+    nodes: Vec<usize>,
+    /// The DAG's shape.
+    #[arg(long, default_value = "layered")]
+    shape: Shape,
+    /// Steps per layer of the layered shape.
+    #[arg(long, default_value_t = 100)]
+    width: usize,
+    /// Repetitions.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Write an SVG of time and memory against size into DIR (bench-planner.svg).
+    #[arg(long, value_name = "DIR")]
+    plot: Option<PathBuf>,
+    /// Measure once in this process and print `<nanoseconds> <bytes> <steps>` (used by the
+    /// parent process for each run).
+    #[arg(long, hide = true)]
+    one: bool,
+}
+
+/// One measurement: time, peak resident-set growth, steps built.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    time: Duration,
+    bytes: u64,
+}
+
+/// Run `nixspace bench planner`.
+pub async fn run(args: PlannerArgs) -> anyhow::Result<ExitCode> {
+    if args.runs == 0 || args.width == 0 || args.nodes.is_empty() || args.nodes.contains(&0) {
+        anyhow::bail!("--nodes, --width and --runs must be at least 1");
+    }
+    if args.one {
+        let dag = Dag::generate(args.shape, args.nodes[0], args.width, 1);
+        let base = resident_peak_reset()?;
+        let (time, built) = planner_time(&dag);
+        let peak = peak_resident()?;
+        println!("{} {} {built}", time.as_nanos(), peak.saturating_sub(base));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let exe = std::env::current_exe()?;
+    println!(
+        "nixspace bench planner: {} DAGs (width {}), {} runs, each in a fresh process",
+        args.shape.name(),
+        args.width,
+        args.runs
+    );
+    println!(
+        "{:>8} {:>10} {:>10} {:>10} {:>12} {:>14}",
+        "nodes", "min", "median", "max", "per step", "peak RSS +"
+    );
+    let mut rows = Vec::new();
+    for &nodes in &args.nodes {
+        let mut samples = Vec::new();
+        for _ in 0..args.runs {
+            samples.push(measure_in_child(&exe, &args, nodes).await?);
+        }
+        let t = Stats::of(&samples.iter().map(|s| s.time).collect::<Vec<_>>());
+        let bytes = samples.iter().map(|s| s.bytes).max().unwrap_or(0);
+        println!(
+            "{nodes:>8} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9.2} µs {:>11.1} MiB",
+            t.min.as_secs_f64() * 1e3,
+            t.median.as_secs_f64() * 1e3,
+            t.max.as_secs_f64() * 1e3,
+            t.median.as_secs_f64() * 1e6 / nodes as f64,
+            bytes as f64 / (1 << 20) as f64
+        );
+        rows.push((
+            nodes as f64,
+            t.median.as_secs_f64() * 1e3,
+            bytes as f64 / (1 << 20) as f64,
+        ));
+    }
+    println!("(peak RSS +: the largest growth of the resident set over the runs)");
+    if let Some(dir) = &args.plot {
+        let file = dir.join("bench-planner.svg");
+        let series = [
+            plot::Series {
+                name: "median time (ms)".into(),
+                points: rows.iter().map(|r| (r.0, r.1)).collect(),
+            },
+            plot::Series {
+                name: "peak memory growth (MiB)".into(),
+                points: rows.iter().map(|r| (r.0, r.2)).collect(),
+            },
+        ];
+        let chart = plot::Chart {
+            title: format!("planner alone, {} DAG: time and memory", args.shape.name()),
+            x: "steps (N)",
+            y: "ms / MiB",
+        };
+        plot::lines(&file, &chart, &series)?;
+        println!("wrote {}", file.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn measure_in_child(
+    exe: &std::path::Path,
+    args: &PlannerArgs,
+    nodes: usize,
+) -> anyhow::Result<Sample> {
+    let out = succeeded(
+        Command::new(exe)
+            .args(["bench", "planner", "--one", "--nodes", &nodes.to_string()])
+            .args([
+                "--shape",
+                args.shape.name(),
+                "--width",
+                &args.width.to_string(),
+            ]),
+    )
+    .await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("unexpected measurement {text:?}: {e}"))?;
+    match fields.as_slice() {
+        [nanos, bytes, built] if *built == nodes as u64 + 1 => Ok(Sample {
+            time: Duration::from_nanos(*nanos),
+            bytes: *bytes,
+        }),
+        _ => anyhow::bail!("unexpected measurement {text:?} for {nodes} steps"),
+    }
+}
+
+/// Reset the kernel's record of this process's peak resident set to its current size and
+/// return that size, in bytes.
+fn resident_peak_reset() -> anyhow::Result<u64> {
+    // "5" resets the peak resident set size (VmHWM) to the current one.
+    std::fs::write("/proc/self/clear_refs", "5")
+        .map_err(|e| anyhow::anyhow!("cannot reset the peak resident set: {e}"))?;
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// The peak resident set since the last reset, in bytes.
+fn peak_resident() -> anyhow::Result<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+fn status_kib(field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/self/status"))
+}
+
+/// The planner's pure schedule on `dag` (and its root): demand every step, then repeatedly
+/// grant a ready step and report it built. Returns the time taken and how many steps were
+/// built.
+pub fn planner_time(dag: &Dag) -> (Duration, usize) {
+    let name = |i: usize| format!("/nix/store/{i:032}-n.drv");
+    let root = name(dag.steps.len());
+    let start = Instant::now();
+    let mut s = Schedule::default();
+    let system = nixspace_nix_tools::current_system();
+    s.worker_joined(
+        "w",
+        WorkerOffer {
+            systems: vec![system.clone()],
+            features: vec![],
+            speed: 1.0,
+        },
+    );
+    let mut ready = Vec::new();
+    let collect = |effects: Vec<Effect>, ready: &mut Vec<String>| {
+        ready.extend(effects.into_iter().filter_map(|e| match e {
+            Effect::Ready(drv, _, _) => Some(drv),
+            _ => None,
+        }));
+    };
+    let step = |inputs: &[usize]| StepInfo {
+        system: system.clone(),
+        features: vec![],
+        input_drvs: inputs.iter().map(|&d| name(d)).collect(),
+    };
+    let depths = dag.depths();
+    for (i, inputs) in dag.steps.iter().enumerate() {
+        let urgency = Urgency {
+            priority: 0,
+            depth: depths[i] + 1,
+        };
+        collect(s.demand(&name(i), step(inputs), urgency), &mut ready);
+    }
+    let urgency = Urgency {
+        priority: 0,
+        depth: 1,
+    };
+    collect(s.demand(&root, step(&dag.sinks()), urgency), &mut ready);
+    let mut built = 0;
+    while let Some(drv) = ready.pop() {
+        s.claim(&drv, "w");
+        collect(s.built(&drv, "w", vec![]), &mut ready);
+        built += 1;
+    }
+    (start.elapsed(), built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_planner_builds_every_step_and_the_root() {
+        for shape in [Shape::Chain, Shape::Fanout, Shape::Layered] {
+            let dag = Dag::generate(shape, 1000, 10, 3);
+            assert_eq!(planner_time(&dag).1, 1001, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn the_peak_resident_set_grows_with_an_allocation() {
+        let base = resident_peak_reset().unwrap();
+        // Filled with ones, so every page is touched; kept opaque, so it is not optimised out.
+        let block = std::hint::black_box(vec![1u8; 64 << 20]);
+        let peak = peak_resident().unwrap();
+        assert!(peak >= base + (60 << 20), "{base} → {peak}");
+        drop(std::hint::black_box(block));
+    }
+}

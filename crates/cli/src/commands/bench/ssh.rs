@@ -1,0 +1,160 @@
+//! The ssh-ng remote-builder baseline: a private `sshd` on 127.0.0.1 (a free port, a host
+//! key and a client key generated for it, root's key authorised) whose `nix-daemon --stdio`
+//! builds on this machine's store, and a `nix-build` client on a store of its own (a private
+//! mount namespace with its own `/nix`): a client sharing the builder's `/nix/store` hangs
+//! on the output lock in Nix 2.8.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+use super::super::bench_queries::kill_group;
+use super::succeeded;
+
+/// Where Debian's openssh-server puts the daemon (it is not on a normal user's PATH).
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A running private `sshd` and the files a client needs to use it as a Nix builder.
+pub struct SshBuilder {
+    sshd: Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl SshBuilder {
+    /// Generate keys and a configuration in `dir`, start `sshd` on a free port of
+    /// 127.0.0.1 and wait until it accepts connections.
+    pub async fn start(dir: &Path) -> anyhow::Result<SshBuilder> {
+        for (tool, package) in [
+            (SSHD, "openssh-server"),
+            ("/usr/bin/ssh-keygen", "openssh-client"),
+            ("/usr/bin/ssh", "openssh-client"),
+            ("/usr/bin/unshare", "util-linux"),
+        ] {
+            if !Path::new(tool).exists() {
+                anyhow::bail!(
+                    "the ssh baseline needs {tool}: install it with `apt-get install -y {package}`"
+                );
+            }
+        }
+        if !rustix::process::geteuid().is_root() {
+            anyhow::bail!(
+                "the ssh baseline needs root (sshd, and a mount namespace for the client's store)"
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let dir = std::path::absolute(dir)?;
+        for key in ["host_key", "client_key"] {
+            let _ = std::fs::remove_file(dir.join(key));
+            succeeded(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-C", key, "-f"])
+                    .arg(dir.join(key)),
+            )
+            .await?;
+        }
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let host_key = std::fs::read_to_string(dir.join("host_key.pub"))?;
+        std::fs::write(
+            dir.join("known_hosts"),
+            format!("[127.0.0.1]:{port} {}", host_key.trim()),
+        )?;
+        std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port))?;
+        // sshd refuses to start without its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").context("cannot create /run/sshd")?;
+        let log = std::fs::File::create(dir.join("sshd.log"))?;
+        let sshd = Command::new(SSHD)
+            .args(["-D", "-e", "-f"])
+            .arg(dir.join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {SSHD}"))?;
+        let mut builder = SshBuilder { sshd, dir, port };
+        builder.wait_listening(Duration::from_secs(15)).await?;
+        tracing::info!(port, "private sshd up");
+        Ok(builder)
+    }
+
+    async fn wait_listening(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            let log = || std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default();
+            if let Some(status) = self.sshd.try_wait()? {
+                anyhow::bail!("sshd exited ({status}): {}", log());
+            }
+            if start.elapsed() > limit {
+                anyhow::bail!("sshd did not listen within {limit:?}: {}", log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `nix-build FILE` in a private mount namespace with a store of its own (kept in
+    /// `<dir>/client`), building nothing itself (`--max-jobs 0`) and everything on this
+    /// sshd as an `ssh-ng://` builder of `jobs` jobs.
+    pub fn nix_build(&self, file: &Path, jobs: u32) -> anyhow::Result<Command> {
+        let client = self.dir.join("client/nix");
+        for sub in ["store", "var/nix/db"] {
+            std::fs::create_dir_all(client.join(sub))?;
+        }
+        let builders = format!(
+            "ssh-ng://root@127.0.0.1 {} {} {jobs} 1 - - -",
+            nixspace_nix_tools::current_system(),
+            self.dir.join("client_key").display()
+        );
+        let ssh_opts = format!(
+            "-p {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
+            self.port,
+            self.dir.join("known_hosts").display()
+        );
+        let mut cmd = Command::new("/usr/bin/unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
+            .arg(r#"mount --bind "$0" /nix && exec "$@""#)
+            .arg(&client)
+            .arg("nix-build")
+            .arg(file)
+            .args(["--no-out-link", "--quiet", "--max-jobs", "0", "--builders"])
+            .arg(builders)
+            .env("NIX_REMOTE", "local")
+            .env("NIX_SSHOPTS", ssh_opts);
+        Ok(cmd)
+    }
+}
+
+impl Drop for SshBuilder {
+    fn drop(&mut self) {
+        kill_group(&self.sshd);
+    }
+}
+
+/// An sshd configuration for root logins with the generated key only, on 127.0.0.1:`port`.
+/// Sessions get `NIX_REMOTE=local` (the remote `nix-daemon --stdio` opens the store itself)
+/// and this process's `NIX_CONF_DIR`, so the builder runs with the same Nix settings.
+fn sshd_config(dir: &Path, port: u16) -> String {
+    let mut env = String::from("NIX_REMOTE=local");
+    if let Some(conf) = std::env::var_os("NIX_CONF_DIR") {
+        env.push_str(&format!(" \"NIX_CONF_DIR={}\"", Path::new(&conf).display()));
+    }
+    format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+         PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n\
+         MaxStartups 100\nSetEnv {env}\n",
+        dir.join("host_key").display(),
+        dir.join("authorized_keys").display(),
+    )
+}

@@ -1,0 +1,141 @@
+//! The benchmarks run end to end on tiny inputs: every column of `bench dag` (the real
+//! `nix-build`, `nix-daemon`, a private sshd as an ssh-ng builder, nixspace with local
+//! workers, with a worker on its own store over TCP, and the translator) builds, and the
+//! planner, dataspace and dispatch benchmarks report what they promise.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{nixspace_bin, run, Finished};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Run `nixspace bench ARGS` with the test Nix configuration; fail unless it succeeds.
+fn bench(args: &[&str]) -> (Finished, tempfile::TempDir) {
+    let tmp = tempfile::Builder::new()
+        .prefix("nixspace-test-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let conf = tmp.path().join("nix-conf");
+    nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
+    let mut c = std::process::Command::new(nixspace_bin());
+    c.arg("bench")
+        .args(args)
+        .env("NIX_CONF_DIR", conf)
+        .env_remove("NIX_REMOTE")
+        .stdin(std::process::Stdio::null());
+    let out = run(c, LIMIT);
+    assert!(out.status.success(), "{out:?}");
+    (out, tmp)
+}
+
+/// The rows of `stdout` that start (after the size column) with `label`.
+fn rows<'a>(stdout: &'a str, label: &str) -> Vec<&'a str> {
+    stdout
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .split_once(' ')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(label))
+        })
+        .collect()
+}
+
+#[test]
+fn bench_dag_builds_every_shape_with_every_column_and_plots_them() {
+    let plots = tempfile::tempdir().expect("tempdir");
+    let plot_dir = plots.path().to_str().expect("utf-8");
+    let (out, _tmp) = bench(&[
+        "dag",
+        "--shapes",
+        "chain,fanout,layered",
+        "--nodes",
+        "3",
+        "--width",
+        "2",
+        "--runs",
+        "1",
+        "--workers",
+        "1",
+        "--jobs",
+        "2",
+        "--columns",
+        "local,daemon,ssh,nixspace,own-store,translator",
+        "--plot",
+        plot_dir,
+    ]);
+    for label in [
+        "(a) nix-build local",
+        "(a') nix-build via nix-daemon",
+        "(b) nix-build, ssh-ng builder",
+        "(c) nixspace build",
+        "(c') nixspace, own-store worker/TCP",
+        "(d) nix-build via translator",
+    ] {
+        assert_eq!(
+            rows(&out.stdout, label).len(),
+            3,
+            "{label} once per shape: {out:?}"
+        );
+    }
+    // The (a) row is its own baseline.
+    assert!(
+        rows(&out.stdout, "(a) nix-build local")
+            .iter()
+            .all(|r| r.ends_with("1.00x")),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains("goal (c') ≥ 15x faster per derivation than (b)"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout.contains("dispatch latency of (c)/(d)"),
+        "{out:?}"
+    );
+    for shape in ["chain", "fanout", "layered"] {
+        let svg = std::fs::read_to_string(plots.path().join(format!("bench-dag-{shape}.svg")))
+            .expect("plot written");
+        assert!(
+            svg.contains("(b) nix-build, ssh-ng builder") && svg.contains(shape),
+            "{shape}"
+        );
+    }
+}
+
+#[test]
+fn bench_planner_reports_time_and_memory_per_size() {
+    let (out, _tmp) = bench(&["planner", "--nodes", "1000,5000", "--runs", "2"]);
+    for n in ["1000", "5000"] {
+        let row = out
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(n))
+            .unwrap_or_else(|| panic!("no row for {n}: {out:?}"));
+        assert!(row.ends_with("MiB"), "{row}");
+    }
+}
+
+#[test]
+fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
+    let (out, _tmp) = bench(&["dataspace", "--count", "500", "--runs", "2"]);
+    assert!(out.stdout.contains("\nin process "), "{out:?}");
+    assert!(
+        out.stdout.contains("\nunix socket (nixspace up) "),
+        "{out:?}"
+    );
+    let (out, _tmp) = bench(&[
+        "dispatch",
+        "--steps",
+        "50",
+        "--runs",
+        "1",
+        "--latency-steps",
+        "10",
+    ]);
+    for row in ["demand → claim", "claim → built", "demand → built"] {
+        assert!(out.stdout.contains(row), "{row}: {out:?}");
+    }
+}
