@@ -153,6 +153,10 @@ struct Step {
     steal_offer: Option<String>,
     /// The worker duplicating the step's build.
     thief: Option<String>,
+    /// How many of `info.input_drvs`, from the first, are known built (or not demanded):
+    /// settling resumes there, so a step with many inputs is not rescanned from the start
+    /// each time one of them is built. Reset when an input stops being built.
+    inputs_built: usize,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -253,11 +257,13 @@ impl Schedule {
                 assigned_at: None,
                 steal_offer: None,
                 thief: None,
+                inputs_built: 0,
             },
         );
         // Dependents that were ready because this input was not demanded
         // (and so taken to be valid) must wait for it after all.
         for dependent in self.dependents_of(drv) {
+            self.input_unbuilt(&dependent);
             if self.state(&dependent) == Some(&StepState::Ready) {
                 self.leave_ready(&dependent, StepState::Waiting, &mut effects);
             }
@@ -387,8 +393,10 @@ impl Schedule {
         step.state = StepState::Waiting;
         step.attempts = 0;
         step.transient_reasons.clear();
+        step.inputs_built = 0;
         effects.push(Effect::Forget(drv.clone()));
         for dependent in self.dependents_of(&drv) {
+            self.input_unbuilt(&dependent);
             match self.state(&dependent) {
                 Some(StepState::Ready) => {
                     self.leave_ready(&dependent, StepState::Waiting, &mut effects)
@@ -529,19 +537,38 @@ impl Schedule {
         if step.state != StepState::Waiting {
             return;
         }
-        let mut all_built = true;
+        // Inputs only become built (see `input_unbuilt` for the exceptions), so the scan
+        // resumes where the last one stopped. A failed input found on the way fails the step;
+        // one failing later fails it through `fail_for_good`.
+        let inputs = &step.info.input_drvs;
+        let mut built = step.inputs_built;
         let mut failed_input = None;
-        for input in &step.info.input_drvs {
+        while let Some(input) = inputs.get(built) {
             match self.steps.get(input).map(|s| &s.state) {
-                None | Some(StepState::Built { .. }) => {}
-                Some(StepState::Failed { .. }) => failed_input = Some(input.clone()),
-                Some(_) => all_built = false,
+                None | Some(StepState::Built { .. }) => built += 1,
+                Some(StepState::Failed { .. }) => {
+                    failed_input = Some(input.clone());
+                    break;
+                }
+                Some(_) => break,
             }
+        }
+        let all_built = built == inputs.len();
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.inputs_built = built;
         }
         if let Some(input) = failed_input {
             self.fail_for_good(drv, "", format!("dependency {input} failed"), effects);
         } else if all_built {
             self.enter_ready(drv, effects);
+        }
+    }
+
+    /// An input of `drv` is no longer built (demanded late, or its outputs lost): settling
+    /// `drv` scans its inputs from the first again.
+    fn input_unbuilt(&mut self, drv: &str) {
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.inputs_built = 0;
         }
     }
 
