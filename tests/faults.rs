@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nixspace_space::{Role, Route, Transport};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::{run, step_binding, Running, Space};
+use support::proxy::CuttingProxy;
+use support::{in_other_store, run, step_binding, Running, Space};
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -88,8 +90,9 @@ fn layered_dag(steps: usize, width: usize, rng: &mut StdRng) -> BTreeMap<String,
     deps
 }
 
-/// The Nix file of `dag`: each builder appends `start NAME` to `runs`, sleeps, writes its
-/// name and its inputs' paths to `$out`, then appends `done NAME`.
+/// The Nix file of `dag`: each builder appends `start NAME MS` to `runs` (MS: the time in
+/// milliseconds since the epoch), sleeps, writes its name and its inputs' paths to `$out`,
+/// then appends `done NAME MS`.
 fn dag_file(
     space: &Space,
     dag: &BTreeMap<String, Vec<String>>,
@@ -100,10 +103,10 @@ fn dag_file(
         "name: deps",
         "",
         &format!(
-            "echo start ${{name}} >> {runs}
+            "echo start ${{name}} $(/bin/date +%s%3N) >> {runs}
       /bin/sleep {sleep}
       echo ${{name}} $deps > $out
-      echo done ${{name}} >> {runs}",
+      echo done ${{name}} $(/bin/date +%s%3N) >> {runs}",
             runs = runs.display()
         ),
     );
@@ -115,42 +118,86 @@ fn dag_file(
     space.nix_file("soak.nix", &format!("let\n{binding}{steps}in\nroot\n"))
 }
 
+/// How long after its builder finished a killed worker may still have been registering
+/// the output (so a rerun after that is a retry, not a rebuild).
+const REGISTERING: u64 = 2000;
+
 /// What the builders' start and done markers say.
 #[derive(Debug, Default)]
 struct Runs {
     /// Steps whose builder finished at least once.
     done: BTreeSet<String>,
-    /// Builder runs that did not finish (killed) and were run again: retries.
+    /// Builder runs that did not finish (killed) and were run again, or finished just
+    /// before their worker was killed (output not registered yet): retries.
     retries: usize,
-    /// Builder runs of a step that had finished already: defects.
+    /// Builder runs of a step that had finished already, no kill explaining it: defects.
     rebuilt: Vec<String>,
 }
 
-fn read_runs(runs: &Path) -> Runs {
+/// Classify the builder runs in `runs`, given the times (ms since the epoch) workers were
+/// killed.
+fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
     let text = std::fs::read_to_string(runs).unwrap_or_default();
     let mut r = Runs::default();
-    let mut started: BTreeMap<&str, usize> = BTreeMap::new();
+    // Per step: the time its builder last finished, if it did.
+    let mut finished: BTreeMap<String, u64> = BTreeMap::new();
+    let mut started: BTreeSet<String> = BTreeSet::new();
     for line in text.lines() {
-        match line.split_once(' ') {
-            Some(("start", name)) => {
-                if r.done.contains(name) {
-                    r.rebuilt.push(name.to_owned());
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [what, name, at] = fields[..] else {
+            panic!("unexpected line in the runs file: {line:?}");
+        };
+        let at: u64 = at.parse().expect("a time");
+        match what {
+            "start" => {
+                if let Some(done) = finished.remove(name) {
+                    if kills.iter().any(|k| (done..done + REGISTERING).contains(k)) {
+                        r.retries += 1;
+                    } else {
+                        r.rebuilt.push(name.to_owned());
+                    }
+                } else if !started.insert(name.to_owned()) {
+                    r.retries += 1;
                 }
-                *started.entry(name).or_default() += 1;
             }
-            Some(("done", name)) => {
-                if !r.done.insert(name.to_owned()) {
-                    r.rebuilt.push(name.to_owned());
-                }
+            "done" => {
+                r.done.insert(name.to_owned());
+                finished.insert(name.to_owned(), at);
             }
             _ => panic!("unexpected line in the runs file: {line:?}"),
         }
     }
-    r.retries = started
-        .iter()
-        .map(|(name, n)| n - usize::from(r.done.contains(*name)).min(*n))
-        .sum();
     r
+}
+
+/// Milliseconds since the epoch.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Steps the planner recorded built more than once (`nixspace history`): a worker reports
+/// an outcome again when the coordinator restarted before withdrawing the step (no builder
+/// runs for that; the runs file counts those).
+fn recorded_built_twice(space: &Space) -> Vec<String> {
+    let history = run(
+        space.command(&["history", "--json"]),
+        Duration::from_secs(60),
+    );
+    assert!(history.status.success(), "{history:?}");
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).expect("history JSON");
+    steps
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter(|s| {
+            s["attempts"]
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|a| a["outcome"] == "built").count() > 1)
+        })
+        .map(|s| s["drv"].as_str().unwrap_or_default().to_owned())
+        .collect()
 }
 
 /// Check every output in the closure of `root_out`: one per step of `dag`, each naming its
@@ -204,7 +251,8 @@ fn soak() {
 
     let started = Instant::now();
     let mut client = Running::new(space.spawn_build(&file));
-    let (mut worker_kills, mut up_kills) = (0usize, 0usize);
+    let mut up_kills = 0usize;
+    let mut worker_kills: Vec<u64> = Vec::new();
     let mut lives: BTreeMap<String, usize> = workers.iter().map(|w| (w.clone(), 1)).collect();
     let mut next_fault = Instant::now() + soak.fault_period;
     while !client.exited() {
@@ -213,7 +261,7 @@ fn soak() {
             "the soak did not finish in {:?}",
             soak.limit
         );
-        let done = read_runs(&runs).done.len() as f64 / soak.steps as f64;
+        let done = read_runs(&runs, &worker_kills).done.len() as f64 / soak.steps as f64;
         if soak.up_kills_at.get(up_kills).is_some_and(|at| done >= *at) {
             space.kill_up();
             up_kills += 1;
@@ -227,8 +275,8 @@ fn soak() {
         }
         if Instant::now() >= next_fault {
             let victim = &workers[rng.gen_range(0..workers.len())];
+            worker_kills.push(epoch_ms());
             space.kill_worker(victim);
-            worker_kills += 1;
             std::thread::sleep(Duration::from_millis(300));
             let life = lives.get_mut(victim).expect("a worker");
             *life += 1;
@@ -243,7 +291,8 @@ fn soak() {
     let root_out = built.stdout.trim();
     check_outputs(&space, root_out, &dag);
 
-    let runs = read_runs(&runs);
+    let runs = read_runs(&runs, &worker_kills);
+    let built_twice = recorded_built_twice(&space);
     let planner_retries: usize = std::iter::once("up".to_owned())
         .chain((2..=up_kills + 1).map(|i| format!("up-{i}")))
         .map(|log| {
@@ -254,13 +303,16 @@ fn soak() {
         })
         .sum();
     eprintln!(
-        "soak: {} steps, {} workers: {worker_kills} worker kills, {up_kills} coordinator kills, \
-         {} builder runs retried (planner retries: {planner_retries}), {} extra builds, {:.1} s",
+        "soak: {} steps, {} workers: {} worker kills, {up_kills} coordinator kills, \
+         {} builder runs retried (planner retries: {planner_retries}), {} extra builds, {:.1} s; \
+         {} outcomes reported again after a coordinator restart",
         soak.steps,
         soak.workers,
+        worker_kills.len(),
         runs.retries,
         runs.rebuilt.len(),
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        built_twice.len()
     );
     assert_eq!(runs.done.len(), soak.steps, "every step's builder finished");
     assert!(
@@ -274,7 +326,125 @@ fn soak() {
         "every coordinator kill happened"
     );
     assert!(
-        worker_kills >= 2,
-        "only {worker_kills} worker kills: the build was too short"
+        worker_kills.len() >= 2,
+        "only {} worker kills: the build was too short",
+        worker_kills.len()
     );
+}
+
+/// Bytes of random data in the input that crosses the cut connection.
+const BIG: usize = 8 << 20;
+
+/// `route` with its TCP transport only, pointed at `proxy` instead.
+fn through(route: &Route, proxy: &CuttingProxy) -> Route {
+    assert!(
+        route
+            .transports
+            .iter()
+            .any(|t| matches!(t, Transport::Tcp(..))),
+        "up listens on TCP: {:?}",
+        route.transports
+    );
+    Route {
+        transports: vec![Transport::Tcp("127.0.0.1".to_owned(), proxy.addr().port())],
+        sturdy_ref: route.sturdy_ref.clone(),
+    }
+}
+
+fn tcp_address(route: &Route) -> std::net::SocketAddr {
+    route
+        .transports
+        .iter()
+        .find_map(|t| match t {
+            Transport::Tcp(host, port) => format!("{host}:{port}").parse().ok(),
+            Transport::Unix(_) => None,
+        })
+        .expect("a TCP transport")
+}
+
+#[test]
+fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() {
+    let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
+    let worker_route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    // Cut the first connection once 3 MiB went to the worker: in the middle of the NAR.
+    let proxy = CuttingProxy::start(tcp_address(&worker_route), 3 << 20);
+    let proxied = space.tmp.path().join("proxied-worker.route");
+    through(&worker_route, &proxy)
+        .write(&proxied)
+        .expect("write route");
+    let (s1, s2) = (space.tmp.path().join("s1"), space.tmp.path().join("s2"));
+    let own = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    space.worker("w1", &["--features", "fa", "--own-store", &own(&s1)]);
+    let route_arg = own(&proxied);
+    space.worker(
+        "w2",
+        &[
+            "--features",
+            "fb",
+            "--own-store",
+            &own(&s2),
+            "--route",
+            &route_arg,
+        ],
+    );
+    // `big` (random, built by w1) is read by `sum` (built by w2, through the proxy).
+    let binding = step_binding(
+        "name: features: script: deps",
+        "requiredSystemFeatures = features;",
+        "${script} > $out",
+    );
+    let file = space.nix_file(
+        "cut.nix",
+        &format!(
+            "let\n{binding}  big = step \"big\" [ \"fa\" ] \"/usr/bin/head -c {BIG} /dev/urandom\" [ ];\n\
+             in\nstep \"sum\" [ \"fb\" ] \"/usr/bin/sha256sum $deps\" [ big ]\n"
+        ),
+    );
+    let started = Instant::now();
+    let built = space.build(&file, Duration::from_secs(180));
+    assert!(built.status.success(), "{built:?}");
+    let stats = proxy.stats();
+    eprintln!(
+        "cut transfer: {stats:?}, build {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(stats.cuts, 1, "{stats:?}");
+    assert!(stats.connections >= 2, "the worker came back: {stats:?}");
+
+    // The sum w2 computed is that of the data w1 made: the transfer was complete and right.
+    let sum = std::fs::read_to_string(built.stdout.trim()).expect("sum output");
+    let (digest, big) = sum.split_once("  ").expect("sha256sum output");
+    let mut check = std::process::Command::new("/usr/bin/sha256sum");
+    check.arg(big.trim());
+    let check = run(check, Duration::from_secs(30));
+    assert!(check.stdout.starts_with(digest), "{sum} vs {check:?}");
+    assert_eq!(
+        std::fs::metadata(big.trim()).expect("big").len(),
+        BIG as u64
+    );
+
+    // The cut landed in the middle of the NAR, and w2 fetched it again afterwards.
+    let log = space.log("w2");
+    let fetch_lines: Vec<&str> = log.lines().filter(|l| l.contains("-big")).collect();
+    let failed = fetch_lines.iter().position(|l| l.contains("fetch failed"));
+    let fetched = fetch_lines.iter().rposition(|l| l.contains("fetched"));
+    assert!(
+        matches!((failed, fetched), (Some(f), Some(g)) if f < g),
+        "expected a failed fetch of big, then a good one:\n{log}"
+    );
+    // In w2's store every valid path has the contents its hash says (so nothing half
+    // written was registered), and big is valid.
+    let verify = run(
+        in_other_store(
+            &space,
+            &s2,
+            &format!(
+                "nix-store --verify --check-contents && nix-store --check-validity {}",
+                big.trim()
+            ),
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(verify.status.success(), "{verify:?}");
+    assert!(!verify.stderr.contains("error"), "{verify:?}");
 }

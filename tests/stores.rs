@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{
-    command_lines_with, counted_referring_script, nonce, run, step_binding, wait_output,
-    KillOnDrop, Space,
+    command_lines_with, counted_referring_script, in_other_store, nonce, run, step_binding,
+    wait_output, KillOnDrop, Space,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -311,21 +311,6 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
     let mut verify = space.nix("nix-store", None);
     verify.args(["--verify-path", &top]);
     assert!(run(verify, LIMIT).status.success());
-}
-
-/// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
-/// Nix store of its own, as on another machine.
-fn in_other_store(space: &Space, store: &Path, script: &str) -> std::process::Command {
-    for sub in ["nix/store", "nix/var/nix/db"] {
-        std::fs::create_dir_all(store.join(sub)).unwrap();
-    }
-    let mut c = space.nix("unshare", None);
-    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-        .arg(format!(
-            "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
-            store.display()
-        ));
-    c
 }
 
 #[test]

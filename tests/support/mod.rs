@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod dataspace;
+pub mod proxy;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -539,4 +540,19 @@ pub fn counted_referring_script(runs: &Path) -> String {
         "echo ${{name}} >> {}; echo ${{name}} $deps > $out",
         runs.display()
     )
+}
+
+/// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
+/// Nix store of its own, as on another machine.
+pub fn in_other_store(space: &Space, store: &Path, script: &str) -> Command {
+    for sub in ["nix/store", "nix/var/nix/db"] {
+        std::fs::create_dir_all(store.join(sub)).expect("store directories");
+    }
+    let mut c = space.nix("unshare", None);
+    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+        .arg(format!(
+            "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
+            store.display()
+        ));
+    c
 }

@@ -15,11 +15,11 @@ use nixspace_protocol::on_retraction;
 use nixspace_protocol::store::{self, NarReply};
 use preserves_schema::Parse;
 use syndicate::actor::{
-    Account, Activation, ActorResult, AnyValue, Cap, Entity, FacetId, FacetRef,
+    Account, Activation, ActorResult, AnyValue, Cap, Entity, ExitStatus, FacetId, FacetRef,
 };
 use syndicate::enclose;
 use syndicate_macros::during;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::nar_stream::NarReceiver;
 use crate::path_info::from_wire;
@@ -48,6 +48,9 @@ pub enum FetchError {
     /// The node is not attached to a dataspace (yet, or any more).
     #[error("not connected to a dataspace")]
     Detached,
+    /// The connection to the dataspace dropped while fetching.
+    #[error("the connection to the dataspace was lost while fetching {0}")]
+    LinkLost(String),
     /// Nobody answered the want.
     #[error("no store in the dataspace has {0} (waited {WANT_PATIENCE:?})")]
     Nowhere(String),
@@ -88,7 +91,33 @@ struct Inner {
 struct Link {
     ds: Arc<Cap>,
     facet: FacetRef,
+    /// Turns true when the actor holding the connection ends (the connection dropped).
+    lost: watch::Receiver<bool>,
 }
+
+impl Link {
+    fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves once the connection is gone.
+    async fn until_lost(&self) {
+        let mut lost = self.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+}
+
+/// Tells a [`Link`] that its actor ended: an exit hook runs however the actor ends.
+struct LinkWatch(watch::Sender<bool>);
+
+impl Entity<()> for LinkWatch {
+    fn exit_hook(&mut self, _t: &mut Activation, _status: &Arc<ExitStatus>) {
+        self.0.send_replace(true);
+    }
+}
+
+/// How many times a fetch cut by a lost connection is tried again on the next one.
+const RELINK_TRIES: usize = 3;
 
 impl std::fmt::Debug for StoreNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,10 +170,14 @@ impl StoreNode {
     /// Serve this store on `ds` from the current facet, and fetch through it from now on
     /// (call again after rejoining a dataspace).
     pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>) {
+        let (lost_tx, lost) = watch::channel(false);
+        let watch = t.create_ref(LinkWatch(lost_tx));
+        t.add_exit_hook(&watch);
         if let Ok(mut link) = self.inner.link.lock() {
             *link = Some(Link {
                 ds: Arc::clone(&ds),
                 facet: t.facet_ref(),
+                lost,
             });
         }
         let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
@@ -268,7 +301,7 @@ impl Inner {
             Err(_) => Arc::new(OnceCell::new()),
         };
         let result = cell
-            .get_or_init(|| self.fetch_within(path, Patience::Anyone))
+            .get_or_init(|| self.fetch_across_reconnections(path))
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {
@@ -277,6 +310,36 @@ impl Inner {
             }
         }
         result
+    }
+
+    /// Fetch `path`; when the connection drops mid-fetch, fetch it again over the next one.
+    async fn fetch_across_reconnections(
+        self: &Arc<Self>,
+        path: &StorePath,
+    ) -> Result<(), FetchError> {
+        let mut tries = 1;
+        loop {
+            match self.fetch_within(path, Patience::Anyone).await {
+                Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
+                    tries += 1;
+                    tracing::warn!(path = %printed, "connection lost while fetching; fetching again once rejoined");
+                    self.relinked().await?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Wait (up to [`WANT_PATIENCE`]) until the node is attached to a live connection.
+    async fn relinked(&self) -> Result<(), FetchError> {
+        let deadline = tokio::time::Instant::now() + WANT_PATIENCE;
+        while self.link().map_or(true, |l| l.is_lost()) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FetchError::Detached);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 
     /// Want `path`, then copy it from the first store that has it and sends a good copy.
@@ -322,6 +385,7 @@ impl Inner {
                 loop {
                     tokio::select! {
                         offer = offers.recv() => return offer,
+                        () = link.until_lost() => return None,
                         Some(store) = missing.recv() => {
                             lacking.remove(&store);
                             // Every substituter asked said it lacks the path.
@@ -353,6 +417,9 @@ impl Inner {
             }
         }
         drop(want);
+        if link.is_lost() {
+            return Err(FetchError::LinkLost(printed));
+        }
         if reasons.is_empty() {
             Err(FetchError::Nowhere(printed))
         } else {
@@ -385,6 +452,20 @@ impl Inner {
             .await
             .map_err(|e| format!("its references: {e}"))?;
         let (tx, replies) = mpsc::unbounded_channel();
+        // A stream cut by a lost connection ends at once in an error (so the daemon
+        // registers nothing), instead of after the idle timeout.
+        let cut = tx.clone();
+        let on_loss = link.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = on_loss.until_lost() => {
+                    let _ = cut.send(NarReply::Error {
+                        reason: "the connection to the dataspace was lost".to_owned(),
+                    });
+                }
+                () = cut.closed() => {}
+            }
+        });
         let _request = ChildFacet::start(link, |t| {
             let sink = t.create_cap(NarSink(tx));
             link.ds.assert(
