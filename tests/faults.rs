@@ -10,11 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nixspace_protocol::build;
 use nixspace_space::{Role, Route, Transport};
+use preserves_schema::Unparse;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::dataspace::Session;
 use support::proxy::CuttingProxy;
-use support::{in_other_store, run, step_binding, Running, Space};
+use support::{in_other_store, proc_status_kib, run, step_binding, Running, Space};
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -447,4 +450,141 @@ fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() 
     );
     assert!(verify.status.success(), "{verify:?}");
     assert!(!verify.stderr.contains("error"), "{verify:?}");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering() {
+    const CAP: usize = 1_000;
+    const FLOOD: usize = 100_000;
+    let space = Space::start_with(&["--max-demands-per-client", &CAP.to_string()]);
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    let demands: Vec<syndicate::actor::AnyValue> = (0..FLOOD)
+        .map(|i| {
+            build::Demand {
+                drv: format!("/nix/store/{i:032}-flood.drv"),
+                step: build::StepInfo {
+                    system: "test-system".to_owned(),
+                    features: vec![],
+                    input_drvs: vec![],
+                },
+                requester: "flooder".to_owned(),
+                priority: 0.into(),
+                depth: 0.into(),
+            }
+            .unparse()
+        })
+        .collect();
+    let started = Instant::now();
+    runtime().block_on(async {
+        let flood = Session::join_within(&route, demands, Duration::from_secs(120))
+            .await
+            .expect("join with the flood");
+        eprintln!(
+            "flood: {FLOOD} demands taken or refused in {:?}",
+            started.elapsed()
+        );
+        // The flooder is told, in words.
+        let refusals = flood.with_label("demands-refused");
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        let text = support::dataspace::text(&refusals[0]);
+        assert!(text.contains("\"flooder\""), "{text}");
+        assert!(text.contains(&format!("at most {CAP}")), "{text}");
+        // The coordinator kept the first CAP demands only, and still answers.
+        space.wait_for_status("the capped flood, each step unschedulable", |r| {
+            r["demands"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["steps"] == CAP))
+                && r["unschedulable"].as_object().map(|u| u.len()) == Some(CAP)
+        });
+        let rss = proc_status_kib(space.up_pid(), "VmHWM");
+        eprintln!("flood: peak RSS of nixspace up {} MiB", rss / 1024);
+        assert!(rss < 512 * 1024, "nixspace up peaked at {rss} KiB");
+        // Leaving withdraws the demands and the refusal.
+        flood.leave();
+        space.wait_for_status("the flood withdrawn", |r| {
+            r["demands"].as_array().is_some_and(|d| d.is_empty())
+        });
+    });
+    space.wait_for_log(
+        "up",
+        "refused demands over the per-connection cap",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn a_frontend_over_the_demand_cap_fails_with_a_clear_error() {
+    let space = Space::start_with(&["--max-demands-per-client", "3"]);
+    let binding = step_binding("name: deps", "", "echo ${name} $deps > $out");
+    let file = space.nix_file(
+        "five.nix",
+        &format!(
+            "let\n{binding}  a = step \"a\" [ ];\n  b = step \"b\" [ a ];\n  \
+             c = step \"c\" [ b ];\n  d = step \"d\" [ c ];\nin\nstep \"e\" [ d ]\n"
+        ),
+    );
+    let built = space.build(&file, Duration::from_secs(60));
+    assert!(!built.status.success(), "{built:?}");
+    assert!(
+        built.stderr.contains("too many demands on one connection")
+            && built.stderr.contains("at most 3"),
+        "{built:?}"
+    );
+    let status = space.status();
+    assert!(status["workers"].is_array(), "{status}");
+}
+
+#[test]
+fn a_huge_build_log_is_truncated_and_the_coordinator_stays_up() {
+    const LOG: u64 = 200 << 20;
+    const CAP: u64 = 1 << 20;
+    let mut space = Space::start();
+    space.worker("w1", &["--max-log-bytes", &CAP.to_string()]);
+    // 200 MiB of log in lines of 1 KiB.
+    let file = space.sh_derivation(
+        "spew.nix",
+        &format!("spew-{}", support::nonce()),
+        &format!(
+            "/usr/bin/yes $(/usr/bin/printf %01023d 0) | /usr/bin/head -c {LOG}; echo spewed > $out"
+        ),
+    );
+    let started = Instant::now();
+    let built = space.build_with(&file, &["-L"], Duration::from_secs(300));
+    assert!(built.status.success(), "{built:?}");
+    let shown: usize = built
+        .stderr
+        .lines()
+        .filter(|l| l.contains("> 00000000"))
+        .count();
+    eprintln!(
+        "spew: {} MiB of log, {shown} lines shown, {:.1} s",
+        LOG >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        built
+            .stderr
+            .contains(&format!("log truncated after {CAP} bytes")),
+        "no truncation notice: {}",
+        built
+            .stderr
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(shown as u64, CAP / 1024, "lines shown");
+    assert!(space.up_is_running(), "nixspace up died");
+    let rss = proc_status_kib(space.up_pid(), "VmHWM");
+    eprintln!("spew: peak RSS of nixspace up {} MiB", rss / 1024);
+    assert!(rss < 256 * 1024, "nixspace up peaked at {rss} KiB");
+    assert!(space.status()["workers"].is_array());
 }

@@ -58,6 +58,8 @@ pub struct BuilderConfig {
     /// Build through the Nix daemon listening on this socket instead of
     /// private `nix-daemon --stdio` children on the local store.
     pub daemon_socket: Option<PathBuf>,
+    /// The most log bytes one build sends to the dataspace; the rest is dropped.
+    pub max_log_bytes: u64,
 }
 
 impl BuilderConfig {

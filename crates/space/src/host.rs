@@ -26,6 +26,7 @@ use syndicate_macros::{during, on_message};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
 use crate::doorman::{brief, Doorman, KeyRing};
+use crate::limits::Limits;
 use crate::policy::role_caveats;
 use crate::route::{Role, Route, RouteError, Transport};
 
@@ -38,6 +39,8 @@ pub struct HostConfig {
     pub socket: PathBuf,
     /// Optional TCP address (use 127.0.0.1; port 0 picks a free port).
     pub tcp: Option<SocketAddr>,
+    /// What each connection may hold in the dataspace.
+    pub limits: Limits,
 }
 
 /// Failures while starting a host.
@@ -317,6 +320,8 @@ impl HostedSpace {
         let front = Front {
             gatekeeper,
             keys: keys.ring(),
+            dataspace: Arc::clone(&dataspace),
+            limits: config.limits,
         };
         serve(t, "unix", unix, front.clone());
         if let Some((tcp, _)) = tcp {
@@ -383,6 +388,8 @@ fn log_refusals(t: &mut Activation, dataspace: &Arc<Cap>) {
 struct Front {
     gatekeeper: Arc<Cap>,
     keys: KeyRing,
+    dataspace: Arc<Cap>,
+    limits: Limits,
 }
 
 /// Accept connections forever, each served by its own relay actor whose
@@ -403,7 +410,13 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
             let front = front.clone();
             let alive = facet.activate(&account, None, move |t| {
                 t.spawn(Some(AnyValue::new(format!("{kind} {peer}"))), move |t| {
-                    let doorman = Doorman::new(front.gatekeeper, front.keys, peer);
+                    let doorman = Doorman::new(
+                        front.gatekeeper,
+                        front.keys,
+                        front.dataspace,
+                        front.limits,
+                        peer,
+                    );
                     let doorman = Cap::new(&t.create_ref(doorman));
                     let facet = t.facet_ref();
                     t.linked_task(None, async move {

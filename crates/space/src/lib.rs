@@ -12,10 +12,12 @@
 pub mod doorman;
 pub mod host;
 pub mod join;
+pub mod limits;
 pub mod policy;
 pub mod route;
 pub mod runtime_dir;
 
 pub use host::{HostConfig, HostedSpace};
 pub use join::{Backoff, JoinError, SessionEvent};
+pub use limits::Limits;
 pub use route::{Role, Route, RouteError, Transport};

@@ -72,6 +72,11 @@ pub struct UpArgs {
     /// Nix clients build on this dataspace with NIX_REMOTE=unix://PATH.
     #[arg(long, value_name = "PATH")]
     translator: Option<PathBuf>,
+
+    /// The most demands one frontend connection may hold at once; further demands are
+    /// refused and the frontend is told so (it fails with that reason).
+    #[arg(long, default_value_t = nixspace_space::limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
+    max_demands_per_client: usize,
 }
 
 /// What hosting a dataspace takes (shared by `up` and `daemon`).
@@ -169,6 +174,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             dir,
             socket: socket.clone(),
             tcp: args.tcp,
+            limits: nixspace_space::Limits {
+                max_demands: args.max_demands_per_client,
+            },
         },
         history: Some(history),
         planner,

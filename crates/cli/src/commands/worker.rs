@@ -59,6 +59,11 @@ pub struct WorkerArgs {
     /// them.
     #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
     own_store: Option<PathBuf>,
+
+    /// The most bytes of log one build sends to the dataspace; the rest is
+    /// dropped, with a line saying the log was truncated.
+    #[arg(long, default_value_t = nixspace_workers::DEFAULT_MAX_LOG_BYTES, value_name = "BYTES")]
+    max_log_bytes: u64,
 }
 
 impl WorkerArgs {
@@ -84,6 +89,7 @@ pub fn local_builder() -> BuilderConfig {
         max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         speed: 1.0,
         daemon_socket: None,
+        max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
     }
 }
 
@@ -114,7 +120,7 @@ impl JoinedWorker {
         );
         let handle = Arc::new(Mutex::new(None));
         // Builds outlive a connection: a restarted dataspace gets their outcomes.
-        let builds = nixspace_workers::Builds::default();
+        let builds = nixspace_workers::Builds::with_log_limit(config.max_log_bytes);
         let body = enclose!((handle) move |t: &mut Activation, ds| {
             let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone())?;
             if let Ok(mut h) = handle.lock() {
@@ -184,6 +190,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.speed = args.speed;
     config.daemon_socket = args.daemon_socket;
+    config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
     let mut worker = JoinedWorker::join(route, config);
     let id = worker.id.clone();
