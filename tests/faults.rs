@@ -412,6 +412,14 @@ fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() 
         started.elapsed().as_secs_f64()
     );
     assert_eq!(stats.cuts, 1, "{stats:?}");
+    // Fetched again over the new connection at once: not after a fetch's patience (30 s) or
+    // a stream's idle timeout (60 s), nor by the planner retrying the whole step.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        started.elapsed()
+    );
+    space.wait_for_log("w2", "fetching again once rejoined", Duration::from_secs(1));
     assert!(stats.connections >= 2, "the worker came back: {stats:?}");
 
     // The sum w2 computed is that of the data w1 made: the transfer was complete and right.

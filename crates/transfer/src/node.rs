@@ -168,8 +168,13 @@ impl StoreNode {
     }
 
     /// Serve this store on `ds` from the current facet, and fetch through it from now on
-    /// (call again after rejoining a dataspace).
+    /// (call again after rejoining a dataspace: fetches cut by the lost connection are
+    /// tried again on the new one).
     pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>) {
+        // Substituters are learnt anew on this connection.
+        if let Ok(mut s) = self.inner.substituters.lock() {
+            s.clear();
+        }
         let (lost_tx, lost) = watch::channel(false);
         let watch = t.create_ref(LinkWatch(lost_tx));
         t.add_exit_hook(&watch);

@@ -121,8 +121,10 @@ impl JoinedWorker {
         let handle = Arc::new(Mutex::new(None));
         // Builds outlive a connection: a restarted dataspace gets their outcomes.
         let builds = nixspace_workers::Builds::with_log_limit(config.max_log_bytes);
+        // So does the store: a fetch cut by a lost connection resumes on the next one.
+        let store = config.store();
         let body = enclose!((handle) move |t: &mut Activation, ds| {
-            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone())?;
+            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone(), store.clone())?;
             if let Ok(mut h) = handle.lock() {
                 *h = Some((t.facet_ref(), builder));
             }
