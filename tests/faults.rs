@@ -122,7 +122,7 @@ fn dag_file(
 }
 
 /// How long after its builder finished a killed worker may still have been registering
-/// the output (so a rerun after that is a retry, not a rebuild).
+/// the output (so a rerun after a kill that soon is a retry, not a rebuild).
 const REGISTERING: u64 = 2000;
 
 /// What the builders' start and done markers say.
@@ -130,8 +130,8 @@ const REGISTERING: u64 = 2000;
 struct Runs {
     /// Steps whose builder finished at least once.
     done: BTreeSet<String>,
-    /// Builder runs that did not finish (killed) and were run again, or finished just
-    /// before their worker was killed (output not registered yet): retries.
+    /// Builder runs that did not finish (killed) and were run again, or whose worker was
+    /// killed while they ran or just after (output not registered yet): retries.
     retries: usize,
     /// Builder runs of a step that had finished already, no kill explaining it: defects.
     rebuilt: Vec<String>,
@@ -142,9 +142,9 @@ struct Runs {
 fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
     let text = std::fs::read_to_string(runs).unwrap_or_default();
     let mut r = Runs::default();
-    // Per step: the time its builder last finished, if it did.
-    let mut finished: BTreeMap<String, u64> = BTreeMap::new();
-    let mut started: BTreeSet<String> = BTreeSet::new();
+    // Per step: when its builder last started, and when that run finished, if it did.
+    let mut finished: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut started: BTreeMap<String, u64> = BTreeMap::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         let [what, name, at] = fields[..] else {
@@ -153,24 +153,62 @@ fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
         let at: u64 = at.parse().expect("a time");
         match what {
             "start" => {
-                if let Some(done) = finished.remove(name) {
-                    if kills.iter().any(|k| (done..done + REGISTERING).contains(k)) {
+                if let Some((from, done)) = finished.remove(name) {
+                    // A kill while that run went on (its builder may outlive its worker by
+                    // a moment) or while its output was being registered explains a rerun.
+                    if kills.iter().any(|k| (from..done + REGISTERING).contains(k)) {
                         r.retries += 1;
                     } else {
                         r.rebuilt.push(name.to_owned());
                     }
-                } else if !started.insert(name.to_owned()) {
+                } else if started.contains_key(name) {
                     r.retries += 1;
                 }
+                started.insert(name.to_owned(), at);
             }
             "done" => {
                 r.done.insert(name.to_owned());
-                finished.insert(name.to_owned(), at);
+                let from = started.get(name).copied().unwrap_or(at);
+                finished.insert(name.to_owned(), (from, at));
             }
             _ => panic!("unexpected line in the runs file: {line:?}"),
         }
     }
     r
+}
+
+/// What every log of the space (and the runs file) says about `steps`, for a failure report.
+fn story(space: &Space, steps: &[String]) -> String {
+    let mut out = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(space.tmp.path())
+        .expect("test directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log") || p.ends_with("runs"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let text = if path.ends_with("runs") {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        } else {
+            space.log(&name)
+        };
+        for line in text.lines() {
+            if steps.iter().any(|s| {
+                line.contains(&format!("-{s}.drv"))
+                    || line.ends_with(&format!(" {s}"))
+                    || line.contains(&format!(" {s} "))
+            }) {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    out
 }
 
 /// Milliseconds since the epoch.
@@ -245,8 +283,16 @@ fn soak() {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut space = Space::start_with(&["--max-attempts", "20", "--retry-backoff", "0.2"]);
     let workers: Vec<String> = (1..=soak.workers).map(|i| format!("w{i}")).collect();
+    // Each worker has a store of its own (kept across its restarts), so a step built again
+    // anywhere runs its builder again: the runs file sees every duplicate build.
+    let store_of = |w: &str| {
+        let dir = space.tmp.path().join(format!("store-{w}"));
+        dir.to_str().expect("utf-8 path").to_owned()
+    };
+    let stores: BTreeMap<String, String> =
+        workers.iter().map(|w| (w.clone(), store_of(w))).collect();
     for w in &workers {
-        space.worker(w, &[]);
+        space.worker(w, &["--own-store", &stores[w]]);
     }
     let runs = space.tmp.path().join("runs");
     let dag = layered_dag(soak.steps, soak.width, &mut rng);
@@ -275,6 +321,9 @@ fn soak() {
             );
             std::thread::sleep(Duration::from_millis(500));
             space.restart_up_logged(&format!("up-{}", up_kills + 1));
+            // Give workers time to rejoin and hand in what they built meanwhile: a worker
+            // killed before that takes its outcomes with it.
+            next_fault = Instant::now() + soak.fault_period;
         }
         if Instant::now() >= next_fault {
             let victim = &workers[rng.gen_range(0..workers.len())];
@@ -283,7 +332,11 @@ fn soak() {
             std::thread::sleep(Duration::from_millis(300));
             let life = lives.get_mut(victim).expect("a worker");
             *life += 1;
-            space.worker_logged(victim, &format!("{victim}-{life}"), &[]);
+            space.worker_logged(
+                victim,
+                &format!("{victim}-{life}"),
+                &["--own-store", &stores[victim]],
+            );
             next_fault = Instant::now() + soak.fault_period;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -320,8 +373,9 @@ fn soak() {
     assert_eq!(runs.done.len(), soak.steps, "every step's builder finished");
     assert!(
         runs.rebuilt.is_empty(),
-        "steps built again after succeeding: {:?}",
-        runs.rebuilt
+        "steps built again after succeeding: {:?}\nworker kills at {worker_kills:?}\n{}",
+        runs.rebuilt,
+        story(&space, &runs.rebuilt)
     );
     assert_eq!(
         up_kills,

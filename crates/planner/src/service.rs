@@ -107,7 +107,12 @@ impl Entity<Event> for Planner {
                 s.offer(&worker, free);
                 Vec::new()
             }
-            Event::Tick => s.tick(Instant::now()),
+            Event::Tick => {
+                let now = Instant::now();
+                let mut effects = s.expire_reservations(now);
+                effects.extend(s.tick(now));
+                effects
+            }
             Event::Realised(id, path) => {
                 note(&mut self.history, |h| h.realised(&id, &path));
                 Vec::new()
@@ -351,6 +356,9 @@ pub struct PlannerConfig {
     pub retry_backoff: Duration,
     /// When a faster idle worker duplicates a running step.
     pub steal: StealPolicy,
+    /// After a restart, how long a step that was being built is kept for its worker to
+    /// rejoin and report it before another worker may take it.
+    pub rejoin_grace: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -359,7 +367,30 @@ impl Default for PlannerConfig {
             max_attempts: crate::DEFAULT_MAX_ATTEMPTS,
             retry_backoff: crate::DEFAULT_RETRY_BACKOFF,
             steal: StealPolicy::default(),
+            rejoin_grace: crate::DEFAULT_REJOIN_GRACE,
         }
+    }
+}
+
+/// Keep every step that was being built when the coordinator last stopped for its worker,
+/// for `grace`.
+fn keep_for_rejoining_workers(schedule: &mut Schedule, history: Option<&History>, grace: Duration) {
+    let Some(history) = history else { return };
+    match history.open_attempts() {
+        Ok(open) => {
+            let until = Instant::now() + grace;
+            if !open.is_empty() {
+                tracing::info!(
+                    steps = open.len(),
+                    ?grace,
+                    "keeping the steps that were building for their workers"
+                );
+            }
+            for (drv, worker) in open {
+                schedule.reserve(&drv, &worker, until);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the attempts left open"),
     }
 }
 
@@ -373,12 +404,14 @@ pub fn start(
     history: Option<History>,
 ) {
     t.spawn(Some(AnyValue::symbol("planner")), move |t| {
+        let mut schedule = Schedule::new(config.max_attempts, config.retry_backoff)
+            .with_stealing(config.steal);
+        keep_for_rejoining_workers(&mut schedule, history.as_ref(), config.rejoin_grace);
         let me = Arc::new(OnceLock::new());
         let planner: Arc<Ref<Event>> = t.create_ref(Planner {
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
-            schedule: Schedule::new(config.max_attempts, config.retry_backoff)
-                .with_stealing(config.steal),
+            schedule,
             ready: HashMap::new(),
             ready_since: HashMap::new(),
             unschedulable: HashMap::new(),

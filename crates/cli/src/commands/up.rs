@@ -67,6 +67,12 @@ pub struct UpArgs {
     #[arg(long, default_value_t = StealPolicy::default().after.as_secs_f64(), value_name = "SECONDS")]
     steal_after: f64,
 
+    /// After a restart, how long, in seconds, a step that was being built is
+    /// kept for its worker to rejoin and report it before another worker may
+    /// take it.
+    #[arg(long, default_value_t = nixspace_planner::DEFAULT_REJOIN_GRACE.as_secs_f64(), value_name = "SECONDS")]
+    rejoin_grace: f64,
+
     /// Also serve the Nix daemon protocol on this unix socket (as
     /// `nixspace translate --socket PATH` would, in this process): unmodified
     /// Nix clients build on this dataspace with NIX_REMOTE=unix://PATH.
@@ -167,6 +173,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ratio: args.steal_ratio,
             after: seconds("steal-after", args.steal_after)?,
         },
+        rejoin_grace: seconds("rejoin-grace", args.rejoin_grace)?,
     };
     let metrics = Arc::new(Metrics::default());
     let space = host(SpaceOptions {
