@@ -7,6 +7,8 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nixspace_nix_formats::signature::{realisation_fingerprint, verify, PublicKeys};
+use support::dataspace::Session;
 use support::{run, step_binding, Space, CA_ATTRS};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -15,6 +17,18 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// appending its name to `runs` when its builder runs. `left` and `right` write the same
 /// content, so they resolve `top`'s inputs to identical paths.
 fn ca_diamond(space: &Space, runs: &std::path::Path, broken_base: bool) -> PathBuf {
+    ca_diamond_under(space, runs, broken_base, "ca.nix", "top")
+}
+
+/// [`ca_diamond`] with `root` (an expression that may use `step` and `top`) built instead of
+/// `top`, written to `file`.
+fn ca_diamond_under(
+    space: &Space,
+    runs: &std::path::Path,
+    broken_base: bool,
+    file: &str,
+    root: &str,
+) -> PathBuf {
     let fail = if broken_base { "exit 3;" } else { "" };
     let binding = step_binding(
         "name: script: deps",
@@ -28,15 +42,16 @@ fn ca_diamond(space: &Space, runs: &std::path::Path, broken_base: bool) -> PathB
         ),
     );
     space.nix_file(
-        "ca.nix",
+        file,
         &format!(
             r#"
 let
 {binding}  base = step "base" "{fail} echo base" [ ];
   left = step "left" "echo side" [ base ];
   right = step "right" "echo side" [ base ];
+  top = step "top" "echo top" [ left right ];
 in
-step "top" "echo top" [ left right ]
+{root}
 "#
         ),
     )
@@ -297,4 +312,116 @@ fn killing_the_coordinator_while_a_resolved_step_builds_loses_nothing() {
 #[test]
 fn killing_the_coordinator_right_after_a_step_is_built_loses_nothing() {
     survive(Crash::JustBuilt);
+}
+
+/// The realisations `nix realisation info --json` finds in the local store for `drv`.
+fn store_realisations(space: &Space, drv: &str) -> Vec<serde_json::Value> {
+    let mut info = space.nix("nix", None);
+    info.args(["realisation", "info", "--json", drv]);
+    let info = run(info, LIMIT);
+    assert!(info.status.success(), "{info:?}");
+    let parsed: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    parsed.as_array().cloned().unwrap_or_default()
+}
+
+/// Whether `realisation` (Nix's JSON) carries a valid signature by one of `keys`.
+fn signed_by(realisation: &serde_json::Value, keys: &PublicKeys) -> bool {
+    let fingerprint = realisation_fingerprint(
+        realisation["id"].as_str().unwrap(),
+        realisation["outPath"].as_str().unwrap(),
+        &Default::default(),
+    );
+    realisation["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| verify(keys, &fingerprint, s.as_str().unwrap()))
+}
+
+#[test]
+fn realisations_are_signed_by_their_builder_recorded_and_reused() {
+    let mut space = Space::start();
+    let keys = space.tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let mut generate = std::process::Command::new("nix-store");
+    generate
+        .args(["--generate-binary-cache-key", "nixspace-test-1"])
+        .arg(keys.join("secret"))
+        .arg(keys.join("public"));
+    assert!(run(generate, LIMIT).status.success());
+    let public = PublicKeys::parse(&std::fs::read_to_string(keys.join("public")).unwrap()).unwrap();
+    let secret = keys.join("secret");
+    space.worker("w1", &["--signing-key", secret.to_str().unwrap()]);
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond_under(
+        &space,
+        &runs,
+        false,
+        "ca.nix",
+        r#"{ inherit top; extra = step "extra" "echo extra" [ top ]; }"#,
+    );
+    let built = space.build_with(&file, &["-A", "top"], LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim().to_owned();
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+
+    // What the worker built carries its signature, in the store (where Nix itself
+    // registered the realisation) and in the dataspace (the frontend registered it with the
+    // signatures it found there), and our fingerprint is the one Nix checks.
+    let history = run(space.command(&["history", "--json"]), LIMIT);
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let steps = steps.as_array().unwrap().clone();
+    let top = steps
+        .iter()
+        .find(|s| s["status"] == "resolved" && s["drv"].as_str().unwrap().ends_with("-top.drv"))
+        .unwrap_or_else(|| panic!("top was resolved: {steps:?}"));
+    let resolved_top = top["resolved_to"].as_str().unwrap();
+    let realisations = store_realisations(&space, resolved_top);
+    assert_eq!(realisations.len(), 1, "{realisations:?}");
+    assert!(signed_by(&realisations[0], &public), "{realisations:?}");
+
+    // The coordinator restarts: the planner asserts every recorded realisation again, with
+    // the builder's signature.
+    space.kill_up();
+    space.restart_up();
+    let route = nixspace_space::Route::read(&nixspace_space::Role::Submit.route_file(&space.dir()))
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let seen = runtime.block_on(async {
+        let session = Session::join(&route, vec![]).await.expect("join");
+        let seen = session.with_label("realisation");
+        session.leave();
+        seen
+    });
+    let id = realisations[0]["id"].as_str().unwrap();
+    let again = seen
+        .iter()
+        .map(support::dataspace::text)
+        .find(|r| r.contains(id))
+        .unwrap_or_else(|| panic!("the restarted planner asserts {id}: {seen:?}"));
+    assert!(again.contains("nixspace-test-1:"), "{again}");
+    assert!(
+        seen.len() >= 5,
+        "base, left, right, top and their originals: {seen:?}"
+    );
+
+    // Nothing left to build: the store has the realisations, so no worker is needed at all.
+    space.signal_worker("w1", rustix::process::Signal::KILL);
+    let again = space.build_with(&file, &["-A", "top"], LIMIT);
+    assert!(again.status.success(), "{again:?}");
+    assert!(again.stderr.contains("nothing to build"), "{again:?}");
+    assert_eq!(again.stdout.trim(), out);
+
+    // A new step over the realised diamond: only it is built, resolved against the
+    // realisations found in the store.
+    space.worker("w2", &[]);
+    let built = space.build_with(&file, &["-A", "extra"], LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert!(
+        built.stderr.contains("1 of 5 derivations to build"),
+        "{built:?}"
+    );
+    assert_eq!(runs_of(&runs), ["base", "extra", "left", "right", "top"]);
+    let content = std::fs::read_to_string(built.stdout.trim()).unwrap();
+    assert!(content.ends_with("top\nextra\n"), "{content}");
 }

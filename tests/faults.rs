@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::dataspace::Session;
 use support::proxy::CuttingProxy;
-use support::{in_other_store, proc_status_kib, run, step_binding, Running, Space};
+use support::{proc_status_kib, run, step_binding, Running, Space};
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -121,8 +121,9 @@ fn dag_file(
     space.nix_file("soak.nix", &format!("let\n{binding}{steps}in\nroot\n"))
 }
 
-/// How long after its builder finished a killed worker may still have been registering
-/// the output (so a rerun after a kill that soon is a retry, not a rebuild).
+/// How close to a builder run a worker kill must be to explain running that builder again
+/// (a retry, not a rebuild): a killed worker's daemon may still start a build it was asked
+/// for, and registering and reporting an output take a moment.
 const REGISTERING: u64 = 2000;
 
 /// What the builders' start and done markers say.
@@ -130,8 +131,8 @@ const REGISTERING: u64 = 2000;
 struct Runs {
     /// Steps whose builder finished at least once.
     done: BTreeSet<String>,
-    /// Builder runs that did not finish (killed) and were run again, or whose worker was
-    /// killed while they ran or just after (output not registered yet): retries.
+    /// Builder runs that did not finish (killed) and were run again, or with a worker killed
+    /// within [`REGISTERING`] of them: retries.
     retries: usize,
     /// Builder runs of a step that had finished already, no kill explaining it: defects.
     rebuilt: Vec<String>,
@@ -154,9 +155,11 @@ fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
         match what {
             "start" => {
                 if let Some((from, done)) = finished.remove(name) {
-                    // A kill while that run went on (its builder may outlive its worker by
-                    // a moment) or while its output was being registered explains a rerun.
-                    if kills.iter().any(|k| (from..done + REGISTERING).contains(k)) {
+                    // A kill of a worker around that run explains a rerun: the daemon of a
+                    // killed worker may still start or finish a build for a moment, and the
+                    // output may not be registered or reported yet.
+                    let around = from.saturating_sub(REGISTERING)..done + REGISTERING;
+                    if kills.iter().any(|k| around.contains(k)) {
                         r.retries += 1;
                     } else {
                         r.rebuilt.push(name.to_owned());
@@ -500,8 +503,7 @@ fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() 
     // In w2's store every valid path has the contents its hash says (so nothing half
     // written was registered), and big is valid.
     let verify = run(
-        in_other_store(
-            &space,
+        space.in_other_store(
             &s2,
             &format!(
                 "nix-store --verify --check-contents && nix-store --check-validity {}",

@@ -352,3 +352,69 @@ fn a_flood_of_demands_does_not_take_the_coordinator_down() {
         });
     });
 }
+
+fn assigned_to(drv: &str, worker: &str) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+#[test]
+fn a_named_worker_route_acts_only_as_that_worker() {
+    let mut space = Space::start();
+    let narrowed = space.tmp.path().join("w-good.route");
+    let dir = space.dir();
+    let made = support::run(
+        space.command(&[
+            "route",
+            "worker",
+            "w-good",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--output",
+            narrowed.to_str().unwrap(),
+        ]),
+        ANSWER,
+    );
+    assert!(made.status.success(), "{made:?}");
+    let named = Route::read(&narrowed).expect("narrowed route");
+    let drv = fake_drv("named-worker");
+    runtime().block_on(async {
+        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        // Claiming, or announcing itself, as another worker is refused and logged.
+        let forged = vec![claim(&drv, "w-other"), worker("w-other")];
+        let _forger = Session::join(&named, forged.clone())
+            .await
+            .expect("join with the narrowed route");
+        tokio::time::sleep(SETTLE).await;
+        for value in &forged {
+            assert!(!s.sees(value), "{value:?} reached the dataspace");
+        }
+        assert!(!s.sees(&assigned_to(&drv, "w-other")));
+        let log = space.log("up");
+        assert!(log.contains("worker:w-good"), "refusal not logged:\n{log}");
+        // As itself, it is granted the step.
+        let _me = Session::join(&named, vec![claim(&drv, "w-good")])
+            .await
+            .expect("join with the narrowed route");
+        assert!(
+            s.wait_until(&assigned_to(&drv, "w-good"), true).await,
+            "the named worker's claim was not granted"
+        );
+    });
+    // A real worker started with its narrowed route builds.
+    space.worker("w-good", &["--route", narrowed.to_str().unwrap()]);
+    let file = space.sh_derivation(
+        "named.nix",
+        &format!("named-{}", support::nonce()),
+        "echo ok > $out",
+    );
+    let built = space.build(&file, Duration::from_secs(120));
+    assert!(built.status.success(), "{built:?}");
+    assert!(built.stderr.contains("on w-good"), "{built:?}");
+}

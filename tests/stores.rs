@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use support::{
-    command_lines_with, counted_referring_script, in_other_store, nonce, run, step_binding,
-    wait_output, KillOnDrop, Space,
+    command_lines_with, counted_referring_script, nonce, run, step_binding, wait_output,
+    KillOnDrop, Space,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -321,8 +321,7 @@ fn an_external_substituter_serves_another_store() {
     // Build the chain in the other store only.
     let file = referring_chain(&space, &runs);
     let built = run(
-        in_other_store(
-            &space,
+        space.in_other_store(
             &other,
             &format!("nix-build {} --no-out-link", file.display()),
         ),
@@ -334,17 +333,17 @@ fn an_external_substituter_serves_another_store() {
     std::fs::remove_file(&runs).unwrap();
     // Its daemon, reachable from here.
     let socket = space.tmp.path().join("other.sock");
-    let daemon = in_other_store(
-        &space,
-        &other,
-        &format!(
-            "NIX_DAEMON_SOCKET_PATH={} exec nix-daemon",
-            socket.display()
-        ),
-    )
-    .process_group(0)
-    .spawn()
-    .unwrap();
+    let daemon = space
+        .in_other_store(
+            &other,
+            &format!(
+                "NIX_DAEMON_SOCKET_PATH={} exec nix-daemon",
+                socket.display()
+            ),
+        )
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let _daemon = KillOnDrop(daemon);
     let deadline = std::time::Instant::now() + LIMIT;
     while !socket.exists() {
@@ -380,4 +379,64 @@ fn an_external_substituter_serves_another_store() {
     assert!(!runs.exists(), "nothing was built here");
     let worker = space.log("w1");
     assert!(worker.contains("store-substituter"), "{worker}");
+}
+
+#[test]
+fn an_output_whose_only_store_left_is_built_again() {
+    let mut space = Space::start();
+    let runs = space.tmp.path().join("runs");
+    let binding = step_binding(
+        "name: features: deps",
+        "requiredSystemFeatures = features;",
+        &counted_referring_script(&runs),
+    );
+    let file = space.nix_file(
+        "lost.nix",
+        &format!(
+            "let\n{binding}in\nstep \"second\" [ \"fb\" ] [ (step \"first\" [ \"fa\" ] [ ]) ]\n"
+        ),
+    );
+    let s1 = space.tmp.path().join("w1");
+    space.worker(
+        "w1",
+        &["--features", "fa", "--own-store", s1.to_str().unwrap()],
+    );
+    let build = space.spawn_build(&file);
+    // `first` is built, in w1's store only; then w1 and its store leave for good.
+    space.wait_for_log("up", " built drv=", LIMIT);
+    space.signal_worker("w1", rustix::process::Signal::KILL);
+    space.wait_worker("w1", LIMIT);
+    let s2 = space.tmp.path().join("w2");
+    space.worker(
+        "w2",
+        &[
+            "--features",
+            "fa,fb",
+            "--own-store",
+            s2.to_str().unwrap(),
+            "--fetch-patience",
+            "1",
+        ],
+    );
+    let built = wait_output(build, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim();
+    assert!(out.ends_with("-second"), "{built:?}");
+    let mut runs: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    runs.sort();
+    assert_eq!(runs, ["first", "first", "second"], "first was built again");
+    assert!(
+        space
+            .log("up")
+            .contains("no store has this output any more; building its step again"),
+        "{}",
+        space.log("up")
+    );
+    let mut verify = space.nix("nix-store", None);
+    verify.args(["--verify-path", out]);
+    assert!(run(verify, LIMIT).status.success());
 }

@@ -450,6 +450,21 @@ impl Space {
         socket
     }
 
+    /// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
+    /// Nix store of its own, as on another machine.
+    pub fn in_other_store(&self, store: &Path, script: &str) -> Command {
+        for sub in ["nix/store", "nix/var/nix/db"] {
+            std::fs::create_dir_all(store.join(sub)).expect("store directories");
+        }
+        let mut c = self.nix("unshare", None);
+        c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(format!(
+                "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
+                store.display()
+            ));
+        c
+    }
+
     /// A Nix command (e.g. `nix-build`) with the test's Nix configuration, talking to the
     /// store at `NIX_REMOTE=remote` (`None`: the local store directly).
     pub fn nix(&self, program: &str, remote: Option<&Path>) -> Command {
@@ -550,21 +565,6 @@ pub fn counted_referring_script(runs: &Path) -> String {
         "echo ${{name}} >> {}; echo ${{name}} $deps > $out",
         runs.display()
     )
-}
-
-/// `sh -c script` in a private mount namespace where `store/nix` is mounted on `/nix`: a
-/// Nix store of its own, as on another machine.
-pub fn in_other_store(space: &Space, store: &Path, script: &str) -> Command {
-    for sub in ["nix/store", "nix/var/nix/db"] {
-        std::fs::create_dir_all(store.join(sub)).expect("store directories");
-    }
-    let mut c = space.nix("unshare", None);
-    c.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-        .arg(format!(
-            "mount --bind {}/nix /nix && NIX_REMOTE=local {script}",
-            store.display()
-        ));
-    c
 }
 
 /// A field of `/proc/PID/status` given in kB (e.g. `VmRSS`, `VmHWM`: the peak RSS), in KiB.

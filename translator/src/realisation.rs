@@ -51,7 +51,7 @@ pub fn built_outputs(
     drv: &StorePath,
     realised: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, Realisation>, RealisationError> {
-    let (root, ids) = output_ids(store_dir, drv)?;
+    let (root, ids) = OutputIds::new(store_dir).of(drv)?;
     let mut out = BTreeMap::new();
     for (name, id) in ids {
         let path = root
@@ -80,69 +80,90 @@ pub fn built_outputs(
     Ok(out)
 }
 
-/// The derivation `drv` and the `DrvOutput` id (`sha256:<hash modulo in base16>!<output>`) of
-/// each of its outputs, as Nix's `staticOutputHashes` computes them. Reads the derivation
-/// closure (blocking).
-fn output_ids(
-    store_dir: &StoreDir,
-    drv: &StorePath,
-) -> Result<(Derivation, BTreeMap<String, String>), RealisationError> {
-    // Inputs first, so every lookup finds its hash.
-    let mut derivations: HashMap<StorePath, Derivation> = HashMap::new();
-    let mut order = Vec::new();
-    let mut seen = BTreeSet::new();
-    let mut stack = vec![(drv.clone(), false)];
-    while let Some((path, expanded)) = stack.pop() {
-        if expanded {
-            order.push(path);
-            continue;
+/// Computes the `DrvOutput` ids (`sha256:<hash modulo in base16>!<output>`) of derivations'
+/// outputs, as Nix's `staticOutputHashes` does, reading and hashing each derivation of their
+/// closures once however many are asked for (blocking reads).
+pub struct OutputIds<'a> {
+    store_dir: &'a StoreDir,
+    derivations: HashMap<StorePath, Derivation>,
+    /// Hashes modulo of input derivations (outputs not masked).
+    hashes: HashMap<StorePath, DrvHash>,
+}
+
+impl<'a> OutputIds<'a> {
+    /// Nothing read yet.
+    pub fn new(store_dir: &'a StoreDir) -> OutputIds<'a> {
+        OutputIds {
+            store_dir,
+            derivations: HashMap::new(),
+            hashes: HashMap::new(),
         }
-        if !seen.insert(path.clone()) {
-            continue;
-        }
-        let d = read(store_dir, &path)?;
-        stack.push((path.clone(), true));
-        for input in d.input_drvs.keys() {
-            if !seen.contains(input) {
-                stack.push((input.clone(), false));
+    }
+
+    /// The derivation `drv` and the id of each of its outputs, by output name.
+    pub fn of(
+        &mut self,
+        drv: &StorePath,
+    ) -> Result<(Derivation, BTreeMap<String, String>), RealisationError> {
+        // Inputs first, so every lookup finds its hash.
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(drv.clone(), false)];
+        while let Some((path, expanded)) = stack.pop() {
+            if expanded {
+                order.push(path);
+                continue;
+            }
+            if self.hashes.contains_key(&path) || !seen.insert(path.clone()) {
+                continue;
+            }
+            if !self.derivations.contains_key(&path) {
+                let d = read(self.store_dir, &path)?;
+                self.derivations.insert(path.clone(), d);
+            }
+            stack.push((path.clone(), true));
+            if let Some(d) = self.derivations.get(&path) {
+                for input in d.input_drvs.keys() {
+                    if !seen.contains(input) {
+                        stack.push((input.clone(), false));
+                    }
+                }
             }
         }
-        derivations.insert(path, d);
-    }
-    let mut hashes: HashMap<StorePath, DrvHash> = HashMap::new();
-    for path in order.iter().filter(|p| *p != drv) {
-        let Some(d) = derivations.get(path) else {
-            continue;
+        for path in order.iter().filter(|p| *p != drv) {
+            let h = self.hash(path, false)?;
+            self.hashes.insert(path.clone(), h);
+        }
+        let h = self.hash(drv, true)?;
+        let root = match self.derivations.get(drv) {
+            Some(root) => root.clone(),
+            None => read(self.store_dir, drv)?,
         };
-        let h = d
-            .hash_modulo(store_dir, false, |p| hashes.get(p).cloned())
-            .map_err(|source| RealisationError::Derivation {
-                path: store_dir.print(path),
-                source: Box::new(source),
-            })?;
-        hashes.insert(path.clone(), h);
+        let ids = root
+            .outputs
+            .keys()
+            .filter_map(|name| {
+                let hash = h.hashes.get(name)?;
+                Some((
+                    name.clone(),
+                    format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
+                ))
+            })
+            .collect();
+        Ok((root, ids))
     }
-    // The walk reads `drv` first, so it is there.
-    let root = match derivations.remove(drv) {
-        Some(root) => root,
-        None => read(store_dir, drv)?,
-    };
-    let h = root
-        .hash_modulo(store_dir, true, |p| hashes.get(p).cloned())
-        .map_err(|source| RealisationError::Derivation {
-            path: store_dir.print(drv),
-            source: Box::new(source),
-        })?;
-    let ids = root
-        .outputs
-        .keys()
-        .filter_map(|name| {
-            let hash = h.hashes.get(name)?;
-            Some((
-                name.clone(),
-                format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
-            ))
+
+    fn hash(&self, path: &StorePath, mask_outputs: bool) -> Result<DrvHash, RealisationError> {
+        let d = match self.derivations.get(path) {
+            Some(d) => std::borrow::Cow::Borrowed(d),
+            None => std::borrow::Cow::Owned(read(self.store_dir, path)?),
+        };
+        d.hash_modulo(self.store_dir, mask_outputs, |p| {
+            self.hashes.get(p).cloned()
         })
-        .collect();
-    Ok((root, ids))
+        .map_err(|source| RealisationError::Derivation {
+            path: self.store_dir.print(path),
+            source: Box::new(source),
+        })
+    }
 }

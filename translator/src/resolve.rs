@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_protocol::Realisation;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::build;
 use preserves_schema::Parse;
@@ -128,6 +129,14 @@ impl Resolver {
                 state.realised.insert(drv.clone(), known);
             }
         }
+        // Built before: the store has their realisations.
+        for (drv, outputs) in &plan.realised {
+            let known: BTreeMap<String, StorePath> = outputs
+                .iter()
+                .filter_map(|(n, p)| Some((n.clone(), store_dir.parse(p).ok()?)))
+                .collect();
+            state.realised.insert(drv.clone(), known);
+        }
         for drv in &plan.needed {
             let Some(info) = plan.infos.get(drv) else {
                 continue;
@@ -189,70 +198,40 @@ impl Resolver {
 
     /// Assert the realisations of the resolved originals in the dataspace, and record in the
     /// local store those whose outputs are valid there (`RegisterDrvOutput`), so Nix finds
-    /// their outputs as if it had built them. Returns how many were registered locally.
+    /// their outputs as if it had built them. The resolved derivations' realisations are
+    /// recorded too, with the signatures their builders gave them in the dataspace. Returns
+    /// how many were registered locally.
     pub async fn register_realisations(&self) -> Result<usize, String> {
-        let originals: Vec<String> = self
+        let (originals, resolved): (Vec<String>, Vec<String>) = self
             .inner
             .state
             .lock()
-            .map(|s| s.resolved.keys().cloned().collect())
+            .map(|s| {
+                (
+                    s.resolved.keys().cloned().collect(),
+                    s.originals.keys().cloned().collect(),
+                )
+            })
             .unwrap_or_default();
-        let store = self.inner.store_dir.clone();
-        let mut realisations = Vec::new();
-        for original in originals {
-            let path = store.parse(&original).map_err(cannot_resolve)?;
-            let realised = self.realised(&original);
-            let dir = store.clone();
-            let found = tokio::task::spawn_blocking(move || built_outputs(&dir, &path, &realised))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("realisations of {original}: {e}"))?;
-            realisations.extend(found.into_values());
-        }
-        if realisations.is_empty() {
+        let mut realisations = self.realisations_of(&originals).await?;
+        let mut built = self.realisations_of(&resolved).await?;
+        if realisations.is_empty() && built.is_empty() {
             return Ok(0);
         }
-        // Tell the dataspace (the planner records them), wherever the outputs are, and wait
-        // for a probe to come back so they have arrived before this frontend may leave.
+        // Tell the dataspace about the originals (the planner records them), learn the
+        // signatures of the resolved ones, and wait for a probe to come back so both are
+        // done before this frontend may leave.
         if let Some(link) = self.inner.link() {
-            let account = Account::new(Some(AnyValue::symbol("realisations")), None);
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let mut tx = Some(tx);
-            let id = format!(
-                "realisations-{}-{}",
-                std::process::id(),
-                self.inner.requester
-            );
-            link.facet.activate(&account, None, |t| {
-                for r in &realisations {
-                    let path = format!("{}/{}", store.as_str(), r.out_path);
-                    link.ds.assert(
-                        t,
-                        &build::Realisation {
-                            id: r.id.clone(),
-                            path,
-                        },
-                    );
+            let signatures = link
+                .exchange_realisations(&self.inner, &realisations, &built)
+                .await;
+            for r in &mut built {
+                if let Some(s) = signatures.get(&r.id) {
+                    r.signatures.extend(s.iter().cloned());
                 }
-                let echo_id = id.clone();
-                on_message!(t, link.ds, <probe $echo: String>, |_t: &mut Activation| {
-                    if echo == echo_id {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(())
-                });
-                link.ds.message(t, &build::Probe { id: id.clone() });
-                Ok(())
-            });
-            if tokio::time::timeout(std::time::Duration::from_secs(10), rx)
-                .await
-                .is_err()
-            {
-                tracing::warn!("the dataspace did not confirm the realisations");
             }
         }
+        realisations.append(&mut built);
         let mut lease = self.inner.pool.lease().await.map_err(|e| e.to_string())?;
         let paths: BTreeSet<StorePath> = realisations
             .iter()
@@ -277,6 +256,23 @@ impl Resolver {
         }
         lease.release();
         Ok(registered)
+    }
+
+    /// The realisations of the outputs of `drvs` (`.drv` paths) as this frontend saw them built.
+    async fn realisations_of(&self, drvs: &[String]) -> Result<Vec<Realisation>, String> {
+        let store = self.inner.store_dir.clone();
+        let mut realisations = Vec::new();
+        for drv in drvs {
+            let path = store.parse(drv).map_err(cannot_resolve)?;
+            let realised = self.realised(drv);
+            let dir = store.clone();
+            let found = tokio::task::spawn_blocking(move || built_outputs(&dir, &path, &realised))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("realisations of {drv}: {e}"))?;
+            realisations.extend(found.into_values());
+        }
+        Ok(realisations)
     }
 
     /// Resolve on `ds` from the current facet, reporting originals' outcomes to `handler`;
@@ -312,6 +308,70 @@ impl Resolver {
                 _ => Ok(()),
             }
         }));
+    }
+}
+
+impl Link {
+    /// Assert `ours` in the dataspace and collect the signatures asserted there for `theirs`
+    /// (by id), in a facet of its own that ends when a probe comes back (or after a while).
+    async fn exchange_realisations(
+        &self,
+        inner: &Inner,
+        ours: &[Realisation],
+        theirs: &[Realisation],
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        let store = inner.store_dir.as_str().to_owned();
+        let found: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
+        let account = Account::new(Some(AnyValue::symbol("realisations")), None);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut tx = Some(tx);
+        let id = format!("realisations-{}-{}", std::process::id(), inner.requester);
+        let ds = &self.ds;
+        self.facet.activate(&account, None, |t| {
+            for r in ours {
+                ds.assert(
+                    t,
+                    &build::Realisation {
+                        id: r.id.clone(),
+                        path: format!("{store}/{}", r.out_path),
+                        signatures: r.signatures.iter().cloned().collect(),
+                    },
+                );
+            }
+            t.facet(|t| {
+                for r in theirs {
+                    let wanted = r.id.clone();
+                    let literal = AnyValue::new(wanted.clone());
+                    enclose!((found) during!(t, ds, <realisation #(literal) _ $signatures: Vec<String>>, |_t: &mut Activation| {
+                        if let Ok(mut found) = found.lock() {
+                            found.entry(wanted.clone()).or_default().extend(signatures.iter().cloned());
+                        }
+                        Ok(())
+                    }));
+                }
+                let echo_id = id.clone();
+                on_message!(t, ds, <probe $echo: String>, |t: &mut Activation| {
+                    if echo == echo_id {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(());
+                        }
+                        t.stop();
+                    }
+                    Ok(())
+                });
+                ds.message(t, &build::Probe { id: id.clone() });
+                Ok(())
+            })?;
+            Ok(())
+        });
+        if tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the dataspace did not confirm the realisations");
+        }
+        let found = found.lock().map(|f| f.clone()).unwrap_or_default();
+        found
     }
 }
 

@@ -834,7 +834,7 @@ impl Conn<'_> {
         roots: &[String],
     ) -> Result<Result<Report, DaemonError>, ConnError> {
         let start = now_secs();
-        let plan = match steps::plan(roots).await {
+        let plan = match steps::plan(roots, &self.config.transfers).await {
             Ok(p) => p,
             Err(e) => {
                 return Ok(Err(DaemonError::new(format!(

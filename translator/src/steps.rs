@@ -9,12 +9,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use nixspace_nix_tools::{DerivationInfo, NixError};
+use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, NixError};
 use nixspace_protocol::{build, on_retraction};
 use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, Cap};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
+
+use crate::realisation::OutputIds;
 
 /// The derivation closure of some roots and which of its derivations must be built.
 #[derive(Debug, Clone, Default)]
@@ -23,9 +26,102 @@ pub struct Plan {
     pub infos: BTreeMap<String, DerivationInfo>,
     /// The derivations with an output that is not valid (or not known before building).
     pub needed: BTreeSet<String>,
+    /// Derivations whose outputs are not known before building but which the local store
+    /// has realised already (its realisations name valid paths): output name → path. They
+    /// are not needed.
+    pub realised: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Plan {
+    /// The output paths of `drv` known now: fixed in the derivation or realised already.
+    pub fn known_outputs(&self, drv: &str) -> Vec<String> {
+        if let Some(realised) = self.realised.get(drv) {
+            return realised.values().cloned().collect();
+        }
+        self.infos
+            .get(drv)
+            .into_iter()
+            .flat_map(|i| i.outputs.values().flatten().cloned())
+            .collect()
+    }
+
+    /// Take the needed derivations whose outputs are realised in the store of `pool`
+    /// (`QueryRealisation`, valid paths only) out of [`Plan::needed`]: they were built before,
+    /// here or elsewhere, and need no worker.
+    async fn count_realised(&mut self, pool: &DaemonPool) -> Result<(), String> {
+        let floating: Vec<String> = self
+            .needed
+            .iter()
+            .filter(|d| {
+                self.infos
+                    .get(*d)
+                    .is_some_and(|i| i.outputs.values().any(Option::is_none))
+            })
+            .cloned()
+            .collect();
+        if floating.is_empty() {
+            return Ok(());
+        }
+        let store = pool.store_dir().clone();
+        let ids = tokio::task::spawn_blocking(move || {
+            let mut ids = OutputIds::new(&store);
+            floating
+                .into_iter()
+                .map(|drv| {
+                    let path = store.parse(&drv).map_err(|e| format!("{drv}: {e}"))?;
+                    let (_, outputs) = ids.of(&path).map_err(|e| e.to_string())?;
+                    Ok((drv, outputs))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let mut lease = pool.lease().await.map_err(|e| e.to_string())?;
+        let mut candidates: BTreeMap<String, BTreeMap<String, StorePath>> = BTreeMap::new();
+        for (drv, outputs) in ids {
+            let mut found = BTreeMap::new();
+            for (name, id) in outputs {
+                match lease.client().query_realisation(&id).await {
+                    Ok(Some(r)) => {
+                        if let Ok(p) = StorePath::from_base_name(base_name(&r.out_path)) {
+                            found.insert(name, p);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(lease.failed(e).to_string()),
+                }
+            }
+            let all = self
+                .infos
+                .get(&drv)
+                .is_some_and(|i| i.outputs.len() == found.len());
+            if all {
+                candidates.insert(drv, found);
+            }
+        }
+        let paths: BTreeSet<StorePath> = candidates
+            .values()
+            .flat_map(|o| o.values().cloned())
+            .collect();
+        let valid = match lease.client().query_valid_paths(&paths, false).await {
+            Ok(v) => v,
+            Err(e) => return Err(lease.failed(e).to_string()),
+        };
+        lease.release();
+        let store = pool.store_dir();
+        for (drv, outputs) in candidates {
+            if outputs.values().all(|p| valid.contains(p)) {
+                self.needed.remove(&drv);
+                let printed = outputs
+                    .into_iter()
+                    .map(|(n, p)| (n, store.print(&p)))
+                    .collect();
+                self.realised.insert(drv, printed);
+            }
+        }
+        Ok(())
+    }
+
     /// The needed steps with their facts.
     pub fn steps(&self) -> BTreeMap<String, &DerivationInfo> {
         self.needed
@@ -35,8 +131,10 @@ impl Plan {
     }
 }
 
-/// Read the closure of `roots` (`.drv` paths) from the local store and find the steps.
-pub async fn plan(roots: &[String]) -> Result<Plan, NixError> {
+/// Read the closure of `roots` (`.drv` paths) from the local store and find the steps:
+/// derivations with an output that is not valid, except those whose outputs `pool`'s store
+/// has realised already.
+pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError> {
     let infos = nixspace_nix_tools::read_closure(roots).await?;
     let known: Vec<String> = infos
         .values()
@@ -52,7 +150,20 @@ pub async fn plan(roots: &[String]) -> Result<Plan, NixError> {
         })
         .map(|(d, _)| d.clone())
         .collect();
-    Ok(Plan { infos, needed })
+    let mut plan = Plan {
+        infos,
+        needed,
+        realised: BTreeMap::new(),
+    };
+    if let Err(error) = plan.count_realised(pool).await {
+        tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
+    }
+    Ok(plan)
+}
+
+/// The base name of a store path given with or without its directory.
+fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// The steps ordered so that every step comes after its inputs, so the

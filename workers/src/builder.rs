@@ -22,14 +22,16 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
-use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
 use nixspace_transfer::{FetchError, StoreNode};
 
-use crate::detached::{Builds, Outcome};
+use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
     LinkedTaskTermination, Ref,
@@ -58,6 +60,11 @@ pub struct BuilderConfig {
     /// Build through the Nix daemon listening on this socket instead of
     /// private `nix-daemon --stdio` children on the local store.
     pub daemon_socket: Option<PathBuf>,
+    /// Signs the realisations of the content-addressed outputs this worker builds.
+    pub signing_key: Option<SecretKey>,
+    /// How long fetching an input waits for some store in the dataspace to have it; then the
+    /// input is reported lost, and the step that made it is built again.
+    pub fetch_patience: Duration,
     /// The most log bytes one build sends to the dataspace; the rest is dropped.
     pub max_log_bytes: u64,
 }
@@ -83,7 +90,11 @@ impl BuilderConfig {
     /// the inputs it lacks, over connections of its own. Make it once and pass it to every
     /// [`start`]: a fetch cut by a lost connection goes on over the next one.
     pub fn store(&self) -> StoreNode {
-        StoreNode::new(self.id.clone(), self.pool_of(TRANSFER_CONNECTIONS))
+        StoreNode::with_want_patience(
+            self.id.clone(),
+            self.pool_of(TRANSFER_CONNECTIONS),
+            self.fetch_patience,
+        )
     }
 
     fn pool_of(&self, connections: usize) -> DaemonPool {
@@ -410,6 +421,7 @@ fn build_step(
     drv: String,
 ) {
     let facet = t.facet_ref();
+    let store_dir = pool.store_dir().clone();
     let account = Account::new(Some(AnyValue::symbol("build")), None);
     let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
         facet.activate(&account, None, |t| {
@@ -429,27 +441,44 @@ fn build_step(
             Ok(o) => o.clone(),
             Err(_) => None,
         };
-        let outcome = outcome.unwrap_or_else(|| {
-            Err((
-                "the build stopped".to_owned(),
-                build::FailureKind::Transient,
-            ))
-        });
+        let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
             match outcome {
-                Ok(outputs) => {
+                Ok(built) => {
                     tracing::info!(%drv, "built");
+                    // Realisations first: whoever sees `built` can already find them.
+                    for r in built.realisations {
+                        ds.assert(
+                            t,
+                            &build::Realisation {
+                                id: r.id,
+                                path: format!("{}/{}", store_dir.as_str(), r.out_path),
+                                signatures: r.signatures.into_iter().collect(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Built {
                             drv,
                             worker: config.id.clone(),
-                            outputs,
+                            outputs: built.outputs,
                         },
                     );
                 }
-                Err((reason, kind)) => {
+                Err(BuildFailure { reason, kind, lost }) => {
                     tracing::warn!(%drv, %reason, "failed");
+                    // Before the failure: the planner builds the lost input again first.
+                    if let Some(path) = lost {
+                        ds.message(
+                            t,
+                            &build::Lost {
+                                drv: drv.clone(),
+                                path,
+                                worker: config.id.clone(),
+                            },
+                        );
+                    }
                     ds.assert(
                         t,
                         &build::Failed {
@@ -504,10 +533,14 @@ async fn run_build(
 ) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
-        (
-            format!("cannot fetch inputs on worker {worker}: {e}"),
-            build::FailureKind::Transient,
-        )
+        let lost = match &e {
+            FetchError::Nowhere(path, _) => Some(path.clone()),
+            _ => None,
+        };
+        BuildFailure {
+            lost,
+            ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
+        }
     };
     store
         .ensure(&[drv.to_owned()])
@@ -515,7 +548,10 @@ async fn run_build(
         .map_err(fetch_failed)?;
     if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
         send_line(format!("substituted the outputs of {drv}"));
-        return Ok(outputs);
+        return Ok(BuiltStep {
+            outputs,
+            realisations: Vec::new(),
+        });
     }
     let built = match pool.build(drv, &mut send_line).await {
         Err(StepError::InputsMissing(missing)) => {
@@ -524,12 +560,44 @@ async fn run_build(
         }
         built => built,
     };
-    built.map_err(|e| match e {
-        StepError::InputsMissing(missing) => (
-            format!("inputs not valid on worker {worker}: {}", missing.join(" ")),
-            build::FailureKind::Transient,
-        ),
-        e if e.is_permanent() => (e.to_string(), build::FailureKind::Permanent),
-        e => (e.to_string(), build::FailureKind::Transient),
-    })
+    let mut built = built.map_err(|e| match e {
+        StepError::InputsMissing(missing) => BuildFailure::transient(format!(
+            "inputs not valid on worker {worker}: {}",
+            missing.join(" ")
+        )),
+        e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
+        e => BuildFailure::transient(e.to_string()),
+    })?;
+    if let Some(key) = &config.signing_key {
+        sign_realisations(pool, key, &mut built.realisations)
+            .await
+            .map_err(|e| {
+                BuildFailure::transient(format!(
+                    "cannot sign the realisations on worker {worker}: {e}"
+                ))
+            })?;
+    }
+    Ok(built)
+}
+
+/// Sign `realisations` with `key` and register the signed copies in the local store (Nix adds
+/// the signatures to the realisations it registered when it built them).
+async fn sign_realisations(
+    pool: &DaemonPool,
+    key: &SecretKey,
+    realisations: &mut [nixspace_nix_protocol::Realisation],
+) -> Result<(), StepError> {
+    if realisations.is_empty() {
+        return Ok(());
+    }
+    let mut lease = pool.lease().await?;
+    for r in realisations.iter_mut() {
+        let fingerprint = realisation_fingerprint(&r.id, &r.out_path, &r.dependent_realisations);
+        r.signatures.insert(sign(key, &fingerprint));
+        if let Err(e) = lease.client().register_drv_output(r).await {
+            return Err(lease.failed(e));
+        }
+    }
+    lease.release();
+    Ok(())
 }

@@ -11,12 +11,45 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nixspace_nix_tools::BuiltStep;
 use nixspace_protocol::build;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-/// How a build ended: its outputs, or why it failed and whether that is for good.
-pub type Outcome = Result<Vec<String>, (String, build::FailureKind)>;
+/// How a build ended: its outputs (and realisations), or why it failed.
+pub type Outcome = Result<BuiltStep, BuildFailure>;
+
+/// Why a build produced no outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildFailure {
+    /// What went wrong.
+    pub reason: String,
+    /// Whether building it again (elsewhere) may help.
+    pub kind: build::FailureKind,
+    /// An input that no store in the dataspace has any more: the step that made it must be
+    /// built again.
+    pub lost: Option<String>,
+}
+
+impl BuildFailure {
+    /// A failure worth retrying.
+    pub fn transient(reason: impl Into<String>) -> BuildFailure {
+        BuildFailure {
+            reason: reason.into(),
+            kind: build::FailureKind::Transient,
+            lost: None,
+        }
+    }
+
+    /// A failure that building again would repeat.
+    pub fn permanent(reason: impl Into<String>) -> BuildFailure {
+        BuildFailure {
+            reason: reason.into(),
+            kind: build::FailureKind::Permanent,
+            lost: None,
+        }
+    }
+}
 
 /// Where a build's log lines go (the connection following it, if any).
 type LineSink = Box<dyn Fn(String) + Send + Sync>;
@@ -104,10 +137,8 @@ impl Builds {
         F: Future<Output = Outcome> + Send + 'static,
     {
         let Ok(mut slots) = self.slots.lock() else {
-            let (_, rx) = watch::channel(Some(Err((
-                "worker state poisoned".to_owned(),
-                build::FailureKind::Transient,
-            ))));
+            let (_, rx) =
+                watch::channel(Some(Err(BuildFailure::transient("worker state poisoned"))));
             return rx;
         };
         if let Some(slot) = slots.get(drv) {
@@ -157,17 +188,24 @@ mod tests {
         Box::new(|_| {})
     }
 
+    fn built(outputs: &[&str]) -> BuiltStep {
+        BuiltStep {
+            outputs: outputs.iter().map(|o| o.to_string()).collect(),
+            realisations: Vec::new(),
+        }
+    }
+
     #[tokio::test]
     async fn a_build_runs_once_and_its_outcome_waits_to_be_taken() {
         let builds = Builds::default();
         let mut rx = builds.follow("d", quiet(), |lines| async move {
             lines.send("hello".into());
-            Ok(vec!["/out".into()])
+            Ok(built(&["/out"]))
         });
         rx.wait_for(Option::is_some).await.unwrap();
         // Followed again (after a reconnection): not started again, the outcome is there.
         let again = builds.follow("d", quiet(), |_| async { panic!("built twice") });
-        assert_eq!(*again.borrow(), Some(Ok(vec!["/out".to_owned()])));
+        assert_eq!(*again.borrow(), Some(Ok(built(&["/out"]))));
         assert_eq!(builds.pending(), ["d"]);
         builds.cancel("d");
         assert!(builds.pending().is_empty());
@@ -185,7 +223,7 @@ mod tests {
                 for line in ["1234", "5678", "abcd", "efgh"] {
                     lines.send(line.into());
                 }
-                Ok(vec![])
+                Ok(built(&[]))
             },
         );
         rx.wait_for(Option::is_some).await.unwrap();
@@ -204,7 +242,7 @@ mod tests {
             let _guard = dropped_tx;
             let _ = started_tx.send(());
             tokio::time::sleep(Duration::from_secs(60)).await;
-            Ok(vec![])
+            Ok(built(&[]))
         });
         started.await.unwrap();
         builds.cancel("d");

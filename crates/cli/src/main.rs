@@ -6,7 +6,6 @@
 mod commands;
 mod logging;
 mod metrics_http;
-mod own_store;
 mod progress;
 mod snapshot;
 
@@ -44,6 +43,7 @@ enum Command {
     Translate(commands::translate::TranslateArgs),
     Daemon(commands::daemon::DaemonArgs),
     Substitute(commands::substitute::SubstituteArgs),
+    Route(commands::route::RouteArgs),
 }
 
 fn main() -> ExitCode {
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     // Process-wide setup that must happen while this is the only thread.
     if let Command::Worker(a) = &cli.command {
         if let Some(dir) = a.own_store() {
-            if let Err(e) = own_store::enter(dir) {
+            if let Err(e) = nixspace_nix_tools::own_store::enter(dir) {
                 eprintln!("nixspace: error: {e:#}");
                 return ExitCode::FAILURE;
             }
@@ -86,6 +86,7 @@ fn main() -> ExitCode {
             Command::Translate(a) => commands::translate::run(a).await,
             Command::Daemon(a) => commands::daemon::run(a).await,
             Command::Substitute(a) => commands::substitute::run(a).await,
+            Command::Route(a) => commands::route::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

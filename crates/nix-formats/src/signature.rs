@@ -390,6 +390,48 @@ pub fn fingerprint<'a>(
     ))
 }
 
+/// The text Nix signs for a realisation (`Realisation::fingerprint`): its JSON
+/// without the signatures, keys in order, no spaces:
+/// `{"dependentRealisations":{…},"id":"sha256:<hex>!<output>","outPath":"<base name>"}`.
+/// `out_path` and the values of `dependent` are store path base names.
+pub fn realisation_fingerprint(
+    id: &str,
+    out_path: &str,
+    dependent: &BTreeMap<String, String>,
+) -> String {
+    let dependent: Vec<String> = dependent
+        .iter()
+        .map(|(k, v)| format!("{}:{}", json_string(k), json_string(v)))
+        .collect();
+    format!(
+        "{{\"dependentRealisations\":{{{}}},\"id\":{},\"outPath\":{}}}",
+        dependent.join(","),
+        json_string(id),
+        json_string(out_path)
+    )
+}
+
+/// `text` as a JSON string, escaped as Nix's JSON writer escapes it.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Signs a fingerprint, giving the `name:base64` text of a `Sig` line.
 pub fn sign(secret: &SecretKey, fingerprint: &str) -> String {
     secret.sign(fingerprint.as_bytes()).to_string()
@@ -483,6 +525,36 @@ mod tests {
 
     fn keys() -> PublicKeys {
         PublicKeys::parse(PK).unwrap()
+    }
+
+    /// A realisation Nix 2.8 signed (`secret-key-files`, `nix realisation info --json`).
+    #[test]
+    fn realisation_fingerprint_is_what_nix_signs() -> Result<(), KeyError> {
+        let key = PublicKey::parse("test-key-1:qd1wAbrkUMGezCViMlr4UYwJ/5Fhvv9dRTfIXC7BejM=")?;
+        let keys: PublicKeys = [key].into_iter().collect();
+        let fp = realisation_fingerprint(
+            "sha256:e3c9e2facc4aab0479ddb2fdc261672c53d788538fe68752726497d3d1561f5d!out",
+            "jqmhlr2slvrl71svxjjr8bxjzc13v469-sigtest-ca",
+            &BTreeMap::new(),
+        );
+        let sig = "test-key-1:Gx5i0iRA+EShTwRQzJ/N+HNbuCK7eW++GBta1M/YcJ9qBetn7lb4u3R8xqtPOj3pd5EAjfwc7f9qdSmvdyAXBA==";
+        assert!(verify(&keys, &fp, sig), "{fp}");
+        assert!(!verify(&keys, &fp.replace("!out", "!dev"), sig));
+        Ok(())
+    }
+
+    #[test]
+    fn realisation_fingerprint_escapes_and_orders_dependents() {
+        let deps: BTreeMap<String, String> = [
+            ("sha256:bb!out".to_owned(), "b-x".to_owned()),
+            ("sha256:aa!out".to_owned(), "a\"q".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            realisation_fingerprint("sha256:cc!out", "c-x", &deps),
+            r#"{"dependentRealisations":{"sha256:aa!out":"a\"q","sha256:bb!out":"b-x"},"id":"sha256:cc!out","outPath":"c-x"}"#
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! construction: store paths in requests are printed with it and store paths in replies must be
 //! inside it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -413,6 +413,38 @@ where
             self.simple(&Request::AddTempRoot(path.clone())).await?;
             self.reader.read_u64("AddTempRoot reply").await?;
             Ok(())
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `QueryRealisation`: the realisation of output `id` (`sha256:<hex>!<output>`), if the
+    /// store has one. Before protocol 1.31 the daemon sends only the output path.
+    pub async fn query_realisation(
+        &mut self,
+        id: &str,
+    ) -> Result<Option<Realisation>, ClientError> {
+        let res = async {
+            self.simple(&Request::QueryRealisation(id.to_owned()))
+                .await?;
+            if self.reader.version() >= REGISTER_DRV_OUTPUT_JSON {
+                let count = self.reader.read_u64("QueryRealisation count").await?;
+                let mut found = None;
+                for _ in 0..count {
+                    found = Some(Realisation::read_from(&mut self.reader).await?);
+                }
+                return Ok(found);
+            }
+            let paths = self
+                .reader
+                .read_store_path_set("QueryRealisation reply")
+                .await?;
+            Ok(paths.into_iter().next().map(|p| Realisation {
+                dependent_realisations: BTreeMap::new(),
+                id: id.to_owned(),
+                out_path: p.to_string(),
+                signatures: BTreeSet::new(),
+            }))
         }
         .await;
         self.track(res)

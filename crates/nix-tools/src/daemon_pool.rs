@@ -25,7 +25,7 @@ use nixspace_nix_formats::derivation::{Derivation, DerivationOutput as DrvOutput
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient,
-    DerivationOutput, LogEvent,
+    DerivationOutput, LogEvent, Realisation,
 };
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -153,14 +153,15 @@ impl DaemonPool {
 
     /// Build the derivation at `drv` (a `.drv` store path) with
     /// `BuildDerivation`, once its inputs are valid; call `on_line` for each
-    /// log line as it arrives. Returns the output paths, by output name.
+    /// log line as it arrives. Returns the output paths (by output name) and
+    /// the realisations of the floating content-addressed outputs.
     ///
     /// Dropping the returned future interrupts the build.
     pub async fn build(
         &self,
         drv: &str,
         mut on_line: impl FnMut(String) + Send,
-    ) -> Result<Vec<String>, StepError> {
+    ) -> Result<BuiltStep, StepError> {
         let store = &self.inner.config.store_dir;
         let step = Step::load(store, drv).await?;
         let mut lease = self.lease().await?;
@@ -448,6 +449,16 @@ fn feature_option(features: &[String]) -> Vec<String> {
     ]
 }
 
+/// What a successful build produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltStep {
+    /// The output paths, in output-name order.
+    pub outputs: Vec<String>,
+    /// Nix's realisations of the outputs whose paths were not known before the build
+    /// (floating content-addressed ones), as the daemon reported and registered them.
+    pub realisations: Vec<Realisation>,
+}
+
 /// One derivation, ready to send.
 struct Step {
     drv_path: StorePath,
@@ -490,8 +501,9 @@ impl Step {
         })
     }
 
-    /// The output paths of a finished build, or why it failed.
-    fn outputs(&self, store: &StoreDir, result: BuildResult) -> Result<Vec<String>, StepError> {
+    /// The output paths of a finished build and the realisations of its floating outputs,
+    /// or why it failed.
+    fn outputs(&self, store: &StoreDir, result: BuildResult) -> Result<BuiltStep, StepError> {
         if !result.status.is_success() {
             let message = first_line(&result.error_msg);
             let message = if message.is_empty() {
@@ -504,7 +516,10 @@ impl Step {
                 _ => StepError::Failed(message),
             });
         }
-        let mut paths = Vec::new();
+        let mut built = BuiltStep {
+            outputs: Vec::new(),
+            realisations: Vec::new(),
+        };
         for (name, output) in &self.outputs {
             let path = match output.path() {
                 Some(path) => store.print(path),
@@ -514,22 +529,25 @@ impl Step {
                         .built_outputs
                         .iter()
                         .find(|(id, _)| id.ends_with(&suffix))
-                        .map(|(_, r)| r.out_path.as_str());
-                    match realised {
-                        Some(p) if p.starts_with('/') => p.to_owned(),
-                        Some(base) => format!("{store}/{base}"),
-                        None => {
-                            return Err(StepError::Transient(format!(
-                                "the Nix daemon built {} but did not report output '{name}'",
-                                store.print(&self.drv_path)
-                            )))
-                        }
+                        .map(|(_, r)| r);
+                    let Some(realisation) = realised else {
+                        return Err(StepError::Transient(format!(
+                            "the Nix daemon built {} but did not report output '{name}'",
+                            store.print(&self.drv_path)
+                        )));
+                    };
+                    built.realisations.push(realisation.clone());
+                    let p = realisation.out_path.as_str();
+                    if p.starts_with('/') {
+                        p.to_owned()
+                    } else {
+                        format!("{store}/{p}")
                     }
                 }
             };
-            paths.push(path);
+            built.outputs.push(path);
         }
-        Ok(paths)
+        Ok(built)
     }
 }
 

@@ -11,10 +11,11 @@
 mod command;
 mod daemon_pool;
 mod derivation_info;
+pub mod own_store;
 
 pub use command::NixError;
 pub use daemon_pool::{
-    strip_ansi, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE,
+    strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE,
 };
 pub use derivation_info::{read_closure, DerivationInfo};
 

@@ -51,7 +51,7 @@ fn pool(max: usize) -> DaemonPool {
 /// Build, collecting the log lines.
 async fn build(pool: &DaemonPool, drv: &str) -> (Result<Vec<String>, StepError>, Vec<String>) {
     let mut lines = Vec::new();
-    let result = pool.build(drv, |l| lines.push(l)).await;
+    let result = pool.build(drv, |l| lines.push(l)).await.map(|b| b.outputs);
     (result, lines)
 }
 

@@ -5,10 +5,11 @@
 //! the migrations a file lacks, in order, each in its own transaction. Each
 //! recorded state change is one transaction.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 /// The schema, one entry per version; never edit a released entry, append.
@@ -60,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
          recorded INTEGER NOT NULL
      );
      CREATE INDEX realisations_by_path ON realisations(out_path);",
+    // 4: the signatures a realisation carries, space-separated (as Nix keeps them).
+    "ALTER TABLE realisations ADD COLUMN signatures TEXT NOT NULL DEFAULT '';",
 ];
 
 /// A history database could not be used.
@@ -132,6 +135,17 @@ pub struct StepRecord {
     pub resolved_from: Vec<String>,
     /// The realisations (`sha256:<hash modulo>!<output>`) recorded for its outputs.
     pub realisations: Vec<String>,
+}
+
+/// A recorded realisation of a content-addressed output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RealisationRecord {
+    /// `sha256:<hash modulo>!<output>`.
+    pub id: String,
+    /// The output path.
+    pub path: String,
+    /// Its signatures (`name:base64`), sorted.
+    pub signatures: Vec<String>,
 }
 
 /// One attempt to build a step.
@@ -266,16 +280,64 @@ impl History {
         tx.commit().map_err(err)
     }
 
-    /// Output `id` (`sha256:<hash modulo>!<output>`) was realised as `out_path`.
-    pub fn realised(&mut self, id: &str, out_path: &str) -> Result<(), HistoryError> {
-        self.conn
-            .execute(
-                "INSERT INTO realisations (id, out_path, recorded) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(id) DO UPDATE SET out_path = ?2",
-                params![id, out_path, now()],
+    /// Output `id` (`sha256:<hash modulo>!<output>`) was realised as `out_path`, signed with
+    /// `signatures`. The signatures add to those recorded for the same path; a different path
+    /// replaces the record (and its signatures). One transaction.
+    pub fn realised(
+        &mut self,
+        id: &str,
+        out_path: &str,
+        signatures: &[String],
+    ) -> Result<(), HistoryError> {
+        let path = self.path.clone();
+        let err = |source| HistoryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let known: Option<(String, String)> = tx
+            .query_row(
+                "SELECT out_path, signatures FROM realisations WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            .optional()
+            .map_err(err)?;
+        let mut merged: BTreeSet<&str> = signatures.iter().map(String::as_str).collect();
+        if let Some((known_path, known_signatures)) = &known {
+            if known_path == out_path {
+                merged.extend(known_signatures.split_whitespace());
+            }
+        }
+        let merged = merged.into_iter().collect::<Vec<_>>().join(" ");
+        tx.execute(
+            "INSERT INTO realisations (id, out_path, recorded, signatures) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(id) DO UPDATE SET out_path = ?2, signatures = ?4",
+            params![id, out_path, now(), merged],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// Every recorded realisation, by id.
+    pub fn realisations(&self) -> Result<Vec<RealisationRecord>, HistoryError> {
+        let mut query = self
+            .conn
+            .prepare("SELECT id, out_path, signatures FROM realisations ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = query
+            .query_map([], |r| {
+                let signatures: String = r.get(2)?;
+                Ok(RealisationRecord {
+                    id: r.get(0)?,
+                    path: r.get(1)?,
+                    signatures: signatures.split_whitespace().map(str::to_owned).collect(),
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e));
+        rows
     }
 
     /// `worker` started building `drv`.

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub retries: Counter,
     /// Steps granted to a second, faster worker.
     pub steals: Counter,
+    /// Built steps built again because no store had their outputs any more.
+    pub rebuilds: Counter,
     /// Seconds from a step becoming ready to a worker being granted it.
     pub dispatch_seconds: Histogram,
 }
@@ -45,6 +47,7 @@ impl Default for Metrics {
             failed: Counter::default(),
             retries: Counter::default(),
             steals: Counter::default(),
+            rebuilds: Counter::default(),
             // 50 µs to ~1.6 s.
             dispatch_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             registry: Registry::default(),
@@ -80,6 +83,11 @@ impl Default for Metrics {
             "steals",
             "Steps duplicated on a faster worker",
             metrics.steals.clone(),
+        );
+        registry.register(
+            "rebuilds",
+            "Built steps built again because the only store with their outputs left",
+            metrics.rebuilds.clone(),
         );
         registry.register(
             "dispatch_seconds",
@@ -128,6 +136,7 @@ mod tests {
             "nixspace_steps_failed_total",
             "nixspace_step_retries_total",
             "nixspace_steals_total",
+            "nixspace_rebuilds_total",
             "nixspace_dispatch_seconds_count 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

@@ -372,13 +372,50 @@ impl Schedule {
         }
     }
 
-    /// The retry delay of a transiently failed step is over.
+    /// The retry delay of a transiently failed step is over: it is ready again once its
+    /// inputs are built (one may have to be built again, see [`Schedule::lost`]).
     pub fn retry(&mut self, drv: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
-        if self.state(drv) == Some(&StepState::Retrying) {
-            self.enter_ready(drv, &mut effects);
+        if let Some(step) = self.steps.get_mut(drv) {
+            if step.state == StepState::Retrying {
+                step.state = StepState::Waiting;
+                self.settle(drv, &mut effects);
+            }
         }
         effects
+    }
+
+    /// No store in the dataspace has `path` any more (the only one that had it left): the
+    /// built step with that output is built again, and its dependents wait for it. Returns
+    /// that step (if one is demanded and built) and what to publish.
+    pub fn lost(&mut self, path: &str) -> (Option<String>, Vec<Effect>) {
+        let mut effects = Vec::new();
+        let made_it = self.steps.iter_mut().find(|(_, s)| {
+            matches!(&s.state, StepState::Built { outputs, .. } if outputs.iter().any(|o| o == path))
+        });
+        let Some((drv, step)) = made_it else {
+            return (None, effects);
+        };
+        let drv = drv.clone();
+        step.state = StepState::Waiting;
+        step.attempts = 0;
+        step.transient_reasons.clear();
+        effects.push(Effect::Forget(drv.clone()));
+        for dependent in self.dependents_of(&drv) {
+            match self.state(&dependent) {
+                Some(StepState::Ready) => {
+                    self.leave_ready(&dependent, StepState::Waiting, &mut effects)
+                }
+                Some(StepState::Retrying) => {
+                    if let Some(d) = self.steps.get_mut(&dependent) {
+                        d.state = StepState::Waiting;
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.settle(&drv, &mut effects);
+        (Some(drv), effects)
     }
 
     /// `worker` built `drv`. Only the worker the step is assigned to (or the
@@ -657,6 +694,31 @@ mod tests {
         );
         s.claim("b", "w2");
         assert_eq!(readies(&s.built("b", "w2", vec![])), vec!["c"]);
+    }
+
+    #[test]
+    fn a_lost_output_is_built_again_before_its_dependent_retries() {
+        let mut s = Schedule::default();
+        s.demand("a", info(&[]), Urgency::default());
+        s.demand("b", info(&["a"]), Urgency::default());
+        s.claim("a", "w1");
+        s.built("a", "w1", vec!["/out/a".into()]);
+        s.claim("b", "w2");
+        // w2 finds no store with a's output: a is built again, b waits for it.
+        let (made_it, e) = s.lost("/out/a");
+        assert_eq!(made_it.as_deref(), Some("a"));
+        assert!(e.contains(&Effect::Forget("a".into())), "{e:?}");
+        assert_eq!(readies(&e), vec!["a"]);
+        s.failed("b", "w2", "cannot fetch /out/a", FailureKind::Transient);
+        assert!(readies(&s.retry("b")).is_empty());
+        assert_eq!(s.state("b"), Some(&StepState::Waiting));
+        s.claim("a", "w2");
+        assert_eq!(
+            readies(&s.built("a", "w2", vec!["/out/a".into()])),
+            vec!["b"]
+        );
+        // A path no demanded step made: nothing to rebuild.
+        assert_eq!(s.lost("/out/elsewhere"), (None, vec![]));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! root facet: everything the planner publishes lasts until the planner
 //! itself withdraws it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use nixspace_protocol::{build, on_retraction};
 use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
-use syndicate_macros::during;
+use syndicate_macros::{during, on_message};
 
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
@@ -48,10 +48,12 @@ pub enum Event {
     Offer(String, i64),
     /// A frontend resolved a content-addressed step (from, to, system).
     Resolved(String, String, String),
-    /// A content-addressed output was realised (id, path).
-    Realised(String, String),
+    /// A content-addressed output was realised (id, path, signatures).
+    Realised(String, String, Vec<String>),
     /// Time to look for steals.
     Tick,
+    /// A worker found no store with input `path` of step `drv` (drv, path, worker).
+    Lost(String, String, String),
 }
 
 /// The planner entity: the schedule and the handles of what it asserted.
@@ -72,6 +74,9 @@ struct Planner {
     /// The thieves' assignments, by step.
     stolen: HashMap<String, Handle>,
     outcomes: HashMap<String, Handle>,
+    /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
+    /// its path, its signatures, and the planner's assertion of it.
+    realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
 }
 
 impl Entity<Event> for Planner {
@@ -113,8 +118,21 @@ impl Entity<Event> for Planner {
                 effects.extend(s.tick(now));
                 effects
             }
-            Event::Realised(id, path) => {
-                note(&mut self.history, |h| h.realised(&id, &path));
+            Event::Lost(drv, path, worker) => {
+                let (rebuilt, effects) = s.lost(&path);
+                match rebuilt {
+                    Some(made_it) => {
+                        self.metrics.rebuilds.inc();
+                        tracing::warn!(%path, %made_it, needed_by = %drv, %worker, "no store has this output any more; building its step again");
+                    }
+                    None => {
+                        tracing::warn!(%path, needed_by = %drv, %worker, "no store has this input, and no demanded step makes it")
+                    }
+                }
+                effects
+            }
+            Event::Realised(id, path, signatures) => {
+                self.realised(t, id, path, signatures);
                 Vec::new()
             }
             Event::Resolved(from, to, system) => {
@@ -275,6 +293,66 @@ fn note(history: &mut Option<History>, f: impl FnOnce(&mut History) -> Result<()
 }
 
 impl Planner {
+    /// A realisation was asserted: record what is new about it and keep asserting the whole
+    /// record (so it outlives whoever asserted it, and the signatures accumulate).
+    fn realised(&mut self, t: &mut Activation, id: String, path: String, signatures: Vec<String>) {
+        let mut merged: BTreeSet<String> = signatures.iter().cloned().collect();
+        if let Some((known_path, known, _)) = self.realisations.get(&id) {
+            if *known_path == path {
+                if merged.is_subset(known) {
+                    return;
+                }
+                merged.extend(known.iter().cloned());
+            } else {
+                tracing::warn!(%id, was = %known_path, now = %path, "a realisation changed its output path");
+            }
+        }
+        note(&mut self.history, |h| h.realised(&id, &path, &signatures));
+        self.publish_realisation(t, id, path, merged);
+    }
+
+    /// Assert `id` ↦ `path` (with `signatures`) in place of what the planner asserted for `id`.
+    fn publish_realisation(
+        &mut self,
+        t: &mut Activation,
+        id: String,
+        path: String,
+        signatures: BTreeSet<String>,
+    ) {
+        let record = build::Realisation {
+            id: id.clone(),
+            path: path.clone(),
+            signatures: signatures.iter().cloned().collect(),
+        };
+        let Some(handle) = self.ds.assert(t, &record) else {
+            return;
+        };
+        if let Some((_, _, old)) = self.realisations.insert(id, (path, signatures, handle)) {
+            t.retract(old);
+        }
+    }
+
+    /// Assert the realisations the history recorded (a restarted planner knows them again).
+    fn reload_realisations(&mut self, t: &mut Activation) {
+        let recorded = match self.history.as_ref().map(History::realisations) {
+            None => return,
+            Some(Ok(recorded)) => recorded,
+            Some(Err(error)) => {
+                tracing::warn!(%error, "cannot reload the recorded realisations");
+                return;
+            }
+        };
+        if !recorded.is_empty() {
+            tracing::info!(
+                count = recorded.len(),
+                "asserting the recorded realisations"
+            );
+        }
+        for r in recorded {
+            self.publish_realisation(t, r.id, r.path, r.signatures.into_iter().collect());
+        }
+    }
+
     /// Withdraw every assignment of a step and any invitation to steal it.
     fn unassign(&mut self, t: &mut Activation, drv: &str) {
         retract(t, &mut self.assigned, drv);
@@ -408,7 +486,7 @@ pub fn start(
             .with_stealing(config.steal);
         keep_for_rejoining_workers(&mut schedule, history.as_ref(), config.rejoin_grace);
         let me = Arc::new(OnceLock::new());
-        let planner: Arc<Ref<Event>> = t.create_ref(Planner {
+        let mut planner = Planner {
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
             schedule,
@@ -421,7 +499,10 @@ pub fn start(
             steal_offers: HashMap::new(),
             stolen: HashMap::new(),
             outcomes: HashMap::new(),
-        });
+            realisations: HashMap::new(),
+        };
+        planner.reload_realisations(t);
+        let planner: Arc<Ref<Event>> = t.create_ref(planner);
         let _ = me.set(Arc::downgrade(&planner));
 
         let period = (config.steal.after / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -430,8 +511,13 @@ pub fn start(
             Ok(())
         }))?;
 
-        enclose!((planner) during!(t, ds, <realisation $id: String $path: String>, |t: &mut Activation| {
-            t.message(&planner, Event::Realised(id.clone(), path.clone()));
+        enclose!((planner) during!(t, ds, <realisation $id: String $path: String $signatures: Vec<String>>, |t: &mut Activation| {
+            t.message(&planner, Event::Realised(id.clone(), path.clone(), signatures.clone()));
+            Ok(())
+        }));
+
+        enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
+            t.message(&planner, Event::Lost(drv, path, worker));
             Ok(())
         }));
 

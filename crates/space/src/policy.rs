@@ -66,6 +66,8 @@ pub fn allowed(role: Role) -> Vec<Shape> {
         Shape::of::<store::Want>(),
         Shape::of::<store::Available>(),
         Shape::of::<store::NarRequest>(),
+        // Any participant with a store may compute a closure and share it.
+        Shape::of::<store::Closure>(),
     ];
     match role {
         Role::Submit => shapes.extend([
@@ -83,6 +85,9 @@ pub fn allowed(role: Role) -> Vec<Shape> {
                 Shape::of::<build::Built>(),
                 Shape::of::<build::Failed>(),
                 Shape::of::<build::Log>(),
+                // The realisations of the content-addressed outputs a worker built.
+                Shape::of::<build::Realisation>(),
+                Shape::of::<build::Lost>(),
                 // Substituters join with the worker capability.
                 Shape::of::<store::Substituter>(),
                 Shape::of::<store::Missing>(),
@@ -104,11 +109,6 @@ pub fn allowed(role: Role) -> Vec<Shape> {
 /// value>` (logged by the host, ignored by everything else).
 pub fn role_caveats(role: Role) -> Vec<Caveat> {
     let discard = || Pattern::PDiscard(PDiscard);
-    let bind = |pattern: Pattern| {
-        Pattern::PBind(Box::new(PBind {
-            pattern: Box::new(pattern),
-        }))
-    };
     let first_binding = || Template::TRef(TRef { binding: 0.into() });
     let mut alternatives: Vec<Rewrite> = allowed(role)
         .into_iter()
@@ -133,6 +133,74 @@ pub fn role_caveats(role: Role) -> Vec<Caveat> {
         }),
     });
     vec![Caveat::Alts(Alts { alternatives })]
+}
+
+/// The field of each worker record that names the worker (or its store, named after the
+/// worker): label and field index.
+const IDENTITY_FIELDS: &[(&str, usize)] = &[
+    ("worker", 0),
+    ("offer", 0),
+    ("claim", 1),
+    ("log", 1),
+    ("built", 1),
+    ("failed", 1),
+    ("lost", 2),
+    ("want", 1),
+    ("available", 1),
+    ("substituter", 0),
+    ("missing", 1),
+];
+
+/// The caveat that narrows a worker capability to one worker, `name`: records that name a
+/// worker (or a worker's store) pass only with `name` there; the rest of the worker
+/// vocabulary passes unchanged; anything else becomes `<nixspace-refused worker:NAME value>`
+/// (refused again, and logged, by the role caveat behind it). Any holder of a worker route
+/// can add it (a sturdy ref's caveats can be extended without the host's key, never
+/// removed), so each machine can get a route that lets it act only as itself.
+pub fn identity_caveats(name: &str) -> Vec<Caveat> {
+    let discard = || Pattern::PDiscard(PDiscard);
+    let first_binding = || Template::TRef(TRef { binding: 0.into() });
+    let mut alternatives: Vec<Rewrite> = allowed(Role::Worker)
+        .into_iter()
+        .map(|shape| {
+            let mut fields = vec![discard(); shape.arity];
+            let identity = IDENTITY_FIELDS
+                .iter()
+                .find(|(label, _)| *label == shape.label)
+                .map(|(_, i)| *i);
+            if let Some(field) = identity.and_then(|i| fields.get_mut(i)) {
+                *field = Pattern::Lit(Lit {
+                    value: AnyValue::new(name.to_owned()),
+                });
+            }
+            Rewrite {
+                pattern: bind(Pattern::PCompound(PCompound::Rec {
+                    label: AnyValue::symbol(shape.label),
+                    fields,
+                })),
+                template: first_binding(),
+            }
+        })
+        .collect();
+    alternatives.push(Rewrite {
+        pattern: bind(discard()),
+        template: Template::TCompound(TCompound::Rec {
+            label: AnyValue::symbol(REFUSED_LABEL),
+            fields: vec![
+                Template::Lit(Lit {
+                    value: AnyValue::symbol(format!("worker:{name}")),
+                }),
+                first_binding(),
+            ],
+        }),
+    });
+    vec![Caveat::Alts(Alts { alternatives })]
+}
+
+fn bind(pattern: Pattern) -> Pattern {
+    Pattern::PBind(Box::new(PBind {
+        pattern: Box::new(pattern),
+    }))
 }
 
 #[cfg(test)]
@@ -178,8 +246,9 @@ mod tests {
 
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
-        assert_eq!(allowed(Role::Submit).len(), 8);
-        assert_eq!(allowed(Role::Worker).len(), 16);
+        assert_eq!(allowed(Role::Submit).len(), 9);
+        assert_eq!(allowed(Role::Worker).len(), 19);
+        assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
         assert!(allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
@@ -209,6 +278,45 @@ mod tests {
         // A wrong arity is refused too.
         let short = AnyValue::record(AnyValue::symbol("demand"), vec![AnyValue::new(1)]);
         assert!(!passes(Role::Submit, short));
+    }
+
+    #[test]
+    fn a_named_worker_acts_only_as_itself() {
+        let caveats = [role_caveats(Role::Worker), identity_caveats("w1")].concat();
+        let checked = Caveat::check_many(&caveats).expect("valid caveats");
+        // Applied as a capability applies them: the holder's last caveat first.
+        let through = |v: AnyValue| checked.iter().rev().try_fold(v, |v, c| c.rewrite(&v));
+        let claim = |worker: &str| {
+            build::Claim {
+                drv: "/nix/store/x.drv".into(),
+                worker: worker.into(),
+            }
+            .unparse()
+        };
+        assert_eq!(through(claim("w1")), Some(claim("w1")));
+        let other = through(claim("w2")).expect("rewritten, not dropped");
+        assert_eq!(other.label(), AnyValue::symbol(REFUSED_LABEL));
+        assert!(format!("{other:?}").contains("worker:w1"), "{other:?}");
+        let want = |store: &str| {
+            store::Want {
+                path: "/nix/store/x".into(),
+                store: store.into(),
+            }
+            .unparse()
+        };
+        assert_eq!(through(want("w1")), Some(want("w1")));
+        assert_ne!(through(want("w2")), Some(want("w2")));
+        // Records without a worker name pass; other roles' records do not.
+        let request = AnyValue::record(
+            AnyValue::symbol("nar-request"),
+            vec![
+                AnyValue::new("/nix/store/x"),
+                AnyValue::new("w2"),
+                AnyValue::new(0),
+            ],
+        );
+        assert_eq!(through(request.clone()), Some(request));
+        assert_ne!(through(demand()), Some(demand()));
     }
 
     #[test]

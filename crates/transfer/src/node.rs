@@ -25,7 +25,7 @@ use crate::nar_stream::NarReceiver;
 use crate::path_info::from_wire;
 use crate::source::{serve, DaemonSource, PathSource, Role};
 
-/// How long a fetch waits for some store to say it has the path.
+/// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// How long a worker waits for substituters to say whether they have a path.
@@ -33,10 +33,30 @@ const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whom a fetch waits for.
 enum Patience<'a> {
-    /// Any store, for up to [`WANT_PATIENCE`].
-    Anyone,
+    /// Any store, for up to this long.
+    Anyone(Duration),
     /// These substituters, until each said it lacks the path (or [`SUBSTITUTE_PATIENCE`]).
     Substitutes(&'a BTreeSet<String>),
+}
+
+impl Patience<'_> {
+    /// How long to wait for the first answer.
+    fn initial(&self) -> Duration {
+        match self {
+            Patience::Anyone(patience) => *patience,
+            Patience::Substitutes(_) => SUBSTITUTE_PATIENCE,
+        }
+    }
+}
+
+/// A want being held, and the answers to it.
+struct Wanted {
+    /// Stopping it withdraws the want.
+    facet: ChildFacet,
+    /// `(store, info)` of each other store that has the path.
+    offers: mpsc::UnboundedReceiver<(String, store::PathInfo)>,
+    /// Substituters that lack it.
+    missing: mpsc::UnboundedReceiver<String>,
 }
 
 /// How long a NAR stream may stay silent before the transfer is abandoned.
@@ -52,8 +72,8 @@ pub enum FetchError {
     #[error("the connection to the dataspace was lost while fetching {0}")]
     LinkLost(String),
     /// Nobody answered the want.
-    #[error("no store in the dataspace has {0} (waited {WANT_PATIENCE:?})")]
-    Nowhere(String),
+    #[error("no store in the dataspace has {0} (waited {1:?})")]
+    Nowhere(String, Duration),
     /// Every store that had the path failed to send a good copy.
     #[error("cannot fetch {path}: {reasons}")]
     Failed {
@@ -84,6 +104,8 @@ struct Inner {
     fetched_bytes: AtomicU64,
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
+    /// How long a fetch waits for some store to have the path.
+    want_patience: Duration,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -141,6 +163,17 @@ pub(crate) fn account(what: &'static str) -> Arc<Account> {
 impl StoreNode {
     /// The store reached through `pool`, known in the dataspace as `name`.
     pub fn new(name: impl Into<String>, pool: DaemonPool) -> StoreNode {
+        StoreNode::with_want_patience(name, pool, WANT_PATIENCE)
+    }
+
+    /// Like [`StoreNode::new`], with fetches waiting up to `patience` (instead of
+    /// [`WANT_PATIENCE`]) for some store to have a path before giving up with
+    /// [`FetchError::Nowhere`].
+    pub fn with_want_patience(
+        name: impl Into<String>,
+        pool: DaemonPool,
+        patience: Duration,
+    ) -> StoreNode {
         StoreNode {
             inner: Arc::new(Inner {
                 name: name.into(),
@@ -150,6 +183,7 @@ impl StoreNode {
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
+                want_patience: patience,
             }),
         }
     }
@@ -230,7 +264,7 @@ impl StoreNode {
                 .await
             {
                 Ok(()) => {}
-                Err(FetchError::Nowhere(_)) => return Ok(false),
+                Err(FetchError::Nowhere(..)) => return Ok(false),
                 Err(e) => return Err(e),
             }
         }
@@ -248,6 +282,37 @@ impl StoreNode {
                     .map_err(|e| FetchError::Local(format!("{p}: {e}")))
             })
             .collect()
+    }
+
+    /// Which of `paths` (printed store paths) are not valid in this store.
+    pub async fn missing(&self, paths: &[String]) -> Result<Vec<String>, FetchError> {
+        let parsed = self.parse_all(paths)?;
+        let valid = self.inner.valid(&parsed).await?;
+        let store_dir = self.inner.pool.store_dir();
+        Ok(parsed
+            .difference(&valid)
+            .map(|p| store_dir.print(p))
+            .collect())
+    }
+
+    /// What `path` (printed) is registered with: from this store if it is valid here, else
+    /// from the first other store in the dataspace that answers a want within `patience`.
+    /// Its references are what a closure is computed from.
+    pub async fn path_info(
+        &self,
+        path: &str,
+        patience: Duration,
+    ) -> Result<store::PathInfo, FetchError> {
+        self.parse_all(&[path.to_owned()])?;
+        if let Some(info) = DaemonSource(self.inner.pool.clone()).path_info(path).await {
+            return Ok(info);
+        }
+        let link = self.inner.link()?;
+        let mut wanted = self.inner.want(&link, path);
+        match tokio::time::timeout(patience, wanted.offers.recv()).await {
+            Ok(Some((_, info))) => Ok(info),
+            _ => Err(FetchError::Nowhere(path.to_owned(), patience)),
+        }
     }
 
     /// Make `paths` (printed store paths) and their closures valid in this store, fetching
@@ -306,7 +371,15 @@ impl Inner {
             Err(_) => Arc::new(OnceCell::new()),
         };
         let result = cell
-            .get_or_init(|| self.fetch_across_reconnections(path))
+            .get_or_init(|| async {
+                // Fetching an earlier path of the same `ensure` may have fetched this one as
+                // its reference.
+                let one = BTreeSet::from([path.clone()]);
+                if self.valid(&one).await?.contains(path) {
+                    return Ok(());
+                }
+                self.fetch_across_reconnections(path).await
+            })
             .await
             .clone();
         if let Ok(mut m) = self.inflight.lock() {
@@ -324,7 +397,10 @@ impl Inner {
     ) -> Result<(), FetchError> {
         let mut tries = 1;
         loop {
-            match self.fetch_within(path, Patience::Anyone).await {
+            match self
+                .fetch_within(path, Patience::Anyone(self.want_patience))
+                .await
+            {
                 Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
                     tries += 1;
                     tracing::warn!(path = %printed, "connection lost while fetching; fetching again once rejoined");
@@ -335,9 +411,9 @@ impl Inner {
         }
     }
 
-    /// Wait (up to [`WANT_PATIENCE`]) until the node is attached to a live connection.
+    /// Wait (up to the want patience) until the node is attached to a live connection.
     async fn relinked(&self) -> Result<(), FetchError> {
-        let deadline = tokio::time::Instant::now() + WANT_PATIENCE;
+        let deadline = tokio::time::Instant::now() + self.want_patience;
         while self.link().map_or(true, |l| l.is_lost()) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(FetchError::Detached);
@@ -355,35 +431,16 @@ impl Inner {
     ) -> Result<(), FetchError> {
         let printed = self.pool.store_dir().print(path);
         let link = self.link()?;
-        let (tx, mut offers) = mpsc::unbounded_channel();
-        let (missing_tx, mut missing) = mpsc::unbounded_channel();
-        let me = self.name.clone();
-        let want = ChildFacet::start(&link, |t| {
-            link.ds.assert(
-                t,
-                &store::Want {
-                    path: printed.clone(),
-                    store: me.clone(),
-                },
-            );
-            let literal = AnyValue::new(printed.clone());
-            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
-                if store != me {
-                    let _ = tx.send((store.clone(), info.clone()));
-                }
-                Ok(())
-            }));
-            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
-                let _ = missing_tx.send(store.clone());
-                Ok(())
-            });
-            Ok(())
-        });
-        tracing::debug!(path = %printed, "wanted");
+        let Wanted {
+            facet: want,
+            mut offers,
+            mut missing,
+        } = self.want(&link, &printed);
         let mut reasons = Vec::new();
-        let (mut wait, mut lacking) = match patience {
-            Patience::Anyone => (WANT_PATIENCE, BTreeSet::new()),
-            Patience::Substitutes(s) => (SUBSTITUTE_PATIENCE, s.clone()),
+        let mut wait = patience.initial();
+        let mut lacking = match patience {
+            Patience::Anyone(_) => BTreeSet::new(),
+            Patience::Substitutes(s) => s.clone(),
         };
         loop {
             let offer = tokio::time::timeout(wait, async {
@@ -426,12 +483,48 @@ impl Inner {
             return Err(FetchError::LinkLost(printed));
         }
         if reasons.is_empty() {
-            Err(FetchError::Nowhere(printed))
+            Err(FetchError::Nowhere(printed, patience.initial()))
         } else {
             Err(FetchError::Failed {
                 path: printed,
                 reasons: reasons.join("; "),
             })
+        }
+    }
+
+    /// Assert `<want printed me>` in a child facet of `link`'s, forwarding other stores'
+    /// `available` answers and substituters' `missing` ones while it lasts.
+    fn want(&self, link: &Link, printed: &str) -> Wanted {
+        let (tx, offers) = mpsc::unbounded_channel();
+        let (missing_tx, missing) = mpsc::unbounded_channel();
+        let me = self.name.clone();
+        let printed = printed.to_owned();
+        let facet = ChildFacet::start(link, |t| {
+            link.ds.assert(
+                t,
+                &store::Want {
+                    path: printed.clone(),
+                    store: me.clone(),
+                },
+            );
+            let literal = AnyValue::new(printed.clone());
+            enclose!((me, literal) during!(t, link.ds, <available #(literal) $store: String $info: store::PathInfo>, |_t| {
+                if store != me {
+                    let _ = tx.send((store.clone(), info.clone()));
+                }
+                Ok(())
+            }));
+            during!(t, link.ds, <missing #(literal) $store: String>, |_t| {
+                let _ = missing_tx.send(store.clone());
+                Ok(())
+            });
+            Ok(())
+        });
+        tracing::debug!(path = %printed, "wanted");
+        Wanted {
+            facet,
+            offers,
+            missing,
         }
     }
 

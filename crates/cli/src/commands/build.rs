@@ -11,7 +11,7 @@ use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::StoreNode;
 use nixspace_translator::resolve::Resolver;
-use nixspace_translator::steps::{self, StepEvent};
+use nixspace_translator::steps::{self, Plan, StepEvent};
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
 
@@ -130,12 +130,13 @@ fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorErro
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let route = args.join.route(Role::Submit)?;
     let roots = resolve_target(&args.target, &args.attrs).await?;
-    let plan = nixspace_translator::steps::plan(&roots).await?;
+    let pool = DaemonPool::new(PoolConfig::new(2));
+    let plan = nixspace_translator::steps::plan(&roots, &pool).await?;
     let infos = &plan.infos;
     let needed = plan.steps();
     if needed.is_empty() {
         eprintln!("nixspace: nothing to build; all outputs are valid");
-        print_outputs(&roots, infos, &BTreeMap::new());
+        print_outputs(&roots, &plan, &BTreeMap::new());
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
@@ -159,7 +160,6 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
     }));
-    let pool = DaemonPool::new(PoolConfig::new(2));
     // Steps with inputs whose outputs are known only once built (content-addressed) are
     // resolved as those land, and demanded then.
     let resolver = Resolver::new(
@@ -245,7 +245,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .lock()
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     s.progress.finish();
-    report(&roots, infos, &s)
+    report(&roots, &plan, &s)
 }
 
 /// The outputs of the roots that were built (none if any step failed).
@@ -389,28 +389,19 @@ async fn resolve_target(target: &std::path::Path, attrs: &[String]) -> anyhow::R
     Ok(drvs)
 }
 
-fn print_outputs(
-    roots: &[String],
-    infos: &BTreeMap<String, DerivationInfo>,
-    built: &BTreeMap<String, Vec<String>>,
-) {
+fn print_outputs(roots: &[String], plan: &Plan, built: &BTreeMap<String, Vec<String>>) {
     for root in roots {
         match built.get(root) {
             Some(outputs) => outputs.iter().for_each(|o| println!("{o}")),
-            None => infos
-                .get(root)
-                .into_iter()
-                .flat_map(|i| i.outputs.values().flatten())
+            None => plan
+                .known_outputs(root)
+                .iter()
                 .for_each(|o| println!("{o}")),
         }
     }
 }
 
-fn report(
-    roots: &[String],
-    infos: &BTreeMap<String, DerivationInfo>,
-    s: &Session,
-) -> anyhow::Result<ExitCode> {
+fn report(roots: &[String], plan: &Plan, s: &Session) -> anyhow::Result<ExitCode> {
     let mut built = BTreeMap::new();
     let mut failures = Vec::new();
     for (drv, status) in &s.steps {
@@ -433,7 +424,7 @@ fn report(
         return Ok(ExitCode::FAILURE);
     }
     if failures.is_empty() {
-        print_outputs(roots, infos, &built);
+        print_outputs(roots, plan, &built);
         return Ok(ExitCode::SUCCESS);
     }
     // Root causes first: failures not caused by another failure.

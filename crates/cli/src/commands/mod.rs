@@ -7,6 +7,7 @@ pub mod build;
 pub mod daemon;
 pub mod demo;
 pub mod history;
+pub mod route;
 pub mod status;
 pub mod substitute;
 pub mod translate;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_space::{Backoff, JoinError, Role, Route, SessionEvent};
 use nixspace_workers::{BuilderConfig, DrainDone, Event};
 use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
@@ -60,6 +61,19 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
     own_store: Option<PathBuf>,
 
+    /// Sign the realisations of the content-addressed outputs this worker
+    /// builds with the secret key in FILE (`name:base64`, as written by
+    /// `nix-store --generate-binary-cache-key`). The signatures are added to
+    /// the worker's store and travel with the realisations in the dataspace.
+    #[arg(long, value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+
+    /// How long fetching an input waits for some store in the dataspace to
+    /// have it, in seconds. After that the input is reported lost (the store
+    /// that had it left) and the planner builds the step that made it again.
+    #[arg(long, default_value_t = nixspace_transfer::WANT_PATIENCE.as_secs_f64(), value_name = "SECONDS")]
+    fetch_patience: f64,
+
     /// The most bytes of log one build sends to the dataspace; the rest is
     /// dropped, with a line saying the log was truncated.
     #[arg(long, default_value_t = nixspace_workers::DEFAULT_MAX_LOG_BYTES, value_name = "BYTES")]
@@ -89,6 +103,8 @@ pub fn local_builder() -> BuilderConfig {
         max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         speed: 1.0,
         daemon_socket: None,
+        signing_key: None,
+        fetch_patience: nixspace_transfer::WANT_PATIENCE,
         max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
     }
 }
@@ -192,6 +208,15 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.speed = args.speed;
     config.daemon_socket = args.daemon_socket;
+    config.fetch_patience = std::time::Duration::try_from_secs_f64(args.fetch_patience)
+        .map_err(|e| anyhow::anyhow!("--fetch-patience {}: {e}", args.fetch_patience))?;
+    if let Some(file) = &args.signing_key {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read --signing-key {}: {e}", file.display()))?;
+        let key = SecretKey::parse(&text)
+            .map_err(|e| anyhow::anyhow!("--signing-key {}: {e}", file.display()))?;
+        config.signing_key = Some(key);
+    }
     config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
     let mut worker = JoinedWorker::join(route, config);
