@@ -7,30 +7,9 @@ mod support;
 use std::time::Duration;
 
 use rustix::process::Signal;
-use support::{nonce, sleeper, Space};
+use support::{layered_dag, nonce, sleeper, Space};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
-
-/// A layered DAG of `layers` × `width` trivial steps plus one root; every
-/// builder run appends the step's name to `runs` (outside the store), so the
-/// test can count builder runs.
-fn layered_dag(
-    space: &Space,
-    layers: usize,
-    width: usize,
-    runs: &std::path::Path,
-) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-let
-{step}  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
-  layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
-in step "root" (builtins.elemAt layers ({layers} - 1))
-"#,
-        step = support::counted_step_bindings(runs, ""),
-    );
-    space.nix_file("dag.nix", &text)
-}
 
 #[test]
 fn a_fifty_step_dag_is_built_exactly_once_by_three_workers() {

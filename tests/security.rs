@@ -11,62 +11,18 @@ use std::time::Duration;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use preserves_schema::Unparse;
-use support::dataspace::{resolve_text, text, RawPeer, Session, ANSWER};
+use support::dataspace::{
+    assert_a_worker_cannot_demand, demand, fake_drv, ready, resolve_text, route, runtime, text,
+    RawPeer, Session, ANSWER, SETTLE,
+};
 use support::Space;
 use syndicate::actor::AnyValue;
-
-/// Long enough for the planner to have reacted to anything it was going to.
-const SETTLE: Duration = Duration::from_millis(1500);
-
-fn route(space: &Space, role: Role) -> Route {
-    Route::read(&role.route_file(&space.dir())).expect("route file")
-}
 
 fn socket(space: &Space) -> std::path::PathBuf {
     match &route(space, Role::Submit).transports[0] {
         nixspace_space::Transport::Unix(path) => path.clone(),
         other => panic!("expected a unix transport first, got {other}"),
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-fn fake_drv(name: &str) -> String {
-    format!("/nix/store/{}-{name}.drv", "0".repeat(32))
-}
-
-fn demand(drv: &str) -> AnyValue {
-    build::Demand {
-        drv: drv.to_owned(),
-        step: build::StepInfo {
-            system: "test-system".to_owned(),
-            features: vec![],
-            input_drvs: vec![],
-        },
-        requester: "security-test".to_owned(),
-        priority: 0.into(),
-        depth: 0.into(),
-    }
-    .unparse()
-}
-
-fn ready(drv: &str) -> AnyValue {
-    build::Ready {
-        drv: drv.to_owned(),
-        step: build::StepInfo {
-            system: "test-system".to_owned(),
-            features: vec![],
-            input_drvs: vec![],
-        },
-        priority: 0.into(),
-        depth: 0.into(),
-    }
-    .unparse()
 }
 
 fn built(drv: &str, worker: &str) -> AnyValue {
@@ -181,31 +137,7 @@ fn unknown_forged_and_garbage_capabilities_are_refused_at_once_and_logged() {
 
 #[test]
 fn a_worker_capability_cannot_demand() {
-    let space = Space::start();
-    let drv = fake_drv("worker-demand");
-    runtime().block_on(async {
-        let w = Session::join(&route(&space, Role::Worker), vec![demand(&drv)])
-            .await
-            .expect("join as worker");
-        let observer = Session::join(&route(&space, Role::Submit), vec![])
-            .await
-            .expect("join as submit");
-        tokio::time::sleep(SETTLE).await;
-        assert!(!observer.sees(&demand(&drv)));
-        assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
-        space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
-        assert!(
-            space.log("up").contains("role=worker"),
-            "{}",
-            space.log("up")
-        );
-        w.leave();
-        // The same demand through the submit capability is planned.
-        let s = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
-            .await
-            .expect("join as submit");
-        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
-    });
+    assert_a_worker_cannot_demand(&Space::start());
 }
 
 #[test]

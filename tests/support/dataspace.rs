@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nixspace_space::Route;
+use nixspace_protocol::build;
+use nixspace_space::{Role, Route};
 use preserves::{NoEmbeddedDomainCodec, TextWriter};
 use preserves_schema::Unparse;
 use syndicate::actor::{ActorHandle, AnyValue};
@@ -18,6 +19,88 @@ use syndicate::schemas::dataspace_patterns as dp;
 
 /// How long a test waits for the dataspace to answer.
 pub const ANSWER: Duration = Duration::from_secs(10);
+
+/// Long enough for the planner to have reacted to anything it was going to.
+pub const SETTLE: Duration = Duration::from_millis(1500);
+
+/// The route of `role` in `space`'s runtime directory.
+pub fn route(space: &super::Space, role: Role) -> Route {
+    Route::read(&role.route_file(&space.dir())).expect("route file")
+}
+
+/// A runtime for the in-process clients of a test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// A derivation path that names no real derivation.
+pub fn fake_drv(name: &str) -> String {
+    format!("/nix/store/{}-{name}.drv", "0".repeat(32))
+}
+
+fn test_step() -> build::StepInfo {
+    build::StepInfo {
+        system: "test-system".to_owned(),
+        features: vec![],
+        input_drvs: vec![],
+    }
+}
+
+/// A demand of `drv` for a system no worker has.
+pub fn demand(drv: &str) -> AnyValue {
+    build::Demand {
+        drv: drv.to_owned(),
+        step: test_step(),
+        requester: "security-test".to_owned(),
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+    .unparse()
+}
+
+/// What the planner asserts for [`demand`]`(drv)`.
+pub fn ready(drv: &str) -> AnyValue {
+    build::Ready {
+        drv: drv.to_owned(),
+        step: test_step(),
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+    .unparse()
+}
+
+/// Check on a running `space` (its planner logging to `up.log`) that a demand
+/// asserted with the worker capability is refused, logged, and never reaches
+/// the planner, while the same demand through the submit capability is planned.
+pub fn assert_a_worker_cannot_demand(space: &super::Space) {
+    let drv = fake_drv("worker-demand");
+    runtime().block_on(async {
+        let w = Session::join(&route(space, Role::Worker), vec![demand(&drv)])
+            .await
+            .expect("join as worker");
+        let observer = Session::join(&route(space, Role::Submit), vec![])
+            .await
+            .expect("join as submit");
+        tokio::time::sleep(SETTLE).await;
+        assert!(!observer.sees(&demand(&drv)));
+        assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
+        space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
+        assert!(
+            space.log("up").contains("role=worker"),
+            "{}",
+            space.log("up")
+        );
+        w.leave();
+        // The same demand through the submit capability is planned.
+        let s = Session::join(&route(space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+    });
+}
 
 /// A joined client that observes every assertion it may see.
 pub struct Session {

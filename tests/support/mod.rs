@@ -10,6 +10,7 @@
 
 pub mod dataspace;
 pub mod proxy;
+pub mod syndicate_server;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -65,21 +66,26 @@ impl Space {
 
     /// Like [`Space::start`], with extra arguments for `nixspace up`.
     pub fn start_with(up_args: &[&str]) -> Space {
+        let mut space = Space::unstarted(up_args);
+        let up = space.spawn_up("up");
+        space.children.push(up);
+        space.wait_for(&space.dir().join("worker.route"));
+        space
+    }
+
+    /// A fresh directory with the test's Nix configuration; nothing runs yet.
+    fn unstarted(up_args: &[&str]) -> Space {
         let tmp = tempfile::Builder::new()
             .prefix("nixspace-test-")
             .tempdir()
             .expect("tempdir");
         nixspace_test_support::write_nix_conf(&tmp.path().join("nix-conf")).expect("nix.conf");
-        let mut space = Space {
+        Space {
             tmp,
             children: Vec::new(),
             workers: Vec::new(),
             up_args: up_args.iter().map(|a| a.to_string()).collect(),
-        };
-        let up = space.spawn_up("up");
-        space.children.push(up);
-        space.wait_for(&space.dir().join("worker.route"));
-        space
+        }
     }
 
     /// Start `nixspace up` on this space's directory; stderr to `<log>.log`.
@@ -512,6 +518,27 @@ pub fn assert_each_step_built_once(runs: &Path, expected: usize) {
     names.sort_unstable();
     names.dedup();
     assert_eq!(names.len(), expected, "a step was built twice:\n{log}");
+}
+
+/// A layered DAG of `layers` × `width` trivial steps plus one root; every
+/// builder run appends the step's name to `runs` (outside the store), so the
+/// test can count builder runs.
+pub fn layered_dag(
+    space: &Space,
+    layers: usize,
+    width: usize,
+    runs: &std::path::Path,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+let
+{step}  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
+  layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
+in step "root" (builtins.elemAt layers ({layers} - 1))
+"#,
+        step = counted_step_bindings(runs, ""),
+    );
+    space.nix_file("dag.nix", &text)
 }
 
 /// Nix bindings (for a `let`) of a fresh `nonce` and `step = name: deps: derivation …`: a

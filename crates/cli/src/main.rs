@@ -44,6 +44,7 @@ enum Command {
     Daemon(commands::daemon::DaemonArgs),
     Substitute(commands::substitute::SubstituteArgs),
     Route(commands::route::RouteArgs),
+    ServerConfig(commands::server_config::ServerConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +88,7 @@ fn main() -> ExitCode {
             Command::Daemon(a) => commands::daemon::run(a).await,
             Command::Substitute(a) => commands::substitute::run(a).await,
             Command::Route(a) => commands::route::run(a).await,
+            Command::ServerConfig(a) => commands::server_config::run(a).await,
         }
     });
     // Relay tasks may still be draining; do not wait for them.

@@ -474,6 +474,10 @@ fn keep_for_rejoining_workers(schedule: &mut Schedule, history: Option<&History>
 
 /// Start the planner as its own actor on `ds`, scheduling by `config`. The
 /// planner keeps `metrics` up to date and records changes in `history`.
+/// It is linked to the active facet: it stops with it (for a planner joined
+/// to an external dataspace, when the connection drops, so that a rejoined
+/// planner does not run beside a stale one), and the facet stops if the
+/// planner fails.
 pub fn start(
     t: &mut Activation,
     ds: Arc<Cap>,
@@ -481,7 +485,7 @@ pub fn start(
     metrics: Arc<Metrics>,
     history: Option<History>,
 ) {
-    t.spawn(Some(AnyValue::symbol("planner")), move |t| {
+    t.spawn_link(Some(AnyValue::symbol("planner")), move |t| {
         let mut schedule = Schedule::new(config.max_attempts, config.retry_backoff)
             .with_stealing(config.steal);
         keep_for_rejoining_workers(&mut schedule, history.as_ref(), config.rejoin_grace);

@@ -14,20 +14,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use preserves::NoEmbeddedDomainCodec;
-use preserves_schema::Unparse;
-use rand::RngCore;
 use syndicate::actor::{Account, Activation, AnyValue, Cap, LinkedTaskTermination};
 use syndicate::dataspace::Dataspace;
 use syndicate::relay;
 use syndicate::schemas::gatekeeper;
-use syndicate::schemas::sturdy::{SturdyDescriptionDetail, SturdyRef};
-use syndicate_macros::{during, on_message};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::doorman::{brief, Doorman, KeyRing};
+use crate::doorman::{Doorman, KeyRing};
+use crate::keys::{KeyError, Keys};
 use crate::limits::Limits;
-use crate::policy::role_caveats;
+use crate::policy::{log_refused, role_caveats};
 use crate::route::{Role, Route, RouteError, Transport};
 
 /// Where the host listens and keeps its files.
@@ -70,9 +66,9 @@ pub enum HostError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The key file exists but is not ours.
-    #[error("key file {0} is malformed; delete it to mint new capabilities")]
-    BadKeys(PathBuf),
+    /// The key file is unreadable or malformed.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
     /// Writing a route file failed.
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -158,7 +154,8 @@ pub async fn bind_unix(path: &Path) -> Result<UnixListener, HostError> {
     }
 }
 
-fn create_private_dir(dir: &Path) -> Result<(), HostError> {
+/// Create `dir` (and its parents) and make it owner-only (mode 0700).
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), HostError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let io = |what, source| HostError::Io {
         what,
@@ -172,89 +169,6 @@ fn create_private_dir(dir: &Path) -> Result<(), HostError> {
         .map_err(|e| io("cannot create runtime directory", e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("cannot restrict runtime directory", e))
-}
-
-/// The secret keys behind each role's sturdy ref. Kept in `<dir>/keys` so that
-/// refs stay valid across restarts of the host.
-struct Keys(BTreeMap<&'static str, Vec<u8>>);
-
-impl Keys {
-    fn load_or_create(dir: &Path) -> Result<Keys, HostError> {
-        let path = dir.join("keys");
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Keys::parse(&text).ok_or(HostError::BadKeys(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut keys = BTreeMap::new();
-                for role in Role::ALL {
-                    let mut key = vec![0u8; 32];
-                    rand::thread_rng().fill_bytes(&mut key);
-                    keys.insert(role.name(), key);
-                }
-                let keys = Keys(keys);
-                keys.write(&path)?;
-                Ok(keys)
-            }
-            Err(source) => Err(HostError::Io {
-                what: "cannot read key file",
-                path,
-                source,
-            }),
-        }
-    }
-
-    fn parse(text: &str) -> Option<Keys> {
-        let v: AnyValue = preserves::read_text(text, false, &mut NoEmbeddedDomainCodec).ok()?;
-        let mut keys = BTreeMap::new();
-        for role in Role::ALL {
-            let key = v.get(&AnyValue::symbol(role.name()))?;
-            keys.insert(role.name(), key.as_bytestring()?.into_owned());
-        }
-        Some(Keys(keys))
-    }
-
-    fn write(&self, path: &Path) -> Result<(), HostError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut text = String::from("{");
-        for (name, key) in &self.0 {
-            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-            text.push_str(&format!(" {name}: #x\"{hex}\""));
-        }
-        text.push_str(" }\n");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| HostError::Io {
-                what: "cannot create key file",
-                path: path.to_owned(),
-                source,
-            })?;
-        f.write_all(text.as_bytes())
-            .map_err(|source| HostError::Io {
-                what: "cannot write key file",
-                path: path.to_owned(),
-                source,
-            })
-    }
-
-    fn key(&self, role: Role) -> &[u8] {
-        self.0
-            .get(role.name())
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-    }
-
-    /// Every role's key by oid, for the [`Doorman`].
-    fn ring(&self) -> KeyRing {
-        Arc::new(
-            self.0
-                .iter()
-                .map(|(name, key)| ((*name).to_owned(), key.clone()))
-                .collect(),
-        )
-    }
 }
 
 /// A running dataspace host.
@@ -272,7 +186,8 @@ impl HostedSpace {
         config: &HostConfig,
         listeners: Listeners,
     ) -> Result<HostedSpace, HostError> {
-        let keys = Keys::load_or_create(&config.dir)?;
+        let names = Role::ALL.map(Role::name);
+        let keys = Keys::load_or_create(&config.dir.join("keys"), &names)?;
         let dataspace = Dataspace::new(t, Some(AnyValue::symbol("nixspace")));
         let bindspace = Dataspace::new(t, Some(AnyValue::symbol("bindspace")));
         let gatekeeper = syndicate_server::services::gatekeeper::create_gatekeeper(t, &bindspace)
@@ -281,11 +196,10 @@ impl HostedSpace {
             path: config.dir.clone(),
             source: std::io::Error::other(e.to_string()),
         })?;
-        log_refusals(t, &dataspace);
+        log_refused(t, &dataspace);
         let transports = listeners.transports();
         let mut routes = BTreeMap::new();
         for role in Role::ALL {
-            let oid = AnyValue::new(role.name());
             let target = dataspace
                 .attenuate(&role_caveats(role))
                 .map_err(|e| HostError::Io {
@@ -296,21 +210,14 @@ impl HostedSpace {
             bindspace.assert(
                 t,
                 &gatekeeper::Bind {
-                    description: gatekeeper::Description {
-                        step_type: "ref".to_owned(),
-                        detail: SturdyDescriptionDetail {
-                            oid: oid.clone(),
-                            key: keys.key(role).to_vec(),
-                        }
-                        .unparse(),
-                    },
+                    description: keys.description(role.name()),
                     target,
                     observer: gatekeeper::BindObserver::Absent,
                 },
             );
             let route = Route {
                 transports: transports.clone(),
-                sturdy_ref: SturdyRef::mint(oid, keys.key(role)),
+                sturdy_ref: keys.sturdy_ref(role.name()),
             };
             let path = role.route_file(&config.dir);
             route.write(&path)?;
@@ -366,21 +273,6 @@ impl Accept for TcpListener {
             addr.to_string(),
         ))
     }
-}
-
-/// Log what the role caveats refused (`<nixspace-refused role value>`
-/// assertions and messages); nothing else in nixspace looks at them.
-fn log_refusals(t: &mut Activation, dataspace: &Arc<Cap>) {
-    during!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
-        tracing::warn!(role = %brief(&role), value = %brief(&value),
-            "refused an assertion the role may not make");
-        Ok(())
-    });
-    on_message!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
-        tracing::warn!(role = %brief(&role), value = %brief(&value),
-            "refused a message the role may not send");
-        Ok(())
-    });
 }
 
 /// What each connection's [`Doorman`] needs.

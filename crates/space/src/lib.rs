@@ -10,10 +10,13 @@
 //! This crate knows nothing about Nix: it moves capabilities, not builds.
 
 pub mod doorman;
+pub mod external;
 pub mod host;
 pub mod join;
+pub mod keys;
 pub mod limits;
 pub mod policy;
+pub mod private_file;
 pub mod route;
 pub mod runtime_dir;
 

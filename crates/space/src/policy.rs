@@ -14,14 +14,18 @@
 //! way to reach the planner: nothing in nixspace reacts to refused values.
 
 use nixspace_protocol::{build, store};
-use syndicate::actor::AnyValue;
+use std::sync::Arc;
+
+use syndicate::actor::{Activation, AnyValue, Cap};
 use syndicate::dataspace_patterns::AsDataspacePattern;
 use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 use syndicate::schemas::sturdy::{
     Alts, Caveat, Lit, PBind, PCompound, PDiscard, Pattern, Rewrite, TCompound, TRef, Template,
 };
+use syndicate_macros::{during, on_message};
 
+use crate::doorman::brief;
 use crate::route::Role;
 
 /// The label of what a role's caveat makes of a value the role may not
@@ -108,31 +112,10 @@ pub fn allowed(role: Role) -> Vec<Shape> {
 /// records pass unchanged, anything else becomes `<nixspace-refused role
 /// value>` (logged by the host, ignored by everything else).
 pub fn role_caveats(role: Role) -> Vec<Caveat> {
-    let discard = || Pattern::PDiscard(PDiscard);
-    let first_binding = || Template::TRef(TRef { binding: 0.into() });
-    let mut alternatives: Vec<Rewrite> = allowed(role)
+    let passing = allowed(role)
         .into_iter()
-        .map(|shape| Rewrite {
-            pattern: bind(Pattern::PCompound(PCompound::Rec {
-                label: AnyValue::symbol(shape.label),
-                fields: vec![discard(); shape.arity],
-            })),
-            template: first_binding(),
-        })
-        .collect();
-    alternatives.push(Rewrite {
-        pattern: bind(discard()),
-        template: Template::TCompound(TCompound::Rec {
-            label: AnyValue::symbol(REFUSED_LABEL),
-            fields: vec![
-                Template::Lit(Lit {
-                    value: AnyValue::symbol(role.name()),
-                }),
-                first_binding(),
-            ],
-        }),
-    });
-    vec![Caveat::Alts(Alts { alternatives })]
+        .map(|shape| record(shape.label, vec![discard(); shape.arity]));
+    passing_or_refused(passing, role.name())
 }
 
 /// The field of each worker record that names the worker (or its store, named after the
@@ -158,28 +141,30 @@ const IDENTITY_FIELDS: &[(&str, usize)] = &[
 /// can add it (a sturdy ref's caveats can be extended without the host's key, never
 /// removed), so each machine can get a route that lets it act only as itself.
 pub fn identity_caveats(name: &str) -> Vec<Caveat> {
-    let discard = || Pattern::PDiscard(PDiscard);
+    let passing = allowed(Role::Worker).into_iter().map(|shape| {
+        let mut fields = vec![discard(); shape.arity];
+        let identity = IDENTITY_FIELDS
+            .iter()
+            .find(|(label, _)| *label == shape.label)
+            .map(|(_, i)| *i);
+        if let Some(field) = identity.and_then(|i| fields.get_mut(i)) {
+            *field = Pattern::Lit(Lit {
+                value: AnyValue::new(name.to_owned()),
+            });
+        }
+        record(shape.label, fields)
+    });
+    passing_or_refused(passing, &format!("worker:{name}"))
+}
+
+/// A caveat passing values that match one of `passing` unchanged and turning anything else
+/// into `<nixspace-refused tag value>`.
+fn passing_or_refused(passing: impl Iterator<Item = Pattern>, tag: &str) -> Vec<Caveat> {
     let first_binding = || Template::TRef(TRef { binding: 0.into() });
-    let mut alternatives: Vec<Rewrite> = allowed(Role::Worker)
-        .into_iter()
-        .map(|shape| {
-            let mut fields = vec![discard(); shape.arity];
-            let identity = IDENTITY_FIELDS
-                .iter()
-                .find(|(label, _)| *label == shape.label)
-                .map(|(_, i)| *i);
-            if let Some(field) = identity.and_then(|i| fields.get_mut(i)) {
-                *field = Pattern::Lit(Lit {
-                    value: AnyValue::new(name.to_owned()),
-                });
-            }
-            Rewrite {
-                pattern: bind(Pattern::PCompound(PCompound::Rec {
-                    label: AnyValue::symbol(shape.label),
-                    fields,
-                })),
-                template: first_binding(),
-            }
+    let mut alternatives: Vec<Rewrite> = passing
+        .map(|pattern| Rewrite {
+            pattern: bind(pattern),
+            template: first_binding(),
         })
         .collect();
     alternatives.push(Rewrite {
@@ -188,7 +173,7 @@ pub fn identity_caveats(name: &str) -> Vec<Caveat> {
             label: AnyValue::symbol(REFUSED_LABEL),
             fields: vec![
                 Template::Lit(Lit {
-                    value: AnyValue::symbol(format!("worker:{name}")),
+                    value: AnyValue::symbol(tag.to_owned()),
                 }),
                 first_binding(),
             ],
@@ -197,10 +182,38 @@ pub fn identity_caveats(name: &str) -> Vec<Caveat> {
     vec![Caveat::Alts(Alts { alternatives })]
 }
 
+fn discard() -> Pattern {
+    Pattern::PDiscard(PDiscard)
+}
+
+fn record(label: String, fields: Vec<Pattern>) -> Pattern {
+    Pattern::PCompound(PCompound::Rec {
+        label: AnyValue::symbol(label),
+        fields,
+    })
+}
+
 fn bind(pattern: Pattern) -> Pattern {
     Pattern::PBind(Box::new(PBind {
         pattern: Box::new(pattern),
     }))
+}
+
+/// Log what the role caveats refused (`<nixspace-refused role value>`
+/// assertions and messages) in `dataspace`; nothing else in nixspace looks
+/// at them. Run by whoever holds the full capability: the embedded host, or
+/// `nixspace up --external` on a syndicate-server.
+pub fn log_refused(t: &mut Activation, dataspace: &Arc<Cap>) {
+    during!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused an assertion the role may not make");
+        Ok(())
+    });
+    on_message!(t, dataspace, <nixspace-refused $role $value>, |_t: &mut Activation| {
+        tracing::warn!(role = %brief(&role), value = %brief(&value),
+            "refused a message the role may not send");
+        Ok(())
+    });
 }
 
 #[cfg(test)]
@@ -248,6 +261,8 @@ mod tests {
     fn every_shape_is_derived_from_the_schemas() {
         assert_eq!(allowed(Role::Submit).len(), 9);
         assert_eq!(allowed(Role::Worker).len(), 19);
+        assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
+        assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));

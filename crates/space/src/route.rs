@@ -145,21 +145,7 @@ impl Route {
 
     /// Write the route to `path`, readable by the owner only (mode 0600).
     pub fn write(&self, path: &Path) -> Result<(), RouteError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let write = || -> std::io::Result<()> {
-            let tmp = path.with_extension("route.tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            writeln!(f, "{self}")?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|source| RouteError::Write {
+        crate::private_file::write(path, &format!("{self}\n")).map_err(|source| RouteError::Write {
             path: path.to_owned(),
             source,
         })
@@ -207,7 +193,8 @@ fn parse_transport(v: &AnyValue) -> Result<Transport, RouteError> {
     Err(RouteError::Transport(format!("{v:?}")))
 }
 
-fn transport_value(t: &Transport) -> AnyValue {
+/// The Syndicate transport address of `t` (`<unix "path">`, `<tcp "host" port>`).
+pub(crate) fn transport_value(t: &Transport) -> AnyValue {
     match t {
         Transport::Unix(p) => transport_address::Unix {
             path: p.to_string_lossy().into_owned(),

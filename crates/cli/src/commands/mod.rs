@@ -6,8 +6,10 @@ pub mod bench_queries;
 pub mod build;
 pub mod daemon;
 pub mod demo;
+pub mod external_planner;
 pub mod history;
 pub mod route;
+pub mod server_config;
 pub mod status;
 pub mod substitute;
 pub mod translate;
@@ -63,12 +65,17 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     }
 }
 
+/// The build history database in `state_dir`.
+pub fn history_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("history.sqlite")
+}
+
 /// Open the build history in `state_dir` (creating the directory when `create`).
 pub fn open_history(
     state_dir: &std::path::Path,
     create: bool,
 ) -> anyhow::Result<nixspace_planner::history::History> {
-    let path = state_dir.join("history.sqlite");
+    let path = history_path(state_dir);
     if create {
         std::fs::create_dir_all(state_dir).map_err(|e| {
             anyhow::anyhow!("cannot create state directory {}: {e}", state_dir.display())

@@ -10,21 +10,31 @@ use clap::Args;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
 use nixspace_space::host::Listeners;
-use nixspace_space::{HostConfig, HostedSpace, Role, Route, Transport};
+use nixspace_space::{external, HostConfig, HostedSpace, Role, Route, Transport};
 use syndicate::actor::Actor;
+
+use super::external_planner::ExternalPlanner;
 
 /// Host a dataspace (embedded; nothing else to install) with its planner.
 ///
 /// Listens on a unix socket (and optionally TCP), guarded by a gatekeeper.
 /// Writes `worker.route` and `submit.route` (mode 0600) into the runtime
 /// directory: they carry the capabilities workers and frontends need.
-/// Runs until Ctrl-C or SIGTERM.
+/// With `--external`, joins a syndicate-server instead (see `nixspace
+/// server-config`). Runs until Ctrl-C or SIGTERM.
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Runtime directory for the socket, keys and route files.
     /// Default: $XDG_RUNTIME_DIR/nixspace or /tmp/nixspace-<uid>.
     #[arg(long, env = "NIXSPACE_DIR", value_name = "DIR")]
     dir: Option<PathBuf>,
+
+    /// Do not host a dataspace: run the planner (and `--translator`) as a
+    /// client of the syndicate-server set up by `nixspace server-config` in
+    /// the runtime directory, joining with its `planner.route` and rejoining
+    /// with back-off while the server is away.
+    #[arg(long, conflicts_with_all = ["socket", "tcp"])]
+    external: bool,
 
     /// Unix socket path. Default: <dir>/nixspace.sock.
     #[arg(long, value_name = "PATH")]
@@ -176,26 +186,44 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         rejoin_grace: seconds("rejoin-grace", args.rejoin_grace)?,
     };
     let metrics = Arc::new(Metrics::default());
-    let space = host(SpaceOptions {
-        host: HostConfig {
-            dir,
-            socket: socket.clone(),
-            tcp: args.tcp,
-            limits: nixspace_space::Limits {
-                max_demands: args.max_demands_per_client,
+    let (submit, session, hosted_socket) = if args.external {
+        let planner_route = read_route(&external::planner_route_file(&dir))?;
+        let submit = read_route(&Role::Submit.route_file(&dir))?;
+        for t in &planner_route.transports {
+            eprintln!("nixspace: joining the external dataspace at {t}");
+        }
+        let planner = ExternalPlanner {
+            planner,
+            metrics: Arc::clone(&metrics),
+            // Opened (and migrated) above; each connection's planner reopens it.
+            history: super::history_path(&state_dir),
+        };
+        drop(history);
+        let session = tokio::spawn(planner.stay_joined(planner_route));
+        (submit, Some(session), None)
+    } else {
+        let space = host(SpaceOptions {
+            host: HostConfig {
+                dir,
+                socket: socket.clone(),
+                tcp: args.tcp,
+                limits: nixspace_space::Limits {
+                    max_demands: args.max_demands_per_client,
+                },
             },
-        },
-        history: Some(history),
-        planner,
-        metrics: Arc::clone(&metrics),
-    })
-    .await?;
-    for t in &space.transports {
-        eprintln!("nixspace: listening on {t}");
-    }
-    for (_, f) in space.routes.values() {
-        eprintln!("nixspace: wrote {}", f.display());
-    }
+            history: Some(history),
+            planner,
+            metrics: Arc::clone(&metrics),
+        })
+        .await?;
+        for t in &space.transports {
+            eprintln!("nixspace: listening on {t}");
+        }
+        for (_, f) in space.routes.values() {
+            eprintln!("nixspace: wrote {}", f.display());
+        }
+        (space.route(Role::Submit)?, None, Some(socket))
+    };
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("nixspace: metrics on http://{addr}/metrics");
@@ -205,23 +233,51 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut translator = match args.translator {
         Some(path) => Some(
             super::translate::Translator::start(super::translate::TranslatorOptions::new(
-                path,
-                space.route(Role::Submit)?,
+                path, submit,
             ))
             .await?,
         ),
         None => None,
     };
-    eprintln!("nixspace: dataspace up; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
-    let result = match translator.as_mut() {
-        Some(t) => tokio::select! {
-            r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
-            e = t.failed() => Err(e),
-        },
-        None => super::shutdown_signal().await.map_err(anyhow::Error::from),
+    let what = if session.is_some() {
+        "planner running on the external dataspace"
+    } else {
+        "dataspace up"
+    };
+    eprintln!("nixspace: {what}; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
+    let translator_failed = async {
+        match translator.as_mut() {
+            Some(t) => t.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    let planner_gave_up = async {
+        match session {
+            Some(s) => s
+                .await
+                .unwrap_or_else(|e| anyhow::anyhow!("the planner session ended: {e}")),
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
+        e = translator_failed => Err(e),
+        e = planner_gave_up => Err(e),
     };
     eprintln!("nixspace: shutting down");
     drop(translator);
-    let _ = std::fs::remove_file(&socket);
+    if let Some(socket) = hosted_socket {
+        let _ = std::fs::remove_file(socket);
+    }
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Read a route file written by `nixspace server-config`.
+fn read_route(path: &std::path::Path) -> anyhow::Result<Route> {
+    Route::read(path).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\n  hint: `nixspace up --external` joins the syndicate-server set up by \
+             `nixspace server-config --dir DIR`; pass the same --dir"
+        )
+    })
 }

@@ -1,0 +1,73 @@
+//! `nixspace up --external`: the planner as a client of a dataspace hosted
+//! elsewhere (a standalone syndicate-server set up by `nixspace
+//! server-config`), instead of hosting one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use nixspace_planner::history::History;
+use nixspace_planner::metrics::Metrics;
+use nixspace_planner::PlannerConfig;
+use nixspace_space::{Backoff, Route, SessionEvent};
+use syndicate::actor::{Activation, Cap};
+
+/// What the planner needs on every connection.
+#[derive(Clone)]
+pub struct ExternalPlanner {
+    /// How it retries and steals.
+    pub planner: PlannerConfig,
+    /// Its metrics (shared by every connection's planner).
+    pub metrics: Arc<Metrics>,
+    /// The build history database (`history.sqlite`), reopened per connection.
+    pub history: PathBuf,
+}
+
+impl ExternalPlanner {
+    /// Join the dataspace at `route` (it must grant the whole dataspace: the
+    /// planner asserts what no role may) and keep a planner running on it,
+    /// rejoining with back-off whenever the connection drops or the server is
+    /// away; each connection gets a fresh planner, which learns the demands,
+    /// workers and claims anew from the dataspace. Returns only when joining
+    /// can never succeed (the capability is refused or unknown).
+    pub async fn stay_joined(self, route: Route) -> anyhow::Error {
+        let body = move |t: &mut Activation, ds: Arc<Cap>| {
+            // The previous connection's planner has stopped with it.
+            self.metrics.workers.set(0);
+            nixspace_space::policy::log_refused(t, &ds);
+            let history = History::open(&self.history)
+                .map_err(|error| tracing::error!(%error, "running without a build history"))
+                .ok();
+            nixspace_planner::service::start(
+                t,
+                ds,
+                self.planner,
+                Arc::clone(&self.metrics),
+                history,
+            );
+            Ok(())
+        };
+        let end =
+            nixspace_space::join::stay_joined(
+                &route,
+                Backoff::default(),
+                body,
+                |event| match event {
+                    SessionEvent::Joined { connection } => {
+                        eprintln!(
+                        "nixspace: planner joined the external dataspace (connection {connection})"
+                    )
+                    }
+                    SessionEvent::Lost(why) => {
+                        eprintln!(
+                            "nixspace: planner lost the external dataspace ({why}); rejoining"
+                        )
+                    }
+                    SessionEvent::Retrying { after, why } => {
+                        eprintln!("nixspace: planner: {why}; retrying in {after:?}")
+                    }
+                },
+            )
+            .await;
+        anyhow::anyhow!("the planner cannot join the external dataspace: {end}")
+    }
+}

@@ -1,0 +1,161 @@
+//! The secret keys behind sturdy refs: one per capability name (the ref's
+//! oid), kept in a file (mode 0600) so that refs stay valid across restarts.
+//!
+//! The file holds a Preserves dictionary `{ name: #x"hex" … }`. It is created
+//! with fresh random keys on first use and only read afterwards.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use preserves::NoEmbeddedDomainCodec;
+use preserves_schema::Unparse;
+use rand::RngCore;
+use syndicate::actor::AnyValue;
+use syndicate::schemas::gatekeeper;
+use syndicate::schemas::sturdy::{SturdyDescriptionDetail, SturdyRef};
+
+use crate::doorman::KeyRing;
+
+/// Failures reading or creating a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A filesystem problem.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file exists but does not hold a key for every name.
+    #[error("key file {0} is malformed or lacks a key; delete it to mint new capabilities")]
+    Malformed(PathBuf),
+}
+
+/// Secret keys by capability name.
+pub struct Keys(BTreeMap<String, Vec<u8>>);
+
+impl Keys {
+    /// Read the keys of `names` from `path`, or create the file with fresh
+    /// random keys if it does not exist.
+    pub fn load_or_create(path: &Path, names: &[&str]) -> Result<Keys, KeyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Keys::parse(&text, names).ok_or(KeyError::Malformed(path.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let keys = Keys(
+                    names
+                        .iter()
+                        .map(|name| {
+                            let mut key = vec![0u8; 32];
+                            rand::thread_rng().fill_bytes(&mut key);
+                            ((*name).to_owned(), key)
+                        })
+                        .collect(),
+                );
+                keys.write(path)?;
+                Ok(keys)
+            }
+            Err(source) => Err(KeyError::Io {
+                what: "cannot read key file",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn parse(text: &str, names: &[&str]) -> Option<Keys> {
+        let v: AnyValue = preserves::read_text(text, false, &mut NoEmbeddedDomainCodec).ok()?;
+        let mut keys = BTreeMap::new();
+        for name in names {
+            let key = v.get(&AnyValue::symbol((*name).to_owned()))?;
+            keys.insert((*name).to_owned(), key.as_bytestring()?.into_owned());
+        }
+        Some(Keys(keys))
+    }
+
+    fn write(&self, path: &Path) -> Result<(), KeyError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut text = String::from("{");
+        for (name, key) in &self.0 {
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            text.push_str(&format!(" {name}: #x\"{hex}\""));
+        }
+        text.push_str(" }\n");
+        let io = |what, source| KeyError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| io("cannot create key file", e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| io("cannot write key file", e))
+    }
+
+    /// The key of `name` (empty if `name` was not asked for when loading).
+    pub fn key(&self, name: &str) -> &[u8] {
+        self.0.get(name).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// What a gatekeeper binds for `name`: a sturdy `ref` with oid `"name"`
+    /// (a string) and its key.
+    pub fn description(&self, name: &str) -> gatekeeper::Description {
+        gatekeeper::Description {
+            step_type: "ref".to_owned(),
+            detail: SturdyDescriptionDetail {
+                oid: AnyValue::new(name.to_owned()),
+                key: self.key(name).to_vec(),
+            }
+            .unparse(),
+        }
+    }
+
+    /// The sturdy ref that opens what is bound to `name`'s [`Keys::description`].
+    pub fn sturdy_ref(&self, name: &str) -> SturdyRef {
+        SturdyRef::mint(AnyValue::new(name.to_owned()), self.key(name))
+    }
+
+    /// Every key by name, for a [`crate::doorman::Doorman`].
+    pub fn ring(&self) -> KeyRing {
+        Arc::new(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_created_once_then_read_back() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let first = Keys::load_or_create(&path, &["a", "b"]).unwrap();
+        assert_eq!(first.key("a").len(), 32);
+        assert_ne!(first.key("a"), first.key("b"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Keys::load_or_create(&path, &["a", "b"]).unwrap();
+        assert_eq!(again.key("a"), first.key("a"));
+        assert_eq!(again.key("b"), first.key("b"));
+    }
+
+    #[test]
+    fn a_file_without_every_key_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        Keys::load_or_create(&path, &["a"]).unwrap();
+        let e = Keys::load_or_create(&path, &["a", "b"])
+            .err()
+            .expect("lacks b");
+        assert!(matches!(e, KeyError::Malformed(_)), "{e}");
+    }
+}

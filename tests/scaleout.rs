@@ -1,0 +1,109 @@
+//! Scale-out: the dataspace in a standalone `syndicate-server` process (set
+//! up by `nixspace server-config`), the planner joined to it with `nixspace
+//! up --external`, workers and frontends as separate processes joining with
+//! the route files. Needs `syndicate-server` installed (the tests fail saying
+//! how when it is not).
+
+mod support;
+
+use std::time::Duration;
+
+use support::syndicate_server::ExternalSpace;
+
+const BUILD_LIMIT: Duration = Duration::from_secs(180);
+
+/// Build a 3 × 3 layered DAG plus a root (10 steps) on `space` and check that
+/// it succeeded, each step was built once and the root output is valid.
+fn build_a_small_dag(space: &ExternalSpace, runs_name: &str) {
+    let runs = space.tmp.path().join(runs_name);
+    let file = support::layered_dag(space, 3, 3, &runs);
+    let result = space.build(&file, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(
+        result.stderr.contains("10 of 10 derivations to build"),
+        "{result:?}"
+    );
+    support::assert_each_step_built_once(&runs, 10);
+    let out = result.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
+    let mut check = space.nix("nix-store", None);
+    check.arg("--check-validity").arg(out);
+    let valid = support::run(check, Duration::from_secs(30));
+    assert!(valid.status.success(), "root output not valid: {valid:?}");
+}
+
+#[test]
+fn two_worker_processes_build_a_dag_on_a_syndicate_server() {
+    let mut space = ExternalSpace::start();
+    for w in ["w1", "w2"] {
+        space.worker(w, &[]);
+    }
+    build_a_small_dag(&space, "runs");
+    for w in ["w1", "w2"] {
+        assert!(
+            space.log(w).contains(" built "),
+            "{w} built nothing:\n{}",
+            space.log(w)
+        );
+    }
+    // The dataspace was the server's: nixspace hosted nothing.
+    assert!(!space.dir().join("nixspace.sock").exists());
+    assert!(
+        space.log("up").contains("worker joined"),
+        "{}",
+        space.log("up")
+    );
+}
+
+#[test]
+fn nix_build_through_the_translator_of_up_external_builds_on_the_server() {
+    let (mut space, socket) = ExternalSpace::start_with_translator();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let file = support::layered_dag(&space, 2, 2, &runs);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = support::run(c, BUILD_LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    support::assert_each_step_built_once(&runs, 5);
+    let out = built.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
+    assert!(space.log("w1").contains(" built "), "{}", space.log("w1"));
+}
+
+#[test]
+fn a_worker_capability_on_the_server_cannot_demand() {
+    let space = ExternalSpace::start();
+    support::dataspace::assert_a_worker_cannot_demand(&space);
+}
+
+#[test]
+fn the_planner_and_workers_rejoin_a_restarted_server() {
+    let mut space = ExternalSpace::start();
+    space.worker("w1", &[]);
+    space.kill_server();
+    space.wait_for_log(
+        "up",
+        "planner lost the external dataspace",
+        Duration::from_secs(20),
+    );
+    space.restart_server("syndicate-server-restarted");
+    space.wait_for_log(
+        "up",
+        "planner joined the external dataspace (connection 2)",
+        Duration::from_secs(30),
+    );
+    space.wait_for_log("w1", "rejoined the dataspace", Duration::from_secs(30));
+    build_a_small_dag(&space, "runs-after-restart");
+}
+
+#[test]
+fn a_restarted_planner_rejoins_the_server_and_plans_again() {
+    let mut space = ExternalSpace::start();
+    space.worker("w1", &[]);
+    build_a_small_dag(&space, "runs-before");
+    space.restart_planner();
+    // The worker stayed joined to the server; the new planner learns it from there.
+    space.wait_for_log("up-restarted", "worker joined", Duration::from_secs(20));
+    build_a_small_dag(&space, "runs-after");
+}
