@@ -107,3 +107,35 @@ fn a_restarted_planner_rejoins_the_server_and_plans_again() {
     space.wait_for_log("up-restarted", "worker joined", Duration::from_secs(20));
     build_a_small_dag(&space, "runs-after");
 }
+
+#[test]
+fn a_build_running_while_the_planner_restarts_is_not_built_again() {
+    let mut space = ExternalSpace::start();
+    space.worker("w1", &[]);
+    let runs = space.tmp.path().join("runs");
+    let binding = support::step_binding(
+        "name: deps",
+        "",
+        &format!(
+            "echo ${{name}} >> {}; /bin/sleep 3; echo ${{name}} $deps > $out",
+            runs.display()
+        ),
+    );
+    let file = space.nix_file(
+        "slow.nix",
+        &format!("let\n{binding}in\nstep \"top\" [ (step \"slow\" [ ]) ]\n"),
+    );
+    let build = space.spawn_build(&file);
+    space.wait_for_log("w1", "building", BUILD_LIMIT);
+    // The planner dies while `slow` builds; the worker keeps building and the next planner
+    // grants the step back to it.
+    space.restart_planner();
+    let finished = support::wait_output(build, BUILD_LIMIT);
+    assert!(finished.status.success(), "{finished:?}");
+    support::assert_each_step_built_once(&runs, 2);
+    let log = space.log("w1");
+    assert!(
+        log.contains("the planner went away; the build goes on"),
+        "{log}"
+    );
+}

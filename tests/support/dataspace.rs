@@ -1,7 +1,8 @@
 //! Talking to a real `nixspace up` from a test: an in-process Syndicate client
-//! that sees everything its capability lets it observe ([`Session`]), and a raw
+//! that sees everything its capability lets it observe ([`Session`]), a raw
 //! socket peer that writes Syndicate packets by hand ([`RawPeer`]), for what a
-//! well-behaved client never sends.
+//! well-behaved client never sends, and a NAR receiver that grants credit only
+//! when told ([`NarFetch`]).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -9,11 +10,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nixspace_nix_formats::hash::{HashAlgo, Hasher};
 use nixspace_protocol::build;
+use nixspace_protocol::store::{NarCredit, NarReply, NarRequest, NarStart};
 use nixspace_space::{Role, Route};
 use preserves::{NoEmbeddedDomainCodec, TextWriter};
-use preserves_schema::Unparse;
-use syndicate::actor::{ActorHandle, AnyValue};
+use preserves_schema::{Parse, Unparse};
+use syndicate::actor::{
+    Account, Activation, ActorHandle, ActorResult, AnyValue, Cap, Entity, FacetRef, Handle,
+};
 use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 
@@ -346,5 +351,146 @@ impl RawPeer {
                     .ok()
             })
             .ok_or(got)
+    }
+}
+
+/// What a test's NAR request received so far.
+pub struct NarArrivals {
+    /// The sender's credit entity, once it asserted `<nar-start>`.
+    pub credit: Option<Arc<Cap>>,
+    /// `<nar-chunk>`s received.
+    pub chunks: u64,
+    /// NAR bytes received.
+    pub bytes: u64,
+    hasher: Option<Hasher>,
+    /// How the stream ended: the NAR's hash (`sha256:` nixbase32) after `<nar-end>`, or the
+    /// reason of a `<nar-error>`.
+    pub ended: Option<Result<String, String>>,
+}
+
+/// A NAR requested from a store of a real dataspace, received by the test, which decides
+/// when to grant credit.
+pub struct NarFetch {
+    actor: ActorHandle,
+    facet: FacetRef,
+    arrivals: Arc<Mutex<NarArrivals>>,
+}
+
+impl NarFetch {
+    /// Join with `route` and ask store `store` for the NAR of `path`. With `acknowledge`,
+    /// every chunk is acknowledged as it arrives; else only [`NarFetch::grant`] grants credit.
+    pub async fn request(
+        route: &Route,
+        path: &str,
+        store: &str,
+        acknowledge: bool,
+    ) -> anyhow::Result<NarFetch> {
+        let arrivals = Arc::new(Mutex::new(NarArrivals {
+            credit: None,
+            chunks: 0,
+            bytes: 0,
+            hasher: Some(Hasher::new(HashAlgo::Sha256)),
+            ended: None,
+        }));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = (path.to_owned(), store.to_owned());
+        let sink = TestSink {
+            arrivals: Arc::clone(&arrivals),
+            acknowledge,
+        };
+        let actor = nixspace_space::join::join(route, move |t, ds| {
+            let (path, store) = request;
+            let sink = t.create_cap(sink);
+            ds.assert(t, &NarRequest { path, store, sink });
+            let _ = tx.send(t.facet_ref());
+            Ok(())
+        })
+        .await?;
+        let facet = tokio::time::timeout(ANSWER, rx).await??;
+        Ok(NarFetch {
+            actor,
+            facet,
+            arrivals,
+        })
+    }
+
+    /// Acknowledge `chunks` chunks to the sender.
+    pub fn grant(&self, chunks: u64) {
+        let credit = self
+            .arrivals
+            .lock()
+            .ok()
+            .and_then(|a| a.credit.clone())
+            .expect("the sender started");
+        self.facet.activate(&Account::new(None, None), None, |t| {
+            credit.message(t, &credit_of(chunks));
+            Ok(())
+        });
+    }
+
+    /// Chunks received so far, and how the stream ended if it did.
+    pub fn arrived(&self) -> (u64, u64, Option<Result<String, String>>) {
+        let a = self.arrivals.lock().expect("arrivals");
+        (a.chunks, a.bytes, a.ended.clone())
+    }
+
+    /// Wait up to `limit` until `done` holds for what arrived; whether it did.
+    pub async fn wait_until(&self, limit: Duration, done: impl Fn(&NarArrivals) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.arrivals.lock().is_ok_and(|a| done(&a)) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Leave: the request is withdrawn with the connection.
+    pub fn leave(self) {
+        self.actor.abort();
+    }
+}
+
+fn credit_of(chunks: u64) -> NarCredit {
+    NarCredit {
+        chunks: (chunks as i64).into(),
+    }
+}
+
+/// The sink of a test's NAR request.
+struct TestSink {
+    arrivals: Arc<Mutex<NarArrivals>>,
+    acknowledge: bool,
+}
+
+impl Entity<AnyValue> for TestSink {
+    fn assert(&mut self, _t: &mut Activation, a: AnyValue, _h: Handle) -> ActorResult {
+        let start = NarStart::parse(&a).map_err(|_| "not a <nar-start>")?;
+        self.arrivals.lock().map_err(|_| "poisoned")?.credit = Some(start.credit);
+        Ok(())
+    }
+
+    fn message(&mut self, t: &mut Activation, m: AnyValue) -> ActorResult {
+        let reply = NarReply::parse(&m).map_err(|_| "not a NAR reply")?;
+        let mut a = self.arrivals.lock().map_err(|_| "poisoned")?;
+        match reply {
+            NarReply::Chunk { data } => {
+                a.chunks += 1;
+                a.bytes += data.len() as u64;
+                if let Some(h) = a.hasher.as_mut() {
+                    h.update(&data);
+                }
+                if let (true, Some(credit)) = (self.acknowledge, &a.credit) {
+                    credit.message(t, &credit_of(1));
+                }
+            }
+            NarReply::End => {
+                let hash = a.hasher.take().map(|h| h.finish().to_prefixed_nixbase32());
+                a.ended = Some(hash.ok_or_else(|| "ended twice".to_owned()));
+            }
+            NarReply::Error { reason } => a.ended = Some(Err(reason)),
+        }
+        Ok(())
     }
 }

@@ -134,6 +134,21 @@ impl Space {
         self.tmp.path().join("run")
     }
 
+    /// The process id of `nixspace up`.
+    pub fn up_pid(&self) -> u32 {
+        self.children[0].id()
+    }
+
+    /// The process id of worker `id`.
+    pub fn worker_pid(&self, id: &str) -> u32 {
+        let (_, child) = self
+            .workers
+            .iter()
+            .find(|(w, _)| w == id)
+            .expect("no such worker");
+        child.id()
+    }
+
     /// A `nixspace` command with the test's Nix configuration.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(nixspace_bin());
@@ -497,6 +512,17 @@ pub fn command_lines_with(needles: &[String]) -> Vec<String> {
         }
     }
     found
+}
+
+/// The peak resident set size of process `pid` so far, in bytes (`VmHWM`).
+pub fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in the process status");
+    kib * 1024
 }
 
 /// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.

@@ -19,9 +19,9 @@
 //! them. Each build runs in its own child facet: stopping it kills the build
 //! and withdraws its outcome.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use nixspace_nix_formats::derivation::Derivation;
@@ -29,7 +29,7 @@ use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction};
-use nixspace_transfer::{FetchError, StoreNode};
+use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 
 use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
@@ -65,6 +65,9 @@ pub struct BuilderConfig {
     /// How long fetching an input waits for some store in the dataspace to have it; then the
     /// input is reported lost, and the step that made it is built again.
     pub fetch_patience: Duration,
+    /// How long a NAR stream to or from this worker's store may stall (no credit from the
+    /// receiver, no data from the sender) before it is abandoned.
+    pub stream_idle: Duration,
     /// The most log bytes one build sends to the dataspace; the rest is dropped.
     pub max_log_bytes: u64,
 }
@@ -90,10 +93,13 @@ impl BuilderConfig {
     /// the inputs it lacks, over connections of its own. Make it once and pass it to every
     /// [`start`]: a fetch cut by a lost connection goes on over the next one.
     pub fn store(&self) -> StoreNode {
-        StoreNode::with_want_patience(
+        StoreNode::with_timeouts(
             self.id.clone(),
             self.pool_of(TRANSFER_CONNECTIONS),
-            self.fetch_patience,
+            Timeouts {
+                want: self.fetch_patience,
+                stream_idle: self.stream_idle,
+            },
         )
     }
 
@@ -133,6 +139,13 @@ pub enum Event {
     StealWithdrawn(String),
     /// Stop taking steps; report on `done` once running builds finished.
     Drain(DrainDone),
+    /// A planner is present.
+    PlannerJoined(String),
+    /// A planner went away.
+    PlannerLeft(String),
+    /// The assignment of a step this worker builds was withdrawn a turn ago: by a planner
+    /// still here (stop the build), or with the planner itself (keep it).
+    AssignmentGone(String),
 }
 
 /// Told once a draining builder has no build left.
@@ -181,6 +194,10 @@ struct Builder {
     /// The builds themselves, which outlive this connection.
     builds: Builds,
     offer: Option<Handle>,
+    /// The planners present.
+    planners: BTreeSet<String>,
+    /// This entity's own reference, for messages to itself.
+    me: Arc<OnceLock<Weak<Ref<Event>>>>,
 }
 
 impl Entity<Event> for Builder {
@@ -230,13 +247,26 @@ impl Entity<Event> for Builder {
                     self.release(t, &drv);
                 }
             }
+            // The planner's own retraction, if it went away, arrives with the assignment's:
+            // decide once it has been handled, in a later turn.
             Event::Unassigned(drv, worker) if worker == self.config.id => {
-                self.builds.cancel(&drv);
+                match self.me.get().and_then(Weak::upgrade) {
+                    Some(me) => t.message(&me, Event::AssignmentGone(drv)),
+                    None => self.stop_build(t, &drv),
+                }
+            }
+            Event::AssignmentGone(drv) if self.planners.is_empty() => {
                 if let Some(facet) = self.building.remove(&drv) {
-                    tracing::info!(%drv, "assignment withdrawn; stopping its build");
+                    tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
                     t.stop_facet(facet);
                 }
-                self.release(t, &drv);
+            }
+            Event::AssignmentGone(drv) => self.stop_build(t, &drv),
+            Event::PlannerJoined(id) => {
+                self.planners.insert(id);
+            }
+            Event::PlannerLeft(id) => {
+                self.planners.remove(&id);
             }
             Event::Unassigned(..) => {}
             Event::Steal(drv, from) => {
@@ -318,6 +348,16 @@ impl Builder {
         }
     }
 
+    /// Stop building `drv` and let go of it (its assignment was withdrawn).
+    fn stop_build(&mut self, t: &mut Activation, drv: &str) {
+        self.builds.cancel(drv);
+        if let Some(facet) = self.building.remove(drv) {
+            tracing::info!(%drv, "assignment withdrawn; stopping its build");
+            t.stop_facet(facet);
+        }
+        self.release(t, drv);
+    }
+
     /// Withdraw our claim on a step (lost the race, finished, or cancelled).
     fn release(&mut self, t: &mut Activation, drv: &str) {
         if let Some(h) = self.claims.remove(drv) {
@@ -364,6 +404,8 @@ pub fn start(
         building: BTreeMap::new(),
         builds,
         offer: None,
+        planners: BTreeSet::new(),
+        me: Arc::new(OnceLock::new()),
     };
     // Steps built (or building) while the dataspace was away: claim them again, so the
     // planner grants them back to us once they are demanded again.
@@ -372,7 +414,18 @@ pub fn start(
         builder.claim(t, drv);
     }
     builder.fill_slots(t);
+    let own_ref = Arc::clone(&builder.me);
     let builder: Arc<Ref<Event>> = t.create_ref(builder);
+    let _ = own_ref.set(Arc::downgrade(&builder));
+
+    enclose!((builder) during!(t, ds, <planner $id: String>, |t: &mut Activation| {
+        t.message(&builder, Event::PlannerJoined(id.clone()));
+        on_retraction(t, enclose!((builder, id) move |t| {
+            t.message(&builder, Event::PlannerLeft(id));
+            Ok(())
+        }));
+        Ok(())
+    }));
 
     enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo $priority: i64 $depth: u64>,
     |t: &mut Activation| {

@@ -506,6 +506,12 @@ pub fn start(
             realisations: HashMap::new(),
         };
         planner.reload_realisations(t);
+        ds.assert(
+            t,
+            &build::Planner {
+                id: format!("planner-{}", std::process::id()),
+            },
+        );
         let planner: Arc<Ref<Event>> = t.create_ref(planner);
         let _ = me.set(Arc::downgrade(&planner));
 

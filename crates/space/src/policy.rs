@@ -100,6 +100,9 @@ pub fn allowed(role: Role) -> Vec<Shape> {
             // its own. Normally sent to a requester's sink, not the dataspace.
             shapes.extend([
                 Some(Shape::new("nar-chunk", 1)),
+                // Flow control: the sender's start, the receiver's credit.
+                Shape::of::<store::NarStart>(),
+                Shape::of::<store::NarCredit>(),
                 Some(Shape::new("nar-end", 0)),
                 Some(Shape::new("nar-error", 1)),
             ]);
@@ -260,7 +263,7 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         assert_eq!(allowed(Role::Submit).len(), 9);
-        assert_eq!(allowed(Role::Worker).len(), 19);
+        assert_eq!(allowed(Role::Worker).len(), 21);
         assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));

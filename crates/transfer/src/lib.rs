@@ -16,4 +16,4 @@ mod node;
 mod path_info;
 pub mod source;
 
-pub use node::{FetchError, StoreNode, WANT_PATIENCE};
+pub use node::{FetchError, StoreNode, Timeouts, WANT_PATIENCE};

@@ -12,8 +12,7 @@ use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::DaemonPool;
 use nixspace_protocol::on_retraction;
-use nixspace_protocol::store::{self, NarReply};
-use preserves_schema::Parse;
+use nixspace_protocol::store;
 use syndicate::actor::{
     Account, Activation, ActorResult, AnyValue, Cap, Entity, ExitStatus, FacetId, FacetRef,
 };
@@ -21,12 +20,31 @@ use syndicate::enclose;
 use syndicate_macros::during;
 use tokio::sync::{mpsc, watch, OnceCell};
 
-use crate::nar_stream::NarReceiver;
+use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::from_wire;
 use crate::source::{serve, DaemonSource, PathSource, Role};
 
 /// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a store node waits for other stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// How long a fetch waits for some store to have the path.
+    pub want: Duration,
+    /// How long a NAR stream, sent or received, may stall (a receiver granting no credit, a
+    /// sender sending no data) before it is abandoned.
+    pub stream_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Timeouts {
+        Timeouts {
+            want: WANT_PATIENCE,
+            stream_idle: STREAM_IDLE,
+        }
+    }
+}
 
 /// How long a worker waits for substituters to say whether they have a path.
 const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
@@ -58,9 +76,6 @@ struct Wanted {
     /// Substituters that lack it.
     missing: mpsc::UnboundedReceiver<String>,
 }
-
-/// How long a NAR stream may stay silent before the transfer is abandoned.
-const STREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// Why a path could not be made valid in the local store.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,6 +112,7 @@ pub struct StoreNode {
 struct Inner {
     name: String,
     pool: DaemonPool,
+    timeouts: Timeouts,
     link: Mutex<Option<Link>>,
     /// Fetches under way, so that a path is fetched once however many steps need it.
     inflight: Mutex<HashMap<StorePath, Arc<FetchOnce>>>,
@@ -104,8 +120,6 @@ struct Inner {
     fetched_bytes: AtomicU64,
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
-    /// How long a fetch waits for some store to have the path.
-    want_patience: Duration,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -163,27 +177,27 @@ pub(crate) fn account(what: &'static str) -> Arc<Account> {
 impl StoreNode {
     /// The store reached through `pool`, known in the dataspace as `name`.
     pub fn new(name: impl Into<String>, pool: DaemonPool) -> StoreNode {
-        StoreNode::with_want_patience(name, pool, WANT_PATIENCE)
+        StoreNode::with_timeouts(name, pool, Timeouts::default())
     }
 
-    /// Like [`StoreNode::new`], with fetches waiting up to `patience` (instead of
-    /// [`WANT_PATIENCE`]) for some store to have a path before giving up with
-    /// [`FetchError::Nowhere`].
-    pub fn with_want_patience(
+    /// Like [`StoreNode::new`], with fetches waiting up to `timeouts.want` for some store to
+    /// have a path before giving up with [`FetchError::Nowhere`], and NAR streams abandoned
+    /// when they stall for `timeouts.stream_idle`.
+    pub fn with_timeouts(
         name: impl Into<String>,
         pool: DaemonPool,
-        patience: Duration,
+        timeouts: Timeouts,
     ) -> StoreNode {
         StoreNode {
             inner: Arc::new(Inner {
                 name: name.into(),
                 pool,
+                timeouts,
                 link: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
-                want_patience: patience,
             }),
         }
     }
@@ -220,7 +234,14 @@ impl StoreNode {
             });
         }
         let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
-        serve(t, &ds, &self.inner.name, source, Role::Peer);
+        serve(
+            t,
+            &ds,
+            &self.inner.name,
+            source,
+            Role::Peer,
+            self.inner.timeouts.stream_idle,
+        );
         let inner = &self.inner;
         enclose!((inner) during!(t, ds, <substituter $name: String>, |t: &mut Activation| {
             if let Ok(mut s) = inner.substituters.lock() {
@@ -398,7 +419,7 @@ impl Inner {
         let mut tries = 1;
         loop {
             match self
-                .fetch_within(path, Patience::Anyone(self.want_patience))
+                .fetch_within(path, Patience::Anyone(self.timeouts.want))
                 .await
             {
                 Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
@@ -413,7 +434,7 @@ impl Inner {
 
     /// Wait (up to the want patience) until the node is attached to a live connection.
     async fn relinked(&self) -> Result<(), FetchError> {
-        let deadline = tokio::time::Instant::now() + self.want_patience;
+        let deadline = tokio::time::Instant::now() + self.timeouts.want;
         while self.link().map_or(true, |l| l.is_lost()) {
             if tokio::time::Instant::now() >= deadline {
                 return Err(FetchError::Detached);
@@ -549,23 +570,14 @@ impl Inner {
         self.ensure(references)
             .await
             .map_err(|e| format!("its references: {e}"))?;
-        let (tx, replies) = mpsc::unbounded_channel();
-        // A stream cut by a lost connection ends at once in an error (so the daemon
-        // registers nothing), instead of after the idle timeout.
-        let cut = tx.clone();
-        let on_loss = link.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = on_loss.until_lost() => {
-                    let _ = cut.send(NarReply::Error {
-                        reason: "the connection to the dataspace was lost".to_owned(),
-                    });
-                }
-                () = cut.closed() => {}
-            }
-        });
+        let (sink, mut nar) = receive(
+            link.facet.clone(),
+            info.info.nar_hash.clone(),
+            info.info.nar_size,
+            self.timeouts.stream_idle,
+        );
         let _request = ChildFacet::start(link, |t| {
-            let sink = t.create_cap(NarSink(tx));
+            let sink = t.create_cap(sink);
             link.ds.assert(
                 t,
                 &store::NarRequest {
@@ -576,40 +588,21 @@ impl Inner {
             );
             Ok(())
         });
-        let mut nar = NarReceiver::new(
-            replies,
-            info.info.nar_hash.clone(),
-            info.info.nar_size,
-            STREAM_IDLE,
-        );
         let mut lease = self.pool.lease().await.map_err(|e| e.to_string())?;
-        // Our own daemon, trusted: the hash is what is checked, not signatures.
-        match lease
-            .client()
-            .add_to_store_nar(&info, &mut nar, false, true)
-            .await
-        {
+        // Our own daemon, trusted: the hash is what is checked, not signatures. A stream cut
+        // by a lost connection ends at once: dropping the lease interrupts its daemon
+        // connection mid-NAR, so the daemon registers nothing.
+        let added = tokio::select! {
+            added = lease.client().add_to_store_nar(&info, &mut nar, false, true) => added,
+            () = link.until_lost() => return Err("the connection to the dataspace was lost".to_owned()),
+        };
+        match added {
             Ok(()) => {
                 lease.release();
                 Ok(nar.received())
             }
             Err(e) => Err(lease.failed(e).to_string()),
         }
-    }
-}
-
-/// Receives the replies to one NAR request.
-struct NarSink(mpsc::UnboundedSender<NarReply>);
-
-impl Entity<AnyValue> for NarSink {
-    fn message(&mut self, _t: &mut Activation, m: AnyValue) -> ActorResult {
-        match NarReply::parse(&m) {
-            Ok(reply) => {
-                let _ = self.0.send(reply);
-            }
-            Err(_) => tracing::warn!(?m, "ignoring a malformed NAR reply"),
-        }
-        Ok(())
     }
 }
 

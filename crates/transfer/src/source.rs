@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use nixspace_nix_tools::DaemonPool;
 use nixspace_protocol::store;
@@ -40,13 +41,16 @@ pub enum Role {
 }
 
 /// Serve `source` on `ds` as the store `name`, from the current facet: answer others'
-/// `want`s with `available` while they last, and stream NARs to `nar-request` sinks.
+/// `want`s with `available` while they last, and stream NARs to `nar-request` sinks as their
+/// credit allows, giving up on a sink that grants no credit for `idle`
+/// ([`crate::nar_stream::STREAM_IDLE`] unless a test needs less).
 pub fn serve(
     t: &mut Activation,
     ds: &Arc<Cap>,
     name: &str,
     source: Arc<dyn PathSource>,
     role: Role,
+    idle: Duration,
 ) {
     let name = name.to_owned();
     if role == Role::Substituter {
@@ -89,15 +93,17 @@ pub fn serve(
         };
         let facet = t.facet_ref();
         t.linked_task(Some(AnyValue::symbol("send-nar")), enclose!((source, path) async move {
-            let mut sender = NarSender::new(facet, sink);
-            match source.write_nar(&path, &mut sender).await {
-                Ok(size) => {
-                    tracing::debug!(%path, size, "sent a NAR");
-                    if let Err(e) = sender.finish() {
-                        tracing::debug!(%path, error = %e, "NAR sent to nobody");
-                    }
-                }
+            let mut sender = NarSender::new(facet, sink, idle);
+            let sent = match source.write_nar(&path, &mut sender).await {
+                Ok(size) => sender.finish().await.map(|()| size).map_err(|e| e.to_string()),
+                Err(reason) => Err(reason),
+            };
+            match sent {
+                Ok(size) => tracing::debug!(%path, size, "sent a NAR"),
                 Err(reason) => {
+                    // A stalled receiver made the stream fail: say so rather than how the
+                    // source noticed.
+                    let reason = sender.stall().unwrap_or(reason);
                     tracing::warn!(%path, %reason, "cannot send a NAR");
                     sender.fail(reason);
                 }

@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::Parser;
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig};
 use nixspace_space::{Backoff, Route, SessionEvent};
+use nixspace_transfer::nar_stream::STREAM_IDLE;
 use nixspace_transfer::source::{serve, DaemonSource, PathSource, Role};
 use syndicate::actor::Activation;
 
@@ -56,7 +57,14 @@ async fn main() -> anyhow::Result<()> {
     let source: Arc<dyn PathSource> = Arc::new(DaemonSource(DaemonPool::new(pool)));
     let name = args.name.clone();
     let body = move |t: &mut Activation, ds| {
-        serve(t, &ds, &name, Arc::clone(&source), Role::Substituter);
+        serve(
+            t,
+            &ds,
+            &name,
+            Arc::clone(&source),
+            Role::Substituter,
+            STREAM_IDLE,
+        );
         Ok(())
     };
     let (name, socket) = (args.name, args.store_socket.display().to_string());

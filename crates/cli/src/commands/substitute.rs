@@ -9,6 +9,7 @@ use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::binary_cache::BinaryCache;
+use nixspace_transfer::nar_stream::STREAM_IDLE;
 use nixspace_transfer::source::{self, PathSource};
 use syndicate::actor::Activation;
 
@@ -69,7 +70,14 @@ pub async fn run(args: SubstituteArgs) -> anyhow::Result<ExitCode> {
     let body = {
         let name = name.clone();
         move |t: &mut Activation, ds| {
-            source::serve(t, &ds, &name, Arc::clone(&cache), source::Role::Substituter);
+            source::serve(
+                t,
+                &ds,
+                &name,
+                Arc::clone(&cache),
+                source::Role::Substituter,
+                STREAM_IDLE,
+            );
             Ok(())
         }
     };

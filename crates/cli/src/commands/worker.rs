@@ -74,6 +74,11 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = nixspace_transfer::WANT_PATIENCE.as_secs_f64(), value_name = "SECONDS")]
     fetch_patience: f64,
 
+    /// Abandon a NAR stream to or from this worker's store that stalls for SECONDS: a
+    /// receiver granting no credit, a sender sending no data.
+    #[arg(long, default_value_t = nixspace_transfer::nar_stream::STREAM_IDLE.as_secs_f64(), value_name = "SECONDS")]
+    stream_idle: f64,
+
     /// The most bytes of log one build sends to the dataspace; the rest is
     /// dropped, with a line saying the log was truncated.
     #[arg(long, default_value_t = nixspace_workers::DEFAULT_MAX_LOG_BYTES, value_name = "BYTES")]
@@ -105,6 +110,7 @@ pub fn local_builder() -> BuilderConfig {
         daemon_socket: None,
         signing_key: None,
         fetch_patience: nixspace_transfer::WANT_PATIENCE,
+        stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
         max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
     }
 }
@@ -210,6 +216,15 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     config.daemon_socket = args.daemon_socket;
     config.fetch_patience = std::time::Duration::try_from_secs_f64(args.fetch_patience)
         .map_err(|e| anyhow::anyhow!("--fetch-patience {}: {e}", args.fetch_patience))?;
+    config.stream_idle = std::time::Duration::try_from_secs_f64(args.stream_idle)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--stream-idle must be a positive number of seconds, got {}",
+                args.stream_idle
+            )
+        })?;
     if let Some(file) = &args.signing_key {
         let text = std::fs::read_to_string(file)
             .map_err(|e| anyhow::anyhow!("cannot read --signing-key {}: {e}", file.display()))?;
