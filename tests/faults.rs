@@ -17,7 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::dataspace::Session;
 use support::proxy::CuttingProxy;
-use support::{proc_status_kib, run, step_binding, Running, Space};
+use support::{peak_rss, run, step_binding, Running, Space};
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -567,7 +567,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
                 .is_some_and(|d| d.iter().any(|d| d["steps"] == CAP))
                 && r["unschedulable"].as_object().map(|u| u.len()) == Some(CAP)
         });
-        let rss = proc_status_kib(space.up_pid(), "VmHWM");
+        let rss = peak_rss(space.up_pid()) / 1024;
         eprintln!("flood: peak RSS of nixspace up {} MiB", rss / 1024);
         assert!(rss < 512 * 1024, "nixspace up peaked at {rss} KiB");
         // Leaving withdraws the demands and the refusal.
@@ -647,7 +647,7 @@ fn a_huge_build_log_is_truncated_and_the_coordinator_stays_up() {
     );
     assert_eq!(shown as u64, CAP / 1024, "lines shown");
     assert!(space.up_is_running(), "nixspace up died");
-    let rss = proc_status_kib(space.up_pid(), "VmHWM");
+    let rss = peak_rss(space.up_pid()) / 1024;
     eprintln!("spew: peak RSS of nixspace up {} MiB", rss / 1024);
     assert!(rss < 256 * 1024, "nixspace up peaked at {rss} KiB");
     assert!(space.status()["workers"].is_array());

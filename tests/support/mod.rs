@@ -119,11 +119,6 @@ impl Space {
         up.wait().expect("reap nixspace up");
     }
 
-    /// The process id of `nixspace up`.
-    pub fn up_pid(&self) -> u32 {
-        self.children[0].id()
-    }
-
     /// Whether `nixspace up` is still running.
     pub fn up_is_running(&mut self) -> bool {
         self.children[0].try_wait().expect("wait").is_none()
@@ -618,14 +613,4 @@ pub fn counted_referring_script(runs: &Path) -> String {
         "echo ${{name}} >> {}; echo ${{name}} $deps > $out",
         runs.display()
     )
-}
-
-/// A field of `/proc/PID/status` given in kB (e.g. `VmRSS`, `VmHWM`: the peak RSS), in KiB.
-pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
