@@ -50,6 +50,7 @@ impl Default for Timeouts {
 const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whom a fetch waits for.
+#[derive(Clone, Copy)]
 enum Patience<'a> {
     /// Any store, for up to this long.
     Anyone(Duration),
@@ -281,7 +282,7 @@ impl StoreNode {
         for path in parsed.difference(&valid) {
             match self
                 .inner
-                .fetch_within(path, Patience::Substitutes(&substituters))
+                .fetch_once(path, Patience::Substitutes(&substituters))
                 .await
             {
                 Ok(()) => {}
@@ -363,7 +364,8 @@ impl Inner {
             }
             let valid = self.valid(&paths).await?;
             for path in paths.difference(&valid) {
-                self.fetch_once(path).await?;
+                self.fetch_once(path, Patience::Anyone(self.timeouts.want))
+                    .await?;
             }
             Ok(())
         })
@@ -385,8 +387,13 @@ impl Inner {
         }
     }
 
-    /// Fetch `path`, or wait for the fetch already under way.
-    async fn fetch_once(self: &Arc<Self>, path: &StorePath) -> Result<(), FetchError> {
+    /// Fetch `path` waiting as `patience` says, or wait for the fetch already under way (a
+    /// path is fetched once however many steps, or substitutions, need it).
+    async fn fetch_once(
+        self: &Arc<Self>,
+        path: &StorePath,
+        patience: Patience<'_>,
+    ) -> Result<(), FetchError> {
         let cell = match self.inflight.lock() {
             Ok(mut m) => Arc::clone(m.entry(path.clone()).or_default()),
             Err(_) => Arc::new(OnceCell::new()),
@@ -399,7 +406,7 @@ impl Inner {
                 if self.valid(&one).await?.contains(path) {
                     return Ok(());
                 }
-                self.fetch_across_reconnections(path).await
+                self.fetch_across_reconnections(path, patience).await
             })
             .await
             .clone();
@@ -415,13 +422,11 @@ impl Inner {
     async fn fetch_across_reconnections(
         self: &Arc<Self>,
         path: &StorePath,
+        patience: Patience<'_>,
     ) -> Result<(), FetchError> {
         let mut tries = 1;
         loop {
-            match self
-                .fetch_within(path, Patience::Anyone(self.timeouts.want))
-                .await
-            {
+            match self.fetch_within(path, patience).await {
                 Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
                     tries += 1;
                     tracing::warn!(path = %printed, "connection lost while fetching; fetching again once rejoined");
