@@ -118,6 +118,16 @@ impl Session {
     /// once a probe of ours came back (so the dataspace has processed our
     /// assertions and sent us every match so far).
     pub async fn join(route: &Route, asserts: Vec<AnyValue>) -> anyhow::Result<Session> {
+        Session::join_within(route, asserts, ANSWER).await
+    }
+
+    /// Like [`Session::join`], waiting up to `patience` for the probe (many assertions take
+    /// a while).
+    pub async fn join_within(
+        route: &Route,
+        asserts: Vec<AnyValue>,
+        patience: Duration,
+    ) -> anyhow::Result<Session> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = tokio::sync::oneshot::channel();
         let probe_id = format!("test-probe-{}", super::nonce());
@@ -189,9 +199,9 @@ impl Session {
             Ok(())
         })
         .await?;
-        tokio::time::timeout(ANSWER, rx)
+        tokio::time::timeout(patience, rx)
             .await
-            .map_err(|_| anyhow::anyhow!("our probe did not come back within {ANSWER:?}"))??;
+            .map_err(|_| anyhow::anyhow!("our probe did not come back within {patience:?}"))??;
         Ok(Session { actor, seen })
     }
 

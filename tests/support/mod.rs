@@ -9,6 +9,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod dataspace;
+pub mod proxy;
 pub mod syndicate_server;
 
 use std::io::Read;
@@ -101,9 +102,14 @@ impl Space {
     /// Start `nixspace up` again after [`Space::kill_up`]: same socket,
     /// keys (so the same route files) and state directory.
     pub fn restart_up(&mut self) {
-        let up = self.spawn_up("up-restarted");
+        self.restart_up_logged("up-restarted");
+    }
+
+    /// Like [`Space::restart_up`], logging to `<log>.log`.
+    pub fn restart_up_logged(&mut self, log: &str) {
+        let up = self.spawn_up(log);
         self.children[0] = up;
-        self.wait_for_log("up-restarted", "dataspace up", Duration::from_secs(20));
+        self.wait_for_log(log, "dataspace up", Duration::from_secs(20));
     }
 
     /// Kill `nixspace up` (SIGKILL): the dataspace vanishes.
@@ -111,6 +117,11 @@ impl Space {
         let up = &mut self.children[0];
         up.kill().expect("kill nixspace up");
         up.wait().expect("reap nixspace up");
+    }
+
+    /// Whether `nixspace up` is still running.
+    pub fn up_is_running(&mut self) -> bool {
+        self.children[0].try_wait().expect("wait").is_none()
     }
 
     /// The runtime directory (socket, route files).
@@ -159,16 +170,34 @@ impl Space {
 
     /// Start a worker; its stderr goes to `<id>.log`.
     pub fn worker(&mut self, id: &str, extra: &[&str]) {
+        self.worker_logged(id, id, extra);
+    }
+
+    /// Start a worker whose stderr goes to `<log>.log` (e.g. a restarted worker keeping the
+    /// log of its previous life).
+    pub fn worker_logged(&mut self, id: &str, log: &str, extra: &[&str]) {
         let child = self
             .command(&["worker", "--id", id, "--max-jobs", "2"])
             .args(extra)
             .arg("--dir")
             .arg(self.dir())
-            .stderr(Stdio::from(self.log_file(id)))
+            .stderr(Stdio::from(self.log_file(log)))
             .spawn()
             .expect("spawn nixspace worker");
         self.workers.push((id.to_owned(), child));
-        self.wait_for_log(id, "joined", Duration::from_secs(20));
+        self.wait_for_log(log, "joined", Duration::from_secs(20));
+    }
+
+    /// Kill worker `id` (SIGKILL) and forget it: its connection drops mid-whatever.
+    pub fn kill_worker(&mut self, id: &str) {
+        let at = self
+            .workers
+            .iter()
+            .position(|(w, _)| w == id)
+            .expect("no such worker");
+        let (_, mut child) = self.workers.remove(at);
+        child.kill().expect("kill worker");
+        child.wait().expect("reap worker");
     }
 
     /// Send `signal` to worker `id`.
@@ -334,41 +363,63 @@ pub fn run(mut c: Command, limit: Duration) -> Finished {
     wait_output(child, limit)
 }
 
+/// A child started with piped stdout and stderr, both read as it runs (so it never blocks
+/// on a full pipe) while the test does something else.
+pub struct Running {
+    child: Child,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+impl Running {
+    /// Start reading `child`'s stdout and stderr.
+    pub fn new(mut child: Child) -> Running {
+        let read = |mut pipe: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = pipe.read_to_string(&mut s);
+                s
+            })
+        };
+        let out = read(Box::new(child.stdout.take().expect("stdout")));
+        let err = read(Box::new(child.stderr.take().expect("stderr")));
+        Running { child, out, err }
+    }
+
+    /// Whether the child has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_some()
+    }
+
+    /// Wait for the child to exit, killing it (and failing) after `limit`.
+    pub fn finish(mut self, limit: Duration) -> Finished {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "command did not finish within {limit:?}; stderr so far:\n{}",
+                    self.err.join().unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Finished {
+            status,
+            stdout: self.out.join().unwrap_or_default(),
+            stderr: self.err.join().unwrap_or_default(),
+        }
+    }
+}
+
 /// Wait for a child started with piped stdout and stderr, killing it (and
 /// failing) after `limit`.
-pub fn wait_output(mut child: Child, limit: Duration) -> Finished {
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "command did not finish within {limit:?}; stderr so far:\n{}",
-                err.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Finished {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    }
+pub fn wait_output(child: Child, limit: Duration) -> Finished {
+    Running::new(child).finish(limit)
 }
 
 /// A derivation whose builder sleeps (by absolute path: builders have no

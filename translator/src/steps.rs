@@ -3,7 +3,7 @@
 //! Shared by every frontend that submits builds (`nixspace build` and the translator):
 //! [`plan`] reads the closure of the roots and keeps the derivations whose outputs are not
 //! valid yet (the *steps*); [`demands`] orders them inputs first with their depths; and
-//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned` and `log` in the dataspace
+//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned`, `demands-refused` and `log` in the dataspace
 //! into [`StepEvent`]s for the caller's handler.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -277,6 +277,13 @@ pub enum StepEvent {
         /// The step.
         drv: String,
     },
+    /// The coordinator refused demands of the frontend named `requester` (too many).
+    Refused {
+        /// The frontend.
+        requester: String,
+        /// The coordinator's reason.
+        reason: String,
+    },
     /// One line of a step's build log.
     Log {
         /// The step.
@@ -317,6 +324,10 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
         handler(t, StepEvent::Assigned { drv: drv.clone(), worker: worker.clone() })?;
         on_retraction(t, enclose!((handler, drv) move |t| handler(t, StepEvent::Unassigned { drv })));
         Ok(())
+    }));
+    enclose!((handler) during!(t, ds, <demands-refused $requester: String $reason: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Refused { requester: requester.clone(), reason: reason.clone() })
     }));
     enclose!((handler) on_message!(t, ds, <log $drv: String $worker: String $line: String>,
     |t: &mut Activation| {

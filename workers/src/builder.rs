@@ -68,6 +68,8 @@ pub struct BuilderConfig {
     /// How long a NAR stream to or from this worker's store may stall (no credit from the
     /// receiver, no data from the sender) before it is abandoned.
     pub stream_idle: Duration,
+    /// The most log bytes one build sends to the dataspace; the rest is dropped.
+    pub max_log_bytes: u64,
 }
 
 impl BuilderConfig {
@@ -88,8 +90,9 @@ impl BuilderConfig {
     }
 
     /// The worker's store in the dataspace: it serves the paths this worker has and fetches
-    /// the inputs it lacks, over connections of its own.
-    fn store(&self) -> StoreNode {
+    /// the inputs it lacks, over connections of its own. Make it once and pass it to every
+    /// [`start`]: a fetch cut by a lost connection goes on over the next one.
+    pub fn store(&self) -> StoreNode {
         StoreNode::with_timeouts(
             self.id.clone(),
             self.pool_of(TRANSFER_CONNECTIONS),
@@ -364,13 +367,15 @@ impl Builder {
     }
 }
 
-/// Start the builder in the current actor, on dataspace `ds`. Returns the
-/// builder entity, to which [`Event::Drain`] can be sent.
+/// Start the builder in the current actor, on dataspace `ds`, serving and fetching through
+/// `store` ([`BuilderConfig::store`]; the same across reconnections, like `builds`). Returns
+/// the builder entity, to which [`Event::Drain`] can be sent.
 pub fn start(
     t: &mut Activation,
     ds: Arc<Cap>,
     config: BuilderConfig,
     builds: Builds,
+    store: StoreNode,
 ) -> Result<Arc<Ref<Event>>, ActorError> {
     let config = Arc::new(config);
     let me = config.id.clone();
@@ -385,7 +390,6 @@ pub fn start(
             speed: config.speed.into(),
         },
     );
-    let store = config.store();
     store.attach(t, Arc::clone(&ds));
     let mut builder = Builder {
         ds: Arc::clone(&ds),

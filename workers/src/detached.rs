@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nixspace_nix_tools::BuiltStep;
@@ -57,15 +58,35 @@ struct Slot {
     outcome: watch::Sender<Option<Outcome>>,
     lines: Mutex<Option<LineSink>>,
     task: Mutex<Option<AbortHandle>>,
+    /// Log bytes (newlines counted) the build produced so far.
+    log_bytes: AtomicU64,
+    /// Log bytes passed on at most; the rest is dropped.
+    log_limit: u64,
 }
+
+/// The default cap on the log bytes one build passes on.
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 10 << 20;
 
 /// Sends a running build's log lines to whichever connection follows it now.
 #[derive(Clone)]
 pub struct LogLines(Arc<Slot>);
 
 impl LogLines {
-    /// Pass one log line on (dropped while no connection follows the build).
+    /// Pass one log line on (dropped while no connection follows the build). Past the log
+    /// cap lines are dropped, the first of them replaced by a note saying so.
     pub fn send(&self, line: String) {
+        let size = line.len() as u64 + 1;
+        let before = self.0.log_bytes.fetch_add(size, Ordering::Relaxed);
+        let limit = self.0.log_limit;
+        if before > limit {
+            return;
+        }
+        let line = if before + size > limit {
+            tracing::warn!(limit, "build log truncated");
+            format!("nixspace: log truncated after {before} bytes (worker --max-log-bytes {limit})")
+        } else {
+            line
+        };
         if let Ok(lines) = self.0.lines.lock() {
             if let Some(sink) = lines.as_ref() {
                 sink(line);
@@ -75,12 +96,27 @@ impl LogLines {
 }
 
 /// The worker's builds, running or finished but not yet acknowledged, by step.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Builds {
     slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    log_limit: u64,
+}
+
+impl Default for Builds {
+    fn default() -> Self {
+        Builds::with_log_limit(DEFAULT_MAX_LOG_BYTES)
+    }
 }
 
 impl Builds {
+    /// No builds yet; each build passes on at most `log_limit` bytes of log.
+    pub fn with_log_limit(log_limit: u64) -> Builds {
+        Builds {
+            slots: Arc::default(),
+            log_limit,
+        }
+    }
+
     /// Steps built or being built whose outcome the planner has not taken yet.
     pub fn pending(&self) -> Vec<String> {
         self.slots
@@ -117,6 +153,8 @@ impl Builds {
             outcome: tx,
             lines: Mutex::new(Some(lines)),
             task: Mutex::new(None),
+            log_bytes: AtomicU64::new(0),
+            log_limit: self.log_limit,
         });
         let build = start(LogLines(Arc::clone(&slot)));
         let done = Arc::clone(&slot);
@@ -171,6 +209,28 @@ mod tests {
         assert_eq!(builds.pending(), ["d"]);
         builds.cancel("d");
         assert!(builds.pending().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_log_past_the_cap_is_cut_with_a_note() {
+        let builds = Builds::with_log_limit(10);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let mut rx = builds.follow(
+            "d",
+            Box::new(move |l| sink.lock().unwrap().push(l)),
+            |lines| async move {
+                for line in ["1234", "5678", "abcd", "efgh"] {
+                    lines.send(line.into());
+                }
+                Ok(built(&[]))
+            },
+        );
+        rx.wait_for(Option::is_some).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[..2], ["1234", "5678"]);
+        assert!(seen[2].contains("log truncated after 10 bytes"), "{seen:?}");
     }
 
     #[tokio::test]

@@ -9,4 +9,4 @@ pub mod builder;
 pub mod detached;
 
 pub use builder::{start, BuilderConfig, DrainDone, Event};
-pub use detached::Builds;
+pub use detached::{Builds, DEFAULT_MAX_LOG_BYTES};

@@ -401,6 +401,21 @@ impl History {
         tx.commit().map_err(err)
     }
 
+    /// The attempts that never ended, as (drv, worker): what was being built when the
+    /// coordinator stopped (or was killed).
+    pub fn open_attempts(&self) -> Result<Vec<(String, String)>, HistoryError> {
+        let mut open = self
+            .conn
+            .prepare("SELECT drv, worker FROM attempts WHERE outcome IS NULL ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let rows = open
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e));
+        rows
+    }
+
     /// The most recently demanded steps, newest first.
     pub fn recent(&self, limit: usize) -> Result<Vec<StepRecord>, HistoryError> {
         let mut steps = self

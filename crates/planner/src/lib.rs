@@ -20,4 +20,8 @@ pub use schedule::{
     Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
+
+/// After a restart, how long a step that was being built is kept for its worker (see
+/// [`PlannerConfig::rejoin_grace`]).
+pub const DEFAULT_REJOIN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub use service::PlannerConfig;

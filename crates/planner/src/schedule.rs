@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::matching::{mismatch, unschedulable_reason};
 
+mod rejoin;
 mod stealing;
 
 pub use stealing::StealPolicy;
@@ -171,6 +172,8 @@ pub struct Schedule {
     /// Claims on steps not ready (yet): a worker that built a step while the planner was
     /// away claims it again on rejoining, and gets it as soon as it is ready.
     early_claims: BTreeMap<String, BTreeSet<String>>,
+    /// Steps kept for the worker they were assigned to before a restart, until when.
+    reserved: BTreeMap<String, (String, Instant)>,
     steal: StealPolicy,
     /// Ready steps no connected worker can take.
     unschedulable: BTreeSet<String>,
@@ -194,6 +197,7 @@ impl Schedule {
             workers: BTreeMap::new(),
             free_slots: BTreeMap::new(),
             early_claims: BTreeMap::new(),
+            reserved: BTreeMap::new(),
             steal: StealPolicy::default(),
             unschedulable: BTreeSet::new(),
             max_attempts: max_attempts.max(1),
@@ -323,7 +327,16 @@ impl Schedule {
     pub fn claim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
         match self.state(drv) {
-            Some(StepState::Ready) => {}
+            Some(StepState::Ready) if self.kept_from(drv, worker, Instant::now()) => {
+                self.early_claims
+                    .entry(drv.to_owned())
+                    .or_default()
+                    .insert(worker.to_owned());
+                return effects;
+            }
+            Some(StepState::Ready) => {
+                self.reserved.remove(drv);
+            }
             None | Some(StepState::Waiting) | Some(StepState::Retrying) => {
                 self.early_claims
                     .entry(drv.to_owned())
@@ -575,10 +588,22 @@ impl Schedule {
     /// Make a step ready, noting whether any worker can take it; a connected worker that
     /// claimed it early gets it at once.
     fn enter_ready(&mut self, drv: &str, effects: &mut Vec<Effect>) {
-        let early = self
-            .early_claims
-            .remove(drv)
-            .and_then(|ws| ws.into_iter().find(|w| self.workers.contains_key(w)));
+        let now = Instant::now();
+        let claims = self.early_claims.remove(drv).unwrap_or_default();
+        let connected = |w: &String| self.workers.contains_key(w);
+        let early = claims
+            .iter()
+            .find(|w| connected(w) && !self.kept_from(drv, w, now))
+            .cloned();
+        if early.is_none() {
+            // Claims waiting for the step's keeper to come back.
+            let waiting: BTreeSet<String> = claims.into_iter().filter(connected).collect();
+            if !waiting.is_empty() {
+                self.early_claims.insert(drv.to_owned(), waiting);
+            }
+        } else {
+            self.reserved.remove(drv);
+        }
         let Some(step) = self.steps.get_mut(drv) else {
             return;
         };

@@ -112,7 +112,12 @@ impl Entity<Event> for Planner {
                 s.offer(&worker, free);
                 Vec::new()
             }
-            Event::Tick => s.tick(Instant::now()),
+            Event::Tick => {
+                let now = Instant::now();
+                let mut effects = s.expire_reservations(now);
+                effects.extend(s.tick(now));
+                effects
+            }
             Event::Lost(drv, path, worker) => {
                 let (rebuilt, effects) = s.lost(&path);
                 match rebuilt {
@@ -429,6 +434,9 @@ pub struct PlannerConfig {
     pub retry_backoff: Duration,
     /// When a faster idle worker duplicates a running step.
     pub steal: StealPolicy,
+    /// After a restart, how long a step that was being built is kept for its worker to
+    /// rejoin and report it before another worker may take it.
+    pub rejoin_grace: Duration,
 }
 
 impl Default for PlannerConfig {
@@ -437,7 +445,30 @@ impl Default for PlannerConfig {
             max_attempts: crate::DEFAULT_MAX_ATTEMPTS,
             retry_backoff: crate::DEFAULT_RETRY_BACKOFF,
             steal: StealPolicy::default(),
+            rejoin_grace: crate::DEFAULT_REJOIN_GRACE,
         }
+    }
+}
+
+/// Keep every step that was being built when the coordinator last stopped for its worker,
+/// for `grace`.
+fn keep_for_rejoining_workers(schedule: &mut Schedule, history: Option<&History>, grace: Duration) {
+    let Some(history) = history else { return };
+    match history.open_attempts() {
+        Ok(open) => {
+            let until = Instant::now() + grace;
+            if !open.is_empty() {
+                tracing::info!(
+                    steps = open.len(),
+                    ?grace,
+                    "keeping the steps that were building for their workers"
+                );
+            }
+            for (drv, worker) in open {
+                schedule.reserve(&drv, &worker, until);
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the attempts left open"),
     }
 }
 
@@ -455,12 +486,14 @@ pub fn start(
     history: Option<History>,
 ) {
     t.spawn_link(Some(AnyValue::symbol("planner")), move |t| {
+        let mut schedule = Schedule::new(config.max_attempts, config.retry_backoff)
+            .with_stealing(config.steal);
+        keep_for_rejoining_workers(&mut schedule, history.as_ref(), config.rejoin_grace);
         let me = Arc::new(OnceLock::new());
         let mut planner = Planner {
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
-            schedule: Schedule::new(config.max_attempts, config.retry_backoff)
-                .with_stealing(config.steal),
+            schedule,
             ready: HashMap::new(),
             ready_since: HashMap::new(),
             unschedulable: HashMap::new(),

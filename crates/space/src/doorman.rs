@@ -7,7 +7,11 @@
 //! at once with an error (instead of the gatekeeper's silence for an unknown
 //! oid), and logs every refusal with the peer it came from. Only valid refs
 //! reach the gatekeeper, which resolves them to the role's attenuated
-//! dataspace. Anything else asserted or sent to oid 0 is logged and ignored.
+//! dataspace; the client gets that dataspace behind a
+//! [`Limiter`](crate::limits::Limiter) enforcing per-connection [`Limits`].
+//! Anything else asserted or sent to oid 0 is logged and ignored.
+
+use crate::limits::{LimitedAnswer, Limits};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -61,17 +65,29 @@ pub fn check(keys: &KeyRing, step: &gatekeeper::Step) -> Result<String, Refusal>
 pub struct Doorman {
     gatekeeper: Arc<Cap>,
     keys: KeyRing,
+    /// The unattenuated dataspace (for the limiter's refusals).
+    dataspace: Arc<Cap>,
+    limits: Limits,
     peer: String,
     /// The client's handles → what we asserted on their behalf.
     forwarded: HashMap<Handle, Handle>,
 }
 
 impl Doorman {
-    /// A doorman for one connection from `peer` (for logs).
-    pub fn new(gatekeeper: Arc<Cap>, keys: KeyRing, peer: String) -> Doorman {
+    /// A doorman for one connection from `peer` (for logs), whose client gets `dataspace`
+    /// (as the gatekeeper resolves it) held to `limits`.
+    pub fn new(
+        gatekeeper: Arc<Cap>,
+        keys: KeyRing,
+        dataspace: Arc<Cap>,
+        limits: Limits,
+        peer: String,
+    ) -> Doorman {
         Doorman {
             gatekeeper,
             keys,
+            dataspace,
+            limits,
             peer,
             forwarded: HashMap::new(),
         }
@@ -97,7 +113,17 @@ impl Entity<AnyValue> for Doorman {
         let ours = match check(&self.keys, &resolve.step) {
             Ok(role) => {
                 tracing::debug!(peer = %self.peer, %role, "capability accepted");
-                self.gatekeeper.assert(t, &resolve)
+                let answer = LimitedAnswer::new(
+                    Arc::clone(&resolve.observer),
+                    Arc::clone(&self.dataspace),
+                    self.limits,
+                    self.peer.clone(),
+                );
+                let limited = gatekeeper::Resolve {
+                    step: resolve.step.clone(),
+                    observer: Cap::new(&t.create_ref(answer)),
+                };
+                self.gatekeeper.assert(t, &limited)
             }
             Err(refusal) => {
                 tracing::warn!(peer = %self.peer, reason = refusal.symbol(),

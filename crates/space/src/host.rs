@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 
 use crate::doorman::{Doorman, KeyRing};
 use crate::keys::{KeyError, Keys};
+use crate::limits::Limits;
 use crate::policy::{log_refused, role_caveats};
 use crate::route::{Role, Route, RouteError, Transport};
 
@@ -34,6 +35,8 @@ pub struct HostConfig {
     pub socket: PathBuf,
     /// Optional TCP address (use 127.0.0.1; port 0 picks a free port).
     pub tcp: Option<SocketAddr>,
+    /// What each connection may hold in the dataspace.
+    pub limits: Limits,
 }
 
 /// Failures while starting a host.
@@ -224,6 +227,8 @@ impl HostedSpace {
         let front = Front {
             gatekeeper,
             keys: keys.ring(),
+            dataspace: Arc::clone(&dataspace),
+            limits: config.limits,
         };
         serve(t, "unix", unix, front.clone());
         if let Some((tcp, _)) = tcp {
@@ -275,6 +280,8 @@ impl Accept for TcpListener {
 struct Front {
     gatekeeper: Arc<Cap>,
     keys: KeyRing,
+    dataspace: Arc<Cap>,
+    limits: Limits,
 }
 
 /// Accept connections forever, each served by its own relay actor whose
@@ -295,7 +302,13 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
             let front = front.clone();
             let alive = facet.activate(&account, None, move |t| {
                 t.spawn(Some(AnyValue::new(format!("{kind} {peer}"))), move |t| {
-                    let doorman = Doorman::new(front.gatekeeper, front.keys, peer);
+                    let doorman = Doorman::new(
+                        front.gatekeeper,
+                        front.keys,
+                        front.dataspace,
+                        front.limits,
+                        peer,
+                    );
                     let doorman = Cap::new(&t.create_ref(doorman));
                     let facet = t.facet_ref();
                     t.linked_task(None, async move {

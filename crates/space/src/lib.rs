@@ -14,6 +14,7 @@ pub mod external;
 pub mod host;
 pub mod join;
 pub mod keys;
+pub mod limits;
 pub mod policy;
 pub mod private_file;
 pub mod route;
@@ -21,4 +22,5 @@ pub mod runtime_dir;
 
 pub use host::{HostConfig, HostedSpace};
 pub use join::{Backoff, JoinError, SessionEvent};
+pub use limits::Limits;
 pub use route::{Role, Route, RouteError, Transport};

@@ -13,10 +13,12 @@ use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::DaemonPool;
 use nixspace_protocol::on_retraction;
 use nixspace_protocol::store;
-use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetId, FacetRef};
+use syndicate::actor::{
+    Account, Activation, ActorResult, AnyValue, Cap, Entity, ExitStatus, FacetId, FacetRef,
+};
 use syndicate::enclose;
 use syndicate_macros::during;
-use tokio::sync::{mpsc, OnceCell};
+use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::from_wire;
@@ -48,6 +50,7 @@ impl Default for Timeouts {
 const SUBSTITUTE_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Whom a fetch waits for.
+#[derive(Clone, Copy)]
 enum Patience<'a> {
     /// Any store, for up to this long.
     Anyone(Duration),
@@ -81,6 +84,9 @@ pub enum FetchError {
     /// The node is not attached to a dataspace (yet, or any more).
     #[error("not connected to a dataspace")]
     Detached,
+    /// The connection to the dataspace dropped while fetching.
+    #[error("the connection to the dataspace was lost while fetching {0}")]
+    LinkLost(String),
     /// Nobody answered the want.
     #[error("no store in the dataspace has {0} (waited {1:?})")]
     Nowhere(String, Duration),
@@ -122,7 +128,33 @@ struct Inner {
 struct Link {
     ds: Arc<Cap>,
     facet: FacetRef,
+    /// Turns true when the actor holding the connection ends (the connection dropped).
+    lost: watch::Receiver<bool>,
 }
+
+impl Link {
+    fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves once the connection is gone.
+    async fn until_lost(&self) {
+        let mut lost = self.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+}
+
+/// Tells a [`Link`] that its actor ended: an exit hook runs however the actor ends.
+struct LinkWatch(watch::Sender<bool>);
+
+impl Entity<()> for LinkWatch {
+    fn exit_hook(&mut self, _t: &mut Activation, _status: &Arc<ExitStatus>) {
+        self.0.send_replace(true);
+    }
+}
+
+/// How many times a fetch cut by a lost connection is tried again on the next one.
+const RELINK_TRIES: usize = 3;
 
 impl std::fmt::Debug for StoreNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -185,12 +217,21 @@ impl StoreNode {
     }
 
     /// Serve this store on `ds` from the current facet, and fetch through it from now on
-    /// (call again after rejoining a dataspace).
+    /// (call again after rejoining a dataspace: fetches cut by the lost connection are
+    /// tried again on the new one).
     pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>) {
+        // Substituters are learnt anew on this connection.
+        if let Ok(mut s) = self.inner.substituters.lock() {
+            s.clear();
+        }
+        let (lost_tx, lost) = watch::channel(false);
+        let watch = t.create_ref(LinkWatch(lost_tx));
+        t.add_exit_hook(&watch);
         if let Ok(mut link) = self.inner.link.lock() {
             *link = Some(Link {
                 ds: Arc::clone(&ds),
                 facet: t.facet_ref(),
+                lost,
             });
         }
         let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
@@ -365,7 +406,7 @@ impl Inner {
                 if self.valid(&one).await?.contains(path) {
                     return Ok(());
                 }
-                self.fetch_within(path, patience).await
+                self.fetch_across_reconnections(path, patience).await
             })
             .await
             .clone();
@@ -375,6 +416,37 @@ impl Inner {
             }
         }
         result
+    }
+
+    /// Fetch `path`; when the connection drops mid-fetch, fetch it again over the next one.
+    async fn fetch_across_reconnections(
+        self: &Arc<Self>,
+        path: &StorePath,
+        patience: Patience<'_>,
+    ) -> Result<(), FetchError> {
+        let mut tries = 1;
+        loop {
+            match self.fetch_within(path, patience).await {
+                Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
+                    tries += 1;
+                    tracing::warn!(path = %printed, "connection lost while fetching; fetching again once rejoined");
+                    self.relinked().await?;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Wait (up to the want patience) until the node is attached to a live connection.
+    async fn relinked(&self) -> Result<(), FetchError> {
+        let deadline = tokio::time::Instant::now() + self.timeouts.want;
+        while self.link().map_or(true, |l| l.is_lost()) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(FetchError::Detached);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 
     /// Want `path`, then copy it from the first store that has it and sends a good copy.
@@ -401,6 +473,7 @@ impl Inner {
                 loop {
                     tokio::select! {
                         offer = offers.recv() => return offer,
+                        () = link.until_lost() => return None,
                         Some(store) = missing.recv() => {
                             lacking.remove(&store);
                             // Every substituter asked said it lacks the path.
@@ -432,6 +505,9 @@ impl Inner {
             }
         }
         drop(want);
+        if link.is_lost() {
+            return Err(FetchError::LinkLost(printed));
+        }
         if reasons.is_empty() {
             Err(FetchError::Nowhere(printed, patience.initial()))
         } else {
@@ -518,12 +594,14 @@ impl Inner {
             Ok(())
         });
         let mut lease = self.pool.lease().await.map_err(|e| e.to_string())?;
-        // Our own daemon, trusted: the hash is what is checked, not signatures.
-        match lease
-            .client()
-            .add_to_store_nar(&info, &mut nar, false, true)
-            .await
-        {
+        // Our own daemon, trusted: the hash is what is checked, not signatures. A stream cut
+        // by a lost connection ends at once: dropping the lease interrupts its daemon
+        // connection mid-NAR, so the daemon registers nothing.
+        let added = tokio::select! {
+            added = lease.client().add_to_store_nar(&info, &mut nar, false, true) => added,
+            () = link.until_lost() => return Err("the connection to the dataspace was lost".to_owned()),
+        };
+        match added {
             Ok(()) => {
                 lease.release();
                 Ok(nar.received())

@@ -69,6 +69,8 @@ enum Status {
 }
 
 struct Session {
+    /// This frontend's name in its demands.
+    requester: String,
     steps: BTreeMap<String, Status>,
     running: BTreeMap<String, String>,
     /// Steps no connected worker can take, with the planner's reason.
@@ -143,8 +145,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         infos.len()
     );
 
+    let requester = format!("nixspace-build-{}", std::process::id());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let session: Shared = Arc::new(Mutex::new(Session {
+        requester: requester.clone(),
         steps: needed
             .keys()
             .map(|d| (d.clone(), Status::Pending))
@@ -156,7 +160,6 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
     }));
-    let requester = format!("nixspace-build-{}", std::process::id());
     // Steps with inputs whose outputs are known only once built (content-addressed) are
     // resolved as those land, and demanded then.
     let resolver = Resolver::new(
@@ -334,6 +337,22 @@ fn on_event(
         StepEvent::Unassigned { drv } => with(session, |s| {
             s.running.remove(&drv);
             s.progress.update(s.done(), &s.running);
+        }),
+        StepEvent::Refused { requester, reason } => with(session, |s| {
+            if requester != s.requester {
+                return;
+            }
+            let pending: Vec<String> = s
+                .steps
+                .iter()
+                .filter(|(_, status)| matches!(status, Status::Pending))
+                .map(|(drv, _)| drv.clone())
+                .collect();
+            for drv in pending {
+                let worker = "the coordinator".to_owned();
+                let reason = reason.clone();
+                s.settle(&drv, Status::Failed { worker, reason });
+            }
         }),
         StepEvent::Log { drv, line, .. } => with(session, |s| {
             if s.steps.contains_key(&drv) {

@@ -67,6 +67,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             dir: runtime.path().to_owned(),
             socket: runtime.path().join("nixspace.sock"),
             tcp: None,
+            limits: nixspace_space::Limits::default(),
         },
         history: None,
         planner: nixspace_planner::PlannerConfig::default(),

@@ -77,11 +77,22 @@ pub struct UpArgs {
     #[arg(long, default_value_t = StealPolicy::default().after.as_secs_f64(), value_name = "SECONDS")]
     steal_after: f64,
 
+    /// After a restart, how long, in seconds, a step that was being built is
+    /// kept for its worker to rejoin and report it before another worker may
+    /// take it.
+    #[arg(long, default_value_t = nixspace_planner::DEFAULT_REJOIN_GRACE.as_secs_f64(), value_name = "SECONDS")]
+    rejoin_grace: f64,
+
     /// Also serve the Nix daemon protocol on this unix socket (as
     /// `nixspace translate --socket PATH` would, in this process): unmodified
     /// Nix clients build on this dataspace with NIX_REMOTE=unix://PATH.
     #[arg(long, value_name = "PATH")]
     translator: Option<PathBuf>,
+
+    /// The most demands one frontend connection may hold at once; further demands are
+    /// refused and the frontend is told so (it fails with that reason).
+    #[arg(long, default_value_t = nixspace_space::limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
+    max_demands_per_client: usize,
 }
 
 /// What hosting a dataspace takes (shared by `up` and `daemon`).
@@ -172,6 +183,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             ratio: args.steal_ratio,
             after: seconds("steal-after", args.steal_after)?,
         },
+        rejoin_grace: seconds("rejoin-grace", args.rejoin_grace)?,
     };
     let metrics = Arc::new(Metrics::default());
     let (submit, session, hosted_socket) = if args.external {
@@ -195,6 +207,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 dir,
                 socket: socket.clone(),
                 tcp: args.tcp,
+                limits: nixspace_space::Limits {
+                    max_demands: args.max_demands_per_client,
+                },
             },
             history: Some(history),
             planner,

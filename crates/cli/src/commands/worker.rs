@@ -78,6 +78,11 @@ pub struct WorkerArgs {
     /// receiver granting no credit, a sender sending no data.
     #[arg(long, default_value_t = nixspace_transfer::nar_stream::STREAM_IDLE.as_secs_f64(), value_name = "SECONDS")]
     stream_idle: f64,
+
+    /// The most bytes of log one build sends to the dataspace; the rest is
+    /// dropped, with a line saying the log was truncated.
+    #[arg(long, default_value_t = nixspace_workers::DEFAULT_MAX_LOG_BYTES, value_name = "BYTES")]
+    max_log_bytes: u64,
 }
 
 impl WorkerArgs {
@@ -106,6 +111,7 @@ pub fn local_builder() -> BuilderConfig {
         signing_key: None,
         fetch_patience: nixspace_transfer::WANT_PATIENCE,
         stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
+        max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
     }
 }
 
@@ -136,9 +142,11 @@ impl JoinedWorker {
         );
         let handle = Arc::new(Mutex::new(None));
         // Builds outlive a connection: a restarted dataspace gets their outcomes.
-        let builds = nixspace_workers::Builds::default();
+        let builds = nixspace_workers::Builds::with_log_limit(config.max_log_bytes);
+        // So does the store: a fetch cut by a lost connection resumes on the next one.
+        let store = config.store();
         let body = enclose!((handle) move |t: &mut Activation, ds| {
-            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone())?;
+            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone(), store.clone())?;
             if let Ok(mut h) = handle.lock() {
                 *h = Some((t.facet_ref(), builder));
             }
@@ -224,6 +232,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!("--signing-key {}: {e}", file.display()))?;
         config.signing_key = Some(key);
     }
+    config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
     let mut worker = JoinedWorker::join(route, config);
     let id = worker.id.clone();

@@ -1,0 +1,118 @@
+//! After a restart of the coordinator, the steps that were assigned when it went down are
+//! kept for their workers a little while: a worker rejoining a moment later claims the step
+//! it built (or is still building) and reports it, instead of another worker that happened
+//! to rejoin first building it again.
+
+use std::time::Instant;
+
+use super::{Effect, Schedule, StepState};
+
+impl Schedule {
+    /// Keep `drv` for `worker` until `until`: other workers' claims on it wait until then.
+    pub fn reserve(&mut self, drv: &str, worker: &str, until: Instant) {
+        self.reserved
+            .insert(drv.to_owned(), (worker.to_owned(), until));
+    }
+
+    /// Whether `drv` is kept, as of `now`, for a worker other than `worker`.
+    pub(super) fn kept_from(&self, drv: &str, worker: &str, now: Instant) -> bool {
+        self.reserved
+            .get(drv)
+            .is_some_and(|(keeper, until)| keeper != worker && now < *until)
+    }
+
+    /// End the reservations run out by `now`; a ready step goes to a connected worker whose
+    /// claim waited for it.
+    pub fn expire_reservations(&mut self, now: Instant) -> Vec<Effect> {
+        let expired: Vec<String> = self
+            .reserved
+            .iter()
+            .filter(|(_, (_, until))| now >= *until)
+            .map(|(drv, _)| drv.clone())
+            .collect();
+        let mut effects = Vec::new();
+        for drv in expired {
+            self.reserved.remove(&drv);
+            if !matches!(self.state(&drv), Some(StepState::Ready)) {
+                continue;
+            }
+            let waiting = self.early_claims.remove(&drv).unwrap_or_default();
+            if let Some(worker) = waiting.into_iter().find(|w| self.workers.contains_key(w)) {
+                effects.extend(self.claim(&drv, &worker));
+            }
+        }
+        effects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::schedule::{StepInfo, Urgency, WorkerOffer};
+
+    fn offer() -> WorkerOffer {
+        WorkerOffer {
+            systems: vec!["x86_64-linux".into()],
+            features: vec![],
+            speed: 1.0,
+        }
+    }
+
+    fn info() -> StepInfo {
+        StepInfo {
+            system: "x86_64-linux".into(),
+            features: vec![],
+            input_drvs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_kept_step_waits_for_its_worker() {
+        let mut s = Schedule::default();
+        let soon = Instant::now() + Duration::from_secs(60);
+        s.reserve("a", "keeper", soon);
+        s.worker_joined("other", offer());
+        s.demand("a", info(), Urgency::default());
+        // Another worker rejoined first: its claim waits.
+        assert!(s.claim("a", "other").is_empty());
+        assert_eq!(s.state("a"), Some(&StepState::Ready));
+        // The keeper comes back and gets its step.
+        s.worker_joined("keeper", offer());
+        let e = s.claim("a", "keeper");
+        assert!(
+            e.contains(&Effect::Assign("a".into(), "keeper".into())),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_kept_step_claimed_early_goes_to_its_worker() {
+        let mut s = Schedule::default();
+        s.reserve("a", "keeper", Instant::now() + Duration::from_secs(60));
+        s.worker_joined("other", offer());
+        s.worker_joined("keeper", offer());
+        assert!(s.claim("a", "other").is_empty());
+        assert!(s.claim("a", "keeper").is_empty());
+        let e = s.demand("a", info(), Urgency::default());
+        assert_eq!(e, vec![Effect::Assign("a".into(), "keeper".into())]);
+    }
+
+    #[test]
+    fn once_the_grace_is_over_a_waiting_claim_is_granted() {
+        let mut s = Schedule::default();
+        let until = Instant::now() + Duration::from_secs(60);
+        s.reserve("a", "keeper", until);
+        s.worker_joined("other", offer());
+        s.demand("a", info(), Urgency::default());
+        assert!(s.claim("a", "other").is_empty());
+        assert!(s.expire_reservations(Instant::now()).is_empty(), "not yet");
+        let e = s.expire_reservations(until);
+        assert!(
+            e.contains(&Effect::Assign("a".into(), "other".into())),
+            "{e:?}"
+        );
+        assert_eq!(s.state("a"), Some(&StepState::Assigned("other".into())));
+    }
+}

@@ -1,0 +1,189 @@
+//! Per-connection limits: what one client may hold in the dataspace at once.
+//!
+//! The [`Doorman`](crate::doorman::Doorman) hands every client that resolved a capability a
+//! [`Limiter`] in front of the role's dataspace instead of the dataspace itself. The limiter
+//! forwards everything, counting the client's live `<demand …>` assertions; past
+//! [`Limits::max_demands`] it drops further demands and asserts, once and for as long as the
+//! connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
+//! clear error). Dropped demands never reach the dataspace's index or the planner.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use nixspace_protocol::build;
+use preserves::ValueImpl;
+use preserves_schema::{Parse, Unparse};
+use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle};
+use syndicate::schemas::rpc;
+
+/// The default cap on live demands per connection.
+pub const DEFAULT_MAX_DEMANDS: usize = 100_000;
+
+/// What one connection may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Live `demand` assertions per connection.
+    pub max_demands: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_demands: DEFAULT_MAX_DEMANDS,
+        }
+    }
+}
+
+/// Stands between one client and the (attenuated) dataspace, enforcing [`Limits`].
+pub struct Limiter {
+    target: Arc<Cap>,
+    /// The unattenuated dataspace, for the refusal (no role may assert it).
+    dataspace: Arc<Cap>,
+    limits: Limits,
+    peer: String,
+    /// The client's handles → what we asserted on their behalf.
+    forwarded: HashMap<Handle, Handle>,
+    /// The client's handles that are demands.
+    demands: HashSet<Handle>,
+    refused: u64,
+    refusal: Option<Handle>,
+}
+
+impl Limiter {
+    /// A limiter for `peer` (for logs) in front of `target`.
+    pub fn new(target: Arc<Cap>, dataspace: Arc<Cap>, limits: Limits, peer: String) -> Limiter {
+        Limiter {
+            target,
+            dataspace,
+            limits,
+            peer,
+            forwarded: HashMap::new(),
+            demands: HashSet::new(),
+            refused: 0,
+            refusal: None,
+        }
+    }
+
+    /// Note a demand over the cap; tell the client once.
+    fn refuse(&mut self, t: &mut Activation, demand: &AnyValue) {
+        self.refused += 1;
+        if self.refusal.is_some() {
+            return;
+        }
+        let requester = build::Demand::parse(demand)
+            .map(|d| d.requester)
+            .unwrap_or_default();
+        let max = self.limits.max_demands;
+        tracing::warn!(peer = %self.peer, %requester, max,
+            "refused demands over the per-connection cap");
+        self.refusal = self.dataspace.assert(
+            t,
+            &build::DemandsRefused {
+                requester,
+                reason: format!(
+                    "too many demands on one connection: the coordinator takes at most {max} \
+                     at once (nixspace up --max-demands-per-client); the rest were refused"
+                ),
+            },
+        );
+    }
+}
+
+fn is_demand(v: &AnyValue) -> bool {
+    v.is_record() && v.label() == AnyValue::symbol("demand")
+}
+
+impl Entity<AnyValue> for Limiter {
+    fn assert(&mut self, t: &mut Activation, a: AnyValue, h: Handle) -> ActorResult {
+        if is_demand(&a) {
+            if self.demands.len() >= self.limits.max_demands {
+                self.refuse(t, &a);
+                return Ok(());
+            }
+            self.demands.insert(h);
+        }
+        if let Some(ours) = self.target.assert(t, &a) {
+            self.forwarded.insert(h, ours);
+        }
+        Ok(())
+    }
+
+    fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
+        self.demands.remove(&h);
+        if let Some(ours) = self.forwarded.remove(&h) {
+            t.retract(ours);
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, t: &mut Activation, m: AnyValue) -> ActorResult {
+        self.target.message(t, &m);
+        Ok(())
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        if self.refused > 0 {
+            tracing::info!(peer = %self.peer, refused = self.refused, "connection with refused demands ended");
+        }
+    }
+}
+
+/// Receives the gatekeeper's answer to one client's capability request and passes it on
+/// with the dataspace reference behind a [`Limiter`].
+pub struct LimitedAnswer {
+    client: Arc<Cap>,
+    dataspace: Arc<Cap>,
+    limits: Limits,
+    peer: String,
+    forwarded: HashMap<Handle, Handle>,
+}
+
+impl LimitedAnswer {
+    /// Pass answers on to `client` (the requester's observer).
+    pub fn new(client: Arc<Cap>, dataspace: Arc<Cap>, limits: Limits, peer: String) -> Self {
+        LimitedAnswer {
+            client,
+            dataspace,
+            limits,
+            peer,
+            forwarded: HashMap::new(),
+        }
+    }
+}
+
+impl Entity<AnyValue> for LimitedAnswer {
+    fn assert(&mut self, t: &mut Activation, a: AnyValue, h: Handle) -> ActorResult {
+        let answer = match <rpc::Result>::parse(&a) {
+            Ok(rpc::Result::Ok(rpc::Ok { value })) => match value.as_embedded() {
+                Some(target) => {
+                    let limiter = Limiter::new(
+                        target.into_owned(),
+                        Arc::clone(&self.dataspace),
+                        self.limits,
+                        self.peer.clone(),
+                    );
+                    let limited = Cap::new(&t.create_ref(limiter));
+                    rpc::Result::Ok(rpc::Ok {
+                        value: AnyValue::embedded(limited),
+                    })
+                    .unparse()
+                }
+                None => a,
+            },
+            _ => a,
+        };
+        if let Some(ours) = self.client.assert(t, &answer) {
+            self.forwarded.insert(h, ours);
+        }
+        Ok(())
+    }
+
+    fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
+        if let Some(ours) = self.forwarded.remove(&h) {
+            t.retract(ours);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,654 @@
+//! Reliability under faults: workers and the coordinator killed (SIGKILL) in the middle of a
+//! large build, connections cut in the middle of a transfer, and clients that ask for too
+//! much. Every figure printed here is recorded in `docs/RELIABILITY.md`.
+//!
+//! `NIXSPACE_SOAK_LONG=1` runs the long variant of the soak.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nixspace_protocol::build;
+use nixspace_space::{Role, Route, Transport};
+use preserves_schema::Unparse;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use support::dataspace::Session;
+use support::proxy::CuttingProxy;
+use support::{peak_rss, run, step_binding, Running, Space};
+
+/// How big a soak is and how hard it is hit.
+struct Soak {
+    /// Steps in the DAG, the root included.
+    steps: usize,
+    /// Steps per layer.
+    width: usize,
+    /// Workers (each with 2 slots).
+    workers: usize,
+    /// How long each builder sleeps, so that kills land on running builds.
+    sleep: &'static str,
+    /// A random worker is killed and restarted this often.
+    fault_period: Duration,
+    /// The coordinator is killed and restarted when this fraction of the steps is done.
+    up_kills_at: &'static [f64],
+    /// The whole build must finish within this.
+    limit: Duration,
+}
+
+impl Soak {
+    fn from_env() -> Soak {
+        if std::env::var_os("NIXSPACE_SOAK_LONG").is_some() {
+            Soak {
+                steps: 1000,
+                width: 40,
+                workers: 4,
+                sleep: "0.5",
+                fault_period: Duration::from_secs(2),
+                up_kills_at: &[0.15, 0.35, 0.55, 0.75, 0.9],
+                limit: Duration::from_secs(1800),
+            }
+        } else {
+            Soak {
+                steps: 200,
+                width: 20,
+                workers: 4,
+                sleep: "0.5",
+                fault_period: Duration::from_secs(3),
+                up_kills_at: &[0.25, 0.6],
+                limit: Duration::from_secs(240),
+            }
+        }
+    }
+}
+
+/// A layered DAG: each step depends on two steps of the layer below and one of any earlier
+/// layer (a cross-layer edge); `root` depends on every step nothing else depends on. Step
+/// names are Nix identifiers; dependencies by name.
+fn layered_dag(steps: usize, width: usize, rng: &mut StdRng) -> BTreeMap<String, Vec<String>> {
+    let name = |i: usize| format!("s{}_{}", i / width, i % width);
+    let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..steps - 1 {
+        let layer = i / width;
+        let mut mine = BTreeSet::new();
+        if layer > 0 {
+            let below = (layer - 1) * width;
+            for _ in 0..2 {
+                mine.insert(name(below + rng.gen_range(0..width)));
+            }
+        }
+        if layer > 1 {
+            mine.insert(name(rng.gen_range(0..(layer - 1) * width)));
+        }
+        deps.insert(name(i), mine.into_iter().collect());
+    }
+    let needed: BTreeSet<&String> = deps.values().flatten().collect();
+    let tops: Vec<String> = deps
+        .keys()
+        .filter(|n| !needed.contains(n))
+        .cloned()
+        .collect();
+    deps.insert("root".to_owned(), tops);
+    deps
+}
+
+/// The Nix file of `dag`: each builder appends `start NAME MS` to `runs` (MS: the time in
+/// milliseconds since the epoch), sleeps, writes its name and its inputs' paths to `$out`,
+/// then appends `done NAME MS`.
+fn dag_file(
+    space: &Space,
+    dag: &BTreeMap<String, Vec<String>>,
+    runs: &Path,
+    sleep: &str,
+) -> std::path::PathBuf {
+    let binding = step_binding(
+        "name: deps",
+        "",
+        &format!(
+            "echo start ${{name}} $(/bin/date +%s%3N) >> {runs}
+      /bin/sleep {sleep}
+      echo ${{name}} $deps > $out
+      echo done ${{name}} $(/bin/date +%s%3N) >> {runs}",
+            runs = runs.display()
+        ),
+    );
+    // `let` bindings are recursive: their order does not matter.
+    let steps: String = dag
+        .iter()
+        .map(|(name, deps)| format!("  {name} = step \"{name}\" [ {} ];\n", deps.join(" ")))
+        .collect();
+    space.nix_file("soak.nix", &format!("let\n{binding}{steps}in\nroot\n"))
+}
+
+/// How close to a builder run a worker kill must be to explain running that builder again
+/// (a retry, not a rebuild): a killed worker's daemon may still start a build it was asked
+/// for, and registering and reporting an output take a moment.
+const REGISTERING: u64 = 2000;
+
+/// What the builders' start and done markers say.
+#[derive(Debug, Default)]
+struct Runs {
+    /// Steps whose builder finished at least once.
+    done: BTreeSet<String>,
+    /// Builder runs that did not finish (killed) and were run again, or with a worker killed
+    /// within [`REGISTERING`] of them: retries.
+    retries: usize,
+    /// Builder runs of a step that had finished already, no kill explaining it: defects.
+    rebuilt: Vec<String>,
+}
+
+/// Classify the builder runs in `runs`, given the times (ms since the epoch) workers were
+/// killed.
+fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
+    let text = std::fs::read_to_string(runs).unwrap_or_default();
+    let mut r = Runs::default();
+    // Per step: when its builder last started, and when that run finished, if it did.
+    let mut finished: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut started: BTreeMap<String, u64> = BTreeMap::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [what, name, at] = fields[..] else {
+            panic!("unexpected line in the runs file: {line:?}");
+        };
+        let at: u64 = at.parse().expect("a time");
+        match what {
+            "start" => {
+                if let Some((from, done)) = finished.remove(name) {
+                    // A kill of a worker around that run explains a rerun: the daemon of a
+                    // killed worker may still start or finish a build for a moment, and the
+                    // output may not be registered or reported yet.
+                    let around = from.saturating_sub(REGISTERING)..done + REGISTERING;
+                    if kills.iter().any(|k| around.contains(k)) {
+                        r.retries += 1;
+                    } else {
+                        r.rebuilt.push(name.to_owned());
+                    }
+                } else if started.contains_key(name) {
+                    r.retries += 1;
+                }
+                started.insert(name.to_owned(), at);
+            }
+            "done" => {
+                r.done.insert(name.to_owned());
+                let from = started.get(name).copied().unwrap_or(at);
+                finished.insert(name.to_owned(), (from, at));
+            }
+            _ => panic!("unexpected line in the runs file: {line:?}"),
+        }
+    }
+    r
+}
+
+/// What every log of the space (and the runs file) says about `steps`, for a failure report.
+fn story(space: &Space, steps: &[String]) -> String {
+    let mut out = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(space.tmp.path())
+        .expect("test directory")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log") || p.ends_with("runs"))
+        .collect();
+    logs.sort();
+    for path in logs {
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let text = if path.ends_with("runs") {
+            std::fs::read_to_string(&path).unwrap_or_default()
+        } else {
+            space.log(&name)
+        };
+        for line in text.lines() {
+            if steps.iter().any(|s| {
+                line.contains(&format!("-{s}.drv"))
+                    || line.ends_with(&format!(" {s}"))
+                    || line.contains(&format!(" {s} "))
+            }) {
+                out.push_str(&format!("{name}: {line}\n"));
+            }
+        }
+    }
+    out
+}
+
+/// Milliseconds since the epoch.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Steps the planner recorded built more than once (`nixspace history`): a worker reports
+/// an outcome again when the coordinator restarted before withdrawing the step (no builder
+/// runs for that; the runs file counts those).
+fn recorded_built_twice(space: &Space) -> Vec<String> {
+    let history = run(
+        space.command(&["history", "--json"]),
+        Duration::from_secs(60),
+    );
+    assert!(history.status.success(), "{history:?}");
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).expect("history JSON");
+    steps
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter(|s| {
+            s["attempts"]
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|a| a["outcome"] == "built").count() > 1)
+        })
+        .map(|s| s["drv"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Check every output in the closure of `root_out`: one per step of `dag`, each naming its
+/// step and referring to exactly the outputs of that step's dependencies.
+fn check_outputs(space: &Space, root_out: &str, dag: &BTreeMap<String, Vec<String>>) {
+    let mut closure = space.nix("nix-store", None);
+    closure.args(["-qR", root_out]);
+    let closure = run(closure, Duration::from_secs(60));
+    assert!(closure.status.success(), "{closure:?}");
+    let name_of = |path: &str| -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        text.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut seen = BTreeSet::new();
+    for path in closure.stdout.lines() {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut words = text.split_whitespace();
+        let name = words.next().expect("a name").to_owned();
+        let mut inputs: Vec<String> = words.map(name_of).collect();
+        inputs.sort();
+        let expected = dag
+            .get(&name)
+            .unwrap_or_else(|| panic!("unknown step {name} in {path}"));
+        assert_eq!(&inputs, expected, "inputs of {name} ({path})");
+        assert!(seen.insert(name.clone()), "two outputs for {name}");
+    }
+    assert_eq!(
+        seen.len(),
+        dag.len(),
+        "outputs in the closure of {root_out}"
+    );
+}
+
+#[test]
+fn soak() {
+    let soak = Soak::from_env();
+    let seed: u64 = rand::thread_rng().gen();
+    eprintln!("soak: seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut space = Space::start_with(&["--max-attempts", "20", "--retry-backoff", "0.2"]);
+    let workers: Vec<String> = (1..=soak.workers).map(|i| format!("w{i}")).collect();
+    // Each worker has a store of its own (kept across its restarts), so a step built again
+    // anywhere runs its builder again: the runs file sees every duplicate build.
+    let store_of = |w: &str| {
+        let dir = space.tmp.path().join(format!("store-{w}"));
+        dir.to_str().expect("utf-8 path").to_owned()
+    };
+    let stores: BTreeMap<String, String> =
+        workers.iter().map(|w| (w.clone(), store_of(w))).collect();
+    for w in &workers {
+        space.worker(w, &["--own-store", &stores[w]]);
+    }
+    let runs = space.tmp.path().join("runs");
+    let dag = layered_dag(soak.steps, soak.width, &mut rng);
+    let file = dag_file(&space, &dag, &runs, soak.sleep);
+
+    let started = Instant::now();
+    let mut client = Running::new(space.spawn_build(&file));
+    let mut up_kills = 0usize;
+    let mut worker_kills: Vec<u64> = Vec::new();
+    let mut lives: BTreeMap<String, usize> = workers.iter().map(|w| (w.clone(), 1)).collect();
+    let mut next_fault = Instant::now() + soak.fault_period;
+    while !client.exited() {
+        assert!(
+            started.elapsed() < soak.limit,
+            "the soak did not finish in {:?}",
+            soak.limit
+        );
+        let done = read_runs(&runs, &worker_kills).done.len() as f64 / soak.steps as f64;
+        if soak.up_kills_at.get(up_kills).is_some_and(|at| done >= *at) {
+            space.kill_up();
+            up_kills += 1;
+            eprintln!(
+                "soak: killed nixspace up at {:.0}% ({:?})",
+                done * 100.0,
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            space.restart_up_logged(&format!("up-{}", up_kills + 1));
+            // Give workers time to rejoin and hand in what they built meanwhile: a worker
+            // killed before that takes its outcomes with it.
+            next_fault = Instant::now() + soak.fault_period;
+        }
+        if Instant::now() >= next_fault {
+            let victim = &workers[rng.gen_range(0..workers.len())];
+            worker_kills.push(epoch_ms());
+            space.kill_worker(victim);
+            std::thread::sleep(Duration::from_millis(300));
+            let life = lives.get_mut(victim).expect("a worker");
+            *life += 1;
+            space.worker_logged(
+                victim,
+                &format!("{victim}-{life}"),
+                &["--own-store", &stores[victim]],
+            );
+            next_fault = Instant::now() + soak.fault_period;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let built = client.finish(Duration::from_secs(10));
+    let wall = started.elapsed();
+    assert!(built.status.success(), "{built:?}");
+    let root_out = built.stdout.trim();
+    check_outputs(&space, root_out, &dag);
+
+    let runs = read_runs(&runs, &worker_kills);
+    let built_twice = recorded_built_twice(&space);
+    let planner_retries: usize = std::iter::once("up".to_owned())
+        .chain((2..=up_kills + 1).map(|i| format!("up-{i}")))
+        .map(|log| {
+            space
+                .log(&log)
+                .matches("retrying after a transient failure")
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "soak: {} steps, {} workers: {} worker kills, {up_kills} coordinator kills, \
+         {} builder runs retried (planner retries: {planner_retries}), {} extra builds, {:.1} s; \
+         {} outcomes reported again after a coordinator restart",
+        soak.steps,
+        soak.workers,
+        worker_kills.len(),
+        runs.retries,
+        runs.rebuilt.len(),
+        wall.as_secs_f64(),
+        built_twice.len()
+    );
+    assert_eq!(runs.done.len(), soak.steps, "every step's builder finished");
+    assert!(
+        runs.rebuilt.is_empty(),
+        "steps built again after succeeding: {:?}\nworker kills at {worker_kills:?}\n{}",
+        runs.rebuilt,
+        story(&space, &runs.rebuilt)
+    );
+    assert_eq!(
+        up_kills,
+        soak.up_kills_at.len(),
+        "every coordinator kill happened"
+    );
+    assert!(
+        worker_kills.len() >= 2,
+        "only {} worker kills: the build was too short",
+        worker_kills.len()
+    );
+}
+
+/// Bytes of random data in the input that crosses the cut connection.
+const BIG: usize = 8 << 20;
+
+/// `route` with its TCP transport only, pointed at `proxy` instead.
+fn through(route: &Route, proxy: &CuttingProxy) -> Route {
+    assert!(
+        route
+            .transports
+            .iter()
+            .any(|t| matches!(t, Transport::Tcp(..))),
+        "up listens on TCP: {:?}",
+        route.transports
+    );
+    Route {
+        transports: vec![Transport::Tcp("127.0.0.1".to_owned(), proxy.addr().port())],
+        sturdy_ref: route.sturdy_ref.clone(),
+    }
+}
+
+fn tcp_address(route: &Route) -> std::net::SocketAddr {
+    route
+        .transports
+        .iter()
+        .find_map(|t| match t {
+            Transport::Tcp(host, port) => format!("{host}:{port}").parse().ok(),
+            Transport::Unix(_) => None,
+        })
+        .expect("a TCP transport")
+}
+
+#[test]
+fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() {
+    let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
+    let worker_route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    // Cut the first connection once 3 MiB went to the worker: in the middle of the NAR.
+    let proxy = CuttingProxy::start(tcp_address(&worker_route), 3 << 20);
+    let proxied = space.tmp.path().join("proxied-worker.route");
+    through(&worker_route, &proxy)
+        .write(&proxied)
+        .expect("write route");
+    let (s1, s2) = (space.tmp.path().join("s1"), space.tmp.path().join("s2"));
+    let own = |p: &Path| p.to_str().expect("utf-8").to_owned();
+    space.worker("w1", &["--features", "fa", "--own-store", &own(&s1)]);
+    let route_arg = own(&proxied);
+    space.worker(
+        "w2",
+        &[
+            "--features",
+            "fb",
+            "--own-store",
+            &own(&s2),
+            "--route",
+            &route_arg,
+        ],
+    );
+    // `big` (random, built by w1) is read by `sum` (built by w2, through the proxy).
+    let binding = step_binding(
+        "name: features: script: deps",
+        "requiredSystemFeatures = features;",
+        "${script} > $out",
+    );
+    let file = space.nix_file(
+        "cut.nix",
+        &format!(
+            "let\n{binding}  big = step \"big\" [ \"fa\" ] \"/usr/bin/head -c {BIG} /dev/urandom\" [ ];\n\
+             in\nstep \"sum\" [ \"fb\" ] \"/usr/bin/sha256sum $deps\" [ big ]\n"
+        ),
+    );
+    let started = Instant::now();
+    let built = space.build(&file, Duration::from_secs(180));
+    assert!(built.status.success(), "{built:?}");
+    let stats = proxy.stats();
+    eprintln!(
+        "cut transfer: {stats:?}, build {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(stats.cuts, 1, "{stats:?}");
+    // Fetched again over the new connection at once: not after a fetch's patience (30 s) or
+    // a stream's idle timeout (60 s), nor by the planner retrying the whole step.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        started.elapsed()
+    );
+    space.wait_for_log("w2", "fetching again once rejoined", Duration::from_secs(1));
+    assert!(stats.connections >= 2, "the worker came back: {stats:?}");
+
+    // The sum w2 computed is that of the data w1 made: the transfer was complete and right.
+    let sum = std::fs::read_to_string(built.stdout.trim()).expect("sum output");
+    let (digest, big) = sum.split_once("  ").expect("sha256sum output");
+    let mut check = std::process::Command::new("/usr/bin/sha256sum");
+    check.arg(big.trim());
+    let check = run(check, Duration::from_secs(30));
+    assert!(check.stdout.starts_with(digest), "{sum} vs {check:?}");
+    assert_eq!(
+        std::fs::metadata(big.trim()).expect("big").len(),
+        BIG as u64
+    );
+
+    // The cut landed in the middle of the NAR, and w2 fetched it again afterwards.
+    let log = space.log("w2");
+    let fetch_lines: Vec<&str> = log.lines().filter(|l| l.contains("-big")).collect();
+    let failed = fetch_lines.iter().position(|l| l.contains("fetch failed"));
+    let fetched = fetch_lines.iter().rposition(|l| l.contains("fetched"));
+    assert!(
+        matches!((failed, fetched), (Some(f), Some(g)) if f < g),
+        "expected a failed fetch of big, then a good one:\n{log}"
+    );
+    // In w2's store every valid path has the contents its hash says (so nothing half
+    // written was registered), and big is valid.
+    let verify = run(
+        space.in_other_store(
+            &s2,
+            &format!(
+                "nix-store --verify --check-contents && nix-store --check-validity {}",
+                big.trim()
+            ),
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(verify.status.success(), "{verify:?}");
+    assert!(!verify.stderr.contains("error"), "{verify:?}");
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering() {
+    const CAP: usize = 1_000;
+    const FLOOD: usize = 100_000;
+    let space = Space::start_with(&["--max-demands-per-client", &CAP.to_string()]);
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    let demands: Vec<syndicate::actor::AnyValue> = (0..FLOOD)
+        .map(|i| {
+            build::Demand {
+                drv: format!("/nix/store/{i:032}-flood.drv"),
+                step: build::StepInfo {
+                    system: "test-system".to_owned(),
+                    features: vec![],
+                    input_drvs: vec![],
+                },
+                requester: "flooder".to_owned(),
+                priority: 0.into(),
+                depth: 0.into(),
+            }
+            .unparse()
+        })
+        .collect();
+    let started = Instant::now();
+    runtime().block_on(async {
+        let flood = Session::join_within(&route, demands, Duration::from_secs(120))
+            .await
+            .expect("join with the flood");
+        eprintln!(
+            "flood: {FLOOD} demands taken or refused in {:?}",
+            started.elapsed()
+        );
+        // The flooder is told, in words.
+        let refusals = flood.with_label("demands-refused");
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        let text = support::dataspace::text(&refusals[0]);
+        assert!(text.contains("\"flooder\""), "{text}");
+        assert!(text.contains(&format!("at most {CAP}")), "{text}");
+        // The coordinator kept the first CAP demands only, and still answers.
+        space.wait_for_status("the capped flood, each step unschedulable", |r| {
+            r["demands"]
+                .as_array()
+                .is_some_and(|d| d.iter().any(|d| d["steps"] == CAP))
+                && r["unschedulable"].as_object().map(|u| u.len()) == Some(CAP)
+        });
+        let rss = peak_rss(space.up_pid()) / 1024;
+        eprintln!("flood: peak RSS of nixspace up {} MiB", rss / 1024);
+        assert!(rss < 512 * 1024, "nixspace up peaked at {rss} KiB");
+        // Leaving withdraws the demands and the refusal.
+        flood.leave();
+        space.wait_for_status("the flood withdrawn", |r| {
+            r["demands"].as_array().is_some_and(|d| d.is_empty())
+        });
+    });
+    space.wait_for_log(
+        "up",
+        "refused demands over the per-connection cap",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn a_frontend_over_the_demand_cap_fails_with_a_clear_error() {
+    let space = Space::start_with(&["--max-demands-per-client", "3"]);
+    let binding = step_binding("name: deps", "", "echo ${name} $deps > $out");
+    let file = space.nix_file(
+        "five.nix",
+        &format!(
+            "let\n{binding}  a = step \"a\" [ ];\n  b = step \"b\" [ a ];\n  \
+             c = step \"c\" [ b ];\n  d = step \"d\" [ c ];\nin\nstep \"e\" [ d ]\n"
+        ),
+    );
+    let built = space.build(&file, Duration::from_secs(60));
+    assert!(!built.status.success(), "{built:?}");
+    assert!(
+        built.stderr.contains("too many demands on one connection")
+            && built.stderr.contains("at most 3"),
+        "{built:?}"
+    );
+    let status = space.status();
+    assert!(status["workers"].is_array(), "{status}");
+}
+
+#[test]
+fn a_huge_build_log_is_truncated_and_the_coordinator_stays_up() {
+    const LOG: u64 = 200 << 20;
+    const CAP: u64 = 1 << 20;
+    let mut space = Space::start();
+    space.worker("w1", &["--max-log-bytes", &CAP.to_string()]);
+    // 200 MiB of log in lines of 1 KiB.
+    let file = space.sh_derivation(
+        "spew.nix",
+        &format!("spew-{}", support::nonce()),
+        &format!(
+            "/usr/bin/yes $(/usr/bin/printf %01023d 0) | /usr/bin/head -c {LOG}; echo spewed > $out"
+        ),
+    );
+    let started = Instant::now();
+    let built = space.build_with(&file, &["-L"], Duration::from_secs(300));
+    assert!(built.status.success(), "{built:?}");
+    let shown: usize = built
+        .stderr
+        .lines()
+        .filter(|l| l.contains("> 00000000"))
+        .count();
+    eprintln!(
+        "spew: {} MiB of log, {shown} lines shown, {:.1} s",
+        LOG >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        built
+            .stderr
+            .contains(&format!("log truncated after {CAP} bytes")),
+        "no truncation notice: {}",
+        built
+            .stderr
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(shown as u64, CAP / 1024, "lines shown");
+    assert!(space.up_is_running(), "nixspace up died");
+    let rss = peak_rss(space.up_pid()) / 1024;
+    eprintln!("spew: peak RSS of nixspace up {} MiB", rss / 1024);
+    assert!(rss < 256 * 1024, "nixspace up peaked at {rss} KiB");
+    assert!(space.status()["workers"].is_array());
+}
