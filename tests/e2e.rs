@@ -243,39 +243,3 @@ fn a_build_survives_a_restart_of_the_dataspace() {
     );
     space.wait_for_log("w1", "rejoined the dataspace", Duration::from_secs(30));
 }
-
-#[test]
-fn bench_dag_prints_its_table() {
-    let space = Space::start();
-    let c = space.command(&[
-        "bench",
-        "dag",
-        "--nodes",
-        "6",
-        "--width",
-        "3",
-        "--workers",
-        "2",
-        "--jobs",
-        "1",
-        "--runs",
-        "1",
-        "--planner-nodes",
-        "200",
-    ]);
-    let out = run(c, Duration::from_secs(120));
-    assert!(out.status.success(), "{out:?}");
-    for expected in [
-        "nixspace bench dag: 6 nodes + root (width 3), 2 workers × 1 jobs, 1 runs",
-        "nix-build --max-jobs 2",
-        "nixspace build",
-        "ratio nixspace / nix-build",
-        "dispatch latency ready → granted, all runs: p50 ≤",
-        "planner alone, 200-node layered DAG",
-    ] {
-        assert!(
-            out.stdout.contains(expected),
-            "{expected:?} missing: {out:?}"
-        );
-    }
-}
