@@ -226,20 +226,25 @@ impl Session {
 
     /// Wait until `value` is asserted (or not, with `present = false`).
     pub async fn wait_until(&self, value: &AnyValue, present: bool) -> bool {
-        let deadline = Instant::now() + ANSWER;
-        while self.sees(value) != present {
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+        poll_until(ANSWER, || self.sees(value) == present).await
     }
 
     /// Leave: the connection closes and our assertions are withdrawn.
     pub fn leave(self) {
         self.actor.abort();
     }
+}
+
+/// Check `done` every 20 ms for up to `limit`; whether it came true.
+async fn poll_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 /// The label of a record (`ValueImpl` is imported only here: it shadows
@@ -436,14 +441,7 @@ impl NarFetch {
 
     /// Wait up to `limit` until `done` holds for what arrived; whether it did.
     pub async fn wait_until(&self, limit: Duration, done: impl Fn(&NarArrivals) -> bool) -> bool {
-        let deadline = Instant::now() + limit;
-        while !self.arrivals.lock().is_ok_and(|a| done(&a)) {
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        true
+        poll_until(limit, || self.arrivals.lock().is_ok_and(|a| done(&a))).await
     }
 
     /// Leave: the request is withdrawn with the connection.
