@@ -970,7 +970,13 @@ impl Conn<'_> {
                 }
                 readable = self.watch.readable() => {
                     readable?;
-                    match self.watch.try_read(&mut probe) {
+                    // A client killed with output unread resets the connection instead of
+                    // closing it: it left all the same.
+                    let read = match self.watch.try_read(&mut probe) {
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+                        read => read,
+                    };
+                    match read {
                         Ok(0) => {
                             tracing::info!(client = self.id, "client left during a build; demands withdrawn");
                             build.stop();
