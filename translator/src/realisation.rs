@@ -2,6 +2,7 @@
 //! `sha256:<hash modulo in base16>!<output>` ↦ output path, as Nix's `staticOutputHashes`
 //! computes them. Clients such as `nix build` take the output paths from there.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use nixspace_nix_formats::derivation::{Derivation, DerivationError, DrvHash};
@@ -59,11 +60,7 @@ pub fn built_outputs(
             .get(&name)
             .and_then(|o| o.path())
             .map(|p| p.to_string())
-            .or_else(|| {
-                realised
-                    .get(&name)
-                    .map(|p| p.rsplit('/').next().unwrap_or(p).to_owned())
-            });
+            .or_else(|| realised.get(&name).map(|p| base_name(p).to_owned()));
         let Some(out_path) = path else {
             continue;
         };
@@ -117,16 +114,15 @@ impl<'a> OutputIds<'a> {
             if self.hashes.contains_key(&path) || !seen.insert(path.clone()) {
                 continue;
             }
-            if !self.derivations.contains_key(&path) {
-                let d = read(self.store_dir, &path)?;
-                self.derivations.insert(path.clone(), d);
-            }
-            stack.push((path.clone(), true));
-            if let Some(d) = self.derivations.get(&path) {
-                for input in d.input_drvs.keys() {
-                    if !seen.contains(input) {
-                        stack.push((input.clone(), false));
-                    }
+            let inputs: Vec<StorePath> = load(&mut self.derivations, self.store_dir, &path)?
+                .input_drvs
+                .keys()
+                .cloned()
+                .collect();
+            stack.push((path, true));
+            for input in inputs {
+                if !seen.contains(&input) {
+                    stack.push((input, false));
                 }
             }
         }
@@ -135,10 +131,7 @@ impl<'a> OutputIds<'a> {
             self.hashes.insert(path.clone(), h);
         }
         let h = self.hash(drv, true)?;
-        let root = match self.derivations.get(drv) {
-            Some(root) => root.clone(),
-            None => read(self.store_dir, drv)?,
-        };
+        let root = load(&mut self.derivations, self.store_dir, drv)?.clone();
         let ids = root
             .outputs
             .keys()
@@ -153,11 +146,8 @@ impl<'a> OutputIds<'a> {
         Ok((root, ids))
     }
 
-    fn hash(&self, path: &StorePath, mask_outputs: bool) -> Result<DrvHash, RealisationError> {
-        let d = match self.derivations.get(path) {
-            Some(d) => std::borrow::Cow::Borrowed(d),
-            None => std::borrow::Cow::Owned(read(self.store_dir, path)?),
-        };
+    fn hash(&mut self, path: &StorePath, mask_outputs: bool) -> Result<DrvHash, RealisationError> {
+        let d = load(&mut self.derivations, self.store_dir, path)?;
         d.hash_modulo(self.store_dir, mask_outputs, |p| {
             self.hashes.get(p).cloned()
         })
@@ -166,4 +156,21 @@ impl<'a> OutputIds<'a> {
             source: Box::new(source),
         })
     }
+}
+
+/// The derivation at `path` from `derivations`, read from the store the first time.
+fn load<'m>(
+    derivations: &'m mut HashMap<StorePath, Derivation>,
+    store_dir: &StoreDir,
+    path: &StorePath,
+) -> Result<&'m Derivation, RealisationError> {
+    match derivations.entry(path.clone()) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(e) => Ok(e.insert(read(store_dir, path)?)),
+    }
+}
+
+/// The base name of a store path given with or without its directory.
+pub(crate) fn base_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }

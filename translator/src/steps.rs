@@ -17,7 +17,7 @@ use syndicate::actor::{Activation, ActorResult, Cap};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
-use crate::realisation::OutputIds;
+use crate::realisation::{base_name, OutputIds};
 
 /// The derivation closure of some roots and which of its derivations must be built.
 #[derive(Debug, Clone, Default)]
@@ -159,11 +159,6 @@ pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError>
         tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
     }
     Ok(plan)
-}
-
-/// The base name of a store path given with or without its directory.
-fn base_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// The steps ordered so that every step comes after its inputs, so the
