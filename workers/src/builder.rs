@@ -1,13 +1,15 @@
 //! The builder: a worker that pulls ready steps and builds them with the local Nix.
 //!
 //! Protocol, as seen from one worker W:
-//! 1. W asserts `<worker W …>` (what it can build) and `<offer W free-slots>`.
-//! 2. For each `<ready drv step>` it can build (system and features match)
-//!    W asserts `<claim drv W>` while it has free slots.
-//! 3. The planner grants one claim: `<assigned drv X>`. If X is another
-//!    worker, W withdraws its claim. If X is W, W builds the step — but only
-//!    once every input's outputs are valid in its store. Builds go to the
-//!    local Nix daemon over a pool of reused connections (one per slot).
+//! 1. W asserts `<worker W …>` (what it can build, how many at once) and
+//!    `<offer W free-slots>` (none while draining).
+//! 2. The planner gives W a ready step W can build: `<assigned drv W>`. W
+//!    holds it with `<claim drv W>` (the planner takes the claim's retraction,
+//!    or W leaving, as W lost) and builds the step — but only once every
+//!    input's outputs are valid in its store. Builds go to the local Nix
+//!    daemon over a pool of reused connections (one per slot). W also claims
+//!    a step it is invited to steal, and the steps it built while the
+//!    dataspace was away; the planner grants those claims.
 //! 4. W sends `<log drv W line>` messages while building, then asserts
 //!    `<built drv W outputs>` or `<failed drv W reason kind>`.
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
@@ -113,22 +115,9 @@ impl BuilderConfig {
     }
 }
 
-/// The order in which a worker takes ready steps: highest priority, then
-/// deepest (most demanded steps waiting on it), then first seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct TakeOrder {
-    priority: std::cmp::Reverse<i64>,
-    depth: std::cmp::Reverse<u64>,
-    seen: u64,
-}
-
 /// What the builder's observers saw.
 #[derive(Debug)]
 pub enum Event {
-    /// A step became ready, with its priority and depth.
-    Ready(String, build::StepInfo, i64, u64),
-    /// A step is no longer ready.
-    Unready(String),
     /// The planner granted a step to a worker.
     Assigned(String, String),
     /// The planner withdrew an assignment.
@@ -146,6 +135,8 @@ pub enum Event {
     /// The assignment of a step this worker builds was withdrawn a turn ago: by a planner
     /// still here (stop the build), or with the planner itself (keep it).
     AssignmentGone(String),
+    /// The outcome of a build is asserted: its slot is free for the next step.
+    Finished(String),
 }
 
 /// Told once a draining builder has no build left.
@@ -179,18 +170,14 @@ struct Builder {
     pool: DaemonPool,
     /// This worker's store in the dataspace.
     store: StoreNode,
-    /// Ready steps this worker could build and has not claimed, in take order.
-    ready: BTreeMap<TakeOrder, String>,
-    /// Where each ready step sits in `ready`.
-    ready_index: BTreeMap<String, TakeOrder>,
-    /// Counts ready steps as they are seen (the age in [`TakeOrder`]).
-    seen: u64,
     /// Set when the worker is leaving: take nothing new.
     draining: Option<DrainDone>,
     /// Steps this worker claimed (waiting for a grant, or building).
     claims: BTreeMap<String, Handle>,
-    /// The facet of each running build.
+    /// The facet of each build, until its assignment is withdrawn.
     building: BTreeMap<String, FacetId>,
+    /// Builds whose outcome is asserted (their slot is free again).
+    finished: BTreeSet<String>,
     /// The builds themselves, which outlive this connection.
     builds: Builds,
     offer: Option<Handle>,
@@ -203,39 +190,16 @@ struct Builder {
 impl Entity<Event> for Builder {
     fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
         match event {
-            Event::Ready(drv, step, priority, depth) => {
-                if self.config.can_build(&step) {
-                    self.forget_ready(&drv);
-                    self.seen += 1;
-                    let order = TakeOrder {
-                        priority: std::cmp::Reverse(priority),
-                        depth: std::cmp::Reverse(depth),
-                        seen: self.seen,
-                    };
-                    self.ready_index.insert(drv.clone(), order);
-                    self.ready.insert(order, drv);
-                }
-            }
-            Event::Unready(drv) => {
-                self.forget_ready(&drv);
-                // The planner asserts the grant before withdrawing readiness,
-                // so a claim still pending now was not granted to us.
-                if !self.building.contains_key(&drv) {
-                    self.release(t, &drv);
-                }
-            }
+            // Given to us (pushed, or a claim granted). Even a draining worker builds a step
+            // the planner gave it before it saw the drain.
             Event::Assigned(drv, worker) if worker == self.config.id => {
-                if self.claims.contains_key(&drv) {
+                if !self.building.contains_key(&drv) {
+                    if !self.claims.contains_key(&drv) {
+                        self.claim(t, drv.clone());
+                    }
+                    let this = &*self;
                     let facet = t.facet(|t| {
-                        build_step(
-                            t,
-                            Arc::clone(&self.ds),
-                            Arc::clone(&self.config),
-                            self.pool.clone(),
-                            self.store.clone(),
-                            self.builds.clone(),
-                            drv.clone(),
-                        );
+                        build_step(t, this, drv.clone());
                         Ok(())
                     })?;
                     self.building.insert(drv, facet);
@@ -256,6 +220,7 @@ impl Entity<Event> for Builder {
                 }
             }
             Event::AssignmentGone(drv) if self.planners.is_empty() => {
+                self.finished.remove(&drv);
                 if let Some(facet) = self.building.remove(&drv) {
                     tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
                     t.stop_facet(facet);
@@ -269,6 +234,11 @@ impl Entity<Event> for Builder {
                 self.planners.remove(&id);
             }
             Event::Unassigned(..) => {}
+            Event::Finished(drv) => {
+                if self.building.contains_key(&drv) {
+                    self.finished.insert(drv);
+                }
+            }
             Event::Steal(drv, from) => {
                 let free = self.claims.len() < self.config.max_jobs as usize;
                 if self.draining.is_none() && free && !self.claims.contains_key(&drv) {
@@ -298,7 +268,7 @@ impl Entity<Event> for Builder {
                 self.draining = Some(done);
             }
         }
-        self.fill_slots(t);
+        self.update_offer(t);
         if let Some(done) = &self.draining {
             if self.building.is_empty() {
                 done.notify();
@@ -309,25 +279,13 @@ impl Entity<Event> for Builder {
 }
 
 impl Builder {
-    fn forget_ready(&mut self, drv: &str) {
-        if let Some(order) = self.ready_index.remove(drv) {
-            self.ready.remove(&order);
-        }
-    }
-
-    /// Claim ready steps while slots are free, then refresh the offer.
-    fn fill_slots(&mut self, t: &mut Activation) {
-        while self.draining.is_none() && self.claims.len() < self.config.max_jobs as usize {
-            let Some((_, drv)) = self.ready.pop_first() else {
-                break;
-            };
-            self.ready_index.remove(&drv);
-            self.claim(t, drv);
-        }
+    /// Announce how many more steps this worker takes now: none while draining.
+    fn update_offer(&mut self, t: &mut Activation) {
         let free = if self.draining.is_some() {
             0
         } else {
-            self.config.max_jobs as i64 - self.building.len() as i64
+            let busy = self.building.len() - self.finished.len();
+            self.config.max_jobs as i64 - busy as i64
         };
         let offer = build::Offer {
             worker: self.config.id.clone(),
@@ -351,6 +309,7 @@ impl Builder {
     /// Stop building `drv` and let go of it (its assignment was withdrawn).
     fn stop_build(&mut self, t: &mut Activation, drv: &str) {
         self.builds.cancel(drv);
+        self.finished.remove(drv);
         if let Some(facet) = self.building.remove(drv) {
             tracing::info!(%drv, "assignment withdrawn; stopping its build");
             t.stop_facet(facet);
@@ -396,12 +355,10 @@ pub fn start(
         pool: config.pool(),
         store,
         config,
-        ready: BTreeMap::new(),
-        ready_index: BTreeMap::new(),
-        seen: 0,
         draining: None,
         claims: BTreeMap::new(),
         building: BTreeMap::new(),
+        finished: BTreeSet::new(),
         builds,
         offer: None,
         planners: BTreeSet::new(),
@@ -413,7 +370,7 @@ pub fn start(
         tracing::info!(%drv, "claiming a step built while the dataspace was away");
         builder.claim(t, drv);
     }
-    builder.fill_slots(t);
+    builder.update_offer(t);
     let own_ref = Arc::clone(&builder.me);
     let builder: Arc<Ref<Event>> = t.create_ref(builder);
     let _ = own_ref.set(Arc::downgrade(&builder));
@@ -422,16 +379,6 @@ pub fn start(
         t.message(&builder, Event::PlannerJoined(id.clone()));
         on_retraction(t, enclose!((builder, id) move |t| {
             t.message(&builder, Event::PlannerLeft(id));
-            Ok(())
-        }));
-        Ok(())
-    }));
-
-    enclose!((builder) during!(t, ds, <ready $drv: String $step: build::StepInfo $priority: i64 $depth: u64>,
-    |t: &mut Activation| {
-        t.message(&builder, Event::Ready(drv.clone(), step.clone(), priority, depth));
-        on_retraction(t, enclose!((builder, drv) move |t| {
-            t.message(&builder, Event::Unready(drv));
             Ok(())
         }));
         Ok(())
@@ -462,17 +409,13 @@ pub fn start(
 }
 
 /// Follow the build of one assigned step from the current facet (starting it if it is not
-/// running already), then assert its outcome there. Stopping the facet withdraws the
-/// outcome; the build itself is stopped by [`Builds::cancel`].
-fn build_step(
-    t: &mut Activation,
-    ds: Arc<Cap>,
-    config: Arc<BuilderConfig>,
-    pool: DaemonPool,
-    store: StoreNode,
-    builds: Builds,
-    drv: String,
-) {
+/// running already), then assert its outcome there and tell the builder its slot is free.
+/// Stopping the facet withdraws the outcome; the build itself is stopped by
+/// [`Builds::cancel`].
+fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
+    let (ds, config) = (Arc::clone(&worker.ds), Arc::clone(&worker.config));
+    let (pool, store) = (worker.pool.clone(), worker.store.clone());
+    let builder = worker.me.get().and_then(Weak::upgrade);
     let facet = t.facet_ref();
     let store_dir = pool.store_dir().clone();
     let account = Account::new(Some(AnyValue::symbol("build")), None);
@@ -482,7 +425,7 @@ fn build_step(
             Ok(())
         });
     });
-    let mut outcome = builds.follow(&drv, Box::new(lines), |lines| {
+    let mut outcome = worker.builds.follow(&drv, Box::new(lines), |lines| {
         let (config, drv) = (Arc::clone(&config), drv.clone());
         async move {
             tracing::info!(%drv, "building");
@@ -496,6 +439,9 @@ fn build_step(
         };
         let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
+            if let Some(builder) = &builder {
+                t.message(builder, Event::Finished(drv.clone()));
+            }
             match outcome {
                 Ok(built) => {
                     tracing::info!(%drv, "built");

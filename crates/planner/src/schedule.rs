@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::matching::{mismatch, unschedulable_reason};
 
+mod dispatch;
 mod rejoin;
 mod stealing;
 
@@ -49,6 +50,8 @@ pub struct WorkerOffer {
     pub features: Vec<String>,
     /// Its speed relative to a reference machine (1.0).
     pub speed: f64,
+    /// How many steps it builds at once.
+    pub max_jobs: u32,
 }
 
 /// Whether a failure is worth retrying elsewhere.
@@ -158,6 +161,8 @@ struct Step {
     /// settling resumes there, so a step with many inputs is not rescanned from the start
     /// each time one of them is built. Reset when an input stops being built.
     inputs_built: usize,
+    /// Where the step sits in the ready queue, while it is ready.
+    queued: Option<dispatch::TakeOrder>,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -169,6 +174,12 @@ pub struct Schedule {
     workers: BTreeMap<String, WorkerOffer>,
     /// Free build slots each worker announced.
     free_slots: BTreeMap<String, i64>,
+    /// The steps each worker is building (assigned to it, or duplicated by it as a thief).
+    running: BTreeMap<String, BTreeSet<String>>,
+    /// Ready steps in take order (see [`dispatch`](Schedule::dispatch)).
+    ready_queue: BTreeMap<dispatch::TakeOrder, String>,
+    /// How many steps have been queued (the age in the take order).
+    queued_count: u64,
     /// Claims on steps not ready (yet): a worker that built a step while the planner was
     /// away claims it again on rejoining, and gets it as soon as it is ready.
     early_claims: BTreeMap<String, BTreeSet<String>>,
@@ -196,6 +207,9 @@ impl Schedule {
             dependents: BTreeMap::new(),
             workers: BTreeMap::new(),
             free_slots: BTreeMap::new(),
+            running: BTreeMap::new(),
+            ready_queue: BTreeMap::new(),
+            queued_count: 0,
             early_claims: BTreeMap::new(),
             reserved: BTreeMap::new(),
             steal: StealPolicy::default(),
@@ -239,6 +253,7 @@ impl Schedule {
                 step.urgency = raised;
                 if step.state == StepState::Ready {
                     effects.push(Effect::Ready(drv.to_owned(), step.info.clone(), raised));
+                    self.queue(drv);
                 }
             }
             return effects;
@@ -262,6 +277,7 @@ impl Schedule {
                 steal_offer: None,
                 thief: None,
                 inputs_built: 0,
+                queued: None,
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -289,6 +305,7 @@ impl Schedule {
         if step.state == StepState::Ready {
             self.leave_ready(drv, StepState::Waiting, &mut effects);
         }
+        self.vacate(drv);
         let Some(step) = self.steps.remove(drv) else {
             return effects;
         };
@@ -316,11 +333,19 @@ impl Schedule {
         self.recheck_schedulability()
     }
 
-    /// A worker disconnected.
+    /// A worker disconnected. Steps it was building (given to it, whether or not it claimed them yet) failed
+    /// transiently.
     pub fn worker_left(&mut self, id: &str) -> Vec<Effect> {
         self.workers.remove(id);
         self.free_slots.remove(id);
-        self.recheck_schedulability()
+        let mut effects = Vec::new();
+        let running = self.running.get(id).cloned().unwrap_or_default();
+        for drv in running {
+            let reason = format!("worker {id} left while building");
+            effects.extend(self.failed(&drv, id, &reason, FailureKind::Transient));
+        }
+        effects.extend(self.recheck_schedulability());
+        effects
     }
 
     /// `worker` asks to build `drv`. Granted when the step is ready.
@@ -346,14 +371,7 @@ impl Schedule {
             }
             Some(_) => return self.claim_steal(drv, worker),
         }
-        // Assign before Unready: a worker that sees the step stop being ready
-        // already knows whether it won.
-        effects.push(Effect::Assign(drv.to_owned(), worker.to_owned()));
-        self.leave_ready(drv, StepState::Assigned(worker.to_owned()), &mut effects);
-        if let Some(step) = self.steps.get_mut(drv) {
-            step.attempts += 1;
-            step.assigned_at = Some(Instant::now());
-        }
+        self.grant(drv, worker, &mut effects);
         effects
     }
 
@@ -438,6 +456,10 @@ impl Schedule {
             StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
             _ => return effects,
         }
+        self.vacate(drv);
+        let Some(step) = self.steps.get_mut(drv) else {
+            return effects;
+        };
         step.state = StepState::Built {
             worker: worker.to_owned(),
             outputs: outputs.clone(),
@@ -478,6 +500,10 @@ impl Schedule {
             StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
             _ => return effects,
         }
+        self.vacate(drv);
+        let Some(step) = self.steps.get_mut(drv) else {
+            return effects;
+        };
         step.thief = None;
         step.steal_offer = None;
         effects.push(Effect::Unassign(drv.to_owned()));
@@ -611,7 +637,8 @@ impl Schedule {
             step.state = StepState::Assigned(worker.clone());
             step.attempts += 1;
             step.assigned_at = Some(Instant::now());
-            effects.push(Effect::Assign(drv.to_owned(), worker));
+            effects.push(Effect::Assign(drv.to_owned(), worker.clone()));
+            self.occupy(&worker, drv);
             return;
         }
         step.state = StepState::Ready;
@@ -620,6 +647,7 @@ impl Schedule {
             step.info.clone(),
             step.urgency,
         ));
+        self.queue(drv);
         if let Some(reason) = self.unschedulable_because(drv) {
             self.unschedulable.insert(drv.to_owned());
             effects.push(Effect::Unschedulable(drv.to_owned(), reason));
@@ -628,6 +656,10 @@ impl Schedule {
 
     /// Move a ready step to `next`, withdrawing its readiness.
     fn leave_ready(&mut self, drv: &str, next: StepState, effects: &mut Vec<Effect>) {
+        self.unqueue(drv);
+        if let StepState::Assigned(worker) = &next {
+            self.occupy(worker, drv);
+        }
         if let Some(step) = self.steps.get_mut(drv) {
             step.state = next;
         }
@@ -772,6 +804,7 @@ mod tests {
                 systems: vec!["x86_64-linux".into()],
                 features: vec![],
                 speed: 1.0,
+                max_jobs: 1,
             },
         );
         // The worker rejoined a restarted planner before the frontend demanded again.
@@ -924,6 +957,7 @@ mod more_tests {
             systems: vec!["x86_64-linux".into()],
             features: features.iter().map(|s| s.to_string()).collect(),
             speed: 1.0,
+            max_jobs: 1,
         }
     }
 

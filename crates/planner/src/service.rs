@@ -83,7 +83,7 @@ impl Entity<Event> for Planner {
     fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
         tracing::debug!(?event);
         let s = &mut self.schedule;
-        let effects = match event {
+        let mut effects = match event {
             Event::Demand(drv, info, urgency) => {
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
                 s.demand(&drv, info, urgency)
@@ -141,6 +141,7 @@ impl Entity<Event> for Planner {
                 Vec::new()
             }
         };
+        self.schedule.dispatch(&mut effects);
         self.publish(t, effects);
         let m = &self.metrics;
         m.ready.set(self.ready.len() as i64);
@@ -192,11 +193,11 @@ impl Planner {
                 Effect::Assign(drv, worker) => {
                     tracing::info!(%drv, %worker, "assigned");
                     note(&mut self.history, |h| h.attempt_started(&drv, &worker));
-                    if let Some(since) = self.ready_since.remove(&drv) {
-                        self.metrics
-                            .dispatch_seconds
-                            .observe(since.elapsed().as_secs_f64());
-                    }
+                    // A step given to a worker the moment it became ready was never announced.
+                    let waited = self.ready_since.remove(&drv).map(|since| since.elapsed());
+                    self.metrics
+                        .dispatch_seconds
+                        .observe(waited.unwrap_or_default().as_secs_f64());
                     let h = self.ds.assert(
                         t,
                         &build::Assigned {
@@ -552,9 +553,9 @@ pub fn start(
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> _ $speed: f64>,
+        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64>,
             |t: &mut Activation| {
-                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed };
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs };
                 tracing::info!(worker = %id, ?offer, "worker joined");
                 t.message(&planner, Event::WorkerJoined(id.clone(), offer));
                 on_retraction(t, enclose!((planner, id) move |t| {

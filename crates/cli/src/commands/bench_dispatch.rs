@@ -1,8 +1,8 @@
 //! `nixspace bench dispatch`: the scheduler without Nix. Simulated workers (actors in this
 //! process, each joined over the dataspace's unix socket like a real worker) "build" a step
-//! by reporting it built as soon as it is granted, so what is measured is the dataspace and
-//! the planner: how long a claim waits for its grant, and how many steps per second go
-//! through demand → ready → claim → assigned → built.
+//! by reporting it built as soon as it is assigned, so what is measured is the dataspace and
+//! the planner: how long a slot stays idle between reporting a step built and being given the
+//! next one, and how many steps per second go through demand → assigned → built.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -22,10 +22,11 @@ use super::demo::{spawn_space, Children, Scratch};
 /// The scheduler alone: simulated workers that finish every step at once.
 ///
 /// Starts `nixspace up`, joins WORKERS simulated workers of JOBS slots each over its socket,
-/// demands STEPS independent steps and waits until all are reported built. Prints the
-/// dispatch latency a worker sees (claim asserted → grant received) as min/median/p99/max,
-/// and the steps per second through the whole cycle, per run. Then demands LATENCY_STEPS
-/// steps one at a time and prints the median and p99 of demand → claim → built.
+/// demands STEPS independent steps and waits until all are reported built. Prints how long a
+/// worker's slot stays idle (step reported built → next step assigned to it) as
+/// min/median/p99/max, and the steps per second through the whole cycle, per run. Then
+/// demands LATENCY_STEPS steps one at a time and prints the median and p99 of demand →
+/// assigned → built.
 #[derive(Args, Debug)]
 pub struct DispatchArgs {
     /// Steps demanded per run.
@@ -41,7 +42,7 @@ pub struct DispatchArgs {
     #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Then demand this many steps one at a time (each once the previous one is built)
-    /// and report demand → claim → built latencies; 0 skips it.
+    /// and report demand → assigned → built latencies; 0 skips it.
     #[arg(long, default_value_t = 200)]
     latency_steps: usize,
 }
@@ -74,15 +75,15 @@ async fn runs(
     spawn_space(exe, &["--log-level", "warn"], dir, 0, 0, &up_args, children).await?;
     let worker_route = Route::read(&Role::Worker.route_file(dir))?;
     let submit_route = Route::read(&Role::Submit.route_file(dir))?;
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let claimed = ClaimTimes::default();
+    let slots = SlotTimes::default();
+    let assigned = AssignTimes::default();
     let mut actors = Vec::new();
     for i in 0..args.workers {
         let worker = SimWorker::new(
             format!("sim-{i}"),
             args.jobs,
-            Arc::clone(&samples),
-            claimed.clone(),
+            slots.clone(),
+            assigned.clone(),
         );
         actors.push(
             nixspace_space::join::join(&worker_route, move |t, ds| {
@@ -96,16 +97,17 @@ async fn runs(
         "nixspace bench dispatch: {} steps, {} simulated workers × {} slots, {} runs",
         args.steps, args.workers, args.jobs, args.runs
     );
+    println!("a slot idle from reporting a step built to being given the next one:");
     println!(
         "{:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
         "run", "min", "median", "p99", "max", "total", "steps/s"
     );
     for run in 0..args.runs {
-        if let Ok(mut s) = samples.lock() {
-            s.clear();
+        if let Ok(mut s) = slots.lock() {
+            *s = Slots::default();
         }
         let total = demand_all(&submit_route, args.steps, run).await?;
-        let mut lat = samples.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut lat = slots.lock().map(|s| s.idle.clone()).unwrap_or_default();
         lat.sort();
         let q = |f: f64| {
             lat.get(((lat.len() as f64 - 1.0) * f).round() as usize)
@@ -125,7 +127,7 @@ async fn runs(
         );
     }
     if args.latency_steps > 0 {
-        let lat = one_at_a_time(&submit_route, args.latency_steps, &claimed).await?;
+        let lat = one_at_a_time(&submit_route, args.latency_steps, &assigned).await?;
         print_latency(args.latency_steps, &lat);
     }
     for a in actors {
@@ -134,15 +136,27 @@ async fn runs(
     Ok(ExitCode::SUCCESS)
 }
 
-/// When each step was claimed (by whichever simulated worker claimed it first).
-type ClaimTimes = Arc<Mutex<HashMap<String, Instant>>>;
+/// When each step was first assigned to a simulated worker.
+type AssignTimes = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// The simulated workers' slots in one run.
+#[derive(Debug, Default)]
+struct Slots {
+    /// When each worker's slots were freed (step reported built), oldest first.
+    freed: HashMap<String, VecDeque<Instant>>,
+    /// How long each freed slot stayed idle until the next step was assigned to it.
+    idle: Vec<Duration>,
+}
+
+/// [`Slots`], shared by the simulated workers.
+type SlotTimes = Arc<Mutex<Slots>>;
 
 /// Demand `steps` steps one after the other, each once the previous one is reported built;
-/// for each, (demand → first claim, first claim → built seen by the frontend).
+/// for each, (demand → assigned, assigned → built seen by the frontend).
 async fn one_at_a_time(
     route: &Route,
     steps: usize,
-    claimed: &ClaimTimes,
+    assigned: &AssignTimes,
 ) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let (built_tx, mut built_rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -181,12 +195,12 @@ async fn one_at_a_time(
             }
         }
         let built = Instant::now();
-        let claim = claimed
+        let given = assigned
             .lock()
             .ok()
             .and_then(|c| c.get(&drv).copied())
-            .ok_or_else(|| anyhow::anyhow!("step {drv} was built without a claim"))?;
-        out.push((claim - demanded, built - claim));
+            .ok_or_else(|| anyhow::anyhow!("step {drv} was built without being assigned"))?;
+        out.push((given - demanded, built - given));
     }
     actor.abort();
     Ok(out)
@@ -206,8 +220,8 @@ fn print_latency(steps: usize, lat: &[(Duration, Duration)]) {
         );
     };
     println!("one step at a time, {steps} steps (nothing else queued):");
-    row("demand → claim", lat.iter().map(|l| l.0).collect());
-    row("claim → built", lat.iter().map(|l| l.1).collect());
+    row("demand → assigned", lat.iter().map(|l| l.0).collect());
+    row("assigned → built", lat.iter().map(|l| l.1).collect());
     row("demand → built", lat.iter().map(|l| l.0 + l.1).collect());
 }
 
@@ -270,42 +284,31 @@ async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<D
 /// What a simulated worker's observers saw.
 #[derive(Debug)]
 enum SimEvent {
-    Ready(String),
-    Unready(String),
     Assigned(String, String),
     Unassigned(String, String),
 }
 
-/// A worker that reports every granted step built at once.
+/// A worker that holds every step assigned to it and reports it built at once.
 struct SimWorker {
     id: String,
     slots: usize,
-    samples: Arc<Mutex<Vec<Duration>>>,
-    claimed: ClaimTimes,
+    times: SlotTimes,
+    assigned: AssignTimes,
     ds: Option<Arc<Cap>>,
-    ready: VecDeque<String>,
-    /// Claims with when they were asserted.
-    claims: HashMap<String, (Handle, Instant)>,
-    built: HashMap<String, Handle>,
+    /// Each step held: its claim and its outcome.
+    held: HashMap<String, (Handle, Option<Handle>)>,
     offer: Option<Handle>,
 }
 
 impl SimWorker {
-    fn new(
-        id: String,
-        slots: usize,
-        samples: Arc<Mutex<Vec<Duration>>>,
-        claimed: ClaimTimes,
-    ) -> SimWorker {
+    fn new(id: String, slots: usize, times: SlotTimes, assigned: AssignTimes) -> SimWorker {
         SimWorker {
             id,
             slots,
-            samples,
-            claimed,
+            times,
+            assigned,
             ds: None,
-            ready: VecDeque::new(),
-            claims: HashMap::new(),
-            built: HashMap::new(),
+            held: HashMap::new(),
             offer: None,
         }
     }
@@ -323,16 +326,8 @@ impl SimWorker {
             },
         );
         self.ds = Some(Arc::clone(&ds));
-        self.fill(t);
+        self.update_offer(t);
         let me: Arc<Ref<SimEvent>> = t.create_ref(self);
-        enclose!((me) during!(t, ds, <ready $drv: String _ _ _>, |t: &mut Activation| {
-            t.message(&me, SimEvent::Ready(drv.clone()));
-            on_retraction(t, enclose!((me, drv) move |t| {
-                t.message(&me, SimEvent::Unready(drv));
-                Ok(())
-            }));
-            Ok(())
-        }));
         enclose!((me) during!(t, ds, <assigned $drv: String $worker: String>, |t: &mut Activation| {
             t.message(&me, SimEvent::Assigned(drv.clone(), worker.clone()));
             on_retraction(t, enclose!((me, drv, worker) move |t| {
@@ -343,75 +338,69 @@ impl SimWorker {
         }));
     }
 
-    fn fill(&mut self, t: &mut Activation) {
+    /// Hold a step given to us and report it built.
+    fn take(&mut self, t: &mut Activation, drv: String) {
         let Some(ds) = self.ds.clone() else {
             return;
         };
-        while self.claims.len() < self.slots {
-            let Some(drv) = self.ready.pop_front() else {
-                break;
-            };
-            let claim = build::Claim {
-                drv: drv.clone(),
-                worker: self.id.clone(),
-            };
-            if let Some(h) = ds.assert(t, &claim) {
-                let now = Instant::now();
-                if let Ok(mut c) = self.claimed.lock() {
-                    c.entry(drv.clone()).or_insert(now);
-                }
-                self.claims.insert(drv, (h, now));
+        let now = Instant::now();
+        if let Ok(mut times) = self.times.lock() {
+            let freed = times.freed.entry(self.id.clone()).or_default().pop_front();
+            if let Some(freed) = freed {
+                times.idle.push(now - freed);
             }
         }
-        let offer = build::Offer {
+        if let Ok(mut a) = self.assigned.lock() {
+            a.entry(drv.clone()).or_insert(now);
+        }
+        let claim = build::Claim {
+            drv: drv.clone(),
             worker: self.id.clone(),
-            free_slots: ((self.slots - self.built.len()) as i64).into(),
         };
-        ds.update(t, &mut self.offer, Some(&offer));
+        let built = build::Built {
+            drv: drv.clone(),
+            worker: self.id.clone(),
+            outputs: vec![],
+        };
+        if let Some(claim) = ds.assert(t, &claim) {
+            let built = ds.assert(t, &built);
+            self.held.insert(drv, (claim, built));
+        }
+        if let Ok(mut times) = self.times.lock() {
+            times.freed.entry(self.id.clone()).or_default().push_back(now);
+        }
     }
 
-    fn release(&mut self, t: &mut Activation, drv: &str) {
-        if let Some((h, _)) = self.claims.remove(drv) {
-            t.retract(h);
-        }
+    fn update_offer(&mut self, t: &mut Activation) {
+        let Some(ds) = self.ds.clone() else {
+            return;
+        };
+        let offer = build::Offer {
+            worker: self.id.clone(),
+            free_slots: (self.slots as i64).into(),
+        };
+        ds.update(t, &mut self.offer, Some(&offer));
     }
 }
 
 impl Entity<SimEvent> for SimWorker {
     fn message(&mut self, t: &mut Activation, event: SimEvent) -> ActorResult {
         match event {
-            SimEvent::Ready(drv) => self.ready.push_back(drv),
-            SimEvent::Unready(drv) => {
-                self.ready.retain(|d| *d != drv);
-                if !self.built.contains_key(&drv) {
-                    self.release(t, &drv);
-                }
-            }
             SimEvent::Assigned(drv, worker) if worker == self.id => {
-                if let (Some((_, at)), Some(ds)) = (self.claims.get(&drv), &self.ds) {
-                    if let Ok(mut s) = self.samples.lock() {
-                        s.push(at.elapsed());
-                    }
-                    let built = build::Built {
-                        drv: drv.clone(),
-                        worker: self.id.clone(),
-                        outputs: vec![],
-                    };
-                    if let Some(h) = ds.assert(t, &built) {
-                        self.built.insert(drv, h);
-                    }
+                if !self.held.contains_key(&drv) {
+                    self.take(t, drv);
                 }
             }
-            SimEvent::Assigned(drv, _) => self.release(t, &drv),
             SimEvent::Unassigned(drv, worker) if worker == self.id => {
-                if let Some(h) = self.built.remove(&drv) {
-                    t.retract(h);
+                if let Some((claim, built)) = self.held.remove(&drv) {
+                    t.retract(claim);
+                    if let Some(built) = built {
+                        t.retract(built);
+                    }
                 }
-                self.release(t, &drv);
             }
-            SimEvent::Unassigned(..) => {}
+            SimEvent::Assigned(..) | SimEvent::Unassigned(..) => {}
         }
-        self.fill(t);
         Ok(())
     }
 }

@@ -57,6 +57,7 @@ mod tests {
             systems: vec!["x86_64-linux".into()],
             features: vec![],
             speed: 1.0,
+            max_jobs: 1,
         }
     }
 

@@ -131,6 +131,7 @@ impl Schedule {
         }
         step.steal_offer = None;
         step.thief = Some(worker.to_owned());
+        self.occupy(worker, drv);
         // The thief sees its assignment before the invitation goes away, so it keeps its claim.
         vec![
             Effect::Stolen(drv.to_owned(), worker.to_owned()),
@@ -149,13 +150,16 @@ impl Schedule {
         let thief = step.thief.clone()?;
         if thief == worker {
             step.thief = None;
+            self.leave(&thief, drv);
             return Some(vec![Effect::Unsteal(drv.to_owned())]);
         }
         if owner != worker {
             return None;
         }
+        let owner = owner.clone();
         step.state = StepState::Assigned(thief);
         step.thief = None;
+        self.leave(&owner, drv);
         Some(vec![Effect::Promote(drv.to_owned())])
     }
 }
@@ -170,6 +174,7 @@ mod tests {
             systems: vec!["x86_64-linux".into()],
             features: vec![],
             speed,
+            max_jobs: 1,
         }
     }
 

@@ -173,9 +173,9 @@ fn status_kib(field: &str) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/self/status"))
 }
 
-/// The planner's pure schedule on `dag` (and its root): demand every step, then repeatedly
-/// grant a ready step and report it built. Returns the time taken and how many steps were
-/// built.
+/// The planner's pure schedule on `dag` (and its root): demand every step, dispatching after
+/// each change as the planner does, then report each assigned step built (four slots of one
+/// worker) until nothing is left. Returns the time taken and how many steps were built.
 pub fn planner_time(dag: &Dag) -> (Duration, usize) {
     let name = |i: usize| format!("/nix/store/{i:032}-n.drv");
     let root = name(dag.steps.len());
@@ -188,15 +188,11 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             systems: vec![system.clone()],
             features: vec![],
             speed: 1.0,
+            max_jobs: SLOTS,
         },
     );
-    let mut ready = Vec::new();
-    let collect = |effects: Vec<Effect>, ready: &mut Vec<String>| {
-        ready.extend(effects.into_iter().filter_map(|e| match e {
-            Effect::Ready(drv, _, _) => Some(drv),
-            _ => None,
-        }));
-    };
+    s.offer("w", SLOTS.into());
+    let mut assigned = Vec::new();
     let step = |inputs: &[usize]| StepInfo {
         system: system.clone(),
         features: vec![],
@@ -208,21 +204,35 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             priority: 0,
             depth: depths[i] + 1,
         };
-        collect(s.demand(&name(i), step(inputs), urgency), &mut ready);
+        let effects = s.demand(&name(i), step(inputs), urgency);
+        apply(&mut s, effects, &mut assigned);
     }
     let urgency = Urgency {
         priority: 0,
         depth: 1,
     };
-    collect(s.demand(&root, step(&dag.sinks()), urgency), &mut ready);
+    let effects = s.demand(&root, step(&dag.sinks()), urgency);
+    apply(&mut s, effects, &mut assigned);
     let mut built = 0;
-    while let Some(drv) = ready.pop() {
-        s.claim(&drv, "w");
-        collect(s.built(&drv, "w", vec![]), &mut ready);
+    while let Some(drv) = assigned.pop() {
+        let effects = s.built(&drv, "w", vec![]);
+        apply(&mut s, effects, &mut assigned);
         built += 1;
     }
     (start.elapsed(), built)
 }
+
+/// Dispatch after `effects` as the planner does, noting the steps assigned.
+fn apply(s: &mut Schedule, mut effects: Vec<Effect>, assigned: &mut Vec<String>) {
+    s.dispatch(&mut effects);
+    assigned.extend(effects.into_iter().filter_map(|e| match e {
+        Effect::Assign(drv, _) => Some(drv),
+        _ => None,
+    }));
+}
+
+/// The simulated worker's build slots.
+const SLOTS: u32 = 4;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,369 @@
+//! Targeted dispatch: the planner gives each ready step to one idle worker that can build it,
+//! instead of every worker claiming every ready step and all but one withdrawing (the claim
+//! herd). A step no worker has room for stays ready (asserted) until one has.
+//!
+//! Room is counted on both sides: a worker takes part while its last offer has free slots
+//! (a draining worker offers none), and it gets at most `max_jobs` steps at once by the
+//! planner's own count, which is exact the moment an outcome arrives (the offer lags).
+
+use std::cmp::Reverse;
+use std::time::Instant;
+
+use super::{Effect, Schedule, Step, StepState};
+use crate::matching::mismatch;
+
+/// Where a ready step sits in the queue: highest priority first, then the deepest (the
+/// longest chain of demanded steps waits on it), then the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct TakeOrder {
+    priority: Reverse<i64>,
+    depth: Reverse<u64>,
+    age: u64,
+}
+
+impl Schedule {
+    /// Give ready steps, in take order, to workers with room: each to the fastest capable
+    /// worker, preferring (at equal speed) the one that built most of its inputs, then the
+    /// one with the most room. Call after every change; it does nothing when no worker has
+    /// room or nothing is ready.
+    pub fn dispatch(&mut self, effects: &mut Vec<Effect>) {
+        if self.ready_queue.is_empty() {
+            return;
+        }
+        let mut room = self.room();
+        if room.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut grants = Vec::new();
+        for drv in self.ready_queue.values() {
+            let Some(step) = self.steps.get(drv) else {
+                continue;
+            };
+            let best = room
+                .iter()
+                .enumerate()
+                .filter(|(_, (worker, _))| self.can_take(drv, step, worker, now))
+                .max_by(|(_, (a, room_a)), (_, (b, room_b))| {
+                    let speed = |w: &str| self.workers.get(w).map_or(0.0, |o| o.speed);
+                    speed(a)
+                        .total_cmp(&speed(b))
+                        .then_with(|| self.inputs_built_by(step, a).cmp(&self.inputs_built_by(step, b)))
+                        .then_with(|| room_a.cmp(room_b))
+                        .then_with(|| b.cmp(a))
+                })
+                .map(|(i, _)| i);
+            let Some(i) = best else {
+                continue;
+            };
+            grants.push((drv.clone(), room[i].0.clone()));
+            room[i].1 -= 1;
+            if room[i].1 == 0 {
+                room.swap_remove(i);
+                if room.is_empty() {
+                    break;
+                }
+            }
+        }
+        for (drv, worker) in grants {
+            self.reserved.remove(&drv);
+            self.grant(&drv, &worker, effects);
+        }
+    }
+
+    /// Workers that take part in dispatch and how many more steps each can take.
+    fn room(&self) -> Vec<(String, usize)> {
+        self.workers
+            .iter()
+            .filter(|(id, _)| self.free_slots.get(*id).is_some_and(|&free| free > 0))
+            .filter_map(|(id, offer)| {
+                let running = self.running.get(id).map_or(0, |r| r.len());
+                let room = (offer.max_jobs as usize).saturating_sub(running);
+                (room > 0).then(|| (id.clone(), room))
+            })
+            .collect()
+    }
+
+    /// Whether `worker` may be given the ready step `drv` now.
+    fn can_take(&self, drv: &str, step: &Step, worker: &str, now: Instant) -> bool {
+        let Some(offer) = self.workers.get(worker) else {
+            return false;
+        };
+        step.state == StepState::Ready
+            && !self.kept_from(drv, worker, now)
+            && mismatch(
+                &offer.systems,
+                &offer.features,
+                &step.info.system,
+                &step.info.features,
+            )
+            .is_none()
+    }
+
+    /// How many of the step's inputs `worker` built (their outputs are in its store).
+    fn inputs_built_by(&self, step: &Step, worker: &str) -> usize {
+        step.info
+            .input_drvs
+            .iter()
+            .filter(|input| {
+                matches!(
+                    self.steps.get(*input).map(|s| &s.state),
+                    Some(StepState::Built { worker: w, .. }) if w == worker
+                )
+            })
+            .count()
+    }
+
+    /// Assign the ready step `drv` to `worker`. A readiness announced in the same batch of
+    /// effects is dropped rather than asserted and withdrawn at once.
+    pub(super) fn grant(&mut self, drv: &str, worker: &str, effects: &mut Vec<Effect>) {
+        let announced = effects
+            .iter()
+            .rposition(|e| matches!(e, Effect::Ready(d, _, _) if d == drv));
+        effects.push(Effect::Assign(drv.to_owned(), worker.to_owned()));
+        self.leave_ready(drv, StepState::Assigned(worker.to_owned()), effects);
+        if let Some(at) = announced {
+            effects.remove(at);
+            if let Some(unready) = effects
+                .iter()
+                .rposition(|e| matches!(e, Effect::Unready(d) if d == drv))
+            {
+                effects.remove(unready);
+            }
+        }
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.attempts += 1;
+            step.assigned_at = Some(Instant::now());
+        }
+    }
+
+    /// Put the ready step `drv` in the queue (again, if its urgency changed).
+    pub(super) fn queue(&mut self, drv: &str) {
+        self.unqueue(drv);
+        self.queued_count += 1;
+        let Some(step) = self.steps.get_mut(drv) else {
+            return;
+        };
+        let order = TakeOrder {
+            priority: Reverse(step.urgency.priority),
+            depth: Reverse(step.urgency.depth),
+            age: self.queued_count,
+        };
+        step.queued = Some(order);
+        self.ready_queue.insert(order, drv.to_owned());
+    }
+
+    /// Take `drv` out of the ready queue.
+    pub(super) fn unqueue(&mut self, drv: &str) {
+        if let Some(order) = self.steps.get_mut(drv).and_then(|s| s.queued.take()) {
+            self.ready_queue.remove(&order);
+        }
+    }
+
+    /// Note that `worker` builds `drv`.
+    pub(super) fn occupy(&mut self, worker: &str, drv: &str) {
+        self.running
+            .entry(worker.to_owned())
+            .or_default()
+            .insert(drv.to_owned());
+    }
+
+    /// Note that `worker` no longer builds `drv`.
+    pub(super) fn leave(&mut self, worker: &str, drv: &str) {
+        if let Some(running) = self.running.get_mut(worker) {
+            running.remove(drv);
+            if running.is_empty() {
+                self.running.remove(worker);
+            }
+        }
+    }
+
+    /// Note that nobody builds `drv` any more (its assignee and thief, if any, let go).
+    pub(super) fn vacate(&mut self, drv: &str) {
+        let Some(step) = self.steps.get(drv) else {
+            return;
+        };
+        let owner = match &step.state {
+            StepState::Assigned(owner) => Some(owner.clone()),
+            _ => None,
+        };
+        for worker in owner.into_iter().chain(step.thief.clone()) {
+            self.leave(&worker, drv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::super::{StepInfo, Urgency, WorkerOffer};
+    use super::*;
+
+    fn worker(system: &str, max_jobs: u32) -> WorkerOffer {
+        WorkerOffer {
+            systems: vec![system.into()],
+            features: vec![],
+            speed: 1.0,
+            max_jobs,
+        }
+    }
+
+    fn step(system: &str, inputs: &[&str]) -> StepInfo {
+        StepInfo {
+            system: system.into(),
+            features: vec![],
+            input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn urgency(priority: i64, depth: u64) -> Urgency {
+        Urgency { priority, depth }
+    }
+
+    /// `s` with workers `(id, slots)` for x86_64-linux, each offering all its slots.
+    fn with_workers(workers: &[(&str, u32)]) -> Schedule {
+        let mut s = Schedule::default();
+        for (id, slots) in workers {
+            s.worker_joined(id, worker("x86_64-linux", *slots));
+            s.offer(id, (*slots).into());
+        }
+        s
+    }
+
+    /// Apply a change and dispatch after it, as the planner does; check the occupancy index.
+    fn then(s: &mut Schedule, mut effects: Vec<Effect>) -> Vec<Effect> {
+        s.dispatch(&mut effects);
+        let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (drv, step) in &s.steps {
+            if let StepState::Assigned(w) = &step.state {
+                expected.entry(w.clone()).or_default().insert(drv.clone());
+            }
+            if let Some(thief) = &step.thief {
+                expected.entry(thief.clone()).or_default().insert(drv.clone());
+            }
+        }
+        assert_eq!(s.running, expected, "occupancy out of step with the states");
+        effects
+    }
+
+    fn assigns(effects: &[Effect]) -> Vec<(&str, &str)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Assign(d, w) => Some((d.as_str(), w.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn announced(effects: &[Effect]) -> Vec<&str> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Ready(d, _, _) | Effect::Unready(d) => Some(d.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_ready_step_goes_to_one_idle_worker_without_being_announced() {
+        let mut s = with_workers(&[("w1", 2), ("w2", 2)]);
+        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        let e = then(&mut s, e);
+        assert_eq!(assigns(&e).len(), 1, "{e:?}");
+        assert!(announced(&e).is_empty(), "{e:?}");
+        assert!(matches!(s.state("a"), Some(StepState::Assigned(_))));
+    }
+
+    #[test]
+    fn a_worker_gets_at_most_its_slots_and_the_rest_stays_ready() {
+        let mut s = with_workers(&[("w", 1)]);
+        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "w")]);
+        let e = s.demand("b", step("x86_64-linux", &[]), Urgency::default());
+        let e = then(&mut s, e);
+        assert!(assigns(&e).is_empty());
+        assert_eq!(announced(&e), vec!["b"], "b is announced ready");
+        let e = s.built("a", "w", vec![]);
+        let e = then(&mut s, e);
+        assert_eq!(assigns(&e), vec![("b", "w")]);
+        assert!(e.contains(&Effect::Unready("b".into())), "{e:?}");
+    }
+
+    #[test]
+    fn steps_go_by_priority_then_depth_then_age() {
+        let mut s = Schedule::default();
+        for (drv, u) in [
+            ("old", urgency(0, 1)),
+            ("young", urgency(0, 1)),
+            ("deep", urgency(0, 5)),
+            ("urgent", urgency(3, 0)),
+        ] {
+            let e = s.demand(drv, step("x86_64-linux", &[]), u);
+            then(&mut s, e);
+        }
+        s.worker_joined("w", worker("x86_64-linux", 1));
+        s.offer("w", 1);
+        let mut order = Vec::new();
+        let mut e = then(&mut s, Vec::new());
+        while let Some((drv, _)) = assigns(&e).first().map(|(d, w)| (d.to_string(), *w)) {
+            order.push(drv.clone());
+            let built = s.built(&drv, "w", vec![]);
+            e = then(&mut s, built);
+        }
+        assert_eq!(order, vec!["urgent", "deep", "old", "young"]);
+    }
+
+    #[test]
+    fn a_worker_offering_no_slots_is_given_nothing() {
+        let mut s = with_workers(&[("draining", 2)]);
+        s.offer("draining", 0);
+        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        let e = then(&mut s, e);
+        assert!(assigns(&e).is_empty());
+        assert_eq!(s.state("a"), Some(&StepState::Ready));
+    }
+
+    #[test]
+    fn the_worker_holding_the_inputs_gets_the_dependent() {
+        let mut s = with_workers(&[("w1", 1), ("w2", 1)]);
+        let e = s.demand("a", step("x86_64-linux", &[]), urgency(0, 2));
+        let e = then(&mut s, e);
+        let holder = assigns(&e)[0].1.to_owned();
+        let e = s.demand("b", step("x86_64-linux", &["a"]), urgency(0, 1));
+        then(&mut s, e);
+        let e = s.built("a", &holder, vec!["/out/a".into()]);
+        let e = then(&mut s, e);
+        assert_eq!(assigns(&e), vec![("b", holder.as_str())]);
+    }
+
+    #[test]
+    fn a_step_no_worker_with_room_can_build_does_not_hold_up_the_others() {
+        let mut s = with_workers(&[("x86", 1)]);
+        let e = s.demand("arm", step("aarch64-linux", &[]), urgency(9, 9));
+        then(&mut s, e);
+        let e = s.demand("x", step("x86_64-linux", &[]), Urgency::default());
+        let e = then(&mut s, e);
+        assert_eq!(assigns(&e), vec![("x", "x86")]);
+        assert_eq!(s.state("arm"), Some(&StepState::Ready));
+    }
+
+    #[test]
+    fn a_worker_leaving_before_it_claimed_its_step_loses_it() {
+        let mut s = with_workers(&[("w", 1)]);
+        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        then(&mut s, e);
+        let e = s.worker_left("w");
+        let e = then(&mut s, e);
+        assert!(
+            e.iter().any(|e| matches!(e, Effect::RetryAfter(d, _, _) if d == "a")),
+            "{e:?}"
+        );
+        assert_eq!(s.state("a"), Some(&StepState::Retrying));
+        // Its claim going away afterwards changes nothing.
+        let e = s.unclaim("a", "w");
+        assert!(then(&mut s, e).is_empty());
+    }
+}
