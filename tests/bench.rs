@@ -135,7 +135,7 @@ fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
         "--latency-steps",
         "10",
     ]);
-    for row in ["demand → claim", "claim → built", "demand → built"] {
+    for row in ["demand → assigned", "assigned → built", "demand → built"] {
         assert!(out.stdout.contains(row), "{row}: {out:?}");
     }
 }
