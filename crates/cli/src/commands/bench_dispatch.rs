@@ -367,7 +367,11 @@ impl SimWorker {
             self.held.insert(drv, (claim, built));
         }
         if let Ok(mut times) = self.times.lock() {
-            times.freed.entry(self.id.clone()).or_default().push_back(now);
+            times
+                .freed
+                .entry(self.id.clone())
+                .or_default()
+                .push_back(now);
         }
     }
 

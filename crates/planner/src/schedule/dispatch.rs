@@ -48,7 +48,10 @@ impl Schedule {
                     let speed = |w: &str| self.workers.get(w).map_or(0.0, |o| o.speed);
                     speed(a)
                         .total_cmp(&speed(b))
-                        .then_with(|| self.inputs_built_by(step, a).cmp(&self.inputs_built_by(step, b)))
+                        .then_with(|| {
+                            self.inputs_built_by(step, a)
+                                .cmp(&self.inputs_built_by(step, b))
+                        })
                         .then_with(|| room_a.cmp(room_b))
                         .then_with(|| b.cmp(a))
                 })
@@ -240,7 +243,10 @@ mod tests {
                 expected.entry(w.clone()).or_default().insert(drv.clone());
             }
             if let Some(thief) = &step.thief {
-                expected.entry(thief.clone()).or_default().insert(drv.clone());
+                expected
+                    .entry(thief.clone())
+                    .or_default()
+                    .insert(drv.clone());
             }
         }
         assert_eq!(s.running, expected, "occupancy out of step with the states");
@@ -358,7 +364,8 @@ mod tests {
         let e = s.worker_left("w");
         let e = then(&mut s, e);
         assert!(
-            e.iter().any(|e| matches!(e, Effect::RetryAfter(d, _, _) if d == "a")),
+            e.iter()
+                .any(|e| matches!(e, Effect::RetryAfter(d, _, _) if d == "a")),
             "{e:?}"
         );
         assert_eq!(s.state("a"), Some(&StepState::Retrying));
