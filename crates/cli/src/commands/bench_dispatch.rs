@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -41,6 +41,11 @@ pub struct DispatchArgs {
     /// Repetitions.
     #[arg(long, default_value_t = 5)]
     runs: usize,
+    /// How long a simulated worker "builds" each step (sleeps before reporting it built), in
+    /// milliseconds; 0 reports at once. With a build time the table also shows the rate
+    /// against the ideal (every slot always busy).
+    #[arg(long, default_value_t = 0)]
+    build_ms: u64,
     /// Then demand this many steps one at a time (each once the previous one is built)
     /// and report demand → assigned → built latencies; 0 skips it.
     #[arg(long, default_value_t = 200)]
@@ -79,12 +84,17 @@ async fn runs(
     let assigned = AssignTimes::default();
     let mut actors = Vec::new();
     for i in 0..args.workers {
-        let worker = SimWorker::new(
-            format!("sim-{i}"),
-            args.jobs,
-            slots.clone(),
-            assigned.clone(),
-        );
+        let worker = SimWorker {
+            id: format!("sim-{i}"),
+            slots: args.jobs,
+            build_time: Duration::from_millis(args.build_ms),
+            times: slots.clone(),
+            assigned: assigned.clone(),
+            ds: None,
+            held: HashMap::new(),
+            offer: None,
+            me: Arc::new(OnceLock::new()),
+        };
         actors.push(
             nixspace_space::join::join(&worker_route, move |t, ds| {
                 worker.start(t, ds);
@@ -94,13 +104,16 @@ async fn runs(
         );
     }
     println!(
-        "nixspace bench dispatch: {} steps, {} simulated workers × {} slots, {} runs",
-        args.steps, args.workers, args.jobs, args.runs
+        "nixspace bench dispatch: {} steps, {} simulated workers × {} slots, {} ms per step, {} runs",
+        args.steps, args.workers, args.jobs, args.build_ms, args.runs
     );
+    // Every slot busy all the time.
+    let ideal = (args.build_ms > 0)
+        .then(|| (args.workers * args.jobs) as f64 * 1000.0 / args.build_ms as f64);
     println!("a slot idle from reporting a step built to being given the next one:");
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12}",
-        "run", "min", "median", "p99", "max", "total", "steps/s"
+        "{:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
+        "run", "min", "median", "p99", "max", "total", "steps/s", "of ideal"
     );
     for run in 0..args.runs {
         if let Ok(mut s) = slots.lock() {
@@ -115,15 +128,18 @@ async fn runs(
                 .unwrap_or_default()
         };
         let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+        let rate = args.steps as f64 / total.as_secs_f64();
+        let of_ideal = ideal.map_or("-".to_owned(), |i| format!("{:.0}%", 100.0 * rate / i));
         println!(
-            "{:>4} {:>10} {:>10} {:>10} {:>10} {:>9.3}s {:>12.0}",
+            "{:>4} {:>10} {:>10} {:>10} {:>10} {:>9.3}s {:>12.0} {:>9}",
             run + 1,
             us(q(0.0)),
             us(q(0.5)),
             us(q(0.99)),
             us(q(1.0)),
             total.as_secs_f64(),
-            args.steps as f64 / total.as_secs_f64()
+            rate,
+            of_ideal
         );
     }
     if args.latency_steps > 0 {
@@ -281,38 +297,31 @@ async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<D
     }
 }
 
-/// What a simulated worker's observers saw.
+/// What a simulated worker's observers saw, and its own timers.
 #[derive(Debug)]
 enum SimEvent {
     Assigned(String, String),
     Unassigned(String, String),
+    /// The simulated build of a step is over.
+    Done(String),
 }
 
-/// A worker that holds every step assigned to it and reports it built at once.
+/// A worker that holds every step assigned to it and reports it built after `build_time`.
 struct SimWorker {
     id: String,
     slots: usize,
+    build_time: Duration,
     times: SlotTimes,
     assigned: AssignTimes,
     ds: Option<Arc<Cap>>,
-    /// Each step held: its claim and its outcome.
+    /// Each step held: its claim and, once reported, its outcome.
     held: HashMap<String, (Handle, Option<Handle>)>,
     offer: Option<Handle>,
+    /// This entity's own reference, for its build timers.
+    me: Arc<OnceLock<Weak<Ref<SimEvent>>>>,
 }
 
 impl SimWorker {
-    fn new(id: String, slots: usize, times: SlotTimes, assigned: AssignTimes) -> SimWorker {
-        SimWorker {
-            id,
-            slots,
-            times,
-            assigned,
-            ds: None,
-            held: HashMap::new(),
-            offer: None,
-        }
-    }
-
     fn start(mut self, t: &mut Activation, ds: Arc<Cap>) {
         ds.assert(
             t,
@@ -325,9 +334,15 @@ impl SimWorker {
                 speed: 1.0.into(),
             },
         );
+        let offer = build::Offer {
+            worker: self.id.clone(),
+            free_slots: (self.slots as i64).into(),
+        };
+        self.offer = ds.assert(t, &offer);
         self.ds = Some(Arc::clone(&ds));
-        self.update_offer(t);
+        let own = Arc::clone(&self.me);
         let me: Arc<Ref<SimEvent>> = t.create_ref(self);
+        let _ = own.set(Arc::downgrade(&me));
         enclose!((me) during!(t, ds, <assigned $drv: String $worker: String>, |t: &mut Activation| {
             t.message(&me, SimEvent::Assigned(drv.clone(), worker.clone()));
             on_retraction(t, enclose!((me, drv, worker) move |t| {
@@ -338,7 +353,7 @@ impl SimWorker {
         }));
     }
 
-    /// Hold a step given to us and report it built.
+    /// Hold a step given to us and "build" it.
     fn take(&mut self, t: &mut Activation, drv: String) {
         let Some(ds) = self.ds.clone() else {
             return;
@@ -357,33 +372,39 @@ impl SimWorker {
             drv: drv.clone(),
             worker: self.id.clone(),
         };
+        let Some(claim) = ds.assert(t, &claim) else {
+            return;
+        };
+        self.held.insert(drv.clone(), (claim, None));
+        match self.me.get().and_then(Weak::upgrade) {
+            Some(me) if !self.build_time.is_zero() => {
+                t.after(self.build_time, move |t| {
+                    t.message(&me, SimEvent::Done(drv));
+                    Ok(())
+                });
+            }
+            _ => self.report(t, drv),
+        }
+    }
+
+    /// Report a held step built; its slot is free from now.
+    fn report(&mut self, t: &mut Activation, drv: String) {
+        let (Some(ds), Some((_, outcome))) = (self.ds.clone(), self.held.get_mut(&drv)) else {
+            return;
+        };
         let built = build::Built {
-            drv: drv.clone(),
+            drv,
             worker: self.id.clone(),
             outputs: vec![],
         };
-        if let Some(claim) = ds.assert(t, &claim) {
-            let built = ds.assert(t, &built);
-            self.held.insert(drv, (claim, built));
-        }
+        *outcome = ds.assert(t, &built);
         if let Ok(mut times) = self.times.lock() {
             times
                 .freed
                 .entry(self.id.clone())
                 .or_default()
-                .push_back(now);
+                .push_back(Instant::now());
         }
-    }
-
-    fn update_offer(&mut self, t: &mut Activation) {
-        let Some(ds) = self.ds.clone() else {
-            return;
-        };
-        let offer = build::Offer {
-            worker: self.id.clone(),
-            free_slots: (self.slots as i64).into(),
-        };
-        ds.update(t, &mut self.offer, Some(&offer));
     }
 }
 
@@ -403,6 +424,7 @@ impl Entity<SimEvent> for SimWorker {
                     }
                 }
             }
+            SimEvent::Done(drv) => self.report(t, drv),
             SimEvent::Assigned(..) | SimEvent::Unassigned(..) => {}
         }
         Ok(())
