@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 use support::dataspace::Session;
 use support::proxy::CuttingProxy;
 use support::{peak_rss, run, step_binding, Running, Space};
+use syndicate::actor::AnyValue;
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -529,7 +530,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
     const FLOOD: usize = 100_000;
     let space = Space::start_with(&["--max-demands-per-client", &CAP.to_string()]);
     let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
-    let demands: Vec<syndicate::actor::AnyValue> = (0..FLOOD)
+    let demands: Vec<AnyValue> = (0..FLOOD)
         .map(|i| {
             build::Demand {
                 drv: format!("/nix/store/{i:032}-flood.drv"),
@@ -669,10 +670,19 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
         }
         .unparse()
     };
-    // 8 MiB of log for one step (a well-behaved worker would stop at its own cap), then
-    // one line of another step.
+    // 8 MiB of log for one step (a well-behaved worker would stop at its own cap), 1 MiB of
+    // malformed log messages (no step named), then one line of another step.
+    let malformed = AnyValue::record(
+        AnyValue::symbol("log"),
+        vec![
+            AnyValue::new(0),
+            AnyValue::new(0),
+            AnyValue::new("x".repeat(LINE)),
+        ],
+    );
     let mut flood: Vec<_> = (0..FLOOD / (LINE + 1))
         .map(|i| log(&drv, format!("{i:0LINE$}")))
+        .chain(std::iter::repeat_n(malformed, 1024))
         .collect();
     flood.push(log(&other, "still heard".to_owned()));
     let claim = build::Claim {
@@ -731,6 +741,11 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
             notices[0].line
         );
         assert_eq!(rest.len(), 1, "the other step's log is its own");
+        assert_eq!(
+            observer.messages_with_label("log").len(),
+            lines.len(),
+            "malformed logs"
+        );
         // The coordinator still answers at once.
         let asked = Instant::now();
         assert!(space.status()["workers"].is_array());
@@ -746,6 +761,11 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
     assert_eq!(
         up.matches("build log over the per-step cap: truncated")
             .count(),
+        1,
+        "{up}"
+    );
+    assert_eq!(
+        up.matches("dropping malformed log messages").count(),
         1,
         "{up}"
     );

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::log_budget::{LogBudget, Verdict, DEFAULT_MAX_LOG_BYTES_PER_STEP, MAX_UNCLAIMED_STEPS};
+use crate::log_budget::{LogBudget, Verdict, DEFAULT_MAX_LOG_BYTES_PER_STEP};
 use nixspace_protocol::build;
 use preserves::ValueImpl;
 use preserves_schema::{Parse, Unparse};
@@ -60,8 +60,8 @@ pub struct Limiter {
     claims: HashMap<Handle, String>,
     /// Log bytes per step.
     log: LogBudget,
-    /// Whether we warned about log lines of too many unclaimed steps (once per connection).
-    warned_untracked: bool,
+    /// What we warned about already (once per connection): dropped log lines, by why.
+    warned: HashSet<&'static str>,
 }
 
 impl Limiter {
@@ -78,7 +78,7 @@ impl Limiter {
             refusal: None,
             claims: HashMap::new(),
             log: LogBudget::new(limits.max_log_bytes_per_step),
-            warned_untracked: false,
+            warned: HashSet::new(),
         }
     }
 
@@ -109,8 +109,8 @@ impl Limiter {
     /// Pass one log line on, a truncation notice instead, or nothing.
     fn log(&mut self, t: &mut Activation, m: &AnyValue) {
         let Ok(log) = build::Log::parse(m) else {
-            // Malformed: the role's attenuation behind us refuses it.
-            self.target.message(t, m);
+            // No observer could read it, and it would escape the count.
+            self.warn_once("dropping malformed log messages");
             return;
         };
         match self.log.admit(&log.drv, log.line.len()) {
@@ -129,16 +129,21 @@ impl Limiter {
                 self.target.message(t, &notice);
             }
             Verdict::Drop => {}
-            Verdict::Untracked => {
-                if !self.warned_untracked {
-                    self.warned_untracked = true;
-                    tracing::warn!(peer = %self.peer, drv = %log.drv, max = MAX_UNCLAIMED_STEPS,
-                        "dropping log lines of steps not claimed: too many at once");
-                }
-            }
+            Verdict::Untracked => self.warn_once(UNTRACKED),
+        }
+    }
+
+    /// Log `why` lines are dropped, the first time only.
+    fn warn_once(&mut self, why: &'static str) {
+        if self.warned.insert(why) {
+            tracing::warn!(peer = %self.peer, "{why}");
         }
     }
 }
+
+/// Why lines of steps past [`MAX_UNCLAIMED_STEPS`](crate::log_budget::MAX_UNCLAIMED_STEPS)
+/// are dropped.
+const UNTRACKED: &str = "dropping log lines of steps not claimed: too many such steps at once";
 
 fn has_label(v: &AnyValue, label: &'static str) -> bool {
     v.is_record() && v.label() == AnyValue::symbol(label)
