@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route, Transport};
-use preserves_schema::Unparse;
+use preserves_schema::{Parse, Unparse};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::dataspace::Session;
 use support::proxy::CuttingProxy;
 use support::{peak_rss, run, step_binding, Running, Space};
+use syndicate::actor::AnyValue;
 
 /// How big a soak is and how hard it is hit.
 struct Soak {
@@ -529,7 +530,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
     const FLOOD: usize = 100_000;
     let space = Space::start_with(&["--max-demands-per-client", &CAP.to_string()]);
     let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
-    let demands: Vec<syndicate::actor::AnyValue> = (0..FLOOD)
+    let demands: Vec<AnyValue> = (0..FLOOD)
         .map(|i| {
             build::Demand {
                 drv: format!("/nix/store/{i:032}-flood.drv"),
@@ -651,4 +652,121 @@ fn a_huge_build_log_is_truncated_and_the_coordinator_stays_up() {
     eprintln!("spew: peak RSS of nixspace up {} MiB", rss / 1024);
     assert!(rss < 256 * 1024, "nixspace up peaked at {rss} KiB");
     assert!(space.status()["workers"].is_array());
+}
+
+#[test]
+fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
+    const CAP: usize = 64 << 10;
+    const FLOOD: usize = 8 << 20;
+    const LINE: usize = 1023;
+    let space = Space::start_with(&["--max-log-bytes-per-step", &CAP.to_string()]);
+    let drv = support::dataspace::fake_drv("chatty");
+    let other = support::dataspace::fake_drv("quiet");
+    let log = |drv: &str, line: String| {
+        build::Log {
+            drv: drv.to_owned(),
+            worker: "rogue".to_owned(),
+            line,
+        }
+        .unparse()
+    };
+    // 8 MiB of log for one step (a well-behaved worker would stop at its own cap), 1 MiB of
+    // malformed log messages (no step named), then one line of another step.
+    let malformed = AnyValue::record(
+        AnyValue::symbol("log"),
+        vec![
+            AnyValue::new(0),
+            AnyValue::new(0),
+            AnyValue::new("x".repeat(LINE)),
+        ],
+    );
+    let mut flood: Vec<_> = (0..FLOOD / (LINE + 1))
+        .map(|i| log(&drv, format!("{i:0LINE$}")))
+        .chain(std::iter::repeat_n(malformed, 1024))
+        .collect();
+    flood.push(log(&other, "still heard".to_owned()));
+    let claim = build::Claim {
+        drv: drv.clone(),
+        worker: "rogue".to_owned(),
+    }
+    .unparse();
+    let (worker, submit) = (
+        support::dataspace::route(&space, Role::Worker),
+        support::dataspace::route(&space, Role::Submit),
+    );
+    runtime().block_on(async {
+        let observer = Session::join(&submit, vec![])
+            .await
+            .expect("join as submit");
+        let started = Instant::now();
+        let rogue = Session::join_sending(&worker, vec![claim], flood, Duration::from_secs(120))
+            .await
+            .expect("join as worker with the flood");
+        eprintln!(
+            "log flood: {} MiB sent and handled in {:?}",
+            FLOOD >> 20,
+            started.elapsed()
+        );
+        let heard = |observer: &Session| {
+            observer
+                .messages_with_label("log")
+                .iter()
+                .filter_map(|m| build::Log::parse(m).ok())
+                .collect::<Vec<_>>()
+        };
+        let got_all = support::dataspace::poll_until(support::dataspace::ANSWER, || {
+            heard(&observer).iter().any(|l| l.drv == other)
+        })
+        .await;
+        assert!(got_all, "the other step's line never came");
+        let lines = heard(&observer);
+        let (chatty, rest): (Vec<&build::Log>, Vec<_>) = lines.iter().partition(|l| l.drv == drv);
+        let (notices, passed): (Vec<&build::Log>, Vec<_>) = chatty
+            .into_iter()
+            .partition(|l| l.line.contains("truncated by the coordinator"));
+        let bytes: usize = passed.iter().map(|l| l.line.len() + 1).sum();
+        eprintln!(
+            "log flood: the observer got {} lines ({bytes} bytes) of {}",
+            passed.len(),
+            FLOOD / (LINE + 1)
+        );
+        assert!(bytes <= CAP, "{bytes} bytes passed the {CAP}-byte cap");
+        assert_eq!(passed.len(), CAP / (LINE + 1), "lines within the cap");
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(
+            notices[0].line.contains(&format!(
+                "after {CAP} bytes (nixspace up --max-log-bytes-per-step {CAP}"
+            )),
+            "{}",
+            notices[0].line
+        );
+        assert_eq!(rest.len(), 1, "the other step's log is its own");
+        assert_eq!(
+            observer.messages_with_label("log").len(),
+            lines.len(),
+            "malformed logs"
+        );
+        // The coordinator still answers at once.
+        let asked = Instant::now();
+        assert!(space.status()["workers"].is_array());
+        eprintln!(
+            "log flood: nixspace status answered in {:?}",
+            asked.elapsed()
+        );
+        assert!(asked.elapsed() < Duration::from_secs(10));
+        rogue.leave();
+        observer.leave();
+    });
+    let up = space.log("up");
+    assert_eq!(
+        up.matches("build log over the per-step cap: truncated")
+            .count(),
+        1,
+        "{up}"
+    );
+    assert_eq!(
+        up.matches("dropping malformed log messages").count(),
+        1,
+        "{up}"
+    );
 }

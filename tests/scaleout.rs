@@ -139,3 +139,66 @@ fn a_build_running_while_the_planner_restarts_is_not_built_again() {
         "{log}"
     );
 }
+
+#[test]
+fn the_planner_caps_demands_per_requester_on_the_server() {
+    use support::dataspace::{demand_by, fake_drv, route, runtime, text, Session, SETTLE};
+    const CAP: usize = 3;
+    let mut space = ExternalSpace::start_with(&["--max-demands-per-client", &CAP.to_string()]);
+    space.worker("w1", &[]);
+    let submit = route(&space, nixspace_space::Role::Submit);
+    runtime().block_on(async {
+        // A client holding more demands than the cap, for a system no worker has.
+        let hog: Vec<_> = (0..2 * CAP)
+            .map(|i| demand_by(&fake_drv(&format!("hog-{i}")), "hog"))
+            .collect();
+        let hog = Session::join(&submit, hog).await.expect("join as submit");
+        tokio::time::sleep(SETTLE).await;
+        let refusals = hog.with_label("demands-refused");
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        let refusal = text(&refusals[0]);
+        assert!(
+            refusal.contains("\"hog\"")
+                && refusal.contains(&format!("at most {CAP}"))
+                && refusal.contains("--max-demands-per-client"),
+            "{refusal}"
+        );
+        // Only the demands within the cap were planned (each found unschedulable).
+        assert_eq!(hog.with_label("unschedulable").len(), CAP);
+
+        // A frontend over the cap fails, saying so.
+        let binding = support::step_binding("name: deps", "", "echo ${name} $deps > $out");
+        let five = space.nix_file(
+            "five.nix",
+            &format!(
+                "let\n{binding}  a = step \"a\" [ ];\n  b = step \"b\" [ a ];\n  \
+                 c = step \"c\" [ b ];\n  d = step \"d\" [ c ];\nin\nstep \"e\" [ d ]\n"
+            ),
+        );
+        let refused = space.build(&five, BUILD_LIMIT);
+        assert!(!refused.status.success(), "{refused:?}");
+        assert!(
+            refused.stderr.contains("too many demands from requester")
+                && refused.stderr.contains(&format!("at most {CAP}")),
+            "{refused:?}"
+        );
+
+        // Another frontend within the cap builds, while the hog is still over it.
+        let two = space.nix_file(
+            "two.nix",
+            &format!("let\n{binding}  a = step \"a2\" [ ];\nin\nstep \"b2\" [ a ]\n"),
+        );
+        let built = space.build(&two, BUILD_LIMIT);
+        assert!(built.status.success(), "{built:?}");
+        assert!(
+            hog.sees(&refusals[0]),
+            "the refusal lasts while the hog is over the cap"
+        );
+        hog.leave();
+    });
+    space.wait_for_log(
+        "up",
+        "refused demands over the per-requester cap",
+        Duration::from_secs(5),
+    );
+}

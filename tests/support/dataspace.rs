@@ -56,10 +56,15 @@ fn test_step() -> build::StepInfo {
 
 /// A demand of `drv` for a system no worker has.
 pub fn demand(drv: &str) -> AnyValue {
+    demand_by(drv, "security-test")
+}
+
+/// Like [`demand`], by the frontend named `requester`.
+pub fn demand_by(drv: &str, requester: &str) -> AnyValue {
     build::Demand {
         drv: drv.to_owned(),
         step: test_step(),
-        requester: "security-test".to_owned(),
+        requester: requester.to_owned(),
         priority: 0.into(),
         depth: 0.into(),
     }
@@ -107,10 +112,11 @@ pub fn assert_a_worker_cannot_demand(space: &super::Space) {
     });
 }
 
-/// A joined client that observes every assertion it may see.
+/// A joined client that observes every assertion and message it may see.
 pub struct Session {
     actor: ActorHandle,
     seen: Arc<Mutex<Vec<AnyValue>>>,
+    messages: Arc<Mutex<Vec<AnyValue>>>,
 }
 
 impl Session {
@@ -128,13 +134,29 @@ impl Session {
         asserts: Vec<AnyValue>,
         patience: Duration,
     ) -> anyhow::Result<Session> {
+        Session::join_sending(route, asserts, Vec::new(), patience).await
+    }
+
+    /// Like [`Session::join_within`], also sending `messages` (after the assertions, before
+    /// the probe: when this returns the dataspace has handled them all).
+    pub async fn join_sending(
+        route: &Route,
+        asserts: Vec<AnyValue>,
+        messages: Vec<AnyValue>,
+        patience: Duration,
+    ) -> anyhow::Result<Session> {
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let messages_seen = Arc::new(Mutex::new(Vec::new()));
+        let heard = Arc::clone(&messages_seen);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let probe_id = format!("test-probe-{}", super::nonce());
         let collected = Arc::clone(&seen);
         let actor = nixspace_space::join::join(route, move |t, ds| {
             for a in &asserts {
                 ds.assert(t, a);
+            }
+            for m in &messages {
+                ds.message(t, m);
             }
             let observer = t.create_cap(syndicate::during::entity(collected).on_asserted(
                 |seen: &mut Arc<Mutex<Vec<AnyValue>>>, _t, captures: Vec<AnyValue>| {
@@ -153,14 +175,27 @@ impl Session {
                     )))
                 },
             ));
-            let everything = dp::Pattern::Bind {
+            let everything = || dp::Pattern::Bind {
                 pattern: Box::new(dp::Pattern::Discard),
             };
             ds.assert(
                 t,
                 &Observe {
-                    pattern: everything,
+                    pattern: everything(),
                     observer,
+                },
+            );
+            let listener = t.create_cap(syndicate::during::entity(heard).on_message(
+                |heard: &mut Arc<Mutex<Vec<AnyValue>>>, _t, captures: Vec<AnyValue>| {
+                    heard.lock().map_err(|_| "poisoned")?.extend(captures);
+                    Ok(())
+                },
+            ));
+            ds.assert(
+                t,
+                &Observe {
+                    pattern: everything(),
+                    observer: listener,
                 },
             );
             let mut tx = Some(tx);
@@ -202,21 +237,21 @@ impl Session {
         tokio::time::timeout(patience, rx)
             .await
             .map_err(|_| anyhow::anyhow!("our probe did not come back within {patience:?}"))??;
-        Ok(Session { actor, seen })
+        Ok(Session {
+            actor,
+            seen,
+            messages: messages_seen,
+        })
     }
 
     /// Every assertion seen now whose label is the symbol `label`.
     pub fn with_label(&self, label: &str) -> Vec<AnyValue> {
-        let label = AnyValue::symbol(label.to_owned());
-        self.seen
-            .lock()
-            .map(|seen| {
-                seen.iter()
-                    .filter(|v| label_of(v).as_ref() == Some(&label))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+        labelled(&self.seen, label)
+    }
+
+    /// Every message received so far whose label is the symbol `label`.
+    pub fn messages_with_label(&self, label: &str) -> Vec<AnyValue> {
+        labelled(&self.messages, label)
     }
 
     /// Whether `value` is asserted now.
@@ -235,8 +270,23 @@ impl Session {
     }
 }
 
+/// The values in `values` whose label is the symbol `label`.
+fn labelled(values: &Mutex<Vec<AnyValue>>, label: &str) -> Vec<AnyValue> {
+    let label = AnyValue::symbol(label.to_owned());
+    values
+        .lock()
+        .map(|values| {
+            values
+                .iter()
+                .filter(|v| label_of(v).as_ref() == Some(&label))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Check `done` every 20 ms for up to `limit`; whether it came true.
-async fn poll_until(limit: Duration, done: impl Fn() -> bool) -> bool {
+pub async fn poll_until(limit: Duration, done: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while !done() {
         if Instant::now() > deadline {

@@ -57,7 +57,12 @@ impl ExternalSpace {
     /// a free port of 127.0.0.1), start `syndicate-server` on it, then
     /// `nixspace up --external`, and wait until the planner has joined.
     pub fn start() -> ExternalSpace {
-        ExternalSpace::start_on(Space::unstarted(&["--external"]))
+        ExternalSpace::start_with(&[])
+    }
+
+    /// Like [`ExternalSpace::start`], with extra arguments for `nixspace up --external`.
+    pub fn start_with(up_args: &[&str]) -> ExternalSpace {
+        ExternalSpace::start_on(Space::unstarted(&[&["--external"], up_args].concat()))
     }
 
     /// Like [`ExternalSpace::start`], with `up --translator <tmp>/translator.sock`

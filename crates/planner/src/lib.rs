@@ -10,6 +10,7 @@
 //!
 //! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
 
+pub mod demand_gate;
 pub mod history;
 pub mod matching;
 pub mod metrics;

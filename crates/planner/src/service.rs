@@ -17,6 +17,7 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
+use crate::demand_gate::DemandGate;
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
 use crate::schedule::{
@@ -410,7 +411,8 @@ fn to_wire(info: &StepInfo) -> build::StepInfo {
     }
 }
 
-fn from_wire(info: build::StepInfo) -> StepInfo {
+/// A step as the schedule keeps it, from the wire.
+pub(crate) fn from_wire(info: build::StepInfo) -> StepInfo {
     StepInfo {
         system: info.system,
         features: info.features,
@@ -438,6 +440,9 @@ pub struct PlannerConfig {
     /// After a restart, how long a step that was being built is kept for its worker to
     /// rejoin and report it before another worker may take it.
     pub rejoin_grace: Duration,
+    /// The most live demands taken per requester name (see [`crate::demand_gate`]); `None`
+    /// takes all (the embedded host caps demands per connection instead).
+    pub max_demands_per_requester: Option<usize>,
 }
 
 impl Default for PlannerConfig {
@@ -447,6 +452,7 @@ impl Default for PlannerConfig {
             retry_backoff: crate::DEFAULT_RETRY_BACKOFF,
             steal: StealPolicy::default(),
             rejoin_grace: crate::DEFAULT_REJOIN_GRACE,
+            max_demands_per_requester: None,
         }
     }
 }
@@ -542,16 +548,8 @@ pub fn start(
             Ok(())
         }));
 
-        enclose!((planner) during!(t, ds, <demand $drv: String $step: build::StepInfo _ $priority: i64 $depth: u64>,
-            |t: &mut Activation| {
-                let urgency = Urgency { priority, depth };
-                t.message(&planner, Event::Demand(drv.clone(), from_wire(step.clone()), urgency));
-                on_retraction(t, enclose!((planner, drv) move |t| {
-                    t.message(&planner, Event::Undemand(drv));
-                    Ok(())
-                }));
-                Ok(())
-            }));
+        let max_demands = config.max_demands_per_requester.unwrap_or(usize::MAX);
+        DemandGate::observe(t, &ds, Arc::clone(&planner), max_demands);
 
         enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64>,
             |t: &mut Activation| {

@@ -237,6 +237,13 @@ mod tests {
             );
         }
         assert!(text.contains("<accept <demand _ _ _ _ _>>"), "{text}");
+        // The planner gets the whole dataspace: it asserts what no role may (assignments,
+        // `demands-refused` for requesters over `up --external --max-demands-per-client`).
+        let planner = text
+            .lines()
+            .find(|l| l.starts_with("<bind") && l.contains(&format!("\"{PLANNER}\"")))
+            .expect("the planner's bind");
+        assert!(planner.ends_with(" $ds #f>"), "{planner}");
     }
 
     #[test]

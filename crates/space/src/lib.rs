@@ -15,6 +15,7 @@ pub mod host;
 pub mod join;
 pub mod keys;
 pub mod limits;
+pub mod log_budget;
 pub mod policy;
 pub mod private_file;
 pub mod route;

@@ -6,10 +6,16 @@
 //! [`Limits::max_demands`] it drops further demands and asserts, once and for as long as the
 //! connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
 //! clear error). Dropped demands never reach the dataspace's index or the planner.
+//!
+//! It also counts the bytes of `<log drv worker line>` messages per step ([`LogBudget`]):
+//! past [`Limits::max_log_bytes_per_step`] it passes one notice on instead of the first line
+//! over and drops the rest of that step's log, so a worker ignoring its own log cap cannot
+//! flood the frontends.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::log_budget::{LogBudget, Verdict, DEFAULT_MAX_LOG_BYTES_PER_STEP};
 use nixspace_protocol::build;
 use preserves::ValueImpl;
 use preserves_schema::{Parse, Unparse};
@@ -24,12 +30,15 @@ pub const DEFAULT_MAX_DEMANDS: usize = 100_000;
 pub struct Limits {
     /// Live `demand` assertions per connection.
     pub max_demands: usize,
+    /// Bytes of build log per step and connection passed on (0: no cap).
+    pub max_log_bytes_per_step: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_demands: DEFAULT_MAX_DEMANDS,
+            max_log_bytes_per_step: DEFAULT_MAX_LOG_BYTES_PER_STEP,
         }
     }
 }
@@ -47,6 +56,12 @@ pub struct Limiter {
     demands: HashSet<Handle>,
     refused: u64,
     refusal: Option<Handle>,
+    /// The client's handles that are claims → the claimed step.
+    claims: HashMap<Handle, String>,
+    /// Log bytes per step.
+    log: LogBudget,
+    /// What we warned about already (once per connection): dropped log lines, by why.
+    warned: HashSet<&'static str>,
 }
 
 impl Limiter {
@@ -61,6 +76,9 @@ impl Limiter {
             demands: HashSet::new(),
             refused: 0,
             refusal: None,
+            claims: HashMap::new(),
+            log: LogBudget::new(limits.max_log_bytes_per_step),
+            warned: HashSet::new(),
         }
     }
 
@@ -87,10 +105,52 @@ impl Limiter {
             },
         );
     }
+
+    /// Pass one log line on, a truncation notice instead, or nothing.
+    fn log(&mut self, t: &mut Activation, m: &AnyValue) {
+        let Ok(log) = build::Log::parse(m) else {
+            // No observer could read it, and it would escape the count.
+            self.warn_once("dropping malformed log messages");
+            return;
+        };
+        match self.log.admit(&log.drv, log.line.len()) {
+            Verdict::Pass => self.target.message(t, m),
+            Verdict::Truncate { after } => {
+                let max = self.log.max();
+                tracing::warn!(peer = %self.peer, drv = %log.drv, worker = %log.worker, max,
+                    "build log over the per-step cap: truncated");
+                let notice = build::Log {
+                    line: format!(
+                        "nixspace: log truncated by the coordinator after {after} bytes \
+                         (nixspace up --max-log-bytes-per-step {max}; raise it to see more)"
+                    ),
+                    ..log
+                };
+                self.target.message(t, &notice);
+            }
+            Verdict::Drop => {}
+            Verdict::Untracked => self.warn_once(UNTRACKED),
+        }
+    }
+
+    /// Log `why` lines are dropped, the first time only.
+    fn warn_once(&mut self, why: &'static str) {
+        if self.warned.insert(why) {
+            tracing::warn!(peer = %self.peer, "{why}");
+        }
+    }
+}
+
+/// Why lines of steps past [`MAX_UNCLAIMED_STEPS`](crate::log_budget::MAX_UNCLAIMED_STEPS)
+/// are dropped.
+const UNTRACKED: &str = "dropping log lines of steps not claimed: too many such steps at once";
+
+fn has_label(v: &AnyValue, label: &'static str) -> bool {
+    v.is_record() && v.label() == AnyValue::symbol(label)
 }
 
 fn is_demand(v: &AnyValue) -> bool {
-    v.is_record() && v.label() == AnyValue::symbol("demand")
+    has_label(v, "demand")
 }
 
 impl Entity<AnyValue> for Limiter {
@@ -101,6 +161,9 @@ impl Entity<AnyValue> for Limiter {
                 return Ok(());
             }
             self.demands.insert(h);
+        } else if let Ok(claim) = build::Claim::parse(&a) {
+            self.log.claimed(&claim.drv);
+            self.claims.insert(h, claim.drv);
         }
         if let Some(ours) = self.target.assert(t, &a) {
             self.forwarded.insert(h, ours);
@@ -110,6 +173,9 @@ impl Entity<AnyValue> for Limiter {
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
         self.demands.remove(&h);
+        if let Some(drv) = self.claims.remove(&h) {
+            self.log.released(&drv);
+        }
         if let Some(ours) = self.forwarded.remove(&h) {
             t.retract(ours);
         }
@@ -117,7 +183,11 @@ impl Entity<AnyValue> for Limiter {
     }
 
     fn message(&mut self, t: &mut Activation, m: AnyValue) -> ActorResult {
-        self.target.message(t, &m);
+        if has_label(&m, "log") {
+            self.log(t, &m);
+        } else {
+            self.target.message(t, &m);
+        }
         Ok(())
     }
 }

@@ -285,6 +285,15 @@ mod tests {
         .unparse();
         assert!(!passes(Role::Submit, assigned.clone()));
         assert!(!passes(Role::Worker, assigned));
+        // Only the coordinator (the host, or the planner's whole-dataspace capability on a
+        // syndicate-server) refuses demands.
+        let refusal = build::DemandsRefused {
+            requester: "someone".into(),
+            reason: "forged".into(),
+        }
+        .unparse();
+        assert!(!passes(Role::Submit, refusal.clone()));
+        assert!(!passes(Role::Worker, refusal));
     }
 
     #[test]

@@ -89,10 +89,22 @@ pub struct UpArgs {
     #[arg(long, value_name = "PATH")]
     translator: Option<PathBuf>,
 
-    /// The most demands one frontend connection may hold at once; further demands are
-    /// refused and the frontend is told so (it fails with that reason).
+    /// The most demands one frontend may hold at once; further demands are refused (never
+    /// scheduled) and the frontend is told so (it fails with that reason). With the embedded
+    /// dataspace the cap is per client connection, enforced by the host. With `--external`
+    /// the connections are the server's: the planner caps demands per requester name
+    /// instead, so a client asserting demands under many names is not caught there.
     #[arg(long, default_value_t = nixspace_space::limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
     max_demands_per_client: usize,
+
+    /// The most bytes of build log (lines plus newlines) one client connection, normally a
+    /// worker, may send per step. Past it the coordinator passes on one line saying it
+    /// truncated the log and drops the rest of that step's log. 0: no cap. The default is
+    /// above `worker --max-log-bytes`'s, so a worker's own truncation notice gets through.
+    /// Embedded dataspace only: with `--external` the connections are the server's.
+    #[arg(long, default_value_t = nixspace_space::log_budget::DEFAULT_MAX_LOG_BYTES_PER_STEP,
+          value_name = "BYTES", conflicts_with = "external")]
+    max_log_bytes_per_step: u64,
 }
 
 /// What hosting a dataspace takes (shared by `up` and `daemon`).
@@ -184,6 +196,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             after: seconds("steal-after", args.steal_after)?,
         },
         rejoin_grace: seconds("rejoin-grace", args.rejoin_grace)?,
+        // The embedded host caps demands per connection, before the planner sees them.
+        max_demands_per_requester: args.external.then_some(args.max_demands_per_client),
     };
     let metrics = Arc::new(Metrics::default());
     let (submit, session, hosted_socket) = if args.external {
@@ -209,6 +223,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 tcp: args.tcp,
                 limits: nixspace_space::Limits {
                     max_demands: args.max_demands_per_client,
+                    max_log_bytes_per_step: args.max_log_bytes_per_step,
                 },
             },
             history: Some(history),

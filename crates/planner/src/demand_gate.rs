@@ -1,0 +1,246 @@
+//! Which demands the planner takes: with a cap ([`PlannerConfig::max_demands_per_requester`](
+//! crate::PlannerConfig::max_demands_per_requester), set by `nixspace up --external
+//! --max-demands-per-client`), at most that many live demands per requester name.
+//!
+//! On a standalone syndicate-server the connections are not ours, so the embedded host's
+//! per-connection limiter does not exist there; this is the planner's own cap. A demand over
+//! it is neither scheduled nor kept (only its handle and requester are, to count it), and
+//! while a requester has such a demand live the planner asserts `<demands-refused requester
+//! reason>`, which the frontend of that name turns into an error. A client using many
+//! requester names is not caught here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use nixspace_protocol::build;
+use preserves_schema::Parse;
+use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
+use syndicate::dataspace_patterns::AsDataspacePattern;
+use syndicate::schemas::dataspace::Observe;
+use syndicate::schemas::dataspace_patterns as dp;
+
+use crate::schedule::{StepInfo, Urgency};
+use crate::service::{from_wire, Event};
+
+/// Whether a demand was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Within the requester's cap: scheduled.
+    Taken,
+    /// Over it: ignored. `first` when the requester had no other refused demand live.
+    Refused {
+        /// The requester's first live refused demand.
+        first: bool,
+    },
+}
+
+/// Live demands per requester.
+#[derive(Debug, Default)]
+struct Live {
+    taken: usize,
+    refused: usize,
+}
+
+/// Counts live demands per requester against a cap.
+#[derive(Debug)]
+pub struct RequesterCap {
+    max: usize,
+    live: HashMap<String, Live>,
+}
+
+impl RequesterCap {
+    /// A cap of `max` live demands per requester.
+    pub fn new(max: usize) -> RequesterCap {
+        RequesterCap {
+            max,
+            live: HashMap::new(),
+        }
+    }
+
+    /// A demand of `requester` appeared.
+    pub fn admit(&mut self, requester: &str) -> Admission {
+        let live = self.live.entry(requester.to_owned()).or_default();
+        if live.taken < self.max {
+            live.taken += 1;
+            Admission::Taken
+        } else {
+            live.refused += 1;
+            Admission::Refused {
+                first: live.refused == 1,
+            }
+        }
+    }
+
+    /// A demand of `requester` admitted as `admission` went. Whether that was the
+    /// requester's last refused demand (it is no longer over the cap).
+    pub fn withdraw(&mut self, requester: &str, admission: Admission) -> bool {
+        let Some(live) = self.live.get_mut(requester) else {
+            return false;
+        };
+        let cleared = match admission {
+            Admission::Taken => {
+                live.taken = live.taken.saturating_sub(1);
+                false
+            }
+            Admission::Refused { .. } => {
+                live.refused = live.refused.saturating_sub(1);
+                live.refused == 0
+            }
+        };
+        if live.taken == 0 && live.refused == 0 {
+            self.live.remove(requester);
+        }
+        cleared
+    }
+
+    /// How many requesters have live demands.
+    pub fn requesters(&self) -> usize {
+        self.live.len()
+    }
+}
+
+/// A live demand as the gate saw it.
+struct Seen {
+    drv: String,
+    requester: String,
+    admission: Admission,
+}
+
+/// Observes `<demand …>` assertions and passes those within the cap on to the planner.
+pub struct DemandGate {
+    ds: Arc<Cap>,
+    planner: Arc<Ref<Event>>,
+    cap: RequesterCap,
+    seen: HashMap<Handle, Seen>,
+    /// The refusal asserted for each requester over the cap.
+    refusals: HashMap<String, Handle>,
+}
+
+impl DemandGate {
+    /// Observe the demands in `ds` for `planner`, taking at most `max` per requester
+    /// (`usize::MAX`: all).
+    pub fn observe(t: &mut Activation, ds: &Arc<Cap>, planner: Arc<Ref<Event>>, max: usize) {
+        let gate = DemandGate {
+            ds: Arc::clone(ds),
+            planner,
+            cap: RequesterCap::new(max),
+            seen: HashMap::new(),
+            refusals: HashMap::new(),
+        };
+        let observer = t.create_cap(gate);
+        ds.assert(
+            t,
+            &Observe {
+                pattern: dp::Pattern::Bind {
+                    pattern: Box::new(build::Demand::wildcard_dataspace_pattern()),
+                },
+                observer,
+            },
+        );
+    }
+
+    /// Tell `requester` (once while it is over the cap) that demands were refused.
+    fn refuse(&mut self, t: &mut Activation, requester: &str) {
+        let max = self.cap.max;
+        tracing::warn!(%requester, max, "refused demands over the per-requester cap");
+        let refusal = build::DemandsRefused {
+            requester: requester.to_owned(),
+            reason: format!(
+                "too many demands from requester {requester:?}: the planner takes at most \
+                 {max} at once per requester (nixspace up --external --max-demands-per-client); \
+                 the rest were refused"
+            ),
+        };
+        if let Some(h) = self.ds.assert(t, &refusal) {
+            self.refusals.insert(requester.to_owned(), h);
+        }
+    }
+}
+
+/// The step and urgency of a demand, if its numbers are in range.
+fn wanted(demand: &build::Demand) -> Option<(StepInfo, Urgency)> {
+    let urgency = Urgency {
+        priority: i64::try_from(&demand.priority).ok()?,
+        depth: u64::try_from(&demand.depth).ok()?,
+    };
+    Some((from_wire(demand.step.clone()), urgency))
+}
+
+impl Entity<Vec<AnyValue>> for DemandGate {
+    fn assert(&mut self, t: &mut Activation, captures: Vec<AnyValue>, h: Handle) -> ActorResult {
+        let Some(Ok(demand)) = captures.first().map(build::Demand::parse) else {
+            tracing::warn!(value = ?captures.first(), "ignoring a malformed demand");
+            return Ok(());
+        };
+        let Some((step, urgency)) = wanted(&demand) else {
+            tracing::warn!(drv = %demand.drv, requester = %demand.requester,
+                "ignoring a demand with an out-of-range priority or depth");
+            return Ok(());
+        };
+        let admission = self.cap.admit(&demand.requester);
+        match admission {
+            Admission::Taken => t.message(
+                &self.planner,
+                Event::Demand(demand.drv.clone(), step, urgency),
+            ),
+            Admission::Refused { first: true } => self.refuse(t, &demand.requester),
+            Admission::Refused { first: false } => {}
+        }
+        self.seen.insert(
+            h,
+            Seen {
+                drv: demand.drv,
+                requester: demand.requester,
+                admission,
+            },
+        );
+        Ok(())
+    }
+
+    fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
+        let Some(seen) = self.seen.remove(&h) else {
+            return Ok(());
+        };
+        if seen.admission == Admission::Taken {
+            t.message(&self.planner, Event::Undemand(seen.drv));
+        }
+        if self.cap.withdraw(&seen.requester, seen.admission) {
+            if let Some(refusal) = self.refusals.remove(&seen.requester) {
+                t.retract(refusal);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_requester_gets_its_own_cap() {
+        let mut cap = RequesterCap::new(2);
+        assert_eq!(cap.admit("a"), Admission::Taken);
+        assert_eq!(cap.admit("a"), Admission::Taken);
+        assert_eq!(cap.admit("a"), Admission::Refused { first: true });
+        assert_eq!(cap.admit("a"), Admission::Refused { first: false });
+        assert_eq!(cap.admit("b"), Admission::Taken);
+        assert_eq!(cap.requesters(), 2);
+    }
+
+    #[test]
+    fn a_requester_stays_refused_while_a_refused_demand_lives() {
+        let mut cap = RequesterCap::new(1);
+        let taken = cap.admit("a");
+        let refused = [cap.admit("a"), cap.admit("a")];
+        // A taken demand going frees a place, but the refused ones stay refused.
+        assert!(!cap.withdraw("a", taken));
+        assert_eq!(cap.admit("a"), Admission::Taken);
+        assert!(!cap.withdraw("a", refused[0]));
+        assert!(cap.withdraw("a", refused[1]));
+        // The last taken demand going forgets the requester.
+        assert!(!cap.withdraw("a", Admission::Taken));
+        assert_eq!(cap.requesters(), 0);
+        assert!(!cap.withdraw("unknown", Admission::Taken));
+    }
+}
