@@ -17,6 +17,7 @@ use syndicate::actor::{Activation, ActorResult, Cap};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
+use crate::phase::PhaseClock;
 use crate::realisation::{base_name, OutputIds};
 
 /// The derivation closure of some roots and which of its derivations must be built.
@@ -135,12 +136,15 @@ impl Plan {
 /// derivations with an output that is not valid, except those whose outputs `pool`'s store
 /// has realised already.
 pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError> {
+    let mut clock = PhaseClock::start("plan");
     let infos = nixspace_nix_tools::read_closure(roots).await?;
+    clock.end("read the closure");
     let known: Vec<String> = infos
         .values()
         .flat_map(|i| i.outputs.values().flatten().cloned())
         .collect();
     let invalid = nixspace_nix_tools::invalid_paths(&known).await?;
+    clock.end("query valid outputs");
     let needed = infos
         .iter()
         .filter(|(_, i)| {
@@ -158,6 +162,7 @@ pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError>
     if let Err(error) = plan.count_realised(pool).await {
         tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
     }
+    clock.end("query realisations");
     Ok(plan)
 }
 

@@ -10,6 +10,7 @@ use clap::Args;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::StoreNode;
+use nixspace_translator::phase::PhaseClock;
 use nixspace_translator::resolve::Resolver;
 use nixspace_translator::steps::{self, Plan, StepEvent};
 use syndicate::actor::{Activation, ActorError};
@@ -80,6 +81,8 @@ struct Session {
     logs: HashMap<String, VecDeque<String>>,
     progress: Progress,
     finished: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Times the phases of this build (debug log).
+    clock: PhaseClock,
 }
 
 impl Session {
@@ -128,10 +131,14 @@ fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorErro
 
 /// Run `nixspace build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let mut clock = PhaseClock::start("build");
     let route = args.join.route(Role::Submit)?;
+    clock.end("read the route");
     let roots = resolve_target(&args.target, &args.attrs).await?;
+    clock.end("instantiate");
     let pool = DaemonPool::new(PoolConfig::new(2));
     let plan = nixspace_translator::steps::plan(&roots, &pool).await?;
+    clock.end("plan");
     let infos = &plan.infos;
     let needed = plan.steps();
     if needed.is_empty() {
@@ -159,6 +166,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         logs: HashMap::new(),
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
+        clock,
     }));
     // Steps with inputs whose outputs are known only once built (content-addressed) are
     // resolved as those land, and demanded then.
@@ -178,6 +186,8 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .map(|(d, i)| (d.clone(), *i))
         .collect();
     let demands = steps::demands(&demanded, &requester, args.priority);
+    with(&session, |s| s.clock.end("prepare the demands"))
+        .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     // This machine's store in the dataspace: workers with stores of their own
     // fetch the derivations and sources from it, and the results come back.
     let store = StoreNode::new(requester, pool);
@@ -196,6 +206,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
                 ds.assert(t, d);
             }
         }
+        with(&session, |s| s.clock.end("join and assert the demands"))?;
         Ok(())
     });
     let backoff = Backoff {
@@ -215,7 +226,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     tokio::pin!(session_loop);
 
     tokio::select! {
-        _ = rx => {}
+        _ = rx => {
+            let _ = with(&session, |s| s.clock.end("build the steps"));
+        }
         e = &mut session_loop => {
             let _ = with(&session, |s| s.progress.finish());
             anyhow::bail!("the build cannot continue: {e}");
@@ -235,17 +248,21 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
             r = store.ensure(&wanted) => r.context("cannot copy the outputs to this machine's store")?,
             e = &mut session_loop => anyhow::bail!("lost the dataspace while copying the outputs: {e}"),
         }
+        let _ = with(&session, |s| s.clock.end("copy the outputs here"));
         // Content-addressed originals: Nix finds their outputs through these.
         resolver
             .register_realisations()
             .await
             .map_err(|e| anyhow::anyhow!("cannot register the realisations: {e}"))?;
+        let _ = with(&session, |s| s.clock.end("register the realisations"));
     }
-    let s = session
+    let mut s = session
         .lock()
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     s.progress.finish();
-    report(&roots, &plan, &s)
+    let code = report(&roots, &plan, &s);
+    s.clock.end("report");
+    code
 }
 
 /// The outputs of the roots that were built (none if any step failed).
@@ -328,6 +345,9 @@ fn on_event(
         }),
         StepEvent::Assigned { drv, worker } => with(session, |s| {
             if matches!(s.steps.get(&drv), Some(Status::Pending)) {
+                if s.done() == 0 && s.running.is_empty() {
+                    s.clock.end("first step assigned");
+                }
                 s.progress
                     .event(&format!("building {} on {worker}", short_name(&drv)));
                 s.running.insert(drv.clone(), worker.clone());
