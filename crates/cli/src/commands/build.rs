@@ -1,18 +1,20 @@
 //! `nixspace build`: demand a derivation's closure and follow it to the end.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Args;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::StoreNode;
 use nixspace_translator::phase::PhaseClock;
 use nixspace_translator::resolve::Resolver;
 use nixspace_translator::steps::{self, Plan, StepEvent};
+use nixspace_translator::store_db::StoreDb;
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
 
@@ -137,7 +139,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let roots = resolve_target(&args.target, &args.attrs).await?;
     clock.end("instantiate");
     let pool = DaemonPool::new(PoolConfig::new(2));
-    let plan = nixspace_translator::steps::plan(&roots, &pool).await?;
+    // Validity is read from the local store's database when it can be (no process).
+    let db = StoreDb::open_local(pool.store_dir().clone());
+    let plan = nixspace_translator::steps::plan(&roots, &pool, db.as_ref()).await?;
     clock.end("plan");
     let infos = &plan.infos;
     let needed = plan.steps();
@@ -190,7 +194,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     // This machine's store in the dataspace: workers with stores of their own
     // fetch the derivations and sources from it, and the results come back.
-    let store = StoreNode::new(requester, pool);
+    let store = StoreNode::new(requester, pool.clone());
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let reconnect_for = std::time::Duration::try_from_secs_f64(args.reconnect_for)
@@ -244,8 +248,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let wanted = with(&session, |s| root_outputs(&roots, s))
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     if !wanted.is_empty() {
+        // Built here (workers on this store), they need no copy.
+        let missing = missing_here(&wanted, db.as_ref(), pool.store_dir());
         tokio::select! {
-            r = store.ensure(&wanted) => r.context("cannot copy the outputs to this machine's store")?,
+            r = store.ensure(&missing) => r.context("cannot copy the outputs to this machine's store")?,
             e = &mut session_loop => anyhow::bail!("lost the dataspace while copying the outputs: {e}"),
         }
         let _ = with(&session, |s| s.clock.end("copy the outputs here"));
@@ -282,6 +288,23 @@ fn root_outputs(roots: &[String], s: &Session) -> Vec<String> {
         })
         .flatten()
         .collect()
+}
+
+/// The paths of `wanted` that the local store's database does not list as valid; all of them
+/// without a database (the copy then checks through the daemon).
+fn missing_here(wanted: &[String], db: Option<&StoreDb>, store: &StoreDir) -> Vec<String> {
+    let Some(db) = db else {
+        return wanted.to_vec();
+    };
+    let parsed: Result<BTreeSet<StorePath>, _> = wanted.iter().map(|p| store.parse(p)).collect();
+    match parsed.map(|paths| db.valid_paths(&paths)) {
+        Ok(Ok(valid)) => wanted
+            .iter()
+            .filter(|p| store.parse(p).map_or(true, |p| !valid.contains(&p)))
+            .cloned()
+            .collect(),
+        _ => wanted.to_vec(),
+    }
 }
 
 /// Register the observers that keep the session up to date; returns their event handler.
