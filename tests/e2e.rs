@@ -243,3 +243,61 @@ fn a_build_survives_a_restart_of_the_dataspace() {
     );
     space.wait_for_log("w1", "rejoined the dataspace", Duration::from_secs(30));
 }
+
+#[test]
+fn a_build_on_workers_sharing_its_store_runs_no_nix_program_but_the_evaluator() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    // Every Nix program the frontend starts goes through a shim that records its name.
+    let shims = space.scratch_dir("shims");
+    let started = shims.join("started");
+    for program in ["nix-instantiate", "nix-store", "nix-daemon", "nix"] {
+        let real = std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(program))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| panic!("{program} is not on PATH"));
+        let shim = shims.join(program);
+        let script = format!(
+            "#!/bin/sh\necho {program} >> {}\nexec {} \"$@\"\n",
+            started.display(),
+            real.display()
+        );
+        std::fs::write(&shim, script).expect("write shim");
+        std::fs::set_permissions(&shim, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("make shim executable");
+    }
+    let tag = nonce();
+    let file = space.nix_file(
+        "pair.nix",
+        &format!(
+            r#"let
+  mk = name: deps: derivation {{
+    inherit name deps; tag = "{tag}"; system = builtins.currentSystem;
+    builder = "/bin/sh"; args = [ "-c" "echo ${{name}} > $out" ];
+  }};
+in mk "pair-top" [ (mk "pair-base" [ ]) ]
+"#
+        ),
+    );
+    let path = std::env::join_paths(std::iter::once(shims.clone()).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    let mut c = space.command(&["build", "--dir"]);
+    c.arg(space.dir()).arg(&file).env("PATH", path);
+    let result = run(c, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    let output = result.stdout.trim();
+    assert!(output.ends_with("-pair-top"), "{result:?}");
+    assert_eq!(
+        std::fs::read_to_string(output).expect("output in the store"),
+        "pair-top\n"
+    );
+    // Evaluation needs Nix; validity comes from the store's database, and outputs the
+    // workers built in this store are not copied (no daemon started for them).
+    let programs = std::fs::read_to_string(&started).expect("the shims ran");
+    assert_eq!(programs, "nix-instantiate\n", "{result:?}");
+}

@@ -129,6 +129,13 @@ impl Space {
         self.tmp.path().join("run")
     }
 
+    /// A new, empty directory `name` in the test's temporary directory.
+    pub fn scratch_dir(&self, name: &str) -> PathBuf {
+        let dir = self.tmp.path().join(name);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        dir
+    }
+
     /// The process id of `nixspace up`.
     pub fn up_pid(&self) -> u32 {
         self.children[0].id()

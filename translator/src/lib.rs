@@ -7,12 +7,14 @@
 //! - [`trust`]: who may connect and who is trusted (`allowed-users`, `trusted-users`).
 //! - [`relay`]: the shapes of proxied operations' uploads and replies.
 //! - [`realisation`]: the output realisations that build results carry.
+//! - [`phase`]: debug-level timing of a frontend's phases.
 //! - [`steps`]: closure → steps → demands, and the outcome observers, shared with
 //!   `nixspace build`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![warn(missing_docs)]
 
 pub mod dataspace;
+pub mod phase;
 pub mod realisation;
 pub mod relay;
 pub mod resolve;

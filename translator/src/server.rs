@@ -834,7 +834,8 @@ impl Conn<'_> {
         roots: &[String],
     ) -> Result<Result<Report, DaemonError>, ConnError> {
         let start = now_secs();
-        let plan = match steps::plan(roots, &self.config.transfers).await {
+        let db = self.config.store_db.as_deref();
+        let plan = match steps::plan(roots, &self.config.transfers, db).await {
             Ok(p) => p,
             Err(e) => {
                 return Ok(Err(DaemonError::new(format!(

@@ -17,7 +17,9 @@ use syndicate::actor::{Activation, ActorResult, Cap};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
+use crate::phase::PhaseClock;
 use crate::realisation::{base_name, OutputIds};
+use crate::store_db::{valid_paths, StoreDb};
 
 /// The derivation closure of some roots and which of its derivations must be built.
 #[derive(Debug, Clone, Default)]
@@ -48,7 +50,11 @@ impl Plan {
     /// Take the needed derivations whose outputs are realised in the store of `pool`
     /// (`QueryRealisation`, valid paths only) out of [`Plan::needed`]: they were built before,
     /// here or elsewhere, and need no worker.
-    async fn count_realised(&mut self, pool: &DaemonPool) -> Result<(), String> {
+    async fn count_realised(
+        &mut self,
+        pool: &DaemonPool,
+        db: Option<&StoreDb>,
+    ) -> Result<(), String> {
         let floating: Vec<String> = self
             .needed
             .iter()
@@ -99,15 +105,12 @@ impl Plan {
                 candidates.insert(drv, found);
             }
         }
+        lease.release();
         let paths: BTreeSet<StorePath> = candidates
             .values()
             .flat_map(|o| o.values().cloned())
             .collect();
-        let valid = match lease.client().query_valid_paths(&paths, false).await {
-            Ok(v) => v,
-            Err(e) => return Err(lease.failed(e).to_string()),
-        };
-        lease.release();
+        let valid = valid_paths(&paths, db, pool).await?;
         let store = pool.store_dir();
         for (drv, outputs) in candidates {
             if outputs.values().all(|p| valid.contains(p)) {
@@ -132,21 +135,34 @@ impl Plan {
 }
 
 /// Read the closure of `roots` (`.drv` paths) from the local store and find the steps:
-/// derivations with an output that is not valid, except those whose outputs `pool`'s store
-/// has realised already.
-pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError> {
+/// derivations with an output that is not valid in `pool`'s store (read from its database
+/// `db` when given), except those whose outputs that store has realised already.
+pub async fn plan(
+    roots: &[String],
+    pool: &DaemonPool,
+    db: Option<&StoreDb>,
+) -> Result<Plan, NixError> {
+    let mut clock = PhaseClock::start("plan");
     let infos = nixspace_nix_tools::read_closure(roots).await?;
-    let known: Vec<String> = infos
+    clock.end("read the closure");
+    let store = pool.store_dir();
+    // An output path that does not parse cannot be valid: its step is needed (and fails).
+    let known: BTreeSet<StorePath> = infos
         .values()
-        .flat_map(|i| i.outputs.values().flatten().cloned())
+        .flat_map(|i| i.outputs.values().flatten())
+        .filter_map(|p| store.parse(p).ok())
         .collect();
-    let invalid = nixspace_nix_tools::invalid_paths(&known).await?;
+    let valid = valid_paths(&known, db, pool)
+        .await
+        .map_err(NixError::Store)?;
+    clock.end("query valid outputs");
+    let is_valid = |p: &String| store.parse(p).is_ok_and(|p| valid.contains(&p));
     let needed = infos
         .iter()
         .filter(|(_, i)| {
             i.outputs
                 .values()
-                .any(|p| p.as_ref().is_none_or(|p| invalid.contains(p)))
+                .any(|p| p.as_ref().is_none_or(|p| !is_valid(p)))
         })
         .map(|(d, _)| d.clone())
         .collect();
@@ -155,9 +171,10 @@ pub async fn plan(roots: &[String], pool: &DaemonPool) -> Result<Plan, NixError>
         needed,
         realised: BTreeMap::new(),
     };
-    if let Err(error) = plan.count_realised(pool).await {
+    if let Err(error) = plan.count_realised(pool, db).await {
         tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
     }
+    clock.end("query realisations");
     Ok(plan)
 }
 

@@ -4,7 +4,8 @@
 //! two more process wake-ups per call, which more than doubles their round trip. When the
 //! upstream is the local store, the translator reads its SQLite database (read-only, each
 //! query its own read transaction, so it sees every committed change) and answers these two
-//! itself. Any database error falls back to relaying.
+//! itself. Any database error falls back to relaying. Frontends planning a build read which
+//! outputs are valid from it the same way ([`valid_paths`]).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::sync::Mutex;
 use nixspace_nix_formats::hash::Hash;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::PathInfo;
+use nixspace_nix_tools::DaemonPool;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 /// The local store's database, opened read-only.
@@ -52,12 +54,42 @@ impl StoreDb {
             .ok()?;
         conn.prepare("SELECT referrer, reference FROM Refs LIMIT 0")
             .ok()?;
-        tracing::info!(db = %path.display(), "answering IsValidPath and QueryPathInfo from the store database");
+        tracing::debug!(db = %path.display(), "opened the store database");
         Some(StoreDb {
             conn: Mutex::new(conn),
             store_dir,
             path,
         })
+    }
+
+    /// The database of the local store (`NIX_STATE_DIR`, `/nix/var/nix` by default), the one
+    /// `NIX_REMOTE=local` Nix commands and daemons use, if it can be opened.
+    pub fn open_local(store_dir: StoreDir) -> Option<StoreDb> {
+        let state_dir = std::env::var_os("NIX_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
+        StoreDb::open(&state_dir, store_dir)
+    }
+
+    /// The subset of `paths` that is valid, read in one transaction (one snapshot of the
+    /// database).
+    pub fn valid_paths(
+        &self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, StoreDbError> {
+        let conn = self.lock()?;
+        let snapshot = conn.unchecked_transaction()?;
+        let mut valid = BTreeSet::new();
+        {
+            let mut q = snapshot.prepare_cached("SELECT 1 FROM ValidPaths WHERE path = ?1")?;
+            for path in paths {
+                if q.exists(params![self.store_dir.print(path)])? {
+                    valid.insert(path.clone());
+                }
+            }
+        }
+        snapshot.finish()?;
+        Ok(valid)
     }
 
     /// Whether `path` is valid.
@@ -142,6 +174,32 @@ impl StoreDb {
     }
 }
 
+/// Which of `paths` are valid in the store of `pool`: read from its database `db` when there
+/// is one (no process, no round trip), else asked with one `QueryValidPaths` through `pool`.
+pub async fn valid_paths(
+    paths: &BTreeSet<StorePath>,
+    db: Option<&StoreDb>,
+    pool: &DaemonPool,
+) -> Result<BTreeSet<StorePath>, String> {
+    if paths.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    if let Some(db) = db {
+        match db.valid_paths(paths) {
+            Ok(valid) => return Ok(valid),
+            Err(error) => tracing::debug!(%error, "asking the Nix daemon instead"),
+        }
+    }
+    let mut lease = pool.lease().await.map_err(|e| e.to_string())?;
+    match lease.client().query_valid_paths(paths, false).await {
+        Ok(valid) => {
+            lease.release();
+            Ok(valid)
+        }
+        Err(e) => Err(lease.failed(e).to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +253,11 @@ mod tests {
             .unwrap();
         assert!(db.is_valid(&a).unwrap());
         assert!(!db.is_valid(&missing).unwrap());
+        let asked = [a.clone(), b.clone(), missing.clone()].into();
+        assert_eq!(
+            db.valid_paths(&asked).unwrap(),
+            [a.clone(), b.clone()].into()
+        );
         let info = db.path_info(&a).unwrap().unwrap();
         assert_eq!(info.references, [a.clone(), b.clone()].into());
         assert_eq!(

@@ -33,6 +33,9 @@ pub enum NixError {
         /// What was wrong.
         detail: String,
     },
+    /// The store could not answer a query.
+    #[error("cannot query the store: {0}")]
+    Store(String),
     /// The program printed something we could not understand.
     #[error("unexpected output from `{command}`: {detail}")]
     Output {

@@ -1,7 +1,7 @@
 //! The local Nix: its command-line tools, its daemon, and derivations read
 //! from the store.
 //!
-//! Commands run a real Nix program (`nix-instantiate`, `nix-store`) found on
+//! Commands run a real Nix program (`nix-instantiate`) found on
 //! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
 //! friends apply as they would to a user's own commands; failures carry the
 //! command and the tail of its stderr. Derivation closures are read directly
@@ -19,7 +19,6 @@ pub use daemon_pool::{
 };
 pub use derivation_info::{read_closure, DerivationInfo};
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use command::run;
@@ -37,22 +36,6 @@ pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, N
         .map(str::to_owned)
         .filter(|l| !l.is_empty())
         .collect())
-}
-
-/// The subset of `paths` that are not valid in the local store.
-pub async fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>, NixError> {
-    let out = nix_store_on(&["--check-validity", "--print-invalid"], paths).await?;
-    Ok(out.lines().map(str::to_owned).collect())
-}
-
-/// `nix-store <flags> <paths…>`; nothing to do (and no process) for no paths.
-async fn nix_store_on(flags: &[&str], paths: &[String]) -> Result<String, NixError> {
-    if paths.is_empty() {
-        return Ok(String::new());
-    }
-    let mut args: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
-    args.extend(paths.iter().cloned());
-    run("nix-store", &args).await
 }
 
 /// The platform of this machine in Nix's spelling, e.g. `x86_64-linux`.

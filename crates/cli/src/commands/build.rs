@@ -1,17 +1,20 @@
 //! `nixspace build`: demand a derivation's closure and follow it to the end.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::Args;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, PoolConfig};
 use nixspace_space::{Backoff, Role, SessionEvent};
 use nixspace_transfer::StoreNode;
+use nixspace_translator::phase::PhaseClock;
 use nixspace_translator::resolve::Resolver;
 use nixspace_translator::steps::{self, Plan, StepEvent};
+use nixspace_translator::store_db::StoreDb;
 use syndicate::actor::{Activation, ActorError};
 use syndicate::enclose;
 
@@ -80,6 +83,8 @@ struct Session {
     logs: HashMap<String, VecDeque<String>>,
     progress: Progress,
     finished: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Times the phases of this build (debug log).
+    clock: PhaseClock,
 }
 
 impl Session {
@@ -128,10 +133,16 @@ fn with<R>(s: &Shared, f: impl FnOnce(&mut Session) -> R) -> Result<R, ActorErro
 
 /// Run `nixspace build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let mut clock = PhaseClock::start("build");
     let route = args.join.route(Role::Submit)?;
+    clock.end("read the route");
     let roots = resolve_target(&args.target, &args.attrs).await?;
+    clock.end("instantiate");
     let pool = DaemonPool::new(PoolConfig::new(2));
-    let plan = nixspace_translator::steps::plan(&roots, &pool).await?;
+    // Validity is read from the local store's database when it can be (no process).
+    let db = StoreDb::open_local(pool.store_dir().clone());
+    let plan = nixspace_translator::steps::plan(&roots, &pool, db.as_ref()).await?;
+    clock.end("plan");
     let infos = &plan.infos;
     let needed = plan.steps();
     if needed.is_empty() {
@@ -159,6 +170,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         logs: HashMap::new(),
         progress: Progress::new(needed.len(), args.print_build_logs),
         finished: Some(tx),
+        clock,
     }));
     // Steps with inputs whose outputs are known only once built (content-addressed) are
     // resolved as those land, and demanded then.
@@ -178,9 +190,11 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         .map(|(d, i)| (d.clone(), *i))
         .collect();
     let demands = steps::demands(&demanded, &requester, args.priority);
+    with(&session, |s| s.clock.end("prepare the demands"))
+        .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     // This machine's store in the dataspace: workers with stores of their own
     // fetch the derivations and sources from it, and the results come back.
-    let store = StoreNode::new(requester, pool);
+    let store = StoreNode::new(requester, pool.clone());
     let patience = std::time::Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let reconnect_for = std::time::Duration::try_from_secs_f64(args.reconnect_for)
@@ -196,6 +210,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
                 ds.assert(t, d);
             }
         }
+        with(&session, |s| s.clock.end("join and assert the demands"))?;
         Ok(())
     });
     let backoff = Backoff {
@@ -215,7 +230,9 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     tokio::pin!(session_loop);
 
     tokio::select! {
-        _ = rx => {}
+        _ = rx => {
+            let _ = with(&session, |s| s.clock.end("build the steps"));
+        }
         e = &mut session_loop => {
             let _ = with(&session, |s| s.progress.finish());
             anyhow::bail!("the build cannot continue: {e}");
@@ -231,21 +248,27 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let wanted = with(&session, |s| root_outputs(&roots, s))
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     if !wanted.is_empty() {
+        // Built here (workers on this store), they need no copy.
+        let missing = missing_here(&wanted, db.as_ref(), pool.store_dir());
         tokio::select! {
-            r = store.ensure(&wanted) => r.context("cannot copy the outputs to this machine's store")?,
+            r = store.ensure(&missing) => r.context("cannot copy the outputs to this machine's store")?,
             e = &mut session_loop => anyhow::bail!("lost the dataspace while copying the outputs: {e}"),
         }
+        let _ = with(&session, |s| s.clock.end("copy the outputs here"));
         // Content-addressed originals: Nix finds their outputs through these.
         resolver
             .register_realisations()
             .await
             .map_err(|e| anyhow::anyhow!("cannot register the realisations: {e}"))?;
+        let _ = with(&session, |s| s.clock.end("register the realisations"));
     }
-    let s = session
+    let mut s = session
         .lock()
         .map_err(|_| anyhow::anyhow!("build session state poisoned"))?;
     s.progress.finish();
-    report(&roots, &plan, &s)
+    let code = report(&roots, &plan, &s);
+    s.clock.end("report");
+    code
 }
 
 /// The outputs of the roots that were built (none if any step failed).
@@ -265,6 +288,23 @@ fn root_outputs(roots: &[String], s: &Session) -> Vec<String> {
         })
         .flatten()
         .collect()
+}
+
+/// The paths of `wanted` that the local store's database does not list as valid; all of them
+/// without a database (the copy then checks through the daemon).
+fn missing_here(wanted: &[String], db: Option<&StoreDb>, store: &StoreDir) -> Vec<String> {
+    let Some(db) = db else {
+        return wanted.to_vec();
+    };
+    let parsed: Result<BTreeSet<StorePath>, _> = wanted.iter().map(|p| store.parse(p)).collect();
+    match parsed.map(|paths| db.valid_paths(&paths)) {
+        Ok(Ok(valid)) => wanted
+            .iter()
+            .filter(|p| store.parse(p).map_or(true, |p| !valid.contains(&p)))
+            .cloned()
+            .collect(),
+        _ => wanted.to_vec(),
+    }
 }
 
 /// Register the observers that keep the session up to date; returns their event handler.
@@ -328,6 +368,9 @@ fn on_event(
         }),
         StepEvent::Assigned { drv, worker } => with(session, |s| {
             if matches!(s.steps.get(&drv), Some(Status::Pending)) {
+                if s.done() == 0 && s.running.is_empty() {
+                    s.clock.end("first step assigned");
+                }
                 s.progress
                     .event(&format!("building {} on {worker}", short_name(&drv)));
                 s.running.insert(drv.clone(), worker.clone());

@@ -119,11 +119,13 @@ impl Translator {
         // The local store's database answers the cheapest queries without a relay hop.
         let store_db = match options.upstream {
             UpstreamSpec::Private { .. } => {
-                let state_dir = std::env::var_os("NIX_STATE_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
-                nixspace_translator::store_db::StoreDb::open(&state_dir, store_dir.clone())
-                    .map(Arc::new)
+                let db = nixspace_translator::store_db::StoreDb::open_local(store_dir.clone());
+                if db.is_some() {
+                    tracing::info!(
+                        "answering IsValidPath and QueryPathInfo from the store database"
+                    );
+                }
+                db.map(Arc::new)
             }
             UpstreamSpec::Socket(_) => None,
         };
