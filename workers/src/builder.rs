@@ -366,9 +366,10 @@ pub fn start(
     };
     // Steps built (or building) while the dataspace was away: claim them again, so the
     // planner grants them back to us once they are demanded again.
-    for drv in builder.builds.pending() {
+    let pending = builder.builds.pending();
+    for drv in &pending {
         tracing::info!(%drv, "claiming a step built while the dataspace was away");
-        builder.claim(t, drv);
+        builder.claim(t, drv.clone());
     }
     builder.update_offer(t);
     let own_ref = Arc::clone(&builder.me);
@@ -384,27 +385,40 @@ pub fn start(
         Ok(())
     }));
 
-    enclose!((builder) during!(t, ds, <steal $drv: String $from: String $to: String>,
+    // Only what concerns this worker: the dataspace then sends it nothing about the steps of
+    // the others (with many workers, most of the traffic).
+    let literal = AnyValue::new(me.clone());
+    enclose!((builder) during!(t, ds, <steal $drv: String $from: String #(literal)>,
     |t: &mut Activation| {
-        if to == me {
-            t.message(&builder, Event::Steal(drv.clone(), from.clone()));
-            on_retraction(t, enclose!((builder, drv) move |t| {
-                t.message(&builder, Event::StealWithdrawn(drv));
-                Ok(())
-            }));
-        }
-        Ok(())
-    }));
-
-    enclose!((builder) during!(t, ds, <assigned $drv: String $worker: String>,
-    |t: &mut Activation| {
-        t.message(&builder, Event::Assigned(drv.clone(), worker.clone()));
-        on_retraction(t, enclose!((builder, drv, worker) move |t| {
-            t.message(&builder, Event::Unassigned(drv, worker));
+        t.message(&builder, Event::Steal(drv.clone(), from.clone()));
+        on_retraction(t, enclose!((builder, drv) move |t| {
+            t.message(&builder, Event::StealWithdrawn(drv));
             Ok(())
         }));
         Ok(())
     }));
+
+    enclose!((builder, me) during!(t, ds, <assigned $drv: String #(literal)>,
+    |t: &mut Activation| {
+        t.message(&builder, Event::Assigned(drv.clone(), me.clone()));
+        on_retraction(t, enclose!((builder, drv, me) move |t| {
+            t.message(&builder, Event::Unassigned(drv, me));
+            Ok(())
+        }));
+        Ok(())
+    }));
+
+    // A step claimed again after a reconnection may go to another worker (once it is no
+    // longer kept for us): then let go of the claim.
+    for drv in pending {
+        let step = AnyValue::new(drv.clone());
+        enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String>, |t: &mut Activation| {
+            if worker != me {
+                t.message(&builder, Event::Assigned(drv.clone(), worker.clone()));
+            }
+            Ok(())
+        }));
+    }
     Ok(builder)
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use nixspace_protocol::{build, on_retraction};
 use nixspace_space::{Role, Route};
-use syndicate::actor::{Activation, ActorResult, Cap, Entity, Handle, Ref};
+use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::during;
 
@@ -110,7 +110,7 @@ async fn runs(
     // Every slot busy all the time.
     let ideal = (args.build_ms > 0)
         .then(|| (args.workers * args.jobs) as f64 * 1000.0 / args.build_ms as f64);
-    println!("a slot idle from reporting a step built to being given the next one:");
+    println!("a full worker's slot idle from reporting a step built to being given the next one:");
     println!(
         "{:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "run", "min", "median", "p99", "max", "total", "steps/s", "of ideal"
@@ -158,7 +158,7 @@ type AssignTimes = Arc<Mutex<HashMap<String, Instant>>>;
 /// The simulated workers' slots in one run.
 #[derive(Debug, Default)]
 struct Slots {
-    /// When each worker's slots were freed (step reported built), oldest first.
+    /// When each worker, full, reported a step built (freeing a slot), oldest first.
     freed: HashMap<String, VecDeque<Instant>>,
     /// How long each freed slot stayed idle until the next step was assigned to it.
     idle: Vec<Duration>,
@@ -300,8 +300,8 @@ async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<D
 /// What a simulated worker's observers saw, and its own timers.
 #[derive(Debug)]
 enum SimEvent {
-    Assigned(String, String),
-    Unassigned(String, String),
+    Assigned(String),
+    Unassigned(String),
     /// The simulated build of a step is over.
     Done(String),
 }
@@ -341,12 +341,14 @@ impl SimWorker {
         self.offer = ds.assert(t, &offer);
         self.ds = Some(Arc::clone(&ds));
         let own = Arc::clone(&self.me);
+        // Only our own assignments: the dataspace sends nothing about the other workers'.
+        let literal = AnyValue::new(self.id.clone());
         let me: Arc<Ref<SimEvent>> = t.create_ref(self);
         let _ = own.set(Arc::downgrade(&me));
-        enclose!((me) during!(t, ds, <assigned $drv: String $worker: String>, |t: &mut Activation| {
-            t.message(&me, SimEvent::Assigned(drv.clone(), worker.clone()));
-            on_retraction(t, enclose!((me, drv, worker) move |t| {
-                t.message(&me, SimEvent::Unassigned(drv, worker));
+        enclose!((me) during!(t, ds, <assigned $drv: String #(literal)>, |t: &mut Activation| {
+            t.message(&me, SimEvent::Assigned(drv.clone()));
+            on_retraction(t, enclose!((me, drv) move |t| {
+                t.message(&me, SimEvent::Unassigned(drv));
                 Ok(())
             }));
             Ok(())
@@ -387,7 +389,8 @@ impl SimWorker {
         }
     }
 
-    /// Report a held step built; its slot is free from now.
+    /// Report a held step built; its slot is free from now (when the worker was full, the
+    /// time until the next step is given to it is sampled).
     fn report(&mut self, t: &mut Activation, drv: String) {
         let (Some(ds), Some((_, outcome))) = (self.ds.clone(), self.held.get_mut(&drv)) else {
             return;
@@ -398,6 +401,11 @@ impl SimWorker {
             outputs: vec![],
         };
         *outcome = ds.assert(t, &built);
+        // The planner counts a slot busy until it has this report: a worker it saw full
+        // waits for it to give the next step.
+        if self.held.len() < self.slots {
+            return;
+        }
         if let Ok(mut times) = self.times.lock() {
             times
                 .freed
@@ -411,12 +419,12 @@ impl SimWorker {
 impl Entity<SimEvent> for SimWorker {
     fn message(&mut self, t: &mut Activation, event: SimEvent) -> ActorResult {
         match event {
-            SimEvent::Assigned(drv, worker) if worker == self.id => {
+            SimEvent::Assigned(drv) => {
                 if !self.held.contains_key(&drv) {
                     self.take(t, drv);
                 }
             }
-            SimEvent::Unassigned(drv, worker) if worker == self.id => {
+            SimEvent::Unassigned(drv) => {
                 if let Some((claim, built)) = self.held.remove(&drv) {
                     t.retract(claim);
                     if let Some(built) = built {
@@ -425,7 +433,6 @@ impl Entity<SimEvent> for SimWorker {
                 }
             }
             SimEvent::Done(drv) => self.report(t, drv),
-            SimEvent::Assigned(..) | SimEvent::Unassigned(..) => {}
         }
         Ok(())
     }
