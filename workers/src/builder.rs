@@ -555,10 +555,15 @@ async fn run_build(
             ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
         }
     };
-    store
-        .ensure(&[drv.to_owned()])
-        .await
-        .map_err(fetch_failed)?;
+    // A derivation already on disk here is in the store (Nix and our fetches write store
+    // paths through the daemon): only fetch one that is not, without a round trip for the
+    // common case of a worker sharing the frontend's store.
+    if !tokio::fs::try_exists(drv).await.unwrap_or(false) {
+        store
+            .ensure(&[drv.to_owned()])
+            .await
+            .map_err(fetch_failed)?;
+    }
     if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
         send_line(format!("substituted the outputs of {drv}"));
         return Ok(BuiltStep {
