@@ -20,7 +20,7 @@ use nixspace_test_support::fuzz;
 use preserves::{NoEmbeddedDomainCodec, PackedWriter};
 use proptest::prelude::*;
 use support::dataspace::{resolve_text, RawPeer, Session, ANSWER};
-use support::Space;
+use support::{peak_rss, Space};
 use syndicate::actor::AnyValue;
 
 /// How often (in inputs) a normal client checks that the host still serves.
@@ -178,6 +178,36 @@ fn up_survives_random_and_mutated_packets() {
     fuzz_socket(&up_socket(&space), input, (1500, 100_000), &|| {
         up_serves(&space, &rt)
     });
+}
+
+/// Every connection's relay and actor are freed when it ends: thousands of connections, good
+/// and bad, leave `up` no bigger than it was (it once kept ~8 KiB of each).
+#[test]
+fn connections_that_come_and_go_leave_no_memory_behind() {
+    let space = Space::start();
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    let seeds = syndicate_seeds(&route);
+    let socket = up_socket(&space);
+    let connect = |count: usize| {
+        for i in 0..count {
+            let garbage: Vec<u8> = (0..(i % 200) as u8).map(|b| b.wrapping_mul(37)).collect();
+            let bytes = if i % 3 == 0 {
+                &garbage
+            } else {
+                &seeds[i % seeds.len()]
+            };
+            send_one(&socket, bytes).expect("the host closes each connection");
+        }
+    };
+    connect(500);
+    let before = peak_rss(space.up_pid());
+    connect(4000);
+    let grown = peak_rss(space.up_pid()).saturating_sub(before);
+    assert!(
+        grown < 4 << 20,
+        "up grew by {} KiB over 4000 connections",
+        grown >> 10
+    );
 }
 
 #[test]

@@ -16,10 +16,10 @@ use std::sync::Arc;
 
 use syndicate::actor::{Account, Activation, AnyValue, Cap, LinkedTaskTermination};
 use syndicate::dataspace::Dataspace;
-use syndicate::relay;
 use syndicate::schemas::gatekeeper;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
+use crate::connection::{self, Reader, Writer};
 use crate::doorman::{Doorman, KeyRing};
 use crate::keys::{KeyError, Keys};
 use crate::limits::Limits;
@@ -243,35 +243,27 @@ trait Accept: Send + 'static {
     /// Wait for the next connection; describe the peer for logs.
     fn next(
         &self,
-    ) -> impl std::future::Future<Output = std::io::Result<(relay::Input, relay::Output, String)>> + Send;
+    ) -> impl std::future::Future<Output = std::io::Result<(Reader, Writer, String)>> + Send;
 }
 
 impl Accept for UnixListener {
-    async fn next(&self) -> std::io::Result<(relay::Input, relay::Output, String)> {
+    async fn next(&self) -> std::io::Result<(Reader, Writer, String)> {
         let (stream, _) = self.accept().await?;
         let peer = match stream.peer_cred() {
             Ok(c) => format!("pid {} uid {}", c.pid().unwrap_or(-1), c.uid()),
             Err(_) => "unknown peer".to_owned(),
         };
         let (i, o) = stream.into_split();
-        Ok((
-            relay::Input::Bytes(Box::pin(i)),
-            relay::Output::Bytes(Box::pin(o)),
-            peer,
-        ))
+        Ok((Box::pin(i), Box::pin(o), peer))
     }
 }
 
 impl Accept for TcpListener {
-    async fn next(&self) -> std::io::Result<(relay::Input, relay::Output, String)> {
+    async fn next(&self) -> std::io::Result<(Reader, Writer, String)> {
         let (stream, addr) = self.accept().await?;
         stream.set_nodelay(true)?;
         let (i, o) = stream.into_split();
-        Ok((
-            relay::Input::Bytes(Box::pin(i)),
-            relay::Output::Bytes(Box::pin(o)),
-            addr.to_string(),
-        ))
+        Ok((Box::pin(i), Box::pin(o), addr.to_string()))
     }
 }
 
@@ -310,11 +302,7 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
                         peer,
                     );
                     let doorman = Cap::new(&t.create_ref(doorman));
-                    let facet = t.facet_ref();
-                    t.linked_task(None, async move {
-                        syndicate_server::protocol::run_connection(None, facet, i, o, doorman);
-                        Ok(LinkedTaskTermination::KeepFacet)
-                    });
+                    connection::serve(t, i, o, doorman);
                     Ok(())
                 });
                 Ok(())

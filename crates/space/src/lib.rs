@@ -9,6 +9,7 @@
 //!
 //! This crate knows nothing about Nix: it moves capabilities, not builds.
 
+pub mod connection;
 pub mod doorman;
 pub mod external;
 pub mod host;
