@@ -555,10 +555,10 @@ async fn run_build(
             ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
         }
     };
-    // A derivation already on disk here is in the store (Nix and our fetches write store
-    // paths through the daemon): only fetch one that is not, without a round trip for the
-    // common case of a worker sharing the frontend's store.
-    if !tokio::fs::try_exists(drv).await.unwrap_or(false) {
+    // Substituters need the derivation first. Otherwise a derivation (or input derivation)
+    // this store lacks comes back from the build as a missing input and is fetched then: no
+    // validity round trip for the common case of a worker sharing the frontend's store.
+    if store.has_substituters() {
         store
             .ensure(&[drv.to_owned()])
             .await
@@ -571,12 +571,16 @@ async fn run_build(
             realisations: Vec::new(),
         });
     }
-    let built = match pool.build(drv, &mut send_line).await {
-        Err(StepError::InputsMissing(missing)) => {
-            store.ensure(&missing).await.map_err(fetch_failed)?;
-            pool.build(drv, &mut send_line).await
+    // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
+    let mut fetches = 0;
+    let built = loop {
+        match pool.build(drv, &mut send_line).await {
+            Err(StepError::InputsMissing(missing)) if fetches < 2 => {
+                fetches += 1;
+                store.ensure(&missing).await.map_err(fetch_failed)?;
+            }
+            built => break built,
         }
-        built => built,
     };
     let mut built = built.map_err(|e| match e {
         StepError::InputsMissing(missing) => BuildFailure::transient(format!(

@@ -163,7 +163,7 @@ impl DaemonPool {
         mut on_line: impl FnMut(String) + Send,
     ) -> Result<BuiltStep, StepError> {
         let store = &self.inner.config.store_dir;
-        let step = Step::load(store, drv).await?;
+        let step = Step::load(store.clone(), drv.to_owned()).await?;
         let mut lease = self.lease().await?;
         let valid = match lease.client().query_valid_paths(&step.closure, false).await {
             Ok(valid) => valid,
@@ -470,15 +470,22 @@ struct Step {
 }
 
 impl Step {
-    /// Read and parse `drv` and its input derivations.
-    async fn load(store: &StoreDir, drv: &str) -> Result<Step, StepError> {
+    /// Read and parse `drv` and its input derivations (small files, in one trip to the
+    /// blocking pool). A derivation missing here is reported as a missing input.
+    async fn load(store: StoreDir, drv: String) -> Result<Step, StepError> {
+        tokio::task::spawn_blocking(move || Step::read(&store, &drv))
+            .await
+            .map_err(|e| StepError::Transient(format!("reading the derivation failed: {e}")))?
+    }
+
+    fn read(store: &StoreDir, drv: &str) -> Result<Step, StepError> {
         let drv_path = store
             .parse(drv)
             .map_err(|e| StepError::Failed(format!("{drv}: {e}")))?;
-        let derivation = read_derivation(store, &drv_path).await?;
+        let derivation = read_derivation(store, &drv_path)?;
         let mut closure = derivation.input_srcs.clone();
         for (input, names) in &derivation.input_drvs {
-            let input_drv = read_derivation(store, input).await?;
+            let input_drv = read_derivation(store, input)?;
             for name in names {
                 let path = input_drv.outputs.get(name).and_then(DrvOutput::path);
                 let Some(path) = path else {
@@ -551,11 +558,12 @@ impl Step {
     }
 }
 
-async fn read_derivation(store: &StoreDir, path: &StorePath) -> Result<Derivation, StepError> {
+fn read_derivation(store: &StoreDir, path: &StorePath) -> Result<Derivation, StepError> {
     let file = store.print(path);
-    let bytes = tokio::fs::read(&file)
-        .await
-        .map_err(|e| StepError::Transient(format!("cannot read derivation {file}: {e}")))?;
+    let bytes = std::fs::read(&file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => StepError::InputsMissing(vec![file.clone()]),
+        _ => StepError::Transient(format!("cannot read derivation {file}: {e}")),
+    })?;
     Derivation::parse_at(store, path, &bytes)
         .map_err(|e| StepError::Failed(format!("cannot parse derivation {file}: {e}")))
 }
