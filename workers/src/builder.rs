@@ -1,4 +1,4 @@
-//! The builder: a worker that pulls ready steps and builds them with the local Nix.
+//! The builder: a worker that builds the steps the planner gives it with the local Nix.
 //!
 //! Protocol, as seen from one worker W:
 //! 1. W asserts `<worker W …>` (what it can build, how many at once) and
@@ -75,17 +75,6 @@ pub struct BuilderConfig {
 }
 
 impl BuilderConfig {
-    /// Whether a step with this description may run here.
-    pub fn can_build(&self, step: &build::StepInfo) -> bool {
-        nixspace_planner::matching::mismatch(
-            &self.systems,
-            &self.features,
-            &step.system,
-            &step.features,
-        )
-        .is_none()
-    }
-
     /// The daemon connections this worker builds over: one per slot.
     fn pool(&self) -> DaemonPool {
         self.pool_of(self.max_jobs as usize)
@@ -118,10 +107,13 @@ impl BuilderConfig {
 /// What the builder's observers saw.
 #[derive(Debug)]
 pub enum Event {
-    /// The planner granted a step to a worker.
-    Assigned(String, String),
-    /// The planner withdrew an assignment.
-    Unassigned(String, String),
+    /// The planner gave this worker a step (pushed, or a claim granted).
+    Assigned(String),
+    /// The planner withdrew this worker's assignment of a step.
+    Unassigned(String),
+    /// The planner gave a step this worker claimed again after a reconnection to another
+    /// worker.
+    AssignedElsewhere(String),
     /// The planner invites this worker to duplicate a step another worker is building.
     Steal(String, String),
     /// The invitation to steal a step was withdrawn.
@@ -192,7 +184,7 @@ impl Entity<Event> for Builder {
         match event {
             // Given to us (pushed, or a claim granted). Even a draining worker builds a step
             // the planner gave it before it saw the drain.
-            Event::Assigned(drv, worker) if worker == self.config.id => {
+            Event::Assigned(drv) => {
                 if !self.building.contains_key(&drv) {
                     if !self.claims.contains_key(&drv) {
                         self.claim(t, drv.clone());
@@ -206,19 +198,17 @@ impl Entity<Event> for Builder {
                 }
             }
             // Another worker got the step; unless we build it too (a steal), let go.
-            Event::Assigned(drv, _) => {
+            Event::AssignedElsewhere(drv) => {
                 if !self.building.contains_key(&drv) {
                     self.release(t, &drv);
                 }
             }
             // The planner's own retraction, if it went away, arrives with the assignment's:
             // decide once it has been handled, in a later turn.
-            Event::Unassigned(drv, worker) if worker == self.config.id => {
-                match self.me.get().and_then(Weak::upgrade) {
-                    Some(me) => t.message(&me, Event::AssignmentGone(drv)),
-                    None => self.stop_build(t, &drv),
-                }
-            }
+            Event::Unassigned(drv) => match self.me.get().and_then(Weak::upgrade) {
+                Some(me) => t.message(&me, Event::AssignmentGone(drv)),
+                None => self.stop_build(t, &drv),
+            },
             Event::AssignmentGone(drv) if self.planners.is_empty() => {
                 self.finished.remove(&drv);
                 if let Some(facet) = self.building.remove(&drv) {
@@ -233,7 +223,6 @@ impl Entity<Event> for Builder {
             Event::PlannerLeft(id) => {
                 self.planners.remove(&id);
             }
-            Event::Unassigned(..) => {}
             Event::Finished(drv) => {
                 if self.building.contains_key(&drv) {
                     self.finished.insert(drv);
@@ -398,11 +387,11 @@ pub fn start(
         Ok(())
     }));
 
-    enclose!((builder, me) during!(t, ds, <assigned $drv: String #(literal)>,
+    enclose!((builder) during!(t, ds, <assigned $drv: String #(literal)>,
     |t: &mut Activation| {
-        t.message(&builder, Event::Assigned(drv.clone(), me.clone()));
-        on_retraction(t, enclose!((builder, drv, me) move |t| {
-            t.message(&builder, Event::Unassigned(drv, me));
+        t.message(&builder, Event::Assigned(drv.clone()));
+        on_retraction(t, enclose!((builder, drv) move |t| {
+            t.message(&builder, Event::Unassigned(drv));
             Ok(())
         }));
         Ok(())
@@ -414,7 +403,7 @@ pub fn start(
         let step = AnyValue::new(drv.clone());
         enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String>, |t: &mut Activation| {
             if worker != me {
-                t.message(&builder, Event::Assigned(drv.clone(), worker.clone()));
+                t.message(&builder, Event::AssignedElsewhere(drv.clone()));
             }
             Ok(())
         }));

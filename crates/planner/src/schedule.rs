@@ -333,8 +333,8 @@ impl Schedule {
         self.recheck_schedulability()
     }
 
-    /// A worker disconnected. Steps it was building (given to it, whether or not it claimed them yet) failed
-    /// transiently.
+    /// A worker disconnected. Steps it was building (given to it, whether or not it claimed
+    /// them yet) failed transiently.
     pub fn worker_left(&mut self, id: &str) -> Vec<Effect> {
         self.workers.remove(id);
         self.free_slots.remove(id);
@@ -359,9 +359,7 @@ impl Schedule {
                     .insert(worker.to_owned());
                 return effects;
             }
-            Some(StepState::Ready) => {
-                self.reserved.remove(drv);
-            }
+            Some(StepState::Ready) => {}
             None | Some(StepState::Waiting) | Some(StepState::Retrying) => {
                 self.early_claims
                     .entry(drv.to_owned())
@@ -627,20 +625,10 @@ impl Schedule {
             if !waiting.is_empty() {
                 self.early_claims.insert(drv.to_owned(), waiting);
             }
-        } else {
-            self.reserved.remove(drv);
         }
         let Some(step) = self.steps.get_mut(drv) else {
             return;
         };
-        if let Some(worker) = early {
-            step.state = StepState::Assigned(worker.clone());
-            step.attempts += 1;
-            step.assigned_at = Some(Instant::now());
-            effects.push(Effect::Assign(drv.to_owned(), worker.clone()));
-            self.occupy(&worker, drv);
-            return;
-        }
         step.state = StepState::Ready;
         effects.push(Effect::Ready(
             drv.to_owned(),
@@ -648,6 +636,11 @@ impl Schedule {
             step.urgency,
         ));
         self.queue(drv);
+        if let Some(worker) = early {
+            // Granted at once: the readiness is never announced (see `grant`).
+            self.grant(drv, &worker, effects);
+            return;
+        }
         if let Some(reason) = self.unschedulable_because(drv) {
             self.unschedulable.insert(drv.to_owned());
             effects.push(Effect::Unschedulable(drv.to_owned(), reason));

@@ -92,7 +92,6 @@ async fn runs(
             assigned: assigned.clone(),
             ds: None,
             held: HashMap::new(),
-            offer: None,
             me: Arc::new(OnceLock::new()),
         };
         actors.push(
@@ -316,7 +315,6 @@ struct SimWorker {
     ds: Option<Arc<Cap>>,
     /// Each step held: its claim and, once reported, its outcome.
     held: HashMap<String, (Handle, Option<Handle>)>,
-    offer: Option<Handle>,
     /// This entity's own reference, for its build timers.
     me: Arc<OnceLock<Weak<Ref<SimEvent>>>>,
 }
@@ -334,11 +332,14 @@ impl SimWorker {
                 speed: 1.0.into(),
             },
         );
-        let offer = build::Offer {
-            worker: self.id.clone(),
-            free_slots: (self.slots as i64).into(),
-        };
-        self.offer = ds.assert(t, &offer);
+        // Always all slots: the planner's own count keeps it to them.
+        ds.assert(
+            t,
+            &build::Offer {
+                worker: self.id.clone(),
+                free_slots: (self.slots as i64).into(),
+            },
+        );
         self.ds = Some(Arc::clone(&ds));
         let own = Arc::clone(&self.me);
         // Only our own assignments: the dataspace sends nothing about the other workers'.

@@ -69,7 +69,6 @@ impl Schedule {
             }
         }
         for (drv, worker) in grants {
-            self.reserved.remove(&drv);
             self.grant(&drv, &worker, effects);
         }
     }
@@ -117,9 +116,11 @@ impl Schedule {
             .count()
     }
 
-    /// Assign the ready step `drv` to `worker`. A readiness announced in the same batch of
-    /// effects is dropped rather than asserted and withdrawn at once.
+    /// Assign the ready step `drv` to `worker`, ending any reservation of it. A readiness
+    /// announced in the same batch of effects is dropped rather than asserted and withdrawn
+    /// at once.
     pub(super) fn grant(&mut self, drv: &str, worker: &str, effects: &mut Vec<Effect>) {
+        self.reserved.remove(drv);
         let announced = effects
             .iter()
             .rposition(|e| matches!(e, Effect::Ready(d, _, _) if d == drv));
