@@ -10,6 +10,9 @@ pub mod schemas {
     include!(concat!(env!("OUT_DIR"), "/src/schemas/mod.rs"));
 }
 
+pub mod ids;
+
+pub use ids::{DrvPath, WorkerId};
 pub use schemas::{build, store};
 
 use syndicate::actor::{Activation, ActorResult};
