@@ -539,7 +539,7 @@ fn remaining_store_operations_are_proxied() {
     x.put(24);
     assert_eq!(
         x.result(),
-        Err("operation QueryFailedPaths (24) is not supported by nixspace translator".to_owned())
+        Err("operation QueryFailedPaths (24) is not supported by nixspace".to_owned())
     );
 }
 

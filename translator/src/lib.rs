@@ -1,29 +1,43 @@
 //! The nixspace translator: serves the Nix worker protocol on a unix socket so that unmodified
 //! Nix clients (`NIX_REMOTE=unix:///path nix-build …`) build on a nixspace dataspace.
 //!
-//! - [`server`]: the socket server; per connection a handshake, then an op loop.
-//!   Store operations are proxied to an upstream `nix-daemon` ([`upstream`]), build operations
-//!   become demands in the dataspace ([`dataspace`]).
-//! - [`trust`]: who may connect and who is trusted (`allowed-users`, `trusted-users`).
-//! - [`relay`]: the shapes of proxied operations' uploads and replies.
-//! - [`realisation`]: the output realisations that build results carry.
-//! - [`phase`]: debug-level timing of a frontend's phases.
-//! - [`steps`]: closure → steps → demands, and the outcome observers, shared with
-//!   `nixspace build`.
+//! A request goes down these layers and never back up:
+//! - [`server`]: the socket, admission ([`trust`]), the handshake and the op loop;
+//! - [`backend`]: the [`DaemonBackend`] trait, one method per operation;
+//! - [`builds`]: the translator's backend: build operations run a frontend build session
+//!   (`nixspace-frontend`), whose report [`build_result`] puts in Nix's terms; queries the
+//!   store's database can answer are answered from it;
+//! - [`passthrough`]: every other operation relayed to the upstream store ([`upstream`]),
+//!   shaped by [`relay`], granting untrusted clients what `nix-daemon` would;
+//! - [`client`]: the client's streams and the connection's error type.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![warn(missing_docs)]
 
-pub mod dataspace;
-pub mod phase;
-pub mod realisation;
+pub mod backend;
+pub mod build_result;
+pub mod builds;
+pub mod client;
+pub mod passthrough;
 pub mod relay;
-pub mod resolve;
 pub mod server;
-pub mod steps;
-pub mod store_db;
+pub mod service;
 pub mod trust;
 pub mod upstream;
 
+pub use backend::DaemonBackend;
 pub use server::{serve, Config};
+pub use service::{TranslatorOptions, TranslatorService};
 pub use trust::TrustConfig;
 pub use upstream::UpstreamSpec;
+
+/// An error with its sources, `: `-separated, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

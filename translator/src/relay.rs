@@ -9,7 +9,7 @@ use nixspace_nix_protocol::{
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::server::ConnError;
+use crate::client::ConnError;
 
 /// Data the client sends after a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

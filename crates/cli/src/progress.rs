@@ -1,28 +1,34 @@
-//! Build progress for people: a progress bar on a terminal, plain lines otherwise.
+//! A build's progress for people: a progress bar on a terminal, plain lines otherwise (with
+//! the ANSI colours of Nix's messages removed, as Nix does when its output is not a terminal).
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use nixspace_frontend::Progress;
+use nixspace_nix_tools::strip_ansi;
+use nixspace_protocol::{DrvPath, WorkerId};
 
-/// The short, readable name of a store path: `/nix/store/<hash>-hello.drv` → `hello.drv`.
-pub fn short_name(path: &str) -> &str {
-    let base = path.rsplit('/').next().unwrap_or(path);
-    match base.split_once('-') {
-        Some((hash, name)) if hash.len() == 32 => name,
-        _ => base,
+pub use nixspace_protocol::ids::short_name;
+
+/// Print `line` on stderr, without colours unless stderr is a terminal.
+pub fn print_line(line: &str) {
+    if std::io::stderr().is_terminal() {
+        eprintln!("{line}");
+    } else {
+        eprintln!("{}", strip_ansi(line));
     }
 }
 
-/// Progress of one `nixspace build`.
-pub struct Progress {
+/// Shows one `nixspace build`'s progress on stderr.
+pub struct Terminal {
     bar: Option<ProgressBar>,
     print_logs: bool,
 }
 
-impl Progress {
+impl Terminal {
     /// Start showing progress over `total` steps.
-    pub fn new(total: usize, print_logs: bool) -> Progress {
+    pub fn new(total: usize, print_logs: bool) -> Terminal {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar =
                 ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
@@ -34,34 +40,52 @@ impl Progress {
             bar.enable_steady_tick(std::time::Duration::from_millis(120));
             bar
         });
-        Progress { bar, print_logs }
+        Terminal { bar, print_logs }
     }
 
-    /// Report an event on its own line.
-    pub fn event(&self, line: &str) {
+    /// A line of its own, above the bar.
+    pub fn line(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => print_line(line),
         }
     }
 
-    /// A build log line; shown only with `--print-build-logs`.
-    pub fn log_line(&self, drv: &str, line: &str) {
-        if self.print_logs {
-            self.event(&format!(
+    /// Show one piece of progress; `done` steps of the total have ended, `running` are
+    /// being built.
+    pub fn show(&self, progress: &Progress, done: usize, running: &BTreeMap<DrvPath, WorkerId>) {
+        match progress {
+            Progress::Started { drv, worker } => {
+                self.line(&format!("building {} on {worker}", drv.short_name()))
+            }
+            Progress::Built { drv, .. } => self.line(&format!("built {}", drv.short_name())),
+            Progress::Failed { drv, failure } => {
+                self.line(&format!("failed {}: {}", drv.short_name(), failure.reason))
+            }
+            Progress::Waiting { drv, reason } => self.line(&format!(
+                "waiting for a worker for {}: {reason}",
+                drv.short_name()
+            )),
+            Progress::Log { drv, line, .. } if self.print_logs => self.line(&format!(
                 "{}> {line}",
-                short_name(drv).trim_end_matches(".drv")
-            ));
+                drv.short_name().trim_end_matches(".drv")
+            )),
+            Progress::Lost { why } => self.line(&format!(
+                "nixspace: lost the dataspace ({why}); reconnecting"
+            )),
+            Progress::Retrying { after, why } => {
+                self.line(&format!("nixspace: {why}; retrying in {after:?}"))
+            }
+            Progress::Rejoined => {
+                self.line("nixspace: rejoined the dataspace; demands asserted again")
+            }
+            Progress::Log { .. } | Progress::Stopped { .. } | Progress::Schedulable { .. } => {}
         }
-    }
-
-    /// Update the counters and the list of running steps.
-    pub fn update(&self, done: usize, running: &BTreeMap<String, String>) {
         if let Some(bar) = &self.bar {
             bar.set_position(done as u64);
             let msg: Vec<String> = running
                 .iter()
-                .map(|(drv, w)| format!("{} on {w}", short_name(drv)))
+                .map(|(drv, w)| format!("{} on {w}", drv.short_name()))
                 .collect();
             bar.set_message(if msg.is_empty() {
                 "waiting for a worker".to_owned()
@@ -76,19 +100,5 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::short_name;
-
-    #[test]
-    fn short_names() {
-        assert_eq!(
-            short_name("/nix/store/zg8vrsrkg804f0zla7260m7xa0zl6nx2-a.drv"),
-            "a.drv"
-        );
-        assert_eq!(short_name("weird"), "weird");
     }
 }

@@ -88,14 +88,19 @@ name_type!(
 );
 
 impl DrvPath {
-    /// The part after the hash (`hello-2.12.drv`), for short display; the whole base name if
-    /// it has no 32-character hash part.
+    /// The part after the hash (`hello-2.12.drv`), for short display: see [`short_name`].
     pub fn short_name(&self) -> &str {
-        let base = self.0.rsplit('/').next().unwrap_or(&self.0);
-        match base.split_once('-') {
-            Some((hash, name)) if hash.len() == 32 => name,
-            _ => base,
-        }
+        short_name(&self.0)
+    }
+}
+
+/// The short, readable name of a store path: `/nix/store/<hash>-hello.drv` → `hello.drv`; the
+/// whole base name if it has no 32-character hash part.
+pub fn short_name(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    match base.split_once('-') {
+        Some((hash, name)) if hash.len() == 32 => name,
+        _ => base,
     }
 }
 

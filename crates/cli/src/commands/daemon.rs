@@ -8,9 +8,9 @@ use std::sync::Arc;
 use clap::Args;
 use nixspace_space::{HostConfig, Role};
 
-use super::translate::{Translator, TranslatorOptions};
 use super::up::SpaceOptions;
 use super::worker::{local_builder, JoinedWorker};
+use nixspace_translator::TranslatorOptions;
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
 ///
@@ -76,11 +76,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     .await?;
     let mut worker = JoinedWorker::join(space.route(Role::Worker)?, builder);
     let mut translator =
-        Translator::start(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
+        super::translate::start(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
     tracing::info!(worker = %worker.id, "nixspace daemon ready");
     let result = tokio::select! {
         r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
-        e = translator.failed() => Err(e),
+        e = translator.failed() => Err(e.into()),
         e = &mut worker.session => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
     };
     // Stop serving (the socket goes) before the dataspace's directory goes.

@@ -247,10 +247,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut translator = match args.translator {
         Some(path) => Some(
-            super::translate::Translator::start(super::translate::TranslatorOptions::new(
-                path, submit,
-            ))
-            .await?,
+            super::translate::start(nixspace_translator::TranslatorOptions::new(path, submit))
+                .await?,
         ),
         None => None,
     };
@@ -262,7 +260,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     eprintln!("nixspace: {what}; start workers with `nixspace worker`, build with `nixspace build FILE.nix`; Ctrl-C stops");
     let translator_failed = async {
         match translator.as_mut() {
-            Some(t) => t.failed().await,
+            Some(t) => anyhow::Error::from(t.failed().await),
             None => std::future::pending().await,
         }
     };

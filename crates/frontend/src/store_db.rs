@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use nixspace_nix_formats::hash::Hash;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::PathInfo;
-use nixspace_nix_tools::DaemonPool;
+use nixspace_nix_tools::{DaemonPool, StepError};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 /// The local store's database, opened read-only.
@@ -180,7 +180,7 @@ pub async fn valid_paths(
     paths: &BTreeSet<StorePath>,
     db: Option<&StoreDb>,
     pool: &DaemonPool,
-) -> Result<BTreeSet<StorePath>, String> {
+) -> Result<BTreeSet<StorePath>, StepError> {
     if paths.is_empty() {
         return Ok(BTreeSet::new());
     }
@@ -190,13 +190,13 @@ pub async fn valid_paths(
             Err(error) => tracing::debug!(%error, "asking the Nix daemon instead"),
         }
     }
-    let mut lease = pool.lease().await.map_err(|e| e.to_string())?;
+    let mut lease = pool.lease().await?;
     match lease.client().query_valid_paths(paths, false).await {
         Ok(valid) => {
             lease.release();
             Ok(valid)
         }
-        Err(e) => Err(lease.failed(e).to_string()),
+        Err(e) => Err(lease.failed(e)),
     }
 }
 

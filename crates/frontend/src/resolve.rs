@@ -15,18 +15,112 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use nixspace_nix_formats::derivation::Derivation;
-use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_formats::derivation::{Derivation, DerivationError};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
-use nixspace_nix_tools::{DaemonPool, DerivationInfo};
-use nixspace_protocol::build;
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, StepError};
+use nixspace_protocol::{build, DrvPath};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
-use crate::realisation::built_outputs;
-use crate::steps::{Handler, Plan, StepEvent};
+use crate::events::{failure_of, Handler, StepEvent};
+use crate::outcome::{Failure, FailureCause};
+use crate::plan::Plan;
+use crate::realisation::{built_outputs, RealisationError};
+
+/// Why the resolver could not start: a held step's derivation could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    /// A derivation path does not name a store path.
+    #[error("{path}: {source}")]
+    Path {
+        /// The path.
+        path: String,
+        /// Why it is not one.
+        source: StorePathError,
+    },
+    /// The `.drv` file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The `.drv` file could not be parsed.
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: DerivationError,
+    },
+}
+
+/// Why a held step could not be resolved (its failure's reason).
+#[derive(Debug, thiserror::Error)]
+pub enum CannotResolve {
+    /// An input failed for good.
+    #[error("cannot resolve: input {0} failed")]
+    InputFailed(DrvPath),
+    /// The step was not held (resolved or failed already).
+    #[error("cannot resolve: the step is not held")]
+    NotHeld,
+    /// Some input's output is not known.
+    #[error("cannot resolve: an input's output was not realised")]
+    Unrealised,
+    /// Nix's resolution rules refused the derivation.
+    #[error("cannot resolve: {0}")]
+    Derivation(#[from] DerivationError),
+    /// The local store failed.
+    #[error("cannot resolve: {0}")]
+    Store(#[from] StepError),
+    /// The resolver's state lock was poisoned by a panic.
+    #[error("cannot resolve: the resolver's state is poisoned")]
+    Poisoned,
+    /// The store wrote the resolved derivation under another path.
+    #[error(
+        "cannot resolve: the store wrote the resolved derivation as {written}, expected {expected}"
+    )]
+    WrittenElsewhere {
+        /// Where it went.
+        written: String,
+        /// Where it should have gone.
+        expected: String,
+    },
+}
+
+/// Why the realisations could not be registered in the local store.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// A realisation could not be computed.
+    #[error(transparent)]
+    Realisation(#[from] RealisationError),
+    /// A derivation path does not name a store path.
+    #[error("{path}: {source}")]
+    Path {
+        /// The path.
+        path: String,
+        /// Why it is not one.
+        source: StorePathError,
+    },
+    /// The blocking task computing them failed.
+    #[error("computing realisations failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StepError),
+    /// The local store refused one.
+    #[error("cannot register {id}: {source}")]
+    Register {
+        /// The realisation's id.
+        id: String,
+        /// The store's answer.
+        source: StepError,
+    },
+}
 
 /// A held step.
 struct Held {
@@ -72,7 +166,7 @@ struct State {
 
 /// Resolves this frontend's held steps as their inputs are realised. Cheap to clone.
 #[derive(Clone)]
-pub struct Resolver {
+pub(crate) struct Resolver {
     inner: Arc<Inner>,
 }
 
@@ -100,21 +194,16 @@ impl std::fmt::Debug for Resolver {
     }
 }
 
-/// Why a held step could not be resolved.
-fn cannot_resolve(why: impl std::fmt::Display) -> String {
-    format!("cannot resolve: {why}")
-}
-
 impl Resolver {
     /// A resolver for the needed steps of `plan`; the steps it holds back are in
     /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s.
-    pub async fn new(
+    pub(crate) async fn new(
         plan: &Plan,
         store_dir: StoreDir,
         pool: DaemonPool,
         requester: &str,
         priority: i64,
-    ) -> Result<Resolver, String> {
+    ) -> Result<Resolver, ResolverError> {
         let mut state = State::default();
         for (drv, info) in &plan.infos {
             state
@@ -149,12 +238,22 @@ impl Resolver {
             if !unknown_input {
                 continue;
             }
-            let path = store_dir.parse(drv).map_err(|e| format!("{drv}: {e}"))?;
+            let path = store_dir.parse(drv).map_err(|source| ResolverError::Path {
+                path: drv.clone(),
+                source,
+            })?;
             let text = tokio::fs::read(drv)
                 .await
-                .map_err(|e| format!("cannot read {drv}: {e}"))?;
-            let parsed = Derivation::parse_at(&store_dir, &path, &text)
-                .map_err(|e| format!("cannot parse {drv}: {e}"))?;
+                .map_err(|source| ResolverError::Read {
+                    path: drv.clone(),
+                    source,
+                })?;
+            let parsed = Derivation::parse_at(&store_dir, &path, &text).map_err(|source| {
+                ResolverError::Parse {
+                    path: drv.clone(),
+                    source,
+                }
+            })?;
             state.held.insert(
                 drv.clone(),
                 Held {
@@ -176,7 +275,7 @@ impl Resolver {
     }
 
     /// The steps held back until their inputs are realised (not to be demanded directly).
-    pub fn held(&self) -> BTreeSet<String> {
+    pub(crate) fn held(&self) -> BTreeSet<String> {
         self.inner
             .state
             .lock()
@@ -185,7 +284,7 @@ impl Resolver {
     }
 
     /// The output paths of `drv` by output name, as far as they are realised.
-    pub fn realised(&self, drv: &str) -> BTreeMap<String, String> {
+    pub(crate) fn realised(&self, drv: &str) -> BTreeMap<String, String> {
         let state = self.inner.state.lock();
         state
             .ok()
@@ -201,7 +300,7 @@ impl Resolver {
     /// their outputs as if it had built them. The resolved derivations' realisations are
     /// recorded too, with the signatures their builders gave them in the dataspace. Returns
     /// how many were registered locally.
-    pub async fn register_realisations(&self) -> Result<usize, String> {
+    pub(crate) async fn register_realisations(&self) -> Result<usize, RegisterError> {
         let (originals, resolved): (Vec<String>, Vec<String>) = self
             .inner
             .state
@@ -232,14 +331,14 @@ impl Resolver {
             }
         }
         realisations.append(&mut built);
-        let mut lease = self.inner.pool.lease().await.map_err(|e| e.to_string())?;
+        let mut lease = self.inner.pool.lease().await?;
         let paths: BTreeSet<StorePath> = realisations
             .iter()
             .filter_map(|r| StorePath::from_base_name(&r.out_path).ok())
             .collect();
         let valid = match lease.client().query_valid_paths(&paths, false).await {
             Ok(v) => v,
-            Err(e) => return Err(lease.failed(e).to_string()),
+            Err(e) => return Err(lease.failed(e).into()),
         };
         let mut registered = 0;
         for r in realisations {
@@ -250,7 +349,10 @@ impl Resolver {
                 continue;
             }
             if let Err(e) = lease.client().register_drv_output(&r).await {
-                return Err(format!("cannot register {}: {}", r.id, lease.failed(e)));
+                return Err(RegisterError::Register {
+                    id: r.id.clone(),
+                    source: lease.failed(e),
+                });
             }
             registered += 1;
         }
@@ -259,17 +361,18 @@ impl Resolver {
     }
 
     /// The realisations of the outputs of `drvs` (`.drv` paths) as this frontend saw them built.
-    async fn realisations_of(&self, drvs: &[String]) -> Result<Vec<Realisation>, String> {
+    async fn realisations_of(&self, drvs: &[String]) -> Result<Vec<Realisation>, RegisterError> {
         let store = self.inner.store_dir.clone();
         let mut realisations = Vec::new();
         for drv in drvs {
-            let path = store.parse(drv).map_err(cannot_resolve)?;
+            let path = store.parse(drv).map_err(|source| RegisterError::Path {
+                path: drv.clone(),
+                source,
+            })?;
             let realised = self.realised(drv);
             let dir = store.clone();
             let found = tokio::task::spawn_blocking(move || built_outputs(&dir, &path, &realised))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("realisations of {drv}: {e}"))?;
+                .await??;
             realisations.extend(found.into_values());
         }
         Ok(realisations)
@@ -277,7 +380,7 @@ impl Resolver {
 
     /// Resolve on `ds` from the current facet, reporting originals' outcomes to `handler`;
     /// demands of steps already resolved are asserted again (after rejoining a dataspace).
-    pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>, handler: Handler) {
+    pub(crate) fn attach(&self, t: &mut Activation, ds: Arc<Cap>, handler: Handler) {
         if let Ok(mut link) = self.inner.link.lock() {
             *link = Some(Link {
                 ds: Arc::clone(&ds),
@@ -301,10 +404,10 @@ impl Resolver {
         enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
             Inner::built(&inner, t, &drv, &outputs)
         }));
-        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String $kind>, |t: &mut Activation| {
+        enclose!((inner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>, |t: &mut Activation| {
             // Transient failures are retried; only final ones stop a resolution.
             match build::FailureKind::parse(&kind) {
-                Ok(build::FailureKind::Permanent) => inner.failed(t, &drv, &reason),
+                Ok(build::FailureKind::Permanent) => inner.failed(t, &drv, &failure_of(&worker, &reason)),
                 _ => Ok(()),
             }
         }));
@@ -408,7 +511,7 @@ impl Inner {
                 (link.handler)(
                     t,
                     StepEvent::Built {
-                        drv: original,
+                        drv: DrvPath::from(original),
                         outputs: outputs.to_vec(),
                     },
                 )?;
@@ -427,15 +530,15 @@ impl Inner {
 
     /// `drv` failed: the originals it stands for fail with it, and held steps that need it
     /// cannot be resolved.
-    fn failed(&self, t: &mut Activation, drv: &str, reason: &str) -> ActorResult {
+    fn failed(&self, t: &mut Activation, drv: &str, failure: &Failure) -> ActorResult {
         let Some(link) = self.link() else {
             return Ok(());
         };
-        let mut failures: Vec<(String, String)> = Vec::new();
+        let mut failures: Vec<(String, Failure)> = Vec::new();
         {
             let mut state = self.state.lock().map_err(|_| "resolver state poisoned")?;
             for original in state.originals.get(drv).cloned().unwrap_or_default() {
-                failures.push((original, reason.to_owned()));
+                failures.push((original, failure.clone()));
             }
             // Held steps waiting on a failed step, and on those, and so on.
             let mut gone = vec![drv.to_owned()];
@@ -449,18 +552,23 @@ impl Inner {
                     .collect();
                 for d in waiting {
                     state.held.remove(&d);
-                    failures.push((d.clone(), cannot_resolve(format!("input {failed} failed"))));
+                    let input = DrvPath::from(failed.as_str());
+                    let failure = Failure {
+                        worker: None,
+                        reason: CannotResolve::InputFailed(input.clone()).to_string(),
+                        cause: FailureCause::Dependency(input),
+                    };
+                    failures.push((d.clone(), failure));
                     gone.push(d);
                 }
             }
         }
-        for (drv, reason) in failures {
+        for (drv, failure) in failures {
             (link.handler)(
                 t,
                 StepEvent::Failed {
-                    drv,
-                    worker: String::new(),
-                    reason,
+                    drv: DrvPath::from(drv),
+                    failure,
                 },
             )?;
         }
@@ -511,12 +619,16 @@ impl Inner {
                             state.held.remove(&original);
                             state.resolving.remove(&original);
                         }
+                        let failure = Failure {
+                            worker: None,
+                            reason: reason.to_string(),
+                            cause: FailureCause::Build,
+                        };
                         (link.handler)(
                             t,
                             StepEvent::Failed {
-                                drv: original,
-                                worker: String::new(),
-                                reason,
+                                drv: DrvPath::from(original),
+                                failure,
                             },
                         )
                     }
@@ -535,26 +647,22 @@ impl Inner {
     async fn write_resolved(
         &self,
         original: &str,
-    ) -> Result<(build::Resolved, build::Demand), String> {
+    ) -> Result<(build::Resolved, build::Demand), CannotResolve> {
         let (derivation, info, realised) = {
-            let state = self.state.lock().map_err(|_| "resolver state poisoned")?;
-            let held = state
-                .held
-                .get(original)
-                .ok_or_else(|| cannot_resolve("the step is not held"))?;
+            let state = self.state.lock().map_err(|_| CannotResolve::Poisoned)?;
+            let held = state.held.get(original).ok_or(CannotResolve::NotHeld)?;
             (held.drv.clone(), held.info.clone(), state.realised.clone())
         };
         let store = &self.store_dir;
         let basic = derivation
             .try_resolve(store, |input, output| {
                 realised.get(&store.print(input))?.get(output).cloned()
-            })
-            .map_err(cannot_resolve)?
-            .ok_or_else(|| cannot_resolve("an input's output was not realised"))?;
+            })?
+            .ok_or(CannotResolve::Unrealised)?;
         let resolved = Derivation::from(basic);
         let text = resolved.to_aterm(store);
-        let path = resolved.drv_path(store).map_err(cannot_resolve)?;
-        let mut lease = self.pool.lease().await.map_err(cannot_resolve)?;
+        let path = resolved.drv_path(store)?;
+        let mut lease = self.pool.lease().await?;
         let client = lease.client();
         let written = client
             .add_text_to_store(path.name(), &text, &resolved.input_srcs)
@@ -562,17 +670,16 @@ impl Inner {
         let rooted = match written {
             Ok(w) if w == path => client.add_temp_root(&path).await,
             Ok(w) => {
-                return Err(cannot_resolve(format!(
-                    "the store wrote the resolved derivation as {}, expected {}",
-                    store.print(&w),
-                    store.print(&path)
-                )))
+                return Err(CannotResolve::WrittenElsewhere {
+                    written: store.print(&w),
+                    expected: store.print(&path),
+                })
             }
             Err(e) => Err(e),
         };
         match rooted {
             Ok(()) => lease.release(),
-            Err(e) => return Err(cannot_resolve(lease.failed(e))),
+            Err(e) => return Err(lease.failed(e).into()),
         }
         let to = store.print(&path);
         Ok((

@@ -1,0 +1,133 @@
+//! What the dataspace says about steps, as events for a frontend.
+//!
+//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned`, `demands-refused` and
+//! `log` into [`StepEvent`]s for the caller's [`Handler`], converting the records' strings into
+//! typed names once, here. Every step is reported: handlers keep their own.
+
+use std::sync::Arc;
+
+use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
+use preserves_schema::Parse;
+use syndicate::actor::{Activation, ActorResult, Cap};
+use syndicate::enclose;
+use syndicate_macros::{during, on_message};
+
+use crate::outcome::{Failure, FailureCause};
+
+/// Something the dataspace said about a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StepEvent {
+    /// No connected worker can take the step.
+    Unschedulable {
+        /// The step.
+        drv: DrvPath,
+        /// The planner's reason.
+        reason: String,
+    },
+    /// The step is no longer unschedulable.
+    Schedulable {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// The step's outputs are valid.
+    Built {
+        /// The step.
+        drv: DrvPath,
+        /// Its output paths.
+        outputs: Vec<String>,
+    },
+    /// The step failed for good.
+    Failed {
+        /// The step.
+        drv: DrvPath,
+        /// Who reported what.
+        failure: Failure,
+    },
+    /// A worker was granted the step.
+    Assigned {
+        /// The step.
+        drv: DrvPath,
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The assignment was withdrawn.
+    Unassigned {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// The coordinator refused demands of the frontend named `requester` (too many).
+    Refused {
+        /// The frontend.
+        requester: String,
+        /// The coordinator's reason.
+        reason: String,
+    },
+    /// One line of a step's build log.
+    Log {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        worker: WorkerId,
+        /// The line (no newline).
+        line: String,
+    },
+}
+
+/// A receiver of [`StepEvent`]s, called inside the actor's turns.
+pub(crate) type Handler = Arc<dyn Fn(&mut Activation, StepEvent) -> ActorResult + Send + Sync>;
+
+/// The failure a `<failed …>` record reports.
+pub(crate) fn failure_of(worker: &str, reason: &str) -> Failure {
+    let cause = match reason
+        .strip_prefix("dependency ")
+        .and_then(|r| r.strip_suffix(" failed"))
+    {
+        Some(input) => FailureCause::Dependency(DrvPath::from(input)),
+        None if worker.is_empty() => FailureCause::Infrastructure,
+        None => FailureCause::Build,
+    };
+    Failure {
+        worker: (!worker.is_empty()).then(|| WorkerId::from(worker)),
+        reason: reason.to_owned(),
+        cause,
+    }
+}
+
+/// Register observers on `ds` that pass every step event to `handler`.
+pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
+    enclose!((handler) during!(t, ds, <unschedulable $drv: String $reason: String>,
+    |t: &mut Activation| {
+        let drv = DrvPath::from(drv);
+        handler(t, StepEvent::Unschedulable { drv: drv.clone(), reason: reason.clone() })?;
+        on_retraction(t, enclose!((handler) move |t| handler(t, StepEvent::Schedulable { drv })));
+        Ok(())
+    }));
+    enclose!((handler) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Built { drv: DrvPath::from(drv), outputs: outputs.clone() })
+    }));
+    // Only final failures: a worker's transient failure is retried by the planner, which
+    // asserts its own (permanent) copy when it gives up.
+    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
+    |t: &mut Activation| {
+        if !matches!(build::FailureKind::parse(&kind), Ok(build::FailureKind::Permanent)) {
+            return Ok(());
+        }
+        handler(t, StepEvent::Failed { drv: DrvPath::from(drv), failure: failure_of(&worker, &reason) })
+    }));
+    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,
+    |t: &mut Activation| {
+        let drv = DrvPath::from(drv);
+        handler(t, StepEvent::Assigned { drv: drv.clone(), worker: WorkerId::from(worker) })?;
+        on_retraction(t, enclose!((handler) move |t| handler(t, StepEvent::Unassigned { drv })));
+        Ok(())
+    }));
+    enclose!((handler) during!(t, ds, <demands-refused $requester: String $reason: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Refused { requester: requester.clone(), reason: reason.clone() })
+    }));
+    enclose!((handler) on_message!(t, ds, <log $drv: String $worker: String $line: String>,
+    |t: &mut Activation| {
+        handler(t, StepEvent::Log { drv: DrvPath::from(drv), worker: WorkerId::from(worker), line: line.clone() })
+    }));
+}

@@ -1,0 +1,610 @@
+//! One build on a dataspace, from root derivations to a [`Report`].
+//!
+//! [`BuildSession::start`] plans the build (the steps: derivations of the roots' closure whose
+//! outputs are not valid here) and joins the dataspace with the submit capability, asserting a
+//! demand per step (inputs first; content-addressed steps are held by the [`Resolver`] until
+//! their inputs are realised). [`BuildSession::next`] follows the build and yields typed
+//! [`Progress`] for the caller to render, until every step is built or failed, a step has
+//! stayed unschedulable past the configured patience, or (without keep-going) one failed.
+//! The session stays joined across dataspace restarts: on rejoining it asserts the demands of
+//! the steps still pending, and it gives up after `reconnect_for` out of reach.
+//! [`BuildSession::finish`] copies the roots' outputs into this machine's store, registers the
+//! realisations of the content-addressed ones, and returns the report. Dropping a session
+//! withdraws its demands (steps nobody else wants stop).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_tools::{DaemonPool, DerivationInfo};
+use nixspace_protocol::{DrvPath, WorkerId};
+use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
+use nixspace_space::Route;
+use nixspace_transfer::{FetchError, StoreNode};
+use syndicate::actor::{Account, Activation, Cap, FacetRef};
+use tokio::sync::mpsc;
+
+use crate::demands::demands;
+use crate::events::{self, Handler, StepEvent};
+use crate::outcome::{Failure, FailureCause, StepOutcome};
+use crate::phase::PhaseClock;
+use crate::plan::{plan, Plan, PlanError};
+use crate::report::{Report, LOG_TAIL_LINES};
+use crate::resolve::{RegisterError, Resolver, ResolverError};
+use crate::store_db::StoreDb;
+
+/// How often the session looks for steps unschedulable for too long.
+const PATIENCE_CHECK: Duration = Duration::from_millis(500);
+
+/// What a build session works with.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// The dataspace (a submit route).
+    pub route: Route,
+    /// This frontend's name in its demands (unique per session).
+    pub requester: String,
+    /// Priority of the demands (higher first).
+    pub priority: i64,
+    /// How long a step may stay unschedulable before the build gives up.
+    pub patience: Duration,
+    /// How long to keep trying to rejoin a dataspace that went away.
+    pub reconnect_for: Duration,
+    /// Whether to follow the other steps after one failed (Nix's `--keep-going`).
+    pub keep_going: bool,
+    /// The local store: derivations are read from it, the outputs copied into it.
+    pub pool: DaemonPool,
+    /// The local store's database, when it can be read (validity without a daemon).
+    pub db: Option<Arc<StoreDb>>,
+}
+
+/// What happened in a build, for the caller to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A worker started building a step (a new attempt: earlier log lines no longer count).
+    Started {
+        /// The step.
+        drv: DrvPath,
+        /// The worker.
+        worker: WorkerId,
+    },
+    /// The worker building a step stopped (it was lost; the step is retried).
+    Stopped {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// One line of a step's build log.
+    Log {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        worker: WorkerId,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// A step's outputs are valid.
+    Built {
+        /// The step.
+        drv: DrvPath,
+        /// Its output paths.
+        outputs: Vec<String>,
+    },
+    /// A step failed for good.
+    Failed {
+        /// The step.
+        drv: DrvPath,
+        /// Who reported what, and whose fault it is.
+        failure: Failure,
+    },
+    /// No connected worker can build a step (yet).
+    Waiting {
+        /// The step.
+        drv: DrvPath,
+        /// The planner's reason.
+        reason: String,
+    },
+    /// A step that was waiting for a capable worker has one now.
+    Schedulable {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// The dataspace went away; the session reconnects.
+    Lost {
+        /// Why the connection ended.
+        why: String,
+    },
+    /// Joining failed; the session tries again.
+    Retrying {
+        /// When.
+        after: Duration,
+        /// Why it failed.
+        why: String,
+    },
+    /// The session joined the dataspace again and asserted its pending demands anew.
+    Rejoined,
+}
+
+/// Why a build session could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The build could not be planned.
+    #[error("cannot read the derivations to build: {0}")]
+    Plan(#[from] PlanError),
+    /// The content-addressed steps could not be prepared.
+    #[error(transparent)]
+    Resolver(#[from] ResolverError),
+    /// The dataspace refused the session, or stayed away for longer than allowed.
+    #[error("the build cannot continue: {0}")]
+    Dataspace(JoinError),
+    /// The outputs could not be copied here.
+    #[error("cannot copy the outputs to this machine's store: {0}")]
+    Copy(#[source] FetchError),
+    /// The realisations could not be registered here.
+    #[error("cannot register the realisations: {0}")]
+    Register(#[from] RegisterError),
+}
+
+/// The dataspace connection of a session; leaving (on drop) withdraws the demands.
+struct Membership {
+    /// The root facet of the current connection, once joined.
+    facet: Arc<Mutex<Option<FacetRef>>>,
+    /// Set once the session left: a connection made after that leaves at once.
+    left: Arc<AtomicBool>,
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.left.store(true, Ordering::SeqCst);
+        let facet = self.facet.lock().ok().and_then(|mut f| f.take());
+        if let Some(facet) = facet {
+            facet.activate(&Account::new(None, None), None, |t| {
+                t.stop_root();
+                Ok(())
+            });
+        }
+    }
+}
+
+/// What arrives from the dataspace side.
+enum Incoming {
+    Step(StepEvent),
+    Connection(Progress),
+}
+
+/// The part of a session that exists while it has steps to follow.
+struct Following {
+    incoming: mpsc::UnboundedReceiver<Incoming>,
+    connection: Pin<Box<dyn Future<Output = JoinError> + Send>>,
+    store: StoreNode,
+    resolver: Resolver,
+    /// Declared last: the demands go once the rest is dropped.
+    _membership: Membership,
+}
+
+/// One build on a dataspace: see the module's documentation.
+pub struct BuildSession {
+    requester: String,
+    keep_going: bool,
+    patience: Duration,
+    pool: DaemonPool,
+    db: Option<Arc<StoreDb>>,
+    roots: Vec<DrvPath>,
+    plan: Plan,
+    /// Every step and how it ended (`None` while pending).
+    steps: BTreeMap<DrvPath, Option<StepOutcome>>,
+    /// Steps being built, and by whom.
+    running: BTreeMap<DrvPath, WorkerId>,
+    tails: BTreeMap<DrvPath, VecDeque<String>>,
+    unschedulable: BTreeMap<DrvPath, (String, Instant)>,
+    /// A step stayed unschedulable past the patience.
+    stuck: bool,
+    queued: VecDeque<Progress>,
+    following: Option<Following>,
+    clock: PhaseClock,
+    started: SystemTime,
+}
+
+impl std::fmt::Debug for BuildSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildSession")
+            .field("requester", &self.requester)
+            .field("steps", &self.steps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuildSession {
+    /// Plan the build of `roots` (`.drv` paths) and, if there is anything to build, join the
+    /// dataspace and demand it.
+    pub async fn start(
+        config: SessionConfig,
+        roots: Vec<DrvPath>,
+    ) -> Result<BuildSession, SessionError> {
+        let started = SystemTime::now();
+        let mut clock = PhaseClock::start("build");
+        let root_names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
+        let plan = plan(&root_names, &config.pool, config.db.as_deref()).await?;
+        clock.end("plan");
+        let steps = plan
+            .needed
+            .iter()
+            .map(|d| (DrvPath::from(d.as_str()), None))
+            .collect();
+        let mut session = BuildSession {
+            requester: config.requester.clone(),
+            keep_going: config.keep_going,
+            patience: config.patience,
+            pool: config.pool.clone(),
+            db: config.db.clone(),
+            roots,
+            plan,
+            steps,
+            running: BTreeMap::new(),
+            tails: BTreeMap::new(),
+            unschedulable: BTreeMap::new(),
+            stuck: false,
+            queued: VecDeque::new(),
+            following: None,
+            clock,
+            started,
+        };
+        if !session.steps.is_empty() {
+            session.following = Some(session.join(&config).await?);
+        }
+        Ok(session)
+    }
+
+    /// Join the dataspace and assert the demands (again on every connection, for the steps
+    /// still pending).
+    async fn join(&mut self, config: &SessionConfig) -> Result<Following, SessionError> {
+        let resolver = Resolver::new(
+            &self.plan,
+            self.pool.store_dir().clone(),
+            self.pool.clone(),
+            &self.requester,
+            config.priority,
+        )
+        .await?;
+        let held = resolver.held();
+        let demanded: BTreeMap<String, &DerivationInfo> = self
+            .plan
+            .steps()
+            .into_iter()
+            .filter(|(d, _)| !held.contains(d))
+            .collect();
+        let demands = demands(&demanded, &self.requester, config.priority);
+        self.clock.end("prepare the demands");
+        // This machine's store in the dataspace: workers with stores of their own fetch the
+        // derivations and sources from it, and the results come back.
+        let store = StoreNode::new(self.requester.clone(), self.pool.clone());
+        let (tx, incoming) = mpsc::unbounded_channel();
+        // Steps settled, as the actor saw them: their demands are not asserted again.
+        let settled: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let handler: Handler = {
+            let (tx, settled) = (tx.clone(), Arc::clone(&settled));
+            Arc::new(move |_t, event| {
+                if let StepEvent::Built { drv, .. } | StepEvent::Failed { drv, .. } = &event {
+                    if let Ok(mut settled) = settled.lock() {
+                        settled.insert(drv.to_string());
+                    }
+                }
+                // The receiver is gone once the session is over; late events do not matter.
+                let _ = tx.send(Incoming::Step(event));
+                Ok(())
+            })
+        };
+        let membership = Membership {
+            facet: Arc::default(),
+            left: Arc::new(AtomicBool::new(false)),
+        };
+        let body = {
+            let (facet, left) = (Arc::clone(&membership.facet), Arc::clone(&membership.left));
+            let (store, resolver) = (store.clone(), resolver.clone());
+            move |t: &mut Activation, ds: Arc<Cap>| {
+                if left.load(Ordering::SeqCst) {
+                    t.stop_root();
+                    return Ok(());
+                }
+                if let Ok(mut facet) = facet.lock() {
+                    *facet = Some(t.facet_ref());
+                }
+                store.attach(t, Arc::clone(&ds));
+                events::observe(t, &ds, Arc::clone(&handler));
+                resolver.attach(t, Arc::clone(&ds), handler);
+                let settled = settled.lock().map_err(|_| "session state poisoned")?;
+                for d in demands.iter().filter(|d| !settled.contains(&d.drv)) {
+                    ds.assert(t, d);
+                }
+                Ok(())
+            }
+        };
+        let backoff = Backoff {
+            give_up_after: Some(config.reconnect_for),
+            ..Backoff::default()
+        };
+        let on_connection = move |event: SessionEvent<'_>| {
+            let progress = match event {
+                SessionEvent::Joined { connection: 1 } => return,
+                SessionEvent::Joined { .. } => Progress::Rejoined,
+                SessionEvent::Lost(why) => Progress::Lost { why },
+                SessionEvent::Retrying { after, why } => Progress::Retrying {
+                    after,
+                    why: why.to_string(),
+                },
+            };
+            let _ = tx.send(Incoming::Connection(progress));
+        };
+        let route = config.route.clone();
+        let connection =
+            Box::pin(async move { stay_joined(&route, backoff, body, on_connection).await });
+        Ok(Following {
+            incoming,
+            connection,
+            store,
+            resolver,
+            _membership: membership,
+        })
+    }
+
+    /// The plan: the derivation closure and which of it must be built.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// How many steps the build has (0: everything is valid already).
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether the build has nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// How many steps have ended, built or failed.
+    pub fn done(&self) -> usize {
+        self.steps.values().filter(|s| s.is_some()).count()
+    }
+
+    /// The steps being built now, and by whom.
+    pub fn running(&self) -> &BTreeMap<DrvPath, WorkerId> {
+        &self.running
+    }
+
+    fn is_over(&self) -> bool {
+        self.stuck || self.steps.values().all(Option::is_some)
+    }
+
+    /// The next thing that happened; `None` once the build is over (every step built or
+    /// failed, or it cannot finish). Cancel-safe: nothing is lost when the future is dropped.
+    pub async fn next(&mut self) -> Result<Option<Progress>, SessionError> {
+        loop {
+            if let Some(progress) = self.queued.pop_front() {
+                return Ok(Some(progress));
+            }
+            self.check_patience();
+            if self.is_over() {
+                return Ok(None);
+            }
+            let Some(following) = self.following.as_mut() else {
+                return Ok(None);
+            };
+            let incoming = tokio::select! {
+                incoming = following.incoming.recv() => incoming,
+                e = &mut following.connection => return Err(SessionError::Dataspace(e)),
+                () = tokio::time::sleep(PATIENCE_CHECK) => None,
+            };
+            match incoming {
+                Some(Incoming::Step(event)) => self.apply(event),
+                Some(Incoming::Connection(progress)) => self.queued.push_back(progress),
+                // A wake-up: the loop checks the patience.
+                None => {}
+            }
+        }
+    }
+
+    /// Take in one event about a step (any step: only this build's count).
+    fn apply(&mut self, event: StepEvent) {
+        match event {
+            StepEvent::Unschedulable { drv, reason } if self.steps.contains_key(&drv) => {
+                self.unschedulable
+                    .insert(drv.clone(), (reason.clone(), Instant::now()));
+                self.queued.push_back(Progress::Waiting { drv, reason });
+            }
+            StepEvent::Schedulable { drv } if self.unschedulable.remove(&drv).is_some() => {
+                self.queued.push_back(Progress::Schedulable { drv });
+            }
+            StepEvent::Built { drv, outputs } if self.is_pending(&drv) => {
+                self.settle(
+                    &drv,
+                    StepOutcome::Built {
+                        outputs: outputs.clone(),
+                    },
+                );
+                self.queued.push_back(Progress::Built { drv, outputs });
+            }
+            StepEvent::Failed { drv, failure } if self.is_pending(&drv) => {
+                self.settle(&drv, StepOutcome::Failed(failure.clone()));
+                self.queued.push_back(Progress::Failed { drv, failure });
+                if !self.keep_going {
+                    self.abandon_the_rest();
+                }
+            }
+            StepEvent::Assigned { drv, worker } if self.is_pending(&drv) => {
+                if self.running.is_empty() && self.done() == 0 {
+                    self.clock.end("first step assigned");
+                }
+                // A new attempt: its log is the one that counts.
+                self.tails.remove(&drv);
+                self.running.insert(drv.clone(), worker.clone());
+                self.queued.push_back(Progress::Started { drv, worker });
+            }
+            StepEvent::Unassigned { drv } if self.running.remove(&drv).is_some() => {
+                self.queued.push_back(Progress::Stopped { drv });
+            }
+            StepEvent::Refused { requester, reason } if requester == self.requester => {
+                let pending: Vec<DrvPath> = self
+                    .steps
+                    .iter()
+                    .filter(|(_, s)| s.is_none())
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                for drv in pending {
+                    let failure = Failure {
+                        worker: None,
+                        reason: reason.clone(),
+                        cause: FailureCause::Infrastructure,
+                    };
+                    self.settle(&drv, StepOutcome::Failed(failure.clone()));
+                    self.queued.push_back(Progress::Failed { drv, failure });
+                }
+            }
+            StepEvent::Log { drv, worker, line } if self.steps.contains_key(&drv) => {
+                let tail = self.tails.entry(drv.clone()).or_default();
+                if tail.len() == LOG_TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                self.queued.push_back(Progress::Log { drv, worker, line });
+            }
+            _ => {}
+        }
+    }
+
+    fn is_pending(&self, drv: &DrvPath) -> bool {
+        matches!(self.steps.get(drv), Some(None))
+    }
+
+    fn settle(&mut self, drv: &DrvPath, outcome: StepOutcome) {
+        if let Some(slot) = self.steps.get_mut(drv) {
+            *slot = Some(outcome);
+        }
+        self.running.remove(drv);
+        self.unschedulable.remove(drv);
+        if self.is_over() {
+            self.clock.end("build the steps");
+        }
+    }
+
+    /// Like Nix without `--keep-going`: once a step failed, the others are not waited for.
+    fn abandon_the_rest(&mut self) {
+        for outcome in self.steps.values_mut().filter(|s| s.is_none()) {
+            *outcome = Some(StepOutcome::Failed(Failure {
+                worker: None,
+                reason: "dependency or sibling failed; not built (keep-going is off)".to_owned(),
+                cause: FailureCause::Abandoned,
+            }));
+        }
+    }
+
+    /// Give up when a step has waited for a capable worker for longer than the patience.
+    fn check_patience(&mut self) {
+        let patience = self.patience;
+        if self
+            .unschedulable
+            .values()
+            .any(|(_, since)| since.elapsed() >= patience)
+        {
+            self.stuck = true;
+        }
+    }
+
+    /// Copy the roots' outputs here (when everything was built), register the
+    /// content-addressed realisations, leave the dataspace and report.
+    pub async fn finish(mut self) -> Result<Report, SessionError> {
+        let succeeded = !self.stuck
+            && self
+                .steps
+                .values()
+                .all(|s| matches!(s, Some(StepOutcome::Built { .. })));
+        let mut realised = BTreeMap::new();
+        if let Some(following) = self.following.as_mut().filter(|_| succeeded) {
+            let wanted: Vec<String> = self
+                .roots
+                .iter()
+                .filter_map(|r| match self.steps.get(r) {
+                    Some(Some(StepOutcome::Built { outputs })) => Some(outputs.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            // Built here (workers on this store), they need no copy.
+            let missing = missing_here(&wanted, self.db.as_deref(), &self.pool);
+            if !missing.is_empty() {
+                tokio::select! {
+                    r = following.store.ensure(&missing) => r.map_err(SessionError::Copy)?,
+                    e = &mut following.connection => return Err(SessionError::Dataspace(e)),
+                }
+            }
+            self.clock.end("copy the outputs here");
+            // Content-addressed originals: Nix finds their outputs through these.
+            following.resolver.register_realisations().await?;
+            self.clock.end("register the realisations");
+            for root in &self.roots {
+                let outputs = following.resolver.realised(root.as_str());
+                if !outputs.is_empty() {
+                    realised.insert(root.clone(), outputs);
+                }
+            }
+        }
+        // Leave the dataspace: the demands go.
+        self.following = None;
+        let outputs = self
+            .roots
+            .iter()
+            .map(|root| {
+                let outputs = match self.steps.get(root) {
+                    Some(Some(StepOutcome::Built { outputs })) => outputs.clone(),
+                    _ => self.plan.known_outputs(root.as_str()),
+                };
+                (root.clone(), outputs)
+            })
+            .collect();
+        let unschedulable = match self.stuck {
+            true => self
+                .unschedulable
+                .into_iter()
+                .map(|(d, (reason, _))| (d, reason))
+                .collect(),
+            false => BTreeMap::new(),
+        };
+        Ok(Report {
+            outcomes: self
+                .steps
+                .into_iter()
+                .filter_map(|(d, s)| Some((d, s?)))
+                .collect(),
+            tails: self.tails,
+            unschedulable,
+            outputs,
+            realised,
+            started: self.started,
+            stopped: SystemTime::now(),
+        })
+    }
+}
+
+/// The paths of `wanted` that the local store's database does not list as valid; all of them
+/// without a database (the copy then checks through the daemon).
+fn missing_here(wanted: &[String], db: Option<&StoreDb>, pool: &DaemonPool) -> Vec<String> {
+    let Some(db) = db else {
+        return wanted.to_vec();
+    };
+    let store = pool.store_dir();
+    let parsed: Result<Vec<StorePath>, _> = wanted.iter().map(|p| store.parse(p)).collect();
+    let Ok(parsed) = parsed else {
+        return wanted.to_vec();
+    };
+    match db.valid_paths(&parsed.iter().cloned().collect()) {
+        Ok(valid) => wanted
+            .iter()
+            .zip(&parsed)
+            .filter(|(_, p)| !valid.contains(p))
+            .map(|(w, _)| w.clone())
+            .collect(),
+        Err(_) => wanted.to_vec(),
+    }
+}

@@ -1,0 +1,466 @@
+//! The translator's backend: build operations become a frontend [`BuildSession`] on the
+//! dataspace, the cheapest queries are answered from the store's database, and everything
+//! else goes to the upstream [`PassThrough`].
+//!
+//! A build's progress reaches the client as Nix's own frames: a build activity per step
+//! attempt (named after the worker), its log lines as results of that activity (or plain
+//! messages when the client asked for build logs), waits for a capable worker as messages.
+//! A client that leaves during a build withdraws its demands.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nixspace_frontend::{BuildSession, Progress, Report, SessionConfig};
+use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_protocol::stderr::{activity_type, result_type, Field};
+use nixspace_nix_protocol::{
+    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError, DerivedPath,
+    LogEvent, NixSerialize, Request, StderrFrame,
+};
+use nixspace_protocol::DrvPath;
+
+use crate::backend::{DaemonBackend, Served};
+use crate::build_result::{built_outputs, error_message, result_for};
+use crate::client::{Client, ConnError};
+use crate::passthrough::PassThrough;
+use crate::server::Config;
+
+/// Nix's `lvlInfo`: "building …" messages show at this verbosity and above.
+const LVL_INFO: u64 = 3;
+
+/// Serves one client connection for the translator.
+pub struct Translator<'a> {
+    config: &'a Config,
+    upstream: PassThrough,
+    /// The client's last `SetOptions`.
+    settings: ClientSettings,
+}
+
+/// An answer read from the store database.
+enum DbAnswer {
+    Valid(bool),
+    Info(Option<Box<nixspace_nix_protocol::PathInfo>>),
+}
+
+impl<'a> Translator<'a> {
+    /// Serve with `config`, passing store operations to `upstream`.
+    pub fn new(config: &'a Config, upstream: PassThrough) -> Translator<'a> {
+        Translator {
+            config,
+            upstream,
+            settings: ClientSettings::default(),
+        }
+    }
+
+    /// Build `roots` on the dataspace, relaying progress. The outer error ends the
+    /// connection (the client left or the stream broke); the inner one is an error for the
+    /// client.
+    async fn build(
+        &mut self,
+        client: &mut Client,
+        roots: Vec<DrvPath>,
+    ) -> Result<Result<Report, DaemonError>, ConnError> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let config = SessionConfig {
+            route: self.config.route.clone(),
+            requester: format!(
+                "nixspace-translator-{}-{}-{}",
+                std::process::id(),
+                client.id,
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+            priority: self.config.priority,
+            patience: self.config.patience,
+            reconnect_for: self.config.reconnect_for,
+            keep_going: self.settings.keep_going,
+            pool: self.config.transfers.clone(),
+            db: self.config.store_db.clone(),
+        };
+        let mut session = match BuildSession::start(config, roots).await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(DaemonError::new(format!("nixspace: {e}")))),
+        };
+        if !session.is_empty() {
+            tracing::info!(client = client.id, steps = session.len(), "demanded");
+        }
+        let mut activities = Activities::default();
+        // Whether the client wants builders' output (`-Q` turns it off).
+        let build_logs = self.settings.build_verbosity <= self.settings.verbosity;
+        loop {
+            let next = tokio::select! {
+                next = session.next() => next,
+                e = client.interrupted() => {
+                    if matches!(e, ConnError::ClientLeft) {
+                        tracing::info!(client = client.id, "client left during a build; demands withdrawn");
+                    }
+                    return Err(e);
+                }
+            };
+            match next {
+                Ok(Some(progress)) => show(client, &mut activities, progress, build_logs).await?,
+                Ok(None) => break,
+                Err(e) => return Ok(Err(DaemonError::new(format!("nixspace: {e}")))),
+            }
+        }
+        activities.stop_all(client).await?;
+        let report = match session.finish().await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(DaemonError::new(format!("nixspace: {e}")))),
+        };
+        tracing::info!(
+            client = client.id,
+            failed = report.failures().len(),
+            "build finished"
+        );
+        if !report.unschedulable.is_empty() {
+            return Ok(Err(DaemonError::new(
+                error_message(&report).unwrap_or_default(),
+            )));
+        }
+        Ok(Ok(report))
+    }
+
+    /// Answer `req` (`IsValidPath` or `QueryPathInfo`) from the store database if there is
+    /// one (and the answer is one the negotiated version can carry), else relay it.
+    async fn answer_from_db(&mut self, client: &mut Client, req: Request) -> Served {
+        let Some(db) = self.config.store_db.clone() else {
+            return self.upstream.other(client, req).await;
+        };
+        let answer = match &req {
+            Request::IsValidPath(p) => db.is_valid(p).map(DbAnswer::Valid),
+            Request::QueryPathInfo(p)
+                if client.writer.version()
+                    >= nixspace_nix_protocol::version::QUERY_PATH_INFO_VALID_FLAG =>
+            {
+                db.path_info(p).map(|i| DbAnswer::Info(i.map(Box::new)))
+            }
+            _ => return self.upstream.other(client, req).await,
+        };
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(client = client.id, error = %e, "relaying a query instead");
+                return self.upstream.other(client, req).await;
+            }
+        };
+        let w = &mut client.writer;
+        StderrFrame::Last.write_to(w).await?;
+        match answer {
+            DbAnswer::Valid(valid) => w.write_bool(valid, "IsValidPath reply").await?,
+            DbAnswer::Info(None) => w.write_bool(false, "QueryPathInfo reply").await?,
+            DbAnswer::Info(Some(info)) => {
+                w.write_bool(true, "QueryPathInfo reply").await?;
+                info.write_to(w).await?;
+            }
+        }
+        w.flush().await?;
+        Ok(())
+    }
+
+    /// `BuildPaths` and `BuildPathsWithResults`: derivation outputs become demands; opaque
+    /// paths must already be valid (or are made valid by the upstream).
+    async fn build_paths_on_dataspace(
+        &mut self,
+        client: &mut Client,
+        paths: Vec<DerivedPath>,
+        mode: BuildMode,
+        with_results: bool,
+    ) -> Served {
+        if mode != BuildMode::Normal {
+            return client.error(&unsupported_mode(mode)).await;
+        }
+        let store_dir = self.config.store_dir.clone();
+        let mut roots = Vec::new();
+        let mut opaque = Vec::new();
+        for p in &paths {
+            match p {
+                DerivedPath::Built { drv_path, .. } => {
+                    roots.push(DrvPath::from(store_dir.print(drv_path)))
+                }
+                DerivedPath::Opaque(path) => opaque.push(DerivedPath::Opaque(path.clone())),
+            }
+        }
+        if !opaque.is_empty() {
+            // Substitution is the upstream's business.
+            let req = Request::BuildPaths {
+                paths: opaque,
+                mode,
+            };
+            match self.upstream.call(client, &req, false).await? {
+                Ok(()) => {
+                    self.upstream
+                        .upstream
+                        .reader
+                        .read_u64("BuildPaths reply")
+                        .await?;
+                }
+                Err(e) => return client.error(&e).await,
+            }
+        }
+        let report = match self.build(client, roots).await? {
+            Ok(r) => r,
+            Err(e) => return client.error(&e).await,
+        };
+        if !with_results {
+            if let Some(msg) = error_message(&report) {
+                return client.error(&DaemonError::new(msg)).await;
+            }
+            StderrFrame::Last.write_to(&mut client.writer).await?;
+            client.writer.write_u64(1, "BuildPaths reply").await?;
+            client.writer.flush().await?;
+            return Ok(());
+        }
+        StderrFrame::Last.write_to(&mut client.writer).await?;
+        client
+            .writer
+            .write_u64(paths.len() as u64, "results")
+            .await?;
+        for p in &paths {
+            p.write_to(&mut client.writer).await?;
+            let res = match p {
+                DerivedPath::Built { drv_path, .. } => {
+                    let drv = DrvPath::from(store_dir.print(drv_path));
+                    let mut res = result_for(&report, &drv);
+                    if res.status.is_success() {
+                        let realised = report.realised.get(&drv).cloned().unwrap_or_default();
+                        res.built_outputs = built_outputs(&store_dir, drv_path, realised).await;
+                    }
+                    res
+                }
+                DerivedPath::Opaque(_) => BuildResult::new(BuildStatus::AlreadyValid),
+            };
+            res.write_to(&mut client.writer).await?;
+        }
+        client.writer.flush().await?;
+        Ok(())
+    }
+}
+
+/// Relay one piece of a build's progress to the client.
+async fn show(
+    client: &mut Client,
+    activities: &mut Activities,
+    progress: Progress,
+    build_logs: bool,
+) -> Result<(), ConnError> {
+    match progress {
+        Progress::Log { drv, line, .. } => {
+            if build_logs {
+                client.log(format!("{line}\n")).await?;
+            } else {
+                // Not verbose: a result of the build activity, which the client shows
+                // or not (`nix build -L`).
+                let id = activities.of(client, &drv).await?;
+                client
+                    .event(LogEvent::Result {
+                        id,
+                        result_type: result_type::BUILD_LOG_LINE,
+                        fields: vec![Field::String(line)],
+                    })
+                    .await?;
+            }
+        }
+        Progress::Started { drv, worker } => {
+            activities.start(client, &drv, worker.as_str()).await?;
+        }
+        Progress::Built { drv, .. } | Progress::Failed { drv, .. } => {
+            activities.stop(client, &drv).await?;
+        }
+        Progress::Waiting { drv, reason } => {
+            client
+                .log(format!(
+                    "waiting for a nixspace worker able to build '{drv}': {reason}\n"
+                ))
+                .await?;
+        }
+        Progress::Lost { why } => {
+            tracing::warn!(client = client.id, %why, "lost the dataspace during a build; rejoining");
+        }
+        Progress::Stopped { .. }
+        | Progress::Schedulable { .. }
+        | Progress::Retrying { .. }
+        | Progress::Rejoined => {}
+    }
+    Ok(())
+}
+
+/// The error for a build mode nixspace does not serve (repair, check).
+fn unsupported_mode(mode: BuildMode) -> DaemonError {
+    DaemonError::new(format!("build mode {mode:?} is not supported by nixspace"))
+}
+
+impl DaemonBackend for Translator<'_> {
+    async fn set_options(&mut self, client: &mut Client, settings: ClientSettings) -> Served {
+        tracing::debug!(client = client.id, ?settings, "client settings");
+        self.settings = settings.clone();
+        self.upstream.set_options(client, settings).await
+    }
+
+    async fn is_valid_path(&mut self, client: &mut Client, path: StorePath) -> Served {
+        self.answer_from_db(client, Request::IsValidPath(path))
+            .await
+    }
+
+    async fn query_path_info(&mut self, client: &mut Client, path: StorePath) -> Served {
+        self.answer_from_db(client, Request::QueryPathInfo(path))
+            .await
+    }
+
+    /// A missing output of a derivation in the store is built on the dataspace (like
+    /// `BuildPaths`); anything else (valid, or only substitutable) is the upstream's.
+    async fn ensure_path(&mut self, client: &mut Client, path: StorePath) -> Served {
+        let up = &mut self.upstream;
+        let valid = match up
+            .call(client, &Request::IsValidPath(path.clone()), false)
+            .await?
+        {
+            Ok(()) => up.upstream.reader.read_bool("IsValidPath reply").await?,
+            Err(e) => return client.error(&e).await,
+        };
+        let derivers = if valid {
+            Default::default()
+        } else {
+            match up
+                .call(client, &Request::QueryValidDerivers(path.clone()), false)
+                .await?
+            {
+                Ok(()) => up.upstream.reader.read_store_path_set("derivers").await?,
+                Err(e) => return client.error(&e).await,
+            }
+        };
+        let Some(drv) = derivers.first() else {
+            return up.other(client, Request::EnsurePath(path)).await;
+        };
+        let drv = DrvPath::from(self.config.store_dir.print(drv));
+        tracing::info!(client = client.id, path = %path, %drv, "EnsurePath builds a derivation output");
+        let failure = match self.build(client, vec![drv]).await? {
+            Ok(report) => error_message(&report).map(DaemonError::new),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            return client.error(&e).await;
+        }
+        StderrFrame::Last.write_to(&mut client.writer).await?;
+        client.writer.write_u64(1, "EnsurePath reply").await?;
+        client.writer.flush().await?;
+        Ok(())
+    }
+
+    async fn build_paths(
+        &mut self,
+        client: &mut Client,
+        paths: Vec<DerivedPath>,
+        mode: BuildMode,
+    ) -> Served {
+        self.build_paths_on_dataspace(client, paths, mode, false)
+            .await
+    }
+
+    async fn build_paths_with_results(
+        &mut self,
+        client: &mut Client,
+        paths: Vec<DerivedPath>,
+        mode: BuildMode,
+    ) -> Served {
+        self.build_paths_on_dataspace(client, paths, mode, true)
+            .await
+    }
+
+    /// The stored derivation is built, never the client's inline copy, so an untrusted
+    /// client can build nothing it could not build with `BuildPaths`.
+    async fn build_derivation(
+        &mut self,
+        client: &mut Client,
+        drv_path: StorePath,
+        _drv: BasicDerivation,
+        mode: BuildMode,
+    ) -> Served {
+        let drv = DrvPath::from(self.config.store_dir.print(&drv_path));
+        let result = if mode != BuildMode::Normal {
+            let mut r = BuildResult::new(BuildStatus::MiscFailure);
+            r.error_msg = unsupported_mode(mode).message;
+            r
+        } else {
+            match self.build(client, vec![drv.clone()]).await? {
+                Ok(report) => result_for(&report, &drv),
+                Err(e) => {
+                    let mut r = BuildResult::new(BuildStatus::MiscFailure);
+                    r.error_msg = e.message;
+                    r
+                }
+            }
+        };
+        StderrFrame::Last.write_to(&mut client.writer).await?;
+        result.write_to(&mut client.writer).await?;
+        client.writer.flush().await?;
+        Ok(())
+    }
+
+    async fn other(&mut self, client: &mut Client, req: Request) -> Served {
+        self.upstream.other(client, req).await
+    }
+}
+
+/// The client-side build activities of the steps being built, by step.
+#[derive(Default)]
+struct Activities(BTreeMap<DrvPath, u64>);
+
+impl Activities {
+    /// Start the activity of building `drv` (on `worker`, if known), replacing an earlier
+    /// one (a retried step); returns its id.
+    async fn start(
+        &mut self,
+        client: &mut Client,
+        drv: &DrvPath,
+        worker: &str,
+    ) -> Result<u64, ConnError> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        self.stop(client, drv).await?;
+        // Like Nix: the process id in the upper half keeps ids apart from the upstream's.
+        let id = (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, Ordering::Relaxed);
+        let text = if worker.is_empty() {
+            format!("building '{drv}'")
+        } else {
+            format!("building '{drv}' on nixspace worker '{worker}'")
+        };
+        client
+            .event(LogEvent::StartActivity {
+                id,
+                level: LVL_INFO,
+                activity_type: activity_type::BUILD,
+                text,
+                fields: vec![
+                    Field::String(drv.to_string()),
+                    Field::String(worker.to_owned()),
+                    Field::Int(1),
+                    Field::Int(1),
+                ],
+                parent: 0,
+            })
+            .await?;
+        self.0.insert(drv.clone(), id);
+        Ok(id)
+    }
+
+    /// The activity of `drv`, started (with no worker named) if there is none.
+    async fn of(&mut self, client: &mut Client, drv: &DrvPath) -> Result<u64, ConnError> {
+        match self.0.get(drv) {
+            Some(id) => Ok(*id),
+            None => self.start(client, drv, "").await,
+        }
+    }
+
+    async fn stop(&mut self, client: &mut Client, drv: &DrvPath) -> Result<(), ConnError> {
+        if let Some(id) = self.0.remove(drv) {
+            client.event(LogEvent::StopActivity { id }).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&mut self, client: &mut Client) -> Result<(), ConnError> {
+        for id in std::mem::take(&mut self.0).into_values() {
+            client.event(LogEvent::StopActivity { id }).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,176 @@
+//! The translator as a service: [`TranslatorService::start`] reads the Nix configuration,
+//! binds the socket and serves; [`TranslatorService::failed`] waits for serving to fail;
+//! dropping the service stops serving and removes the socket. `nixspace translate`, `nixspace
+//! up --translator` and `nixspace daemon` start it the same way.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixspace_frontend::StoreDb;
+use nixspace_nix_formats::store_path::{StoreDir, StorePathError};
+use nixspace_space::host::{bind_unix, HostError};
+use nixspace_space::Route;
+
+use crate::server::{serve, Config};
+use crate::trust::{ConfError, TrustConfig};
+use crate::upstream::UpstreamSpec;
+
+/// How long a step may wait for a capable worker by default.
+pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long a build keeps trying to rejoin the dataspace by default.
+pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(60);
+
+/// What a translator serves with.
+#[derive(Debug, Clone)]
+pub struct TranslatorOptions {
+    /// The socket to serve.
+    pub socket: PathBuf,
+    /// The dataspace's submit route.
+    pub route: Route,
+    /// Where store operations go.
+    pub upstream: UpstreamSpec,
+    /// How long a step may wait for a capable worker.
+    pub patience: Duration,
+    /// How long a build keeps trying to rejoin a dataspace that went away.
+    pub reconnect_for: Duration,
+    /// Priority of the demands.
+    pub priority: i64,
+}
+
+impl TranslatorOptions {
+    /// Serve `socket` for the dataspace at `route`, with the defaults of `nixspace translate`.
+    pub fn new(socket: PathBuf, route: Route) -> TranslatorOptions {
+        TranslatorOptions {
+            socket,
+            route,
+            upstream: UpstreamSpec::default(),
+            patience: DEFAULT_PATIENCE,
+            reconnect_for: DEFAULT_RECONNECT_FOR,
+            priority: 0,
+        }
+    }
+}
+
+/// Why the translator could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// `NIX_STORE_DIR` does not name a store directory.
+    #[error("NIX_STORE_DIR={dir}: {source}")]
+    StoreDir {
+        /// The value.
+        dir: String,
+        /// Why it is not one.
+        source: StorePathError,
+    },
+    /// The Nix configuration could not be read.
+    #[error(transparent)]
+    Config(#[from] ConfError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Bind(#[from] HostError),
+    /// The socket's mode could not be set.
+    #[error("cannot make {socket} reachable by everyone: {source}")]
+    Mode {
+        /// The socket.
+        socket: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Serving stopped.
+    #[error("serving {socket} failed: {why}")]
+    Stopped {
+        /// The socket.
+        socket: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// A translator serving in this process; dropping it stops serving and removes the socket.
+pub struct TranslatorService {
+    socket: PathBuf,
+    serving: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for TranslatorService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TranslatorService({})", self.socket.display())
+    }
+}
+
+impl TranslatorService {
+    /// Read the trust settings and the store directory from the Nix configuration and
+    /// environment, bind `options.socket` (mode 0666, like nix-daemon's) and start serving.
+    pub async fn start(options: TranslatorOptions) -> Result<TranslatorService, ServiceError> {
+        let store_dir = match std::env::var("NIX_STORE_DIR") {
+            Ok(dir) if !dir.is_empty() => {
+                StoreDir::new(&dir).map_err(|source| ServiceError::StoreDir { dir, source })?
+            }
+            _ => StoreDir::default(),
+        };
+        let trust = TrustConfig::load()?;
+        let socket = options.socket;
+        let listener = bind_unix(&socket).await?;
+        // Access is decided per connection (allowed-users), as nix-daemon does.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .map_err(|source| ServiceError::Mode {
+                socket: socket.clone(),
+                source,
+            })?;
+        tracing::info!(socket = %socket.display(), upstream = %options.upstream, "translating");
+        let transfers = options.upstream.transfer_pool(&store_dir);
+        // The local store's database answers the cheapest queries without a relay hop.
+        let store_db = match options.upstream {
+            UpstreamSpec::Private { .. } => {
+                let db = StoreDb::open_local(store_dir.clone());
+                if db.is_some() {
+                    tracing::info!(
+                        "answering IsValidPath and QueryPathInfo from the store database"
+                    );
+                }
+                db.map(Arc::new)
+            }
+            UpstreamSpec::Socket(_) => None,
+        };
+        let config = Arc::new(Config {
+            transfers,
+            store_db,
+            upstream: options.upstream,
+            route: options.route,
+            patience: options.patience,
+            reconnect_for: options.reconnect_for,
+            priority: options.priority,
+            store_dir,
+            trust,
+        });
+        let serving = tokio::spawn(serve(listener, config));
+        Ok(TranslatorService { socket, serving })
+    }
+
+    /// The socket it serves.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    /// Wait until serving fails; the error says why.
+    pub async fn failed(&mut self) -> ServiceError {
+        let why = match (&mut self.serving).await {
+            Ok(Ok(())) => "stopped".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        ServiceError::Stopped {
+            socket: self.socket.clone(),
+            why,
+        }
+    }
+}
+
+impl Drop for TranslatorService {
+    fn drop(&mut self) {
+        self.serving.abort();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
