@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use nixspace_coordinator::{CoordinatorOptions, HostedCoordinator};
 use nixspace_space::{HostConfig, Role};
 
-use super::up::SpaceOptions;
-use super::worker::{local_builder, JoinedWorker};
+use super::worker::local_builder;
 use nixspace_translator::TranslatorOptions;
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
@@ -62,7 +62,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         .prefix("nixspace-daemon-")
         .tempdir()
         .map_err(|e| anyhow::anyhow!("cannot create a runtime directory: {e}"))?;
-    let space = super::up::host(SpaceOptions {
+    let space = HostedCoordinator::start(CoordinatorOptions {
         host: HostConfig {
             dir: runtime.path().to_owned(),
             socket: runtime.path().join("nixspace.sock"),
@@ -74,17 +74,19 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         metrics: Arc::default(),
     })
     .await?;
-    let mut worker = JoinedWorker::join(space.route(Role::Worker)?, builder);
+    let mut worker = super::worker::join(space.route(Role::Worker)?, builder);
     let mut translator =
         super::translate::start(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
     tracing::info!(worker = %worker.id, "nixspace daemon ready");
     let result = tokio::select! {
         r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
         e = translator.failed() => Err(e.into()),
-        e = &mut worker.session => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
+        e = worker.ended() => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
     };
     // Stop serving (the socket goes) before the dataspace's directory goes.
     drop(translator);
+    drop(worker);
+    drop(space);
     drop(runtime);
     result.map(|()| ExitCode::SUCCESS)
 }

@@ -6,7 +6,6 @@ pub mod bench_queries;
 pub mod build;
 pub mod daemon;
 pub mod demo;
-pub mod external_planner;
 pub mod history;
 pub mod route;
 pub mod server_config;

@@ -1,19 +1,15 @@
 //! `nixspace up`: host a dataspace with its planner.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
+use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator};
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
-use nixspace_space::host::Listeners;
-use nixspace_space::{external, HostConfig, HostedSpace, Role, Route, Transport};
-use syndicate::actor::Actor;
-
-use super::external_planner::ExternalPlanner;
+use nixspace_space::{external, HostConfig, Role, Route, SessionEvent};
 
 /// Host a dataspace (embedded; nothing else to install) with its planner.
 ///
@@ -107,62 +103,6 @@ pub struct UpArgs {
     max_log_bytes_per_step: u64,
 }
 
-/// What hosting a dataspace takes (shared by `up` and `daemon`).
-pub struct SpaceOptions {
-    /// Where the socket, keys and route files go.
-    pub host: HostConfig,
-    /// The build history, if kept.
-    pub history: Option<nixspace_planner::history::History>,
-    /// How the planner retries and steals.
-    pub planner: PlannerConfig,
-    /// The planner's metrics.
-    pub metrics: Arc<Metrics>,
-}
-
-/// A dataspace hosted in this process, with its planner; it lives as long as the process.
-pub struct Space {
-    /// Where it listens.
-    pub transports: Vec<Transport>,
-    /// The route of each role (by [`Role::name`]) and the file it was written to.
-    pub routes: BTreeMap<&'static str, (Route, PathBuf)>,
-}
-
-impl Space {
-    /// The route for `role`.
-    pub fn route(&self, role: Role) -> anyhow::Result<Route> {
-        self.routes
-            .get(role.name())
-            .map(|(r, _)| r.clone())
-            .ok_or_else(|| anyhow::anyhow!("the dataspace has no {} route", role.name()))
-    }
-}
-
-/// Bind the listeners, start the dataspace and its planner, write the route files.
-pub async fn host(options: SpaceOptions) -> anyhow::Result<Space> {
-    let SpaceOptions {
-        host,
-        history,
-        planner,
-        metrics,
-    } = options;
-    let listeners = Listeners::bind(&host).await?;
-    let transports = listeners.transports();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // The actor lives on in the runtime after its handle is dropped.
-    let _actor = Actor::top(None, move |t| {
-        let hosted = HostedSpace::start(t, &host, listeners).map(|h| {
-            nixspace_planner::service::start(t, h.dataspace.clone(), planner, metrics, history);
-            h.routes
-        });
-        let _ = tx.send(hosted);
-        Ok(())
-    });
-    let routes = rx
-        .await
-        .map_err(|_| anyhow::anyhow!("the dataspace stopped while starting"))??;
-    Ok(Space { transports, routes })
-}
-
 /// Run `nixspace up`.
 pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let dir = args
@@ -200,7 +140,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         max_demands_per_requester: args.external.then_some(args.max_demands_per_client),
     };
     let metrics = Arc::new(Metrics::default());
-    let (submit, session, hosted_socket) = if args.external {
+    let (submit, session, hosted) = if args.external {
         let planner_route = read_route(&external::planner_route_file(&dir))?;
         let submit = read_route(&Role::Submit.route_file(&dir))?;
         for t in &planner_route.transports {
@@ -213,10 +153,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             history: super::history_path(&state_dir),
         };
         drop(history);
-        let session = tokio::spawn(planner.stay_joined(planner_route));
+        let session = tokio::spawn(planner.stay_joined(planner_route, |event| match event {
+            SessionEvent::Joined { connection } => {
+                eprintln!(
+                    "nixspace: planner joined the external dataspace (connection {connection})"
+                )
+            }
+            SessionEvent::Lost(why) => {
+                eprintln!("nixspace: planner lost the external dataspace ({why}); rejoining")
+            }
+            SessionEvent::Retrying { after, why } => {
+                eprintln!("nixspace: planner: {why}; retrying in {after:?}")
+            }
+        }));
         (submit, Some(session), None)
     } else {
-        let space = host(SpaceOptions {
+        let space = HostedCoordinator::start(CoordinatorOptions {
             host: HostConfig {
                 dir,
                 socket: socket.clone(),
@@ -237,7 +189,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         for (_, f) in space.routes.values() {
             eprintln!("nixspace: wrote {}", f.display());
         }
-        (space.route(Role::Submit)?, None, Some(socket))
+        (space.route(Role::Submit)?, None, Some((space, socket)))
     };
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
@@ -266,9 +218,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let planner_gave_up = async {
         match session {
-            Some(s) => s
-                .await
-                .unwrap_or_else(|e| anyhow::anyhow!("the planner session ended: {e}")),
+            Some(s) => match s.await {
+                Ok(end) => anyhow::anyhow!("the planner cannot join the external dataspace: {end}"),
+                Err(e) => anyhow::anyhow!("the planner session ended: {e}"),
+            },
             None => std::future::pending().await,
         }
     };
@@ -279,7 +232,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     eprintln!("nixspace: shutting down");
     drop(translator);
-    if let Some(socket) = hosted_socket {
+    if let Some((space, socket)) = hosted {
+        drop(space);
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| ExitCode::SUCCESS)

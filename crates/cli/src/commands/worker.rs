@@ -2,14 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_nix_formats::signature::SecretKey;
-use nixspace_space::{Backoff, JoinError, Role, Route, SessionEvent};
-use nixspace_workers::{BuilderConfig, DrainDone, Event};
-use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
-use syndicate::enclose;
+use nixspace_space::{Role, Route, SessionEvent};
+use nixspace_workers::{BuilderConfig, WorkerService};
 
 use super::JoinArgs;
 
@@ -115,83 +112,29 @@ pub fn local_builder() -> BuilderConfig {
     }
 }
 
-/// A worker in this process that stays joined to a dataspace (rejoining whenever it
-/// restarts); only a refused capability ends its session.
-pub struct JoinedWorker {
-    /// The worker's name.
-    pub id: String,
-    /// Ends only with the reason the worker cannot join.
-    pub session: std::pin::Pin<Box<dyn std::future::Future<Output = JoinError> + Send>>,
-    handle: BuilderHandle,
-}
-
-/// Where the running builder can be reached (set once it has joined).
-type BuilderHandle = Arc<Mutex<Option<(FacetRef, Arc<Ref<Event>>)>>>;
-
-impl JoinedWorker {
-    /// Join the dataspace at `route` as a worker configured by `config`, reporting the
-    /// session's events on stderr.
-    pub fn join(route: Route, config: BuilderConfig) -> JoinedWorker {
-        let id = config.id.clone();
-        let summary = format!(
-            "systems {}, features [{}], {} slots, speed {}",
-            config.systems.join(","),
-            config.features.join(","),
-            config.max_jobs,
-            config.speed
-        );
-        let handle = Arc::new(Mutex::new(None));
-        // Builds outlive a connection: a restarted dataspace gets their outcomes.
-        let builds = nixspace_workers::Builds::with_log_limit(config.max_log_bytes);
-        // So does the store: a fetch cut by a lost connection resumes on the next one.
-        let store = config.store();
-        let body = enclose!((handle) move |t: &mut Activation, ds| {
-            let builder = nixspace_workers::start(t, ds, config.clone(), builds.clone(), store.clone())?;
-            if let Ok(mut h) = handle.lock() {
-                *h = Some((t.facet_ref(), builder));
-            }
-            Ok(())
-        });
-        let name = id.clone();
-        let session = async move {
-            nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event
-            {
-                SessionEvent::Joined { connection: 1 } => {
-                    eprintln!("nixspace: worker {name} joined ({summary})")
-                }
-                SessionEvent::Joined { .. } => {
-                    eprintln!("nixspace: worker {name} rejoined the dataspace")
-                }
-                SessionEvent::Lost(why) => {
-                    eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
-                }
-                SessionEvent::Retrying { after, why } => {
-                    eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
-                }
-            })
-            .await
-        };
-        JoinedWorker {
-            id,
-            session: Box::pin(session),
-            handle,
+/// Join the dataspace at `route` as the worker `config` describes, telling about its
+/// connections on stderr (shared by `worker` and `daemon`).
+pub fn join(route: Route, config: BuilderConfig) -> WorkerService {
+    let name = config.id.clone();
+    let summary = format!(
+        "systems {}, features [{}], {} slots, speed {}",
+        config.systems.join(","),
+        config.features.join(","),
+        config.max_jobs,
+        config.speed
+    );
+    WorkerService::join(route, config, move |event| match event {
+        SessionEvent::Joined { connection: 1 } => {
+            eprintln!("nixspace: worker {name} joined ({summary})")
         }
-    }
-
-    /// Ask the worker to drain: take nothing new, finish its running builds. The receiver
-    /// fires once they are finished.
-    pub fn drain(&self) -> tokio::sync::oneshot::Receiver<()> {
-        let (done, drained) = DrainDone::new();
-        let builder = self.handle.lock().ok().and_then(|mut h| h.take());
-        if let Some((facet, builder)) = builder {
-            let account = Account::new(Some(AnyValue::symbol("drain")), None);
-            facet.activate(&account, None, |t| {
-                t.message(&builder, Event::Drain(done));
-                Ok(())
-            });
+        SessionEvent::Joined { .. } => eprintln!("nixspace: worker {name} rejoined the dataspace"),
+        SessionEvent::Lost(why) => {
+            eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
         }
-        drained
-    }
+        SessionEvent::Retrying { after, why } => {
+            eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
+        }
+    })
 }
 
 /// Run `nixspace worker`.
@@ -234,11 +177,11 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
-    let mut worker = JoinedWorker::join(route, config);
+    let mut worker = join(route, config);
     let id = worker.id.clone();
     tokio::select! {
         r = super::shutdown_signal() => r?,
-        e = &mut worker.session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
+        e = worker.ended() => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
     // Leave gracefully: finish the running builds, take nothing new.
     let drained = worker.drain();
@@ -255,6 +198,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             eprintln!("nixspace: worker {id} leaving now; its unfinished steps return to the queue");
             Ok(ExitCode::SUCCESS)
         }
-        e = worker.session => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
+        e = worker.ended() => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
 }

@@ -1,6 +1,5 @@
-//! `nixspace up --external`: the planner as a client of a dataspace hosted
-//! elsewhere (a standalone syndicate-server set up by `nixspace
-//! server-config`), instead of hosting one.
+//! The planner as a client of a dataspace hosted elsewhere (a standalone syndicate-server set
+//! up by `nixspace server-config`), instead of hosting one: `nixspace up --external`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +7,7 @@ use std::sync::Arc;
 use nixspace_planner::history::History;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::PlannerConfig;
-use nixspace_space::{Backoff, Route, SessionEvent};
+use nixspace_space::{Backoff, JoinError, Route, SessionEvent};
 use syndicate::actor::{Activation, Cap};
 
 /// What the planner needs on every connection.
@@ -27,9 +26,14 @@ impl ExternalPlanner {
     /// planner asserts what no role may) and keep a planner running on it,
     /// rejoining with back-off whenever the connection drops or the server is
     /// away; each connection gets a fresh planner, which learns the demands,
-    /// workers and claims anew from the dataspace. Returns only when joining
-    /// can never succeed (the capability is refused or unknown).
-    pub async fn stay_joined(self, route: Route) -> anyhow::Error {
+    /// workers and claims anew from the dataspace; `on_event` hears of its
+    /// connections. Returns only when joining can never succeed (the capability
+    /// is refused or unknown).
+    pub async fn stay_joined(
+        self,
+        route: Route,
+        on_event: impl FnMut(SessionEvent<'_>),
+    ) -> JoinError {
         let body = move |t: &mut Activation, ds: Arc<Cap>| {
             // The previous connection's planner has stopped with it.
             self.metrics.workers.set(0);
@@ -46,28 +50,6 @@ impl ExternalPlanner {
             );
             Ok(())
         };
-        let end =
-            nixspace_space::join::stay_joined(
-                &route,
-                Backoff::default(),
-                body,
-                |event| match event {
-                    SessionEvent::Joined { connection } => {
-                        eprintln!(
-                        "nixspace: planner joined the external dataspace (connection {connection})"
-                    )
-                    }
-                    SessionEvent::Lost(why) => {
-                        eprintln!(
-                            "nixspace: planner lost the external dataspace ({why}); rejoining"
-                        )
-                    }
-                    SessionEvent::Retrying { after, why } => {
-                        eprintln!("nixspace: planner: {why}; retrying in {after:?}")
-                    }
-                },
-            )
-            .await;
-        anyhow::anyhow!("the planner cannot join the external dataspace: {end}")
+        nixspace_space::join::stay_joined(&route, Backoff::default(), body, on_event).await
     }
 }
