@@ -1,7 +1,7 @@
 //! Who may connect, and whom the translator trusts: decided like `nix-daemon` does.
 //!
-//! The settings come from `$NIX_CONF_DIR/nix.conf` (default `/etc/nix/nix.conf`, with its
-//! `include` and `!include` files) and then the `NIX_CONFIG` environment variable:
+//! The settings come from the Nix configuration (`$NIX_CONF_DIR/nix.conf`, its includes, then
+//! `NIX_CONFIG`), read by `nixspace-nix-tools`' [`NixConf`]:
 //!
 //! - `allowed-users` (default `*`): who may connect at all;
 //! - `trusted-users` (default `root`): who acts with the daemon's full trust (and may connect
@@ -17,7 +17,8 @@
 //! ([`TrustConfig::filter_overrides`] and the checks in [`crate::server`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+
+use nixspace_nix_tools::nix_conf::{NixConf, NixConfError};
 
 /// The trust settings read from the Nix configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,33 +51,6 @@ impl Default for TrustConfig {
             trusted_substituters: Vec::new(),
         }
     }
-}
-
-/// Why the configuration could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfError {
-    /// A configuration file exists but cannot be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A line is not `name = value` or an include directive.
-    #[error("{origin}:{line}: illegal configuration line {text:?}")]
-    Syntax {
-        /// The file (or `NIX_CONFIG`).
-        origin: String,
-        /// The line number (from 1).
-        line: usize,
-        /// The line.
-        text: String,
-    },
-    /// Includes nest too deeply (a cycle, most likely).
-    #[error("{0}: includes nest too deeply")]
-    TooDeep(String),
 }
 
 /// How much a connected client is trusted.
@@ -169,91 +143,21 @@ const SUBSTITUTER_SETTINGS: &[&str] = &[
 ];
 
 impl TrustConfig {
-    /// Read `$NIX_CONF_DIR/nix.conf` (default `/etc/nix/nix.conf`; a missing file means Nix's
-    /// defaults), then `NIX_CONFIG`.
-    pub fn load() -> Result<TrustConfig, ConfError> {
-        let dir = std::env::var_os("NIX_CONF_DIR")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/etc/nix"));
-        let mut config = TrustConfig::default();
-        config.apply_file(&dir.join("nix.conf"), true, 0)?;
-        if let Ok(text) = std::env::var("NIX_CONFIG") {
-            config.apply_text(&text, "NIX_CONFIG", Path::new("."), 0)?;
-        }
-        Ok(config)
+    /// The trust settings of the Nix configuration (see [`NixConf::load`]), Nix's defaults
+    /// where it sets none.
+    pub fn load() -> Result<TrustConfig, NixConfError> {
+        Ok(TrustConfig::default().with_conf(&NixConf::load()?))
     }
 
-    fn apply_file(&mut self, path: &Path, optional: bool, depth: usize) -> Result<(), ConfError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => {
-                return Err(ConfError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        };
-        let base = path.parent().unwrap_or(Path::new("/"));
-        self.apply_text(&text, &path.display().to_string(), base, depth)
-    }
-
-    /// Apply configuration text in `nix.conf` syntax: `name = value…` lines, `#` comments,
-    /// `include FILE` and `!include FILE` (a missing file is fine) relative to `base`;
-    /// `extra-NAME` appends to `NAME`. Settings other than the trust settings are ignored.
-    pub fn apply_text(
-        &mut self,
-        text: &str,
-        origin: &str,
-        base: &Path,
-        depth: usize,
-    ) -> Result<(), ConfError> {
-        if depth > 16 {
-            return Err(ConfError::TooDeep(origin.to_owned()));
+    /// These settings, changed by what `conf` sets (`extra-` settings append to them).
+    pub fn with_conf(self, conf: &NixConf) -> TrustConfig {
+        TrustConfig {
+            allowed_users: conf.list("allowed-users", &self.allowed_users),
+            trusted_users: conf.list("trusted-users", &self.trusted_users),
+            build_users_group: conf.value("build-users-group", &self.build_users_group),
+            substituters: conf.list("substituters", &self.substituters),
+            trusted_substituters: conf.list("trusted-substituters", &self.trusted_substituters),
         }
-        for (n, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("");
-            let tokens: Vec<&str> = line.split_whitespace().collect();
-            match tokens.as_slice() {
-                [] => {}
-                [kw @ ("include" | "!include"), file] => {
-                    let path = base.join(file);
-                    self.apply_file(&path, *kw == "!include", depth + 1)?;
-                }
-                [name, "=", values @ ..] => self.set(name, values),
-                _ => {
-                    return Err(ConfError::Syntax {
-                        origin: origin.to_owned(),
-                        line: n + 1,
-                        text: raw.to_owned(),
-                    })
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn set(&mut self, name: &str, values: &[&str]) {
-        let (name, append) = match name.strip_prefix("extra-") {
-            Some(n) => (n, true),
-            None => (name, false),
-        };
-        let list = match name {
-            "allowed-users" => &mut self.allowed_users,
-            "trusted-users" => &mut self.trusted_users,
-            "substituters" | "binary-caches" => &mut self.substituters,
-            "trusted-substituters" | "trusted-binary-caches" => &mut self.trusted_substituters,
-            "build-users-group" => {
-                self.build_users_group = values.join(" ");
-                return;
-            }
-            _ => return,
-        };
-        if !append {
-            list.clear();
-        }
-        list.extend(values.iter().map(|v| (*v).to_owned()));
     }
 
     /// Decide about a connecting peer, as `nix-daemon` does: trusted users are trusted;
@@ -454,13 +358,15 @@ mod tests {
     }
 
     fn conf(text: &str) -> TrustConfig {
-        let mut c = TrustConfig {
+        let mut nix_conf = NixConf::default();
+        nix_conf
+            .apply_text(text, "test", std::path::Path::new("/nonexistent"))
+            .unwrap();
+        TrustConfig {
             build_users_group: "nixbld".into(),
             ..TrustConfig::default()
-        };
-        c.apply_text(text, "test", Path::new("/nonexistent"), 0)
-            .unwrap();
-        c
+        }
+        .with_conf(&nix_conf)
     }
 
     #[test]
@@ -512,43 +418,6 @@ mod tests {
             open.decide(&peer("root", "root"), &FakeGroups),
             Ok(Trust::Untrusted)
         );
-    }
-
-    #[test]
-    fn bad_lines_are_reported_with_their_place() {
-        let mut c = TrustConfig::default();
-        let e = c
-            .apply_text("a = b\nnonsense here\n", "nix.conf", Path::new("/"), 0)
-            .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "nix.conf:2: illegal configuration line \"nonsense here\""
-        );
-    }
-
-    #[test]
-    fn includes_are_followed_and_optional_ones_may_be_missing() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("more.conf"), "trusted-users = zed\n").unwrap();
-        let mut c = TrustConfig::default();
-        c.apply_text(
-            "include more.conf\n!include missing.conf\nextra-allowed-users = x\n",
-            "nix.conf",
-            dir.path(),
-            0,
-        )
-        .unwrap();
-        assert_eq!(c.trusted_users, ["zed"]);
-        assert_eq!(c.allowed_users, ["*", "x"]);
-        let e = c
-            .apply_text("include missing.conf\n", "nix.conf", dir.path(), 0)
-            .unwrap_err();
-        assert!(matches!(e, ConfError::Read { .. }), "{e}");
-        std::fs::write(dir.path().join("loop.conf"), "include loop.conf\n").unwrap();
-        let e = c
-            .apply_text("include loop.conf\n", "nix.conf", dir.path(), 0)
-            .unwrap_err();
-        assert!(matches!(e, ConfError::TooDeep(_)), "{e}");
     }
 
     #[test]

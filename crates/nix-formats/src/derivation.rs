@@ -13,6 +13,10 @@
 //!
 //! Builder, arguments and environment are byte strings (`Vec<u8>`), because
 //! Nix strings need not be UTF-8. System, output names and paths are text.
+//! The same model serves the worker protocol: `BuildDerivation` carries a
+//! [`BasicDerivation`], and each output travels as the three
+//! [`OutputFields`] the `.drv` text holds
+//! ([`DerivationOutput::to_fields`], [`DerivationOutput::from_fields`]).
 //!
 //! Hashing modulo ([`Derivation::hash_modulo`]) needs the hashes of input
 //! derivations; callers pass a lookup closure, so this module never reads a
@@ -98,6 +102,16 @@ pub enum DerivationError {
     BadStorePath {
         /// Offset of the string.
         position: usize,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+    /// An output's path field (in a derivation not read from ATerm text) is not a store path
+    /// of this store.
+    #[error("output '{output}' has a bad path: {source}")]
+    BadOutputPath {
+        /// Output name.
+        output: String,
         /// Why.
         #[source]
         source: StorePathError,
@@ -242,23 +256,15 @@ impl DerivationOutput {
         }
     }
 
-    /// The three ATerm fields (path, `[r:]algo`, hash) as Nix prints them.
-    fn fields(&self, store_dir: &StoreDir, mask: bool) -> (String, String, String) {
-        let path = |p: &StorePath| {
-            if mask {
-                String::new()
-            } else {
-                store_dir.print(p)
+    /// The three fields Nix writes for this output, in a `.drv` file and on the wire
+    /// alike.
+    pub fn to_fields(&self, store_dir: &StoreDir) -> OutputFields {
+        let (path, hash_algo, hash) = match self {
+            DerivationOutput::InputAddressed(p) => {
+                (store_dir.print(p), String::new(), String::new())
             }
-        };
-        match self {
-            DerivationOutput::InputAddressed(p) => (path(p), String::new(), String::new()),
-            DerivationOutput::CaFixed {
-                method,
-                hash,
-                path: p,
-            } => (
-                path(p),
+            DerivationOutput::CaFixed { method, hash, path } => (
+                store_dir.print(path),
                 format!("{}{}", method.prefix(), hash.algo()),
                 hash.to_base16(),
             ),
@@ -273,8 +279,115 @@ impl DerivationOutput {
                 format!("{}{}", method.prefix(), algo),
                 "impure".to_owned(),
             ),
+        };
+        OutputFields {
+            path,
+            hash_algo,
+            hash,
         }
     }
+
+    /// The output `output` of the derivation named `drv_name`, from the three fields Nix
+    /// writes (Nix's `parseDerivationOutput`, canonical forms only: a fixed output's hash in
+    /// lower-case base-16, and its path the one the hash gives). A path that is not a store
+    /// path of `store_dir` is [`DerivationError::BadOutputPath`].
+    pub fn from_fields(
+        store_dir: &StoreDir,
+        drv_name: &str,
+        output: &str,
+        fields: &OutputFields,
+    ) -> Result<DerivationOutput, DerivationError> {
+        classify_output(store_dir, drv_name, output, fields, |source| {
+            DerivationError::BadOutputPath {
+                output: output.to_owned(),
+                source,
+            }
+        })
+    }
+}
+
+/// The three text fields of a derivation output as Nix writes them: in a `.drv` file
+/// (`("out","/nix/store/…","r:sha256","")`) and in `BuildDerivation`'s derivation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutputFields {
+    /// The output path, empty when it is not known before the build.
+    pub path: String,
+    /// `[r:]<algo>` for content-addressed and impure outputs, else empty.
+    pub hash_algo: String,
+    /// A fixed output's hash in base-16, `impure` for an impure output, else empty.
+    pub hash: String,
+}
+
+/// [`DerivationOutput::from_fields`], with the error for a bad path chosen by the caller
+/// (the ATerm parser reports its byte position).
+fn classify_output(
+    store_dir: &StoreDir,
+    drv_name: &str,
+    name: &str,
+    fields: &OutputFields,
+    bad_path: impl Fn(StorePathError) -> DerivationError,
+) -> Result<DerivationOutput, DerivationError> {
+    let OutputFields {
+        path,
+        hash_algo: algo,
+        hash,
+    } = fields;
+    let parse_path = |p: &str| store_dir.parse(p).map_err(&bad_path);
+    let unexpected_path = || DerivationError::UnexpectedOutputPath {
+        output: name.to_owned(),
+        path: path.clone(),
+    };
+    let bad_hash = || DerivationError::BadOutputHash {
+        output: name.to_owned(),
+        text: hash.clone(),
+    };
+    if algo.is_empty() {
+        if !hash.is_empty() {
+            return Err(bad_hash());
+        }
+        return Ok(if path.is_empty() {
+            DerivationOutput::Deferred
+        } else {
+            DerivationOutput::InputAddressed(parse_path(path)?)
+        });
+    }
+    let (method, algo_name) = match algo.strip_prefix("r:") {
+        Some(a) => (FileIngestionMethod::Recursive, a),
+        None => (FileIngestionMethod::Flat, algo.as_str()),
+    };
+    let algo: HashAlgo = algo_name
+        .parse()
+        .map_err(|source| DerivationError::BadHashAlgo {
+            output: name.to_owned(),
+            source,
+        })?;
+    if hash == "impure" || hash.is_empty() {
+        if !path.is_empty() {
+            return Err(unexpected_path());
+        }
+        return Ok(if hash.is_empty() {
+            DerivationOutput::CaFloating { method, algo }
+        } else {
+            DerivationOutput::Impure { method, algo }
+        });
+    }
+    let h = Hash::parse_unprefixed(hash, algo).map_err(|_| bad_hash())?;
+    if h.to_base16() != *hash {
+        return Err(bad_hash());
+    }
+    let found = parse_path(path)?;
+    let expected = DerivationOutput::ca_fixed(store_dir, drv_name, name, method, h)?;
+    if expected.path() != Some(&found) {
+        return Err(DerivationError::FixedOutputPathMismatch {
+            output: name.to_owned(),
+            expected: expected
+                .path()
+                .map(|p| store_dir.print(p))
+                .unwrap_or_default(),
+            found: path.clone(),
+        });
+    }
+    Ok(expected)
 }
 
 /// What kind of derivation this is, from its outputs (Nix's
@@ -528,10 +641,13 @@ impl Derivation {
             if i > 0 {
                 out.push(b',');
             }
-            let (path, algo, hash) = output.fields(store_dir, mask_outputs);
+            let mut fields = output.to_fields(store_dir);
+            if mask_outputs {
+                fields.path.clear();
+            }
             out.push(b'(');
             unquoted(&mut out, name.as_bytes());
-            for f in [path, algo, hash] {
+            for f in [fields.path, fields.hash_algo, fields.hash] {
                 out.push(b',');
                 unquoted(&mut out, f.as_bytes());
             }
@@ -1002,83 +1118,23 @@ impl<'a> Parser<'a> {
         let name = self.unquoted("output name")?.to_owned();
         self.expect(",")?;
         let path_pos = self.pos;
-        let path = self.unquoted("output path")?;
+        let path = self.unquoted("output path")?.to_owned();
         self.expect(",")?;
-        let algo = self.unquoted("output hash algorithm")?;
+        let hash_algo = self.unquoted("output hash algorithm")?.to_owned();
         self.expect(",")?;
-        let hash = self.unquoted("output hash")?;
+        let hash = self.unquoted("output hash")?.to_owned();
         self.expect(")")?;
-        let parse_path = |p: &str| {
-            self.store_dir
-                .parse(p)
-                .map_err(|source| DerivationError::BadStorePath {
-                    position: path_pos,
-                    source,
-                })
+        let fields = OutputFields {
+            path,
+            hash_algo,
+            hash,
         };
-        let unexpected_path = || DerivationError::UnexpectedOutputPath {
-            output: name.clone(),
-            path: path.to_owned(),
-        };
-        let output = if algo.is_empty() {
-            if !hash.is_empty() {
-                return Err(DerivationError::BadOutputHash {
-                    output: name.clone(),
-                    text: hash.to_owned(),
-                });
+        let output = classify_output(self.store_dir, drv_name, &name, &fields, |source| {
+            DerivationError::BadStorePath {
+                position: path_pos,
+                source,
             }
-            if path.is_empty() {
-                DerivationOutput::Deferred
-            } else {
-                DerivationOutput::InputAddressed(parse_path(path)?)
-            }
-        } else {
-            let (method, algo_name) = match algo.strip_prefix("r:") {
-                Some(a) => (FileIngestionMethod::Recursive, a),
-                None => (FileIngestionMethod::Flat, algo),
-            };
-            let algo: HashAlgo =
-                algo_name
-                    .parse()
-                    .map_err(|source| DerivationError::BadHashAlgo {
-                        output: name.clone(),
-                        source,
-                    })?;
-            if hash == "impure" {
-                if !path.is_empty() {
-                    return Err(unexpected_path());
-                }
-                DerivationOutput::Impure { method, algo }
-            } else if hash.is_empty() {
-                if !path.is_empty() {
-                    return Err(unexpected_path());
-                }
-                DerivationOutput::CaFloating { method, algo }
-            } else {
-                let bad_hash = || DerivationError::BadOutputHash {
-                    output: name.clone(),
-                    text: hash.to_owned(),
-                };
-                let h = Hash::parse_unprefixed(hash, algo).map_err(|_| bad_hash())?;
-                if h.to_base16() != hash {
-                    return Err(bad_hash());
-                }
-                let found = parse_path(path)?;
-                let expected =
-                    DerivationOutput::ca_fixed(self.store_dir, drv_name, &name, method, h)?;
-                if expected.path() != Some(&found) {
-                    return Err(DerivationError::FixedOutputPathMismatch {
-                        output: name.clone(),
-                        expected: expected
-                            .path()
-                            .map(|p| self.store_dir.print(p))
-                            .unwrap_or_default(),
-                        found: path.to_owned(),
-                    });
-                }
-                expected
-            }
-        };
+        })?;
         Ok((name, output))
     }
 
@@ -1422,6 +1478,27 @@ mod tests {
                 A.as_bytes()
             ),
             Err(DerivationError::NotADerivationPath(_))
+        ));
+    }
+
+    #[test]
+    fn output_fields_round_trip_and_name_a_bad_path() {
+        for (name, text) in [("a", A), ("f", F), ("ca", CA)] {
+            for (output, o) in parse(name, text).unwrap().outputs {
+                let fields = o.to_fields(&dir());
+                assert_eq!(
+                    DerivationOutput::from_fields(&dir(), name, &output, &fields),
+                    Ok(o)
+                );
+            }
+        }
+        let fields = OutputFields {
+            path: "/nix/store/6xh0imr7n3xw0idh4rmf6fj085vd2y90-a".to_owned(),
+            ..OutputFields::default()
+        };
+        assert!(matches!(
+            DerivationOutput::from_fields(&dir(), "a", "out", &fields),
+            Err(DerivationError::BadOutputPath { .. })
         ));
     }
 

@@ -24,7 +24,9 @@ pub mod nixbase32;
 pub mod signature;
 pub mod store_path;
 
-pub use derivation::{BasicDerivation, Derivation, DerivationOutput, DrvHash, DrvHashKind};
+pub use derivation::{
+    BasicDerivation, Derivation, DerivationOutput, DrvHash, DrvHashKind, OutputFields,
+};
 pub use hash::{Hash, HashAlgo};
 pub use narinfo::NarInfo;
 pub use signature::{PublicKey, PublicKeys, SecretKey, Signature};

@@ -12,8 +12,8 @@ use std::collections::BTreeSet;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nixspace_nix_formats::hash::{Hash, HashAlgo};
 use nixspace_nix_formats::store_path::StorePath;
-use nixspace_nix_protocol::types::PathInfo;
 use nixspace_nix_protocol::version::NIX_2_8;
+use nixspace_nix_protocol::PathInfo;
 use nixspace_nix_protocol::{
     LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter, StderrFrame,
 };

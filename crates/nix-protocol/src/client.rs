@@ -15,22 +15,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use nixspace_nix_formats::derivation::BasicDerivation;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, ChildStdout};
 
+use crate::build_mode::BuildMode;
+use crate::build_result::BuildResult;
+use crate::client_settings::ClientSettings;
+use crate::derived_path::DerivedPath;
 use crate::framed::{self, FramedError};
 use crate::handshake::{self, HandshakeError, HandshakeInfo};
 use crate::nar_copy::{self, NarCopyError};
 use crate::ops::Opcode;
 use crate::ops::Request;
+use crate::path_info::{PathInfo, ValidPathInfo};
+use crate::realisation::Realisation;
 use crate::stderr::{DaemonError, DiscardLogs, LogSink, StderrFrame};
-use crate::types::{
-    BasicDerivation, BuildMode, BuildResult, ClientSettings, DerivedPath, PathInfo, Realisation,
-    ValidPathInfo,
-};
 use crate::version::{
     ProtocolVersion, ADD_TO_STORE_NAR_FRAMED, MAX_SUPPORTED, QUERY_PATH_INFO_VALID_FLAG,
     REGISTER_DRV_OUTPUT_JSON,

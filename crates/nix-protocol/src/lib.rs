@@ -7,8 +7,14 @@
 //! - [`wire`]: [`NixReader`]/[`NixWriter`], which carry the negotiated version, the size
 //!   limits and the store directory, and read/write the primitive encodings (u64, bool, padded
 //!   bytes, lists, maps) and store paths.
-//! - [`types`], [`stderr`], [`ops`], [`framed`], [`handshake`]: the protocol's vocabulary,
-//!   each with read and write implementations so both the client and the server side can use
+//! - the protocol's values, one module per subject: [`path_info`], [`build_mode`],
+//!   [`build_result`], [`realisation`], [`derived_path`], [`derivation`] (the
+//!   `BuildDerivation` derivation, which is `nixspace-nix-formats`' model) and
+//!   [`client_settings`];
+//! - [`stderr`], [`ops`], [`framed`], [`handshake`]: frames, requests, framed streams and the
+//!   connection's opening.
+//!
+//!   Each has read and write implementations so both the client and the server side can use
 //!   them.
 //! - [`client`]: [`DaemonClient`], a client over any `AsyncRead`/`AsyncWrite` pair.
 //!
@@ -22,23 +28,33 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 #![warn(missing_docs)]
 
+pub mod build_mode;
+pub mod build_result;
 pub mod client;
+pub mod client_settings;
+pub mod derivation;
+pub mod derived_path;
 pub mod framed;
 pub mod handshake;
 pub mod nar_copy;
 pub mod ops;
+pub mod path_info;
+pub mod realisation;
 pub mod stderr;
-pub mod types;
 pub mod version;
 pub mod wire;
 
+pub use build_mode::BuildMode;
+pub use build_result::{BuildResult, BuildStatus};
 pub use client::{ClientConfig, ClientError, DaemonClient};
+pub use client_settings::ClientSettings;
+pub use derivation::read_basic_derivation;
+pub use derived_path::{DerivedPath, OutputSpec};
 pub use handshake::{HandshakeError, HandshakeInfo, TrustedFlag};
+pub use nixspace_nix_formats::derivation::{BasicDerivation, DerivationOutput};
 pub use ops::{Opcode, Request, UnknownOpcode};
+pub use path_info::{PathInfo, ValidPathInfo};
+pub use realisation::Realisation;
 pub use stderr::{DaemonError, LogEvent, LogSink, StderrFrame};
-pub use types::{
-    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DerivationOutput,
-    DerivedPath, OutputSpec, PathInfo, Realisation, ValidPathInfo,
-};
 pub use version::{ProtocolVersion, VersionError};
 pub use wire::{Limits, NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};

@@ -12,7 +12,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use nixspace_nix_formats::store_path::StorePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::types::{BasicDerivation, BuildMode, ClientSettings, DerivedPath, ValidPathInfo};
+use nixspace_nix_formats::derivation::BasicDerivation;
+
+use crate::build_mode::BuildMode;
+use crate::client_settings::ClientSettings;
+use crate::derivation::read_basic_derivation;
+use crate::derived_path::DerivedPath;
+use crate::path_info::ValidPathInfo;
 use crate::version::{
     ProtocolVersion, ADD_BUILD_LOG, ADD_MULTIPLE_TO_STORE, ADD_TO_STORE_FRAMED,
     BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE, SUBSTITUTABLE_INFOS_CA,
@@ -410,11 +416,14 @@ impl Request {
                     dont_check_sigs: r.read_bool("dontCheckSigs").await?,
                 }
             }
-            Opcode::BuildDerivation => Request::BuildDerivation {
-                drv_path: r.read_store_path("drvPath").await?,
-                drv: BasicDerivation::read_from(r).await?,
-                mode: BuildMode::read_from(r).await?,
-            },
+            Opcode::BuildDerivation => {
+                let drv_path = r.read_store_path("drvPath").await?;
+                Request::BuildDerivation {
+                    drv: read_basic_derivation(r, &drv_path).await?,
+                    drv_path,
+                    mode: BuildMode::read_from(r).await?,
+                }
+            }
             Opcode::BuildPaths => Request::BuildPaths {
                 paths: read_derived_paths(r).await?,
                 mode: BuildMode::read_from(r).await?,
@@ -702,7 +711,7 @@ mod tests {
 #[cfg(test)]
 mod round_trip {
     use super::*;
-    use crate::types::OutputSpec;
+    use crate::derived_path::OutputSpec;
     use crate::version::NIX_2_8;
 
     fn path(name: &str) -> StorePath {

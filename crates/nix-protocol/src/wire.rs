@@ -17,12 +17,14 @@
 //! paths, so each reader and writer also carries the connection's [`StoreDir`] (default
 //! `/nix/store`, see [`NixReader::with_store_dir`]). [`NixReader::read_store_path`] parses
 //! against it into a [`StorePath`] base name, and [`NixWriter::write_store_path`] prints with
-//! it. Other strings that carry meaning (hashes, JSON) are validated by [`crate::types`].
+//! it. Other strings that carry meaning (hashes, JSON, derivation outputs) are validated by the
+//! types that hold them ([`crate::path_info`], [`crate::realisation`], [`crate::derivation`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 
+use nixspace_nix_formats::derivation::DerivationError;
 use nixspace_nix_formats::hash::HashError;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -142,6 +144,15 @@ pub enum WireError {
         #[source]
         source: HashError,
     },
+    /// A derivation (or one of its outputs) that `nixspace-nix-formats` rejects.
+    #[error("{what}: invalid derivation")]
+    Derivation {
+        /// The field being read.
+        what: &'static str,
+        /// Why it is invalid.
+        #[source]
+        source: DerivationError,
+    },
     /// A JSON document (realisations) that failed to parse or print.
     #[error("{what}: invalid JSON")]
     Json {
@@ -208,6 +219,24 @@ pub trait NixSerialize {
 /// The number of zero bytes that follow a byte string of `len` bytes.
 pub const fn padding_len(len: u64) -> usize {
     ((8 - (len % 8)) % 8) as usize
+}
+
+/// What the elements of lists and maps are read as: byte strings, or text that must be UTF-8.
+trait WireText: Sized {
+    /// The element from the bytes read for field `what`.
+    fn from_wire(bytes: Vec<u8>, what: &'static str) -> Result<Self, WireError>;
+}
+
+impl WireText for Vec<u8> {
+    fn from_wire(bytes: Vec<u8>, _what: &'static str) -> Result<Self, WireError> {
+        Ok(bytes)
+    }
+}
+
+impl WireText for String {
+    fn from_wire(bytes: Vec<u8>, what: &'static str) -> Result<Self, WireError> {
+        String::from_utf8(bytes).map_err(|_| WireError::InvalidUtf8 { what })
+    }
 }
 
 /// A buffered reader for one direction of a connection, carrying its negotiated version, its
@@ -369,7 +398,7 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
     /// Reads a UTF-8 string.
     pub async fn read_string(&mut self, what: &'static str) -> Result<String, WireError> {
         let bytes = self.read_bytes(what).await?;
-        String::from_utf8(bytes).map_err(|_| WireError::InvalidUtf8 { what })
+        String::from_wire(bytes, what)
     }
 
     /// Reads a string, replacing invalid UTF-8 (for log text, which builders may fill with
@@ -394,10 +423,22 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
 
     /// Reads a list of strings.
     pub async fn read_strings(&mut self, what: &'static str) -> Result<Vec<String>, WireError> {
+        self.read_list(what).await
+    }
+
+    /// Reads a list of byte strings (no UTF-8 required).
+    pub async fn read_byte_strings(
+        &mut self,
+        what: &'static str,
+    ) -> Result<Vec<Vec<u8>>, WireError> {
+        self.read_list(what).await
+    }
+
+    async fn read_list<T: WireText>(&mut self, what: &'static str) -> Result<Vec<T>, WireError> {
         let n = self.read_count(what).await?;
         let mut out = Vec::with_capacity(n.min(1024) as usize);
         for _ in 0..n {
-            out.push(self.read_string(what).await?);
+            out.push(T::from_wire(self.read_bytes(what).await?, what)?);
         }
         Ok(out)
     }
@@ -420,11 +461,26 @@ impl<R: AsyncRead + Unpin> NixReader<R> {
         &mut self,
         what: &'static str,
     ) -> Result<BTreeMap<String, String>, WireError> {
+        self.read_map(what).await
+    }
+
+    /// Reads a map of byte strings (no UTF-8 required; a later duplicate key wins, as in Nix).
+    pub async fn read_byte_map(
+        &mut self,
+        what: &'static str,
+    ) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, WireError> {
+        self.read_map(what).await
+    }
+
+    async fn read_map<T: WireText + Ord>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<BTreeMap<T, T>, WireError> {
         let n = self.read_count(what).await?;
         let mut out = BTreeMap::new();
         for _ in 0..n {
-            let k = self.read_string(what).await?;
-            let v = self.read_string(what).await?;
+            let k = T::from_wire(self.read_bytes(what).await?, what)?;
+            let v = T::from_wire(self.read_bytes(what).await?, what)?;
             out.insert(k, v);
         }
         Ok(out)
@@ -569,7 +625,7 @@ impl<W: AsyncWrite + Unpin> NixWriter<W> {
         self.write_bytes(s.as_bytes(), what).await
     }
 
-    /// Writes a list or set of strings.
+    /// Writes a list or set of strings (or byte strings).
     pub async fn write_strings<I, S>(
         &mut self,
         items: I,
@@ -578,26 +634,26 @@ impl<W: AsyncWrite + Unpin> NixWriter<W> {
     where
         I: IntoIterator<Item = S>,
         I::IntoIter: ExactSizeIterator,
-        S: AsRef<str>,
+        S: AsRef<[u8]>,
     {
         let items = items.into_iter();
         self.write_u64(items.len() as u64, what).await?;
         for s in items {
-            self.write_str(s.as_ref(), what).await?;
+            self.write_bytes(s.as_ref(), what).await?;
         }
         Ok(())
     }
 
-    /// Writes a string-to-string map.
-    pub async fn write_string_map(
+    /// Writes a map of strings (or byte strings).
+    pub async fn write_string_map<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &mut self,
-        map: &BTreeMap<String, String>,
+        map: &BTreeMap<K, V>,
         what: &'static str,
     ) -> Result<(), WireError> {
         self.write_u64(map.len() as u64, what).await?;
         for (k, v) in map {
-            self.write_str(k, what).await?;
-            self.write_str(v, what).await?;
+            self.write_bytes(k.as_ref(), what).await?;
+            self.write_bytes(v.as_ref(), what).await?;
         }
         Ok(())
     }

@@ -4,18 +4,24 @@
 use std::collections::BTreeSet;
 use std::io::Cursor;
 
+use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::handshake::{client_handshake, server_handshake, ServerHello};
 use nixspace_nix_protocol::stderr::DiscardLogs;
 use nixspace_nix_protocol::version::{MAX_SUPPORTED, NIX_2_8};
 use nixspace_nix_protocol::{
-    BasicDerivation, BuildResult, ClientSettings, DaemonClient, HandshakeError, NixDeserialize,
-    NixReader, NixSerialize, NixWriter, PathInfo, ProtocolVersion, Request, StderrFrame,
-    UnknownOpcode, VersionError, WireError,
+    read_basic_derivation, BuildResult, ClientSettings, DaemonClient, HandshakeError,
+    NixDeserialize, NixReader, NixSerialize, NixWriter, PathInfo, ProtocolVersion, Request,
+    StderrFrame, UnknownOpcode, VersionError, WireError,
 };
 use proptest::prelude::*;
 
 fn reader(bytes: Vec<u8>) -> NixReader<Cursor<Vec<u8>>> {
     NixReader::new(Cursor::new(bytes), NIX_2_8)
+}
+
+/// The `.drv` path a derivation read from garbage is named by.
+fn drv_path() -> StorePath {
+    StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-garbage.drv").unwrap()
 }
 
 fn u64s(ns: &[u64]) -> Vec<u8> {
@@ -31,7 +37,7 @@ async fn huge_lengths_are_refused_before_allocation() {
     ));
     // A derivation claiming 2^60 outputs, a path info with 2^60 references.
     assert!(matches!(
-        BasicDerivation::read_from(&mut reader(u64s(&[huge]))).await,
+        read_basic_derivation(&mut reader(u64s(&[huge])), &drv_path()).await,
         Err(WireError::TooMany { .. })
     ));
     let mut bytes = u64s(&[0]); // deriver ""
@@ -192,7 +198,7 @@ proptest! {
                 let _ = StderrFrame::read_from(&mut reader(input.clone())).await;
                 let _ = Request::read(&mut reader(input.clone())).await;
                 let _ = BuildResult::read_from(&mut reader(input.clone())).await;
-                let _ = BasicDerivation::read_from(&mut reader(input.clone())).await;
+                let _ = read_basic_derivation(&mut reader(input.clone()), &drv_path()).await;
                 let _ = PathInfo::read_from(&mut reader(input.clone())).await;
             });
         }

@@ -5,8 +5,9 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{full, make_tree, store_path, unique, NixEnv};
+use nixspace_nix_formats::derivation::{Derivation, OutputFields};
 use nixspace_nix_formats::hash::{Hash, HashAlgo};
-use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::version::{MIN_SUPPORTED, NIX_2_8};
 use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildStatus, DaemonClient, DerivationOutput, DerivedPath, LogEvent,
@@ -26,28 +27,32 @@ fn instantiate(env: &NixEnv, tag: &str) -> StorePath {
 /// Converts `nix show-derivation` JSON into the `BasicDerivation` that `BuildDerivation`
 /// sends.
 fn basic_derivation(env: &NixEnv, drv: &StorePath) -> BasicDerivation {
+    let name = drv.derivation_name().unwrap().to_owned();
     let drv = full(drv);
     let json: serde_json::Value =
         serde_json::from_str(&env.run("nix", &["show-derivation", &drv])).unwrap();
     let d = &json[drv.as_str()];
     let str_of = |v: &serde_json::Value| v.as_str().unwrap().to_owned();
+    let bytes_of = |v: &serde_json::Value| str_of(v).into_bytes();
     let outputs = d["outputs"]
         .as_object()
         .unwrap()
         .iter()
-        .map(|(name, o)| {
-            (
-                name.clone(),
-                DerivationOutput {
-                    path: o.get("path").map(|p| store_path(p.as_str().unwrap())),
-                    hash_algo: o.get("hashAlgo").map(str_of).unwrap_or_default(),
-                    hash: o.get("hash").map(str_of).unwrap_or_default(),
-                },
-            )
+        .map(|(output, o)| {
+            let fields = OutputFields {
+                path: o.get("path").map(str_of).unwrap_or_default(),
+                hash_algo: o.get("hashAlgo").map(str_of).unwrap_or_default(),
+                hash: o.get("hash").map(str_of).unwrap_or_default(),
+            };
+            let parsed =
+                DerivationOutput::from_fields(&StoreDir::default(), &name, output, &fields)
+                    .unwrap();
+            (output.clone(), parsed)
         })
         .collect();
     assert!(d["inputDrvs"].as_object().unwrap().is_empty());
     BasicDerivation {
+        name,
         outputs,
         input_srcs: d["inputSrcs"]
             .as_array()
@@ -55,14 +60,14 @@ fn basic_derivation(env: &NixEnv, drv: &StorePath) -> BasicDerivation {
             .iter()
             .map(|p| store_path(p.as_str().unwrap()))
             .collect(),
-        platform: str_of(&d["system"]),
-        builder: str_of(&d["builder"]),
-        args: d["args"].as_array().unwrap().iter().map(str_of).collect(),
+        system: str_of(&d["system"]),
+        builder: bytes_of(&d["builder"]),
+        args: d["args"].as_array().unwrap().iter().map(bytes_of).collect(),
         env: d["env"]
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, v)| (k.clone(), str_of(v)))
+            .map(|(k, v)| (k.clone().into_bytes(), bytes_of(v)))
             .collect(),
     }
 }
@@ -243,7 +248,7 @@ async fn build_derivation(version: ProtocolVersion) {
     let tag = unique("build");
     let drv = instantiate(&env, &tag);
     let basic = basic_derivation(&env, &drv);
-    let out = basic.outputs["out"].path.clone().unwrap();
+    let out = basic.outputs["out"].path().cloned().unwrap();
 
     let mut daemon = env.daemon();
     let (r, w) = (
@@ -281,7 +286,7 @@ async fn build_derivation(version: ProtocolVersion) {
 
     // A failing build is a BuildResult, not a protocol error.
     let mut failing = basic.clone();
-    failing.args = vec!["-c".into(), "exit 3".into()];
+    failing.args = vec![b"-c".to_vec(), b"exit 3".to_vec()];
     let result = client
         .build_derivation(&drv, &failing, BuildMode::Check, &mut |_| {})
         .await;
@@ -302,14 +307,49 @@ async fn build_derivation_at_1_21() {
     build_derivation(MIN_SUPPORTED).await;
 }
 
+/// A `.drv` that Nix itself wrote with a non-UTF-8 environment value (from
+/// `builtins.readFile`), read with `nixspace-nix-formats` and sent with `BuildDerivation`: the
+/// builder sees the value byte for byte.
+#[tokio::test]
+async fn build_derivation_carries_non_utf8_environment_values() {
+    let env = NixEnv::new();
+    let tag = unique("bytes");
+    let value = [b"a\xff\xfe\"b\n".as_slice(), tag.as_bytes()].concat();
+    let file = env.conf_dir().join("value");
+    std::fs::write(&file, &value).unwrap();
+    let expr = format!(
+        r#"derivation {{ name = "t-{tag}"; builder = "/bin/sh";
+            args = ["-c" "printf %s \"$v\" > $out"];
+            system = builtins.currentSystem;
+            v = builtins.readFile {}; }}"#,
+        file.display()
+    );
+    let drv = store_path(&env.run("nix-instantiate", &["-E", &expr]));
+    let text = std::fs::read(full(&drv)).unwrap();
+    let parsed = Derivation::parse_at(&StoreDir::default(), &drv, &text).unwrap();
+    assert_eq!(parsed.env[b"v".as_slice()], value);
+    let basic = BasicDerivation::from_derivation(&parsed);
+    let out = basic.outputs["out"].path().cloned().unwrap();
+
+    let mut daemon = env.daemon();
+    let mut client = daemon.client().await;
+    client.set_options(&common::settings()).await.unwrap();
+    let result = client
+        .build_derivation(&drv, &basic, BuildMode::Normal, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(result.status, BuildStatus::Built, "{result:?}");
+    assert_eq!(std::fs::read(full(&out)).unwrap(), value);
+}
+
 #[tokio::test]
 async fn build_paths_builds_all_outputs() {
     let env = NixEnv::new();
     let tag = unique("bp");
     let drv = instantiate(&env, &tag);
     let out = basic_derivation(&env, &drv).outputs["out"]
-        .path
-        .clone()
+        .path()
+        .cloned()
         .unwrap();
     let mut daemon = env.daemon();
     let mut client = daemon.client().await;

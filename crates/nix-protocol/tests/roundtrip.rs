@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 
 use nixspace_nix_formats::hash::{Hash, HashAlgo};
-use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_formats::store_path::{FileIngestionMethod, StoreDir, StorePath};
 use nixspace_nix_protocol::stderr::Field;
 use nixspace_nix_protocol::version::{
     BUILD_PATHS_WITH_RESULTS, BUILD_RESULT_BUILT_OUTPUTS, BUILD_RESULT_CPU_TIMES,
@@ -14,9 +14,10 @@ use nixspace_nix_protocol::version::{
     QUERY_VALID_PATHS_SUBSTITUTE, STRUCTURED_ERRORS,
 };
 use nixspace_nix_protocol::{
-    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError,
-    DerivationOutput, DerivedPath, LogEvent, NixDeserialize, NixReader, NixSerialize, NixWriter,
-    OutputSpec, PathInfo, ProtocolVersion, Realisation, Request, StderrFrame, ValidPathInfo,
+    read_basic_derivation, BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings,
+    DaemonError, DerivationOutput, DerivedPath, LogEvent, NixDeserialize, NixReader, NixSerialize,
+    NixWriter, OutputSpec, PathInfo, ProtocolVersion, Realisation, Request, StderrFrame,
+    ValidPathInfo,
 };
 use proptest::prelude::*;
 
@@ -218,35 +219,109 @@ fn expressible(p: &DerivedPath, v: ProtocolVersion) -> bool {
     !matches!(p, DerivedPath::Opaque(s) if s.is_derivation() && v < DERIVED_PATH_STRINGS)
 }
 
-fn basic_derivation() -> impl Strategy<Value = BasicDerivation> {
+fn hash_algo() -> impl Strategy<Value = HashAlgo> {
+    prop::sample::select(HashAlgo::ALL.to_vec())
+}
+
+fn method() -> impl Strategy<Value = FileIngestionMethod> {
+    prop_oneof![
+        Just(FileIngestionMethod::Flat),
+        Just(FileIngestionMethod::Recursive)
+    ]
+}
+
+/// Outputs of every kind (the wire does not check that they go together); a fixed output's
+/// path is the one its hash gives for derivation `drv_name` in `dir`.
+fn derivation_output(
+    dir: StoreDir,
+    drv_name: String,
+    output: String,
+) -> impl Strategy<Value = DerivationOutput> {
+    prop_oneof![
+        store_path().prop_map(DerivationOutput::InputAddressed),
+        Just(DerivationOutput::Deferred),
+        (method(), hash_algo())
+            .prop_map(|(method, algo)| DerivationOutput::CaFloating { method, algo }),
+        (method(), hash_algo())
+            .prop_map(|(method, algo)| DerivationOutput::Impure { method, algo }),
+        (method(), hash_algo(), any::<[u8; 8]>()).prop_map(move |(m, a, seed)| {
+            DerivationOutput::ca_fixed(&dir, &drv_name, &output, m, Hash::digest(a, seed)).unwrap()
+        }),
+    ]
+}
+
+/// Byte strings, UTF-8 or not.
+fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..40),
+        text().prop_map(String::into_bytes),
+    ]
+}
+
+/// A derivation named like a store path, its outputs' paths in `dir`.
+fn basic_derivation(dir: StoreDir) -> impl Strategy<Value = BasicDerivation> {
     (
-        proptest::collection::btree_map(
-            output_name(),
-            (proptest::option::of(store_path()), text(), text()).prop_map(
-                |(path, hash_algo, hash)| DerivationOutput {
-                    path,
-                    hash_algo,
-                    hash,
-                },
-            ),
-            0..3,
-        ),
-        proptest::collection::btree_set(store_path(), 0..3),
-        text(),
-        text(),
-        proptest::collection::vec(text(), 0..4),
-        proptest::collection::btree_map(text(), text(), 0..4),
+        "[a-zA-Z0-9+._?=-]{1,20}",
+        proptest::collection::btree_set(output_name(), 0..3),
     )
-        .prop_map(
-            |(outputs, input_srcs, platform, builder, args, env)| BasicDerivation {
+        .prop_flat_map(move |(name, output_names)| {
+            let outputs: Vec<_> = output_names
+                .into_iter()
+                .map(|o| {
+                    (
+                        Just(o.clone()),
+                        derivation_output(dir.clone(), name.clone(), o),
+                    )
+                })
+                .collect();
+            (
+                Just(name),
                 outputs,
+                proptest::collection::btree_set(store_path(), 0..3),
+                text(),
+                bytes(),
+                proptest::collection::vec(bytes(), 0..4),
+                proptest::collection::btree_map(bytes(), bytes(), 0..4),
+            )
+        })
+        .prop_map(
+            |(name, outputs, input_srcs, system, builder, args, env)| BasicDerivation {
+                name,
+                outputs: outputs.into_iter().collect(),
                 input_srcs,
-                platform,
+                system,
                 builder,
                 args,
                 env,
             },
         )
+}
+
+/// The `.drv` path that names `drv` on the wire.
+fn drv_path_of(drv: &BasicDerivation) -> StorePath {
+    StorePath::new([7; 20], &format!("{}.drv", drv.name)).unwrap()
+}
+
+/// [`round_trip_in`] for a derivation, which is read with the `.drv` path that names it.
+fn derivation_round_trip_in(
+    drv: &BasicDerivation,
+    version: ProtocolVersion,
+    dir: &StoreDir,
+) -> BasicDerivation {
+    let bytes = encode(drv, version, dir);
+    assert_eq!(bytes.len() % 8, 0, "not padded: {drv:?}");
+    block_on(async {
+        let mut r = NixReader::new(Cursor::new(bytes), version).with_store_dir(dir.clone());
+        let out = read_basic_derivation(&mut r, &drv_path_of(drv))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.try_read_u64("trailing").await.unwrap(),
+            None,
+            "trailing bytes"
+        );
+        out
+    })
 }
 
 fn client_settings() -> impl Strategy<Value = ClientSettings> {
@@ -379,9 +454,9 @@ fn request() -> impl Strategy<Value = Request> {
                 dont_check_sigs,
             }
         }),
-        (store_path(), basic_derivation(), build_mode()).prop_map(|(drv_path, drv, mode)| {
+        (basic_derivation(StoreDir::default()), build_mode()).prop_map(|(drv, mode)| {
             Request::BuildDerivation {
-                drv_path,
+                drv_path: drv_path_of(&drv),
                 drv,
                 mode,
             }
@@ -463,10 +538,13 @@ proptest! {
     }
 
     #[test]
-    fn basic_derivation_round_trips(d in basic_derivation()) {
+    fn basic_derivation_round_trips(
+        d in basic_derivation(StoreDir::default()),
+        o in basic_derivation(other_store_dir()),
+    ) {
         for v in VERSIONS {
-            prop_assert_eq!(&round_trip(&d, v), &d);
-            prop_assert_eq!(&round_trip_in(&d, v, &other_store_dir()), &d);
+            prop_assert_eq!(&derivation_round_trip_in(&d, v, &StoreDir::default()), &d);
+            prop_assert_eq!(&derivation_round_trip_in(&o, v, &other_store_dir()), &o);
         }
     }
 
@@ -538,4 +616,42 @@ proptest! {
             prop_assert_eq!(decoded, expected);
         }
     }
+}
+
+/// Nix allows any bytes in a derivation's builder, arguments and environment:
+/// `BuildDerivation` carries a non-UTF-8 environment value through its encoding and back
+/// unchanged, byte for byte on the wire.
+#[test]
+fn build_derivation_carries_non_utf8_environment_values() {
+    let value = vec![0xff, 0xfe, b'\n', 0x80, b'"'];
+    let drv = BasicDerivation {
+        name: "bytes".to_owned(),
+        outputs: BTreeMap::from([(
+            "out".to_owned(),
+            DerivationOutput::InputAddressed(
+                StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-bytes").unwrap(),
+            ),
+        )]),
+        input_srcs: BTreeSet::new(),
+        system: "x86_64-linux".to_owned(),
+        builder: b"/bin/sh".to_vec(),
+        args: vec![b"-c".to_vec(), vec![b'#', 0xc3]],
+        env: BTreeMap::from([(b"v".to_vec(), value.clone()), (vec![0xe9], b"k".to_vec())]),
+    };
+    let request = Request::BuildDerivation {
+        drv_path: drv_path_of(&drv),
+        drv: drv.clone(),
+        mode: BuildMode::Normal,
+    };
+    for v in VERSIONS {
+        assert_eq!(request_round_trip(&request, v), request);
+        assert_eq!(derivation_round_trip_in(&drv, v, &StoreDir::default()), drv);
+    }
+    let encoded = encode(&drv, NIX_2_8, &StoreDir::default());
+    let mut field = (value.len() as u64).to_le_bytes().to_vec();
+    field.extend(&value);
+    assert!(
+        encoded.windows(field.len()).any(|w| w == field),
+        "the value is not on the wire as it is"
+    );
 }

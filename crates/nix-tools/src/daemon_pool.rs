@@ -14,18 +14,20 @@
 //! so that Nix kills its builder; a socket connection is closed, which the daemon takes as
 //! an interruption.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nixspace_nix_formats::derivation::{Derivation, DerivationOutput as DrvOutput};
-use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_formats::derivation::{
+    BasicDerivation, Derivation, DerivationError, DerivationOutput,
+};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::{
-    BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient,
-    DerivationOutput, LogEvent, Realisation,
+    BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient, LogEvent,
+    Realisation,
 };
 use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -88,25 +90,106 @@ impl PoolConfig {
 }
 
 /// Why a step did not produce its outputs.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum StepError {
     /// Some inputs are not valid in the store (this store lacks them; another
     /// may have them): transient.
     #[error("inputs not valid: {}", .0.join(" "))]
     InputsMissing(Vec<String>),
-    /// The build failed, or the derivation cannot be built here at all:
-    /// permanent.
-    #[error("{0}")]
-    Failed(String),
+    /// The step names no derivation of this store: permanent.
+    #[error("{path}: {source}")]
+    BadDerivationPath {
+        /// The path given.
+        path: String,
+        /// Why it is not a store path here.
+        #[source]
+        source: StorePathError,
+    },
+    /// A `.drv` file exists but cannot be read: transient.
+    #[error("cannot read derivation {path}: {source}")]
+    ReadDerivation {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `.drv` file does not parse: permanent.
+    #[error("cannot parse derivation {path}: {source}")]
+    ParseDerivation {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: Box<DerivationError>,
+    },
+    /// Reading the derivations on the blocking pool did not finish: transient.
+    #[error("reading the derivation failed: {0}")]
+    ReadTask(#[source] tokio::task::JoinError),
+    /// An input's output has no path before it is built: permanent.
+    #[error(
+        "output '{output}' of {drv} has no path known before it is built \
+         (floating content-addressed inputs are not supported yet)"
+    )]
+    FloatingInput {
+        /// The input derivation.
+        drv: String,
+        /// Its output.
+        output: String,
+    },
+    /// Nix built the derivation and the build failed: permanent unless Nix calls the failure
+    /// transient.
+    #[error("{message}")]
+    Build {
+        /// Nix's status.
+        status: BuildStatus,
+        /// The first line of Nix's message (or the status).
+        message: String,
+    },
+    /// The build succeeded but Nix did not say where an output went: transient.
+    #[error("the Nix daemon built {drv} but did not report output '{output}'")]
+    OutputNotReported {
+        /// The derivation.
+        drv: String,
+        /// The output.
+        output: String,
+    },
     /// The daemon or the connection failed: transient.
-    #[error("{0}")]
-    Transient(String),
+    #[error("Nix daemon: {}", error_chain(.0))]
+    Daemon(Box<ClientError>),
+    /// `nix-daemon` could not be started: transient.
+    #[error("cannot run nix-daemon: {0} (is Nix installed? on Debian: apt-get install nix-bin)")]
+    Spawn(#[source] std::io::Error),
+    /// The started `nix-daemon` has no pipes: transient.
+    #[error("nix-daemon has no pipes")]
+    NoPipes,
+    /// The daemon's socket does not accept a connection: transient.
+    #[error("cannot connect to the Nix daemon at {}: {source}", path.display())]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening a connection took longer than [`CONNECT_TIMEOUT`]: transient.
+    #[error("the Nix daemon did not answer within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    /// The pool is closed: transient.
+    #[error("the daemon pool is closed")]
+    PoolClosed,
 }
 
 impl StepError {
     /// Whether trying again (here or elsewhere) cannot help.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, StepError::Failed(_))
+        match self {
+            StepError::BadDerivationPath { .. }
+            | StepError::ParseDerivation { .. }
+            | StepError::FloatingInput { .. } => true,
+            StepError::Build { status, .. } => *status != BuildStatus::TransientFailure,
+            _ => false,
+        }
     }
 }
 
@@ -230,7 +313,7 @@ impl DaemonPool {
         Arc::clone(&self.inner.slots)
             .acquire_owned()
             .await
-            .map_err(|_| StepError::Transient("the daemon pool is closed".to_owned()))
+            .map_err(|_| StepError::PoolClosed)
     }
 
     async fn open(&self, permit: OwnedSemaphorePermit) -> Result<Lease, StepError> {
@@ -290,7 +373,7 @@ impl Lease {
         } else {
             self.close();
         }
-        StepError::Transient(format!("Nix daemon: {}", error_chain(&e)))
+        StepError::Daemon(Box::new(e))
     }
 }
 
@@ -310,9 +393,7 @@ impl Connection {
     async fn open(config: &PoolConfig) -> Result<Connection, StepError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(config)).await {
             Ok(conn) => conn,
-            Err(_) => Err(StepError::Transient(format!(
-                "the Nix daemon did not answer within {CONNECT_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(StepError::ConnectTimeout),
         }
     }
 
@@ -321,8 +402,6 @@ impl Connection {
             store_dir: config.store_dir.clone(),
             ..ClientConfig::default()
         };
-        let handshake_err =
-            |e: ClientError| StepError::Transient(format!("Nix daemon: {}", error_chain(&e)));
         let conn = match &config.target {
             DaemonTarget::Spawn => {
                 let mut cmd = tokio::process::Command::new("nix-daemon");
@@ -338,36 +417,32 @@ impl Connection {
                     // Its own group: a terminal's Ctrl-C does not reach it,
                     // and a stuck daemon is killed with its whole group.
                     .process_group(0);
-                let mut child = cmd.spawn().map_err(|e| {
-                    StepError::Transient(format!(
-                        "cannot run nix-daemon: {e} (is Nix installed? on Debian: apt-get install nix-bin)"
-                    ))
-                })?;
+                let mut child = cmd.spawn().map_err(StepError::Spawn)?;
                 let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-                    return Err(StepError::Transient("nix-daemon has no pipes".to_owned()));
+                    return Err(StepError::NoPipes);
                 };
                 // If the handshake fails, `child` is killed on drop.
                 let (r, w): (Reader, Writer) = (Box::new(stdout), Box::new(stdin));
                 let client = DaemonClient::handshake_with_config(r, w, &client_config)
                     .await
-                    .map_err(handshake_err)?;
+                    .map_err(|e| StepError::Daemon(Box::new(e)))?;
                 Connection {
                     client,
                     child: Some(child),
                 }
             }
             DaemonTarget::Socket(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    StepError::Transient(format!(
-                        "cannot connect to the Nix daemon at {}: {e}",
-                        path.display()
-                    ))
-                })?;
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(|source| StepError::Connect {
+                        path: path.clone(),
+                        source,
+                    })?;
                 let (r, w) = stream.into_split();
                 let (r, w): (Reader, Writer) = (Box::new(r), Box::new(w));
                 let client = DaemonClient::handshake_with_config(r, w, &client_config)
                     .await
-                    .map_err(handshake_err)?;
+                    .map_err(|e| StepError::Daemon(Box::new(e)))?;
                 Connection {
                     client,
                     child: None,
@@ -462,9 +537,9 @@ pub struct BuiltStep {
 /// One derivation, ready to send.
 struct Step {
     drv_path: StorePath,
+    /// The derivation as `BuildDerivation` sends it: no input derivations, their used
+    /// outputs among the input sources (as Nix does).
     basic: BasicDerivation,
-    /// The outputs of the derivation itself.
-    outputs: BTreeMap<String, DrvOutput>,
     /// Everything the build reads: input sources and used input outputs.
     closure: BTreeSet<StorePath>,
 }
@@ -475,35 +550,36 @@ impl Step {
     async fn load(store: StoreDir, drv: String) -> Result<Step, StepError> {
         tokio::task::spawn_blocking(move || Step::read(&store, &drv))
             .await
-            .map_err(|e| StepError::Transient(format!("reading the derivation failed: {e}")))?
+            .map_err(StepError::ReadTask)?
     }
 
     fn read(store: &StoreDir, drv: &str) -> Result<Step, StepError> {
         let drv_path = store
             .parse(drv)
-            .map_err(|e| StepError::Failed(format!("{drv}: {e}")))?;
+            .map_err(|source| StepError::BadDerivationPath {
+                path: drv.to_owned(),
+                source,
+            })?;
         let derivation = read_derivation(store, &drv_path)?;
         let mut closure = derivation.input_srcs.clone();
         for (input, names) in &derivation.input_drvs {
             let input_drv = read_derivation(store, input)?;
             for name in names {
-                let path = input_drv.outputs.get(name).and_then(DrvOutput::path);
+                let path = input_drv.outputs.get(name).and_then(DerivationOutput::path);
                 let Some(path) = path else {
-                    return Err(StepError::Failed(format!(
-                        "output '{name}' of {} has no path known before it is built \
-                         (floating content-addressed inputs are not supported yet)",
-                        store.print(input)
-                    )));
+                    return Err(StepError::FloatingInput {
+                        drv: store.print(input),
+                        output: name.clone(),
+                    });
                 };
                 closure.insert(path.clone());
             }
         }
-        let basic = to_basic(&derivation, closure.clone())
-            .map_err(|e| StepError::Failed(format!("{drv}: {e}")))?;
+        let mut basic = BasicDerivation::from_derivation(&derivation);
+        basic.input_srcs = closure.clone();
         Ok(Step {
             drv_path,
             basic,
-            outputs: derivation.outputs,
             closure,
         })
     }
@@ -518,16 +594,16 @@ impl Step {
             } else {
                 message
             };
-            return Err(match result.status {
-                BuildStatus::TransientFailure => StepError::Transient(message),
-                _ => StepError::Failed(message),
+            return Err(StepError::Build {
+                status: result.status,
+                message,
             });
         }
         let mut built = BuiltStep {
             outputs: Vec::new(),
             realisations: Vec::new(),
         };
-        for (name, output) in &self.outputs {
+        for (name, output) in &self.basic.outputs {
             let path = match output.path() {
                 Some(path) => store.print(path),
                 None => {
@@ -538,10 +614,10 @@ impl Step {
                         .find(|(id, _)| id.ends_with(&suffix))
                         .map(|(_, r)| r);
                     let Some(realisation) = realised else {
-                        return Err(StepError::Transient(format!(
-                            "the Nix daemon built {} but did not report output '{name}'",
-                            store.print(&self.drv_path)
-                        )));
+                        return Err(StepError::OutputNotReported {
+                            drv: store.print(&self.drv_path),
+                            output: name.clone(),
+                        });
                     };
                     built.realisations.push(realisation.clone());
                     let p = realisation.out_path.as_str();
@@ -560,64 +636,16 @@ impl Step {
 
 fn read_derivation(store: &StoreDir, path: &StorePath) -> Result<Derivation, StepError> {
     let file = store.print(path);
-    let bytes = std::fs::read(&file).map_err(|e| match e.kind() {
+    let bytes = std::fs::read(&file).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => StepError::InputsMissing(vec![file.clone()]),
-        _ => StepError::Transient(format!("cannot read derivation {file}: {e}")),
+        _ => StepError::ReadDerivation {
+            path: file.clone(),
+            source,
+        },
     })?;
-    Derivation::parse_at(store, path, &bytes)
-        .map_err(|e| StepError::Failed(format!("cannot parse derivation {file}: {e}")))
-}
-
-/// The derivation as `BuildDerivation` sends it: no input derivations, their
-/// used outputs among the input sources (as Nix does).
-fn to_basic(drv: &Derivation, input_srcs: BTreeSet<StorePath>) -> Result<BasicDerivation, String> {
-    let text = |what: &str, bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("its {what} is not UTF-8"))
-    };
-    let outputs = drv
-        .outputs
-        .iter()
-        .map(|(name, output)| {
-            let (path, hash_algo, hash) = match output {
-                DrvOutput::InputAddressed(p) => (Some(p.clone()), String::new(), String::new()),
-                DrvOutput::CaFixed { method, hash, path } => (
-                    Some(path.clone()),
-                    format!("{}{}", method.prefix(), hash.algo()),
-                    hash.to_base16(),
-                ),
-                DrvOutput::CaFloating { method, algo } => {
-                    (None, format!("{}{}", method.prefix(), algo), String::new())
-                }
-                DrvOutput::Deferred => (None, String::new(), String::new()),
-                DrvOutput::Impure { method, algo } => (
-                    None,
-                    format!("{}{}", method.prefix(), algo),
-                    "impure".to_owned(),
-                ),
-            };
-            let output = DerivationOutput {
-                path,
-                hash_algo,
-                hash,
-            };
-            (name.clone(), output)
-        })
-        .collect();
-    Ok(BasicDerivation {
-        outputs,
-        input_srcs,
-        platform: drv.system.clone(),
-        builder: text("builder", &drv.builder)?,
-        args: drv
-            .args
-            .iter()
-            .map(|a| text("arguments", a))
-            .collect::<Result<_, _>>()?,
-        env: drv
-            .env
-            .iter()
-            .map(|(k, v)| Ok((text("environment", k)?, text("environment", v)?)))
-            .collect::<Result<_, String>>()?,
+    Derivation::parse_at(store, path, &bytes).map_err(|source| StepError::ParseDerivation {
+        path: file,
+        source: Box::new(source),
     })
 }
 
@@ -699,8 +727,13 @@ mod tests {
 
     #[test]
     fn only_failures_nothing_can_fix_are_permanent() {
-        assert!(StepError::Failed("x".into()).is_permanent());
-        assert!(!StepError::Transient("x".into()).is_permanent());
+        let build = |status| StepError::Build {
+            status,
+            message: "x".into(),
+        };
+        assert!(build(BuildStatus::PermanentFailure).is_permanent());
+        assert!(!build(BuildStatus::TransientFailure).is_permanent());
+        assert!(!StepError::ConnectTimeout.is_permanent());
         assert!(!StepError::InputsMissing(vec!["/nix/store/x".into()]).is_permanent());
     }
 }

@@ -1,6 +1,9 @@
 //! The local Nix: its command-line tools, its daemon, and derivations read
 //! from the store.
 //!
+//! [`nix_conf`] reads the Nix configuration (`nix.conf`, its includes and `NIX_CONFIG`) as
+//! Nix does.
+//!
 //! Commands run a real Nix program (`nix-instantiate`) found on
 //! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
 //! friends apply as they would to a user's own commands; failures carry the
@@ -11,6 +14,7 @@
 mod command;
 mod daemon_pool;
 mod derivation_info;
+pub mod nix_conf;
 pub mod own_store;
 
 pub use command::NixError;
@@ -18,6 +22,7 @@ pub use daemon_pool::{
     strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE,
 };
 pub use derivation_info::{read_closure, DerivationInfo};
+pub use nix_conf::{NixConf, NixConfError};
 
 use std::path::Path;
 

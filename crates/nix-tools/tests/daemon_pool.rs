@@ -109,6 +109,24 @@ async fn a_failing_builder_is_a_permanent_failure_with_its_log() {
     assert_eq!(pool.opened(), 1);
 }
 
+/// Nix allows any bytes in an environment value; the pool sends the derivation as it is
+/// (it used to refuse values that were not UTF-8).
+#[tokio::test]
+async fn a_non_utf8_environment_value_reaches_the_builder_unchanged() {
+    let pool = pool(1);
+    let tag = unique("bytes");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value");
+    let value = [b"\xff\xfe\"\n".as_slice(), tag.as_bytes()].concat();
+    std::fs::write(&file, &value).unwrap();
+    let drv = instantiate(&format!(
+        r#"sh "bytes-{tag}" "printf %s \"$v\" > $out" {{ v = builtins.readFile {}; }}"#,
+        file.display()
+    ));
+    let outputs = build(&pool, &drv).await.0.unwrap();
+    assert_eq!(std::fs::read(&outputs[0]).unwrap(), value);
+}
+
 #[tokio::test]
 async fn missing_inputs_are_transient_and_named() {
     let pool = pool(1);

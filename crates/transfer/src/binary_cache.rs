@@ -14,7 +14,7 @@ use nixspace_protocol::store;
 use tokio::io::AsyncWriteExt;
 
 use crate::nar_stream::NarSender;
-use crate::source::{BoxFuture, PathSource};
+use crate::source::{BoxFuture, PathSource, SourceError};
 
 /// Bytes read from the cache per write into the stream.
 const READ_CHUNK: usize = 64 * 1024;
@@ -39,23 +39,30 @@ impl BinaryCache {
     }
 
     /// The narinfo of `path`, if the cache has one that describes it (and it is trusted).
-    async fn narinfo(&self, path: &str) -> Result<NarInfo, String> {
+    async fn narinfo(&self, path: &str) -> Result<NarInfo, SourceError> {
         let parsed = self
             .store_dir
             .parse(path)
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|source| SourceError::BadPath {
+                path: path.to_owned(),
+                source,
+            })?;
         let file = self.dir.join(format!("{}.narinfo", parsed.hash_part()));
-        let bytes = tokio::fs::read(&file)
-            .await
-            .map_err(|e| format!("{}: {e}", file.display()))?;
-        let info = NarInfo::parse_bytes(&self.store_dir, &bytes)
-            .map_err(|e| format!("{}: {e}", file.display()))?;
+        let bytes = match tokio::fs::read(&file).await {
+            Ok(bytes) => bytes,
+            Err(source) => return Err(SourceError::Read { file, source }),
+        };
+        let info = match NarInfo::parse_bytes(&self.store_dir, &bytes) {
+            Ok(info) => info,
+            Err(source) => return Err(SourceError::NarInfo { file, source }),
+        };
         if info.store_path != parsed {
-            return Err(format!("{} describes another path", file.display()));
+            return Err(SourceError::OtherPath(file));
         }
         if let Some(keys) = &self.trusted {
-            check_narinfo_signatures(&self.store_dir, &info, keys)
-                .map_err(|e| format!("{}: {e}", file.display()))?;
+            if let Err(source) = check_narinfo_signatures(&self.store_dir, &info, keys) {
+                return Err(SourceError::Signature { file, source });
+            }
         }
         Ok(info)
     }
@@ -67,7 +74,7 @@ impl PathSource for BinaryCache {
             let info = match self.narinfo(path).await {
                 Ok(info) => info,
                 Err(reason) => {
-                    tracing::debug!(%path, %reason, "not offered from the binary cache");
+                    tracing::debug!(%path, reason = %reason, "not offered from the binary cache");
                     return None;
                 }
             };
@@ -93,45 +100,49 @@ impl PathSource for BinaryCache {
         &'a self,
         path: &'a str,
         out: &'a mut NarSender,
-    ) -> BoxFuture<'a, Result<u64, String>> {
+    ) -> BoxFuture<'a, Result<u64, SourceError>> {
         Box::pin(async move {
             let info = self.narinfo(path).await?;
             if info.url.contains("..") || info.url.starts_with('/') {
-                return Err(format!("NAR URL {:?} leaves the cache", info.url));
+                return Err(SourceError::UrlOutsideCache(info.url));
             }
             let file = self.dir.join(&info.url);
             let compression = info.compression().to_owned();
             // Decompress on a blocking thread, handing chunks to this task.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-            let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let f =
-                    std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let reader = tokio::task::spawn_blocking(move || -> Result<(), SourceError> {
+                let read_error = |source| SourceError::Read {
+                    file: file.clone(),
+                    source,
+                };
+                let mut f = std::fs::File::open(&file).map_err(read_error)?;
                 let mut sink = ChunkWriter(tx);
                 match compression.as_str() {
                     "none" => {
-                        let mut f = f;
                         let mut buf = vec![0u8; READ_CHUNK];
                         loop {
-                            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+                            let n = f.read(&mut buf).map_err(read_error)?;
                             if n == 0 {
                                 return Ok(());
                             }
-                            sink.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                            sink.write_all(&buf[..n]).map_err(SourceError::Stream)?;
                         }
                     }
-                    "xz" => lzma_rs::xz_decompress(&mut BufReader::new(f), &mut sink)
-                        .map_err(|e| format!("{}: {e}", file.display())),
-                    other => Err(format!(
-                        "compression {other:?} is not supported (use none or xz)"
-                    )),
+                    "xz" => lzma_rs::xz_decompress(&mut BufReader::new(f), &mut sink).map_err(
+                        |source| SourceError::Decompress {
+                            file: file.clone(),
+                            source,
+                        },
+                    ),
+                    other => Err(SourceError::Compression(other.to_owned())),
                 }
             });
             let mut size = 0u64;
             while let Some(chunk) = rx.recv().await {
                 size += chunk.len() as u64;
-                out.write_all(&chunk).await.map_err(|e| e.to_string())?;
+                out.write_all(&chunk).await.map_err(SourceError::Stream)?;
             }
-            reader.await.map_err(|e| e.to_string())??;
+            reader.await.map_err(SourceError::Task)??;
             Ok(size)
         })
     }

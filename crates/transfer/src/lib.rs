@@ -16,4 +16,6 @@ mod node;
 mod path_info;
 pub mod source;
 
-pub use node::{FetchError, StoreNode, Timeouts, WANT_PATIENCE};
+pub use node::{CopyError, FetchError, StoreNode, Timeouts, WANT_PATIENCE};
+pub use path_info::PathInfoError;
+pub use source::SourceError;

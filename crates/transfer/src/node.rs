@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_formats::store_path::{StorePath, StorePathError};
 use nixspace_nix_protocol::ValidPathInfo;
-use nixspace_nix_tools::DaemonPool;
+use nixspace_nix_tools::{DaemonPool, StepError};
 use nixspace_protocol::on_retraction;
 use nixspace_protocol::store;
 use syndicate::actor::{
@@ -21,7 +21,7 @@ use syndicate_macros::during;
 use tokio::sync::{mpsc, watch, OnceCell};
 
 use crate::nar_stream::{receive, STREAM_IDLE};
-use crate::path_info::from_wire;
+use crate::path_info::{from_wire, PathInfoError};
 use crate::source::{serve, DaemonSource, PathSource, Role};
 
 /// How long a fetch waits for some store to say it has the path, by default.
@@ -79,7 +79,7 @@ struct Wanted {
 }
 
 /// Why a path could not be made valid in the local store.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FetchError {
     /// The node is not attached to a dataspace (yet, or any more).
     #[error("not connected to a dataspace")]
@@ -91,16 +91,51 @@ pub enum FetchError {
     #[error("no store in the dataspace has {0} (waited {1:?})")]
     Nowhere(String, Duration),
     /// Every store that had the path failed to send a good copy.
-    #[error("cannot fetch {path}: {reasons}")]
+    #[error("cannot fetch {path}: {}", reasons_text(reasons))]
     Failed {
         /// The path.
         path: String,
-        /// What went wrong with each store tried.
-        reasons: String,
+        /// What went wrong with each store tried, by store.
+        reasons: Vec<(String, CopyError)>,
+    },
+    /// A path to fetch is not a store path of the local store.
+    #[error("local store: {path}: {source}")]
+    BadPath {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
     },
     /// The local store could not be asked or written.
     #[error("local store: {0}")]
-    Local(String),
+    Local(Arc<StepError>),
+}
+
+/// Why a copy of a path from one store failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CopyError {
+    /// The store's path info is malformed.
+    #[error(transparent)]
+    PathInfo(#[from] PathInfoError),
+    /// The path's references could not be fetched first.
+    #[error("its references: {0}")]
+    References(Box<FetchError>),
+    /// The connection to the dataspace dropped during the copy.
+    #[error("the connection to the dataspace was lost")]
+    LinkLost,
+    /// The local store could not be written (or refused the NAR).
+    #[error(transparent)]
+    Store(Arc<StepError>),
+}
+
+/// `from A: reason; from B: reason`.
+fn reasons_text(reasons: &[(String, CopyError)]) -> String {
+    reasons
+        .iter()
+        .map(|(holder, reason)| format!("from {holder}: {reason}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A participant's Nix store in the dataspace, named (a worker's id, a frontend's requester).
@@ -299,9 +334,10 @@ impl StoreNode {
         paths
             .iter()
             .map(|p| {
-                store_dir
-                    .parse(p)
-                    .map_err(|e| FetchError::Local(format!("{p}: {e}")))
+                store_dir.parse(p).map_err(|source| FetchError::BadPath {
+                    path: p.clone(),
+                    source,
+                })
             })
             .collect()
     }
@@ -377,13 +413,13 @@ impl Inner {
             .pool
             .lease()
             .await
-            .map_err(|e| FetchError::Local(e.to_string()))?;
+            .map_err(|e| FetchError::Local(Arc::new(e)))?;
         match lease.client().query_valid_paths(paths, false).await {
             Ok(v) => {
                 lease.release();
                 Ok(v)
             }
-            Err(e) => Err(FetchError::Local(lease.failed(e).to_string())),
+            Err(e) => Err(FetchError::Local(Arc::new(lease.failed(e)))),
         }
     }
 
@@ -500,7 +536,7 @@ impl Inner {
                 }
                 Err(reason) => {
                     tracing::warn!(path = %printed, from = %holder, %reason, "fetch failed");
-                    reasons.push(format!("from {holder}: {reason}"));
+                    reasons.push((holder, reason));
                 }
             }
         }
@@ -513,7 +549,7 @@ impl Inner {
         } else {
             Err(FetchError::Failed {
                 path: printed,
-                reasons: reasons.join("; "),
+                reasons,
             })
         }
     }
@@ -562,7 +598,7 @@ impl Inner {
         printed: &str,
         holder: &str,
         info: &store::PathInfo,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CopyError> {
         let store_dir = self.pool.store_dir();
         let info: ValidPathInfo = from_wire(store_dir, path, info)?;
         let references: BTreeSet<StorePath> = info
@@ -574,7 +610,7 @@ impl Inner {
             .collect();
         self.ensure(references)
             .await
-            .map_err(|e| format!("its references: {e}"))?;
+            .map_err(|e| CopyError::References(Box::new(e)))?;
         let (sink, mut nar) = receive(
             link.facet.clone(),
             info.info.nar_hash.clone(),
@@ -593,20 +629,24 @@ impl Inner {
             );
             Ok(())
         });
-        let mut lease = self.pool.lease().await.map_err(|e| e.to_string())?;
+        let mut lease = self
+            .pool
+            .lease()
+            .await
+            .map_err(|e| CopyError::Store(Arc::new(e)))?;
         // Our own daemon, trusted: the hash is what is checked, not signatures. A stream cut
         // by a lost connection ends at once: dropping the lease interrupts its daemon
         // connection mid-NAR, so the daemon registers nothing.
         let added = tokio::select! {
             added = lease.client().add_to_store_nar(&info, &mut nar, false, true) => added,
-            () = link.until_lost() => return Err("the connection to the dataspace was lost".to_owned()),
+            () = link.until_lost() => return Err(CopyError::LinkLost),
         };
         match added {
             Ok(()) => {
                 lease.release();
                 Ok(nar.received())
             }
-            Err(e) => Err(lease.failed(e).to_string()),
+            Err(e) => Err(CopyError::Store(Arc::new(lease.failed(e)))),
         }
     }
 }

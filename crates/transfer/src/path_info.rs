@@ -1,9 +1,44 @@
 //! A path's registration data, between the Nix protocol's form and the dataspace's.
 
-use nixspace_nix_formats::hash::{Hash, HashAlgo};
-use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+use nixspace_nix_formats::hash::{Hash, HashAlgo, HashError};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::{PathInfo, ValidPathInfo};
 use nixspace_protocol::store;
+
+/// A field of another participant's path info that does not hold what it must.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathInfoError {
+    /// The NAR hash is not a SHA-256 hash.
+    #[error("bad NAR hash {text:?}: {source}")]
+    NarHash {
+        /// The field.
+        text: String,
+        /// Why.
+        #[source]
+        source: HashError,
+    },
+    /// The NAR size is negative or too large.
+    #[error("bad NAR size {0}")]
+    NarSize(String),
+    /// A reference is not a store path of this store.
+    #[error("bad reference {path}: {source}")]
+    Reference {
+        /// The field.
+        path: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+    /// The deriver is not a store path of this store.
+    #[error("bad deriver {path}: {source}")]
+    Deriver {
+        /// The field.
+        path: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+}
 
 /// The dataspace form of what the daemon told about a path.
 pub fn to_wire(store_dir: &StoreDir, info: &PathInfo) -> store::PathInfo {
@@ -20,26 +55,33 @@ pub fn to_wire(store_dir: &StoreDir, info: &PathInfo) -> store::PathInfo {
     }
 }
 
-/// What a copy of `path` is registered with, from the dataspace form; `None` with the reason
-/// if a field is malformed (it came from another participant).
+/// What a copy of `path` is registered with, from the dataspace form; an error naming the
+/// field if one is malformed (it came from another participant).
 pub fn from_wire(
     store_dir: &StoreDir,
     path: &StorePath,
     info: &store::PathInfo,
-) -> Result<ValidPathInfo, String> {
-    let nar_hash = Hash::parse_any(&info.nar_hash, Some(HashAlgo::Sha256))
-        .map_err(|e| format!("bad NAR hash {:?}: {e}", info.nar_hash))?;
+) -> Result<ValidPathInfo, PathInfoError> {
+    let nar_hash = Hash::parse_any(&info.nar_hash, Some(HashAlgo::Sha256)).map_err(|source| {
+        PathInfoError::NarHash {
+            text: info.nar_hash.clone(),
+            source,
+        }
+    })?;
     let nar_size = i64::try_from(&info.nar_size)
         .ok()
         .and_then(|n| u64::try_from(n).ok())
-        .ok_or_else(|| format!("bad NAR size {}", info.nar_size))?;
+        .ok_or_else(|| PathInfoError::NarSize(info.nar_size.to_string()))?;
     let references = info
         .references
         .iter()
         .map(|r| {
             store_dir
                 .parse(r)
-                .map_err(|e| format!("bad reference {r}: {e}"))
+                .map_err(|source| PathInfoError::Reference {
+                    path: r.clone(),
+                    source,
+                })
         })
         .collect::<Result<_, _>>()?;
     let deriver = match info.deriver.as_str() {
@@ -47,7 +89,10 @@ pub fn from_wire(
         d => Some(
             store_dir
                 .parse(d)
-                .map_err(|e| format!("bad deriver {d}: {e}"))?,
+                .map_err(|source| PathInfoError::Deriver {
+                    path: d.to_owned(),
+                    source,
+                })?,
         ),
     };
     Ok(ValidPathInfo {
@@ -112,14 +157,21 @@ mod tests {
             },
         );
         wire.nar_size = (-1).into();
-        assert!(from_wire(&dir, &path, &wire).unwrap_err().contains("size"));
+        assert!(from_wire(&dir, &path, &wire)
+            .unwrap_err()
+            .to_string()
+            .contains("size"));
         wire.nar_size = 1.into();
         wire.references = vec!["/etc/passwd".into()];
         assert!(from_wire(&dir, &path, &wire)
             .unwrap_err()
+            .to_string()
             .contains("reference"));
         wire.references = vec![];
         wire.nar_hash = "md5:00".into();
-        assert!(from_wire(&dir, &path, &wire).unwrap_err().contains("hash"));
+        assert!(from_wire(&dir, &path, &wire)
+            .unwrap_err()
+            .to_string()
+            .contains("hash"));
     }
 }

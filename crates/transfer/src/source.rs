@@ -2,11 +2,16 @@
 //! binary cache directory.
 
 use std::future::Future;
+use std::io;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nixspace_nix_tools::DaemonPool;
+use nixspace_nix_formats::narinfo::NarInfoError;
+use nixspace_nix_formats::signature::SignatureError;
+use nixspace_nix_formats::store_path::StorePathError;
+use nixspace_nix_tools::{DaemonPool, StepError};
 use nixspace_protocol::store;
 use syndicate::actor::{Activation, AnyValue, Cap, LinkedTaskTermination};
 use syndicate::enclose;
@@ -19,6 +24,74 @@ use crate::path_info::to_wire;
 /// A boxed future, as the object-safe [`PathSource`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Why a source could not send a NAR (or describe a path).
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The path is not a store path of the source's store.
+    #[error("{path}: {source}")]
+    BadPath {
+        /// The path asked for.
+        path: String,
+        /// Why.
+        #[source]
+        source: StorePathError,
+    },
+    /// The store's daemon failed.
+    #[error(transparent)]
+    Store(#[from] StepError),
+    /// A file of a binary cache cannot be read.
+    #[error("{}: {source}", file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A narinfo does not parse.
+    #[error("{}: {source}", file.display())]
+    NarInfo {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: NarInfoError,
+    },
+    /// A narinfo describes a path other than the one its name says.
+    #[error("{} describes another path", .0.display())]
+    OtherPath(PathBuf),
+    /// A narinfo carries no valid signature by a trusted key.
+    #[error("{}: {source}", file.display())]
+    Signature {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: SignatureError,
+    },
+    /// A narinfo's NAR URL points outside the cache.
+    #[error("NAR URL {0:?} leaves the cache")]
+    UrlOutsideCache(String),
+    /// A NAR cannot be decompressed.
+    #[error("{}: {source}", file.display())]
+    Decompress {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        #[source]
+        source: lzma_rs::error::Error,
+    },
+    /// A NAR is compressed in a way this source does not read.
+    #[error("compression {0:?} is not supported (use none or xz)")]
+    Compression(String),
+    /// Writing the NAR into the stream failed.
+    #[error("{0}")]
+    Stream(#[source] io::Error),
+    /// The task reading the NAR did not finish.
+    #[error("{0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 /// Somewhere paths can be served from.
 pub trait PathSource: Send + Sync + 'static {
     /// What a copy of `path` (printed) is registered with, if this source has it.
@@ -28,7 +101,7 @@ pub trait PathSource: Send + Sync + 'static {
         &'a self,
         path: &'a str,
         out: &'a mut NarSender,
-    ) -> BoxFuture<'a, Result<u64, String>>;
+    ) -> BoxFuture<'a, Result<u64, SourceError>>;
 }
 
 /// How a store serves.
@@ -95,15 +168,15 @@ pub fn serve(
         t.linked_task(Some(AnyValue::symbol("send-nar")), enclose!((source, path) async move {
             let mut sender = NarSender::new(facet, sink, idle);
             let sent = match source.write_nar(&path, &mut sender).await {
-                Ok(size) => sender.finish().await.map(|()| size).map_err(|e| e.to_string()),
-                Err(reason) => Err(reason),
+                Ok(size) => sender.finish().await.map(|()| size).map_err(SourceError::Stream),
+                Err(e) => Err(e),
             };
             match sent {
                 Ok(size) => tracing::debug!(%path, size, "sent a NAR"),
-                Err(reason) => {
+                Err(e) => {
                     // A stalled receiver made the stream fail: say so rather than how the
                     // source noticed.
-                    let reason = sender.stall().unwrap_or(reason);
+                    let reason = sender.stall().unwrap_or_else(|| e.to_string());
                     tracing::warn!(%path, %reason, "cannot send a NAR");
                     sender.fail(reason);
                 }
@@ -141,20 +214,23 @@ impl PathSource for DaemonSource {
         &'a self,
         path: &'a str,
         out: &'a mut NarSender,
-    ) -> BoxFuture<'a, Result<u64, String>> {
+    ) -> BoxFuture<'a, Result<u64, SourceError>> {
         Box::pin(async move {
             let parsed = self
                 .0
                 .store_dir()
                 .parse(path)
-                .map_err(|e| format!("{path}: {e}"))?;
-            let mut lease = self.0.lease().await.map_err(|e| e.to_string())?;
+                .map_err(|source| SourceError::BadPath {
+                    path: path.to_owned(),
+                    source,
+                })?;
+            let mut lease = self.0.lease().await?;
             match lease.client().nar_from_path(&parsed, out).await {
                 Ok(size) => {
                     lease.release();
                     Ok(size)
                 }
-                Err(e) => Err(lease.failed(e).to_string()),
+                Err(e) => Err(lease.failed(e).into()),
             }
         })
     }
