@@ -13,8 +13,9 @@ use nixspace_space::host::{bind_unix, HostError};
 use nixspace_space::Route;
 
 use crate::server::{serve, Config};
-use crate::trust::{ConfError, TrustConfig};
+use crate::trust::TrustConfig;
 use crate::upstream::UpstreamSpec;
+use nixspace_nix_tools::NixConfError;
 
 /// How long a step may wait for a capable worker by default.
 pub const DEFAULT_PATIENCE: Duration = Duration::from_secs(30);
@@ -66,7 +67,7 @@ pub enum ServiceError {
     },
     /// The Nix configuration could not be read.
     #[error(transparent)]
-    Config(#[from] ConfError),
+    Config(#[from] NixConfError),
     /// The socket could not be bound.
     #[error(transparent)]
     Bind(#[from] HostError),
