@@ -19,8 +19,8 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 use tokio::sync::Notify;
 
-use super::super::demo::{spawn_up, Scratch};
-use super::Stats;
+use crate::measure::Stats;
+use crate::processes::{spawn_up, Scratch};
 
 /// Assertions, retractions and messages per second through a dataspace.
 ///

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::super::demo::{Children, Scratch};
-use super::rig::{Capacity, Column, Rig};
-use super::shapes::{Dag, Shape};
-use super::{median, plot, timed, Stats};
+use crate::measure::{median, timed, Stats};
+use crate::plot;
+use crate::processes::{Children, Scratch};
+use crate::rig::{Capacity, Column, Rig};
+use crate::shapes::{Dag, Shape};
 
 /// Generated DAGs of trivial derivations built each way, min/median/max over --runs.
 ///
@@ -137,7 +138,7 @@ async fn measure(
         }
     }
     let histogram = match &rig.metrics {
-        Some(addr) => super::fetch_histogram(addr, "nixspace_dispatch_seconds").await?,
+        Some(addr) => crate::metrics::fetch_histogram(addr, "nixspace_dispatch_seconds").await?,
         None => Vec::new(),
     };
     Ok((results, histogram))
@@ -255,7 +256,7 @@ fn print_dispatch_latency(histogram: &[(f64, u64)]) {
     }
     // The last bucket is unbounded: name the largest finite bound instead.
     let bound = |q: f64| {
-        let le = super::quantile(histogram, q)?;
+        let le = crate::metrics::quantile(histogram, q)?;
         let top = histogram
             .iter()
             .map(|b| b.0)

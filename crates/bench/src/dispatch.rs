@@ -17,7 +17,7 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
-use super::demo::{spawn_space, Children, Scratch};
+use crate::processes::{spawn_space, Children, Scratch};
 
 /// The scheduler alone: simulated workers that finish every step at once.
 ///

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use super::super::bench_queries::kill_group;
-use super::succeeded;
+use crate::measure::succeeded;
+use crate::processes::kill_group;
 
 /// Where Debian's openssh-server puts the daemon (it is not on a normal user's PATH).
 const SSHD: &str = "/usr/sbin/sshd";

@@ -11,8 +11,9 @@ use clap::Args;
 use nixspace_planner::{Effect, Schedule, StepInfo, Urgency, WorkerOffer};
 use tokio::process::Command;
 
-use super::shapes::{Dag, Shape};
-use super::{plot, succeeded, Stats};
+use crate::measure::{succeeded, Stats};
+use crate::plot;
+use crate::shapes::{Dag, Shape};
 
 /// The planner alone on DAGs of --nodes steps: time and peak memory.
 ///

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use nixspace_space::{Role, Route, Transport};
 use tokio::process::Command;
 
-use super::super::bench_queries::PrivateDaemon;
-use super::super::demo::{spawn_up, spawn_worker, Children};
-use super::ssh::SshBuilder;
+use crate::private_daemon::PrivateDaemon;
+use crate::processes::{spawn_up, spawn_worker, wait_for_file, Children};
+use crate::ssh::SshBuilder;
 
 /// One way of building the DAG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
@@ -128,7 +128,7 @@ impl Rig {
             }
             if has(Column::Translator) {
                 let limit = std::time::Duration::from_secs(15);
-                super::super::demo::wait_for_file(&rig.translator, limit).await?;
+                wait_for_file(&rig.translator, limit).await?;
             }
             rig.metrics = Some(metrics);
         }
