@@ -1,7 +1,8 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
 //! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`), the
 //! setups they compare (`rig`, `ssh`, `private_daemon`), generated inputs (`shapes`), plots
-//! (`plot`), timing (`measure`) and the `/metrics` histograms (`metrics`). `processes` holds
+//! (`plot`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
+//! benchmark (`error`). `processes` holds
 //! the child processes of this program (a dataspace and its workers in a scratch directory),
 //! shared with `nixspace demo`. The benchmarks start `up`, `worker`, `build` and `translate`
 //! as children of the running program, so they run inside the `nixspace` binary.
@@ -9,6 +10,7 @@
 mod dag;
 mod dataspace;
 mod dispatch;
+mod error;
 mod measure;
 mod metrics;
 mod planner;
@@ -23,6 +25,8 @@ mod ssh;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+
+pub use error::BenchError;
 
 /// Measure nixspace against what users run today.
 #[derive(Args, Debug)]
@@ -41,7 +45,7 @@ enum BenchCommand {
 }
 
 /// Run the benchmark `args` names.
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
     match args.what {
         BenchCommand::Dag(a) => dag::run(a).await,
         BenchCommand::Planner(a) => planner::run(a).await,

@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 
+use crate::error::BenchError;
+
 /// Run `cmd` to its end with its stdout discarded; how long it took.
-pub(crate) async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
+pub(crate) async fn timed(cmd: &mut Command) -> Result<Duration, BenchError> {
     let start = Instant::now();
     succeeded(cmd.stdout(Stdio::null())).await?;
     Ok(start.elapsed())
@@ -15,14 +17,13 @@ pub(crate) async fn timed(cmd: &mut Command) -> anyhow::Result<Duration> {
 
 /// Run `cmd` (stdin closed) to its end; what it printed, or an error with its stderr if it
 /// failed.
-pub(crate) async fn succeeded(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
+pub(crate) async fn succeeded(cmd: &mut Command) -> Result<std::process::Output, BenchError> {
     let out = cmd.stdin(Stdio::null()).output().await?;
     if !out.status.success() {
-        anyhow::bail!(
-            "benchmark command failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        return Err(BenchError::CommandFailed {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     Ok(out)
 }

@@ -1,9 +1,11 @@
 //! The dispatch latency histogram a dataspace serves on its `/metrics` endpoint, and its
 //! quantiles.
 
+use crate::error::BenchError;
+
 /// The cumulative buckets (upper bound, count) of the histogram `name` served by a
 /// `/metrics` endpoint at `addr`.
-pub(crate) async fn fetch_histogram(addr: &str, name: &str) -> anyhow::Result<Vec<(f64, u64)>> {
+pub(crate) async fn fetch_histogram(addr: &str, name: &str) -> Result<Vec<(f64, u64)>, BenchError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")

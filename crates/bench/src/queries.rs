@@ -13,6 +13,7 @@ use nixspace_nix_protocol::DaemonClient;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Command;
 
+use crate::error::BenchError;
 use crate::measure::{median, succeeded};
 use crate::private_daemon::PrivateDaemon;
 use crate::processes::{spawn_space, wait_for_file, Children, Scratch};
@@ -37,9 +38,9 @@ pub struct QueriesArgs {
 type Client = DaemonClient<OwnedReadHalf, OwnedWriteHalf>;
 
 /// Run `nixspace bench queries`.
-pub async fn run(args: QueriesArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: QueriesArgs) -> Result<ExitCode, BenchError> {
     if args.ops == 0 || args.runs == 0 {
-        anyhow::bail!("--ops and --runs must be at least 1");
+        return Err(BenchError::Arguments("--ops and --runs must be at least 1"));
     }
     let Scratch {
         exe,
@@ -60,7 +61,7 @@ async fn measure(
     tmp: &Path,
     daemon: &PrivateDaemon,
     children: &mut Children,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, BenchError> {
     let quiet = ["--log-level", "warn"];
     let dir = tmp.join("run");
     let state = tmp.join("state");
@@ -88,7 +89,7 @@ async fn measure(
         async move {
             DaemonClient::connect(&s)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", s.display()))
+                .map_err(|source| BenchError::Connect { socket: s, source })
         }
     };
     let mut direct = connect(&daemon.socket).await?;
@@ -149,7 +150,7 @@ async fn timed_calls(
     op: usize,
     paths: &[StorePath; 2],
     n: usize,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, BenchError> {
     let start = Instant::now();
     for i in 0..n {
         let path = &paths[i % 2];
@@ -159,18 +160,18 @@ async fn timed_calls(
             client.query_path_info(path).await?.is_some()
         };
         if valid != (i % 2 == 0) {
-            anyhow::bail!(
-                "{} of {path} answered valid = {valid}, expected {}",
-                OPS[op],
-                i % 2 == 0
-            );
+            return Err(BenchError::WrongAnswer {
+                op: OPS[op],
+                path: path.to_string(),
+                valid,
+            });
         }
     }
     Ok(start.elapsed())
 }
 
 /// A path valid in the daemon's store: a small file added with `nix-store --add`.
-async fn valid_path(tmp: &Path, socket: &Path) -> anyhow::Result<StorePath> {
+async fn valid_path(tmp: &Path, socket: &Path) -> Result<StorePath, BenchError> {
     let file = tmp.join("nixspace-bench-queries");
     std::fs::write(&file, "a path for nixspace bench queries\n")?;
     let out = succeeded(

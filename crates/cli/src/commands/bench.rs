@@ -7,5 +7,5 @@ pub use nixspace_bench::BenchArgs;
 
 /// Run `nixspace bench`.
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    nixspace_bench::run(args).await
+    Ok(nixspace_bench::run(args).await?)
 }
