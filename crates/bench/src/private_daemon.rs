@@ -34,7 +34,7 @@ impl PrivateDaemon {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(spawn_error(Path::new("nix-daemon"), ""))?;
+            .map_err(spawn_error("nix-daemon".to_owned()))?;
         let daemon = PrivateDaemon { child, socket };
         wait_for_file(&daemon.socket, Duration::from_secs(15)).await?;
         Ok(daemon)

@@ -131,7 +131,7 @@ pub async fn spawn_up(
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(spawn_error(exe, "up"))?,
+            .map_err(spawn_error(format!("{} up", exe.display())))?,
     );
     wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await
 }
@@ -154,19 +154,13 @@ pub fn spawn_worker(
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(spawn_error(exe, "worker"))?,
+            .map_err(spawn_error(format!("{} worker", exe.display())))?,
     );
     Ok(())
 }
 
-/// The error for `exe subcommand` failing to start.
-pub(crate) fn spawn_error(
-    exe: &Path,
-    subcommand: &str,
-) -> impl FnOnce(std::io::Error) -> ProcessError {
-    let command = format!("{} {subcommand}", exe.display())
-        .trim_end()
-        .to_owned();
+/// The error for `command` (a program and its subcommand, for the message) failing to start.
+pub(crate) fn spawn_error(command: String) -> impl FnOnce(std::io::Error) -> ProcessError {
     move |source| ProcessError::Spawn { command, source }
 }
 
