@@ -3,11 +3,9 @@
 //! workers, with a worker on its own store over TCP, and the translator) builds, and the
 //! planner, dataspace and dispatch benchmarks report what they promise.
 
-mod support;
-
 use std::time::Duration;
 
-use support::{nixspace_bin, run, Finished};
+use nixspace_test_support::{nixspace_bin, run, Finished};
 
 const LIMIT: Duration = Duration::from_secs(300);
 

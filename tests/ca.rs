@@ -2,14 +2,12 @@
 //! whose inputs are content-addressed are resolved as their inputs land, the resolved
 //! derivations are built by workers, and the links are recorded.
 
-mod support;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
 use nixspace_nix_formats::signature::{realisation_fingerprint, verify, PublicKeys};
-use support::dataspace::Session;
-use support::{run, step_binding, Space, CA_ATTRS};
+use nixspace_test_support::dataspace::Session;
+use nixspace_test_support::{run, step_binding, Space, CA_ATTRS};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -261,7 +259,7 @@ fn survive(crash: Crash) {
     // Down long enough for a running build to finish while nobody listens.
     std::thread::sleep(Duration::from_secs(3));
     space.restart_up();
-    let finished = support::wait_output(build, LIMIT);
+    let finished = nixspace_test_support::wait_output(build, LIMIT);
     assert!(finished.status.success(), "{finished:?}");
     assert_eq!(
         run_counts(&runs),
@@ -396,7 +394,7 @@ fn realisations_are_signed_by_their_builder_recorded_and_reused() {
     let id = realisations[0]["id"].as_str().unwrap();
     let again = seen
         .iter()
-        .map(support::dataspace::text)
+        .map(nixspace_test_support::dataspace::text)
         .find(|r| r.contains(id))
         .unwrap_or_else(|| panic!("the restarted planner asserts {id}: {seen:?}"));
     assert!(again.contains("nixspace-test-1:"), "{again}");

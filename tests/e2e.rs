@@ -1,12 +1,10 @@
 //! End-to-end: `nixspace up`, worker processes and `nixspace build` with the
 //! real Nix, over a real unix socket.
 
-mod support;
-
 use std::time::Duration;
 
 use nixspace_space::{Role, Route};
-use support::{nonce, repo_root, run, sleeper, Space};
+use nixspace_test_support::{nonce, repo_root, run, sleeper, Space};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(120);
 
@@ -148,7 +146,7 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
     let (space, build, needles) = long_build();
     // The builder really runs (nix-store and the sleeping sh).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while support::command_lines_with(&needles[1..]).is_empty() {
+    while nixspace_test_support::command_lines_with(&needles[1..]).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "the build never started"
@@ -163,7 +161,7 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
     // Within a few seconds nothing about the step runs any more.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let left = support::command_lines_with(&needles);
+        let left = nixspace_test_support::command_lines_with(&needles);
         if left.is_empty() {
             break;
         }
@@ -210,7 +208,7 @@ fn a_dataspace_that_stays_away_fails_the_build_instead_of_hanging() {
     let build = space.spawn_build_with(&file, &["--reconnect-for", "2"]);
     space.wait_for_log("w1", "building", Duration::from_secs(30));
     space.kill_up();
-    let finished = support::wait_output(build, Duration::from_secs(60));
+    let finished = nixspace_test_support::wait_output(build, Duration::from_secs(60));
     assert_eq!(finished.status.code(), Some(1), "{finished:?}");
     assert!(
         finished.stderr.contains("lost the dataspace")
@@ -231,7 +229,7 @@ fn a_build_survives_a_restart_of_the_dataspace() {
     space.wait_for_log("w1", "building", Duration::from_secs(30));
     space.kill_up();
     space.restart_up();
-    let finished = support::wait_output(build, BUILD_LIMIT);
+    let finished = nixspace_test_support::wait_output(build, BUILD_LIMIT);
     assert!(finished.status.success(), "{finished:?}");
     assert!(
         finished.stderr.contains("rejoined the dataspace"),

@@ -4,20 +4,18 @@
 //!
 //! `NIXSPACE_SOAK_LONG=1` runs the long variant of the soak.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route, Transport};
+use nixspace_test_support::dataspace::Session;
+use nixspace_test_support::proxy::CuttingProxy;
+use nixspace_test_support::{peak_rss, run, step_binding, Running, Space};
 use preserves_schema::{Parse, Unparse};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::dataspace::Session;
-use support::proxy::CuttingProxy;
-use support::{peak_rss, run, step_binding, Running, Space};
 use syndicate::actor::AnyValue;
 
 /// How big a soak is and how hard it is hit.
@@ -558,7 +556,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
         // The flooder is told, in words.
         let refusals = flood.with_label("demands-refused");
         assert_eq!(refusals.len(), 1, "{refusals:?}");
-        let text = support::dataspace::text(&refusals[0]);
+        let text = nixspace_test_support::dataspace::text(&refusals[0]);
         assert!(text.contains("\"flooder\""), "{text}");
         assert!(text.contains(&format!("at most {CAP}")), "{text}");
         // The coordinator kept the first CAP demands only, and still answers.
@@ -615,7 +613,7 @@ fn a_huge_build_log_is_truncated_and_the_coordinator_stays_up() {
     // 200 MiB of log in lines of 1 KiB.
     let file = space.sh_derivation(
         "spew.nix",
-        &format!("spew-{}", support::nonce()),
+        &format!("spew-{}", nixspace_test_support::nonce()),
         &format!(
             "/usr/bin/yes $(/usr/bin/printf %01023d 0) | /usr/bin/head -c {LOG}; echo spewed > $out"
         ),
@@ -660,8 +658,8 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
     const FLOOD: usize = 8 << 20;
     const LINE: usize = 1023;
     let space = Space::start_with(&["--max-log-bytes-per-step", &CAP.to_string()]);
-    let drv = support::dataspace::fake_drv("chatty");
-    let other = support::dataspace::fake_drv("quiet");
+    let drv = nixspace_test_support::dataspace::fake_drv("chatty");
+    let other = nixspace_test_support::dataspace::fake_drv("quiet");
     let log = |drv: &str, line: String| {
         build::Log {
             drv: drv.to_owned(),
@@ -691,8 +689,8 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
     }
     .unparse();
     let (worker, submit) = (
-        support::dataspace::route(&space, Role::Worker),
-        support::dataspace::route(&space, Role::Submit),
+        nixspace_test_support::dataspace::route(&space, Role::Worker),
+        nixspace_test_support::dataspace::route(&space, Role::Submit),
     );
     runtime().block_on(async {
         let observer = Session::join(&submit, vec![])
@@ -714,9 +712,10 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
                 .filter_map(|m| build::Log::parse(m).ok())
                 .collect::<Vec<_>>()
         };
-        let got_all = support::dataspace::poll_until(support::dataspace::ANSWER, || {
-            heard(&observer).iter().any(|l| l.drv == other)
-        })
+        let got_all = nixspace_test_support::dataspace::poll_until(
+            nixspace_test_support::dataspace::ANSWER,
+            || heard(&observer).iter().any(|l| l.drv == other),
+        )
         .await;
         assert!(got_all, "the other step's line never came");
         let lines = heard(&observer);

@@ -3,15 +3,13 @@
 //! withdrawn, gives up on a receiver that stops granting credit, and a big path moves between
 //! stores without the dataspace's host or the receiving worker holding it in memory.
 
-mod support;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nixspace_space::Role;
+use nixspace_test_support::dataspace::{route, runtime, NarFetch, ANSWER};
+use nixspace_test_support::{peak_rss, run, Space};
 use nixspace_transfer::nar_stream::WINDOW;
-use support::dataspace::{route, runtime, NarFetch, ANSWER};
-use support::{peak_rss, run, Space};
 
 const LIMIT: Duration = Duration::from_secs(50);
 

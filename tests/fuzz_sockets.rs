@@ -9,18 +9,16 @@
 //! `tests/corpus/syndicate-packet/` and `tests/corpus/nix-client/` are
 //! replayed every run.
 
-mod support;
-
 use std::path::Path;
 
 use nixspace_nix_protocol::version::NIX_2_8;
 use nixspace_nix_protocol::{ClientSettings, DaemonClient, NixWriter, Request};
 use nixspace_space::{Role, Route};
+use nixspace_test_support::dataspace::{resolve_text, RawPeer, Session, ANSWER};
 use nixspace_test_support::fuzz;
+use nixspace_test_support::{peak_rss, Space};
 use preserves::{NoEmbeddedDomainCodec, PackedWriter};
 use proptest::prelude::*;
-use support::dataspace::{resolve_text, RawPeer, Session, ANSWER};
-use support::{peak_rss, Space};
 use syndicate::actor::AnyValue;
 
 /// How often (in inputs) a normal client checks that the host still serves.

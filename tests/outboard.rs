@@ -3,8 +3,6 @@
 //! into, fetched through the dataspace from the worker that has it, and the symlinked
 //! program runs there; the closure is shared in the dataspace and reused.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,9 +11,9 @@ use std::time::Duration;
 
 use nixspace_protocol::store;
 use nixspace_space::{Role, Route};
+use nixspace_test_support::dataspace::Session;
+use nixspace_test_support::{nonce, run, KillOnDrop, Space};
 use preserves_schema::Unparse;
-use support::dataspace::Session;
-use support::{nonce, run, KillOnDrop, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -101,7 +99,8 @@ fn input_root(space: &Space, name: &str, target: &str) -> PathBuf {
 /// The example filling the store kept in `store` for `root`, with the test's Nix
 /// configuration.
 fn outboard(space: &Space, root: &Path, store: &Path, extra: &[&str]) -> Command {
-    let example = Path::new(support::nixspace_bin()).with_file_name("outboard-toolchains");
+    let example =
+        Path::new(nixspace_test_support::nixspace_bin()).with_file_name("outboard-toolchains");
     assert!(
         example.exists(),
         "{} missing: build the workspace's binaries first (./setup.sh test does)",

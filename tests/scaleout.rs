@@ -4,11 +4,9 @@
 //! the route files. Needs `syndicate-server` installed (the tests fail saying
 //! how when it is not).
 
-mod support;
-
 use std::time::Duration;
 
-use support::syndicate_server::ExternalSpace;
+use nixspace_test_support::syndicate_server::ExternalSpace;
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
 
@@ -16,19 +14,19 @@ const BUILD_LIMIT: Duration = Duration::from_secs(180);
 /// it succeeded, each step was built once and the root output is valid.
 fn build_a_small_dag(space: &ExternalSpace, runs_name: &str) {
     let runs = space.tmp.path().join(runs_name);
-    let file = support::layered_dag(space, 3, 3, &runs);
+    let file = nixspace_test_support::layered_dag(space, 3, 3, &runs);
     let result = space.build(&file, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
     assert!(
         result.stderr.contains("10 of 10 derivations to build"),
         "{result:?}"
     );
-    support::assert_each_step_built_once(&runs, 10);
+    nixspace_test_support::assert_each_step_built_once(&runs, 10);
     let out = result.stdout.trim();
     assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
     let mut check = space.nix("nix-store", None);
     check.arg("--check-validity").arg(out);
-    let valid = support::run(check, Duration::from_secs(30));
+    let valid = nixspace_test_support::run(check, Duration::from_secs(30));
     assert!(valid.status.success(), "root output not valid: {valid:?}");
 }
 
@@ -60,12 +58,12 @@ fn nix_build_through_the_translator_of_up_external_builds_on_the_server() {
     let (mut space, socket) = ExternalSpace::start_with_translator();
     space.worker("w1", &[]);
     let runs = space.tmp.path().join("runs");
-    let file = support::layered_dag(&space, 2, 2, &runs);
+    let file = nixspace_test_support::layered_dag(&space, 2, 2, &runs);
     let mut c = space.nix("nix-build", Some(&socket));
     c.arg(&file).arg("--no-out-link");
-    let built = support::run(c, BUILD_LIMIT);
+    let built = nixspace_test_support::run(c, BUILD_LIMIT);
     assert!(built.status.success(), "{built:?}");
-    support::assert_each_step_built_once(&runs, 5);
+    nixspace_test_support::assert_each_step_built_once(&runs, 5);
     let out = built.stdout.trim();
     assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
     assert!(space.log("w1").contains(" built "), "{}", space.log("w1"));
@@ -74,7 +72,7 @@ fn nix_build_through_the_translator_of_up_external_builds_on_the_server() {
 #[test]
 fn a_worker_capability_on_the_server_cannot_demand() {
     let space = ExternalSpace::start();
-    support::dataspace::assert_a_worker_cannot_demand(&space);
+    nixspace_test_support::dataspace::assert_a_worker_cannot_demand(&space);
 }
 
 #[test]
@@ -113,7 +111,7 @@ fn a_build_running_while_the_planner_restarts_is_not_built_again() {
     let mut space = ExternalSpace::start();
     space.worker("w1", &[]);
     let runs = space.tmp.path().join("runs");
-    let binding = support::step_binding(
+    let binding = nixspace_test_support::step_binding(
         "name: deps",
         "",
         &format!(
@@ -130,9 +128,9 @@ fn a_build_running_while_the_planner_restarts_is_not_built_again() {
     // The planner dies while `slow` builds; the worker keeps building and the next planner
     // grants the step back to it.
     space.restart_planner();
-    let finished = support::wait_output(build, BUILD_LIMIT);
+    let finished = nixspace_test_support::wait_output(build, BUILD_LIMIT);
     assert!(finished.status.success(), "{finished:?}");
-    support::assert_each_step_built_once(&runs, 2);
+    nixspace_test_support::assert_each_step_built_once(&runs, 2);
     let log = space.log("w1");
     assert!(
         log.contains("the planner went away; the build goes on"),
@@ -142,7 +140,9 @@ fn a_build_running_while_the_planner_restarts_is_not_built_again() {
 
 #[test]
 fn the_planner_caps_demands_per_requester_on_the_server() {
-    use support::dataspace::{demand_by, fake_drv, route, runtime, text, Session, SETTLE};
+    use nixspace_test_support::dataspace::{
+        demand_by, fake_drv, route, runtime, text, Session, SETTLE,
+    };
     const CAP: usize = 3;
     let mut space = ExternalSpace::start_with(&["--max-demands-per-client", &CAP.to_string()]);
     space.worker("w1", &[]);
@@ -167,7 +167,8 @@ fn the_planner_caps_demands_per_requester_on_the_server() {
         assert_eq!(hog.with_label("unschedulable").len(), CAP);
 
         // A frontend over the cap fails, saying so.
-        let binding = support::step_binding("name: deps", "", "echo ${name} $deps > $out");
+        let binding =
+            nixspace_test_support::step_binding("name: deps", "", "echo ${name} $deps > $out");
         let five = space.nix_file(
             "five.nix",
             &format!(

@@ -2,12 +2,10 @@
 //! exactly-once builds, feature matching, unschedulable steps, worker loss
 //! and graceful leave.
 
-mod support;
-
 use std::time::Duration;
 
+use nixspace_test_support::{layered_dag, nonce, sleeper, Space};
 use rustix::process::Signal;
-use support::{layered_dag, nonce, sleeper, Space};
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
 
@@ -25,7 +23,7 @@ fn a_fifty_step_dag_is_built_exactly_once_by_three_workers() {
         result.stderr.contains("50 of 50 derivations to build"),
         "{result:?}"
     );
-    support::assert_each_step_built_once(&runs, 50);
+    nixspace_test_support::assert_each_step_built_once(&runs, 50);
     let out = result.stdout.trim();
     assert_eq!(std::fs::read_to_string(out).expect("root output"), "root\n");
     // All three workers took part.
@@ -97,7 +95,7 @@ fn a_step_whose_worker_is_killed_completes_on_another_worker() {
     space.wait_for_log("doomed", "building", Duration::from_secs(30));
     space.worker("survivor", &[]);
     space.signal_worker("doomed", Signal::KILL);
-    let result = support::wait_output(build, BUILD_LIMIT);
+    let result = nixspace_test_support::wait_output(build, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("on survivor"), "{result:?}");
     assert_eq!(
@@ -120,7 +118,7 @@ fn a_terminated_worker_finishes_its_build_before_leaving() {
         "{}",
         space.log("w1")
     );
-    let result = support::wait_output(build, BUILD_LIMIT);
+    let result = nixspace_test_support::wait_output(build, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("built sleeper-"), "{result:?}");
 }
@@ -223,9 +221,9 @@ fn interrupting_one_of_two_builds_sharing_a_step_keeps_the_step() {
     });
     let pid = rustix::process::Pid::from_raw(first.id() as i32).expect("pid");
     rustix::process::kill_process(pid, Signal::INT).expect("SIGINT");
-    let first = support::wait_output(first, BUILD_LIMIT);
+    let first = nixspace_test_support::wait_output(first, BUILD_LIMIT);
     assert_eq!(first.status.code(), Some(130), "{first:?}");
-    let second = support::wait_output(second, BUILD_LIMIT);
+    let second = nixspace_test_support::wait_output(second, BUILD_LIMIT);
     assert!(second.status.success(), "{second:?}");
     assert_eq!(
         std::fs::read_to_string(second.stdout.trim()).expect("output"),
@@ -255,7 +253,7 @@ fn history_records_steps_and_attempts_and_outlives_the_dataspace() {
     // The history outlives the dataspace.
     space.kill_up();
     let c = space.command(&["history", "--json"]);
-    let out = support::run(c, Duration::from_secs(30));
+    let out = nixspace_test_support::run(c, Duration::from_secs(30));
     assert!(out.status.success(), "{out:?}");
     let steps: serde_json::Value = serde_json::from_str(&out.stdout).expect("history JSON");
     let steps = steps.as_array().expect("steps");

@@ -4,18 +4,16 @@
 //! may assert, workers reporting steps they were not assigned, and clients
 //! reaching for another client's assertions.
 
-mod support;
-
 use std::time::Duration;
 
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
-use preserves_schema::Unparse;
-use support::dataspace::{
+use nixspace_test_support::dataspace::{
     assert_a_worker_cannot_demand, demand, fake_drv, ready, resolve_text, route, runtime, text,
     RawPeer, Session, ANSWER, SETTLE,
 };
-use support::Space;
+use nixspace_test_support::Space;
+use preserves_schema::Unparse;
 use syndicate::actor::AnyValue;
 
 fn socket(space: &Space) -> std::path::PathBuf {
@@ -298,7 +296,7 @@ fn a_named_worker_route_acts_only_as_that_worker() {
     let mut space = Space::start();
     let narrowed = space.tmp.path().join("w-good.route");
     let dir = space.dir();
-    let made = support::run(
+    let made = nixspace_test_support::run(
         space.command(&[
             "route",
             "worker",
@@ -343,7 +341,7 @@ fn a_named_worker_route_acts_only_as_that_worker() {
     space.worker("w-good", &["--route", narrowed.to_str().unwrap()]);
     let file = space.sh_derivation(
         "named.nix",
-        &format!("named-{}", support::nonce()),
+        &format!("named-{}", nixspace_test_support::nonce()),
         "echo ok > $out",
     );
     let built = space.build(&file, Duration::from_secs(120));

@@ -2,15 +2,13 @@
 //! machines): inputs travel between stores through the dataspace, results come back to the
 //! frontend's store, and nothing crosses without its hash checked.
 
-mod support;
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use support::{
-    command_lines_with, counted_referring_script, nonce, run, step_binding, wait_output,
-    KillOnDrop, Space,
+use nixspace_test_support::{
+    command_lines_with, counted_referring_script, nonce, run, step_binding, unique_sleep,
+    wait_output, KillOnDrop, Space,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -109,7 +107,7 @@ fn workers_with_their_own_stores_pass_inputs_and_return_outputs() {
 /// `/nix/var/nixspace-test-slow`, and finishes at once elsewhere. Returns the file and the
 /// sleep's command line (to find it among the processes).
 fn slow_somewhere(space: &Space, seconds: u32) -> (PathBuf, String) {
-    let sleep = format!("/bin/sleep {seconds}.{}", std::process::id());
+    let sleep = unique_sleep(seconds);
     let file = space.nix_file(
         "slow.nix",
         &format!(
@@ -307,7 +305,7 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
     let worker = space.log("w1");
     assert!(worker.contains("hash mismatch"), "{worker}");
     // Both steps were built after all, and what is in the store is sound.
-    support::assert_each_step_built_once(&runs, 2);
+    nixspace_test_support::assert_each_step_built_once(&runs, 2);
     let mut verify = space.nix("nix-store", None);
     verify.args(["--verify-path", &top]);
     assert!(run(verify, LIMIT).status.success());
@@ -351,7 +349,8 @@ fn an_external_substituter_serves_another_store() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The example, a separate program knowing only the route file and that socket.
-    let example = Path::new(support::nixspace_bin()).with_file_name("store-substituter");
+    let example =
+        Path::new(nixspace_test_support::nixspace_bin()).with_file_name("store-substituter");
     assert!(
         example.exists(),
         "{} missing: build the workspace's binaries first (./setup.sh test does)",

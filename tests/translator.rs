@@ -2,14 +2,12 @@
 //! through `nixspace translate`: builds run on dataspace workers, store operations on the
 //! upstream daemon.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{command_lines_with, nonce, repo_root, run, sleeper, Space};
+use nixspace_test_support::{command_lines_with, nonce, repo_root, run, sleeper, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -410,7 +408,7 @@ fn export(space: &Space, remote: Option<&Path>, path: &str) -> Vec<u8> {
 /// `nix-store --import` of `nar` through `socket` (`None`: into the local store directly; it
 /// asks to skip signature checks), with a restricted and an unrestricted setting on the
 /// command line.
-fn import(space: &Space, socket: Option<&Path>, nar: &[u8]) -> support::Finished {
+fn import(space: &Space, socket: Option<&Path>, nar: &[u8]) -> nixspace_test_support::Finished {
     let mut c = space.nix("nix-store", socket);
     c.args(["--option", "sandbox", "false", "--option", "timeout", "600"])
         .arg("--import")
@@ -421,7 +419,7 @@ fn import(space: &Space, socket: Option<&Path>, nar: &[u8]) -> support::Finished
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(nar).expect("write the export");
     drop(stdin);
-    support::wait_output(child, LIMIT)
+    nixspace_test_support::wait_output(child, LIMIT)
 }
 
 #[test]
@@ -619,8 +617,8 @@ fn nixspace_daemon_is_a_drop_in_nix_daemon() {
     // The socket's directory does not exist yet: the daemon creates it, like nix-daemon.
     let socket = tmp.path().join("daemon-socket/socket");
     let log = std::fs::File::create(tmp.path().join("daemon.log")).expect("log");
-    let mut daemon = support::KillOnDrop(
-        std::process::Command::new(support::nixspace_bin())
+    let mut daemon = nixspace_test_support::KillOnDrop(
+        std::process::Command::new(nixspace_test_support::nixspace_bin())
             .arg("daemon")
             .env("NIX_CONF_DIR", &conf)
             .env("NIX_DAEMON_SOCKET_PATH", &socket)
@@ -633,7 +631,7 @@ fn nixspace_daemon_is_a_drop_in_nix_daemon() {
             .expect("spawn nixspace daemon"),
     );
     let daemon_log = || std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
-    let mut version = std::process::Command::new(support::nixspace_bin());
+    let mut version = std::process::Command::new(nixspace_test_support::nixspace_bin());
     version.args(["daemon", "--version"]);
     let version = run(version, LIMIT);
     assert!(version.status.success(), "{version:?}");
@@ -720,8 +718,10 @@ fn eight_concurrent_clients_share_their_common_steps() {
     // chain is common to all eight, each pair step to two. Every builder run appends the
     // step's name to `runs` (outside the store); shared-0 takes a second, so that every
     // client wants it while it is being built.
-    let step =
-        support::counted_step_bindings(&runs, "if [ ${name} = shared-0 ]; then /bin/sleep 1; fi;");
+    let step = nixspace_test_support::counted_step_bindings(
+        &runs,
+        "if [ ${name} = shared-0 ]; then /bin/sleep 1; fi;",
+    );
     let file = space.nix_file(
         "overlap.nix",
         &format!(
@@ -747,7 +747,7 @@ in step "top-${{toString i}}" [ own pair shared2 ]
         })
         .collect();
     for (i, client) in clients.into_iter().enumerate() {
-        let built = support::wait_output(client, LIMIT);
+        let built = nixspace_test_support::wait_output(client, LIMIT);
         assert!(built.status.success(), "client {i}: {built:?}");
         assert!(
             built.stdout.trim().ends_with(&format!("-top-{i}")),
@@ -755,7 +755,7 @@ in step "top-${{toString i}}" [ own pair shared2 ]
         );
     }
     // 3 shared + 4 pairs + 8 own + 8 tops.
-    support::assert_each_step_built_once(&runs, 23);
+    nixspace_test_support::assert_each_step_built_once(&runs, 23);
 }
 
 /// A plain `nix-daemon` on its own socket, in its own process group (killed with the group

@@ -1,13 +1,11 @@
 //! `nixspace demo`: a whole dataspace on this machine, building a bundled example.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
 
 use clap::Args;
-use nixspace_space::Role;
-use tokio::process::{Child, Command};
+use nixspace_bench::processes::{spawn_space, Children, Scratch};
+use tokio::process::Command;
 
 /// The bundled example (examples/demo/default.nix).
 const DEMO_NIX: &str = include_str!("../../../../examples/demo/default.nix");
@@ -27,132 +25,6 @@ pub struct DemoArgs {
     /// Build this Nix file instead of the bundled example.
     #[arg(long, value_name = "FILE.nix")]
     file: Option<PathBuf>,
-}
-
-/// Child processes that are stopped (SIGTERM, then killed) when asked.
-#[derive(Default)]
-pub struct Children(Vec<Child>);
-
-impl Children {
-    /// Keep `child` to be stopped with the others (after every child started before it).
-    pub fn push(&mut self, child: Child) {
-        self.0.push(child);
-    }
-
-    /// Stop the children, last started first (workers before the dataspace).
-    pub async fn stop(&mut self) {
-        while let Some(mut child) = self.0.pop() {
-            if let Some(pid) = child
-                .id()
-                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-        }
-    }
-}
-
-/// Start `nixspace up` in `dir` (with `up_args`) and `workers` workers of
-/// `jobs` slots each, as child processes of `exe`; return once the
-/// dataspace's route files exist.
-pub async fn spawn_space(
-    exe: &Path,
-    quiet: &[&str],
-    dir: &Path,
-    workers: u32,
-    jobs: u32,
-    up_args: &[&str],
-    children: &mut Children,
-) -> anyhow::Result<()> {
-    spawn_up(exe, quiet, dir, up_args, children).await?;
-    for i in 1..=workers {
-        let id = format!("local-worker-{i}");
-        spawn_worker(
-            exe,
-            quiet,
-            &id,
-            jobs,
-            &[OsStr::new("--dir"), dir.as_os_str()],
-            children,
-        )?;
-    }
-    Ok(())
-}
-
-/// Start `nixspace up` in `dir` (with `up_args`) as a child process of `exe`; return once
-/// the dataspace's route files exist.
-pub async fn spawn_up(
-    exe: &Path,
-    quiet: &[&str],
-    dir: &Path,
-    up_args: &[&str],
-    children: &mut Children,
-) -> anyhow::Result<()> {
-    children.0.push(
-        Command::new(exe)
-            .args(quiet)
-            .args(["up", "--dir"])
-            .arg(dir)
-            .args(up_args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
-    );
-    wait_for_file(&Role::Worker.route_file(dir), Duration::from_secs(15)).await
-}
-
-/// Start `nixspace worker` named `id` with `jobs` slots and `args` (where to join, store
-/// options) as a child process of `exe`.
-pub fn spawn_worker(
-    exe: &Path,
-    quiet: &[&str],
-    id: &str,
-    jobs: u32,
-    args: &[&OsStr],
-    children: &mut Children,
-) -> anyhow::Result<()> {
-    children.0.push(
-        Command::new(exe)
-            .args(quiet)
-            .args(["worker", "--max-jobs", &jobs.to_string(), "--id", id])
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?,
-    );
-    Ok(())
-}
-
-/// What a demo or benchmark run needs: this program, a temporary directory (removed when
-/// dropped) with `run/` for the dataspace, and the child processes it starts.
-pub struct Scratch {
-    /// This program, to start `up` and workers with.
-    pub exe: std::path::PathBuf,
-    /// The temporary directory.
-    pub tmp: tempfile::TempDir,
-    /// `<tmp>/run`: the dataspace's runtime directory.
-    pub dir: std::path::PathBuf,
-    /// The children started so far.
-    pub children: Children,
-}
-
-impl Scratch {
-    /// A fresh temporary directory named `<prefix>…`.
-    pub fn new(prefix: &str) -> anyhow::Result<Scratch> {
-        let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
-        Ok(Scratch {
-            exe: std::env::current_exe()?,
-            dir: tmp.path().join("run"),
-            tmp,
-            children: Children::default(),
-        })
-    }
 }
 
 /// Run `nixspace demo`.
@@ -211,16 +83,4 @@ async fn demo(
         eprintln!("demo: the build failed ({status})");
         Ok(ExitCode::FAILURE)
     }
-}
-
-/// Wait until `path` exists, failing after `limit`.
-pub async fn wait_for_file(path: &Path, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !path.exists() {
-        if start.elapsed() > limit {
-            anyhow::bail!("{} did not appear within {limit:?}", path.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }

@@ -1,8 +1,6 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
 pub mod bench;
-pub mod bench_dispatch;
-pub mod bench_queries;
 pub mod build;
 pub mod daemon;
 pub mod demo;

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{run, KillOnDrop, Space};
+use crate::process::{run, KillOnDrop};
+use crate::space::Space;
 
 /// How to install the server, for the message of a test that needs it.
 pub const INSTALL: &str = "RUSTC_BOOTSTRAP=1 cargo install syndicate-server \
-     --version =0.51.0-rc.4 --locked   (about 5 minutes; .ci/run does it)";
+     --version =0.51.0-rc.4 --locked   (about 5 minutes; `./setup.sh deps` does it)";
 
 /// The `syndicate-server` binary: on PATH, or in cargo's bin directory.
 /// Panics, saying how to install it, when it is in neither.

@@ -19,8 +19,9 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 use tokio::sync::Notify;
 
-use super::super::demo::{spawn_up, Scratch};
-use super::Stats;
+use crate::error::BenchError;
+use crate::measure::Stats;
+use crate::processes::{spawn_up, Scratch};
 
 /// Assertions, retractions and messages per second through a dataspace.
 ///
@@ -54,7 +55,7 @@ impl Tally {
         self.changed.notify_one();
     }
 
-    async fn wait(&self, counter: &AtomicUsize, target: usize) -> anyhow::Result<()> {
+    async fn wait(&self, counter: &AtomicUsize, target: usize) -> Result<(), BenchError> {
         let limit = Duration::from_secs(120);
         tokio::time::timeout(limit, async {
             while counter.load(Ordering::Relaxed) < target {
@@ -62,7 +63,10 @@ impl Tally {
             }
         })
         .await
-        .map_err(|_| anyhow::anyhow!("the observer did not see {target} events within {limit:?}"))
+        .map_err(|_| BenchError::Timeout {
+            what: format!("the observer did not see {target} events"),
+            limit,
+        })
     }
 }
 
@@ -100,7 +104,7 @@ fn observe(
 
 impl Client {
     /// Run `f` in a turn of the client's actor.
-    fn turn(&self, f: impl FnOnce(&mut Activation, &Arc<Cap>)) -> anyhow::Result<()> {
+    fn turn(&self, f: impl FnOnce(&mut Activation, &Arc<Cap>)) -> Result<(), BenchError> {
         let account = Account::new(Some(AnyValue::symbol("bench")), None);
         let ds = Arc::clone(&self.ds);
         if self.facet.activate(&account, None, move |t| {
@@ -109,12 +113,12 @@ impl Client {
         }) {
             Ok(())
         } else {
-            anyhow::bail!("the benchmark client stopped")
+            Err(BenchError::Client("benchmark client stopped"))
         }
     }
 
     /// One run: the time to see `n` assertions arrive, `n` retractions, `n` messages.
-    async fn run(&self, n: usize, run: usize) -> anyhow::Result<[Duration; 3]> {
+    async fn run(&self, n: usize, run: usize) -> Result<[Duration; 3], BenchError> {
         let want = |i: usize| store::Want {
             path: format!("/nix/store/{run:08}{i:024}-bench"),
             store: "bench".to_owned(),
@@ -152,9 +156,11 @@ impl Client {
 }
 
 /// Run `nixspace bench dataspace`.
-pub async fn run(args: DataspaceArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: DataspaceArgs) -> Result<ExitCode, BenchError> {
     if args.count == 0 || args.runs == 0 {
-        anyhow::bail!("--count and --runs must be at least 1");
+        return Err(BenchError::Arguments(
+            "--count and --runs must be at least 1",
+        ));
     }
     println!(
         "nixspace bench dataspace: {} records per run, {} runs (rates per second: min / median / max)",
@@ -187,7 +193,7 @@ pub async fn run(args: DataspaceArgs) -> anyhow::Result<ExitCode> {
     result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn report(name: &str, client: &Client, args: &DataspaceArgs) -> anyhow::Result<()> {
+async fn report(name: &str, client: &Client, args: &DataspaceArgs) -> Result<(), BenchError> {
     let mut times: [Vec<Duration>; 3] = Default::default();
     for run in 0..args.runs {
         for (kind, took) in client.run(args.count, run).await?.into_iter().enumerate() {
@@ -216,7 +222,7 @@ async fn report(name: &str, client: &Client, args: &DataspaceArgs) -> anyhow::Re
 }
 
 /// A dataspace in its own actor in this process, and a client actor beside it.
-async fn in_process() -> anyhow::Result<Client> {
+async fn in_process() -> Result<Client, BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let _host = Actor::top(None, move |t| {
         let ds = Dataspace::new(t, Some(AnyValue::symbol("bench")));
@@ -225,7 +231,9 @@ async fn in_process() -> anyhow::Result<Client> {
         let _ = tx.send(ds);
         Ok(())
     });
-    let ds = rx.await?;
+    let ds = rx
+        .await
+        .map_err(|_| BenchError::Client("in-process dataspace did not start"))?;
     let tally = Arc::new(Tally::default());
     let (ready, client) = tokio::sync::oneshot::channel();
     let body = observe(Arc::clone(&tally), ready);
@@ -234,7 +242,7 @@ async fn in_process() -> anyhow::Result<Client> {
 }
 
 /// A client joined to the dataspace in `dir` over its unix socket (submit role).
-async fn over_socket(dir: &Path) -> anyhow::Result<Client> {
+async fn over_socket(dir: &Path) -> Result<Client, BenchError> {
     let route = Route::read(&Role::Submit.route_file(dir))?;
     let tally = Arc::new(Tally::default());
     let (ready, client) = tokio::sync::oneshot::channel();
@@ -245,10 +253,10 @@ async fn over_socket(dir: &Path) -> anyhow::Result<Client> {
 async fn client_from(
     tally: Arc<Tally>,
     ready: tokio::sync::oneshot::Receiver<(FacetRef, Arc<Cap>)>,
-) -> anyhow::Result<Client> {
+) -> Result<Client, BenchError> {
     let (facet, ds) = ready
         .await
-        .map_err(|_| anyhow::anyhow!("the benchmark client did not start"))?;
+        .map_err(|_| BenchError::Client("benchmark client did not start"))?;
     Ok(Client {
         facet,
         ds,

@@ -29,7 +29,7 @@ pub const ANSWER: Duration = Duration::from_secs(10);
 pub const SETTLE: Duration = Duration::from_millis(1500);
 
 /// The route of `role` in `space`'s runtime directory.
-pub fn route(space: &super::Space, role: Role) -> Route {
+pub fn route(space: &crate::space::Space, role: Role) -> Route {
     Route::read(&role.route_file(&space.dir())).expect("route file")
 }
 
@@ -85,7 +85,7 @@ pub fn ready(drv: &str) -> AnyValue {
 /// Check on a running `space` (its planner logging to `up.log`) that a demand
 /// asserted with the worker capability is refused, logged, and never reaches
 /// the planner, while the same demand through the submit capability is planned.
-pub fn assert_a_worker_cannot_demand(space: &super::Space) {
+pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
     let drv = fake_drv("worker-demand");
     runtime().block_on(async {
         let w = Session::join(&route(space, Role::Worker), vec![demand(&drv)])
@@ -149,7 +149,7 @@ impl Session {
         let messages_seen = Arc::new(Mutex::new(Vec::new()));
         let heard = Arc::clone(&messages_seen);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let probe_id = format!("test-probe-{}", super::nonce());
+        let probe_id = format!("test-probe-{}", crate::nix_files::nonce());
         let collected = Arc::clone(&seen);
         let actor = nixspace_space::join::join(route, move |t, ds| {
             for a in &asserts {

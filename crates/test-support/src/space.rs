@@ -6,20 +6,26 @@
 //! do not depend on the machine's Nix configuration. Children are killed when
 //! the [`Space`] is dropped.
 
-#![allow(dead_code)] // each test file uses a different part of the harness
-
-pub mod dataspace;
-pub mod proxy;
-pub mod syndicate_server;
-
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The `nixspace` binary under test.
-pub fn nixspace_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_nixspace")
+use crate::process::{run, Finished};
+
+/// The `nixspace` binary under test: `nixspace` beside the directory of the running test
+/// program (`target/<profile>/deps/<test>` → `target/<profile>/nixspace`), where cargo builds
+/// the package's binaries before running its integration tests.
+pub fn nixspace_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let test = std::env::current_exe().expect("the test program's path");
+        let profile = test
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test program runs from target/<profile>/deps");
+        profile.join("nixspace")
+    })
 }
 
 /// The repository root (for `examples/`).
@@ -27,35 +33,12 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// A fresh string that makes a test's derivations unique in the shared store.
-pub fn nonce() -> String {
-    use rand::Rng;
-    format!("{:016x}", rand::thread_rng().gen::<u64>())
-}
-
-/// What a finished command printed.
-pub struct Finished {
-    pub status: ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl std::fmt::Debug for Finished {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
 /// A running dataspace with its workers.
 pub struct Space {
     pub tmp: tempfile::TempDir,
-    children: Vec<Child>,
+    pub(crate) children: Vec<Child>,
     workers: Vec<(String, Child)>,
-    up_args: Vec<String>,
+    pub(crate) up_args: Vec<String>,
 }
 
 impl Space {
@@ -74,12 +57,12 @@ impl Space {
     }
 
     /// A fresh directory with the test's Nix configuration; nothing runs yet.
-    fn unstarted(up_args: &[&str]) -> Space {
+    pub(crate) fn unstarted(up_args: &[&str]) -> Space {
         let tmp = tempfile::Builder::new()
             .prefix("nixspace-test-")
             .tempdir()
             .expect("tempdir");
-        nixspace_test_support::write_nix_conf(&tmp.path().join("nix-conf")).expect("nix.conf");
+        crate::write_nix_conf(&tmp.path().join("nix-conf")).expect("nix.conf");
         Space {
             tmp,
             children: Vec::new(),
@@ -89,7 +72,7 @@ impl Space {
     }
 
     /// Start `nixspace up` on this space's directory; stderr to `<log>.log`.
-    fn spawn_up(&self, log: &str) -> Child {
+    pub(crate) fn spawn_up(&self, log: &str) -> Child {
         self.command(&["up"])
             .args(&self.up_args)
             .arg("--dir")
@@ -163,7 +146,7 @@ impl Space {
         c
     }
 
-    fn log_file(&self, name: &str) -> std::fs::File {
+    pub(crate) fn log_file(&self, name: &str) -> std::fs::File {
         std::fs::File::create(self.tmp.path().join(format!("{name}.log"))).expect("log file")
     }
 
@@ -360,88 +343,6 @@ impl Drop for Space {
     }
 }
 
-/// Run a command to completion, killing it (and failing) after `limit`.
-pub fn run(mut c: Command, limit: Duration) -> Finished {
-    let child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    wait_output(child, limit)
-}
-
-/// A child started with piped stdout and stderr, both read as it runs (so it never blocks
-/// on a full pipe) while the test does something else.
-pub struct Running {
-    child: Child,
-    out: std::thread::JoinHandle<String>,
-    err: std::thread::JoinHandle<String>,
-}
-
-impl Running {
-    /// Start reading `child`'s stdout and stderr.
-    pub fn new(mut child: Child) -> Running {
-        let read = |mut pipe: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = pipe.read_to_string(&mut s);
-                s
-            })
-        };
-        let out = read(Box::new(child.stdout.take().expect("stdout")));
-        let err = read(Box::new(child.stderr.take().expect("stderr")));
-        Running { child, out, err }
-    }
-
-    /// Whether the child has exited.
-    pub fn exited(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_some()
-    }
-
-    /// Wait for the child to exit, killing it (and failing) after `limit`.
-    pub fn finish(mut self, limit: Duration) -> Finished {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "command did not finish within {limit:?}; stderr so far:\n{}",
-                    self.err.join().unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Finished {
-            status,
-            stdout: self.out.join().unwrap_or_default(),
-            stderr: self.err.join().unwrap_or_default(),
-        }
-    }
-}
-
-/// Wait for a child started with piped stdout and stderr, killing it (and
-/// failing) after `limit`.
-pub fn wait_output(child: Child, limit: Duration) -> Finished {
-    Running::new(child).finish(limit)
-}
-
-/// A derivation whose builder sleeps (by absolute path: builders have no
-/// PATH). Returns the file and strings that identify its processes: the
-/// marker (in `nix-store`'s and `sh`'s command lines) and the sleep itself.
-pub fn sleeper(space: &Space, seconds: u32) -> (PathBuf, Vec<String>) {
-    let marker = format!("sleeper-{}", nonce());
-    let file = space.sh_derivation(
-        "sleeper.nix",
-        &marker,
-        &format!("echo started {marker}; /bin/sleep {seconds}; echo done > $out"),
-    );
-    (file, vec![marker, format!("/bin/sleep {seconds} ")])
-}
-
 impl Space {
     /// Start `nixspace translate` on `<tmp>/translator.sock` against this space (stderr to
     /// `translator.log`) and wait for its socket. Returns the socket path.
@@ -455,8 +356,8 @@ impl Space {
     pub fn translator_with(&mut self, name: &str, extra_conf: &str) -> PathBuf {
         let socket = self.tmp.path().join(format!("{name}.sock"));
         let conf = self.tmp.path().join(format!("{name}-conf"));
-        nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
-        let mut text = nixspace_test_support::NIX_CONF.to_owned();
+        crate::write_nix_conf(&conf).expect("nix.conf");
+        let mut text = crate::NIX_CONF.to_owned();
         text.push_str(extra_conf);
         std::fs::write(conf.join("nix.conf"), text).expect("nix.conf");
         let child = self
@@ -500,124 +401,4 @@ impl Space {
         };
         c
     }
-}
-
-/// Command lines of the processes whose command line contains any of `needles`.
-pub fn command_lines_with(needles: &[String]) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if needles.iter().any(|n| cmdline.contains(n.as_str())) {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
-}
-
-/// The peak resident set size of process `pid` so far, in bytes (`VmHWM`).
-pub fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in the process status");
-    kib * 1024
-}
-
-/// A child process killed (SIGKILL) and reaped when the test ends, even by a panic.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Check that the builder runs logged in `runs` (one step name a line, appended by each
-/// builder) are `expected` many, all of different steps.
-pub fn assert_each_step_built_once(runs: &Path, expected: usize) {
-    let log = std::fs::read_to_string(runs).expect("runs file");
-    let mut names: Vec<&str> = log.lines().collect();
-    assert_eq!(names.len(), expected, "builder runs:\n{log}");
-    names.sort_unstable();
-    names.dedup();
-    assert_eq!(names.len(), expected, "a step was built twice:\n{log}");
-}
-
-/// A layered DAG of `layers` × `width` trivial steps plus one root; every
-/// builder run appends the step's name to `runs` (outside the store), so the
-/// test can count builder runs.
-pub fn layered_dag(
-    space: &Space,
-    layers: usize,
-    width: usize,
-    runs: &std::path::Path,
-) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-let
-{step}  layer = n: prev: builtins.genList (i: step "l${{toString n}}-${{toString i}}" prev) {width};
-  layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
-in step "root" (builtins.elemAt layers ({layers} - 1))
-"#,
-        step = counted_step_bindings(runs, ""),
-    );
-    space.nix_file("dag.nix", &text)
-}
-
-/// Nix bindings (for a `let`) of a fresh `nonce` and `step = name: deps: derivation …`: a
-/// trivial step whose builder appends its name to `runs` (outside the store, so tests can
-/// count builder runs), runs the shell code `extra` (which may use `${name}`), then writes
-/// its output.
-pub fn counted_step_bindings(runs: &Path, extra: &str) -> String {
-    format!(
-        r#"  nonce = "{nonce}";
-  step = name: deps: derivation {{
-    inherit name nonce deps;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" "echo ${{name}} >> {runs}; {extra} echo ${{name}} > $out" ];
-  }};
-"#,
-        nonce = nonce(),
-        runs = runs.display(),
-    )
-}
-
-/// Nix attributes that make a derivation floating content-addressed.
-pub const CA_ATTRS: &str =
-    r#"__contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";"#;
-
-/// A Nix `let` binding `step = PARAMS: derivation { … };` (PARAMS must include `name` and
-/// `deps`): a fresh `nonce`, `/bin/sh` running `script` (Nix string text: it may use
-/// `${name}`, `$deps` and `$out`), plus the Nix attributes `attrs`.
-pub fn step_binding(params: &str, attrs: &str, script: &str) -> String {
-    format!(
-        r#"  step = {params}: derivation {{
-    inherit name deps;
-    nonce = "{nonce}";
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    {attrs}
-    args = [ "-c" ''
-      {script}
-    '' ];
-  }};
-"#,
-        nonce = nonce()
-    )
-}
-
-/// Shell code for [`step_binding`]: append the step's name to `runs` (outside the store, so
-/// tests count builder runs), then write the name and the input paths to `$out` (so the
-/// output refers to its inputs).
-pub fn counted_referring_script(runs: &Path) -> String {
-    format!(
-        "echo ${{name}} >> {}; echo ${{name}} $deps > $out",
-        runs.display()
-    )
 }

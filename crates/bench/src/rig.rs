@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use nixspace_space::{Role, Route, Transport};
 use tokio::process::Command;
 
-use super::super::bench_queries::PrivateDaemon;
-use super::super::demo::{spawn_up, spawn_worker, Children};
-use super::ssh::SshBuilder;
+use crate::error::BenchError;
+use crate::private_daemon::PrivateDaemon;
+use crate::processes::{spawn_up, spawn_worker, wait_for_file, Children};
+use crate::ssh::SshBuilder;
 
 /// One way of building the DAG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
@@ -86,7 +87,7 @@ impl Rig {
         exe: &Path,
         tmp: &Path,
         children: &mut Children,
-    ) -> anyhow::Result<Rig> {
+    ) -> Result<Rig, BenchError> {
         let quiet = ["--log-level", "warn"];
         let has = |c: Column| columns.contains(&c);
         let state = |name: &str| tmp.join(name).to_string_lossy().into_owned();
@@ -128,7 +129,7 @@ impl Rig {
             }
             if has(Column::Translator) {
                 let limit = std::time::Duration::from_secs(15);
-                super::super::demo::wait_for_file(&rig.translator, limit).await?;
+                wait_for_file(&rig.translator, limit).await?;
             }
             rig.metrics = Some(metrics);
         }
@@ -149,7 +150,7 @@ impl Rig {
     }
 
     /// The command that builds `file` (a DAG's Nix expression) the way of `column`.
-    pub fn command(&self, column: Column, file: &Path) -> anyhow::Result<Command> {
+    pub fn command(&self, column: Column, file: &Path) -> Result<Command, BenchError> {
         let total = self.capacity.total().to_string();
         let nix_build = |store: Option<&Path>| {
             let mut cmd = Command::new("nix-build");
@@ -168,7 +169,7 @@ impl Rig {
                 .arg(file);
             cmd
         };
-        let missing = || anyhow::anyhow!("{column:?} was not started");
+        let missing = || BenchError::NotStarted(column);
         Ok(match column {
             Column::Local => nix_build(None),
             Column::Daemon => nix_build(Some(&self.daemon.as_ref().ok_or_else(missing)?.socket)),
@@ -186,11 +187,11 @@ impl Rig {
 
 /// Write `<dir>/worker-tcp.route`: the worker route of the dataspace in `dir` with its TCP
 /// transports only, so a worker joining with it comes in over TCP as from another host.
-fn tcp_only_route(dir: &Path) -> anyhow::Result<PathBuf> {
+fn tcp_only_route(dir: &Path) -> Result<PathBuf, BenchError> {
     let mut route = Route::read(&Role::Worker.route_file(dir))?;
     route.transports.retain(|t| matches!(t, Transport::Tcp(..)));
     if route.transports.is_empty() {
-        anyhow::bail!("the dataspace in {} does not listen on TCP", dir.display());
+        return Err(BenchError::NoTcp(dir.to_owned()));
     }
     let path = dir.join("worker-tcp.route");
     route.write(&path)?;

@@ -3,7 +3,7 @@
 //! its default configuration. Over one connection to each, the same `IsValidPath` and
 //! `QueryPathInfo` calls are timed directly against the daemon and through the translator.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,10 +11,12 @@ use clap::Args;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::DaemonClient;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
-use super::bench::{median, succeeded};
-use super::demo::{spawn_space, wait_for_file, Children, Scratch};
+use crate::error::BenchError;
+use crate::measure::{median, succeeded};
+use crate::private_daemon::PrivateDaemon;
+use crate::processes::{spawn_space, wait_for_file, Children, Scratch};
 
 /// Store queries directly against `nix-daemon` and through the translator.
 ///
@@ -35,56 +37,10 @@ pub struct QueriesArgs {
 
 type Client = DaemonClient<OwnedReadHalf, OwnedWriteHalf>;
 
-/// A `nix-daemon` on this machine's store in its own process group, killed with its group
-/// when dropped.
-pub struct PrivateDaemon {
-    child: Child,
-    /// The socket it listens on.
-    pub socket: PathBuf,
-}
-
-impl PrivateDaemon {
-    /// Start `nix-daemon` on `<dir>/socket`. `NIX_REMOTE=local`: a daemon whose store
-    /// resolves to "auto" could connect to its own socket.
-    pub async fn start(dir: &Path) -> anyhow::Result<PrivateDaemon> {
-        std::fs::create_dir_all(dir)?;
-        let socket = dir.join("socket");
-        let child = Command::new("nix-daemon")
-            .env("NIX_REMOTE", "local")
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start nix-daemon: {e}"))?;
-        let daemon = PrivateDaemon { child, socket };
-        wait_for_file(&daemon.socket, Duration::from_secs(15)).await?;
-        Ok(daemon)
-    }
-}
-
-impl Drop for PrivateDaemon {
-    fn drop(&mut self) {
-        kill_group(&self.child);
-    }
-}
-
-/// Kill the process group led by `child` (started with `process_group(0)`).
-pub fn kill_group(child: &Child) {
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-}
-
 /// Run `nixspace bench queries`.
-pub async fn run(args: QueriesArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: QueriesArgs) -> Result<ExitCode, BenchError> {
     if args.ops == 0 || args.runs == 0 {
-        anyhow::bail!("--ops and --runs must be at least 1");
+        return Err(BenchError::Arguments("--ops and --runs must be at least 1"));
     }
     let Scratch {
         exe,
@@ -105,7 +61,7 @@ async fn measure(
     tmp: &Path,
     daemon: &PrivateDaemon,
     children: &mut Children,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, BenchError> {
     let quiet = ["--log-level", "warn"];
     let dir = tmp.join("run");
     let state = tmp.join("state");
@@ -133,7 +89,7 @@ async fn measure(
         async move {
             DaemonClient::connect(&s)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", s.display()))
+                .map_err(|source| BenchError::Connect { socket: s, source })
         }
     };
     let mut direct = connect(&daemon.socket).await?;
@@ -194,7 +150,7 @@ async fn timed_calls(
     op: usize,
     paths: &[StorePath; 2],
     n: usize,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, BenchError> {
     let start = Instant::now();
     for i in 0..n {
         let path = &paths[i % 2];
@@ -204,18 +160,18 @@ async fn timed_calls(
             client.query_path_info(path).await?.is_some()
         };
         if valid != (i % 2 == 0) {
-            anyhow::bail!(
-                "{} of {path} answered valid = {valid}, expected {}",
-                OPS[op],
-                i % 2 == 0
-            );
+            return Err(BenchError::WrongAnswer {
+                op: OPS[op],
+                path: path.to_string(),
+                valid,
+            });
         }
     }
     Ok(start.elapsed())
 }
 
 /// A path valid in the daemon's store: a small file added with `nix-store --add`.
-async fn valid_path(tmp: &Path, socket: &Path) -> anyhow::Result<StorePath> {
+async fn valid_path(tmp: &Path, socket: &Path) -> Result<StorePath, BenchError> {
     let file = tmp.join("nixspace-bench-queries");
     std::fs::write(&file, "a path for nixspace bench queries\n")?;
     let out = succeeded(

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::process::{Child, Command};
 
-use super::super::bench_queries::kill_group;
-use super::succeeded;
+use crate::error::BenchError;
+use crate::measure::succeeded;
+use crate::processes::kill_group;
 
 /// Where Debian's openssh-server puts the daemon (it is not on a normal user's PATH).
 const SSHD: &str = "/usr/sbin/sshd";
@@ -28,7 +28,7 @@ pub struct SshBuilder {
 impl SshBuilder {
     /// Generate keys and a configuration in `dir`, start `sshd` on a free port of
     /// 127.0.0.1 and wait until it accepts connections.
-    pub async fn start(dir: &Path) -> anyhow::Result<SshBuilder> {
+    pub async fn start(dir: &Path) -> Result<SshBuilder, BenchError> {
         for (tool, package) in [
             (SSHD, "openssh-server"),
             ("/usr/bin/ssh-keygen", "openssh-client"),
@@ -36,15 +36,11 @@ impl SshBuilder {
             ("/usr/bin/unshare", "util-linux"),
         ] {
             if !Path::new(tool).exists() {
-                anyhow::bail!(
-                    "the ssh baseline needs {tool}: install it with `apt-get install -y {package}`"
-                );
+                return Err(BenchError::MissingTool { tool, package });
             }
         }
         if !rustix::process::geteuid().is_root() {
-            anyhow::bail!(
-                "the ssh baseline needs root (sshd, and a mount namespace for the client's store)"
-            );
+            return Err(BenchError::NotRoot);
         }
         std::fs::create_dir_all(dir)?;
         let dir = std::path::absolute(dir)?;
@@ -68,7 +64,10 @@ impl SshBuilder {
         )?;
         std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port))?;
         // sshd refuses to start without its privilege separation directory.
-        std::fs::create_dir_all("/run/sshd").context("cannot create /run/sshd")?;
+        std::fs::create_dir_all("/run/sshd").map_err(|source| BenchError::Doing {
+            what: "cannot create /run/sshd".to_owned(),
+            source,
+        })?;
         let log = std::fs::File::create(dir.join("sshd.log"))?;
         let sshd = Command::new(SSHD)
             .args(["-D", "-e", "-f"])
@@ -79,14 +78,17 @@ impl SshBuilder {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {SSHD}"))?;
+            .map_err(|source| BenchError::Doing {
+                what: format!("cannot start {SSHD}"),
+                source,
+            })?;
         let mut builder = SshBuilder { sshd, dir, port };
         builder.wait_listening(Duration::from_secs(15)).await?;
         tracing::info!(port, "private sshd up");
         Ok(builder)
     }
 
-    async fn wait_listening(&mut self, limit: Duration) -> anyhow::Result<()> {
+    async fn wait_listening(&mut self, limit: Duration) -> Result<(), BenchError> {
         let start = Instant::now();
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -94,10 +96,16 @@ impl SshBuilder {
             }
             let log = || std::fs::read_to_string(self.dir.join("sshd.log")).unwrap_or_default();
             if let Some(status) = self.sshd.try_wait()? {
-                anyhow::bail!("sshd exited ({status}): {}", log());
+                return Err(BenchError::Sshd {
+                    what: format!("exited ({status})"),
+                    log: log(),
+                });
             }
             if start.elapsed() > limit {
-                anyhow::bail!("sshd did not listen within {limit:?}: {}", log());
+                return Err(BenchError::Sshd {
+                    what: format!("did not listen within {limit:?}"),
+                    log: log(),
+                });
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -106,7 +114,7 @@ impl SshBuilder {
     /// `nix-build FILE` in a private mount namespace with a store of its own (kept in
     /// `<dir>/client`), building nothing itself (`--max-jobs 0`) and everything on this
     /// sshd as an `ssh-ng://` builder of `jobs` jobs.
-    pub fn nix_build(&self, file: &Path, jobs: u32) -> anyhow::Result<Command> {
+    pub fn nix_build(&self, file: &Path, jobs: u32) -> Result<Command, BenchError> {
         let client = self.dir.join("client/nix");
         for sub in ["store", "var/nix/db"] {
             std::fs::create_dir_all(client.join(sub))?;

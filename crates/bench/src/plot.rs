@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use plotters::prelude::*;
+
+use crate::error::BenchError;
 
 /// One line of a chart: a name for the legend and its (x, y) points.
 #[derive(Debug, Clone)]
@@ -28,9 +29,12 @@ pub struct Chart {
 
 /// Write `series` as a line chart with logarithmic axes to `file` (an SVG), creating its
 /// directory.
-pub fn lines(file: &Path, chart: &Chart, series: &[Series]) -> anyhow::Result<()> {
+pub fn lines(file: &Path, chart: &Chart, series: &[Series]) -> Result<(), BenchError> {
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| BenchError::Doing {
+            what: format!("cannot create {}", dir.display()),
+            source,
+        })?;
     }
     let points = || series.iter().flat_map(|s| s.points.iter().copied());
     let range = |pick: fn((f64, f64)) -> f64| {
@@ -46,8 +50,10 @@ pub fn lines(file: &Path, chart: &Chart, series: &[Series]) -> anyhow::Result<()
         }
     };
     let (x, y) = (range(|p| p.0), range(|p| p.1));
-    draw(file, chart, series, x, y)
-        .map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", file.display()))
+    draw(file, chart, series, x, y).map_err(|e| BenchError::Plot {
+        file: file.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 fn draw(

@@ -11,8 +11,10 @@ use clap::Args;
 use nixspace_planner::{Effect, Schedule, StepInfo, Urgency, WorkerOffer};
 use tokio::process::Command;
 
-use super::shapes::{Dag, Shape};
-use super::{plot, succeeded, Stats};
+use crate::error::BenchError;
+use crate::measure::{succeeded, Stats};
+use crate::plot;
+use crate::shapes::{Dag, Shape};
 
 /// The planner alone on DAGs of --nodes steps: time and peak memory.
 ///
@@ -50,9 +52,11 @@ struct Sample {
 }
 
 /// Run `nixspace bench planner`.
-pub async fn run(args: PlannerArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: PlannerArgs) -> Result<ExitCode, BenchError> {
     if args.runs == 0 || args.width == 0 || args.nodes.is_empty() || args.nodes.contains(&0) {
-        anyhow::bail!("--nodes, --width and --runs must be at least 1");
+        return Err(BenchError::Arguments(
+            "--nodes, --width and --runs must be at least 1",
+        ));
     }
     if args.one {
         let dag = Dag::generate(args.shape, args.nodes[0], args.width, 1);
@@ -123,7 +127,7 @@ async fn measure_in_child(
     exe: &std::path::Path,
     args: &PlannerArgs,
     nodes: usize,
-) -> anyhow::Result<Sample> {
+) -> Result<Sample, BenchError> {
     let out = succeeded(
         Command::new(exe)
             .args(["bench", "planner", "--one", "--nodes", &nodes.to_string()])
@@ -136,41 +140,47 @@ async fn measure_in_child(
     )
     .await?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let unexpected = || BenchError::Measurement {
+        text: text.clone().into_owned(),
+        nodes,
+    };
     let fields: Vec<u64> = text
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("unexpected measurement {text:?}: {e}"))?;
+        .map_err(|_| unexpected())?;
     match fields.as_slice() {
         [nanos, bytes, built] if *built == nodes as u64 + 1 => Ok(Sample {
             time: Duration::from_nanos(*nanos),
             bytes: *bytes,
         }),
-        _ => anyhow::bail!("unexpected measurement {text:?} for {nodes} steps"),
+        _ => Err(unexpected()),
     }
 }
 
 /// Reset the kernel's record of this process's peak resident set to its current size and
 /// return that size, in bytes.
-fn resident_peak_reset() -> anyhow::Result<u64> {
+fn resident_peak_reset() -> Result<u64, BenchError> {
     // "5" resets the peak resident set size (VmHWM) to the current one.
-    std::fs::write("/proc/self/clear_refs", "5")
-        .map_err(|e| anyhow::anyhow!("cannot reset the peak resident set: {e}"))?;
+    std::fs::write("/proc/self/clear_refs", "5").map_err(|source| BenchError::Doing {
+        what: "cannot reset the peak resident set".to_owned(),
+        source,
+    })?;
     status_kib("VmRSS:").map(|k| k * 1024)
 }
 
 /// The peak resident set since the last reset, in bytes.
-fn peak_resident() -> anyhow::Result<u64> {
+fn peak_resident() -> Result<u64, BenchError> {
     status_kib("VmHWM:").map(|k| k * 1024)
 }
 
-fn status_kib(field: &str) -> anyhow::Result<u64> {
+fn status_kib(field: &'static str) -> Result<u64, BenchError> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no {field} in /proc/self/status"))
+        .ok_or(BenchError::ProcStatus(field))
 }
 
 /// The planner's pure schedule on `dag` (and its root): demand every step, dispatching after

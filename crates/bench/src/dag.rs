@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::super::demo::{Children, Scratch};
-use super::rig::{Capacity, Column, Rig};
-use super::shapes::{Dag, Shape};
-use super::{median, plot, timed, Stats};
+use crate::error::BenchError;
+use crate::measure::{median, timed, Stats};
+use crate::plot;
+use crate::processes::{Children, Scratch};
+use crate::rig::{Capacity, Column, Rig};
+use crate::shapes::{Dag, Shape};
 
 /// Generated DAGs of trivial derivations built each way, min/median/max over --runs.
 ///
@@ -63,15 +65,21 @@ pub struct DagArgs {
 type Results = BTreeMap<(Shape, usize), BTreeMap<Column, Vec<Duration>>>;
 
 /// Run `nixspace bench dag`.
-pub async fn run(mut args: DagArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(mut args: DagArgs) -> Result<ExitCode, BenchError> {
     if args.runs == 0 || args.width == 0 || args.workers == 0 || args.jobs == 0 {
-        anyhow::bail!("--width, --workers, --jobs and --runs must be at least 1");
+        return Err(BenchError::Arguments(
+            "--width, --workers, --jobs and --runs must be at least 1",
+        ));
     }
     if args.nodes.is_empty() || args.nodes.contains(&0) {
-        anyhow::bail!("--nodes must list sizes of at least 1");
+        return Err(BenchError::Arguments(
+            "--nodes must list sizes of at least 1",
+        ));
     }
     if args.shapes.is_empty() || args.columns.is_empty() {
-        anyhow::bail!("--shapes and --columns must name at least one each");
+        return Err(BenchError::Arguments(
+            "--shapes and --columns must name at least one each",
+        ));
     }
     args.columns.sort();
     args.columns.dedup();
@@ -102,7 +110,7 @@ async fn measure(
     exe: &Path,
     tmp: &Path,
     children: &mut Children,
-) -> anyhow::Result<(Results, Vec<(f64, u64)>)> {
+) -> Result<(Results, Vec<(f64, u64)>), BenchError> {
     let capacity = Capacity {
         workers: args.workers,
         jobs: args.jobs,
@@ -122,9 +130,12 @@ async fn measure(
                     let nonce = format!("{epoch}-{}-{nodes}-{column:?}-{run}", shape.name());
                     let file = tmp.join(format!("{nonce}.nix"));
                     std::fs::write(&file, dag.nix(&nonce))?;
-                    let took = timed(&mut rig.command(column, &file)?)
-                        .await
-                        .map_err(|e| e.context(format!("{} failed", column.label())))?;
+                    let took = timed(&mut rig.command(column, &file)?).await.map_err(|e| {
+                        BenchError::Column {
+                            column: column.label(),
+                            source: Box::new(e),
+                        }
+                    })?;
                     times.entry(column).or_default().push(took);
                 }
                 eprintln!(
@@ -137,7 +148,7 @@ async fn measure(
         }
     }
     let histogram = match &rig.metrics {
-        Some(addr) => super::fetch_histogram(addr, "nixspace_dispatch_seconds").await?,
+        Some(addr) => crate::metrics::fetch_histogram(addr, "nixspace_dispatch_seconds").await?,
         None => Vec::new(),
     };
     Ok((results, histogram))
@@ -215,7 +226,12 @@ fn per_drv_ms(d: Duration, nodes: usize) -> f64 {
     d.as_secs_f64() * 1e3 / (nodes + 1) as f64
 }
 
-fn plot_shape(file: &Path, shape: Shape, args: &DagArgs, results: &Results) -> anyhow::Result<()> {
+fn plot_shape(
+    file: &Path,
+    shape: Shape,
+    args: &DagArgs,
+    results: &Results,
+) -> Result<(), BenchError> {
     let series: Vec<plot::Series> = args
         .columns
         .iter()
@@ -255,7 +271,7 @@ fn print_dispatch_latency(histogram: &[(f64, u64)]) {
     }
     // The last bucket is unbounded: name the largest finite bound instead.
     let bound = |q: f64| {
-        let le = super::quantile(histogram, q)?;
+        let le = crate::metrics::quantile(histogram, q)?;
         let top = histogram
             .iter()
             .map(|b| b.0)

@@ -17,7 +17,8 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
-use super::demo::{spawn_space, Children, Scratch};
+use crate::error::BenchError;
+use crate::processes::{spawn_space, Children, Scratch};
 
 /// The scheduler alone: simulated workers that finish every step at once.
 ///
@@ -53,9 +54,11 @@ pub struct DispatchArgs {
 }
 
 /// Run `nixspace bench dispatch`.
-pub async fn run(args: DispatchArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: DispatchArgs) -> Result<ExitCode, BenchError> {
     if args.steps == 0 || args.workers == 0 || args.jobs == 0 || args.runs == 0 {
-        anyhow::bail!("--steps, --workers, --jobs and --runs must be at least 1");
+        return Err(BenchError::Arguments(
+            "--steps, --workers, --jobs and --runs must be at least 1",
+        ));
     }
     let Scratch {
         exe,
@@ -74,7 +77,7 @@ async fn runs(
     dir: &Path,
     tmp: &Path,
     children: &mut Children,
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, BenchError> {
     let state = tmp.join("state");
     let up_args = ["--state-dir", state.to_str().unwrap_or("state")];
     spawn_space(exe, &["--log-level", "warn"], dir, 0, 0, &up_args, children).await?;
@@ -172,7 +175,7 @@ async fn one_at_a_time(
     route: &Route,
     steps: usize,
     assigned: &AssignTimes,
-) -> anyhow::Result<Vec<(Duration, Duration)>> {
+) -> Result<Vec<(Duration, Duration)>, BenchError> {
     let (built_tx, mut built_rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let actor = nixspace_space::join::join(route, move |t, ds| {
@@ -186,7 +189,7 @@ async fn one_at_a_time(
     .await?;
     let (facet, ds) = ready_rx
         .await
-        .map_err(|_| anyhow::anyhow!("the latency client did not start"))?;
+        .map_err(|_| BenchError::Client("latency client did not start"))?;
     let account = syndicate::actor::Account::new(None, None);
     let limit = Duration::from_secs(60);
     let mut out = Vec::new();
@@ -206,7 +209,12 @@ async fn one_at_a_time(
             match tokio::time::timeout(limit, built_rx.recv()).await {
                 Ok(Some(b)) if b == drv => break,
                 Ok(Some(_)) => {}
-                _ => anyhow::bail!("step {drv} was not built within {limit:?}"),
+                _ => {
+                    return Err(BenchError::Timeout {
+                        what: format!("step {drv} was not built"),
+                        limit,
+                    })
+                }
             }
         }
         let built = Instant::now();
@@ -214,7 +222,7 @@ async fn one_at_a_time(
             .lock()
             .ok()
             .and_then(|c| c.get(&drv).copied())
-            .ok_or_else(|| anyhow::anyhow!("step {drv} was built without being assigned"))?;
+            .ok_or_else(|| BenchError::Unassigned(drv.clone()))?;
         out.push((given - demanded, built - given));
     }
     actor.abort();
@@ -256,7 +264,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
 }
 
 /// Demand `steps` independent steps and wait until every one is reported built.
-async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<Duration> {
+async fn demand_all(route: &Route, steps: usize, run: usize) -> Result<Duration, BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let prefix = format!("/nix/store/{run:08}");
@@ -287,12 +295,16 @@ async fn demand_all(route: &Route, steps: usize, run: usize) -> anyhow::Result<D
         Ok(())
     })
     .await?;
-    let done = tokio::time::timeout(Duration::from_secs(600), rx).await;
+    let limit = Duration::from_secs(600);
+    let done = tokio::time::timeout(limit, rx).await;
     let total = start.elapsed();
     actor.abort();
     match done {
         Ok(Ok(())) => Ok(total),
-        _ => anyhow::bail!("the steps were not all built within 600 s"),
+        _ => Err(BenchError::Timeout {
+            what: "the steps were not all built".to_owned(),
+            limit,
+        }),
     }
 }
 

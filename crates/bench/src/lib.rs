@@ -1,0 +1,56 @@
+//! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
+//! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`), the
+//! setups they compare (`rig`, `ssh`, `private_daemon`), generated inputs (`shapes`), plots
+//! (`plot`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
+//! benchmark (`error`). `processes` holds
+//! the child processes of this program (a dataspace and its workers in a scratch directory),
+//! shared with `nixspace demo`. The benchmarks start `up`, `worker`, `build` and `translate`
+//! as children of the running program, so they run inside the `nixspace` binary.
+
+mod dag;
+mod dataspace;
+mod dispatch;
+mod error;
+mod measure;
+mod metrics;
+mod planner;
+mod plot;
+mod private_daemon;
+pub mod processes;
+mod queries;
+mod rig;
+mod shapes;
+mod ssh;
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+pub use error::BenchError;
+
+/// Measure nixspace against what users run today.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    Dag(dag::DagArgs),
+    Planner(planner::PlannerArgs),
+    Dataspace(dataspace::DataspaceArgs),
+    Dispatch(dispatch::DispatchArgs),
+    Queries(queries::QueriesArgs),
+}
+
+/// Run the benchmark `args` names.
+pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
+    match args.what {
+        BenchCommand::Dag(a) => dag::run(a).await,
+        BenchCommand::Planner(a) => planner::run(a).await,
+        BenchCommand::Dataspace(a) => dataspace::run(a).await,
+        BenchCommand::Dispatch(a) => dispatch::run(a).await,
+        BenchCommand::Queries(a) => queries::run(a).await,
+    }
+}

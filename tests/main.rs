@@ -1,0 +1,16 @@
+//! The end-to-end tests of nixspace as one test program: real `nixspace` processes, real
+//! sockets, the real Nix. One module per subject; `cargo test --test e2e translator::` runs
+//! one of them. The harness is `nixspace-test-support` with its `e2e` feature.
+
+mod bench;
+mod ca;
+mod e2e;
+mod faults;
+mod flow;
+mod fuzz_sockets;
+mod outboard;
+mod scaleout;
+mod scheduling;
+mod security;
+mod stores;
+mod translator;
