@@ -121,11 +121,11 @@ pub enum BenchError {
         /// The socket.
         socket: PathBuf,
         /// What failed.
-        source: ClientError,
+        source: Box<ClientError>,
     },
     /// A worker-protocol call failed.
     #[error(transparent)]
-    Protocol(#[from] ClientError),
+    Protocol(Box<ClientError>),
     /// A store path did not parse.
     #[error(transparent)]
     StorePath(#[from] StorePathError),
@@ -139,4 +139,10 @@ pub enum BenchError {
         /// The answer.
         valid: bool,
     },
+}
+
+impl From<ClientError> for BenchError {
+    fn from(e: ClientError) -> BenchError {
+        BenchError::Protocol(Box::new(e))
+    }
 }

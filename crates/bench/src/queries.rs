@@ -89,7 +89,10 @@ async fn measure(
         async move {
             DaemonClient::connect(&s)
                 .await
-                .map_err(|source| BenchError::Connect { socket: s, source })
+                .map_err(|source| BenchError::Connect {
+                    socket: s,
+                    source: Box::new(source),
+                })
         }
     };
     let mut direct = connect(&daemon.socket).await?;
