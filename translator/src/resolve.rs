@@ -301,10 +301,10 @@ impl Resolver {
         enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
             Inner::built(&inner, t, &drv, &outputs)
         }));
-        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String $kind>, |t: &mut Activation| {
+        enclose!((inner) during!(t, ds, <failed $drv: String _ $reason: String $kind $cause>, |t: &mut Activation| {
             // Transient failures are retried; only final ones stop a resolution.
-            match build::FailureKind::parse(&kind) {
-                Ok(build::FailureKind::Permanent) => inner.failed(t, &drv, &reason),
+            match (build::FailureKind::parse(&kind), build::FailureCause::parse(&cause)) {
+                (Ok(build::FailureKind::Permanent), Ok(cause)) => inner.failed(t, &drv, &reason, &cause),
                 _ => Ok(()),
             }
         }));
@@ -425,21 +425,27 @@ impl Inner {
         }
     }
 
-    /// `drv` failed: the originals it stands for fail with it, and held steps that need it
-    /// cannot be resolved.
-    fn failed(&self, t: &mut Activation, drv: &str, reason: &str) -> ActorResult {
+    /// `drv` failed: the originals it stands for fail with it (for the same cause), and held
+    /// steps that need it cannot be resolved.
+    fn failed(
+        &self,
+        t: &mut Activation,
+        drv: &str,
+        reason: &str,
+        cause: &build::FailureCause,
+    ) -> ActorResult {
         let Some(link) = self.link() else {
             return Ok(());
         };
-        let mut failures: Vec<(String, String)> = Vec::new();
+        let mut failures: Vec<(String, String, build::FailureCause)> = Vec::new();
         {
             let mut state = self.state.lock().map_err(|_| "resolver state poisoned")?;
             for original in state.originals.get(drv).cloned().unwrap_or_default() {
-                failures.push((original, reason.to_owned()));
+                failures.push((original, reason.to_owned(), cause.clone()));
             }
             // Held steps waiting on a failed step, and on those, and so on.
             let mut gone = vec![drv.to_owned()];
-            gone.extend(failures.iter().map(|(d, _)| d.clone()));
+            gone.extend(failures.iter().map(|(d, _, _)| d.clone()));
             while let Some(failed) = gone.pop() {
                 let waiting: Vec<String> = state
                     .held
@@ -449,18 +455,23 @@ impl Inner {
                     .collect();
                 for d in waiting {
                     state.held.remove(&d);
-                    failures.push((d.clone(), cannot_resolve(format!("input {failed} failed"))));
+                    let reason = cannot_resolve(format!("input {failed} failed"));
+                    let cause = build::FailureCause::Dependency {
+                        drv: failed.clone(),
+                    };
+                    failures.push((d.clone(), reason, cause));
                     gone.push(d);
                 }
             }
         }
-        for (drv, reason) in failures {
+        for (drv, reason, cause) in failures {
             (link.handler)(
                 t,
                 StepEvent::Failed {
                     drv,
                     worker: String::new(),
                     reason,
+                    cause,
                 },
             )?;
         }
@@ -517,6 +528,7 @@ impl Inner {
                                 drv: original,
                                 worker: String::new(),
                                 reason,
+                                cause: build::FailureCause::Infrastructure,
                             },
                         )
                     }

@@ -933,7 +933,7 @@ impl Conn<'_> {
                             }
                             report.outcomes.entry(drv).or_insert(Outcome::Built);
                         }
-                        StepEvent::Failed { drv, worker, reason } if wanted.contains(&drv) => {
+                        StepEvent::Failed { drv, worker, reason, .. } if wanted.contains(&drv) => {
                             self.stop_activity(&mut activities, &drv).await?;
                             report.outcomes.entry(drv).or_insert(Outcome::Failed { worker, reason });
                             if !self.settings.keep_going {

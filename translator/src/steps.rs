@@ -274,8 +274,10 @@ pub enum StepEvent {
         drv: String,
         /// The worker (empty if none was involved).
         worker: String,
-        /// Why.
+        /// Why, in words.
         reason: String,
+        /// What made it fail: its own build, a failed dependency, or the infrastructure.
+        cause: build::FailureCause,
     },
     /// A worker was granted the step.
     Assigned {
@@ -324,12 +326,16 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
     }));
     // Only final failures: a worker's transient failure is retried by the planner, which
     // asserts its own (permanent) copy when it gives up.
-    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
+    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>,
     |t: &mut Activation| {
         if !matches!(build::FailureKind::parse(&kind), Ok(build::FailureKind::Permanent)) {
             return Ok(());
         }
-        handler(t, StepEvent::Failed { drv: drv.clone(), worker: worker.clone(), reason: reason.clone() })
+        let Ok(cause) = build::FailureCause::parse(&cause) else {
+            tracing::warn!(%drv, ?cause, "ignoring a failure of unknown cause");
+            return Ok(());
+        };
+        handler(t, StepEvent::Failed { drv: drv.clone(), worker: worker.clone(), reason: reason.clone(), cause })
     }));
     enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,
     |t: &mut Activation| {

@@ -11,7 +11,8 @@
 //!    a step it is invited to steal, and the steps it built while the
 //!    dataspace was away; the planner grants those claims.
 //! 4. W sends `<log drv W line>` messages while building, then asserts
-//!    `<built drv W outputs>` or `<failed drv W reason kind>`.
+//!    `<built drv W outputs>` or `<failed drv W reason kind cause>` (the cause: its
+//!    own `build`, or the `infrastructure` around it).
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
 //!    step is no longer wanted) W withdraws everything about the step; a
 //!    build still running is killed.
@@ -468,7 +469,12 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
                         },
                     );
                 }
-                Err(BuildFailure { reason, kind, lost }) => {
+                Err(BuildFailure {
+                    reason,
+                    kind,
+                    cause,
+                    lost,
+                }) => {
                     tracing::warn!(%drv, %reason, "failed");
                     // Before the failure: the planner builds the lost input again first.
                     if let Some(path) = lost {
@@ -488,6 +494,7 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
                             worker: config.id.clone(),
                             reason,
                             kind,
+                            cause,
                         },
                     );
                 }

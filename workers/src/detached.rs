@@ -26,26 +26,31 @@ pub struct BuildFailure {
     pub reason: String,
     /// Whether building it again (elsewhere) may help.
     pub kind: build::FailureKind,
+    /// What made it fail: the build itself, or what is around it.
+    pub cause: build::FailureCause,
     /// An input that no store in the dataspace has any more: the step that made it must be
     /// built again.
     pub lost: Option<String>,
 }
 
 impl BuildFailure {
-    /// A failure worth retrying.
+    /// A failure of the infrastructure around the build (the daemon connection, a
+    /// transfer, …): worth retrying.
     pub fn transient(reason: impl Into<String>) -> BuildFailure {
         BuildFailure {
             reason: reason.into(),
             kind: build::FailureKind::Transient,
+            cause: build::FailureCause::Infrastructure,
             lost: None,
         }
     }
 
-    /// A failure that building again would repeat.
+    /// A failure of the build itself, which building again would repeat.
     pub fn permanent(reason: impl Into<String>) -> BuildFailure {
         BuildFailure {
             reason: reason.into(),
             kind: build::FailureKind::Permanent,
+            cause: build::FailureCause::Build,
             lost: None,
         }
     }

@@ -12,6 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+use crate::schedule::FailureCause;
+
 /// The schema, one entry per version; never edit a released entry, append.
 const MIGRATIONS: &[&str] = &[
     // 1: steps and attempts.
@@ -63,6 +65,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX realisations_by_path ON realisations(out_path);",
     // 4: the signatures a realisation carries, space-separated (as Nix keeps them).
     "ALTER TABLE realisations ADD COLUMN signatures TEXT NOT NULL DEFAULT '';",
+    // 5: what made a step fail or an attempt end without outputs, beside the reason in
+    // words: `build`, `dependency` (the failed input derivation in `failed_input`) or
+    // `infrastructure`. NULL in rows written before.
+    "ALTER TABLE steps ADD COLUMN cause TEXT
+         CHECK (cause IN ('build', 'dependency', 'infrastructure'));
+     ALTER TABLE steps ADD COLUMN failed_input TEXT;
+     ALTER TABLE attempts ADD COLUMN cause TEXT
+         CHECK (cause IN ('build', 'dependency', 'infrastructure'));
+     ALTER TABLE attempts ADD COLUMN failed_input TEXT;",
 ];
 
 /// A history database could not be used.
@@ -90,25 +101,58 @@ pub enum HistoryError {
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
+pub enum AttemptOutcome<'a> {
     /// The outputs are valid.
-    Built,
-    /// The builder failed.
-    Failed,
-    /// The worker went away.
-    Lost,
+    Built {
+        /// The output paths.
+        outputs: &'a [String],
+    },
+    /// The step failed for good.
+    Failed {
+        /// Why, in words.
+        reason: &'a str,
+        /// What made it fail.
+        cause: &'a FailureCause,
+    },
+    /// The attempt failed transiently (the worker went away, …): the step is retried.
+    Lost {
+        /// Why, in words.
+        reason: &'a str,
+        /// What made it fail.
+        cause: &'a FailureCause,
+    },
     /// Nobody wanted the step any more.
     Cancelled,
 }
 
-impl AttemptOutcome {
-    fn as_str(self) -> &'static str {
+impl AttemptOutcome<'_> {
+    fn as_str(&self) -> &'static str {
         match self {
-            AttemptOutcome::Built => "built",
-            AttemptOutcome::Failed => "failed",
-            AttemptOutcome::Lost => "lost",
+            AttemptOutcome::Built { .. } => "built",
+            AttemptOutcome::Failed { .. } => "failed",
+            AttemptOutcome::Lost { .. } => "lost",
             AttemptOutcome::Cancelled => "cancelled",
         }
+    }
+
+    /// The reason and the cause's columns (`cause`, `failed_input`), when it failed.
+    fn failure(&self) -> (Option<&str>, Option<&'static str>, Option<&str>) {
+        match self {
+            AttemptOutcome::Failed { reason, cause } | AttemptOutcome::Lost { reason, cause } => {
+                let (name, input) = cause_columns(cause);
+                (Some(reason), Some(name), input)
+            }
+            AttemptOutcome::Built { .. } | AttemptOutcome::Cancelled => (None, None, None),
+        }
+    }
+}
+
+/// A cause as the history stores it: its name, and the failed input of a dependency.
+fn cause_columns(cause: &FailureCause) -> (&'static str, Option<&str>) {
+    match cause {
+        FailureCause::Build => ("build", None),
+        FailureCause::Dependency(input) => ("dependency", Some(input.as_str())),
+        FailureCause::Infrastructure => ("infrastructure", None),
     }
 }
 
@@ -125,6 +169,10 @@ pub struct StepRecord {
     pub outputs: Vec<String>,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// What made it fail (`build`, `dependency` or `infrastructure`), when it did.
+    pub cause: Option<String>,
+    /// The failed input, when `cause` is `dependency`.
+    pub failed_input: Option<String>,
     /// Seconds since the epoch when it was first demanded.
     pub first_demanded: i64,
     /// Every attempt, oldest first.
@@ -161,6 +209,10 @@ pub struct AttemptRecord {
     pub outcome: Option<String>,
     /// Why it ended so, if known.
     pub reason: Option<String>,
+    /// What made it fail (`build`, `dependency` or `infrastructure`), if it did.
+    pub cause: Option<String>,
+    /// The failed input, when `cause` is `dependency`.
+    pub failed_input: Option<String>,
 }
 
 /// The open history database.
@@ -239,7 +291,8 @@ impl History {
         self.conn
             .execute(
                 "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
-                 ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, finished = NULL
+                 ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
+                     failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
                 params![drv, system, now()],
             )
@@ -261,7 +314,8 @@ impl History {
         tx.execute(
             "INSERT INTO steps (drv, system, first_demanded, status, finished)
              VALUES (?1, ?2, ?3, 'resolved', ?3)
-             ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, finished = ?3",
+             ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, cause = NULL,
+                 failed_input = NULL, finished = ?3",
             params![from, system, t],
         )
         .map_err(err)?;
@@ -357,9 +411,7 @@ impl History {
     pub fn attempt_ended(
         &mut self,
         drv: &str,
-        outcome: AttemptOutcome,
-        reason: Option<&str>,
-        outputs: &[String],
+        outcome: AttemptOutcome<'_>,
     ) -> Result<(), HistoryError> {
         let t = now();
         let path = self.path.clone();
@@ -367,17 +419,21 @@ impl History {
             path: path.clone(),
             source,
         };
+        let (reason, cause, failed_input) = outcome.failure();
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
-            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4
+            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+                 failed_input = ?6
              WHERE drv = ?1 AND finished IS NULL",
-            params![drv, t, outcome.as_str(), reason],
+            params![drv, t, outcome.as_str(), reason, cause, failed_input],
         )
         .map_err(err)?;
         match outcome {
-            AttemptOutcome::Built => {
+            AttemptOutcome::Built { outputs } => {
                 tx.execute(
-                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, finished = ?3 WHERE drv = ?1",
+                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, cause = NULL,
+                         failed_input = NULL, finished = ?3
+                     WHERE drv = ?1",
                     params![drv, outputs.join(" "), t],
                 )
                 .map_err(err)?;
@@ -389,14 +445,16 @@ impl History {
                 )
                 .map_err(err)?;
             }
-            AttemptOutcome::Failed => {
+            AttemptOutcome::Failed { .. } => {
                 tx.execute(
-                    "UPDATE steps SET status = 'failed', error = ?2, finished = ?3 WHERE drv = ?1",
-                    params![drv, reason, t],
+                    "UPDATE steps SET status = 'failed', error = ?2, cause = ?3, failed_input = ?4,
+                         finished = ?5
+                     WHERE drv = ?1",
+                    params![drv, reason, cause, failed_input, t],
                 )
                 .map_err(err)?;
             }
-            AttemptOutcome::Lost | AttemptOutcome::Cancelled => {}
+            AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
         }
         tx.commit().map_err(err)
     }
@@ -422,7 +480,8 @@ impl History {
             .conn
             .prepare(
                 "SELECT drv, system, status, outputs, error, first_demanded,
-                        (SELECT resolved_to FROM resolutions WHERE resolved_from = drv)
+                        (SELECT resolved_to FROM resolutions WHERE resolved_from = drv),
+                        cause, failed_input
                  FROM steps ORDER BY first_demanded DESC, drv LIMIT ?1",
             )
             .map_err(|e| self.err(e))?;
@@ -437,6 +496,8 @@ impl History {
                         .map(|o| o.split_whitespace().map(str::to_owned).collect())
                         .unwrap_or_default(),
                     error: r.get(4)?,
+                    cause: r.get(7)?,
+                    failed_input: r.get(8)?,
                     first_demanded: r.get(5)?,
                     attempts: Vec::new(),
                     resolved_to: r.get(6)?,
@@ -450,7 +511,8 @@ impl History {
         let mut attempts = self
             .conn
             .prepare(
-                "SELECT worker, started, finished, outcome, reason FROM attempts WHERE drv = ?1 ORDER BY id",
+                "SELECT worker, started, finished, outcome, reason, cause, failed_input
+                 FROM attempts WHERE drv = ?1 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
         let mut originals = self
@@ -484,6 +546,8 @@ impl History {
                         finished: r.get(2)?,
                         outcome: r.get(3)?,
                         reason: r.get(4)?,
+                        cause: r.get(5)?,
+                        failed_input: r.get(6)?,
                     })
                 })
                 .map_err(|e| self.err(e))?
@@ -512,8 +576,11 @@ mod tests {
         h.demanded("/nix/store/r.drv", "x86_64-linux").unwrap();
         h.attempt_started("/nix/store/r.drv", "w1").unwrap();
         let outputs = vec!["/nix/store/out".to_owned()];
-        h.attempt_ended("/nix/store/r.drv", AttemptOutcome::Built, None, &outputs)
-            .unwrap();
+        h.attempt_ended(
+            "/nix/store/r.drv",
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+        .unwrap();
         drop(h);
         // Reopened (as after a restart): the links are intact, no duplicate rows.
         let h = History::open(&path).unwrap();
@@ -564,15 +631,19 @@ mod tests {
         h.attempt_started("/nix/store/a.drv", "w1").unwrap();
         h.attempt_ended(
             "/nix/store/a.drv",
-            AttemptOutcome::Lost,
-            Some("w1 went away"),
-            &[],
+            AttemptOutcome::Lost {
+                reason: "w1 went away",
+                cause: &FailureCause::Infrastructure,
+            },
         )
         .unwrap();
         h.attempt_started("/nix/store/a.drv", "w2").unwrap();
         let outputs = vec!["/nix/store/a".to_owned()];
-        h.attempt_ended("/nix/store/a.drv", AttemptOutcome::Built, None, &outputs)
-            .unwrap();
+        h.attempt_ended(
+            "/nix/store/a.drv",
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+        .unwrap();
         drop(h);
         // Reopening keeps everything and runs no migration twice.
         let h = History::open(&path).unwrap();
@@ -596,15 +667,22 @@ mod tests {
         h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
         h.attempt_ended(
             "/nix/store/b.drv",
-            AttemptOutcome::Failed,
-            Some("dependency failed"),
-            &[],
+            AttemptOutcome::Failed {
+                reason: "dependency failed",
+                cause: &FailureCause::Dependency("/nix/store/a.drv".into()),
+            },
         )
         .unwrap();
-        assert_eq!(h.recent(1).unwrap()[0].status, "failed");
+        let s = &h.recent(1).unwrap()[0];
+        assert_eq!(s.status, "failed");
+        assert_eq!(
+            (s.cause.as_deref(), s.failed_input.as_deref()),
+            (Some("dependency"), Some("/nix/store/a.drv"))
+        );
         h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
         let s = &h.recent(1).unwrap()[0];
         assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
+        assert_eq!(s.cause, None);
     }
 
     #[test]

@@ -63,6 +63,18 @@ pub enum FailureKind {
     Permanent,
 }
 
+/// What made a step fail (`FailureCause` in `schemas/build.prs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Its own build failed (the builder exited non-zero, …).
+    Build,
+    /// This input derivation failed, so the step was not built.
+    Dependency(String),
+    /// Something around the build failed: the worker was lost, a transfer failed, the
+    /// planner gave up retrying.
+    Infrastructure,
+}
+
 /// Where a step is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepState {
@@ -87,6 +99,8 @@ pub enum StepState {
         worker: String,
         /// Human-readable cause.
         reason: String,
+        /// What made it fail.
+        cause: FailureCause,
     },
 }
 
@@ -107,9 +121,9 @@ pub enum Effect {
     Unassign(String),
     /// Withdraw the step's assignment because nobody wants the step any more.
     Cancel(String),
-    /// The attempt failed transiently (the reason); call
+    /// The attempt failed transiently (the reason and its cause); call
     /// [`Schedule::retry`] for the step after the delay.
-    RetryAfter(String, Duration, String),
+    RetryAfter(String, Duration, String, FailureCause),
     /// Assert the step's successful outcome.
     Built {
         /// The step.
@@ -125,8 +139,10 @@ pub enum Effect {
         drv: String,
         /// Who reported it ("" for the planner).
         worker: String,
-        /// Why.
+        /// Why, in words.
         reason: String,
+        /// What made it fail.
+        cause: FailureCause,
     },
     /// Withdraw any outcome assertion of the step (nobody wants it any more).
     Forget(String),
@@ -342,7 +358,13 @@ impl Schedule {
         let running = self.running.get(id).cloned().unwrap_or_default();
         for drv in running {
             let reason = format!("worker {id} left while building");
-            effects.extend(self.failed(&drv, id, &reason, FailureKind::Transient));
+            effects.extend(self.failed(
+                &drv,
+                id,
+                &reason,
+                FailureKind::Transient,
+                FailureCause::Infrastructure,
+            ));
         }
         effects.extend(self.recheck_schedulability());
         effects
@@ -388,7 +410,13 @@ impl Schedule {
         match self.state(drv) {
             Some(StepState::Assigned(w)) if w == worker => {
                 let reason = format!("worker {worker} went away while building");
-                self.failed(drv, worker, &reason, FailureKind::Transient)
+                self.failed(
+                    drv,
+                    worker,
+                    &reason,
+                    FailureKind::Transient,
+                    FailureCause::Infrastructure,
+                )
             }
             _ => Vec::new(),
         }
@@ -476,13 +504,15 @@ impl Schedule {
         effects
     }
 
-    /// `worker` could not build `drv`.
+    /// `worker` could not build `drv`. A transient failure given up on keeps its last
+    /// attempt's cause.
     pub fn failed(
         &mut self,
         drv: &str,
         worker: &str,
         reason: &str,
         kind: FailureKind,
+        cause: FailureCause,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let (max_attempts, base) = (self.max_attempts, self.retry_backoff);
@@ -506,7 +536,7 @@ impl Schedule {
         step.steal_offer = None;
         effects.push(Effect::Unassign(drv.to_owned()));
         if kind == FailureKind::Permanent {
-            self.fail_for_good(drv, worker, reason.to_owned(), &mut effects);
+            self.fail_for_good(drv, worker, reason.to_owned(), cause, &mut effects);
             return effects;
         }
         step.transient_reasons
@@ -516,7 +546,12 @@ impl Schedule {
             let delay = base
                 .saturating_mul(1 << (step.attempts - 1).min(16))
                 .min(MAX_RETRY_BACKOFF);
-            effects.push(Effect::RetryAfter(drv.to_owned(), delay, reason.to_owned()));
+            effects.push(Effect::RetryAfter(
+                drv.to_owned(),
+                delay,
+                reason.to_owned(),
+                cause,
+            ));
             return effects;
         }
         let reason = format!(
@@ -524,20 +559,23 @@ impl Schedule {
             step.attempts,
             step.transient_reasons.join("; ")
         );
-        self.fail_for_good(drv, worker, reason, &mut effects);
+        self.fail_for_good(drv, worker, reason, cause, &mut effects);
         effects
     }
 
+    /// `drv` will not be built, and neither will the steps that need it.
     fn fail_for_good(
         &mut self,
         drv: &str,
         worker: &str,
         reason: String,
+        cause: FailureCause,
         effects: &mut Vec<Effect>,
     ) {
         let failed = StepState::Failed {
             worker: worker.to_owned(),
             reason: reason.clone(),
+            cause: cause.clone(),
         };
         match self.state(drv) {
             None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => return,
@@ -551,10 +589,12 @@ impl Schedule {
             drv: drv.to_owned(),
             worker: worker.to_owned(),
             reason,
+            cause,
         });
         for dependent in self.dependents_of(drv) {
             let why = format!("dependency {drv} failed");
-            self.fail_for_good(&dependent, "", why, effects);
+            let cause = FailureCause::Dependency(drv.to_owned());
+            self.fail_for_good(&dependent, "", why, cause, effects);
         }
     }
 
@@ -595,7 +635,8 @@ impl Schedule {
             step.inputs_built = built;
         }
         if let Some(input) = failed_input {
-            self.fail_for_good(drv, "", format!("dependency {input} failed"), effects);
+            let why = format!("dependency {input} failed");
+            self.fail_for_good(drv, "", why, FailureCause::Dependency(input), effects);
         } else if all_built {
             self.enter_ready(drv, effects);
         }
@@ -761,7 +802,13 @@ mod tests {
         assert_eq!(made_it.as_deref(), Some("a"));
         assert!(e.contains(&Effect::Forget("a".into())), "{e:?}");
         assert_eq!(readies(&e), vec!["a"]);
-        s.failed("b", "w2", "cannot fetch /out/a", FailureKind::Transient);
+        s.failed(
+            "b",
+            "w2",
+            "cannot fetch /out/a",
+            FailureKind::Transient,
+            FailureCause::Infrastructure,
+        );
         assert!(readies(&s.retry("b")).is_empty());
         assert_eq!(s.state("b"), Some(&StepState::Waiting));
         s.claim("a", "w2");
@@ -837,7 +884,8 @@ mod tests {
         assert!(e.contains(&Effect::RetryAfter(
             "a".into(),
             Duration::from_secs(1),
-            "worker w1 went away while building".into()
+            "worker w1 went away while building".into(),
+            FailureCause::Infrastructure
         )));
         assert!(
             s.claim("a", "w2").is_empty(),
@@ -846,11 +894,12 @@ mod tests {
         assert_eq!(readies(&s.retry("a")), vec!["a"]);
         s.claim("a", "w2");
         let e = s.unclaim("a", "w2");
-        let Some(Effect::Failed { reason, .. }) =
+        let Some(Effect::Failed { reason, cause, .. }) =
             e.iter().find(|e| matches!(e, Effect::Failed { .. }))
         else {
             panic!("expected a failure, got {e:?}");
         };
+        assert_eq!(cause, &FailureCause::Infrastructure);
         assert!(reason.contains("gave up after 2 attempts"), "{reason}");
         assert!(reason.contains("w1") && reason.contains("w2"), "{reason}");
     }
@@ -862,7 +911,13 @@ mod tests {
         s.demand("b", info(&["a"]), Urgency::default());
         s.demand("c", info(&["b"]), Urgency::default());
         s.claim("a", "w1");
-        let e = s.failed("a", "w1", "builder exited 1", FailureKind::Permanent);
+        let e = s.failed(
+            "a",
+            "w1",
+            "builder exited 1",
+            FailureKind::Permanent,
+            FailureCause::Build,
+        );
         let failed: Vec<_> = e
             .iter()
             .filter_map(|e| match e {
@@ -878,11 +933,26 @@ mod tests {
                 ("c", "dependency b failed")
             ]
         );
+        let causes: Vec<_> = e
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Failed { cause, .. } => Some(cause.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            causes,
+            vec![
+                FailureCause::Build,
+                FailureCause::Dependency("a".into()),
+                FailureCause::Dependency("b".into())
+            ]
+        );
         // A late demand on a failed input fails at once.
         let e = s.demand("d", info(&["a"]), Urgency::default());
-        assert!(e
-            .iter()
-            .any(|e| matches!(e, Effect::Failed { drv, .. } if drv == "d")));
+        assert!(e.iter().any(|e| matches!(e,
+            Effect::Failed { drv, cause: FailureCause::Dependency(input), .. }
+                if drv == "d" && input == "a")));
     }
 
     #[test]
@@ -926,7 +996,13 @@ mod tests {
         s.demand("a", info(&[]), Urgency::default());
         s.claim("a", "w1");
         assert!(s
-            .failed("a", "w2", "not mine", FailureKind::Permanent)
+            .failed(
+                "a",
+                "w2",
+                "not mine",
+                FailureKind::Permanent,
+                FailureCause::Build
+            )
             .is_empty());
         assert!(s.unclaim("a", "w2").is_empty());
         assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
@@ -997,7 +1073,7 @@ mod more_tests {
         for _ in 0..3 {
             s.claim("a", "w");
             for e in s.unclaim("a", "w") {
-                if let Effect::RetryAfter(_, d, _) = e {
+                if let Effect::RetryAfter(_, d, _, _) = e {
                     delays.push(d.as_millis());
                 }
             }

@@ -12,7 +12,6 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nixspace_protocol::{build, on_retraction};
-use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -21,8 +20,10 @@ use crate::demand_gate::DemandGate;
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
 use crate::schedule::{
-    Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
+    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
+    WorkerOffer,
 };
+use crate::wire::{cause_from_wire, cause_to_wire, kind_from_wire, step_to_wire};
 
 /// What the planner's observers saw.
 #[derive(Debug)]
@@ -44,7 +45,7 @@ pub enum Event {
     /// A worker reported a step built.
     Built(String, String, Vec<String>),
     /// A worker reported a step failed.
-    Failed(String, String, String, FailureKind),
+    Failed(String, String, String, FailureKind, FailureCause),
     /// A worker announced its free build slots.
     Offer(String, i64),
     /// A frontend resolved a content-addressed step (from, to, system).
@@ -108,7 +109,9 @@ impl Entity<Event> for Planner {
                 }
                 effects
             }
-            Event::Failed(drv, worker, reason, kind) => s.failed(&drv, &worker, &reason, kind),
+            Event::Failed(drv, worker, reason, kind, cause) => {
+                s.failed(&drv, &worker, &reason, kind, cause)
+            }
             Event::Offer(worker, free) => {
                 s.offer(&worker, free);
                 Vec::new()
@@ -160,7 +163,7 @@ impl Planner {
                 Effect::Ready(drv, info, urgency) => {
                     let ready = build::Ready {
                         drv: drv.clone(),
-                        step: to_wire(&info),
+                        step: step_to_wire(&info),
                         priority: urgency.priority.into(),
                         depth: (urgency.depth as i64).into(),
                     };
@@ -186,9 +189,15 @@ impl Planner {
                     replace(t, &mut self.unschedulable, drv, h);
                 }
                 Effect::Schedulable(drv) => retract(t, &mut self.unschedulable, &drv),
-                Effect::RetryAfter(drv, delay, reason) => {
+                Effect::RetryAfter(drv, delay, reason, cause) => {
                     self.metrics.retries.inc();
-                    self.record(&drv, AttemptOutcome::Lost, Some(&reason), &[]);
+                    self.record(
+                        &drv,
+                        AttemptOutcome::Lost {
+                            reason: &reason,
+                            cause: &cause,
+                        },
+                    );
                     self.retry_after(t, drv, delay)
                 }
                 Effect::Assign(drv, worker) => {
@@ -211,7 +220,7 @@ impl Planner {
                 Effect::Unassign(drv) => self.unassign(t, &drv),
                 Effect::Cancel(drv) => {
                     tracing::info!(%drv, "cancelled: no demand left");
-                    self.record(&drv, AttemptOutcome::Cancelled, None, &[]);
+                    self.record(&drv, AttemptOutcome::Cancelled);
                     self.unassign(t, &drv)
                 }
                 Effect::OfferSteal(drv, from, to) => {
@@ -250,7 +259,7 @@ impl Planner {
                 } => {
                     self.metrics.built.inc();
                     tracing::info!(%drv, %worker, "built");
-                    self.record(&drv, AttemptOutcome::Built, None, &outputs);
+                    self.record(&drv, AttemptOutcome::Built { outputs: &outputs });
                     let h = self.ds.assert(
                         t,
                         &build::Built {
@@ -265,15 +274,23 @@ impl Planner {
                     drv,
                     worker,
                     reason,
+                    cause,
                 } => {
                     self.metrics.failed.inc();
-                    tracing::warn!(%drv, %worker, %reason, "failed");
-                    self.record(&drv, AttemptOutcome::Failed, Some(&reason), &[]);
+                    tracing::warn!(%drv, %worker, %reason, ?cause, "failed");
+                    self.record(
+                        &drv,
+                        AttemptOutcome::Failed {
+                            reason: &reason,
+                            cause: &cause,
+                        },
+                    );
                     let failed = build::Failed {
                         drv: drv.clone(),
                         worker,
                         reason,
                         kind: build::FailureKind::Permanent,
+                        cause: cause_to_wire(cause),
                     };
                     let h = self.ds.assert(t, &failed);
                     replace(t, &mut self.outcomes, drv, h);
@@ -363,16 +380,8 @@ impl Planner {
     }
 
     /// Note the end of an attempt in the history, if one is kept.
-    fn record(
-        &mut self,
-        drv: &str,
-        outcome: AttemptOutcome,
-        reason: Option<&str>,
-        outputs: &[String],
-    ) {
-        note(&mut self.history, |h| {
-            h.attempt_ended(drv, outcome, reason, outputs)
-        });
+    fn record(&mut self, drv: &str, outcome: AttemptOutcome<'_>) {
+        note(&mut self.history, |h| h.attempt_ended(drv, outcome));
     }
 
     fn retry_after(&self, t: &mut Activation, drv: String, delay: Duration) {
@@ -400,31 +409,6 @@ fn replace(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: String, h
 fn retract(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: &str) {
     if let Some(h) = map.remove(drv) {
         t.retract(h);
-    }
-}
-
-fn to_wire(info: &StepInfo) -> build::StepInfo {
-    build::StepInfo {
-        system: info.system.clone(),
-        features: info.features.clone(),
-        input_drvs: info.input_drvs.clone(),
-    }
-}
-
-/// A step as the schedule keeps it, from the wire.
-pub(crate) fn from_wire(info: build::StepInfo) -> StepInfo {
-    StepInfo {
-        system: info.system,
-        features: info.features,
-        input_drvs: info.input_drvs,
-    }
-}
-
-fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
-    // Or-types have no dataspace pattern of their own: parse here.
-    match build::FailureKind::parse(kind).ok()? {
-        build::FailureKind::Transient => Some(FailureKind::Transient),
-        build::FailureKind::Permanent => Some(FailureKind::Permanent),
     }
 }
 
@@ -580,14 +564,14 @@ pub fn start(
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
+        enclose!((planner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>,
             |t: &mut Activation| {
-                match kind_from_wire(&kind) {
-                    Some(kind) => t.message(
+                match (kind_from_wire(&kind), cause_from_wire(&cause)) {
+                    (Some(kind), Some(cause)) => t.message(
                         &planner,
-                        Event::Failed(drv.clone(), worker.clone(), reason.clone(), kind),
+                        Event::Failed(drv.clone(), worker.clone(), reason.clone(), kind, cause),
                     ),
-                    None => tracing::warn!(%drv, %worker, ?kind, "ignoring failure of unknown kind"),
+                    _ => tracing::warn!(%drv, %worker, ?kind, ?cause, "ignoring failure of unknown kind or cause"),
                 }
                 Ok(())
             }));

@@ -363,6 +363,7 @@ fn on_event(
             drv,
             worker,
             reason,
+            ..
         } => with(session, |s| {
             s.settle(&drv, Status::Failed { worker, reason })
         }),

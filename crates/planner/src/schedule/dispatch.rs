@@ -366,7 +366,7 @@ mod tests {
         let e = then(&mut s, e);
         assert!(
             e.iter()
-                .any(|e| matches!(e, Effect::RetryAfter(d, _, _) if d == "a")),
+                .any(|e| matches!(e, Effect::RetryAfter(d, _, _, _) if d == "a")),
             "{e:?}"
         );
         assert_eq!(s.state("a"), Some(&StepState::Retrying));

@@ -266,7 +266,8 @@ mod tests {
                 "a",
                 "slow",
                 "link dropped",
-                super::super::FailureKind::Transient
+                super::super::FailureKind::Transient,
+                super::super::FailureCause::Infrastructure
             ),
             vec![Effect::Promote("a".into())]
         );
