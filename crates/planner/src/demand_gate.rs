@@ -182,7 +182,11 @@ impl Entity<Vec<AnyValue>> for DemandGate {
         match admission {
             Admission::Taken => t.message(
                 &self.planner,
-                Event::Demand(demand.drv.clone(), step, urgency),
+                Event::Demand {
+                    drv: demand.drv.as_str().into(),
+                    info: step,
+                    urgency,
+                },
             ),
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
             Admission::Refused { first: false } => {}
@@ -203,7 +207,12 @@ impl Entity<Vec<AnyValue>> for DemandGate {
             return Ok(());
         };
         if seen.admission == Admission::Taken {
-            t.message(&self.planner, Event::Undemand(seen.drv));
+            t.message(
+                &self.planner,
+                Event::Undemand {
+                    drv: seen.drv.into(),
+                },
+            );
         }
         if self.cap.withdraw(&seen.requester, seen.admission) {
             if let Some(refusal) = self.refusals.remove(&seen.requester) {

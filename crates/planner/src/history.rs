@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nixspace_protocol::{DrvPath, WorkerId};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
@@ -287,14 +288,14 @@ impl History {
 
     /// A step was demanded (again). A step demanded anew after it finished
     /// starts a new life: status back to `demanded`, attempts kept.
-    pub fn demanded(&mut self, drv: &str, system: &str) -> Result<(), HistoryError> {
+    pub fn demanded(&mut self, drv: &DrvPath, system: &str) -> Result<(), HistoryError> {
         self.conn
             .execute(
                 "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
                  ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
                      failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
-                params![drv, system, now()],
+                params![drv.as_str(), system, now()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -303,7 +304,12 @@ impl History {
     /// The content-addressed step `from` was resolved to the derivation `to` (for `system`):
     /// the original is finished as `resolved`, the resolved step recorded as demanded, and the
     /// link between them, in one transaction.
-    pub fn resolved(&mut self, from: &str, to: &str, system: &str) -> Result<(), HistoryError> {
+    pub fn resolved(
+        &mut self,
+        from: &DrvPath,
+        to: &DrvPath,
+        system: &str,
+    ) -> Result<(), HistoryError> {
         let t = now();
         let path = self.path.clone();
         let err = |source| HistoryError::Sqlite {
@@ -316,19 +322,19 @@ impl History {
              VALUES (?1, ?2, ?3, 'resolved', ?3)
              ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, cause = NULL,
                  failed_input = NULL, finished = ?3",
-            params![from, system, t],
+            params![from.as_str(), system, t],
         )
         .map_err(err)?;
         tx.execute(
             "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
              ON CONFLICT(drv) DO NOTHING",
-            params![to, system, t],
+            params![to.as_str(), system, t],
         )
         .map_err(err)?;
         tx.execute(
             "INSERT INTO resolutions (resolved_from, resolved_to, recorded) VALUES (?1, ?2, ?3)
              ON CONFLICT(resolved_from) DO UPDATE SET resolved_to = ?2, recorded = ?3",
-            params![from, to, t],
+            params![from.as_str(), to.as_str(), t],
         )
         .map_err(err)?;
         tx.commit().map_err(err)
@@ -395,11 +401,15 @@ impl History {
     }
 
     /// `worker` started building `drv`.
-    pub fn attempt_started(&mut self, drv: &str, worker: &str) -> Result<(), HistoryError> {
+    pub fn attempt_started(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+    ) -> Result<(), HistoryError> {
         self.conn
             .execute(
                 "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
-                params![drv, worker, now()],
+                params![drv.as_str(), worker.as_str(), now()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -410,7 +420,7 @@ impl History {
     /// finishes the step. One transaction.
     pub fn attempt_ended(
         &mut self,
-        drv: &str,
+        drv: &DrvPath,
         outcome: AttemptOutcome<'_>,
     ) -> Result<(), HistoryError> {
         let t = now();
@@ -420,6 +430,7 @@ impl History {
             source,
         };
         let (reason, cause, failed_input) = outcome.failure();
+        let drv = drv.as_str();
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
             "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
@@ -461,13 +472,18 @@ impl History {
 
     /// The attempts that never ended, as (drv, worker): what was being built when the
     /// coordinator stopped (or was killed).
-    pub fn open_attempts(&self) -> Result<Vec<(String, String)>, HistoryError> {
+    pub fn open_attempts(&self) -> Result<Vec<(DrvPath, WorkerId)>, HistoryError> {
         let mut open = self
             .conn
             .prepare("SELECT drv, worker FROM attempts WHERE outcome IS NULL ORDER BY id")
             .map_err(|e| self.err(e))?;
         let rows = open
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    DrvPath::from(r.get::<_, String>(0)?),
+                    WorkerId::from(r.get::<_, String>(1)?),
+                ))
+            })
             .map_err(|e| self.err(e))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e));
@@ -568,16 +584,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");
         let mut h = History::open(&path).unwrap();
-        h.resolved("/nix/store/s1.drv", "/nix/store/r.drv", "x86_64-linux")
-            .unwrap();
+        h.resolved(
+            &"/nix/store/s1.drv".into(),
+            &"/nix/store/r.drv".into(),
+            "x86_64-linux",
+        )
+        .unwrap();
         // A second original with the same resolution shares the resolved step.
-        h.resolved("/nix/store/s2.drv", "/nix/store/r.drv", "x86_64-linux")
+        h.resolved(
+            &"/nix/store/s2.drv".into(),
+            &"/nix/store/r.drv".into(),
+            "x86_64-linux",
+        )
+        .unwrap();
+        h.demanded(&"/nix/store/r.drv".into(), "x86_64-linux")
             .unwrap();
-        h.demanded("/nix/store/r.drv", "x86_64-linux").unwrap();
-        h.attempt_started("/nix/store/r.drv", "w1").unwrap();
+        h.attempt_started(&"/nix/store/r.drv".into(), &"w1".into())
+            .unwrap();
         let outputs = vec!["/nix/store/out".to_owned()];
         h.attempt_ended(
-            "/nix/store/r.drv",
+            &"/nix/store/r.drv".into(),
             AttemptOutcome::Built { outputs: &outputs },
         )
         .unwrap();
@@ -627,20 +653,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");
         let mut h = History::open(&path).unwrap();
-        h.demanded("/nix/store/a.drv", "x86_64-linux").unwrap();
-        h.attempt_started("/nix/store/a.drv", "w1").unwrap();
+        h.demanded(&"/nix/store/a.drv".into(), "x86_64-linux")
+            .unwrap();
+        h.attempt_started(&"/nix/store/a.drv".into(), &"w1".into())
+            .unwrap();
         h.attempt_ended(
-            "/nix/store/a.drv",
+            &"/nix/store/a.drv".into(),
             AttemptOutcome::Lost {
                 reason: "w1 went away",
                 cause: &FailureCause::Infrastructure,
             },
         )
         .unwrap();
-        h.attempt_started("/nix/store/a.drv", "w2").unwrap();
+        h.attempt_started(&"/nix/store/a.drv".into(), &"w2".into())
+            .unwrap();
         let outputs = vec!["/nix/store/a".to_owned()];
         h.attempt_ended(
-            "/nix/store/a.drv",
+            &"/nix/store/a.drv".into(),
             AttemptOutcome::Built { outputs: &outputs },
         )
         .unwrap();
@@ -664,9 +693,10 @@ mod tests {
     fn a_failed_step_demanded_again_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
-        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        h.demanded(&"/nix/store/b.drv".into(), "x86_64-linux")
+            .unwrap();
         h.attempt_ended(
-            "/nix/store/b.drv",
+            &"/nix/store/b.drv".into(),
             AttemptOutcome::Failed {
                 reason: "dependency failed",
                 cause: &FailureCause::Dependency("/nix/store/a.drv".into()),
@@ -679,7 +709,8 @@ mod tests {
             (s.cause.as_deref(), s.failed_input.as_deref()),
             (Some("dependency"), Some("/nix/store/a.drv"))
         );
-        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        h.demanded(&"/nix/store/b.drv".into(), "x86_64-linux")
+            .unwrap();
         let s = &h.recent(1).unwrap()[0];
         assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
         assert_eq!(s.cause, None);

@@ -2,7 +2,7 @@
 //! place where the planner turns what it reads from the dataspace into its own types, and
 //! back where it asserts.
 
-use nixspace_protocol::build;
+use nixspace_protocol::{build, DrvPath, WorkerId};
 use preserves_schema::Parse;
 use syndicate::actor::AnyValue;
 
@@ -13,7 +13,7 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
     build::StepInfo {
         system: info.system.clone(),
         features: info.features.clone(),
-        input_drvs: info.input_drvs.clone(),
+        input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
     }
 }
 
@@ -22,8 +22,13 @@ pub(crate) fn step_from_wire(info: build::StepInfo) -> StepInfo {
     StepInfo {
         system: info.system,
         features: info.features,
-        input_drvs: info.input_drvs,
+        input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
     }
+}
+
+/// The worker a `failed` record names: none when the planner decided (an empty name).
+pub(crate) fn worker_from_wire(worker: &str) -> Option<WorkerId> {
+    (!worker.is_empty()).then(|| WorkerId::from(worker))
 }
 
 /// The kind of a `failed` record, if it is one. Or-types have no dataspace pattern of their
@@ -39,7 +44,7 @@ pub(crate) fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
 pub(crate) fn cause_from_wire(cause: &AnyValue) -> Option<FailureCause> {
     Some(match build::FailureCause::parse(cause).ok()? {
         build::FailureCause::Build => FailureCause::Build,
-        build::FailureCause::Dependency { drv } => FailureCause::Dependency(drv),
+        build::FailureCause::Dependency { drv } => FailureCause::Dependency(drv.into()),
         build::FailureCause::Infrastructure => FailureCause::Infrastructure,
     })
 }
@@ -48,7 +53,7 @@ pub(crate) fn cause_from_wire(cause: &AnyValue) -> Option<FailureCause> {
 pub(crate) fn cause_to_wire(cause: FailureCause) -> build::FailureCause {
     match cause {
         FailureCause::Build => build::FailureCause::Build,
-        FailureCause::Dependency(drv) => build::FailureCause::Dependency { drv },
+        FailureCause::Dependency(drv) => build::FailureCause::Dependency { drv: drv.into() },
         FailureCause::Infrastructure => build::FailureCause::Infrastructure,
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::Args;
 use nixspace_nix_formats::signature::SecretKey;
+use nixspace_protocol::WorkerId;
 use nixspace_space::{Backoff, JoinError, Role, Route, SessionEvent};
 use nixspace_workers::{BuilderConfig, DrainDone, Event};
 use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
@@ -101,7 +102,7 @@ pub fn local_builder() -> BuilderConfig {
         .to_string_lossy()
         .into_owned();
     BuilderConfig {
-        id: format!("{host}-{}", std::process::id()),
+        id: format!("{host}-{}", std::process::id()).into(),
         host,
         systems: vec![nixspace_nix_tools::current_system()],
         features: Vec::new(),
@@ -119,7 +120,7 @@ pub fn local_builder() -> BuilderConfig {
 /// restarts); only a refused capability ends its session.
 pub struct JoinedWorker {
     /// The worker's name.
-    pub id: String,
+    pub id: WorkerId,
     /// Ends only with the reason the worker cannot join.
     pub session: std::pin::Pin<Box<dyn std::future::Future<Output = JoinError> + Send>>,
     handle: BuilderHandle,
@@ -186,7 +187,7 @@ impl JoinedWorker {
         if let Some((facet, builder)) = builder {
             let account = Account::new(Some(AnyValue::symbol("drain")), None);
             facet.activate(&account, None, |t| {
-                t.message(&builder, Event::Drain(done));
+                t.message(&builder, Event::Drain { done });
                 Ok(())
             });
         }
@@ -201,7 +202,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     let mut config = local_builder();
     if let Some(id) = args.id {
-        config.id = id;
+        config.id = id.into();
     }
     if !args.systems.is_empty() {
         config.systems = args.systems;
