@@ -10,8 +10,6 @@
 //! - [`phase`]: debug-level timing of a frontend's phases.
 //! - [`steps`]: closure → steps → demands, and the outcome observers, shared with
 //!   `nixspace build`.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
-#![warn(missing_docs)]
 
 pub mod dataspace;
 pub mod phase;
