@@ -3,6 +3,9 @@
 //! up --external`, workers and frontends as separate processes joining with
 //! the route files. Needs `syndicate-server` installed (the tests fail saying
 //! how when it is not).
+// The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
+// functions as tests, not the helpers of a test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

@@ -11,7 +11,8 @@
 //!    a step it is invited to steal, and the steps it built while the
 //!    dataspace was away; the planner grants those claims.
 //! 4. W sends `<log drv W line>` messages while building, then asserts
-//!    `<built drv W outputs>` or `<failed drv W reason kind>`.
+//!    `<built drv W outputs>` or `<failed drv W reason kind cause>` (the cause: its
+//!    own `build`, or the `infrastructure` around it).
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
 //!    step is no longer wanted) W withdraws everything about the step; a
 //!    build still running is killed.
@@ -30,7 +31,7 @@ use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
-use nixspace_protocol::{build, on_retraction};
+use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 
 use crate::detached::{BuildFailure, Builds, Outcome};
@@ -48,7 +49,7 @@ const TRANSFER_CONNECTIONS: usize = 2;
 #[derive(Debug, Clone)]
 pub struct BuilderConfig {
     /// Unique name of this worker in the dataspace.
-    pub id: String,
+    pub id: WorkerId,
     /// The machine it runs on (informational).
     pub host: String,
     /// Platforms it builds for (`builtin` is always accepted).
@@ -85,7 +86,7 @@ impl BuilderConfig {
     /// [`start`]: a fetch cut by a lost connection goes on over the next one.
     pub fn store(&self) -> StoreNode {
         StoreNode::with_timeouts(
-            self.id.clone(),
+            self.id.to_string(),
             self.pool_of(TRANSFER_CONNECTIONS),
             Timeouts {
                 want: self.fetch_patience,
@@ -108,27 +109,59 @@ impl BuilderConfig {
 #[derive(Debug)]
 pub enum Event {
     /// The planner gave this worker a step (pushed, or a claim granted).
-    Assigned(String),
+    Assigned {
+        /// The step.
+        drv: DrvPath,
+    },
     /// The planner withdrew this worker's assignment of a step.
-    Unassigned(String),
+    Unassigned {
+        /// The step.
+        drv: DrvPath,
+    },
     /// The planner gave a step this worker claimed again after a reconnection to another
     /// worker.
-    AssignedElsewhere(String),
+    AssignedElsewhere {
+        /// The step.
+        drv: DrvPath,
+    },
     /// The planner invites this worker to duplicate a step another worker is building.
-    Steal(String, String),
+    Steal {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        from: WorkerId,
+    },
     /// The invitation to steal a step was withdrawn.
-    StealWithdrawn(String),
+    StealWithdrawn {
+        /// The step.
+        drv: DrvPath,
+    },
     /// Stop taking steps; report on `done` once running builds finished.
-    Drain(DrainDone),
+    Drain {
+        /// Told when no build is left.
+        done: DrainDone,
+    },
     /// A planner is present.
-    PlannerJoined(String),
+    PlannerJoined {
+        /// The planner's id.
+        id: String,
+    },
     /// A planner went away.
-    PlannerLeft(String),
+    PlannerLeft {
+        /// The planner's id.
+        id: String,
+    },
     /// The assignment of a step this worker builds was withdrawn a turn ago: by a planner
     /// still here (stop the build), or with the planner itself (keep it).
-    AssignmentGone(String),
+    AssignmentGone {
+        /// The step.
+        drv: DrvPath,
+    },
     /// The outcome of a build is asserted: its slot is free for the next step.
-    Finished(String),
+    Finished {
+        /// The step.
+        drv: DrvPath,
+    },
 }
 
 /// Told once a draining builder has no build left.
@@ -165,11 +198,11 @@ struct Builder {
     /// Set when the worker is leaving: take nothing new.
     draining: Option<DrainDone>,
     /// Steps this worker claimed (waiting for a grant, or building).
-    claims: BTreeMap<String, Handle>,
+    claims: BTreeMap<DrvPath, Handle>,
     /// The facet of each build, until its assignment is withdrawn.
-    building: BTreeMap<String, FacetId>,
+    building: BTreeMap<DrvPath, FacetId>,
     /// Builds whose outcome is asserted (their slot is free again).
-    finished: BTreeSet<String>,
+    finished: BTreeSet<DrvPath>,
     /// The builds themselves, which outlive this connection.
     builds: Builds,
     offer: Option<Handle>,
@@ -184,7 +217,7 @@ impl Entity<Event> for Builder {
         match event {
             // Given to us (pushed, or a claim granted). Even a draining worker builds a step
             // the planner gave it before it saw the drain.
-            Event::Assigned(drv) => {
+            Event::Assigned { drv } => {
                 if !self.building.contains_key(&drv) {
                     if !self.claims.contains_key(&drv) {
                         self.claim(t, drv.clone());
@@ -198,54 +231,54 @@ impl Entity<Event> for Builder {
                 }
             }
             // Another worker got the step; unless we build it too (a steal), let go.
-            Event::AssignedElsewhere(drv) => {
+            Event::AssignedElsewhere { drv } => {
                 if !self.building.contains_key(&drv) {
                     self.release(t, &drv);
                 }
             }
             // The planner's own retraction, if it went away, arrives with the assignment's:
             // decide once it has been handled, in a later turn.
-            Event::Unassigned(drv) => match self.me.get().and_then(Weak::upgrade) {
-                Some(me) => t.message(&me, Event::AssignmentGone(drv)),
+            Event::Unassigned { drv } => match self.me.get().and_then(Weak::upgrade) {
+                Some(me) => t.message(&me, Event::AssignmentGone { drv }),
                 None => self.stop_build(t, &drv),
             },
-            Event::AssignmentGone(drv) if self.planners.is_empty() => {
+            Event::AssignmentGone { drv } if self.planners.is_empty() => {
                 self.finished.remove(&drv);
                 if let Some(facet) = self.building.remove(&drv) {
                     tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
                     t.stop_facet(facet);
                 }
             }
-            Event::AssignmentGone(drv) => self.stop_build(t, &drv),
-            Event::PlannerJoined(id) => {
+            Event::AssignmentGone { drv } => self.stop_build(t, &drv),
+            Event::PlannerJoined { id } => {
                 self.planners.insert(id);
             }
-            Event::PlannerLeft(id) => {
+            Event::PlannerLeft { id } => {
                 self.planners.remove(&id);
             }
-            Event::Finished(drv) => {
+            Event::Finished { drv } => {
                 if self.building.contains_key(&drv) {
                     self.finished.insert(drv);
                 }
             }
-            Event::Steal(drv, from) => {
+            Event::Steal { drv, from } => {
                 let free = self.claims.len() < self.config.max_jobs as usize;
                 if self.draining.is_none() && free && !self.claims.contains_key(&drv) {
                     tracing::info!(%drv, %from, "stealing a step from a slower worker");
                     self.claim(t, drv);
                 }
             }
-            Event::StealWithdrawn(drv) => {
+            Event::StealWithdrawn { drv } => {
                 if !self.building.contains_key(&drv) {
                     self.release(t, &drv);
                 }
             }
-            Event::Drain(done) => {
+            Event::Drain { done } => {
                 tracing::info!(
                     building = self.building.len(),
                     "draining: taking no new steps"
                 );
-                let pending: Vec<String> = self
+                let pending: Vec<DrvPath> = self
                     .claims
                     .keys()
                     .filter(|d| !self.building.contains_key(*d))
@@ -277,17 +310,17 @@ impl Builder {
             self.config.max_jobs as i64 - busy as i64
         };
         let offer = build::Offer {
-            worker: self.config.id.clone(),
+            worker: self.config.id.to_string(),
             free_slots: free.into(),
         };
         self.ds.update(t, &mut self.offer, Some(&offer));
     }
 
     /// Ask to build a step.
-    fn claim(&mut self, t: &mut Activation, drv: String) {
+    fn claim(&mut self, t: &mut Activation, drv: DrvPath) {
         let claim = build::Claim {
-            drv: drv.clone(),
-            worker: self.config.id.clone(),
+            drv: drv.to_string(),
+            worker: self.config.id.to_string(),
         };
         if let Some(h) = self.ds.assert(t, &claim) {
             tracing::debug!(%drv, "claiming");
@@ -296,7 +329,7 @@ impl Builder {
     }
 
     /// Stop building `drv` and let go of it (its assignment was withdrawn).
-    fn stop_build(&mut self, t: &mut Activation, drv: &str) {
+    fn stop_build(&mut self, t: &mut Activation, drv: &DrvPath) {
         self.builds.cancel(drv);
         self.finished.remove(drv);
         if let Some(facet) = self.building.remove(drv) {
@@ -307,7 +340,7 @@ impl Builder {
     }
 
     /// Withdraw our claim on a step (lost the race, finished, or cancelled).
-    fn release(&mut self, t: &mut Activation, drv: &str) {
+    fn release(&mut self, t: &mut Activation, drv: &DrvPath) {
         if let Some(h) = self.claims.remove(drv) {
             tracing::debug!(%drv, "releasing claim");
             t.retract(h);
@@ -330,7 +363,7 @@ pub fn start(
     ds.assert(
         t,
         &build::Worker {
-            id: config.id.clone(),
+            id: config.id.to_string(),
             host: config.host.clone(),
             systems: config.systems.clone(),
             features: config.features.clone(),
@@ -366,9 +399,9 @@ pub fn start(
     let _ = own_ref.set(Arc::downgrade(&builder));
 
     enclose!((builder) during!(t, ds, <planner $id: String>, |t: &mut Activation| {
-        t.message(&builder, Event::PlannerJoined(id.clone()));
+        t.message(&builder, Event::PlannerJoined { id: id.clone() });
         on_retraction(t, enclose!((builder, id) move |t| {
-            t.message(&builder, Event::PlannerLeft(id));
+            t.message(&builder, Event::PlannerLeft { id });
             Ok(())
         }));
         Ok(())
@@ -376,12 +409,13 @@ pub fn start(
 
     // Only what concerns this worker: the dataspace then sends it nothing about the steps of
     // the others (with many workers, most of the traffic).
-    let literal = AnyValue::new(me.clone());
+    let literal = AnyValue::new(me.to_string());
     enclose!((builder) during!(t, ds, <steal $drv: String $from: String #(literal)>,
     |t: &mut Activation| {
-        t.message(&builder, Event::Steal(drv.clone(), from.clone()));
-        on_retraction(t, enclose!((builder, drv) move |t| {
-            t.message(&builder, Event::StealWithdrawn(drv));
+        let drv = DrvPath::from(drv.as_str());
+        t.message(&builder, Event::Steal { drv: drv.clone(), from: from.as_str().into() });
+        on_retraction(t, enclose!((builder) move |t| {
+            t.message(&builder, Event::StealWithdrawn { drv });
             Ok(())
         }));
         Ok(())
@@ -389,9 +423,10 @@ pub fn start(
 
     enclose!((builder) during!(t, ds, <assigned $drv: String #(literal)>,
     |t: &mut Activation| {
-        t.message(&builder, Event::Assigned(drv.clone()));
-        on_retraction(t, enclose!((builder, drv) move |t| {
-            t.message(&builder, Event::Unassigned(drv));
+        let drv = DrvPath::from(drv.as_str());
+        t.message(&builder, Event::Assigned { drv: drv.clone() });
+        on_retraction(t, enclose!((builder) move |t| {
+            t.message(&builder, Event::Unassigned { drv });
             Ok(())
         }));
         Ok(())
@@ -400,10 +435,10 @@ pub fn start(
     // A step claimed again after a reconnection may go to another worker (once it is no
     // longer kept for us): then let go of the claim.
     for drv in pending {
-        let step = AnyValue::new(drv.clone());
+        let step = AnyValue::new(drv.to_string());
         enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String>, |t: &mut Activation| {
-            if worker != me {
-                t.message(&builder, Event::AssignedElsewhere(drv.clone()));
+            if me != worker.as_str() {
+                t.message(&builder, Event::AssignedElsewhere { drv: drv.clone() });
             }
             Ok(())
         }));
@@ -415,7 +450,7 @@ pub fn start(
 /// running already), then assert its outcome there and tell the builder its slot is free.
 /// Stopping the facet withdraws the outcome; the build itself is stopped by
 /// [`Builds::cancel`].
-fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
+fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath) {
     let (ds, config) = (Arc::clone(&worker.ds), Arc::clone(&worker.config));
     let (pool, store) = (worker.pool.clone(), worker.store.clone());
     let builder = worker.me.get().and_then(Weak::upgrade);
@@ -424,7 +459,7 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
     let account = Account::new(Some(AnyValue::symbol("build")), None);
     let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
         facet.activate(&account, None, |t| {
-            ds.message(t, &build::Log { drv: drv.clone(), worker: config.id.clone(), line });
+            ds.message(t, &build::Log { drv: drv.to_string(), worker: config.id.to_string(), line });
             Ok(())
         });
     });
@@ -443,7 +478,7 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
         let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
             if let Some(builder) = &builder {
-                t.message(builder, Event::Finished(drv.clone()));
+                t.message(builder, Event::Finished { drv: drv.clone() });
             }
             match outcome {
                 Ok(built) => {
@@ -462,32 +497,38 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
                     ds.assert(
                         t,
                         &build::Built {
-                            drv,
-                            worker: config.id.clone(),
+                            drv: drv.into(),
+                            worker: config.id.to_string(),
                             outputs: built.outputs,
                         },
                     );
                 }
-                Err(BuildFailure { reason, kind, lost }) => {
+                Err(BuildFailure {
+                    reason,
+                    kind,
+                    cause,
+                    lost,
+                }) => {
                     tracing::warn!(%drv, %reason, "failed");
                     // Before the failure: the planner builds the lost input again first.
                     if let Some(path) = lost {
                         ds.message(
                             t,
                             &build::Lost {
-                                drv: drv.clone(),
+                                drv: drv.to_string(),
                                 path,
-                                worker: config.id.clone(),
+                                worker: config.id.to_string(),
                             },
                         );
                     }
                     ds.assert(
                         t,
                         &build::Failed {
-                            drv,
-                            worker: config.id.clone(),
+                            drv: drv.into(),
+                            worker: config.id.to_string(),
                             reason,
                             kind,
+                            cause,
                         },
                     );
                 }
@@ -500,13 +541,17 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: String) {
 
 /// The outputs of `drv` (by output name), if substituters in the dataspace had them all and
 /// they are valid in the local store now; `None` means build it.
-async fn substituted(store: &StoreNode, store_dir: &StoreDir, drv: &str) -> Option<Vec<String>> {
+async fn substituted(
+    store: &StoreNode,
+    store_dir: &StoreDir,
+    drv: &DrvPath,
+) -> Option<Vec<String>> {
     // Most dataspaces have no substituter: then do not even read the derivation.
     if !store.has_substituters() {
         return None;
     }
-    let text = tokio::fs::read(drv).await.ok()?;
-    let path = store_dir.parse(drv).ok()?;
+    let text = tokio::fs::read(drv.as_str()).await.ok()?;
+    let path = store_dir.parse(drv.as_str()).ok()?;
     let derivation = Derivation::parse_at(store_dir, &path, &text).ok()?;
     let outputs: Vec<String> = derivation
         .outputs
@@ -530,7 +575,7 @@ async fn run_build(
     config: &BuilderConfig,
     pool: &DaemonPool,
     store: &StoreNode,
-    drv: &str,
+    drv: &DrvPath,
     mut send_line: impl FnMut(String) + Send,
 ) -> Outcome {
     let worker = config.id.as_str();
@@ -549,7 +594,7 @@ async fn run_build(
     // validity round trip for the common case of a worker sharing the frontend's store.
     if store.has_substituters() {
         store
-            .ensure(&[drv.to_owned()])
+            .ensure(&[drv.to_string()])
             .await
             .map_err(fetch_failed)?;
     }
@@ -563,7 +608,7 @@ async fn run_build(
     // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
     let mut fetches = 0;
     let built = loop {
-        match pool.build(drv, &mut send_line).await {
+        match pool.build(drv.as_str(), &mut send_line).await {
             Err(StepError::InputsMissing(missing)) if fetches < 2 => {
                 fetches += 1;
                 store.ensure(&missing).await.map_err(fetch_failed)?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nixspace_nix_tools::BuiltStep;
-use nixspace_protocol::build;
+use nixspace_protocol::{build, DrvPath};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
@@ -26,26 +26,31 @@ pub struct BuildFailure {
     pub reason: String,
     /// Whether building it again (elsewhere) may help.
     pub kind: build::FailureKind,
+    /// What made it fail: the build itself, or what is around it.
+    pub cause: build::FailureCause,
     /// An input that no store in the dataspace has any more: the step that made it must be
     /// built again.
     pub lost: Option<String>,
 }
 
 impl BuildFailure {
-    /// A failure worth retrying.
+    /// A failure of the infrastructure around the build (the daemon connection, a
+    /// transfer, …): worth retrying.
     pub fn transient(reason: impl Into<String>) -> BuildFailure {
         BuildFailure {
             reason: reason.into(),
             kind: build::FailureKind::Transient,
+            cause: build::FailureCause::Infrastructure,
             lost: None,
         }
     }
 
-    /// A failure that building again would repeat.
+    /// A failure of the build itself, which building again would repeat.
     pub fn permanent(reason: impl Into<String>) -> BuildFailure {
         BuildFailure {
             reason: reason.into(),
             kind: build::FailureKind::Permanent,
+            cause: build::FailureCause::Build,
             lost: None,
         }
     }
@@ -98,7 +103,7 @@ impl LogLines {
 /// The worker's builds, running or finished but not yet acknowledged, by step.
 #[derive(Clone)]
 pub struct Builds {
-    slots: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+    slots: Arc<Mutex<HashMap<DrvPath, Arc<Slot>>>>,
     log_limit: u64,
 }
 
@@ -118,7 +123,7 @@ impl Builds {
     }
 
     /// Steps built or being built whose outcome the planner has not taken yet.
-    pub fn pending(&self) -> Vec<String> {
+    pub fn pending(&self) -> Vec<DrvPath> {
         self.slots
             .lock()
             .map(|s| s.keys().cloned().collect())
@@ -129,7 +134,7 @@ impl Builds {
     /// it is not running or finished already. The receiver sees its outcome.
     pub fn follow<F>(
         &self,
-        drv: &str,
+        drv: &DrvPath,
         lines: LineSink,
         start: impl FnOnce(LogLines) -> F,
     ) -> watch::Receiver<Option<Outcome>>
@@ -165,13 +170,13 @@ impl Builds {
         if let Ok(mut t) = slot.task.lock() {
             *t = Some(task.abort_handle());
         }
-        slots.insert(drv.to_owned(), slot);
+        slots.insert(drv.clone(), slot);
         rx
     }
 
     /// The planner withdrew `drv` (its outcome is recorded, or nobody wants it): stop its
     /// build if it still runs, and forget it.
-    pub fn cancel(&self, drv: &str) {
+    pub fn cancel(&self, drv: &DrvPath) {
         let slot = self.slots.lock().ok().and_then(|mut s| s.remove(drv));
         if let Some(task) = slot.and_then(|s| s.task.lock().ok().and_then(|mut t| t.take())) {
             task.abort();
@@ -198,16 +203,16 @@ mod tests {
     #[tokio::test]
     async fn a_build_runs_once_and_its_outcome_waits_to_be_taken() {
         let builds = Builds::default();
-        let mut rx = builds.follow("d", quiet(), |lines| async move {
+        let mut rx = builds.follow(&"d".into(), quiet(), |lines| async move {
             lines.send("hello".into());
             Ok(built(&["/out"]))
         });
         rx.wait_for(Option::is_some).await.unwrap();
         // Followed again (after a reconnection): not started again, the outcome is there.
-        let again = builds.follow("d", quiet(), |_| async { panic!("built twice") });
+        let again = builds.follow(&"d".into(), quiet(), |_| async { panic!("built twice") });
         assert_eq!(*again.borrow(), Some(Ok(built(&["/out"]))));
         assert_eq!(builds.pending(), ["d"]);
-        builds.cancel("d");
+        builds.cancel(&"d".into());
         assert!(builds.pending().is_empty());
     }
 
@@ -217,7 +222,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&seen);
         let mut rx = builds.follow(
-            "d",
+            &"d".into(),
             Box::new(move |l| sink.lock().unwrap().push(l)),
             |lines| async move {
                 for line in ["1234", "5678", "abcd", "efgh"] {
@@ -238,14 +243,14 @@ mod tests {
         let builds = Builds::default();
         let (started_tx, started) = tokio::sync::oneshot::channel();
         let (dropped_tx, dropped) = tokio::sync::oneshot::channel::<()>();
-        let _rx = builds.follow("d", quiet(), |_| async move {
+        let _rx = builds.follow(&"d".into(), quiet(), |_| async move {
             let _guard = dropped_tx;
             let _ = started_tx.send(());
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok(built(&[]))
         });
         started.await.unwrap();
-        builds.cancel("d");
+        builds.cancel(&"d".into());
         // The build's future was dropped: its guard went with it.
         assert!(tokio::time::timeout(Duration::from_secs(5), dropped)
             .await

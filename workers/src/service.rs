@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use nixspace_protocol::WorkerId;
 use nixspace_space::{Backoff, JoinError, Route, SessionEvent};
 use syndicate::actor::{Account, Activation, AnyValue, FacetRef, Ref};
 
@@ -20,7 +21,7 @@ type BuilderHandle = Arc<Mutex<Option<(FacetRef, Arc<Ref<Event>>)>>>;
 /// A worker in this process that stays joined to a dataspace.
 pub struct WorkerService {
     /// The worker's name.
-    pub id: String,
+    pub id: WorkerId,
     session: Pin<Box<dyn Future<Output = JoinError> + Send>>,
     handle: BuilderHandle,
 }
@@ -78,7 +79,7 @@ impl WorkerService {
         if let Some((facet, builder)) = builder {
             let account = Account::new(Some(AnyValue::symbol("drain")), None);
             facet.activate(&account, None, |t| {
-                t.message(&builder, Event::Drain(done));
+                t.message(&builder, Event::Drain { done });
                 Ok(())
             });
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use nixspace_planner::{Effect, Schedule, StepInfo, Urgency, WorkerOffer};
+use nixspace_protocol::{DrvPath, WorkerId};
 use tokio::process::Command;
 
 use crate::error::BenchError;
@@ -187,13 +188,14 @@ fn status_kib(field: &'static str) -> Result<u64, BenchError> {
 /// each change as the planner does, then report each assigned step built (four slots of one
 /// worker) until nothing is left. Returns the time taken and how many steps were built.
 pub fn planner_time(dag: &Dag) -> (Duration, usize) {
-    let name = |i: usize| format!("/nix/store/{i:032}-n.drv");
+    let name = |i: usize| DrvPath::from(format!("/nix/store/{i:032}-n.drv"));
+    let worker = WorkerId::from("w");
     let root = name(dag.steps.len());
     let start = Instant::now();
     let mut s = Schedule::default();
     let system = nixspace_nix_tools::current_system();
     s.worker_joined(
-        "w",
+        &worker,
         WorkerOffer {
             systems: vec![system.clone()],
             features: vec![],
@@ -201,7 +203,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             max_jobs: SLOTS,
         },
     );
-    s.offer("w", SLOTS.into());
+    s.offer(&worker, SLOTS.into());
     let mut assigned = Vec::new();
     let step = |inputs: &[usize]| StepInfo {
         system: system.clone(),
@@ -225,7 +227,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
     apply(&mut s, effects, &mut assigned);
     let mut built = 0;
     while let Some(drv) = assigned.pop() {
-        let effects = s.built(&drv, "w", vec![]);
+        let effects = s.built(&drv, &worker, vec![]);
         apply(&mut s, effects, &mut assigned);
         built += 1;
     }
@@ -233,10 +235,10 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
 }
 
 /// Dispatch after `effects` as the planner does, noting the steps assigned.
-fn apply(s: &mut Schedule, mut effects: Vec<Effect>, assigned: &mut Vec<String>) {
+fn apply(s: &mut Schedule, mut effects: Vec<Effect>, assigned: &mut Vec<DrvPath>) {
     s.dispatch(&mut effects);
     assigned.extend(effects.into_iter().filter_map(|e| match e {
-        Effect::Assign(drv, _) => Some(drv),
+        Effect::Assign { drv, .. } => Some(drv),
         _ => None,
     }));
 }

@@ -5,8 +5,6 @@
 //!   dropping it stops serving.
 //! - [`external`]: the planner as a client of a dataspace hosted elsewhere (a standalone
 //!   syndicate-server), rejoining whenever that dataspace restarts.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
-#![warn(missing_docs)]
 
 pub mod external;
 pub mod hosted;

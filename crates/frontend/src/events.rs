@@ -77,14 +77,11 @@ pub(crate) enum StepEvent {
 pub(crate) type Handler = Arc<dyn Fn(&mut Activation, StepEvent) -> ActorResult + Send + Sync>;
 
 /// The failure a `<failed …>` record reports.
-pub(crate) fn failure_of(worker: &str, reason: &str) -> Failure {
-    let cause = match reason
-        .strip_prefix("dependency ")
-        .and_then(|r| r.strip_suffix(" failed"))
-    {
-        Some(input) => FailureCause::Dependency(DrvPath::from(input)),
-        None if worker.is_empty() => FailureCause::Infrastructure,
-        None => FailureCause::Build,
+pub(crate) fn failure_of(worker: &str, reason: &str, cause: build::FailureCause) -> Failure {
+    let cause = match cause {
+        build::FailureCause::Build => FailureCause::Build,
+        build::FailureCause::Dependency { drv } => FailureCause::Dependency(DrvPath::from(drv)),
+        build::FailureCause::Infrastructure => FailureCause::Infrastructure,
     };
     Failure {
         worker: (!worker.is_empty()).then(|| WorkerId::from(worker)),
@@ -108,12 +105,14 @@ pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
     }));
     // Only final failures: a worker's transient failure is retried by the planner, which
     // asserts its own (permanent) copy when it gives up.
-    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
+    enclose!((handler) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>,
     |t: &mut Activation| {
-        if !matches!(build::FailureKind::parse(&kind), Ok(build::FailureKind::Permanent)) {
+        let (Ok(build::FailureKind::Permanent), Ok(cause)) =
+            (build::FailureKind::parse(&kind), build::FailureCause::parse(&cause))
+        else {
             return Ok(());
-        }
-        handler(t, StepEvent::Failed { drv: DrvPath::from(drv), failure: failure_of(&worker, &reason) })
+        };
+        handler(t, StepEvent::Failed { drv: DrvPath::from(drv), failure: failure_of(&worker, &reason, cause) })
     }));
     enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,
     |t: &mut Activation| {

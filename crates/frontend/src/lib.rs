@@ -11,8 +11,6 @@
 //! - [`report`] and [`outcome`]: how the build and each step ended.
 //! - [`store_db`]: validity and path info read from the local store's database.
 //! - [`phase`]: debug-level timing of a build's phases.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
-#![warn(missing_docs)]
 
 pub mod demands;
 mod events;

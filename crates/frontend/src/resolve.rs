@@ -92,6 +92,21 @@ pub enum CannotResolve {
     },
 }
 
+impl CannotResolve {
+    /// Whose fault it is: the derivation's (its own build's), or the local store's.
+    fn cause(&self) -> FailureCause {
+        match self {
+            CannotResolve::InputFailed(input) => FailureCause::Dependency(input.clone()),
+            CannotResolve::NotHeld | CannotResolve::Unrealised | CannotResolve::Derivation(_) => {
+                FailureCause::Build
+            }
+            CannotResolve::Store(_)
+            | CannotResolve::Poisoned
+            | CannotResolve::WrittenElsewhere { .. } => FailureCause::Infrastructure,
+        }
+    }
+}
+
 /// Why the realisations could not be registered in the local store.
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -404,10 +419,10 @@ impl Resolver {
         enclose!((inner) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>, |t: &mut Activation| {
             Inner::built(&inner, t, &drv, &outputs)
         }));
-        enclose!((inner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>, |t: &mut Activation| {
+        enclose!((inner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>, |t: &mut Activation| {
             // Transient failures are retried; only final ones stop a resolution.
-            match build::FailureKind::parse(&kind) {
-                Ok(build::FailureKind::Permanent) => inner.failed(t, &drv, &failure_of(&worker, &reason)),
+            match (build::FailureKind::parse(&kind), build::FailureCause::parse(&cause)) {
+                (Ok(build::FailureKind::Permanent), Ok(cause)) => inner.failed(t, &drv, &failure_of(&worker, &reason, cause)),
                 _ => Ok(()),
             }
         }));
@@ -552,11 +567,11 @@ impl Inner {
                     .collect();
                 for d in waiting {
                     state.held.remove(&d);
-                    let input = DrvPath::from(failed.as_str());
+                    let unresolvable = CannotResolve::InputFailed(DrvPath::from(failed.as_str()));
                     let failure = Failure {
                         worker: None,
-                        reason: CannotResolve::InputFailed(input.clone()).to_string(),
-                        cause: FailureCause::Dependency(input),
+                        cause: unresolvable.cause(),
+                        reason: unresolvable.to_string(),
                     };
                     failures.push((d.clone(), failure));
                     gone.push(d);
@@ -621,8 +636,8 @@ impl Inner {
                         }
                         let failure = Failure {
                             worker: None,
+                            cause: reason.cause(),
                             reason: reason.to_string(),
-                            cause: FailureCause::Build,
                         };
                         (link.handler)(
                             t,

@@ -4,7 +4,8 @@
 //! Run: `cargo bench -p nixspace-nix-formats --bench derivation`.
 
 // A benchmark aborts on a broken setup; the crate's no-expect rule is for library code.
-#![allow(clippy::expect_used)]
+// `criterion_main!` defines an undocumented `pub fn main`.
+#![allow(clippy::expect_used, missing_docs)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nixspace_nix_formats::derivation::Derivation;

@@ -5,7 +5,8 @@
 //! Run: `cargo bench -p nixspace-nix-formats --bench nar` (needs Nix on PATH).
 
 // A benchmark aborts on a broken setup; the crate's no-expect rule is for library code.
-#![allow(clippy::expect_used)]
+// `criterion_main!` defines an undocumented `pub fn main`.
+#![allow(clippy::expect_used, missing_docs)]
 
 use std::fs;
 use std::io::{self, Write};

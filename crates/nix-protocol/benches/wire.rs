@@ -5,7 +5,8 @@
 //! Run: `cargo bench -p nixspace-nix-protocol --bench wire`.
 
 // A benchmark aborts on a broken setup.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+// `criterion_main!` defines an undocumented `pub fn main`.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::collections::BTreeSet;
 

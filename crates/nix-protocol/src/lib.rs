@@ -25,8 +25,6 @@
 //! [`Hash`](nixspace_nix_formats::hash::Hash).
 //!
 //! The crate depends on tokio's I/O traits only; it knows nothing of syndicate.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
-#![warn(missing_docs)]
 
 pub mod build_mode;
 pub mod build_result;

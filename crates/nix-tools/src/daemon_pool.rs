@@ -341,6 +341,8 @@ pub struct Lease {
 
 impl Lease {
     /// The daemon client of this connection.
+    // `conn` is only taken when the lease is released or dropped, which consumes its use.
+    #[allow(clippy::expect_used)]
     pub fn client(&mut self) -> &mut Client {
         &mut self
             .conn

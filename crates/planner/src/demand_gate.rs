@@ -20,7 +20,8 @@ use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 
 use crate::schedule::{StepInfo, Urgency};
-use crate::service::{from_wire, Event};
+use crate::service::Event;
+use crate::wire::step_from_wire;
 
 /// Whether a demand was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +164,7 @@ fn wanted(demand: &build::Demand) -> Option<(StepInfo, Urgency)> {
         priority: i64::try_from(&demand.priority).ok()?,
         depth: u64::try_from(&demand.depth).ok()?,
     };
-    Some((from_wire(demand.step.clone()), urgency))
+    Some((step_from_wire(demand.step.clone()), urgency))
 }
 
 impl Entity<Vec<AnyValue>> for DemandGate {
@@ -181,7 +182,11 @@ impl Entity<Vec<AnyValue>> for DemandGate {
         match admission {
             Admission::Taken => t.message(
                 &self.planner,
-                Event::Demand(demand.drv.clone(), step, urgency),
+                Event::Demand {
+                    drv: demand.drv.as_str().into(),
+                    info: step,
+                    urgency,
+                },
             ),
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
             Admission::Refused { first: false } => {}
@@ -202,7 +207,12 @@ impl Entity<Vec<AnyValue>> for DemandGate {
             return Ok(());
         };
         if seen.admission == Admission::Taken {
-            t.message(&self.planner, Event::Undemand(seen.drv));
+            t.message(
+                &self.planner,
+                Event::Undemand {
+                    drv: seen.drv.into(),
+                },
+            );
         }
         if self.cap.withdraw(&seen.requester, seen.admission) {
             if let Some(refusal) = self.refusals.remove(&seen.requester) {

@@ -9,8 +9,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use nixspace_protocol::{DrvPath, WorkerId};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
+
+use crate::schedule::FailureCause;
 
 /// The schema, one entry per version; never edit a released entry, append.
 const MIGRATIONS: &[&str] = &[
@@ -63,6 +66,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX realisations_by_path ON realisations(out_path);",
     // 4: the signatures a realisation carries, space-separated (as Nix keeps them).
     "ALTER TABLE realisations ADD COLUMN signatures TEXT NOT NULL DEFAULT '';",
+    // 5: what made a step fail or an attempt end without outputs, beside the reason in
+    // words: `build`, `dependency` (the failed input derivation in `failed_input`) or
+    // `infrastructure`. NULL in rows written before.
+    "ALTER TABLE steps ADD COLUMN cause TEXT
+         CHECK (cause IN ('build', 'dependency', 'infrastructure'));
+     ALTER TABLE steps ADD COLUMN failed_input TEXT;
+     ALTER TABLE attempts ADD COLUMN cause TEXT
+         CHECK (cause IN ('build', 'dependency', 'infrastructure'));
+     ALTER TABLE attempts ADD COLUMN failed_input TEXT;",
 ];
 
 /// A history database could not be used.
@@ -90,25 +102,58 @@ pub enum HistoryError {
 
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
+pub enum AttemptOutcome<'a> {
     /// The outputs are valid.
-    Built,
-    /// The builder failed.
-    Failed,
-    /// The worker went away.
-    Lost,
+    Built {
+        /// The output paths.
+        outputs: &'a [String],
+    },
+    /// The step failed for good.
+    Failed {
+        /// Why, in words.
+        reason: &'a str,
+        /// What made it fail.
+        cause: &'a FailureCause,
+    },
+    /// The attempt failed transiently (the worker went away, …): the step is retried.
+    Lost {
+        /// Why, in words.
+        reason: &'a str,
+        /// What made it fail.
+        cause: &'a FailureCause,
+    },
     /// Nobody wanted the step any more.
     Cancelled,
 }
 
-impl AttemptOutcome {
-    fn as_str(self) -> &'static str {
+impl AttemptOutcome<'_> {
+    fn as_str(&self) -> &'static str {
         match self {
-            AttemptOutcome::Built => "built",
-            AttemptOutcome::Failed => "failed",
-            AttemptOutcome::Lost => "lost",
+            AttemptOutcome::Built { .. } => "built",
+            AttemptOutcome::Failed { .. } => "failed",
+            AttemptOutcome::Lost { .. } => "lost",
             AttemptOutcome::Cancelled => "cancelled",
         }
+    }
+
+    /// The reason and the cause's columns (`cause`, `failed_input`), when it failed.
+    fn failure(&self) -> (Option<&str>, Option<&'static str>, Option<&str>) {
+        match self {
+            AttemptOutcome::Failed { reason, cause } | AttemptOutcome::Lost { reason, cause } => {
+                let (name, input) = cause_columns(cause);
+                (Some(reason), Some(name), input)
+            }
+            AttemptOutcome::Built { .. } | AttemptOutcome::Cancelled => (None, None, None),
+        }
+    }
+}
+
+/// A cause as the history stores it: its name, and the failed input of a dependency.
+fn cause_columns(cause: &FailureCause) -> (&'static str, Option<&str>) {
+    match cause {
+        FailureCause::Build => ("build", None),
+        FailureCause::Dependency(input) => ("dependency", Some(input.as_str())),
+        FailureCause::Infrastructure => ("infrastructure", None),
     }
 }
 
@@ -125,6 +170,10 @@ pub struct StepRecord {
     pub outputs: Vec<String>,
     /// Why it failed, when it did.
     pub error: Option<String>,
+    /// What made it fail (`build`, `dependency` or `infrastructure`), when it did.
+    pub cause: Option<String>,
+    /// The failed input, when `cause` is `dependency`.
+    pub failed_input: Option<String>,
     /// Seconds since the epoch when it was first demanded.
     pub first_demanded: i64,
     /// Every attempt, oldest first.
@@ -161,6 +210,10 @@ pub struct AttemptRecord {
     pub outcome: Option<String>,
     /// Why it ended so, if known.
     pub reason: Option<String>,
+    /// What made it fail (`build`, `dependency` or `infrastructure`), if it did.
+    pub cause: Option<String>,
+    /// The failed input, when `cause` is `dependency`.
+    pub failed_input: Option<String>,
 }
 
 /// The open history database.
@@ -235,13 +288,14 @@ impl History {
 
     /// A step was demanded (again). A step demanded anew after it finished
     /// starts a new life: status back to `demanded`, attempts kept.
-    pub fn demanded(&mut self, drv: &str, system: &str) -> Result<(), HistoryError> {
+    pub fn demanded(&mut self, drv: &DrvPath, system: &str) -> Result<(), HistoryError> {
         self.conn
             .execute(
                 "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
-                 ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, finished = NULL
+                 ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
+                     failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
-                params![drv, system, now()],
+                params![drv.as_str(), system, now()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -250,7 +304,12 @@ impl History {
     /// The content-addressed step `from` was resolved to the derivation `to` (for `system`):
     /// the original is finished as `resolved`, the resolved step recorded as demanded, and the
     /// link between them, in one transaction.
-    pub fn resolved(&mut self, from: &str, to: &str, system: &str) -> Result<(), HistoryError> {
+    pub fn resolved(
+        &mut self,
+        from: &DrvPath,
+        to: &DrvPath,
+        system: &str,
+    ) -> Result<(), HistoryError> {
         let t = now();
         let path = self.path.clone();
         let err = |source| HistoryError::Sqlite {
@@ -261,20 +320,21 @@ impl History {
         tx.execute(
             "INSERT INTO steps (drv, system, first_demanded, status, finished)
              VALUES (?1, ?2, ?3, 'resolved', ?3)
-             ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, finished = ?3",
-            params![from, system, t],
+             ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, cause = NULL,
+                 failed_input = NULL, finished = ?3",
+            params![from.as_str(), system, t],
         )
         .map_err(err)?;
         tx.execute(
             "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
              ON CONFLICT(drv) DO NOTHING",
-            params![to, system, t],
+            params![to.as_str(), system, t],
         )
         .map_err(err)?;
         tx.execute(
             "INSERT INTO resolutions (resolved_from, resolved_to, recorded) VALUES (?1, ?2, ?3)
              ON CONFLICT(resolved_from) DO UPDATE SET resolved_to = ?2, recorded = ?3",
-            params![from, to, t],
+            params![from.as_str(), to.as_str(), t],
         )
         .map_err(err)?;
         tx.commit().map_err(err)
@@ -341,11 +401,15 @@ impl History {
     }
 
     /// `worker` started building `drv`.
-    pub fn attempt_started(&mut self, drv: &str, worker: &str) -> Result<(), HistoryError> {
+    pub fn attempt_started(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+    ) -> Result<(), HistoryError> {
         self.conn
             .execute(
                 "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
-                params![drv, worker, now()],
+                params![drv.as_str(), worker.as_str(), now()],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -356,10 +420,8 @@ impl History {
     /// finishes the step. One transaction.
     pub fn attempt_ended(
         &mut self,
-        drv: &str,
-        outcome: AttemptOutcome,
-        reason: Option<&str>,
-        outputs: &[String],
+        drv: &DrvPath,
+        outcome: AttemptOutcome<'_>,
     ) -> Result<(), HistoryError> {
         let t = now();
         let path = self.path.clone();
@@ -367,17 +429,22 @@ impl History {
             path: path.clone(),
             source,
         };
+        let (reason, cause, failed_input) = outcome.failure();
+        let drv = drv.as_str();
         let tx = self.conn.transaction().map_err(err)?;
         tx.execute(
-            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4
+            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+                 failed_input = ?6
              WHERE drv = ?1 AND finished IS NULL",
-            params![drv, t, outcome.as_str(), reason],
+            params![drv, t, outcome.as_str(), reason, cause, failed_input],
         )
         .map_err(err)?;
         match outcome {
-            AttemptOutcome::Built => {
+            AttemptOutcome::Built { outputs } => {
                 tx.execute(
-                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, finished = ?3 WHERE drv = ?1",
+                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, cause = NULL,
+                         failed_input = NULL, finished = ?3
+                     WHERE drv = ?1",
                     params![drv, outputs.join(" "), t],
                 )
                 .map_err(err)?;
@@ -389,27 +456,34 @@ impl History {
                 )
                 .map_err(err)?;
             }
-            AttemptOutcome::Failed => {
+            AttemptOutcome::Failed { .. } => {
                 tx.execute(
-                    "UPDATE steps SET status = 'failed', error = ?2, finished = ?3 WHERE drv = ?1",
-                    params![drv, reason, t],
+                    "UPDATE steps SET status = 'failed', error = ?2, cause = ?3, failed_input = ?4,
+                         finished = ?5
+                     WHERE drv = ?1",
+                    params![drv, reason, cause, failed_input, t],
                 )
                 .map_err(err)?;
             }
-            AttemptOutcome::Lost | AttemptOutcome::Cancelled => {}
+            AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
         }
         tx.commit().map_err(err)
     }
 
     /// The attempts that never ended, as (drv, worker): what was being built when the
     /// coordinator stopped (or was killed).
-    pub fn open_attempts(&self) -> Result<Vec<(String, String)>, HistoryError> {
+    pub fn open_attempts(&self) -> Result<Vec<(DrvPath, WorkerId)>, HistoryError> {
         let mut open = self
             .conn
             .prepare("SELECT drv, worker FROM attempts WHERE outcome IS NULL ORDER BY id")
             .map_err(|e| self.err(e))?;
         let rows = open
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    DrvPath::from(r.get::<_, String>(0)?),
+                    WorkerId::from(r.get::<_, String>(1)?),
+                ))
+            })
             .map_err(|e| self.err(e))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e));
@@ -422,7 +496,8 @@ impl History {
             .conn
             .prepare(
                 "SELECT drv, system, status, outputs, error, first_demanded,
-                        (SELECT resolved_to FROM resolutions WHERE resolved_from = drv)
+                        (SELECT resolved_to FROM resolutions WHERE resolved_from = drv),
+                        cause, failed_input
                  FROM steps ORDER BY first_demanded DESC, drv LIMIT ?1",
             )
             .map_err(|e| self.err(e))?;
@@ -437,6 +512,8 @@ impl History {
                         .map(|o| o.split_whitespace().map(str::to_owned).collect())
                         .unwrap_or_default(),
                     error: r.get(4)?,
+                    cause: r.get(7)?,
+                    failed_input: r.get(8)?,
                     first_demanded: r.get(5)?,
                     attempts: Vec::new(),
                     resolved_to: r.get(6)?,
@@ -450,7 +527,8 @@ impl History {
         let mut attempts = self
             .conn
             .prepare(
-                "SELECT worker, started, finished, outcome, reason FROM attempts WHERE drv = ?1 ORDER BY id",
+                "SELECT worker, started, finished, outcome, reason, cause, failed_input
+                 FROM attempts WHERE drv = ?1 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
         let mut originals = self
@@ -484,6 +562,8 @@ impl History {
                         finished: r.get(2)?,
                         outcome: r.get(3)?,
                         reason: r.get(4)?,
+                        cause: r.get(5)?,
+                        failed_input: r.get(6)?,
                     })
                 })
                 .map_err(|e| self.err(e))?
@@ -504,16 +584,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");
         let mut h = History::open(&path).unwrap();
-        h.resolved("/nix/store/s1.drv", "/nix/store/r.drv", "x86_64-linux")
-            .unwrap();
+        h.resolved(
+            &"/nix/store/s1.drv".into(),
+            &"/nix/store/r.drv".into(),
+            "x86_64-linux",
+        )
+        .unwrap();
         // A second original with the same resolution shares the resolved step.
-        h.resolved("/nix/store/s2.drv", "/nix/store/r.drv", "x86_64-linux")
+        h.resolved(
+            &"/nix/store/s2.drv".into(),
+            &"/nix/store/r.drv".into(),
+            "x86_64-linux",
+        )
+        .unwrap();
+        h.demanded(&"/nix/store/r.drv".into(), "x86_64-linux")
             .unwrap();
-        h.demanded("/nix/store/r.drv", "x86_64-linux").unwrap();
-        h.attempt_started("/nix/store/r.drv", "w1").unwrap();
+        h.attempt_started(&"/nix/store/r.drv".into(), &"w1".into())
+            .unwrap();
         let outputs = vec!["/nix/store/out".to_owned()];
-        h.attempt_ended("/nix/store/r.drv", AttemptOutcome::Built, None, &outputs)
-            .unwrap();
+        h.attempt_ended(
+            &"/nix/store/r.drv".into(),
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+        .unwrap();
         drop(h);
         // Reopened (as after a restart): the links are intact, no duplicate rows.
         let h = History::open(&path).unwrap();
@@ -560,19 +653,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");
         let mut h = History::open(&path).unwrap();
-        h.demanded("/nix/store/a.drv", "x86_64-linux").unwrap();
-        h.attempt_started("/nix/store/a.drv", "w1").unwrap();
+        h.demanded(&"/nix/store/a.drv".into(), "x86_64-linux")
+            .unwrap();
+        h.attempt_started(&"/nix/store/a.drv".into(), &"w1".into())
+            .unwrap();
         h.attempt_ended(
-            "/nix/store/a.drv",
-            AttemptOutcome::Lost,
-            Some("w1 went away"),
-            &[],
+            &"/nix/store/a.drv".into(),
+            AttemptOutcome::Lost {
+                reason: "w1 went away",
+                cause: &FailureCause::Infrastructure,
+            },
         )
         .unwrap();
-        h.attempt_started("/nix/store/a.drv", "w2").unwrap();
-        let outputs = vec!["/nix/store/a".to_owned()];
-        h.attempt_ended("/nix/store/a.drv", AttemptOutcome::Built, None, &outputs)
+        h.attempt_started(&"/nix/store/a.drv".into(), &"w2".into())
             .unwrap();
+        let outputs = vec!["/nix/store/a".to_owned()];
+        h.attempt_ended(
+            &"/nix/store/a.drv".into(),
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+        .unwrap();
         drop(h);
         // Reopening keeps everything and runs no migration twice.
         let h = History::open(&path).unwrap();
@@ -593,18 +693,27 @@ mod tests {
     fn a_failed_step_demanded_again_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
-        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        h.demanded(&"/nix/store/b.drv".into(), "x86_64-linux")
+            .unwrap();
         h.attempt_ended(
-            "/nix/store/b.drv",
-            AttemptOutcome::Failed,
-            Some("dependency failed"),
-            &[],
+            &"/nix/store/b.drv".into(),
+            AttemptOutcome::Failed {
+                reason: "dependency failed",
+                cause: &FailureCause::Dependency("/nix/store/a.drv".into()),
+            },
         )
         .unwrap();
-        assert_eq!(h.recent(1).unwrap()[0].status, "failed");
-        h.demanded("/nix/store/b.drv", "x86_64-linux").unwrap();
+        let s = &h.recent(1).unwrap()[0];
+        assert_eq!(s.status, "failed");
+        assert_eq!(
+            (s.cause.as_deref(), s.failed_input.as_deref()),
+            (Some("dependency"), Some("/nix/store/a.drv"))
+        );
+        h.demanded(&"/nix/store/b.drv".into(), "x86_64-linux")
+            .unwrap();
         let s = &h.recent(1).unwrap()[0];
         assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
+        assert_eq!(s.cause, None);
     }
 
     #[test]

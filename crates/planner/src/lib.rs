@@ -16,10 +16,11 @@ pub mod matching;
 pub mod metrics;
 pub mod schedule;
 pub mod service;
+mod wire;
 
 pub use schedule::{
-    Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
+    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
+    WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
 
 /// After a restart, how long a step that was being built is kept for its worker (see

@@ -3,6 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use nixspace_protocol::{DrvPath, WorkerId};
+
 use crate::matching::{mismatch, unschedulable_reason};
 
 mod dispatch;
@@ -28,7 +30,7 @@ pub struct StepInfo {
     /// Features a worker must offer (`requiredSystemFeatures`).
     pub features: Vec<String>,
     /// The derivations whose outputs this step needs.
-    pub input_drvs: Vec<String>,
+    pub input_drvs: Vec<DrvPath>,
 }
 
 /// How urgent a step is: higher priority first, then deeper (more demanded
@@ -63,6 +65,18 @@ pub enum FailureKind {
     Permanent,
 }
 
+/// What made a step fail (`FailureCause` in `schemas/build.prs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Its own build failed (the builder exited non-zero, …).
+    Build,
+    /// This input derivation failed, so the step was not built.
+    Dependency(DrvPath),
+    /// Something around the build failed: the worker was lost, a transfer failed, the
+    /// planner gave up retrying.
+    Infrastructure,
+}
+
 /// Where a step is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepState {
@@ -71,22 +85,24 @@ pub enum StepState {
     /// All inputs are built; waiting for a worker to claim it.
     Ready,
     /// A worker was granted the step and is building it.
-    Assigned(String),
+    Assigned(WorkerId),
     /// A transient failure happened; the step is ready again after a delay.
     Retrying,
     /// Outputs are valid.
     Built {
         /// The worker that built it.
-        worker: String,
+        worker: WorkerId,
         /// Output store paths.
         outputs: Vec<String>,
     },
     /// The step will not be built.
     Failed {
-        /// The worker that reported it ("" when the planner decided).
-        worker: String,
+        /// The worker that reported it (none when the planner decided).
+        worker: Option<WorkerId>,
         /// Human-readable cause.
         reason: String,
+        /// What made it fail.
+        cause: FailureCause,
     },
 }
 
@@ -94,53 +110,115 @@ pub enum StepState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Assert that the step is ready to be claimed.
-    Ready(String, StepInfo, Urgency),
+    Ready {
+        /// The step.
+        drv: DrvPath,
+        /// What it needs.
+        info: StepInfo,
+        /// How urgent it is.
+        urgency: Urgency,
+    },
     /// Withdraw the step's ready assertion.
-    Unready(String),
+    Unready {
+        /// The step.
+        drv: DrvPath,
+    },
     /// Assert that no connected worker can take the ready step, and why.
-    Unschedulable(String, String),
+    Unschedulable {
+        /// The step.
+        drv: DrvPath,
+        /// Why no worker can take it.
+        reason: String,
+    },
     /// Withdraw the step's unschedulable assertion.
-    Schedulable(String),
+    Schedulable {
+        /// The step.
+        drv: DrvPath,
+    },
     /// Assert that `worker` is building the step.
-    Assign(String, String),
+    Assign {
+        /// The step.
+        drv: DrvPath,
+        /// The worker given it.
+        worker: WorkerId,
+    },
     /// Withdraw the step's assignment (the worker must stop building it).
-    Unassign(String),
+    Unassign {
+        /// The step.
+        drv: DrvPath,
+    },
     /// Withdraw the step's assignment because nobody wants the step any more.
-    Cancel(String),
-    /// The attempt failed transiently (the reason); call
-    /// [`Schedule::retry`] for the step after the delay.
-    RetryAfter(String, Duration, String),
+    Cancel {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// The attempt failed transiently; call [`Schedule::retry`] for the step after `delay`.
+    RetryAfter {
+        /// The step.
+        drv: DrvPath,
+        /// How long to wait.
+        delay: Duration,
+        /// Why the attempt failed, in words.
+        reason: String,
+        /// What made it fail.
+        cause: FailureCause,
+    },
     /// Assert the step's successful outcome.
     Built {
         /// The step.
-        drv: String,
+        drv: DrvPath,
         /// Who built it.
-        worker: String,
+        worker: WorkerId,
         /// Its outputs.
         outputs: Vec<String>,
     },
     /// Assert that the step failed for good.
     Failed {
         /// The step.
-        drv: String,
-        /// Who reported it ("" for the planner).
-        worker: String,
-        /// Why.
+        drv: DrvPath,
+        /// Who reported it (none when the planner decided).
+        worker: Option<WorkerId>,
+        /// Why, in words.
         reason: String,
+        /// What made it fail.
+        cause: FailureCause,
     },
     /// Withdraw any outcome assertion of the step (nobody wants it any more).
-    Forget(String),
-    /// Invite an idle, faster worker (the third) to duplicate the step running on the
-    /// second.
-    OfferSteal(String, String, String),
+    Forget {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// Invite an idle, faster worker to duplicate a step running on another.
+    OfferSteal {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        from: WorkerId,
+        /// The worker invited.
+        to: WorkerId,
+    },
     /// Withdraw the step's steal invitation.
-    WithdrawSteal(String),
-    /// Assert that the worker also builds the step (it stole it): the first to finish wins.
-    Stolen(String, String),
+    WithdrawSteal {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// Assert that the thief also builds the step: the first to finish wins.
+    Stolen {
+        /// The step.
+        drv: DrvPath,
+        /// The worker that accepted the invitation.
+        thief: WorkerId,
+    },
     /// Withdraw the thief's assignment (it failed or left; the first worker goes on).
-    Unsteal(String),
+    Unsteal {
+        /// The step.
+        drv: DrvPath,
+    },
     /// The first worker failed or left: the thief's assignment becomes the step's only one.
-    Promote(String),
+    Promote {
+        /// The step.
+        drv: DrvPath,
+    },
 }
 
 #[derive(Debug)]
@@ -154,9 +232,9 @@ struct Step {
     /// When the current assignment was granted.
     assigned_at: Option<Instant>,
     /// The worker invited to steal the step, until it claims it.
-    steal_offer: Option<String>,
+    steal_offer: Option<WorkerId>,
     /// The worker duplicating the step's build.
-    thief: Option<String>,
+    thief: Option<WorkerId>,
     /// How many of `info.input_drvs`, from the first, are known built (or not demanded):
     /// settling resumes there, so a step with many inputs is not rescanned from the start
     /// each time one of them is built. Reset when an input stops being built.
@@ -168,26 +246,26 @@ struct Step {
 /// The planner's table of demanded steps and connected workers.
 #[derive(Debug)]
 pub struct Schedule {
-    steps: BTreeMap<String, Step>,
+    steps: BTreeMap<DrvPath, Step>,
     /// input drv → steps that list it as an input.
-    dependents: BTreeMap<String, BTreeSet<String>>,
-    workers: BTreeMap<String, WorkerOffer>,
+    dependents: BTreeMap<DrvPath, BTreeSet<DrvPath>>,
+    workers: BTreeMap<WorkerId, WorkerOffer>,
     /// Free build slots each worker announced.
-    free_slots: BTreeMap<String, i64>,
+    free_slots: BTreeMap<WorkerId, i64>,
     /// The steps each worker is building (assigned to it, or duplicated by it as a thief).
-    running: BTreeMap<String, BTreeSet<String>>,
+    running: BTreeMap<WorkerId, BTreeSet<DrvPath>>,
     /// Ready steps in take order (see [`dispatch`](Schedule::dispatch)).
-    ready_queue: BTreeMap<dispatch::TakeOrder, String>,
+    ready_queue: BTreeMap<dispatch::TakeOrder, DrvPath>,
     /// How many steps have been queued (the age in the take order).
     queued_count: u64,
     /// Claims on steps not ready (yet): a worker that built a step while the planner was
     /// away claims it again on rejoining, and gets it as soon as it is ready.
-    early_claims: BTreeMap<String, BTreeSet<String>>,
+    early_claims: BTreeMap<DrvPath, BTreeSet<WorkerId>>,
     /// Steps kept for the worker they were assigned to before a restart, until when.
-    reserved: BTreeMap<String, (String, Instant)>,
+    reserved: BTreeMap<DrvPath, (WorkerId, Instant)>,
     steal: StealPolicy,
     /// Ready steps no connected worker can take.
-    unschedulable: BTreeSet<String>,
+    unschedulable: BTreeSet<DrvPath>,
     max_attempts: u32,
     retry_backoff: Duration,
 }
@@ -226,7 +304,7 @@ impl Schedule {
     }
 
     /// The state of a step, if it is demanded.
-    pub fn state(&self, drv: &str) -> Option<&StepState> {
+    pub fn state(&self, drv: &DrvPath) -> Option<&StepState> {
         self.steps.get(drv).map(|s| &s.state)
     }
 
@@ -241,7 +319,7 @@ impl Schedule {
     }
 
     /// A frontend demands `drv`.
-    pub fn demand(&mut self, drv: &str, info: StepInfo, urgency: Urgency) -> Vec<Effect> {
+    pub fn demand(&mut self, drv: &DrvPath, info: StepInfo, urgency: Urgency) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(step) = self.steps.get_mut(drv) {
             step.demands += 1;
@@ -252,7 +330,11 @@ impl Schedule {
             if raised != step.urgency {
                 step.urgency = raised;
                 if step.state == StepState::Ready {
-                    effects.push(Effect::Ready(drv.to_owned(), step.info.clone(), raised));
+                    effects.push(Effect::Ready {
+                        drv: drv.clone(),
+                        info: step.info.clone(),
+                        urgency: raised,
+                    });
                     self.queue(drv);
                 }
             }
@@ -262,10 +344,10 @@ impl Schedule {
             self.dependents
                 .entry(input.clone())
                 .or_default()
-                .insert(drv.to_owned());
+                .insert(drv.clone());
         }
         self.steps.insert(
-            drv.to_owned(),
+            drv.clone(),
             Step {
                 info,
                 urgency,
@@ -293,7 +375,7 @@ impl Schedule {
     }
 
     /// A frontend withdrew its demand for `drv`.
-    pub fn undemand(&mut self, drv: &str) -> Vec<Effect> {
+    pub fn undemand(&mut self, drv: &DrvPath) -> Vec<Effect> {
         let mut effects = Vec::new();
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
@@ -318,9 +400,9 @@ impl Schedule {
             }
         }
         match step.state {
-            StepState::Assigned(_) => effects.push(Effect::Cancel(drv.to_owned())),
+            StepState::Assigned(_) => effects.push(Effect::Cancel { drv: drv.clone() }),
             StepState::Built { .. } | StepState::Failed { .. } => {
-                effects.push(Effect::Forget(drv.to_owned()))
+                effects.push(Effect::Forget { drv: drv.clone() })
             }
             StepState::Waiting | StepState::Ready | StepState::Retrying => {}
         }
@@ -328,43 +410,49 @@ impl Schedule {
     }
 
     /// A worker connected (or changed what it offers).
-    pub fn worker_joined(&mut self, id: &str, offer: WorkerOffer) -> Vec<Effect> {
-        self.workers.insert(id.to_owned(), offer);
+    pub fn worker_joined(&mut self, id: &WorkerId, offer: WorkerOffer) -> Vec<Effect> {
+        self.workers.insert(id.clone(), offer);
         self.recheck_schedulability()
     }
 
     /// A worker disconnected. Steps it was building (given to it, whether or not it claimed
     /// them yet) failed transiently.
-    pub fn worker_left(&mut self, id: &str) -> Vec<Effect> {
+    pub fn worker_left(&mut self, id: &WorkerId) -> Vec<Effect> {
         self.workers.remove(id);
         self.free_slots.remove(id);
         let mut effects = Vec::new();
         let running = self.running.get(id).cloned().unwrap_or_default();
         for drv in running {
             let reason = format!("worker {id} left while building");
-            effects.extend(self.failed(&drv, id, &reason, FailureKind::Transient));
+            effects.extend(self.failed(
+                &drv,
+                Some(id),
+                &reason,
+                FailureKind::Transient,
+                FailureCause::Infrastructure,
+            ));
         }
         effects.extend(self.recheck_schedulability());
         effects
     }
 
     /// `worker` asks to build `drv`. Granted when the step is ready.
-    pub fn claim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+    pub fn claim(&mut self, drv: &DrvPath, worker: &WorkerId) -> Vec<Effect> {
         let mut effects = Vec::new();
         match self.state(drv) {
             Some(StepState::Ready) if self.kept_from(drv, worker, Instant::now()) => {
                 self.early_claims
-                    .entry(drv.to_owned())
+                    .entry(drv.clone())
                     .or_default()
-                    .insert(worker.to_owned());
+                    .insert(worker.clone());
                 return effects;
             }
             Some(StepState::Ready) => {}
             None | Some(StepState::Waiting) | Some(StepState::Retrying) => {
                 self.early_claims
-                    .entry(drv.to_owned())
+                    .entry(drv.clone())
                     .or_default()
-                    .insert(worker.to_owned());
+                    .insert(worker.clone());
                 return effects;
             }
             Some(_) => return self.claim_steal(drv, worker),
@@ -375,7 +463,7 @@ impl Schedule {
 
     /// `worker` withdrew its claim on `drv`. If it was building the step and
     /// reported no outcome, the worker was lost: a transient failure.
-    pub fn unclaim(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+    pub fn unclaim(&mut self, drv: &DrvPath, worker: &WorkerId) -> Vec<Effect> {
         if let Some(claims) = self.early_claims.get_mut(drv) {
             claims.remove(worker);
             if claims.is_empty() {
@@ -388,7 +476,13 @@ impl Schedule {
         match self.state(drv) {
             Some(StepState::Assigned(w)) if w == worker => {
                 let reason = format!("worker {worker} went away while building");
-                self.failed(drv, worker, &reason, FailureKind::Transient)
+                self.failed(
+                    drv,
+                    Some(worker),
+                    &reason,
+                    FailureKind::Transient,
+                    FailureCause::Infrastructure,
+                )
             }
             _ => Vec::new(),
         }
@@ -396,7 +490,7 @@ impl Schedule {
 
     /// The retry delay of a transiently failed step is over: it is ready again once its
     /// inputs are built (one may have to be built again, see [`Schedule::lost`]).
-    pub fn retry(&mut self, drv: &str) -> Vec<Effect> {
+    pub fn retry(&mut self, drv: &DrvPath) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(step) = self.steps.get_mut(drv) {
             if step.state == StepState::Retrying {
@@ -410,7 +504,7 @@ impl Schedule {
     /// No store in the dataspace has `path` any more (the only one that had it left): the
     /// built step with that output is built again, and its dependents wait for it. Returns
     /// that step (if one is demanded and built) and what to publish.
-    pub fn lost(&mut self, path: &str) -> (Option<String>, Vec<Effect>) {
+    pub fn lost(&mut self, path: &str) -> (Option<DrvPath>, Vec<Effect>) {
         let mut effects = Vec::new();
         let made_it = self.steps.iter_mut().find(|(_, s)| {
             matches!(&s.state, StepState::Built { outputs, .. } if outputs.iter().any(|o| o == path))
@@ -423,7 +517,7 @@ impl Schedule {
         step.attempts = 0;
         step.transient_reasons.clear();
         step.inputs_built = 0;
-        effects.push(Effect::Forget(drv.clone()));
+        effects.push(Effect::Forget { drv: drv.clone() });
         for dependent in self.dependents_of(&drv) {
             self.input_unbuilt(&dependent);
             match self.state(&dependent) {
@@ -445,13 +539,13 @@ impl Schedule {
     /// `worker` built `drv`. Only the worker the step is assigned to (or the
     /// worker stealing it) can complete it: a report from anyone else, or for
     /// a step that is not being built, is ignored.
-    pub fn built(&mut self, drv: &str, worker: &str, outputs: Vec<String>) -> Vec<Effect> {
+    pub fn built(&mut self, drv: &DrvPath, worker: &WorkerId, outputs: Vec<String>) -> Vec<Effect> {
         let mut effects = Vec::new();
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
         };
         match &step.state {
-            StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
+            StepState::Assigned(w) if w == worker || step.thief.as_ref() == Some(worker) => {}
             _ => return effects,
         }
         self.vacate(drv);
@@ -459,15 +553,15 @@ impl Schedule {
             return effects;
         };
         step.state = StepState::Built {
-            worker: worker.to_owned(),
+            worker: worker.clone(),
             outputs: outputs.clone(),
         };
         step.thief = None;
         step.steal_offer = None;
-        effects.push(Effect::Unassign(drv.to_owned()));
+        effects.push(Effect::Unassign { drv: drv.clone() });
         effects.push(Effect::Built {
-            drv: drv.to_owned(),
-            worker: worker.to_owned(),
+            drv: drv.clone(),
+            worker: worker.clone(),
             outputs,
         });
         for dependent in self.dependents_of(drv) {
@@ -476,16 +570,21 @@ impl Schedule {
         effects
     }
 
-    /// `worker` could not build `drv`.
+    /// `worker` could not build `drv` (`None`: a report made for no worker). A transient
+    /// failure given up on keeps its last attempt's cause.
     pub fn failed(
         &mut self,
-        drv: &str,
-        worker: &str,
+        drv: &DrvPath,
+        worker: Option<&WorkerId>,
         reason: &str,
         kind: FailureKind,
+        cause: FailureCause,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
         let (max_attempts, base) = (self.max_attempts, self.retry_backoff);
+        let Some(worker) = worker else {
+            return effects;
+        };
         if kind == FailureKind::Transient {
             if let Some(effects) = self.thief_gone(drv, worker) {
                 return effects;
@@ -495,7 +594,7 @@ impl Schedule {
             return effects;
         };
         match &step.state {
-            StepState::Assigned(w) if w == worker || step.thief.as_deref() == Some(worker) => {}
+            StepState::Assigned(w) if w == worker || step.thief.as_ref() == Some(worker) => {}
             _ => return effects,
         }
         self.vacate(drv);
@@ -504,9 +603,9 @@ impl Schedule {
         };
         step.thief = None;
         step.steal_offer = None;
-        effects.push(Effect::Unassign(drv.to_owned()));
+        effects.push(Effect::Unassign { drv: drv.clone() });
         if kind == FailureKind::Permanent {
-            self.fail_for_good(drv, worker, reason.to_owned(), &mut effects);
+            self.fail_for_good(drv, Some(worker), reason.to_owned(), cause, &mut effects);
             return effects;
         }
         step.transient_reasons
@@ -516,7 +615,12 @@ impl Schedule {
             let delay = base
                 .saturating_mul(1 << (step.attempts - 1).min(16))
                 .min(MAX_RETRY_BACKOFF);
-            effects.push(Effect::RetryAfter(drv.to_owned(), delay, reason.to_owned()));
+            effects.push(Effect::RetryAfter {
+                drv: drv.clone(),
+                delay,
+                reason: reason.to_owned(),
+                cause,
+            });
             return effects;
         }
         let reason = format!(
@@ -524,20 +628,23 @@ impl Schedule {
             step.attempts,
             step.transient_reasons.join("; ")
         );
-        self.fail_for_good(drv, worker, reason, &mut effects);
+        self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
         effects
     }
 
+    /// `drv` will not be built, and neither will the steps that need it.
     fn fail_for_good(
         &mut self,
-        drv: &str,
-        worker: &str,
+        drv: &DrvPath,
+        worker: Option<&WorkerId>,
         reason: String,
+        cause: FailureCause,
         effects: &mut Vec<Effect>,
     ) {
         let failed = StepState::Failed {
-            worker: worker.to_owned(),
+            worker: worker.cloned(),
             reason: reason.clone(),
+            cause: cause.clone(),
         };
         match self.state(drv) {
             None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => return,
@@ -548,17 +655,19 @@ impl Schedule {
             step.state = failed;
         }
         effects.push(Effect::Failed {
-            drv: drv.to_owned(),
-            worker: worker.to_owned(),
+            drv: drv.clone(),
+            worker: worker.cloned(),
             reason,
+            cause,
         });
         for dependent in self.dependents_of(drv) {
             let why = format!("dependency {drv} failed");
-            self.fail_for_good(&dependent, "", why, effects);
+            let cause = FailureCause::Dependency(drv.clone());
+            self.fail_for_good(&dependent, None, why, cause, effects);
         }
     }
 
-    fn dependents_of(&self, drv: &str) -> Vec<String> {
+    fn dependents_of(&self, drv: &DrvPath) -> Vec<DrvPath> {
         self.dependents
             .get(drv)
             .map(|d| d.iter().cloned().collect())
@@ -567,7 +676,7 @@ impl Schedule {
 
     /// Re-evaluate a waiting step: ready if every demanded input is built,
     /// failed if one failed.
-    fn settle(&mut self, drv: &str, effects: &mut Vec<Effect>) {
+    fn settle(&mut self, drv: &DrvPath, effects: &mut Vec<Effect>) {
         let Some(step) = self.steps.get(drv) else {
             return;
         };
@@ -595,7 +704,8 @@ impl Schedule {
             step.inputs_built = built;
         }
         if let Some(input) = failed_input {
-            self.fail_for_good(drv, "", format!("dependency {input} failed"), effects);
+            let why = format!("dependency {input} failed");
+            self.fail_for_good(drv, None, why, FailureCause::Dependency(input), effects);
         } else if all_built {
             self.enter_ready(drv, effects);
         }
@@ -603,7 +713,7 @@ impl Schedule {
 
     /// An input of `drv` is no longer built (demanded late, or its outputs lost): settling
     /// `drv` scans its inputs from the first again.
-    fn input_unbuilt(&mut self, drv: &str) {
+    fn input_unbuilt(&mut self, drv: &DrvPath) {
         if let Some(step) = self.steps.get_mut(drv) {
             step.inputs_built = 0;
         }
@@ -611,30 +721,30 @@ impl Schedule {
 
     /// Make a step ready, noting whether any worker can take it; a connected worker that
     /// claimed it early gets it at once.
-    fn enter_ready(&mut self, drv: &str, effects: &mut Vec<Effect>) {
+    fn enter_ready(&mut self, drv: &DrvPath, effects: &mut Vec<Effect>) {
         let now = Instant::now();
         let claims = self.early_claims.remove(drv).unwrap_or_default();
-        let connected = |w: &String| self.workers.contains_key(w);
+        let connected = |w: &WorkerId| self.workers.contains_key(w);
         let early = claims
             .iter()
             .find(|w| connected(w) && !self.kept_from(drv, w, now))
             .cloned();
         if early.is_none() {
             // Claims waiting for the step's keeper to come back.
-            let waiting: BTreeSet<String> = claims.into_iter().filter(connected).collect();
+            let waiting: BTreeSet<WorkerId> = claims.into_iter().filter(connected).collect();
             if !waiting.is_empty() {
-                self.early_claims.insert(drv.to_owned(), waiting);
+                self.early_claims.insert(drv.clone(), waiting);
             }
         }
         let Some(step) = self.steps.get_mut(drv) else {
             return;
         };
         step.state = StepState::Ready;
-        effects.push(Effect::Ready(
-            drv.to_owned(),
-            step.info.clone(),
-            step.urgency,
-        ));
+        effects.push(Effect::Ready {
+            drv: drv.clone(),
+            info: step.info.clone(),
+            urgency: step.urgency,
+        });
         self.queue(drv);
         if let Some(worker) = early {
             // Granted at once: the readiness is never announced (see `grant`).
@@ -642,13 +752,16 @@ impl Schedule {
             return;
         }
         if let Some(reason) = self.unschedulable_because(drv) {
-            self.unschedulable.insert(drv.to_owned());
-            effects.push(Effect::Unschedulable(drv.to_owned(), reason));
+            self.unschedulable.insert(drv.clone());
+            effects.push(Effect::Unschedulable {
+                drv: drv.clone(),
+                reason,
+            });
         }
     }
 
     /// Move a ready step to `next`, withdrawing its readiness.
-    fn leave_ready(&mut self, drv: &str, next: StepState, effects: &mut Vec<Effect>) {
+    fn leave_ready(&mut self, drv: &DrvPath, next: StepState, effects: &mut Vec<Effect>) {
         self.unqueue(drv);
         if let StepState::Assigned(worker) = &next {
             self.occupy(worker, drv);
@@ -656,14 +769,14 @@ impl Schedule {
         if let Some(step) = self.steps.get_mut(drv) {
             step.state = next;
         }
-        effects.push(Effect::Unready(drv.to_owned()));
+        effects.push(Effect::Unready { drv: drv.clone() });
         if self.unschedulable.remove(drv) {
-            effects.push(Effect::Schedulable(drv.to_owned()));
+            effects.push(Effect::Schedulable { drv: drv.clone() });
         }
     }
 
     /// Why no connected worker can take the step, if none can.
-    fn unschedulable_because(&self, drv: &str) -> Option<String> {
+    fn unschedulable_because(&self, drv: &DrvPath) -> Option<String> {
         let info = &self.steps.get(drv)?.info;
         let mut mismatches = Vec::new();
         for offer in self.workers.values() {
@@ -682,7 +795,7 @@ impl Schedule {
 
     fn recheck_schedulability(&mut self) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let ready: Vec<String> = self
+        let ready: Vec<DrvPath> = self
             .steps
             .iter()
             .filter(|(_, s)| s.state == StepState::Ready)
@@ -692,12 +805,12 @@ impl Schedule {
             match self.unschedulable_because(&drv) {
                 None => {
                     if self.unschedulable.remove(&drv) {
-                        effects.push(Effect::Schedulable(drv));
+                        effects.push(Effect::Schedulable { drv });
                     }
                 }
                 Some(reason) => {
                     if self.unschedulable.insert(drv.clone()) {
-                        effects.push(Effect::Unschedulable(drv, reason));
+                        effects.push(Effect::Unschedulable { drv, reason });
                     }
                 }
             }
@@ -714,7 +827,7 @@ mod tests {
         StepInfo {
             system: "x86_64-linux".into(),
             features: vec![],
-            input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+            input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
         }
     }
 
@@ -722,7 +835,7 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Ready(d, _, _) => Some(d.as_str()),
+                Effect::Ready { drv: d, .. } => Some(d.as_str()),
                 _ => None,
             })
             .collect()
@@ -732,41 +845,53 @@ mod tests {
     fn chain_becomes_ready_in_order() {
         let mut s = Schedule::default();
         assert_eq!(
-            readies(&s.demand("a", info(&[]), Urgency::default())),
+            readies(&s.demand(&"a".into(), info(&[]), Urgency::default())),
             vec!["a"]
         );
-        assert!(readies(&s.demand("b", info(&["a"]), Urgency::default())).is_empty());
-        assert!(
-            readies(&s.demand("c", info(&["b", "valid-elsewhere"]), Urgency::default())).is_empty()
-        );
-        s.claim("a", "w1");
+        assert!(readies(&s.demand(&"b".into(), info(&["a"]), Urgency::default())).is_empty());
+        assert!(readies(&s.demand(
+            &"c".into(),
+            info(&["b", "valid-elsewhere"]),
+            Urgency::default()
+        ))
+        .is_empty());
+        s.claim(&"a".into(), &"w1".into());
         assert_eq!(
-            readies(&s.built("a", "w1", vec!["/out/a".into()])),
+            readies(&s.built(&"a".into(), &"w1".into(), vec!["/out/a".into()])),
             vec!["b"]
         );
-        s.claim("b", "w2");
-        assert_eq!(readies(&s.built("b", "w2", vec![])), vec!["c"]);
+        s.claim(&"b".into(), &"w2".into());
+        assert_eq!(
+            readies(&s.built(&"b".into(), &"w2".into(), vec![])),
+            vec!["c"]
+        );
     }
 
     #[test]
     fn a_lost_output_is_built_again_before_its_dependent_retries() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        s.demand("b", info(&["a"]), Urgency::default());
-        s.claim("a", "w1");
-        s.built("a", "w1", vec!["/out/a".into()]);
-        s.claim("b", "w2");
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.demand(&"b".into(), info(&["a"]), Urgency::default());
+        s.claim(&"a".into(), &"w1".into());
+        s.built(&"a".into(), &"w1".into(), vec!["/out/a".into()]);
+        s.claim(&"b".into(), &"w2".into());
         // w2 finds no store with a's output: a is built again, b waits for it.
         let (made_it, e) = s.lost("/out/a");
-        assert_eq!(made_it.as_deref(), Some("a"));
-        assert!(e.contains(&Effect::Forget("a".into())), "{e:?}");
+        assert_eq!(made_it.as_ref().map(DrvPath::as_str), Some("a"));
+        assert!(e.contains(&Effect::Forget { drv: "a".into() }), "{e:?}");
         assert_eq!(readies(&e), vec!["a"]);
-        s.failed("b", "w2", "cannot fetch /out/a", FailureKind::Transient);
-        assert!(readies(&s.retry("b")).is_empty());
-        assert_eq!(s.state("b"), Some(&StepState::Waiting));
-        s.claim("a", "w2");
+        s.failed(
+            &"b".into(),
+            Some(&"w2".into()),
+            "cannot fetch /out/a",
+            FailureKind::Transient,
+            FailureCause::Infrastructure,
+        );
+        assert!(readies(&s.retry(&"b".into())).is_empty());
+        assert_eq!(s.state(&"b".into()), Some(&StepState::Waiting));
+        s.claim(&"a".into(), &"w2".into());
         assert_eq!(
-            readies(&s.built("a", "w2", vec!["/out/a".into()])),
+            readies(&s.built(&"a".into(), &"w2".into(), vec!["/out/a".into()])),
             vec!["b"]
         );
         // A path no demanded step made: nothing to rebuild.
@@ -777,22 +902,25 @@ mod tests {
     fn late_input_demand_makes_a_ready_dependent_wait() {
         let mut s = Schedule::default();
         assert_eq!(
-            readies(&s.demand("b", info(&["a"]), Urgency::default())),
+            readies(&s.demand(&"b".into(), info(&["a"]), Urgency::default())),
             vec!["b"]
         );
-        let e = s.demand("a", info(&[]), Urgency::default());
-        assert!(e.contains(&Effect::Unready("b".into())), "{e:?}");
+        let e = s.demand(&"a".into(), info(&[]), Urgency::default());
+        assert!(e.contains(&Effect::Unready { drv: "b".into() }), "{e:?}");
         assert_eq!(readies(&e), vec!["a"]);
-        assert_eq!(s.state("b"), Some(&StepState::Waiting));
-        s.claim("a", "w1");
-        assert_eq!(readies(&s.built("a", "w1", vec![])), vec!["b"]);
+        assert_eq!(s.state(&"b".into()), Some(&StepState::Waiting));
+        s.claim(&"a".into(), &"w1".into());
+        assert_eq!(
+            readies(&s.built(&"a".into(), &"w1".into(), vec![])),
+            vec!["b"]
+        );
     }
 
     #[test]
     fn an_early_claim_is_granted_once_the_step_is_ready() {
         let mut s = Schedule::default();
         s.worker_joined(
-            "w1",
+            &"w1".into(),
             WorkerOffer {
                 systems: vec!["x86_64-linux".into()],
                 features: vec![],
@@ -801,15 +929,24 @@ mod tests {
             },
         );
         // The worker rejoined a restarted planner before the frontend demanded again.
-        assert!(s.claim("a", "w1").is_empty());
-        let e = s.demand("a", info(&[]), Urgency::default());
-        assert_eq!(e, vec![Effect::Assign("a".into(), "w1".into())]);
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
-        // A withdrawn early claim is forgotten.
-        assert!(s.claim("b", "w1").is_empty());
-        s.unclaim("b", "w1");
+        assert!(s.claim(&"a".into(), &"w1".into()).is_empty());
+        let e = s.demand(&"a".into(), info(&[]), Urgency::default());
         assert_eq!(
-            readies(&s.demand("b", info(&[]), Urgency::default())),
+            e,
+            vec![Effect::Assign {
+                drv: "a".into(),
+                worker: "w1".into()
+            }]
+        );
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("w1".into()))
+        );
+        // A withdrawn early claim is forgotten.
+        assert!(s.claim(&"b".into(), &"w1".into()).is_empty());
+        s.unclaim(&"b".into(), &"w1".into());
+        assert_eq!(
+            readies(&s.demand(&"b".into(), info(&[]), Urgency::default())),
             vec!["b"]
         );
     }
@@ -817,40 +954,48 @@ mod tests {
     #[test]
     fn only_one_claim_is_granted() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        let first = s.claim("a", "w1");
-        assert!(first.contains(&Effect::Assign("a".into(), "w1".into())));
-        assert!(s.claim("a", "w2").is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        let first = s.claim(&"a".into(), &"w1".into());
+        assert!(first.contains(&Effect::Assign {
+            drv: "a".into(),
+            worker: "w1".into()
+        }));
+        assert!(s.claim(&"a".into(), &"w2".into()).is_empty());
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("w1".into()))
+        );
     }
 
     #[test]
     fn lost_worker_is_retried_then_given_up() {
         let mut s = Schedule::new(2, Duration::from_secs(1));
-        s.demand("a", info(&[]), Urgency::default());
-        s.claim("a", "w1");
-        let e = s.unclaim("a", "w1");
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.claim(&"a".into(), &"w1".into());
+        let e = s.unclaim(&"a".into(), &"w1".into());
         assert!(
             readies(&e).is_empty(),
             "ready only after the back-off: {e:?}"
         );
-        assert!(e.contains(&Effect::RetryAfter(
-            "a".into(),
-            Duration::from_secs(1),
-            "worker w1 went away while building".into()
-        )));
+        assert!(e.contains(&Effect::RetryAfter {
+            drv: "a".into(),
+            delay: Duration::from_secs(1),
+            reason: "worker w1 went away while building".into(),
+            cause: FailureCause::Infrastructure
+        }));
         assert!(
-            s.claim("a", "w2").is_empty(),
+            s.claim(&"a".into(), &"w2".into()).is_empty(),
             "not claimable while backing off"
         );
-        assert_eq!(readies(&s.retry("a")), vec!["a"]);
-        s.claim("a", "w2");
-        let e = s.unclaim("a", "w2");
-        let Some(Effect::Failed { reason, .. }) =
+        assert_eq!(readies(&s.retry(&"a".into())), vec!["a"]);
+        s.claim(&"a".into(), &"w2".into());
+        let e = s.unclaim(&"a".into(), &"w2".into());
+        let Some(Effect::Failed { reason, cause, .. }) =
             e.iter().find(|e| matches!(e, Effect::Failed { .. }))
         else {
             panic!("expected a failure, got {e:?}");
         };
+        assert_eq!(cause, &FailureCause::Infrastructure);
         assert!(reason.contains("gave up after 2 attempts"), "{reason}");
         assert!(reason.contains("w1") && reason.contains("w2"), "{reason}");
     }
@@ -858,11 +1003,17 @@ mod tests {
     #[test]
     fn permanent_failure_reaches_dependents() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        s.demand("b", info(&["a"]), Urgency::default());
-        s.demand("c", info(&["b"]), Urgency::default());
-        s.claim("a", "w1");
-        let e = s.failed("a", "w1", "builder exited 1", FailureKind::Permanent);
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.demand(&"b".into(), info(&["a"]), Urgency::default());
+        s.demand(&"c".into(), info(&["b"]), Urgency::default());
+        s.claim(&"a".into(), &"w1".into());
+        let e = s.failed(
+            &"a".into(),
+            Some(&"w1".into()),
+            "builder exited 1",
+            FailureKind::Permanent,
+            FailureCause::Build,
+        );
         let failed: Vec<_> = e
             .iter()
             .filter_map(|e| match e {
@@ -878,58 +1029,96 @@ mod tests {
                 ("c", "dependency b failed")
             ]
         );
-        // A late demand on a failed input fails at once.
-        let e = s.demand("d", info(&["a"]), Urgency::default());
-        assert!(e
+        let causes: Vec<_> = e
             .iter()
-            .any(|e| matches!(e, Effect::Failed { drv, .. } if drv == "d")));
+            .filter_map(|e| match e {
+                Effect::Failed { cause, .. } => Some(cause.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            causes,
+            vec![
+                FailureCause::Build,
+                FailureCause::Dependency("a".into()),
+                FailureCause::Dependency("b".into())
+            ]
+        );
+        // A late demand on a failed input fails at once.
+        let e = s.demand(&"d".into(), info(&["a"]), Urgency::default());
+        assert!(e.iter().any(|e| matches!(e,
+            Effect::Failed { drv, cause: FailureCause::Dependency(input), .. }
+                if drv == "d" && input == "a")));
     }
 
     #[test]
     fn shared_step_survives_one_withdrawal() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        s.demand("a", info(&[]), Urgency::default());
-        s.claim("a", "w1");
-        assert!(s.undemand("a").is_empty());
-        assert_eq!(s.undemand("a"), vec![Effect::Cancel("a".into())]);
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.claim(&"a".into(), &"w1".into());
+        assert!(s.undemand(&"a".into()).is_empty());
+        assert_eq!(
+            s.undemand(&"a".into()),
+            vec![Effect::Cancel { drv: "a".into() }]
+        );
         assert!(s.is_empty());
     }
 
     #[test]
     fn only_the_assignee_can_report_a_step_built() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        s.demand("b", info(&["a"]), Urgency::default());
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.demand(&"b".into(), info(&["a"]), Urgency::default());
         // Not assigned yet: nobody can complete it.
-        assert!(s.built("a", "w1", vec!["/fake".into()]).is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Ready));
+        assert!(s
+            .built(&"a".into(), &"w1".into(), vec!["/fake".into()])
+            .is_empty());
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Ready));
         // A step waiting for its inputs cannot be reported built either.
-        assert!(s.built("b", "w1", vec!["/fake".into()]).is_empty());
-        assert_eq!(s.state("b"), Some(&StepState::Waiting));
-        s.claim("a", "w1");
+        assert!(s
+            .built(&"b".into(), &"w1".into(), vec!["/fake".into()])
+            .is_empty());
+        assert_eq!(s.state(&"b".into()), Some(&StepState::Waiting));
+        s.claim(&"a".into(), &"w1".into());
         // Another worker's report is ignored; the assignee's counts.
-        assert!(s.built("a", "w2", vec!["/fake".into()]).is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
-        let e = s.built("a", "w1", vec!["/out/a".into()]);
-        assert!(e.contains(&Effect::Unassign("a".into())), "{e:?}");
+        assert!(s
+            .built(&"a".into(), &"w2".into(), vec!["/fake".into()])
+            .is_empty());
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("w1".into()))
+        );
+        let e = s.built(&"a".into(), &"w1".into(), vec!["/out/a".into()]);
+        assert!(e.contains(&Effect::Unassign { drv: "a".into() }), "{e:?}");
         assert_eq!(readies(&e), vec!["b"]);
         // A late report about a built step changes nothing.
-        assert!(s.built("a", "w2", vec!["/fake".into()]).is_empty());
+        assert!(s
+            .built(&"a".into(), &"w2".into(), vec!["/fake".into()])
+            .is_empty());
         // Nor does one about a step nobody demanded.
-        assert!(s.built("zzz", "w1", vec![]).is_empty());
+        assert!(s.built(&"zzz".into(), &"w1".into(), vec![]).is_empty());
     }
 
     #[test]
     fn stale_reports_are_ignored() {
         let mut s = Schedule::default();
-        s.demand("a", info(&[]), Urgency::default());
-        s.claim("a", "w1");
+        s.demand(&"a".into(), info(&[]), Urgency::default());
+        s.claim(&"a".into(), &"w1".into());
         assert!(s
-            .failed("a", "w2", "not mine", FailureKind::Permanent)
+            .failed(
+                &"a".into(),
+                Some(&"w2".into()),
+                "not mine",
+                FailureKind::Permanent,
+                FailureCause::Build
+            )
             .is_empty());
-        assert!(s.unclaim("a", "w2").is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("w1".into())));
+        assert!(s.unclaim(&"a".into(), &"w2".into()).is_empty());
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("w1".into()))
+        );
     }
 }
 
@@ -957,51 +1146,64 @@ mod more_tests {
     #[test]
     fn unschedulable_until_a_capable_worker_joins() {
         let mut s = Schedule::default();
-        s.worker_joined("small", offer(&[]));
+        s.worker_joined(&"small".into(), offer(&[]));
         let e = s.demand(
-            "big-step",
+            &"big-step".into(),
             info("x86_64-linux", &["big"]),
             Urgency::default(),
         );
         assert!(
-            e.contains(&Effect::Unschedulable(
-                "big-step".into(),
-                "no worker for system x86_64-linux offers the required features: big".into()
-            )),
+            e.contains(&Effect::Unschedulable {
+                drv: "big-step".into(),
+                reason: "no worker for system x86_64-linux offers the required features: big"
+                    .into()
+            }),
             "{e:?}"
         );
-        let e = s.demand("arm", info("aarch64-linux", &[]), Urgency::default());
+        let e = s.demand(
+            &"arm".into(),
+            info("aarch64-linux", &[]),
+            Urgency::default(),
+        );
         assert!(
-            e.contains(&Effect::Unschedulable(
-                "arm".into(),
-                "no worker offers system aarch64-linux".into()
-            )),
+            e.contains(&Effect::Unschedulable {
+                drv: "arm".into(),
+                reason: "no worker offers system aarch64-linux".into()
+            }),
             "{e:?}"
         );
-        let e = s.worker_joined("big", offer(&["big"]));
-        assert_eq!(e, vec![Effect::Schedulable("big-step".into())]);
-        let e = s.worker_left("big");
+        let e = s.worker_joined(&"big".into(), offer(&["big"]));
+        assert_eq!(
+            e,
+            vec![Effect::Schedulable {
+                drv: "big-step".into()
+            }]
+        );
+        let e = s.worker_left(&"big".into());
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(matches!(&e[0], Effect::Unschedulable(d, _) if d == "big-step"));
+        assert!(matches!(&e[0], Effect::Unschedulable { drv: d, .. } if d == "big-step"));
         // Claiming (or withdrawing) a step clears its unschedulable mark.
-        let e = s.undemand("arm");
-        assert!(e.contains(&Effect::Schedulable("arm".into())), "{e:?}");
+        let e = s.undemand(&"arm".into());
+        assert!(
+            e.contains(&Effect::Schedulable { drv: "arm".into() }),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn back_off_doubles_per_attempt() {
         let mut s = Schedule::new(5, Duration::from_millis(100));
-        s.worker_joined("w", offer(&[]));
-        s.demand("a", info("x86_64-linux", &[]), Urgency::default());
+        s.worker_joined(&"w".into(), offer(&[]));
+        s.demand(&"a".into(), info("x86_64-linux", &[]), Urgency::default());
         let mut delays = Vec::new();
         for _ in 0..3 {
-            s.claim("a", "w");
-            for e in s.unclaim("a", "w") {
-                if let Effect::RetryAfter(_, d, _) = e {
+            s.claim(&"a".into(), &"w".into());
+            for e in s.unclaim(&"a".into(), &"w".into()) {
+                if let Effect::RetryAfter { delay: d, .. } = e {
                     delays.push(d.as_millis());
                 }
             }
-            s.retry("a");
+            s.retry(&"a".into());
         }
         assert_eq!(delays, vec![100, 200, 400]);
     }
@@ -1010,7 +1212,7 @@ mod more_tests {
     fn a_second_demand_can_raise_urgency() {
         let mut s = Schedule::default();
         s.demand(
-            "a",
+            &"a".into(),
             info("x86_64-linux", &[]),
             Urgency {
                 priority: 0,
@@ -1018,7 +1220,7 @@ mod more_tests {
             },
         );
         let e = s.demand(
-            "a",
+            &"a".into(),
             info("x86_64-linux", &[]),
             Urgency {
                 priority: 5,
@@ -1027,14 +1229,14 @@ mod more_tests {
         );
         assert_eq!(
             e,
-            vec![Effect::Ready(
-                "a".into(),
-                info("x86_64-linux", &[]),
-                Urgency {
+            vec![Effect::Ready {
+                drv: "a".into(),
+                info: info("x86_64-linux", &[]),
+                urgency: Urgency {
                     priority: 5,
                     depth: 1
                 }
-            )]
+            }]
         );
     }
 }

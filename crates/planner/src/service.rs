@@ -11,8 +11,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use nixspace_protocol::{build, on_retraction};
-use preserves_schema::Parse;
+use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -21,40 +20,117 @@ use crate::demand_gate::DemandGate;
 use crate::history::{AttemptOutcome, History, HistoryError};
 use crate::metrics::Metrics;
 use crate::schedule::{
-    Effect, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency, WorkerOffer,
+    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
+    WorkerOffer,
 };
+use crate::wire::{cause_from_wire, cause_to_wire, kind_from_wire, step_to_wire, worker_from_wire};
 
 /// What the planner's observers saw.
 #[derive(Debug)]
 pub enum Event {
     /// A demand for a step appeared.
-    Demand(String, StepInfo, Urgency),
+    Demand {
+        /// The step.
+        drv: DrvPath,
+        /// What it needs.
+        info: StepInfo,
+        /// How urgent the demand is.
+        urgency: Urgency,
+    },
     /// A demand for a step went away.
-    Undemand(String),
+    Undemand {
+        /// The step.
+        drv: DrvPath,
+    },
     /// A worker claimed a step.
-    Claim(String, String),
+    Claim {
+        /// The step.
+        drv: DrvPath,
+        /// The worker.
+        worker: WorkerId,
+    },
     /// A worker's claim went away.
-    Unclaim(String, String),
+    Unclaim {
+        /// The step.
+        drv: DrvPath,
+        /// The worker.
+        worker: WorkerId,
+    },
     /// A worker connected.
-    WorkerJoined(String, WorkerOffer),
+    WorkerJoined {
+        /// The worker.
+        worker: WorkerId,
+        /// What it can build.
+        offer: WorkerOffer,
+    },
     /// A worker disconnected.
-    WorkerLeft(String),
+    WorkerLeft {
+        /// The worker.
+        worker: WorkerId,
+    },
     /// A step's retry delay is over.
-    Retry(String),
+    Retry {
+        /// The step.
+        drv: DrvPath,
+    },
     /// A worker reported a step built.
-    Built(String, String, Vec<String>),
+    Built {
+        /// The step.
+        drv: DrvPath,
+        /// The worker.
+        worker: WorkerId,
+        /// The output paths.
+        outputs: Vec<String>,
+    },
     /// A worker reported a step failed.
-    Failed(String, String, String, FailureKind),
+    Failed {
+        /// The step.
+        drv: DrvPath,
+        /// The worker (none if the record names none).
+        worker: Option<WorkerId>,
+        /// Why, in words.
+        reason: String,
+        /// Whether trying again may help.
+        kind: FailureKind,
+        /// What made it fail.
+        cause: FailureCause,
+    },
     /// A worker announced its free build slots.
-    Offer(String, i64),
-    /// A frontend resolved a content-addressed step (from, to, system).
-    Resolved(String, String, String),
-    /// A content-addressed output was realised (id, path, signatures).
-    Realised(String, String, Vec<String>),
+    Offer {
+        /// The worker.
+        worker: WorkerId,
+        /// How many more steps it takes now.
+        free_slots: i64,
+    },
+    /// A frontend resolved a content-addressed step.
+    Resolved {
+        /// The original step.
+        from: DrvPath,
+        /// The resolved derivation demanded in its place.
+        to: DrvPath,
+        /// Its platform.
+        system: String,
+    },
+    /// A content-addressed output was realised.
+    Realised {
+        /// `sha256:<hash modulo>!<output>`.
+        id: String,
+        /// The output path.
+        path: String,
+        /// Its signatures.
+        signatures: Vec<String>,
+    },
     /// Time to look for steals.
     Tick,
-    /// A worker found no store with input `path` of step `drv` (drv, path, worker).
-    Lost(String, String, String),
+    /// A worker found no store with input `path` of step `drv`.
+    Lost {
+        /// The step that needs the input.
+        drv: DrvPath,
+        /// The input no store has any more.
+        path: String,
+        /// The worker that looked for it.
+        worker: WorkerId,
+    },
 }
 
 /// The planner entity: the schedule and the handles of what it asserted.
@@ -63,18 +139,18 @@ struct Planner {
     /// This entity's own reference, for timers that call back into it.
     me: Arc<OnceLock<Weak<Ref<Event>>>>,
     schedule: Schedule,
-    ready: HashMap<String, Handle>,
+    ready: HashMap<DrvPath, Handle>,
     /// When each ready step became ready (for the dispatch latency).
-    ready_since: HashMap<String, Instant>,
-    unschedulable: HashMap<String, Handle>,
+    ready_since: HashMap<DrvPath, Instant>,
+    unschedulable: HashMap<DrvPath, Handle>,
     metrics: Arc<Metrics>,
     history: Option<History>,
-    assigned: HashMap<String, Handle>,
+    assigned: HashMap<DrvPath, Handle>,
     /// Invitations to steal, by step.
-    steal_offers: HashMap<String, Handle>,
+    steal_offers: HashMap<DrvPath, Handle>,
     /// The thieves' assignments, by step.
-    stolen: HashMap<String, Handle>,
-    outcomes: HashMap<String, Handle>,
+    stolen: HashMap<DrvPath, Handle>,
+    outcomes: HashMap<DrvPath, Handle>,
     /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
     /// its path, its signatures, and the planner's assertion of it.
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
@@ -85,32 +161,42 @@ impl Entity<Event> for Planner {
         tracing::debug!(?event);
         let s = &mut self.schedule;
         let mut effects = match event {
-            Event::Demand(drv, info, urgency) => {
+            Event::Demand { drv, info, urgency } => {
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
                 s.demand(&drv, info, urgency)
             }
-            Event::WorkerJoined(id, offer) => {
+            Event::WorkerJoined { worker, offer } => {
                 self.metrics.workers.inc();
-                s.worker_joined(&id, offer)
+                s.worker_joined(&worker, offer)
             }
-            Event::WorkerLeft(id) => {
+            Event::WorkerLeft { worker } => {
                 self.metrics.workers.dec();
-                s.worker_left(&id)
+                s.worker_left(&worker)
             }
-            Event::Retry(drv) => s.retry(&drv),
-            Event::Undemand(drv) => s.undemand(&drv),
-            Event::Claim(drv, worker) => s.claim(&drv, &worker),
-            Event::Unclaim(drv, worker) => s.unclaim(&drv, &worker),
-            Event::Built(drv, worker, outputs) => {
+            Event::Retry { drv } => s.retry(&drv),
+            Event::Undemand { drv } => s.undemand(&drv),
+            Event::Claim { drv, worker } => s.claim(&drv, &worker),
+            Event::Unclaim { drv, worker } => s.unclaim(&drv, &worker),
+            Event::Built {
+                drv,
+                worker,
+                outputs,
+            } => {
                 let effects = s.built(&drv, &worker, outputs);
                 if effects.is_empty() && !matches!(s.state(&drv), Some(StepState::Built { .. })) {
                     tracing::warn!(%drv, %worker, "ignoring a built report from a worker not assigned the step");
                 }
                 effects
             }
-            Event::Failed(drv, worker, reason, kind) => s.failed(&drv, &worker, &reason, kind),
-            Event::Offer(worker, free) => {
-                s.offer(&worker, free);
+            Event::Failed {
+                drv,
+                worker,
+                reason,
+                kind,
+                cause,
+            } => s.failed(&drv, worker.as_ref(), &reason, kind, cause),
+            Event::Offer { worker, free_slots } => {
+                s.offer(&worker, free_slots);
                 Vec::new()
             }
             Event::Tick => {
@@ -119,7 +205,7 @@ impl Entity<Event> for Planner {
                 effects.extend(s.tick(now));
                 effects
             }
-            Event::Lost(drv, path, worker) => {
+            Event::Lost { drv, path, worker } => {
                 let (rebuilt, effects) = s.lost(&path);
                 match rebuilt {
                     Some(made_it) => {
@@ -132,11 +218,15 @@ impl Entity<Event> for Planner {
                 }
                 effects
             }
-            Event::Realised(id, path, signatures) => {
+            Event::Realised {
+                id,
+                path,
+                signatures,
+            } => {
                 self.realised(t, id, path, signatures);
                 Vec::new()
             }
-            Event::Resolved(from, to, system) => {
+            Event::Resolved { from, to, system } => {
                 tracing::info!(%from, %to, "resolved");
                 note(&mut self.history, |h| h.resolved(&from, &to, &system));
                 Vec::new()
@@ -157,10 +247,10 @@ impl Planner {
         for effect in effects {
             tracing::debug!(?effect);
             match effect {
-                Effect::Ready(drv, info, urgency) => {
+                Effect::Ready { drv, info, urgency } => {
                     let ready = build::Ready {
-                        drv: drv.clone(),
-                        step: to_wire(&info),
+                        drv: drv.to_string(),
+                        step: step_to_wire(&info),
                         priority: urgency.priority.into(),
                         depth: (urgency.depth as i64).into(),
                     };
@@ -170,28 +260,40 @@ impl Planner {
                         .or_insert_with(Instant::now);
                     replace(t, &mut self.ready, drv, h);
                 }
-                Effect::Unready(drv) => {
+                Effect::Unready { drv } => {
                     self.ready_since.remove(&drv);
                     retract(t, &mut self.ready, &drv)
                 }
-                Effect::Unschedulable(drv, reason) => {
+                Effect::Unschedulable { drv, reason } => {
                     tracing::warn!(%drv, %reason, "unschedulable");
                     let h = self.ds.assert(
                         t,
                         &build::Unschedulable {
-                            drv: drv.clone(),
+                            drv: drv.to_string(),
                             reason,
                         },
                     );
                     replace(t, &mut self.unschedulable, drv, h);
                 }
-                Effect::Schedulable(drv) => retract(t, &mut self.unschedulable, &drv),
-                Effect::RetryAfter(drv, delay, reason) => {
+                Effect::Schedulable { drv } => retract(t, &mut self.unschedulable, &drv),
+                Effect::RetryAfter {
+                    drv,
+                    delay,
+                    reason,
+                    cause,
+                } => {
                     self.metrics.retries.inc();
-                    self.record(&drv, AttemptOutcome::Lost, Some(&reason), &[]);
+                    let reason = reason.as_str();
+                    self.record(
+                        &drv,
+                        AttemptOutcome::Lost {
+                            reason,
+                            cause: &cause,
+                        },
+                    );
                     self.retry_after(t, drv, delay)
                 }
-                Effect::Assign(drv, worker) => {
+                Effect::Assign { drv, worker } => {
                     tracing::info!(%drv, %worker, "assigned");
                     note(&mut self.history, |h| h.attempt_started(&drv, &worker));
                     // A step given to a worker the moment it became ready was never announced.
@@ -202,43 +304,43 @@ impl Planner {
                     let h = self.ds.assert(
                         t,
                         &build::Assigned {
-                            drv: drv.clone(),
-                            worker,
+                            drv: drv.to_string(),
+                            worker: worker.into(),
                         },
                     );
                     replace(t, &mut self.assigned, drv, h);
                 }
-                Effect::Unassign(drv) => self.unassign(t, &drv),
-                Effect::Cancel(drv) => {
+                Effect::Unassign { drv } => self.unassign(t, &drv),
+                Effect::Cancel { drv } => {
                     tracing::info!(%drv, "cancelled: no demand left");
-                    self.record(&drv, AttemptOutcome::Cancelled, None, &[]);
+                    self.record(&drv, AttemptOutcome::Cancelled);
                     self.unassign(t, &drv)
                 }
-                Effect::OfferSteal(drv, from, to) => {
+                Effect::OfferSteal { drv, from, to } => {
                     tracing::info!(%drv, %from, %to, "inviting a faster idle worker to steal");
                     let steal = build::Steal {
-                        drv: drv.clone(),
-                        from,
-                        to,
+                        drv: drv.to_string(),
+                        from: from.into(),
+                        to: to.into(),
                     };
                     let h = self.ds.assert(t, &steal);
                     replace(t, &mut self.steal_offers, drv, h);
                 }
-                Effect::WithdrawSteal(drv) => retract(t, &mut self.steal_offers, &drv),
-                Effect::Stolen(drv, worker) => {
+                Effect::WithdrawSteal { drv } => retract(t, &mut self.steal_offers, &drv),
+                Effect::Stolen { drv, thief } => {
                     self.metrics.steals.inc();
-                    tracing::info!(%drv, %worker, "stolen: building it too");
+                    tracing::info!(%drv, worker = %thief, "stolen: building it too");
                     let h = self.ds.assert(
                         t,
                         &build::Assigned {
-                            drv: drv.clone(),
-                            worker,
+                            drv: drv.to_string(),
+                            worker: thief.into(),
                         },
                     );
                     replace(t, &mut self.stolen, drv, h);
                 }
-                Effect::Unsteal(drv) => retract(t, &mut self.stolen, &drv),
-                Effect::Promote(drv) => {
+                Effect::Unsteal { drv } => retract(t, &mut self.stolen, &drv),
+                Effect::Promote { drv } => {
                     if let Some(h) = self.stolen.remove(&drv) {
                         replace(t, &mut self.assigned, drv, Some(h));
                     }
@@ -250,12 +352,12 @@ impl Planner {
                 } => {
                     self.metrics.built.inc();
                     tracing::info!(%drv, %worker, "built");
-                    self.record(&drv, AttemptOutcome::Built, None, &outputs);
+                    self.record(&drv, AttemptOutcome::Built { outputs: &outputs });
                     let h = self.ds.assert(
                         t,
                         &build::Built {
-                            drv: drv.clone(),
-                            worker,
+                            drv: drv.to_string(),
+                            worker: worker.into(),
                             outputs,
                         },
                     );
@@ -265,20 +367,28 @@ impl Planner {
                     drv,
                     worker,
                     reason,
+                    cause,
                 } => {
                     self.metrics.failed.inc();
-                    tracing::warn!(%drv, %worker, %reason, "failed");
-                    self.record(&drv, AttemptOutcome::Failed, Some(&reason), &[]);
+                    tracing::warn!(%drv, ?worker, %reason, ?cause, "failed");
+                    self.record(
+                        &drv,
+                        AttemptOutcome::Failed {
+                            reason: &reason,
+                            cause: &cause,
+                        },
+                    );
                     let failed = build::Failed {
-                        drv: drv.clone(),
-                        worker,
+                        drv: drv.to_string(),
+                        worker: worker.map(String::from).unwrap_or_default(),
                         reason,
                         kind: build::FailureKind::Permanent,
+                        cause: cause_to_wire(cause),
                     };
                     let h = self.ds.assert(t, &failed);
                     replace(t, &mut self.outcomes, drv, h);
                 }
-                Effect::Forget(drv) => retract(t, &mut self.outcomes, &drv),
+                Effect::Forget { drv } => retract(t, &mut self.outcomes, &drv),
             }
         }
     }
@@ -356,38 +466,35 @@ impl Planner {
     }
 
     /// Withdraw every assignment of a step and any invitation to steal it.
-    fn unassign(&mut self, t: &mut Activation, drv: &str) {
+    fn unassign(&mut self, t: &mut Activation, drv: &DrvPath) {
         retract(t, &mut self.assigned, drv);
         retract(t, &mut self.stolen, drv);
         retract(t, &mut self.steal_offers, drv);
     }
 
     /// Note the end of an attempt in the history, if one is kept.
-    fn record(
-        &mut self,
-        drv: &str,
-        outcome: AttemptOutcome,
-        reason: Option<&str>,
-        outputs: &[String],
-    ) {
-        note(&mut self.history, |h| {
-            h.attempt_ended(drv, outcome, reason, outputs)
-        });
+    fn record(&mut self, drv: &DrvPath, outcome: AttemptOutcome<'_>) {
+        note(&mut self.history, |h| h.attempt_ended(drv, outcome));
     }
 
-    fn retry_after(&self, t: &mut Activation, drv: String, delay: Duration) {
+    fn retry_after(&self, t: &mut Activation, drv: DrvPath, delay: Duration) {
         tracing::info!(%drv, ?delay, "retrying after a transient failure");
         let Some(me) = self.me.get().and_then(Weak::upgrade) else {
             return;
         };
         t.after(delay, move |t| {
-            t.message(&me, Event::Retry(drv));
+            t.message(&me, Event::Retry { drv });
             Ok(())
         });
     }
 }
 
-fn replace(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: String, h: Option<Handle>) {
+fn replace(
+    t: &mut Activation,
+    map: &mut HashMap<DrvPath, Handle>,
+    drv: DrvPath,
+    h: Option<Handle>,
+) {
     let old = match h {
         Some(h) => map.insert(drv, h),
         None => map.remove(&drv),
@@ -397,34 +504,9 @@ fn replace(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: String, h
     }
 }
 
-fn retract(t: &mut Activation, map: &mut HashMap<String, Handle>, drv: &str) {
+fn retract(t: &mut Activation, map: &mut HashMap<DrvPath, Handle>, drv: &DrvPath) {
     if let Some(h) = map.remove(drv) {
         t.retract(h);
-    }
-}
-
-fn to_wire(info: &StepInfo) -> build::StepInfo {
-    build::StepInfo {
-        system: info.system.clone(),
-        features: info.features.clone(),
-        input_drvs: info.input_drvs.clone(),
-    }
-}
-
-/// A step as the schedule keeps it, from the wire.
-pub(crate) fn from_wire(info: build::StepInfo) -> StepInfo {
-    StepInfo {
-        system: info.system,
-        features: info.features,
-        input_drvs: info.input_drvs,
-    }
-}
-
-fn kind_from_wire(kind: &AnyValue) -> Option<FailureKind> {
-    // Or-types have no dataspace pattern of their own: parse here.
-    match build::FailureKind::parse(kind).ok()? {
-        build::FailureKind::Transient => Some(FailureKind::Transient),
-        build::FailureKind::Permanent => Some(FailureKind::Permanent),
     }
 }
 
@@ -529,22 +611,22 @@ pub fn start(
         }))?;
 
         enclose!((planner) during!(t, ds, <realisation $id: String $path: String $signatures: Vec<String>>, |t: &mut Activation| {
-            t.message(&planner, Event::Realised(id.clone(), path.clone(), signatures.clone()));
+            t.message(&planner, Event::Realised { id: id.clone(), path: path.clone(), signatures: signatures.clone() });
             Ok(())
         }));
 
         enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
-            t.message(&planner, Event::Lost(drv, path, worker));
+            t.message(&planner, Event::Lost { drv: drv.into(), path, worker: worker.into() });
             Ok(())
         }));
 
         enclose!((planner) during!(t, ds, <resolved $from: String $to: String $system: String>, |t: &mut Activation| {
-            t.message(&planner, Event::Resolved(from.clone(), to.clone(), system.clone()));
+            t.message(&planner, Event::Resolved { from: from.as_str().into(), to: to.as_str().into(), system: system.clone() });
             Ok(())
         }));
 
         enclose!((planner) during!(t, ds, <offer $worker: String $free: i64>, |t: &mut Activation| {
-            t.message(&planner, Event::Offer(worker.clone(), free));
+            t.message(&planner, Event::Offer { worker: worker.as_str().into(), free_slots: free });
             Ok(())
         }));
 
@@ -553,12 +635,13 @@ pub fn start(
 
         enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64>,
             |t: &mut Activation| {
+                let worker = WorkerId::from(id.as_str());
                 let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs };
-                tracing::info!(worker = %id, ?offer, "worker joined");
-                t.message(&planner, Event::WorkerJoined(id.clone(), offer));
-                on_retraction(t, enclose!((planner, id) move |t| {
-                    tracing::info!(worker = %id, "worker left");
-                    t.message(&planner, Event::WorkerLeft(id));
+                tracing::info!(%worker, ?offer, "worker joined");
+                t.message(&planner, Event::WorkerJoined { worker: worker.clone(), offer });
+                on_retraction(t, enclose!((planner) move |t| {
+                    tracing::info!(%worker, "worker left");
+                    t.message(&planner, Event::WorkerLeft { worker });
                     Ok(())
                 }));
                 Ok(())
@@ -566,9 +649,10 @@ pub fn start(
 
         enclose!((planner) during!(t, ds, <claim $drv: String $worker: String>,
             |t: &mut Activation| {
-                t.message(&planner, Event::Claim(drv.clone(), worker.clone()));
-                on_retraction(t, enclose!((planner, drv, worker) move |t| {
-                    t.message(&planner, Event::Unclaim(drv, worker));
+                let (drv, worker) = (DrvPath::from(drv.as_str()), WorkerId::from(worker.as_str()));
+                t.message(&planner, Event::Claim { drv: drv.clone(), worker: worker.clone() });
+                on_retraction(t, enclose!((planner) move |t| {
+                    t.message(&planner, Event::Unclaim { drv, worker });
                     Ok(())
                 }));
                 Ok(())
@@ -576,18 +660,25 @@ pub fn start(
 
         enclose!((planner) during!(t, ds, <built $drv: String $worker: String $outputs: Vec<String>>,
             |t: &mut Activation| {
-                t.message(&planner, Event::Built(drv.clone(), worker.clone(), outputs.clone()));
+                let (drv, worker) = (drv.as_str().into(), worker.as_str().into());
+                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone() });
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind>,
+        enclose!((planner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>,
             |t: &mut Activation| {
-                match kind_from_wire(&kind) {
-                    Some(kind) => t.message(
+                match (kind_from_wire(&kind), cause_from_wire(&cause)) {
+                    (Some(kind), Some(cause)) => t.message(
                         &planner,
-                        Event::Failed(drv.clone(), worker.clone(), reason.clone(), kind),
+                        Event::Failed {
+                            drv: drv.as_str().into(),
+                            worker: worker_from_wire(&worker),
+                            reason: reason.clone(),
+                            kind,
+                            cause,
+                        },
                     ),
-                    None => tracing::warn!(%drv, %worker, ?kind, "ignoring failure of unknown kind"),
+                    _ => tracing::warn!(%drv, %worker, ?kind, ?cause, "ignoring failure of unknown kind or cause"),
                 }
                 Ok(())
             }));

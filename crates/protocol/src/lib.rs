@@ -5,7 +5,14 @@
 //! [`schemas::build`]. Every type parses from and unparses to the Preserves
 //! value that travels through the dataspace.
 
-#[allow(missing_docs, clippy::all, clippy::pedantic)]
+// Generated code: neither documented nor written to the workspace's lints.
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    clippy::unwrap_used,
+    clippy::expect_used
+)]
 pub mod schemas {
     include!(concat!(env!("OUT_DIR"), "/src/schemas/mod.rs"));
 }

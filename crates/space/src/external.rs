@@ -61,6 +61,9 @@ pub enum ConfigError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A form of the configuration could not be written as text.
+    #[error("cannot write the configuration as text")]
+    Encode(#[source] std::io::Error),
 }
 
 /// What [`write`] wrote.
@@ -90,7 +93,7 @@ pub fn write(dir: &Path, listen: &[Transport]) -> Result<Written, ConfigError> {
     let names = [PLANNER, Role::Submit.name(), Role::Worker.name()];
     let keys = Keys::load_or_create(&dir.join("keys"), &names)?;
     let config = dir.join(CONFIG_FILE);
-    write_private(&config, &config_text(listen, &keys))?;
+    write_private(&config, &config_text(listen, &keys)?)?;
     let mut routes = Vec::new();
     let files = [(PLANNER, planner_route_file(dir))]
         .into_iter()
@@ -107,7 +110,7 @@ pub fn write(dir: &Path, listen: &[Transport]) -> Result<Written, ConfigError> {
 }
 
 /// The syndicate-server configuration text.
-fn config_text(listen: &[Transport], keys: &Keys) -> String {
+fn config_text(listen: &[Transport], keys: &Keys) -> Result<String, ConfigError> {
     let mut text = String::from(
         "# syndicate-server configuration for nixspace, written by `nixspace server-config`.\n\
          # It holds the capabilities' secret keys: keep it private (mode 0600).\n",
@@ -117,23 +120,23 @@ fn config_text(listen: &[Transport], keys: &Keys) -> String {
             "relay-listener",
             vec![transport_value(transport), sym("$gatekeeper")],
         );
-        text += &form(&record("require-service", vec![listener]));
+        text += &form(&record("require-service", vec![listener]))?;
     }
     text += "let ?ds = dataspace\n";
     text += "# The planner (`nixspace up --external`): the whole dataspace.\n";
-    text += &bind(keys, PLANNER, sym("$ds"));
+    text += &bind(keys, PLANNER, sym("$ds"))?;
     for role in Role::ALL {
         text += &format!(
             "# The {role} capability: its own records only; the rest becomes \
              <{REFUSED_LABEL} {role} value>.\n"
         );
-        text += &bind(keys, role.name(), attenuated_dataspace(role));
+        text += &bind(keys, role.name(), attenuated_dataspace(role))?;
     }
-    text
+    Ok(text)
 }
 
 /// `<bind <ref {oid key}> target #f>` for `name`.
-fn bind(keys: &Keys, name: &str, target: AnyValue) -> String {
+fn bind(keys: &Keys, name: &str, target: AnyValue) -> Result<String, ConfigError> {
     form(&record(
         "bind",
         vec![
@@ -174,10 +177,10 @@ fn record(label: &str, fields: Vec<AnyValue>) -> AnyValue {
 }
 
 /// One top-level form of the configuration, on its own line.
-fn form(value: &AnyValue) -> String {
-    let text = TextWriter::encode(&mut NoEmbeddedDomainCodec, value)
-        .expect("values built here have no embedded references");
-    text + "\n"
+fn form(value: &AnyValue) -> Result<String, ConfigError> {
+    let text =
+        TextWriter::encode(&mut NoEmbeddedDomainCodec, value).map_err(ConfigError::Encode)?;
+    Ok(text + "\n")
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), ConfigError> {

@@ -9,6 +9,8 @@
 //! runs; `nix_files`, the Nix expressions tests build; `dataspace`, in-process
 //! and raw clients of a dataspace; `proxy`, a TCP proxy that cuts connections;
 //! `syndicate_server`, a nixspace on a standalone `syndicate-server`.
+// Test code only: a setup step that fails is a failed test, with the reason in its panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod fuzz;
 

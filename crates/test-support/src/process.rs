@@ -7,8 +7,11 @@ use std::time::{Duration, Instant};
 
 /// What a finished command printed.
 pub struct Finished {
+    /// How it exited.
     pub status: ExitStatus,
+    /// Its standard output.
     pub stdout: String,
+    /// Its standard error.
     pub stderr: String,
 }
 

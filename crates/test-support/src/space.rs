@@ -35,6 +35,7 @@ pub fn repo_root() -> PathBuf {
 
 /// A running dataspace with its workers.
 pub struct Space {
+    /// The directory everything of this space lives in (removed at the end).
     pub tmp: tempfile::TempDir,
     pub(crate) children: Vec<Child>,
     workers: Vec<(String, Child)>,

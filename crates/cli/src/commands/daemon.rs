@@ -46,7 +46,7 @@ fn daemon_socket() -> PathBuf {
 /// Run `nixspace daemon`.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut builder = local_builder();
-    builder.id = format!("{}-daemon-{}", builder.host, std::process::id());
+    builder.id = format!("{}-daemon-{}", builder.host, std::process::id()).into();
     match args.max_jobs {
         Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
         Some(n) => builder.max_jobs = n,

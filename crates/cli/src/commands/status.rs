@@ -172,7 +172,7 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
         track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Built); },
             move |s| s.clear_step(&d, &StepView::Built))
     }));
-    enclose!((snapshot) during!(t, ds, <failed $drv: String _ $reason: String _>, |t: &mut Activation| {
+    enclose!((snapshot) during!(t, ds, <failed $drv: String _ $reason: String _ _>, |t: &mut Activation| {
         let (d, view) = (drv.clone(), StepView::Failed(reason.clone()));
         let undo = view.clone();
         track(t, &snapshot, |s| { s.steps.insert(drv.clone(), view); },

@@ -98,7 +98,7 @@ pub fn local_builder() -> BuilderConfig {
         .to_string_lossy()
         .into_owned();
     BuilderConfig {
-        id: format!("{host}-{}", std::process::id()),
+        id: format!("{host}-{}", std::process::id()).into(),
         host,
         systems: vec![nixspace_nix_tools::current_system()],
         features: Vec::new(),
@@ -144,7 +144,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     let mut config = local_builder();
     if let Some(id) = args.id {
-        config.id = id;
+        config.id = id.into();
     }
     if !args.systems.is_empty() {
         config.systems = args.systems;

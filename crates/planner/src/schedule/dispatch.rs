@@ -9,6 +9,8 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
+use nixspace_protocol::{DrvPath, WorkerId};
+
 use super::{Effect, Schedule, Step, StepState};
 use crate::matching::mismatch;
 
@@ -45,7 +47,7 @@ impl Schedule {
                 .enumerate()
                 .filter(|(_, (worker, _))| self.can_take(drv, step, worker, now))
                 .max_by(|(_, (a, room_a)), (_, (b, room_b))| {
-                    let speed = |w: &str| self.workers.get(w).map_or(0.0, |o| o.speed);
+                    let speed = |w: &WorkerId| self.workers.get(w).map_or(0.0, |o| o.speed);
                     speed(a)
                         .total_cmp(&speed(b))
                         .then_with(|| {
@@ -74,7 +76,7 @@ impl Schedule {
     }
 
     /// Workers that take part in dispatch and how many more steps each can take.
-    fn room(&self) -> Vec<(String, usize)> {
+    fn room(&self) -> Vec<(WorkerId, usize)> {
         self.workers
             .iter()
             .filter(|(id, _)| self.free_slots.get(*id).is_some_and(|&free| free > 0))
@@ -87,7 +89,7 @@ impl Schedule {
     }
 
     /// Whether `worker` may be given the ready step `drv` now.
-    fn can_take(&self, drv: &str, step: &Step, worker: &str, now: Instant) -> bool {
+    fn can_take(&self, drv: &DrvPath, step: &Step, worker: &WorkerId, now: Instant) -> bool {
         let Some(offer) = self.workers.get(worker) else {
             return false;
         };
@@ -103,7 +105,7 @@ impl Schedule {
     }
 
     /// How many of the step's inputs `worker` built (their outputs are in its store).
-    fn inputs_built_by(&self, step: &Step, worker: &str) -> usize {
+    fn inputs_built_by(&self, step: &Step, worker: &WorkerId) -> usize {
         step.info
             .input_drvs
             .iter()
@@ -119,18 +121,21 @@ impl Schedule {
     /// Assign the ready step `drv` to `worker`, ending any reservation of it. A readiness
     /// announced in the same batch of effects is dropped rather than asserted and withdrawn
     /// at once.
-    pub(super) fn grant(&mut self, drv: &str, worker: &str, effects: &mut Vec<Effect>) {
+    pub(super) fn grant(&mut self, drv: &DrvPath, worker: &WorkerId, effects: &mut Vec<Effect>) {
         self.reserved.remove(drv);
         let announced = effects
             .iter()
-            .rposition(|e| matches!(e, Effect::Ready(d, _, _) if d == drv));
-        effects.push(Effect::Assign(drv.to_owned(), worker.to_owned()));
-        self.leave_ready(drv, StepState::Assigned(worker.to_owned()), effects);
+            .rposition(|e| matches!(e, Effect::Ready { drv: d, .. } if d == drv));
+        effects.push(Effect::Assign {
+            drv: drv.clone(),
+            worker: worker.clone(),
+        });
+        self.leave_ready(drv, StepState::Assigned(worker.clone()), effects);
         if let Some(at) = announced {
             effects.remove(at);
             if let Some(unready) = effects
                 .iter()
-                .rposition(|e| matches!(e, Effect::Unready(d) if d == drv))
+                .rposition(|e| matches!(e, Effect::Unready { drv: d } if d == drv))
             {
                 effects.remove(unready);
             }
@@ -142,7 +147,7 @@ impl Schedule {
     }
 
     /// Put the ready step `drv` in the queue (again, if its urgency changed).
-    pub(super) fn queue(&mut self, drv: &str) {
+    pub(super) fn queue(&mut self, drv: &DrvPath) {
         self.unqueue(drv);
         self.queued_count += 1;
         let Some(step) = self.steps.get_mut(drv) else {
@@ -154,26 +159,26 @@ impl Schedule {
             age: self.queued_count,
         };
         step.queued = Some(order);
-        self.ready_queue.insert(order, drv.to_owned());
+        self.ready_queue.insert(order, drv.clone());
     }
 
     /// Take `drv` out of the ready queue.
-    pub(super) fn unqueue(&mut self, drv: &str) {
+    pub(super) fn unqueue(&mut self, drv: &DrvPath) {
         if let Some(order) = self.steps.get_mut(drv).and_then(|s| s.queued.take()) {
             self.ready_queue.remove(&order);
         }
     }
 
     /// Note that `worker` builds `drv`.
-    pub(super) fn occupy(&mut self, worker: &str, drv: &str) {
+    pub(super) fn occupy(&mut self, worker: &WorkerId, drv: &DrvPath) {
         self.running
-            .entry(worker.to_owned())
+            .entry(worker.clone())
             .or_default()
-            .insert(drv.to_owned());
+            .insert(drv.clone());
     }
 
     /// Note that `worker` no longer builds `drv`.
-    pub(super) fn leave(&mut self, worker: &str, drv: &str) {
+    pub(super) fn leave(&mut self, worker: &WorkerId, drv: &DrvPath) {
         if let Some(running) = self.running.get_mut(worker) {
             running.remove(drv);
             if running.is_empty() {
@@ -183,7 +188,7 @@ impl Schedule {
     }
 
     /// Note that nobody builds `drv` any more (its assignee and thief, if any, let go).
-    pub(super) fn vacate(&mut self, drv: &str) {
+    pub(super) fn vacate(&mut self, drv: &DrvPath) {
         let Some(step) = self.steps.get(drv) else {
             return;
         };
@@ -217,7 +222,7 @@ mod tests {
         StepInfo {
             system: system.into(),
             features: vec![],
-            input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+            input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
         }
     }
 
@@ -229,8 +234,8 @@ mod tests {
     fn with_workers(workers: &[(&str, u32)]) -> Schedule {
         let mut s = Schedule::default();
         for (id, slots) in workers {
-            s.worker_joined(id, worker("x86_64-linux", *slots));
-            s.offer(id, (*slots).into());
+            s.worker_joined(&(*id).into(), worker("x86_64-linux", *slots));
+            s.offer(&(*id).into(), (*slots).into());
         }
         s
     }
@@ -238,7 +243,7 @@ mod tests {
     /// Apply a change and dispatch after it, as the planner does; check the occupancy index.
     fn then(s: &mut Schedule, mut effects: Vec<Effect>) -> Vec<Effect> {
         s.dispatch(&mut effects);
-        let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut expected: BTreeMap<WorkerId, BTreeSet<DrvPath>> = BTreeMap::new();
         for (drv, step) in &s.steps {
             if let StepState::Assigned(w) = &step.state {
                 expected.entry(w.clone()).or_default().insert(drv.clone());
@@ -258,7 +263,7 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Assign(d, w) => Some((d.as_str(), w.as_str())),
+                Effect::Assign { drv: d, worker: w } => Some((d.as_str(), w.as_str())),
                 _ => None,
             })
             .collect()
@@ -268,7 +273,7 @@ mod tests {
         effects
             .iter()
             .filter_map(|e| match e {
-                Effect::Ready(d, _, _) | Effect::Unready(d) => Some(d.as_str()),
+                Effect::Ready { drv: d, .. } | Effect::Unready { drv: d } => Some(d.as_str()),
                 _ => None,
             })
             .collect()
@@ -277,26 +282,26 @@ mod tests {
     #[test]
     fn a_ready_step_goes_to_one_idle_worker_without_being_announced() {
         let mut s = with_workers(&[("w1", 2), ("w2", 2)]);
-        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), Urgency::default());
         let e = then(&mut s, e);
         assert_eq!(assigns(&e).len(), 1, "{e:?}");
         assert!(announced(&e).is_empty(), "{e:?}");
-        assert!(matches!(s.state("a"), Some(StepState::Assigned(_))));
+        assert!(matches!(s.state(&"a".into()), Some(StepState::Assigned(_))));
     }
 
     #[test]
     fn a_worker_gets_at_most_its_slots_and_the_rest_stays_ready() {
         let mut s = with_workers(&[("w", 1)]);
-        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), Urgency::default());
         assert_eq!(assigns(&then(&mut s, e)), vec![("a", "w")]);
-        let e = s.demand("b", step("x86_64-linux", &[]), Urgency::default());
+        let e = s.demand(&"b".into(), step("x86_64-linux", &[]), Urgency::default());
         let e = then(&mut s, e);
         assert!(assigns(&e).is_empty());
         assert_eq!(announced(&e), vec!["b"], "b is announced ready");
-        let e = s.built("a", "w", vec![]);
+        let e = s.built(&"a".into(), &"w".into(), vec![]);
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("b", "w")]);
-        assert!(e.contains(&Effect::Unready("b".into())), "{e:?}");
+        assert!(e.contains(&Effect::Unready { drv: "b".into() }), "{e:?}");
     }
 
     #[test]
@@ -308,16 +313,16 @@ mod tests {
             ("deep", urgency(0, 5)),
             ("urgent", urgency(3, 0)),
         ] {
-            let e = s.demand(drv, step("x86_64-linux", &[]), u);
+            let e = s.demand(&drv.into(), step("x86_64-linux", &[]), u);
             then(&mut s, e);
         }
-        s.worker_joined("w", worker("x86_64-linux", 1));
-        s.offer("w", 1);
+        s.worker_joined(&"w".into(), worker("x86_64-linux", 1));
+        s.offer(&"w".into(), 1);
         let mut order = Vec::new();
         let mut e = then(&mut s, Vec::new());
         while let Some((drv, _)) = assigns(&e).first().map(|(d, w)| (d.to_string(), *w)) {
             order.push(drv.clone());
-            let built = s.built(&drv, "w", vec![]);
+            let built = s.built(&drv.as_str().into(), &"w".into(), vec![]);
             e = then(&mut s, built);
         }
         assert_eq!(order, vec!["urgent", "deep", "old", "young"]);
@@ -326,22 +331,22 @@ mod tests {
     #[test]
     fn a_worker_offering_no_slots_is_given_nothing() {
         let mut s = with_workers(&[("draining", 2)]);
-        s.offer("draining", 0);
-        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        s.offer(&"draining".into(), 0);
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), Urgency::default());
         let e = then(&mut s, e);
         assert!(assigns(&e).is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Ready));
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Ready));
     }
 
     #[test]
     fn the_worker_holding_the_inputs_gets_the_dependent() {
         let mut s = with_workers(&[("w1", 1), ("w2", 1)]);
-        let e = s.demand("a", step("x86_64-linux", &[]), urgency(0, 2));
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), urgency(0, 2));
         let e = then(&mut s, e);
         let holder = assigns(&e)[0].1.to_owned();
-        let e = s.demand("b", step("x86_64-linux", &["a"]), urgency(0, 1));
+        let e = s.demand(&"b".into(), step("x86_64-linux", &["a"]), urgency(0, 1));
         then(&mut s, e);
-        let e = s.built("a", &holder, vec!["/out/a".into()]);
+        let e = s.built(&"a".into(), &holder.as_str().into(), vec!["/out/a".into()]);
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("b", holder.as_str())]);
     }
@@ -349,29 +354,29 @@ mod tests {
     #[test]
     fn a_step_no_worker_with_room_can_build_does_not_hold_up_the_others() {
         let mut s = with_workers(&[("x86", 1)]);
-        let e = s.demand("arm", step("aarch64-linux", &[]), urgency(9, 9));
+        let e = s.demand(&"arm".into(), step("aarch64-linux", &[]), urgency(9, 9));
         then(&mut s, e);
-        let e = s.demand("x", step("x86_64-linux", &[]), Urgency::default());
+        let e = s.demand(&"x".into(), step("x86_64-linux", &[]), Urgency::default());
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("x", "x86")]);
-        assert_eq!(s.state("arm"), Some(&StepState::Ready));
+        assert_eq!(s.state(&"arm".into()), Some(&StepState::Ready));
     }
 
     #[test]
     fn a_worker_leaving_before_it_claimed_its_step_loses_it() {
         let mut s = with_workers(&[("w", 1)]);
-        let e = s.demand("a", step("x86_64-linux", &[]), Urgency::default());
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), Urgency::default());
         then(&mut s, e);
-        let e = s.worker_left("w");
+        let e = s.worker_left(&"w".into());
         let e = then(&mut s, e);
         assert!(
             e.iter()
-                .any(|e| matches!(e, Effect::RetryAfter(d, _, _) if d == "a")),
+                .any(|e| matches!(e, Effect::RetryAfter { drv: d, .. } if d == "a")),
             "{e:?}"
         );
-        assert_eq!(s.state("a"), Some(&StepState::Retrying));
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Retrying));
         // Its claim going away afterwards changes nothing.
-        let e = s.unclaim("a", "w");
+        let e = s.unclaim(&"a".into(), &"w".into());
         assert!(then(&mut s, e).is_empty());
     }
 }

@@ -5,17 +5,18 @@
 
 use std::time::Instant;
 
+use nixspace_protocol::{DrvPath, WorkerId};
+
 use super::{Effect, Schedule, StepState};
 
 impl Schedule {
     /// Keep `drv` for `worker` until `until`: other workers' claims on it wait until then.
-    pub fn reserve(&mut self, drv: &str, worker: &str, until: Instant) {
-        self.reserved
-            .insert(drv.to_owned(), (worker.to_owned(), until));
+    pub fn reserve(&mut self, drv: &DrvPath, worker: &WorkerId, until: Instant) {
+        self.reserved.insert(drv.clone(), (worker.clone(), until));
     }
 
     /// Whether `drv` is kept, as of `now`, for a worker other than `worker`.
-    pub(super) fn kept_from(&self, drv: &str, worker: &str, now: Instant) -> bool {
+    pub(super) fn kept_from(&self, drv: &DrvPath, worker: &WorkerId, now: Instant) -> bool {
         self.reserved
             .get(drv)
             .is_some_and(|(keeper, until)| keeper != worker && now < *until)
@@ -24,7 +25,7 @@ impl Schedule {
     /// End the reservations run out by `now`; a ready step goes to a connected worker whose
     /// claim waited for it.
     pub fn expire_reservations(&mut self, now: Instant) -> Vec<Effect> {
-        let expired: Vec<String> = self
+        let expired: Vec<DrvPath> = self
             .reserved
             .iter()
             .filter(|(_, (_, until))| now >= *until)
@@ -73,17 +74,20 @@ mod tests {
     fn a_kept_step_waits_for_its_worker() {
         let mut s = Schedule::default();
         let soon = Instant::now() + Duration::from_secs(60);
-        s.reserve("a", "keeper", soon);
-        s.worker_joined("other", offer());
-        s.demand("a", info(), Urgency::default());
+        s.reserve(&"a".into(), &"keeper".into(), soon);
+        s.worker_joined(&"other".into(), offer());
+        s.demand(&"a".into(), info(), Urgency::default());
         // Another worker rejoined first: its claim waits.
-        assert!(s.claim("a", "other").is_empty());
-        assert_eq!(s.state("a"), Some(&StepState::Ready));
+        assert!(s.claim(&"a".into(), &"other".into()).is_empty());
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Ready));
         // The keeper comes back and gets its step.
-        s.worker_joined("keeper", offer());
-        let e = s.claim("a", "keeper");
+        s.worker_joined(&"keeper".into(), offer());
+        let e = s.claim(&"a".into(), &"keeper".into());
         assert!(
-            e.contains(&Effect::Assign("a".into(), "keeper".into())),
+            e.contains(&Effect::Assign {
+                drv: "a".into(),
+                worker: "keeper".into()
+            }),
             "{e:?}"
         );
     }
@@ -91,29 +95,45 @@ mod tests {
     #[test]
     fn a_kept_step_claimed_early_goes_to_its_worker() {
         let mut s = Schedule::default();
-        s.reserve("a", "keeper", Instant::now() + Duration::from_secs(60));
-        s.worker_joined("other", offer());
-        s.worker_joined("keeper", offer());
-        assert!(s.claim("a", "other").is_empty());
-        assert!(s.claim("a", "keeper").is_empty());
-        let e = s.demand("a", info(), Urgency::default());
-        assert_eq!(e, vec![Effect::Assign("a".into(), "keeper".into())]);
+        s.reserve(
+            &"a".into(),
+            &"keeper".into(),
+            Instant::now() + Duration::from_secs(60),
+        );
+        s.worker_joined(&"other".into(), offer());
+        s.worker_joined(&"keeper".into(), offer());
+        assert!(s.claim(&"a".into(), &"other".into()).is_empty());
+        assert!(s.claim(&"a".into(), &"keeper".into()).is_empty());
+        let e = s.demand(&"a".into(), info(), Urgency::default());
+        assert_eq!(
+            e,
+            vec![Effect::Assign {
+                drv: "a".into(),
+                worker: "keeper".into()
+            }]
+        );
     }
 
     #[test]
     fn once_the_grace_is_over_a_waiting_claim_is_granted() {
         let mut s = Schedule::default();
         let until = Instant::now() + Duration::from_secs(60);
-        s.reserve("a", "keeper", until);
-        s.worker_joined("other", offer());
-        s.demand("a", info(), Urgency::default());
-        assert!(s.claim("a", "other").is_empty());
+        s.reserve(&"a".into(), &"keeper".into(), until);
+        s.worker_joined(&"other".into(), offer());
+        s.demand(&"a".into(), info(), Urgency::default());
+        assert!(s.claim(&"a".into(), &"other".into()).is_empty());
         assert!(s.expire_reservations(Instant::now()).is_empty(), "not yet");
         let e = s.expire_reservations(until);
         assert!(
-            e.contains(&Effect::Assign("a".into(), "other".into())),
+            e.contains(&Effect::Assign {
+                drv: "a".into(),
+                worker: "other".into()
+            }),
             "{e:?}"
         );
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("other".into())));
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("other".into()))
+        );
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use nixspace_protocol::{DrvPath, WorkerId};
+
 use super::{Effect, Schedule, StepState};
 use crate::matching::mismatch;
 
@@ -27,8 +29,8 @@ impl Default for StealPolicy {
 
 impl Schedule {
     /// `worker` announced how many build slots it has free.
-    pub fn offer(&mut self, worker: &str, free_slots: i64) {
-        self.free_slots.insert(worker.to_owned(), free_slots);
+    pub fn offer(&mut self, worker: &WorkerId, free_slots: i64) {
+        self.free_slots.insert(worker.clone(), free_slots);
     }
 
     /// Look for steals as of `now`: invite idle, fast enough workers to duplicate steps that
@@ -36,7 +38,7 @@ impl Schedule {
     /// more.
     pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let running: Vec<String> = self
+        let running: Vec<DrvPath> = self
             .steps
             .iter()
             .filter(|(_, s)| matches!(s.state, StepState::Assigned(_)) && s.thief.is_none())
@@ -54,7 +56,7 @@ impl Schedule {
                     if let Some(step) = self.steps.get_mut(&drv) {
                         step.steal_offer = None;
                     }
-                    effects.push(Effect::WithdrawSteal(drv.clone()));
+                    effects.push(Effect::WithdrawSteal { drv: drv.clone() });
                 }
                 None => {
                     if let Some(thief) = self.best_thief(&drv) {
@@ -64,7 +66,11 @@ impl Schedule {
                         let StepState::Assigned(from) = &step.state else {
                             continue;
                         };
-                        effects.push(Effect::OfferSteal(drv.clone(), from.clone(), thief.clone()));
+                        effects.push(Effect::OfferSteal {
+                            drv: drv.clone(),
+                            from: from.clone(),
+                            to: thief.clone(),
+                        });
                         step.steal_offer = Some(thief);
                     }
                 }
@@ -74,7 +80,7 @@ impl Schedule {
     }
 
     /// The fastest worker that may steal `drv` now, if any.
-    fn best_thief(&self, drv: &str) -> Option<String> {
+    fn best_thief(&self, drv: &DrvPath) -> Option<WorkerId> {
         self.workers
             .iter()
             .filter(|(id, _)| self.can_steal(drv, id))
@@ -84,7 +90,7 @@ impl Schedule {
 
     /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot,
     /// no ready step it could take instead, and no other invitation.
-    fn can_steal(&self, drv: &str, thief: &str) -> bool {
+    fn can_steal(&self, drv: &DrvPath, thief: &WorkerId) -> bool {
         let (Some(step), Some(offer)) = (self.steps.get(drv), self.workers.get(thief)) else {
             return false;
         };
@@ -113,45 +119,47 @@ impl Schedule {
                 .any(|s| s.state == StepState::Ready && matches(&s.info))
             && !self.steps.iter().any(|(d, s)| {
                 d != drv
-                    && (s.steal_offer.as_deref() == Some(thief)
-                        || s.thief.as_deref() == Some(thief))
+                    && (s.steal_offer.as_ref() == Some(thief) || s.thief.as_ref() == Some(thief))
             })
     }
 
     /// A claim on a step that is already assigned: granted to the invited thief.
-    pub(super) fn claim_steal(&mut self, drv: &str, worker: &str) -> Vec<Effect> {
+    pub(super) fn claim_steal(&mut self, drv: &DrvPath, worker: &WorkerId) -> Vec<Effect> {
         let Some(step) = self.steps.get_mut(drv) else {
             return Vec::new();
         };
         if !matches!(step.state, StepState::Assigned(_))
             || step.thief.is_some()
-            || step.steal_offer.as_deref() != Some(worker)
+            || step.steal_offer.as_ref() != Some(worker)
         {
             return Vec::new();
         }
         step.steal_offer = None;
-        step.thief = Some(worker.to_owned());
+        step.thief = Some(worker.clone());
         self.occupy(worker, drv);
         // The thief sees its assignment before the invitation goes away, so it keeps its claim.
         vec![
-            Effect::Stolen(drv.to_owned(), worker.to_owned()),
-            Effect::WithdrawSteal(drv.to_owned()),
+            Effect::Stolen {
+                drv: drv.clone(),
+                thief: worker.clone(),
+            },
+            Effect::WithdrawSteal { drv: drv.clone() },
         ]
     }
 
     /// `worker` stopped building `drv` without a result (it left, or failed transiently).
     /// If a duplicate build goes on, the step does not fail: the thief's assignment is
     /// dropped, or the thief becomes the step's only builder. `None` if no steal is involved.
-    pub(super) fn thief_gone(&mut self, drv: &str, worker: &str) -> Option<Vec<Effect>> {
+    pub(super) fn thief_gone(&mut self, drv: &DrvPath, worker: &WorkerId) -> Option<Vec<Effect>> {
         let step = self.steps.get_mut(drv)?;
         let StepState::Assigned(owner) = &step.state else {
             return None;
         };
         let thief = step.thief.clone()?;
-        if thief == worker {
+        if thief == *worker {
             step.thief = None;
             self.leave(&thief, drv);
-            return Some(vec![Effect::Unsteal(drv.to_owned())]);
+            return Some(vec![Effect::Unsteal { drv: drv.clone() }]);
         }
         if owner != worker {
             return None;
@@ -160,7 +168,7 @@ impl Schedule {
         step.state = StepState::Assigned(thief);
         step.thief = None;
         self.leave(&owner, drv);
-        Some(vec![Effect::Promote(drv.to_owned())])
+        Some(vec![Effect::Promote { drv: drv.clone() }])
     }
 }
 
@@ -193,11 +201,11 @@ mod tests {
             after: Duration::from_secs(5),
         };
         let mut s = Schedule::default().with_stealing(policy);
-        s.worker_joined("slow", worker(1.0));
-        s.demand("a", step(), Urgency::default());
-        s.claim("a", "slow");
-        s.worker_joined("fast", worker(fast));
-        s.offer("fast", 1);
+        s.worker_joined(&"slow".into(), worker(1.0));
+        s.demand(&"a".into(), step(), Urgency::default());
+        s.claim(&"a".into(), &"slow".into());
+        s.worker_joined(&"fast".into(), worker(fast));
+        s.offer(&"fast".into(), 1);
         (s, Instant::now())
     }
 
@@ -209,20 +217,29 @@ mod tests {
         let e = s.tick(later);
         assert_eq!(
             e,
-            vec![Effect::OfferSteal("a".into(), "slow".into(), "fast".into())]
+            vec![Effect::OfferSteal {
+                drv: "a".into(),
+                from: "slow".into(),
+                to: "fast".into()
+            }]
         );
         assert!(s.tick(later).is_empty(), "invited once");
-        let e = s.claim("a", "fast");
+        let e = s.claim(&"a".into(), &"fast".into());
         assert_eq!(
             e,
             vec![
-                Effect::Stolen("a".into(), "fast".into()),
-                Effect::WithdrawSteal("a".into())
+                Effect::Stolen {
+                    drv: "a".into(),
+                    thief: "fast".into()
+                },
+                Effect::WithdrawSteal { drv: "a".into() }
             ]
         );
-        let e = s.built("a", "fast", vec!["/out".into()]);
-        assert!(e.contains(&Effect::Unassign("a".into())), "{e:?}");
-        assert!(s.built("a", "slow", vec!["/out".into()]).is_empty());
+        let e = s.built(&"a".into(), &"fast".into(), vec!["/out".into()]);
+        assert!(e.contains(&Effect::Unassign { drv: "a".into() }), "{e:?}");
+        assert!(s
+            .built(&"a".into(), &"slow".into(), vec!["/out".into()])
+            .is_empty());
     }
 
     #[test]
@@ -230,11 +247,11 @@ mod tests {
         let (mut s, start) = running(1.5);
         assert!(s.tick(start + Duration::from_secs(60)).is_empty());
         let (mut s, start) = running(4.0);
-        s.offer("fast", 0);
+        s.offer(&"fast".into(), 0);
         assert!(s.tick(start + Duration::from_secs(60)).is_empty());
         // A ready step the fast worker could take instead keeps it busy.
         let (mut s, start) = running(4.0);
-        s.demand("b", step(), Urgency::default());
+        s.demand(&"b".into(), step(), Urgency::default());
         assert!(s.tick(start + Duration::from_secs(60)).is_empty());
     }
 
@@ -242,34 +259,47 @@ mod tests {
     fn an_invitation_is_withdrawn_once_the_thief_is_busy() {
         let (mut s, start) = running(4.0);
         s.tick(start + Duration::from_secs(6));
-        s.offer("fast", 0);
+        s.offer(&"fast".into(), 0);
         assert_eq!(
             s.tick(start + Duration::from_secs(7)),
-            vec![Effect::WithdrawSteal("a".into())]
+            vec![Effect::WithdrawSteal { drv: "a".into() }]
         );
-        assert!(s.claim("a", "fast").is_empty(), "no longer invited");
+        assert!(
+            s.claim(&"a".into(), &"fast".into()).is_empty(),
+            "no longer invited"
+        );
     }
 
     #[test]
     fn losing_either_builder_keeps_the_other() {
         let (mut s, start) = running(4.0);
         s.tick(start + Duration::from_secs(6));
-        s.claim("a", "fast");
-        assert_eq!(s.unclaim("a", "fast"), vec![Effect::Unsteal("a".into())]);
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("slow".into())));
+        s.claim(&"a".into(), &"fast".into());
+        assert_eq!(
+            s.unclaim(&"a".into(), &"fast".into()),
+            vec![Effect::Unsteal { drv: "a".into() }]
+        );
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("slow".into()))
+        );
 
         let (mut s, start) = running(4.0);
         s.tick(start + Duration::from_secs(6));
-        s.claim("a", "fast");
+        s.claim(&"a".into(), &"fast".into());
         assert_eq!(
             s.failed(
-                "a",
-                "slow",
+                &"a".into(),
+                Some(&"slow".into()),
                 "link dropped",
-                super::super::FailureKind::Transient
+                super::super::FailureKind::Transient,
+                super::super::FailureCause::Infrastructure
             ),
-            vec![Effect::Promote("a".into())]
+            vec![Effect::Promote { drv: "a".into() }]
         );
-        assert_eq!(s.state("a"), Some(&StepState::Assigned("fast".into())));
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Assigned("fast".into()))
+        );
     }
 }
