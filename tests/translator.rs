@@ -545,6 +545,35 @@ fn remaining_store_operations_are_proxied() {
 }
 
 #[test]
+fn a_client_build_survives_a_restart_of_the_dataspace() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let (file, _) = sleeper(&space, 2);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file)
+        .arg("--no-out-link")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let build = c.spawn().expect("spawn nix-build");
+    space.wait_for_log("w1", "building", Duration::from_secs(30));
+    space.kill_up();
+    space.restart_up();
+    let finished = nixspace_test_support::wait_output(build, LIMIT);
+    assert!(finished.status.success(), "{finished:?}");
+    assert_eq!(
+        std::fs::read_to_string(finished.stdout.trim()).expect("output"),
+        "done\n"
+    );
+    // It did lose the dataspace: the build was followed across the restart.
+    space.wait_for_log(
+        "translator",
+        "lost the dataspace during a build",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
 fn old_clients_add_to_the_store_in_the_pre_1_25_form() {
     let mut space = Space::start();
     let socket = space.translator();
