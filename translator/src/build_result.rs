@@ -116,18 +116,6 @@ mod tests {
     use nixspace_frontend::FailureCause;
     use nixspace_protocol::WorkerId;
 
-    fn report() -> Report {
-        Report {
-            outcomes: BTreeMap::new(),
-            tails: BTreeMap::new(),
-            unschedulable: BTreeMap::new(),
-            outputs: BTreeMap::new(),
-            realised: BTreeMap::new(),
-            started: SystemTime::UNIX_EPOCH,
-            stopped: SystemTime::UNIX_EPOCH,
-        }
-    }
-
     fn failed(worker: Option<&str>, reason: &str, cause: FailureCause) -> StepOutcome {
         StepOutcome::Failed(Failure {
             worker: worker.map(WorkerId::from),
@@ -138,7 +126,7 @@ mod tests {
 
     #[test]
     fn root_causes_are_reported_first() {
-        let mut report = report();
+        let mut report = Report::default();
         let (top, base) = (
             DrvPath::from("/nix/store/a-top.drv"),
             DrvPath::from("/nix/store/b-base.drv"),
@@ -172,7 +160,7 @@ mod tests {
     #[test]
     fn nix_builder_failures_keep_nix_words_and_the_log_tail() {
         let drv = DrvPath::from("/nix/store/b-base.drv");
-        let mut report = report();
+        let mut report = Report::default();
         report.outcomes.insert(
             drv.clone(),
             failed(
