@@ -7,6 +7,7 @@ mod commands;
 mod logging;
 mod metrics_http;
 mod progress;
+mod services;
 mod snapshot;
 
 use std::process::ExitCode;

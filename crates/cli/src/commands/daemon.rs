@@ -9,7 +9,7 @@ use clap::Args;
 use nixspace_coordinator::{CoordinatorOptions, HostedCoordinator};
 use nixspace_space::{HostConfig, Role};
 
-use super::worker::local_builder;
+use crate::services::{join_worker, local_builder, start_translator};
 use nixspace_translator::TranslatorOptions;
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
@@ -74,9 +74,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         metrics: Arc::default(),
     })
     .await?;
-    let mut worker = super::worker::join(space.route(Role::Worker)?, builder);
+    let mut worker = join_worker(space.route(Role::Worker)?, builder);
     let mut translator =
-        super::translate::start(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
+        start_translator(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
     tracing::info!(worker = %worker.id, "nixspace daemon ready");
     let result = tokio::select! {
         r = super::shutdown_signal() => r.map_err(anyhow::Error::from),

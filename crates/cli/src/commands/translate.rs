@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use nixspace_space::Role;
 use nixspace_translator::service::{DEFAULT_PATIENCE, DEFAULT_RECONNECT_FOR};
-use nixspace_translator::{TranslatorOptions, TranslatorService, UpstreamSpec};
+use nixspace_translator::{TranslatorOptions, UpstreamSpec};
 
 use super::JoinArgs;
 
@@ -64,18 +64,6 @@ pub struct TranslateArgs {
     reconnect_for: f64,
 }
 
-/// Start a translator and tell the user how to reach it (shared by `translate`, `up
-/// --translator` and `daemon`).
-pub async fn start(options: TranslatorOptions) -> anyhow::Result<TranslatorService> {
-    let upstream = options.upstream.to_string();
-    let service = TranslatorService::start(options).await?;
-    let socket = service.socket().display();
-    eprintln!(
-        "nixspace: translating on {socket} (store operations: {upstream}); use NIX_REMOTE=unix://{socket}"
-    );
-    Ok(service)
-}
-
 /// Run `nixspace translate`.
 pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
     let route = args.join.route(Role::Submit)?;
@@ -87,7 +75,7 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         Some(p) => UpstreamSpec::Socket(p),
         None => UpstreamSpec::default(),
     };
-    let mut translator = start(TranslatorOptions {
+    let mut translator = crate::services::start_translator(TranslatorOptions {
         socket: args.socket,
         route,
         upstream,

@@ -199,8 +199,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut translator = match args.translator {
         Some(path) => Some(
-            super::translate::start(nixspace_translator::TranslatorOptions::new(path, submit))
-                .await?,
+            crate::services::start_translator(nixspace_translator::TranslatorOptions::new(
+                path, submit,
+            ))
+            .await?,
         ),
         None => None,
     };

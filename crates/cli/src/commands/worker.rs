@@ -5,8 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use nixspace_nix_formats::signature::SecretKey;
-use nixspace_space::{Role, Route, SessionEvent};
-use nixspace_workers::{BuilderConfig, WorkerService};
+use nixspace_space::Role;
 
 use super::JoinArgs;
 
@@ -89,60 +88,12 @@ impl WorkerArgs {
     }
 }
 
-/// A builder for this machine with the defaults of `nixspace worker`: named
-/// `<hostname>-<pid>`, building for this machine's platform, one slot per CPU,
-/// through private `nix-daemon --stdio` processes.
-pub fn local_builder() -> BuilderConfig {
-    let host = rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned();
-    BuilderConfig {
-        id: format!("{host}-{}", std::process::id()).into(),
-        host,
-        systems: vec![nixspace_nix_tools::current_system()],
-        features: Vec::new(),
-        max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        speed: 1.0,
-        daemon_socket: None,
-        signing_key: None,
-        fetch_patience: nixspace_transfer::WANT_PATIENCE,
-        stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
-        max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
-    }
-}
-
-/// Join the dataspace at `route` as the worker `config` describes, telling about its
-/// connections on stderr (shared by `worker` and `daemon`).
-pub fn join(route: Route, config: BuilderConfig) -> WorkerService {
-    let name = config.id.clone();
-    let summary = format!(
-        "systems {}, features [{}], {} slots, speed {}",
-        config.systems.join(","),
-        config.features.join(","),
-        config.max_jobs,
-        config.speed
-    );
-    WorkerService::join(route, config, move |event| match event {
-        SessionEvent::Joined { connection: 1 } => {
-            eprintln!("nixspace: worker {name} joined ({summary})")
-        }
-        SessionEvent::Joined { .. } => eprintln!("nixspace: worker {name} rejoined the dataspace"),
-        SessionEvent::Lost(why) => {
-            eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
-        }
-        SessionEvent::Retrying { after, why } => {
-            eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
-        }
-    })
-}
-
 /// Run `nixspace worker`.
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     if !(args.speed.is_finite() && args.speed > 0.0) {
         anyhow::bail!("--speed must be a positive number, got {}", args.speed);
     }
-    let mut config = local_builder();
+    let mut config = crate::services::local_builder();
     if let Some(id) = args.id {
         config.id = id.into();
     }
@@ -177,7 +128,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
-    let mut worker = join(route, config);
+    let mut worker = crate::services::join_worker(route, config);
     let id = worker.id.clone();
     tokio::select! {
         r = super::shutdown_signal() => r?,

@@ -1,0 +1,67 @@
+//! The library's services as the commands start them: with `nixspace worker`'s defaults, and
+//! telling the user on stderr what they do (shared by `worker`, `translate`, `up` and
+//! `daemon`, so no command imports another).
+
+use nixspace_space::{Route, SessionEvent};
+use nixspace_translator::{TranslatorOptions, TranslatorService};
+use nixspace_workers::{BuilderConfig, WorkerService};
+
+/// A builder for this machine with the defaults of `nixspace worker`: named
+/// `<hostname>-<pid>`, building for this machine's platform, one slot per CPU,
+/// through private `nix-daemon --stdio` processes.
+pub fn local_builder() -> BuilderConfig {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    BuilderConfig {
+        id: format!("{host}-{}", std::process::id()).into(),
+        host,
+        systems: vec![nixspace_nix_tools::current_system()],
+        features: Vec::new(),
+        max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        speed: 1.0,
+        daemon_socket: None,
+        signing_key: None,
+        fetch_patience: nixspace_transfer::WANT_PATIENCE,
+        stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
+        max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
+    }
+}
+
+/// Join the dataspace at `route` as the worker `config` describes, telling about its
+/// connections on stderr (shared by `worker` and `daemon`).
+pub fn join_worker(route: Route, config: BuilderConfig) -> WorkerService {
+    let name = config.id.clone();
+    let summary = format!(
+        "systems {}, features [{}], {} slots, speed {}",
+        config.systems.join(","),
+        config.features.join(","),
+        config.max_jobs,
+        config.speed
+    );
+    WorkerService::join(route, config, move |event| match event {
+        SessionEvent::Joined { connection: 1 } => {
+            eprintln!("nixspace: worker {name} joined ({summary})")
+        }
+        SessionEvent::Joined { .. } => eprintln!("nixspace: worker {name} rejoined the dataspace"),
+        SessionEvent::Lost(why) => {
+            eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
+        }
+        SessionEvent::Retrying { after, why } => {
+            eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
+        }
+    })
+}
+
+/// Start a translator and tell the user how to reach it (shared by `translate`, `up
+/// --translator` and `daemon`).
+pub async fn start_translator(options: TranslatorOptions) -> anyhow::Result<TranslatorService> {
+    let upstream = options.upstream.to_string();
+    let service = TranslatorService::start(options).await?;
+    let socket = service.socket().display();
+    eprintln!(
+        "nixspace: translating on {socket} (store operations: {upstream}); use NIX_REMOTE=unix://{socket}"
+    );
+    Ok(service)
+}
