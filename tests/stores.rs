@@ -442,3 +442,28 @@ fn an_output_whose_only_store_left_is_built_again() {
     verify.args(["--verify-path", out]);
     assert!(run(verify, LIMIT).status.success());
 }
+
+#[test]
+fn what_a_running_worker_built_can_be_garbage_collected() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let name = format!("collectable-{}", nonce());
+    let file = space.sh_derivation("collectable.nix", &name, "echo collectable > $out");
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim().to_owned();
+    assert!(Path::new(&out).exists(), "{built:?}");
+    // The worker goes on running (with its daemon connections), and nothing roots the output:
+    // Nix collects it, as it does once nix-daemon's client has gone.
+    let mut roots = space.nix("nix-store", None);
+    roots.args(["-q", "--roots", &out]);
+    let roots = run(roots, LIMIT);
+    assert!(roots.status.success(), "{roots:?}");
+    assert_eq!(roots.stdout.trim(), "", "{roots:?}");
+    let mut delete = space.nix("nix-store", None);
+    delete.args(["--delete", &out]);
+    let deleted = run(delete, LIMIT);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!Path::new(&out).exists(), "{deleted:?}");
+    space.wait_for_log("w1", "joined", Duration::from_secs(1));
+}

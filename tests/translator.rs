@@ -574,6 +574,27 @@ fn a_client_build_survives_a_restart_of_the_dataspace() {
 }
 
 #[test]
+fn outputs_built_for_a_client_that_left_can_be_garbage_collected() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let name = format!("collectable-{}", nonce());
+    let file = space.sh_derivation("collectable.nix", &name, "echo collectable > $out");
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = run(c, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim().to_owned();
+    assert!(Path::new(&out).exists(), "{built:?}");
+    // The client has gone; the translator and the worker run on. Nothing roots the output.
+    let mut delete = space.nix("nix-store", Some(&socket));
+    delete.args(["--delete", &out]);
+    let deleted = run(delete, LIMIT);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!Path::new(&out).exists(), "{deleted:?}");
+}
+
+#[test]
 fn old_clients_add_to_the_store_in_the_pre_1_25_form() {
     let mut space = Space::start();
     let socket = space.translator();

@@ -117,6 +117,28 @@ impl<'a> Translator<'a> {
                 error_message(&report).unwrap_or_default(),
             )));
         }
+        // As nix-daemon's do, the outputs stay rooted for as long as this client is connected
+        // (on its upstream connection), not for as long as some worker or transfer is.
+        let built = report.failures().is_empty();
+        for path in report.outputs.values().flatten().filter(|_| built) {
+            let Ok(path) = self.config.store_dir.parse(path) else {
+                continue;
+            };
+            match self
+                .upstream
+                .call(client, &Request::AddTempRoot(path), false)
+                .await?
+            {
+                Ok(()) => {
+                    self.upstream
+                        .upstream
+                        .reader
+                        .read_u64("AddTempRoot reply")
+                        .await?;
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
         Ok(Ok(report))
     }
 

@@ -3,10 +3,18 @@
 //!
 //! Each connection is a private `nix-daemon --stdio` child on the local store
 //! (or a connection to a running daemon's socket), handshaken once, then
-//! reused for many builds: a step costs two protocol round trips instead of
+//! reused for queries and transfers; a connection that built something is
+//! retired (below). A step costs two protocol round trips instead of
 //! three `nix-store` processes. Connections send no `SetOptions`, so the
 //! daemon keeps the settings of its own configuration (`cores`,
 //! `max-silent-time`, …), as `nix-store --realise` did.
+//!
+//! Nix roots what a connection built or added (temporary GC roots) for as long as that
+//! connection lasts. A worker's connections last as long as the worker, so a connection that
+//! built or added a path is retired ([`Lease::retire`]) once the operation is over: its daemon
+//! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. A
+//! spare connection is opened in the background meanwhile, so the next step does not wait
+//! for a daemon to start.
 //!
 //! A build whose future is dropped (a withdrawn step) leaves its connection in
 //! the middle of an operation: that connection is never reused. A daemon child
@@ -17,7 +25,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -204,6 +212,33 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     slots: Arc<Semaphore>,
     opened: AtomicU64,
+    /// A spare connection is being opened in the background.
+    warming: AtomicBool,
+}
+
+impl Inner {
+    /// Open a spare connection in the background (one at a time), so that a lease finding no
+    /// idle connection does not wait for a daemon to start: connections are retired after
+    /// every build, and a chain of steps would otherwise pay a start per step.
+    fn warm(self: &Arc<Inner>) {
+        if self.warming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            match Connection::open(&inner.config).await {
+                Ok(fresh) => {
+                    inner.opened.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut idle) = inner.idle.lock() {
+                        idle.push(fresh);
+                    }
+                }
+                // The next lease opens one itself, and reports what fails.
+                Err(error) => tracing::debug!(%error, "cannot open a spare daemon connection"),
+            }
+            inner.warming.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 impl std::fmt::Debug for DaemonPool {
@@ -225,6 +260,7 @@ impl DaemonPool {
                 idle: Mutex::new(Vec::new()),
                 slots,
                 opened: AtomicU64::new(0),
+                warming: AtomicBool::new(false),
             }),
         }
     }
@@ -276,9 +312,19 @@ impl DaemonPool {
         let result = lease
             .client()
             .build_derivation(&step.drv_path, &step.basic, BuildMode::Normal, &mut logs)
-            .await
-            .map_err(|e| lease.failed(e))?;
-        lease.release();
+            .await;
+        // The daemon now holds temporary roots on the derivation and its outputs: they go
+        // with its connection, so that the worker's store can be collected as Nix's is once a
+        // client has gone.
+        let result = match result {
+            Ok(result) => result,
+            Err(e) if e.is_recoverable() => {
+                lease.retire();
+                return Err(StepError::Daemon(Box::new(e)));
+            }
+            Err(e) => return Err(lease.failed(e)),
+        };
+        lease.retire();
         step.outputs(store, result)
     }
 
@@ -291,14 +337,22 @@ impl DaemonPool {
     /// Hand it back with [`Lease::release`] when the operation finished cleanly.
     pub async fn lease(&self) -> Result<Lease, StepError> {
         let permit = self.permit().await?;
-        let idle = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
-        match idle {
-            Some(conn) => Ok(Lease {
-                conn: Some(conn),
-                inner: Arc::clone(&self.inner),
-                reused: true,
-                _permit: permit,
-            }),
+        let (conn, spare_left) = match self.inner.idle.lock() {
+            Ok(mut idle) => (idle.pop(), !idle.is_empty()),
+            Err(_) => (None, false),
+        };
+        match conn {
+            Some(conn) => {
+                if !spare_left {
+                    self.inner.warm();
+                }
+                Ok(Lease {
+                    conn: Some(conn),
+                    inner: Arc::clone(&self.inner),
+                    reused: true,
+                    _permit: permit,
+                })
+            }
             None => self.open(permit).await,
         }
     }
@@ -357,6 +411,16 @@ impl Lease {
             if let Ok(mut idle) = self.inner.idle.lock() {
                 idle.push(conn);
             }
+        }
+    }
+
+    /// The operation finished with the connection in step, but its daemon holds temporary GC
+    /// roots (Nix roots what a build or an added path touched for the rest of the connection)
+    /// that nothing needs any more: close the connection, so its daemon exits and its roots go,
+    /// and have a fresh one opened for the pool in the background.
+    pub fn retire(&mut self) {
+        if self.conn.take().is_some() {
+            self.inner.warm();
         }
     }
 

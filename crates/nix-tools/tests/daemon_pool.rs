@@ -59,7 +59,7 @@ async fn build(pool: &DaemonPool, drv: &str) -> (Result<Vec<String>, StepError>,
 }
 
 #[tokio::test]
-async fn builds_stream_their_log_and_reuse_the_connection() {
+async fn builds_stream_their_log_and_leave_no_temporary_root_behind() {
     let pool = pool(2);
     let tag = unique("ok");
     let drv = instantiate(&format!(
@@ -75,7 +75,7 @@ async fn builds_stream_their_log_and_reuse_the_connection() {
     );
     assert!(lines.contains(&format!("hello-{tag}")), "{lines:?}");
 
-    // A dependent: its input is valid now; the connection is reused.
+    // A dependent: its input is valid now.
     let dependent = instantiate(&format!(
         r#"let a = sh "ok-{tag}" "echo hello-{tag}; echo {tag} > $out" {{}};
            in sh "dep-{tag}" "/bin/cat ${{a}} > $out; echo src: $src >> $out"
@@ -87,7 +87,20 @@ async fn builds_stream_their_log_and_reuse_the_connection() {
     assert!(content.starts_with(&format!("{tag}\nsrc: /")), "{content}");
     // Already valid: the same outputs, no build.
     assert_eq!(build(&pool, &dependent).await.0.unwrap(), outputs);
-    assert_eq!(pool.opened(), 1);
+    // The daemons that built them have gone with their temporary roots, while the pool and
+    // its idle connections live on: nothing keeps the outputs from the garbage collector.
+    let roots = Command::new("nix-store")
+        .args(["--query", "--roots", &outputs[0]])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(roots.status.success(), "{roots:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&roots.stdout).trim(),
+        "",
+        "{roots:?}"
+    );
+    assert!(pool.opened() >= 2, "a daemon that built is not used again");
 }
 
 #[tokio::test]
@@ -106,10 +119,9 @@ async fn a_failing_builder_is_a_permanent_failure_with_its_log() {
     assert!(!message.contains('\u{1b}'), "{message:?}");
     assert!(lines.contains(&format!("boom-{tag}")), "{lines:?}");
     assert!(lines.contains(&"detail".to_owned()), "{lines:?}");
-    // The connection survives a failed build.
+    // The pool goes on after a failed build.
     let ok = instantiate(&format!(r#"sh "after-{tag}" "echo > $out" {{}}"#));
     build(&pool, &ok).await.0.unwrap();
-    assert_eq!(pool.opened(), 1);
 }
 
 /// Nix allows any bytes in an environment value; the pool sends the derivation as it is
@@ -272,7 +284,7 @@ async fn a_daemon_socket_builds_and_a_dropped_build_stops() {
     // The closed connection is replaced.
     let ok = instantiate(&format!(r#"sh "socket-after-{tag}" "echo > $out" {{}}"#));
     build(&pool, &ok).await.0.unwrap();
-    assert_eq!(pool.opened(), 2);
+    assert!(pool.opened() >= 2, "{}", pool.opened());
 }
 
 #[tokio::test]

@@ -643,7 +643,9 @@ impl Inner {
         };
         match added {
             Ok(()) => {
-                lease.release();
+                // The daemon roots what it added for as long as its connection lasts: the
+                // path must not stay rooted for this node's whole life.
+                lease.retire();
                 Ok(nar.received())
             }
             Err(e) => Err(CopyError::Store(Arc::new(lease.failed(e)))),
