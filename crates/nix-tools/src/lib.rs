@@ -43,7 +43,56 @@ pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, N
         .collect())
 }
 
+/// The system features the local Nix's store has: `system-features` (from its configuration,
+/// or Nix's defaults for this machine) as `nix show-config` reports them, plus
+/// `ca-derivations` and `recursive-nix` when those experimental features are enabled, as
+/// Nix's store adds them.
+pub async fn system_features() -> Result<Vec<String>, NixError> {
+    let args = [
+        "--extra-experimental-features",
+        "nix-command",
+        "show-config",
+    ];
+    let out = run("nix", &args.map(str::to_owned)).await?;
+    Ok(store_features(&out))
+}
+
+/// The store's system features from `nix show-config`'s output.
+fn store_features(show_config: &str) -> Vec<String> {
+    let setting = |name: &str| -> Vec<String> {
+        let prefix = format!("{name} = ");
+        show_config
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map(|value| value.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let mut features = setting("system-features");
+    let experimental = setting("experimental-features");
+    for implied in ["ca-derivations", "recursive-nix"] {
+        if experimental.iter().any(|f| f == implied) && !features.iter().any(|f| f == implied) {
+            features.push(implied.to_owned());
+        }
+    }
+    features
+}
+
 /// The platform of this machine in Nix's spelling, e.g. `x86_64-linux`.
 pub fn current_system() -> String {
     format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_features;
+
+    #[test]
+    fn experimental_features_add_the_store_features_nix_adds() {
+        let shown = "experimental-features = nix-command recursive-nix\nkeep-going = false\nsystem-features = benchmark big-parallel\n";
+        assert_eq!(
+            store_features(shown),
+            ["benchmark", "big-parallel", "recursive-nix"]
+        );
+        assert_eq!(store_features("system-features = kvm\n"), ["kvm"]);
+    }
 }

@@ -14,6 +14,9 @@ use nixspace_translator::TranslatorOptions;
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
 ///
+/// Its local worker offers the system features the local Nix has
+/// (`system-features` in nix.conf, or Nix's defaults for this machine).
+///
 /// Needs no configuration: it serves NIX_DAEMON_SOCKET_PATH (default
 /// $NIX_STATE_DIR/daemon-socket/socket, that is
 /// /nix/var/nix/daemon-socket/socket), hosts a private dataspace with one
@@ -47,6 +50,10 @@ fn daemon_socket() -> PathBuf {
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut builder = local_builder();
     builder.id = format!("{}-daemon-{}", builder.host, std::process::id()).into();
+    // As nix-daemon would build them: with the system features the local Nix has.
+    builder.features = nixspace_nix_tools::system_features()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the system features of the local Nix: {e}"))?;
     match args.max_jobs {
         Some(0) => anyhow::bail!("--max-jobs must be at least 1"),
         Some(n) => builder.max_jobs = n,
