@@ -35,7 +35,7 @@ use crate::phase::PhaseClock;
 use crate::plan::{plan, Plan, PlanError};
 use crate::report::{Report, LOG_TAIL_LINES};
 use crate::resolve::{RegisterError, Resolver, ResolverError};
-use crate::store_db::StoreDb;
+use crate::store_db::{valid_paths, StoreDb};
 
 /// How often the session looks for steps unschedulable for too long.
 const PATIENCE_CHECK: Duration = Duration::from_millis(500);
@@ -532,7 +532,7 @@ impl BuildSession {
                 .flatten()
                 .collect();
             // Built here (workers on this store), they need no copy.
-            let missing = missing_here(&wanted, self.db.as_deref(), &self.pool);
+            let missing = missing_here(&wanted, self.db.as_deref(), &self.pool).await;
             if !missing.is_empty() {
                 tokio::select! {
                     r = following.store.ensure(&missing) => r.map_err(SessionError::Copy)?,
@@ -587,18 +587,15 @@ impl BuildSession {
     }
 }
 
-/// The paths of `wanted` that the local store's database does not list as valid; all of them
-/// without a database (the copy then checks through the daemon).
-fn missing_here(wanted: &[String], db: Option<&StoreDb>, pool: &DaemonPool) -> Vec<String> {
-    let Some(db) = db else {
-        return wanted.to_vec();
-    };
+/// The paths of `wanted` that are not valid in the local store (read from its database, else
+/// asked of its daemon); all of them if neither can say.
+async fn missing_here(wanted: &[String], db: Option<&StoreDb>, pool: &DaemonPool) -> Vec<String> {
     let store = pool.store_dir();
     let parsed: Result<Vec<StorePath>, _> = wanted.iter().map(|p| store.parse(p)).collect();
     let Ok(parsed) = parsed else {
         return wanted.to_vec();
     };
-    match db.valid_paths(&parsed.iter().cloned().collect()) {
+    match valid_paths(&parsed.iter().cloned().collect(), db, pool).await {
         Ok(valid) => wanted
             .iter()
             .zip(&parsed)

@@ -14,14 +14,40 @@ use std::sync::Mutex;
 use nixspace_nix_formats::hash::Hash;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::PathInfo;
+use nixspace_nix_tools::local_store::{self, file_identity};
 use nixspace_nix_tools::{DaemonPool, StepError};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
-/// The local store's database, opened read-only.
+/// The local store's database, opened read-only. If the file is replaced (a store wiped and
+/// made anew while nixspace runs, as Nix's own tests do between steps), it is opened again, so
+/// answers never come from a database that is no longer the store's.
 pub struct StoreDb {
-    conn: Mutex<Connection>,
+    conn: Mutex<Opened>,
     store_dir: StoreDir,
     path: PathBuf,
+}
+
+/// A connection and the file it was opened on.
+struct Opened {
+    conn: Connection,
+    file: FileId,
+}
+
+/// Which file a path names (device and inode): a file removed and created anew is another.
+type FileId = (u64, u64);
+
+/// Open Nix's database at `path` read-only, if it looks like Nix's.
+fn open_nix_db(path: &Path) -> Option<Opened> {
+    let file = file_identity(path)?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).ok()?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).ok()?;
+    // Nix's schema: refuse anything else rather than misread it.
+    conn.prepare("SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths LIMIT 0")
+        .ok()?;
+    conn.prepare("SELECT referrer, reference FROM Refs LIMIT 0")
+        .ok()?;
+    Some(Opened { conn, file })
 }
 
 impl std::fmt::Debug for StoreDb {
@@ -30,9 +56,22 @@ impl std::fmt::Debug for StoreDb {
     }
 }
 
+/// The open connection, held for one query.
+struct ConnGuard<'a>(std::sync::MutexGuard<'a, Opened>);
+
+impl std::ops::Deref for ConnGuard<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0.conn
+    }
+}
+
 /// Why a query could not be answered from the database (the caller relays it instead).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreDbError {
+    /// The database file is gone, or what replaced it is not Nix's database (yet).
+    #[error("store database: replaced by something that cannot be read")]
+    Replaced,
     /// SQLite failed.
     #[error("store database: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -45,18 +84,11 @@ impl StoreDb {
     /// The database of the store whose state directory is `state_dir` (`NIX_STATE_DIR`,
     /// `/nix/var/nix` by default), if it can be opened and looks like Nix's.
     pub fn open(state_dir: &Path, store_dir: StoreDir) -> Option<StoreDb> {
-        let path = state_dir.join("db/db.sqlite");
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags).ok()?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).ok()?;
-        // Nix's schema: refuse anything else rather than misread it.
-        conn.prepare("SELECT id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca FROM ValidPaths LIMIT 0")
-            .ok()?;
-        conn.prepare("SELECT referrer, reference FROM Refs LIMIT 0")
-            .ok()?;
+        let path = local_store::db_path(state_dir);
+        let opened = open_nix_db(&path)?;
         tracing::debug!(db = %path.display(), "opened the store database");
         Some(StoreDb {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(opened),
             store_dir,
             path,
         })
@@ -65,10 +97,7 @@ impl StoreDb {
     /// The database of the local store (`NIX_STATE_DIR`, `/nix/var/nix` by default), the one
     /// `NIX_REMOTE=local` Nix commands and daemons use, if it can be opened.
     pub fn open_local(store_dir: StoreDir) -> Option<StoreDb> {
-        let state_dir = std::env::var_os("NIX_STATE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
-        StoreDb::open(&state_dir, store_dir)
+        StoreDb::open(&local_store::state_dir(), store_dir)
     }
 
     /// The subset of `paths` that is valid, read in one transaction (one snapshot of the
@@ -167,10 +196,18 @@ impl StoreDb {
             .map_err(|_| StoreDbError::Value(text.to_owned()))
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>, StoreDbError> {
-        self.conn
+    /// The connection, on the file the store's database is now (opened again if the file was
+    /// replaced).
+    fn lock(&self) -> Result<ConnGuard<'_>, StoreDbError> {
+        let mut opened = self
+            .conn
             .lock()
-            .map_err(|_| StoreDbError::Value("connection lock poisoned".to_owned()))
+            .map_err(|_| StoreDbError::Value("connection lock poisoned".to_owned()))?;
+        if file_identity(&self.path) != Some(opened.file) {
+            *opened = open_nix_db(&self.path).ok_or(StoreDbError::Replaced)?;
+            tracing::debug!(db = %self.path.display(), "the store database was replaced; opened it again");
+        }
+        Ok(ConnGuard(opened))
     }
 }
 
@@ -222,24 +259,54 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rows_read_like_nix_writes_them() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("db")).unwrap();
-        let conn = Connection::open(dir.path().join("db/db.sqlite")).unwrap();
-        conn.execute_batch(
+    /// Nix's tables in a new database file `dir/db/db.sqlite`, then `rows` (SQL).
+    fn nix_db(dir: &Path, rows: &str) {
+        std::fs::create_dir_all(dir.join("db")).unwrap();
+        let conn = Connection::open(dir.join("db/db.sqlite")).unwrap();
+        conn.execute_batch(&format!(
             "CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null,
                hash text not null, registrationTime integer not null, deriver text, narSize integer,
                ultimate integer, sigs text, ca text);
              CREATE TABLE Refs (referrer integer not null, reference integer not null, primary key (referrer, reference));
-             INSERT INTO ValidPaths VALUES (1, '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a',
+             {rows}"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_database_replaced_while_open_is_read_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |id: u32, path: &str| {
+            format!("INSERT INTO ValidPaths VALUES ({id}, '{path}', 'sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae', 1, NULL, 1, 0, '', '');")
+        };
+        let (a, b) = (
+            "/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a",
+            "/nix/store/0vkw1m51q34dr64z5i87dy99an4hfmyg-b",
+        );
+        nix_db(dir.path(), &row(1, a));
+        let db = StoreDb::open(dir.path(), StoreDir::default()).unwrap();
+        let store = StoreDir::default();
+        let (a, b) = (store.parse(a).unwrap(), store.parse(b).unwrap());
+        assert!(db.is_valid(&a).unwrap() && !db.is_valid(&b).unwrap());
+        // The store is wiped and made anew while the database is open.
+        std::fs::remove_dir_all(dir.path().join("db")).unwrap();
+        assert!(matches!(db.is_valid(&a), Err(StoreDbError::Replaced)));
+        nix_db(dir.path(), &row(1, &store.print(&b)));
+        assert!(!db.is_valid(&a).unwrap(), "answered from the removed file");
+        assert!(db.is_valid(&b).unwrap());
+    }
+
+    #[test]
+    fn rows_read_like_nix_writes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        nix_db(
+            dir.path(),
+            "INSERT INTO ValidPaths VALUES (1, '/nix/store/7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-a',
                'sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae', 7, NULL, 120, 1, 'k:c2ln', NULL);
              INSERT INTO ValidPaths VALUES (2, '/nix/store/0vkw1m51q34dr64z5i87dy99an4hfmyg-b',
                'sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae', 8, '', 1, NULL, '', '');
              INSERT INTO Refs VALUES (1, 2), (1, 1);",
-        )
-        .unwrap();
-        drop(conn);
+        );
         let db = StoreDb::open(dir.path(), StoreDir::default()).unwrap();
         let dir_ = StoreDir::default();
         let a = dir_

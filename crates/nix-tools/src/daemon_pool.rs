@@ -12,9 +12,8 @@
 //! Nix roots what a connection built or added (temporary GC roots) for as long as that
 //! connection lasts. A worker's connections last as long as the worker, so a connection that
 //! built or added a path is retired ([`Lease::retire`]) once the operation is over: its daemon
-//! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. A
-//! spare connection is opened in the background meanwhile, so the next step does not wait
-//! for a daemon to start.
+//! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. The
+//! next build starts a new daemon.
 //!
 //! A build whose future is dropped (a withdrawn step) leaves its connection in
 //! the middle of an operation: that connection is never reused. A daemon child
@@ -25,7 +24,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -212,33 +211,6 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     slots: Arc<Semaphore>,
     opened: AtomicU64,
-    /// A spare connection is being opened in the background.
-    warming: AtomicBool,
-}
-
-impl Inner {
-    /// Open a spare connection in the background (one at a time), so that a lease finding no
-    /// idle connection does not wait for a daemon to start: connections are retired after
-    /// every build, and a chain of steps would otherwise pay a start per step.
-    fn warm(self: &Arc<Inner>) {
-        if self.warming.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            match Connection::open(&inner.config).await {
-                Ok(fresh) => {
-                    inner.opened.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut idle) = inner.idle.lock() {
-                        idle.push(fresh);
-                    }
-                }
-                // The next lease opens one itself, and reports what fails.
-                Err(error) => tracing::debug!(%error, "cannot open a spare daemon connection"),
-            }
-            inner.warming.store(false, Ordering::SeqCst);
-        });
-    }
 }
 
 impl std::fmt::Debug for DaemonPool {
@@ -260,7 +232,6 @@ impl DaemonPool {
                 idle: Mutex::new(Vec::new()),
                 slots,
                 opened: AtomicU64::new(0),
-                warming: AtomicBool::new(false),
             }),
         }
     }
@@ -337,22 +308,20 @@ impl DaemonPool {
     /// Hand it back with [`Lease::release`] when the operation finished cleanly.
     pub async fn lease(&self) -> Result<Lease, StepError> {
         let permit = self.permit().await?;
-        let (conn, spare_left) = match self.inner.idle.lock() {
-            Ok(mut idle) => (idle.pop(), !idle.is_empty()),
-            Err(_) => (None, false),
-        };
-        match conn {
-            Some(conn) => {
-                if !spare_left {
-                    self.inner.warm();
-                }
-                Ok(Lease {
-                    conn: Some(conn),
-                    inner: Arc::clone(&self.inner),
-                    reused: true,
-                    _permit: permit,
-                })
-            }
+        let idle = self
+            .inner
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .filter(|conn| !conn.outlived_its_store());
+        match idle {
+            Some(conn) => Ok(Lease {
+                conn: Some(conn),
+                inner: Arc::clone(&self.inner),
+                reused: true,
+                _permit: permit,
+            }),
             None => self.open(permit).await,
         }
     }
@@ -416,12 +385,12 @@ impl Lease {
 
     /// The operation finished with the connection in step, but its daemon holds temporary GC
     /// roots (Nix roots what a build or an added path touched for the rest of the connection)
-    /// that nothing needs any more: close the connection, so its daemon exits and its roots go,
-    /// and have a fresh one opened for the pool in the background.
+    /// that nothing needs any more: close the connection, so its daemon exits and its roots go.
+    /// The next lease opens a new one, as `nix-daemon` starts a process per client: nothing is
+    /// started while no work is asked for (a daemon starting creates its store's directories,
+    /// which a store being wiped meanwhile does not expect).
     pub fn retire(&mut self) {
-        if self.conn.take().is_some() {
-            self.inner.warm();
-        }
+        self.conn = None;
     }
 
     /// Close the connection: it is out of step, and the daemon may still be
@@ -453,9 +422,23 @@ impl Drop for Lease {
 struct Connection {
     client: Client,
     child: Option<tokio::process::Child>,
+    /// For a private daemon: the local store's database file when it started (its daemon
+    /// keeps that one open).
+    store_db: Option<(u64, u64)>,
+}
+
+/// The local store's database file.
+fn local_db() -> PathBuf {
+    crate::local_store::db_path(&crate::local_store::state_dir())
 }
 
 impl Connection {
+    /// Whether the store this private daemon opened was wiped since (its state directory
+    /// removed and made anew): it would answer for a store that is gone.
+    fn outlived_its_store(&self) -> bool {
+        self.store_db.is_some() && crate::local_store::file_identity(&local_db()) != self.store_db
+    }
+
     async fn open(config: &PoolConfig) -> Result<Connection, StepError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(config)).await {
             Ok(conn) => conn,
@@ -470,6 +453,7 @@ impl Connection {
         };
         let conn = match &config.target {
             DaemonTarget::Spawn => {
+                let store_db = crate::local_store::file_identity(&local_db());
                 let mut cmd = tokio::process::Command::new("nix-daemon");
                 // The store must be the local one: a daemon whose store is
                 // "auto" may connect to itself.
@@ -495,6 +479,7 @@ impl Connection {
                 Connection {
                     client,
                     child: Some(child),
+                    store_db,
                 }
             }
             DaemonTarget::Socket(path) => {
@@ -512,6 +497,7 @@ impl Connection {
                 Connection {
                     client,
                     child: None,
+                    store_db: None,
                 }
             }
         };

@@ -14,6 +14,7 @@
 mod command;
 mod daemon_pool;
 mod derivation_info;
+pub mod local_store;
 pub mod nix_conf;
 pub mod own_store;
 
