@@ -6,6 +6,11 @@
 #                     examples/demo/default.nix, all on this machine
 #   ./setup.sh deps   install what the tests need (the list below) if missing
 #   ./setup.sh test   `deps`, then build every binary and run the whole test suite
+#   ./setup.sh conformance [--require-parity]
+#                     Nix 2.8's own functional tests with the real nix-daemon and
+#                     with nixspace (the debug binary, target/debug/nixspace) as
+#                     nix-daemon; writes docs/COMPATIBILITY.md (needs root; see
+#                     tests/nix-conformance/README.md)
 #
 # Installing Debian packages needs root (or sudo). Builds need a writable Nix
 # store: run as root, or have a nix-daemon running and NIX_REMOTE=daemon set.
@@ -94,8 +99,16 @@ case "${1:-demo}" in
         # Every test program runs even when an earlier one fails.
         cargo test --workspace --no-fail-fast
         ;;
+    conformance)
+        shift
+        ensure_nix
+        # The debug binary: the one `./setup.sh test` (and so CI) has already built.
+        cargo build --bin nixspace
+        tests/nix-conformance/prepare.sh
+        tests/nix-conformance/compare.sh --nixspace target/debug/nixspace "$@"
+        ;;
     *)
-        echo "usage: ./setup.sh [demo|deps|test]" >&2
+        echo "usage: ./setup.sh [demo|deps|test|conformance [--require-parity]]" >&2
         exit 2
         ;;
 esac
