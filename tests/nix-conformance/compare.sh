@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compare.sh [--require-parity] [--nixspace BINARY] [--output FILE]: runs Nix's functional
 # tests (run.sh) with the real nix-daemon and with nixspace installed as a package's
-# bin/nix-daemon (a symlink to BINARY, default target/debug/nixspace: no wrapper), then writes
+# bin/nix-daemon (a copy of BINARY, default target/debug/nixspace: no wrapper), then writes
 # FILE (default docs/COMPATIBILITY.md): every test, its result with each daemon, and for every
 # difference the reason given in reasons.txt ("not yet analysed" where it gives none). The
 # table is printed too.
@@ -28,10 +28,17 @@ while [ $# -gt 0 ]; do
 done
 [ -x "$NIXSPACE" ] || { echo "$NIXSPACE is not an executable: build it first" >&2; exit 2; }
 
-# make_package NAME DAEMON: a package directory whose bin/nix-daemon is a symlink to DAEMON.
+# make_package NAME DAEMON: a package directory whose bin/nix-daemon is DAEMON: a symlink to
+# it when it is on PATH already (the real one), else a copy the test user can run wherever the
+# checkout is.
 make_package() {
-    mkdir -p "$CONFORMANCE_DIR/pkg-$1/bin"
-    ln -sfn "$2" "$CONFORMANCE_DIR/pkg-$1/bin/nix-daemon"
+    local bin=$CONFORMANCE_DIR/pkg-$1/bin
+    mkdir -p "$bin"
+    rm -f "$bin/nix-daemon"
+    case $2 in
+        /usr/*) ln -s "$2" "$bin/nix-daemon" ;;
+        *) install -m 755 "$2" "$bin/nix-daemon" ;;
+    esac
     echo "$CONFORMANCE_DIR/pkg-$1"
 }
 
