@@ -1,6 +1,7 @@
 //! End-to-end: unmodified Nix 2.8 clients (`nix-build`, `nix-store`, `nix-instantiate`)
-//! through `nixspace translate`: builds run on dataspace workers, store operations on the
-//! upstream daemon.
+//! through `nixspace translate` and `nixspace daemon` (also installed as a package's
+//! `nix-daemon`, on a socket or on stdin and stdout): builds run on dataspace workers, store
+//! operations on the upstream daemon.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -659,31 +660,177 @@ fn ensure_path_of_a_missing_output_builds_it_on_workers() {
     assert_eq!(worker.matches(" built ").count(), 1, "{worker}");
 }
 
-#[test]
-fn nixspace_daemon_is_a_drop_in_nix_daemon() {
-    let tmp = tempfile::Builder::new()
-        .prefix("nixspace-daemon-test-")
-        .tempdir()
-        .expect("tempdir");
-    let conf = tmp.path().join("nix-conf");
-    nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
-    // The socket's directory does not exist yet: the daemon creates it, like nix-daemon.
-    let socket = tmp.path().join("daemon-socket/socket");
-    let log = std::fs::File::create(tmp.path().join("daemon.log")).expect("log");
-    let mut daemon = nixspace_test_support::KillOnDrop(
-        std::process::Command::new(nixspace_test_support::nixspace_bin())
-            .arg("daemon")
-            .env("NIX_CONF_DIR", &conf)
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
+/// A directory for a daemon under test: the tests' `nix.conf`, the socket's place (its
+/// directory does not exist yet: the daemon creates it, like nix-daemon), the daemon's log, and
+/// a package whose `bin/nix-daemon` is a symlink to the nixspace binary.
+struct DaemonDir {
+    tmp: tempfile::TempDir,
+    conf: std::path::PathBuf,
+    socket: std::path::PathBuf,
+}
+
+impl DaemonDir {
+    fn new() -> DaemonDir {
+        let tmp = tempfile::Builder::new()
+            .prefix("nixspace-daemon-test-")
+            .tempdir()
+            .expect("tempdir");
+        let conf = tmp.path().join("nix-conf");
+        nixspace_test_support::write_nix_conf(&conf).expect("nix.conf");
+        let socket = tmp.path().join("daemon-socket/socket");
+        DaemonDir { tmp, conf, socket }
+    }
+
+    /// `pkg/bin`, holding `nix-daemon` → the nixspace binary (as a package's daemon).
+    fn package_bin(&self) -> std::path::PathBuf {
+        let bin = self.tmp.path().join("pkg/bin");
+        if !bin.exists() {
+            std::fs::create_dir_all(&bin).expect("pkg/bin");
+            std::os::unix::fs::symlink(
+                nixspace_test_support::nixspace_bin(),
+                bin.join("nix-daemon"),
+            )
+            .expect("symlink");
+        }
+        bin
+    }
+
+    /// `PATH` with the package's `bin` first, as Nix's tests run its daemon.
+    fn package_first_on_path(&self) -> std::ffi::OsString {
+        let rest = std::env::var_os("PATH").unwrap_or_default();
+        std::env::join_paths(
+            std::iter::once(self.package_bin()).chain(std::env::split_paths(&rest)),
+        )
+        .expect("PATH")
+    }
+
+    /// `daemon` with the test's Nix configuration and socket, logging to `daemon.log`.
+    fn daemon(&self, mut daemon: std::process::Command) -> std::process::Command {
+        let log = std::fs::File::create(self.tmp.path().join("daemon.log")).expect("log");
+        daemon
+            .env("NIX_CONF_DIR", &self.conf)
+            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
             .env("NIX_REMOTE", "daemon")
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nixspace daemon"),
-    );
-    let daemon_log = || std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default();
+            .stderr(log);
+        daemon
+    }
+
+    /// Start `daemon` (see [`DaemonDir::daemon`]) and wait for its socket.
+    fn start(&self, daemon: std::process::Command) -> RunningDaemon<'_> {
+        let child = self.daemon(daemon).spawn().expect("spawn the daemon");
+        let daemon = RunningDaemon {
+            dir: self,
+            child: nixspace_test_support::KillOnDrop(child),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no socket: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A Nix client of the daemon's socket (`local`: of the local store directly).
+    fn nix(&self, program: &str, local: bool) -> std::process::Command {
+        let mut c = std::process::Command::new(program);
+        c.env("NIX_CONF_DIR", &self.conf)
+            .env("NIX_REMOTE", if local { "local" } else { "daemon" })
+            .env("NIX_DAEMON_SOCKET_PATH", &self.socket)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Run `program args` on the local store directly; it must succeed. Its stdout, trimmed.
+    fn local(&self, program: &str, args: &[&std::ffi::OsStr]) -> String {
+        let mut c = self.nix(program, true);
+        c.args(args);
+        let out = run(c, LIMIT);
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        out.stdout.trim().to_owned()
+    }
+
+    /// The package's `nix-daemon --stdio`, found on PATH, its stdin and stdout piped.
+    fn stdio_daemon(&self) -> tokio::process::Command {
+        let mut daemon =
+            tokio::process::Command::from(self.daemon(std::process::Command::new("nix-daemon")));
+        daemon
+            .arg("--stdio")
+            .env("PATH", self.package_first_on_path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        daemon
+    }
+
+    /// The demo with a fresh nonce (so it is built anew).
+    fn demo_file(&self) -> std::path::PathBuf {
+        let demo = repo_root().join("examples/demo/default.nix");
+        let file = self.tmp.path().join("demo.nix");
+        std::fs::write(
+            &file,
+            format!("import {} {{ nonce = \"{}\"; }}", demo.display(), nonce()),
+        )
+        .expect("demo.nix");
+        file
+    }
+}
+
+/// A daemon serving a [`DaemonDir`]'s socket, killed when dropped.
+struct RunningDaemon<'a> {
+    dir: &'a DaemonDir,
+    child: nixspace_test_support::KillOnDrop,
+}
+
+impl RunningDaemon<'_> {
+    /// `nix-build` the demo through the socket, on the daemon's worker; its output path.
+    fn builds_the_demo(&self) -> String {
+        let mut build = self.dir.nix("nix-build", false);
+        build.arg(self.dir.demo_file()).arg("--no-out-link");
+        let built = run(build, LIMIT);
+        assert!(built.status.success(), "{built:?}\n{}", self.dir.log());
+        assert!(built.stdout.trim().ends_with("-demo-top"), "{built:?}");
+        assert!(built.stderr.contains("on nixspace worker"), "{built:?}");
+        built.stdout.trim().to_owned()
+    }
+
+    /// SIGTERM: the daemon exits with status 0 and removes its socket.
+    fn terminate(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.0.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = self.child.0.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not exit: {}",
+                self.dir.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(0), "{}", self.dir.log());
+        assert!(!self.dir.socket.exists(), "the socket was left behind");
+    }
+}
+
+#[test]
+fn nixspace_daemon_is_a_drop_in_nix_daemon() {
+    let dir = DaemonDir::new();
+    let mut daemon = std::process::Command::new(nixspace_test_support::nixspace_bin());
+    daemon.arg("daemon");
+    let daemon = dir.start(daemon);
     let mut version = std::process::Command::new(nixspace_test_support::nixspace_bin());
     version.args(["daemon", "--version"]);
     let version = run(version, LIMIT);
@@ -692,53 +839,237 @@ fn nixspace_daemon_is_a_drop_in_nix_daemon() {
         version.stdout.contains(env!("CARGO_PKG_VERSION")),
         "{version:?}"
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no socket: {}",
-            daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let nix = |program: &str| {
-        let mut c = std::process::Command::new(program);
-        c.env("NIX_CONF_DIR", &conf)
-            .env("NIX_REMOTE", "daemon")
-            .env("NIX_DAEMON_SOCKET_PATH", &socket)
-            .stdin(std::process::Stdio::null());
-        c
+    daemon.builds_the_demo();
+    daemon.terminate();
+}
+
+#[test]
+fn the_nixspace_binary_installed_as_nix_daemon_is_started_as_nix_daemon() {
+    let dir = DaemonDir::new();
+    // As Nix's tests start the package's daemon: found on PATH, no arguments.
+    let mut daemon = std::process::Command::new("nix-daemon");
+    daemon.env("PATH", dir.package_first_on_path());
+    let daemon = dir.start(daemon);
+    let out = daemon.builds_the_demo();
+    let references = |local| {
+        let mut q = dir.nix("nix-store", local);
+        q.args(["-q", "--references", &out]);
+        let answer = run(q, LIMIT);
+        assert!(answer.status.success(), "{answer:?}\n{}", dir.log());
+        answer.stdout
     };
-    let demo = repo_root().join("examples/demo/default.nix");
-    let file = tmp.path().join("demo.nix");
+    assert_eq!(references(false), references(true));
+    daemon.terminate();
+}
+
+/// What a client of `nix-daemon --stdio` is told, as one text.
+#[derive(Default)]
+struct LogText(String);
+
+impl nixspace_nix_protocol::LogSink for LogText {
+    fn log(&mut self, event: nixspace_nix_protocol::LogEvent) {
+        self.0.push_str(&format!("{event:?}\n"));
+    }
+}
+
+#[test]
+fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
+    use nixspace_nix_protocol::{BuildMode, DaemonClient, DerivedPath, OutputSpec};
+    let dir = DaemonDir::new();
+    let drv = dir.local("nix-instantiate", &[dir.demo_file().as_os_str()]);
+    let out = dir.local(
+        "nix-store",
+        &["-q".as_ref(), "--outputs".as_ref(), drv.as_ref()],
+    );
+    let store = nixspace_nix_formats::store_path::StoreDir::default();
+    let (drv, out) = (
+        store.parse(&drv).expect("drv"),
+        store.parse(&out).expect("out"),
+    );
+    let absent = store
+        .parse("/nix/store/00000000000000000000000000000000-nixspace-absent")
+        .expect("absent");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let status = runtime.block_on(async {
+        let mut child = dir
+            .stdio_daemon()
+            .spawn()
+            .expect("spawn nix-daemon --stdio");
+        let mut client = DaemonClient::from_child(&mut child)
+            .await
+            .unwrap_or_else(|e| panic!("handshake: {e}\n{}", dir.log()));
+        assert!(client.is_valid_path(&drv).await.expect("IsValidPath"));
+        assert!(!client.is_valid_path(&absent).await.expect("IsValidPath"));
+        assert!(!client.is_valid_path(&out).await.expect("IsValidPath"));
+        let mut logs = LogText::default();
+        let wanted = [DerivedPath::Built {
+            drv_path: drv.clone(),
+            outputs: OutputSpec::All,
+        }];
+        client
+            .build_paths(&wanted, BuildMode::Normal, &mut logs)
+            .await
+            .unwrap_or_else(|e| panic!("BuildPaths: {e}\n{}", dir.log()));
+        assert!(logs.0.contains("nixspace worker"), "{}", logs.0);
+        assert!(client.is_valid_path(&out).await.expect("IsValidPath"));
+        // The client leaves (its end of stdin closes): the daemon exits.
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("nix-daemon --stdio did not exit: {}", dir.log()))
+            .expect("wait")
+    });
+    assert_eq!(status.code(), Some(0), "{}", dir.log());
+}
+
+#[test]
+fn a_stdio_client_that_leaves_during_a_build_ends_its_daemon_and_the_build() {
+    use nixspace_nix_protocol::{BuildMode, DaemonClient, DerivedPath, OutputSpec};
+    let dir = DaemonDir::new();
+    // The builder's shell stays (it has a command after the sleep), its command line marked.
+    let marker = nixspace_test_support::unique("stdio-leaves");
+    let file = dir.tmp.path().join("slow.nix");
     std::fs::write(
         &file,
-        format!("import {} {{ nonce = \"{}\"; }}", demo.display(), nonce()),
+        format!(
+            "derivation {{ name = \"{marker}\"; system = builtins.currentSystem; \
+             builder = \"/bin/sh\"; args = [ \"-c\" \"/bin/sleep 120; echo {marker} > $out\" ]; }}"
+        ),
     )
-    .expect("demo.nix");
-    let mut build = nix("nix-build");
-    build.arg(&file).arg("--no-out-link");
-    let built = run(build, LIMIT);
-    assert!(built.status.success(), "{built:?}\n{}", daemon_log());
-    assert!(built.stdout.trim().ends_with("-demo-top"), "{built:?}");
-    assert!(built.stderr.contains("on nixspace worker"), "{built:?}");
-
-    let pid = rustix::process::Pid::from_raw(daemon.0.id() as i32).expect("pid");
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = daemon.0.try_wait().expect("wait") {
-            break s;
+    .expect("slow.nix");
+    let drv = dir.local("nix-instantiate", &[file.as_os_str()]);
+    let drv = nixspace_nix_formats::store_path::StoreDir::default()
+        .parse(&drv)
+        .expect("drv");
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        let mut child = dir
+            .stdio_daemon()
+            .spawn()
+            .expect("spawn nix-daemon --stdio");
+        let mut client = DaemonClient::from_child(&mut child)
+            .await
+            .unwrap_or_else(|e| panic!("handshake: {e}\n{}", dir.log()));
+        let wanted = [DerivedPath::Built {
+            drv_path: drv,
+            outputs: OutputSpec::All,
+        }];
+        let mut logs = nixspace_nix_protocol::stderr::DiscardLogs;
+        let build = client.build_paths(&wanted, BuildMode::Normal, &mut logs);
+        // Leave once the builder runs.
+        let running = async {
+            while nixspace_test_support::command_lines_with(&[format!("sleep 120; echo {marker}")])
+                .is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            r = build => panic!("the build ended first: {r:?}\n{}", dir.log()),
+            () = running => {}
+            () = tokio::time::sleep(LIMIT) => panic!("the builder never ran: {}", dir.log()),
         }
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("nix-daemon --stdio did not exit: {}", dir.log()))
+            .expect("wait");
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !nixspace_test_support::command_lines_with(&[format!("sleep 120; echo {marker}")])
+        .is_empty()
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "the daemon did not exit: {}",
-            daemon_log()
+            "the builder outlived its client: {}",
+            dir.log()
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dir.log().contains("client left during a build"),
+        "{}",
+        dir.log()
+    );
+}
+
+#[test]
+fn an_ssh_ng_store_runs_nix_daemon_stdio_on_the_remote_side() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = DaemonDir::new();
+    // An `ssh` that runs the remote command (its last argument) here, as sshd would run it
+    // on the remote machine.
+    let fake_ssh = dir.tmp.path().join("fake-ssh");
+    std::fs::create_dir(&fake_ssh).expect("fake-ssh");
+    let ssh = fake_ssh.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\nfor last; do :; done\nexec /bin/sh -c \"$last\"\n",
+    )
+    .expect("ssh");
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let path = std::env::join_paths(
+        std::iter::once(fake_ssh).chain(std::env::split_paths(&dir.package_first_on_path())),
+    )
+    .expect("PATH");
+    // The remote side runs `nix-daemon --stdio`, found on its PATH: the package's.
+    let mut build = dir.nix("nix", true);
+    build
+        .args([
+            "build",
+            "--json",
+            "--no-link",
+            "--store",
+            "ssh-ng://nixspace-test",
+            "-f",
+        ])
+        .arg(dir.demo_file())
+        .env("PATH", path)
+        .env("RUST_LOG", "warn");
+    let built = run(build, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert!(built.stdout.contains("-demo-top"), "{built:?}");
+    assert!(built.stderr.contains("on nixspace worker"), "{built:?}");
+}
+
+#[test]
+fn nix_daemon_never_starts_itself_as_the_real_nix_daemon() {
+    let dir = DaemonDir::new();
+    let bin = dir.package_bin();
+    let nix_daemon = |path: &std::ffi::OsStr, args: &[&str]| {
+        let mut c = dir.daemon(std::process::Command::new(bin.join("nix-daemon")));
+        c.args(args).env("PATH", path);
+        run(c, LIMIT)
     };
-    assert_eq!(status.code(), Some(0), "{}", daemon_log());
-    assert!(!socket.exists(), "the socket was left behind");
+    // Only nixspace's nix-daemon on PATH: serving, --stdio and --version fail, saying why.
+    for args in [&[][..], &["--stdio"], &["--version"]] {
+        let refused = nix_daemon(bin.as_os_str(), args);
+        assert_eq!(refused.status.code(), Some(1), "{args:?}: {refused:?}");
+        let why = format!(
+            "no `nix-daemon` on PATH={} other than this program",
+            bin.display()
+        );
+        assert!(refused.stderr.contains(&why), "{args:?}: {refused:?}");
+    }
+    assert!(!dir.socket.exists());
+    // The positive control: with the real one after it, --version is the real one's.
+    let mut real = std::process::Command::new("nix-daemon");
+    real.arg("--version");
+    let real = run(real, LIMIT);
+    assert!(real.status.success(), "{real:?}");
+    let ours = nix_daemon(&dir.package_first_on_path(), &["--version"]);
+    assert!(ours.status.success(), "{ours:?}");
+    assert_eq!(ours.stdout, real.stdout);
+    assert!(ours.stdout.starts_with("nix-daemon (Nix) "), "{ours:?}");
+    // Anything else is refused as Nix refuses it.
+    let refused = nix_daemon(&dir.package_first_on_path(), &["--bogus"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("error: unrecognised flag '--bogus'"),
+        "{refused:?}"
+    );
 }
 
 #[test]

@@ -1,5 +1,8 @@
-//! The client's side of one connection: its reader and writer at the negotiated version, how
-//! much it is trusted, and the one error type that ends a connection.
+//! The client's side of one connection: its streams (a unix socket, or this process's stdin
+//! and stdout), its reader and writer at the negotiated version, how much it is trusted, and
+//! the one error type that ends a connection.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nixspace_nix_protocol::framed::{FramedError, FramedSource};
 use nixspace_nix_protocol::nar_copy::{copy_nar, NarCopyError};
@@ -7,17 +10,100 @@ use nixspace_nix_protocol::stderr::{send_error, send_log};
 use nixspace_nix_protocol::{
     DaemonError, HandshakeError, LogEvent, NixReader, NixWriter, Request, WireError,
 };
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 
 use crate::relay::{upload_of, Upload};
 use crate::trust::Trust;
 use crate::upstream::UpstreamError;
+use crate::{BoxRead, BoxWrite};
 
 /// Reads the client's requests.
-pub type ClientReader = NixReader<OwnedReadHalf>;
+pub type ClientReader = NixReader<BoxRead>;
 /// Writes frames and replies to the client.
-pub type ClientWriter = NixWriter<OwnedWriteHalf>;
+pub type ClientWriter = NixWriter<BoxWrite>;
+
+/// The byte streams of one client, before the handshake.
+pub struct ClientStreams {
+    /// What the client sends.
+    pub input: BoxRead,
+    /// What the client is sent.
+    pub output: BoxWrite,
+    /// A second handle on the input, to notice the client leaving during an operation.
+    pub watch: InputWatch,
+}
+
+impl ClientStreams {
+    /// A client connected to a unix socket.
+    pub fn socket(stream: UnixStream) -> std::io::Result<ClientStreams> {
+        let watch = InputWatch::new(stream.as_fd())?;
+        let (input, output) = stream.into_split();
+        Ok(ClientStreams {
+            input: Box::new(input),
+            output: Box::new(output),
+            watch,
+        })
+    }
+
+    /// The client on this process's stdin and stdout (pipes or a socket, as `nix-daemon
+    /// --stdio` is run by an ssh server or a parent process). Both are made non-blocking.
+    pub fn stdio() -> std::io::Result<ClientStreams> {
+        let stdin = std::io::stdin();
+        let input = pipe::Receiver::from_owned_fd_unchecked(non_blocking_copy(stdin.as_fd())?)?;
+        let output =
+            pipe::Sender::from_owned_fd_unchecked(non_blocking_copy(std::io::stdout().as_fd())?)?;
+        Ok(ClientStreams {
+            input: Box::new(input),
+            output: Box::new(output),
+            watch: InputWatch::new(stdin.as_fd())?,
+        })
+    }
+}
+
+/// A duplicate of `fd`, whose (shared) file description is set non-blocking, as the async
+/// runtime needs it.
+fn non_blocking_copy(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let copy = fd.try_clone_to_owned()?;
+    rustix::io::ioctl_fionbio(&copy, true)?;
+    Ok(copy)
+}
+
+/// A second handle on a client's input (a socket or a pipe), read only while an operation
+/// runs: then the client must send nothing, so end of file or any byte says it left or broke
+/// the protocol. (Tokio's pipe receiver is a plain non-blocking `read(2)` on its descriptor,
+/// which serves a socket as well.)
+pub struct InputWatch(pipe::Receiver);
+
+impl InputWatch {
+    /// Watch the input `fd` refers to, through a non-blocking duplicate of it.
+    pub fn new(fd: BorrowedFd<'_>) -> std::io::Result<InputWatch> {
+        Ok(InputWatch(pipe::Receiver::from_owned_fd_unchecked(
+            non_blocking_copy(fd)?,
+        )?))
+    }
+
+    /// Wait until the client leaves or sends something: the error says which. Cancel-safe.
+    async fn interrupted(&self) -> ConnError {
+        let mut probe = [0u8; 1];
+        loop {
+            if let Err(e) = self.0.readable().await {
+                return e.into();
+            }
+            // A client killed with output unread resets the connection instead of closing
+            // it: it left all the same.
+            let read = match self.0.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+                read => read,
+            };
+            match read {
+                Ok(0) => return ConnError::ClientLeft,
+                Ok(_) => return ConnError::Desync,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return e.into(),
+            }
+        }
+    }
+}
 
 /// Why a client connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +132,8 @@ pub enum ConnError {
     /// Relaying a framed stream failed.
     #[error("relaying a framed stream failed")]
     Framed(#[from] FramedError),
-    /// A socket operation failed.
-    #[error("socket error")]
+    /// Reading or writing a stream (a socket, a pipe, stdin or stdout) failed.
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
 }
 
@@ -69,18 +155,18 @@ pub struct Client {
     pub reader: ClientReader,
     /// Frames and replies to the client.
     pub writer: ClientWriter,
-    /// A second handle on the socket, to notice the client leaving during a build.
-    watch: UnixStream,
+    /// A second handle on the client's input, to notice the client leaving during a build.
+    watch: InputWatch,
 }
 
 impl Client {
-    /// A client on `reader`/`writer`, whose socket `watch` also refers to.
+    /// A client on `reader`/`writer`, whose input `watch` also watches.
     pub fn new(
         id: u64,
         trust: Trust,
         reader: ClientReader,
         writer: ClientWriter,
-        watch: UnixStream,
+        watch: InputWatch,
     ) -> Client {
         Client {
             id,
@@ -129,24 +215,7 @@ impl Client {
     /// Wait until the client leaves or sends something in the middle of an operation (it
     /// must not): the error says which. Cancel-safe.
     pub async fn interrupted(&mut self) -> ConnError {
-        let mut probe = [0u8; 1];
-        loop {
-            if let Err(e) = self.watch.readable().await {
-                return e.into();
-            }
-            // A client killed with output unread resets the connection instead of closing
-            // it: it left all the same.
-            let read = match self.watch.try_read(&mut probe) {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
-                read => read,
-            };
-            match read {
-                Ok(0) => return ConnError::ClientLeft,
-                Ok(_) => return ConnError::Desync,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return e.into(),
-            }
-        }
+        self.watch.interrupted().await
     }
 }
 

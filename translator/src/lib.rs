@@ -1,8 +1,10 @@
-//! The nixspace translator: serves the Nix worker protocol on a unix socket so that unmodified
-//! Nix clients (`NIX_REMOTE=unix:///path nix-build …`) build on a nixspace dataspace.
+//! The nixspace translator: serves the Nix worker protocol on a unix socket (or to one client
+//! on stdin and stdout, as `nix-daemon --stdio`) so that unmodified Nix clients
+//! (`NIX_REMOTE=unix:///path nix-build …`) build on a nixspace dataspace.
 //!
 //! A request goes down these layers and never back up:
-//! - [`server`]: the socket, admission ([`trust`]), the handshake and the op loop;
+//! - [`server`]: the socket or stdin and stdout, admission ([`trust`]), the handshake and the
+//!   op loop;
 //! - [`backend`]: the [`DaemonBackend`] trait, one method per operation;
 //! - [`builds`]: the translator's backend: build operations run a frontend build session
 //!   (`nixspace-frontend`), whose report [`build_result`] puts in Nix's terms; queries the
@@ -24,9 +26,14 @@ pub mod upstream;
 
 pub use backend::DaemonBackend;
 pub use server::{serve, Config};
-pub use service::{TranslatorOptions, TranslatorService};
+pub use service::{serve_stdio, TranslatorOptions, TranslatorService};
 pub use trust::TrustConfig;
 pub use upstream::UpstreamSpec;
+
+/// A byte stream read from a peer (a client or the upstream), whatever carries it.
+pub type BoxRead = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+/// A byte stream written to a peer (a client or the upstream), whatever carries it.
+pub type BoxWrite = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 
 /// An error with its sources, `: `-separated, for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -1,7 +1,8 @@
-//! The translator's socket server: one task per client connection.
+//! The translator's server: one task per client connection on a socket ([`serve`]), or the one
+//! client on this process's stdin and stdout ([`serve_stdio`], as `nix-daemon --stdio`).
 //!
-//! Per connection: decide from the peer's credentials whether it may connect and is trusted,
-//! connect the upstream store (offering our newest version), shake hands with the client
+//! Per connection: decide from the peer's credentials whether it may connect and is trusted
+//! (a client on stdin and stdout is trusted, as Nix trusts it), connect the upstream store (offering our newest version), shake hands with the client
 //! offering the upstream's version, and if the client settles on an older one, reconnect the
 //! upstream at that version, so both sides of the proxy speak the same version and replies can
 //! be relayed field by field. Then the op loop hands each request to the connection's backend
@@ -24,7 +25,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::backend::{dispatch, DaemonBackend};
 use crate::builds::Translator;
-use crate::client::{not_supported, Client, ConnError};
+use crate::client::{not_supported, Client, ClientStreams, ConnError};
 use crate::passthrough::PassThrough;
 use crate::trust::{Peer, Refusal, SystemGroups, Trust, TrustConfig};
 use crate::upstream::{Upstream, UpstreamSpec};
@@ -72,7 +73,11 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> std::io::Resu
         let config = Arc::clone(&config);
         tokio::spawn(async move {
             let trust = admit(&stream, &config.trust, id).await;
-            match handle(stream, &config, id, trust).await {
+            let served = match ClientStreams::socket(stream) {
+                Ok(streams) => handle(streams, &config, id, trust).await,
+                Err(e) => Err(e.into()),
+            };
+            match served {
                 Ok(()) => tracing::debug!(client = id, "disconnected"),
                 Err(e) => {
                     tracing::warn!(client = id, error = %crate::error_chain(&e), "connection closed")
@@ -80,6 +85,18 @@ pub async fn serve(listener: UnixListener, config: Arc<Config>) -> std::io::Resu
             }
         });
     }
+}
+
+/// Serve the one client on this process's stdin and stdout until it leaves, as `nix-daemon
+/// --stdio` does. The client is trusted: like Nix, the daemon leaves limiting access to its
+/// standard streams to whoever connects them (an ssh server, a parent process).
+pub async fn serve_stdio(config: &Config) -> Result<(), ConnError> {
+    let streams = ClientStreams::stdio()?;
+    tracing::info!(
+        client = 0,
+        "serving one client on stdin and stdout (trusted)"
+    );
+    handle(streams, config, 0, Ok(Trust::Trusted)).await
 }
 
 /// Decide about the peer of `stream` (the user and group lookups run off the async threads).
@@ -127,18 +144,19 @@ const OWN_VERSION: &str = concat!("nixspace ", env!("CARGO_PKG_VERSION"));
 
 /// Serve one client: refuse it, or shake hands and run its operations to the end.
 async fn handle(
-    stream: UnixStream,
+    streams: ClientStreams,
     config: &Config,
     id: u64,
     trust: Result<Trust, Refusal>,
 ) -> Result<(), ConnError> {
-    let std_stream = stream.into_std()?;
-    let watch = UnixStream::from_std(std_stream.try_clone()?)?;
-    let stream = UnixStream::from_std(std_stream)?;
-    let (r, w) = stream.into_split();
+    let ClientStreams {
+        input,
+        output,
+        watch,
+    } = streams;
     let ours = nixspace_nix_protocol::version::MAX_SUPPORTED;
-    let mut cr = NixReader::new(r, ours).with_store_dir(config.store_dir.clone());
-    let mut cw = NixWriter::new(w, ours).with_store_dir(config.store_dir.clone());
+    let mut cr = NixReader::new(input, ours).with_store_dir(config.store_dir.clone());
+    let mut cw = NixWriter::new(output, ours).with_store_dir(config.store_dir.clone());
     let trust = match trust {
         Ok(t) => t,
         Err(refusal) => {

@@ -1,7 +1,8 @@
 //! The translator as a service: [`TranslatorService::start`] reads the Nix configuration,
 //! binds the socket and serves; [`TranslatorService::failed`] waits for serving to fail;
 //! dropping the service stops serving and removes the socket. `nixspace translate`, `nixspace
-//! up --translator` and `nixspace daemon` start it the same way.
+//! up --translator` and `nixspace daemon` start it the same way. [`serve_stdio`] serves the
+//! one client on stdin and stdout instead (`nixspace daemon --stdio`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use nixspace_nix_formats::store_path::{StoreDir, StorePathError};
 use nixspace_space::host::{bind_unix, HostError};
 use nixspace_space::Route;
 
+use crate::client::ConnError;
 use crate::server::{serve, Config};
 use crate::trust::TrustConfig;
 use crate::upstream::UpstreamSpec;
@@ -26,8 +28,6 @@ pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// What a translator serves with.
 #[derive(Debug, Clone)]
 pub struct TranslatorOptions {
-    /// The socket to serve.
-    pub socket: PathBuf,
     /// The dataspace's submit route.
     pub route: Route,
     /// Where store operations go.
@@ -41,10 +41,9 @@ pub struct TranslatorOptions {
 }
 
 impl TranslatorOptions {
-    /// Serve `socket` for the dataspace at `route`, with the defaults of `nixspace translate`.
-    pub fn new(socket: PathBuf, route: Route) -> TranslatorOptions {
+    /// Serve for the dataspace at `route`, with the defaults of `nixspace translate`.
+    pub fn new(route: Route) -> TranslatorOptions {
         TranslatorOptions {
-            socket,
             route,
             upstream: UpstreamSpec::default(),
             patience: DEFAULT_PATIENCE,
@@ -87,6 +86,9 @@ pub enum ServiceError {
         /// Why.
         why: String,
     },
+    /// The client on stdin and stdout could not be served to the end.
+    #[error("serving the client on stdin and stdout failed")]
+    Stdio(#[source] Box<ConnError>),
 }
 
 /// A translator serving in this process; dropping it stops serving and removes the socket.
@@ -103,16 +105,12 @@ impl std::fmt::Debug for TranslatorService {
 
 impl TranslatorService {
     /// Read the trust settings and the store directory from the Nix configuration and
-    /// environment, bind `options.socket` (mode 0666, like nix-daemon's) and start serving.
-    pub async fn start(options: TranslatorOptions) -> Result<TranslatorService, ServiceError> {
-        let store_dir = match std::env::var("NIX_STORE_DIR") {
-            Ok(dir) if !dir.is_empty() => {
-                StoreDir::new(&dir).map_err(|source| ServiceError::StoreDir { dir, source })?
-            }
-            _ => StoreDir::default(),
-        };
-        let trust = TrustConfig::load()?;
-        let socket = options.socket;
+    /// environment, bind `socket` (mode 0666, like nix-daemon's) and start serving.
+    pub async fn start(
+        socket: PathBuf,
+        options: TranslatorOptions,
+    ) -> Result<TranslatorService, ServiceError> {
+        let config = server_config(options)?;
         let listener = bind_unix(&socket).await?;
         // Access is decided per connection (allowed-users), as nix-daemon does.
         std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
@@ -120,33 +118,8 @@ impl TranslatorService {
                 socket: socket.clone(),
                 source,
             })?;
-        tracing::info!(socket = %socket.display(), upstream = %options.upstream, "translating");
-        let transfers = options.upstream.transfer_pool(&store_dir);
-        // The local store's database answers the cheapest queries without a relay hop.
-        let store_db = match options.upstream {
-            UpstreamSpec::Private { .. } => {
-                let db = StoreDb::open_local(store_dir.clone());
-                if db.is_some() {
-                    tracing::info!(
-                        "answering IsValidPath and QueryPathInfo from the store database"
-                    );
-                }
-                db.map(Arc::new)
-            }
-            UpstreamSpec::Socket(_) => None,
-        };
-        let config = Arc::new(Config {
-            transfers,
-            store_db,
-            upstream: options.upstream,
-            route: options.route,
-            patience: options.patience,
-            reconnect_for: options.reconnect_for,
-            priority: options.priority,
-            store_dir,
-            trust,
-        });
-        let serving = tokio::spawn(serve(listener, config));
+        tracing::info!(socket = %socket.display(), upstream = %config.upstream, "translating");
+        let serving = tokio::spawn(serve(listener, Arc::new(config)));
         Ok(TranslatorService { socket, serving })
     }
 
@@ -167,6 +140,50 @@ impl TranslatorService {
             why,
         }
     }
+}
+
+/// Serve the one client on this process's stdin and stdout until it leaves, as `nix-daemon
+/// --stdio` does, with the configuration [`TranslatorService::start`] reads.
+pub async fn serve_stdio(options: TranslatorOptions) -> Result<(), ServiceError> {
+    let config = server_config(options)?;
+    crate::server::serve_stdio(&config)
+        .await
+        .map_err(|e| ServiceError::Stdio(Box::new(e)))
+}
+
+/// The server's configuration: `options`, with the trust settings and the store directory
+/// read from the Nix configuration and environment.
+fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
+    let store_dir = match std::env::var("NIX_STORE_DIR") {
+        Ok(dir) if !dir.is_empty() => {
+            StoreDir::new(&dir).map_err(|source| ServiceError::StoreDir { dir, source })?
+        }
+        _ => StoreDir::default(),
+    };
+    let trust = TrustConfig::load()?;
+    let transfers = options.upstream.transfer_pool(&store_dir);
+    // The local store's database answers the cheapest queries without a relay hop.
+    let store_db = match options.upstream {
+        UpstreamSpec::Private { .. } => {
+            let db = StoreDb::open_local(store_dir.clone());
+            if db.is_some() {
+                tracing::info!("answering IsValidPath and QueryPathInfo from the store database");
+            }
+            db.map(Arc::new)
+        }
+        UpstreamSpec::Socket(_) => None,
+    };
+    Ok(Config {
+        transfers,
+        store_db,
+        upstream: options.upstream,
+        route: options.route,
+        patience: options.patience,
+        reconnect_for: options.reconnect_for,
+        priority: options.priority,
+        store_dir,
+        trust,
+    })
 }
 
 impl Drop for TranslatorService {

@@ -1,6 +1,7 @@
 //! The upstream store: a `nix-daemon` socket, or a private `nix-daemon --stdio` child per
-//! client connection (started with `NIX_REMOTE=local`, so it can never connect back to a
-//! daemon socket, and killed with its process group when the connection ends).
+//! client connection (the real `nix-daemon`, never nixspace itself installed as one; started
+//! with `NIX_REMOTE=local`, so it can never connect back to a daemon socket, and killed with
+//! its process group when the connection ends).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -10,9 +11,12 @@ use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::handshake::client_handshake;
 use nixspace_nix_protocol::stderr::DiscardLogs;
 use nixspace_nix_protocol::{HandshakeError, HandshakeInfo, NixReader, NixWriter, ProtocolVersion};
-use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig};
-use tokio::io::{AsyncRead, AsyncWrite};
+use nixspace_nix_tools::{
+    real_program, DaemonPool, DaemonTarget, PoolConfig, ProgramNotFound, NIX_DAEMON,
+};
 use tokio::process::{Child, Command};
+
+use crate::{BoxRead, BoxWrite};
 
 /// Where store operations go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +25,8 @@ pub enum UpstreamSpec {
     Socket(PathBuf),
     /// A private `nix-daemon --stdio` per client connection, run from this program.
     Private {
-        /// The `nix-daemon` program (looked up on PATH if relative).
+        /// The `nix-daemon` program (looked up on PATH if it is a bare name, passing over
+        /// this process's own executable).
         program: PathBuf,
     },
 }
@@ -41,7 +46,7 @@ impl UpstreamSpec {
 impl Default for UpstreamSpec {
     fn default() -> Self {
         UpstreamSpec::Private {
-            program: PathBuf::from("nix-daemon"),
+            program: PathBuf::from(NIX_DAEMON),
         }
     }
 }
@@ -78,13 +83,13 @@ pub enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
+    /// There is no such program other than nixspace itself.
+    #[error(transparent)]
+    Program(#[from] ProgramNotFound),
     /// The handshake with the upstream failed.
     #[error("handshake with the upstream nix-daemon failed")]
     Handshake(#[from] HandshakeError),
 }
-
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// One connection to the upstream store.
 pub struct Upstream {
@@ -126,11 +131,12 @@ impl Upstream {
                 (Box::new(r), Box::new(w), None)
             }
             UpstreamSpec::Private { program } => {
+                let program = real_program(program)?;
                 let spawn_err = |source| UpstreamError::Spawn {
                     program: program.clone(),
                     source,
                 };
-                let mut child = Command::new(program)
+                let mut child = Command::new(&program)
                     .arg("--stdio")
                     // Never "auto": a daemon that resolves its store to a daemon socket
                     // can connect to itself.

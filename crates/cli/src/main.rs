@@ -2,10 +2,14 @@
 //!
 //! Exit codes: 0 success, 1 a build or command failed, 2 bad usage (clap),
 //! 130 interrupted.
+//!
+//! Invoked under the file name `nix-daemon`, it takes nix-daemon's command line instead
+//! ([`nix_daemon_cli`]).
 
 mod commands;
 mod logging;
 mod metrics_http;
+mod nix_daemon_cli;
 mod progress;
 mod services;
 mod snapshot;
@@ -13,6 +17,7 @@ mod snapshot;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use nix_daemon_cli::NixDaemonInvocation;
 
 /// Nix builds over a Syndicate dataspace.
 ///
@@ -49,7 +54,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match nix_daemon_cli::invocation() {
+        None => Cli::parse(),
+        Some(NixDaemonInvocation::Serve(args)) => Cli {
+            log_level: None,
+            command: Command::Daemon(args),
+        },
+        Some(NixDaemonInvocation::Exit(code)) => return code,
+    };
     if let Err(e) = logging::init(cli.log_level.as_deref()) {
         eprintln!("nixspace: {e:#}");
         return ExitCode::from(2);

@@ -2,6 +2,8 @@
 //! telling the user on stderr what they do (shared by `worker`, `translate`, `up` and
 //! `daemon`, so no command imports another).
 
+use std::path::PathBuf;
+
 use nixspace_space::{Route, SessionEvent};
 use nixspace_translator::{TranslatorOptions, TranslatorService};
 use nixspace_workers::{BuilderConfig, WorkerService};
@@ -56,9 +58,12 @@ pub fn join_worker(route: Route, config: BuilderConfig) -> WorkerService {
 
 /// Start a translator and tell the user how to reach it (shared by `translate`, `up
 /// --translator` and `daemon`).
-pub async fn start_translator(options: TranslatorOptions) -> anyhow::Result<TranslatorService> {
+pub async fn start_translator(
+    socket: PathBuf,
+    options: TranslatorOptions,
+) -> anyhow::Result<TranslatorService> {
     let upstream = options.upstream.to_string();
-    let service = TranslatorService::start(options).await?;
+    let service = TranslatorService::start(socket, options).await?;
     let socket = service.socket().display();
     eprintln!(
         "nixspace: translating on {socket} (store operations: {upstream}); use NIX_REMOTE=unix://{socket}"

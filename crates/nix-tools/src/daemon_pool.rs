@@ -40,6 +40,8 @@ use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::real_program::{real_nix_daemon, ProgramNotFound};
+
 /// How long an interrupted daemon gets to stop its builder before it is killed.
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
 
@@ -57,7 +59,8 @@ pub type Client = DaemonClient<Reader, Writer>;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DaemonTarget {
     /// A private `nix-daemon --stdio` child per connection, on the local
-    /// store (`NIX_REMOTE=local`, otherwise the caller's environment).
+    /// store (`NIX_REMOTE=local`, otherwise the caller's environment): the
+    /// real `nix-daemon` on `PATH`, never nixspace itself.
     #[default]
     Spawn,
     /// A running daemon listening on this unix socket.
@@ -167,6 +170,10 @@ pub enum StepError {
     /// `nix-daemon` could not be started: transient.
     #[error("cannot run nix-daemon: {0} (is Nix installed? on Debian: apt-get install nix-bin)")]
     Spawn(#[source] std::io::Error),
+    /// There is no `nix-daemon` other than nixspace itself: transient (another machine may
+    /// have one).
+    #[error(transparent)]
+    NoNixDaemon(#[from] ProgramNotFound),
     /// The started `nix-daemon` has no pipes: transient.
     #[error("nix-daemon has no pipes")]
     NoPipes,
@@ -454,7 +461,7 @@ impl Connection {
         let conn = match &config.target {
             DaemonTarget::Spawn => {
                 let store_db = crate::local_store::file_identity(&local_db());
-                let mut cmd = tokio::process::Command::new("nix-daemon");
+                let mut cmd = tokio::process::Command::new(real_nix_daemon()?);
                 // The store must be the local one: a daemon whose store is
                 // "auto" may connect to itself.
                 cmd.arg("--stdio")

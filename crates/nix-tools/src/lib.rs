@@ -4,6 +4,9 @@
 //! [`nix_conf`] reads the Nix configuration (`nix.conf`, its includes and `NIX_CONFIG`) as
 //! Nix does.
 //!
+//! The `nix-daemon` that nixspace starts is the real one ([`real_nix_daemon`]): never this
+//! process's own executable, which may be installed as `nix-daemon`.
+//!
 //! Commands run a real Nix program (`nix-instantiate`) found on
 //! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
 //! friends apply as they would to a user's own commands; failures carry the
@@ -17,6 +20,7 @@ mod derivation_info;
 pub mod local_store;
 pub mod nix_conf;
 pub mod own_store;
+mod real_program;
 
 pub use command::NixError;
 pub use daemon_pool::{
@@ -24,6 +28,7 @@ pub use daemon_pool::{
 };
 pub use derivation_info::{read_closure, DerivationInfo};
 pub use nix_conf::{NixConf, NixConfError};
+pub use real_program::{real_nix_daemon, real_program, ProgramNotFound, NIX_DAEMON};
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! `nixspace daemon`: a drop-in for `nix-daemon` whose builds go through an embedded
 //! dataspace.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use nixspace_coordinator::{CoordinatorOptions, HostedCoordinator};
 use nixspace_space::{HostConfig, Role};
 
 use crate::services::{join_worker, local_builder, start_translator};
-use nixspace_translator::TranslatorOptions;
+use nixspace_translator::{serve_stdio, TranslatorOptions, UpstreamSpec};
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
 ///
@@ -21,18 +21,41 @@ use nixspace_translator::TranslatorOptions;
 /// $NIX_STATE_DIR/daemon-socket/socket, that is
 /// /nix/var/nix/daemon-socket/socket), hosts a private dataspace with one
 /// local worker, and answers store operations with a private
-/// `nix-daemon --stdio` on the local store. NIX_STORE_DIR, NIX_STATE_DIR,
+/// `nix-daemon --stdio` on the local store (the real nix-daemon on PATH,
+/// never nixspace itself). NIX_STORE_DIR, NIX_STATE_DIR,
 /// NIX_LOG_DIR and NIX_CONF_DIR mean what they mean to Nix; `allowed-users`
 /// and `trusted-users` in nix.conf decide who may connect and who is
 /// trusted. Exits on Ctrl-C or SIGTERM, removing the socket.
 ///
 /// Workers on other machines cannot join this dataspace; to spread builds,
 /// run `nixspace up --translator PATH` and `nixspace worker` instead.
+///
+/// Installed under the name `nix-daemon` (a symlink or copy named so, in a
+/// package's bin/), nixspace takes nix-daemon's command line: no arguments
+/// or --daemon serve the socket, --stdio one client, and --version prints
+/// the real nix-daemon's version.
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// Steps the local worker builds at once. Default: the number of CPUs.
     #[arg(long, value_name = "N")]
     max_jobs: Option<u32>,
+
+    /// Serve one client on stdin and stdout instead of the socket, as
+    /// `nix-daemon --stdio` does (what an ssh-ng store runs on the remote
+    /// side); the client is trusted, as Nix trusts it. Exits when it leaves.
+    #[arg(long)]
+    stdio: bool,
+}
+
+impl DaemonArgs {
+    /// What `nix-daemon [--stdio]` asks for: a socket or stdin and stdout, the rest as
+    /// `nixspace daemon` has it by default.
+    pub fn nix_daemon(stdio: bool) -> DaemonArgs {
+        DaemonArgs {
+            max_jobs: None,
+            stdio,
+        }
+    }
 }
 
 /// The socket nix-daemon would serve.
@@ -48,6 +71,9 @@ fn daemon_socket() -> PathBuf {
 
 /// Run `nixspace daemon`.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
+    // Store operations go to the real nix-daemon (never this program, which may be
+    // installed as `nix-daemon`): without one, fail now rather than at each client.
+    let nix_daemon = nixspace_nix_tools::real_nix_daemon()?;
     let mut builder = local_builder();
     builder.id = format!("{}-daemon-{}", builder.host, std::process::id()).into();
     // As nix-daemon would build them: with the system features the local Nix has.
@@ -59,8 +85,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         Some(n) => builder.max_jobs = n,
         None => {}
     }
-    let socket = daemon_socket();
-    if let Some(parent) = socket.parent() {
+    let socket = (!args.stdio).then(daemon_socket);
+    if let Some(parent) = socket.as_deref().and_then(Path::parent) {
         std::fs::create_dir_all(parent)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
     }
@@ -82,16 +108,29 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     })
     .await?;
     let mut worker = join_worker(space.route(Role::Worker)?, builder);
-    let mut translator =
-        start_translator(TranslatorOptions::new(socket, space.route(Role::Submit)?)).await?;
-    tracing::info!(worker = %worker.id, "nixspace daemon ready");
-    let result = tokio::select! {
-        r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
-        e = translator.failed() => Err(e.into()),
-        e = worker.ended() => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
+    let mut options = TranslatorOptions::new(space.route(Role::Submit)?);
+    options.upstream = UpstreamSpec::Private {
+        program: nix_daemon,
     };
-    // Stop serving (the socket goes) before the dataspace's directory goes.
-    drop(translator);
+    let result = match socket {
+        Some(socket) => {
+            let mut translator = start_translator(socket, options).await?;
+            tracing::info!(worker = %worker.id, "nixspace daemon ready");
+            let result = tokio::select! {
+                r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
+                e = translator.failed() => Err(e.into()),
+                e = worker.ended() => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
+            };
+            // Stop serving (the socket goes) before the dataspace's directory goes.
+            drop(translator);
+            result
+        }
+        None => tokio::select! {
+            r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
+            r = serve_stdio(options) => r.map_err(anyhow::Error::from),
+            e = worker.ended() => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
+        },
+    };
     drop(worker);
     drop(space);
     drop(runtime);

@@ -75,15 +75,14 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         Some(p) => UpstreamSpec::Socket(p),
         None => UpstreamSpec::default(),
     };
-    let mut translator = crate::services::start_translator(TranslatorOptions {
-        socket: args.socket,
+    let options = TranslatorOptions {
         route,
         upstream,
         patience,
         reconnect_for,
         priority: args.priority,
-    })
-    .await?;
+    };
+    let mut translator = crate::services::start_translator(args.socket, options).await?;
     tokio::select! {
         e = translator.failed() => Err(e.into()),
         r = super::shutdown_signal() => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),

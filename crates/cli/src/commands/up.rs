@@ -199,9 +199,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut translator = match args.translator {
         Some(path) => Some(
-            crate::services::start_translator(nixspace_translator::TranslatorOptions::new(
-                path, submit,
-            ))
+            crate::services::start_translator(
+                path,
+                nixspace_translator::TranslatorOptions::new(submit),
+            )
             .await?,
         ),
         None => None,
