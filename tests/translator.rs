@@ -844,6 +844,36 @@ fn nixspace_daemon_is_a_drop_in_nix_daemon() {
 }
 
 #[test]
+fn the_daemon_builds_what_needs_a_system_feature_its_nix_has() {
+    let dir = DaemonDir::new();
+    let feature = format!("feature-{}", nonce());
+    let conf = dir.conf.join("nix.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("nix.conf");
+    text.push_str(&format!("system-features = {feature}\n"));
+    std::fs::write(&conf, text).expect("nix.conf");
+    let file = dir.tmp.path().join("featured.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"derivation {{
+  name = "featured-{feature}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo {feature} > $out" ]; requiredSystemFeatures = [ "{feature}" ];
+}}"#
+        ),
+    )
+    .expect("featured.nix");
+    let mut daemon = std::process::Command::new(nixspace_test_support::nixspace_bin());
+    daemon.arg("daemon");
+    let daemon = dir.start(daemon);
+    let mut build = dir.nix("nix-build", false);
+    build.arg(&file).arg("--no-out-link");
+    let built = run(build, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", dir.log());
+    assert!(built.stderr.contains("on nixspace worker"), "{built:?}");
+    daemon.terminate();
+}
+
+#[test]
 fn the_nixspace_binary_installed_as_nix_daemon_is_started_as_nix_daemon() {
     let dir = DaemonDir::new();
     // As Nix's tests start the package's daemon: found on PATH, no arguments.
