@@ -773,6 +773,26 @@ impl DaemonDir {
         daemon
     }
 
+    /// The package's `nix-daemon --stdio` started, and a client that shook hands with it.
+    async fn stdio_client(
+        &self,
+    ) -> (
+        tokio::process::Child,
+        nixspace_nix_protocol::DaemonClient<
+            tokio::process::ChildStdout,
+            tokio::process::ChildStdin,
+        >,
+    ) {
+        let mut child = self
+            .stdio_daemon()
+            .spawn()
+            .expect("spawn nix-daemon --stdio");
+        let client = nixspace_nix_protocol::DaemonClient::from_child(&mut child)
+            .await
+            .unwrap_or_else(|e| panic!("handshake: {e}\n{}", self.log()));
+        (child, client)
+    }
+
     /// The demo with a fresh nonce (so it is built anew).
     fn demo_file(&self) -> std::path::PathBuf {
         let demo = repo_root().join("examples/demo/default.nix");
@@ -904,7 +924,7 @@ impl nixspace_nix_protocol::LogSink for LogText {
 
 #[test]
 fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
-    use nixspace_nix_protocol::{BuildMode, DaemonClient, DerivedPath, OutputSpec};
+    use nixspace_nix_protocol::{BuildMode, DerivedPath, OutputSpec};
     let dir = DaemonDir::new();
     let drv = dir.local("nix-instantiate", &[dir.demo_file().as_os_str()]);
     let out = dir.local(
@@ -921,13 +941,7 @@ fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
         .expect("absent");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let status = runtime.block_on(async {
-        let mut child = dir
-            .stdio_daemon()
-            .spawn()
-            .expect("spawn nix-daemon --stdio");
-        let mut client = DaemonClient::from_child(&mut child)
-            .await
-            .unwrap_or_else(|e| panic!("handshake: {e}\n{}", dir.log()));
+        let (mut child, mut client) = dir.stdio_client().await;
         assert!(client.is_valid_path(&drv).await.expect("IsValidPath"));
         assert!(!client.is_valid_path(&absent).await.expect("IsValidPath"));
         assert!(!client.is_valid_path(&out).await.expect("IsValidPath"));
@@ -954,7 +968,7 @@ fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
 
 #[test]
 fn a_stdio_client_that_leaves_during_a_build_ends_its_daemon_and_the_build() {
-    use nixspace_nix_protocol::{BuildMode, DaemonClient, DerivedPath, OutputSpec};
+    use nixspace_nix_protocol::{BuildMode, DerivedPath, OutputSpec};
     let dir = DaemonDir::new();
     // The builder's shell stays (it has a command after the sleep), its command line marked.
     let marker = nixspace_test_support::unique("stdio-leaves");
@@ -973,13 +987,7 @@ fn a_stdio_client_that_leaves_during_a_build_ends_its_daemon_and_the_build() {
         .expect("drv");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        let mut child = dir
-            .stdio_daemon()
-            .spawn()
-            .expect("spawn nix-daemon --stdio");
-        let mut client = DaemonClient::from_child(&mut child)
-            .await
-            .unwrap_or_else(|e| panic!("handshake: {e}\n{}", dir.log()));
+        let (mut child, mut client) = dir.stdio_client().await;
         let wanted = [DerivedPath::Built {
             drv_path: drv,
             outputs: OutputSpec::All,
