@@ -12,8 +12,9 @@
 //! Nix roots what a connection built or added (temporary GC roots) for as long as that
 //! connection lasts. A worker's connections last as long as the worker, so a connection that
 //! built or added a path is retired ([`Lease::retire`]) once the operation is over: its daemon
-//! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. The
-//! next build starts a new daemon.
+//! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. A
+//! spare daemon is started in the background whenever a lease leaves none idle, so the next
+//! step rarely waits for one to start.
 //!
 //! A build whose future is dropped (a withdrawn step) leaves its connection in
 //! the middle of an operation: that connection is never reused. A daemon child
@@ -24,7 +25,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -218,6 +219,35 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     slots: Arc<Semaphore>,
     opened: AtomicU64,
+    /// A spare connection is being opened in the background.
+    warming: AtomicBool,
+}
+
+impl Inner {
+    /// Open a spare connection in the background (one at a time) while a lease is taken, so
+    /// that the next operation finds one ready: connections that built are retired, and a
+    /// chain of steps would otherwise wait for a daemon to start at every step (~20–30 ms).
+    /// Spares are only started while work is under way, never while the pool is idle (a
+    /// daemon starting creates its store's directories).
+    fn warm(self: &Arc<Inner>) {
+        if self.warming.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            match Connection::open(&inner.config).await {
+                Ok(spare) => {
+                    inner.opened.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut idle) = inner.idle.lock() {
+                        idle.push(spare);
+                    }
+                }
+                // The next lease opens one itself, and reports what fails.
+                Err(error) => tracing::debug!(%error, "cannot open a spare daemon connection"),
+            }
+            inner.warming.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 impl std::fmt::Debug for DaemonPool {
@@ -239,6 +269,7 @@ impl DaemonPool {
                 idle: Mutex::new(Vec::new()),
                 slots,
                 opened: AtomicU64::new(0),
+                warming: AtomicBool::new(false),
             }),
         }
     }
@@ -315,14 +346,14 @@ impl DaemonPool {
     /// Hand it back with [`Lease::release`] when the operation finished cleanly.
     pub async fn lease(&self) -> Result<Lease, StepError> {
         let permit = self.permit().await?;
-        let idle = self
-            .inner
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut idle| idle.pop())
-            .filter(|conn| !conn.outlived_its_store());
-        match idle {
+        let (idle, spare_left) = match self.inner.idle.lock() {
+            Ok(mut idle) => (idle.pop(), !idle.is_empty()),
+            Err(_) => (None, false),
+        };
+        if !spare_left {
+            self.inner.warm();
+        }
+        match idle.filter(|conn| !conn.outlived_its_store()) {
             Some(conn) => Ok(Lease {
                 conn: Some(conn),
                 inner: Arc::clone(&self.inner),
@@ -393,9 +424,7 @@ impl Lease {
     /// The operation finished with the connection in step, but its daemon holds temporary GC
     /// roots (Nix roots what a build or an added path touched for the rest of the connection)
     /// that nothing needs any more: close the connection, so its daemon exits and its roots go.
-    /// The next lease opens a new one, as `nix-daemon` starts a process per client: nothing is
-    /// started while no work is asked for (a daemon starting creates its store's directories,
-    /// which a store being wiped meanwhile does not expect).
+    /// The next lease takes a spare started while this one worked, or opens a new one.
     pub fn retire(&mut self) {
         self.conn = None;
     }
