@@ -1,7 +1,7 @@
 //! The upstream pass-through: a [`DaemonBackend`] that relays every operation to an upstream
 //! `nix-daemon`, field by field, granting the client what `nix-daemon` would.
 //!
-//! The upstream trusts the translator fully (it is a private `nix-daemon --stdio`, or a socket
+//! The upstream trusts the translator fully (it is a private `nix-daemon` that trusts its user, or a socket
 //! the operator chose), so for an untrusted client the pass-through withholds what
 //! `nix-daemon` withholds: signature checks are never skipped and nothing is claimed as built
 //! locally; restricted `SetOptions` overrides are dropped with `nix-daemon`'s warning; repairs,

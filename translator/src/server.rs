@@ -172,7 +172,8 @@ async fn handle(
             return Ok(());
         }
     };
-    let mut up = Upstream::connect(&config.upstream, ours, &config.store_dir).await?;
+    let mut up =
+        Upstream::connect(&config.upstream, &config.transfers, ours, &config.store_dir).await?;
     let hello = ServerHello {
         version: up.info.version,
         nix_version: up
@@ -189,7 +190,13 @@ async fn handle(
     };
     let info = server_handshake(&mut cr, &mut cw, &hello).await?;
     if info.version != up.info.version {
-        up = Upstream::connect(&config.upstream, info.version, &config.store_dir).await?;
+        up = Upstream::connect(
+            &config.upstream,
+            &config.transfers,
+            info.version,
+            &config.store_dir,
+        )
+        .await?;
     }
     tracing::debug!(client = id, version = %info.version, "handshake done");
     let mut client = Client::new(id, trust, cr, cw, watch);

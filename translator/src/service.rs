@@ -164,7 +164,7 @@ fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
     let transfers = options.upstream.transfer_pool(&store_dir);
     // The local store's database answers the cheapest queries without a relay hop.
     let store_db = match options.upstream {
-        UpstreamSpec::Private { .. } => {
+        UpstreamSpec::Private => {
             let db = StoreDb::open_local(store_dir.clone());
             if db.is_some() {
                 tracing::info!("answering IsValidPath and QueryPathInfo from the store database");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use nixspace_nix_formats::store_path::StorePathError;
 use nixspace_nix_protocol::ClientError;
+use nixspace_nix_tools::private_daemon::PrivateDaemonError;
 use nixspace_space::{JoinError, RouteError};
 
 use crate::processes::ProcessError;
@@ -21,6 +22,9 @@ pub enum BenchError {
     /// A child process or the scratch directory could not be set up.
     #[error(transparent)]
     Process(#[from] ProcessError),
+    /// The private `nix-daemon` of a compared setup did not start.
+    #[error(transparent)]
+    PrivateDaemon(#[from] PrivateDaemonError),
     /// A file, a socket or a process failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

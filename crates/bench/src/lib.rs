@@ -1,6 +1,6 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
 //! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`), the
-//! setups they compare (`rig`, `ssh`, `private_daemon`), generated inputs (`shapes`), plots
+//! setups they compare (`rig`, `ssh`; a private `nix-daemon` from `nixspace-nix-tools`), generated inputs (`shapes`), plots
 //! (`plot`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
 //! benchmark (`error`). `processes` holds
 //! the child processes of this program (a dataspace and its workers in a scratch directory),
@@ -15,7 +15,6 @@ mod measure;
 mod metrics;
 mod planner;
 mod plot;
-mod private_daemon;
 pub mod processes;
 mod queries;
 mod rig;

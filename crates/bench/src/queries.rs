@@ -15,8 +15,8 @@ use tokio::process::Command;
 
 use crate::error::BenchError;
 use crate::measure::{median, succeeded};
-use crate::private_daemon::PrivateDaemon;
 use crate::processes::{spawn_space, wait_for_file, Children, Scratch};
+use nixspace_nix_tools::private_daemon::PrivateDaemon;
 
 /// Store queries directly against `nix-daemon` and through the translator.
 ///
@@ -48,7 +48,7 @@ pub async fn run(args: QueriesArgs) -> Result<ExitCode, BenchError> {
         mut children,
         ..
     } = Scratch::new("nixspace-bench-")?;
-    let daemon = PrivateDaemon::start(&tmp.path().join("daemon")).await?;
+    let daemon = PrivateDaemon::start_in(&tmp.path().join("daemon"), &[]).await?;
     let result = measure(&args, &exe, tmp.path(), &daemon, &mut children).await;
     children.stop().await;
     drop(daemon);
@@ -81,7 +81,7 @@ async fn measure(
     );
     wait_for_file(&socket, Duration::from_secs(15)).await?;
 
-    let valid = valid_path(tmp, &daemon.socket).await?;
+    let valid = valid_path(tmp, daemon.socket()).await?;
     let invalid = StorePath::from_base_name("00000000000000000000000000000000-nixspace-missing")?;
     let paths = [valid, invalid];
     let connect = |s: &Path| {
@@ -95,7 +95,7 @@ async fn measure(
                 })
         }
     };
-    let mut direct = connect(&daemon.socket).await?;
+    let mut direct = connect(daemon.socket()).await?;
     let mut via = connect(&socket).await?;
 
     let mut times = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];

@@ -9,9 +9,9 @@ use nixspace_space::{Role, Route, Transport};
 use tokio::process::Command;
 
 use crate::error::BenchError;
-use crate::private_daemon::PrivateDaemon;
 use crate::processes::{spawn_up, spawn_worker, wait_for_file, Children};
 use crate::ssh::SshBuilder;
+use nixspace_nix_tools::private_daemon::PrivateDaemon;
 
 /// One way of building the DAG.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
@@ -102,7 +102,7 @@ impl Rig {
             metrics: None,
         };
         if has(Column::Daemon) {
-            rig.daemon = Some(PrivateDaemon::start(&tmp.join("daemon")).await?);
+            rig.daemon = Some(PrivateDaemon::start_in(&tmp.join("daemon"), &[]).await?);
         }
         if has(Column::Ssh) {
             rig.ssh = Some(SshBuilder::start(&tmp.join("ssh")).await?);
@@ -172,7 +172,7 @@ impl Rig {
         let missing = || BenchError::NotStarted(column);
         Ok(match column {
             Column::Local => nix_build(None),
-            Column::Daemon => nix_build(Some(&self.daemon.as_ref().ok_or_else(missing)?.socket)),
+            Column::Daemon => nix_build(Some(self.daemon.as_ref().ok_or_else(missing)?.socket())),
             Column::Ssh => self
                 .ssh
                 .as_ref()

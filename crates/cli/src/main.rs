@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         }
     }
     if matches!(cli.command, Command::Daemon(_)) {
-        // Everything this daemon runs (nix-store, nix-instantiate, nix-daemon --stdio) must
+        // Everything this daemon runs (nix-store, nix-instantiate, its private nix-daemons) must
         // use the local store, never a daemon socket (which could be this one), as Nix's own
         // daemon does. Set before any thread exists.
         std::env::set_var("NIX_REMOTE", "local");

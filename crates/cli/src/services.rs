@@ -10,7 +10,7 @@ use nixspace_workers::{BuilderConfig, WorkerService};
 
 /// A builder for this machine with the defaults of `nixspace worker`: named
 /// `<hostname>-<pid>`, building for this machine's platform, one slot per CPU,
-/// through private `nix-daemon --stdio` processes.
+/// through a private `nix-daemon` of its own.
 pub fn local_builder() -> BuilderConfig {
     let host = rustix::system::uname()
         .nodename()

@@ -13,12 +13,12 @@
 //! "cannot resolve: input X failed".
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use nixspace_nix_formats::derivation::{Derivation, DerivationError};
 use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
-use nixspace_nix_tools::{DaemonPool, DerivationInfo, StepError};
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
 use nixspace_protocol::{build, DrvPath};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
@@ -80,6 +80,9 @@ pub enum CannotResolve {
     /// The resolver's state lock was poisoned by a panic.
     #[error("cannot resolve: the resolver's state is poisoned")]
     Poisoned,
+    /// The build the step belongs to has ended.
+    #[error("cannot resolve: the build has ended")]
+    Ended,
     /// The store wrote the resolved derivation under another path.
     #[error(
         "cannot resolve: the store wrote the resolved derivation as {written}, expected {expected}"
@@ -97,9 +100,10 @@ impl CannotResolve {
     fn cause(&self) -> FailureCause {
         match self {
             CannotResolve::InputFailed(input) => FailureCause::Dependency(input.clone()),
-            CannotResolve::NotHeld | CannotResolve::Unrealised | CannotResolve::Derivation(_) => {
-                FailureCause::Build
-            }
+            CannotResolve::NotHeld
+            | CannotResolve::Unrealised
+            | CannotResolve::Derivation(_)
+            | CannotResolve::Ended => FailureCause::Build,
             CannotResolve::Store(_)
             | CannotResolve::Poisoned
             | CannotResolve::WrittenElsewhere { .. } => FailureCause::Infrastructure,
@@ -179,11 +183,18 @@ struct State {
     originals: BTreeMap<String, BTreeSet<String>>,
 }
 
-/// Resolves this frontend's held steps as their inputs are realised. Cheap to clone.
+/// Resolves this frontend's held steps as their inputs are realised. Cheap to clone; the
+/// resolved derivations it wrote stay rooted until its last clone is dropped.
 #[derive(Clone)]
 pub(crate) struct Resolver {
     inner: Arc<Inner>,
+    _roots: Arc<RootConnection>,
 }
+
+/// The connection whose temporary GC roots keep the resolved derivations written so far (none
+/// before the first): held by the resolver's owners only, so that the roots go when the build
+/// ends, whatever the dataspace's actors still hold of the resolver's state.
+type RootConnection = tokio::sync::Mutex<Option<Lease>>;
 
 struct Inner {
     store_dir: StoreDir,
@@ -192,6 +203,8 @@ struct Inner {
     priority: i64,
     state: Mutex<State>,
     link: Mutex<Option<Link>>,
+    /// The resolver's [`RootConnection`], while it lives.
+    roots: Weak<RootConnection>,
 }
 
 #[derive(Clone)]
@@ -277,7 +290,9 @@ impl Resolver {
                 },
             );
         }
+        let roots = Arc::new(RootConnection::default());
         Ok(Resolver {
+            _roots: Arc::clone(&roots),
             inner: Arc::new(Inner {
                 store_dir,
                 pool,
@@ -285,6 +300,7 @@ impl Resolver {
                 priority,
                 state: Mutex::new(state),
                 link: Mutex::new(None),
+                roots: Arc::downgrade(&roots),
             }),
         })
     }
@@ -677,7 +693,12 @@ impl Inner {
         let resolved = Derivation::from(basic);
         let text = resolved.to_aterm(store);
         let path = resolved.drv_path(store)?;
-        let mut lease = self.pool.lease().await?;
+        let roots = self.roots.upgrade().ok_or(CannotResolve::Ended)?;
+        let mut roots = roots.lock().await;
+        let lease = match roots.as_mut() {
+            Some(lease) => lease,
+            None => roots.insert(self.pool.lease_for_roots().await?),
+        };
         let client = lease.client();
         let written = client
             .add_text_to_store(path.name(), &text, &resolved.input_srcs)
@@ -692,10 +713,16 @@ impl Inner {
             }
             Err(e) => Err(e),
         };
-        match rooted {
-            Ok(()) => lease.release(),
-            Err(e) => return Err(lease.failed(e).into()),
+        if let Err(e) = rooted {
+            let broken = !e.is_recoverable();
+            let error = lease.failed(e);
+            if broken {
+                // Closed: the next resolution opens another.
+                *roots = None;
+            }
+            return Err(error.into());
         }
+        drop(roots);
         let to = store.print(&path);
         Ok((
             build::Resolved {

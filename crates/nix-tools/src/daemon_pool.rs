@@ -1,11 +1,11 @@
 //! Building derivations through the Nix worker protocol, over a pool of
 //! long-lived daemon connections.
 //!
-//! Each connection is a private `nix-daemon --stdio` child on the local store
-//! (or a connection to a running daemon's socket), handshaken once, then
-//! reused for queries and transfers; a connection that built something is
-//! retired (below). A step costs two protocol round trips instead of
-//! three `nix-store` processes. Connections send no `SetOptions`, so the
+//! Each connection goes to the pool's own private `nix-daemon` on the local store
+//! ([`PrivateDaemon`], started with the first connection; each connection is a fork of it)
+//! or to a running daemon's socket; it is handshaken once, then reused for queries and
+//! transfers; a connection that built something is retired (below). A step costs two
+//! protocol round trips instead of three `nix-store` processes. Connections send no `SetOptions`, so the
 //! daemon keeps the settings of its own configuration (`cores`,
 //! `max-silent-time`, …), as `nix-store --realise` did.
 //!
@@ -13,19 +13,15 @@
 //! connection lasts. A worker's connections last as long as the worker, so a connection that
 //! built or added a path is retired ([`Lease::retire`]) once the operation is over: its daemon
 //! exits and the paths can be collected, as they can once a `nix-daemon` client has gone. A
-//! spare daemon is started in the background whenever a lease leaves none idle, so the next
-//! step rarely waits for one to start.
+//! new connection costs the daemon a fork, not a program start.
 //!
 //! A build whose future is dropped (a withdrawn step) leaves its connection in
-//! the middle of an operation: that connection is never reused. A daemon child
-//! is interrupted (SIGINT and SIGTERM, then SIGKILL after [`INTERRUPT_GRACE`])
-//! so that Nix kills its builder; a socket connection is closed, which the daemon takes as
-//! an interruption.
+//! the middle of an operation: that connection is never reused: it is closed, which the
+//! daemon takes as an interruption (it kills the builder).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,14 +33,10 @@ use nixspace_nix_protocol::{
     BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient, LogEvent,
     Realisation,
 };
-use rustix::process::{Pid, Signal};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::real_program::{real_nix_daemon, ProgramNotFound};
-
-/// How long an interrupted daemon gets to stop its builder before it is killed.
-pub const INTERRUPT_GRACE: Duration = Duration::from_secs(5);
+use crate::private_daemon::{PrivateDaemon, PrivateDaemonError};
 
 /// How long opening a connection (start, handshake, options) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,11 +51,11 @@ pub type Client = DaemonClient<Reader, Writer>;
 /// Which daemon a pool talks to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DaemonTarget {
-    /// A private `nix-daemon --stdio` child per connection, on the local
-    /// store (`NIX_REMOTE=local`, otherwise the caller's environment): the
+    /// The pool's own private `nix-daemon` on the local store (`NIX_REMOTE=local`, otherwise
+    /// the caller's environment), started with the first connection and again if it died: the
     /// real `nix-daemon` on `PATH`, never nixspace itself.
     #[default]
-    Spawn,
+    Private,
     /// A running daemon listening on this unix socket.
     Socket(PathBuf),
 }
@@ -75,7 +67,7 @@ pub struct PoolConfig {
     pub max_connections: usize,
     /// The daemon.
     pub target: DaemonTarget,
-    /// System features a spawned daemon is told it has
+    /// System features the private daemon is told it has
     /// (`extra-system-features`); a daemon behind a socket must declare them
     /// in its own configuration.
     pub features: Vec<String>,
@@ -84,7 +76,7 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
-    /// Up to `max_connections` private daemons on the local store, no extra
+    /// Up to `max_connections` connections to a private daemon on the local store, no extra
     /// features, the store directory from `NIX_STORE_DIR` or the default.
     pub fn new(max_connections: usize) -> PoolConfig {
         let store_dir = std::env::var("NIX_STORE_DIR")
@@ -93,7 +85,7 @@ impl PoolConfig {
             .unwrap_or_default();
         PoolConfig {
             max_connections: max_connections.max(1),
-            target: DaemonTarget::Spawn,
+            target: DaemonTarget::Private,
             features: Vec::new(),
             store_dir,
         }
@@ -168,16 +160,10 @@ pub enum StepError {
     /// The daemon or the connection failed: transient.
     #[error("Nix daemon: {}", error_chain(.0))]
     Daemon(Box<ClientError>),
-    /// `nix-daemon` could not be started: transient.
-    #[error("cannot run nix-daemon: {0} (is Nix installed? on Debian: apt-get install nix-bin)")]
-    Spawn(#[source] std::io::Error),
-    /// There is no `nix-daemon` other than nixspace itself: transient (another machine may
-    /// have one).
+    /// The private `nix-daemon` could not be started (there may be none but nixspace
+    /// itself): transient (another machine may have one).
     #[error(transparent)]
-    NoNixDaemon(#[from] ProgramNotFound),
-    /// The started `nix-daemon` has no pipes: transient.
-    #[error("nix-daemon has no pipes")]
-    NoPipes,
+    PrivateDaemon(#[from] PrivateDaemonError),
     /// The daemon's socket does not accept a connection: transient.
     #[error("cannot connect to the Nix daemon at {}: {source}", path.display())]
     Connect {
@@ -219,34 +205,28 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     slots: Arc<Semaphore>,
     opened: AtomicU64,
-    /// A spare connection is being opened in the background.
-    warming: AtomicBool,
+    /// The private daemon, once started ([`DaemonTarget::Private`]).
+    daemon: tokio::sync::Mutex<Option<PrivateDaemon>>,
 }
 
 impl Inner {
-    /// Open a spare connection in the background (one at a time) while a lease is taken, so
-    /// that the next operation finds one ready: connections that built are retired, and a
-    /// chain of steps would otherwise wait for a daemon to start at every step (~20–30 ms).
-    /// Spares are only started while work is under way, never while the pool is idle (a
-    /// daemon starting creates its store's directories).
-    fn warm(self: &Arc<Inner>) {
-        if self.warming.swap(true, Ordering::SeqCst) {
-            return;
+    /// The socket to connect to: the target's, or the private daemon's (started if it is
+    /// not running).
+    async fn socket(&self) -> Result<PathBuf, StepError> {
+        if let DaemonTarget::Socket(path) = &self.config.target {
+            return Ok(path.clone());
         }
-        let inner = Arc::clone(self);
-        tokio::spawn(async move {
-            match Connection::open(&inner.config).await {
-                Ok(spare) => {
-                    inner.opened.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut idle) = inner.idle.lock() {
-                        idle.push(spare);
-                    }
-                }
-                // The next lease opens one itself, and reports what fails.
-                Err(error) => tracing::debug!(%error, "cannot open a spare daemon connection"),
+        let mut daemon = self.daemon.lock().await;
+        if let Some(running) = daemon.as_mut() {
+            if running.is_running() {
+                return Ok(running.socket().to_owned());
             }
-            inner.warming.store(false, Ordering::SeqCst);
-        });
+            tracing::warn!(socket = %running.socket().display(), "the private nix-daemon stopped; starting it again");
+        }
+        let started = PrivateDaemon::start(&feature_options(&self.config.features)).await?;
+        let socket = started.socket().to_owned();
+        *daemon = Some(started);
+        Ok(socket)
     }
 }
 
@@ -269,9 +249,15 @@ impl DaemonPool {
                 idle: Mutex::new(Vec::new()),
                 slots,
                 opened: AtomicU64::new(0),
-                warming: AtomicBool::new(false),
+                daemon: tokio::sync::Mutex::new(None),
             }),
         }
+    }
+
+    /// The socket the pool connects to: its target's, or its private daemon's (started if it
+    /// is not running), for connections of the caller's own.
+    pub async fn socket(&self) -> Result<PathBuf, StepError> {
+        self.inner.socket().await
     }
 
     /// How many connections the pool has opened so far.
@@ -346,22 +332,33 @@ impl DaemonPool {
     /// Hand it back with [`Lease::release`] when the operation finished cleanly.
     pub async fn lease(&self) -> Result<Lease, StepError> {
         let permit = self.permit().await?;
-        let (idle, spare_left) = match self.inner.idle.lock() {
-            Ok(mut idle) => (idle.pop(), !idle.is_empty()),
-            Err(_) => (None, false),
+        let idle = match self.inner.idle.lock() {
+            Ok(mut idle) => idle.pop(),
+            Err(_) => None,
         };
-        if !spare_left {
-            self.inner.warm();
-        }
         match idle.filter(|conn| !conn.outlived_its_store()) {
             Some(conn) => Ok(Lease {
                 conn: Some(conn),
                 inner: Arc::clone(&self.inner),
                 reused: true,
-                _permit: permit,
+                _permit: Some(permit),
             }),
             None => self.open(permit).await,
         }
+    }
+
+    /// A new connection outside the pool's limit, never reused: for temporary GC roots its
+    /// holder needs for as long as it keeps the lease (Nix keeps a connection's roots until it
+    /// ends); dropping the lease closes the connection and the roots go.
+    pub async fn lease_for_roots(&self) -> Result<Lease, StepError> {
+        let conn = Connection::open(&self.inner).await?;
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            conn: Some(conn),
+            inner: Arc::clone(&self.inner),
+            reused: false,
+            _permit: None,
+        })
     }
 
     /// A new connection.
@@ -378,13 +375,13 @@ impl DaemonPool {
     }
 
     async fn open(&self, permit: OwnedSemaphorePermit) -> Result<Lease, StepError> {
-        let conn = Connection::open(&self.inner.config).await?;
+        let conn = Connection::open(&self.inner).await?;
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
             conn: Some(conn),
             inner: Arc::clone(&self.inner),
             reused: false,
-            _permit: permit,
+            _permit: Some(permit),
         })
     }
 }
@@ -396,8 +393,8 @@ pub struct Lease {
     conn: Option<Connection>,
     inner: Arc<Inner>,
     reused: bool,
-    // Dropped after `conn` went back to the idle list.
-    _permit: OwnedSemaphorePermit,
+    // Dropped after `conn` went back to the idle list; none for a lease outside the limit.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Lease {
@@ -412,8 +409,12 @@ impl Lease {
             .client
     }
 
-    /// The operation finished with the connection in step: keep it.
+    /// The operation finished with the connection in step: keep it (a lease for roots keeps
+    /// its connection until dropped).
     pub fn release(&mut self) {
+        if self._permit.is_none() {
+            return;
+        }
         if let Some(conn) = self.conn.take() {
             if let Ok(mut idle) = self.inner.idle.lock() {
                 idle.push(conn);
@@ -423,18 +424,16 @@ impl Lease {
 
     /// The operation finished with the connection in step, but its daemon holds temporary GC
     /// roots (Nix roots what a build or an added path touched for the rest of the connection)
-    /// that nothing needs any more: close the connection, so its daemon exits and its roots go.
-    /// The next lease takes a spare started while this one worked, or opens a new one.
+    /// that nothing needs any more: close the connection, so the daemon's process serving it
+    /// exits and its roots go.
     pub fn retire(&mut self) {
         self.conn = None;
     }
 
-    /// Close the connection: it is out of step, and the daemon may still be
-    /// building, so it is interrupted.
+    /// Close the connection: it is out of step, and the daemon may still be building; closing
+    /// interrupts it.
     fn close(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            conn.interrupt();
-        }
+        self.conn = None;
     }
 
     /// An operation failed: keep the connection if it is still in step.
@@ -454,12 +453,11 @@ impl Drop for Lease {
     }
 }
 
-/// A handshaken, configured connection, and the daemon child behind it.
+/// A handshaken connection.
 struct Connection {
     client: Client,
-    child: Option<tokio::process::Child>,
-    /// For a private daemon: the local store's database file when it started (its daemon
-    /// keeps that one open).
+    /// For the private daemon: the local store's database file when the connection opened
+    /// the store (the daemon's process serving it keeps that one open).
     store_db: Option<(u64, u64)>,
 }
 
@@ -469,147 +467,53 @@ fn local_db() -> PathBuf {
 }
 
 impl Connection {
-    /// Whether the store this private daemon opened was wiped since (its state directory
+    /// Whether the store this connection's daemon opened was wiped since (its state directory
     /// removed and made anew): it would answer for a store that is gone.
     fn outlived_its_store(&self) -> bool {
         self.store_db.is_some() && crate::local_store::file_identity(&local_db()) != self.store_db
     }
 
-    async fn open(config: &PoolConfig) -> Result<Connection, StepError> {
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(config)).await {
+    async fn open(inner: &Inner) -> Result<Connection, StepError> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::open_now(inner)).await {
             Ok(conn) => conn,
             Err(_) => Err(StepError::ConnectTimeout),
         }
     }
 
-    async fn open_now(config: &PoolConfig) -> Result<Connection, StepError> {
+    async fn open_now(inner: &Inner) -> Result<Connection, StepError> {
+        let config = &inner.config;
         let client_config = ClientConfig {
             store_dir: config.store_dir.clone(),
             ..ClientConfig::default()
         };
-        let conn = match &config.target {
-            DaemonTarget::Spawn => {
-                let store_db = crate::local_store::file_identity(&local_db());
-                let mut cmd = tokio::process::Command::new(real_nix_daemon()?);
-                // The store must be the local one: a daemon whose store is
-                // "auto" may connect to itself.
-                cmd.arg("--stdio")
-                    .args(feature_option(&config.features))
-                    .env("NIX_REMOTE", "local")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .kill_on_drop(true)
-                    // Its own group: a terminal's Ctrl-C does not reach it,
-                    // and a stuck daemon is killed with its whole group.
-                    .process_group(0);
-                let mut child = cmd.spawn().map_err(StepError::Spawn)?;
-                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-                    return Err(StepError::NoPipes);
-                };
-                // If the handshake fails, `child` is killed on drop.
-                let (r, w): (Reader, Writer) = (Box::new(stdout), Box::new(stdin));
-                let client = DaemonClient::handshake_with_config(r, w, &client_config)
-                    .await
-                    .map_err(|e| StepError::Daemon(Box::new(e)))?;
-                Connection {
-                    client,
-                    child: Some(child),
-                    store_db,
-                }
-            }
-            DaemonTarget::Socket(path) => {
-                let stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|source| StepError::Connect {
-                        path: path.clone(),
-                        source,
-                    })?;
-                let (r, w) = stream.into_split();
-                let (r, w): (Reader, Writer) = (Box::new(r), Box::new(w));
-                let client = DaemonClient::handshake_with_config(r, w, &client_config)
-                    .await
-                    .map_err(|e| StepError::Daemon(Box::new(e)))?;
-                Connection {
-                    client,
-                    child: None,
-                    store_db: None,
-                }
-            }
+        let store_db = match config.target {
+            DaemonTarget::Private => crate::local_store::file_identity(&local_db()),
+            DaemonTarget::Socket(_) => None,
         };
+        let path = inner.socket().await?;
+        let stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .map_err(|source| StepError::Connect { path, source })?;
+        let (r, w) = stream.into_split();
+        let (r, w): (Reader, Writer) = (Box::new(r), Box::new(w));
+        let client = DaemonClient::handshake_with_config(r, w, &client_config)
+            .await
+            .map_err(|e| StepError::Daemon(Box::new(e)))?;
         tracing::debug!(target = ?config.target, "opened a Nix daemon connection");
-        Ok(conn)
-    }
-
-    /// Stop whatever the connection is doing: interrupt the daemon child
-    /// (Nix then kills its builder), kill it if it has not exited after
-    /// [`INTERRUPT_GRACE`]; close a socket connection.
-    fn interrupt(mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let Some(raw) = child.id() else {
-            return;
-        };
-        let Some(pid) = Pid::from_raw(raw as i32) else {
-            return;
-        };
-        tracing::debug!(pid = raw, "interrupting a Nix daemon");
-        let _ = rustix::process::kill_process(pid, Signal::INT);
-        // SIGINT is ignored by processes started in the background by a
-        // shell; Nix treats SIGTERM the same way.
-        let _ = rustix::process::kill_process(pid, Signal::TERM);
-        // A thread, not a task: if the runtime is shutting down (the worker
-        // is leaving), a task would be dropped at once, and with it the
-        // child, which would be killed before it could stop its builder. A
-        // thread ends with the process instead, leaving the daemon to finish
-        // its interruption on its own.
-        let watch = move || {
-            let deadline = std::time::Instant::now() + INTERRUPT_GRACE;
-            while matches!(child.try_wait(), Ok(None)) {
-                if std::time::Instant::now() >= deadline {
-                    tracing::warn!(pid = raw, "Nix daemon ignored the interrupt; killing it");
-                    let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
-        if let Err(e) = std::thread::Builder::new()
-            .name("nix-daemon-interrupt".to_owned())
-            .spawn(watch)
-        {
-            tracing::warn!(pid = raw, error = %e, "cannot watch an interrupted Nix daemon");
-        }
-        // Dropping `self` closes the pipes.
+        Ok(Connection { client, store_db })
     }
 }
 
-impl Drop for Connection {
-    fn drop(&mut self) {
-        // An idle (or discarded) daemon: nothing to stop gracefully.
-        if let Some(child) = &self.child {
-            if let Some(pid) = child.id().and_then(|p| Pid::from_raw(p as i32)) {
-                let _ = rustix::process::kill_process_group(pid, Signal::KILL);
-            }
-        }
-    }
-}
-
-/// `--option extra-system-features "a b"`, or nothing for no features.
+/// `extra-system-features "a b"` as a daemon's `--option`, or nothing for no features.
 ///
 /// A command-line option, not a `SetOptions` override: Nix's local store
 /// takes its `system-features` from the settings when it is opened, before
 /// any client can change them.
-fn feature_option(features: &[String]) -> Vec<String> {
+fn feature_options(features: &[String]) -> Vec<(String, String)> {
     if features.is_empty() {
         return Vec::new();
     }
-    vec![
-        "--option".to_owned(),
-        "extra-system-features".to_owned(),
-        features.join(" "),
-    ]
+    vec![("extra-system-features".to_owned(), features.join(" "))]
 }
 
 /// What a successful build produced.

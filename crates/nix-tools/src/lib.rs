@@ -20,11 +20,12 @@ mod derivation_info;
 pub mod local_store;
 pub mod nix_conf;
 pub mod own_store;
+pub mod private_daemon;
 mod real_program;
 
 pub use command::NixError;
 pub use daemon_pool::{
-    strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError, INTERRUPT_GRACE,
+    strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError,
 };
 pub use derivation_info::{read_closure, DerivationInfo};
 pub use nix_conf::{NixConf, NixConfError};

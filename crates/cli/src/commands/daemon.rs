@@ -21,7 +21,7 @@ use nixspace_translator::{serve_stdio, TranslatorOptions, UpstreamSpec};
 /// $NIX_STATE_DIR/daemon-socket/socket, that is
 /// /nix/var/nix/daemon-socket/socket), hosts a private dataspace with one
 /// local worker, and answers store operations with a private
-/// `nix-daemon --stdio` on the local store (the real nix-daemon on PATH,
+/// `nix-daemon` on the local store (the real nix-daemon on PATH,
 /// never nixspace itself). NIX_STORE_DIR, NIX_STATE_DIR,
 /// NIX_LOG_DIR and NIX_CONF_DIR mean what they mean to Nix; `allowed-users`
 /// and `trusted-users` in nix.conf decide who may connect and who is
@@ -73,7 +73,7 @@ fn daemon_socket() -> PathBuf {
 pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     // Store operations go to the real nix-daemon (never this program, which may be
     // installed as `nix-daemon`): without one, fail now rather than at each client.
-    let nix_daemon = nixspace_nix_tools::real_nix_daemon()?;
+    nixspace_nix_tools::real_nix_daemon()?;
     let mut builder = local_builder();
     builder.id = format!("{}-daemon-{}", builder.host, std::process::id()).into();
     // As nix-daemon would build them: with the system features the local Nix has.
@@ -109,9 +109,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     .await?;
     let mut worker = join_worker(space.route(Role::Worker)?, builder);
     let mut options = TranslatorOptions::new(space.route(Role::Submit)?);
-    options.upstream = UpstreamSpec::Private {
-        program: nix_daemon,
-    };
+    options.upstream = UpstreamSpec::Private;
     let result = match socket {
         Some(socket) => {
             let mut translator = start_translator(socket, options).await?;

@@ -22,8 +22,8 @@ use super::JoinArgs;
 ///
 /// Store operations (queries, adding .drv files, NARs, GC roots) are passed
 /// to an upstream nix-daemon: the socket given with --upstream-socket, or by
-/// default a private `nix-daemon --stdio` (NIX_REMOTE=local) per client
-/// connection. Build operations (BuildPaths, BuildPathsWithResults,
+/// default a private `nix-daemon` (NIX_REMOTE=local) of the translator's
+/// own, a connection per client. Build operations (BuildPaths, BuildPathsWithResults,
 /// BuildDerivation) become demands on the dataspace joined with the submit
 /// route; build logs are relayed to the client, and a client that goes away
 /// withdraws its demands; a client's build rejoins a dataspace that restarts
@@ -44,7 +44,7 @@ pub struct TranslateArgs {
     socket: PathBuf,
 
     /// Send store operations to the nix-daemon at this socket instead of a
-    /// private `nix-daemon --stdio` per client.
+    /// private `nix-daemon` of the translator's own.
     #[arg(long, value_name = "PATH")]
     upstream_socket: Option<PathBuf>,
 

@@ -12,8 +12,8 @@ use super::JoinArgs;
 /// Join a dataspace as a build worker.
 ///
 /// Announces what this machine can build, pulls ready steps while it has free
-/// slots, builds them with the local Nix (over reused `nix-daemon --stdio`
-/// connections, one per slot, after checking every input is valid), streams
+/// slots, builds them with the local Nix (through a private `nix-daemon`,
+/// a connection per build, after checking every input is valid), streams
 /// their logs and reports outcomes.
 /// On Ctrl-C or SIGTERM it drains: takes no new steps and leaves once its
 /// running builds are finished; a second signal leaves at once (unfinished
@@ -44,8 +44,8 @@ pub struct WorkerArgs {
     speed: f64,
 
     /// Build through the Nix daemon listening on this socket (e.g.
-    /// /nix/var/nix/daemon-socket/socket). Default: private `nix-daemon
-    /// --stdio` processes on the local store.
+    /// /nix/var/nix/daemon-socket/socket). Default: a private `nix-daemon`
+    /// of the worker's own on the local store.
     #[arg(long, value_name = "PATH")]
     daemon_socket: Option<PathBuf>,
 
