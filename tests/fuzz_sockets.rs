@@ -7,7 +7,8 @@
 //! Quick by default; `NIXSPACE_FUZZ_LONG=1` sends 100 000 inputs to `up` and
 //! 20 000 to the translator (see `docs/RELIABILITY.md`). The corpora
 //! `tests/corpus/syndicate-packet/` and `tests/corpus/nix-client/` are
-//! replayed every run.
+//! replayed every run. Some inputs declare lengths far past `up`'s packet caps and send
+//! part of what they announce, so that length-driven buffering is reached.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -79,6 +80,35 @@ fn syndicate_seeds(route: &Route) -> Vec<Vec<u8>> {
         }
     }
     seeds
+}
+
+/// Packets whose atoms declare lengths past `up`'s packet caps (64 KiB before a capability is
+/// resolved), at the top or inside a turn, followed by up to 160 KiB of what they announce: the
+/// host must close each connection without buffering what was announced.
+fn oversize_packets() -> impl Strategy<Value = Vec<u8>> {
+    let prefixes = vec![
+        vec![],
+        vec![0xb5, 0xb5, 0xb0, 0x00, 0xb4, 0xb3, 0x01, b'A'],
+        vec![0xb4, 0xb3, 0x05, b'e', b'r', b'r', b'o', b'r'],
+    ];
+    (
+        prop::sample::select(prefixes),
+        0xb0u8..=0xb3,
+        (64u64 << 10)..(1 << 62),
+        0usize..(160 << 10),
+    )
+        .prop_map(|(prefix, tag, declared, sent)| {
+            let mut bytes = prefix;
+            bytes.push(tag);
+            let mut n = declared;
+            while n >= 0x80 {
+                bytes.push((n & 0x7f) as u8 | 0x80);
+                n >>= 7;
+            }
+            bytes.push(n as u8);
+            bytes.resize(bytes.len() + sent, 0x61);
+            bytes
+        })
 }
 
 /// What a Nix client sends: the handshake, then requests.
@@ -173,8 +203,9 @@ fn up_survives_random_and_mutated_packets() {
     let rt = runtime();
     let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
     let input = prop_oneof![
-        prop::collection::vec(any::<u8>(), 0..256),
-        fuzz::mutated(syndicate_seeds(&route)),
+        4 => prop::collection::vec(any::<u8>(), 0..256),
+        4 => fuzz::mutated(syndicate_seeds(&route)),
+        1 => oversize_packets(),
     ];
     fuzz_socket(&up_socket(&space), input, (1500, 100_000), &|| {
         up_serves(&space, &rt)

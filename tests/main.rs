@@ -3,6 +3,7 @@
 //! one of them. The harness is `nixspace-test-support` with its `e2e` feature.
 
 mod bench;
+mod budgets;
 mod ca;
 mod e2e;
 mod faults;

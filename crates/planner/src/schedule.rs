@@ -632,7 +632,9 @@ impl Schedule {
         effects
     }
 
-    /// `drv` will not be built, and neither will the steps that need it.
+    /// `drv` will not be built, and neither will the steps that need it. A worklist, not a
+    /// recursion: a chain's length comes from input, and each step above the base is failed
+    /// in the same depth-first order (a step before the steps that need it).
     fn fail_for_good(
         &mut self,
         drv: &DrvPath,
@@ -641,29 +643,33 @@ impl Schedule {
         cause: FailureCause,
         effects: &mut Vec<Effect>,
     ) {
-        let failed = StepState::Failed {
-            worker: worker.cloned(),
-            reason: reason.clone(),
-            cause: cause.clone(),
-        };
-        match self.state(drv) {
-            None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => return,
-            Some(StepState::Ready) => self.leave_ready(drv, failed.clone(), effects),
-            Some(_) => {}
-        }
-        if let Some(step) = self.steps.get_mut(drv) {
-            step.state = failed;
-        }
-        effects.push(Effect::Failed {
-            drv: drv.clone(),
-            worker: worker.cloned(),
-            reason,
-            cause,
-        });
-        for dependent in self.dependents_of(drv) {
-            let why = format!("dependency {drv} failed");
-            let cause = FailureCause::Dependency(drv.clone());
-            self.fail_for_good(&dependent, None, why, cause, effects);
+        let mut pending = vec![(drv.clone(), worker.cloned(), reason, cause)];
+        while let Some((drv, worker, reason, cause)) = pending.pop() {
+            let failed = StepState::Failed {
+                worker: worker.clone(),
+                reason: reason.clone(),
+                cause: cause.clone(),
+            };
+            match self.state(&drv) {
+                None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => continue,
+                Some(StepState::Ready) => self.leave_ready(&drv, failed.clone(), effects),
+                Some(_) => {}
+            }
+            if let Some(step) = self.steps.get_mut(&drv) {
+                step.state = failed;
+            }
+            // Reversed, so that the first dependent is failed (with all above it) first.
+            for dependent in self.dependents_of(&drv).into_iter().rev() {
+                let why = format!("dependency {drv} failed");
+                let cause = FailureCause::Dependency(drv.clone());
+                pending.push((dependent, None, why, cause));
+            }
+            effects.push(Effect::Failed {
+                drv,
+                worker,
+                reason,
+                cause,
+            });
         }
     }
 
@@ -998,6 +1004,48 @@ mod tests {
         assert_eq!(cause, &FailureCause::Infrastructure);
         assert!(reason.contains("gave up after 2 attempts"), "{reason}");
         assert!(reason.contains("w1") && reason.contains("w2"), "{reason}");
+    }
+
+    /// Failing the base of a 100,000-step chain fails every step above it, on a thread with
+    /// the default 2 MiB stack: the walk over dependents is a worklist, not a recursion (which
+    /// overflowed the stack and aborted `nixspace up`).
+    #[test]
+    fn a_long_chain_failing_at_its_base_fails_every_step_without_recursion() {
+        const STEPS: usize = 100_000;
+        let run = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(|| {
+                let mut s = Schedule::default();
+                let name = |i: usize| DrvPath::from(format!("step-{i}").as_str());
+                s.demand(&name(0), info(&[]), Urgency::default());
+                for i in 1..STEPS {
+                    let below = name(i - 1);
+                    s.demand(&name(i), info(&[below.as_str()]), Urgency::default());
+                }
+                s.claim(&name(0), &"w1".into());
+                let effects = s.failed(
+                    &name(0),
+                    Some(&"w1".into()),
+                    "builder exited 1",
+                    FailureKind::Permanent,
+                    FailureCause::Build,
+                );
+                let failed = effects
+                    .iter()
+                    .filter(|e| matches!(e, Effect::Failed { .. }))
+                    .count();
+                assert_eq!(failed, STEPS);
+                for i in 1..STEPS {
+                    let expected = FailureCause::Dependency(name(i - 1));
+                    assert!(
+                        matches!(s.state(&name(i)), Some(StepState::Failed { cause, .. }) if *cause == expected),
+                        "step {i}: {:?}",
+                        s.state(&name(i))
+                    );
+                }
+            })
+            .expect("a thread");
+        run.join().expect("the chain fails without a crash");
     }
 
     #[test]

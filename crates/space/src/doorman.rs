@@ -9,11 +9,14 @@
 //! reach the gatekeeper, which resolves them to the role's attenuated
 //! dataspace; the client gets that dataspace behind a
 //! [`Limiter`](crate::limits::Limiter) enforcing per-connection [`Limits`].
-//! Anything else asserted or sent to oid 0 is logged and ignored.
+//! Anything else asserted or sent to oid 0 is logged and ignored. Once the gatekeeper
+//! answered with the dataspace, the connection's [`Resolved`] flag is set: the connection's
+//! larger packet cap applies, and its resolve time limit no longer does.
 
 use crate::limits::{LimitedAnswer, Limits};
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use preserves_schema::Parse;
@@ -61,6 +64,22 @@ pub fn check(keys: &KeyRing, step: &gatekeeper::Step) -> Result<String, Refusal>
     Ok(role)
 }
 
+/// Whether a connection resolved a capability (shared by its doorman, reader and timer).
+#[derive(Debug, Clone, Default)]
+pub struct Resolved(Arc<AtomicBool>);
+
+impl Resolved {
+    /// Note that the connection holds the dataspace.
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection holds the dataspace.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
 /// The per-connection front of the gatekeeper (see the module docs).
 pub struct Doorman {
     gatekeeper: Arc<Cap>,
@@ -69,19 +88,21 @@ pub struct Doorman {
     dataspace: Arc<Cap>,
     limits: Limits,
     peer: String,
+    resolved: Resolved,
     /// The client's handles → what we asserted on their behalf.
     forwarded: HashMap<Handle, Handle>,
 }
 
 impl Doorman {
     /// A doorman for one connection from `peer` (for logs), whose client gets `dataspace`
-    /// (as the gatekeeper resolves it) held to `limits`.
+    /// (as the gatekeeper resolves it) held to `limits`; `resolved` is set once it has it.
     pub fn new(
         gatekeeper: Arc<Cap>,
         keys: KeyRing,
         dataspace: Arc<Cap>,
         limits: Limits,
         peer: String,
+        resolved: Resolved,
     ) -> Doorman {
         Doorman {
             gatekeeper,
@@ -89,6 +110,7 @@ impl Doorman {
             dataspace,
             limits,
             peer,
+            resolved,
             forwarded: HashMap::new(),
         }
     }
@@ -118,6 +140,7 @@ impl Entity<AnyValue> for Doorman {
                     Arc::clone(&self.dataspace),
                     self.limits,
                     self.peer.clone(),
+                    self.resolved.clone(),
                 );
                 let limited = gatekeeper::Resolve {
                     step: resolve.step.clone(),

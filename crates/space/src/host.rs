@@ -7,20 +7,23 @@
 //! [`Role`] to the dataspace attenuated to that role's vocabulary
 //! ([`crate::policy`]), serves every accepted connection with
 //! syndicate-server's relay behind a [`Doorman`] that checks and logs
-//! capability requests, and writes the route files.
+//! capability requests, and writes the route files. Each connection is held to the
+//! [`Limits`]' budgets: its packet caps and queue ([`connection::Budgets`]), and the time it
+//! has to resolve a capability (then it is closed).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use syndicate::actor::{Account, Activation, AnyValue, Cap, LinkedTaskTermination};
 use syndicate::dataspace::Dataspace;
 use syndicate::schemas::gatekeeper;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
-use crate::connection::{self, Reader, Writer};
-use crate::doorman::{Doorman, KeyRing};
+use crate::connection::{self, Budgets, Reader, Writer};
+use crate::doorman::{Doorman, KeyRing, Resolved};
 use crate::keys::{KeyError, Keys};
 use crate::limits::Limits;
 use crate::policy::{log_refused, role_caveats};
@@ -294,15 +297,19 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
             let front = front.clone();
             let alive = facet.activate(&account, None, move |t| {
                 t.spawn(Some(AnyValue::new(format!("{kind} {peer}"))), move |t| {
+                    let resolved = Resolved::default();
+                    let budgets = Budgets::new(&front.limits, resolved.clone(), peer.clone());
+                    close_unless_resolved(t, front.limits.resolve_timeout, &resolved, &peer);
                     let doorman = Doorman::new(
                         front.gatekeeper,
                         front.keys,
                         front.dataspace,
                         front.limits,
                         peer,
+                        resolved,
                     );
                     let doorman = Cap::new(&t.create_ref(doorman));
-                    connection::serve(t, i, o, doorman);
+                    connection::serve(t, i, o, doorman, budgets);
                     Ok(())
                 });
                 Ok(())
@@ -311,5 +318,17 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
                 return Ok(LinkedTaskTermination::Normal);
             }
         }
+    });
+}
+
+/// End the current (connection's) actor after `limit` unless it resolved a capability by then.
+fn close_unless_resolved(t: &mut Activation, limit: Duration, resolved: &Resolved, peer: &str) {
+    let (resolved, peer) = (resolved.clone(), peer.to_owned());
+    t.after(limit, move |t| {
+        if !resolved.is_set() {
+            tracing::warn!(%peer, ?limit, "closing a connection that resolved no capability in time");
+            t.stop_root();
+        }
+        Ok(())
     });
 }

@@ -12,6 +12,7 @@
 pub mod connection;
 pub mod doorman;
 pub mod external;
+pub mod framing;
 pub mod host;
 pub mod join;
 pub mod keys;

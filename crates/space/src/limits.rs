@@ -1,4 +1,12 @@
-//! Per-connection limits: what one client may hold in the dataspace at once.
+//! Per-connection limits: what one client may send, hold in the dataspace and make the host
+//! buffer, before and after it resolved a capability.
+//!
+//! Before a capability is resolved a connection may send packets of at most
+//! [`Limits::max_unauthenticated_packet_bytes`] (a capability request is well under 1 KiB) and
+//! must resolve one within [`Limits::resolve_timeout`]; after, packets of at most
+//! [`Limits::max_packet_bytes`]. Either way the host queues at most
+//! [`Limits::max_queued_bytes`] for a peer that does not read what it is sent (see
+//! [`crate::connection`] and [`crate::framing`]).
 //!
 //! The [`Doorman`](crate::doorman::Doorman) hands every client that resolved a capability a
 //! [`Limiter`] in front of the role's dataspace instead of the dataspace itself. The limiter
@@ -14,7 +22,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::doorman::Resolved;
 use crate::log_budget::{LogBudget, Verdict, DEFAULT_MAX_LOG_BYTES_PER_STEP};
 use nixspace_protocol::build;
 use preserves::ValueImpl;
@@ -24,6 +34,15 @@ use syndicate::schemas::rpc;
 
 /// The default cap on live demands per connection.
 pub const DEFAULT_MAX_DEMANDS: usize = 100_000;
+/// The default largest packet before a capability is resolved.
+pub const DEFAULT_MAX_UNAUTHENTICATED_PACKET_BYTES: usize = 64 << 10;
+/// The default largest packet once a capability is resolved (a frontend asserts all its
+/// demands in one packet; a NAR chunk is 64 KiB).
+pub const DEFAULT_MAX_PACKET_BYTES: usize = 256 << 20;
+/// The default most bytes queued for one peer that does not read them.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 256 << 20;
+/// The default time a connection has to resolve a capability.
+pub const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one connection may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +51,14 @@ pub struct Limits {
     pub max_demands: usize,
     /// Bytes of build log per step and connection passed on (0: no cap).
     pub max_log_bytes_per_step: u64,
+    /// The largest packet a connection may send before it resolved a capability.
+    pub max_unauthenticated_packet_bytes: usize,
+    /// The largest packet a connection may send once it resolved a capability.
+    pub max_packet_bytes: usize,
+    /// The most bytes the host queues for a peer that does not read them.
+    pub max_queued_bytes: usize,
+    /// How long a connection may stay without a resolved capability.
+    pub resolve_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -39,6 +66,10 @@ impl Default for Limits {
         Limits {
             max_demands: DEFAULT_MAX_DEMANDS,
             max_log_bytes_per_step: DEFAULT_MAX_LOG_BYTES_PER_STEP,
+            max_unauthenticated_packet_bytes: DEFAULT_MAX_UNAUTHENTICATED_PACKET_BYTES,
+            max_packet_bytes: DEFAULT_MAX_PACKET_BYTES,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            resolve_timeout: DEFAULT_RESOLVE_TIMEOUT,
         }
     }
 }
@@ -207,17 +238,27 @@ pub struct LimitedAnswer {
     dataspace: Arc<Cap>,
     limits: Limits,
     peer: String,
+    /// Set once the gatekeeper answered with the dataspace.
+    resolved: Resolved,
     forwarded: HashMap<Handle, Handle>,
 }
 
 impl LimitedAnswer {
-    /// Pass answers on to `client` (the requester's observer).
-    pub fn new(client: Arc<Cap>, dataspace: Arc<Cap>, limits: Limits, peer: String) -> Self {
+    /// Pass answers on to `client` (the requester's observer), setting `resolved` once one
+    /// carries the dataspace.
+    pub fn new(
+        client: Arc<Cap>,
+        dataspace: Arc<Cap>,
+        limits: Limits,
+        peer: String,
+        resolved: Resolved,
+    ) -> Self {
         LimitedAnswer {
             client,
             dataspace,
             limits,
             peer,
+            resolved,
             forwarded: HashMap::new(),
         }
     }
@@ -228,6 +269,7 @@ impl Entity<AnyValue> for LimitedAnswer {
         let answer = match <rpc::Result>::parse(&a) {
             Ok(rpc::Result::Ok(rpc::Ok { value })) => match value.as_embedded() {
                 Some(target) => {
+                    self.resolved.set();
                     let limiter = Limiter::new(
                         target.into_owned(),
                         Arc::clone(&self.dataspace),

@@ -371,6 +371,12 @@ impl RawPeer {
     /// it did within `wait`.
     pub fn finish(&mut self, wait: Duration) -> bool {
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        self.closed_within(wait)
+    }
+
+    /// Whether the host closes the connection within `wait` (what it sends
+    /// meanwhile is read and dropped).
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 65536];
         loop {

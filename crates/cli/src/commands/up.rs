@@ -9,7 +9,7 @@ use clap::Args;
 use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator};
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
-use nixspace_space::{external, HostConfig, Role, Route, SessionEvent};
+use nixspace_space::{external, limits, log_budget, HostConfig, Role, Route, SessionEvent};
 
 /// Host a dataspace (embedded; nothing else to install) with its planner.
 ///
@@ -90,7 +90,7 @@ pub struct UpArgs {
     /// dataspace the cap is per client connection, enforced by the host. With `--external`
     /// the connections are the server's: the planner caps demands per requester name
     /// instead, so a client asserting demands under many names is not caught there.
-    #[arg(long, default_value_t = nixspace_space::limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
     max_demands_per_client: usize,
 
     /// The most bytes of build log (lines plus newlines) one client connection, normally a
@@ -98,9 +98,34 @@ pub struct UpArgs {
     /// truncated the log and drops the rest of that step's log. 0: no cap. The default is
     /// above `worker --max-log-bytes`'s, so a worker's own truncation notice gets through.
     /// Embedded dataspace only: with `--external` the connections are the server's.
-    #[arg(long, default_value_t = nixspace_space::log_budget::DEFAULT_MAX_LOG_BYTES_PER_STEP,
+    #[arg(long, default_value_t = log_budget::DEFAULT_MAX_LOG_BYTES_PER_STEP,
           value_name = "BYTES", conflicts_with = "external")]
     max_log_bytes_per_step: u64,
+
+    /// The largest packet a connection may send before it resolved a capability (a capability
+    /// request is under 1 KiB). A longer one, or one whose declared length says it will be
+    /// longer, closes the connection before it is buffered. Embedded dataspace only.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_UNAUTHENTICATED_PACKET_BYTES,
+          value_name = "BYTES", conflicts_with = "external")]
+    max_unauthenticated_packet_bytes: usize,
+
+    /// The largest packet a connection may send once it resolved a capability (a frontend
+    /// sends all its demands in one; NAR chunks are 64 KiB). Embedded dataspace only.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_PACKET_BYTES, value_name = "BYTES",
+          conflicts_with = "external")]
+    max_packet_bytes: usize,
+
+    /// The most bytes queued for one connection whose peer does not read them; past it the
+    /// connection is closed. Embedded dataspace only.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_QUEUED_BYTES, value_name = "BYTES",
+          conflicts_with = "external")]
+    max_queued_bytes: usize,
+
+    /// Seconds a connection has to resolve a capability; one that has not by then is closed.
+    /// Embedded dataspace only.
+    #[arg(long, default_value_t = limits::DEFAULT_RESOLVE_TIMEOUT.as_secs_f64(),
+          value_name = "SECONDS", conflicts_with = "external")]
+    resolve_timeout: f64,
 }
 
 /// Run `nixspace up`.
@@ -176,6 +201,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 limits: nixspace_space::Limits {
                     max_demands: args.max_demands_per_client,
                     max_log_bytes_per_step: args.max_log_bytes_per_step,
+                    max_unauthenticated_packet_bytes: args.max_unauthenticated_packet_bytes,
+                    max_packet_bytes: args.max_packet_bytes,
+                    max_queued_bytes: args.max_queued_bytes,
+                    resolve_timeout: seconds("resolve-timeout", args.resolve_timeout)?,
                 },
             },
             history: Some(history),
