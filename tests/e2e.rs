@@ -65,7 +65,8 @@ in sh "after-broken" "echo never > $out" [ broken ]
             nonce = nonce()
         ),
     );
-    let result = space.build(&file, BUILD_LIMIT);
+    // Every failure is reported with --keep-going (without it the build stops at the first).
+    let result = space.build_with(&file, &["--keep-going"], BUILD_LIMIT);
     assert_eq!(result.status.code(), Some(1), "{result:?}");
     let err = &result.stderr;
     assert!(err.contains("error: broken.drv on w1"), "{result:?}");

@@ -9,6 +9,7 @@ mod e2e;
 mod faults;
 mod flow;
 mod fuzz_sockets;
+mod nixbuild;
 mod outboard;
 mod scaleout;
 mod scheduling;

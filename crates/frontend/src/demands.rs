@@ -88,6 +88,8 @@ mod tests {
             system: "x86_64-linux".into(),
             features: Vec::new(),
             input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
+            input_outputs: BTreeMap::new(),
+            allow_substitutes: true,
             outputs: BTreeMap::new(),
         }
     }

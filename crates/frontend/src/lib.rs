@@ -4,7 +4,8 @@
 //! - [`session`]: one build, from root derivations to a [`Report`]: plan, demand, follow
 //!   (across dataspace restarts), copy the outputs here, register realisations; it yields
 //!   typed [`Progress`] that each frontend renders its own way.
-//! - [`plan`]: which derivations of the roots' closure must be built.
+//! - [`plan`]: which derivations of the roots' closure must be built, and what is
+//!   substituted instead; [`walk`] is its top-down walk.
 //! - [`demands`]: the demands of the steps, inputs first, with their depths.
 //! - [`resolve`]: content-addressed steps resolved as their inputs are realised.
 //! - [`realisation`]: output ids and the realisations of built outputs.
@@ -22,6 +23,7 @@ pub mod report;
 pub mod resolve;
 pub mod session;
 pub mod store_db;
+pub mod walk;
 
 pub use outcome::{Failure, FailureCause, StepOutcome};
 pub use report::Report;

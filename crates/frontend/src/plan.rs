@@ -1,15 +1,23 @@
-//! What one build must do: [`plan`] reads the derivation closure of the roots and keeps the
-//! derivations whose outputs are not valid yet (the *steps*), leaving out those whose
-//! content-addressed outputs the store has realised before.
+//! What one build must do: [`plan`] reads the derivation closure of the roots and walks it
+//! top-down as Nix's worker does ([`Walk`]): from the roots' outputs, a derivation whose
+//! wanted outputs are valid (or realised, for content-addressed ones) needs nothing below
+//! it, one whose missing outputs the store's substituters have is substituted (the daemon
+//! fetches them before anything is demanded), and only derivations that must be built (the
+//! *steps*) make the outputs they use of their inputs wanted.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use nixspace_nix_formats::store_path::{StorePath, StorePathError};
-use nixspace_nix_tools::{DaemonPool, DerivationInfo, NixError, StepError};
+use nixspace_nix_protocol::{BuildMode, DerivedPath, LogEvent};
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, NixConf, NixError, StepError};
 
 use crate::phase::PhaseClock;
 use crate::realisation::{base_name, OutputIds, RealisationError};
 use crate::store_db::{valid_paths, StoreDb};
+use crate::walk::{Presence, Walk};
+
+/// The substituters Nix uses when its configuration names none.
+const DEFAULT_SUBSTITUTERS: &str = "https://cache.nixos.org/";
 
 /// Why a build could not be planned.
 #[derive(Debug, thiserror::Error)]
@@ -34,19 +42,29 @@ pub enum PlanError {
     /// The blocking task computing output ids failed.
     #[error("computing output ids failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The substituters did not deliver what they offered.
+    #[error("cannot substitute {count} path(s): {source}")]
+    Substitute {
+        /// How many paths were to be substituted.
+        count: usize,
+        /// The daemon's answer.
+        source: StepError,
+    },
 }
 
-/// The derivation closure of some roots and which of its derivations must be built.
+/// The derivation closure of some roots and what of it must be built or substituted.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// Every derivation of the closure, by `.drv` path.
     pub infos: BTreeMap<String, DerivationInfo>,
-    /// The derivations with an output that is not valid (or not known before building).
+    /// The derivations to build: the roots' outputs need them.
     pub needed: BTreeSet<String>,
     /// Derivations whose outputs are not known before building but which the local store
-    /// has realised already (its realisations name valid paths): output name → path. They
-    /// are not needed.
+    /// has realised already (its realisations name valid paths), and that are not needed:
+    /// output name → path, for the outputs realised.
     pub realised: BTreeMap<String, BTreeMap<String, String>>,
+    /// Output paths the local store fetched from its substituters instead of building them.
+    pub substituted: BTreeSet<String>,
 }
 
 impl Plan {
@@ -62,86 +80,6 @@ impl Plan {
             .collect()
     }
 
-    /// Take the needed derivations whose outputs are realised in the store of `pool`
-    /// (`QueryRealisation`, valid paths only) out of [`Plan::needed`]: they were built before,
-    /// here or elsewhere, and need no worker.
-    async fn count_realised(
-        &mut self,
-        pool: &DaemonPool,
-        db: Option<&StoreDb>,
-    ) -> Result<(), PlanError> {
-        let floating: Vec<String> = self
-            .needed
-            .iter()
-            .filter(|d| {
-                self.infos
-                    .get(*d)
-                    .is_some_and(|i| i.outputs.values().any(Option::is_none))
-            })
-            .cloned()
-            .collect();
-        if floating.is_empty() {
-            return Ok(());
-        }
-        let store = pool.store_dir().clone();
-        let ids = tokio::task::spawn_blocking(move || {
-            let mut ids = OutputIds::new(&store);
-            floating
-                .into_iter()
-                .map(|drv| {
-                    let path = store.parse(&drv).map_err(|source| PlanError::Path {
-                        path: drv.clone(),
-                        source,
-                    })?;
-                    let (_, outputs) = ids.of(&path)?;
-                    Ok((drv, outputs))
-                })
-                .collect::<Result<Vec<_>, PlanError>>()
-        })
-        .await??;
-        let mut lease = pool.lease().await?;
-        let mut candidates: BTreeMap<String, BTreeMap<String, StorePath>> = BTreeMap::new();
-        for (drv, outputs) in ids {
-            let mut found = BTreeMap::new();
-            for (name, id) in outputs {
-                match lease.client().query_realisation(&id).await {
-                    Ok(Some(r)) => {
-                        if let Ok(p) = StorePath::from_base_name(base_name(&r.out_path)) {
-                            found.insert(name, p);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return Err(lease.failed(e).into()),
-                }
-            }
-            let all = self
-                .infos
-                .get(&drv)
-                .is_some_and(|i| i.outputs.len() == found.len());
-            if all {
-                candidates.insert(drv, found);
-            }
-        }
-        lease.release();
-        let paths: BTreeSet<StorePath> = candidates
-            .values()
-            .flat_map(|o| o.values().cloned())
-            .collect();
-        let valid = valid_paths(&paths, db, pool).await?;
-        let store = pool.store_dir();
-        for (drv, outputs) in candidates {
-            if outputs.values().all(|p| valid.contains(p)) {
-                self.needed.remove(&drv);
-                let printed = outputs
-                    .into_iter()
-                    .map(|(n, p)| (n, store.print(&p)))
-                    .collect();
-                self.realised.insert(drv, printed);
-            }
-        }
-        Ok(())
-    }
-
     /// The needed steps with their facts.
     pub fn steps(&self) -> BTreeMap<String, &DerivationInfo> {
         self.needed
@@ -151,9 +89,9 @@ impl Plan {
     }
 }
 
-/// Read the closure of `roots` (`.drv` paths) from the local store and find the steps:
-/// derivations with an output that is not valid in `pool`'s store (read from its database
-/// `db` when given), except those whose outputs that store has realised already.
+/// Read the closure of `roots` (`.drv` paths) from the local store and find what the roots'
+/// outputs need (see the module's documentation), reading validity from the store of
+/// `pool` (from its database `db` when given); substitute what the substituters have.
 pub async fn plan(
     roots: &[String],
     pool: &DaemonPool,
@@ -171,24 +109,210 @@ pub async fn plan(
         .collect();
     let valid = valid_paths(&known, db, pool).await?;
     clock.end("query valid outputs");
-    let is_valid = |p: &String| store.parse(p).is_ok_and(|p| valid.contains(&p));
-    let needed = infos
-        .iter()
-        .filter(|(_, i)| {
-            i.outputs
-                .values()
-                .any(|p| p.as_ref().is_none_or(|p| !is_valid(p)))
-        })
-        .map(|(d, _)| d.clone())
-        .collect();
-    let mut plan = Plan {
+    let mut realised = match realisations(&infos, pool, db).await {
+        Ok(realised) => realised,
+        Err(error) => {
+            tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
+            BTreeMap::new()
+        }
+    };
+    clock.end("query realisations");
+    let substituting = substituters_enabled();
+    let mut walk = Walk::new(&infos, roots);
+    loop {
+        let layer = walk.next_layer();
+        if layer.is_empty() {
+            break;
+        }
+        let mut presence: BTreeMap<String, BTreeMap<String, Presence>> = BTreeMap::new();
+        // Missing outputs a substituter may have: (derivation, output) → path.
+        let mut candidates: BTreeMap<(String, String), StorePath> = BTreeMap::new();
+        for (drv, outputs) in &layer {
+            let info = infos.get(drv);
+            let mine = presence.entry(drv.clone()).or_default();
+            for output in outputs {
+                let here = match info.and_then(|i| i.outputs.get(output)) {
+                    Some(Some(p)) => match store.parse(p) {
+                        Ok(parsed) if valid.contains(&parsed) => Presence::Valid,
+                        Ok(parsed) => {
+                            if substituting && info.is_some_and(|i| i.allow_substitutes) {
+                                candidates.insert((drv.clone(), output.clone()), parsed);
+                            }
+                            Presence::Missing
+                        }
+                        Err(_) => Presence::Missing,
+                    },
+                    Some(None) if realised.get(drv).is_some_and(|r| r.contains_key(output)) => {
+                        Presence::Valid
+                    }
+                    _ => Presence::Missing,
+                };
+                mine.insert(output.clone(), here);
+            }
+        }
+        if !candidates.is_empty() {
+            let offered = substitutable(candidates.values().cloned().collect(), pool).await;
+            for ((drv, output), path) in candidates {
+                if offered.contains(&path) {
+                    if let Some(p) = presence.get_mut(&drv).and_then(|o| o.get_mut(&output)) {
+                        *p = Presence::Substitutable(store.print(&path));
+                    }
+                }
+            }
+        }
+        for (drv, outputs) in &presence {
+            walk.settle(drv, outputs);
+        }
+    }
+    let (needed, substitutes) = walk.finish();
+    clock.end("walk the closure top-down");
+    // The resolver takes a realised derivation as done: only those not built again count.
+    realised.retain(|drv, _| !needed.contains(drv));
+    substitute(&substitutes, pool).await?;
+    clock.end("substitute");
+    Ok(Plan {
         infos,
         needed,
-        realised: BTreeMap::new(),
-    };
-    if let Err(error) = plan.count_realised(pool, db).await {
-        tracing::warn!(%error, "cannot look up the realisations in the store; building those steps");
+        realised,
+        substituted: substitutes,
+    })
+}
+
+/// Whether Nix would ask substituters: `substitute` is on and `substituters` names some.
+fn substituters_enabled() -> bool {
+    match NixConf::load() {
+        Ok(conf) => {
+            conf.value("substitute", "true") == "true"
+                && !conf
+                    .list("substituters", &[DEFAULT_SUBSTITUTERS.to_owned()])
+                    .is_empty()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the Nix configuration; not substituting");
+            false
+        }
     }
-    clock.end("query realisations");
-    Ok(plan)
+}
+
+/// Which of `paths` the substituters of `pool`'s store can provide (`QuerySubstitutablePaths`);
+/// none if the store cannot say, so those derivations are built.
+async fn substitutable(paths: BTreeSet<StorePath>, pool: &DaemonPool) -> BTreeSet<StorePath> {
+    let asked = async {
+        let mut lease = pool.lease().await?;
+        match lease.client().query_substitutable_paths(&paths).await {
+            Ok(offered) => {
+                lease.release();
+                Ok(offered)
+            }
+            Err(e) => Err(lease.failed(e)),
+        }
+    };
+    asked.await.unwrap_or_else(|error: StepError| {
+        tracing::warn!(%error, "cannot ask the substituters; building instead");
+        BTreeSet::new()
+    })
+}
+
+/// Have the store of `pool` fetch `paths` (printed) from its substituters (`BuildPaths`).
+async fn substitute(paths: &BTreeSet<String>, pool: &DaemonPool) -> Result<(), PlanError> {
+    if paths.is_empty() {
+        return Ok(());
+    }
+    let failed = |source| PlanError::Substitute {
+        count: paths.len(),
+        source,
+    };
+    let store = pool.store_dir();
+    let wanted = paths
+        .iter()
+        .map(|p| {
+            store
+                .parse(p)
+                .map(DerivedPath::Opaque)
+                .map_err(|source| PlanError::Path {
+                    path: p.clone(),
+                    source,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    tracing::info!(paths = paths.len(), "substituting");
+    let mut lease = pool.lease().await.map_err(failed)?;
+    let mut logs = |event: LogEvent| tracing::debug!(?event, "substituter");
+    match lease
+        .client()
+        .build_paths(&wanted, BuildMode::Normal, &mut logs)
+        .await
+    {
+        // The daemon holds temporary roots on what it fetched: let it go.
+        Ok(()) => {
+            lease.retire();
+            Ok(())
+        }
+        Err(e) => Err(failed(lease.failed(e))),
+    }
+}
+
+/// The outputs of the closure's floating content-addressed derivations that the store of
+/// `pool` has realised to valid paths (`QueryRealisation`; validity read from `db` when
+/// given): derivation → output name → path.
+async fn realisations(
+    infos: &BTreeMap<String, DerivationInfo>,
+    pool: &DaemonPool,
+    db: Option<&StoreDb>,
+) -> Result<BTreeMap<String, BTreeMap<String, String>>, PlanError> {
+    let floating: Vec<String> = infos
+        .iter()
+        .filter(|(_, i)| i.outputs.values().any(Option::is_none))
+        .map(|(d, _)| d.clone())
+        .collect();
+    if floating.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let store = pool.store_dir().clone();
+    let ids = tokio::task::spawn_blocking(move || {
+        let mut ids = OutputIds::new(&store);
+        floating
+            .into_iter()
+            .map(|drv| {
+                let path = store.parse(&drv).map_err(|source| PlanError::Path {
+                    path: drv.clone(),
+                    source,
+                })?;
+                let (_, outputs) = ids.of(&path)?;
+                Ok((drv, outputs))
+            })
+            .collect::<Result<Vec<_>, PlanError>>()
+    })
+    .await??;
+    let mut lease = pool.lease().await?;
+    let mut found: BTreeMap<String, BTreeMap<String, StorePath>> = BTreeMap::new();
+    for (drv, outputs) in ids {
+        for (name, id) in outputs {
+            match lease.client().query_realisation(&id).await {
+                Ok(Some(r)) => {
+                    if let Ok(p) = StorePath::from_base_name(base_name(&r.out_path)) {
+                        found.entry(drv.clone()).or_default().insert(name, p);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => return Err(lease.failed(e).into()),
+            }
+        }
+    }
+    lease.release();
+    let paths: BTreeSet<StorePath> = found.values().flat_map(|o| o.values().cloned()).collect();
+    let valid = valid_paths(&paths, db, pool).await?;
+    let store = pool.store_dir();
+    Ok(found
+        .into_iter()
+        .map(|(drv, outputs)| {
+            let printed = outputs
+                .into_iter()
+                .filter(|(_, p)| valid.contains(p))
+                .map(|(n, p)| (n, store.print(&p)))
+                .collect();
+            (drv, printed)
+        })
+        .filter(|(_, outputs): &(String, BTreeMap<String, String>)| !outputs.is_empty())
+        .collect())
 }

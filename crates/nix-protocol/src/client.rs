@@ -453,6 +453,36 @@ where
         self.track(res)
     }
 
+    /// `AddIndirectRoot`: registers `link` (an absolute path of a symlink into the store) as
+    /// an indirect garbage collector root, as `nix-build`'s out-links are.
+    pub async fn add_indirect_root(&mut self, link: &str) -> Result<(), ClientError> {
+        let res = async {
+            self.simple(&Request::AddIndirectRoot(link.to_owned()))
+                .await?;
+            self.reader.read_u64("AddIndirectRoot reply").await?;
+            Ok(())
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `QuerySubstitutablePaths`: which of `paths` the store's substituters can provide.
+    pub async fn query_substitutable_paths(
+        &mut self,
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<BTreeSet<StorePath>, ClientError> {
+        let res = async {
+            self.simple(&Request::QuerySubstitutablePaths(paths.clone()))
+                .await?;
+            Ok(self
+                .reader
+                .read_store_path_set("QuerySubstitutablePaths reply")
+                .await?)
+        }
+        .await;
+        self.track(res)
+    }
+
     /// `IsValidPath`.
     pub async fn is_valid_path(&mut self, path: &StorePath) -> Result<bool, ClientError> {
         let res = async {

@@ -1,7 +1,7 @@
 //! Reading a derivation closure straight from the store, with our own
 //! ATerm parser (no `nix` process per derivation, or at all).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
 use nixspace_nix_formats::derivation::Derivation;
@@ -18,6 +18,10 @@ pub struct DerivationInfo {
     pub features: Vec<String>,
     /// The derivations it depends on.
     pub input_drvs: Vec<String>,
+    /// The outputs it uses of each derivation it depends on (its `inputDrvs`).
+    pub input_outputs: BTreeMap<String, BTreeSet<String>>,
+    /// Whether its outputs may be fetched from substituters (`allowSubstitutes`, default on).
+    pub allow_substitutes: bool,
     /// Output name → path (`None` for floating content-addressed outputs).
     pub outputs: BTreeMap<String, Option<String>>,
 }
@@ -31,6 +35,13 @@ impl DerivationInfo {
                 .map(|f| f.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
             input_drvs: drv.input_drvs.keys().map(|p| store.print(p)).collect(),
+            input_outputs: drv
+                .input_drvs
+                .iter()
+                .map(|(p, outputs)| (store.print(p), outputs.clone()))
+                .collect(),
+            // As Nix reads it from the environment: "1" is true, anything else false.
+            allow_substitutes: drv.env_str("allowSubstitutes").is_none_or(|v| v == "1"),
             outputs: drv
                 .outputs
                 .iter()

@@ -7,6 +7,9 @@
 //! The `nix-daemon` that nixspace starts is the real one ([`real_nix_daemon`]): never this
 //! process's own executable, which may be installed as `nix-daemon`.
 //!
+//! [`instantiate`] evaluates a Nix file with `nix-build`'s arguments; [`add_perm_root`]
+//! makes an out-link a garbage collector root as `nix-build` does.
+//!
 //! Commands run a real Nix program (`nix-instantiate`) found on
 //! `PATH`, with the caller's environment, so `NIX_REMOTE`, `NIX_CONF_DIR` and
 //! friends apply as they would to a user's own commands; failures carry the
@@ -17,6 +20,8 @@
 mod command;
 mod daemon_pool;
 mod derivation_info;
+mod gc_root;
+mod instantiate;
 pub mod local_store;
 pub mod nix_conf;
 pub mod own_store;
@@ -28,27 +33,12 @@ pub use daemon_pool::{
     strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError,
 };
 pub use derivation_info::{read_closure, DerivationInfo};
+pub use gc_root::{add_perm_root, GcRootError};
+pub use instantiate::{instantiate, Evaluation, FunctionArg, Instantiated};
 pub use nix_conf::{NixConf, NixConfError};
 pub use real_program::{real_nix_daemon, real_program, ProgramNotFound, NIX_DAEMON};
 
-use std::path::Path;
-
 use command::run;
-
-/// Evaluate a Nix file (optionally selecting attributes) into `.drv` paths.
-pub async fn instantiate(file: &Path, attrs: &[String]) -> Result<Vec<String>, NixError> {
-    let mut args = vec![file.to_string_lossy().into_owned()];
-    for a in attrs {
-        args.push("-A".to_owned());
-        args.push(a.clone());
-    }
-    let out = run("nix-instantiate", &args).await?;
-    Ok(out
-        .lines()
-        .map(str::to_owned)
-        .filter(|l| !l.is_empty())
-        .collect())
-}
 
 /// The system features the local Nix's store has: `system-features` (from its configuration,
 /// or Nix's defaults for this machine) as `nix show-config` reports them, plus

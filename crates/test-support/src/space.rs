@@ -135,10 +135,12 @@ impl Space {
         child.id()
     }
 
-    /// A `nixspace` command with the test's Nix configuration.
+    /// A `nixspace` command with the test's Nix configuration, run in the test's own
+    /// directory (so `nixspace build`'s `./result` links land there).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(nixspace_bin());
         c.args(args)
+            .current_dir(self.tmp.path())
             .env("NIX_CONF_DIR", self.tmp.path().join("nix-conf"))
             .env("NIXSPACE_STATE_DIR", self.tmp.path().join("state"))
             .env_remove("NIX_REMOTE")

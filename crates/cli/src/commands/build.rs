@@ -1,7 +1,10 @@
-//! `nixspace build`: demand a derivation's closure and follow it to the end. The build itself
-//! is a frontend [`BuildSession`]; this command parses arguments and renders its progress
-//! and report.
+//! `nixspace build`: `nix-build` on a dataspace. It takes the arguments `nix-build` takes
+//! (`-A`, `--arg`, `--argstr`, `-I`, `--keep-going`, `-o`/`--no-out-link`), demands what
+//! the roots' outputs need and follows it to the end. The build itself is a frontend
+//! [`BuildSession`]; this command parses arguments, renders its progress and report, and
+//! makes the out-links ([`out_links`]).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,20 +12,23 @@ use std::time::Duration;
 use clap::Args;
 use nixspace_frontend::phase::PhaseClock;
 use nixspace_frontend::{BuildSession, Report, SessionConfig, StoreDb};
-use nixspace_nix_tools::{DaemonPool, PoolConfig};
+use nixspace_nix_tools::{DaemonPool, Evaluation, FunctionArg, PoolConfig};
 use nixspace_protocol::DrvPath;
 use nixspace_space::Role;
 
+use super::out_links::{self, OutLink};
 use super::JoinArgs;
 use crate::progress::{print_line, Terminal};
 
 /// Build a Nix file or a derivation on the dataspace's workers.
 ///
-/// Instantiates FILE.nix with the local `nix-instantiate` (or takes a
-/// /nix/store/…drv path as is), demands every derivation in its closure whose
-/// outputs are not valid yet, shows progress, and prints the output paths.
-/// Exits 0 when everything was built, 1 with the failing steps' log tails
-/// otherwise. Ctrl-C withdraws the demands (steps nobody else wants stop).
+/// Like nix-build: instantiates FILE.nix with the local `nix-instantiate` (or
+/// takes a /nix/store/…drv path as is), finds top-down what the roots' outputs
+/// still need (substituting what the store's substituters have), demands the
+/// derivations that must be built, shows progress, prints the output paths and
+/// links them as `./result` (a garbage collector root). Exits 0 when everything
+/// was built, 1 with the failing steps' log tails otherwise. Ctrl-C withdraws
+/// the demands (steps nobody else wants stop).
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -32,9 +38,47 @@ pub struct BuildArgs {
     #[arg(value_name = "FILE.nix|DRV")]
     target: PathBuf,
 
-    /// Attribute(s) of the file to build (like nix-build -A).
+    /// Attribute of the file to build (like nix-build -A); repeat it to build
+    /// several roots in one build.
     #[arg(short = 'A', long = "attr", value_name = "ATTR")]
     attrs: Vec<String>,
+
+    /// Pass the Nix expression EXPR as argument NAME to the function the file
+    /// evaluates to (like nix-build --arg); repeatable.
+    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
+    arg: Vec<String>,
+
+    /// Pass the string VALUE as argument NAME to the function the file
+    /// evaluates to (like nix-build --argstr); repeatable.
+    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    argstr: Vec<String>,
+
+    /// Add PATH, or NAME=PATH for `<NAME>`, to the Nix search path for the
+    /// evaluation (like nix-build -I); repeatable, earlier entries first.
+    #[arg(short = 'I', value_name = "PATH|NAME=PATH")]
+    include: Vec<String>,
+
+    /// Keep building everything that can be built after a step failed, and
+    /// report every failure (like nix-build --keep-going). Without it the build
+    /// stops at the first failure.
+    #[arg(short = 'k', long)]
+    keep_going: bool,
+
+    /// Where to link the result (like nix-build -o): PATH for the first root,
+    /// PATH-2, PATH-3… for the next ones, with -OUTPUT appended for an output
+    /// other than `out`. Each link is a garbage collector root.
+    #[arg(
+        short = 'o',
+        long = "out-link",
+        value_name = "PATH",
+        default_value = "result"
+    )]
+    out_link: PathBuf,
+
+    /// Make no result link (like nix-build --no-out-link): the outputs are not
+    /// protected from garbage collection.
+    #[arg(long, conflicts_with = "out_link")]
+    no_out_link: bool,
 
     /// Priority of this build's demands (higher first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
@@ -61,8 +105,18 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let mut clock = PhaseClock::start("build");
     let route = args.join.route(Role::Submit)?;
     clock.end("read the route");
-    let roots = resolve_target(&args.target, &args.attrs).await?;
+    let selected = resolve_target(&args).await?;
     clock.end("instantiate");
+    let mut roots: Vec<DrvPath> = Vec::new();
+    for (drv, _) in &selected {
+        if !roots.iter().any(|r| r.as_str() == drv) {
+            roots.push(DrvPath::from(drv.as_str()));
+        }
+    }
+    let links = match args.no_out_link {
+        true => Vec::new(),
+        false => out_links::out_links(&args.out_link, &selected),
+    };
     let seconds = |flag: &str, value: f64| {
         Duration::try_from_secs_f64(value).map_err(|e| anyhow::anyhow!("{flag} {value}: {e}"))
     };
@@ -73,15 +127,25 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         priority: args.priority,
         patience: seconds("--wait-for-workers", args.wait_for_workers)?,
         reconnect_for: seconds("--reconnect-for", args.reconnect_for)?,
-        keep_going: true,
+        keep_going: args.keep_going,
         // Validity is read from the local store's database when it can be (no process).
         db: StoreDb::open_local(pool.store_dir().clone()).map(Into::into),
-        pool,
+        pool: pool.clone(),
     };
     let mut session = BuildSession::start(config, roots).await?;
+    let substituted = &session.plan().substituted;
+    if !substituted.is_empty() {
+        eprintln!(
+            "nixspace: substituted {} path(s) from the substituters",
+            substituted.len()
+        );
+    }
+    let known = root_outputs(&session, &links);
     if session.is_empty() {
         eprintln!("nixspace: nothing to build; all outputs are valid");
-        print_outputs(&session.finish().await?);
+        let report = session.finish().await?;
+        link_outputs(&pool, &links, &known, &report).await?;
+        print_outputs(&report);
         return Ok(ExitCode::SUCCESS);
     }
     eprintln!(
@@ -112,32 +176,104 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
     }
     terminal.finish();
     let report = session.finish().await?;
-    Ok(show_report(&report))
+    let code = show_report(&report);
+    if code == ExitCode::SUCCESS {
+        link_outputs(&pool, &links, &known, &report).await?;
+    }
+    Ok(code)
 }
 
-/// Turn the command-line target into root derivations.
-async fn resolve_target(
-    target: &std::path::Path,
-    attrs: &[String],
-) -> anyhow::Result<Vec<DrvPath>> {
+/// Turn the command-line target into the selected (derivation, output) pairs, in the order
+/// evaluated.
+async fn resolve_target(args: &BuildArgs) -> anyhow::Result<Vec<(String, String)>> {
+    let target = &args.target;
     let text = target.to_string_lossy();
     if text.ends_with(".drv") {
-        if !attrs.is_empty() {
+        if !args.attrs.is_empty() {
             anyhow::bail!("-A/--attr applies to Nix files, not to a .drv path");
         }
         if !target.is_file() {
             anyhow::bail!("derivation {text} does not exist");
         }
-        return Ok(vec![DrvPath::from(text.into_owned())]);
+        return Ok(vec![(text.into_owned(), "out".to_owned())]);
     }
     if !target.exists() {
         anyhow::bail!("{text}: no such file");
     }
-    let drvs = nixspace_nix_tools::instantiate(target, attrs).await?;
+    let pairs = |values: &[String]| -> Vec<(String, String)> {
+        values
+            .chunks_exact(2)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect()
+    };
+    let mut function_args: Vec<FunctionArg> = pairs(&args.arg)
+        .into_iter()
+        .map(|(name, expr)| FunctionArg::Expr { name, expr })
+        .collect();
+    function_args.extend(
+        pairs(&args.argstr)
+            .into_iter()
+            .map(|(name, value)| FunctionArg::Str { name, value }),
+    );
+    let evaluation = Evaluation {
+        file: target.clone(),
+        attrs: args.attrs.clone(),
+        args: function_args,
+        search_path: args.include.clone(),
+    };
+    let drvs = nixspace_nix_tools::instantiate(&evaluation).await?;
     if drvs.is_empty() {
         anyhow::bail!("{text} evaluates to no derivation");
     }
-    Ok(drvs.into_iter().map(DrvPath::from).collect())
+    Ok(drvs.into_iter().map(|i| (i.drv, i.output)).collect())
+}
+
+/// The output paths of the linked roots known before building: fixed in the derivation, or
+/// realised already (derivation → output → path).
+fn root_outputs(
+    session: &BuildSession,
+    links: &[OutLink],
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let plan = session.plan();
+    links
+        .iter()
+        .map(|l| {
+            let mut outputs: BTreeMap<String, String> = plan
+                .infos
+                .get(&l.drv)
+                .into_iter()
+                .flat_map(|i| &i.outputs)
+                .filter_map(|(name, path)| Some((name.clone(), path.clone()?)))
+                .collect();
+            outputs.extend(plan.realised.get(&l.drv).cloned().unwrap_or_default());
+            (l.drv.clone(), outputs)
+        })
+        .collect()
+}
+
+/// Make the out-links of a successful build; `known` holds the outputs known before it, the
+/// report those realised by it.
+async fn link_outputs(
+    pool: &DaemonPool,
+    links: &[OutLink],
+    known: &BTreeMap<String, BTreeMap<String, String>>,
+    report: &Report,
+) -> anyhow::Result<()> {
+    let mut targets = Vec::with_capacity(links.len());
+    for link in links {
+        let realised = report
+            .realised
+            .get(&DrvPath::from(link.drv.as_str()))
+            .and_then(|o| o.get(&link.output));
+        let path = realised
+            .or_else(|| known.get(&link.drv).and_then(|o| o.get(&link.output)))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} has no output {:?} to link", link.drv, link.output)
+            })?;
+        targets.push((link.clone(), path.clone()));
+    }
+    out_links::make(pool, &targets).await?;
+    Ok(())
 }
 
 /// Print the roots' outputs on stdout, one per line.

@@ -5,6 +5,7 @@ pub mod build;
 pub mod daemon;
 pub mod demo;
 pub mod history;
+pub mod out_links;
 pub mod route;
 pub mod server_config;
 pub mod status;
