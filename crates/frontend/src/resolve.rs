@@ -355,6 +355,28 @@ impl Resolver {
             }
         }
         realisations.append(&mut built);
+        self.record(realisations).await
+    }
+
+    /// Record the realisations of `drv`'s outputs in the local store now, if its outputs were
+    /// not known before building (a step the post-build hook is about to see as built).
+    pub(crate) async fn register_step(&self, drv: &str) -> Result<usize, RegisterError> {
+        let ours = self
+            .inner
+            .state
+            .lock()
+            .map(|s| s.floating.contains(drv) || s.resolved.contains_key(drv))
+            .unwrap_or(false);
+        if !ours {
+            return Ok(0);
+        }
+        let realisations = self.realisations_of(&[drv.to_owned()]).await?;
+        self.record(realisations).await
+    }
+
+    /// Register those of `realisations` whose outputs are valid in the local store; returns
+    /// how many.
+    async fn record(&self, realisations: Vec<Realisation>) -> Result<usize, RegisterError> {
         let mut lease = self.inner.pool.lease().await?;
         let paths: BTreeSet<StorePath> = realisations
             .iter()
