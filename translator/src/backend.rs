@@ -13,7 +13,7 @@ use std::future::Future;
 
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::{
-    BasicDerivation, BuildMode, ClientSettings, DerivedPath, Request, ValidPathInfo,
+    BasicDerivation, BuildMode, ClientSettings, DerivedPath, Realisation, Request, ValidPathInfo,
 };
 
 use crate::client::{not_supported, Client, ConnError};
@@ -112,6 +112,8 @@ operations! {
     fn add_signatures(path: StorePath, sigs: Vec<String>) = AddSignatures { path, sigs };
     /// `QueryRealisation`.
     fn query_realisation(id: String) = QueryRealisation(id);
+    /// `RegisterDrvOutput`.
+    fn register_drv_output(realisation: Realisation) = RegisterDrvOutput(realisation);
     /// `AddToStore` before 1.25: a NAR follows, unframed.
     fn add_to_store_legacy(name: String, fixed: bool, recursive: bool, hash_algo: String) = AddToStoreLegacy { name, fixed, recursive, hash_algo };
     /// `QuerySubstitutablePathInfo`.

@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use nixspace_frontend::{BuildSession, Progress, Report, SessionConfig};
+use nixspace_frontend::{BuildSession, PostBuild, Progress, Report, SessionConfig};
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::stderr::{activity_type, result_type, Field};
 use nixspace_nix_protocol::{
@@ -24,6 +25,7 @@ use crate::build_result::{built_outputs, error_message, result_for};
 use crate::client::{Client, ConnError};
 use crate::passthrough::PassThrough;
 use crate::server::Config;
+use crate::trust::Trust;
 
 /// Nix's `lvlInfo`: "building …" messages show at this verbosity and above.
 const LVL_INFO: u64 = 3;
@@ -61,6 +63,16 @@ impl<'a> Translator<'a> {
         roots: Vec<DrvPath>,
     ) -> Result<Result<Report, DaemonError>, ConnError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        // A trusted client's settings count, as they do in nix-daemon; the untrusted may not
+        // set these.
+        let overrides = match client.trust {
+            Trust::Trusted => self.settings.overrides.clone(),
+            Trust::Untrusted => BTreeMap::new(),
+        };
+        let post_build = match PostBuild::from_settings(&self.config.nix_conf, &overrides) {
+            Ok(p) => Arc::new(p),
+            Err(e) => return Ok(Err(DaemonError::new(format!("nixspace: {e}")))),
+        };
         let config = SessionConfig {
             route: self.config.route.clone(),
             requester: format!(
@@ -75,6 +87,7 @@ impl<'a> Translator<'a> {
             keep_going: self.settings.keep_going,
             pool: self.config.transfers.clone(),
             db: self.config.store_db.clone(),
+            post_build,
         };
         let mut session = match BuildSession::start(config, roots).await {
             Ok(s) => s,
@@ -285,6 +298,20 @@ async fn show(
         Progress::Started { drv, worker } => {
             activities.start(client, &drv, worker.as_str()).await?;
         }
+        Progress::PostBuildHook { drv, hook } => {
+            activities.start_hook(client, &drv, &hook).await?;
+        }
+        Progress::PostBuildLog { drv, line } => {
+            if let Some(id) = activities.hooks.get(&drv).copied() {
+                client
+                    .event(LogEvent::Result {
+                        id,
+                        result_type: result_type::POST_BUILD_LOG_LINE,
+                        fields: vec![Field::String(line)],
+                    })
+                    .await?;
+            }
+        }
         Progress::Built { drv, .. } | Progress::Failed { drv, .. } => {
             activities.stop(client, &drv).await?;
         }
@@ -423,9 +450,20 @@ impl DaemonBackend for Translator<'_> {
     }
 }
 
-/// The client-side build activities of the steps being built, by step.
+/// The client-side activities of the steps being built, by step: their builds, and their
+/// post-build hooks.
 #[derive(Default)]
-struct Activities(BTreeMap<DrvPath, u64>);
+struct Activities {
+    builds: BTreeMap<DrvPath, u64>,
+    hooks: BTreeMap<DrvPath, u64>,
+}
+
+/// A new activity id. Like Nix: the process id in the upper half keeps ids apart from the
+/// upstream's.
+fn activity_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, Ordering::Relaxed)
+}
 
 impl Activities {
     /// Start the activity of building `drv` (on `worker`, if known), replacing an earlier
@@ -436,10 +474,8 @@ impl Activities {
         drv: &DrvPath,
         worker: &str,
     ) -> Result<u64, ConnError> {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
         self.stop(client, drv).await?;
-        // Like Nix: the process id in the upper half keeps ids apart from the upstream's.
-        let id = (u64::from(std::process::id()) << 32) | NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = activity_id();
         let text = if worker.is_empty() {
             format!("building '{drv}'")
         } else {
@@ -460,27 +496,57 @@ impl Activities {
                 parent: 0,
             })
             .await?;
-        self.0.insert(drv.clone(), id);
+        self.builds.insert(drv.clone(), id);
         Ok(id)
+    }
+
+    /// Start the activity of `drv`'s post-build hook, as Nix words it.
+    async fn start_hook(
+        &mut self,
+        client: &mut Client,
+        drv: &DrvPath,
+        hook: &str,
+    ) -> Result<(), ConnError> {
+        let id = activity_id();
+        client
+            .event(LogEvent::StartActivity {
+                id,
+                level: LVL_INFO,
+                activity_type: activity_type::POST_BUILD_HOOK,
+                text: format!("running post-build-hook '{hook}'"),
+                fields: vec![Field::String(drv.to_string())],
+                parent: 0,
+            })
+            .await?;
+        self.hooks.insert(drv.clone(), id);
+        Ok(())
     }
 
     /// The activity of `drv`, started (with no worker named) if there is none.
     async fn of(&mut self, client: &mut Client, drv: &DrvPath) -> Result<u64, ConnError> {
-        match self.0.get(drv) {
+        match self.builds.get(drv) {
             Some(id) => Ok(*id),
             None => self.start(client, drv, "").await,
         }
     }
 
+    /// Stop the activities of `drv` (its build and its hook).
     async fn stop(&mut self, client: &mut Client, drv: &DrvPath) -> Result<(), ConnError> {
-        if let Some(id) = self.0.remove(drv) {
+        for id in [self.builds.remove(drv), self.hooks.remove(drv)]
+            .into_iter()
+            .flatten()
+        {
             client.event(LogEvent::StopActivity { id }).await?;
         }
         Ok(())
     }
 
     async fn stop_all(&mut self, client: &mut Client) -> Result<(), ConnError> {
-        for id in std::mem::take(&mut self.0).into_values() {
+        let (builds, hooks) = (
+            std::mem::take(&mut self.builds),
+            std::mem::take(&mut self.hooks),
+        );
+        for id in builds.into_values().chain(hooks.into_values()) {
             client.event(LogEvent::StopActivity { id }).await?;
         }
         Ok(())

@@ -73,7 +73,8 @@ pub fn reply_of(req: &Request) -> Option<Reply> {
     Some(match req {
         Request::SetOptions(_)
         | Request::AddToStoreNar { .. }
-        | Request::AddMultipleToStore { .. } => Reply::Nothing,
+        | Request::AddMultipleToStore { .. }
+        | Request::RegisterDrvOutput(_) => Reply::Nothing,
         Request::IsValidPath(_)
         | Request::AddTempRoot(_)
         | Request::AddIndirectRoot(_)

@@ -19,6 +19,7 @@ use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::handshake::{server_greeting, server_handshake, ServerHello};
 use nixspace_nix_protocol::stderr::send_error;
 use nixspace_nix_protocol::{DaemonError, NixReader, NixWriter, Request, TrustedFlag, WireError};
+use nixspace_nix_tools::nix_conf::NixConf;
 use nixspace_nix_tools::DaemonPool;
 use nixspace_space::Route;
 use tokio::net::{UnixListener, UnixStream};
@@ -47,6 +48,9 @@ pub struct Config {
     pub store_dir: StoreDir,
     /// Who may connect and who is trusted.
     pub trust: TrustConfig,
+    /// The Nix configuration the translator started with (what acts after a build:
+    /// `post-build-hook`, `secret-key-files`).
+    pub nix_conf: NixConf,
     /// Connections to the upstream store for path transfers: workers with stores of their
     /// own fetch inputs from it, and results are copied back into it.
     pub transfers: DaemonPool,

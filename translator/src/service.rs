@@ -17,6 +17,7 @@ use crate::client::ConnError;
 use crate::server::{serve, Config};
 use crate::trust::TrustConfig;
 use crate::upstream::UpstreamSpec;
+use nixspace_nix_tools::nix_conf::NixConf;
 use nixspace_nix_tools::NixConfError;
 
 /// How long a step may wait for a capable worker by default.
@@ -151,8 +152,8 @@ pub async fn serve_stdio(options: TranslatorOptions) -> Result<(), ServiceError>
         .map_err(|e| ServiceError::Stdio(Box::new(e)))
 }
 
-/// The server's configuration: `options`, with the trust settings and the store directory
-/// read from the Nix configuration and environment.
+/// The server's configuration: `options`, with the Nix configuration (and the trust settings
+/// in it) and the store directory read from the configuration files and environment.
 fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
     let store_dir = match std::env::var("NIX_STORE_DIR") {
         Ok(dir) if !dir.is_empty() => {
@@ -160,7 +161,8 @@ fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
         }
         _ => StoreDir::default(),
     };
-    let trust = TrustConfig::load()?;
+    let nix_conf = NixConf::load()?;
+    let trust = TrustConfig::default().with_conf(&nix_conf);
     let transfers = options.upstream.transfer_pool(&store_dir);
     // The local store's database answers the cheapest queries without a relay hop.
     let store_db = match options.upstream {
@@ -183,6 +185,7 @@ fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
         priority: options.priority,
         store_dir,
         trust,
+        nix_conf,
     })
 }
 

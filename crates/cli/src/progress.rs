@@ -70,6 +70,14 @@ impl Terminal {
                 "{}> {line}",
                 drv.short_name().trim_end_matches(".drv")
             )),
+            Progress::PostBuildHook { drv, hook } => self.line(&format!(
+                "running post-build-hook '{hook}' for {}",
+                drv.short_name()
+            )),
+            Progress::PostBuildLog { drv, line } => self.line(&format!(
+                "{} (post-build-hook)> {line}",
+                drv.short_name().trim_end_matches(".drv")
+            )),
             Progress::Lost { why } => self.line(&format!(
                 "nixspace: lost the dataspace ({why}); reconnecting"
             )),

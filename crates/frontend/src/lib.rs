@@ -10,6 +10,7 @@
 //! - [`resolve`]: content-addressed steps resolved as their inputs are realised.
 //! - [`realisation`]: output ids and the realisations of built outputs.
 //! - [`report`] and [`outcome`]: how the build and each step ended.
+//! - [`post_build`]: what happens after each step is built (signatures, the post-build hook).
 //! - [`store_db`]: validity and path info read from the local store's database.
 //! - [`phase`]: debug-level timing of a build's phases.
 
@@ -18,6 +19,7 @@ mod events;
 pub mod outcome;
 pub mod phase;
 pub mod plan;
+pub mod post_build;
 pub mod realisation;
 pub mod report;
 pub mod resolve;
@@ -26,6 +28,7 @@ pub mod store_db;
 pub mod walk;
 
 pub use outcome::{Failure, FailureCause, StepOutcome};
+pub use post_build::PostBuild;
 pub use report::Report;
 pub use session::{BuildSession, Progress, SessionConfig, SessionError};
 pub use store_db::StoreDb;

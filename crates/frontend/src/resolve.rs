@@ -181,6 +181,10 @@ struct State {
     resolved: BTreeMap<String, (build::Resolved, build::Demand)>,
     /// Resolved derivation → the originals it stands for.
     originals: BTreeMap<String, BTreeSet<String>>,
+    /// Needed steps with an output not known before building, demanded as they are: the
+    /// worker's Nix registers its realisation under the id of the derivation it was sent
+    /// (inputs resolved), so the original's is this frontend's to register.
+    floating: BTreeSet<String>,
 }
 
 /// Resolves this frontend's held steps as their inputs are realised. Cheap to clone; the
@@ -264,6 +268,9 @@ impl Resolver {
                     .is_some_and(|i| i.outputs.values().any(Option::is_none))
             });
             if !unknown_input {
+                if info.outputs.values().any(Option::is_none) {
+                    state.floating.insert(drv.clone());
+                }
                 continue;
             }
             let path = store_dir.parse(drv).map_err(|source| ResolverError::Path {
@@ -326,8 +333,9 @@ impl Resolver {
             .collect()
     }
 
-    /// Assert the realisations of the resolved originals in the dataspace, and record in the
-    /// local store those whose outputs are valid there (`RegisterDrvOutput`), so Nix finds
+    /// Assert the realisations of the resolved originals (and of the content-addressed steps
+    /// built as they were) in the dataspace, and record in the local store those whose
+    /// outputs are valid there (`RegisterDrvOutput`), so Nix finds
     /// their outputs as if it had built them. The resolved derivations' realisations are
     /// recorded too, with the signatures their builders gave them in the dataspace. Returns
     /// how many were registered locally.
@@ -337,8 +345,9 @@ impl Resolver {
             .state
             .lock()
             .map(|s| {
+                let built_floating = s.floating.iter().filter(|d| s.realised.contains_key(*d));
                 (
-                    s.resolved.keys().cloned().collect(),
+                    s.resolved.keys().chain(built_floating).cloned().collect(),
                     s.originals.keys().cloned().collect(),
                 )
             })
@@ -362,6 +371,28 @@ impl Resolver {
             }
         }
         realisations.append(&mut built);
+        self.record(realisations).await
+    }
+
+    /// Record the realisations of `drv`'s outputs in the local store now, if its outputs were
+    /// not known before building (a step the post-build hook is about to see as built).
+    pub(crate) async fn register_step(&self, drv: &str) -> Result<usize, RegisterError> {
+        let ours = self
+            .inner
+            .state
+            .lock()
+            .map(|s| s.floating.contains(drv) || s.resolved.contains_key(drv))
+            .unwrap_or(false);
+        if !ours {
+            return Ok(0);
+        }
+        let realisations = self.realisations_of(&[drv.to_owned()]).await?;
+        self.record(realisations).await
+    }
+
+    /// Register those of `realisations` whose outputs are valid in the local store; returns
+    /// how many.
+    async fn record(&self, realisations: Vec<Realisation>) -> Result<usize, RegisterError> {
         let mut lease = self.inner.pool.lease().await?;
         let paths: BTreeSet<StorePath> = realisations
             .iter()

@@ -33,6 +33,7 @@ use crate::events::{self, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause, StepOutcome};
 use crate::phase::PhaseClock;
 use crate::plan::{plan, Plan, PlanError};
+use crate::post_build::{AfterBuild, PostBuild};
 use crate::report::{Report, LOG_TAIL_LINES};
 use crate::resolve::{RegisterError, Resolver, ResolverError};
 use crate::store_db::{valid_paths, StoreDb};
@@ -59,6 +60,9 @@ pub struct SessionConfig {
     pub pool: DaemonPool,
     /// The local store's database, when it can be read (validity without a daemon).
     pub db: Option<Arc<StoreDb>>,
+    /// What to do after each step is built (sign its outputs, run a hook): when not empty,
+    /// every step's outputs are copied here as it is built.
+    pub post_build: Arc<PostBuild>,
 }
 
 /// What happened in a build, for the caller to show.
@@ -82,6 +86,20 @@ pub enum Progress {
         drv: DrvPath,
         /// The worker building it.
         worker: WorkerId,
+        /// The line, without its newline.
+        line: String,
+    },
+    /// The post-build hook started for a built step.
+    PostBuildHook {
+        /// The step.
+        drv: DrvPath,
+        /// The hook.
+        hook: String,
+    },
+    /// One line the post-build hook printed.
+    PostBuildLog {
+        /// The step.
+        drv: DrvPath,
         /// The line, without its newline.
         line: String,
     },
@@ -172,6 +190,17 @@ impl Drop for Membership {
 enum Incoming {
     Step(StepEvent),
     Connection(Progress),
+    /// A line from a step's post-build hook.
+    PostBuildLine {
+        drv: DrvPath,
+        line: String,
+    },
+    /// The work after a step's build ended (`None`: done).
+    AfterBuilt {
+        drv: DrvPath,
+        outputs: Vec<String>,
+        error: Option<String>,
+    },
 }
 
 /// The part of a session that exists while it has steps to follow.
@@ -180,6 +209,8 @@ struct Following {
     connection: Pin<Box<dyn Future<Output = JoinError> + Send>>,
     store: StoreNode,
     resolver: Resolver,
+    /// Where the work after a step's build reports.
+    sender: mpsc::UnboundedSender<Incoming>,
     /// Declared last: the demands go once the rest is dropped.
     _membership: Membership,
 }
@@ -191,6 +222,9 @@ pub struct BuildSession {
     patience: Duration,
     pool: DaemonPool,
     db: Option<Arc<StoreDb>>,
+    post_build: Arc<PostBuild>,
+    /// Built steps whose post-build work is under way.
+    after_build: BTreeSet<DrvPath>,
     roots: Vec<DrvPath>,
     plan: Plan,
     /// Every step and how it ended (`None` while pending).
@@ -239,6 +273,8 @@ impl BuildSession {
             patience: config.patience,
             pool: config.pool.clone(),
             db: config.db.clone(),
+            post_build: Arc::clone(&config.post_build),
+            after_build: BTreeSet::new(),
             roots,
             plan,
             steps,
@@ -325,6 +361,7 @@ impl BuildSession {
             give_up_after: Some(config.reconnect_for),
             ..Backoff::default()
         };
+        let sender = tx.clone();
         let on_connection = move |event: SessionEvent<'_>| {
             let progress = match event {
                 SessionEvent::Joined { connection: 1 } => return,
@@ -345,6 +382,7 @@ impl BuildSession {
             connection,
             store,
             resolver,
+            sender,
             _membership: membership,
         })
     }
@@ -400,6 +438,14 @@ impl BuildSession {
             match incoming {
                 Some(Incoming::Step(event)) => self.apply(event),
                 Some(Incoming::Connection(progress)) => self.queued.push_back(progress),
+                Some(Incoming::PostBuildLine { drv, line }) => {
+                    self.queued.push_back(Progress::PostBuildLog { drv, line })
+                }
+                Some(Incoming::AfterBuilt {
+                    drv,
+                    outputs,
+                    error,
+                }) => self.after_built(drv, outputs, error),
                 // A wake-up: the loop checks the patience.
                 None => {}
             }
@@ -416,6 +462,11 @@ impl BuildSession {
             }
             StepEvent::Schedulable { drv } if self.unschedulable.remove(&drv).is_some() => {
                 self.queued.push_back(Progress::Schedulable { drv });
+            }
+            StepEvent::Built { drv, outputs }
+                if self.is_pending(&drv) && !self.post_build.is_empty() =>
+            {
+                self.start_after_build(drv, outputs);
             }
             StepEvent::Built { drv, outputs } if self.is_pending(&drv) => {
                 self.settle(
@@ -471,6 +522,82 @@ impl BuildSession {
                 self.queued.push_back(Progress::Log { drv, worker, line });
             }
             _ => {}
+        }
+    }
+
+    /// Start the post-build work of the built step `drv` (once), in a task of its own that
+    /// reports back through the session's channel; the step stays pending until it ends.
+    fn start_after_build(&mut self, drv: DrvPath, outputs: Vec<String>) {
+        let Some(following) = self.following.as_ref() else {
+            return;
+        };
+        if !self.after_build.insert(drv.clone()) {
+            return;
+        }
+        if let Some(hook) = &self.post_build.hook {
+            self.queued.push_back(Progress::PostBuildHook {
+                drv: drv.clone(),
+                hook: hook.clone(),
+            });
+        }
+        let work = AfterBuild {
+            post_build: Arc::clone(&self.post_build),
+            store: following.store.clone(),
+            resolver: following.resolver.clone(),
+            pool: self.pool.clone(),
+            db: self.db.clone(),
+        };
+        let sender = following.sender.clone();
+        tokio::spawn(async move {
+            let lines = {
+                let (sender, drv) = (sender.clone(), drv.clone());
+                move |line| {
+                    let drv = drv.clone();
+                    let _ = sender.send(Incoming::PostBuildLine { drv, line });
+                }
+            };
+            let error = work
+                .run(drv.as_str(), &outputs, lines)
+                .await
+                .err()
+                .map(|e| e.to_string());
+            // The session may be over (the client left): then nobody waits for this.
+            let _ = sender.send(Incoming::AfterBuilt {
+                drv,
+                outputs,
+                error,
+            });
+        });
+    }
+
+    /// The post-build work of `drv` ended: the step is built, or failed with `error`.
+    fn after_built(&mut self, drv: DrvPath, outputs: Vec<String>, error: Option<String>) {
+        if !self.after_build.remove(&drv) || !self.is_pending(&drv) {
+            return;
+        }
+        match error {
+            None => {
+                self.settle(
+                    &drv,
+                    StepOutcome::Built {
+                        outputs: outputs.clone(),
+                    },
+                );
+                self.queued.push_back(Progress::Built { drv, outputs });
+            }
+            Some(reason) => {
+                tracing::warn!(%drv, %reason, "the work after the build failed");
+                let failure = Failure {
+                    worker: None,
+                    reason,
+                    cause: FailureCause::Build,
+                };
+                self.settle(&drv, StepOutcome::Failed(failure.clone()));
+                self.queued.push_back(Progress::Failed { drv, failure });
+                if !self.keep_going {
+                    self.abandon_the_rest();
+                }
+            }
         }
     }
 
@@ -589,7 +716,11 @@ impl BuildSession {
 
 /// The paths of `wanted` that are not valid in the local store (read from its database, else
 /// asked of its daemon); all of them if neither can say.
-async fn missing_here(wanted: &[String], db: Option<&StoreDb>, pool: &DaemonPool) -> Vec<String> {
+pub(crate) async fn missing_here(
+    wanted: &[String],
+    db: Option<&StoreDb>,
+    pool: &DaemonPool,
+) -> Vec<String> {
     let store = pool.store_dir();
     let parsed: Result<Vec<StorePath>, _> = wanted.iter().map(|p| store.parse(p)).collect();
     let Ok(parsed) = parsed else {

@@ -29,7 +29,6 @@ use crate::derived_path::DerivedPath;
 use crate::framed::{self, FramedError};
 use crate::handshake::{self, HandshakeError, HandshakeInfo};
 use crate::nar_copy::{self, NarCopyError};
-use crate::ops::Opcode;
 use crate::ops::Request;
 use crate::path_info::{PathInfo, ValidPathInfo};
 use crate::realisation::Realisation;
@@ -390,23 +389,9 @@ where
         if self.poisoned {
             return Err(ClientError::Poisoned);
         }
-        let res = async {
-            let w = &mut self.writer;
-            w.write_u64(Opcode::RegisterDrvOutput as u64, "op").await?;
-            if w.version() >= REGISTER_DRV_OUTPUT_JSON {
-                let json = serde_json::to_string(realisation)
-                    .map_err(|e| WireError::io("realisation", std::io::Error::other(e)))?;
-                w.write_bytes(json.as_bytes(), "realisation").await?;
-            } else {
-                w.write_bytes(realisation.id.as_bytes(), "realisation id")
-                    .await?;
-                w.write_bytes(realisation.out_path.as_bytes(), "realisation path")
-                    .await?;
-            }
-            w.flush().await?;
-            Self::process_stderr(&mut self.reader, &mut self.writer, &mut *self.logs, None).await
-        }
-        .await;
+        let res = self
+            .simple(&Request::RegisterDrvOutput(realisation.clone()))
+            .await;
         self.track(res)
     }
 
@@ -415,6 +400,25 @@ where
         let res = async {
             self.simple(&Request::AddTempRoot(path.clone())).await?;
             self.reader.read_u64("AddTempRoot reply").await?;
+            Ok(())
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// `AddSignatures`: adds `sigs` (`name:base64`) to the valid path `path`.
+    pub async fn add_signatures(
+        &mut self,
+        path: &StorePath,
+        sigs: &[String],
+    ) -> Result<(), ClientError> {
+        let res = async {
+            let req = Request::AddSignatures {
+                path: path.clone(),
+                sigs: sigs.to_vec(),
+            };
+            self.simple(&req).await?;
+            self.reader.read_u64("AddSignatures reply").await?;
             Ok(())
         }
         .await;

@@ -19,9 +19,11 @@ use crate::client_settings::ClientSettings;
 use crate::derivation::read_basic_derivation;
 use crate::derived_path::DerivedPath;
 use crate::path_info::ValidPathInfo;
+use crate::realisation::Realisation;
 use crate::version::{
     ProtocolVersion, ADD_BUILD_LOG, ADD_MULTIPLE_TO_STORE, ADD_TO_STORE_FRAMED,
-    BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE, SUBSTITUTABLE_INFOS_CA,
+    BUILD_PATHS_WITH_RESULTS, QUERY_VALID_PATHS_SUBSTITUTE, REGISTER_DRV_OUTPUT_JSON,
+    SUBSTITUTABLE_INFOS_CA,
 };
 use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError};
 
@@ -273,6 +275,8 @@ pub enum Request {
     },
     /// `QueryRealisation`: a `DrvOutput` id (`sha256:<hex>!<output>`).
     QueryRealisation(String),
+    /// `RegisterDrvOutput`: a realisation to record (before 1.31 only its id and path travel).
+    RegisterDrvOutput(Realisation),
     /// `AddToStore` in its pre-1.25 form; a NAR follows, unframed.
     AddToStoreLegacy {
         /// The name of the new path.
@@ -371,6 +375,7 @@ impl Request {
             Request::VerifyStore { .. } => Opcode::VerifyStore,
             Request::AddSignatures { .. } => Opcode::AddSignatures,
             Request::QueryRealisation(_) => Opcode::QueryRealisation,
+            Request::RegisterDrvOutput(_) => Opcode::RegisterDrvOutput,
             Request::AddToStoreLegacy { .. } => Opcode::AddToStore,
             Request::QuerySubstitutablePathInfo(_) => Opcode::QuerySubstitutablePathInfo,
             Request::QuerySubstitutablePathInfos(_) => Opcode::QuerySubstitutablePathInfos,
@@ -529,6 +534,15 @@ impl Request {
                 sigs: r.read_strings("sigs").await?,
             },
             Opcode::QueryRealisation => Request::QueryRealisation(r.read_string("outputId").await?),
+            Opcode::RegisterDrvOutput if v >= REGISTER_DRV_OUTPUT_JSON => {
+                Request::RegisterDrvOutput(Realisation::read_from(r).await?)
+            }
+            Opcode::RegisterDrvOutput => Request::RegisterDrvOutput(Realisation {
+                dependent_realisations: BTreeMap::new(),
+                id: r.read_string("outputId").await?,
+                out_path: r.read_string("outputPath").await?,
+                signatures: BTreeSet::new(),
+            }),
             other => return Err(WireError::UnsupportedOp(other)),
         }))
     }
@@ -638,6 +652,13 @@ impl Request {
             Request::QuerySubstitutablePaths(paths) => w.write_store_paths(paths, "paths").await,
             Request::QueryPathFromHashPart(s) => w.write_str(s, "hashPart").await,
             Request::QueryRealisation(s) => w.write_str(s, "outputId").await,
+            Request::RegisterDrvOutput(r) if w.version() >= REGISTER_DRV_OUTPUT_JSON => {
+                r.write_to(w).await
+            }
+            Request::RegisterDrvOutput(r) => {
+                w.write_str(&r.id, "outputId").await?;
+                w.write_str(&r.out_path, "outputPath").await
+            }
             Request::VerifyStore {
                 check_contents,
                 repair,
@@ -778,6 +799,12 @@ mod round_trip {
                 sigs: vec!["k:sig".into()],
             },
             Request::QueryRealisation("sha256:00!out".into()),
+            Request::RegisterDrvOutput(Realisation {
+                dependent_realisations: BTreeMap::new(),
+                id: "sha256:00!out".into(),
+                out_path: "7rjj86a15146cq4nsd2q3v4n7ks1hkgn-a".into(),
+                signatures: BTreeSet::new(),
+            }),
             Request::QuerySubstitutablePathInfo(path("a")),
             Request::QuerySubstitutablePathInfos(
                 [

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::Args;
 use nixspace_frontend::phase::PhaseClock;
-use nixspace_frontend::{BuildSession, Report, SessionConfig, StoreDb};
+use nixspace_frontend::{BuildSession, PostBuild, Report, SessionConfig, StoreDb};
+use nixspace_nix_tools::nix_conf::NixConf;
 use nixspace_nix_tools::{DaemonPool, Evaluation, FunctionArg, PoolConfig};
 use nixspace_protocol::DrvPath;
 use nixspace_space::Role;
@@ -131,6 +132,8 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         // Validity is read from the local store's database when it can be (no process).
         db: StoreDb::open_local(pool.store_dir().clone()).map(Into::into),
         pool: pool.clone(),
+        // Signing and the post-build hook, as this machine's Nix configuration sets them.
+        post_build: PostBuild::from_settings(&NixConf::load()?, &BTreeMap::new())?.into(),
     };
     let mut session = BuildSession::start(config, roots).await?;
     let substituted = &session.plan().substituted;
