@@ -8,8 +8,9 @@
 //!   FILE`) that listens where asked, creates a dataspace and binds three
 //!   sturdy refs to it: [`PLANNER`] (the whole dataspace, for `nixspace up
 //!   --external`), and `worker` and `submit`, each attenuated by the same
-//!   caveat as the embedded host's ([`crate::policy`]), written in the
-//!   server's own `<* $ds [<or [<accept …> … <rewrite ?v …>]>]>` form;
+//!   caveat as the embedded host's ([`crate::policy`]: the role's records and
+//!   its confined observations), written in the server's own
+//!   `<* $ds [<or [<accept …> … <rewrite ?v …>]>]>` form;
 //! - `planner.route`, `worker.route`, `submit.route`: the matching routes,
 //!   so workers and frontends join exactly as they join an embedded host.
 
@@ -21,7 +22,7 @@ use syndicate::actor::AnyValue;
 
 use crate::host::{create_private_dir, HostError};
 use crate::keys::{KeyError, Keys};
-use crate::policy::{allowed, REFUSED_LABEL};
+use crate::policy::{passing, Form, REFUSED_LABEL};
 use crate::route::{transport_value, Role, Route, RouteError, Transport};
 
 /// The name (oid) of the unattenuated capability the planner joins with.
@@ -147,15 +148,13 @@ fn bind(keys: &Keys, name: &str, target: AnyValue) -> Result<String, ConfigError
     ))
 }
 
-/// `<* $ds [<or [<accept <label _ …>> … <rewrite ?v <nixspace-refused role $v>>]>]>`:
-/// the server-side spelling of [`crate::policy::role_caveats`].
+/// `<* $ds [<or [<accept <label _ …>> … <accept <Observe <group <rec label> _> _>> …
+/// <rewrite ?v <nixspace-refused role $v>>]>]>`: the server-side spelling of
+/// [`crate::policy::role_caveats`], from the same [`passing`] forms.
 fn attenuated_dataspace(role: Role) -> AnyValue {
-    let mut alternatives: Vec<AnyValue> = allowed(role)
-        .into_iter()
-        .map(|shape| {
-            let pattern = record(&shape.label, vec![sym("_"); shape.arity]);
-            record("accept", vec![pattern])
-        })
+    let mut alternatives: Vec<AnyValue> = passing(role)
+        .iter()
+        .map(|form| record("accept", vec![spelled(form)]))
         .collect();
     alternatives.push(record(
         "rewrite",
@@ -166,6 +165,17 @@ fn attenuated_dataspace(role: Role) -> AnyValue {
     ));
     let or = record("or", vec![AnyValue::new(alternatives)]);
     record("*", vec![sym("$ds"), AnyValue::new(vec![or])])
+}
+
+/// A passing form as a pattern of the server's configuration language: `_` for any value,
+/// an atom for itself (a symbol such as a record label is a literal there too), records
+/// field by field.
+fn spelled(form: &Form) -> AnyValue {
+    match form {
+        Form::Any => sym("_"),
+        Form::Literal(value) => value.clone(),
+        Form::Record { label, fields } => record(label, fields.iter().map(spelled).collect()),
+    }
 }
 
 fn sym(s: &str) -> AnyValue {
@@ -235,11 +245,21 @@ mod tests {
                 .expect("a bind per role");
             assert_eq!(
                 line.matches("<accept ").count(),
-                allowed(role).len(),
+                passing(role).len(),
                 "{line}"
             );
         }
         assert!(text.contains("<accept <demand _ _ _ _ _>>"), "{text}");
+        // Observations are confined to record patterns, bound whole or not.
+        assert!(
+            text.contains("<accept <Observe <group <rec built> _> _>>"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<accept <Observe <bind <group <rec built> _>> _>>"),
+            "{text}"
+        );
+        assert!(!text.contains("<accept <Observe _ _>>"), "{text}");
         // The planner gets the whole dataspace: it asserts what no role may (assignments,
         // `demands-refused` for requesters over `up --external --max-demands-per-client`).
         let planner = text

@@ -1,24 +1,31 @@
-//! What each role's capability lets its holder put into the dataspace.
+//! What each role's capability lets its holder put into the dataspace, and observe there.
 //!
 //! The host binds every role's sturdy ref to the dataspace *attenuated* by a
 //! Syndicate caveat (see [`role_caveats`]): an `<or [<rewrite …> …]>` whose
 //! alternatives pass the records of the role's vocabulary unchanged and turn
 //! everything else into `<nixspace-refused role value>`. A Syndicate caveat
 //! filters assertions and messages alike, so a role that may send `<log …>`
-//! messages may also assert them. Observing (`<Observe pattern observer>`)
-//! is allowed to every role. The attenuation lives on the host side of the
+//! messages may also assert them. The attenuation lives on the host side of the
 //! gatekeeper, so holding a route file cannot lift it.
+//!
+//! Observing is confined the same way: an `<Observe pattern observer>` passes only when
+//! its pattern is a record pattern (`<group <rec LABEL> …>`, bound or not) for one of the
+//! records the role may observe ([`observable`]). An observer entity is reachable by whoever
+//! can see the `Observe` assertion that carries it, and a capture published into it is
+//! believed as if the dataspace had sent it; so no role may observe `Observe` assertions (nor
+//! use a pattern, a discard or a bare binding, that would match them), and no participant
+//! obtains another's entities that way.
 //!
 //! The host logs every refused value ([`REFUSED_LABEL`] records are observed
 //! by `host`), which keeps a misbehaving client visible without giving it a
-//! way to reach the planner: nothing in nixspace reacts to refused values.
+//! way to reach the planner: nothing in nixspace reacts to refused values, and
+//! no role may observe them.
 
 use nixspace_protocol::{build, store};
 use std::sync::Arc;
 
 use syndicate::actor::{Activation, AnyValue, Cap};
 use syndicate::dataspace_patterns::AsDataspacePattern;
-use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 use syndicate::schemas::sturdy::{
     Alts, Caveat, Lit, PBind, PCompound, PDiscard, Pattern, Rewrite, TCompound, TRef, Template,
@@ -65,7 +72,6 @@ impl Shape {
 /// The records `role` may assert or send to the dataspace, besides observing.
 pub fn allowed(role: Role) -> Vec<Shape> {
     let mut shapes = vec![
-        Shape::of::<Observe>(),
         Shape::of::<build::Probe>(),
         Shape::of::<store::Want>(),
         Shape::of::<store::Available>(),
@@ -111,14 +117,133 @@ pub fn allowed(role: Role) -> Vec<Shape> {
     shapes.into_iter().flatten().collect()
 }
 
+/// The records `role` may observe (by label): what its participants watch. A submitter
+/// (frontends, `nixspace status`) sees the whole vocabulary; a worker what it reacts to
+/// (the planner's presence, assignments and invitations to steal) and the store vocabulary
+/// its store node serves and fetches with. Neither sees `Observe` assertions (they carry
+/// other participants' entities) nor refused values.
+pub fn observable(role: Role) -> Vec<String> {
+    let stores = [
+        Shape::of::<build::Probe>(),
+        Shape::of::<store::Want>(),
+        Shape::of::<store::Available>(),
+        Shape::of::<store::NarRequest>(),
+        Shape::of::<store::Substituter>(),
+        Shape::of::<store::Missing>(),
+        Shape::of::<store::Closure>(),
+    ];
+    let builds = match role {
+        Role::Submit => vec![
+            Shape::of::<build::Demand>(),
+            Shape::of::<build::Worker>(),
+            Shape::of::<build::Offer>(),
+            Shape::of::<build::Ready>(),
+            Shape::of::<build::Unschedulable>(),
+            Shape::of::<build::Claim>(),
+            Shape::of::<build::Assigned>(),
+            Shape::of::<build::Log>(),
+            Shape::of::<build::Built>(),
+            Shape::of::<build::Failed>(),
+            Shape::of::<build::Planner>(),
+            Shape::of::<build::Steal>(),
+            Shape::of::<build::Lost>(),
+            Shape::of::<build::Resolved>(),
+            Shape::of::<build::Realisation>(),
+            Shape::of::<build::DemandsRefused>(),
+        ],
+        Role::Worker => vec![
+            Shape::of::<build::Planner>(),
+            Shape::of::<build::Assigned>(),
+            Shape::of::<build::Steal>(),
+        ],
+    };
+    builds
+        .into_iter()
+        .chain(stores)
+        .flatten()
+        .map(|shape| shape.label)
+        .collect()
+}
+
+/// A value pattern a caveat passes, in a form that both a Syndicate caveat
+/// ([`Form::pattern`]) and syndicate-server's configuration language (`space::external`)
+/// can spell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Form {
+    /// Any value.
+    Any,
+    /// Exactly this atom (a symbol or a string).
+    Literal(AnyValue),
+    /// A record with this label and exactly these fields.
+    Record {
+        /// The label (a symbol).
+        label: String,
+        /// One form per field.
+        fields: Vec<Form>,
+    },
+}
+
+impl Form {
+    fn record(label: &str, fields: Vec<Form>) -> Form {
+        Form::Record {
+            label: label.to_owned(),
+            fields,
+        }
+    }
+
+    /// Any record of `shape`.
+    fn any(shape: Shape) -> Form {
+        Form::Record {
+            fields: vec![Form::Any; shape.arity],
+            label: shape.label,
+        }
+    }
+
+    /// The two observations of records labelled `label`: `<Observe <group <rec label> _> _>`
+    /// and the same pattern bound whole, `<Observe <bind <group <rec label> _>> _>`. Neither
+    /// can match an `Observe` assertion.
+    fn observations(label: &str) -> [Form; 2] {
+        let literal = Form::Literal(AnyValue::symbol(label.to_owned()));
+        let group = Form::record("group", vec![Form::record("rec", vec![literal]), Form::Any]);
+        [
+            Form::record("Observe", vec![group.clone(), Form::Any]),
+            Form::record(
+                "Observe",
+                vec![Form::record("bind", vec![group]), Form::Any],
+            ),
+        ]
+    }
+
+    /// The caveat pattern of this form.
+    pub fn pattern(&self) -> Pattern {
+        match self {
+            Form::Any => Pattern::PDiscard(PDiscard),
+            Form::Literal(value) => Pattern::Lit(Lit {
+                value: value.clone(),
+            }),
+            Form::Record { label, fields } => Pattern::PCompound(PCompound::Rec {
+                label: AnyValue::symbol(label.clone()),
+                fields: fields.iter().map(Form::pattern).collect(),
+            }),
+        }
+    }
+}
+
+/// Everything `role` may assert or send: the records of its vocabulary ([`allowed`]) and
+/// the observations of what it may see ([`observable`]).
+pub fn passing(role: Role) -> Vec<Form> {
+    let records = allowed(role).into_iter().map(Form::any);
+    let observations = observable(role)
+        .into_iter()
+        .flat_map(|label| Form::observations(&label));
+    records.chain(observations).collect()
+}
+
 /// The caveat that confines a capability to `role`'s vocabulary: allowed
-/// records pass unchanged, anything else becomes `<nixspace-refused role
+/// records and observations pass unchanged, anything else becomes `<nixspace-refused role
 /// value>` (logged by the host, ignored by everything else).
 pub fn role_caveats(role: Role) -> Vec<Caveat> {
-    let passing = allowed(role)
-        .into_iter()
-        .map(|shape| record(shape.label, vec![discard(); shape.arity]));
-    passing_or_refused(passing, role.name())
+    passing_or_refused(passing(role).iter().map(Form::pattern), role.name())
 }
 
 /// The field of each worker record that names the worker (or its store, named after the
@@ -139,23 +264,24 @@ const IDENTITY_FIELDS: &[(&str, usize)] = &[
 
 /// The caveat that narrows a worker capability to one worker, `name`: records that name a
 /// worker (or a worker's store) pass only with `name` there; the rest of the worker
-/// vocabulary passes unchanged; anything else becomes `<nixspace-refused worker:NAME value>`
-/// (refused again, and logged, by the role caveat behind it). Any holder of a worker route
-/// can add it (a sturdy ref's caveats can be extended without the host's key, never
-/// removed), so each machine can get a route that lets it act only as itself.
+/// vocabulary (its observations included) passes unchanged; anything else becomes
+/// `<nixspace-refused worker:NAME value>` (refused again, and logged, by the role caveat
+/// behind it). Any holder of a worker route can add it (a sturdy ref's caveats can be
+/// extended without the host's key, never removed), so each machine can get a route that
+/// lets it act only as itself.
 pub fn identity_caveats(name: &str) -> Vec<Caveat> {
-    let passing = allowed(Role::Worker).into_iter().map(|shape| {
-        let mut fields = vec![discard(); shape.arity];
-        let identity = IDENTITY_FIELDS
-            .iter()
-            .find(|(label, _)| *label == shape.label)
-            .map(|(_, i)| *i);
-        if let Some(field) = identity.and_then(|i| fields.get_mut(i)) {
-            *field = Pattern::Lit(Lit {
-                value: AnyValue::new(name.to_owned()),
-            });
+    let passing = passing(Role::Worker).into_iter().map(|form| match form {
+        Form::Record { label, mut fields } => {
+            let identity = IDENTITY_FIELDS
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map(|(_, i)| *i);
+            if let Some(field) = identity.and_then(|i| fields.get_mut(i)) {
+                *field = Form::Literal(AnyValue::new(name.to_owned()));
+            }
+            Form::Record { label, fields }.pattern()
         }
-        record(shape.label, fields)
+        other => other.pattern(),
     });
     passing_or_refused(passing, &format!("worker:{name}"))
 }
@@ -171,7 +297,7 @@ fn passing_or_refused(passing: impl Iterator<Item = Pattern>, tag: &str) -> Vec<
         })
         .collect();
     alternatives.push(Rewrite {
-        pattern: bind(discard()),
+        pattern: bind(Form::Any.pattern()),
         template: Template::TCompound(TCompound::Rec {
             label: AnyValue::symbol(REFUSED_LABEL),
             fields: vec![
@@ -183,17 +309,6 @@ fn passing_or_refused(passing: impl Iterator<Item = Pattern>, tag: &str) -> Vec<
         }),
     });
     vec![Caveat::Alts(Alts { alternatives })]
-}
-
-fn discard() -> Pattern {
-    Pattern::PDiscard(PDiscard)
-}
-
-fn record(label: String, fields: Vec<Pattern>) -> Pattern {
-    Pattern::PCompound(PCompound::Rec {
-        label: AnyValue::symbol(label),
-        fields,
-    })
 }
 
 fn bind(pattern: Pattern) -> Pattern {
@@ -262,14 +377,19 @@ mod tests {
 
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
-        assert_eq!(allowed(Role::Submit).len(), 9);
-        assert_eq!(allowed(Role::Worker).len(), 21);
+        // Observing is not a record of the vocabulary: see `observing_is_confined`.
+        assert_eq!(allowed(Role::Submit).len(), 8);
+        assert_eq!(allowed(Role::Worker).len(), 20);
         assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
-        assert!(allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
+        assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
+        assert_eq!(observable(Role::Submit).len(), 23);
+        assert_eq!(observable(Role::Worker).len(), 10);
+        assert!(observable(Role::Submit).contains(&"demands-refused".to_owned()));
+        assert!(observable(Role::Worker).contains(&"nar-request".to_owned()));
     }
 
     #[test]
@@ -346,13 +466,73 @@ mod tests {
         assert_ne!(through(demand()), Some(demand()));
     }
 
-    #[test]
-    fn observing_is_allowed() {
-        let observe = AnyValue::record(
+    /// `<Observe pattern 0>` (the observer, an entity on the wire, does not matter here).
+    fn observe(pattern: dp::Pattern) -> AnyValue {
+        AnyValue::record(
             AnyValue::symbol("Observe"),
-            vec![dp::Pattern::Discard.unparse(), AnyValue::new(0)],
-        );
-        assert!(passes(Role::Submit, observe.clone()));
-        assert!(passes(Role::Worker, observe));
+            vec![pattern.unparse(), AnyValue::new(0)],
+        )
+    }
+
+    /// A record pattern for `label` binding each of `fields` fields.
+    fn watching(label: &str, fields: usize) -> dp::Pattern {
+        dp::Pattern::Group {
+            type_: dp::GroupType::Rec {
+                label: AnyValue::symbol(label.to_owned()),
+            },
+            entries: (0..fields)
+                .map(|i| (AnyValue::new(i), bound(dp::Pattern::Discard)))
+                .collect(),
+        }
+    }
+
+    fn bound(pattern: dp::Pattern) -> dp::Pattern {
+        dp::Pattern::Bind {
+            pattern: Box::new(pattern),
+        }
+    }
+
+    #[test]
+    fn observing_is_confined_to_the_records_a_role_may_see() {
+        // What `during!` and the schemas' patterns send, bound whole or not.
+        let built = build::Built::wildcard_dataspace_pattern();
+        for role in Role::ALL {
+            assert!(passes(role, observe(watching("assigned", 2))));
+            assert!(passes(role, observe(bound(watching("want", 2)))));
+        }
+        assert!(passes(Role::Submit, observe(built.clone())));
+        assert!(passes(Role::Submit, observe(bound(built.clone()))));
+        // A worker does not watch frontends' outcomes.
+        assert!(!passes(Role::Worker, observe(built)));
+        let observers = watching("Observe", 2);
+        let refused = [
+            // Other participants' observers, and with them their entities.
+            observers.clone(),
+            bound(observers),
+            // Patterns that match anything, `Observe` assertions included.
+            dp::Pattern::Discard,
+            bound(dp::Pattern::Discard),
+            // Refused values carry what others tried to assert.
+            watching(REFUSED_LABEL, 2),
+            // Not a record pattern.
+            dp::Pattern::Group {
+                type_: dp::GroupType::Arr,
+                entries: Default::default(),
+            },
+        ];
+        for role in Role::ALL {
+            for pattern in &refused {
+                let out = through(role, observe(pattern.clone())).expect("rewritten, not dropped");
+                assert_eq!(out.label(), AnyValue::symbol(REFUSED_LABEL), "{pattern:?}");
+            }
+        }
+        // A named worker observes what any worker observes, and no more.
+        let caveats = [role_caveats(Role::Worker), identity_caveats("w1")].concat();
+        let checked = Caveat::check_many(&caveats).expect("valid caveats");
+        let named = |v: AnyValue| checked.iter().rev().try_fold(v, |v, c| c.rewrite(&v));
+        let assignments = observe(watching("assigned", 2));
+        assert_eq!(named(assignments.clone()), Some(assignments));
+        let anything = observe(dp::Pattern::Discard);
+        assert_ne!(named(anything.clone()), Some(anything));
     }
 }

@@ -1,5 +1,6 @@
 //! Talking to a real `nixspace up` from a test: an in-process Syndicate client
-//! that sees everything its capability lets it observe ([`Session`]), a raw
+//! that sees everything its capability lets it observe ([`Session`]: every record its
+//! role may observe, `space::policy::observable`), a raw
 //! socket peer that writes Syndicate packets by hand ([`RawPeer`]), for what a
 //! well-behaved client never sends, and a NAR receiver that grants credit only
 //! when told ([`NarFetch`]).
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use nixspace_nix_formats::hash::{HashAlgo, Hasher};
 use nixspace_protocol::build;
 use nixspace_protocol::store::{NarCredit, NarReply, NarRequest, NarStart};
+use nixspace_space::policy::observable;
 use nixspace_space::{Role, Route};
 use preserves::{NoEmbeddedDomainCodec, TextWriter};
 use preserves_schema::{Parse, Unparse};
@@ -112,6 +114,16 @@ pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
     });
 }
 
+/// The role a route's capability is for (its sturdy ref's oid; a narrowed worker route keeps
+/// the oid `worker`). Anything else observes as a submitter.
+fn role_of(route: &Route) -> Role {
+    let oid = &route.sturdy_ref.parameters.oid;
+    Role::ALL
+        .into_iter()
+        .find(|role| string_of(oid).as_deref() == Some(role.name()))
+        .unwrap_or(Role::Submit)
+}
+
 /// A joined client that observes every assertion and message it may see.
 pub struct Session {
     actor: ActorHandle,
@@ -151,6 +163,7 @@ impl Session {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let probe_id = format!("test-probe-{}", crate::nix_files::nonce());
         let collected = Arc::clone(&seen);
+        let role = role_of(route);
         let actor = nixspace_space::join::join(route, move |t, ds| {
             for a in &asserts {
                 ds.assert(t, a);
@@ -175,29 +188,33 @@ impl Session {
                     )))
                 },
             ));
-            let everything = || dp::Pattern::Bind {
-                pattern: Box::new(dp::Pattern::Discard),
+            // One observation per record the role may see: a pattern that matched anything
+            // would match `Observe` assertions too, and is refused.
+            let records = |label: &str| dp::Pattern::Bind {
+                pattern: Box::new(dp::Pattern::Group {
+                    type_: dp::GroupType::Rec {
+                        label: AnyValue::symbol(label.to_owned()),
+                    },
+                    entries: Default::default(),
+                }),
             };
-            ds.assert(
-                t,
-                &Observe {
-                    pattern: everything(),
-                    observer,
-                },
-            );
             let listener = t.create_cap(syndicate::during::entity(heard).on_message(
                 |heard: &mut Arc<Mutex<Vec<AnyValue>>>, _t, captures: Vec<AnyValue>| {
                     heard.lock().map_err(|_| "poisoned")?.extend(captures);
                     Ok(())
                 },
             ));
-            ds.assert(
-                t,
-                &Observe {
-                    pattern: everything(),
-                    observer: listener,
-                },
-            );
+            for label in observable(role) {
+                for observer in [&observer, &listener] {
+                    ds.assert(
+                        t,
+                        &Observe {
+                            pattern: records(&label),
+                            observer: Arc::clone(observer),
+                        },
+                    );
+                }
+            }
             let mut tx = Some(tx);
             let id = probe_id.clone();
             let echo = t.create_cap(syndicate::during::entity(()).on_message(

@@ -1,0 +1,348 @@
+//! Adversarial participants against a real `nixspace up` (and, for the Observe bypass, a
+//! standalone syndicate-server): a submitter or a worker that observes `Observe` assertions
+//! to obtain other participants' observer entities and publish forged captures straight into
+//! them. Every negative check comes with a positive control that would have seen the thing.
+// The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
+// functions as tests, not the helpers of a test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+
+use nixspace_protocol::build;
+use nixspace_space::{Role, Route};
+use nixspace_test_support::dataspace::{fake_drv, poll_until, route, runtime, Session, ANSWER};
+use nixspace_test_support::syndicate_server::ExternalSpace;
+use nixspace_test_support::Space;
+use preserves_schema::{Parse, Unparse};
+use syndicate::actor::{ActorHandle, AnyValue, Cap};
+use syndicate::schemas::dataspace::Observe;
+use syndicate::schemas::dataspace_patterns as dp;
+
+/// A platform only the workers of these tests claim.
+const SYSTEM: &str = "adversarial-system";
+
+fn demand(drv: &str) -> AnyValue {
+    build::Demand {
+        drv: drv.to_owned(),
+        step: build::StepInfo {
+            system: SYSTEM.to_owned(),
+            features: vec![],
+            input_drvs: vec![],
+        },
+        requester: "adversarial-test".to_owned(),
+        priority: 0.into(),
+        depth: 0.into(),
+    }
+    .unparse()
+}
+
+/// A worker for [`SYSTEM`] and the offer that gives it room.
+fn worker(id: &str) -> Vec<AnyValue> {
+    vec![
+        build::Worker {
+            id: id.to_owned(),
+            host: "adversarial".to_owned(),
+            systems: vec![SYSTEM.to_owned()],
+            features: vec![],
+            max_jobs: 4.into(),
+            speed: 100.0.into(),
+        }
+        .unparse(),
+        build::Offer {
+            worker: id.to_owned(),
+            free_slots: 4.into(),
+        }
+        .unparse(),
+    ]
+}
+
+fn assigned(drv: &str, worker: &str) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+fn built(drv: &str, worker: &str, output: &str) -> AnyValue {
+    build::Built {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: vec![output.to_owned()],
+    }
+    .unparse()
+}
+
+/// An output path that names no real output.
+fn fake_output(name: &str) -> String {
+    format!("/nix/store/{}-{name}", "1".repeat(32))
+}
+
+/// What an attacker got from the dataspace.
+#[derive(Default)]
+struct Loot {
+    /// The label watched by each observer entity handed to us (`*` for anything else).
+    observers: Vec<String>,
+    /// Forged captures published into those entities.
+    forged: usize,
+    /// What our own, ordinary observation matched.
+    legit: Vec<AnyValue>,
+}
+
+/// Join with `route` and observe `Observe` assertions (`<Observe <Observe $pattern $observer>
+/// us>`); into every observer entity handed to us, publish the captures its pattern takes
+/// from each record of `forged` it matches. Meanwhile observe the records labelled `legit`
+/// as any participant may.
+async fn attack(
+    route: &Route,
+    forged: Vec<AnyValue>,
+    legit: &str,
+) -> (ActorHandle, Arc<Mutex<Loot>>) {
+    let loot = Arc::new(Mutex::new(Loot::default()));
+    let taken = Arc::clone(&loot);
+    let legit = legit.to_owned();
+    let actor = nixspace_space::join::join(route, move |t, ds| {
+        let thief = t.create_cap(syndicate::during::entity(Arc::clone(&taken)).on_asserted(
+            move |loot: &mut Arc<Mutex<Loot>>, t, captures: Vec<AnyValue>| {
+                let (Some(pattern), Some(observer)) = (
+                    captures.first().and_then(|p| dp::Pattern::parse(p).ok()),
+                    captures.get(1).and_then(embedded),
+                ) else {
+                    return Ok(None);
+                };
+                let mut loot = loot.lock().map_err(|_| "poisoned")?;
+                loot.observers.push(watched_label(&pattern));
+                for record in &forged {
+                    let mut taken = Vec::new();
+                    if captures_of(&pattern, record, &mut taken) {
+                        observer.assert(t, &AnyValue::new(taken));
+                        loot.forged += 1;
+                    }
+                }
+                Ok(None)
+            },
+        ));
+        ds.assert(
+            t,
+            &Observe {
+                pattern: record_pattern("Observe", vec![bind_anything(), bind_anything()]),
+                observer: thief,
+            },
+        );
+        let witness = t.create_cap(syndicate::during::entity(taken).on_asserted(
+            |loot: &mut Arc<Mutex<Loot>>, _t, captures: Vec<AnyValue>| {
+                let mut loot = loot.lock().map_err(|_| "poisoned")?;
+                loot.legit.extend(captures);
+                Ok(None)
+            },
+        ));
+        ds.assert(
+            t,
+            &Observe {
+                pattern: dp::Pattern::Bind {
+                    pattern: Box::new(record_pattern(&legit, vec![])),
+                },
+                observer: witness,
+            },
+        );
+        Ok(())
+    })
+    .await
+    .expect("the attacker joins");
+    (actor, loot)
+}
+
+fn bind_anything() -> dp::Pattern {
+    dp::Pattern::Bind {
+        pattern: Box::new(dp::Pattern::Discard),
+    }
+}
+
+/// `<group <rec label> {0: fields[0] …}>`.
+fn record_pattern(label: &str, fields: Vec<dp::Pattern>) -> dp::Pattern {
+    dp::Pattern::Group {
+        type_: dp::GroupType::Rec {
+            label: AnyValue::symbol(label.to_owned()),
+        },
+        entries: fields
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (AnyValue::new(i), p))
+            .collect(),
+    }
+}
+
+/// The entity a value embeds.
+fn embedded(value: &AnyValue) -> Option<Arc<Cap>> {
+    use preserves::ValueImpl;
+    value.as_embedded().map(|c| c.into_owned())
+}
+
+/// The label of the records a dataspace pattern matches, or `*`.
+fn watched_label(pattern: &dp::Pattern) -> String {
+    use preserves::ValueImpl;
+    match pattern {
+        dp::Pattern::Bind { pattern } => watched_label(pattern),
+        dp::Pattern::Group {
+            type_: dp::GroupType::Rec { label },
+            ..
+        } => label
+            .as_symbol()
+            .map(|s| s.into_owned())
+            .unwrap_or_default(),
+        _ => "*".to_owned(),
+    }
+}
+
+/// Whether `pattern` matches `value`; the captures it takes, in order, onto `taken` (as the
+/// dataspace would deliver them to the pattern's observer).
+fn captures_of(pattern: &dp::Pattern, value: &AnyValue, taken: &mut Vec<AnyValue>) -> bool {
+    use preserves::ValueImpl;
+    match pattern {
+        dp::Pattern::Discard => true,
+        dp::Pattern::Bind { pattern } => {
+            taken.push(value.clone());
+            captures_of(pattern, value, taken)
+        }
+        dp::Pattern::Lit { value: literal } => literal.unparse() == *value,
+        dp::Pattern::Group {
+            type_: dp::GroupType::Rec { label },
+            entries,
+        } => {
+            value.is_record()
+                && value.label() == *label
+                && entries.iter().all(|(key, field)| {
+                    let index = key
+                        .as_signed_integer()
+                        .and_then(|i| usize::try_from(&*i).ok());
+                    match index {
+                        Some(i) if i < value.len() => captures_of(field, &value.index(i), taken),
+                        _ => false,
+                    }
+                })
+        }
+        dp::Pattern::Group { .. } => false,
+    }
+}
+
+/// How long to wait for the attacker's observation of `Observe`: everything asserted before
+/// it arrives before its own ordinary observation's first match, so this is only a limit.
+async fn wait_for_legit(loot: &Mutex<Loot>, what: &str) {
+    assert!(
+        poll_until(ANSWER, || !loot.lock().unwrap().legit.is_empty()).await,
+        "the attacker's own observation of {what} never matched: the check below would prove nothing"
+    );
+}
+
+/// A submitter observes `Observe` to reach the planner's `worker` observer and announce a
+/// worker only it knows: it is handed no entity, the planner never hears of the forged
+/// worker, while the submitter's own observation works and a real worker is seen at once.
+fn a_submitter_cannot_reach_the_planners_observers(space: &Space) {
+    let drv = fake_drv("observe-bypass-by-a-submitter");
+    runtime().block_on(async {
+        let frontend = Session::join(&route(space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        let forged = [
+            worker("forged-worker"),
+            vec![assigned(&drv, "forged-worker")],
+        ]
+        .concat();
+        let (attacker, loot) = attack(&route(space, Role::Submit), forged, "unschedulable").await;
+        wait_for_legit(&loot, "unschedulable").await;
+        {
+            let loot = loot.lock().unwrap();
+            assert_eq!(
+                loot.observers,
+                Vec::<String>::new(),
+                "observers handed to a submitter"
+            );
+            assert_eq!(loot.forged, 0);
+        }
+        // A real worker for the same platform gets the step: had the forged worker
+        // joined, the planner would have given it the step instead (it is faster).
+        let _real = Session::join(&route(space, Role::Worker), worker("real"))
+            .await
+            .expect("join as worker");
+        assert!(
+            frontend.wait_until(&assigned(&drv, "real"), true).await,
+            "the real worker was never given the step"
+        );
+        assert!(!frontend.sees(&assigned(&drv, "forged-worker")));
+        let log = space.log("up");
+        assert!(log.contains("worker joined worker=real"), "{log}");
+        assert!(!log.contains("forged-worker"), "{log}");
+        assert!(log.contains("role=submit value=<Observe"), "{log}");
+        attacker.abort();
+    });
+}
+
+/// A worker observes `Observe` to reach a frontend's (and the planner's) `built` observers
+/// and report the step built in its assignee's name: it is handed no entity, the frontend
+/// never sees the forged report and the step stays assigned, while the worker's own
+/// observation works and the assignee's real report reaches the frontend.
+fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
+    let drv = fake_drv("observe-bypass-by-a-worker");
+    let forged_output = fake_output("forged");
+    let real_output = fake_output("real");
+    runtime().block_on(async {
+        let frontend = Session::join(&route(space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        let real = Session::join(&route(space, Role::Worker), worker("real"))
+            .await
+            .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "real"), true).await);
+        let forged = vec![built(&drv, "real", &forged_output)];
+        let (attacker, loot) = attack(&route(space, Role::Worker), forged, "assigned").await;
+        wait_for_legit(&loot, "assigned").await;
+        {
+            let loot = loot.lock().unwrap();
+            assert_eq!(
+                loot.observers,
+                Vec::<String>::new(),
+                "observers handed to a worker"
+            );
+            assert_eq!(loot.forged, 0);
+        }
+        let done = Session::join(
+            &route(space, Role::Worker),
+            vec![built(&drv, "real", &real_output)],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            frontend
+                .wait_until(&built(&drv, "real", &real_output), true)
+                .await,
+            "the assignee's report never reached the frontend"
+        );
+        assert!(frontend.wait_until(&assigned(&drv, "real"), false).await);
+        assert!(!frontend.sees(&built(&drv, "real", &forged_output)));
+        let log = space.log("up");
+        assert!(log.contains("role=worker value=<Observe"), "{log}");
+        attacker.abort();
+        done.leave();
+        real.leave();
+    });
+}
+
+#[test]
+fn a_submitter_cannot_reach_the_planners_observers_on_up() {
+    a_submitter_cannot_reach_the_planners_observers(&Space::start());
+}
+
+#[test]
+fn a_submitter_cannot_reach_the_planners_observers_on_a_syndicate_server() {
+    a_submitter_cannot_reach_the_planners_observers(&ExternalSpace::start());
+}
+
+#[test]
+fn a_worker_cannot_reach_a_frontends_observers_on_up() {
+    a_worker_cannot_reach_a_frontends_observers(&Space::start());
+}
+
+#[test]
+fn a_worker_cannot_reach_a_frontends_observers_on_a_syndicate_server() {
+    a_worker_cannot_reach_a_frontends_observers(&ExternalSpace::start());
+}
