@@ -288,7 +288,8 @@ in mk "pair-top" [ (mk "pair-base" [ ]) ]
         &std::env::var_os("PATH").unwrap_or_default(),
     )))
     .expect("PATH");
-    let mut c = space.command(&["build", "--dir"]);
+    // No out-link: registering one as a GC root is the daemon's job.
+    let mut c = space.command(&["build", "--no-out-link", "--dir"]);
     c.arg(space.dir()).arg(&file).env("PATH", path);
     let result = run(c, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");

@@ -106,6 +106,8 @@ impl PrivateDaemon {
         // this process's user: trusted, as `nix-daemon --stdio` trusts its client.
         command
             .args(["--option", "extra-trusted-users", "*"])
+            // Errors only: not a line per connection on our stderr.
+            .arg("--quiet")
             // The store must be the local one: a daemon whose store is "auto" may connect to
             // itself.
             .env("NIX_REMOTE", "local")
@@ -138,10 +140,14 @@ impl PrivateDaemon {
         Ok(daemon)
     }
 
+    /// Wait for the socket to appear. Not by connecting: the daemon would take a connection
+    /// closed before its handshake for an error, and say so. The daemon binds and listens
+    /// back to back; a connection in between is refused, and [`PrivateDaemon::connect`] tries
+    /// again.
     async fn wait_until_listening(&mut self) -> Result<(), PrivateDaemonError> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if tokio::net::UnixStream::connect(&self.socket).await.is_ok() {
+            if self.socket.exists() {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -163,6 +169,23 @@ impl PrivateDaemon {
     /// The socket it listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Connect to the daemon listening on `socket`, trying again for a moment while it is
+    /// refused (a daemon that has just bound its socket may not be listening yet).
+    pub async fn connect(socket: &Path) -> std::io::Result<tokio::net::UnixStream> {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            match tokio::net::UnixStream::connect(socket).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Whether it is still running.
