@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{fake_drv, poll_until, route, runtime, Session, ANSWER};
+use nixspace_test_support::process::run;
 use nixspace_test_support::syndicate_server::ExternalSpace;
 use nixspace_test_support::Space;
 use preserves_schema::{Parse, Unparse};
@@ -345,4 +346,91 @@ fn a_worker_cannot_reach_a_frontends_observers_on_up() {
 #[test]
 fn a_worker_cannot_reach_a_frontends_observers_on_a_syndicate_server() {
     a_worker_cannot_reach_a_frontends_observers(&ExternalSpace::start());
+}
+
+/// `nixspace history --json`: the record of `drv`, once `done` holds for it (or the last one
+/// seen after [`ANSWER`]).
+fn history_of(
+    space: &Space,
+    drv: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + ANSWER;
+    loop {
+        let out = run(space.command(&["history", "--json"]), ANSWER);
+        assert!(out.status.success(), "{out:?}");
+        let steps: Vec<serde_json::Value> =
+            serde_json::from_str(&out.stdout).expect("history JSON");
+        let step = steps
+            .into_iter()
+            .find(|s| s["drv"] == drv)
+            .unwrap_or_default();
+        if done(&step) || std::time::Instant::now() > deadline {
+            return step;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn resolved(from: &str, to: &str) -> AnyValue {
+    build::Resolved {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        system: SYSTEM.to_owned(),
+    }
+    .unparse()
+}
+
+#[test]
+fn a_submitter_cannot_rewrite_a_built_step_as_resolved() {
+    let space = Space::start();
+    let drv = fake_drv("built-then-resolved-by-a-forger");
+    let original = fake_drv("resolved-once");
+    let first = fake_drv("first-resolution");
+    runtime().block_on(async {
+        let frontend = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        let good = Session::join(&route(&space, Role::Worker), worker("good"))
+            .await
+            .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "good"), true).await);
+        let report = Session::join(
+            &route(&space, Role::Worker),
+            vec![built(&drv, "good", &fake_output("built"))],
+        )
+        .await
+        .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "good"), false).await);
+        report.leave();
+        good.leave();
+        assert_eq!(
+            history_of(&space, &drv, |s| s["status"] == "built")["status"],
+            "built"
+        );
+        // A resolution of the step built, then one of a fresh original: the second, recorded
+        // (the positive control), shows that the first was handled (one connection keeps its
+        // order).
+        let forger = Session::join(
+            &route(&space, Role::Submit),
+            vec![
+                resolved(&drv, &fake_drv("forged-target")),
+                resolved(&original, &first),
+            ],
+        )
+        .await
+        .expect("join as submit");
+        let recorded = history_of(&space, &original, |s| s["status"] == "resolved");
+        assert_eq!(recorded["resolved_to"], first, "{recorded}");
+        let step = history_of(&space, &drv, |_| true);
+        assert_eq!(step["status"], "built", "{step}");
+        assert!(step["resolved_to"].is_null(), "{step}");
+        assert!(
+            space.log("up").contains("ignoring a resolution"),
+            "{}",
+            space.log("up")
+        );
+        forger.leave();
+        frontend.leave();
+    });
 }

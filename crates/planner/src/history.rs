@@ -100,6 +100,19 @@ pub enum HistoryError {
     },
 }
 
+/// What [`History::resolved`] did with a resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Recorded.
+    Recorded,
+    /// Ignored: the step is recorded with this status (built or failed), which a resolution
+    /// does not rewrite.
+    Ignored {
+        /// The step's status.
+        status: String,
+    },
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome<'a> {
@@ -303,13 +316,14 @@ impl History {
 
     /// The content-addressed step `from` was resolved to the derivation `to` (for `system`):
     /// the original is finished as `resolved`, the resolved step recorded as demanded, and the
-    /// link between them, in one transaction.
+    /// link between them, in one transaction. A step recorded as built or failed is not
+    /// rewritten (a resolution names an original that nobody builds as itself): ignored.
     pub fn resolved(
         &mut self,
         from: &DrvPath,
         to: &DrvPath,
         system: &str,
-    ) -> Result<(), HistoryError> {
+    ) -> Result<Resolution, HistoryError> {
         let t = now();
         let path = self.path.clone();
         let err = |source| HistoryError::Sqlite {
@@ -317,6 +331,19 @@ impl History {
             source,
         };
         let tx = self.conn.transaction().map_err(err)?;
+        let status: Option<String> = tx
+            .query_row(
+                "SELECT status FROM steps WHERE drv = ?1",
+                params![from.as_str()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(err)?;
+        if let Some(status @ ("built" | "failed")) = status.as_deref() {
+            return Ok(Resolution::Ignored {
+                status: status.to_owned(),
+            });
+        }
         tx.execute(
             "INSERT INTO steps (drv, system, first_demanded, status, finished)
              VALUES (?1, ?2, ?3, 'resolved', ?3)
@@ -337,7 +364,8 @@ impl History {
             params![from.as_str(), to.as_str(), t],
         )
         .map_err(err)?;
-        tx.commit().map_err(err)
+        tx.commit().map_err(err)?;
+        Ok(Resolution::Recorded)
     }
 
     /// Output `id` (`sha256:<hash modulo>!<output>`) was realised as `out_path`, signed with
@@ -580,16 +608,50 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_resolution_does_not_rewrite_a_built_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("history.sqlite")).unwrap();
+        let (step, elsewhere) = (
+            DrvPath::from("/nix/store/b.drv"),
+            DrvPath::from("/nix/store/x.drv"),
+        );
+        h.demanded(&step, "x86_64-linux").unwrap();
+        h.attempt_started(&step, &"w1".into()).unwrap();
+        let outputs = vec!["/nix/store/out".to_owned()];
+        h.attempt_ended(&step, AttemptOutcome::Built { outputs: &outputs })
+            .unwrap();
+        assert_eq!(
+            h.resolved(&step, &elsewhere, "x86_64-linux").unwrap(),
+            Resolution::Ignored {
+                status: "built".to_owned()
+            }
+        );
+        let steps = h.recent(10).unwrap();
+        let recorded = steps.iter().find(|s| s.drv == step.as_str()).unwrap();
+        assert_eq!(recorded.status, "built");
+        assert!(recorded.resolved_to.is_none());
+        // Positive control: an original nobody built is recorded as resolved.
+        let original = DrvPath::from("/nix/store/o.drv");
+        assert_eq!(
+            h.resolved(&original, &elsewhere, "x86_64-linux").unwrap(),
+            Resolution::Recorded
+        );
+    }
+
+    #[test]
     fn a_resolved_step_links_to_its_resolution_and_gets_its_outputs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");
         let mut h = History::open(&path).unwrap();
-        h.resolved(
-            &"/nix/store/s1.drv".into(),
-            &"/nix/store/r.drv".into(),
-            "x86_64-linux",
-        )
-        .unwrap();
+        assert_eq!(
+            h.resolved(
+                &"/nix/store/s1.drv".into(),
+                &"/nix/store/r.drv".into(),
+                "x86_64-linux",
+            )
+            .unwrap(),
+            Resolution::Recorded
+        );
         // A second original with the same resolution shares the resolved step.
         h.resolved(
             &"/nix/store/s2.drv".into(),

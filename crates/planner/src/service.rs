@@ -17,7 +17,7 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
 use crate::demand_gate::DemandGate;
-use crate::history::{AttemptOutcome, History, HistoryError};
+use crate::history::{AttemptOutcome, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
 use crate::schedule::{
     Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
@@ -228,7 +228,12 @@ impl Entity<Event> for Planner {
             }
             Event::Resolved { from, to, system } => {
                 tracing::info!(%from, %to, "resolved");
-                note(&mut self.history, |h| h.resolved(&from, &to, &system));
+                note(&mut self.history, |h| {
+                    if let Resolution::Ignored { status } = h.resolved(&from, &to, &system)? {
+                        tracing::warn!(%from, %to, %status, "ignoring a resolution of a step recorded as {status}");
+                    }
+                    Ok(())
+                });
                 Vec::new()
             }
         };
