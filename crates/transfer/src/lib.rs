@@ -5,17 +5,21 @@
 //!   it asserts `<available path me info>` while the want lasts, and it streams the NAR of a
 //!   path to whoever asserts `<nar-request path me sink>`;
 //! - it *fetches* what it lacks ([`StoreNode::ensure`]): it asserts `<want path me>`, picks a
-//!   store that answered, fetches the path's references first, then streams the NAR into its
-//!   own store with `AddToStoreNar`, checking size and hash on the way (the daemon checks the
-//!   hash again and registers nothing that does not match). A path wanted by several steps at
-//!   once is fetched once.
+//!   store that answered, collects the path-infos of the path's missing closure first
+//!   (iteratively, within [`ClosureLimits`], refusing claimed reference cycles), adds the
+//!   paths in dependency order, each NAR streamed into its own store with `AddToStoreNar`,
+//!   checking size and hash on the way (the daemon checks the hash again and registers nothing
+//!   that does not match). A path wanted by several steps at once is fetched once.
 
 pub mod binary_cache;
+mod closure;
+mod inflight;
 pub mod nar_stream;
 mod node;
 mod path_info;
 pub mod source;
 
+pub use closure::{ClosureLimits, ClosureTooLarge};
 pub use node::{CopyError, FetchError, StoreNode, Timeouts, WANT_PATIENCE};
 pub use path_info::PathInfoError;
 pub use source::SourceError;

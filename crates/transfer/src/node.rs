@@ -1,9 +1,7 @@
 //! One participant's store in the dataspace: serving its paths to others and fetching what
 //! it lacks.
 
-use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,8 +16,10 @@ use syndicate::actor::{
 };
 use syndicate::enclose;
 use syndicate_macros::during;
-use tokio::sync::{mpsc, watch, OnceCell};
+use tokio::sync::{mpsc, watch};
 
+use crate::closure::{Claimed, ClosureLimits, ClosureTooLarge};
+use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
 use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::source::{serve, DaemonSource, PathSource, Role};
@@ -67,6 +67,20 @@ impl Patience<'_> {
         }
     }
 }
+
+/// What a fetch copies.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// The path and whatever of its closure is missing (the fetch with this id collects the
+    /// closure's path-infos first, then adds the paths in dependency order).
+    Closure(FetchId),
+    /// The path alone: its references must be valid already (it is one path of a closure
+    /// being added in dependency order).
+    Alone,
+}
+
+/// How many wants a fetch holds at once while it collects a closure's path-infos.
+const WANTS_AT_ONCE: usize = 256;
 
 /// A want being held, and the answers to it.
 struct Wanted {
@@ -121,6 +135,17 @@ pub enum CopyError {
     /// The path's references could not be fetched first.
     #[error("its references: {0}")]
     References(Box<FetchError>),
+    /// The claimed references of the path's closure form a cycle (each path refers to the
+    /// next, the last to the first): no order adds them, so none is added.
+    #[error("its claimed references form a cycle: {}", .0.join(" -> "))]
+    ReferenceCycle(Vec<String>),
+    /// The claimed closure is past this store's bounds.
+    #[error(transparent)]
+    TooLarge(#[from] ClosureTooLarge),
+    /// The path is claimed with references that are not valid here, though its closure was
+    /// added first (its claim changed since).
+    #[error("its references are not valid here: {}", .0.join(" "))]
+    ReferencesNotValid(Vec<String>),
     /// The connection to the dataspace dropped during the copy.
     #[error("the connection to the dataspace was lost")]
     LinkLost,
@@ -149,9 +174,10 @@ struct Inner {
     name: String,
     pool: DaemonPool,
     timeouts: Timeouts,
+    limits: ClosureLimits,
     link: Mutex<Option<Link>>,
     /// Fetches under way, so that a path is fetched once however many steps need it.
-    inflight: Mutex<HashMap<StorePath, Arc<FetchOnce>>>,
+    inflight: Inflight<Fetched>,
     fetched: AtomicU64,
     fetched_bytes: AtomicU64,
     /// The substituters in the dataspace.
@@ -201,9 +227,7 @@ impl std::fmt::Debug for StoreNode {
 }
 
 /// The outcome of one fetch, shared by everyone waiting for it.
-type FetchOnce = OnceCell<Result<(), FetchError>>;
-
-type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+type Fetched = Result<(), FetchError>;
 
 /// An account for turns started outside the actor (tasks, callbacks).
 pub(crate) fn account(what: &'static str) -> Arc<Account> {
@@ -224,13 +248,25 @@ impl StoreNode {
         pool: DaemonPool,
         timeouts: Timeouts,
     ) -> StoreNode {
+        StoreNode::with_limits(name, pool, timeouts, ClosureLimits::default())
+    }
+
+    /// Like [`StoreNode::with_timeouts`], taking at most `limits` of a closure from other
+    /// stores' claims in one fetch (past them a fetch fails with [`CopyError::TooLarge`]).
+    pub fn with_limits(
+        name: impl Into<String>,
+        pool: DaemonPool,
+        timeouts: Timeouts,
+        limits: ClosureLimits,
+    ) -> StoreNode {
         StoreNode {
             inner: Arc::new(Inner {
                 name: name.into(),
                 pool,
                 timeouts,
+                limits,
                 link: Mutex::new(None),
-                inflight: Mutex::new(HashMap::new()),
+                inflight: Inflight::new(),
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
@@ -390,25 +426,21 @@ impl Inner {
             .ok_or(FetchError::Detached)
     }
 
-    fn ensure(
-        self: &Arc<Self>,
-        paths: BTreeSet<StorePath>,
-    ) -> BoxFuture<'_, Result<(), FetchError>> {
-        Box::pin(async move {
-            if paths.is_empty() {
-                return Ok(());
-            }
-            let valid = self.valid(&paths).await?;
-            for path in paths.difference(&valid) {
-                self.fetch_once(path, Patience::Anyone(self.timeouts.want))
-                    .await?;
-            }
-            Ok(())
-        })
+    /// Make `paths` and their closures valid in the local store.
+    async fn ensure(self: &Arc<Self>, paths: BTreeSet<StorePath>) -> Result<(), FetchError> {
+        let valid = self.valid(&paths).await?;
+        for path in paths.difference(&valid) {
+            self.fetch_once(path, Patience::Anyone(self.timeouts.want))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Which of `paths` are valid in the local store.
     async fn valid(&self, paths: &BTreeSet<StorePath>) -> Result<BTreeSet<StorePath>, FetchError> {
+        if paths.is_empty() {
+            return Ok(BTreeSet::new());
+        }
         let mut lease = self
             .pool
             .lease()
@@ -423,35 +455,76 @@ impl Inner {
         }
     }
 
-    /// Fetch `path` waiting as `patience` says, or wait for the fetch already under way (a
-    /// path is fetched once however many steps, or substitutions, need it).
-    async fn fetch_once(
-        self: &Arc<Self>,
-        path: &StorePath,
-        patience: Patience<'_>,
-    ) -> Result<(), FetchError> {
-        let cell = match self.inflight.lock() {
-            Ok(mut m) => Arc::clone(m.entry(path.clone()).or_default()),
-            Err(_) => Arc::new(OnceCell::new()),
-        };
-        let result = cell
-            .get_or_init(|| async {
-                // Fetching an earlier path of the same `ensure` may have fetched this one as
-                // its reference.
-                let one = BTreeSet::from([path.clone()]);
-                if self.valid(&one).await?.contains(path) {
-                    return Ok(());
+    /// Fetch `path` and what of its closure is missing, waiting as `patience` says, or wait
+    /// for the fetch of it already under way (a path is fetched once however many steps, or
+    /// substitutions, need it).
+    async fn fetch_once(self: &Arc<Self>, path: &StorePath, patience: Patience<'_>) -> Fetched {
+        loop {
+            match self.inflight.claim(path) {
+                Claim::Own(own) => {
+                    let scope = Scope::Closure(own.id());
+                    return self.run(own, path, patience, scope).await;
                 }
-                self.fetch_across_reconnections(path, patience).await
-            })
-            .await
-            .clone();
-        if let Ok(mut m) = self.inflight.lock() {
-            if m.get(path).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                m.remove(path);
+                Claim::Wait(wait) => {
+                    if let Some(fetched) = wait.outcome().await {
+                        return fetched;
+                    }
+                }
             }
         }
-        result
+    }
+
+    /// For the closure fetch `fetch`: fetch `path` alone (its references are valid by now),
+    /// or wait for the fetch of it under way, unless that fetch waits on `fetch` (the claims
+    /// it was ordered by form a cycle with those `fetch` collected).
+    async fn fetch_reference(
+        self: &Arc<Self>,
+        fetch: FetchId,
+        path: &StorePath,
+    ) -> Result<(), CopyError> {
+        loop {
+            let claim = self
+                .inflight
+                .claim_for(path, fetch)
+                .map_err(|WaitCycle(cycle)| CopyError::ReferenceCycle(self.print_all(&cycle)))?;
+            let fetched = match claim {
+                Claim::Own(own) => {
+                    let patience = Patience::Anyone(self.timeouts.want);
+                    // Boxed: a fetch of a path alone copies no closure, so this nests once,
+                    // however long the closure.
+                    Some(Box::pin(self.run(own, path, patience, Scope::Alone)).await)
+                }
+                Claim::Wait(wait) => wait.outcome().await,
+            };
+            if let Some(fetched) = fetched {
+                return fetched.map_err(|e| CopyError::References(Box::new(e)));
+            }
+        }
+    }
+
+    /// Do the fetch `own` stands for, and give its outcome to whoever waits for it.
+    async fn run(
+        self: &Arc<Self>,
+        own: Ownership<'_, Fetched>,
+        path: &StorePath,
+        patience: Patience<'_>,
+        scope: Scope,
+    ) -> Fetched {
+        // Fetching an earlier path may have fetched this one as its reference.
+        let one = BTreeSet::from([path.clone()]);
+        let fetched = match self.valid(&one).await {
+            Ok(valid) if valid.contains(path) => Ok(()),
+            Ok(_) => self.fetch_across_reconnections(path, patience, scope).await,
+            Err(e) => Err(e),
+        };
+        own.finish(fetched.clone());
+        fetched
+    }
+
+    /// `paths`, printed.
+    fn print_all(&self, paths: &[StorePath]) -> Vec<String> {
+        let store_dir = self.pool.store_dir();
+        paths.iter().map(|p| store_dir.print(p)).collect()
     }
 
     /// Fetch `path`; when the connection drops mid-fetch, fetch it again over the next one.
@@ -459,10 +532,11 @@ impl Inner {
         self: &Arc<Self>,
         path: &StorePath,
         patience: Patience<'_>,
+        scope: Scope,
     ) -> Result<(), FetchError> {
         let mut tries = 1;
         loop {
-            match self.fetch_within(path, patience).await {
+            match self.fetch_within(path, patience, scope).await {
                 Err(FetchError::LinkLost(printed)) if tries < RELINK_TRIES => {
                     tries += 1;
                     tracing::warn!(path = %printed, "connection lost while fetching; fetching again once rejoined");
@@ -485,11 +559,13 @@ impl Inner {
         Ok(())
     }
 
-    /// Want `path`, then copy it from the first store that has it and sends a good copy.
+    /// Want `path`, then copy it (in `scope`) from the first store that has it and sends a
+    /// good copy.
     async fn fetch_within(
         self: &Arc<Self>,
         path: &StorePath,
         patience: Patience<'_>,
+        scope: Scope,
     ) -> Result<(), FetchError> {
         let printed = self.pool.store_dir().print(path);
         let link = self.link()?;
@@ -526,7 +602,14 @@ impl Inner {
             };
             // Later offers are alternatives: do not wait long for them.
             wait = Duration::from_secs(2);
-            match self.copy_from(&link, path, &printed, &holder, &info).await {
+            let copied = match scope {
+                Scope::Closure(fetch) => {
+                    self.copy_closure(&link, fetch, path, &printed, &holder, &info)
+                        .await
+                }
+                Scope::Alone => self.copy_alone(&link, path, &printed, &holder, &info).await,
+            };
+            match copied {
                 Ok(size) => {
                     self.fetched.fetch_add(1, Ordering::Relaxed);
                     self.fetched_bytes.fetch_add(size, Ordering::Relaxed);
@@ -590,17 +673,118 @@ impl Inner {
         }
     }
 
-    /// Copy `path` from `holder`: its references first, then its NAR. Returns the NAR size.
-    async fn copy_from(
+    /// Copy `path` from `holder`, claimed as `wire`, with what of its closure is missing:
+    /// first every missing path's path-info (as other stores claim it, iteratively, within
+    /// the limits), then, if no cycle is claimed, each path in dependency order (fetched
+    /// alone, or waited for if another fetch has it under way), `path` last. Returns the size
+    /// of `path`'s NAR.
+    async fn copy_closure(
         self: &Arc<Self>,
+        link: &Link,
+        fetch: FetchId,
+        path: &StorePath,
+        printed: &str,
+        holder: &str,
+        wire: &store::PathInfo,
+    ) -> Result<u64, CopyError> {
+        let info = from_wire(self.pool.store_dir(), path, wire)?;
+        let order = self
+            .claimed_closure(link, path, printed, wire, &info)
+            .await?;
+        for reference in order.iter().filter(|r| *r != path) {
+            self.fetch_reference(fetch, reference).await?;
+        }
+        self.add_nar(link, printed, holder, &info).await
+    }
+
+    /// The missing paths of `root`'s closure (claimed as `wire`, parsed as `info`), each after
+    /// those it refers to: their path-infos asked for level by level, as others claim them.
+    async fn claimed_closure(
+        &self,
+        link: &Link,
+        root: &StorePath,
+        printed: &str,
+        wire: &store::PathInfo,
+        info: &ValidPathInfo,
+    ) -> Result<Vec<StorePath>, CopyError> {
+        let store_dir = self.pool.store_dir();
+        let mut claimed = Claimed::new(self.limits);
+        let mut asked = HashSet::from([root.clone()]);
+        let mut frontier = claimed.add(root, printed, wire, &info.info.references)?;
+        loop {
+            frontier.retain(|p| asked.insert(p.clone()));
+            if frontier.is_empty() {
+                break;
+            }
+            let valid = self
+                .valid(&frontier)
+                .await
+                .map_err(|e| CopyError::References(Box::new(e)))?;
+            let missing: Vec<StorePath> = frontier.difference(&valid).cloned().collect();
+            claimed.room_for(missing.len())?;
+            let mut next = BTreeSet::new();
+            for batch in missing.chunks(WANTS_AT_ONCE) {
+                for (path, printed, wire) in self.claims(link, batch).await? {
+                    let info = from_wire(store_dir, &path, &wire)?;
+                    next.extend(claimed.add(&path, &printed, &wire, &info.info.references)?);
+                }
+            }
+            frontier = next;
+        }
+        claimed
+            .dependency_order()
+            .map_err(|cycle| CopyError::ReferenceCycle(self.print_all(&cycle)))
+    }
+
+    /// What the first store to answer a want for each of `paths` claims about it, wanting
+    /// them all at once (up to the want patience in all).
+    async fn claims(
+        &self,
+        link: &Link,
+        paths: &[StorePath],
+    ) -> Result<Vec<(StorePath, String, store::PathInfo)>, CopyError> {
+        let store_dir = self.pool.store_dir();
+        let patience = self.timeouts.want;
+        let wants: Vec<(StorePath, String, Wanted)> = paths
+            .iter()
+            .map(|p| {
+                let printed = store_dir.print(p);
+                let wanted = self.want(link, &printed);
+                (p.clone(), printed, wanted)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut claims = Vec::with_capacity(wants.len());
+        for (path, printed, mut wanted) in wants {
+            let offer = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    offer = wanted.offers.recv() => offer,
+                    () = link.until_lost() => None,
+                }
+            })
+            .await;
+            match offer {
+                Ok(Some((_, wire))) => claims.push((path, printed, wire)),
+                _ if link.is_lost() => return Err(CopyError::LinkLost),
+                _ => {
+                    let nowhere = FetchError::Nowhere(printed, patience);
+                    return Err(CopyError::References(Box::new(nowhere)));
+                }
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Copy `path` from `holder`, claimed as `wire`, whose references must be valid here.
+    async fn copy_alone(
+        &self,
         link: &Link,
         path: &StorePath,
         printed: &str,
         holder: &str,
-        info: &store::PathInfo,
+        wire: &store::PathInfo,
     ) -> Result<u64, CopyError> {
-        let store_dir = self.pool.store_dir();
-        let info: ValidPathInfo = from_wire(store_dir, path, info)?;
+        let info = from_wire(self.pool.store_dir(), path, wire)?;
         let references: BTreeSet<StorePath> = info
             .info
             .references
@@ -608,9 +792,26 @@ impl Inner {
             .filter(|r| *r != path)
             .cloned()
             .collect();
-        self.ensure(references)
+        let valid = self
+            .valid(&references)
             .await
             .map_err(|e| CopyError::References(Box::new(e)))?;
+        let missing: Vec<StorePath> = references.difference(&valid).cloned().collect();
+        if !missing.is_empty() {
+            return Err(CopyError::ReferencesNotValid(self.print_all(&missing)));
+        }
+        self.add_nar(link, printed, holder, &info).await
+    }
+
+    /// Stream `printed`'s NAR from `holder` into the local store, registered as `info`.
+    /// Returns the NAR size.
+    async fn add_nar(
+        &self,
+        link: &Link,
+        printed: &str,
+        holder: &str,
+        info: &ValidPathInfo,
+    ) -> Result<u64, CopyError> {
         let (sink, mut nar) = receive(
             link.facet.clone(),
             info.info.nar_hash.clone(),
@@ -638,7 +839,7 @@ impl Inner {
         // by a lost connection ends at once: dropping the lease interrupts its daemon
         // connection mid-NAR, so the daemon registers nothing.
         let added = tokio::select! {
-            added = lease.client().add_to_store_nar(&info, &mut nar, false, true) => added,
+            added = lease.client().add_to_store_nar(info, &mut nar, false, true) => added,
             () = link.until_lost() => return Err(CopyError::LinkLost),
         };
         match added {
