@@ -100,7 +100,7 @@ impl Upstream {
             UpstreamSpec::Socket(path) => path.clone(),
             UpstreamSpec::Private => transfers.socket().await.map_err(UpstreamError::Private)?,
         };
-        let stream = tokio::net::UnixStream::connect(&path)
+        let stream = nixspace_nix_tools::daemon_socket::connect(&path)
             .await
             .map_err(|source| UpstreamError::Connect { path, source })?;
         let (read, write) = stream.into_split();

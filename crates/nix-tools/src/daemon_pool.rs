@@ -491,7 +491,7 @@ impl Connection {
             DaemonTarget::Socket(_) => None,
         };
         let path = inner.socket().await?;
-        let stream = tokio::net::UnixStream::connect(&path)
+        let stream = crate::daemon_socket::connect(&path)
             .await
             .map_err(|source| StepError::Connect { path, source })?;
         let (r, w) = stream.into_split();
