@@ -12,6 +12,7 @@ mod flow;
 mod fuzz_sockets;
 mod nixbuild;
 mod outboard;
+mod post_build;
 mod scaleout;
 mod scheduling;
 mod security;

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use nixspace_frontend::{Failure, Report, StepOutcome};
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
-use nixspace_nix_protocol::{BuildResult, BuildStatus, Realisation};
+use nixspace_nix_protocol::{BuildResult, BuildStatus, OutputSpec, Realisation};
 use nixspace_protocol::DrvPath;
 
 /// How a failed step is described to the client: in Nix's own words when the worker relays
@@ -85,11 +85,13 @@ pub fn result_for(report: &Report, drv: &DrvPath) -> BuildResult {
     res
 }
 
-/// The realisations of a built derivation's outputs (empty, with a warning, if they cannot
-/// be computed: the client then falls back to querying the outputs).
+/// The realisations of the `wanted` outputs of a built derivation, as nix-daemon reports
+/// only the outputs asked for (empty, with a warning, if they cannot be computed: the client
+/// then falls back to querying the outputs).
 pub async fn built_outputs(
     store_dir: &StoreDir,
     drv: &StorePath,
+    wanted: &OutputSpec,
     realised: BTreeMap<String, String>,
 ) -> BTreeMap<String, Realisation> {
     let (dir, path) = (store_dir.clone(), drv.clone());
@@ -98,7 +100,10 @@ pub async fn built_outputs(
     })
     .await;
     match computed {
-        Ok(Ok(r)) => r,
+        Ok(Ok(mut r)) => {
+            r.retain(|id, _| is_wanted(wanted, id));
+            r
+        }
         Ok(Err(e)) => {
             tracing::warn!(drv = %drv, error = %crate::error_chain(&e), "no realisations for the build result");
             BTreeMap::new()
@@ -107,6 +112,16 @@ pub async fn built_outputs(
             tracing::warn!(drv = %drv, error = %e, "no realisations for the build result");
             BTreeMap::new()
         }
+    }
+}
+
+/// Whether the output of the `DrvOutput` id `id` (`sha256:…!name`) is one of `wanted`.
+fn is_wanted(wanted: &OutputSpec, id: &str) -> bool {
+    match wanted {
+        OutputSpec::All => true,
+        OutputSpec::Names(names) => id
+            .rsplit_once('!')
+            .is_some_and(|(_, name)| names.contains(name)),
     }
 }
 
@@ -181,5 +196,13 @@ mod tests {
         assert_eq!(lines.next(), Some("> line 2"));
         assert_eq!(lines.last(), Some("> line 11"));
         assert_eq!(result_for(&report, &drv).error_msg, msg);
+    }
+
+    #[test]
+    fn only_the_wanted_outputs_are_reported() {
+        let names = OutputSpec::Names(["first".to_owned()].into());
+        assert!(is_wanted(&names, "sha256:abc!first"));
+        assert!(!is_wanted(&names, "sha256:abc!second"));
+        assert!(is_wanted(&OutputSpec::All, "sha256:abc!second"));
     }
 }

@@ -253,12 +253,13 @@ impl<'a> Translator<'a> {
         for p in &paths {
             p.write_to(&mut client.writer).await?;
             let res = match p {
-                DerivedPath::Built { drv_path, .. } => {
+                DerivedPath::Built { drv_path, outputs } => {
                     let drv = DrvPath::from(store_dir.print(drv_path));
                     let mut res = result_for(&report, &drv);
                     if res.status.is_success() {
                         let realised = report.realised.get(&drv).cloned().unwrap_or_default();
-                        res.built_outputs = built_outputs(&store_dir, drv_path, realised).await;
+                        res.built_outputs =
+                            built_outputs(&store_dir, drv_path, outputs, realised).await;
                     }
                     res
                 }

@@ -10,7 +10,6 @@ use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::handshake::client_handshake;
 use nixspace_nix_protocol::stderr::DiscardLogs;
 use nixspace_nix_protocol::{HandshakeError, HandshakeInfo, NixReader, NixWriter, ProtocolVersion};
-use nixspace_nix_tools::private_daemon::PrivateDaemon;
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
 
 use crate::{BoxRead, BoxWrite};
@@ -101,7 +100,7 @@ impl Upstream {
             UpstreamSpec::Socket(path) => path.clone(),
             UpstreamSpec::Private => transfers.socket().await.map_err(UpstreamError::Private)?,
         };
-        let stream = PrivateDaemon::connect(&path)
+        let stream = nixspace_nix_tools::daemon_socket::connect(&path)
             .await
             .map_err(|source| UpstreamError::Connect { path, source })?;
         let (read, write) = stream.into_split();

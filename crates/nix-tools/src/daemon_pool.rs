@@ -146,7 +146,7 @@ pub enum StepError {
     Build {
         /// Nix's status.
         status: BuildStatus,
-        /// The first line of Nix's message (or the status).
+        /// Nix's message without its log tail (or the status).
         message: String,
     },
     /// The build succeeded but Nix did not say where an output went: transient.
@@ -491,7 +491,7 @@ impl Connection {
             DaemonTarget::Socket(_) => None,
         };
         let path = inner.socket().await?;
-        let stream = PrivateDaemon::connect(&path)
+        let stream = crate::daemon_socket::connect(&path)
             .await
             .map_err(|source| StepError::Connect { path, source })?;
         let (r, w) = stream.into_split();
@@ -580,7 +580,7 @@ impl Step {
     /// or why it failed.
     fn outputs(&self, store: &StoreDir, result: BuildResult) -> Result<BuiltStep, StepError> {
         if !result.status.is_success() {
-            let message = first_line(&result.error_msg);
+            let message = error_text(&result.error_msg);
             let message = if message.is_empty() {
                 format!("build failed ({:?})", result.status)
             } else {
@@ -652,18 +652,34 @@ fn forward_log(event: LogEvent, on_line: &mut impl FnMut(String)) {
     }
 }
 
-/// The first non-empty line of a Nix error message, without colours or a
-/// trailing `;`.
-fn first_line(message: &str) -> String {
-    let line = message
+/// A Nix error message as the step's failure reason: without colours, a leading `error: `,
+/// blank lines around it, or the log tail Nix appends to a builder's failure (`;` then
+/// `last N log lines:` and the lines; whoever shows the failure has the log). The lines
+/// before the tail stay: some messages list paths there (a disallowed reference's).
+fn error_text(message: &str) -> String {
+    let plain = strip_ansi(message);
+    let mut lines: Vec<&str> = plain
         .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("");
-    let line = strip_ansi(line);
-    line.trim_start_matches("error: ")
-        .trim_end_matches(';')
-        .to_owned()
+        .map(str::trim_end)
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !is_log_tail_heading(l))
+        .collect();
+    while lines.last().is_some_and(|l| l.trim().is_empty()) {
+        lines.pop();
+    }
+    if let Some(first) = lines.first_mut() {
+        *first = first.trim_start().trim_start_matches("error: ");
+    }
+    let text = lines.join("\n");
+    text.trim_end_matches(';').to_owned()
+}
+
+/// Whether `line` is the heading of the log tail in a builder's failure (`last 10 log lines:`).
+fn is_log_tail_heading(line: &str) -> bool {
+    line.trim()
+        .strip_prefix("last ")
+        .and_then(|rest| rest.strip_suffix(" log lines:"))
+        .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `text` without ANSI escape sequences (`ESC [ … letter`).
@@ -704,17 +720,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_lines_lose_colours_and_log_tails() {
+    fn error_texts_lose_colours_and_log_tails() {
         let msg =
             "builder for '\u{1b}[35;1m/nix/store/x-a.drv\u{1b}[0m' failed with exit code 3;\n\
                    last 10 log lines:\n> boom";
         assert_eq!(
-            first_line(msg),
+            error_text(msg),
             "builder for '/nix/store/x-a.drv' failed with exit code 3"
         );
-        assert_eq!(first_line("\n  error: nope\n"), "nope");
-        assert_eq!(first_line("\u{1b}[31;1merror:\u{1b}[0m nope"), "nope");
+        assert_eq!(error_text("\n  error: nope\n"), "nope");
+        assert_eq!(error_text("\u{1b}[31;1merror:\u{1b}[0m nope"), "nope");
         assert_eq!(strip_ansi("a\u{1b}[1mb\u{1b}[0m"), "ab");
+    }
+
+    #[test]
+    fn error_texts_keep_the_lines_nix_lists() {
+        let msg = "output '\u{1b}[35;1m/nix/store/x-a\u{1b}[0m' is not allowed to refer to the \
+                   following paths:\n  /nix/store/y-dep1\n  /nix/store/z-dep2\n";
+        assert_eq!(
+            error_text(msg),
+            "output '/nix/store/x-a' is not allowed to refer to the following paths:\n  \
+             /nix/store/y-dep1\n  /nix/store/z-dep2"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 mod command;
 mod daemon_pool;
+pub mod daemon_socket;
 mod derivation_info;
 mod gc_root;
 mod instantiate;

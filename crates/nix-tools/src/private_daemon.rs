@@ -18,9 +18,6 @@ use crate::real_program::{real_nix_daemon, ProgramNotFound};
 /// How long a starting daemon may take to listen on its socket.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// How long a connection is tried again while the daemon refuses it or has no room for it.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
-
 /// Why a private daemon could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum PrivateDaemonError {
@@ -145,7 +142,7 @@ impl PrivateDaemon {
 
     /// Wait for the socket to appear. Not by connecting: the daemon would take a connection
     /// closed before its handshake for an error, and say so. The daemon binds and listens
-    /// back to back; a connection in between is refused, and [`PrivateDaemon::connect`] tries
+    /// back to back; a connection in between is refused, and `daemon_socket::connect` tries
     /// again.
     async fn wait_until_listening(&mut self) -> Result<(), PrivateDaemonError> {
         let deadline = Instant::now() + START_TIMEOUT;
@@ -172,27 +169,6 @@ impl PrivateDaemon {
     /// The socket it listens on.
     pub fn socket(&self) -> &Path {
         &self.socket
-    }
-
-    /// Connect to the daemon listening on `socket`, trying again for a while as long as it is
-    /// refused (a daemon that has just bound its socket may not be listening yet) or its
-    /// queue of connections to accept is full (`nix-daemon` keeps 5; a connection attempt on a
-    /// full queue fails at once instead of waiting).
-    pub async fn connect(socket: &Path) -> std::io::Result<tokio::net::UnixStream> {
-        let deadline = Instant::now() + CONNECT_PATIENCE;
-        loop {
-            match tokio::net::UnixStream::connect(socket).await {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::WouldBlock
-                    ) && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-                result => return result,
-            }
-        }
     }
 
     /// Whether it is still running.
