@@ -229,7 +229,6 @@ fn a_deleted_root_over_valid_inputs_builds_only_the_root() {
 }
 
 #[test]
-#[ignore = "unfinished: the planner's QuerySubstitutablePaths does not yet see the file:// cache, so the step is built"]
 fn a_fixed_output_in_a_binary_cache_is_substituted_not_built() {
     let mut space = Space::start();
     space.worker("w1", &[]);
