@@ -176,7 +176,30 @@ pub async fn plan(
                     (path.clone(), ca)
                 })
                 .collect();
-            let offered = substitutable(&asked, pool, settings).await;
+            let mut offered = substitutable(&asked, pool, settings).await;
+            // Nix 2.8 asks a substituter with another store directory for the wrong path of a
+            // fixed output (the local one); its substitution goal asks for the right one, which
+            // is how nix-daemon fetches it before building: try that for those not offered.
+            let mut unoffered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            for ((drv, output), path) in &candidates {
+                if !offered.contains(path) && asked.get(path).is_some_and(Option::is_some) {
+                    unoffered
+                        .entry(drv.clone())
+                        .or_default()
+                        .insert(output.clone());
+                }
+            }
+            if !unoffered.is_empty() {
+                let tried: BTreeSet<StorePath> = candidates
+                    .iter()
+                    .filter(|((d, o), _)| unoffered.get(d).is_some_and(|os| os.contains(o)))
+                    .map(|(_, p)| p.clone())
+                    .collect();
+                if let Err(error) = substitute(&unoffered, pool, settings).await {
+                    tracing::debug!(%error, "fixed outputs not substituted; building them");
+                }
+                offered.extend(valid_paths(&tried, db, pool).await?);
+            }
             for ((drv, output), path) in candidates {
                 if offered.contains(&path) {
                     if let Some(p) = presence.get_mut(&drv).and_then(|o| o.get_mut(&output)) {
