@@ -15,10 +15,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nixspace_nix_protocol::{ClientSettings, OutputSpec};
-
 use nixspace_nix_formats::store_path::{StorePath, StorePathError};
-use nixspace_nix_protocol::{BuildMode, DerivedPath, LogEvent};
+use nixspace_nix_protocol::{BuildMode, ClientSettings, DerivedPath, LogEvent, OutputSpec};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, NixConf, NixError, StepError};
 
 use crate::phase::PhaseClock;
@@ -177,29 +175,14 @@ pub async fn plan(
                 })
                 .collect();
             let mut offered = substitutable(&asked, pool, settings).await;
-            // Nix 2.8 asks a substituter with another store directory for the wrong path of a
-            // fixed output (the local one); its substitution goal asks for the right one, which
-            // is how nix-daemon fetches it before building: try that for those not offered.
-            let mut unoffered: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-            for ((drv, output), path) in &candidates {
-                if !offered.contains(path) && asked.get(path).is_some_and(Option::is_some) {
-                    unoffered
-                        .entry(drv.clone())
-                        .or_default()
-                        .insert(output.clone());
-                }
-            }
-            if !unoffered.is_empty() {
-                let tried: BTreeSet<StorePath> = candidates
-                    .iter()
-                    .filter(|((d, o), _)| unoffered.get(d).is_some_and(|os| os.contains(o)))
-                    .map(|(_, p)| p.clone())
-                    .collect();
-                if let Err(error) = substitute(&unoffered, pool, settings).await {
-                    tracing::debug!(%error, "fixed outputs not substituted; building them");
-                }
-                offered.extend(valid_paths(&tried, db, pool).await?);
-            }
+            let unoffered: BTreeMap<(String, String), StorePath> = candidates
+                .iter()
+                .filter(|(_, p)| {
+                    !offered.contains(*p) && asked.get(*p).is_some_and(Option::is_some)
+                })
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+            offered.extend(fetch_fixed(&unoffered, pool, db, settings).await?);
             for ((drv, output), path) in candidates {
                 if offered.contains(&path) {
                     if let Some(p) = presence.get_mut(&drv).and_then(|o| o.get_mut(&output)) {
@@ -259,6 +242,34 @@ fn substituters_enabled(settings: Option<&ClientSettings>) -> bool {
     settings.is_none_or(|s| s.use_substitutes)
         && conf.value("substitute", "true") == "true"
         && (listed || names_some("extra-substituters"))
+}
+
+/// Fetch the fixed outputs `outputs` ((derivation, output) → path) that no substituter
+/// offered, if one has them; the paths now valid. Nix 2.8 asks a substituter with another
+/// store directory for the wrong path of a fixed output (the local one), but its substitution
+/// goal asks for the right one, which is how nix-daemon fetches such an output before
+/// building: the same is tried here (those it does not fetch are built).
+async fn fetch_fixed(
+    outputs: &BTreeMap<(String, String), StorePath>,
+    pool: &DaemonPool,
+    db: Option<&StoreDb>,
+    settings: Option<&ClientSettings>,
+) -> Result<BTreeSet<StorePath>, PlanError> {
+    if outputs.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (drv, output) in outputs.keys() {
+        wanted
+            .entry(drv.clone())
+            .or_default()
+            .insert(output.clone());
+    }
+    if let Err(error) = substitute(&wanted, pool, settings).await {
+        tracing::debug!(%error, "fixed outputs not substituted; building them");
+    }
+    let tried = outputs.values().cloned().collect();
+    Ok(valid_paths(&tried, db, pool).await?)
 }
 
 /// A connection of `pool` with `settings` sent, when given.
