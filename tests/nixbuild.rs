@@ -31,7 +31,7 @@ fn output_of(space: &Space, file: &Path, attr: &str) -> String {
 }
 
 /// How many steps the space's worker `id` built.
-fn built_by(space: &Space, id: &str) -> usize {
+pub(crate) fn built_by(space: &Space, id: &str) -> usize {
     space.log(id).matches(" built ").count()
 }
 
@@ -228,22 +228,33 @@ fn a_deleted_root_over_valid_inputs_builds_only_the_root() {
     assert_eq!(built_by(&space, "w1"), 3);
 }
 
-#[test]
-#[ignore = "unfinished: the planner's QuerySubstitutablePaths does not yet see the file:// cache, so the step is built"]
-fn a_fixed_output_in_a_binary_cache_is_substituted_not_built() {
-    let mut space = Space::start();
-    space.worker("w1", &[]);
-    let content = format!("fod-{}\n", nonce());
-    let text = space.tmp.path().join("content");
-    std::fs::write(&text, &content).unwrap();
-    let mut hash = space.nix("nix-hash", None);
-    hash.args(["--type", "sha256", "--flat"]).arg(&text);
-    let hash = run(hash, LIMIT);
-    assert!(hash.status.success(), "{hash:?}");
-    let file = space.nix_file(
-        "fod.nix",
-        &format!(
-            r#"derivation {{
+/// A fixed-output derivation made locally, put in a binary cache and gone from the store
+/// again: what a substituter can fetch instead of a worker building it.
+pub(crate) struct CachedFixedOutput {
+    /// Its Nix file.
+    pub file: std::path::PathBuf,
+    /// Its output path.
+    pub out: String,
+    /// What the output holds.
+    pub content: String,
+    /// The binary cache (a `file://` substituter's directory).
+    pub cache: std::path::PathBuf,
+}
+
+impl CachedFixedOutput {
+    /// Make it in `space`'s store, copy it to a cache, delete it.
+    pub(crate) fn make(space: &Space) -> CachedFixedOutput {
+        let content = format!("fod-{}\n", nonce());
+        let text = space.tmp.path().join("content");
+        std::fs::write(&text, &content).unwrap();
+        let mut hash = space.nix("nix-hash", None);
+        hash.args(["--type", "sha256", "--flat"]).arg(&text);
+        let hash = run(hash, LIMIT);
+        assert!(hash.status.success(), "{hash:?}");
+        let file = space.nix_file(
+            "fod.nix",
+            &format!(
+                r#"derivation {{
   name = "fod";
   system = builtins.currentSystem;
   builder = "/bin/sh";
@@ -252,28 +263,51 @@ fn a_fixed_output_in_a_binary_cache_is_substituted_not_built() {
   outputHashAlgo = "sha256";
   outputHash = "{hash}";
 }}"#,
-            content = content.trim_end().to_owned() + "\\n",
-            hash = hash.stdout.trim()
-        ),
-    );
-    // Made locally and put in a binary cache, then gone from the store.
-    let mut local = space.nix("nix-build", None);
-    local.arg("--no-out-link").arg(&file);
-    let local = run(local, LIMIT);
-    assert!(local.status.success(), "{local:?}");
-    let out = local.stdout.trim().to_owned();
-    let cache = space.tmp.path().join("cache");
-    let mut copy = space.nix("nix", None);
-    copy.args(["copy", "--to"])
-        .arg(format!("file://{}", cache.display()))
-        .arg(&out);
-    let copied = run(copy, LIMIT);
-    assert!(copied.status.success(), "{copied:?}");
-    let delete = || {
-        let deleted = nix_store(&space, &["--delete", &out]);
+                content = content.trim_end().to_owned() + "\\n",
+                hash = hash.stdout.trim()
+            ),
+        );
+        let mut local = space.nix("nix-build", None);
+        local.arg("--no-out-link").arg(&file);
+        let local = run(local, LIMIT);
+        assert!(local.status.success(), "{local:?}");
+        let out = local.stdout.trim().to_owned();
+        let cache = space.tmp.path().join("cache");
+        let mut copy = space.nix("nix", None);
+        copy.args(["copy", "--to"])
+            .arg(format!("file://{}", cache.display()))
+            .arg(&out);
+        let copied = run(copy, LIMIT);
+        assert!(copied.status.success(), "{copied:?}");
+        let fixed = CachedFixedOutput {
+            file,
+            out,
+            content,
+            cache,
+        };
+        fixed.delete(space);
+        fixed
+    }
+
+    /// Delete its output from `space`'s store.
+    pub(crate) fn delete(&self, space: &Space) {
+        let deleted = nix_store(space, &["--delete", &self.out]);
         assert!(deleted.status.success(), "{deleted:?}");
-    };
-    delete();
+    }
+}
+
+#[test]
+fn a_fixed_output_in_a_binary_cache_is_substituted_not_built() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let fixed = CachedFixedOutput::make(&space);
+    let (file, out, content, cache) = (
+        fixed.file.clone(),
+        fixed.out.clone(),
+        fixed.content.clone(),
+        fixed.cache.clone(),
+    );
+    let delete = || fixed.delete(&space);
     // Without the cache as substituter, a worker builds it (the positive control).
     let built = space.build_with(&file, &["--no-out-link"], LIMIT);
     assert!(built.status.success(), "{built:?}");

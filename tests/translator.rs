@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use nixspace_test_support::{command_lines_with, nonce, repo_root, run, sleeper, Space};
 
+use crate::nixbuild::{built_by, CachedFixedOutput};
+
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn demo_file(space: &Space) -> std::path::PathBuf {
@@ -1471,4 +1473,29 @@ fn nix_build_shows_the_builders_output_as_nix_daemon_does() {
     assert_eq!(via.len(), 1, "{via:?}");
     assert!(via[0].starts_with("progress says top-"), "{via:?}");
     assert_eq!(via.len(), direct.len(), "{via:?} {direct:?}");
+}
+
+#[test]
+fn a_clients_substituters_are_used_before_building() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let socket = space.translator();
+    let fixed = CachedFixedOutput::make(&space);
+    let nix_build = |extra: &[&str]| {
+        let mut c = space.nix("nix-build", Some(&socket));
+        c.arg(&fixed.file).arg("--no-out-link").args(extra);
+        run(c, LIMIT)
+    };
+    // Without the client's substituter, a worker builds it (the positive control).
+    let built = nix_build(&[]);
+    assert!(built.status.success(), "{built:?}");
+    assert_eq!(built_by(&space, "w1"), 1);
+    fixed.delete(&space);
+    // With it (the test's nix.conf names none), the output is fetched from the cache.
+    let cache = format!("file://{}", fixed.cache.display());
+    let substituted = nix_build(&["--substituters", &cache]);
+    assert!(substituted.status.success(), "{substituted:?}");
+    assert_eq!(substituted.stdout.trim(), fixed.out);
+    assert_eq!(std::fs::read_to_string(&fixed.out).unwrap(), fixed.content);
+    assert_eq!(built_by(&space, "w1"), 1, "no worker built it again");
 }

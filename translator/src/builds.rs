@@ -88,6 +88,7 @@ impl<'a> Translator<'a> {
             pool: self.config.transfers.clone(),
             db: self.config.store_db.clone(),
             post_build,
+            substitution: Some(self.substitution_settings(client.trust)),
         };
         let mut session = match BuildSession::start(config, roots).await {
             Ok(s) => s,
@@ -153,6 +154,25 @@ impl<'a> Translator<'a> {
             }
         }
         Ok(Ok(report))
+    }
+
+    /// The client's settings as its build's substitution uses them: what nix-daemon takes from
+    /// it, so an untrusted client's substituters count only if they are trusted ones (its
+    /// warnings were given when it sent them).
+    fn substitution_settings(&self, trust: Trust) -> ClientSettings {
+        let overrides = match trust {
+            Trust::Trusted => self.settings.overrides.clone(),
+            Trust::Untrusted => {
+                self.config
+                    .trust
+                    .filter_overrides(&self.settings.overrides)
+                    .0
+            }
+        };
+        ClientSettings {
+            overrides,
+            ..self.settings.clone()
+        }
     }
 
     /// Answer `req` (`IsValidPath` or `QueryPathInfo`) from the store database if there is

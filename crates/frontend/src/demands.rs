@@ -91,6 +91,7 @@ mod tests {
             input_outputs: BTreeMap::new(),
             allow_substitutes: true,
             outputs: BTreeMap::new(),
+            fixed_ca: None,
         }
     }
 

@@ -4,12 +4,20 @@
 //! it, one whose missing outputs the store's substituters have is substituted (the daemon
 //! fetches them before anything is demanded), and only derivations that must be built (the
 //! *steps*) make the outputs they use of their inputs wanted.
+//!
+//! Substitutes are found as Nix's `queryMissing` finds them (`QuerySubstitutablePathInfos`,
+//! which asks every substituter, with a fixed output's content address so a cache with another
+//! store directory can offer it) and fetched as derivation outputs (`BuildPaths` of
+//! `drv!outputs`, which substitutes with that content address) on a connection told to build
+//! nothing (`max-jobs = 0`, no builders): building is the workers' job. A client's settings
+//! (its `--substituters`) are sent with `SetOptions` on the connections that do this, which
+//! are closed afterwards.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use nixspace_nix_formats::store_path::{StorePath, StorePathError};
-use nixspace_nix_protocol::{BuildMode, DerivedPath, LogEvent};
-use nixspace_nix_tools::{DaemonPool, DerivationInfo, NixConf, NixError, StepError};
+use nixspace_nix_protocol::{BuildMode, ClientSettings, DerivedPath, LogEvent, OutputSpec};
+use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, NixConf, NixError, StepError};
 
 use crate::phase::PhaseClock;
 use crate::realisation::{base_name, OutputIds, RealisationError};
@@ -91,11 +99,13 @@ impl Plan {
 
 /// Read the closure of `roots` (`.drv` paths) from the local store and find what the roots'
 /// outputs need (see the module's documentation), reading validity from the store of
-/// `pool` (from its database `db` when given); substitute what the substituters have.
+/// `pool` (from its database `db` when given); substitute what the substituters have, with
+/// `settings` (a client's) sent to the daemon first when given.
 pub async fn plan(
     roots: &[String],
     pool: &DaemonPool,
     db: Option<&StoreDb>,
+    settings: Option<&ClientSettings>,
 ) -> Result<Plan, PlanError> {
     let mut clock = PhaseClock::start("plan");
     let infos = nixspace_nix_tools::read_closure(roots).await?;
@@ -117,7 +127,9 @@ pub async fn plan(
         }
     };
     clock.end("query realisations");
-    let substituting = substituters_enabled();
+    let substituting = substituters_enabled(settings);
+    // The derivation output each offered path is, to fetch it as that output.
+    let mut offered_as: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut walk = Walk::new(&infos, roots);
     loop {
         let layer = walk.next_layer();
@@ -151,11 +163,31 @@ pub async fn plan(
             }
         }
         if !candidates.is_empty() {
-            let offered = substitutable(candidates.values().cloned().collect(), pool).await;
+            // A fixed output goes with its content address, as Nix's `queryMissing` sends it.
+            let asked = candidates
+                .iter()
+                .map(|((drv, output), path)| {
+                    let ca = infos
+                        .get(drv)
+                        .filter(|_| output == "out")
+                        .and_then(|i| i.fixed_ca.clone());
+                    (path.clone(), ca)
+                })
+                .collect();
+            let mut offered = substitutable(&asked, pool, settings).await;
+            let unoffered: BTreeMap<(String, String), StorePath> = candidates
+                .iter()
+                .filter(|(_, p)| {
+                    !offered.contains(*p) && asked.get(*p).is_some_and(Option::is_some)
+                })
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect();
+            offered.extend(fetch_fixed(&unoffered, pool, db, settings).await?);
             for ((drv, output), path) in candidates {
                 if offered.contains(&path) {
                     if let Some(p) = presence.get_mut(&drv).and_then(|o| o.get_mut(&output)) {
                         *p = Presence::Substitutable(store.print(&path));
+                        offered_as.insert(store.print(&path), (drv, output));
                     }
                 }
             }
@@ -168,7 +200,13 @@ pub async fn plan(
     clock.end("walk the closure top-down");
     // The resolver takes a realised derivation as done: only those not built again count.
     realised.retain(|drv, _| !needed.contains(drv));
-    substitute(&substitutes, pool).await?;
+    let mut fetched: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for path in &substitutes {
+        if let Some((drv, output)) = offered_as.remove(path) {
+            fetched.entry(drv).or_default().insert(output);
+        }
+    }
+    substitute(&fetched, pool, settings).await?;
     clock.end("substitute");
     Ok(Plan {
         infos,
@@ -178,30 +216,93 @@ pub async fn plan(
     })
 }
 
-/// Whether Nix would ask substituters: `substitute` is on and `substituters` names some.
-fn substituters_enabled() -> bool {
-    match NixConf::load() {
-        Ok(conf) => {
-            conf.value("substitute", "true") == "true"
-                && !conf
-                    .list("substituters", &[DEFAULT_SUBSTITUTERS.to_owned()])
-                    .is_empty()
-        }
+/// Whether Nix would ask substituters: `substitute` is on (in the configuration and in
+/// `settings`) and `substituters` (`settings`' if they set it, else the configuration's) or
+/// `extra-substituters` name some.
+fn substituters_enabled(settings: Option<&ClientSettings>) -> bool {
+    let conf = match NixConf::load() {
+        Ok(conf) => conf,
         Err(error) => {
             tracing::warn!(%error, "cannot read the Nix configuration; not substituting");
-            false
+            return false;
         }
-    }
+    };
+    let overrides = settings.map(|s| &s.overrides);
+    let names_some = |name: &str| {
+        overrides
+            .and_then(|o| o.get(name))
+            .is_some_and(|v| v.split_whitespace().next().is_some())
+    };
+    let listed = match overrides.is_some_and(|o| o.contains_key("substituters")) {
+        true => names_some("substituters"),
+        false => !conf
+            .list("substituters", &[DEFAULT_SUBSTITUTERS.to_owned()])
+            .is_empty(),
+    };
+    settings.is_none_or(|s| s.use_substitutes)
+        && conf.value("substitute", "true") == "true"
+        && (listed || names_some("extra-substituters"))
 }
 
-/// Which of `paths` the substituters of `pool`'s store can provide (`QuerySubstitutablePaths`);
-/// none if the store cannot say, so those derivations are built.
-async fn substitutable(paths: BTreeSet<StorePath>, pool: &DaemonPool) -> BTreeSet<StorePath> {
+/// Fetch the fixed outputs `outputs` ((derivation, output) → path) that no substituter
+/// offered, if one has them; the paths now valid. Nix 2.8 asks a substituter with another
+/// store directory for the wrong path of a fixed output (the local one), but its substitution
+/// goal asks for the right one, which is how nix-daemon fetches such an output before
+/// building: the same is tried here (those it does not fetch are built).
+async fn fetch_fixed(
+    outputs: &BTreeMap<(String, String), StorePath>,
+    pool: &DaemonPool,
+    db: Option<&StoreDb>,
+    settings: Option<&ClientSettings>,
+) -> Result<BTreeSet<StorePath>, PlanError> {
+    if outputs.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let mut wanted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (drv, output) in outputs.keys() {
+        wanted
+            .entry(drv.clone())
+            .or_default()
+            .insert(output.clone());
+    }
+    if let Err(error) = substitute(&wanted, pool, settings).await {
+        tracing::debug!(%error, "fixed outputs not substituted; building them");
+    }
+    let tried = outputs.values().cloned().collect();
+    Ok(valid_paths(&tried, db, pool).await?)
+}
+
+/// A connection of `pool` with `settings` sent, when given.
+async fn lease_with(
+    pool: &DaemonPool,
+    settings: Option<&ClientSettings>,
+) -> Result<Lease, StepError> {
+    let mut lease = pool.lease().await?;
+    if let Some(settings) = settings {
+        if let Err(e) = lease.client().set_options(settings).await {
+            return Err(lease.failed(e));
+        }
+    }
+    Ok(lease)
+}
+
+/// Which of `paths` (with their content addresses) the substituters of `pool`'s store, or
+/// those `settings` name, can provide (`QuerySubstitutablePathInfos`); none if the store
+/// cannot say, so those derivations are built.
+async fn substitutable(
+    paths: &BTreeMap<StorePath, Option<String>>,
+    pool: &DaemonPool,
+    settings: Option<&ClientSettings>,
+) -> BTreeSet<StorePath> {
     let asked = async {
-        let mut lease = pool.lease().await?;
-        match lease.client().query_substitutable_paths(&paths).await {
+        let mut lease = lease_with(pool, settings).await?;
+        match lease.client().query_substitutable_path_infos(paths).await {
             Ok(offered) => {
-                lease.release();
+                // A connection with a client's settings serves nobody else.
+                match settings {
+                    Some(_) => lease.retire(),
+                    None => lease.release(),
+                }
                 Ok(offered)
             }
             Err(e) => Err(lease.failed(e)),
@@ -213,30 +314,40 @@ async fn substitutable(paths: BTreeSet<StorePath>, pool: &DaemonPool) -> BTreeSe
     })
 }
 
-/// Have the store of `pool` fetch `paths` (printed) from its substituters (`BuildPaths`).
-async fn substitute(paths: &BTreeSet<String>, pool: &DaemonPool) -> Result<(), PlanError> {
-    if paths.is_empty() {
+/// Have the store of `pool` fetch `outputs` (derivation → output names) from its
+/// substituters, or those `settings` name (`BuildPaths`), building nothing.
+async fn substitute(
+    outputs: &BTreeMap<String, BTreeSet<String>>,
+    pool: &DaemonPool,
+    settings: Option<&ClientSettings>,
+) -> Result<(), PlanError> {
+    if outputs.is_empty() {
         return Ok(());
     }
-    let failed = |source| PlanError::Substitute {
-        count: paths.len(),
-        source,
-    };
+    let count = outputs.values().map(BTreeSet::len).sum();
+    let failed = |source| PlanError::Substitute { count, source };
     let store = pool.store_dir();
-    let wanted = paths
+    let wanted = outputs
         .iter()
-        .map(|p| {
-            store
-                .parse(p)
-                .map(DerivedPath::Opaque)
-                .map_err(|source| PlanError::Path {
-                    path: p.clone(),
-                    source,
-                })
+        .map(|(drv, names)| {
+            let drv_path = store.parse(drv).map_err(|source| PlanError::Path {
+                path: drv.clone(),
+                source,
+            })?;
+            Ok(DerivedPath::Built {
+                drv_path,
+                outputs: OutputSpec::Names(names.clone()),
+            })
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    tracing::info!(paths = paths.len(), "substituting");
-    let mut lease = pool.lease().await.map_err(failed)?;
+        .collect::<Result<Vec<_>, PlanError>>()?;
+    // What cannot be substituted fails instead of being built here.
+    let mut fetch_only = settings.cloned().unwrap_or_default();
+    fetch_only.max_build_jobs = 0;
+    fetch_only
+        .overrides
+        .insert("builders".to_owned(), String::new());
+    tracing::info!(paths = count, "substituting");
+    let mut lease = lease_with(pool, Some(&fetch_only)).await.map_err(failed)?;
     let mut logs = |event: LogEvent| tracing::debug!(?event, "substituter");
     match lease
         .client()

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_protocol::ClientSettings;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::{DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
@@ -63,6 +64,9 @@ pub struct SessionConfig {
     /// What to do after each step is built (sign its outputs, run a hook): when not empty,
     /// every step's outputs are copied here as it is built.
     pub post_build: Arc<PostBuild>,
+    /// A client's settings (its `--substituters` among them) for the daemon connections that
+    /// look for and fetch substitutes; none: the daemon's own configuration.
+    pub substitution: Option<ClientSettings>,
 }
 
 /// What happened in a build, for the caller to show.
@@ -260,7 +264,13 @@ impl BuildSession {
         let started = SystemTime::now();
         let mut clock = PhaseClock::start("build");
         let root_names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
-        let plan = plan(&root_names, &config.pool, config.db.as_deref()).await?;
+        let plan = plan(
+            &root_names,
+            &config.pool,
+            config.db.as_deref(),
+            config.substitution.as_ref(),
+        )
+        .await?;
         clock.end("plan");
         let steps = plan
             .needed

@@ -166,6 +166,7 @@ mod tests {
                 .iter()
                 .map(|o| (o.to_string(), Some(format!("/nix/store/x-{o}"))))
                 .collect(),
+            fixed_ca: None,
         }
     }
 

@@ -487,6 +487,38 @@ where
         self.track(res)
     }
 
+    /// `QuerySubstitutablePathInfos`: which of `paths` the store's substituters can provide,
+    /// each given with its content address if it has one (so a substituter with another store
+    /// directory can be asked for it). Unlike `QuerySubstitutablePaths`, this asks every
+    /// substituter, not only those that want mass queries (a `file://` cache does not), as
+    /// Nix's own planning (`queryMissing`) does.
+    pub async fn query_substitutable_path_infos(
+        &mut self,
+        paths: &BTreeMap<StorePath, Option<String>>,
+    ) -> Result<BTreeSet<StorePath>, ClientError> {
+        let res = async {
+            self.simple(&Request::QuerySubstitutablePathInfos(paths.clone()))
+                .await?;
+            let count = self
+                .reader
+                .read_u64("QuerySubstitutablePathInfos count")
+                .await?;
+            let mut offered = BTreeSet::new();
+            for _ in 0..count {
+                offered.insert(self.reader.read_store_path("substitutable path").await?);
+                self.reader.read_string("substitutable deriver").await?;
+                self.reader
+                    .read_store_path_set("substitutable references")
+                    .await?;
+                self.reader.read_u64("substitutable download size").await?;
+                self.reader.read_u64("substitutable NAR size").await?;
+            }
+            Ok(offered)
+        }
+        .await;
+        self.track(res)
+    }
+
     /// `IsValidPath`.
     pub async fn is_valid_path(&mut self, path: &StorePath) -> Result<bool, ClientError> {
         let res = async {

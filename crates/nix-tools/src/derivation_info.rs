@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::Path;
 
-use nixspace_nix_formats::derivation::Derivation;
-use nixspace_nix_formats::store_path::StoreDir;
+use nixspace_nix_formats::derivation::{Derivation, DerivationOutput};
+use nixspace_nix_formats::store_path::{ContentAddress, StoreDir};
 
 use crate::command::NixError;
 
@@ -24,6 +24,9 @@ pub struct DerivationInfo {
     pub allow_substitutes: bool,
     /// Output name → path (`None` for floating content-addressed outputs).
     pub outputs: BTreeMap<String, Option<String>>,
+    /// The content address of a fixed-output derivation's `out` (`fixed:[r:]algo:hash`, as
+    /// Nix's `getDerivationCA`): what lets a substituter with another store directory offer it.
+    pub fixed_ca: Option<String>,
 }
 
 impl DerivationInfo {
@@ -47,6 +50,12 @@ impl DerivationInfo {
                 .iter()
                 .map(|(name, out)| (name.clone(), out.path().map(|p| store.print(p))))
                 .collect(),
+            fixed_ca: match drv.outputs.get("out") {
+                Some(DerivationOutput::CaFixed { method, hash, .. }) => {
+                    Some(ContentAddress::Fixed(*method, hash.clone()).to_string())
+                }
+                _ => None,
+            },
         }
     }
 }

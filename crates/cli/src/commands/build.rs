@@ -134,6 +134,8 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         pool: pool.clone(),
         // Signing and the post-build hook, as this machine's Nix configuration sets them.
         post_build: PostBuild::from_settings(&NixConf::load()?, &BTreeMap::new())?.into(),
+        // Substituters as this machine's Nix configuration names them.
+        substitution: None,
     };
     let mut session = BuildSession::start(config, roots).await?;
     let substituted = &session.plan().substituted;
