@@ -14,5 +14,6 @@ mod outboard;
 mod scaleout;
 mod scheduling;
 mod security;
+mod settings;
 mod stores;
 mod translator;

@@ -306,6 +306,7 @@ impl Planner {
                         &build::Assigned {
                             drv: drv.to_string(),
                             worker: worker.into(),
+                            settings: self.schedule.settings(&drv).to_wire(),
                         },
                     );
                     replace(t, &mut self.assigned, drv, h);
@@ -335,6 +336,7 @@ impl Planner {
                         &build::Assigned {
                             drv: drv.to_string(),
                             worker: thief.into(),
+                            settings: self.schedule.settings(&drv).to_wire(),
                         },
                     );
                     replace(t, &mut self.stolen, drv, h);
