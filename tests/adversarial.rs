@@ -29,6 +29,7 @@ fn demand(drv: &str) -> AnyValue {
             system: SYSTEM.to_owned(),
             features: vec![],
             input_drvs: vec![],
+            settings: nixspace_protocol::BuildSettings::default().to_wire(),
         },
         requester: "adversarial-test".to_owned(),
         priority: 0.into(),
@@ -61,6 +62,7 @@ fn assigned(drv: &str, worker: &str) -> AnyValue {
     build::Assigned {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
     }
     .unparse()
 }

@@ -57,7 +57,7 @@ fn syndicate_seeds(route: &Route) -> Vec<Vec<u8>> {
         resolve.clone(),
         format!("{resolve}[[1 <A <want \"p\" \"s\"> 1>] [1 <M <probe \"x\">>] [1 <R 1>]]"),
         format!("{resolve}[[1 <A <Observe <_> #:[0 5]> 2>] [1 <S #:[0 6]>]]"),
-        format!("{resolve}[[1 <A <demand \"d\" <step \"s\" [] []> \"r\" 0 0> 3>]]"),
+        format!("{resolve}[[1 <A <demand \"d\" <step \"s\" [] [] <settings normal 0 0 #f #f>> \"r\" 0 0> 3>]]"),
         "[[0 <A <resolve <ref {oid: \"worker\" sig: #[AAAA]}> #:[0 0]> 0>]]".to_owned(),
         "[[0 <R 0>] [9 <M 1>] [0 <S #:[1 0]>]]".to_owned(),
         "#f".to_owned(),

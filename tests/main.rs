@@ -16,5 +16,6 @@ mod post_build;
 mod scaleout;
 mod scheduling;
 mod security;
+mod settings;
 mod stores;
 mod translator;

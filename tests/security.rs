@@ -59,6 +59,7 @@ fn assigned(drv: &str, worker: &str) -> AnyValue {
     build::Assigned {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
     }
     .unparse()
 }
@@ -290,6 +291,7 @@ fn assigned_to(drv: &str, worker: &str) -> AnyValue {
     build::Assigned {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
     }
     .unparse()
 }

@@ -18,7 +18,7 @@ use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError, DerivedPath,
     LogEvent, NixSerialize, Request, StderrFrame,
 };
-use nixspace_protocol::DrvPath;
+use nixspace_protocol::{BuildSettings, DrvPath};
 
 use crate::backend::{DaemonBackend, Served};
 use crate::build_result::{built_outputs, error_message, result_for};
@@ -54,15 +54,51 @@ impl<'a> Translator<'a> {
         }
     }
 
-    /// Build `roots` on the dataspace, relaying progress. The outer error ends the
+    /// How the client's builds run, in `mode`: its `SetOptions` fields (`maxSilentTime`,
+    /// `keepFailed`) and overrides (`timeout`, for everyone as nix-daemon allows; and
+    /// `auto-optimise-store` for the trusted). Repairing takes a trusted client, as it does
+    /// in nix-daemon.
+    fn build_settings(&self, trust: Trust, mode: BuildMode) -> Result<BuildSettings, DaemonError> {
+        let mode = match (mode, trust) {
+            (BuildMode::Normal, _) => nixspace_protocol::BuildMode::Normal,
+            (BuildMode::Check, _) => nixspace_protocol::BuildMode::Check,
+            (BuildMode::Repair, Trust::Trusted) => nixspace_protocol::BuildMode::Repair,
+            (BuildMode::Repair, Trust::Untrusted) => {
+                return Err(DaemonError::new(
+                    "repairing is not allowed because you are not in 'trusted-users'",
+                ))
+            }
+        };
+        let overrides = &self.settings.overrides;
+        let timeout = ["timeout", "build-timeout"]
+            .iter()
+            .find_map(|name| overrides.get(*name)?.trim().parse().ok())
+            .unwrap_or(0);
+        let optimise = trust == Trust::Trusted
+            && overrides.get("auto-optimise-store").map(String::as_str) == Some("true");
+        Ok(BuildSettings {
+            mode,
+            max_silent_time: self.settings.max_silent_time,
+            timeout,
+            keep_failed: self.settings.keep_failed,
+            optimise,
+        })
+    }
+
+    /// Build `roots` on the dataspace in `mode`, relaying progress. The outer error ends the
     /// connection (the client left or the stream broke); the inner one is an error for the
     /// client.
     async fn build(
         &mut self,
         client: &mut Client,
         roots: Vec<DrvPath>,
+        mode: BuildMode,
     ) -> Result<Result<Report, DaemonError>, ConnError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
+        let settings = match self.build_settings(client.trust, mode) {
+            Ok(settings) => settings,
+            Err(e) => return Ok(Err(e)),
+        };
         // A trusted client's settings count, as they do in nix-daemon; the untrusted may not
         // set these.
         let overrides = match client.trust {
@@ -85,6 +121,7 @@ impl<'a> Translator<'a> {
             patience: self.config.patience,
             reconnect_for: self.config.reconnect_for,
             keep_going: self.settings.keep_going,
+            settings,
             pool: self.config.transfers.clone(),
             db: self.config.store_db.clone(),
             post_build,
@@ -221,9 +258,6 @@ impl<'a> Translator<'a> {
         mode: BuildMode,
         with_results: bool,
     ) -> Served {
-        if mode != BuildMode::Normal {
-            return client.error(&unsupported_mode(mode)).await;
-        }
         let store_dir = self.config.store_dir.clone();
         let mut roots = Vec::new();
         let mut opaque = Vec::new();
@@ -252,7 +286,7 @@ impl<'a> Translator<'a> {
                 Err(e) => return client.error(&e).await,
             }
         }
-        let report = match self.build(client, roots).await? {
+        let report = match self.build(client, roots, mode).await? {
             Ok(r) => r,
             Err(e) => return client.error(&e).await,
         };
@@ -354,11 +388,6 @@ async fn show(
     Ok(())
 }
 
-/// The error for a build mode nixspace does not serve (repair, check).
-fn unsupported_mode(mode: BuildMode) -> DaemonError {
-    DaemonError::new(format!("build mode {mode:?} is not supported by nixspace"))
-}
-
 impl DaemonBackend for Translator<'_> {
     async fn set_options(&mut self, client: &mut Client, settings: ClientSettings) -> Served {
         tracing::debug!(client = client.id, ?settings, "client settings");
@@ -403,7 +432,7 @@ impl DaemonBackend for Translator<'_> {
         };
         let drv = DrvPath::from(self.config.store_dir.print(drv));
         tracing::info!(client = client.id, path = %path, %drv, "EnsurePath builds a derivation output");
-        let failure = match self.build(client, vec![drv]).await? {
+        let failure = match self.build(client, vec![drv], BuildMode::Normal).await? {
             Ok(report) => error_message(&report).map(DaemonError::new),
             Err(e) => Some(e),
         };
@@ -446,18 +475,12 @@ impl DaemonBackend for Translator<'_> {
         mode: BuildMode,
     ) -> Served {
         let drv = DrvPath::from(self.config.store_dir.print(&drv_path));
-        let result = if mode != BuildMode::Normal {
-            let mut r = BuildResult::new(BuildStatus::MiscFailure);
-            r.error_msg = unsupported_mode(mode).message;
-            r
-        } else {
-            match self.build(client, vec![drv.clone()]).await? {
-                Ok(report) => result_for(&report, &drv),
-                Err(e) => {
-                    let mut r = BuildResult::new(BuildStatus::MiscFailure);
-                    r.error_msg = e.message;
-                    r
-                }
+        let result = match self.build(client, vec![drv.clone()], mode).await? {
+            Ok(report) => result_for(&report, &drv),
+            Err(e) => {
+                let mut r = BuildResult::new(BuildStatus::MiscFailure);
+                r.error_msg = e.message;
+                r
             }
         };
         StderrFrame::Last.write_to(&mut client.writer).await?;

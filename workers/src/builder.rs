@@ -3,7 +3,8 @@
 //! Protocol, as seen from one worker W:
 //! 1. W asserts `<worker W …>` (what it can build, how many at once) and
 //!    `<offer W free-slots>` (none while draining).
-//! 2. The planner gives W a ready step W can build: `<assigned drv W>`. W
+//! 2. The planner gives W a ready step W can build: `<assigned drv W settings>`
+//!    (how the client asked it built: build mode, time limits, …). W
 //!    holds it with `<claim drv W>` (the planner takes the claim's retraction,
 //!    or W leaving, as W lost) and builds the step — but only once every
 //!    input's outputs are valid in its store. Builds go to the local Nix
@@ -31,8 +32,9 @@ use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
-use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
+use nixspace_protocol::{build, on_retraction, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
+use preserves_schema::Parse;
 
 use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
@@ -112,6 +114,8 @@ pub enum Event {
     Assigned {
         /// The step.
         drv: DrvPath,
+        /// How to build it.
+        settings: BuildSettings,
     },
     /// The planner withdrew this worker's assignment of a step.
     Unassigned {
@@ -217,14 +221,14 @@ impl Entity<Event> for Builder {
         match event {
             // Given to us (pushed, or a claim granted). Even a draining worker builds a step
             // the planner gave it before it saw the drain.
-            Event::Assigned { drv } => {
+            Event::Assigned { drv, settings } => {
                 if !self.building.contains_key(&drv) {
                     if !self.claims.contains_key(&drv) {
                         self.claim(t, drv.clone());
                     }
                     let this = &*self;
                     let facet = t.facet(|t| {
-                        build_step(t, this, drv.clone());
+                        build_step(t, this, drv.clone(), settings);
                         Ok(())
                     })?;
                     self.building.insert(drv, facet);
@@ -421,10 +425,15 @@ pub fn start(
         Ok(())
     }));
 
-    enclose!((builder) during!(t, ds, <assigned $drv: String #(literal)>,
+    enclose!((builder) during!(t, ds, <assigned $drv: String #(literal) $settings>,
     |t: &mut Activation| {
         let drv = DrvPath::from(drv.as_str());
-        t.message(&builder, Event::Assigned { drv: drv.clone() });
+        let Ok(settings) = build::BuildSettings::parse(&settings) else {
+            tracing::warn!(%drv, ?settings, "ignoring an assignment with malformed settings");
+            return Ok(());
+        };
+        let settings = BuildSettings::from_wire(&settings);
+        t.message(&builder, Event::Assigned { drv: drv.clone(), settings });
         on_retraction(t, enclose!((builder) move |t| {
             t.message(&builder, Event::Unassigned { drv });
             Ok(())
@@ -436,7 +445,7 @@ pub fn start(
     // longer kept for us): then let go of the claim.
     for drv in pending {
         let step = AnyValue::new(drv.to_string());
-        enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String>, |t: &mut Activation| {
+        enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String _>, |t: &mut Activation| {
             if me != worker.as_str() {
                 t.message(&builder, Event::AssignedElsewhere { drv: drv.clone() });
             }
@@ -450,7 +459,7 @@ pub fn start(
 /// running already), then assert its outcome there and tell the builder its slot is free.
 /// Stopping the facet withdraws the outcome; the build itself is stopped by
 /// [`Builds::cancel`].
-fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath) {
+fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: BuildSettings) {
     let (ds, config) = (Arc::clone(&worker.ds), Arc::clone(&worker.config));
     let (pool, store) = (worker.pool.clone(), worker.store.clone());
     let builder = worker.me.get().and_then(Weak::upgrade);
@@ -467,7 +476,10 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath) {
         let (config, drv) = (Arc::clone(&config), drv.clone());
         async move {
             tracing::info!(%drv, "building");
-            run_build(&config, &pool, &store, &drv, |line| lines.send(line)).await
+            run_build(&config, &pool, &store, &drv, settings, |line| {
+                lines.send(line)
+            })
+            .await
         }
     });
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
@@ -568,14 +580,15 @@ async fn substituted(
     }
 }
 
-/// Build `drv` over the worker's daemon pool, passing its log lines to `on_line`. The
-/// derivation and the inputs the local store lacks are fetched first from the stores in the
-/// dataspace. Dropping the future interrupts the build.
+/// Build `drv` with `settings` over the worker's daemon pool, passing its log lines to
+/// `on_line`. The derivation and the inputs the local store lacks are fetched first from the
+/// stores in the dataspace. Dropping the future interrupts the build.
 async fn run_build(
     config: &BuilderConfig,
     pool: &DaemonPool,
     store: &StoreNode,
     drv: &DrvPath,
+    settings: BuildSettings,
     mut send_line: impl FnMut(String) + Send,
 ) -> Outcome {
     let worker = config.id.as_str();
@@ -598,7 +611,12 @@ async fn run_build(
             .await
             .map_err(fetch_failed)?;
     }
-    if let Some(outputs) = substituted(store, pool.store_dir(), drv).await {
+    // Checking or repairing builds the outputs again: substitutes would not do.
+    let substitutes = match settings.mode {
+        BuildMode::Normal => substituted(store, pool.store_dir(), drv).await,
+        BuildMode::Check | BuildMode::Repair => None,
+    };
+    if let Some(outputs) = substitutes {
         send_line(format!("substituted the outputs of {drv}"));
         return Ok(BuiltStep {
             outputs,
@@ -608,7 +626,7 @@ async fn run_build(
     // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
     let mut fetches = 0;
     let built = loop {
-        match pool.build(drv.as_str(), &mut send_line).await {
+        match pool.build(drv.as_str(), &settings, &mut send_line).await {
             Err(StepError::InputsMissing(missing)) if fetches < 2 => {
                 fetches += 1;
                 store.ensure(&missing).await.map_err(fetch_failed)?;

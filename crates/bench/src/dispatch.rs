@@ -256,6 +256,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
             system: nixspace_nix_tools::current_system(),
             features: vec![],
             input_drvs: vec![],
+            settings: nixspace_protocol::BuildSettings::default().to_wire(),
         },
         requester: requester.to_owned(),
         priority: 0.into(),
@@ -358,7 +359,7 @@ impl SimWorker {
         let literal = AnyValue::new(self.id.clone());
         let me: Arc<Ref<SimEvent>> = t.create_ref(self);
         let _ = own.set(Arc::downgrade(&me));
-        enclose!((me) during!(t, ds, <assigned $drv: String #(literal)>, |t: &mut Activation| {
+        enclose!((me) during!(t, ds, <assigned $drv: String #(literal) _>, |t: &mut Activation| {
             t.message(&me, SimEvent::Assigned(drv.clone()));
             on_retraction(t, enclose!((me, drv) move |t| {
                 t.message(&me, SimEvent::Unassigned(drv));

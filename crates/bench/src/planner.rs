@@ -209,6 +209,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         system: system.clone(),
         features: vec![],
         input_drvs: inputs.iter().map(|&d| name(d)).collect(),
+        settings: Default::default(),
     };
     let depths = dag.depths();
     for (i, inputs) in dag.steps.iter().enumerate() {

@@ -3,11 +3,42 @@
 //! The planner never sees a step before the inputs it must wait for, and a step's depth (the
 //! longest chain of demanded steps waiting on it) lets it start the critical path first. The
 //! walk is iterative, so a chain as long as a client cares to make costs memory, not stack.
+//! Each demand carries the settings its step builds with ([`StepSettings`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use nixspace_nix_tools::DerivationInfo;
-use nixspace_protocol::build;
+use nixspace_protocol::{build, BuildMode, BuildSettings};
+
+/// The settings of each step of one build: the client's, except that `--check` applies to
+/// the roots only, as Nix checks only the derivations it was asked to build (their inputs
+/// are built as usual).
+#[derive(Debug, Clone, Default)]
+pub struct StepSettings {
+    settings: BuildSettings,
+    roots: BTreeSet<String>,
+}
+
+impl StepSettings {
+    /// `settings` for a build of `roots` (`.drv` paths).
+    pub fn new(settings: BuildSettings, roots: impl IntoIterator<Item = String>) -> StepSettings {
+        StepSettings {
+            settings,
+            roots: roots.into_iter().collect(),
+        }
+    }
+
+    /// The settings step `drv` builds with.
+    pub fn of(&self, drv: &str) -> BuildSettings {
+        match self.settings.mode {
+            BuildMode::Check if !self.roots.contains(drv) => BuildSettings {
+                mode: BuildMode::Normal,
+                ..self.settings
+            },
+            _ => self.settings,
+        }
+    }
+}
 
 /// The steps ordered so that every step comes after its inputs (inputs that are not steps
 /// are skipped).
@@ -55,11 +86,12 @@ pub fn depths<'a>(order: &[(&'a String, &'a DerivationInfo)]) -> HashMap<&'a str
     depth
 }
 
-/// One demand per step, inputs first, each with its depth.
+/// One demand per step, inputs first, each with its depth and its settings.
 pub fn demands(
     steps: &BTreeMap<String, &DerivationInfo>,
     requester: &str,
     priority: i64,
+    settings: &StepSettings,
 ) -> Vec<build::Demand> {
     let order = inputs_first(steps);
     let depths = depths(&order);
@@ -71,6 +103,7 @@ pub fn demands(
                 system: info.system.clone(),
                 features: info.features.clone(),
                 input_drvs: info.input_drvs.clone(),
+                settings: settings.of(drv).to_wire(),
             },
             requester: requester.to_owned(),
             priority: priority.into(),
@@ -106,7 +139,7 @@ mod tests {
         ];
         let steps: BTreeMap<String, &DerivationInfo> =
             infos.iter().map(|(d, i)| (d.to_string(), i)).collect();
-        let demands = demands(&steps, "me", 5);
+        let demands = demands(&steps, "me", 5, &StepSettings::default());
         let order: Vec<&str> = demands.iter().map(|d| d.drv.as_str()).collect();
         assert_eq!(order, ["d-base", "b-left", "c-right", "a-top"]);
         let depth: Vec<i64> = demands

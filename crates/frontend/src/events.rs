@@ -114,7 +114,7 @@ pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
         };
         handler(t, StepEvent::Failed { drv: DrvPath::from(drv), failure: failure_of(&worker, &reason, cause) })
     }));
-    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String>,
+    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String _>,
     |t: &mut Activation| {
         let drv = DrvPath::from(drv);
         handler(t, StepEvent::Assigned { drv: drv.clone(), worker: WorkerId::from(worker) })?;

@@ -25,6 +25,7 @@ use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
+use crate::demands::StepSettings;
 use crate::events::{failure_of, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause};
 use crate::plan::Plan;
@@ -205,6 +206,7 @@ struct Inner {
     pool: DaemonPool,
     requester: String,
     priority: i64,
+    settings: StepSettings,
     state: Mutex<State>,
     link: Mutex<Option<Link>>,
     /// The resolver's [`RootConnection`], while it lives.
@@ -235,6 +237,7 @@ impl Resolver {
         pool: DaemonPool,
         requester: &str,
         priority: i64,
+        settings: StepSettings,
     ) -> Result<Resolver, ResolverError> {
         let mut state = State::default();
         for (drv, info) in &plan.infos {
@@ -305,6 +308,7 @@ impl Resolver {
                 pool,
                 requester: requester.to_owned(),
                 priority,
+                settings,
                 state: Mutex::new(state),
                 link: Mutex::new(None),
                 roots: Arc::downgrade(&roots),
@@ -767,6 +771,7 @@ impl Inner {
                     system: info.system,
                     features: info.features,
                     input_drvs: Vec::new(),
+                    settings: self.settings.of(original).to_wire(),
                 },
                 requester: self.requester.clone(),
                 priority: self.priority.into(),

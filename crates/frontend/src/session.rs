@@ -22,14 +22,14 @@ use std::time::{Duration, Instant, SystemTime};
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::ClientSettings;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
-use nixspace_protocol::{DrvPath, WorkerId};
+use nixspace_protocol::{BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
 use nixspace_transfer::{FetchError, StoreNode};
 use syndicate::actor::{Account, Activation, Cap, FacetRef};
 use tokio::sync::mpsc;
 
-use crate::demands::demands;
+use crate::demands::{demands, StepSettings};
 use crate::events::{self, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause, StepOutcome};
 use crate::phase::PhaseClock;
@@ -57,6 +57,9 @@ pub struct SessionConfig {
     pub reconnect_for: Duration,
     /// Whether to follow the other steps after one failed (Nix's `--keep-going`).
     pub keep_going: bool,
+    /// How the steps build (the client's `max-silent-time`, `timeout`, `keep-failed`, build
+    /// mode, …): `--check` applies to the roots, which are built even when valid.
+    pub settings: BuildSettings,
     /// The local store: derivations are read from it, the outputs copied into it.
     pub pool: DaemonPool,
     /// The local store's database, when it can be read (validity without a daemon).
@@ -264,13 +267,17 @@ impl BuildSession {
         let started = SystemTime::now();
         let mut clock = PhaseClock::start("build");
         let root_names: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
-        let plan = plan(
+        let mut plan = plan(
             &root_names,
             &config.pool,
             config.db.as_deref(),
             config.substitution.as_ref(),
         )
         .await?;
+        if config.settings.mode != BuildMode::Normal {
+            // Checking or repairing rebuilds the roots whose outputs are valid.
+            plan.needed.extend(root_names.iter().cloned());
+        }
         clock.end("plan");
         let steps = plan
             .needed
@@ -303,6 +310,11 @@ impl BuildSession {
         Ok(session)
     }
 
+    /// The settings of each step: `config`'s, `--check` for the roots only.
+    fn step_settings(&self, config: &SessionConfig) -> StepSettings {
+        StepSettings::new(config.settings, self.roots.iter().map(|r| r.to_string()))
+    }
+
     /// Join the dataspace and assert the demands (again on every connection, for the steps
     /// still pending).
     async fn join(&mut self, config: &SessionConfig) -> Result<Following, SessionError> {
@@ -312,6 +324,7 @@ impl BuildSession {
             self.pool.clone(),
             &self.requester,
             config.priority,
+            self.step_settings(config),
         )
         .await?;
         let held = resolver.held();
@@ -321,7 +334,12 @@ impl BuildSession {
             .into_iter()
             .filter(|(d, _)| !held.contains(d))
             .collect();
-        let demands = demands(&demanded, &self.requester, config.priority);
+        let demands = demands(
+            &demanded,
+            &self.requester,
+            config.priority,
+            &self.step_settings(config),
+        );
         self.clock.end("prepare the demands");
         // This machine's store in the dataspace: workers with stores of their own fetch the
         // derivations and sources from it, and the results come back.

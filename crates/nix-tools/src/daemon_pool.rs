@@ -7,7 +7,9 @@
 //! transfers; a connection that built something is retired (below). A step costs two
 //! protocol round trips instead of three `nix-store` processes. Connections send no `SetOptions`, so the
 //! daemon keeps the settings of its own configuration (`cores`,
-//! `max-silent-time`, …), as `nix-store --realise` did.
+//! `max-silent-time`, …), as `nix-store --realise` did, except before a build whose
+//! [`BuildSettings`] ask for something (a time limit, `keep-failed`, …): that build's
+//! connection gets them ([`crate::daemon_options`]) and is retired after the build anyway.
 //!
 //! Nix roots what a connection built or added (temporary GC roots) for as long as that
 //! connection lasts. A worker's connections last as long as the worker, so a connection that
@@ -30,13 +32,15 @@ use nixspace_nix_formats::derivation::{
 };
 use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::{
-    BuildMode, BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient, LogEvent,
-    Realisation,
+    BuildResult, BuildStatus, ClientConfig, ClientError, DaemonClient, LogEvent, Realisation,
 };
+use nixspace_protocol::BuildSettings;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::daemon_options::{nix_build_mode, DaemonDefaults};
 use crate::private_daemon::{PrivateDaemon, PrivateDaemonError};
+use crate::NixError;
 
 /// How long opening a connection (start, handshake, options) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -179,6 +183,10 @@ pub enum StepError {
     /// The pool is closed: transient.
     #[error("the daemon pool is closed")]
     PoolClosed,
+    /// The local Nix's configuration, which a build's settings go over, could not be read:
+    /// transient.
+    #[error("cannot read the Nix configuration for the build's settings: {0}")]
+    Configuration(#[source] NixError),
 }
 
 impl StepError {
@@ -207,6 +215,8 @@ struct Inner {
     opened: AtomicU64,
     /// The private daemon, once started ([`DaemonTarget::Private`]).
     daemon: tokio::sync::Mutex<Option<PrivateDaemon>>,
+    /// The local Nix's configuration, once a build's settings needed it.
+    defaults: tokio::sync::OnceCell<DaemonDefaults>,
 }
 
 impl Inner {
@@ -250,6 +260,7 @@ impl DaemonPool {
                 slots,
                 opened: AtomicU64::new(0),
                 daemon: tokio::sync::Mutex::new(None),
+                defaults: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -266,17 +277,23 @@ impl DaemonPool {
     }
 
     /// Build the derivation at `drv` (a `.drv` store path) with
-    /// `BuildDerivation`, once its inputs are valid; call `on_line` for each
-    /// log line as it arrives. Returns the output paths (by output name) and
-    /// the realisations of the floating content-addressed outputs.
+    /// `BuildDerivation` in `settings`' mode, once its inputs are valid, the connection set
+    /// to `settings` first (unless they change nothing); call `on_line` for each log line as
+    /// it arrives. Returns the output paths (by output name) and the realisations of the
+    /// floating content-addressed outputs.
     ///
     /// Dropping the returned future interrupts the build.
     pub async fn build(
         &self,
         drv: &str,
+        settings: &BuildSettings,
         mut on_line: impl FnMut(String) + Send,
     ) -> Result<BuiltStep, StepError> {
         let store = &self.inner.config.store_dir;
+        let options = match settings.is_default() {
+            true => None,
+            false => Some(self.defaults().await?.with(settings)),
+        };
         let step = Step::load(store.clone(), drv.to_owned()).await?;
         let mut lease = self.lease().await?;
         let valid = match lease.client().query_valid_paths(&step.closure, false).await {
@@ -303,10 +320,17 @@ impl DaemonPool {
             lease.release();
             return Err(StepError::InputsMissing(missing));
         }
+        if let Some(options) = &options {
+            // The connection is retired after the build: its settings go with it.
+            if let Err(e) = lease.client().set_options(options).await {
+                return Err(lease.failed(e));
+            }
+        }
         let mut logs = |event: LogEvent| forward_log(event, &mut on_line);
+        let mode = nix_build_mode(settings.mode);
         let result = lease
             .client()
-            .build_derivation(&step.drv_path, &step.basic, BuildMode::Normal, &mut logs)
+            .build_derivation(&step.drv_path, &step.basic, mode, &mut logs)
             .await;
         // The daemon now holds temporary roots on the derivation and its outputs: they go
         // with its connection, so that the worker's store can be collected as Nix's is once a
@@ -321,6 +345,15 @@ impl DaemonPool {
         };
         lease.retire();
         step.outputs(store, result)
+    }
+
+    /// The local Nix's configuration, read once.
+    async fn defaults(&self) -> Result<&DaemonDefaults, StepError> {
+        self.inner
+            .defaults
+            .get_or_try_init(DaemonDefaults::load)
+            .await
+            .map_err(StepError::Configuration)
     }
 
     /// The store directory the pool's daemons use.

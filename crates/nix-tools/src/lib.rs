@@ -18,6 +18,7 @@
 //! the Nix worker protocol over reused daemon connections ([`DaemonPool`]).
 
 mod command;
+mod daemon_options;
 mod daemon_pool;
 pub mod daemon_socket;
 mod derivation_info;
@@ -46,22 +47,31 @@ use command::run;
 /// `ca-derivations` and `recursive-nix` when those experimental features are enabled, as
 /// Nix's store adds them.
 pub async fn system_features() -> Result<Vec<String>, NixError> {
+    Ok(store_features(&show_config().await?))
+}
+
+/// The local Nix's settings as `nix show-config` prints them (`name = value` lines).
+async fn show_config() -> Result<String, NixError> {
     let args = [
         "--extra-experimental-features",
         "nix-command",
         "show-config",
     ];
-    let out = run("nix", &args.map(str::to_owned)).await?;
-    Ok(store_features(&out))
+    run("nix", &args.map(str::to_owned)).await
+}
+
+/// The value of setting `name` in `nix show-config`'s output.
+fn shown_setting<'a>(show_config: &'a str, name: &str) -> Option<&'a str> {
+    let prefix = format!("{name} = ");
+    show_config
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
 }
 
 /// The store's system features from `nix show-config`'s output.
 fn store_features(show_config: &str) -> Vec<String> {
     let setting = |name: &str| -> Vec<String> {
-        let prefix = format!("{name} = ");
-        show_config
-            .lines()
-            .find_map(|line| line.strip_prefix(&prefix))
+        shown_setting(show_config, name)
             .map(|value| value.split_whitespace().map(str::to_owned).collect())
             .unwrap_or_default()
     };

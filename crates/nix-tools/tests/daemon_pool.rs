@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_protocol::BuildSettings;
 use nixspace_test_support::unique;
 
 /// Points Nix (ours and the pool's daemons, which inherit the environment)
@@ -54,7 +55,10 @@ fn pool(max: usize) -> DaemonPool {
 /// Build, collecting the log lines.
 async fn build(pool: &DaemonPool, drv: &str) -> (Result<Vec<String>, StepError>, Vec<String>) {
     let mut lines = Vec::new();
-    let result = pool.build(drv, |l| lines.push(l)).await.map(|b| b.outputs);
+    let result = pool
+        .build(drv, &BuildSettings::default(), |l| lines.push(l))
+        .await
+        .map(|b| b.outputs);
     (result, lines)
 }
 
@@ -264,7 +268,7 @@ async fn a_daemon_socket_builds_and_a_dropped_build_stops() {
     ));
     let task = tokio::spawn({
         let pool = pool.clone();
-        async move { pool.build(&drv, |_| {}).await }
+        async move { pool.build(&drv, &BuildSettings::default(), |_| {}).await }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     while processes_mentioning(&sleep).is_empty() {
@@ -359,8 +363,10 @@ async fn dropping_a_build_stops_its_builder_and_its_daemon() {
     let task = tokio::spawn({
         let (pool, drv, lines) = (pool.clone(), drv.clone(), Arc::clone(&lines));
         async move {
-            pool.build(&drv, move |l| lines.lock().unwrap().push(l))
-                .await
+            pool.build(&drv, &BuildSettings::default(), move |l| {
+                lines.lock().unwrap().push(l)
+            })
+            .await
         }
     });
     // The log streams while the build runs.

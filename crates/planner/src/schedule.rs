@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use nixspace_protocol::{DrvPath, WorkerId};
+use nixspace_protocol::{BuildSettings, DrvPath, WorkerId};
 
 use crate::matching::{mismatch, unschedulable_reason};
 
@@ -31,6 +31,8 @@ pub struct StepInfo {
     pub features: Vec<String>,
     /// The derivations whose outputs this step needs.
     pub input_drvs: Vec<DrvPath>,
+    /// How its build runs: the stricter of its demands' settings.
+    pub settings: BuildSettings,
 }
 
 /// How urgent a step is: higher priority first, then deeper (more demanded
@@ -308,6 +310,14 @@ impl Schedule {
         self.steps.get(drv).map(|s| &s.state)
     }
 
+    /// The settings a step's build runs with (the default if it is not demanded).
+    pub fn settings(&self, drv: &DrvPath) -> BuildSettings {
+        self.steps
+            .get(drv)
+            .map(|s| s.info.settings)
+            .unwrap_or_default()
+    }
+
     /// How many steps are demanded.
     pub fn len(&self) -> usize {
         self.steps.len()
@@ -323,6 +333,8 @@ impl Schedule {
         let mut effects = Vec::new();
         if let Some(step) = self.steps.get_mut(drv) {
             step.demands += 1;
+            // A step given to a worker already keeps the settings it was given.
+            step.info.settings = step.info.settings.stricter(info.settings);
             let raised = Urgency {
                 priority: step.urgency.priority.max(urgency.priority),
                 depth: step.urgency.depth.max(urgency.depth),
@@ -834,6 +846,7 @@ mod tests {
             system: "x86_64-linux".into(),
             features: vec![],
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
+            settings: Default::default(),
         }
     }
 
@@ -1179,6 +1192,7 @@ mod more_tests {
             system: system.into(),
             features: features.iter().map(|s| s.to_string()).collect(),
             input_drvs: vec![],
+            settings: Default::default(),
         }
     }
 

@@ -311,6 +311,7 @@ impl Planner {
                         &build::Assigned {
                             drv: drv.to_string(),
                             worker: worker.into(),
+                            settings: self.schedule.settings(&drv).to_wire(),
                         },
                     );
                     replace(t, &mut self.assigned, drv, h);
@@ -340,6 +341,7 @@ impl Planner {
                         &build::Assigned {
                             drv: drv.to_string(),
                             worker: thief.into(),
+                            settings: self.schedule.settings(&drv).to_wire(),
                         },
                     );
                     replace(t, &mut self.stolen, drv, h);

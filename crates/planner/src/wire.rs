@@ -2,7 +2,7 @@
 //! place where the planner turns what it reads from the dataspace into its own types, and
 //! back where it asserts.
 
-use nixspace_protocol::{build, DrvPath, WorkerId};
+use nixspace_protocol::{build, BuildSettings, DrvPath, WorkerId};
 use preserves_schema::Parse;
 use syndicate::actor::AnyValue;
 
@@ -14,6 +14,7 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
         system: info.system.clone(),
         features: info.features.clone(),
         input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
+        settings: info.settings.to_wire(),
     }
 }
 
@@ -23,6 +24,7 @@ pub(crate) fn step_from_wire(info: build::StepInfo) -> StepInfo {
         system: info.system,
         features: info.features,
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
+        settings: BuildSettings::from_wire(&info.settings),
     }
 }
 

@@ -18,9 +18,11 @@ pub mod schemas {
 }
 
 pub mod ids;
+pub mod settings;
 
 pub use ids::{DrvPath, WorkerId};
 pub use schemas::{build, store};
+pub use settings::{BuildMode, BuildSettings};
 
 use syndicate::actor::{Activation, ActorResult};
 

@@ -358,6 +358,7 @@ mod tests {
                 system: "x86_64-linux".into(),
                 features: vec![],
                 input_drvs: vec![],
+                settings: nixspace_protocol::BuildSettings::default().to_wire(),
             },
             requester: "me".into(),
             priority: 0.into(),
@@ -401,6 +402,7 @@ mod tests {
         let assigned = build::Assigned {
             drv: "d".into(),
             worker: "w".into(),
+            settings: nixspace_protocol::BuildSettings::default().to_wire(),
         }
         .unparse();
         // Only the coordinator (the host, or the planner's whole-dataspace capability on a

@@ -53,6 +53,7 @@ fn test_step() -> build::StepInfo {
         system: "test-system".to_owned(),
         features: vec![],
         input_drvs: vec![],
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `nixspace build`: `nix-build` on a dataspace. It takes the arguments `nix-build` takes
-//! (`-A`, `--arg`, `--argstr`, `-I`, `--keep-going`, `-o`/`--no-out-link`), demands what
+//! (`-A`, `--arg`, `--argstr`, `-I`, `--keep-going`, `-o`/`--no-out-link`, `--check`,
+//! `--repair`, `--keep-failed`, `--max-silent-time`, `--timeout`), demands what
 //! the roots' outputs need and follows it to the end. The build itself is a frontend
 //! [`BuildSession`]; this command parses arguments, renders its progress and report, and
 //! makes the out-links ([`out_links`]).
@@ -14,7 +15,7 @@ use nixspace_frontend::phase::PhaseClock;
 use nixspace_frontend::{BuildSession, PostBuild, Report, SessionConfig, StoreDb};
 use nixspace_nix_tools::nix_conf::NixConf;
 use nixspace_nix_tools::{DaemonPool, Evaluation, FunctionArg, PoolConfig};
-use nixspace_protocol::DrvPath;
+use nixspace_protocol::{BuildMode, BuildSettings, DrvPath};
 use nixspace_space::Role;
 
 use super::out_links::{self, OutLink};
@@ -81,6 +82,31 @@ pub struct BuildArgs {
     #[arg(long, conflicts_with = "out_link")]
     no_out_link: bool,
 
+    /// Rebuild the roots, whose outputs are valid, and fail if the result
+    /// differs (like nix-build --check).
+    #[arg(long, conflicts_with = "repair")]
+    check: bool,
+
+    /// Rebuild the roots and replace their outputs (like nix-build --repair;
+    /// the workers' Nix must trust them).
+    #[arg(long)]
+    repair: bool,
+
+    /// Keep the build directory of a failed build on its worker (like
+    /// nix-build --keep-failed).
+    #[arg(short = 'K', long)]
+    keep_failed: bool,
+
+    /// Fail a build whose builder prints nothing for this many seconds (like
+    /// nix-build --max-silent-time); 0 for the workers' own setting.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    max_silent_time: u64,
+
+    /// Fail a build that runs longer than this many seconds (like nix-build
+    /// --timeout); 0 for the workers' own setting.
+    #[arg(long, default_value_t = 0, value_name = "SECONDS")]
+    timeout: u64,
+
     /// Priority of this build's demands (higher first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     priority: i64,
@@ -99,6 +125,22 @@ pub struct BuildArgs {
     /// demands are asserted again on rejoining.
     #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
     reconnect_for: f64,
+}
+
+/// How the steps build, from the flags.
+fn build_settings(args: &BuildArgs) -> BuildSettings {
+    let mode = match (args.check, args.repair) {
+        (true, _) => BuildMode::Check,
+        (_, true) => BuildMode::Repair,
+        _ => BuildMode::Normal,
+    };
+    BuildSettings {
+        mode,
+        max_silent_time: args.max_silent_time,
+        timeout: args.timeout,
+        keep_failed: args.keep_failed,
+        optimise: false,
+    }
 }
 
 /// Run `nixspace build`.
@@ -129,6 +171,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         patience: seconds("--wait-for-workers", args.wait_for_workers)?,
         reconnect_for: seconds("--reconnect-for", args.reconnect_for)?,
         keep_going: args.keep_going,
+        settings: build_settings(&args),
         // Validity is read from the local store's database when it can be (no process).
         db: StoreDb::open_local(pool.store_dir().clone()).map(Into::into),
         pool: pool.clone(),

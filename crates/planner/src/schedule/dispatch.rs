@@ -223,6 +223,7 @@ mod tests {
             system: system.into(),
             features: vec![],
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
+            settings: Default::default(),
         }
     }
 

@@ -191,6 +191,7 @@ mod tests {
             system: "x86_64-linux".into(),
             features: vec![],
             input_drvs: vec![],
+            settings: Default::default(),
         }
     }
 
