@@ -164,7 +164,8 @@ impl Rig {
         };
         let nixspace_build = |dir: &Path| {
             let mut cmd = Command::new(&self.exe);
-            cmd.args(["--log-level", "warn", "build", "--dir"])
+            // No out-link, as the compared nix-build makes none.
+            cmd.args(["--log-level", "warn", "build", "--no-out-link", "--dir"])
                 .arg(dir)
                 .arg(file);
             cmd
