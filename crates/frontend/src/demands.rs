@@ -125,6 +125,7 @@ mod tests {
             allow_substitutes: true,
             outputs: BTreeMap::new(),
             fixed_ca: None,
+            impure: false,
         }
     }
 

@@ -47,6 +47,14 @@ pub enum PlanError {
     /// A derivation's output ids could not be computed.
     #[error(transparent)]
     Realisation(#[from] RealisationError),
+    /// A derivation that is neither impure nor fixed-output depends on an impure one.
+    #[error("derivation '{drv}' depends on impure derivation '{input}'")]
+    DependsOnImpure {
+        /// The derivation.
+        drv: String,
+        /// Its impure input.
+        input: String,
+    },
     /// The blocking task computing output ids failed.
     #[error("computing output ids failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -198,6 +206,7 @@ pub async fn plan(
     }
     let (needed, substitutes) = walk.finish();
     clock.end("walk the closure top-down");
+    refuse_impure_inputs(&infos, &needed)?;
     // The resolver takes a realised derivation as done: only those not built again count.
     realised.retain(|drv, _| !needed.contains(drv));
     let mut fetched: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -214,6 +223,30 @@ pub async fn plan(
         realised,
         substituted: substitutes,
     })
+}
+
+/// Nix's rule: only impure and fixed-output derivations may depend on impure ones.
+fn refuse_impure_inputs(
+    infos: &BTreeMap<String, DerivationInfo>,
+    needed: &BTreeSet<String>,
+) -> Result<(), PlanError> {
+    for drv in needed {
+        let Some(info) = infos.get(drv) else { continue };
+        if info.impure || info.fixed_ca.is_some() {
+            continue;
+        }
+        let impure_input = info
+            .input_drvs
+            .iter()
+            .find(|input| infos.get(*input).is_some_and(|i| i.impure));
+        if let Some(input) = impure_input {
+            return Err(PlanError::DependsOnImpure {
+                drv: drv.clone(),
+                input: input.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether Nix would ask substituters: `substitute` is on (in the configuration and in
@@ -363,17 +396,18 @@ async fn substitute(
     }
 }
 
-/// The outputs of the closure's floating content-addressed derivations that the store of
-/// `pool` has realised to valid paths (`QueryRealisation`; validity read from `db` when
-/// given): derivation → output name → path.
+/// The outputs of the closure's floating content-addressed derivations (not impure ones) that
+/// the store of `pool` has realised to valid paths (`QueryRealisation`; validity read from
+/// `db` when given): derivation → output name → path.
 async fn realisations(
     infos: &BTreeMap<String, DerivationInfo>,
     pool: &DaemonPool,
     db: Option<&StoreDb>,
 ) -> Result<BTreeMap<String, BTreeMap<String, String>>, PlanError> {
+    // Impure derivations are built anew every time: Nix never reuses their outputs.
     let floating: Vec<String> = infos
         .iter()
-        .filter(|(_, i)| i.outputs.values().any(Option::is_none))
+        .filter(|(_, i)| !i.impure && i.outputs.values().any(Option::is_none))
         .map(|(d, _)| d.clone())
         .collect();
     if floating.is_empty() {
@@ -426,4 +460,43 @@ async fn realisations(
         })
         .filter(|(_, outputs): &(String, BTreeMap<String, String>)| !outputs.is_empty())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(inputs: &[&str], impure: bool, fixed: bool) -> DerivationInfo {
+        DerivationInfo {
+            system: "x86_64-linux".into(),
+            features: Vec::new(),
+            input_drvs: inputs.iter().map(|d| d.to_string()).collect(),
+            input_outputs: BTreeMap::new(),
+            allow_substitutes: true,
+            outputs: BTreeMap::from([("out".to_owned(), None)]),
+            fixed_ca: fixed.then(|| "fixed:r:sha256:x".to_owned()),
+            impure,
+        }
+    }
+
+    #[test]
+    fn only_impure_and_fixed_output_derivations_may_depend_on_impure_ones() {
+        let infos = BTreeMap::from([
+            ("i.drv".to_owned(), info(&[], true, false)),
+            ("on-impure.drv".to_owned(), info(&["i.drv"], true, false)),
+            ("fixed.drv".to_owned(), info(&["i.drv"], false, true)),
+            ("plain.drv".to_owned(), info(&["i.drv"], false, false)),
+        ]);
+        let allowed: BTreeSet<String> = ["i.drv", "on-impure.drv", "fixed.drv"]
+            .map(str::to_owned)
+            .into();
+        assert!(refuse_impure_inputs(&infos, &allowed).is_ok());
+        let mut with_plain = allowed.clone();
+        with_plain.insert("plain.drv".to_owned());
+        let refused = refuse_impure_inputs(&infos, &with_plain).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "derivation 'plain.drv' depends on impure derivation 'i.drv'"
+        );
+    }
 }

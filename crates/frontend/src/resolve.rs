@@ -186,6 +186,19 @@ struct State {
     /// worker's Nix registers its realisation under the id of the derivation it was sent
     /// (inputs resolved), so the original's is this frontend's to register.
     floating: BTreeSet<String>,
+    /// Derivations with impure outputs: Nix registers no realisation of theirs.
+    impure: BTreeSet<String>,
+}
+
+impl State {
+    /// Whether `drv`, or an original it was resolved from, has impure outputs.
+    fn is_impure(&self, drv: &str) -> bool {
+        self.impure.contains(drv)
+            || self
+                .originals
+                .get(drv)
+                .is_some_and(|o| o.iter().any(|o| self.impure.contains(o)))
+    }
 }
 
 /// Resolves this frontend's held steps as their inputs are realised. Cheap to clone; the
@@ -241,6 +254,9 @@ impl Resolver {
     ) -> Result<Resolver, ResolverError> {
         let mut state = State::default();
         for (drv, info) in &plan.infos {
+            if info.impure {
+                state.impure.insert(drv.clone());
+            }
             state
                 .output_names
                 .insert(drv.clone(), info.outputs.keys().cloned().collect());
@@ -426,11 +442,21 @@ impl Resolver {
         Ok(registered)
     }
 
-    /// The realisations of the outputs of `drvs` (`.drv` paths) as this frontend saw them built.
+    /// The realisations of the outputs of `drvs` (`.drv` paths) as this frontend saw them built
+    /// (none for impure derivations, which Nix never records).
     async fn realisations_of(&self, drvs: &[String]) -> Result<Vec<Realisation>, RegisterError> {
         let store = self.inner.store_dir.clone();
         let mut realisations = Vec::new();
         for drv in drvs {
+            let impure = self
+                .inner
+                .state
+                .lock()
+                .map(|s| s.is_impure(drv))
+                .unwrap_or(false);
+            if impure {
+                continue;
+            }
             let path = store.parse(drv).map_err(|source| RegisterError::Path {
                 path: drv.clone(),
                 source,

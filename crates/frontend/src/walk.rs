@@ -167,6 +167,7 @@ mod tests {
                 .map(|o| (o.to_string(), Some(format!("/nix/store/x-{o}"))))
                 .collect(),
             fixed_ca: None,
+            impure: false,
         }
     }
 

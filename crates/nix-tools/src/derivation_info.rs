@@ -27,6 +27,9 @@ pub struct DerivationInfo {
     /// The content address of a fixed-output derivation's `out` (`fixed:[r:]algo:hash`, as
     /// Nix's `getDerivationCA`): what lets a substituter with another store directory offer it.
     pub fixed_ca: Option<String>,
+    /// Whether its outputs are impure (experimental in Nix 2.8): built anew every time, never
+    /// taken from a realisation.
+    pub impure: bool,
 }
 
 impl DerivationInfo {
@@ -56,6 +59,10 @@ impl DerivationInfo {
                 }
                 _ => None,
             },
+            impure: drv
+                .outputs
+                .values()
+                .any(|out| matches!(out, DerivationOutput::Impure { .. })),
         }
     }
 }
