@@ -762,12 +762,14 @@ impl DaemonDir {
         out.stdout.trim().to_owned()
     }
 
-    /// The package's `nix-daemon --stdio`, found on PATH, its stdin and stdout piped.
+    /// The package's `nix-daemon --stdio`, found on PATH, its stdin and stdout piped, with
+    /// its default log level (no `RUST_LOG`).
     fn stdio_daemon(&self) -> tokio::process::Command {
         let mut daemon =
             tokio::process::Command::from(self.daemon(std::process::Command::new("nix-daemon")));
         daemon
             .arg("--stdio")
+            .env_remove("RUST_LOG")
             .env("PATH", self.package_first_on_path())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -966,6 +968,10 @@ fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
             .expect("wait")
     });
     assert_eq!(status.code(), Some(0), "{}", dir.log());
+    // Like nix-daemon --stdio, it says nothing on stderr when nothing is wrong (an ssh-ng
+    // client shows that stderr to its user); the worker joining and the translator starting
+    // are in its log only at info level.
+    assert_eq!(dir.log(), "", "stderr of a quiet session");
 }
 
 #[test]

@@ -62,7 +62,13 @@ fn main() -> ExitCode {
         },
         Some(NixDaemonInvocation::Exit(code)) => return code,
     };
-    if let Err(e) = logging::init(cli.log_level.as_deref()) {
+    // `nix-daemon --stdio` says nothing on stderr unless something is wrong: an ssh-ng client
+    // prints the remote side's stderr to its user.
+    let default_level = match &cli.command {
+        Command::Daemon(a) if a.stdio() => "warn",
+        _ => "info",
+    };
+    if let Err(e) = logging::init(cli.log_level.as_deref(), default_level) {
         eprintln!("nixspace: {e:#}");
         return ExitCode::from(2);
     }

@@ -31,9 +31,28 @@ pub fn local_builder() -> BuilderConfig {
     }
 }
 
+/// Where a joined worker tells about its connections.
+#[derive(Clone, Copy, Debug)]
+pub enum Announce {
+    /// On stderr, to the user who started it (`nixspace worker`).
+    Stderr,
+    /// In the log at info level, as part of a larger service (`nixspace daemon`, whose
+    /// stderr is quiet like nix-daemon's).
+    Log,
+}
+
+impl Announce {
+    fn say(self, text: String) {
+        match self {
+            Announce::Stderr => eprintln!("nixspace: {text}"),
+            Announce::Log => tracing::info!("{text}"),
+        }
+    }
+}
+
 /// Join the dataspace at `route` as the worker `config` describes, telling about its
-/// connections on stderr (shared by `worker` and `daemon`).
-pub fn join_worker(route: Route, config: BuilderConfig) -> WorkerService {
+/// connections as `announce` says (shared by `worker` and `daemon`).
+pub fn join_worker(route: Route, config: BuilderConfig, announce: Announce) -> WorkerService {
     let name = config.id.clone();
     let summary = format!(
         "systems {}, features [{}], {} slots, speed {}",
@@ -42,17 +61,17 @@ pub fn join_worker(route: Route, config: BuilderConfig) -> WorkerService {
         config.max_jobs,
         config.speed
     );
-    WorkerService::join(route, config, move |event| match event {
-        SessionEvent::Joined { connection: 1 } => {
-            eprintln!("nixspace: worker {name} joined ({summary})")
-        }
-        SessionEvent::Joined { .. } => eprintln!("nixspace: worker {name} rejoined the dataspace"),
-        SessionEvent::Lost(why) => {
-            eprintln!("nixspace: worker {name} lost the dataspace ({why}); reconnecting")
-        }
-        SessionEvent::Retrying { after, why } => {
-            eprintln!("nixspace: worker {name}: {why}; retrying in {after:?}")
-        }
+    WorkerService::join(route, config, move |event| {
+        announce.say(match event {
+            SessionEvent::Joined { connection: 1 } => format!("worker {name} joined ({summary})"),
+            SessionEvent::Joined { .. } => format!("worker {name} rejoined the dataspace"),
+            SessionEvent::Lost(why) => {
+                format!("worker {name} lost the dataspace ({why}); reconnecting")
+            }
+            SessionEvent::Retrying { after, why } => {
+                format!("worker {name}: {why}; retrying in {after:?}")
+            }
+        })
     })
 }
 

@@ -9,7 +9,7 @@ use clap::Args;
 use nixspace_coordinator::{CoordinatorOptions, HostedCoordinator};
 use nixspace_space::{HostConfig, Role};
 
-use crate::services::{join_worker, local_builder, start_translator};
+use crate::services::{join_worker, local_builder, start_translator, Announce};
 use nixspace_translator::{serve_stdio, TranslatorOptions, UpstreamSpec};
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
@@ -43,6 +43,8 @@ pub struct DaemonArgs {
     /// Serve one client on stdin and stdout instead of the socket, as
     /// `nix-daemon --stdio` does (what an ssh-ng store runs on the remote
     /// side); the client is trusted, as Nix trusts it. Exits when it leaves.
+    /// Logs only warnings and errors on stderr unless --log-level or RUST_LOG
+    /// asks for more (an ssh-ng client shows that stderr to its user).
     #[arg(long)]
     stdio: bool,
 }
@@ -55,6 +57,11 @@ impl DaemonArgs {
             max_jobs: None,
             stdio,
         }
+    }
+
+    /// Whether it serves one client on stdin and stdout (`--stdio`).
+    pub fn stdio(&self) -> bool {
+        self.stdio
     }
 }
 
@@ -107,7 +114,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         metrics: Arc::default(),
     })
     .await?;
-    let mut worker = join_worker(space.route(Role::Worker)?, builder);
+    let mut worker = join_worker(space.route(Role::Worker)?, builder, Announce::Log);
     let mut options = TranslatorOptions::new(space.route(Role::Submit)?);
     options.upstream = UpstreamSpec::Private;
     let result = match socket {

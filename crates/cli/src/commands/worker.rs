@@ -128,7 +128,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
-    let mut worker = crate::services::join_worker(route, config);
+    let mut worker = crate::services::join_worker(route, config, crate::services::Announce::Stderr);
     let id = worker.id.clone();
     tokio::select! {
         r = super::shutdown_signal() => r?,
