@@ -87,6 +87,43 @@ fn check_rebuilds_a_valid_step_and_finds_non_determinism() {
 }
 
 #[test]
+fn check_on_a_worker_with_a_store_of_its_own_compares_with_the_outputs_here() {
+    // The worker's store lacks the outputs the check compares with (they were built on
+    // another worker and copied here): it fetches them first, as it fetches inputs.
+    let mut space = Space::start();
+    let store = space.tmp.path().join("w1-store");
+    let store = store.to_str().expect("utf-8").to_owned();
+    space.worker("w0", &[]);
+    let same = space.sh_derivation("same.nix", &format!("same-{}", nonce()), "echo same > $out");
+    let differs = space.sh_derivation(
+        "differs.nix",
+        &format!("differs-{}", nonce()),
+        "echo $$ > $out",
+    );
+    for file in [&same, &differs] {
+        let first = space.build_with(file, &["--no-out-link"], LIMIT);
+        assert!(first.status.success(), "{first:?}");
+    }
+    space.kill_worker("w0");
+    space.worker("w1", &["--own-store", &store]);
+    let checked = space.build_with(&same, &["--no-out-link", "--check"], LIMIT);
+    assert!(checked.status.success(), "{checked:?}\n{}", space.log("w1"));
+    assert_eq!(
+        space.log("w1").matches(" built ").count(),
+        1,
+        "{}",
+        space.log("w1")
+    );
+    // Positive control: the comparison really happened on that worker.
+    let checked = space.build_with(&differs, &["--no-out-link", "--check"], LIMIT);
+    assert!(!checked.status.success(), "{checked:?}");
+    assert!(
+        checked.stderr.contains("may not be deterministic"),
+        "{checked:?}"
+    );
+}
+
+#[test]
 fn nix_build_max_silent_time_through_the_translator() {
     let mut space = Space::start();
     space.worker("w1", &[]);

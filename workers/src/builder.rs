@@ -562,14 +562,7 @@ async fn substituted(
     if !store.has_substituters() {
         return None;
     }
-    let text = tokio::fs::read(drv.as_str()).await.ok()?;
-    let path = store_dir.parse(drv.as_str()).ok()?;
-    let derivation = Derivation::parse_at(store_dir, &path, &text).ok()?;
-    let outputs: Vec<String> = derivation
-        .outputs
-        .values()
-        .map(|o| o.path().map(|p| store_dir.print(p)))
-        .collect::<Option<_>>()?;
+    let outputs = known_outputs(store_dir, drv).await?;
     match store.substitute(&outputs).await {
         Ok(true) => Some(outputs),
         Ok(false) => None,
@@ -578,6 +571,19 @@ async fn substituted(
             None
         }
     }
+}
+
+/// The output paths of `drv` (in the local store), if every one is known before it is built
+/// (input-addressed and fixed outputs).
+async fn known_outputs(store_dir: &StoreDir, drv: &DrvPath) -> Option<Vec<String>> {
+    let text = tokio::fs::read(drv.as_str()).await.ok()?;
+    let path = store_dir.parse(drv.as_str()).ok()?;
+    let derivation = Derivation::parse_at(store_dir, &path, &text).ok()?;
+    derivation
+        .outputs
+        .values()
+        .map(|o| o.path().map(|p| store_dir.print(p)))
+        .collect()
 }
 
 /// Build `drv` with `settings` over the worker's daemon pool, passing its log lines to
@@ -610,6 +616,18 @@ async fn run_build(
             .ensure(&[drv.to_string()])
             .await
             .map_err(fetch_failed)?;
+    }
+    // A check compares the outputs built again with those valid here: a worker with a store of
+    // its own fetches them first, from whoever has them (the frontend that asked for the
+    // check), as Nix can check only outputs valid in its store.
+    if settings.mode == BuildMode::Check {
+        store
+            .ensure(&[drv.to_string()])
+            .await
+            .map_err(fetch_failed)?;
+        if let Some(outputs) = known_outputs(pool.store_dir(), drv).await {
+            store.ensure(&outputs).await.map_err(fetch_failed)?;
+        }
     }
     // Checking or repairing builds the outputs again: substitutes would not do.
     let substitutes = match settings.mode {
