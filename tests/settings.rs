@@ -144,3 +144,80 @@ fn nix_build_max_silent_time_through_the_translator() {
     let built = run(c, LIMIT);
     assert!(built.status.success(), "{built:?}");
 }
+
+/// `nix-store --verify-path PATH` on the local store: whether its contents are as registered.
+fn verifies(path: &str) -> bool {
+    let mut c = std::process::Command::new("nix-store");
+    c.args(["--verify-path", path]);
+    run(c, LIMIT).status.success()
+}
+
+/// Make the store path `path` writable and add a file to it (its NAR hash changes).
+fn corrupt(path: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(format!("{path}/corruption"), "bad").unwrap();
+}
+
+#[test]
+fn repair_rebuilds_a_corrupted_path_of_the_output_closure() {
+    let mut space = Space::start();
+    // Nix 2.8 with `ca-derivations` enabled takes an output with a realisation to be valid
+    // without checking its contents, so it never repairs one: this test runs without it (as
+    // most installations do), for its workers and frontends alike.
+    let conf = space.tmp.path().join("nix-conf/nix.conf");
+    let text = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text.replace("nix-command ca-derivations", "nix-command"),
+    )
+    .unwrap();
+    space.worker("w1", &[]);
+    let tag = nonce();
+    // The root refers to its input's output at run time: the input is in its output closure.
+    let file = space.nix_file(
+        "closure.nix",
+        &format!(
+            r#"let
+  input = derivation {{
+    name = "input-{tag}"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "/bin/mkdir $out; echo good > $out/file" ];
+  }};
+in derivation {{
+  name = "root-{tag}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo ${{input}} > $out" ];
+}}"#
+        ),
+    );
+    let built = space.build_with(&file, &["--no-out-link"], LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let root = built.stdout.trim().to_owned();
+    let input = std::fs::read_to_string(&root).unwrap().trim().to_owned();
+    assert!(verifies(&input), "{input} verifies after the build");
+
+    // A build without --repair does nothing: the root's outputs are valid.
+    corrupt(&input);
+    assert!(!verifies(&input), "the corruption shows (positive control)");
+    let plain = space.build_with(&file, &["--no-out-link"], LIMIT);
+    assert!(plain.status.success(), "{plain:?}");
+    assert!(!verifies(&input), "a plain build repairs nothing");
+
+    let repaired = space.build_with(&file, &["--no-out-link", "--repair"], LIMIT);
+    assert!(
+        repaired.status.success(),
+        "{repaired:?}\n{}",
+        space.log("w1")
+    );
+    assert!(verifies(&input), "{input} repaired\n{}", space.log("w1"));
+    assert_eq!(
+        std::fs::read_to_string(format!("{input}/file")).unwrap(),
+        "good\n"
+    );
+    assert!(!std::path::Path::new(&format!("{input}/corruption")).exists());
+    // Only the corrupted input was built again, not the root (its contents are good).
+    assert!(
+        repaired.stderr.contains(&format!("input-{tag}"))
+            && !repaired.stderr.contains(&format!("building root-{tag}")),
+        "{repaired:?}"
+    );
+}

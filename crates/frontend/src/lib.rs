@@ -21,6 +21,7 @@ pub mod phase;
 pub mod plan;
 pub mod post_build;
 pub mod realisation;
+pub mod repair;
 pub mod report;
 pub mod resolve;
 pub mod session;

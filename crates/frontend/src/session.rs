@@ -35,6 +35,7 @@ use crate::outcome::{Failure, FailureCause, StepOutcome};
 use crate::phase::PhaseClock;
 use crate::plan::{plan, Plan, PlanError};
 use crate::post_build::{AfterBuild, PostBuild};
+use crate::repair::{self, RepairError};
 use crate::report::{Report, LOG_TAIL_LINES};
 use crate::resolve::{RegisterError, Resolver, ResolverError};
 use crate::store_db::{valid_paths, StoreDb};
@@ -170,6 +171,9 @@ pub enum SessionError {
     /// The realisations could not be registered here.
     #[error("cannot register the realisations: {0}")]
     Register(#[from] RegisterError),
+    /// A repair found a path it cannot repair, or could not check the store.
+    #[error(transparent)]
+    Repair(#[from] RepairError),
 }
 
 /// The dataspace connection of a session; leaving (on drop) withdraws the demands.
@@ -274,9 +278,15 @@ impl BuildSession {
             config.substitution.as_ref(),
         )
         .await?;
-        if config.settings.mode != BuildMode::Normal {
-            // Checking or repairing rebuilds the roots whose outputs are valid.
-            plan.needed.extend(root_names.iter().cloned());
+        match config.settings.mode {
+            // Checking rebuilds the roots whose outputs are valid.
+            BuildMode::Check => plan.needed.extend(root_names.iter().cloned()),
+            // Repairing rebuilds what made the corrupted paths of the output closure.
+            BuildMode::Repair => {
+                let corrupted = repair::corrupted(&plan, &root_names, &config.pool).await?;
+                plan.needed.extend(corrupted.into_iter().map(|c| c.deriver));
+            }
+            BuildMode::Normal => {}
         }
         clock.end("plan");
         let steps = plan

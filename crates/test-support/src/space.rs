@@ -144,7 +144,10 @@ impl Space {
             .env("NIX_CONF_DIR", self.tmp.path().join("nix-conf"))
             .env("NIXSPACE_STATE_DIR", self.tmp.path().join("state"))
             .env_remove("NIX_REMOTE")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("NIXSPACE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null());
         c
     }
