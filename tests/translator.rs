@@ -777,9 +777,11 @@ impl DaemonDir {
         daemon
     }
 
-    /// The package's `nix-daemon --stdio` started, and a client that shook hands with it.
+    /// The package's `nix-daemon --stdio` started with `RUST_LOG` set to `log` (its quiet
+    /// default when `None`), and a client that shook hands with it.
     async fn stdio_client(
         &self,
+        log: Option<&str>,
     ) -> (
         tokio::process::Child,
         nixspace_nix_protocol::DaemonClient<
@@ -787,10 +789,11 @@ impl DaemonDir {
             tokio::process::ChildStdin,
         >,
     ) {
-        let mut child = self
-            .stdio_daemon()
-            .spawn()
-            .expect("spawn nix-daemon --stdio");
+        let mut daemon = self.stdio_daemon();
+        if let Some(log) = log {
+            daemon.env("RUST_LOG", log);
+        }
+        let mut child = daemon.spawn().expect("spawn nix-daemon --stdio");
         let client = nixspace_nix_protocol::DaemonClient::from_child(&mut child)
             .await
             .unwrap_or_else(|e| panic!("handshake: {e}\n{}", self.log()));
@@ -945,7 +948,7 @@ fn nix_daemon_stdio_serves_one_client_on_stdin_and_stdout() {
         .expect("absent");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let status = runtime.block_on(async {
-        let (mut child, mut client) = dir.stdio_client().await;
+        let (mut child, mut client) = dir.stdio_client(None).await;
         assert!(client.is_valid_path(&drv).await.expect("IsValidPath"));
         assert!(!client.is_valid_path(&absent).await.expect("IsValidPath"));
         assert!(!client.is_valid_path(&out).await.expect("IsValidPath"));
@@ -995,7 +998,7 @@ fn a_stdio_client_that_leaves_during_a_build_ends_its_daemon_and_the_build() {
         .expect("drv");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        let (mut child, mut client) = dir.stdio_client().await;
+        let (mut child, mut client) = dir.stdio_client(Some("info")).await;
         let wanted = [DerivedPath::Built {
             drv_path: drv,
             outputs: OutputSpec::All,
