@@ -45,6 +45,11 @@ pub struct DaemonArgs {
     /// side); the client is trusted, as Nix trusts it. Exits when it leaves.
     #[arg(long)]
     stdio: bool,
+
+    /// The socket's mode, in octal (e.g. 660). Default: 666 when run as root (as
+    /// nix-daemon's), else 600.
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, conflicts_with = "stdio")]
+    socket_mode: Option<u32>,
 }
 
 impl DaemonArgs {
@@ -54,6 +59,7 @@ impl DaemonArgs {
         DaemonArgs {
             max_jobs: None,
             stdio,
+            socket_mode: None,
         }
     }
 }
@@ -110,6 +116,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut worker = join_worker(space.route(Role::Worker)?, builder);
     let mut options = TranslatorOptions::new(space.route(Role::Submit)?);
     options.upstream = UpstreamSpec::Private;
+    options.socket_mode = args.socket_mode;
     let result = match socket {
         Some(socket) => {
             let mut translator = start_translator(socket, options).await?;
