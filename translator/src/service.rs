@@ -39,6 +39,8 @@ pub struct TranslatorOptions {
     pub reconnect_for: Duration,
     /// Priority of the demands.
     pub priority: i64,
+    /// The socket's permission bits; `None` chooses by [`socket_mode`].
+    pub socket_mode: Option<u32>,
 }
 
 impl TranslatorOptions {
@@ -50,8 +52,16 @@ impl TranslatorOptions {
             patience: DEFAULT_PATIENCE,
             reconnect_for: DEFAULT_RECONNECT_FOR,
             priority: 0,
+            socket_mode: None,
         }
     }
+}
+
+/// The mode the socket gets: `requested`, else 0666 when serving as root (nix-daemon's case:
+/// anyone may connect, and `allowed-users` decides per connection) and 0600 otherwise (only
+/// the user running the translator, whose builds they are, may connect).
+pub fn socket_mode(requested: Option<u32>, as_root: bool) -> u32 {
+    requested.unwrap_or(if as_root { 0o666 } else { 0o600 })
 }
 
 /// Why the translator could not start, or stopped.
@@ -106,15 +116,16 @@ impl std::fmt::Debug for TranslatorService {
 
 impl TranslatorService {
     /// Read the trust settings and the store directory from the Nix configuration and
-    /// environment, bind `socket` (mode 0666, like nix-daemon's) and start serving.
+    /// environment, bind `socket` (with the mode [`socket_mode`] chooses) and start serving.
     pub async fn start(
         socket: PathBuf,
         options: TranslatorOptions,
     ) -> Result<TranslatorService, ServiceError> {
+        let mode = socket_mode(options.socket_mode, rustix::process::geteuid().is_root());
         let config = server_config(options)?;
         let listener = bind_unix(&socket).await?;
-        // Access is decided per connection (allowed-users), as nix-daemon does.
-        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        // Who may connect is further decided per connection (allowed-users), as nix-daemon does.
+        std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(mode))
             .map_err(|source| ServiceError::Mode {
                 socket: socket.clone(),
                 source,
@@ -193,5 +204,61 @@ impl Drop for TranslatorService {
     fn drop(&mut self) {
         self.serving.abort();
         let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn the_socket_is_private_unless_served_as_root_or_asked() {
+        assert_eq!(socket_mode(None, false), 0o600);
+        assert_eq!(socket_mode(None, true), 0o666);
+        assert_eq!(socket_mode(Some(0o660), false), 0o660);
+        assert_eq!(socket_mode(Some(0o600), true), 0o600);
+    }
+
+    /// Whether user `nobody` (uid 65534) can connect to the unix socket `path`.
+    fn nobody_connects(path: &std::path::Path) -> bool {
+        std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+            ])
+            .arg(path)
+            .uid(65534)
+            .gid(65534)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    }
+
+    #[tokio::test]
+    async fn another_user_cannot_connect_to_a_private_socket() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: connecting as another user needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let route =
+            Route::parse(r#"<route [<unix "/nonexistent">] <ref {oid: "submit" sig: #[]}>>"#)
+                .unwrap();
+        let serve = |mode| {
+            let socket = dir.path().join(format!("socket-{mode:o}"));
+            let mut options = TranslatorOptions::new(route.clone());
+            options.socket_mode = Some(mode);
+            TranslatorService::start(socket, options)
+        };
+        // Positive control: the socket nix-daemon would have (0666) admits the other user.
+        let open = serve(0o666).await.unwrap();
+        assert!(nobody_connects(open.socket()));
+        // The mode a translator run by an ordinary user gets refuses it.
+        let private = serve(socket_mode(None, false)).await.unwrap();
+        assert!(!nobody_connects(private.socket()));
     }
 }

@@ -2,15 +2,22 @@
 //! every attempt to build it, kept across restarts of `nixspace up`.
 //!
 //! One file, versioned with `PRAGMA user_version`; [`History::open`] applies
-//! the migrations a file lacks, in order, each in its own transaction. Each
-//! recorded state change is one transaction.
+//! the migrations a file lacks, in order, each in its own transaction;
+//! [`History::open_read_only`] (for `nixspace history`) never writes, and refuses a file
+//! of another version. Each recorded state change is one transaction; every connection
+//! waits up to [`BUSY_TIMEOUT`] for another's lock.
+//!
+//! An outcome closes only the attempt of the worker that reported it. Attempts an earlier
+//! run left open (the coordinator stopped or was killed while they ran) stay open while
+//! their worker may rejoin and report them; they are closed as `lost` ("interrupted") when
+//! the step's next attempt starts or when the step ends on another worker.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nixspace_protocol::{DrvPath, WorkerId};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
 use crate::schedule::FailureCause;
@@ -77,6 +84,12 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE attempts ADD COLUMN failed_input TEXT;",
 ];
 
+/// How long a connection waits for another connection's lock before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an attempt left open by an earlier run was closed.
+const INTERRUPTED: &str = "interrupted: the coordinator stopped while it ran";
+
 /// A history database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -96,6 +109,16 @@ pub enum HistoryError {
         /// Its version.
         found: i64,
         /// The newest version known here.
+        known: usize,
+    },
+    /// Read-only, a file of an older schema version is not read (it is not migrated).
+    #[error("build history {path} has schema version {found}, older than this nixspace reads ({known}); start `nixspace up` with this --state-dir once to migrate it")]
+    TooOld {
+        /// The database file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+        /// The version read here.
         known: usize,
     },
 }
@@ -233,6 +256,9 @@ pub struct AttemptRecord {
 pub struct History {
     conn: Connection,
     path: PathBuf,
+    /// The highest attempt id when this connection opened: attempts up to it that are still
+    /// open were left by an earlier run.
+    earlier_attempts: i64,
 }
 
 impl std::fmt::Debug for History {
@@ -248,6 +274,24 @@ fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// The file's schema version, refused if newer than this nixspace knows.
+fn schema_version(conn: &Connection, path: &Path) -> Result<i64, HistoryError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(|source| HistoryError::Sqlite {
+            path: path.to_owned(),
+            source,
+        })?;
+    if version > MIGRATIONS.len() as i64 {
+        return Err(HistoryError::TooNew {
+            path: path.to_owned(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
+    }
+    Ok(version)
+}
+
 impl History {
     /// Open (creating if needed) the history at `path` and bring its schema
     /// up to date.
@@ -257,6 +301,7 @@ impl History {
             source,
         };
         let mut conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // Off while migrating (a migration may rebuild a referenced table), on afterwards.
         conn.pragma_update(None, "foreign_keys", false)
             .map_err(err)?;
@@ -267,16 +312,7 @@ impl History {
         // per state change, which bounds how fast steps can be dispatched.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(err)?;
-        if version > MIGRATIONS.len() as i64 {
-            return Err(HistoryError::TooNew {
-                path: path.to_owned(),
-                found: version,
-                known: MIGRATIONS.len(),
-            });
-        }
+        let version = schema_version(&conn, path)?;
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             let tx = conn.transaction().map_err(err)?;
             tx.execute_batch(migration).map_err(err)?;
@@ -286,9 +322,47 @@ impl History {
         }
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(err)?;
+        History::with(conn, path)
+    }
+
+    /// Open the history at `path` for reading only, as `nixspace history` does beside a
+    /// running `nixspace up`: nothing is created or migrated; a file of an older or newer
+    /// schema version is refused.
+    pub fn open_read_only(path: &Path) -> Result<History, HistoryError> {
+        let err = |source| HistoryError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        let version = schema_version(&conn, path)?;
+        if version < MIGRATIONS.len() as i64 {
+            return Err(HistoryError::TooOld {
+                path: path.to_owned(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        History::with(conn, path)
+    }
+
+    fn with(conn: Connection, path: &Path) -> Result<History, HistoryError> {
+        let earlier_attempts = conn
+            .query_row("SELECT coalesce(max(id), 0) FROM attempts", [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| HistoryError::Sqlite {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(History {
             conn,
             path: path.to_owned(),
+            earlier_attempts,
         })
     }
 
@@ -428,27 +502,44 @@ impl History {
         rows
     }
 
-    /// `worker` started building `drv`.
+    /// `worker` started building `drv`; attempts an earlier run left open on `drv` are closed
+    /// as interrupted. One transaction.
     pub fn attempt_started(
         &mut self,
         drv: &DrvPath,
         worker: &WorkerId,
     ) -> Result<(), HistoryError> {
-        self.conn
-            .execute(
-                "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
-                params![drv.as_str(), worker.as_str(), now()],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+        let t = now();
+        let path = self.path.clone();
+        let err = |source| HistoryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "UPDATE attempts SET finished = ?2, outcome = 'lost', reason = ?3,
+                 cause = 'infrastructure'
+             WHERE drv = ?1 AND finished IS NULL AND id <= ?4",
+            params![drv.as_str(), t, INTERRUPTED, self.earlier_attempts],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
+            params![drv.as_str(), worker.as_str(), t],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)
     }
 
-    /// The open attempts on `drv` (if any: a step can fail because a
-    /// dependency did) ended with `outcome`; a built or failed outcome also
-    /// finishes the step. One transaction.
+    /// An attempt on `drv` ended with `outcome`, reported by `worker` (`None` when the planner
+    /// decided: a cancellation, a dependency that failed). Only `worker`'s open attempt takes
+    /// the outcome (all of this run's, when `None`). When the step ends (built, failed or
+    /// cancelled) the other open attempts end too: this run's as cancelled, an earlier run's
+    /// as interrupted. A built or failed outcome also finishes the step. One transaction.
     pub fn attempt_ended(
         &mut self,
         drv: &DrvPath,
+        worker: Option<&WorkerId>,
         outcome: AttemptOutcome<'_>,
     ) -> Result<(), HistoryError> {
         let t = now();
@@ -459,14 +550,54 @@ impl History {
         };
         let (reason, cause, failed_input) = outcome.failure();
         let drv = drv.as_str();
+        let earlier = self.earlier_attempts;
         let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
-            "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
-                 failed_input = ?6
-             WHERE drv = ?1 AND finished IS NULL",
-            params![drv, t, outcome.as_str(), reason, cause, failed_input],
-        )
+        match worker {
+            Some(worker) => tx.execute(
+                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+                     failed_input = ?6
+                 WHERE drv = ?1 AND finished IS NULL AND worker = ?7",
+                params![
+                    drv,
+                    t,
+                    outcome.as_str(),
+                    reason,
+                    cause,
+                    failed_input,
+                    worker.as_str()
+                ],
+            ),
+            None => tx.execute(
+                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+                     failed_input = ?6
+                 WHERE drv = ?1 AND finished IS NULL AND id > ?7",
+                params![
+                    drv,
+                    t,
+                    outcome.as_str(),
+                    reason,
+                    cause,
+                    failed_input,
+                    earlier
+                ],
+            ),
+        }
         .map_err(err)?;
+        if !matches!(outcome, AttemptOutcome::Lost { .. }) {
+            let ended_by = match worker {
+                Some(w) => format!("the step ended on {w}"),
+                None => "the step ended".to_owned(),
+            };
+            tx.execute(
+                "UPDATE attempts SET finished = ?2,
+                     outcome = CASE WHEN id <= ?3 THEN 'lost' ELSE 'cancelled' END,
+                     reason = CASE WHEN id <= ?3 THEN ?4 ELSE ?5 END,
+                     cause = CASE WHEN id <= ?3 THEN 'infrastructure' END
+                 WHERE drv = ?1 AND finished IS NULL",
+                params![drv, t, earlier, INTERRUPTED, ended_by],
+            )
+            .map_err(err)?;
+        }
         match outcome {
             AttemptOutcome::Built { outputs } => {
                 tx.execute(
@@ -618,8 +749,12 @@ mod tests {
         h.demanded(&step, "x86_64-linux").unwrap();
         h.attempt_started(&step, &"w1".into()).unwrap();
         let outputs = vec!["/nix/store/out".to_owned()];
-        h.attempt_ended(&step, AttemptOutcome::Built { outputs: &outputs })
-            .unwrap();
+        h.attempt_ended(
+            &step,
+            Some(&"w1".into()),
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+        .unwrap();
         assert_eq!(
             h.resolved(&step, &elsewhere, "x86_64-linux").unwrap(),
             Resolution::Ignored {
@@ -666,6 +801,7 @@ mod tests {
         let outputs = vec!["/nix/store/out".to_owned()];
         h.attempt_ended(
             &"/nix/store/r.drv".into(),
+            Some(&"w1".into()),
             AttemptOutcome::Built { outputs: &outputs },
         )
         .unwrap();
@@ -721,6 +857,7 @@ mod tests {
             .unwrap();
         h.attempt_ended(
             &"/nix/store/a.drv".into(),
+            Some(&"w1".into()),
             AttemptOutcome::Lost {
                 reason: "w1 went away",
                 cause: &FailureCause::Infrastructure,
@@ -732,6 +869,7 @@ mod tests {
         let outputs = vec!["/nix/store/a".to_owned()];
         h.attempt_ended(
             &"/nix/store/a.drv".into(),
+            Some(&"w2".into()),
             AttemptOutcome::Built { outputs: &outputs },
         )
         .unwrap();
@@ -759,6 +897,7 @@ mod tests {
             .unwrap();
         h.attempt_ended(
             &"/nix/store/b.drv".into(),
+            None,
             AttemptOutcome::Failed {
                 reason: "dependency failed",
                 cause: &FailureCause::Dependency("/nix/store/a.drv".into()),
@@ -789,6 +928,147 @@ mod tests {
         .unwrap();
         let e = History::open(&path).unwrap_err();
         assert!(e.to_string().contains("h.sqlite"), "{e}");
+    }
+
+    /// `(worker, outcome, reason)` of every attempt on the only recorded step.
+    fn attempts(h: &History) -> Vec<(String, Option<String>, Option<String>)> {
+        h.recent(1).unwrap()[0]
+            .attempts
+            .iter()
+            .map(|a| (a.worker.clone(), a.outcome.clone(), a.reason.clone()))
+            .collect()
+    }
+
+    fn built(outputs: &[String]) -> AttemptOutcome<'_> {
+        AttemptOutcome::Built { outputs }
+    }
+
+    #[test]
+    fn an_attempt_left_by_a_crash_is_not_closed_by_another_workers_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let drv = DrvPath::from("/nix/store/a.drv");
+        let outputs = vec!["/nix/store/a".to_owned()];
+        let mut h = History::open(&path).unwrap();
+        h.demanded(&drv, "x86_64-linux").unwrap();
+        h.attempt_started(&drv, &"w1".into()).unwrap();
+        drop(h); // The coordinator is killed while w1 builds.
+        let mut h = History::open(&path).unwrap();
+        h.attempt_started(&drv, &"w2".into()).unwrap();
+        h.attempt_ended(&drv, Some(&"w2".into()), built(&outputs))
+            .unwrap();
+        let recorded = attempts(&h);
+        assert_eq!(recorded[0].0, "w1");
+        assert_eq!(recorded[0].1.as_deref(), Some("lost"));
+        assert_eq!(recorded[0].2.as_deref(), Some(INTERRUPTED));
+        assert_eq!(recorded[1].0, "w2");
+        assert_eq!(recorded[1].1.as_deref(), Some("built"));
+    }
+
+    #[test]
+    fn a_worker_that_rejoins_closes_its_own_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let drv = DrvPath::from("/nix/store/a.drv");
+        let outputs = vec!["/nix/store/a".to_owned()];
+        let mut h = History::open(&path).unwrap();
+        h.demanded(&drv, "x86_64-linux").unwrap();
+        h.attempt_started(&drv, &"w1".into()).unwrap();
+        drop(h);
+        let mut h = History::open(&path).unwrap();
+        h.attempt_ended(&drv, Some(&"w1".into()), built(&outputs))
+            .unwrap();
+        assert_eq!(attempts(&h)[0].1.as_deref(), Some("built"));
+    }
+
+    #[test]
+    fn a_duplicated_step_records_who_built_it_and_cancels_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let drv = DrvPath::from("/nix/store/a.drv");
+        let outputs = vec!["/nix/store/a".to_owned()];
+        h.demanded(&drv, "x86_64-linux").unwrap();
+        h.attempt_started(&drv, &"slow".into()).unwrap();
+        h.attempt_started(&drv, &"thief".into()).unwrap();
+        // A transient failure of one worker ends only its attempt.
+        h.attempt_ended(
+            &drv,
+            Some(&"thief".into()),
+            AttemptOutcome::Lost {
+                reason: "went away",
+                cause: &FailureCause::Infrastructure,
+            },
+        )
+        .unwrap();
+        assert_eq!(attempts(&h)[0].1, None, "the slow worker still builds");
+        h.attempt_started(&drv, &"thief".into()).unwrap();
+        h.attempt_ended(&drv, Some(&"thief".into()), built(&outputs))
+            .unwrap();
+        let outcomes: Vec<_> = attempts(&h).into_iter().map(|a| (a.0, a.1)).collect();
+        let o = |w: &str, o: &str| (w.to_owned(), Some(o.to_owned()));
+        assert_eq!(
+            outcomes,
+            [
+                o("slow", "cancelled"),
+                o("thief", "lost"),
+                o("thief", "built")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_locked_database_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let mut h = History::open(&path).unwrap();
+        let locker = Connection::open(&path).unwrap();
+        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // Positive control: while the lock is held, a writer that does not wait fails.
+        let impatient = Connection::open(&path).unwrap();
+        impatient.busy_timeout(Duration::ZERO).unwrap();
+        let e = impatient.execute_batch("BEGIN IMMEDIATE").unwrap_err();
+        assert!(e.to_string().contains("locked"), "{e}");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            locker.execute_batch("COMMIT").unwrap();
+        });
+        // The history waits for the lock instead.
+        h.demanded(&"/nix/store/a.drv".into(), "s").unwrap();
+        release.join().unwrap();
+    }
+
+    #[test]
+    fn reading_never_migrates_and_refuses_other_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        drop(conn);
+        let version = |path: &Path| -> i64 {
+            Connection::open(path)
+                .unwrap()
+                .pragma_query_value(None, "user_version", |r| r.get(0))
+                .unwrap()
+        };
+        let e = History::open_read_only(&path).unwrap_err();
+        assert!(matches!(e, HistoryError::TooOld { found: 1, .. }), "{e}");
+        assert!(e.to_string().contains("nixspace up"), "{e}");
+        assert_eq!(version(&path), 1, "not migrated");
+        // Positive control: opening to write migrates it, and then it reads.
+        drop(History::open(&path).unwrap());
+        assert_eq!(version(&path), MIGRATIONS.len() as i64);
+        History::open_read_only(&path).unwrap().recent(1).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let e = History::open_read_only(&path).unwrap_err();
+        assert!(matches!(e, HistoryError::TooNew { found: 99, .. }), "{e}");
+        // A missing file is not created.
+        let missing = dir.path().join("missing.sqlite");
+        assert!(History::open_read_only(&missing).is_err());
+        assert!(!missing.exists());
     }
 
     #[test]

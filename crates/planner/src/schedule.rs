@@ -158,6 +158,8 @@ pub enum Effect {
     RetryAfter {
         /// The step.
         drv: DrvPath,
+        /// The worker whose attempt failed.
+        worker: WorkerId,
         /// How long to wait.
         delay: Duration,
         /// Why the attempt failed, in words.
@@ -629,6 +631,7 @@ impl Schedule {
                 .min(MAX_RETRY_BACKOFF);
             effects.push(Effect::RetryAfter {
                 drv: drv.clone(),
+                worker: worker.clone(),
                 delay,
                 reason: reason.to_owned(),
                 cause,
@@ -998,6 +1001,7 @@ mod tests {
         );
         assert!(e.contains(&Effect::RetryAfter {
             drv: "a".into(),
+            worker: "w1".into(),
             delay: Duration::from_secs(1),
             reason: "worker w1 went away while building".into(),
             cause: FailureCause::Infrastructure

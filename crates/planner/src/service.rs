@@ -283,6 +283,7 @@ impl Planner {
                 Effect::Schedulable { drv } => retract(t, &mut self.unschedulable, &drv),
                 Effect::RetryAfter {
                     drv,
+                    worker,
                     delay,
                     reason,
                     cause,
@@ -291,6 +292,7 @@ impl Planner {
                     let reason = reason.as_str();
                     self.record(
                         &drv,
+                        Some(&worker),
                         AttemptOutcome::Lost {
                             reason,
                             cause: &cause,
@@ -319,7 +321,7 @@ impl Planner {
                 Effect::Unassign { drv } => self.unassign(t, &drv),
                 Effect::Cancel { drv } => {
                     tracing::info!(%drv, "cancelled: no demand left");
-                    self.record(&drv, AttemptOutcome::Cancelled);
+                    self.record(&drv, None, AttemptOutcome::Cancelled);
                     self.unassign(t, &drv)
                 }
                 Effect::OfferSteal { drv, from, to } => {
@@ -359,7 +361,11 @@ impl Planner {
                 } => {
                     self.metrics.built.inc();
                     tracing::info!(%drv, %worker, "built");
-                    self.record(&drv, AttemptOutcome::Built { outputs: &outputs });
+                    self.record(
+                        &drv,
+                        Some(&worker),
+                        AttemptOutcome::Built { outputs: &outputs },
+                    );
                     let h = self.ds.assert(
                         t,
                         &build::Built {
@@ -380,6 +386,7 @@ impl Planner {
                     tracing::warn!(%drv, ?worker, %reason, ?cause, "failed");
                     self.record(
                         &drv,
+                        worker.as_ref(),
                         AttemptOutcome::Failed {
                             reason: &reason,
                             cause: &cause,
@@ -479,9 +486,10 @@ impl Planner {
         retract(t, &mut self.steal_offers, drv);
     }
 
-    /// Note the end of an attempt in the history, if one is kept.
-    fn record(&mut self, drv: &DrvPath, outcome: AttemptOutcome<'_>) {
-        note(&mut self.history, |h| h.attempt_ended(drv, outcome));
+    /// Note the end of an attempt (of `worker`'s, or of the step's when the planner decided)
+    /// in the history, if one is kept.
+    fn record(&mut self, drv: &DrvPath, worker: Option<&WorkerId>, outcome: AttemptOutcome<'_>) {
+        note(&mut self.history, |h| h.attempt_ended(drv, worker, outcome));
     }
 
     fn retry_after(&self, t: &mut Activation, drv: DrvPath, delay: Duration) {

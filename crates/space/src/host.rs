@@ -55,6 +55,22 @@ pub enum HostError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The runtime directory exists but is not a directory of the user running the host.
+    #[error(
+        "runtime directory {path} is owned by uid {owner} (mode {mode:04o}), not by you \
+         (uid {me}), or is not a plain directory: someone else may have created it; \
+         remove it, or choose another --dir"
+    )]
+    ForeignDir {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
+        /// The user running the host.
+        me: u32,
+    },
     /// Another live process already serves this socket.
     #[error("socket {0} is in use by a running process; stop it or choose another --socket")]
     SocketInUse(PathBuf),
@@ -96,6 +112,16 @@ impl Listeners {
             })?;
         }
         let unix = bind_unix(&config.socket).await?;
+        // Only its owner may connect (the route files' capabilities are checked after that).
+        std::fs::set_permissions(
+            &config.socket,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|source| HostError::Io {
+            what: "cannot restrict socket",
+            path: config.socket.clone(),
+            source,
+        })?;
         let tcp = match config.tcp {
             None => None,
             Some(addr) => {
@@ -157,9 +183,11 @@ pub async fn bind_unix(path: &Path) -> Result<UnixListener, HostError> {
     }
 }
 
-/// Create `dir` (and its parents) and make it owner-only (mode 0700).
+/// Create `dir` (and its parents) and make it owner-only (mode 0700). A `dir` that already
+/// exists must be a directory (not a link to one) owned by the effective user: one that someone
+/// else created (say `/tmp/nixspace-<uid>`, planted before the first `up`) is refused.
 pub(crate) fn create_private_dir(dir: &Path) -> Result<(), HostError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let io = |what, source| HostError::Io {
         what,
         path: dir.to_owned(),
@@ -170,6 +198,16 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), HostError> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| io("cannot create runtime directory", e))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| io("cannot inspect", e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
+        return Err(HostError::ForeignDir {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            mode: meta.mode() & 0o7777,
+            me,
+        });
+    }
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("cannot restrict runtime directory", e))
 }
@@ -331,4 +369,45 @@ fn close_unless_resolved(t: &mut Activation, limit: Duration, resolved: &Resolve
         }
         Ok(())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_runtime_directory_of_another_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: changing a directory's owner needs root");
+            return;
+        }
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("nixspace-0");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Positive control: the user's own directory is used, and made owner-only.
+        create_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        let e = create_private_dir(&dir).unwrap_err();
+        assert!(
+            matches!(e, HostError::ForeignDir { owner: 65534, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+        // It was left as it was, not taken over.
+        assert_eq!(std::fs::metadata(&dir).unwrap().uid(), 65534);
+    }
+
+    #[test]
+    fn a_link_in_place_of_the_runtime_directory_is_refused() {
+        let parent = tempfile::tempdir().unwrap();
+        let target = parent.path().join("elsewhere");
+        create_private_dir(&target).unwrap();
+        let link = parent.path().join("nixspace-0");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = create_private_dir(&link).unwrap_err();
+        assert!(matches!(e, HostError::ForeignDir { .. }), "{e}");
+    }
 }

@@ -42,9 +42,8 @@ impl Keys {
     /// Read the keys of `names` from `path`, or create the file with fresh
     /// random keys if it does not exist.
     pub fn load_or_create(path: &Path, names: &[&str]) -> Result<Keys, KeyError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Keys::parse(&text, names).ok_or(KeyError::Malformed(path.to_owned())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        match Keys::read(path, names) {
+            Err(KeyError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let keys = Keys(
                     names
                         .iter()
@@ -55,15 +54,20 @@ impl Keys {
                         })
                         .collect(),
                 );
-                keys.write(path)?;
-                Ok(keys)
+                keys.create(path, names)
             }
-            Err(source) => Err(KeyError::Io {
-                what: "cannot read key file",
-                path: path.to_owned(),
-                source,
-            }),
+            read => read,
         }
+    }
+
+    /// Read the keys of `names` from `path`.
+    fn read(path: &Path, names: &[&str]) -> Result<Keys, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            what: "cannot read key file",
+            path: path.to_owned(),
+            source,
+        })?;
+        Keys::parse(&text, names).ok_or(KeyError::Malformed(path.to_owned()))
     }
 
     fn parse(text: &str, names: &[&str]) -> Option<Keys> {
@@ -76,28 +80,25 @@ impl Keys {
         Some(Keys(keys))
     }
 
-    fn write(&self, path: &Path) -> Result<(), KeyError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Create the key file (0600), complete or not at all (see [`crate::private_file::create_new`]):
+    /// a crash never leaves a key file that differs from the route files written after it.
+    /// If another process created it meanwhile, its keys are read instead.
+    fn create(self, path: &Path, names: &[&str]) -> Result<Keys, KeyError> {
         let mut text = String::from("{");
         for (name, key) in &self.0 {
             let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
             text.push_str(&format!(" {name}: #x\"{hex}\""));
         }
         text.push_str(" }\n");
-        let io = |what, source| KeyError::Io {
-            what,
-            path: path.to_owned(),
-            source,
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| io("cannot create key file", e))?;
-        f.write_all(text.as_bytes())
-            .map_err(|e| io("cannot write key file", e))
+        match crate::private_file::create_new(path, &text) {
+            Ok(()) => Ok(self),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Keys::read(path, names),
+            Err(source) => Err(KeyError::Io {
+                what: "cannot create key file",
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// The key of `name` (empty if `name` was not asked for when loading).
@@ -146,6 +147,59 @@ mod tests {
         let again = Keys::load_or_create(&path, &["a", "b"]).unwrap();
         assert_eq!(again.key("a"), first.key("a"));
         assert_eq!(again.key("b"), first.key("b"));
+    }
+
+    /// What a reader spinning on `path` reads first while `create` makes it.
+    fn first_read_while(path: &Path, create: impl FnOnce()) -> String {
+        let reader = {
+            let path = path.to_owned();
+            std::thread::spawn(move || loop {
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    return text;
+                }
+            })
+        };
+        create();
+        reader.join().unwrap()
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_key_file_half_written() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let whole = |text: &str| Keys::parse(text, &["a", "b"]).is_some();
+        // Positive control: the same reader racing a file created then written in place
+        // (as keys were written before) reads it unfinished.
+        let unfinished = (0..300).any(|round| {
+            let path = dir.path().join(format!("in-place{round}"));
+            let text = first_read_while(&path, || {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .unwrap();
+                std::thread::yield_now();
+                f.write_all(b"{ a: #x\"00\" b: #x\"01\" }\n").unwrap();
+            });
+            !whole(&text)
+        });
+        assert!(unfinished, "the reader never saw an unfinished file");
+        for round in 0..300 {
+            let path = dir.path().join(format!("keys{round}"));
+            let text = first_read_while(&path, || {
+                Keys::load_or_create(&path, &["a", "b"]).unwrap();
+            });
+            assert!(whole(&text), "round {round}: read {text:?}");
+        }
+        // No temporary file is left beside them.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub enum RouteError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The file or its directory could have been written by someone else.
+    #[error(transparent)]
+    Untrusted(#[from] crate::private_file::CheckError),
     /// The text is not a Preserves value.
     #[error("route is not valid Preserves text: {0}")]
     Syntax(String),
@@ -134,12 +137,14 @@ impl Route {
         })
     }
 
-    /// Read a route file.
+    /// Read a route file, refusing one that it or its directory shows someone other than the
+    /// reader (or root) could have written ([`crate::private_file::check_trusted`]).
     pub fn read(path: &Path) -> Result<Route, RouteError> {
         let text = std::fs::read_to_string(path).map_err(|source| RouteError::Read {
             path: path.to_owned(),
             source,
         })?;
+        crate::private_file::check_trusted(path)?;
         Route::parse(&text)
     }
 
@@ -251,5 +256,19 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(Route::read(&path).unwrap().transports, sample().transports);
+    }
+
+    #[test]
+    fn a_route_file_others_could_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.route");
+        sample().write(&path).unwrap();
+        // Positive control: the file as written is read.
+        Route::read(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Route::read(&path).unwrap_err();
+        assert!(matches!(e, RouteError::Untrusted(_)), "{e}");
+        assert!(e.to_string().contains("mode 0666"), "{e}");
     }
 }

@@ -47,6 +47,11 @@ pub struct DaemonArgs {
     /// asks for more (an ssh-ng client shows that stderr to its user).
     #[arg(long)]
     stdio: bool,
+
+    /// The socket's mode, in octal (e.g. 660). Default: 666 when run as root (as
+    /// nix-daemon's), else 600.
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, conflicts_with = "stdio")]
+    socket_mode: Option<u32>,
 }
 
 impl DaemonArgs {
@@ -56,6 +61,7 @@ impl DaemonArgs {
         DaemonArgs {
             max_jobs: None,
             stdio,
+            socket_mode: None,
         }
     }
 
@@ -117,6 +123,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     let mut worker = join_worker(space.route(Role::Worker)?, builder, Announce::Log);
     let mut options = TranslatorOptions::new(space.route(Role::Submit)?);
     options.upstream = UpstreamSpec::Private;
+    options.socket_mode = args.socket_mode;
     let result = match socket {
         Some(socket) => {
             let mut translator = start_translator(socket, options).await?;

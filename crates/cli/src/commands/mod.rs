@@ -54,6 +54,14 @@ impl JoinArgs {
     }
 }
 
+/// Parse a file mode given in octal (`600`, `0660`), at most `777`.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text, 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal mode such as 600 or 666"))
+}
+
 /// Wait for Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -68,7 +76,8 @@ pub fn history_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("history.sqlite")
 }
 
-/// Open the build history in `state_dir` (creating the directory when `create`).
+/// Open the build history in `state_dir`: to record (creating the directory and migrating the
+/// file) when `create`, else only to read it.
 pub fn open_history(
     state_dir: &std::path::Path,
     create: bool,
@@ -84,5 +93,11 @@ pub fn open_history(
             path.display()
         );
     }
-    Ok(nixspace_planner::history::History::open(&path)?)
+    let history = if create {
+        nixspace_planner::history::History::open(&path)?
+    } else {
+        // Read beside a running `up`: nothing written, nothing migrated.
+        nixspace_planner::history::History::open_read_only(&path)?
+    };
+    Ok(history)
 }

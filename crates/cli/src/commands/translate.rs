@@ -29,8 +29,9 @@ use super::JoinArgs;
 /// withdraws its demands; a client's build rejoins a dataspace that restarts
 /// (--reconnect-for). Runs until Ctrl-C or SIGTERM.
 ///
-/// The socket is created mode 0666, like nix-daemon's: who may connect,
-/// and who is trusted, is decided from each client's peer credentials by
+/// The socket is created mode 0600 (only you may connect), or 0666 when run
+/// as root, like nix-daemon's; --socket-mode chooses another. Who may connect,
+/// and who is trusted, is further decided from each client's peer credentials by
 /// `allowed-users` and `trusted-users` in $NIX_CONF_DIR/nix.conf (default
 /// /etc/nix). Untrusted clients get what nix-daemon grants them: signature
 /// checks are enforced and restricted settings are ignored.
@@ -42,6 +43,10 @@ pub struct TranslateArgs {
     /// The socket to serve (created; an existing socket file is replaced).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
+
+    /// The socket's mode, in octal (e.g. 660). Default: 600, or 666 when run as root.
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode)]
+    socket_mode: Option<u32>,
 
     /// Send store operations to the nix-daemon at this socket instead of a
     /// private `nix-daemon` of the translator's own.
@@ -81,6 +86,7 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         patience,
         reconnect_for,
         priority: args.priority,
+        socket_mode: args.socket_mode,
     };
     let mut translator = crate::services::start_translator(args.socket, options).await?;
     tokio::select! {

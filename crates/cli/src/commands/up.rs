@@ -85,6 +85,11 @@ pub struct UpArgs {
     #[arg(long, value_name = "PATH")]
     translator: Option<PathBuf>,
 
+    /// The --translator socket's mode, in octal (e.g. 660). Default: 600, or 666 when run as
+    /// root.
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, requires = "translator")]
+    translator_socket_mode: Option<u32>,
+
     /// The most demands one frontend may hold at once; further demands are refused (never
     /// scheduled) and the frontend is told so (it fails with that reason). With the embedded
     /// dataspace the cap is per client connection, enforced by the host. With `--external`
@@ -227,13 +232,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         tokio::spawn(crate::metrics_http::serve(listener, metrics));
     }
     let mut translator = match args.translator {
-        Some(path) => Some(
-            crate::services::start_translator(
-                path,
-                nixspace_translator::TranslatorOptions::new(submit),
-            )
-            .await?,
-        ),
+        Some(path) => {
+            let mut options = nixspace_translator::TranslatorOptions::new(submit);
+            options.socket_mode = args.translator_socket_mode;
+            Some(crate::services::start_translator(path, options).await?)
+        }
         None => None,
     };
     let what = if session.is_some() {
