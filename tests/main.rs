@@ -5,6 +5,7 @@
 mod adversarial;
 mod bench;
 mod budgets;
+mod build_logs;
 mod ca;
 mod e2e;
 mod faults;

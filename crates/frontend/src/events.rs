@@ -33,6 +33,8 @@ pub(crate) enum StepEvent {
     Built {
         /// The step.
         drv: DrvPath,
+        /// The worker that built it (empty: none, the step stands for another one built).
+        worker: WorkerId,
         /// Its output paths.
         outputs: Vec<String>,
     },
@@ -99,9 +101,10 @@ pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
         on_retraction(t, enclose!((handler) move |t| handler(t, StepEvent::Schedulable { drv })));
         Ok(())
     }));
-    enclose!((handler) during!(t, ds, <built $drv: String _ $outputs: Vec<String>>,
+    enclose!((handler) during!(t, ds, <built $drv: String $worker: String $outputs: Vec<String>>,
     |t: &mut Activation| {
-        handler(t, StepEvent::Built { drv: DrvPath::from(drv), outputs: outputs.clone() })
+        let (drv, worker) = (DrvPath::from(drv), WorkerId::from(worker));
+        handler(t, StepEvent::Built { drv, worker, outputs: outputs.clone() })
     }));
     // Only final failures: a worker's transient failure is retried by the planner, which
     // asserts its own (permanent) copy when it gives up.

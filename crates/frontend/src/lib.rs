@@ -11,9 +11,11 @@
 //! - [`realisation`]: output ids and the realisations of built outputs.
 //! - [`report`] and [`outcome`]: how the build and each step ended.
 //! - [`post_build`]: what happens after each step is built (signatures, the post-build hook).
+//! - [`build_log`]: each step's log as the worker relayed it, stored locally when it ends.
 //! - [`store_db`]: validity and path info read from the local store's database.
 //! - [`phase`]: debug-level timing of a build's phases.
 
+pub mod build_log;
 pub mod demands;
 mod events;
 pub mod outcome;

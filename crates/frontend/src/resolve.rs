@@ -19,7 +19,7 @@ use nixspace_nix_formats::derivation::{Derivation, DerivationError};
 use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
-use nixspace_protocol::{build, DrvPath};
+use nixspace_protocol::{build, DrvPath, WorkerId};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
@@ -604,6 +604,7 @@ impl Inner {
                     t,
                     StepEvent::Built {
                         drv: DrvPath::from(original),
+                        worker: WorkerId::default(),
                         outputs: outputs.to_vec(),
                     },
                 )?;

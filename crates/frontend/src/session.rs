@@ -28,7 +28,9 @@ use nixspace_space::Route;
 use nixspace_transfer::{FetchError, StoreNode};
 use syndicate::actor::{Account, Activation, Cap, FacetRef};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
+use crate::build_log::{self, StepLogs};
 use crate::demands::{demands, StepSettings};
 use crate::events::{self, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause, StepOutcome};
@@ -243,6 +245,10 @@ pub struct BuildSession {
     /// Steps being built, and by whom.
     running: BTreeMap<DrvPath, WorkerId>,
     tails: BTreeMap<DrvPath, VecDeque<String>>,
+    /// The logs of the attempts being followed, stored locally when their step ends.
+    logs: StepLogs,
+    /// The logs being handed to the local store; the report waits for them.
+    storing_logs: JoinSet<()>,
     unschedulable: BTreeMap<DrvPath, (String, Instant)>,
     /// A step stayed unschedulable past the patience.
     stuck: bool,
@@ -307,6 +313,8 @@ impl BuildSession {
             steps,
             running: BTreeMap::new(),
             tails: BTreeMap::new(),
+            logs: StepLogs::default(),
+            storing_logs: JoinSet::new(),
             unschedulable: BTreeMap::new(),
             stuck: false,
             queued: VecDeque::new(),
@@ -492,6 +500,15 @@ impl BuildSession {
 
     /// Take in one event about a step (any step: only this build's count).
     fn apply(&mut self, event: StepEvent) {
+        match &event {
+            StepEvent::Built { drv, worker, .. } if self.is_pending(drv) => {
+                self.store_log(drv, Some(worker));
+            }
+            StepEvent::Failed { drv, failure } if self.is_pending(drv) => {
+                self.store_log(drv, failure.worker.as_ref());
+            }
+            _ => {}
+        }
         match event {
             StepEvent::Unschedulable { drv, reason } if self.steps.contains_key(&drv) => {
                 self.unschedulable
@@ -501,12 +518,12 @@ impl BuildSession {
             StepEvent::Schedulable { drv } if self.unschedulable.remove(&drv).is_some() => {
                 self.queued.push_back(Progress::Schedulable { drv });
             }
-            StepEvent::Built { drv, outputs }
+            StepEvent::Built { drv, outputs, .. }
                 if self.is_pending(&drv) && !self.post_build.is_empty() =>
             {
                 self.start_after_build(drv, outputs);
             }
-            StepEvent::Built { drv, outputs } if self.is_pending(&drv) => {
+            StepEvent::Built { drv, outputs, .. } if self.is_pending(&drv) => {
                 self.settle(
                     &drv,
                     StepOutcome::Built {
@@ -528,6 +545,7 @@ impl BuildSession {
                 }
                 // A new attempt: its log is the one that counts.
                 self.tails.remove(&drv);
+                self.logs.started(&drv, &worker);
                 self.running.insert(drv.clone(), worker.clone());
                 self.queued.push_back(Progress::Started { drv, worker });
             }
@@ -557,10 +575,25 @@ impl BuildSession {
                     tail.pop_front();
                 }
                 tail.push_back(line.clone());
+                self.logs.line(&drv, &worker, &line);
                 self.queued.push_back(Progress::Log { drv, worker, line });
             }
             _ => {}
         }
+    }
+
+    /// `drv` ended as `worker` reported: hand the log of that attempt, if this session followed
+    /// it, to the local store, where `nix log` reads it (a failed build's too, as Nix keeps).
+    fn store_log(&mut self, drv: &DrvPath, worker: Option<&WorkerId>) {
+        let Some(log) = self.logs.ended(drv, worker) else {
+            return;
+        };
+        let (pool, drv) = (self.pool.clone(), drv.clone());
+        self.storing_logs.spawn(async move {
+            if let Err(e) = build_log::store(&pool, &drv, log).await {
+                tracing::warn!(%drv, error = %e, "cannot keep the build log in the local store");
+            }
+        });
     }
 
     /// Start the post-build work of the built step `drv` (once), in a task of its own that
@@ -678,8 +711,11 @@ impl BuildSession {
     }
 
     /// Copy the roots' outputs here (when everything was built), register the
-    /// content-addressed realisations, leave the dataspace and report.
+    /// content-addressed realisations, leave the dataspace and report, once the ended steps'
+    /// logs are stored here.
     pub async fn finish(mut self) -> Result<Report, SessionError> {
+        // The ended steps' logs, before anyone reads them (`nix log` after the build).
+        while self.storing_logs.join_next().await.is_some() {}
         let succeeded = !self.stuck
             && self
                 .steps

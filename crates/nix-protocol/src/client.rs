@@ -608,63 +608,93 @@ where
             if writer.version() < ADD_TO_STORE_NAR_FRAMED {
                 return Self::process_stderr(reader, writer, &mut **logs, Some(nar)).await;
             }
-            // The daemon may log while it reads, so read stderr while writing the frames.
-            let write = async {
-                framed::write_framed(writer, nar)
-                    .await
-                    .map_err(|e| match e {
-                        FramedError::Source(source) => ClientError::Source {
-                            what: "AddToStoreNar",
-                            source,
-                        },
-                        FramedError::Wire(w) => ClientError::Wire(w),
-                    })
-            };
-            let read = async {
-                loop {
-                    match StderrFrame::read_from(reader).await? {
-                        StderrFrame::Log(event) => logs.log(event),
-                        StderrFrame::Last => return Ok(()),
-                        StderrFrame::Error(e) => return Err(ClientError::Daemon(e)),
-                        StderrFrame::Read(_) => {
-                            return Err(
-                                WireError::UnexpectedStderrFrame { tag: "STDERR_READ" }.into()
-                            )
-                        }
-                        StderrFrame::Write(_) => {
-                            return Err(WireError::UnexpectedStderrFrame {
-                                tag: "STDERR_WRITE",
-                            }
-                            .into())
-                        }
-                    }
-                }
-            };
-            tokio::pin!(write, read);
-            tokio::select! {
-                // A failed source (e.g. a NAR that did not check out) ends the upload midway:
-                // the daemon would wait for the rest forever, so do not wait for its answer.
-                // The stream is out of step now, and the error says so (not recoverable).
-                written = &mut write => {
-                    written?;
-                    read.await
-                }
-                answered = &mut read => match answered {
-                    Ok(()) => write.await.map(|_| ()),
-                    // The daemon refused the upload: in step if our last frame is out, else
-                    // the daemon gave up midway and the stream is out of step.
-                    Err(e) => match tokio::time::timeout(UPLOAD_SETTLE, &mut write).await {
-                        Ok(Ok(_)) => Err(e),
-                        _ => Err(ClientError::Wire(WireError::io(
-                            "AddToStoreNar",
-                            io::Error::other(e.to_string()),
-                        ))),
-                    },
-                },
-            }
+            self.upload_framed("AddToStoreNar", nar).await
         }
         .await;
         self.track(res)
+    }
+
+    /// `AddBuildLog` (protocol 1.32, Nix 2.4): stores `log` as the build log of the derivation
+    /// `drv`, where `nix log` and `nix-store -l` read it. Nix's local store keeps a log it
+    /// already has (it writes `DRV.bz2` only when that file is missing); only a trusted client
+    /// may add logs.
+    pub async fn add_build_log<S>(
+        &mut self,
+        drv: &StorePath,
+        log: &mut S,
+    ) -> Result<(), ClientError>
+    where
+        S: AsyncRead + Unpin + Send,
+    {
+        let res = async {
+            self.send(&Request::AddBuildLog(drv.clone())).await?;
+            self.upload_framed("AddBuildLog", log).await?;
+            self.reader.read_u64("AddBuildLog reply").await?;
+            Ok(())
+        }
+        .await;
+        self.track(res)
+    }
+
+    /// Sends `source` as a framed stream after a request for `what`, reading the daemon's
+    /// stderr frames meanwhile (it may log, or refuse, while it reads) until `STDERR_LAST`.
+    async fn upload_framed<S>(
+        &mut self,
+        what: &'static str,
+        source: &mut S,
+    ) -> Result<(), ClientError>
+    where
+        S: AsyncRead + Unpin + Send,
+    {
+        let (reader, writer, logs) = (&mut self.reader, &mut self.writer, &mut self.logs);
+        let write = async {
+            framed::write_framed(writer, source)
+                .await
+                .map_err(|e| match e {
+                    FramedError::Source(source) => ClientError::Source { what, source },
+                    FramedError::Wire(w) => ClientError::Wire(w),
+                })
+        };
+        let read = async {
+            loop {
+                match StderrFrame::read_from(reader).await? {
+                    StderrFrame::Log(event) => logs.log(event),
+                    StderrFrame::Last => return Ok(()),
+                    StderrFrame::Error(e) => return Err(ClientError::Daemon(e)),
+                    StderrFrame::Read(_) => {
+                        return Err(WireError::UnexpectedStderrFrame { tag: "STDERR_READ" }.into())
+                    }
+                    StderrFrame::Write(_) => {
+                        return Err(WireError::UnexpectedStderrFrame {
+                            tag: "STDERR_WRITE",
+                        }
+                        .into())
+                    }
+                }
+            }
+        };
+        tokio::pin!(write, read);
+        tokio::select! {
+            // A failed source (e.g. a NAR that did not check out) ends the upload midway:
+            // the daemon would wait for the rest forever, so do not wait for its answer.
+            // The stream is out of step now, and the error says so (not recoverable).
+            written = &mut write => {
+                written?;
+                read.await
+            }
+            answered = &mut read => match answered {
+                Ok(()) => write.await.map(|_| ()),
+                // The daemon refused the upload: in step if our last frame is out, else
+                // the daemon gave up midway and the stream is out of step.
+                Err(e) => match tokio::time::timeout(UPLOAD_SETTLE, &mut write).await {
+                    Ok(Ok(_)) => Err(e),
+                    _ => Err(ClientError::Wire(WireError::io(
+                        what,
+                        io::Error::other(e.to_string()),
+                    ))),
+                },
+            },
+        }
     }
 
     /// `BuildDerivation`: builds `drv` (named by `drv_path`), passing log frames to `logs`.
@@ -811,5 +841,69 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(server.await.unwrap().unwrap(), paths);
+    }
+
+    /// A server at `version` that takes one `AddBuildLog` and returns the path and the log.
+    async fn build_log_server(
+        version: ProtocolVersion,
+    ) -> (Client, JoinHandle<Result<(StorePath, Vec<u8>), WireError>>) {
+        let (c, s) = tokio::io::duplex(4096);
+        let (cr, cw) = tokio::io::split(c);
+        let (sr, sw) = tokio::io::split(s);
+        let server = tokio::spawn(async move {
+            let mut r = NixReader::new(sr, version);
+            let mut w = NixWriter::new(sw, version);
+            let hello = ServerHello {
+                version,
+                nix_version: "2.8.0".into(),
+                trusted: None,
+                features: BTreeSet::new(),
+            };
+            server_handshake(&mut r, &mut w, &hello).await.unwrap();
+            let Some(Request::AddBuildLog(path)) = Request::read(&mut r).await? else {
+                panic!("expected AddBuildLog");
+            };
+            let mut log = Vec::new();
+            tokio::io::copy(&mut framed::FramedSource::new(&mut r), &mut log)
+                .await
+                .unwrap();
+            write_last(&mut w).await?;
+            w.write_u64(1, "reply").await?;
+            w.flush().await?;
+            Ok((path, log))
+        });
+        let config = ClientConfig {
+            version,
+            ..ClientConfig::default()
+        };
+        let client = DaemonClient::handshake_with_config(cr, cw, &config)
+            .await
+            .unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn a_build_log_goes_to_the_daemon_as_a_framed_stream() {
+        let drv = StorePath::from_base_name("7h7qgvs4kgzsn8a6rb273saxyqh4jxlz-x.drv").unwrap();
+        // More than one frame, and not a whole number of them.
+        let log: Vec<u8> = (0..3 * framed::CHUNK_SIZE + 17)
+            .map(|i| b"line\n"[i % 5])
+            .collect();
+        let (mut client, server) = build_log_server(NIX_2_8).await;
+        client
+            .add_build_log(&drv, &mut log.as_slice())
+            .await
+            .unwrap();
+        assert_eq!(server.await.unwrap().unwrap(), (drv.clone(), log.clone()));
+
+        // Before 1.32 the operation does not exist: nothing is sent, the client stays usable.
+        let (mut client, server) = build_log_server(ProtocolVersion::new(1, 31)).await;
+        let err = client
+            .add_build_log(&drv, &mut log.as_slice())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Unencodable(_)), "{err:?}");
+        assert!(err.is_recoverable());
+        server.abort();
     }
 }

@@ -399,3 +399,44 @@ async fn connects_to_a_daemon_socket() {
     assert!(client.is_valid_path(&drv).await.unwrap());
     assert!(client.query_path_info(&drv).await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn add_build_log_is_what_nix_store_l_prints_and_is_never_replaced() {
+    let env = NixEnv::new();
+    let drv = instantiate(&env, &unique("log"));
+    let full_drv = full(&drv);
+    // Positive control: no log yet, and `nix-store -l` says so.
+    let before = env
+        .cmd("nix-store")
+        .args(["-l", &full_drv])
+        .output()
+        .unwrap();
+    assert!(!before.status.success());
+
+    let mut daemon = env.daemon();
+    let mut client = daemon.client().await;
+    client.set_options(&common::settings()).await.unwrap();
+    let log = "first line\nsecond line\n";
+    client
+        .add_build_log(&drv, &mut log.as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        env.run_bytes("nix-store", &["-l", &full_drv]),
+        log.as_bytes()
+    );
+    // Where Nix 2.8 keeps it: bzip2-compressed, under the first two letters of the name.
+    let base = full_drv.rsplit('/').next().unwrap();
+    let file = format!("/nix/var/log/nix/drvs/{}/{}.bz2", &base[..2], &base[2..]);
+    assert!(std::path::Path::new(&file).exists(), "{file}");
+
+    // A second log for the same derivation leaves the first in place, as Nix does.
+    client
+        .add_build_log(&drv, &mut "another\n".as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        env.run_bytes("nix-store", &["-l", &full_drv]),
+        log.as_bytes()
+    );
+}
