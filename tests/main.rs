@@ -2,6 +2,7 @@
 //! sockets, the real Nix. One module per subject; `cargo test --test e2e translator::` runs
 //! one of them. The harness is `nixspace-test-support` with its `e2e` feature.
 
+mod activities;
 mod adversarial;
 mod bench;
 mod budgets;

@@ -1193,13 +1193,13 @@ in step "top-${{toString i}}" [ own pair shared2 ]
 
 /// A plain `nix-daemon` on its own socket, in its own process group (killed with the group
 /// when dropped), on the local store.
-struct PlainDaemon {
+pub(crate) struct PlainDaemon {
     child: std::process::Child,
-    socket: std::path::PathBuf,
+    pub(crate) socket: std::path::PathBuf,
 }
 
 impl PlainDaemon {
-    fn start(space: &Space) -> PlainDaemon {
+    pub(crate) fn start(space: &Space) -> PlainDaemon {
         use std::os::unix::process::CommandExt;
         let socket = space.tmp.path().join("plain-daemon/socket");
         std::fs::create_dir_all(socket.parent().expect("parent")).expect("socket dir");

@@ -4,7 +4,10 @@
 //!
 //! A build's progress reaches the client as Nix's own frames: a build activity per step
 //! attempt (named after the worker), its log lines as results of that activity (or plain
-//! messages when the client asked for build logs), waits for a capable worker as messages.
+//! messages when the client asked for build logs), the other results the worker's
+//! `nix-daemon` sent for the build (its phases) as results of that activity too, and the
+//! activities the build started under it with their results, renumbered for the client;
+//! waits for a capable worker as messages.
 //! A client that leaves during a build withdraws its demands.
 
 use std::collections::BTreeMap;
@@ -18,7 +21,8 @@ use nixspace_nix_protocol::{
     BasicDerivation, BuildMode, BuildResult, BuildStatus, ClientSettings, DaemonError, DerivedPath,
     LogEvent, NixSerialize, Request, StderrFrame,
 };
-use nixspace_protocol::{BuildSettings, DrvPath};
+use nixspace_nix_tools::build_activity::MAX_OPEN_ACTIVITIES;
+use nixspace_protocol::{BuildSettings, DrvPath, WorkerId};
 
 use crate::backend::{DaemonBackend, Served};
 use crate::build_result::{built_outputs, error_message, result_for};
@@ -350,6 +354,9 @@ async fn show(
                     .await?;
             }
         }
+        Progress::Activity { drv, worker, event } => {
+            activities.relay(client, &drv, &worker, event).await?;
+        }
         Progress::Started { drv, worker } => {
             activities.start(client, &drv, worker.as_str()).await?;
         }
@@ -498,8 +505,83 @@ impl DaemonBackend for Translator<'_> {
 /// post-build hooks.
 #[derive(Default)]
 struct Activities {
-    builds: BTreeMap<DrvPath, u64>,
+    builds: BTreeMap<DrvPath, StepActivity>,
     hooks: BTreeMap<DrvPath, u64>,
+}
+
+/// The client's activity of one attempt at a step's build, and the activities the build
+/// started under it.
+struct StepActivity {
+    /// The client's id of the build activity.
+    id: u64,
+    /// The worker building it (empty: not known when the activity started).
+    worker: String,
+    /// The worker's numbers of the activities open under the build → the client's ids (at
+    /// most [`MAX_OPEN_ACTIVITIES`]).
+    nested: BTreeMap<u64, u64>,
+}
+
+impl StepActivity {
+    /// The client's id of the worker's activity `n` (0: the build activity), if open.
+    fn client_id(&self, n: u64) -> Option<u64> {
+        match n {
+            0 => Some(self.id),
+            n => self.nested.get(&n).copied(),
+        }
+    }
+
+    /// The event for the client: the worker's activity numbers replaced by the client's ids
+    /// (new ones for activities starting); none for an activity not open (or over the bound).
+    fn renumber(&mut self, event: LogEvent) -> Option<LogEvent> {
+        Some(match event {
+            LogEvent::Result {
+                id,
+                result_type,
+                fields,
+            } => LogEvent::Result {
+                id: self.client_id(id)?,
+                result_type,
+                fields,
+            },
+            LogEvent::StartActivity {
+                id,
+                level,
+                activity_type,
+                text,
+                fields,
+                parent,
+            } => {
+                let parent = self.client_id(parent)?;
+                if id == 0
+                    || self.nested.len() >= MAX_OPEN_ACTIVITIES
+                    || self.nested.contains_key(&id)
+                {
+                    return None;
+                }
+                let ours = activity_id();
+                self.nested.insert(id, ours);
+                LogEvent::StartActivity {
+                    id: ours,
+                    level,
+                    activity_type,
+                    text,
+                    fields,
+                    parent,
+                }
+            }
+            LogEvent::StopActivity { id } => LogEvent::StopActivity {
+                id: self.nested.remove(&id)?,
+            },
+            LogEvent::Message(_) => return None,
+        })
+    }
+
+    /// The client's ids of its activities, those under the build first (the latest first).
+    fn ids(self) -> impl Iterator<Item = u64> {
+        let mut nested: Vec<u64> = self.nested.into_values().collect();
+        nested.sort_unstable_by(|a, b| b.cmp(a));
+        nested.into_iter().chain([self.id])
+    }
 }
 
 /// A new activity id. Like Nix: the process id in the upper half keeps ids apart from the
@@ -540,8 +622,39 @@ impl Activities {
                 parent: 0,
             })
             .await?;
-        self.builds.insert(drv.clone(), id);
+        self.builds.insert(
+            drv.clone(),
+            StepActivity {
+                id,
+                worker: worker.to_owned(),
+                nested: BTreeMap::new(),
+            },
+        );
         Ok(id)
+    }
+
+    /// Relay one activity event of `drv`'s build on `worker` (from the current attempt only)
+    /// to the client.
+    async fn relay(
+        &mut self,
+        client: &mut Client,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        event: LogEvent,
+    ) -> Result<(), ConnError> {
+        if !self.builds.contains_key(drv) {
+            self.start(client, drv, worker.as_str()).await?;
+        }
+        let Some(step) = self.builds.get_mut(drv) else {
+            return Ok(());
+        };
+        if !step.worker.is_empty() && step.worker != worker.as_str() {
+            return Ok(());
+        }
+        match step.renumber(event) {
+            Some(event) => client.event(event).await,
+            None => Ok(()),
+        }
     }
 
     /// Start the activity of `drv`'s post-build hook, as Nix words it.
@@ -569,17 +682,19 @@ impl Activities {
     /// The activity of `drv`, started (with no worker named) if there is none.
     async fn of(&mut self, client: &mut Client, drv: &DrvPath) -> Result<u64, ConnError> {
         match self.builds.get(drv) {
-            Some(id) => Ok(*id),
+            Some(step) => Ok(step.id),
             None => self.start(client, drv, "").await,
         }
     }
 
     /// Stop the activities of `drv` (its build and its hook).
     async fn stop(&mut self, client: &mut Client, drv: &DrvPath) -> Result<(), ConnError> {
-        for id in [self.builds.remove(drv), self.hooks.remove(drv)]
+        let build = self
+            .builds
+            .remove(drv)
             .into_iter()
-            .flatten()
-        {
+            .flat_map(StepActivity::ids);
+        for id in build.chain(self.hooks.remove(drv)) {
             client.event(LogEvent::StopActivity { id }).await?;
         }
         Ok(())
@@ -590,7 +705,8 @@ impl Activities {
             std::mem::take(&mut self.builds),
             std::mem::take(&mut self.hooks),
         );
-        for id in builds.into_values().chain(hooks.into_values()) {
+        let builds = builds.into_values().flat_map(StepActivity::ids);
+        for id in builds.chain(hooks.into_values()) {
             client.event(LogEvent::StopActivity { id }).await?;
         }
         Ok(())

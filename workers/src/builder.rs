@@ -31,7 +31,8 @@ use std::time::Duration;
 use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
-use nixspace_nix_tools::{BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_nix_tools::build_activity;
+use nixspace_nix_tools::{BuildLog, BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 use preserves_schema::Parse;
@@ -466,9 +467,17 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: Buil
     let facet = t.facet_ref();
     let store_dir = pool.store_dir().clone();
     let account = Account::new(Some(AnyValue::symbol("build")), None);
-    let lines = enclose!((facet, account, ds, config, drv) move |line: String| {
+    let lines = enclose!((facet, account, ds, config, drv) move |log: BuildLog| {
         facet.activate(&account, None, |t| {
-            ds.message(t, &build::Log { drv: drv.to_string(), worker: config.id.to_string(), line });
+            let (drv, worker) = (drv.to_string(), config.id.to_string());
+            match log {
+                BuildLog::Line(line) => ds.message(t, &build::Log { drv, worker, line }),
+                BuildLog::Activity(event) => {
+                    if let Some(record) = build_activity::to_record(&drv, &worker, &event) {
+                        ds.message(t, &record);
+                    }
+                }
+            }
             Ok(())
         });
     });
@@ -476,8 +485,8 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: Buil
         let (config, drv) = (Arc::clone(&config), drv.clone());
         async move {
             tracing::info!(%drv, "building");
-            run_build(&config, &pool, &store, &drv, settings, |line| {
-                lines.send(line)
+            run_build(&config, &pool, &store, &drv, settings, |log| {
+                lines.send(log)
             })
             .await
         }
@@ -586,8 +595,8 @@ async fn known_outputs(store_dir: &StoreDir, drv: &DrvPath) -> Option<Vec<String
         .collect()
 }
 
-/// Build `drv` with `settings` over the worker's daemon pool, passing its log lines to
-/// `on_line`. The derivation and the inputs the local store lacks are fetched first from the
+/// Build `drv` with `settings` over the worker's daemon pool, passing its log lines and
+/// activity events to `send_log`. The derivation and the inputs the local store lacks are fetched first from the
 /// stores in the dataspace. Dropping the future interrupts the build.
 async fn run_build(
     config: &BuilderConfig,
@@ -595,7 +604,7 @@ async fn run_build(
     store: &StoreNode,
     drv: &DrvPath,
     settings: BuildSettings,
-    mut send_line: impl FnMut(String) + Send,
+    mut send_log: impl FnMut(BuildLog) + Send,
 ) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
@@ -635,7 +644,7 @@ async fn run_build(
         BuildMode::Check | BuildMode::Repair => None,
     };
     if let Some(outputs) = substitutes {
-        send_line(format!("substituted the outputs of {drv}"));
+        send_log(BuildLog::Line(format!("substituted the outputs of {drv}")));
         return Ok(BuiltStep {
             outputs,
             realisations: Vec::new(),
@@ -644,7 +653,7 @@ async fn run_build(
     // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
     let mut fetches = 0;
     let built = loop {
-        match pool.build(drv.as_str(), &settings, &mut send_line).await {
+        match pool.build(drv.as_str(), &settings, &mut send_log).await {
             Err(StepError::InputsMissing(missing)) if fetches < 2 => {
                 fetches += 1;
                 store.ensure(&missing).await.map_err(fetch_failed)?;

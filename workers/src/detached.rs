@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use nixspace_nix_tools::BuiltStep;
+use nixspace_nix_tools::{BuildLog, BuiltStep};
 use nixspace_protocol::{build, DrvPath};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
@@ -56,14 +56,14 @@ impl BuildFailure {
     }
 }
 
-/// Where a build's log lines go (the connection following it, if any).
-type LineSink = Box<dyn Fn(String) + Send + Sync>;
+/// Where a build's log lines and activity events go (the connection following it, if any).
+type LineSink = Box<dyn Fn(BuildLog) + Send + Sync>;
 
 struct Slot {
     outcome: watch::Sender<Option<Outcome>>,
     lines: Mutex<Option<LineSink>>,
     task: Mutex<Option<AbortHandle>>,
-    /// Log bytes (newlines counted) the build produced so far.
+    /// Log bytes (newlines counted, and activity events' sizes) the build produced so far.
     log_bytes: AtomicU64,
     /// Log bytes passed on at most; the rest is dropped.
     log_limit: u64,
@@ -72,29 +72,33 @@ struct Slot {
 /// The default cap on the log bytes one build passes on.
 pub const DEFAULT_MAX_LOG_BYTES: u64 = 10 << 20;
 
-/// Sends a running build's log lines to whichever connection follows it now.
+/// Sends a running build's log lines and activity events to whichever connection follows it
+/// now.
 #[derive(Clone)]
 pub struct LogLines(Arc<Slot>);
 
 impl LogLines {
-    /// Pass one log line on (dropped while no connection follows the build). Past the log
-    /// cap lines are dropped, the first of them replaced by a note saying so.
-    pub fn send(&self, line: String) {
-        let size = line.len() as u64 + 1;
+    /// Pass one log line or activity event on (dropped while no connection follows the
+    /// build). Past the log cap they are dropped, the first of them replaced by a note saying
+    /// so.
+    pub fn send(&self, log: BuildLog) {
+        let size = log.size();
         let before = self.0.log_bytes.fetch_add(size, Ordering::Relaxed);
         let limit = self.0.log_limit;
         if before > limit {
             return;
         }
-        let line = if before + size > limit {
+        let log = if before + size > limit {
             tracing::warn!(limit, "build log truncated");
-            format!("nixspace: log truncated after {before} bytes (worker --max-log-bytes {limit})")
+            BuildLog::Line(format!(
+                "nixspace: log truncated after {before} bytes (worker --max-log-bytes {limit})"
+            ))
         } else {
-            line
+            log
         };
         if let Ok(lines) = self.0.lines.lock() {
             if let Some(sink) = lines.as_ref() {
-                sink(line);
+                sink(log);
             }
         }
     }
@@ -130,7 +134,7 @@ impl Builds {
             .unwrap_or_default()
     }
 
-    /// Follow the build of `drv`, sending its log lines to `lines`; start it with `start` if
+    /// Follow the build of `drv`, sending its log lines and activity events to `lines`; start it with `start` if
     /// it is not running or finished already. The receiver sees its outcome.
     pub fn follow<F>(
         &self,
@@ -204,7 +208,7 @@ mod tests {
     async fn a_build_runs_once_and_its_outcome_waits_to_be_taken() {
         let builds = Builds::default();
         let mut rx = builds.follow(&"d".into(), quiet(), |lines| async move {
-            lines.send("hello".into());
+            lines.send(BuildLog::Line("hello".into()));
             Ok(built(&["/out"]))
         });
         rx.wait_for(Option::is_some).await.unwrap();
@@ -223,10 +227,13 @@ mod tests {
         let sink = Arc::clone(&seen);
         let mut rx = builds.follow(
             &"d".into(),
-            Box::new(move |l| sink.lock().unwrap().push(l)),
+            Box::new(move |l| match l {
+                BuildLog::Line(l) => sink.lock().unwrap().push(l),
+                BuildLog::Activity(e) => panic!("{e:?}"),
+            }),
             |lines| async move {
                 for line in ["1234", "5678", "abcd", "efgh"] {
-                    lines.send(line.into());
+                    lines.send(BuildLog::Line(line.into()));
                 }
                 Ok(built(&[]))
             },

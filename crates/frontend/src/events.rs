@@ -1,11 +1,14 @@
 //! What the dataspace says about steps, as events for a frontend.
 //!
-//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned`, `demands-refused` and
-//! `log` into [`StepEvent`]s for the caller's [`Handler`], converting the records' strings into
-//! typed names once, here. Every step is reported: handlers keep their own.
+//! [`observe`] turns `unschedulable`, `built`, `failed`, `assigned`, `demands-refused`, `log`
+//! and `build-activity` into [`StepEvent`]s for the caller's [`Handler`], converting the
+//! records' strings into typed names (and activity events into Nix's, within their bounds)
+//! once, here. Every step is reported: handlers keep their own.
 
 use std::sync::Arc;
 
+use nixspace_nix_protocol::LogEvent;
+use nixspace_nix_tools::build_activity;
 use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
 use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, Cap};
@@ -73,6 +76,15 @@ pub(crate) enum StepEvent {
         /// The line (no newline).
         line: String,
     },
+    /// One of Nix's activity events of a step's build (see [`build_activity`]).
+    Activity {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        worker: WorkerId,
+        /// The event: activity 0 is the step's build activity.
+        event: LogEvent,
+    },
 }
 
 /// A receiver of [`StepEvent`]s, called inside the actor's turns.
@@ -131,5 +143,18 @@ pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
     enclose!((handler) on_message!(t, ds, <log $drv: String $worker: String $line: String>,
     |t: &mut Activation| {
         handler(t, StepEvent::Log { drv: DrvPath::from(drv), worker: WorkerId::from(worker), line: line.clone() })
+    }));
+    enclose!((handler) on_message!(t, ds, <build-activity $drv: String $worker: String $event>,
+    |t: &mut Activation| {
+        let event = build::ActivityEvent::parse(&event)
+            .map_err(|e| e.to_string())
+            .and_then(|e| build_activity::from_record(&e).map_err(|e| e.to_string()));
+        match event {
+            Ok(event) => handler(t, StepEvent::Activity { drv: DrvPath::from(drv), worker: WorkerId::from(worker), event }),
+            Err(error) => {
+                tracing::debug!(%drv, %worker, %error, "ignoring an activity event out of bounds");
+                Ok(())
+            }
+        }
     }));
 }

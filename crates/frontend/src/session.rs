@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nixspace_nix_formats::store_path::StorePath;
-use nixspace_nix_protocol::ClientSettings;
+use nixspace_nix_protocol::{ClientSettings, LogEvent};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::{BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
@@ -98,6 +98,18 @@ pub enum Progress {
         worker: WorkerId,
         /// The line, without its newline.
         line: String,
+    },
+    /// One of Nix's activity events of a step's build, as the worker's `nix-daemon` sent it:
+    /// a result of the build activity (activity 0: a phase, progress), or an activity under it
+    /// (parent 0: the build activity) starting, getting a result or stopping, numbered by the
+    /// worker. Never a [`LogEvent::Message`].
+    Activity {
+        /// The step.
+        drv: DrvPath,
+        /// The worker building it.
+        worker: WorkerId,
+        /// The event.
+        event: LogEvent,
     },
     /// The post-build hook started for a built step.
     PostBuildHook {
@@ -577,6 +589,10 @@ impl BuildSession {
                 tail.push_back(line.clone());
                 self.logs.line(&drv, &worker, &line);
                 self.queued.push_back(Progress::Log { drv, worker, line });
+            }
+            StepEvent::Activity { drv, worker, event } if self.steps.contains_key(&drv) => {
+                self.queued
+                    .push_back(Progress::Activity { drv, worker, event });
             }
             _ => {}
         }

@@ -38,6 +38,7 @@ use nixspace_protocol::BuildSettings;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::build_activity::{BuildEvents, BuildLog};
 use crate::daemon_options::{nix_build_mode, DaemonDefaults};
 use crate::private_daemon::{PrivateDaemon, PrivateDaemonError};
 use crate::NixError;
@@ -278,8 +279,8 @@ impl DaemonPool {
 
     /// Build the derivation at `drv` (a `.drv` store path) with
     /// `BuildDerivation` in `settings`' mode, once its inputs are valid, the connection set
-    /// to `settings` first (unless they change nothing); call `on_line` for each log line as
-    /// it arrives. Returns the output paths (by output name) and the realisations of the
+    /// to `settings` first (unless they change nothing); call `on_log` for each log line and
+    /// activity event of the build as it arrives. Returns the output paths (by output name) and the realisations of the
     /// floating content-addressed outputs.
     ///
     /// Dropping the returned future interrupts the build.
@@ -287,7 +288,7 @@ impl DaemonPool {
         &self,
         drv: &str,
         settings: &BuildSettings,
-        mut on_line: impl FnMut(String) + Send,
+        mut on_log: impl FnMut(BuildLog) + Send,
     ) -> Result<BuiltStep, StepError> {
         let store = &self.inner.config.store_dir;
         let options = match settings.is_default() {
@@ -326,7 +327,8 @@ impl DaemonPool {
                 return Err(lease.failed(e));
             }
         }
-        let mut logs = |event: LogEvent| forward_log(event, &mut on_line);
+        let mut events = BuildEvents::default();
+        let mut logs = |event: LogEvent| events.sort(event, &mut on_log);
         let mode = nix_build_mode(settings.mode);
         let result = lease
             .client()
@@ -672,17 +674,6 @@ fn read_derivation(store: &StoreDir, path: &StorePath) -> Result<Derivation, Ste
         path: file,
         source: Box::new(source),
     })
-}
-
-/// Pass build output and daemon messages on as lines.
-fn forward_log(event: LogEvent, on_line: &mut impl FnMut(String)) {
-    if let Some(line) = event.build_log_line() {
-        on_line(line.to_owned());
-    } else if let LogEvent::Message(message) = event {
-        for line in message.lines() {
-            on_line(strip_ansi(line));
-        }
-    }
 }
 
 /// A Nix error message as the step's failure reason: without colours, a leading `error: `,

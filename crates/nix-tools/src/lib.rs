@@ -15,8 +15,10 @@
 //! friends apply as they would to a user's own commands; failures carry the
 //! command and the tail of its stderr. Derivation closures are read directly
 //! from the store with our own parser ([`read_closure`]). Builds go through
-//! the Nix worker protocol over reused daemon connections ([`DaemonPool`]).
+//! the Nix worker protocol over reused daemon connections ([`DaemonPool`]); [`build_activity`]
+//! keeps the log lines and activities of a build from what its daemon sends.
 
+pub mod build_activity;
 mod command;
 mod daemon_options;
 mod daemon_pool;
@@ -30,6 +32,7 @@ pub mod own_store;
 pub mod private_daemon;
 mod real_program;
 
+pub use build_activity::BuildLog;
 pub use command::NixError;
 pub use daemon_pool::{
     strip_ansi, BuiltStep, DaemonPool, DaemonTarget, Lease, PoolConfig, StepError,

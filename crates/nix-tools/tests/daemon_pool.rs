@@ -8,7 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use nixspace_nix_tools::{DaemonPool, DaemonTarget, PoolConfig, StepError};
+use nixspace_nix_protocol::stderr::{activity_type, result_type, Field};
+use nixspace_nix_protocol::LogEvent;
+use nixspace_nix_tools::{BuildLog, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::BuildSettings;
 use nixspace_test_support::unique;
 
@@ -56,10 +58,64 @@ fn pool(max: usize) -> DaemonPool {
 async fn build(pool: &DaemonPool, drv: &str) -> (Result<Vec<String>, StepError>, Vec<String>) {
     let mut lines = Vec::new();
     let result = pool
-        .build(drv, &BuildSettings::default(), |l| lines.push(l))
+        .build(drv, &BuildSettings::default(), |l| {
+            if let BuildLog::Line(l) = l {
+                lines.push(l)
+            }
+        })
         .await
         .map(|b| b.outputs);
     (result, lines)
+}
+
+#[tokio::test]
+async fn a_builders_phases_and_the_activities_it_starts_come_as_activity_events() {
+    let pool = pool(1);
+    let tag = unique("phases");
+    let script = r#"echo '@nix {"action":"setPhase","phase":"myPhase"}' >&2
+echo '@nix {"action":"start","id":1,"level":3,"type":101,"text":"fetching","fields":[]}' >&2
+echo '@nix {"action":"result","id":1,"type":105,"fields":[1,2,0,0]}' >&2
+echo '@nix {"action":"stop","id":1}' >&2
+echo done > $out"#;
+    let drv = instantiate(&format!("sh \"phases-{tag}\" ''{script}'' {{}}"));
+    let mut logs = Vec::new();
+    pool.build(&drv, &BuildSettings::default(), |l| logs.push(l))
+        .await
+        .unwrap();
+    let activities: Vec<LogEvent> = logs
+        .into_iter()
+        .filter_map(|l| match l {
+            BuildLog::Activity(event) => Some(event),
+            BuildLog::Line(_) => None,
+        })
+        .collect();
+    let LogEvent::StartActivity {
+        id,
+        parent,
+        activity_type,
+        ..
+    } = activities[1]
+    else {
+        panic!("{activities:?}");
+    };
+    assert_eq!((parent, activity_type), (0, activity_type::FILE_TRANSFER));
+    assert_eq!(
+        activities,
+        vec![
+            LogEvent::Result {
+                id: 0,
+                result_type: result_type::SET_PHASE,
+                fields: vec![Field::String("myPhase".into())],
+            },
+            activities[1].clone(),
+            LogEvent::Result {
+                id,
+                result_type: result_type::PROGRESS,
+                fields: [1, 2, 0, 0].map(Field::Int).to_vec(),
+            },
+            LogEvent::StopActivity { id },
+        ]
+    );
 }
 
 #[tokio::test]
@@ -364,7 +420,9 @@ async fn dropping_a_build_stops_its_builder_and_its_daemon() {
         let (pool, drv, lines) = (pool.clone(), drv.clone(), Arc::clone(&lines));
         async move {
             pool.build(&drv, &BuildSettings::default(), move |l| {
-                lines.lock().unwrap().push(l)
+                if let BuildLog::Line(l) = l {
+                    lines.lock().unwrap().push(l)
+                }
             })
             .await
         }

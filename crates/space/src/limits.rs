@@ -15,10 +15,10 @@
 //! connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
 //! clear error). Dropped demands never reach the dataspace's index or the planner.
 //!
-//! It also counts the bytes of `<log drv worker line>` messages per step ([`LogBudget`]):
-//! past [`Limits::max_log_bytes_per_step`] it passes one notice on instead of the first line
-//! over and drops the rest of that step's log, so a worker ignoring its own log cap cannot
-//! flood the frontends.
+//! It also counts the bytes of `<log drv worker line>` and `<build-activity drv worker event>`
+//! messages per step ([`LogBudget`]): past [`Limits::max_log_bytes_per_step`] it passes one
+//! notice on (as a `log` line) instead of the first message over and drops the rest of that
+//! step's log, so a worker ignoring its own log cap cannot flood the frontends.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -144,18 +144,36 @@ impl Limiter {
             self.warn_once("dropping malformed log messages");
             return;
         };
-        match self.log.admit(&log.drv, log.line.len()) {
+        self.count(t, m, log.drv, log.worker, log.line.len());
+    }
+
+    /// Pass one activity event of a build on, a truncation notice instead, or nothing; it
+    /// counts its texts and 8 bytes per number.
+    fn activity(&mut self, t: &mut Activation, m: &AnyValue) {
+        let Ok(activity) = build::BuildActivity::parse(m) else {
+            self.warn_once("dropping malformed build-activity messages");
+            return;
+        };
+        let size = event_size(&activity.event);
+        self.count(t, m, activity.drv, activity.worker, size);
+    }
+
+    /// Count `len` bytes of `drv`'s log from `worker` and pass `m` on, a notice instead, or
+    /// nothing.
+    fn count(&mut self, t: &mut Activation, m: &AnyValue, drv: String, worker: String, len: usize) {
+        match self.log.admit(&drv, len) {
             Verdict::Pass => self.target.message(t, m),
             Verdict::Truncate { after } => {
                 let max = self.log.max();
-                tracing::warn!(peer = %self.peer, drv = %log.drv, worker = %log.worker, max,
+                tracing::warn!(peer = %self.peer, %drv, %worker, max,
                     "build log over the per-step cap: truncated");
                 let notice = build::Log {
+                    drv,
+                    worker,
                     line: format!(
                         "nixspace: log truncated by the coordinator after {after} bytes \
                          (nixspace up --max-log-bytes-per-step {max}; raise it to see more)"
                     ),
-                    ..log
                 };
                 self.target.message(t, &notice);
             }
@@ -169,6 +187,27 @@ impl Limiter {
         if self.warned.insert(why) {
             tracing::warn!(peer = %self.peer, "{why}");
         }
+    }
+}
+
+/// The bytes an activity event counts against a step's log budget: its texts, and 8 per
+/// number.
+fn event_size(event: &build::ActivityEvent) -> usize {
+    let fields = |fields: &[build::ActivityField]| -> usize {
+        fields
+            .iter()
+            .map(|f| match f {
+                build::ActivityField::Int(_) => 8,
+                build::ActivityField::Text(s) => 8 + s.len(),
+            })
+            .sum()
+    };
+    match event {
+        build::ActivityEvent::Start {
+            text, fields: f, ..
+        } => 40 + text.len() + fields(f),
+        build::ActivityEvent::Result { fields: f, .. } => 24 + fields(f),
+        build::ActivityEvent::Stop { .. } => 8,
     }
 }
 
@@ -216,6 +255,8 @@ impl Entity<AnyValue> for Limiter {
     fn message(&mut self, t: &mut Activation, m: AnyValue) -> ActorResult {
         if has_label(&m, "log") {
             self.log(t, &m);
+        } else if has_label(&m, "build-activity") {
+            self.activity(t, &m);
         } else {
             self.target.message(t, &m);
         }

@@ -95,6 +95,7 @@ pub fn allowed(role: Role) -> Vec<Shape> {
                 Shape::of::<build::Built>(),
                 Shape::of::<build::Failed>(),
                 Shape::of::<build::Log>(),
+                Shape::of::<build::BuildActivity>(),
                 // The realisations of the content-addressed outputs a worker built.
                 Shape::of::<build::Realisation>(),
                 Shape::of::<build::Lost>(),
@@ -142,6 +143,7 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::Claim>(),
             Shape::of::<build::Assigned>(),
             Shape::of::<build::Log>(),
+            Shape::of::<build::BuildActivity>(),
             Shape::of::<build::Built>(),
             Shape::of::<build::Failed>(),
             Shape::of::<build::Planner>(),
@@ -253,6 +255,7 @@ const IDENTITY_FIELDS: &[(&str, usize)] = &[
     ("offer", 0),
     ("claim", 1),
     ("log", 1),
+    ("build-activity", 1),
     ("built", 1),
     ("failed", 1),
     ("lost", 2),
@@ -380,14 +383,16 @@ mod tests {
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
         assert_eq!(allowed(Role::Submit).len(), 8);
-        assert_eq!(allowed(Role::Worker).len(), 20);
+        assert_eq!(allowed(Role::Worker).len(), 21);
+        assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 23);
+        assert_eq!(observable(Role::Submit).len(), 24);
+        assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 10);
         assert!(observable(Role::Submit).contains(&"demands-refused".to_owned()));
         assert!(observable(Role::Worker).contains(&"nar-request".to_owned()));
@@ -455,6 +460,16 @@ mod tests {
         };
         assert_eq!(through(want("w1")), Some(want("w1")));
         assert_ne!(through(want("w2")), Some(want("w2")));
+        let phase = |worker: &str| {
+            build::BuildActivity {
+                drv: "/nix/store/x.drv".into(),
+                worker: worker.into(),
+                event: build::ActivityEvent::Stop { activity: 1.into() },
+            }
+            .unparse()
+        };
+        assert_eq!(through(phase("w1")), Some(phase("w1")));
+        assert_ne!(through(phase("w2")), Some(phase("w2")));
         // Records without a worker name pass; other roles' records do not.
         let request = AnyValue::record(
             AnyValue::symbol("nar-request"),

@@ -201,7 +201,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<ExitCode> {
         session.len(),
         session.plan().infos.len()
     );
-    let terminal = Terminal::new(session.len(), args.print_build_logs);
+    let mut terminal = Terminal::new(session.len(), args.print_build_logs);
     loop {
         let progress = tokio::select! {
             progress = session.next() => progress,
