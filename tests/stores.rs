@@ -1,6 +1,7 @@
 //! Workers with Nix stores of their own (a private mount namespace each, as on separate
 //! machines): inputs travel between stores through the dataspace, results come back to the
-//! frontend's store, and nothing crosses without its hash checked.
+//! frontend's store, and nothing crosses without its hash checked, nor without a signature by
+//! a key the receiving store trusts.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,6 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_test_support::{
     command_lines_with, counted_referring_script, nonce, run, step_binding, unique_sleep,
     wait_output, KillOnDrop, Space,
@@ -196,10 +198,30 @@ fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_sto
     );
 }
 
+/// The key binary caches and other stores of these tests sign with.
+fn cache_key() -> SecretKey {
+    SecretKey::from_seed("stores-test-cache-1", &[5; 32]).unwrap()
+}
+
+/// A space whose stores trust [`cache_key`], with the key's secret file in its directory.
+fn space_trusting_the_cache_key() -> (Space, PathBuf) {
+    let public = cache_key().to_public().to_string();
+    let space = Space::start_with(&["--trusted-public-key", &public]);
+    let secret = space.tmp.path().join("cache.key");
+    std::fs::write(&secret, cache_key().to_text()).unwrap();
+    (space, secret)
+}
+
 /// A chain `base` → `top` built with plain `nix-build` on the local store, copied into a
-/// binary cache at `cache` (`nix copy --to file://…` with `compression`), then deleted from
-/// the store. Returns the Nix file and `top`'s output path.
-fn cached_chain(space: &Space, runs: &Path, cache: &Path, compression: &str) -> (PathBuf, String) {
+/// binary cache at `cache` (`nix copy --to file://…` with `compression`, signed with the key
+/// in `secret`), then deleted from the store. Returns the Nix file and `top`'s output path.
+fn cached_chain(
+    space: &Space,
+    runs: &Path,
+    cache: &Path,
+    compression: &str,
+    secret: &Path,
+) -> (PathBuf, String) {
     // `top`'s output names `base`'s, so the cache holds both and `base` comes first.
     let file = referring_chain(space, runs);
     let mut b = space.nix("nix-build", None);
@@ -213,8 +235,9 @@ fn cached_chain(space: &Space, runs: &Path, cache: &Path, compression: &str) -> 
     let mut copy = space.nix("nix", None);
     copy.args(["copy", "--to"])
         .arg(format!(
-            "file://{}?compression={compression}",
-            cache.display()
+            "file://{}?compression={compression}&secret-key={}",
+            cache.display(),
+            secret.display()
         ))
         .arg(&top);
     let copied = run(copy, LIMIT);
@@ -246,12 +269,12 @@ fn substituter(space: &Space, cache: &Path) -> KillOnDrop {
 
 #[test]
 fn outputs_in_a_binary_cache_are_substituted_not_built() {
-    let mut space = Space::start();
+    let (mut space, secret) = space_trusting_the_cache_key();
     let (runs, cache) = (
         space.tmp.path().join("runs"),
         space.tmp.path().join("cache"),
     );
-    let (file, top) = cached_chain(&space, &runs, &cache, "xz");
+    let (file, top) = cached_chain(&space, &runs, &cache, "xz", &secret);
     space.worker("w1", &[]);
     let _cache = substituter(&space, &cache);
 
@@ -283,12 +306,12 @@ fn outputs_in_a_binary_cache_are_substituted_not_built() {
 
 #[test]
 fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
-    let mut space = Space::start();
+    let (mut space, secret) = space_trusting_the_cache_key();
     let (runs, cache) = (
         space.tmp.path().join("runs"),
         space.tmp.path().join("cache"),
     );
-    let (file, top) = cached_chain(&space, &runs, &cache, "none");
+    let (file, top) = cached_chain(&space, &runs, &cache, "none", &secret);
     // Flip one byte in the middle of every NAR of the cache.
     for entry in std::fs::read_dir(cache.join("nar")).unwrap() {
         let path = entry.unwrap().path();
@@ -316,15 +339,19 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
 
 #[test]
 fn an_external_substituter_serves_another_store() {
-    let mut space = Space::start();
+    let (mut space, secret) = space_trusting_the_cache_key();
     let runs = space.tmp.path().join("runs");
     let other = space.tmp.path().join("other");
-    // Build the chain in the other store only.
+    // Build the chain in the other store only, signed as that store's owner would.
     let file = referring_chain(&space, &runs);
     let built = run(
         space.in_other_store(
             &other,
-            &format!("nix-build {} --no-out-link", file.display()),
+            &format!(
+                "nix-build {} --no-out-link --option secret-key-files {}",
+                file.display(),
+                secret.display()
+            ),
         ),
         LIMIT,
     );

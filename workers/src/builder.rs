@@ -68,6 +68,10 @@ pub struct BuilderConfig {
     pub daemon_socket: Option<PathBuf>,
     /// Signs the realisations of the content-addressed outputs this worker builds.
     pub signing_key: Option<SecretKey>,
+    /// The file of a Nix secret key the worker's private daemon signs every output it builds
+    /// with (`secret-key-files`), so that other stores trust them when they fetch them; a
+    /// daemon behind `daemon_socket` signs as its own configuration says.
+    pub signing_key_file: Option<PathBuf>,
     /// How long fetching an input waits for some store in the dataspace to have it; then the
     /// input is reported lost, and the step that made it is built again.
     pub fetch_patience: Duration,
@@ -101,6 +105,7 @@ impl BuilderConfig {
     fn pool_of(&self, connections: usize) -> DaemonPool {
         let mut pool = PoolConfig::new(connections);
         pool.features = self.features.clone();
+        pool.secret_key_files = self.signing_key_file.iter().cloned().collect();
         if let Some(socket) = &self.daemon_socket {
             pool.target = DaemonTarget::Socket(socket.clone());
         }

@@ -12,6 +12,7 @@ mod metrics_http;
 mod nix_daemon_cli;
 mod progress;
 mod services;
+mod signing_keys;
 mod snapshot;
 
 use std::process::ExitCode;

@@ -25,6 +25,7 @@ pub fn local_builder() -> BuilderConfig {
         speed: 1.0,
         daemon_socket: None,
         signing_key: None,
+        signing_key_file: None,
         fetch_patience: nixspace_transfer::WANT_PATIENCE,
         stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
         max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,

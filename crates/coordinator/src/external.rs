@@ -19,6 +19,9 @@ pub struct ExternalPlanner {
     pub metrics: Arc<Metrics>,
     /// The build history database (`history.sqlite`), reopened per connection.
     pub history: PathBuf,
+    /// Public keys (`name:base64`) announced for every store to trust (`<trusted-keys …>`),
+    /// on every connection.
+    pub trusted_keys: Vec<String>,
 }
 
 impl ExternalPlanner {
@@ -38,6 +41,7 @@ impl ExternalPlanner {
             // The previous connection's planner has stopped with it.
             self.metrics.workers.set(0);
             nixspace_space::policy::log_refused(t, &ds);
+            crate::announce_trusted_keys(t, &ds, &self.trusted_keys);
             let history = History::open(&self.history)
                 .map_err(|error| tracing::error!(%error, "running without a build history"))
                 .ok();

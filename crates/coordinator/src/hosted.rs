@@ -21,6 +21,8 @@ pub struct CoordinatorOptions {
     pub planner: PlannerConfig,
     /// The planner's metrics.
     pub metrics: Arc<Metrics>,
+    /// Public keys (`name:base64`) announced for every store to trust (`<trusted-keys …>`).
+    pub trusted_keys: Vec<String>,
 }
 
 /// Why the coordinator could not start.
@@ -63,12 +65,14 @@ impl HostedCoordinator {
             history,
             planner,
             metrics,
+            trusted_keys,
         } = options;
         let listeners = Listeners::bind(&host).await?;
         let transports = listeners.transports();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let actor = Actor::top(None, move |t| {
             let hosted = HostedSpace::start(t, &host, listeners).map(|h| {
+                crate::announce_trusted_keys(t, &h.dataspace, &trusted_keys);
                 nixspace_planner::service::start(t, h.dataspace.clone(), planner, metrics, history);
                 h.routes
             });

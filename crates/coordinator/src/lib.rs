@@ -9,5 +9,22 @@
 pub mod external;
 pub mod hosted;
 
+use std::sync::Arc;
+
+use nixspace_protocol::store;
+use syndicate::actor::{Activation, Cap};
+
+/// Assert `<trusted-keys keys>` on `ds` (only the coordinator may: no role's caveat passes
+/// it): the public keys every store in the dataspace trusts signatures of, besides its own
+/// Nix configuration's.
+fn announce_trusted_keys(t: &mut Activation, ds: &Arc<Cap>, keys: &[String]) {
+    ds.assert(
+        t,
+        &store::TrustedKeys {
+            keys: keys.to_vec(),
+        },
+    );
+}
+
 pub use external::ExternalPlanner;
 pub use hosted::{CoordinatorError, CoordinatorOptions, HostedCoordinator};

@@ -257,21 +257,14 @@ impl NarInfo {
     /// without signatures. A self-reference is allowed only for fixed
     /// (`fixed:`) addresses.
     pub fn is_content_addressed(&self, store_dir: &StoreDir) -> bool {
-        let Some(ca) = &self.ca else {
-            return false;
-        };
-        let name = self.store_path.name();
-        let computed = match ca {
-            ContentAddress::Text(_) => {
-                store_dir.make_path_from_ca(name, ca, &self.references, false)
-            }
-            ContentAddress::Fixed(..) => {
-                let mut refs = self.references.clone();
-                let has_self = refs.remove(&self.store_path);
-                store_dir.make_path_from_ca(name, ca, &refs, has_self)
-            }
-        };
-        computed.is_ok_and(|p| p == self.store_path)
+        self.ca.as_ref().is_some_and(|ca| {
+            crate::signature::is_content_addressed(
+                store_dir,
+                &self.store_path,
+                ca,
+                &self.references,
+            )
+        })
     }
 
     /// Parses bytes, as read from a cache, with [`NarInfo::parse`]. Bytes

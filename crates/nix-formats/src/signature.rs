@@ -34,7 +34,7 @@ use thiserror::Error;
 
 use crate::hash::Hash;
 use crate::narinfo::NarInfo;
-use crate::store_path::{StoreDir, StorePath};
+use crate::store_path::{ContentAddress, StoreDir, StorePath};
 
 /// Bytes in a secret key (seed and public key).
 pub const SECRET_KEY_LEN: usize = 64;
@@ -461,19 +461,54 @@ pub fn check_narinfo_signatures(
     keys: &PublicKeys,
 ) -> Result<Vec<String>, SignatureError> {
     let fp = narinfo.fingerprint(store_dir)?;
-    let valid: BTreeSet<String> = narinfo
-        .sigs
-        .iter()
-        .filter(|s| verify(keys, &fp, s))
+    valid_signers(store_dir, &narinfo.store_path, &fp, &narinfo.sigs, keys)
+}
+
+/// The names of the keys in `keys` with a valid signature of `fingerprint` among `sigs`
+/// (at least one, sorted, each once), or [`SignatureError::NoValidSignature`] for `path`.
+pub fn valid_signers<'a>(
+    store_dir: &StoreDir,
+    path: &StorePath,
+    fingerprint: &str,
+    sigs: impl IntoIterator<Item = &'a String>,
+    keys: &PublicKeys,
+) -> Result<Vec<String>, SignatureError> {
+    let mut count = 0;
+    let valid: BTreeSet<String> = sigs
+        .into_iter()
+        .inspect(|_| count += 1)
+        .filter(|s| verify(keys, fingerprint, s))
         .filter_map(|s| s.split_once(':').map(|(name, _)| name.to_owned()))
         .collect();
     if valid.is_empty() {
         return Err(SignatureError::NoValidSignature {
-            path: store_dir.print(&narinfo.store_path),
-            sigs: narinfo.sigs.len(),
+            path: store_dir.print(path),
+            sigs: count,
         });
     }
     Ok(valid.into_iter().collect())
+}
+
+/// Whether the content address `ca` with `references` really gives `path` (Nix's
+/// `ValidPathInfo::isContentAddressed`): Nix trusts such paths without signatures, and checks
+/// their content against `ca` as it adds them. A self-reference is allowed only for fixed
+/// (`fixed:`) addresses.
+pub fn is_content_addressed(
+    store_dir: &StoreDir,
+    path: &StorePath,
+    ca: &ContentAddress,
+    references: &BTreeSet<StorePath>,
+) -> bool {
+    let name = path.name();
+    let computed = match ca {
+        ContentAddress::Text(_) => store_dir.make_path_from_ca(name, ca, references, false),
+        ContentAddress::Fixed(..) => {
+            let mut refs = references.clone();
+            let has_self = refs.remove(path);
+            store_dir.make_path_from_ca(name, ca, &refs, has_self)
+        }
+    };
+    computed.is_ok_and(|p| &p == path)
 }
 
 impl NarInfo {

@@ -76,6 +76,10 @@ pub struct PoolConfig {
     /// (`extra-system-features`); a daemon behind a socket must declare them
     /// in its own configuration.
     pub features: Vec<String>,
+    /// Secret key files the private daemon signs every path it builds with
+    /// (`extra-secret-key-files`, as Nix signs outputs when it registers them); a daemon
+    /// behind a socket signs as its own configuration says.
+    pub secret_key_files: Vec<PathBuf>,
     /// The store directory (`NIX_STORE_DIR`, or `/nix/store`).
     pub store_dir: StoreDir,
 }
@@ -92,6 +96,7 @@ impl PoolConfig {
             max_connections: max_connections.max(1),
             target: DaemonTarget::Private,
             features: Vec::new(),
+            secret_key_files: Vec::new(),
             store_dir,
         }
     }
@@ -234,7 +239,7 @@ impl Inner {
             }
             tracing::warn!(socket = %running.socket().display(), "the private nix-daemon stopped; starting it again");
         }
-        let started = PrivateDaemon::start(&feature_options(&self.config.features)).await?;
+        let started = PrivateDaemon::start(&daemon_options(&self.config)).await?;
         let socket = started.socket().to_owned();
         *daemon = Some(started);
         Ok(socket)
@@ -544,11 +549,24 @@ impl Connection {
 /// A command-line option, not a `SetOptions` override: Nix's local store
 /// takes its `system-features` from the settings when it is opened, before
 /// any client can change them.
-fn feature_options(features: &[String]) -> Vec<(String, String)> {
-    if features.is_empty() {
-        return Vec::new();
+/// The private daemon's `--option`s: the pool's system features and signing keys.
+fn daemon_options(config: &PoolConfig) -> Vec<(String, String)> {
+    let mut options = Vec::new();
+    if !config.features.is_empty() {
+        options.push((
+            "extra-system-features".to_owned(),
+            config.features.join(" "),
+        ));
     }
-    vec![("extra-system-features".to_owned(), features.join(" "))]
+    if !config.secret_key_files.is_empty() {
+        let files: Vec<String> = config
+            .secret_key_files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect();
+        options.push(("extra-secret-key-files".to_owned(), files.join(" ")));
+    }
+    options
 }
 
 /// What a successful build produced.

@@ -132,6 +132,8 @@ pub fn observable(role: Role) -> Vec<String> {
         Shape::of::<store::Substituter>(),
         Shape::of::<store::Missing>(),
         Shape::of::<store::Closure>(),
+        // The keys the coordinator tells every store to trust; no role may assert it.
+        Shape::of::<store::TrustedKeys>(),
     ];
     let builds = match role {
         Role::Submit => vec![
@@ -391,9 +393,12 @@ mod tests {
         assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 24);
+        assert_eq!(observable(Role::Submit).len(), 25);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
-        assert_eq!(observable(Role::Worker).len(), 10);
+        assert_eq!(observable(Role::Worker).len(), 11);
+        for role in [Role::Submit, Role::Worker] {
+            assert!(observable(role).contains(&"trusted-keys".to_owned()));
+        }
         assert!(observable(Role::Submit).contains(&"demands-refused".to_owned()));
         assert!(observable(Role::Worker).contains(&"nar-request".to_owned()));
     }
@@ -417,7 +422,12 @@ mod tests {
             reason: "forged".into(),
         }
         .unparse();
-        for planners_only in [assigned, refusal] {
+        // Only the coordinator tells the stores which keys to trust.
+        let trusted_keys = store::TrustedKeys {
+            keys: vec!["forged-1:AAAA".into()],
+        }
+        .unparse();
+        for planners_only in [assigned, refusal, trusted_keys] {
             assert!(!passes(Role::Submit, planners_only.clone()));
             assert!(!passes(Role::Worker, planners_only));
         }

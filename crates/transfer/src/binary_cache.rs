@@ -92,6 +92,7 @@ impl PathSource for BinaryCache {
                     .map(|d| self.store_dir.print(d))
                     .unwrap_or_default(),
                 ca: info.ca.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+                signatures: info.sigs.iter().cloned().collect(),
             })
         })
     }

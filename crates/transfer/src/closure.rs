@@ -14,7 +14,7 @@ pub struct ClosureLimits {
     /// Paths missing here, the fetched path included.
     pub paths: usize,
     /// Bytes of their claimed path-infos (paths, references, hashes, derivers, content
-    /// addresses).
+    /// addresses, signatures).
     pub info_bytes: usize,
 }
 
@@ -83,7 +83,8 @@ impl Claimed {
             + wire.nar_hash.len()
             + wire.deriver.len()
             + wire.ca.len()
-            + wire.references.iter().map(String::len).sum::<usize>();
+            + wire.references.iter().map(String::len).sum::<usize>()
+            + wire.signatures.iter().map(String::len).sum::<usize>();
         self.bytes = self.bytes.saturating_add(size);
         if self.bytes > self.limits.info_bytes {
             return Err(ClosureTooLarge(self.limits));
@@ -177,6 +178,7 @@ mod tests {
                     .collect(),
                 deriver: String::new(),
                 ca: String::new(),
+                signatures: Vec::new(),
             };
             claimed.add(
                 &path(i),

@@ -9,7 +9,9 @@
 //!   (iteratively, within [`ClosureLimits`], refusing claimed reference cycles), adds the
 //!   paths in dependency order, each NAR streamed into its own store with `AddToStoreNar`,
 //!   checking size and hash on the way (the daemon checks the hash again and registers nothing
-//!   that does not match). A path wanted by several steps at once is fetched once.
+//!   that does not match). A path is added only if one of its signatures is by a key this store
+//!   trusts, or its content address gives its path (then the daemon checks the content against
+//!   it), as Nix trusts paths. A path wanted by several steps at once is fetched once.
 
 pub mod binary_cache;
 mod closure;
@@ -18,8 +20,10 @@ pub mod nar_stream;
 mod node;
 mod path_info;
 pub mod source;
+mod trust;
 
 pub use closure::{ClosureLimits, ClosureTooLarge};
 pub use node::{CopyError, FetchError, StoreNode, Timeouts, WANT_PATIENCE};
 pub use path_info::PathInfoError;
 pub use source::SourceError;
+pub use trust::{Untrusted, MAX_ANNOUNCED_KEYS};

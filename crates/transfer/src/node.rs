@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nixspace_nix_formats::signature::PublicKeys;
 use nixspace_nix_formats::store_path::{StorePath, StorePathError};
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::{DaemonPool, StepError};
@@ -23,6 +24,7 @@ use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
 use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::source::{serve, DaemonSource, PathSource, Role};
+use crate::trust::{TrustPolicy, Untrusted};
 
 /// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
@@ -146,6 +148,10 @@ pub enum CopyError {
     /// added first (its claim changed since).
     #[error("its references are not valid here: {}", .0.join(" "))]
     ReferencesNotValid(Vec<String>),
+    /// The path is neither signed by a key this store trusts nor content-addressed (with an
+    /// address that gives its path): nothing of it is asked for or added.
+    #[error(transparent)]
+    Untrusted(#[from] Untrusted),
     /// The connection to the dataspace dropped during the copy.
     #[error("the connection to the dataspace was lost")]
     LinkLost,
@@ -182,6 +188,10 @@ struct Inner {
     fetched_bytes: AtomicU64,
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
+    /// Which keys' signatures make a path trusted here.
+    trust: Mutex<TrustPolicy>,
+    /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
+    announcements: AtomicU64,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -270,8 +280,28 @@ impl StoreNode {
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
+                trust: Mutex::new(TrustPolicy::from_nix_conf()),
+                announcements: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Trust signatures by `keys` too (besides the local Nix configuration's
+    /// `trusted-public-keys` and the keys announced in the dataspace), for paths fetched from
+    /// now on.
+    pub fn trust_keys(&self, keys: &PublicKeys) {
+        if let Ok(mut trust) = self.inner.trust.lock() {
+            trust.add(keys);
+        }
+    }
+
+    /// The keys whose signatures make a fetched path trusted here now.
+    pub fn trusted_keys(&self) -> PublicKeys {
+        self.inner
+            .trust
+            .lock()
+            .map(|t| t.keys())
+            .unwrap_or_default()
     }
 
     /// The store's name in the dataspace.
@@ -322,6 +352,21 @@ impl StoreNode {
             on_retraction(t, enclose!((inner, name) move |_t| {
                 if let Ok(mut s) = inner.substituters.lock() {
                     s.remove(&name);
+                }
+                Ok(())
+            }));
+            Ok(())
+        }));
+        // Only the coordinator may assert these (the roles' caveats refuse them).
+        enclose!((inner) during!(t, ds, <trusted-keys $keys: Vec<String>>, |t: &mut Activation| {
+            let id = inner.announcements.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut trust) = inner.trust.lock() {
+                trust.announce(id, &keys);
+            }
+            tracing::debug!(keys = keys.len(), "trusting the keys the coordinator announced");
+            on_retraction(t, enclose!((inner) move |_t| {
+                if let Ok(mut trust) = inner.trust.lock() {
+                    trust.withdraw(id);
                 }
                 Ok(())
             }));
@@ -812,6 +857,19 @@ impl Inner {
         holder: &str,
         info: &ValidPathInfo,
     ) -> Result<u64, CopyError> {
+        let trusted = self
+            .trust
+            .lock()
+            .map_err(|_| CopyError::LinkLost)?
+            .check(self.pool.store_dir(), info);
+        let trusted = match trusted {
+            Ok(trusted) => trusted,
+            Err(untrusted) => {
+                tracing::warn!(path = %printed, %holder, reason = %untrusted, "refusing a path another store offers");
+                return Err(untrusted.into());
+            }
+        };
+        tracing::debug!(path = %printed, %holder, ?trusted, "adding a fetched path");
         let (sink, mut nar) = receive(
             link.facet.clone(),
             info.info.nar_hash.clone(),
@@ -835,11 +893,15 @@ impl Inner {
             .lease()
             .await
             .map_err(|e| CopyError::Store(Arc::new(e)))?;
-        // Our own daemon, trusted: the hash is what is checked, not signatures. A stream cut
-        // by a lost connection ends at once: dropping the lease interrupts its daemon
-        // connection mid-NAR, so the daemon registers nothing.
+        // Our own daemon, trusted: a path we found signed by a trusted key is added without
+        // its signature check (it may not know the keys announced in the dataspace); a
+        // content-addressed one with it, so that the daemon checks the content against the
+        // address. The hash is checked either way. A stream cut by a lost connection ends at
+        // once: dropping the lease interrupts its daemon connection mid-NAR, so the daemon
+        // registers nothing.
+        let dont_check_sigs = trusted.dont_check_sigs();
         let added = tokio::select! {
-            added = lease.client().add_to_store_nar(info, &mut nar, false, true) => added,
+            added = lease.client().add_to_store_nar(info, &mut nar, false, dont_check_sigs) => added,
             () = link.until_lost() => return Err(CopyError::LinkLost),
         };
         match added {

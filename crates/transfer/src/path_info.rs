@@ -5,6 +5,14 @@ use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::{PathInfo, ValidPathInfo};
 use nixspace_protocol::store;
 
+/// At most this many signatures are taken from another participant's path info (Nix adds one
+/// per signing key; a path rarely has more than a few).
+pub const MAX_SIGNATURES: usize = 64;
+
+/// At most this many bytes in one signature (`name:base64` of 64 bytes is under 200 for any
+/// reasonable key name).
+pub const MAX_SIGNATURE_LEN: usize = 1024;
+
 /// A field of another participant's path info that does not hold what it must.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathInfoError {
@@ -29,6 +37,14 @@ pub enum PathInfoError {
         #[source]
         source: StorePathError,
     },
+    /// More signatures than [`MAX_SIGNATURES`], or one longer than [`MAX_SIGNATURE_LEN`].
+    #[error("too many or too long signatures ({count}, the longest {longest} bytes; at most {MAX_SIGNATURES} of {MAX_SIGNATURE_LEN})")]
+    Signatures {
+        /// How many there were.
+        count: usize,
+        /// The longest's length.
+        longest: usize,
+    },
     /// The deriver is not a store path of this store.
     #[error("bad deriver {path}: {source}")]
     Deriver {
@@ -52,6 +68,7 @@ pub fn to_wire(store_dir: &StoreDir, info: &PathInfo) -> store::PathInfo {
             .map(|d| store_dir.print(d))
             .unwrap_or_default(),
         ca: info.ca.clone().unwrap_or_default(),
+        signatures: info.sigs.iter().cloned().collect(),
     }
 }
 
@@ -84,6 +101,13 @@ pub fn from_wire(
                 })
         })
         .collect::<Result<_, _>>()?;
+    let longest = info.signatures.iter().map(String::len).max().unwrap_or(0);
+    if info.signatures.len() > MAX_SIGNATURES || longest > MAX_SIGNATURE_LEN {
+        return Err(PathInfoError::Signatures {
+            count: info.signatures.len(),
+            longest,
+        });
+    }
     let deriver = match info.deriver.as_str() {
         "" => None,
         d => Some(
@@ -104,7 +128,7 @@ pub fn from_wire(
             registration_time: 0,
             nar_size,
             ultimate: false,
-            sigs: Default::default(),
+            sigs: info.signatures.iter().cloned().collect(),
             ca: Some(info.ca.clone()).filter(|c| !c.is_empty()),
         },
     })
@@ -130,7 +154,7 @@ mod tests {
             registration_time: 0,
             nar_size: 120,
             ultimate: false,
-            sigs: Default::default(),
+            sigs: ["k1:c2lnbmF0dXJl".to_owned()].into(),
             ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
         };
         let back = from_wire(&dir, &path, &to_wire(&dir, &info)).unwrap();
@@ -168,6 +192,18 @@ mod tests {
             .to_string()
             .contains("reference"));
         wire.references = vec![];
+        wire.signatures = vec!["k:x".repeat(MAX_SIGNATURE_LEN)];
+        assert!(from_wire(&dir, &path, &wire)
+            .unwrap_err()
+            .to_string()
+            .contains("signatures"));
+        wire.signatures = vec!["k:x".into(); MAX_SIGNATURES + 1];
+        assert!(from_wire(&dir, &path, &wire)
+            .unwrap_err()
+            .to_string()
+            .contains("signatures"));
+        wire.signatures = vec!["k:x".into(); MAX_SIGNATURES];
+        assert!(from_wire(&dir, &path, &wire).is_ok());
         wire.nar_hash = "md5:00".into();
         assert!(from_wire(&dir, &path, &wire)
             .unwrap_err()

@@ -118,6 +118,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         history: None,
         planner: nixspace_planner::PlannerConfig::default(),
         metrics: Arc::default(),
+        // Its one worker builds in the store its frontend serves from: nothing is fetched.
+        trusted_keys: Vec::new(),
     })
     .await?;
     let mut worker = join_worker(space.route(Role::Worker)?, builder, Announce::Log);

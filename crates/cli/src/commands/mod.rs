@@ -35,12 +35,17 @@ pub struct JoinArgs {
 }
 
 impl JoinArgs {
-    /// Read the route for `role`.
-    pub fn route(&self, role: Role) -> anyhow::Result<Route> {
-        let path = match &self.route {
+    /// The route file for `role`: `--route`, or the default in the runtime directory.
+    pub fn route_file(&self, role: Role) -> PathBuf {
+        match &self.route {
             Some(p) => p.clone(),
             None => role.route_file(&self.dir()),
-        };
+        }
+    }
+
+    /// Read the route for `role`.
+    pub fn route(&self, role: Role) -> anyhow::Result<Route> {
+        let path = self.route_file(role);
         Route::read(&path).map_err(|e| {
             anyhow::anyhow!("{e}\n  hint: start a dataspace with `nixspace up`, or pass --route")
         })

@@ -25,6 +25,11 @@ enum RouteCommand {
     /// `nixspace worker --id NAME --route FILE`; anything it asserts as
     /// another worker is refused and logged by `nixspace up`. Runs wherever
     /// the worker route is: narrowing needs no key, and cannot be undone.
+    /// Also makes the worker's own Nix signing key beside the route
+    /// (`worker-NAME.key`, mode 0600; kept if it exists): copy it with the
+    /// route, and the worker signs what it builds with it. `nixspace up` trusts
+    /// the `worker-NAME.key` files in its runtime directory when it starts;
+    /// otherwise give it the printed public key with `--trusted-public-key`.
     Worker(WorkerRouteArgs),
 }
 
@@ -68,10 +73,21 @@ fn worker(args: WorkerRouteArgs) -> anyhow::Result<ExitCode> {
         .output
         .unwrap_or_else(|| args.join.dir().join(format!("worker-{name}.route")));
     narrowed.write(&output)?;
+    let key_file = crate::signing_keys::beside(&output);
+    let key = crate::signing_keys::load_or_create(&key_file, &format!("nixspace-worker-{name}-1"))?;
     eprintln!(
-        "nixspace: wrote {}: start the worker with `nixspace worker --id {name} --route {}`",
+        "nixspace: wrote {} and {}: copy both to the worker and start it with \
+         `nixspace worker --id {name} --route {}`",
         output.display(),
+        key_file.display(),
         output.display()
+    );
+    eprintln!(
+        "nixspace: the worker signs with {}; `nixspace up` trusts it from its next start in \
+         {}, or now when given `--trusted-public-key {}`",
+        key.to_public(),
+        args.join.dir().display(),
+        key.to_public()
     );
     Ok(ExitCode::SUCCESS)
 }

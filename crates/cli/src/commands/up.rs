@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator};
+use nixspace_nix_formats::signature::PublicKey;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
 use nixspace_space::{external, limits, log_budget, HostConfig, Role, Route, SessionEvent};
@@ -16,6 +17,10 @@ use nixspace_space::{external, limits, log_budget, HostConfig, Role, Route, Sess
 /// Listens on a unix socket (and optionally TCP), guarded by a gatekeeper.
 /// Writes `worker.route` and `submit.route` (mode 0600) into the runtime
 /// directory: they carry the capabilities workers and frontends need.
+/// On first start it also makes `worker.key` (mode 0600) beside `worker.route`: the Nix
+/// signing key workers joining with that route sign what they build with. Every store in the
+/// dataspace is told to trust its public key, those of the `worker-NAME.key` files
+/// `nixspace route worker` made in the runtime directory, and `--trusted-public-key`s.
 /// With `--external`, joins a syndicate-server instead (see `nixspace
 /// server-config`). Runs until Ctrl-C or SIGTERM.
 #[derive(Args, Debug)]
@@ -131,6 +136,36 @@ pub struct UpArgs {
     #[arg(long, default_value_t = limits::DEFAULT_RESOLVE_TIMEOUT.as_secs_f64(),
           value_name = "SECONDS", conflicts_with = "external")]
     resolve_timeout: f64,
+
+    /// A public key (`name:base64`, as `nix-store --generate-binary-cache-key` writes it)
+    /// whose signatures every store in the dataspace trusts, besides its own Nix
+    /// configuration's `trusted-public-keys` and the worker keys in the runtime directory.
+    /// Give it for a worker signing with a key of its own (`worker --signing-key`). Repeat
+    /// for several.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    trusted_public_keys: Vec<String>,
+}
+
+/// The public keys every store in the dataspace is told to trust: those of the worker signing
+/// keys in `dir` (`worker.key`, made now if missing, and `worker-NAME.key`) and `flags`.
+fn trusted_keys(dir: &std::path::Path, flags: &[String]) -> anyhow::Result<Vec<String>> {
+    let worker_key = crate::signing_keys::beside(&Role::Worker.route_file(dir));
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    crate::signing_keys::load_or_create(&worker_key, &format!("{host}-nixspace-worker-1"))?;
+    let mut keys: Vec<String> = crate::signing_keys::worker_public_keys(dir)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    for flag in flags {
+        let key = PublicKey::parse(flag)
+            .map_err(|e| anyhow::anyhow!("--trusted-public-key {flag:?}: {e}"))?;
+        keys.push(key.to_string());
+    }
+    keys.dedup();
+    Ok(keys)
 }
 
 /// Run `nixspace up`.
@@ -170,6 +205,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         max_demands_per_requester: args.external.then_some(args.max_demands_per_client),
     };
     let metrics = Arc::new(Metrics::default());
+    let trusted_keys = trusted_keys(&dir, &args.trusted_public_keys)?;
+    eprintln!(
+        "nixspace: stores in the dataspace trust signatures by {}",
+        trusted_keys.join(" ")
+    );
     let (submit, session, hosted) = if args.external {
         let planner_route = read_route(&external::planner_route_file(&dir))?;
         let submit = read_route(&Role::Submit.route_file(&dir))?;
@@ -181,6 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             metrics: Arc::clone(&metrics),
             // Opened (and migrated) above; each connection's planner reopens it.
             history: super::history_path(&state_dir),
+            trusted_keys,
         };
         drop(history);
         let session = tokio::spawn(planner.stay_joined(planner_route, |event| match event {
@@ -215,6 +256,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             history: Some(history),
             planner,
             metrics: Arc::clone(&metrics),
+            trusted_keys,
         })
         .await?;
         for t in &space.transports {

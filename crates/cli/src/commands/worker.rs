@@ -57,10 +57,15 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
     own_store: Option<PathBuf>,
 
-    /// Sign the realisations of the content-addressed outputs this worker
-    /// builds with the secret key in FILE (`name:base64`, as written by
-    /// `nix-store --generate-binary-cache-key`). The signatures are added to
-    /// the worker's store and travel with the realisations in the dataspace.
+    /// Sign what this worker builds with the secret key in FILE (`name:base64`,
+    /// as written by `nix-store --generate-binary-cache-key`): its private
+    /// `nix-daemon` signs every output as it registers it, and the realisations
+    /// of content-addressed outputs are signed too. The signatures travel with
+    /// the path-infos and realisations in the dataspace; other stores fetch an
+    /// output only if they trust the key (or the output is content-addressed).
+    /// Default: the key file beside the route file (`worker.key` beside
+    /// `worker.route`, as `nixspace up` and `nixspace route worker` make them),
+    /// if there is one.
     #[arg(long, value_name = "FILE")]
     signing_key: Option<PathBuf>,
 
@@ -125,6 +130,25 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         let key = SecretKey::parse(&text)
             .map_err(|e| anyhow::anyhow!("--signing-key {}: {e}", file.display()))?;
         config.signing_key = Some(key);
+        config.signing_key_file = Some(absolute(file)?);
+    } else {
+        let beside = crate::signing_keys::beside(&args.join.route_file(Role::Worker));
+        match crate::signing_keys::load(&beside)? {
+            Some(key) => {
+                config.signing_key = Some(key);
+                config.signing_key_file = Some(absolute(&beside)?);
+            }
+            None => tracing::warn!(
+                file = %beside.display(),
+                "no signing key beside the route file: other stores take only the content-addressed outputs this worker builds"
+            ),
+        }
+    }
+    if let Some(key) = &config.signing_key {
+        eprintln!(
+            "nixspace: worker signs what it builds with the key {}",
+            key.to_public()
+        );
     }
     config.max_log_bytes = args.max_log_bytes;
     let route = args.join.route(Role::Worker)?;
@@ -151,4 +175,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
         e = worker.ended() => anyhow::bail!("worker {id} cannot join the dataspace: {e}"),
     }
+}
+
+/// `file` as an absolute path (the private `nix-daemon` is told it, and runs elsewhere).
+fn absolute(file: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
 }
