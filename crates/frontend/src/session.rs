@@ -22,14 +22,14 @@ use std::time::{Duration, Instant, SystemTime};
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::ClientSettings;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
-use nixspace_protocol::{BuildMode, BuildSettings, DrvPath, WorkerId};
+use nixspace_protocol::{expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
 use nixspace_transfer::{FetchError, StoreNode};
 use syndicate::actor::{Account, Activation, Cap, FacetRef};
 use tokio::sync::mpsc;
 
-use crate::demands::{demands, StepSettings};
+use crate::demands::{demands, outputs_of, StepSettings};
 use crate::events::{self, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause, StepOutcome};
 use crate::phase::PhaseClock;
@@ -480,9 +480,37 @@ impl BuildSession {
         }
     }
 
+    /// A `built` of one of this build's steps whose outputs are not the derivation's becomes
+    /// the step's failure, so its outputs are never copied here (the planner checks workers'
+    /// reports already; this is the second check).
+    fn checked(&self, event: StepEvent) -> StepEvent {
+        let StepEvent::Built { drv, outputs } = &event else {
+            return event;
+        };
+        let Some(info) = self.plan.infos.get(drv.as_str()) else {
+            return event;
+        };
+        match expected_outputs::check(drv, &outputs_of(info), outputs) {
+            Ok(()) => event,
+            Err(wrong) => {
+                tracing::warn!(%drv, %wrong, "the planner reported outputs the derivation does not have");
+                StepEvent::Failed {
+                    drv: drv.clone(),
+                    failure: Failure {
+                        worker: None,
+                        reason: format!(
+                            "the reported outputs are not the derivation's ({wrong}); not copied"
+                        ),
+                        cause: FailureCause::Infrastructure,
+                    },
+                }
+            }
+        }
+    }
+
     /// Take in one event about a step (any step: only this build's count).
     fn apply(&mut self, event: StepEvent) {
-        match event {
+        match self.checked(event) {
             StepEvent::Unschedulable { drv, reason } if self.steps.contains_key(&drv) => {
                 self.unschedulable
                     .insert(drv.clone(), (reason.clone(), Instant::now()));
