@@ -30,6 +30,7 @@ fn demand(drv: &str) -> AnyValue {
             features: vec![],
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
+            outputs: vec!["out=".to_owned()],
         },
         requester: "adversarial-test".to_owned(),
         priority: 0.into(),
@@ -74,6 +75,26 @@ fn built(drv: &str, worker: &str, output: &str) -> AnyValue {
         outputs: vec![output.to_owned()],
     }
     .unparse()
+}
+
+/// A worker's report that it built `drv` with `output`.
+fn report(drv: &str, worker: &str, output: &str) -> AnyValue {
+    build::ReportBuilt {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: vec![output.to_owned()],
+        realisations: vec![],
+    }
+    .unparse()
+}
+
+/// The path a (floating) `out` of `drv` may have: its name with a made-up hash.
+fn output_of(drv: &str) -> String {
+    let name = drv
+        .rsplit_once('/')
+        .and_then(|(_, base)| base.split_once('-'))
+        .map_or("", |(_, name)| name.trim_end_matches(".drv"));
+    fake_output(name)
 }
 
 /// An output path that names no real output.
@@ -287,7 +308,7 @@ fn a_submitter_cannot_reach_the_planners_observers(space: &Space) {
 fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
     let drv = fake_drv("observe-bypass-by-a-worker");
     let forged_output = fake_output("forged");
-    let real_output = fake_output("real");
+    let real_output = output_of(&drv);
     runtime().block_on(async {
         let frontend = Session::join(&route(space, Role::Submit), vec![demand(&drv)])
             .await
@@ -310,7 +331,7 @@ fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
         }
         let done = Session::join(
             &route(space, Role::Worker),
-            vec![built(&drv, "real", &real_output)],
+            vec![report(&drv, "real", &real_output)],
         )
         .await
         .expect("join as worker");
@@ -399,7 +420,7 @@ fn a_submitter_cannot_rewrite_a_built_step_as_resolved() {
         assert!(frontend.wait_until(&assigned(&drv, "good"), true).await);
         let report = Session::join(
             &route(&space, Role::Worker),
-            vec![built(&drv, "good", &fake_output("built"))],
+            vec![report(&drv, "good", &output_of(&drv))],
         )
         .await
         .expect("join as worker");

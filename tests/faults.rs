@@ -540,6 +540,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
                     features: vec![],
                     input_drvs: vec![],
                     settings: nixspace_protocol::BuildSettings::default().to_wire(),
+                    outputs: vec![],
                 },
                 requester: "flooder".to_owned(),
                 priority: 0.into(),

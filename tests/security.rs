@@ -35,6 +35,17 @@ fn built(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
+/// A worker's report that it built `drv` (the test demands name no outputs).
+fn report(drv: &str, worker: &str) -> AnyValue {
+    build::ReportBuilt {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: vec![],
+        realisations: vec![],
+    }
+    .unparse()
+}
+
 fn worker(id: &str) -> AnyValue {
     build::Worker {
         id: id.to_owned(),
@@ -185,7 +196,7 @@ fn only_the_assigned_worker_can_complete_a_step() {
             .expect("join as submit");
         assert!(s.wait_until(&ready(&drv), true).await, "never ready");
         // Built by a worker nobody assigned: ignored, the step stays ready.
-        let _rogue = Session::join(&route(&space, Role::Worker), vec![built(&drv, "rogue")])
+        let _rogue = Session::join(&route(&space, Role::Worker), vec![report(&drv, "rogue")])
             .await
             .expect("join as worker");
         tokio::time::sleep(SETTLE).await;
@@ -202,7 +213,7 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.wait_until(&assigned(&drv, "good"), true).await,
             "never assigned"
         );
-        let _other = Session::join(&route(&space, Role::Worker), vec![built(&drv, "other")])
+        let _other = Session::join(&route(&space, Role::Worker), vec![report(&drv, "other")])
             .await
             .expect("join as worker");
         tokio::time::sleep(SETTLE).await;
@@ -210,7 +221,7 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.sees(&assigned(&drv, "good")),
             "another worker's report counted"
         );
-        let _done = Session::join(&route(&space, Role::Worker), vec![built(&drv, "good")])
+        let _done = Session::join(&route(&space, Role::Worker), vec![report(&drv, "good")])
             .await
             .expect("join as worker");
         assert!(

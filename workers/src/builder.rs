@@ -12,7 +12,7 @@
 //!    a step it is invited to steal, and the steps it built while the
 //!    dataspace was away; the planner grants those claims.
 //! 4. W sends `<log drv W line>` messages while building, then asserts
-//!    `<built drv W outputs>` or `<failed drv W reason kind cause>` (the cause: its
+//!    `<report-built drv W outputs realisations>` or `<report-failed drv W reason kind cause>` (the cause: its
 //!    own `build`, or the `infrastructure` around it).
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
 //!    step is no longer wanted) W withdraws everything about the step; a
@@ -509,23 +509,24 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: Buil
             match outcome {
                 Ok(built) => {
                     tracing::info!(%drv, "built");
-                    // Realisations first: whoever sees `built` can already find them.
-                    for r in built.realisations {
-                        ds.assert(
-                            t,
-                            &build::Realisation {
-                                id: r.id,
-                                path: format!("{}/{}", store_dir.as_str(), r.out_path),
-                                signatures: r.signatures.into_iter().collect(),
-                            },
-                        );
-                    }
+                    // The realisations go with the report: the planner records them only
+                    // from the step's assignee, once it accepted the outputs.
+                    let realisations = built
+                        .realisations
+                        .into_iter()
+                        .map(|r| build::Realisation {
+                            id: r.id,
+                            path: format!("{}/{}", store_dir.as_str(), r.out_path),
+                            signatures: r.signatures.into_iter().collect(),
+                        })
+                        .collect();
                     ds.assert(
                         t,
-                        &build::Built {
+                        &build::ReportBuilt {
                             drv: drv.into(),
                             worker: config.id.to_string(),
                             outputs: built.outputs,
+                            realisations,
                         },
                     );
                 }
@@ -549,7 +550,7 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: Buil
                     }
                     ds.assert(
                         t,
-                        &build::Failed {
+                        &build::ReportFailed {
                             drv: drv.into(),
                             worker: config.id.to_string(),
                             reason,

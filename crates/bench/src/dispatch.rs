@@ -257,6 +257,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
             features: vec![],
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
+            outputs: vec![],
         },
         requester: requester.to_owned(),
         priority: 0.into(),
@@ -409,10 +410,11 @@ impl SimWorker {
         let (Some(ds), Some((_, outcome))) = (self.ds.clone(), self.held.get_mut(&drv)) else {
             return;
         };
-        let built = build::Built {
+        let built = build::ReportBuilt {
             drv,
             worker: self.id.clone(),
             outputs: vec![],
+            realisations: vec![],
         };
         *outcome = ds.assert(t, &built);
         // The planner counts a slot busy until it has this report: a worker it saw full

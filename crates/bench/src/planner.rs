@@ -210,6 +210,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         features: vec![],
         input_drvs: inputs.iter().map(|&d| name(d)).collect(),
         settings: Default::default(),
+        outputs: vec![],
     };
     let depths = dag.depths();
     for (i, inputs) in dag.steps.iter().enumerate() {

@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use nixspace_nix_tools::DerivationInfo;
-use nixspace_protocol::{build, BuildMode, BuildSettings};
+use nixspace_protocol::{build, expected_outputs, BuildMode, BuildSettings};
 
 /// The settings of each step of one build: the client's, except that `--check` applies to
 /// the roots only, as Nix checks only the derivations it was asked to build (their inputs
@@ -86,6 +86,14 @@ pub fn depths<'a>(order: &[(&'a String, &'a DerivationInfo)]) -> HashMap<&'a str
     depth
 }
 
+/// A step's outputs as its demand carries them (see `nixspace_protocol::expected_outputs`).
+pub fn outputs_of(info: &DerivationInfo) -> Vec<String> {
+    info.outputs
+        .iter()
+        .map(|(name, path)| expected_outputs::entry(name, path.as_deref()))
+        .collect()
+}
+
 /// One demand per step, inputs first, each with its depth and its settings.
 pub fn demands(
     steps: &BTreeMap<String, &DerivationInfo>,
@@ -104,6 +112,7 @@ pub fn demands(
                 features: info.features.clone(),
                 input_drvs: info.input_drvs.clone(),
                 settings: settings.of(drv).to_wire(),
+                outputs: outputs_of(info),
             },
             requester: requester.to_owned(),
             priority: priority.into(),

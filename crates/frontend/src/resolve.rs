@@ -19,7 +19,7 @@ use nixspace_nix_formats::derivation::{Derivation, DerivationError};
 use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
-use nixspace_protocol::{build, DrvPath, WorkerId};
+use nixspace_protocol::{build, expected_outputs, DrvPath, WorkerId};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
@@ -353,12 +353,11 @@ impl Resolver {
             .collect()
     }
 
-    /// Assert the realisations of the resolved originals (and of the content-addressed steps
-    /// built as they were) in the dataspace, and record in the local store those whose
-    /// outputs are valid there (`RegisterDrvOutput`), so Nix finds
-    /// their outputs as if it had built them. The resolved derivations' realisations are
-    /// recorded too, with the signatures their builders gave them in the dataspace. Returns
-    /// how many were registered locally.
+    /// Record in the local store the realisations of the resolved originals (and of the
+    /// content-addressed steps built as they were) whose outputs are valid there
+    /// (`RegisterDrvOutput`), so Nix finds their outputs as if it had built them. The resolved
+    /// derivations' realisations are recorded too, with the signatures their builders gave
+    /// them, as the planner asserts them. Returns how many were registered locally.
     pub(crate) async fn register_realisations(&self) -> Result<usize, RegisterError> {
         let (originals, resolved): (Vec<String>, Vec<String>) = self
             .inner
@@ -377,13 +376,10 @@ impl Resolver {
         if realisations.is_empty() && built.is_empty() {
             return Ok(0);
         }
-        // Tell the dataspace about the originals (the planner records them), learn the
-        // signatures of the resolved ones, and wait for a probe to come back so both are
-        // done before this frontend may leave.
+        // Learn the signatures of the resolved ones from the planner's records (a frontend
+        // asserts no realisations: the planner records them only from the builders).
         if let Some(link) = self.inner.link() {
-            let signatures = link
-                .exchange_realisations(&self.inner, &realisations, &built)
-                .await;
+            let signatures = link.signatures_of(&self.inner.requester, &built).await;
             for r in &mut built {
                 if let Some(s) = signatures.get(&r.id) {
                     r.signatures.extend(s.iter().cloned());
@@ -507,32 +503,20 @@ impl Resolver {
 }
 
 impl Link {
-    /// Assert `ours` in the dataspace and collect the signatures asserted there for `theirs`
-    /// (by id), in a facet of its own that ends when a probe comes back (or after a while).
-    async fn exchange_realisations(
+    /// Collect the signatures the planner asserts for `theirs` (by id), in a facet of its own
+    /// that ends when the probe of `requester` comes back (or after a while).
+    async fn signatures_of(
         &self,
-        inner: &Inner,
-        ours: &[Realisation],
+        requester: &str,
         theirs: &[Realisation],
     ) -> BTreeMap<String, BTreeSet<String>> {
-        let store = inner.store_dir.as_str().to_owned();
         let found: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>> = Arc::default();
         let account = Account::new(Some(AnyValue::symbol("realisations")), None);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut tx = Some(tx);
-        let id = format!("realisations-{}-{}", std::process::id(), inner.requester);
+        let id = format!("realisations-{}-{requester}", std::process::id());
         let ds = &self.ds;
         self.facet.activate(&account, None, |t| {
-            for r in ours {
-                ds.assert(
-                    t,
-                    &build::Realisation {
-                        id: r.id.clone(),
-                        path: format!("{store}/{}", r.out_path),
-                        signatures: r.signatures.iter().cloned().collect(),
-                    },
-                );
-            }
             t.facet(|t| {
                 for r in theirs {
                     let wanted = r.id.clone();
@@ -563,7 +547,7 @@ impl Link {
             .await
             .is_err()
         {
-            tracing::warn!("the dataspace did not confirm the realisations");
+            tracing::warn!("the dataspace did not confirm the realisations' signatures");
         }
         let found = found.lock().map(|f| f.clone()).unwrap_or_default();
         found
@@ -786,6 +770,13 @@ impl Inner {
         }
         drop(roots);
         let to = store.print(&path);
+        let outputs = resolved
+            .outputs
+            .iter()
+            .map(|(name, output)| {
+                expected_outputs::entry(name, output.path().map(|p| store.print(p)).as_deref())
+            })
+            .collect();
         Ok((
             build::Resolved {
                 from: original.to_owned(),
@@ -799,6 +790,7 @@ impl Inner {
                     features: info.features,
                     input_drvs: Vec::new(),
                     settings: self.settings.of(original).to_wire(),
+                    outputs,
                 },
                 requester: self.requester.clone(),
                 priority: self.priority.into(),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::{ClientSettings, LogEvent};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
-use nixspace_protocol::{BuildMode, BuildSettings, DrvPath, WorkerId};
+use nixspace_protocol::{expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
 use nixspace_transfer::{FetchError, StoreNode};
@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::build_log::{self, StepLogs};
-use crate::demands::{demands, StepSettings};
+use crate::demands::{demands, outputs_of, StepSettings};
 use crate::events::{self, Handler, StepEvent};
 use crate::outcome::{Failure, FailureCause, StepOutcome};
 use crate::phase::PhaseClock;
@@ -510,8 +510,37 @@ impl BuildSession {
         }
     }
 
+    /// A `built` of one of this build's steps whose outputs are not the derivation's becomes
+    /// the step's failure, so its outputs are never copied here (the planner checks workers'
+    /// reports already; this is the second check).
+    fn checked(&self, event: StepEvent) -> StepEvent {
+        let StepEvent::Built { drv, outputs, .. } = &event else {
+            return event;
+        };
+        let Some(info) = self.plan.infos.get(drv.as_str()) else {
+            return event;
+        };
+        match expected_outputs::check(drv, &outputs_of(info), outputs) {
+            Ok(()) => event,
+            Err(wrong) => {
+                tracing::warn!(%drv, %wrong, "the planner reported outputs the derivation does not have");
+                StepEvent::Failed {
+                    drv: drv.clone(),
+                    failure: Failure {
+                        worker: None,
+                        reason: format!(
+                            "the reported outputs are not the derivation's ({wrong}); not copied"
+                        ),
+                        cause: FailureCause::Infrastructure,
+                    },
+                }
+            }
+        }
+    }
+
     /// Take in one event about a step (any step: only this build's count).
     fn apply(&mut self, event: StepEvent) {
+        let event = self.checked(event);
         match &event {
             StepEvent::Built { drv, worker, .. } if self.is_pending(drv) => {
                 self.store_log(drv, Some(worker));

@@ -82,6 +82,26 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE attempts ADD COLUMN cause TEXT
          CHECK (cause IN ('build', 'dependency', 'infrastructure'));
      ALTER TABLE attempts ADD COLUMN failed_input TEXT;",
+    // 6: an attempt may end `rejected`: the planner discarded the worker's result (outputs
+    // other than the step's), the reason in `reason`.
+    "CREATE TABLE attempts_v6 (
+         id INTEGER PRIMARY KEY,
+         drv TEXT NOT NULL REFERENCES steps(drv),
+         worker TEXT NOT NULL,
+         started INTEGER NOT NULL,
+         finished INTEGER,
+         outcome TEXT CHECK (outcome IN ('built', 'failed', 'lost', 'cancelled', 'rejected')),
+         reason TEXT,
+         cause TEXT CHECK (cause IN ('build', 'dependency', 'infrastructure')),
+         failed_input TEXT
+     );
+     INSERT INTO attempts_v6 (id, drv, worker, started, finished, outcome, reason, cause,
+                              failed_input)
+         SELECT id, drv, worker, started, finished, outcome, reason, cause, failed_input
+         FROM attempts;
+     DROP TABLE attempts;
+     ALTER TABLE attempts_v6 RENAME TO attempts;
+     CREATE INDEX attempts_by_drv ON attempts(drv);",
 ];
 
 /// How long a connection waits for another connection's lock before failing.
@@ -629,6 +649,24 @@ impl History {
         tx.commit().map_err(err)
     }
 
+    /// `worker`'s open attempt at `drv` ended with its result discarded, for `reason`.
+    pub fn attempt_rejected(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        reason: &str,
+    ) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET finished = ?3, outcome = 'rejected', reason = ?4,
+                     cause = 'infrastructure'
+                 WHERE drv = ?1 AND worker = ?2 AND finished IS NULL",
+                params![drv.as_str(), worker.as_str(), now(), reason],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// The attempts that never ended, as (drv, worker): what was being built when the
     /// coordinator stopped (or was killed).
     pub fn open_attempts(&self) -> Result<Vec<(DrvPath, WorkerId)>, HistoryError> {
@@ -887,6 +925,53 @@ mod tests {
             .map(|a| (a.worker.as_str(), a.outcome.as_deref()))
             .collect();
         assert_eq!(outcomes, vec![("w1", Some("lost")), ("w2", Some("built"))]);
+    }
+
+    #[test]
+    fn a_rejected_result_is_recorded_with_its_reason_beside_the_good_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("history.sqlite")).unwrap();
+        let drv = DrvPath::from("/nix/store/a.drv");
+        h.demanded(&drv, "x86_64-linux").unwrap();
+        h.attempt_started(&drv, &"liar".into()).unwrap();
+        h.attempt_rejected(&drv, &"liar".into(), "output out reported as /nix/store/x")
+            .unwrap();
+        // Closed already: a later end of the step's attempts does not touch it.
+        h.attempt_ended(
+            &drv,
+            None,
+            AttemptOutcome::Lost {
+                reason: "retried",
+                cause: &FailureCause::Infrastructure,
+            },
+        )
+        .unwrap();
+        h.attempt_started(&drv, &"honest".into()).unwrap();
+        let outputs = vec!["/nix/store/a".to_owned()];
+        h.attempt_ended(
+            &drv,
+            Some(&"honest".into()),
+            AttemptOutcome::Built { outputs: &outputs },
+        )
+            .unwrap();
+        let steps = h.recent(10).unwrap();
+        let attempts: Vec<_> = steps[0]
+            .attempts
+            .iter()
+            .map(|a| (a.worker.as_str(), a.outcome.as_deref(), a.reason.as_deref()))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![
+                (
+                    "liar",
+                    Some("rejected"),
+                    Some("output out reported as /nix/store/x")
+                ),
+                ("honest", Some("built"), None),
+            ]
+        );
+        assert_eq!(steps[0].status, "built");
     }
 
     #[test]

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub steals: Counter,
     /// Built steps built again because no store had their outputs any more.
     pub rebuilds: Counter,
+    /// Workers' results discarded because their outputs were not the step's.
+    pub rejected_results: Counter,
+    /// Realisations reported with another path than the one recorded for their id (ignored).
+    pub realisation_conflicts: Counter,
     /// Seconds from a step becoming ready to a worker being granted it.
     pub dispatch_seconds: Histogram,
 }
@@ -48,6 +52,8 @@ impl Default for Metrics {
             retries: Counter::default(),
             steals: Counter::default(),
             rebuilds: Counter::default(),
+            rejected_results: Counter::default(),
+            realisation_conflicts: Counter::default(),
             // 50 µs to ~1.6 s.
             dispatch_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             registry: Registry::default(),
@@ -88,6 +94,16 @@ impl Default for Metrics {
             "rebuilds",
             "Built steps built again because the only store with their outputs left",
             metrics.rebuilds.clone(),
+        );
+        registry.register(
+            "rejected_results",
+            "Workers' results discarded because their outputs were not the step's",
+            metrics.rejected_results.clone(),
+        );
+        registry.register(
+            "realisation_conflicts",
+            "Realisations reported with another path than the one recorded for their id",
+            metrics.realisation_conflicts.clone(),
         );
         registry.register(
             "dispatch_seconds",
@@ -137,6 +153,8 @@ mod tests {
             "nixspace_step_retries_total",
             "nixspace_steals_total",
             "nixspace_rebuilds_total",
+            "nixspace_rejected_results_total",
+            "nixspace_realisation_conflicts_total",
             "nixspace_dispatch_seconds_count 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

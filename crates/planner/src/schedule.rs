@@ -33,6 +33,9 @@ pub struct StepInfo {
     pub input_drvs: Vec<DrvPath>,
     /// How its build runs: the stricter of its demands' settings.
     pub settings: BuildSettings,
+    /// The outputs it must produce, in output-name order: `name=path`, or `name=` when the
+    /// path is known only once built (see [`nixspace_protocol::expected_outputs`]).
+    pub outputs: Vec<String>,
 }
 
 /// How urgent a step is: higher priority first, then deeper (more demanded
@@ -245,6 +248,8 @@ struct Step {
     inputs_built: usize,
     /// Where the step sits in the ready queue, while it is ready.
     queued: Option<dispatch::TakeOrder>,
+    /// Workers whose report on this step was rejected: never given it again.
+    excluded: BTreeSet<WorkerId>,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -312,6 +317,27 @@ impl Schedule {
         self.steps.get(drv).map(|s| &s.state)
     }
 
+    /// What the planner knows about a demanded step.
+    pub fn info(&self, drv: &DrvPath) -> Option<&StepInfo> {
+        self.steps.get(drv).map(|s| &s.info)
+    }
+
+    /// Whether `worker` is building `drv` for the planner: the step is assigned to it, or it
+    /// steals it. Only such a worker's reports count.
+    pub fn is_building(&self, drv: &DrvPath, worker: &WorkerId) -> bool {
+        self.steps.get(drv).is_some_and(|step| {
+            matches!(&step.state, StepState::Assigned(w) if w == worker)
+                || step.thief.as_ref() == Some(worker)
+        })
+    }
+
+    /// Whether `worker`'s report on `drv` was rejected (it is not given the step again).
+    pub(crate) fn is_excluded(&self, drv: &DrvPath, worker: &WorkerId) -> bool {
+        self.steps
+            .get(drv)
+            .is_some_and(|step| step.excluded.contains(worker))
+    }
+
     /// The settings a step's build runs with (the default if it is not demanded).
     pub fn settings(&self, drv: &DrvPath) -> BuildSettings {
         self.steps
@@ -374,6 +400,7 @@ impl Schedule {
                 thief: None,
                 inputs_built: 0,
                 queued: None,
+                excluded: BTreeSet::new(),
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -454,6 +481,7 @@ impl Schedule {
     pub fn claim(&mut self, drv: &DrvPath, worker: &WorkerId) -> Vec<Effect> {
         let mut effects = Vec::new();
         match self.state(drv) {
+            _ if self.is_excluded(drv, worker) => return effects,
             Some(StepState::Ready) if self.kept_from(drv, worker, Instant::now()) => {
                 self.early_claims
                     .entry(drv.clone())
@@ -582,6 +610,26 @@ impl Schedule {
             self.settle(&dependent, &mut effects);
         }
         effects
+    }
+
+    /// The planner discarded `worker`'s report on `drv` (see [`nixspace_protocol::expected_outputs`]):
+    /// the attempt counts as a transient failure, and the step is never given to `worker`
+    /// again, so it is built by another worker (or, with none, waits; after the last attempt
+    /// it fails with `reason`).
+    pub fn rejected(&mut self, drv: &DrvPath, worker: &WorkerId, reason: &str) -> Vec<Effect> {
+        if !self.is_building(drv, worker) {
+            return Vec::new();
+        }
+        if let Some(step) = self.steps.get_mut(drv) {
+            step.excluded.insert(worker.clone());
+        }
+        self.failed(
+            drv,
+            Some(worker),
+            reason,
+            FailureKind::Transient,
+            FailureCause::Infrastructure,
+        )
     }
 
     /// `worker` could not build `drv` (`None`: a report made for no worker). A transient
@@ -850,6 +898,7 @@ mod tests {
             features: vec![],
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
+            outputs: vec![],
         }
     }
 
@@ -1197,6 +1246,7 @@ mod more_tests {
             features: features.iter().map(|s| s.to_string()).collect(),
             input_drvs: vec![],
             settings: Default::default(),
+            outputs: vec![],
         }
     }
 

@@ -7,11 +7,11 @@
 //! root facet: everything the planner publishes lasts until the planner
 //! itself withdraws it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use nixspace_protocol::{build, on_retraction, DrvPath, WorkerId};
+use nixspace_protocol::{build, expected_outputs, on_retraction, DrvPath, WorkerId};
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -23,7 +23,13 @@ use crate::schedule::{
     Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
     WorkerOffer,
 };
-use crate::wire::{cause_from_wire, cause_to_wire, kind_from_wire, step_to_wire, worker_from_wire};
+use crate::wire::{
+    cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, step_to_wire,
+    worker_from_wire,
+};
+
+/// How many of the most recent rejected results the planner keeps asserting (for `status`).
+const RECENT_REJECTIONS: usize = 16;
 
 /// What the planner's observers saw.
 #[derive(Debug)]
@@ -81,6 +87,9 @@ pub enum Event {
         worker: WorkerId,
         /// The output paths.
         outputs: Vec<String>,
+        /// The realisations of its floating content-addressed outputs, as reported (bounded
+        /// by [`crate::wire::realisations_from_wire`]).
+        realisations: Vec<build::Realisation>,
     },
     /// A worker reported a step failed.
     Failed {
@@ -110,15 +119,6 @@ pub enum Event {
         to: DrvPath,
         /// Its platform.
         system: String,
-    },
-    /// A content-addressed output was realised.
-    Realised {
-        /// `sha256:<hash modulo>!<output>`.
-        id: String,
-        /// The output path.
-        path: String,
-        /// Its signatures.
-        signatures: Vec<String>,
     },
     /// Time to look for steals.
     Tick,
@@ -151,6 +151,8 @@ struct Planner {
     /// The thieves' assignments, by step.
     stolen: HashMap<DrvPath, Handle>,
     outcomes: HashMap<DrvPath, Handle>,
+    /// The planner's `rejected` records of the most recent discarded results, oldest first.
+    rejections: VecDeque<Handle>,
     /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
     /// its path, its signatures, and the planner's assertion of it.
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
@@ -181,13 +183,8 @@ impl Entity<Event> for Planner {
                 drv,
                 worker,
                 outputs,
-            } => {
-                let effects = s.built(&drv, &worker, outputs);
-                if effects.is_empty() && !matches!(s.state(&drv), Some(StepState::Built { .. })) {
-                    tracing::warn!(%drv, %worker, "ignoring a built report from a worker not assigned the step");
-                }
-                effects
-            }
+                realisations,
+            } => self.reported_built(t, drv, worker, outputs, realisations),
             Event::Failed {
                 drv,
                 worker,
@@ -217,14 +214,6 @@ impl Entity<Event> for Planner {
                     }
                 }
                 effects
-            }
-            Event::Realised {
-                id,
-                path,
-                signatures,
-            } => {
-                self.realised(t, id, path, signatures);
-                Vec::new()
             }
             Event::Resolved { from, to, system } => {
                 tracing::info!(%from, %to, "resolved");
@@ -419,18 +408,88 @@ fn note(history: &mut Option<History>, f: impl FnOnce(&mut History) -> Result<()
 }
 
 impl Planner {
-    /// A realisation was asserted: record what is new about it and keep asserting the whole
-    /// record (so it outlives whoever asserted it, and the signatures accumulate).
+    /// `worker` reported `drv` built. Believed only from the worker building the step, and
+    /// only with exactly the step's outputs: then the realisations it reported for those
+    /// outputs are recorded and the schedule takes the step as built. A report with other
+    /// outputs is discarded, counted, recorded and announced, and the step goes to another
+    /// worker.
+    fn reported_built(
+        &mut self,
+        t: &mut Activation,
+        drv: DrvPath,
+        worker: WorkerId,
+        outputs: Vec<String>,
+        realisations: Vec<build::Realisation>,
+    ) -> Vec<Effect> {
+        if !self.schedule.is_building(&drv, &worker) {
+            if !matches!(self.schedule.state(&drv), Some(StepState::Built { worker: w, .. }) if *w == worker)
+            {
+                tracing::warn!(%drv, %worker, "ignoring a built report from a worker not building the step");
+            }
+            return Vec::new();
+        }
+        let expected = self
+            .schedule
+            .info(&drv)
+            .map(|info| info.outputs.clone())
+            .unwrap_or_default();
+        if let Err(wrong) = expected_outputs::check(&drv, &expected, &outputs) {
+            let reason = format!("result of worker {worker} rejected: {wrong}");
+            self.reject(t, &drv, &worker, &reason);
+            return self.schedule.rejected(&drv, &worker, &reason);
+        }
+        for r in realisations {
+            if !outputs.contains(&r.path) {
+                tracing::warn!(%drv, %worker, id = %r.id, path = %r.path, "ignoring a realisation of a path the step did not output");
+                continue;
+            }
+            self.realised(t, r.id, r.path, r.signatures);
+        }
+        self.schedule.built(&drv, &worker, outputs)
+    }
+
+    /// Discard `worker`'s result for `drv`: count it, record it and assert it for `status`
+    /// (keeping the most recent [`RECENT_REJECTIONS`]).
+    fn reject(&mut self, t: &mut Activation, drv: &DrvPath, worker: &WorkerId, reason: &str) {
+        tracing::warn!(%drv, %worker, %reason, "discarding a worker's result");
+        self.metrics.rejected_results.inc();
+        note(&mut self.history, |h| {
+            h.attempt_rejected(drv, worker, reason)
+        });
+        let record = build::Rejected {
+            drv: drv.to_string(),
+            worker: worker.to_string(),
+            reason: reason.to_owned(),
+        };
+        if let Some(h) = self.ds.assert(t, &record) {
+            self.rejections.push_back(h);
+        }
+        while self.rejections.len() > RECENT_REJECTIONS {
+            if let Some(old) = self.rejections.pop_front() {
+                t.retract(old);
+            }
+        }
+    }
+
+    /// A realisation came with an accepted report: record what is new about it and keep
+    /// asserting the whole record (so it outlives the worker, and the signatures accumulate).
+    /// The first path recorded for an id stays: a report naming another is ignored, logged
+    /// and counted.
     fn realised(&mut self, t: &mut Activation, id: String, path: String, signatures: Vec<String>) {
         let mut merged: BTreeSet<String> = signatures.iter().cloned().collect();
         if let Some((known_path, known, _)) = self.realisations.get(&id) {
-            if *known_path == path {
-                if merged.is_subset(known) {
-                    return;
-                }
-                merged.extend(known.iter().cloned());
-            } else {
-                tracing::warn!(%id, was = %known_path, now = %path, "a realisation changed its output path");
+            if *known_path != path {
+                self.metrics.realisation_conflicts.inc();
+                tracing::warn!(%id, recorded = %known_path, reported = %path, "ignoring a realisation that names another path than the one recorded");
+                return;
+            }
+            if merged.is_subset(known) {
+                return;
+            }
+            merged.extend(known.iter().cloned());
+            if merged.len() > crate::wire::MAX_SIGNATURES {
+                tracing::warn!(%id, "ignoring signatures past the most a realisation keeps");
+                return;
             }
         }
         note(&mut self.history, |h| h.realised(&id, &path, &signatures));
@@ -607,6 +666,7 @@ pub fn start(
             steal_offers: HashMap::new(),
             stolen: HashMap::new(),
             outcomes: HashMap::new(),
+            rejections: VecDeque::new(),
             realisations: HashMap::new(),
         };
         planner.reload_realisations(t);
@@ -624,11 +684,6 @@ pub fn start(
             t.message(&planner, Event::Tick);
             Ok(())
         }))?;
-
-        enclose!((planner) during!(t, ds, <realisation $id: String $path: String $signatures: Vec<String>>, |t: &mut Activation| {
-            t.message(&planner, Event::Realised { id: id.clone(), path: path.clone(), signatures: signatures.clone() });
-            Ok(())
-        }));
 
         enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
             t.message(&planner, Event::Lost { drv: drv.into(), path, worker: worker.into() });
@@ -673,14 +728,16 @@ pub fn start(
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <built $drv: String $worker: String $outputs: Vec<String>>,
+        // Workers' reports, never the `built` and `failed` records (the planner's own).
+        enclose!((planner) during!(t, ds, <report-built $drv: String $worker: String $outputs: Vec<String> $realisations>,
             |t: &mut Activation| {
                 let (drv, worker) = (drv.as_str().into(), worker.as_str().into());
-                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone() });
+                let realisations = realisations_from_wire(&realisations, outputs.len());
+                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone(), realisations });
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <failed $drv: String $worker: String $reason: String $kind $cause>,
+        enclose!((planner) during!(t, ds, <report-failed $drv: String $worker: String $reason: String $kind $cause>,
             |t: &mut Activation| {
                 match (kind_from_wire(&kind), cause_from_wire(&cause)) {
                     (Some(kind), Some(cause)) => t.message(

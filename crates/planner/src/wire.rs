@@ -3,6 +3,7 @@
 //! back where it asserts.
 
 use nixspace_protocol::{build, BuildSettings, DrvPath, WorkerId};
+use preserves::ValueImpl;
 use preserves_schema::Parse;
 use syndicate::actor::AnyValue;
 
@@ -15,6 +16,7 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
         features: info.features.clone(),
         input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
         settings: info.settings.to_wire(),
+        outputs: info.outputs.clone(),
     }
 }
 
@@ -25,7 +27,49 @@ pub(crate) fn step_from_wire(info: build::StepInfo) -> StepInfo {
         features: info.features,
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
         settings: BuildSettings::from_wire(&info.settings),
+        outputs: info.outputs,
     }
+}
+
+/// The most realisation signatures the planner keeps per id.
+pub(crate) const MAX_SIGNATURES: usize = 16;
+
+/// The longest id, path or signature of a realisation the planner takes, in bytes.
+const MAX_REALISATION_FIELD: usize = 1024;
+
+/// The realisations of a worker's `report-built` that the planner considers: records of the
+/// vocabulary's shape, at most one per output (`outputs`), each field at most
+/// [`MAX_REALISATION_FIELD`] bytes and at most [`MAX_SIGNATURES`] signatures; the rest is
+/// dropped with a warning.
+pub(crate) fn realisations_from_wire(
+    realisations: &AnyValue,
+    outputs: usize,
+) -> Vec<build::Realisation> {
+    if !realisations.is_sequence() {
+        tracing::warn!("ignoring realisations that are not a sequence");
+        return Vec::new();
+    }
+    let short = |s: &str| s.len() <= MAX_REALISATION_FIELD;
+    let taken: Vec<build::Realisation> = realisations
+        .iter()
+        .take(outputs)
+        .filter_map(|v| build::Realisation::parse(&v).ok())
+        .filter(|r| {
+            short(&r.id)
+                && short(&r.path)
+                && r.signatures.len() <= MAX_SIGNATURES
+                && <[String]>::iter(&r.signatures).all(|s| short(s))
+        })
+        .collect();
+    if taken.len() < realisations.len() {
+        tracing::warn!(
+            reported = realisations.len(),
+            taken = taken.len(),
+            outputs,
+            "ignoring realisations past one per output, malformed or too long"
+        );
+    }
+    taken
 }
 
 /// The worker a `failed` record names: none when the planner decided (an empty name).
@@ -76,5 +120,33 @@ mod tests {
             assert_eq!(cause_from_wire(&value), Some(cause));
         }
         assert_eq!(cause_from_wire(&AnyValue::symbol("bogus")), None);
+    }
+
+    #[test]
+    fn a_report_carries_at_most_one_bounded_realisation_per_output() {
+        let realisation = |id: &str, path: &str| build::Realisation {
+            id: id.to_owned(),
+            path: path.to_owned(),
+            signatures: vec!["k:sig".to_owned()],
+        };
+        let long = "x".repeat(MAX_REALISATION_FIELD + 1);
+        let report: AnyValue = build::ReportBuilt {
+            drv: "/nix/store/d.drv".to_owned(),
+            worker: "w".to_owned(),
+            outputs: vec![],
+            realisations: vec![
+                realisation("sha256:00!out", &long),
+                realisation("sha256:00!out", "/nix/store/a"),
+                realisation("sha256:00!dev", "/nix/store/b"),
+            ],
+        }
+        .unparse();
+        let reported = report.index(3);
+        let taken = realisations_from_wire(&reported, 2);
+        // The first is too long, the third is past the two outputs.
+        assert_eq!(taken, vec![realisation("sha256:00!out", "/nix/store/a")]);
+        // Positive control: within the bounds, all are taken.
+        assert_eq!(realisations_from_wire(&reported, 3).len(), 2);
+        assert!(realisations_from_wire(&AnyValue::new("no"), 3).is_empty());
     }
 }

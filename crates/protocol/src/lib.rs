@@ -17,6 +17,7 @@ pub mod schemas {
     include!(concat!(env!("OUT_DIR"), "/src/schemas/mod.rs"));
 }
 
+pub mod expected_outputs;
 pub mod ids;
 pub mod settings;
 

@@ -82,22 +82,21 @@ pub fn allowed(role: Role) -> Vec<Shape> {
     match role {
         Role::Submit => shapes.extend([
             Shape::of::<build::Demand>(),
-            // A frontend resolving content-addressed steps links them and reports the
-            // realisations.
+            // A frontend resolving content-addressed steps links them.
             Shape::of::<build::Resolved>(),
-            Shape::of::<build::Realisation>(),
         ]),
         Role::Worker => {
             shapes.extend([
                 Shape::of::<build::Worker>(),
                 Shape::of::<build::Offer>(),
                 Shape::of::<build::Claim>(),
-                Shape::of::<build::Built>(),
-                Shape::of::<build::Failed>(),
+                // A worker reports its outcomes (with the realisations of the
+                // content-addressed outputs it built) to the planner, which alone asserts
+                // `built`, `failed` and `realisation`.
+                Shape::of::<build::ReportBuilt>(),
+                Shape::of::<build::ReportFailed>(),
                 Shape::of::<build::Log>(),
                 Shape::of::<build::BuildActivity>(),
-                // The realisations of the content-addressed outputs a worker built.
-                Shape::of::<build::Realisation>(),
                 Shape::of::<build::Lost>(),
                 // Substituters join with the worker capability.
                 Shape::of::<store::Substituter>(),
@@ -153,6 +152,7 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::Lost>(),
             Shape::of::<build::Resolved>(),
             Shape::of::<build::Realisation>(),
+            Shape::of::<build::Rejected>(),
             Shape::of::<build::DemandsRefused>(),
         ],
         Role::Worker => vec![
@@ -258,8 +258,8 @@ const IDENTITY_FIELDS: &[(&str, usize)] = &[
     ("claim", 1),
     ("log", 1),
     ("build-activity", 1),
-    ("built", 1),
-    ("failed", 1),
+    ("report-built", 1),
+    ("report-failed", 1),
     ("lost", 2),
     ("want", 1),
     ("available", 1),
@@ -364,6 +364,7 @@ mod tests {
                 features: vec![],
                 input_drvs: vec![],
                 settings: nixspace_protocol::BuildSettings::default().to_wire(),
+                outputs: vec![],
             },
             requester: "me".into(),
             priority: 0.into(),
@@ -381,19 +382,30 @@ mod tests {
         .unparse()
     }
 
+    fn report_built() -> AnyValue {
+        build::ReportBuilt {
+            drv: "/nix/store/x.drv".into(),
+            worker: "w".into(),
+            outputs: vec![],
+            realisations: vec![],
+        }
+        .unparse()
+    }
+
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
-        assert_eq!(allowed(Role::Submit).len(), 8);
-        assert_eq!(allowed(Role::Worker).len(), 21);
+        assert_eq!(allowed(Role::Submit).len(), 7);
+        assert_eq!(allowed(Role::Worker).len(), 20);
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
-        assert!(allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
+        assert!(!allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
+        assert!(allowed(Role::Worker).contains(&Shape::new("report-built", 4)));
         assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
-        assert!(allowed(Role::Worker).contains(&Shape::new("built", 3)));
+        assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 5)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 25);
+        assert_eq!(observable(Role::Submit).len(), 26);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 11);
         for role in [Role::Submit, Role::Worker] {
@@ -407,8 +419,8 @@ mod tests {
     fn roles_pass_their_own_vocabulary_only() {
         assert!(passes(Role::Submit, demand()));
         assert!(!passes(Role::Worker, demand()));
-        assert!(passes(Role::Worker, built()));
-        assert!(!passes(Role::Submit, built()));
+        assert!(passes(Role::Worker, report_built()));
+        assert!(!passes(Role::Submit, report_built()));
         let assigned = build::Assigned {
             drv: "d".into(),
             worker: "w".into(),
@@ -427,7 +439,14 @@ mod tests {
             keys: vec!["forged-1:AAAA".into()],
         }
         .unparse();
-        for planners_only in [assigned, refusal, trusted_keys] {
+        let realisation = build::Realisation {
+            id: "sha256:00!out".into(),
+            path: "/nix/store/x".into(),
+            signatures: vec![],
+        }
+        .unparse();
+        // Outcomes and realisations are the planner's records: workers report theirs.
+        for planners_only in [assigned, refusal, trusted_keys, built(), realisation] {
             assert!(!passes(Role::Submit, planners_only.clone()));
             assert!(!passes(Role::Worker, planners_only));
         }

@@ -54,6 +54,7 @@ fn test_step() -> build::StepInfo {
         features: vec![],
         input_drvs: vec![],
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
+        outputs: vec![],
     }
 }
 

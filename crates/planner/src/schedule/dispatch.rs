@@ -95,6 +95,7 @@ impl Schedule {
         };
         step.state == StepState::Ready
             && !self.kept_from(drv, worker, now)
+            && !step.excluded.contains(worker)
             && mismatch(
                 &offer.systems,
                 &offer.features,
@@ -206,7 +207,7 @@ impl Schedule {
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use super::super::{StepInfo, Urgency, WorkerOffer};
+    use super::super::{FailureCause, FailureKind, StepInfo, Urgency, WorkerOffer};
     use super::*;
 
     fn worker(system: &str, max_jobs: u32) -> WorkerOffer {
@@ -224,6 +225,7 @@ mod tests {
             features: vec![],
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
+            outputs: vec![],
         }
     }
 
@@ -379,5 +381,55 @@ mod tests {
         // Its claim going away afterwards changes nothing.
         let e = s.unclaim(&"a".into(), &"w".into());
         assert!(then(&mut s, e).is_empty());
+    }
+
+    /// Workers `honest` and `liar`, the liar ten times faster, one slot each.
+    fn with_a_faster_liar() -> Schedule {
+        let mut s = with_workers(&[("honest", 1)]);
+        s.worker_joined(
+            &"liar".into(),
+            WorkerOffer {
+                speed: 10.0,
+                ..worker("x86_64-linux", 1)
+            },
+        );
+        s.offer(&"liar".into(), 1);
+        s
+    }
+
+    #[test]
+    fn a_worker_whose_result_was_rejected_is_not_given_the_step_again() {
+        // The liar is the faster worker: it gets the step first.
+        let mut s = with_a_faster_liar();
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), urgency(0, 0));
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "liar")]);
+        // A report from a worker not building the step is not a rejection.
+        assert!(s.rejected(&"a".into(), &"honest".into(), "no").is_empty());
+        let e = s.rejected(&"a".into(), &"liar".into(), "wrong outputs");
+        assert!(
+            e.iter().any(
+                |e| matches!(e, Effect::RetryAfter { reason, .. } if reason == "wrong outputs")
+            ),
+            "{e:?}"
+        );
+        then(&mut s, e);
+        let e = s.retry(&"a".into());
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "honest")]);
+        // Nor does its claim get it.
+        assert!(s.claim(&"a".into(), &"liar".into()).is_empty());
+        // Positive control: without the rejection, the faster worker would have got it again.
+        let mut control = with_a_faster_liar();
+        let e = control.demand(&"a".into(), step("x86_64-linux", &[]), urgency(0, 0));
+        then(&mut control, e);
+        let e = control.failed(
+            &"a".into(),
+            Some(&"liar".into()),
+            "lost",
+            FailureKind::Transient,
+            FailureCause::Infrastructure,
+        );
+        then(&mut control, e);
+        let e = control.retry(&"a".into());
+        assert_eq!(assigns(&then(&mut control, e)), vec![("a", "liar")]);
     }
 }

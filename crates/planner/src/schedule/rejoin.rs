@@ -68,6 +68,7 @@ mod tests {
             features: vec![],
             input_drvs: vec![],
             settings: Default::default(),
+            outputs: vec![],
         }
     }
 

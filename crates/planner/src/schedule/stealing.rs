@@ -110,6 +110,7 @@ impl Schedule {
             .is_none()
         };
         owner != thief
+            && !step.excluded.contains(thief)
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
             && matches(&step.info)
@@ -192,6 +193,7 @@ mod tests {
             features: vec![],
             input_drvs: vec![],
             settings: Default::default(),
+            outputs: vec![],
         }
     }
 
