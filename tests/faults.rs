@@ -95,9 +95,14 @@ fn layered_dag(steps: usize, width: usize, rng: &mut StdRng) -> BTreeMap<String,
     deps
 }
 
-/// The Nix file of `dag`: each builder appends `start NAME MS` to `runs` (MS: the time in
-/// milliseconds since the epoch), sleeps, writes its name and its inputs' paths to `$out`,
-/// then appends `done NAME MS`.
+/// The file in a worker's own store (`DIR/nix/WORKER`, seen by its builders as `/nix/WORKER`)
+/// that names the worker: each store is mounted on `/nix` only in its worker's namespace.
+const WORKER: &str = "worker";
+
+/// The Nix file of `dag`: each builder appends `start NAME WORKER MS` to `runs` (WORKER: the
+/// worker whose store it runs in, from `/nix/`[`WORKER`]; MS: the time in milliseconds since
+/// the epoch), sleeps, writes its name and its inputs' paths to `$out`, then appends
+/// `done NAME WORKER MS`.
 fn dag_file(
     space: &Space,
     dag: &BTreeMap<String, Vec<String>>,
@@ -108,10 +113,11 @@ fn dag_file(
         "name: deps",
         "",
         &format!(
-            "echo start ${{name}} $(/bin/date +%s%3N) >> {runs}
+            "me=$(/bin/cat /nix/{WORKER})
+      echo start ${{name}} $me $(/bin/date +%s%3N) >> {runs}
       /bin/sleep {sleep}
       echo ${{name}} $deps > $out
-      echo done ${{name}} $(/bin/date +%s%3N) >> {runs}",
+      echo done ${{name}} $me $(/bin/date +%s%3N) >> {runs}",
             runs = runs.display()
         ),
     );
@@ -123,58 +129,106 @@ fn dag_file(
     space.nix_file("soak.nix", &format!("let\n{binding}{steps}in\nroot\n"))
 }
 
-/// How close to a builder run a worker kill must be to explain running that builder again
-/// (a retry, not a rebuild): a killed worker's daemon may still start a build it was asked
-/// for, and registering and reporting an output take a moment.
+/// How long before a builder run a kill of its worker may still explain it: a killed worker's
+/// daemon may start a build it had been asked for.
+const STARTING: u64 = 1000;
+
+/// How long after a builder run finished a kill of its worker may still explain running the
+/// step again: registering and reporting the output take a moment.
 const REGISTERING: u64 = 2000;
+
+/// A worker kill: which worker, and when (ms since the epoch).
+#[derive(Debug, Clone)]
+struct Kill {
+    worker: String,
+    at: u64,
+}
+
+/// One builder run: the worker it ran on, when it started, when it finished (if it did).
+#[derive(Debug)]
+struct Run {
+    worker: String,
+    started: u64,
+    finished: Option<u64>,
+}
+
+impl Run {
+    /// Whether its worker was killed while it ran: from just before it started until its
+    /// output could have been registered and reported.
+    fn worker_killed_during(&self, kills: &[Kill]) -> bool {
+        let Some(finished) = self.finished else {
+            return kills
+                .iter()
+                .any(|k| k.worker == self.worker && k.at + STARTING >= self.started);
+        };
+        let during = self.started.saturating_sub(STARTING)..=finished + REGISTERING;
+        kills
+            .iter()
+            .any(|k| k.worker == self.worker && during.contains(&k.at))
+    }
+}
 
 /// What the builders' start and done markers say.
 #[derive(Debug, Default)]
 struct Runs {
     /// Steps whose builder finished at least once.
     done: BTreeSet<String>,
-    /// Builder runs that did not finish (killed) and were run again, or with a worker killed
-    /// within [`REGISTERING`] of them: retries.
+    /// Builder runs again of a step whose earlier run's worker was killed while that run ran
+    /// (killed mid-run, or before its output was registered and reported): retries.
     retries: usize,
-    /// Builder runs of a step that had finished already, no kill explaining it: defects.
+    /// Builder runs again of a step whose earlier run's worker was not killed while it ran:
+    /// defects (a step built twice, or a builder abandoned without a kill).
     rebuilt: Vec<String>,
 }
 
-/// Classify the builder runs in `runs`, given the times (ms since the epoch) workers were
-/// killed.
-fn read_runs(runs: &Path, kills: &[u64]) -> Runs {
-    let text = std::fs::read_to_string(runs).unwrap_or_default();
+/// Read the runs file `runs` and classify its builder runs, given the worker kills.
+fn read_runs(runs: &Path, kills: &[Kill]) -> Runs {
+    classify_runs(&std::fs::read_to_string(runs).unwrap_or_default(), kills)
+}
+
+/// Classify the builder runs of a runs file's `text`: a run again of a step is a retry only
+/// if the worker of the step's last earlier run was killed while that run ran.
+fn classify_runs(text: &str, kills: &[Kill]) -> Runs {
     let mut r = Runs::default();
-    // Per step: when its builder last started, and when that run finished, if it did.
-    let mut finished: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    let mut started: BTreeMap<String, u64> = BTreeMap::new();
+    // Per step: its runs so far, in the order they started.
+    let mut runs: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        let [what, name, at] = fields[..] else {
+        let [what, name, worker, at] = fields[..] else {
             panic!("unexpected line in the runs file: {line:?}");
         };
         let at: u64 = at.parse().expect("a time");
+        let of_step = runs.entry(name.to_owned()).or_default();
         match what {
             "start" => {
-                if let Some((from, done)) = finished.remove(name) {
-                    // A kill of a worker around that run explains a rerun: the daemon of a
-                    // killed worker may still start or finish a build for a moment, and the
-                    // output may not be registered or reported yet.
-                    let around = from.saturating_sub(REGISTERING)..done + REGISTERING;
-                    if kills.iter().any(|k| around.contains(k)) {
+                // The earlier run that this one repeats: the last one that finished, else
+                // the last one started.
+                let earlier = of_step
+                    .iter()
+                    .rev()
+                    .find(|run| run.finished.is_some())
+                    .or(of_step.last());
+                if let Some(earlier) = earlier {
+                    if earlier.worker_killed_during(kills) {
                         r.retries += 1;
                     } else {
                         r.rebuilt.push(name.to_owned());
                     }
-                } else if started.contains_key(name) {
-                    r.retries += 1;
                 }
-                started.insert(name.to_owned(), at);
+                of_step.push(Run {
+                    worker: worker.to_owned(),
+                    started: at,
+                    finished: None,
+                });
             }
             "done" => {
                 r.done.insert(name.to_owned());
-                let from = started.get(name).copied().unwrap_or(at);
-                finished.insert(name.to_owned(), (from, at));
+                let run = of_step
+                    .iter_mut()
+                    .rev()
+                    .find(|run| run.worker == worker && run.finished.is_none())
+                    .unwrap_or_else(|| panic!("done without a start: {line:?}"));
+                run.finished = Some(at);
             }
             _ => panic!("unexpected line in the runs file: {line:?}"),
         }
@@ -280,6 +334,47 @@ fn check_outputs(space: &Space, root_out: &str, dag: &BTreeMap<String, Vec<Strin
     );
 }
 
+fn kill(worker: &str, at: u64) -> Kill {
+    Kill {
+        worker: worker.to_owned(),
+        at,
+    }
+}
+
+/// A step built on `w1` (10 000 to 10 500 ms), then started again on `w2` at 20 000 ms.
+const BUILT_THEN_RUN_AGAIN: &str = "start s w1 10000\ndone s w1 10500\nstart s w2 20000\n";
+
+#[test]
+fn a_rerun_after_a_kill_of_another_worker_is_a_rebuild() {
+    let runs = classify_runs(
+        BUILT_THEN_RUN_AGAIN,
+        &[kill("w2", 10200), kill("w3", 11000)],
+    );
+    assert_eq!(runs.rebuilt, ["s"]);
+    assert_eq!(runs.retries, 0);
+    // Nor does a kill of its own worker long after its output was reported excuse it.
+    let runs = classify_runs(BUILT_THEN_RUN_AGAIN, &[kill("w1", 15000)]);
+    assert_eq!(runs.rebuilt, ["s"]);
+}
+
+#[test]
+fn a_rerun_after_a_kill_of_its_own_worker_while_it_ran_is_a_retry() {
+    // Killed while building, and killed after finishing but before reporting: both retries.
+    for at in [10200, 11000] {
+        let runs = classify_runs(BUILT_THEN_RUN_AGAIN, &[kill("w2", at), kill("w1", at)]);
+        assert_eq!(runs.retries, 1, "killed at {at}");
+        assert!(runs.rebuilt.is_empty(), "killed at {at}");
+        assert_eq!(runs.done.len(), 1);
+    }
+    // A run that never finished, its worker killed: a retry; not killed: a defect.
+    let abandoned = "start s w1 10000\nstart s w2 20000\ndone s w2 20500\n";
+    assert_eq!(classify_runs(abandoned, &[kill("w1", 10300)]).retries, 1);
+    assert_eq!(
+        classify_runs(abandoned, &[kill("w2", 10300)]).rebuilt,
+        ["s"]
+    );
+}
+
 #[test]
 fn soak() {
     let soak = Soak::from_env();
@@ -297,6 +392,10 @@ fn soak() {
     let stores: BTreeMap<String, String> =
         workers.iter().map(|w| (w.clone(), store_of(w))).collect();
     for w in &workers {
+        // Its builders read which worker they run on from its store.
+        let nix = Path::new(&stores[w]).join("nix");
+        std::fs::create_dir_all(&nix).expect("store directory");
+        std::fs::write(nix.join(WORKER), w).expect("worker name file");
         space.worker(w, &["--own-store", &stores[w]]);
     }
     let runs = space.tmp.path().join("runs");
@@ -306,7 +405,7 @@ fn soak() {
     let started = Instant::now();
     let mut client = Running::new(space.spawn_build(&file));
     let mut up_kills = 0usize;
-    let mut worker_kills: Vec<u64> = Vec::new();
+    let mut worker_kills: Vec<Kill> = Vec::new();
     let mut lives: BTreeMap<String, usize> = workers.iter().map(|w| (w.clone(), 1)).collect();
     let mut next_fault = Instant::now() + soak.fault_period;
     while !client.exited() {
@@ -332,7 +431,10 @@ fn soak() {
         }
         if Instant::now() >= next_fault {
             let victim = &workers[rng.gen_range(0..workers.len())];
-            worker_kills.push(epoch_ms());
+            worker_kills.push(Kill {
+                worker: victim.clone(),
+                at: epoch_ms(),
+            });
             space.kill_worker(victim);
             std::thread::sleep(Duration::from_millis(300));
             let life = lives.get_mut(victim).expect("a worker");

@@ -7,8 +7,11 @@
 //! Quick by default; `NIXSPACE_FUZZ_LONG=1` sends 100 000 inputs to `up` and
 //! 20 000 to the translator (see `docs/RELIABILITY.md`). The corpora
 //! `tests/corpus/syndicate-packet/` and `tests/corpus/nix-client/` are
-//! replayed every run. Some inputs declare lengths far past `up`'s packet caps and send
-//! part of what they announce, so that length-driven buffering is reached.
+//! replayed every run. Some inputs declare lengths far past the caps (Preserves lengths up to
+//! 2^62 to `up`, worker-protocol string and list lengths up to 2^64 to the translator) and
+//! send part of what they announce, so that length-driven buffering is reached; a few then
+//! send tens of MiB. The translator's peak resident memory stays under a stated bound
+//! meanwhile, and a request it must hold (a string under its cap) is seen to grow it.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -18,7 +21,9 @@ use std::path::Path;
 use nixspace_nix_protocol::version::NIX_2_8;
 use nixspace_nix_protocol::{ClientSettings, DaemonClient, NixWriter, Request};
 use nixspace_space::{Role, Route};
-use nixspace_test_support::dataspace::{resolve_text, RawPeer, Session, ANSWER};
+use nixspace_test_support::dataspace::{
+    assert_up_is_seen_holding_a_large_packet, resolve_text, RawPeer, Session, ANSWER,
+};
 use nixspace_test_support::fuzz;
 use nixspace_test_support::{peak_rss, Space};
 use preserves::{NoEmbeddedDomainCodec, PackedWriter};
@@ -111,12 +116,49 @@ fn oversize_packets() -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// The client's side of the worker protocol's handshake (protocol 1.34).
+fn nix_handshake() -> Vec<u8> {
+    words(&[0x6e69_7863, 0x122, 0, 0])
+}
+
+/// Worker-protocol words: little-endian u64s.
+fn words(words: &[u64]) -> Vec<u8> {
+    words.iter().flat_map(|n| n.to_le_bytes()).collect()
+}
+
+/// The translator's cap on one string of a request (`Limits::max_bytes`).
+const NIX_STRING_CAP: u64 = 64 << 20;
+
+/// Requests whose string or list declares a length past the translator's caps (up to 2^64),
+/// or a large one under them, followed by up to 160 KiB of what they announce: the
+/// translator must refuse the first at once and hold no more of the others than arrived.
+fn oversize_requests() -> impl Strategy<Value = Vec<u8>> {
+    // IsValidPath, AddTempRoot, QueryPathInfo (a path first), QueryValidPaths (a list first),
+    // AddTextToStore with the suffix "a" (its text second).
+    let ops = vec![
+        words(&[1]),
+        words(&[11]),
+        words(&[26]),
+        words(&[31]),
+        words(&[8, 1, u64::from(b'a')]),
+    ];
+    (
+        prop::sample::select(ops),
+        prop_oneof![NIX_STRING_CAP + 1..=u64::MAX, (1u64 << 20)..NIX_STRING_CAP],
+        0usize..(160 << 10),
+    )
+        .prop_map(|(op, declared, sent)| {
+            let mut bytes = nix_handshake();
+            bytes.extend(op);
+            bytes.extend(declared.to_le_bytes());
+            bytes.resize(bytes.len() + sent, 0x61);
+            bytes
+        })
+}
+
 /// What a Nix client sends: the handshake, then requests.
 fn nix_client_seeds() -> Vec<Vec<u8>> {
-    let handshake: Vec<u8> = [0x6e69_7863u64, 0x122, 0, 0]
-        .iter()
-        .flat_map(|n| n.to_le_bytes())
-        .collect();
+    let handshake = nix_handshake();
     let requests = [
         Request::SetOptions(ClientSettings::default()),
         Request::IsValidPath(
@@ -197,19 +239,35 @@ fn fuzz_socket(
     serves().unwrap();
 }
 
+/// The most `up`'s peak resident memory may grow while fuzzed (oversize packets included).
+const UP_BOUND: u64 = 32 << 20;
+
 #[test]
 fn up_survives_random_and_mutated_packets() {
     let space = Space::start();
     let rt = runtime();
     let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+    up_serves(&space, &rt).unwrap();
+    let baseline = peak_rss(space.up_pid());
     let input = prop_oneof![
         4 => prop::collection::vec(any::<u8>(), 0..256),
         4 => fuzz::mutated(syndicate_seeds(&route)),
-        1 => oversize_packets(),
+        2 => oversize_packets(),
     ];
     fuzz_socket(&up_socket(&space), input, (1500, 100_000), &|| {
         up_serves(&space, &rt)
     });
+    let peak = peak_rss(space.up_pid());
+    assert!(
+        peak < baseline + UP_BOUND,
+        "up's peak RSS went from {} to {} MiB (bound: {} MiB more)",
+        baseline >> 20,
+        peak >> 20,
+        UP_BOUND >> 20
+    );
+    // Positive control: a packet up must hold (48 MiB, under its cap once authenticated) is
+    // seen by the same measure.
+    assert_up_is_seen_holding_a_large_packet(&space, peak, 48 << 20);
 }
 
 /// Every connection's relay and actor are freed when it ends: thousands of connections, good
@@ -242,18 +300,77 @@ fn connections_that_come_and_go_leave_no_memory_behind() {
     );
 }
 
+/// The most the translator's peak resident memory may grow while fuzzed (oversize requests
+/// included) and sent [`HUGE_BODIES`] requests announcing 2^40 bytes.
+const TRANSLATOR_BOUND: u64 = 32 << 20;
+/// Requests announcing a 2^40-byte string, each followed by [`HUGE_BODY`] bytes.
+const HUGE_BODIES: usize = 4;
+/// What each of them sends after its header (until the translator closes the connection).
+const HUGE_BODY: usize = 256 << 20;
+/// The positive control's string: under the translator's cap, so it is read whole.
+const HELD: usize = 48 << 20;
+
+/// Send `header` and then up to `body` bytes on a fresh connection; how many bytes of the body
+/// were taken before the translator closed the connection.
+fn send_body(socket: &Path, header: &[u8], body: usize) -> usize {
+    let mut peer = RawPeer::connect(socket).expect("connect");
+    peer.send(header).expect("the header is taken");
+    let chunk = vec![0x61u8; 1 << 20];
+    let mut sent = 0;
+    while sent < body && peer.send(&chunk[..chunk.len().min(body - sent)]).is_ok() {
+        sent += chunk.len().min(body - sent);
+    }
+    sent
+}
+
 #[test]
 fn the_translator_survives_random_and_mutated_requests() {
     let mut space = Space::start();
     let socket = space.translator();
+    let pid = space.newest_pid();
     let rt = runtime();
+    translator_serves(&socket, &rt).unwrap();
+    let baseline = peak_rss(pid);
     let input = prop_oneof![
-        prop::collection::vec(any::<u8>(), 0..128),
-        fuzz::mutated(nix_client_seeds()),
+        4 => prop::collection::vec(any::<u8>(), 0..128),
+        4 => fuzz::mutated(nix_client_seeds()),
+        2 => oversize_requests(),
     ];
     fuzz_socket(&socket, input, (150, 20_000), &|| {
         translator_serves(&socket, &rt)
     });
+    // A few requests announcing 2^40 bytes, then sending 256 MiB: refused at the length.
+    let mut header = nix_handshake();
+    header.extend(words(&[1, 1 << 40]));
+    for _ in 0..HUGE_BODIES {
+        let taken = send_body(&socket, &header, HUGE_BODY);
+        assert!(taken < HUGE_BODY, "the translator read a 2^40-byte string");
+    }
+    translator_serves(&socket, &rt).unwrap();
+    let peak = peak_rss(pid);
+    assert!(
+        peak < baseline + TRANSLATOR_BOUND,
+        "the translator's peak RSS went from {} to {} MiB (bound: {} MiB more)",
+        baseline >> 20,
+        peak >> 20,
+        TRANSLATOR_BOUND >> 20
+    );
+    // Positive control: a 48 MiB string, under the cap, is read whole, and the same measure
+    // sees the translator grow by at least that much.
+    let mut header = nix_handshake();
+    header.extend(words(&[8, 1, u64::from(b'a'), HELD as u64]));
+    assert_eq!(send_body(&socket, &header, HELD), HELD);
+    let deadline = std::time::Instant::now() + ANSWER;
+    while peak_rss(pid) < peak + HELD as u64 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        peak_rss(pid) >= peak + HELD as u64,
+        "the measure did not see a 48 MiB string: {} MiB before, {} MiB after",
+        peak >> 20,
+        peak_rss(pid) >> 20
+    );
+    translator_serves(&socket, &rt).unwrap();
 }
 
 #[test]

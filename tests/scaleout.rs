@@ -144,7 +144,7 @@ fn a_build_running_while_the_planner_restarts_is_not_built_again() {
 #[test]
 fn the_planner_caps_demands_per_requester_on_the_server() {
     use nixspace_test_support::dataspace::{
-        demand_by, fake_drv, route, runtime, text, Session, SETTLE,
+        demand_by, fake_drv, poll_until, route, runtime, text, Session, ANSWER,
     };
     const CAP: usize = 3;
     let mut space = ExternalSpace::start_with(&["--max-demands-per-client", &CAP.to_string()]);
@@ -152,11 +152,24 @@ fn the_planner_caps_demands_per_requester_on_the_server() {
     let submit = route(&space, nixspace_space::Role::Submit);
     runtime().block_on(async {
         // A client holding more demands than the cap, for a system no worker has.
+        // Positive control: after them on the same connection, one demand of another
+        // requester, within its cap: once the planner found it unschedulable, it has
+        // handled every demand before it.
+        let control = fake_drv("hog-control");
         let hog: Vec<_> = (0..2 * CAP)
             .map(|i| demand_by(&fake_drv(&format!("hog-{i}")), "hog"))
+            .chain([demand_by(&control, "control")])
             .collect();
         let hog = Session::join(&submit, hog).await.expect("join as submit");
-        tokio::time::sleep(SETTLE).await;
+        let control_planned = || {
+            hog.with_label("unschedulable")
+                .iter()
+                .any(|u| text(u).contains(&control))
+        };
+        assert!(
+            poll_until(ANSWER, control_planned).await,
+            "the control demand was never planned"
+        );
         let refusals = hog.with_label("demands-refused");
         assert_eq!(refusals.len(), 1, "{refusals:?}");
         let refusal = text(&refusals[0]);
@@ -166,8 +179,9 @@ fn the_planner_caps_demands_per_requester_on_the_server() {
                 && refusal.contains("--max-demands-per-client"),
             "{refusal}"
         );
-        // Only the demands within the cap were planned (each found unschedulable).
-        assert_eq!(hog.with_label("unschedulable").len(), CAP);
+        // Only the demands within the cap were planned (each found unschedulable), and the
+        // control.
+        assert_eq!(hog.with_label("unschedulable").len(), CAP + 1);
 
         // A frontend over the cap fails, saying so.
         let binding =

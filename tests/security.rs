@@ -12,8 +12,8 @@ use std::time::Duration;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{
-    assert_a_worker_cannot_demand, demand, fake_drv, ready, resolve_text, route, runtime, text,
-    RawPeer, Session, ANSWER, SETTLE,
+    assert_a_worker_cannot_demand, assigned, claim, demand, fake_drv, ready, resolve_text, route,
+    runtime, text, RawPeer, Session, ANSWER,
 };
 use nixspace_test_support::Space;
 use preserves_schema::Unparse;
@@ -58,23 +58,6 @@ fn worker(id: &str) -> AnyValue {
     .unparse()
 }
 
-fn claim(drv: &str, worker: &str) -> AnyValue {
-    build::Claim {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-    }
-    .unparse()
-}
-
-fn assigned(drv: &str, worker: &str) -> AnyValue {
-    build::Assigned {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        settings: nixspace_protocol::BuildSettings::default().to_wire(),
-    }
-    .unparse()
-}
-
 #[test]
 fn an_assertion_without_a_capability_is_refused_and_logged() {
     let space = Space::start();
@@ -89,12 +72,23 @@ fn an_assertion_without_a_capability_is_refused_and_logged() {
         ANSWER,
     );
     space.wait_for_log("up", "refused a message sent without a capability", ANSWER);
+    // Positive control: the same connection then resolves the submit capability and demands a
+    // control step; once that is planned, the packets before it were handled.
+    let control = fake_drv("no-capability-control");
+    let oid = peer
+        .resolve_as(&route(&space, Role::Submit), 1)
+        .expect("resolved");
+    peer.send(format!("[[{oid} <A {} 2>]]", text(&demand(&control))).as_bytes())
+        .expect("send");
     runtime().block_on(async {
         let observer = Session::join(&route(&space, Role::Submit), vec![])
             .await
             .expect("join");
-        tokio::time::sleep(SETTLE).await;
-        assert!(observer.with_label("demand").is_empty());
+        assert!(
+            observer.wait_until(&ready(&control), true).await,
+            "the control demand was never planned"
+        );
+        assert_eq!(observer.with_label("demand"), [demand(&control)]);
         assert!(!observer.sees(&ready(&drv)));
     });
 }
@@ -168,10 +162,19 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
             claim(&drv, "w"),
             worker("w"),
         ];
-        let _forger = Session::join(&route(&space, Role::Submit), forged.clone())
-            .await
-            .expect("join as submit");
-        tokio::time::sleep(SETTLE).await;
+        // Positive control: a demand sent after the forgeries on the same connection is
+        // planned, so anything before it would have been seen first.
+        let control = fake_drv("submit-forges-control");
+        let _forger = Session::join(
+            &route(&space, Role::Submit),
+            [forged.clone(), vec![demand(&control)]].concat(),
+        )
+        .await
+        .expect("join as submit");
+        assert!(
+            s.wait_until(&ready(&control), true).await,
+            "the control demand was never planned"
+        );
         for value in &forged {
             assert!(!s.sees(value), "{value:?} reached the dataspace");
         }
@@ -195,11 +198,29 @@ fn only_the_assigned_worker_can_complete_a_step() {
             .await
             .expect("join as submit");
         assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        // Positive controls: steps each reporting connection claims after its report; the
+        // planner's answer to the claim is seen after its answer to the report.
+        let controls = [
+            fake_drv("not-yours-control-1"),
+            fake_drv("not-yours-control-2"),
+        ];
+        let _controls = Session::join(
+            &route(&space, Role::Submit),
+            controls.iter().map(|c| demand(c)).collect(),
+        )
+        .await
+        .expect("join as submit");
         // Built by a worker nobody assigned: ignored, the step stays ready.
-        let _rogue = Session::join(&route(&space, Role::Worker), vec![report(&drv, "rogue")])
-            .await
-            .expect("join as worker");
-        tokio::time::sleep(SETTLE).await;
+        let _rogue = Session::join(
+            &route(&space, Role::Worker),
+            vec![report(&drv, "rogue"), claim(&controls[0], "rogue")],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            s.wait_until(&assigned(&controls[0], "rogue"), true).await,
+            "the control claim was never granted"
+        );
         assert!(s.sees(&ready(&drv)), "a rogue report completed the step");
         space.wait_for_log("up", "ignoring a built report", ANSWER);
         // The assigned worker's report completes it; another's does not.
@@ -213,10 +234,16 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.wait_until(&assigned(&drv, "good"), true).await,
             "never assigned"
         );
-        let _other = Session::join(&route(&space, Role::Worker), vec![report(&drv, "other")])
-            .await
-            .expect("join as worker");
-        tokio::time::sleep(SETTLE).await;
+        let _other = Session::join(
+            &route(&space, Role::Worker),
+            vec![report(&drv, "other"), claim(&controls[1], "other")],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            s.wait_until(&assigned(&controls[1], "other"), true).await,
+            "the control claim was never granted"
+        );
         assert!(
             s.sees(&assigned(&drv, "good")),
             "another worker's report counted"
@@ -256,7 +283,16 @@ fn a_client_cannot_retract_another_clients_demand() {
             peer.send(format!("[{retracts}]").as_bytes())
                 .expect("retracts");
         }
-        tokio::time::sleep(SETTLE).await;
+        // Positive control: a demand after the retractions on the same connection is planned
+        // (or the host closed the connection for them): either way they were handled.
+        let control = fake_drv("not-yours-to-retract-control");
+        let sent = peer
+            .send(format!("[[{oid} <A {} 8>]]", text(&demand(&control))).as_bytes())
+            .is_ok();
+        assert!(
+            (sent && owner.wait_until(&ready(&control), true).await) || peer.closed_within(ANSWER),
+            "the retractions were neither answered nor refused"
+        );
         // The connection may be closed for the retractions of unknown handles; the
         // host must not be, and the owner's demand is untouched.
         assert!(owner.sees(&demand(&drv)), "the demand was withdrawn");
@@ -298,15 +334,6 @@ fn a_flood_of_demands_does_not_take_the_coordinator_down() {
     });
 }
 
-fn assigned_to(drv: &str, worker: &str) -> AnyValue {
-    build::Assigned {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        settings: nixspace_protocol::BuildSettings::default().to_wire(),
-    }
-    .unparse()
-}
-
 #[test]
 fn a_named_worker_route_acts_only_as_that_worker() {
     let mut space = Space::start();
@@ -334,14 +361,26 @@ fn a_named_worker_route_acts_only_as_that_worker() {
         assert!(s.wait_until(&ready(&drv), true).await, "never ready");
         // Claiming, or announcing itself, as another worker is refused and logged.
         let forged = vec![claim(&drv, "w-other"), worker("w-other")];
-        let _forger = Session::join(&named, forged.clone())
+        // Positive control: a claim as itself after the forgeries, on the same connection, is
+        // granted; anything before it would have been seen first.
+        let control = fake_drv("named-worker-control");
+        let _controls = Session::join(&route(&space, Role::Submit), vec![demand(&control)])
             .await
-            .expect("join with the narrowed route");
-        tokio::time::sleep(SETTLE).await;
+            .expect("join as submit");
+        let forger = Session::join(
+            &named,
+            [forged.clone(), vec![claim(&control, "w-good")]].concat(),
+        )
+        .await
+        .expect("join with the narrowed route");
+        assert!(
+            s.wait_until(&assigned(&control, "w-good"), true).await,
+            "the control claim was never granted"
+        );
         for value in &forged {
             assert!(!s.sees(value), "{value:?} reached the dataspace");
         }
-        assert!(!s.sees(&assigned_to(&drv, "w-other")));
+        assert!(!s.sees(&assigned(&drv, "w-other")));
         let log = space.log("up");
         assert!(log.contains("worker:w-good"), "refusal not logged:\n{log}");
         // As itself, it is granted the step.
@@ -349,9 +388,10 @@ fn a_named_worker_route_acts_only_as_that_worker() {
             .await
             .expect("join with the narrowed route");
         assert!(
-            s.wait_until(&assigned_to(&drv, "w-good"), true).await,
+            s.wait_until(&assigned(&drv, "w-good"), true).await,
             "the named worker's claim was not granted"
         );
+        forger.leave();
     });
     // A real worker started with its narrowed route builds.
     space.worker("w-good", &["--route", narrowed.to_str().unwrap()]);

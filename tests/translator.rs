@@ -1508,3 +1508,126 @@ fn a_clients_substituters_are_used_before_building() {
     assert_eq!(std::fs::read_to_string(&fixed.out).unwrap(), fixed.content);
     assert_eq!(built_by(&space, "w1"), 1, "no worker built it again");
 }
+
+/// A chain of `steps` input-addressed derivations named `name-I`, each depending on the one
+/// before, whose base's builder fails: base first, with their `.drv` paths (computed as Nix
+/// does, with `nixspace-nix-formats`).
+fn failing_chain(
+    name: &str,
+    steps: usize,
+) -> Vec<(
+    nixspace_nix_formats::store_path::StorePath,
+    nixspace_nix_formats::derivation::Derivation,
+)> {
+    use nixspace_nix_formats::derivation::{Derivation, DerivationOutput};
+    use nixspace_nix_formats::store_path::{StoreDir, StorePath};
+    let store = StoreDir::default();
+    let system = format!("{}-linux", std::env::consts::ARCH);
+    // Hash modulo of each derivation (unmasked), for its dependents' output paths.
+    let mut hashes = std::collections::HashMap::new();
+    let mut chain: Vec<(StorePath, Derivation)> = Vec::with_capacity(steps);
+    for i in 0..steps {
+        let step = format!("{name}-{i}");
+        let script = if i == 0 {
+            "exit 1"
+        } else {
+            "echo $name > $out"
+        };
+        let env = [
+            ("name", step.as_str()),
+            ("system", system.as_str()),
+            ("builder", "/bin/sh"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+        let mut drv = Derivation {
+            name: step,
+            outputs: [("out".to_owned(), DerivationOutput::Deferred)].into(),
+            input_drvs: chain
+                .last()
+                .map(|(path, _)| (path.clone(), ["out".to_owned()].into()))
+                .into_iter()
+                .collect(),
+            input_srcs: Default::default(),
+            system: system.clone(),
+            builder: b"/bin/sh".to_vec(),
+            args: vec![b"-c".to_vec(), script.as_bytes().to_vec()],
+            env,
+        };
+        drv.compute_input_addressed_outputs(&store, |p| hashes.get(p).cloned())
+            .expect("output paths");
+        let hash = drv
+            .hash_modulo(&store, false, |p| hashes.get(p).cloned())
+            .expect("hash modulo");
+        let path = drv.drv_path(&store).expect("drv path");
+        hashes.insert(path.clone(), hash);
+        chain.push((path, drv));
+    }
+    chain
+}
+
+/// Through `nixspace daemon --stdio`: add a failing chain of `steps` derivations with
+/// `AddTextToStore`, then `BuildPaths` of its top. The daemon answers with the build's
+/// failure (it does not crash or hang), and the connection goes on working.
+async fn a_failing_chain_added_as_text_is_answered(dir: &DaemonDir, steps: usize) {
+    use nixspace_nix_protocol::{BuildMode, ClientError, DerivedPath, OutputSpec};
+    let store = nixspace_nix_formats::store_path::StoreDir::default();
+    let chain = failing_chain(&nixspace_test_support::unique("text-chain"), steps);
+    let (_child, mut client) = dir.stdio_client(None).await;
+    let started = std::time::Instant::now();
+    for (path, drv) in &chain {
+        let references = drv.input_drvs.keys().cloned().collect();
+        let added = client
+            .add_text_to_store(
+                &format!("{}.drv", drv.name),
+                &drv.to_aterm(&store),
+                &references,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("AddTextToStore: {e}\n{}", dir.log()));
+        assert_eq!(&added, path, "the daemon computed another .drv path");
+    }
+    let added = started.elapsed();
+    let (top, _) = chain.last().expect("a step");
+    let wanted = [DerivedPath::Built {
+        drv_path: top.clone(),
+        outputs: OutputSpec::All,
+    }];
+    let mut logs = nixspace_nix_protocol::stderr::DiscardLogs;
+    let Ok(built) = tokio::time::timeout(
+        CHAIN_LIMIT,
+        client.build_paths(&wanted, BuildMode::Normal, &mut logs),
+    )
+    .await
+    else {
+        panic!("BuildPaths not answered in {CHAIN_LIMIT:?}\n{}", dir.log());
+    };
+    eprintln!(
+        "text chain of {steps}: added in {:.1} s, BuildPaths answered in {:.1} s",
+        added.as_secs_f64(),
+        (started.elapsed() - added).as_secs_f64()
+    );
+    match built {
+        Err(ClientError::Daemon(e)) => {
+            assert!(e.to_string().contains("failed"), "{e}\n{}", dir.log());
+        }
+        other => panic!("expected the build's failure, got {other:?}\n{}", dir.log()),
+    }
+    // The connection still answers.
+    assert!(client.is_valid_path(top).await.expect("IsValidPath"));
+}
+
+/// How long adding a chain and building it may take, each.
+const CHAIN_LIMIT: Duration = Duration::from_secs(600);
+
+#[test]
+fn a_50000_step_chain_added_as_text_fails_and_the_daemon_answers() {
+    let dir = DaemonDir::new();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(async {
+        // Positive control: a short chain, the same way, is answered with its failure.
+        a_failing_chain_added_as_text_is_answered(&dir, 10).await;
+        a_failing_chain_added_as_text_is_answered(&dir, 50_000).await;
+    });
+}

@@ -953,7 +953,7 @@ mod tests {
             Some(&"honest".into()),
             AttemptOutcome::Built { outputs: &outputs },
         )
-            .unwrap();
+        .unwrap();
         let steps = h.recent(10).unwrap();
         let attempts: Vec<_> = steps[0]
             .attempts

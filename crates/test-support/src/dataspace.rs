@@ -27,9 +27,6 @@ use syndicate::schemas::dataspace_patterns as dp;
 /// How long a test waits for the dataspace to answer.
 pub const ANSWER: Duration = Duration::from_secs(10);
 
-/// Long enough for the planner to have reacted to anything it was going to.
-pub const SETTLE: Duration = Duration::from_millis(1500);
-
 /// The route of `role` in `space`'s runtime directory.
 pub fn route(space: &crate::space::Space, role: Role) -> Route {
     Route::read(&role.route_file(&space.dir())).expect("route file")
@@ -75,6 +72,81 @@ pub fn demand_by(drv: &str, requester: &str) -> AnyValue {
     .unparse()
 }
 
+/// The demands of a chain of `steps` fake steps named `name`, each depending on the one
+/// before, for a system no real worker has; and their derivation paths, the base first.
+pub fn chain_demands(name: &str, steps: usize) -> (Vec<String>, Vec<AnyValue>) {
+    let drvs: Vec<String> = (0..steps)
+        .map(|i| format!("/nix/store/{i:032}-{name}.drv"))
+        .collect();
+    let demands = drvs
+        .iter()
+        .enumerate()
+        .map(|(i, drv)| {
+            build::Demand {
+                drv: drv.clone(),
+                step: build::StepInfo {
+                    input_drvs: i
+                        .checked_sub(1)
+                        .map(|j| drvs[j].clone())
+                        .into_iter()
+                        .collect(),
+                    ..test_step()
+                },
+                requester: "chain-test".to_owned(),
+                priority: 0.into(),
+                depth: 0.into(),
+            }
+            .unparse()
+        })
+        .collect();
+    (drvs, demands)
+}
+
+/// A worker named `id` for the system of [`demand`]'s steps, with one slot.
+pub fn test_worker(id: &str) -> AnyValue {
+    build::Worker {
+        id: id.to_owned(),
+        host: "test".to_owned(),
+        systems: vec![test_step().system],
+        features: vec![],
+        max_jobs: 1.into(),
+        speed: 1.0.into(),
+    }
+    .unparse()
+}
+
+/// What the planner asserts when it gives step `drv` to `worker` (default settings).
+pub fn assigned(drv: &str, worker: &str) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
+    }
+    .unparse()
+}
+
+/// Worker `worker`'s claim of step `drv`.
+pub fn claim(drv: &str, worker: &str) -> AnyValue {
+    build::Claim {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+    }
+    .unparse()
+}
+
+/// What worker `worker` asserts to report that its build of `drv` failed for good (the
+/// builder exited non-zero). The one place tests write a worker's failure report.
+pub fn reported_failed_for_good(drv: &str, worker: &str) -> AnyValue {
+    build::ReportFailed {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        reason: "builder failed with exit code 1".to_owned(),
+        kind: build::FailureKind::Permanent,
+        cause: build::FailureCause::Build,
+    }
+    .unparse()
+}
+
 /// What the planner asserts for [`demand`]`(drv)`.
 pub fn ready(drv: &str) -> AnyValue {
     build::Ready {
@@ -89,16 +161,31 @@ pub fn ready(drv: &str) -> AnyValue {
 /// Check on a running `space` (its planner logging to `up.log`) that a demand
 /// asserted with the worker capability is refused, logged, and never reaches
 /// the planner, while the same demand through the submit capability is planned.
+/// Positive control: the same connection then claims a control step, and the
+/// planner's answer to that claim is seen first.
 pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
     let drv = fake_drv("worker-demand");
+    let control = fake_drv("worker-demand-control");
     runtime().block_on(async {
-        let w = Session::join(&route(space, Role::Worker), vec![demand(&drv)])
-            .await
-            .expect("join as worker");
-        let observer = Session::join(&route(space, Role::Submit), vec![])
+        let observer = Session::join(&route(space, Role::Submit), vec![demand(&control)])
             .await
             .expect("join as submit");
-        tokio::time::sleep(SETTLE).await;
+        assert!(observer.wait_until(&ready(&control), true).await);
+        let w = Session::join(
+            &route(space, Role::Worker),
+            vec![demand(&drv), claim(&control, "w-control")],
+        )
+        .await
+        .expect("join as worker");
+        // A connection's assertions reach the planner in the order sent, and the observer
+        // sees the planner's answers in order: had the demand been planned, its `ready`
+        // would have come before this.
+        assert!(
+            observer
+                .wait_until(&assigned(&control, "w-control"), true)
+                .await,
+            "the control claim, sent after the demand, was never granted"
+        );
         assert!(!observer.sees(&demand(&drv)));
         assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
         space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
@@ -159,13 +246,36 @@ impl Session {
         messages: Vec<AnyValue>,
         patience: Duration,
     ) -> anyhow::Result<Session> {
+        let watch = Watch::Role(role_of(route));
+        Session::start(route, asserts, messages, patience, watch).await
+    }
+
+    /// Like [`Session::join_within`], observing only field `field` of the `<label …>` records:
+    /// what it sees are those fields' values (e.g. the `drv` of every `failed`). Only the
+    /// field travels, so it keeps up with a hundred thousand assertions.
+    pub async fn join_watching(
+        route: &Route,
+        asserts: Vec<AnyValue>,
+        (label, field): (&str, usize),
+        patience: Duration,
+    ) -> anyhow::Result<Session> {
+        let watch = Watch::Field(label.to_owned(), field);
+        Session::start(route, asserts, Vec::new(), patience, watch).await
+    }
+
+    async fn start(
+        route: &Route,
+        asserts: Vec<AnyValue>,
+        messages: Vec<AnyValue>,
+        patience: Duration,
+        watch: Watch,
+    ) -> anyhow::Result<Session> {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let messages_seen = Arc::new(Mutex::new(Vec::new()));
         let heard = Arc::clone(&messages_seen);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let probe_id = format!("test-probe-{}", crate::nix_files::nonce());
         let collected = Arc::clone(&seen);
-        let role = role_of(route);
         let actor = nixspace_space::join::join(route, move |t, ds| {
             for a in &asserts {
                 ds.assert(t, a);
@@ -206,13 +316,26 @@ impl Session {
                     Ok(())
                 },
             ));
-            for label in observable(role) {
-                for observer in [&observer, &listener] {
+            match &watch {
+                Watch::Role(role) => {
+                    for label in observable(*role) {
+                        for observer in [&observer, &listener] {
+                            ds.assert(
+                                t,
+                                &Observe {
+                                    pattern: records(&label),
+                                    observer: Arc::clone(observer),
+                                },
+                            );
+                        }
+                    }
+                }
+                Watch::Field(label, field) => {
                     ds.assert(
                         t,
                         &Observe {
-                            pattern: records(&label),
-                            observer: Arc::clone(observer),
+                            pattern: field_of(label, *field),
+                            observer: Arc::clone(&observer),
                         },
                     );
                 }
@@ -229,23 +352,10 @@ impl Session {
                     Ok(())
                 },
             ));
-            let probes = dp::Pattern::Group {
-                type_: dp::GroupType::Rec {
-                    label: AnyValue::symbol("probe"),
-                },
-                entries: [(
-                    AnyValue::new(0),
-                    dp::Pattern::Bind {
-                        pattern: Box::new(dp::Pattern::Discard),
-                    },
-                )]
-                .into_iter()
-                .collect(),
-            };
             ds.assert(
                 t,
                 &Observe {
-                    pattern: probes,
+                    pattern: field_of("probe", 0),
                     observer: echo,
                 },
             );
@@ -261,6 +371,11 @@ impl Session {
             seen,
             messages: messages_seen,
         })
+    }
+
+    /// Every value seen now (for [`Session::join_watching`]: every field value).
+    pub fn seen(&self) -> Vec<AnyValue> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Every assertion seen now whose label is the symbol `label`.
@@ -286,6 +401,31 @@ impl Session {
     /// Leave: the connection closes and our assertions are withdrawn.
     pub fn leave(self) {
         self.actor.abort();
+    }
+}
+
+/// What a [`Session`] observes.
+enum Watch {
+    /// Every record the role may observe, whole.
+    Role(Role),
+    /// One field (by position) of one record.
+    Field(String, usize),
+}
+
+/// A pattern capturing field `field` of every `<label …>`.
+fn field_of(label: &str, field: usize) -> dp::Pattern {
+    dp::Pattern::Group {
+        type_: dp::GroupType::Rec {
+            label: AnyValue::symbol(label.to_owned()),
+        },
+        entries: [(
+            AnyValue::new(field as i64),
+            dp::Pattern::Bind {
+                pattern: Box::new(dp::Pattern::Discard),
+            },
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -324,7 +464,7 @@ fn label_of(v: &AnyValue) -> Option<AnyValue> {
 }
 
 /// The contents of a string value.
-fn string_of(v: &AnyValue) -> Option<String> {
+pub fn string_of(v: &AnyValue) -> Option<String> {
     use preserves::ValueImpl;
     v.as_string().map(|s| s.into_owned())
 }
@@ -338,6 +478,66 @@ pub fn text(v: &AnyValue) -> String {
 /// capability request whose answer goes to our object 0.
 pub fn resolve_text(route: &Route) -> String {
     format!("<resolve {} #:[0 0]>", text(&route.sturdy_ref.unparse()))
+}
+
+/// A packed Preserves varint (a length prefix).
+fn varint(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let low = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(low);
+            return out;
+        }
+        out.push(low | 0x80);
+    }
+}
+
+/// The start of the packed packet `[[oid <A #[…declared bytes…] …`, up to the byte string's
+/// bytes.
+pub fn assertion_of_bytes(oid: u8, declared: u64) -> Vec<u8> {
+    let mut packet = vec![0xb5, 0xb5, 0xb0, 0x01, oid, 0xb4, 0xb3, 0x01, b'A', 0xb2];
+    packet.extend(varint(declared));
+    packet
+}
+
+/// A positive control for memory bounds on `up`: a client resolving the submit capability
+/// asserts one byte string of `size` bytes (under `up`'s packet cap); `up`'s peak resident
+/// memory, `before` until now, must be seen to grow by at least `size`, and the client stays
+/// connected.
+pub fn assert_up_is_seen_holding_a_large_packet(
+    space: &crate::space::Space,
+    before: u64,
+    size: usize,
+) {
+    let pid = space.up_pid();
+    let mut client = RawPeer::connect(&space.dir().join("nixspace.sock")).expect("connect");
+    let oid = client
+        .resolve(&route(space, Role::Submit))
+        .expect("resolved");
+    let mut packet = assertion_of_bytes(u8::try_from(oid).expect("a small oid"), size as u64);
+    packet.extend(vec![0u8; size]);
+    // Handle 1, then the ends of the record, the event, the turn.
+    packet.extend([0xb0, 0x01, 0x01, 0x84, 0x84, 0x84]);
+    client
+        .send(&packet)
+        .expect("a large packet under the cap is taken");
+    let deadline = Instant::now() + ANSWER;
+    while crate::peak_rss(pid) < before + size as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        crate::peak_rss(pid) >= before + size as u64,
+        "the measure did not see a {} MiB packet: {} MiB before, {} MiB after",
+        size >> 20,
+        before >> 20,
+        crate::peak_rss(pid) >> 20
+    );
+    assert!(
+        !client.closed_within(Duration::from_millis(500)),
+        "the authenticated client was closed"
+    );
 }
 
 /// A hand-written Syndicate peer on a raw unix socket.
@@ -417,7 +617,13 @@ impl RawPeer {
     /// under which the host exports the dataspace to us; what we received
     /// if it did not answer ok.
     pub fn resolve(&mut self, route: &Route) -> Result<u64, String> {
-        let packet = format!("[[0 <A {} 0>]]", resolve_text(route));
+        self.resolve_as(route, 0)
+    }
+
+    /// Like [`RawPeer::resolve`], asserting the request under `handle` (one this connection
+    /// has not used).
+    pub fn resolve_as(&mut self, route: &Route, handle: u64) -> Result<u64, String> {
+        let packet = format!("[[0 <A {} {handle}>]]", resolve_text(route));
         self.send(packet.as_bytes()).map_err(|e| e.to_string())?;
         // The answer looks like `[[0, <A <ok #:[0, 1]> 523>]]`.
         let got = self.read_until("<ok #:[0", ANSWER);

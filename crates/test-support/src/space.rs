@@ -125,6 +125,12 @@ impl Space {
         self.children[0].id()
     }
 
+    /// The process id of the process this space started last (e.g. the translator just
+    /// started by [`Space::translator`]).
+    pub fn newest_pid(&self) -> u32 {
+        self.children.last().map_or(0, Child::id)
+    }
+
     /// The process id of worker `id`.
     pub fn worker_pid(&self, id: &str) -> u32 {
         let (_, child) = self
