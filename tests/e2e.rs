@@ -192,8 +192,7 @@ fn a_worker_joins_over_tcp() {
         sturdy_ref: route.sturdy_ref.clone(),
     };
     assert_eq!(tcp_only.transports.len(), 1, "{route:?}");
-    let path = space.tmp.path().join("tcp.route");
-    tcp_only.write(&path).expect("write route");
+    let path = space.worker_route_file("tcp", &tcp_only);
     space.worker(
         "tcp-worker",
         &["--route", path.to_str().expect("utf-8 path")],

@@ -532,10 +532,7 @@ fn a_connection_cut_mid_transfer_is_retried_and_nothing_half_written_is_valid() 
     let worker_route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
     // Cut the first connection once 3 MiB went to the worker: in the middle of the NAR.
     let proxy = CuttingProxy::start(tcp_address(&worker_route), 3 << 20);
-    let proxied = space.tmp.path().join("proxied-worker.route");
-    through(&worker_route, &proxy)
-        .write(&proxied)
-        .expect("write route");
+    let proxied = space.worker_route_file("proxied-worker", &through(&worker_route, &proxy));
     let (s1, s2) = (space.tmp.path().join("s1"), space.tmp.path().join("s2"));
     let own = |p: &Path| p.to_str().expect("utf-8").to_owned();
     space.worker("w1", &["--features", "fa", "--own-store", &own(&s1)]);

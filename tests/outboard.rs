@@ -61,7 +61,8 @@ fn out_path(space: &Space, expr: &str) -> String {
     evaluated.stdout.trim().trim_matches('"').to_owned()
 }
 
-/// The toolchain built with plain `nix-build` in the machine's store, with a nonce for
+/// The toolchain built with plain `nix-build` in the machine's store, signed with the shared
+/// worker's key (as the store's owner signs what it builds for others), with a nonce for
 /// which `tool` sorts before `dep`: a store fetching paths in order then meets `dep` first
 /// as `tool`'s reference, and must not fetch it again. Returns `tool` and `dep`.
 fn toolchain(space: &Space) -> (String, String) {
@@ -76,7 +77,10 @@ fn toolchain(space: &Space) -> (String, String) {
         .find(|(_, tool, dep)| tool < dep)
         .expect("a nonce with tool before dep");
     let mut b = space.nix("nix-build", None);
-    b.arg(&file).arg("--no-out-link");
+    b.arg(&file)
+        .arg("--no-out-link")
+        .args(["--option", "secret-key-files"])
+        .arg(space.dir().join("worker.key"));
     let built = run(b, LIMIT);
     assert!(built.status.success(), "{built:?}");
     assert_eq!(built.stdout.trim(), tool);

@@ -187,7 +187,9 @@ impl Rig {
 }
 
 /// Write `<dir>/worker-tcp.route`: the worker route of the dataspace in `dir` with its TCP
-/// transports only, so a worker joining with it comes in over TCP as from another host.
+/// transports only, so a worker joining with it comes in over TCP as from another host; the
+/// worker's signing key goes with it (`worker-tcp.key`, a copy of `worker.key`), as it would
+/// to another host, so what the worker builds is trusted.
 fn tcp_only_route(dir: &Path) -> Result<PathBuf, BenchError> {
     let mut route = Route::read(&Role::Worker.route_file(dir))?;
     route.transports.retain(|t| matches!(t, Transport::Tcp(..)));
@@ -196,5 +198,6 @@ fn tcp_only_route(dir: &Path) -> Result<PathBuf, BenchError> {
     }
     let path = dir.join("worker-tcp.route");
     route.write(&path)?;
+    std::fs::copy(dir.join("worker.key"), path.with_extension("key"))?;
     Ok(path)
 }

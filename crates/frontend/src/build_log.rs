@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Seek, Write};
 
-use nixspace_nix_tools::{DaemonPool, StepError};
+use nixspace_nix_tools::{local_store, DaemonPool, StepError};
 use nixspace_protocol::{DrvPath, WorkerId};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -154,7 +154,8 @@ impl StepLogs {
 }
 
 /// Hand `log` to the local store as the build log of `drv` (`AddBuildLog`), on a connection of
-/// `pool`.
+/// `pool`; nothing when the local log directory has a log of `drv` already (the daemon would
+/// keep that one: a worker sharing the store wrote it), so no daemon is started for it.
 pub async fn store(pool: &DaemonPool, drv: &DrvPath, log: StepLog) -> Result<(), BuildLogError> {
     let path = pool
         .store_dir()
@@ -162,6 +163,10 @@ pub async fn store(pool: &DaemonPool, drv: &DrvPath, log: StepLog) -> Result<(),
         .ok()
         .filter(|p| p.is_derivation())
         .ok_or_else(|| BuildLogError::NotADerivation(drv.to_string()))?;
+    let kept = local_store::build_log_file(&local_store::log_dir(), &path.to_string());
+    if tokio::fs::try_exists(&kept).await.unwrap_or(false) {
+        return Ok(());
+    }
     let mut reader = log.into_reader()?;
     let mut lease = pool.lease().await.map_err(BuildLogError::Daemon)?;
     match lease.client().add_build_log(&path, &mut reader).await {

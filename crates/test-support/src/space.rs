@@ -113,6 +113,17 @@ impl Space {
         self.tmp.path().join("run")
     }
 
+    /// `route` written as `NAME.route` in the test's temporary directory, for a worker, with a
+    /// copy of the shared worker's signing key beside it (`NAME.key`), as an operator gives
+    /// both files to a worker host: what the worker builds is signed by a key the stores trust.
+    pub fn worker_route_file(&self, name: &str, route: &nixspace_space::Route) -> PathBuf {
+        let path = self.tmp.path().join(format!("{name}.route"));
+        route.write(&path).expect("write route");
+        std::fs::copy(self.dir().join("worker.key"), path.with_extension("key"))
+            .expect("copy the worker's signing key");
+        path
+    }
+
     /// A new, empty directory `name` in the test's temporary directory.
     pub fn scratch_dir(&self, name: &str) -> PathBuf {
         let dir = self.tmp.path().join(name);
