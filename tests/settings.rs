@@ -161,6 +161,18 @@ fn corrupt(path: &str) {
 
 #[test]
 fn repair_rebuilds_a_corrupted_path_of_the_output_closure() {
+    repair_rebuilds_a_corrupted_path(None);
+}
+
+#[test]
+fn repair_on_a_worker_with_a_store_of_its_own_replaces_the_corrupted_path_here() {
+    repair_rebuilds_a_corrupted_path(Some("own-store"));
+}
+
+/// Build a root whose output refers to its input's, corrupt the input's output here, and
+/// repair it, with one worker sharing this store or (`own_store`: the directory's name) with
+/// a store of its own, from which the repaired path is copied over the corrupted one.
+fn repair_rebuilds_a_corrupted_path(own_store: Option<&str>) {
     let mut space = Space::start();
     // Nix 2.8 with `ca-derivations` enabled takes an output with a realisation to be valid
     // without checking its contents, so it never repairs one: this test runs without it (as
@@ -172,7 +184,11 @@ fn repair_rebuilds_a_corrupted_path_of_the_output_closure() {
         text.replace("nix-command ca-derivations", "nix-command"),
     )
     .unwrap();
-    space.worker("w1", &[]);
+    let store = own_store.map(|name| space.tmp.path().join(name));
+    match &store {
+        Some(store) => space.worker("w1", &["--own-store", store.to_str().unwrap()]),
+        None => space.worker("w1", &[]),
+    }
     let tag = nonce();
     // The root refers to its input's output at run time: the input is in its output closure.
     let file = space.nix_file(

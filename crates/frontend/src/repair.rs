@@ -99,10 +99,7 @@ pub async fn corrupted(
             Ok(info) => info,
             Err(e) => return Err(lease.failed(e).into()),
         };
-        let good = match &info {
-            Some(info) => contents_match(&store, &path, info.nar_hash.clone()).await?,
-            None => false,
-        };
+        let good = contents_match(&store, &path, info.as_ref().map(|i| &i.nar_hash)).await?;
         let printed = store.print(&path);
         if !good {
             tracing::warn!(path = %printed, drv = %owner, "found a corrupted or missing path in the output closure");
@@ -130,13 +127,41 @@ pub async fn corrupted(
     Ok(found)
 }
 
+/// Which of `paths` (printed) are still corrupted in the store of `pool`, after a repair build:
+/// a worker sharing the store replaced them, one with a store of its own did not.
+pub async fn still_corrupted(
+    paths: &[String],
+    pool: &DaemonPool,
+) -> Result<Vec<String>, RepairError> {
+    let store = pool.store_dir().clone();
+    let mut lease = pool.lease().await?;
+    let mut corrupted = Vec::new();
+    for printed in paths {
+        let Ok(path) = store.parse(printed) else {
+            continue;
+        };
+        let info = match lease.client().query_path_info(&path).await {
+            Ok(info) => info,
+            Err(e) => return Err(lease.failed(e).into()),
+        };
+        if !contents_match(&store, &path, info.as_ref().map(|i| &i.nar_hash)).await? {
+            corrupted.push(printed.clone());
+        }
+    }
+    lease.release();
+    Ok(corrupted)
+}
+
 /// Whether the contents of `path` on disk hash to `registered`, as Nix's `pathContentsGood`
-/// decides (a path missing on disk is not good).
+/// decides (a path missing on disk is not good, nor one the store does not register).
 async fn contents_match(
     store: &StoreDir,
     path: &StorePath,
-    registered: Hash,
+    registered: Option<&Hash>,
 ) -> Result<bool, RepairError> {
+    let Some(registered) = registered.cloned() else {
+        return Ok(false);
+    };
     let file = PathBuf::from(store.print(path));
     let summary = tokio::task::spawn_blocking(move || hash_path(&file)).await?;
     Ok(summary.is_ok_and(|s| s.sha256 == registered))

@@ -252,6 +252,9 @@ pub struct BuildSession {
     after_build: BTreeSet<DrvPath>,
     roots: Vec<DrvPath>,
     plan: Plan,
+    /// The corrupted paths a repair rebuilds: each is copied here again after the build if
+    /// it is still corrupted (a worker with a store of its own made it anew).
+    repairing: Vec<String>,
     /// Every step and how it ended (`None` while pending).
     steps: BTreeMap<DrvPath, Option<StepOutcome>>,
     /// Steps being built, and by whom.
@@ -296,13 +299,16 @@ impl BuildSession {
             config.substitution.as_ref(),
         )
         .await?;
+        let mut repairing = Vec::new();
         match config.settings.mode {
             // Checking rebuilds the roots whose outputs are valid.
             BuildMode::Check => plan.needed.extend(root_names.iter().cloned()),
             // Repairing rebuilds what made the corrupted paths of the output closure.
             BuildMode::Repair => {
-                let corrupted = repair::corrupted(&plan, &root_names, &config.pool).await?;
-                plan.needed.extend(corrupted.into_iter().map(|c| c.deriver));
+                for c in repair::corrupted(&plan, &root_names, &config.pool).await? {
+                    repairing.push(c.path);
+                    plan.needed.insert(c.deriver);
+                }
             }
             BuildMode::Normal => {}
         }
@@ -322,6 +328,7 @@ impl BuildSession {
             after_build: BTreeSet::new(),
             roots,
             plan,
+            repairing,
             steps,
             running: BTreeMap::new(),
             tails: BTreeMap::new(),
@@ -786,6 +793,16 @@ impl BuildSession {
                 }
             }
             self.clock.end("copy the outputs here");
+            if !self.repairing.is_empty() {
+                let left = repair::still_corrupted(&self.repairing, &self.pool).await?;
+                if !left.is_empty() {
+                    tokio::select! {
+                        r = following.store.repair(&left) => r.map_err(SessionError::Copy)?,
+                        e = &mut following.connection => return Err(SessionError::Dataspace(e)),
+                    }
+                }
+                self.clock.end("repair the paths here");
+            }
             // Content-addressed originals: Nix finds their outputs through these.
             following.resolver.register_realisations().await?;
             self.clock.end("register the realisations");

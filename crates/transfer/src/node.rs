@@ -79,6 +79,9 @@ enum Scope {
     /// The path alone: its references must be valid already (it is one path of a closure
     /// being added in dependency order).
     Alone,
+    /// The path alone, valid here but with contents other than the store registered: added
+    /// again in Nix's repair mode, which replaces them. Its references must be valid.
+    Replace,
 }
 
 /// How many wants a fetch holds at once while it collects a closure's path-infos.
@@ -460,6 +463,20 @@ impl StoreNode {
         let parsed = self.parse_all(paths)?;
         self.inner.ensure(parsed).await
     }
+
+    /// Replace each of `paths` (printed store paths, valid here but with contents other than
+    /// the store registered) with a good copy from another store in the dataspace, added in
+    /// Nix's repair mode; their references must be valid here. What `--repair` needs for a
+    /// path that a worker with a store of its own made again.
+    pub async fn repair(&self, paths: &[String]) -> Result<(), FetchError> {
+        for path in self.parse_all(paths)? {
+            let patience = Patience::Anyone(self.inner.timeouts.want);
+            self.inner
+                .fetch_across_reconnections(&path, patience, Scope::Replace)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 impl Inner {
@@ -652,7 +669,11 @@ impl Inner {
                     self.copy_closure(&link, fetch, path, &printed, &holder, &info)
                         .await
                 }
-                Scope::Alone => self.copy_alone(&link, path, &printed, &holder, &info).await,
+                Scope::Alone | Scope::Replace => {
+                    let repair = matches!(scope, Scope::Replace);
+                    self.copy_alone(&link, path, &printed, &holder, &info, repair)
+                        .await
+                }
             };
             match copied {
                 Ok(size) => {
@@ -739,7 +760,7 @@ impl Inner {
         for reference in order.iter().filter(|r| *r != path) {
             self.fetch_reference(fetch, reference).await?;
         }
-        self.add_nar(link, printed, holder, &info).await
+        self.add_nar(link, printed, holder, &info, false).await
     }
 
     /// The missing paths of `root`'s closure (claimed as `wire`, parsed as `info`), each after
@@ -820,7 +841,8 @@ impl Inner {
         Ok(claims)
     }
 
-    /// Copy `path` from `holder`, claimed as `wire`, whose references must be valid here.
+    /// Copy `path` from `holder`, claimed as `wire`, whose references must be valid here (in
+    /// Nix's repair mode if `repair`: a valid path's contents are replaced).
     async fn copy_alone(
         &self,
         link: &Link,
@@ -828,6 +850,7 @@ impl Inner {
         printed: &str,
         holder: &str,
         wire: &store::PathInfo,
+        repair: bool,
     ) -> Result<u64, CopyError> {
         let info = from_wire(self.pool.store_dir(), path, wire)?;
         let references: BTreeSet<StorePath> = info
@@ -845,17 +868,18 @@ impl Inner {
         if !missing.is_empty() {
             return Err(CopyError::ReferencesNotValid(self.print_all(&missing)));
         }
-        self.add_nar(link, printed, holder, &info).await
+        self.add_nar(link, printed, holder, &info, repair).await
     }
 
-    /// Stream `printed`'s NAR from `holder` into the local store, registered as `info`.
-    /// Returns the NAR size.
+    /// Stream `printed`'s NAR from `holder` into the local store, registered as `info` (in
+    /// Nix's repair mode if `repair`). Returns the NAR size.
     async fn add_nar(
         &self,
         link: &Link,
         printed: &str,
         holder: &str,
         info: &ValidPathInfo,
+        repair: bool,
     ) -> Result<u64, CopyError> {
         let trusted = self
             .trust
@@ -901,7 +925,7 @@ impl Inner {
         // registers nothing.
         let dont_check_sigs = trusted.dont_check_sigs();
         let added = tokio::select! {
-            added = lease.client().add_to_store_nar(info, &mut nar, false, dont_check_sigs) => added,
+            added = lease.client().add_to_store_nar(info, &mut nar, repair, dont_check_sigs) => added,
             () = link.until_lost() => return Err(CopyError::LinkLost),
         };
         match added {
