@@ -534,23 +534,11 @@ impl StepActivity {
     /// (new ones for activities starting); none for an activity not open (or over the bound).
     fn renumber(&mut self, event: LogEvent) -> Option<LogEvent> {
         Some(match event {
-            LogEvent::Result {
-                id,
-                result_type,
-                fields,
-            } => LogEvent::Result {
-                id: self.client_id(id)?,
-                result_type,
-                fields,
-            },
-            LogEvent::StartActivity {
-                id,
-                level,
-                activity_type,
-                text,
-                fields,
-                parent,
-            } => {
+            LogEvent::Result { id, .. } => {
+                let id = self.client_id(id)?;
+                event.renumbered(id, 0)
+            }
+            LogEvent::StartActivity { id, parent, .. } => {
                 let parent = self.client_id(parent)?;
                 if id == 0
                     || self.nested.len() >= MAX_OPEN_ACTIVITIES
@@ -560,14 +548,7 @@ impl StepActivity {
                 }
                 let ours = activity_id();
                 self.nested.insert(id, ours);
-                LogEvent::StartActivity {
-                    id: ours,
-                    level,
-                    activity_type,
-                    text,
-                    fields,
-                    parent,
-                }
+                event.renumbered(ours, parent)
             }
             LogEvent::StopActivity { id } => LogEvent::StopActivity {
                 id: self.nested.remove(&id)?,

@@ -136,6 +136,20 @@ pub enum LogEvent {
 }
 
 impl LogEvent {
+    /// The same event under other activity numbers: its activity `id` (of a start, a result
+    /// or a stop) and, for a start, its `parent`. A message has none.
+    pub fn renumbered(mut self, new_id: u64, new_parent: u64) -> LogEvent {
+        match &mut self {
+            LogEvent::StartActivity { id, parent, .. } => {
+                *id = new_id;
+                *parent = new_parent;
+            }
+            LogEvent::Result { id, .. } | LogEvent::StopActivity { id } => *id = new_id,
+            LogEvent::Message(_) => {}
+        }
+        self
+    }
+
     /// The line of build output this event carries, if it is a `BuildLogLine` result.
     pub fn build_log_line(&self) -> Option<&str> {
         match self {

@@ -94,40 +94,18 @@ impl BuildEvents {
             } if activity_type == activity_type::BUILD && self.build.is_none() => {
                 self.build = Some(id);
             }
-            LogEvent::StartActivity {
-                id,
-                level,
-                activity_type,
-                text,
-                fields,
-                parent,
-            } => {
+            LogEvent::StartActivity { id, parent, .. } => {
                 let Some(parent) = self.ours(parent) else {
                     return;
                 };
                 if id == 0 || self.open.len() >= MAX_OPEN_ACTIVITIES || !self.open.insert(id) {
                     return;
                 }
-                out(BuildLog::Activity(LogEvent::StartActivity {
-                    id,
-                    level,
-                    activity_type,
-                    text,
-                    fields,
-                    parent,
-                }));
+                out(BuildLog::Activity(event.renumbered(id, parent)));
             }
-            LogEvent::Result {
-                id,
-                result_type,
-                fields,
-            } => {
+            LogEvent::Result { id, .. } => {
                 if let Some(id) = self.ours(id) {
-                    out(BuildLog::Activity(LogEvent::Result {
-                        id,
-                        result_type,
-                        fields,
-                    }));
+                    out(BuildLog::Activity(event.renumbered(id, 0)));
                 }
             }
             LogEvent::StopActivity { id } => {
