@@ -356,16 +356,17 @@ fn the_translator_survives_random_and_mutated_requests() {
         TRANSLATOR_BOUND >> 20
     );
     // Positive control: a 48 MiB string, under the cap, is read whole, and the same measure
-    // sees the translator grow by at least that much.
+    // sees the translator grow by more than the bound (not by all 48 MiB: the allocator may
+    // reuse pages it already holds).
     let mut header = nix_handshake();
     header.extend(words(&[8, 1, u64::from(b'a'), HELD as u64]));
     assert_eq!(send_body(&socket, &header, HELD), HELD);
     let deadline = std::time::Instant::now() + ANSWER;
-    while peak_rss(pid) < peak + HELD as u64 && std::time::Instant::now() < deadline {
+    while peak_rss(pid) < peak + TRANSLATOR_BOUND && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert!(
-        peak_rss(pid) >= peak + HELD as u64,
+        peak_rss(pid) >= peak + TRANSLATOR_BOUND,
         "the measure did not see a 48 MiB string: {} MiB before, {} MiB after",
         peak >> 20,
         peak_rss(pid) >> 20
