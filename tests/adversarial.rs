@@ -457,3 +457,114 @@ fn a_submitter_cannot_rewrite_a_built_step_as_resolved() {
         frontend.leave();
     });
 }
+
+/// The demand for `drv` whose one output `out` the derivation gives as `path`.
+fn demand_with_output(drv: &str, path: &str) -> AnyValue {
+    let mut demand = build::Demand::parse(&demand(drv)).expect("a demand");
+    demand.step.outputs = vec![format!("out={path}")];
+    demand.unparse()
+}
+
+#[test]
+fn a_lying_worker_is_caught_and_the_step_built_by_another() {
+    let space = Space::start_with(&["--metrics", "127.0.0.1:0"]);
+    let drv = fake_drv("lied-about");
+    let output = output_of(&drv);
+    runtime().block_on(async {
+        let frontend = Session::join(
+            &route(&space, Role::Submit),
+            vec![demand_with_output(&drv, &output)],
+        )
+        .await
+        .expect("join as submit");
+        let liar = Session::join(&route(&space, Role::Worker), worker("liar"))
+            .await
+            .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "liar"), true).await);
+        // The liar, assigned the step, reports an output the derivation does not have.
+        let lie = Session::join(
+            &route(&space, Role::Worker),
+            vec![report(&drv, "liar", &fake_output("lied-about-elsewhere"))],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            poll_until(ANSWER, || !frontend.with_label("rejected").is_empty()).await,
+            "no rejection: {}",
+            space.log("up")
+        );
+        let rejected = frontend.with_label("rejected");
+        let rejection = build::Rejected::parse(&rejected[0]).expect("a rejected record");
+        assert_eq!(
+            (rejection.drv.as_str(), rejection.worker.as_str()),
+            (drv.as_str(), "liar")
+        );
+        assert!(
+            rejection.reason.contains("lied-about-elsewhere"),
+            "{rejection:?}"
+        );
+        // Its result is discarded: nothing built, and it is not given the step again.
+        assert!(frontend.with_label("built").is_empty());
+        assert!(frontend.wait_until(&assigned(&drv, "liar"), false).await);
+        // An honest worker builds it; its report is believed (the positive control: a report
+        // of this step can be accepted).
+        let honest = Session::join(&route(&space, Role::Worker), worker("honest"))
+            .await
+            .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "honest"), true).await);
+        let truth = Session::join(
+            &route(&space, Role::Worker),
+            vec![report(&drv, "honest", &output)],
+        )
+        .await
+        .expect("join as worker");
+        assert!(
+            frontend
+                .wait_until(&built(&drv, "honest", &output), true)
+                .await,
+            "{}",
+            space.log("up")
+        );
+
+        // The incident: in `status`, in the history, in the metrics.
+        let dir = space.dir();
+        let status = run(
+            space.command(&["status", "--dir", dir.to_str().expect("utf-8")]),
+            ANSWER,
+        );
+        assert!(status.status.success(), "{status:?}");
+        assert!(
+            status.stdout.contains("rejected results: 1") && status.stdout.contains("from liar"),
+            "{}",
+            status.stdout
+        );
+        let step = history_of(&space, &drv, |s| s["status"] == "built");
+        let attempts: Vec<(String, String)> = step["attempts"]
+            .as_array()
+            .expect("attempts")
+            .iter()
+            .map(|a| {
+                (
+                    a["worker"].as_str().unwrap_or_default().to_owned(),
+                    a["outcome"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![
+                ("liar".to_owned(), "rejected".to_owned()),
+                ("honest".to_owned(), "built".to_owned())
+            ],
+            "{step}"
+        );
+        let metrics = nixspace_test_support::http_get(&space.metrics_address(), "/metrics");
+        assert!(
+            metrics.contains("nixspace_rejected_results_total 1"),
+            "{metrics}"
+        );
+        for session in [truth, honest, lie, liar, frontend] {
+            session.leave();
+        }
+    });
+}

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use nixspace_test_support::{layered_dag, nonce, sleeper, Space};
+use nixspace_test_support::{http_get, layered_dag, nonce, sleeper, Space};
 use rustix::process::Signal;
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
@@ -173,16 +173,6 @@ fn status_shows_workers_demands_and_unschedulable_steps() {
     build.wait().expect("reap the build");
 }
 
-/// GET `path` from a plain HTTP server; the whole response.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
-    let mut response = String::new();
-    s.read_to_string(&mut response).expect("read response");
-    response
-}
-
 #[test]
 fn metrics_count_builds_workers_and_dispatch() {
     let mut space = Space::start_with(&["--metrics", "127.0.0.1:0"]);
@@ -191,13 +181,8 @@ fn metrics_count_builds_workers_and_dispatch() {
     let file = layered_dag(&space, 2, 3, &runs); // 6 + root = 7 steps
     let result = space.build(&file, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
-    let log = space.log("up");
-    let addr = log
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .unwrap_or_else(|| panic!("no metrics address in:\n{log}"));
-    let response = http_get(addr, "/metrics");
+    let addr = space.metrics_address();
+    let response = http_get(&addr, "/metrics");
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     for line in [
         "nixspace_steps_built_total 7",
@@ -208,7 +193,7 @@ fn metrics_count_builds_workers_and_dispatch() {
     ] {
         assert!(response.contains(line), "{line:?} missing:\n{response}");
     }
-    assert!(http_get(addr, "/other").starts_with("HTTP/1.1 404"));
+    assert!(http_get(&addr, "/other").starts_with("HTTP/1.1 404"));
 }
 
 #[test]

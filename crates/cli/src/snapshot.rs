@@ -55,6 +55,9 @@ pub struct Snapshot {
     pub stolen: BTreeMap<String, (String, String)>,
     /// Store paths being fetched: (path, the store fetching it).
     pub transfers: std::collections::BTreeSet<(String, String)>,
+    /// Results the planner discarded (the most recent it keeps asserting): the reason by
+    /// (step, worker that reported it).
+    pub rejected: BTreeMap<(String, String), String>,
 }
 
 impl Snapshot {
@@ -173,6 +176,15 @@ impl Snapshot {
                     into: into.clone(),
                 })
                 .collect(),
+            rejected: self
+                .rejected
+                .iter()
+                .map(|((drv, worker), reason)| RejectedReport {
+                    drv: drv.clone(),
+                    worker: worker.clone(),
+                    reason: reason.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -226,6 +238,18 @@ pub struct Report {
     stolen: Vec<StealReport>,
     /// Store paths being fetched into a store.
     transfers: Vec<TransferReport>,
+    /// Workers' results the planner discarded (outputs other than the step's).
+    rejected: Vec<RejectedReport>,
+}
+
+/// A worker's result the planner did not believe.
+#[derive(Debug, Serialize)]
+pub struct RejectedReport {
+    drv: String,
+    /// The worker that reported it.
+    worker: String,
+    /// Why it was discarded.
+    reason: String,
 }
 
 /// A store path on its way into a store.
@@ -310,6 +334,18 @@ impl fmt::Display for Report {
                 write!(f, "\n  {}: {} -> {}", short_name(&s.drv), s.from, s.by)?;
             }
         }
+        if !self.rejected.is_empty() {
+            write!(f, "\nrejected results: {}", self.rejected.len())?;
+            for r in &self.rejected {
+                write!(
+                    f,
+                    "\n  {} from {}: {}",
+                    short_name(&r.drv),
+                    r.worker,
+                    r.reason
+                )?;
+            }
+        }
         Ok(())
     }
 }
@@ -335,6 +371,28 @@ mod tests {
         assert_eq!(s.steps["a.drv"], StepView::Running("fast".into()));
         s.unassigned("a.drv", "fast");
         assert!(s.steps.is_empty());
+    }
+
+    #[test]
+    fn rejected_results_show_with_the_worker_and_the_reason() {
+        let mut s = Snapshot::default();
+        assert!(!s.report().to_string().contains("rejected"));
+        s.rejected.insert(
+            ("/nix/store/abc-a.drv".into(), "liar".into()),
+            "output out reported as /nix/store/x".into(),
+        );
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(
+            report["rejected"],
+            serde_json::json!([{
+                "drv": "/nix/store/abc-a.drv",
+                "worker": "liar",
+                "reason": "output out reported as /nix/store/x"
+            }])
+        );
+        let text = s.report().to_string();
+        assert!(text.contains("rejected results: 1"), "{text}");
+        assert!(text.contains("from liar: output out reported as"), "{text}");
     }
 
     #[test]

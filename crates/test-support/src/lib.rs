@@ -32,7 +32,7 @@ pub use nix_files::*;
 #[cfg(feature = "e2e")]
 pub use process::*;
 #[cfg(feature = "e2e")]
-pub use space::{nixspace_bin, repo_root, Space};
+pub use space::{http_get, nixspace_bin, repo_root, Space};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -124,6 +124,17 @@ impl Space {
         path
     }
 
+    /// The address (`host:port`) of `up`'s metrics endpoint, from its log (started with
+    /// `--metrics 127.0.0.1:0`).
+    pub fn metrics_address(&self) -> String {
+        let log = self.log("up");
+        log.split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+            .to_owned()
+    }
+
     /// A new, empty directory `name` in the test's temporary directory.
     pub fn scratch_dir(&self, name: &str) -> PathBuf {
         let dir = self.tmp.path().join(name);
@@ -424,4 +435,14 @@ impl Space {
         };
         c
     }
+}
+
+/// The whole HTTP/1.1 response (status line, headers, body) to `GET path` from `addr`.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("read response");
+    response
 }

@@ -19,8 +19,9 @@ use crate::snapshot::{Snapshot, StepView, WorkerView};
 /// Joins the dataspace with the submit capability, reads what is asserted
 /// there and prints it: each worker (systems, features, slots used/total,
 /// speed, current steps), each frontend's demands (steps built, running,
-/// queued, waiting for inputs, failed), ready steps per system, and steps no
-/// worker can take with the reason.
+/// queued, waiting for inputs, failed), ready steps per system, steps no
+/// worker can take with the reason, and the most recent workers' results the
+/// planner discarded (outputs other than the step's) with the reason.
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -183,6 +184,12 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
         let undo = key.clone();
         track(t, &snapshot, |s| { s.transfers.insert(key); },
             move |s| { s.transfers.remove(&undo); })
+    }));
+    enclose!((snapshot) during!(t, ds, <rejected $drv: String $worker: String $reason: String>, |t: &mut Activation| {
+        let key = (drv.clone(), worker.clone());
+        let undo = key.clone();
+        track(t, &snapshot, |s| { s.rejected.insert(key, reason.clone()); },
+            move |s| { s.rejected.remove(&undo); })
     }));
     enclose!((snapshot) during!(t, ds, <unschedulable $drv: String $reason: String>, |t: &mut Activation| {
         let d = drv.clone();
