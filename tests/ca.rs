@@ -144,6 +144,154 @@ fn a_content_addressed_diamond_is_resolved_and_built_once_per_step() {
     }
 }
 
+/// Two workers, `w1` and `w2`, each with a store of its own (as on other machines).
+fn own_store_workers(space: &mut Space) {
+    for worker in ["w1", "w2"] {
+        let store = space.tmp.path().join(format!("{worker}-store"));
+        space.worker(worker, &["--own-store", store.to_str().unwrap()]);
+    }
+}
+
+/// The output paths `nix realisation info` finds for `drv` in the local store.
+fn realised_here(space: &Space, drv: &str) -> Vec<String> {
+    store_realisations(space, drv)
+        .iter()
+        .filter_map(|r| r["outPath"].as_str())
+        .map(|base| format!("/nix/store/{base}"))
+        .collect()
+}
+
+/// `drv` (a `.drv` path) of the derivation `nix-instantiate` makes of `file`.
+fn instantiate(space: &Space, file: &std::path::Path) -> String {
+    let mut c = space.nix("nix-instantiate", None);
+    c.arg(file);
+    let made = run(c, LIMIT);
+    assert!(made.status.success(), "{made:?}");
+    made.stdout.trim().to_owned()
+}
+
+#[test]
+fn a_content_addressed_diamond_builds_on_workers_with_stores_of_their_own() {
+    let mut space = Space::start();
+    own_store_workers(&mut space);
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond(&space, &runs, false);
+    let built = space.build(&file, LIMIT);
+    assert!(
+        built.status.success(),
+        "{built:?}\n{}\n{}",
+        space.log("w1"),
+        space.log("w2")
+    );
+    let out = built.stdout.trim();
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "base\nside\nbase\nside\ntop\n"
+    );
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+    // The root's realisation is registered here: Nix finds its output through it.
+    let top = instantiate(&space, &file);
+    let realised = realised_here(&space, &top);
+    assert!(realised.iter().any(|p| p == out), "{realised:?}");
+}
+
+#[test]
+fn a_content_addressed_chain_through_an_input_addressed_step_builds_on_stores_of_their_own() {
+    let mut space = Space::start();
+    own_store_workers(&mut space);
+    let runs = space.tmp.path().join("runs");
+    let script = |name: &str| {
+        format!(
+            "echo {name} >> {runs}; {{ for d in $deps; do /bin/cat $d; done; echo {name}; }} > $out",
+            runs = runs.display()
+        )
+    };
+    // `mid` is input-addressed on a content-addressed input: its output path is deferred.
+    let file = space.nix_file(
+        "mixed.nix",
+        &format!(
+            r#"
+let
+  mk = name: attrs: deps: derivation ({{
+    inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "{base}" ];
+  }} // attrs);
+  ca = {{ {CA_ATTRS} }};
+  base = mk "base" ca [ ];
+  mid = mk "mid" {{ }} [ base ];
+in
+mk "top" ca [ mid ]
+"#,
+            base = script("step")
+        ),
+    );
+    let built = space.build(&file, LIMIT);
+    assert!(
+        built.status.success(),
+        "{built:?}\n{}\n{}",
+        space.log("w1"),
+        space.log("w2")
+    );
+    let out = built.stdout.trim();
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "step\nstep\nstep\n");
+    assert_eq!(runs_of(&runs), ["step", "step", "step"]);
+}
+
+#[test]
+fn two_frontends_whose_originals_resolve_alike_build_it_once_on_stores_of_their_own() {
+    let mut space = Space::start();
+    own_store_workers(&mut space);
+    let runs = space.tmp.path().join("runs");
+    // `a1` and `a2` differ but write the same content: `c` over either resolves to the same
+    // derivation, demanded by two frontends at once and built once.
+    let binding = step_binding(
+        "name: variant: deps",
+        &format!("{CA_ATTRS} variant = toString variant;"),
+        &format!(
+            "echo ${{name}} >> {}; /bin/sleep 1; echo same > $out",
+            runs.display()
+        ),
+    );
+    let files: Vec<PathBuf> = [1, 2]
+        .iter()
+        .map(|variant| {
+            space.nix_file(
+                &format!("front-{variant}.nix"),
+                &format!("let\n{binding}in\nstep \"c\" 0 [ (step \"a\" {variant} [ ]) ]\n"),
+            )
+        })
+        .collect();
+    let builds: Vec<_> = files.iter().map(|f| space.spawn_build(f)).collect();
+    for build in builds {
+        let finished = nixspace_test_support::wait_output(build, LIMIT);
+        assert!(finished.status.success(), "{finished:?}");
+    }
+    assert_eq!(runs_of(&runs), ["a", "a", "c"]);
+}
+
+#[test]
+fn nix_build_through_the_translator_resolves_on_stores_of_their_own() {
+    let mut space = Space::start();
+    own_store_workers(&mut space);
+    let socket = space.translator();
+    let runs = space.tmp.path().join("runs");
+    let file = ca_diamond(&space, &runs, false);
+    let mut c = space.nix("nix-build", Some(&socket));
+    c.arg(&file).arg("--no-out-link");
+    let built = run(c, LIMIT);
+    assert!(
+        built.status.success(),
+        "{built:?}\n{}",
+        space.log("translator")
+    );
+    let out = built.stdout.trim();
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        "base\nside\nbase\nside\ntop\n"
+    );
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+}
+
 #[test]
 fn originals_that_resolve_alike_share_one_build() {
     let mut space = Space::start();

@@ -20,6 +20,7 @@ use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
 use nixspace_protocol::{build, expected_outputs, DrvPath, WorkerId};
+use nixspace_transfer::{FetchError, StoreNode};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
@@ -78,6 +79,9 @@ pub enum CannotResolve {
     /// The local store failed.
     #[error("cannot resolve: {0}")]
     Store(#[from] StepError),
+    /// The inputs' outputs the resolved derivation refers to could not be copied here.
+    #[error("cannot resolve: {0}")]
+    Fetch(#[from] FetchError),
     /// The resolver's state lock was poisoned by a panic.
     #[error("cannot resolve: the resolver's state is poisoned")]
     Poisoned,
@@ -106,6 +110,7 @@ impl CannotResolve {
             | CannotResolve::Derivation(_)
             | CannotResolve::Ended => FailureCause::Build,
             CannotResolve::Store(_)
+            | CannotResolve::Fetch(_)
             | CannotResolve::Poisoned
             | CannotResolve::WrittenElsewhere { .. } => FailureCause::Infrastructure,
         }
@@ -217,6 +222,9 @@ type RootConnection = tokio::sync::Mutex<Option<Lease>>;
 struct Inner {
     store_dir: StoreDir,
     pool: DaemonPool,
+    /// This machine's store in the dataspace: fetches the inputs' outputs a resolved
+    /// derivation refers to.
+    store: StoreNode,
     requester: String,
     priority: i64,
     settings: StepSettings,
@@ -243,11 +251,13 @@ impl std::fmt::Debug for Resolver {
 
 impl Resolver {
     /// A resolver for the needed steps of `plan`; the steps it holds back are in
-    /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s.
+    /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s,
+    /// their inputs fetched through `store` first.
     pub(crate) async fn new(
         plan: &Plan,
         store_dir: StoreDir,
         pool: DaemonPool,
+        store: StoreNode,
         requester: &str,
         priority: i64,
         settings: StepSettings,
@@ -322,6 +332,7 @@ impl Resolver {
             inner: Arc::new(Inner {
                 store_dir,
                 pool,
+                store,
                 requester: requester.to_owned(),
                 priority,
                 settings,
@@ -739,6 +750,10 @@ impl Inner {
         let resolved = Derivation::from(basic);
         let text = resolved.to_aterm(store);
         let path = resolved.drv_path(store)?;
+        // It refers to its inputs' outputs, which must be valid here to write it: a worker
+        // with a store of its own built them, and they may be on their way here or not yet.
+        let inputs: Vec<String> = resolved.input_srcs.iter().map(|p| store.print(p)).collect();
+        self.store.ensure(&inputs).await?;
         let roots = self.roots.upgrade().ok_or(CannotResolve::Ended)?;
         let mut roots = roots.lock().await;
         let lease = match roots.as_mut() {

@@ -355,10 +355,14 @@ impl BuildSession {
     /// Join the dataspace and assert the demands (again on every connection, for the steps
     /// still pending).
     async fn join(&mut self, config: &SessionConfig) -> Result<Following, SessionError> {
+        // This machine's store in the dataspace: workers with stores of their own fetch the
+        // derivations and sources from it, and the results come back.
+        let store = StoreNode::new(self.requester.clone(), self.pool.clone());
         let resolver = Resolver::new(
             &self.plan,
             self.pool.store_dir().clone(),
             self.pool.clone(),
+            store.clone(),
             &self.requester,
             config.priority,
             self.step_settings(config),
@@ -378,9 +382,6 @@ impl BuildSession {
             &self.step_settings(config),
         );
         self.clock.end("prepare the demands");
-        // This machine's store in the dataspace: workers with stores of their own fetch the
-        // derivations and sources from it, and the results come back.
-        let store = StoreNode::new(self.requester.clone(), self.pool.clone());
         let (tx, incoming) = mpsc::unbounded_channel();
         // Steps settled, as the actor saw them: their demands are not asserted again.
         let settled: Arc<Mutex<BTreeSet<String>>> = Arc::default();
