@@ -175,7 +175,19 @@ fn a_content_addressed_diamond_builds_on_workers_with_stores_of_their_own() {
     let mut space = Space::start();
     own_store_workers(&mut space);
     let runs = space.tmp.path().join("runs");
-    let file = ca_diamond(&space, &runs, false);
+    // A diamond whose outputs no earlier build made (content addressing would find them).
+    let tag = nixspace_test_support::nonce();
+    let file = ca_diamond_under(
+        &space,
+        &runs,
+        false,
+        "fresh.nix",
+        &format!(
+            r#"let b = step "base" "echo base-{tag}" [ ];
+  l = step "left" "echo side" [ b ]; r = step "right" "echo side" [ b ];
+in step "top" "echo top" [ l r ]"#
+        ),
+    );
     let built = space.build(&file, LIMIT);
     assert!(
         built.status.success(),
@@ -186,13 +198,31 @@ fn a_content_addressed_diamond_builds_on_workers_with_stores_of_their_own() {
     let out = built.stdout.trim();
     assert_eq!(
         std::fs::read_to_string(out).unwrap(),
-        "base\nside\nbase\nside\ntop\n"
+        format!("base-{tag}\nside\nbase-{tag}\nside\ntop\n")
     );
     assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
     // The root's realisation is registered here: Nix finds its output through it.
     let top = instantiate(&space, &file);
     let realised = realised_here(&space, &top);
     assert!(realised.iter().any(|p| p == out), "{realised:?}");
+    // Only the root's output came here: the others stay in the workers' stores (the
+    // resolved derivations were offered to them from memory, not written here).
+    let history = run(space.command(&["history", "--json"]), LIMIT);
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let outputs: std::collections::BTreeSet<String> = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["outputs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|o| o.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(outputs.len(), 4, "{steps}");
+    for output in outputs.iter().filter(|o| *o != out) {
+        assert!(
+            !std::path::Path::new(output).exists(),
+            "{output} was copied here: {built:?}"
+        );
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use nixspace_nix_formats::store_path::{StoreDir, StorePath, StorePathError};
 use nixspace_nix_protocol::Realisation;
 use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
 use nixspace_protocol::{build, expected_outputs, DrvPath, WorkerId};
-use nixspace_transfer::{FetchError, StoreNode};
+use nixspace_transfer::{FetchError, OfferError, StoreNode};
 use preserves_schema::Parse;
 use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
 use syndicate::enclose;
@@ -79,6 +79,9 @@ pub enum CannotResolve {
     /// The local store failed.
     #[error("cannot resolve: {0}")]
     Store(#[from] StepError),
+    /// The resolved derivation could not be offered to the dataspace.
+    #[error("cannot resolve: {0}")]
+    Offer(#[from] OfferError),
     /// The inputs' outputs the resolved derivation refers to could not be copied here.
     #[error("cannot resolve: {0}")]
     Fetch(#[from] FetchError),
@@ -111,6 +114,7 @@ impl CannotResolve {
             | CannotResolve::Ended => FailureCause::Build,
             CannotResolve::Store(_)
             | CannotResolve::Fetch(_)
+            | CannotResolve::Offer(_)
             | CannotResolve::Poisoned
             | CannotResolve::WrittenElsewhere { .. } => FailureCause::Infrastructure,
         }
@@ -461,7 +465,10 @@ impl Resolver {
                 .lock()
                 .map(|s| s.is_impure(drv))
                 .unwrap_or(false);
-            if impure {
+            // A resolved derivation offered from memory is not here (nor are the outputs of
+            // the inputs it refers to): nothing to read, and its realisation is not needed
+            // here (its original's is).
+            if impure || !tokio::fs::try_exists(drv).await.unwrap_or(false) {
                 continue;
             }
             let path = store.parse(drv).map_err(|source| RegisterError::Path {
@@ -730,6 +737,41 @@ impl Inner {
             }
         }
     }
+    /// Write the resolved derivation `text` into the local store (it must come out as `path`,
+    /// returned), with `references`, rooted by the resolver's connection while it lives.
+    async fn write_here(
+        &self,
+        path: &StorePath,
+        text: &[u8],
+        references: &BTreeSet<StorePath>,
+    ) -> Result<StorePath, CannotResolve> {
+        let roots = self.roots.upgrade().ok_or(CannotResolve::Ended)?;
+        let mut roots = roots.lock().await;
+        let lease = match roots.as_mut() {
+            Some(lease) => lease,
+            None => roots.insert(self.pool.lease_for_roots().await?),
+        };
+        let client = lease.client();
+        let written = match client
+            .add_text_to_store(path.name(), text, references)
+            .await
+        {
+            Ok(w) if w == *path => client.add_temp_root(path).await.map(|()| w),
+            other => other,
+        };
+        match written {
+            Ok(w) => Ok(w),
+            Err(e) => {
+                let broken = !e.is_recoverable();
+                let error = lease.failed(e);
+                if broken {
+                    // Closed: the next resolution opens another.
+                    *roots = None;
+                }
+                Err(error.into())
+            }
+        }
+    }
 
     /// The resolved derivation of `original`, written into the local store.
     async fn write_resolved(
@@ -750,40 +792,24 @@ impl Inner {
         let resolved = Derivation::from(basic);
         let text = resolved.to_aterm(store);
         let path = resolved.drv_path(store)?;
-        // It refers to its inputs' outputs, which must be valid here to write it: a worker
-        // with a store of its own built them, and they may be on their way here or not yet.
+        // It refers to its inputs' outputs. When they are all valid here (workers sharing
+        // this store built them), it is written here, rooted while the build lasts. When some
+        // are not (workers with stores of their own built them), it is offered to the
+        // dataspace from memory instead: the worker that builds it fetches it with its inputs
+        // from where they are, and nothing but the roots' outputs comes here.
         let inputs: Vec<String> = resolved.input_srcs.iter().map(|p| store.print(p)).collect();
-        self.store.ensure(&inputs).await?;
-        let roots = self.roots.upgrade().ok_or(CannotResolve::Ended)?;
-        let mut roots = roots.lock().await;
-        let lease = match roots.as_mut() {
-            Some(lease) => lease,
-            None => roots.insert(self.pool.lease_for_roots().await?),
+        let placed = if self.store.missing(&inputs).await?.is_empty() {
+            self.write_here(&path, &text, &resolved.input_srcs).await?
+        } else {
+            self.store
+                .offer_text(path.name(), &text, &resolved.input_srcs)?
         };
-        let client = lease.client();
-        let written = client
-            .add_text_to_store(path.name(), &text, &resolved.input_srcs)
-            .await;
-        let rooted = match written {
-            Ok(w) if w == path => client.add_temp_root(&path).await,
-            Ok(w) => {
-                return Err(CannotResolve::WrittenElsewhere {
-                    written: store.print(&w),
-                    expected: store.print(&path),
-                })
-            }
-            Err(e) => Err(e),
-        };
-        if let Err(e) = rooted {
-            let broken = !e.is_recoverable();
-            let error = lease.failed(e);
-            if broken {
-                // Closed: the next resolution opens another.
-                *roots = None;
-            }
-            return Err(error.into());
+        if placed != path {
+            return Err(CannotResolve::WrittenElsewhere {
+                written: store.print(&placed),
+                expected: store.print(&path),
+            });
         }
-        drop(roots);
         let to = store.print(&path);
         let outputs = resolved
             .outputs
