@@ -88,11 +88,11 @@ fn a_worker_with_a_forged_ref_is_refused() {
     let space = Space::start();
     let good = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
     let forged = Route {
-        transports: good.transports.clone(),
         sturdy_ref: syndicate::schemas::sturdy::SturdyRef::mint(
             syndicate::actor::AnyValue::new("worker"),
             b"not the key",
         ),
+        ..good.clone()
     };
     let path = space.tmp.path().join("forged.route");
     forged.write(&path).expect("write forged route");
@@ -182,15 +182,14 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
 fn a_worker_joins_over_tcp() {
     let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
     let route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
-    let tcp_only = Route {
-        transports: route
+    let tcp_only = route.with_transports(
+        route
             .transports
             .iter()
             .filter(|t| matches!(t, nixspace_space::Transport::Tcp(..)))
             .cloned()
             .collect(),
-        sturdy_ref: route.sturdy_ref.clone(),
-    };
+    );
     assert_eq!(tcp_only.transports.len(), 1, "{route:?}");
     let path = space.worker_route_file("tcp", &tcp_only);
     space.worker(

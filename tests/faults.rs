@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route, Transport};
 use nixspace_test_support::dataspace::Session;
-use nixspace_test_support::proxy::CuttingProxy;
+use nixspace_test_support::proxy::{tcp_address, CuttingProxy};
 use nixspace_test_support::{peak_rss, run, step_binding, Running, Space};
 use preserves_schema::{Parse, Unparse};
 use rand::rngs::StdRng;
@@ -509,21 +509,10 @@ fn through(route: &Route, proxy: &CuttingProxy) -> Route {
         "up listens on TCP: {:?}",
         route.transports
     );
-    Route {
-        transports: vec![Transport::Tcp("127.0.0.1".to_owned(), proxy.addr().port())],
-        sturdy_ref: route.sturdy_ref.clone(),
-    }
-}
-
-fn tcp_address(route: &Route) -> std::net::SocketAddr {
-    route
-        .transports
-        .iter()
-        .find_map(|t| match t {
-            Transport::Tcp(host, port) => format!("{host}:{port}").parse().ok(),
-            Transport::Unix(_) => None,
-        })
-        .expect("a TCP transport")
+    route.with_transports(vec![Transport::Tcp(
+        "127.0.0.1".to_owned(),
+        proxy.addr().port(),
+    )])
 }
 
 #[test]

@@ -405,6 +405,7 @@ fn write_corpus_seeds() {
     let route = Route {
         transports: vec![],
         sturdy_ref: syndicate::schemas::sturdy::SturdyRef::mint(AnyValue::new("submit"), b"k"),
+        noise: None,
     };
     for (i, seed) in syndicate_seeds(&route).iter().enumerate() {
         write("syndicate-packet", format!("seed-{i}.bin"), seed);

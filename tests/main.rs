@@ -13,6 +13,7 @@ mod faults;
 mod flow;
 mod fuzz_sockets;
 mod nixbuild;
+mod noise;
 mod outboard;
 mod post_build;
 mod scaleout;

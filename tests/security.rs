@@ -98,8 +98,8 @@ fn unknown_forged_and_garbage_capabilities_are_refused_at_once_and_logged() {
     let space = Space::start();
     let good = route(&space, Role::Worker);
     let with = |sturdy_ref| Route {
-        transports: good.transports.clone(),
         sturdy_ref,
+        ..good.clone()
     };
     let forged = with(syndicate::schemas::sturdy::SturdyRef::mint(
         AnyValue::new("worker"),

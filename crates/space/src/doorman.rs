@@ -9,7 +9,13 @@
 //! reach the gatekeeper, which resolves them to the role's attenuated
 //! dataspace; the client gets that dataspace behind a
 //! [`Limiter`](crate::limits::Limiter) enforcing per-connection [`Limits`].
-//! Anything else asserted or sent to oid 0 is logged and ignored. Once the gatekeeper
+//! Anything else asserted or sent to oid 0 is logged and ignored.
+//!
+//! On a host with a Noise key, a doorman may also pass `noise` steps to its connection's own
+//! gatekeeper ([`Doorman::with_noise`]), which answers with a Noise responder session; the
+//! session's decrypted channel leads to a second doorman that checks the `ref` step sent
+//! inside it. A doorman on a TCP listener that must not carry refs in clear refuses a `ref`
+//! step outside such a session ([`Refusal::Plaintext`]). Once the gatekeeper
 //! answered with the dataspace, the connection's [`Resolved`] flag is set: the connection's
 //! larger packet cap applies, and its resolve time limit no longer does.
 
@@ -33,6 +39,8 @@ pub enum Refusal {
     Unknown,
     /// The signature does not match the host's key for that oid.
     Forged,
+    /// A `ref` step in clear on a connection that must open a Noise session first.
+    Plaintext,
 }
 
 impl Refusal {
@@ -42,6 +50,7 @@ impl Refusal {
             Refusal::Malformed => "malformed-capability",
             Refusal::Unknown => "unknown-capability",
             Refusal::Forged => "sturdyref-failed-validation",
+            Refusal::Plaintext => "noise-required",
         }
     }
 }
@@ -89,6 +98,10 @@ pub struct Doorman {
     limits: Limits,
     peer: String,
     resolved: Resolved,
+    /// The connection's own gatekeeper serving the host's Noise binding, if it has one.
+    noise: Option<Arc<Cap>>,
+    /// Whether a `ref` step may come in clear (not inside a Noise session).
+    plaintext: bool,
     /// The client's handles → what we asserted on their behalf.
     forwarded: HashMap<Handle, Handle>,
 }
@@ -111,8 +124,50 @@ impl Doorman {
             limits,
             peer,
             resolved,
+            noise: None,
+            plaintext: true,
             forwarded: HashMap::new(),
         }
+    }
+
+    /// The same doorman passing `noise` steps to `gatekeeper` (the connection's own, binding
+    /// the host's Noise key), and accepting `ref` steps in clear only if `plaintext`.
+    pub fn with_noise(self, gatekeeper: Arc<Cap>, plaintext: bool) -> Doorman {
+        Doorman {
+            noise: Some(gatekeeper),
+            plaintext,
+            ..self
+        }
+    }
+
+    /// Forward a request to open a Noise session, or refuse it when this doorman has none.
+    fn open_noise_session(
+        &self,
+        t: &mut Activation,
+        resolve: &gatekeeper::Resolve<Arc<Cap>>,
+    ) -> Option<Handle> {
+        match &self.noise {
+            Some(gatekeeper) => {
+                tracing::debug!(peer = %self.peer, "opening a noise session");
+                gatekeeper.assert(t, resolve)
+            }
+            None => self.refuse(t, resolve, Refusal::Malformed),
+        }
+    }
+
+    /// Log `refusal` and answer `resolve`'s observer with its error.
+    fn refuse(
+        &self,
+        t: &mut Activation,
+        resolve: &gatekeeper::Resolve<Arc<Cap>>,
+        refusal: Refusal,
+    ) -> Option<Handle> {
+        tracing::warn!(peer = %self.peer, reason = refusal.symbol(),
+            step = %brief(&resolve.step.detail), "refused a capability");
+        let answer = rpc::Result::Error(rpc::Error {
+            error: AnyValue::symbol(refusal.symbol()),
+        });
+        resolve.observer.assert(t, &answer)
     }
 }
 
@@ -132,7 +187,18 @@ impl Entity<AnyValue> for Doorman {
                 "refused an assertion made without a capability");
             return Ok(());
         };
-        let ours = match check(&self.keys, &resolve.step) {
+        if resolve.step.step_type == "noise" {
+            if let Some(ours) = self.open_noise_session(t, &resolve) {
+                self.forwarded.insert(h, ours);
+            }
+            return Ok(());
+        }
+        let checked = if self.plaintext {
+            check(&self.keys, &resolve.step)
+        } else {
+            Err(Refusal::Plaintext)
+        };
+        let ours = match checked {
             Ok(role) => {
                 tracing::debug!(peer = %self.peer, %role, "capability accepted");
                 let answer = LimitedAnswer::new(
@@ -148,14 +214,7 @@ impl Entity<AnyValue> for Doorman {
                 };
                 self.gatekeeper.assert(t, &limited)
             }
-            Err(refusal) => {
-                tracing::warn!(peer = %self.peer, reason = refusal.symbol(),
-                    step = %brief(&resolve.step.detail), "refused a capability");
-                let answer = rpc::Result::Error(rpc::Error {
-                    error: AnyValue::symbol(refusal.symbol()),
-                });
-                resolve.observer.assert(t, &answer)
-            }
+            Err(refusal) => self.refuse(t, &resolve, refusal),
         };
         if let Some(ours) = ours {
             self.forwarded.insert(h, ours);

@@ -10,6 +10,15 @@
 //! capability requests, and writes the route files. Each connection is held to the
 //! [`Limits`]' budgets: its packet caps and queue ([`connection::Budgets`]), and the time it
 //! has to resolve a capability (then it is closed).
+//!
+//! A host listening on TCP keeps a Noise key pair ([`NoiseKey`], file `noise-key`) and serves
+//! Syndicate's `noise` step on every connection: each connection's actor gets its own
+//! bindspace and gatekeeper binding that key, so a failed handshake (a client pinning another
+//! key) ends that connection's actor only. The session's decrypted channel leads to a second
+//! doorman, which checks the `ref` step sent inside it. Route files pin the public key, so
+//! clients open the session before sending the ref; a `ref` step in clear is refused on TCP
+//! unless the listener is on loopback or the host runs with `insecure_tcp` (whose route
+//! files then leave the Noise step out).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,14 +26,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use syndicate::actor::{Account, Activation, AnyValue, Cap, LinkedTaskTermination};
+use syndicate::actor::{Account, Activation, ActorError, AnyValue, Cap, LinkedTaskTermination};
 use syndicate::dataspace::Dataspace;
 use syndicate::schemas::gatekeeper;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
 use crate::connection::{self, Budgets, Reader, Writer};
 use crate::doorman::{Doorman, KeyRing, Resolved};
-use crate::keys::{KeyError, Keys};
+use crate::keys::{KeyError, Keys, NoiseKey};
 use crate::limits::Limits;
 use crate::policy::{log_refused, role_caveats};
 use crate::route::{Role, Route, RouteError, Transport};
@@ -36,8 +45,11 @@ pub struct HostConfig {
     pub dir: PathBuf,
     /// The unix socket path.
     pub socket: PathBuf,
-    /// Optional TCP address (use 127.0.0.1; port 0 picks a free port).
+    /// Optional TCP address (port 0 picks a free port).
     pub tcp: Option<SocketAddr>,
+    /// Let refs cross TCP in clear: route files without the Noise step, and the host
+    /// accepting refs outside a Noise session on any TCP address (not only on loopback).
+    pub insecure_tcp: bool,
     /// What each connection may hold in the dataspace.
     pub limits: Limits,
 }
@@ -229,6 +241,16 @@ impl HostedSpace {
     ) -> Result<HostedSpace, HostError> {
         let names = Role::ALL.map(Role::name);
         let keys = Keys::load_or_create(&config.dir.join("keys"), &names)?;
+        let noise = match listeners.tcp {
+            Some(_) => Some(Arc::new(NoiseKey::load_or_create(
+                &config.dir.join("noise-key"),
+            )?)),
+            None => None,
+        };
+        let route_noise = match &noise {
+            Some(key) if !config.insecure_tcp => Some(key.spec()),
+            _ => None,
+        };
         let dataspace = Dataspace::new(t, Some(AnyValue::symbol("nixspace")));
         let bindspace = Dataspace::new(t, Some(AnyValue::symbol("bindspace")));
         let gatekeeper = syndicate_server::services::gatekeeper::create_gatekeeper(t, &bindspace)
@@ -259,6 +281,7 @@ impl HostedSpace {
             let route = Route {
                 transports: transports.clone(),
                 sturdy_ref: keys.sturdy_ref(role.name()),
+                noise: route_noise.clone(),
             };
             let path = role.route_file(&config.dir);
             route.write(&path)?;
@@ -270,10 +293,16 @@ impl HostedSpace {
             keys: keys.ring(),
             dataspace: Arc::clone(&dataspace),
             limits: config.limits,
+            noise,
+            plaintext: true,
         };
         serve(t, "unix", unix, front.clone());
-        if let Some((tcp, _)) = tcp {
-            serve(t, "tcp", tcp, front);
+        if let Some((tcp, addr)) = tcp {
+            let plaintext = config.insecure_tcp || addr.ip().is_loopback();
+            if config.insecure_tcp {
+                tracing::warn!(%addr, "--insecure-tcp: capabilities and builds cross TCP in clear");
+            }
+            serve(t, "tcp", tcp, Front { plaintext, ..front });
         }
         Ok(HostedSpace { dataspace, routes })
     }
@@ -315,6 +344,55 @@ struct Front {
     keys: KeyRing,
     dataspace: Arc<Cap>,
     limits: Limits,
+    /// The host's Noise key, served on every connection when present.
+    noise: Option<Arc<NoiseKey>>,
+    /// Whether a `ref` step may come outside a Noise session.
+    plaintext: bool,
+}
+
+impl Front {
+    /// A doorman for the connection from `peer`, checking the `ref` steps sent to it.
+    fn doorman(&self, peer: &str, resolved: &Resolved) -> Doorman {
+        Doorman::new(
+            Arc::clone(&self.gatekeeper),
+            Arc::clone(&self.keys),
+            Arc::clone(&self.dataspace),
+            self.limits,
+            peer.to_owned(),
+            resolved.clone(),
+        )
+    }
+
+    /// The first object the connection from `peer` sees, in the connection's actor: a doorman,
+    /// passing `noise` steps to a gatekeeper of the connection's own when the host has a key.
+    fn first_object(
+        &self,
+        t: &mut Activation,
+        peer: &str,
+        resolved: &Resolved,
+    ) -> Result<Arc<Cap>, ActorError> {
+        let doorman = self.doorman(peer, resolved);
+        let doorman = match &self.noise {
+            None => doorman,
+            Some(key) => {
+                // The Noise session's channel leads to a doorman of its own.
+                let inner = Cap::new(&t.create_ref(self.doorman(peer, resolved)));
+                let bindspace = Dataspace::new(t, Some(AnyValue::symbol("noise-bindspace")));
+                let gatekeeper =
+                    syndicate_server::services::gatekeeper::create_gatekeeper(t, &bindspace)?;
+                bindspace.assert(
+                    t,
+                    &gatekeeper::Bind {
+                        description: key.description(),
+                        target: inner,
+                        observer: gatekeeper::BindObserver::Absent,
+                    },
+                );
+                doorman.with_noise(gatekeeper, self.plaintext)
+            }
+        };
+        Ok(Cap::new(&t.create_ref(doorman)))
+    }
 }
 
 /// Accept connections forever, each served by its own relay actor whose
@@ -338,16 +416,8 @@ fn serve<L: Accept>(t: &mut Activation, kind: &'static str, listener: L, front: 
                     let resolved = Resolved::default();
                     let budgets = Budgets::new(&front.limits, resolved.clone(), peer.clone());
                     close_unless_resolved(t, front.limits.resolve_timeout, &resolved, &peer);
-                    let doorman = Doorman::new(
-                        front.gatekeeper,
-                        front.keys,
-                        front.dataspace,
-                        front.limits,
-                        peer,
-                        resolved,
-                    );
-                    let doorman = Cap::new(&t.create_ref(doorman));
-                    connection::serve(t, i, o, doorman, budgets);
+                    let first = front.first_object(t, &peer, &resolved)?;
+                    connection::serve(t, i, o, first, budgets);
                     Ok(())
                 });
                 Ok(())

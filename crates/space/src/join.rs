@@ -6,14 +6,23 @@
 //! assert anything. A ref whose oid the host does not know gets no answer at
 //! all from a Syndicate gatekeeper; [`join`] turns that silence into
 //! [`JoinError::NoAnswer`] after a timeout.
+//!
+//! Over TCP, a route with a Noise step first opens a Noise session with the host
+//! (syndicate-server's initiator, pinning the host's public key from the route) and sends the
+//! ref inside it. A host whose key differs fails the handshake and drops the connection
+//! without a word; [`join`] reports that as [`JoinError::ServerKey`], which
+//! [`stay_joined`] does not retry on a first connection.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use preserves_schema::{Parse, Unparse};
 use syndicate::actor::{Activation, Actor, ActorHandle, ActorResult, AnyValue, Cap};
+use syndicate::dataspace::Dataspace;
 use syndicate::relay;
-use syndicate::schemas::{gatekeeper, rpc, sturdy};
+use syndicate::schemas::{gatekeeper, noise, rpc, sturdy};
+use syndicate_macros::during;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 
@@ -37,6 +46,10 @@ pub enum JoinError {
     /// The connection ended before an answer arrived.
     #[error("the connection to the dataspace closed during the handshake")]
     Closed,
+    /// The host dropped the connection during the Noise handshake: it does not hold the
+    /// key the route pins.
+    #[error("{0} closed the connection during the Noise handshake: the host's key is not the one the route file pins (a route file from another host, or the host's noise-key was replaced?)")]
+    ServerKey(Transport),
     /// The dataspace stayed unreachable for longer than the caller allows.
     #[error("could not rejoin the dataspace within {0:?}: {1}")]
     GaveUp(Duration, Box<JoinError>),
@@ -91,6 +104,14 @@ where
     let step = gatekeeper::Step::parse(&route.sturdy_ref.unparse())
         .map_err(|_| JoinError::Refused("malformed sturdy ref".to_owned()))?;
     let (tx, rx) = oneshot::channel();
+    // Noise on TCP only: the unix socket is local and owner-only.
+    let noise = match transport {
+        Transport::Tcp(..) => route.noise.clone(),
+        Transport::Unix(_) => None,
+    };
+    let uses_noise = noise.is_some();
+    let secured = Arc::new(AtomicBool::new(false));
+    let session_opened = Arc::clone(&secured);
     let handle = Actor::top(None, move |t| {
         let Some(gk) = relay::TunnelRelay::run(
             t,
@@ -127,18 +148,83 @@ where
                 Ok(None)
             },
         ));
-        gk.assert(t, &gatekeeper::Resolve { step, observer });
+        match noise {
+            None => {
+                gk.assert(t, &gatekeeper::Resolve { step, observer });
+            }
+            Some(spec) => resolve_through_noise(t, gk, spec, step, observer, session_opened)?,
+        }
         Ok(())
     });
-    match tokio::time::timeout(RESOLVE_TIMEOUT, rx).await {
-        Ok(Ok(Answer::Joined)) => Ok(handle),
-        Ok(Ok(Answer::Refused(why))) => Err(JoinError::Refused(why)),
-        Ok(Err(_)) => Err(JoinError::Closed),
+    let mut handle = handle;
+    // The actor may end (say, on the host's error packet) without dropping the answer's sender.
+    let answered = tokio::time::timeout(RESOLVE_TIMEOUT, async {
+        tokio::select! {
+            biased;
+            answer = rx => answer.ok(),
+            _ = &mut handle => None,
+        }
+    });
+    match answered.await {
+        Ok(Some(Answer::Joined)) => Ok(handle),
+        Ok(Some(Answer::Refused(why))) => Err(JoinError::Refused(why)),
+        Ok(None) if uses_noise && !secured.load(Ordering::Acquire) => {
+            Err(JoinError::ServerKey(transport))
+        }
+        Ok(None) => Err(JoinError::Closed),
         Err(_) => {
             handle.abort();
             Err(JoinError::NoAnswer(RESOLVE_TIMEOUT))
         }
     }
+}
+
+/// Open a Noise session with the host behind `gatekeeper` as `spec` describes (with
+/// syndicate-server's initiator), then assert the `ref` step to the object at the other end of
+/// its encrypted channel with `observer`. `opened` is set once the handshake succeeded; an
+/// error answer to the `noise` step goes to `observer`.
+fn resolve_through_noise(
+    t: &mut Activation,
+    gatekeeper: Arc<Cap>,
+    spec: noise::NoiseSpec,
+    step: gatekeeper::Step,
+    observer: Arc<Cap>,
+    opened: Arc<AtomicBool>,
+) -> ActorResult {
+    let questions = Dataspace::new(t, Some(AnyValue::symbol("noise-initiator")));
+    syndicate_server::resolution::noise::handle_noise_path_steps(t, Arc::clone(&questions))?;
+    let question = gatekeeper::ResolvePathStep {
+        origin: gatekeeper,
+        path_step: gatekeeper::PathStep {
+            step_type: "noise".to_owned(),
+            detail: noise::NoisePathStepDetail(spec).unparse(),
+        },
+    }
+    .unparse();
+    questions.assert(
+        t,
+        &rpc::Question {
+            request: question.clone(),
+        },
+    );
+    during!(t, questions, <a #(&question) $answer>, |t: &mut Activation| {
+        let session = match rpc::Result::parse(&answer) {
+            Ok(rpc::Result::Ok(rpc::Ok { value })) => value.as_embedded().map(|c| c.into_owned()),
+            Ok(error @ rpc::Result::Error(_)) => {
+                observer.assert(t, &error);
+                return Ok(());
+            }
+            Err(_) => None,
+        };
+        let Some(session) = session else {
+            return Err("the noise step was answered without a reference".into());
+        };
+        opened.store(true, Ordering::Release);
+        tracing::debug!("noise session open");
+        session.assert(t, &gatekeeper::Resolve { step: step.clone(), observer: Arc::clone(&observer) });
+        Ok(())
+    });
+    Ok(())
 }
 
 fn describe(error: &AnyValue) -> String {
@@ -226,6 +312,9 @@ where
             // Silence from a host we never reached is a wrong route file;
             // after we have been joined it is a host restarting.
             Err(e @ JoinError::NoAnswer(_)) if connection == 0 => return e,
+            // So is a host with another key; after we have been joined it may be a host
+            // going down mid-handshake.
+            Err(e @ JoinError::ServerKey(_)) if connection == 0 => return e,
             Err(e) => {
                 if let Some(limit) = backoff.give_up_after {
                     if out_of_reach_since.elapsed() >= limit {

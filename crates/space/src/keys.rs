@@ -3,16 +3,22 @@
 //!
 //! The file holds a Preserves dictionary `{ name: #x"hex" … }`. It is created
 //! with fresh random keys on first use and only read afterwards.
+//!
+//! A host listening on TCP also keeps a [`NoiseKey`]: the X25519 key pair its
+//! connections' Noise sessions authenticate it with, in a file of the same form.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use noise_protocol::{U8Array, DH};
+use noise_rust_crypto::X25519;
 use preserves::NoEmbeddedDomainCodec;
 use preserves_schema::Unparse;
 use rand::RngCore;
 use syndicate::actor::AnyValue;
 use syndicate::schemas::gatekeeper;
+use syndicate::schemas::noise;
 use syndicate::schemas::sturdy::{SturdyDescriptionDetail, SturdyRef};
 
 use crate::doorman::KeyRing;
@@ -130,6 +136,67 @@ impl Keys {
     }
 }
 
+/// The name of the Noise secret key in its key file.
+const NOISE_SECRET: &str = "noise-secret";
+
+/// The service selector of a host's Noise binding: what a client names in its `noise` step.
+pub fn noise_service() -> AnyValue {
+    AnyValue::symbol("nixspace")
+}
+
+/// A host's Noise key pair (X25519, for Syndicate's default `Noise_NK_25519_ChaChaPoly_BLAKE2s`:
+/// the server authenticated by this key, the client anonymous).
+pub struct NoiseKey {
+    secret: Vec<u8>,
+    public: Vec<u8>,
+}
+
+impl NoiseKey {
+    /// Read the key pair's secret from `path`, or create the file (0600, complete or not at all)
+    /// with a fresh one; the public key is derived from it.
+    pub fn load_or_create(path: &Path) -> Result<NoiseKey, KeyError> {
+        let keys = Keys::load_or_create(path, &[NOISE_SECRET])?;
+        let secret = keys.key(NOISE_SECRET);
+        if secret.len() != <X25519 as DH>::Key::len() {
+            return Err(KeyError::Malformed(path.to_owned()));
+        }
+        let public = X25519::pubkey(&<X25519 as DH>::Key::from_slice(secret));
+        Ok(NoiseKey {
+            secret: secret.to_vec(),
+            public: public.as_slice().to_vec(),
+        })
+    }
+
+    /// The public key clients pin in their route files.
+    pub fn public(&self) -> &[u8] {
+        &self.public
+    }
+
+    /// The `noise` path step a client resolves to reach this host's sessions.
+    pub fn spec(&self) -> noise::NoiseSpec {
+        noise::NoiseSpec {
+            service: noise::ServiceSelector(noise_service()),
+            key: self.public.clone(),
+            protocol: noise::NoiseProtocol::Absent,
+            pre_shared_keys: noise::NoisePreSharedKeys::Absent,
+        }
+    }
+
+    /// What a gatekeeper binds to serve Noise sessions with this key pair.
+    pub fn description(&self) -> gatekeeper::Description {
+        gatekeeper::Description {
+            step_type: "noise".to_owned(),
+            detail: noise::NoiseServiceSpec {
+                base: self.spec(),
+                secret_key: noise::SecretKeyField::Present {
+                    secret_key: self.secret.clone(),
+                },
+            }
+            .unparse(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +267,19 @@ mod tests {
             .filter(|n| n.to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn the_noise_key_is_created_once_and_its_public_half_derived() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noise-key");
+        let first = NoiseKey::load_or_create(&path).unwrap();
+        assert_eq!(first.public().len(), 32);
+        assert_ne!(first.public(), first.secret.as_slice());
+        let again = NoiseKey::load_or_create(&path).unwrap();
+        assert_eq!(again.public(), first.public());
+        let other = NoiseKey::load_or_create(&dir.path().join("other")).unwrap();
+        assert_ne!(other.public(), first.public());
     }
 
     #[test]

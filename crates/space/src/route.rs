@@ -3,6 +3,11 @@
 //! A route file holds one Syndicate `gatekeeper.Route` in Preserves text, e.g.
 //! `<route [<unix "/run/user/0/nixspace/nixspace.sock">] <ref {oid: "worker" sig: #[...]}>>`.
 //! It is the standard Syndicate form, so other Syndicate tools can use it too.
+//! A host listening on TCP pins its Noise public key with a first step,
+//! `<route [… <tcp "host" port>] <noise {key: #[...] service: nixspace}> <ref {…}>>`:
+//! the ref is then presented inside the encrypted session. nixspace clients take the
+//! `noise` step on TCP transports; on the unix socket (local, owner-only) they present the
+//! ref directly (the host accepts both there). Route files without the step still parse.
 //! This module parses and prints them; it does not check the signature (only
 //! the host can).
 
@@ -13,6 +18,7 @@ use preserves::{NoEmbeddedDomainCodec, TextWriter};
 use preserves_schema::{Parse, Unparse};
 use syndicate::actor::AnyValue;
 use syndicate::schemas::gatekeeper;
+use syndicate::schemas::noise;
 use syndicate::schemas::sturdy::SturdyRef;
 use syndicate::schemas::transport_address;
 
@@ -92,9 +98,10 @@ pub enum RouteError {
     /// The text is not a Preserves value.
     #[error("route is not valid Preserves text: {0}")]
     Syntax(String),
-    /// The value is not a `<route [transports…] <ref {…}>>`.
+    /// The value is not a `<route [transports…] [<noise {…}>] <ref {…}>>`.
     #[error(
-        "route does not have the form <route [transports ...] <ref {{oid: ... sig: ...}}>>: {0}"
+        "route does not have the form <route [transports ...] [<noise {{key: ... service: ...}}>] \
+         <ref {{oid: ... sig: ...}}>>: {0}"
     )]
     Shape(String),
     /// A transport that nixspace cannot use.
@@ -109,6 +116,9 @@ pub struct Route {
     pub transports: Vec<Transport>,
     /// The capability: a sturdy ref checked by the host's gatekeeper.
     pub sturdy_ref: SturdyRef,
+    /// The Noise session that TCP connections open first, pinning the host's public key
+    /// (`None`: the ref crosses TCP in clear, for hosts started with `--insecure-tcp`).
+    pub noise: Option<noise::NoiseSpec>,
 }
 
 impl Route {
@@ -123,17 +133,27 @@ impl Route {
             .iter()
             .map(parse_transport)
             .collect::<Result<Vec<_>, _>>()?;
-        let [step] = route.path_steps.as_slice() else {
-            return Err(RouteError::Shape(format!(
-                "expected exactly one path step, found {}",
-                route.path_steps.len()
-            )));
+        let (noise, step) = match route.path_steps.as_slice() {
+            [step] => (None, step),
+            [noise_step, step] if noise_step.step_type == "noise" => {
+                let noise::NoisePathStepDetail(spec) =
+                    noise::NoisePathStepDetail::parse(&noise_step.detail)
+                        .map_err(|_| RouteError::Shape(short(text)))?;
+                (Some(spec), step)
+            }
+            steps => {
+                return Err(RouteError::Shape(format!(
+                    "expected a ref step, after a noise step or alone; found {} steps",
+                    steps.len()
+                )))
+            }
         };
         let sturdy_ref =
             SturdyRef::parse(&step.unparse()).map_err(|_| RouteError::Shape(short(text)))?;
         Ok(Route {
             transports,
             sturdy_ref,
+            noise,
         })
     }
 
@@ -156,14 +176,26 @@ impl Route {
         })
     }
 
+    /// The same route with other transports (say, one TCP address through a relay).
+    pub fn with_transports(&self, transports: Vec<Transport>) -> Route {
+        Route {
+            transports,
+            ..self.clone()
+        }
+    }
+
     /// The Syndicate value of this route.
     pub fn to_value(&self) -> AnyValue {
-        let path_step = gatekeeper::PathStep::<std::sync::Arc<syndicate::actor::Cap>>::parse(
+        let noise_step = self.noise.iter().map(|spec| gatekeeper::PathStep {
+            step_type: "noise".to_owned(),
+            detail: noise::NoisePathStepDetail(spec.clone()).unparse(),
+        });
+        let ref_step = gatekeeper::PathStep::<std::sync::Arc<syndicate::actor::Cap>>::parse(
             &self.sturdy_ref.unparse(),
         );
         gatekeeper::Route {
             transports: self.transports.iter().map(transport_value).collect(),
-            path_steps: path_step.into_iter().collect(),
+            path_steps: noise_step.chain(ref_step).collect(),
         }
         .unparse()
     }
@@ -224,7 +256,33 @@ mod tests {
                 Transport::Tcp("127.0.0.1".into(), 7001),
             ],
             sturdy_ref: SturdyRef::mint(AnyValue::new("worker"), b"secret key"),
+            noise: None,
         }
+    }
+
+    #[test]
+    fn a_noise_step_round_trips_and_an_old_route_still_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::keys::NoiseKey::load_or_create(&dir.path().join("noise-key")).unwrap();
+        let pinned = Route {
+            noise: Some(key.spec()),
+            ..sample()
+        };
+        let text = pinned.to_string();
+        assert!(text.contains("<noise {"), "{text}");
+        assert!(
+            text.find("<noise").unwrap() < text.find("<ref").unwrap(),
+            "{text}"
+        );
+        let back = Route::parse(&text).expect("parses");
+        assert_eq!(back.noise.map(|n| n.key), Some(key.public().to_vec()));
+        assert_eq!(back.sturdy_ref, pinned.sturdy_ref);
+        // A route file written before the noise step existed.
+        let old = Route::parse(&sample().to_string()).expect("parses");
+        assert!(old.noise.is_none());
+        let e =
+            Route::parse("<route [] <ref {oid: 1 sig: #[]}> <ref {oid: 1 sig: #[]}>>").unwrap_err();
+        assert!(matches!(e, RouteError::Shape(_)), "{e}");
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
             dir: runtime.path().to_owned(),
             socket: runtime.path().join("nixspace.sock"),
             tcp: None,
+            insecure_tcp: false,
             limits: nixspace_space::Limits::default(),
         },
         history: None,

@@ -66,8 +66,8 @@ fn worker(args: WorkerRouteArgs) -> anyhow::Result<ExitCode> {
         .attenuate(&identity_caveats(name))
         .map_err(|e| anyhow::anyhow!("cannot narrow the worker capability: {e:?}"))?;
     let narrowed = Route {
-        transports: route.transports,
         sturdy_ref,
+        ..route
     };
     let output = args
         .output

@@ -41,10 +41,19 @@ pub struct UpArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
 
-    /// Also listen on TCP, e.g. 127.0.0.1:7420 (port 0 picks a free port).
-    /// Route files then list it too, for workers on other machines.
+    /// Also listen on TCP, e.g. 10.0.0.1:7420 (port 0 picks a free port).
+    /// Route files then list it too, for workers on other machines, with the
+    /// host's Noise public key: clients open an encrypted session that
+    /// authenticates the host before they send the capability.
     #[arg(long, value_name = "ADDR")]
     tcp: Option<SocketAddr>,
+
+    /// Let capabilities and builds cross TCP in clear: route files without
+    /// the Noise key, and refs accepted outside a Noise session on any
+    /// address (without this flag, only on loopback). Anyone on the path can
+    /// then copy the capability and read or change what crosses.
+    #[arg(long, requires = "tcp")]
+    insecure_tcp: bool,
 
     /// Directory for state kept across restarts (the build history,
     /// `history.sqlite`). Default: $XDG_STATE_HOME/nixspace or
@@ -244,6 +253,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 dir,
                 socket: socket.clone(),
                 tcp: args.tcp,
+                insecure_tcp: args.insecure_tcp,
                 limits: nixspace_space::Limits {
                     max_demands: args.max_demands_per_client,
                     max_log_bytes_per_step: args.max_log_bytes_per_step,

@@ -1,0 +1,133 @@
+//! Workers joining over TCP: the Noise session that hides the capability and the builds from
+//! the link, the plaintext session `--insecure-tcp` allows, and a route pinning another key.
+// The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
+// functions as tests, not the helpers of a test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nixspace_space::{Role, Route, Transport};
+use nixspace_test_support::proxy::{tcp_address, RecordingProxy};
+use nixspace_test_support::{nonce, run, Space};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The worker route of `space`, reaching it only through `proxy`, written for a worker.
+fn route_through(space: &Space, name: &str, route: &Route, proxy: &RecordingProxy) -> PathBuf {
+    let port = proxy.addr().port();
+    let through = route.with_transports(vec![Transport::Tcp("127.0.0.1".to_owned(), port)]);
+    space.worker_route_file(name, &through)
+}
+
+/// What an eavesdropper on a worker's TCP link saw of its capability and of a build's output.
+struct Seen {
+    /// The sturdy ref's signature.
+    signature: bool,
+    /// The output's contents (in the NAR the frontend fetched from the worker's store).
+    output: bool,
+    /// Whether the worker's route pinned a Noise key.
+    pinned: bool,
+}
+
+/// Start `up --tcp 127.0.0.1:0` with `up_args`, one worker with its own store joined through a
+/// recording proxy, build a derivation whose output holds a marker only the build computes,
+/// and say what the proxy saw.
+fn build_over_recorded_tcp(up_args: &[&str]) -> Seen {
+    let mut args = vec!["--tcp", "127.0.0.1:0"];
+    args.extend_from_slice(up_args);
+    let mut space = Space::start_with(&args);
+    let route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    let proxy = RecordingProxy::start(tcp_address(&route));
+    let path = route_through(&space, "recorded", &route, &proxy);
+    let store = space.tmp.path().join("w1-store");
+    space.worker(
+        "w1",
+        &[
+            "--route",
+            path.to_str().expect("utf-8 path"),
+            "--own-store",
+            store.to_str().expect("utf-8 path"),
+        ],
+    );
+    let tag = nonce();
+    // The derivation says `$((6*7))`; only the output says 42.
+    let file = space.sh_derivation(
+        "marked.nix",
+        "marked",
+        &format!("echo nar-$((6*7))-marker-{tag} > $out"),
+    );
+    let result = space.build(&file, LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("on w1"), "{result:?}");
+    let out = result.stdout.trim();
+    let contents = std::fs::read_to_string(out).expect("the output is in the local store");
+    let marker = format!("nar-42-marker-{tag}");
+    assert_eq!(contents.trim(), marker);
+    assert!(proxy.bytes() > 0, "nothing crossed the proxy");
+    Seen {
+        signature: proxy.saw(&route.sturdy_ref.parameters.sig),
+        output: proxy.saw(marker.as_bytes()),
+        pinned: route.noise.is_some(),
+    }
+}
+
+#[test]
+fn a_worker_over_noise_tcp_builds_and_the_link_shows_neither_its_capability_nor_the_output() {
+    let seen = build_over_recorded_tcp(&[]);
+    assert!(seen.pinned, "the route pins the host's Noise key");
+    assert!(
+        !seen.signature,
+        "the sturdy ref's signature crossed in clear"
+    );
+    assert!(!seen.output, "the output's bytes crossed in clear");
+}
+
+#[test]
+fn with_insecure_tcp_the_same_capture_shows_the_capability_and_the_output() {
+    // Positive control for the test above: the same capture, in clear, sees both.
+    let seen = build_over_recorded_tcp(&["--insecure-tcp"]);
+    assert!(!seen.pinned, "an --insecure-tcp route pins no key");
+    assert!(
+        seen.signature,
+        "the capture missed the signature sent in clear"
+    );
+    assert!(seen.output, "the capture missed the output sent in clear");
+}
+
+#[test]
+fn a_route_pinning_another_key_is_refused_with_a_clear_error_and_the_host_serves_on() {
+    let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
+    let route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
+    let tcp = route.with_transports(
+        route
+            .transports
+            .iter()
+            .filter(|t| matches!(t, Transport::Tcp(..)))
+            .cloned()
+            .collect(),
+    );
+    let mut wrong = tcp.clone();
+    let spec = wrong.noise.as_mut().expect("the route pins a key");
+    spec.key = nixspace_space::keys::NoiseKey::load_or_create(&space.tmp.path().join("other"))
+        .expect("another key")
+        .public()
+        .to_vec();
+    let path = space.worker_route_file("wrong-key", &wrong);
+    let mut c = space.command(&["worker", "--id", "impostor", "--route"]);
+    c.arg(&path).arg("--dir").arg(space.dir());
+    let refused = run(c, LIMIT);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("Noise handshake"),
+        "{}",
+        refused.stderr
+    );
+    // Positive control, and the host survived the failed handshake: the right key joins.
+    let path = space.worker_route_file("right-key", &tcp);
+    space.worker("w1", &["--route", path.to_str().expect("utf-8 path")]);
+    let file = space.sh_derivation("after.nix", "after", &format!("echo {} > $out", nonce()));
+    let result = space.build(&file, LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    assert!(result.stderr.contains("on w1"), "{result:?}");
+}
