@@ -323,6 +323,59 @@ fn nix_build_through_the_translator_resolves_on_stores_of_their_own() {
 }
 
 #[test]
+fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
+    let mut space = Space::start();
+    let store = |space: &Space, w: &str| {
+        let s = space.tmp.path().join(format!("{w}-store"));
+        s.to_str().unwrap().to_owned()
+    };
+    // `base` needs feature fa (only w1, later w3), `top` feature fb (only w2, started after
+    // w1 is killed): when `top` is built, no store has `base`'s output.
+    let w1 = store(&space, "w1");
+    space.worker("w1", &["--features", "fa", "--own-store", &w1]);
+    let runs = space.tmp.path().join("runs");
+    let tag = nixspace_test_support::nonce();
+    let binding = step_binding(
+        "name: features: deps",
+        &format!("{CA_ATTRS} requiredSystemFeatures = features;"),
+        &format!(
+            "echo ${{name}} >> {runs}; {{ for d in $deps; do /bin/cat $d; done; echo ${{name}}-{tag}; }} > $out",
+            runs = runs.display()
+        ),
+    );
+    let file = space.nix_file(
+        "lost.nix",
+        &format!("let\n{binding}in\nstep \"top\" [ \"fb\" ] [ (step \"base\" [ \"fa\" ] [ ]) ]\n"),
+    );
+    let build = space.spawn_build(&file);
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !space.log("w1").contains("built drv=") {
+        assert!(std::time::Instant::now() < deadline, "{}", space.log("w1"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    space.kill_worker("w1");
+    let (w2, w3) = (store(&space, "w2"), store(&space, "w3"));
+    space.worker("w2", &["--features", "fb", "--own-store", &w2]);
+    space.worker("w3", &["--features", "fa", "--own-store", &w3]);
+    let finished = nixspace_test_support::wait_output(build, LIMIT);
+    assert!(
+        finished.status.success(),
+        "{finished:?}\n{}\n{}",
+        space.log("w2"),
+        space.log("w3")
+    );
+    // Deterministic: built again with the same output, which `top` was resolved against.
+    assert_eq!(
+        std::fs::read_to_string(finished.stdout.trim()).unwrap(),
+        format!("base-{tag}\ntop-{tag}\n")
+    );
+    assert_eq!(
+        run_counts(&runs),
+        [("base".to_owned(), 2), ("top".to_owned(), 1)].into()
+    );
+}
+
+#[test]
 fn originals_that_resolve_alike_share_one_build() {
     let mut space = Space::start();
     space.worker("w1", &[]);

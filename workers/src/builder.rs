@@ -614,10 +614,7 @@ async fn run_build(
 ) -> Outcome {
     let worker = config.id.as_str();
     let fetch_failed = |e: FetchError| {
-        let lost = match &e {
-            FetchError::Nowhere(path, _) => Some(path.clone()),
-            _ => None,
-        };
+        let lost = e.missing_path().map(str::to_owned);
         BuildFailure {
             lost,
             ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))

@@ -132,6 +132,25 @@ pub enum FetchError {
     Local(Arc<StepError>),
 }
 
+impl FetchError {
+    /// The path no store in the dataspace has, when that is why this fetch failed: the path
+    /// itself, or a reference the first store offering it could not get either (what the
+    /// planner builds again).
+    pub fn missing_path(&self) -> Option<&str> {
+        let mut error = self;
+        loop {
+            match error {
+                FetchError::Nowhere(path, _) => return Some(path),
+                FetchError::Failed { reasons, .. } => match reasons.first() {
+                    Some((_, CopyError::References(inner))) => error = inner,
+                    _ => return None,
+                },
+                _ => return None,
+            }
+        }
+    }
+}
+
 /// Why a copy of a path from one store failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CopyError {
@@ -989,5 +1008,31 @@ impl Drop for ChildFacet {
                 Ok(())
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_missing_path_is_found_under_a_reference_that_failed() {
+        let nowhere = || FetchError::Nowhere("/nix/store/a-input".into(), Duration::from_secs(1));
+        assert_eq!(nowhere().missing_path(), Some("/nix/store/a-input"));
+        let through_reference = FetchError::Failed {
+            path: "/nix/store/b-top.drv".into(),
+            reasons: vec![(
+                "frontend".into(),
+                CopyError::References(Box::new(nowhere())),
+            )],
+        };
+        assert_eq!(through_reference.missing_path(), Some("/nix/store/a-input"));
+        // Any other failure names no missing path.
+        let refused = FetchError::Failed {
+            path: "/nix/store/b-top.drv".into(),
+            reasons: vec![("liar".into(), CopyError::LinkLost)],
+        };
+        assert_eq!(refused.missing_path(), None);
+        assert_eq!(FetchError::Detached.missing_path(), None);
     }
 }
