@@ -322,30 +322,36 @@ fn nix_build_through_the_translator_resolves_on_stores_of_their_own() {
     assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
 }
 
-#[test]
-fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
-    let mut space = Space::start();
+/// A CA chain `base` (feature fa) → `top` (feature fb), each writing its input's content and
+/// `<name>-<tag>` (then, for `base`, what the shell code `base_noise` prints) and appending
+/// its name to `runs`: `base` is built on `w1`, which is then killed before any worker can
+/// build `top`; `w2` (fb) and `w3` (fa) join, all with stores of their own. Returns how the
+/// build ended, with the tag.
+fn build_with_base_lost(
+    space: &mut Space,
+    runs: &std::path::Path,
+    base_noise: &str,
+) -> (nixspace_test_support::Finished, String) {
     let store = |space: &Space, w: &str| {
         let s = space.tmp.path().join(format!("{w}-store"));
         s.to_str().unwrap().to_owned()
     };
     // `base` needs feature fa (only w1, later w3), `top` feature fb (only w2, started after
     // w1 is killed): when `top` is built, no store has `base`'s output.
-    let w1 = store(&space, "w1");
+    let w1 = store(space, "w1");
     space.worker("w1", &["--features", "fa", "--own-store", &w1]);
-    let runs = space.tmp.path().join("runs");
     let tag = nixspace_test_support::nonce();
     let binding = step_binding(
-        "name: features: deps",
+        "name: features: noise: deps",
         &format!("{CA_ATTRS} requiredSystemFeatures = features;"),
         &format!(
-            "echo ${{name}} >> {runs}; {{ for d in $deps; do /bin/cat $d; done; echo ${{name}}-{tag}; }} > $out",
+            "echo ${{name}} >> {runs}; {{ for d in $deps; do /bin/cat $d; done; echo ${{name}}-{tag}; ${{noise}} }} > $out",
             runs = runs.display()
         ),
     );
     let file = space.nix_file(
         "lost.nix",
-        &format!("let\n{binding}in\nstep \"top\" [ \"fb\" ] [ (step \"base\" [ \"fa\" ] [ ]) ]\n"),
+        &format!("let\n{binding}in\nstep \"top\" [ \"fb\" ] \"\" [ (step \"base\" [ \"fa\" ] \"{base_noise}\" [ ]) ]\n"),
     );
     let build = space.spawn_build(&file);
     let deadline = std::time::Instant::now() + LIMIT;
@@ -354,7 +360,7 @@ fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
         std::thread::sleep(Duration::from_millis(20));
     }
     space.kill_worker("w1");
-    let (w2, w3) = (store(&space, "w2"), store(&space, "w3"));
+    let (w2, w3) = (store(space, "w2"), store(space, "w3"));
     space.worker("w2", &["--features", "fb", "--own-store", &w2]);
     space.worker("w3", &["--features", "fa", "--own-store", &w3]);
     let finished = nixspace_test_support::wait_output(build, LIMIT);
@@ -364,6 +370,14 @@ fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
         space.log("w2"),
         space.log("w3")
     );
+    (finished, tag)
+}
+
+#[test]
+fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
+    let mut space = Space::start();
+    let runs = space.tmp.path().join("runs");
+    let (finished, tag) = build_with_base_lost(&mut space, &runs, "");
     // Deterministic: built again with the same output, which `top` was resolved against.
     assert_eq!(
         std::fs::read_to_string(finished.stdout.trim()).unwrap(),
@@ -372,6 +386,48 @@ fn a_content_addressed_input_lost_with_its_only_worker_is_built_again() {
     assert_eq!(
         run_counts(&runs),
         [("base".to_owned(), 2), ("top".to_owned(), 1)].into()
+    );
+}
+
+#[test]
+fn a_lost_content_addressed_input_rebuilt_with_another_output_resolves_its_dependent_anew() {
+    let mut space = Space::start();
+    let runs = space.tmp.path().join("runs");
+    let seen = space.tmp.path().join("seen");
+    // `base` writes the time in nanoseconds (and notes it in `seen`): each build differs.
+    let noise = format!(
+        "n=$(/bin/date +%s%N); echo $n >> {}; echo $n;",
+        seen.display()
+    );
+    let (finished, tag) = build_with_base_lost(&mut space, &runs, &noise);
+    let seen: Vec<String> = std::fs::read_to_string(&seen)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_ne!(seen[0], seen[1]);
+    // `top` was built against the second `base`, resolved anew.
+    assert_eq!(
+        std::fs::read_to_string(finished.stdout.trim()).unwrap(),
+        format!("base-{tag}\n{}\ntop-{tag}\n", seen[1])
+    );
+    assert_eq!(
+        run_counts(&runs),
+        [("base".to_owned(), 2), ("top".to_owned(), 1)].into()
+    );
+    // The root's realisation registered here names the output the frontend got.
+    let top = instantiate(&space, &space.tmp.path().join("lost.nix"));
+    assert_eq!(realised_here(&space, &top), [finished.stdout.trim()]);
+    // The planner replaced `base`'s realisation (lost) with the rebuild's, no conflict.
+    let up = space.log("up");
+    assert!(
+        up.contains("withdrawing the realisation of a lost output"),
+        "{up}"
+    );
+    assert!(
+        !up.contains("names another path than the one recorded"),
+        "{up}"
     );
 }
 

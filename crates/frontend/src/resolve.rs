@@ -10,7 +10,9 @@
 //! originals that resolve to the same derivation share its build. When the resolved step is
 //! built, its outputs are the original's, reported to the frontend as the original's `built`
 //! (which may in turn let dependents resolve). A held step whose input failed fails with
-//! "cannot resolve: input X failed".
+//! "cannot resolve: input X failed". A resolved original not built yet whose input is built
+//! again with other outputs (lost, then rebuilt by a non-deterministic builder) is held again:
+//! its `<resolved>` and demand are retracted and it is resolved with the new outputs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -22,7 +24,7 @@ use nixspace_nix_tools::{DaemonPool, DerivationInfo, Lease, StepError};
 use nixspace_protocol::{build, expected_outputs, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, OfferError, StoreNode};
 use preserves_schema::Parse;
-use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef};
+use syndicate::actor::{Account, Activation, ActorResult, AnyValue, Cap, FacetRef, Handle};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
@@ -152,12 +154,62 @@ pub enum RegisterError {
 }
 
 /// A held step.
+#[derive(Clone)]
 struct Held {
     drv: Derivation,
     info: DerivationInfo,
 }
 
+/// A resolved original, not held any more: what was asserted for it, and what it was resolved
+/// against (it is held again if one of those inputs is built anew with other outputs before the
+/// resolved derivation is built).
+struct Resolution {
+    /// The original as it was held.
+    held: Held,
+    /// The `<resolved from to>` record.
+    resolved: build::Resolved,
+    /// The demand of the resolved derivation.
+    demand: build::Demand,
+    /// The outputs of the original's inputs it was resolved against: input → output → path.
+    against: BTreeMap<String, BTreeMap<String, StorePath>>,
+    /// The handles of the record and the demand as asserted on the current link.
+    handles: Vec<Handle>,
+}
+
 impl State {
+    /// Resolved originals not built yet whose inputs' outputs are not those they were resolved
+    /// against any more (an input lost and built again with another output): no longer
+    /// resolved, held again, with the handles of what was asserted for them to retract.
+    fn unresolve_stale(&mut self) -> Vec<Handle> {
+        let stale: Vec<String> = self
+            .resolved
+            .iter()
+            .filter(|(original, r)| {
+                !self.realised.contains_key(*original)
+                    && r.against
+                        .iter()
+                        .any(|(input, outputs)| self.realised.get(input) != Some(outputs))
+            })
+            .map(|(original, _)| original.clone())
+            .collect();
+        let mut handles = Vec::new();
+        for original in stale {
+            let Some(r) = self.resolved.remove(&original) else {
+                continue;
+            };
+            tracing::info!(%original, old = %r.resolved.to, "an input was built again with other outputs; resolving anew");
+            if let Some(originals) = self.originals.get_mut(&r.resolved.to) {
+                originals.remove(&original);
+                if originals.is_empty() {
+                    self.originals.remove(&r.resolved.to);
+                }
+            }
+            self.held.insert(original, r.held);
+            handles.extend(r.handles);
+        }
+        handles
+    }
+
     /// Held steps whose inputs are all realised and that nobody is resolving yet, now marked
     /// as being resolved.
     fn take_resolvable(&mut self) -> Vec<String> {
@@ -188,7 +240,7 @@ struct State {
     /// Held steps being resolved right now.
     resolving: BTreeSet<String>,
     /// What was asserted for each resolved original (re-asserted on rejoining).
-    resolved: BTreeMap<String, (build::Resolved, build::Demand)>,
+    resolved: BTreeMap<String, Resolution>,
     /// Resolved derivation → the originals it stands for.
     originals: BTreeMap<String, BTreeSet<String>>,
     /// Needed steps with an output not known before building, demanded as they are: the
@@ -496,9 +548,11 @@ impl Resolver {
         }
         let resolvable = match self.inner.state.lock() {
             Ok(mut state) => {
-                for (resolved, demand) in state.resolved.values() {
-                    ds.assert(t, resolved);
-                    ds.assert(t, demand);
+                for r in state.resolved.values_mut() {
+                    r.handles = [ds.assert(t, &r.resolved), ds.assert(t, &r.demand)]
+                        .into_iter()
+                        .flatten()
+                        .collect();
                 }
                 // Steps whose resolution was lost with the previous connection.
                 state.take_resolvable()
@@ -597,6 +651,9 @@ impl Inner {
             for d in originals.iter().map(String::as_str).chain([drv]) {
                 state.realised.insert(d.to_owned(), realised.clone());
             }
+            for handle in state.unresolve_stale() {
+                t.retract(handle);
+            }
             (originals, state.take_resolvable())
         };
         if let Some(link) = inner.link() {
@@ -679,12 +736,17 @@ impl Inner {
         let delivered = self.link().is_some_and(|link| {
             link.facet.activate(&account, None, |t| {
                 match outcome {
-                    Ok((resolved, demand)) => {
-                        tracing::info!(%original, to = %resolved.to, "resolved");
-                        link.ds.assert(t, &resolved);
-                        link.ds.assert(t, &demand);
-                        let to = resolved.to.clone();
-                        let already = {
+                    Ok(mut resolution) => {
+                        let to = resolution.resolved.to.clone();
+                        tracing::info!(%original, %to, "resolved");
+                        resolution.handles = [
+                            link.ds.assert(t, &resolution.resolved),
+                            link.ds.assert(t, &resolution.demand),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                        let (already, stale, ready) = {
                             let mut state =
                                 self.state.lock().map_err(|_| "resolver state poisoned")?;
                             state
@@ -694,13 +756,21 @@ impl Inner {
                                 .insert(original.clone());
                             state.held.remove(&original);
                             state.resolving.remove(&original);
-                            state.resolved.insert(original.clone(), (resolved, demand));
-                            state.realised.get(&to).map(|r| {
+                            state.resolved.insert(original.clone(), resolution);
+                            // An input built anew while this resolution was under way.
+                            let stale = state.unresolve_stale();
+                            let ready = state.take_resolvable();
+                            let already = state.realised.get(&to).map(|r| {
                                 r.values()
                                     .map(|p| self.store_dir.print(p))
                                     .collect::<Vec<_>>()
-                            })
+                            });
+                            (already, stale, ready)
                         };
+                        for handle in stale {
+                            t.retract(handle);
+                        }
+                        Inner::spawn_resolutions(&self, ready);
                         // Another original resolved to the same derivation, already built: this
                         // one is done too (early cut-off), and its `built` will not come again.
                         match already {
@@ -774,15 +844,18 @@ impl Inner {
     }
 
     /// The resolved derivation of `original`, written into the local store.
-    async fn write_resolved(
-        &self,
-        original: &str,
-    ) -> Result<(build::Resolved, build::Demand), CannotResolve> {
-        let (derivation, info, realised) = {
+    async fn write_resolved(&self, original: &str) -> Result<Resolution, CannotResolve> {
+        let (held, realised) = {
             let state = self.state.lock().map_err(|_| CannotResolve::Poisoned)?;
             let held = state.held.get(original).ok_or(CannotResolve::NotHeld)?;
-            (held.drv.clone(), held.info.clone(), state.realised.clone())
+            (held.clone(), state.realised.clone())
         };
+        let (derivation, info) = (&held.drv, held.info.clone());
+        let against = info
+            .input_drvs
+            .iter()
+            .filter_map(|i| Some((i.clone(), realised.get(i)?.clone())))
+            .collect();
         let store = &self.store_dir;
         let basic = derivation
             .try_resolve(store, |input, output| {
@@ -818,13 +891,14 @@ impl Inner {
                 expected_outputs::entry(name, output.path().map(|p| store.print(p)).as_deref())
             })
             .collect();
-        Ok((
-            build::Resolved {
+        Ok(Resolution {
+            held: held.clone(),
+            resolved: build::Resolved {
                 from: original.to_owned(),
                 to: to.clone(),
                 system: info.system.clone(),
             },
-            build::Demand {
+            demand: build::Demand {
                 drv: to,
                 step: build::StepInfo {
                     system: info.system,
@@ -837,6 +911,8 @@ impl Inner {
                 priority: self.priority.into(),
                 depth: 0.into(),
             },
-        ))
+            against,
+            handles: Vec::new(),
+        })
     }
 }

@@ -859,6 +859,27 @@ mod tests {
     }
 
     #[test]
+    fn an_original_resolved_anew_links_to_its_new_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("history.sqlite")).unwrap();
+        let original = "/nix/store/s.drv".into();
+        for to in ["/nix/store/r1.drv", "/nix/store/r2.drv"] {
+            assert_eq!(
+                h.resolved(&original, &to.into(), "x86_64-linux").unwrap(),
+                Resolution::Recorded
+            );
+        }
+        let steps = h.recent(10).unwrap();
+        let s = steps.iter().find(|s| s.drv == "/nix/store/s.drv").unwrap();
+        assert_eq!(s.status, "resolved");
+        assert_eq!(s.resolved_to.as_deref(), Some("/nix/store/r2.drv"));
+        let r2 = steps.iter().find(|s| s.drv == "/nix/store/r2.drv").unwrap();
+        assert_eq!(r2.resolved_from, ["/nix/store/s.drv"]);
+        let r1 = steps.iter().find(|s| s.drv == "/nix/store/r1.drv").unwrap();
+        assert!(r1.resolved_from.is_empty());
+    }
+
+    #[test]
     fn a_version_1_file_is_migrated_with_its_rows() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("history.sqlite");

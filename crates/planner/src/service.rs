@@ -208,6 +208,7 @@ impl Entity<Event> for Planner {
                     Some(made_it) => {
                         self.metrics.rebuilds.inc();
                         tracing::warn!(%path, %made_it, needed_by = %drv, %worker, "no store has this output any more; building its step again");
+                        self.forget_realisations_of(t, &path);
                     }
                     None => {
                         tracing::warn!(%path, needed_by = %drv, %worker, "no store has this input, and no demanded step makes it")
@@ -494,6 +495,24 @@ impl Planner {
         }
         note(&mut self.history, |h| h.realised(&id, &path, &signatures));
         self.publish_realisation(t, id, path, merged);
+    }
+
+    /// Withdraw the realisations naming `path`, an output no store has any more whose step is
+    /// built again: the rebuild's realisation (another path, if the build is not deterministic)
+    /// is recorded in their place instead of counted as a conflict.
+    fn forget_realisations_of(&mut self, t: &mut Activation, path: &str) {
+        let gone: Vec<String> = self
+            .realisations
+            .iter()
+            .filter(|(_, (p, _, _))| p == path)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            if let Some((_, _, handle)) = self.realisations.remove(&id) {
+                tracing::info!(%id, %path, "withdrawing the realisation of a lost output");
+                t.retract(handle);
+            }
+        }
     }
 
     /// Assert `id` ↦ `path` (with `signatures`) in place of what the planner asserted for `id`.
