@@ -131,3 +131,62 @@ fn a_route_pinning_another_key_is_refused_with_a_clear_error_and_the_host_serves
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("on w1"), "{result:?}");
 }
+
+/// Move this test's thread, and so every process it starts from now on, into a network
+/// namespace of its own whose `lo` is up with `address` (not a loopback address) besides
+/// 127.0.0.1: a listener off loopback without touching the machine's network.
+fn own_network_with(address: &str) {
+    use rustix::thread::{unshare_unsafe, UnshareFlags};
+    // SAFETY: only the network namespace is unshared (not the file table, the one flag whose
+    // effect on other threads makes the call unsafe).
+    unsafe { unshare_unsafe(UnshareFlags::NEWNET) }.expect("a network namespace");
+    for args in [
+        vec!["link", "set", "lo", "up"],
+        vec!["addr", "add", address, "dev", "lo"],
+    ] {
+        let mut ip = std::process::Command::new("ip");
+        ip.args(&args);
+        let done = run(ip, LIMIT);
+        assert!(done.status.success(), "ip {args:?}: {done:?}");
+    }
+}
+
+#[test]
+fn a_capability_in_clear_is_refused_on_a_listener_off_loopback_unless_insecure_tcp() {
+    own_network_with("10.42.0.1/32");
+    for insecure in [false, true] {
+        let mut args = vec!["--tcp", "10.42.0.1:0"];
+        if insecure {
+            args.push("--insecure-tcp");
+        }
+        let space = Space::start_with(&args);
+        let mut clear = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
+        assert!(
+            clear.transports.iter().all(
+                |t| matches!(t, Transport::Tcp(host, _) if host == "10.42.0.1")
+                    || matches!(t, Transport::Unix(_))
+            ),
+            "{clear:?}"
+        );
+        clear.transports.retain(|t| matches!(t, Transport::Tcp(..)));
+        // The capability sent in clear over TCP.
+        clear.noise = None;
+        let path = space.tmp.path().join("clear.route");
+        clear.write(&path).expect("route");
+        let status = run(
+            space.command(&["status", "--route", path.to_str().expect("utf-8")]),
+            LIMIT,
+        );
+        if insecure {
+            // The positive control: the same client, the same connection, allowed.
+            assert!(status.status.success(), "{status:?}");
+        } else {
+            assert!(!status.status.success(), "{status:?}");
+            assert!(
+                format!("{}{}", status.stderr, space.log("up")).contains("noise-required"),
+                "{status:?}\n{}",
+                space.log("up")
+            );
+        }
+    }
+}
