@@ -501,6 +501,18 @@ impl History {
         tx.commit().map_err(err)
     }
 
+    /// Forget the realisations naming `out_path` (an output no store has any more, built
+    /// again): a restarted planner must not assert them again. One statement.
+    pub fn forget_realisations_of(&mut self, out_path: &str) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "DELETE FROM realisations WHERE out_path = ?1",
+                params![out_path],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Every recorded realisation, by id.
     pub fn realisations(&self) -> Result<Vec<RealisationRecord>, HistoryError> {
         let mut query = self
@@ -1047,6 +1059,28 @@ mod tests {
 
     fn built(outputs: &[String]) -> AttemptOutcome<'_> {
         AttemptOutcome::Built { outputs }
+    }
+
+    #[test]
+    fn the_realisations_of_a_lost_path_are_forgotten_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let mut h = History::open(&path).unwrap();
+        h.realised("sha256:aa!out", "/nix/store/lost-base", &[])
+            .unwrap();
+        h.realised("sha256:bb!out", "/nix/store/kept-top", &[])
+            .unwrap();
+        h.forget_realisations_of("/nix/store/lost-base").unwrap();
+        drop(h);
+        // As a restarted planner reads them.
+        let h = History::open(&path).unwrap();
+        let ids: Vec<String> = h
+            .realisations()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec!["sha256:bb!out".to_owned()]);
     }
 
     #[test]

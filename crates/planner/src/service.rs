@@ -498,9 +498,11 @@ impl Planner {
     }
 
     /// Withdraw the realisations naming `path`, an output no store has any more whose step is
-    /// built again: the rebuild's realisation (another path, if the build is not deterministic)
-    /// is recorded in their place instead of counted as a conflict.
+    /// built again, here and in the history: the rebuild's realisation (another path, if the
+    /// build is not deterministic) is recorded in their place instead of counted as a conflict,
+    /// also by a planner restarted before it comes.
     fn forget_realisations_of(&mut self, t: &mut Activation, path: &str) {
+        note(&mut self.history, |h| h.forget_realisations_of(path));
         let gone: Vec<String> = self
             .realisations
             .iter()
