@@ -152,6 +152,19 @@ fn own_store_workers(space: &mut Space) {
     }
 }
 
+/// `nixspace build FILE` on a space with [`own_store_workers`], which must succeed (else the
+/// workers' logs say why).
+fn built_on_own_stores(space: &Space, file: &std::path::Path) -> nixspace_test_support::Finished {
+    let built = space.build(file, LIMIT);
+    assert!(
+        built.status.success(),
+        "{built:?}\n{}\n{}",
+        space.log("w1"),
+        space.log("w2")
+    );
+    built
+}
+
 /// The output paths `nix realisation info` finds for `drv` in the local store.
 fn realised_here(space: &Space, drv: &str) -> Vec<String> {
     store_realisations(space, drv)
@@ -188,13 +201,7 @@ fn a_content_addressed_diamond_builds_on_workers_with_stores_of_their_own() {
 in step "top" "echo top" [ l r ]"#
         ),
     );
-    let built = space.build(&file, LIMIT);
-    assert!(
-        built.status.success(),
-        "{built:?}\n{}\n{}",
-        space.log("w1"),
-        space.log("w2")
-    );
+    let built = built_on_own_stores(&space, &file);
     let out = built.stdout.trim();
     assert_eq!(
         std::fs::read_to_string(out).unwrap(),
@@ -230,12 +237,10 @@ fn a_content_addressed_chain_through_an_input_addressed_step_builds_on_stores_of
     let mut space = Space::start();
     own_store_workers(&mut space);
     let runs = space.tmp.path().join("runs");
-    let script = |name: &str| {
-        format!(
-            "echo {name} >> {runs}; {{ for d in $deps; do /bin/cat $d; done; echo {name}; }} > $out",
-            runs = runs.display()
-        )
-    };
+    let script = format!(
+        "echo step >> {}; {{ for d in $deps; do /bin/cat $d; done; echo step; }} > $out",
+        runs.display()
+    );
     // `mid` is input-addressed on a content-addressed input: its output path is deferred.
     let file = space.nix_file(
         "mixed.nix",
@@ -244,24 +249,17 @@ fn a_content_addressed_chain_through_an_input_addressed_step_builds_on_stores_of
 let
   mk = name: attrs: deps: derivation ({{
     inherit name deps; system = builtins.currentSystem; builder = "/bin/sh";
-    args = [ "-c" "{base}" ];
+    args = [ "-c" "{script}" ];
   }} // attrs);
   ca = {{ {CA_ATTRS} }};
   base = mk "base" ca [ ];
   mid = mk "mid" {{ }} [ base ];
 in
 mk "top" ca [ mid ]
-"#,
-            base = script("step")
+"#
         ),
     );
-    let built = space.build(&file, LIMIT);
-    assert!(
-        built.status.success(),
-        "{built:?}\n{}\n{}",
-        space.log("w1"),
-        space.log("w2")
-    );
+    let built = built_on_own_stores(&space, &file);
     let out = built.stdout.trim();
     assert_eq!(std::fs::read_to_string(out).unwrap(), "step\nstep\nstep\n");
     assert_eq!(runs_of(&runs), ["step", "step", "step"]);

@@ -84,7 +84,8 @@ pub enum CannotResolve {
     /// The resolved derivation could not be offered to the dataspace.
     #[error("cannot resolve: {0}")]
     Offer(#[from] OfferError),
-    /// The inputs' outputs the resolved derivation refers to could not be copied here.
+    /// Whether the inputs' outputs the resolved derivation refers to are valid here could not
+    /// be asked.
     #[error("cannot resolve: {0}")]
     Fetch(#[from] FetchError),
     /// The resolver's state lock was poisoned by a panic.
@@ -278,8 +279,8 @@ type RootConnection = tokio::sync::Mutex<Option<Lease>>;
 struct Inner {
     store_dir: StoreDir,
     pool: DaemonPool,
-    /// This machine's store in the dataspace: fetches the inputs' outputs a resolved
-    /// derivation refers to.
+    /// This machine's store in the dataspace: says whether the inputs' outputs a resolved
+    /// derivation refers to are here, and offers the derivation to the others when they are not.
     store: StoreNode,
     requester: String,
     priority: i64,
@@ -307,8 +308,8 @@ impl std::fmt::Debug for Resolver {
 
 impl Resolver {
     /// A resolver for the needed steps of `plan`; the steps it holds back are in
-    /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s,
-    /// their inputs fetched through `store` first.
+    /// [`Resolver::held`]. Resolved derivations are written through `pool` as `requester`'s
+    /// when their inputs' outputs are in the local store, else offered through `store`.
     pub(crate) async fn new(
         plan: &Plan,
         store_dir: StoreDir,
@@ -807,6 +808,7 @@ impl Inner {
             }
         }
     }
+
     /// Write the resolved derivation `text` into the local store (it must come out as `path`,
     /// returned), with `references`, rooted by the resolver's connection while it lives.
     async fn write_here(
@@ -843,7 +845,8 @@ impl Inner {
         }
     }
 
-    /// The resolved derivation of `original`, written into the local store.
+    /// The resolved derivation of `original`, written into the local store or offered to the
+    /// dataspace.
     async fn write_resolved(&self, original: &str) -> Result<Resolution, CannotResolve> {
         let (held, realised) = {
             let state = self.state.lock().map_err(|_| CannotResolve::Poisoned)?;
@@ -892,7 +895,7 @@ impl Inner {
             })
             .collect();
         Ok(Resolution {
-            held: held.clone(),
+            held,
             resolved: build::Resolved {
                 from: original.to_owned(),
                 to: to.clone(),
