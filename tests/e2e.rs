@@ -182,14 +182,7 @@ fn interrupting_a_build_withdraws_its_demand_and_stops_the_builder() {
 fn a_worker_joins_over_tcp() {
     let mut space = Space::start_with(&["--tcp", "127.0.0.1:0"]);
     let route = Route::read(&Role::Worker.route_file(&space.dir())).expect("route");
-    let tcp_only = route.with_transports(
-        route
-            .transports
-            .iter()
-            .filter(|t| matches!(t, nixspace_space::Transport::Tcp(..)))
-            .cloned()
-            .collect(),
-    );
+    let tcp_only = route.tcp_only();
     assert_eq!(tcp_only.transports.len(), 1, "{route:?}");
     let path = space.worker_route_file("tcp", &tcp_only);
     space.worker(

@@ -5,7 +5,8 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use nixspace_space::{Role, Route, Transport};
+use nixspace_space::route::signing_key_beside;
+use nixspace_space::{Role, Route};
 use tokio::process::Command;
 
 use crate::error::BenchError;
@@ -191,13 +192,13 @@ impl Rig {
 /// worker's signing key goes with it (`worker-tcp.key`, a copy of `worker.key`), as it would
 /// to another host, so what the worker builds is trusted.
 fn tcp_only_route(dir: &Path) -> Result<PathBuf, BenchError> {
-    let mut route = Route::read(&Role::Worker.route_file(dir))?;
-    route.transports.retain(|t| matches!(t, Transport::Tcp(..)));
+    let worker_route = Role::Worker.route_file(dir);
+    let route = Route::read(&worker_route)?.tcp_only();
     if route.transports.is_empty() {
         return Err(BenchError::NoTcp(dir.to_owned()));
     }
     let path = dir.join("worker-tcp.route");
     route.write(&path)?;
-    std::fs::copy(dir.join("worker.key"), path.with_extension("key"))?;
+    std::fs::copy(signing_key_beside(&worker_route), signing_key_beside(&path))?;
     Ok(path)
 }

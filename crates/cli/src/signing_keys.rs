@@ -13,11 +13,6 @@ use anyhow::Context;
 use nixspace_nix_formats::signature::{PublicKey, SecretKey};
 use rand::RngCore;
 
-/// The signing key file beside `route_file` (`worker.route` → `worker.key`).
-pub fn beside(route_file: &Path) -> PathBuf {
-    route_file.with_extension("key")
-}
-
 /// The key in `path`, or a new one named `name` (any `:` or white space replaced) written
 /// there if there is none.
 pub fn load_or_create(path: &Path, name: &str) -> anyhow::Result<SecretKey> {
@@ -131,7 +126,7 @@ mod tests {
     fn a_key_is_made_once_private_and_read_back() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let file = beside(&dir.path().join("worker.route"));
+        let file = nixspace_space::route::signing_key_beside(&dir.path().join("worker.route"));
         assert_eq!(file, dir.path().join("worker.key"));
         let made = load_or_create(&file, "host: a-1").unwrap();
         assert_eq!(made.name(), "host__a-1");

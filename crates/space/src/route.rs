@@ -121,6 +121,13 @@ pub struct Route {
     pub noise: Option<noise::NoiseSpec>,
 }
 
+/// The signing key file of the worker that joins with `route_file`, beside it
+/// (`worker.route` → `worker.key`): the worker signs what it builds with it, so it goes to a
+/// worker host with its route file.
+pub fn signing_key_beside(route_file: &Path) -> PathBuf {
+    route_file.with_extension("key")
+}
+
 impl Route {
     /// Parse a route from Preserves text.
     pub fn parse(text: &str) -> Result<Route, RouteError> {
@@ -182,6 +189,18 @@ impl Route {
             transports,
             ..self.clone()
         }
+    }
+
+    /// The same route with its TCP transports only (how a worker on another host reaches
+    /// the host).
+    pub fn tcp_only(&self) -> Route {
+        self.with_transports(
+            self.transports
+                .iter()
+                .filter(|t| matches!(t, Transport::Tcp(..)))
+                .cloned()
+                .collect(),
+        )
     }
 
     /// The Syndicate value of this route.
@@ -283,6 +302,29 @@ mod tests {
         let e =
             Route::parse("<route [] <ref {oid: 1 sig: #[]}> <ref {oid: 1 sig: #[]}>>").unwrap_err();
         assert!(matches!(e, RouteError::Shape(_)), "{e}");
+    }
+
+    #[test]
+    fn tcp_only_keeps_the_tcp_transports_and_the_rest_of_the_route() {
+        let r = sample();
+        let tcp = r.tcp_only();
+        assert!(tcp
+            .transports
+            .iter()
+            .all(|t| matches!(t, Transport::Tcp(..))));
+        assert_eq!(
+            tcp.transports.len(),
+            r.transports
+                .iter()
+                .filter(|t| matches!(t, Transport::Tcp(..)))
+                .count()
+        );
+        assert!(!tcp.transports.is_empty());
+        assert_eq!(tcp.sturdy_ref, r.sturdy_ref);
+        assert_eq!(
+            signing_key_beside(Path::new("/run/x/worker-w2.route")),
+            Path::new("/run/x/worker-w2.key")
+        );
     }
 
     #[test]

@@ -119,8 +119,11 @@ impl Space {
     pub fn worker_route_file(&self, name: &str, route: &nixspace_space::Route) -> PathBuf {
         let path = self.tmp.path().join(format!("{name}.route"));
         route.write(&path).expect("write route");
-        std::fs::copy(self.dir().join("worker.key"), path.with_extension("key"))
-            .expect("copy the worker's signing key");
+        std::fs::copy(
+            nixspace_space::route::signing_key_beside(&self.dir().join("worker.route")),
+            nixspace_space::route::signing_key_beside(&path),
+        )
+        .expect("copy the worker's signing key");
         path
     }
 

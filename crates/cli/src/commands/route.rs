@@ -73,7 +73,7 @@ fn worker(args: WorkerRouteArgs) -> anyhow::Result<ExitCode> {
         .output
         .unwrap_or_else(|| args.join.dir().join(format!("worker-{name}.route")));
     narrowed.write(&output)?;
-    let key_file = crate::signing_keys::beside(&output);
+    let key_file = nixspace_space::route::signing_key_beside(&output);
     let key = crate::signing_keys::load_or_create(&key_file, &format!("nixspace-worker-{name}-1"))?;
     eprintln!(
         "nixspace: wrote {} and {}: copy both to the worker and start it with \

@@ -158,7 +158,7 @@ pub struct UpArgs {
 /// The public keys every store in the dataspace is told to trust: those of the worker signing
 /// keys in `dir` (`worker.key`, made now if missing, and `worker-NAME.key`) and `flags`.
 fn trusted_keys(dir: &std::path::Path, flags: &[String]) -> anyhow::Result<Vec<String>> {
-    let worker_key = crate::signing_keys::beside(&Role::Worker.route_file(dir));
+    let worker_key = nixspace_space::route::signing_key_beside(&Role::Worker.route_file(dir));
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()

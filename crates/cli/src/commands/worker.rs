@@ -132,7 +132,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         config.signing_key = Some(key);
         config.signing_key_file = Some(absolute(file)?);
     } else {
-        let beside = crate::signing_keys::beside(&args.join.route_file(Role::Worker));
+        let beside = nixspace_space::route::signing_key_beside(&args.join.route_file(Role::Worker));
         match crate::signing_keys::load(&beside)? {
             Some(key) => {
                 config.signing_key = Some(key);
