@@ -8,6 +8,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use nixspace_nix_formats::derivation::{hash_placeholder, Derivation};
+use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{fake_drv, poll_until, route, runtime, Session, ANSWER};
@@ -35,6 +37,7 @@ fn demand(drv: &str) -> AnyValue {
         requester: "adversarial-test".to_owned(),
         priority: 0.into(),
         depth: 0.into(),
+        derivation: Vec::new(),
     }
     .unparse()
 }
@@ -64,6 +67,7 @@ fn assigned(drv: &str, worker: &str) -> AnyValue {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
+        derivation: Vec::new(),
     }
     .unparse()
 }
@@ -395,65 +399,71 @@ fn history_of(
     }
 }
 
-fn resolved(from: &str, to: &str) -> AnyValue {
-    build::Resolved {
-        from: from.to_owned(),
-        to: to.to_owned(),
-        system: SYSTEM.to_owned(),
-    }
-    .unparse()
+/// A floating content-addressed derivation named `name` with no inputs, for [`SYSTEM`]: its
+/// path and its text.
+fn ca_derivation(name: &str) -> (String, Vec<u8>) {
+    let store = StoreDir::new("/nix/store").unwrap();
+    let text = format!(
+        r#"Derive([("out","","r:sha256","")],[],[],"{SYSTEM}","/bin/sh",["-c","echo {name} > $out"],[("out","{}")])"#,
+        hash_placeholder("out")
+    );
+    let drv = Derivation::parse(&store, name, text.as_bytes()).unwrap();
+    (
+        store.print(&drv.drv_path(&store).unwrap()),
+        text.into_bytes(),
+    )
+}
+
+/// The demand of `drv`, to be resolved by the planner from `text`.
+fn demand_to_resolve(drv: &str, text: &[u8]) -> AnyValue {
+    let mut demand = build::Demand::parse(&demand(drv)).expect("a demand");
+    demand.derivation = text.to_vec();
+    demand.unparse()
 }
 
 #[test]
-fn a_submitter_cannot_rewrite_a_built_step_as_resolved() {
+fn a_submitter_cannot_pass_another_derivation_off_as_a_step() {
     let space = Space::start();
-    let drv = fake_drv("built-then-resolved-by-a-forger");
-    let original = fake_drv("resolved-once");
-    let first = fake_drv("first-resolution");
+    let (real, text) = ca_derivation("resolved-by-the-planner");
+    let forged = fake_drv("forged-text");
     runtime().block_on(async {
-        let frontend = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
-            .await
-            .expect("join as submit");
-        let good = Session::join(&route(&space, Role::Worker), worker("good"))
-            .await
-            .expect("join as worker");
-        assert!(frontend.wait_until(&assigned(&drv, "good"), true).await);
-        let report = Session::join(
-            &route(&space, Role::Worker),
-            vec![report(&drv, "good", &output_of(&drv))],
-        )
-        .await
-        .expect("join as worker");
-        assert!(frontend.wait_until(&assigned(&drv, "good"), false).await);
-        report.leave();
-        good.leave();
-        assert_eq!(
-            history_of(&space, &drv, |s| s["status"] == "built")["status"],
-            "built"
-        );
-        // A resolution of the step built, then one of a fresh original: the second, recorded
-        // (the positive control), shows that the first was handled (one connection keeps its
-        // order).
-        let forger = Session::join(
+        // The same text for another step, then the real one (the positive control): the
+        // planner takes demands in the order one connection sent them.
+        let frontend = Session::join(
             &route(&space, Role::Submit),
             vec![
-                resolved(&drv, &fake_drv("forged-target")),
-                resolved(&original, &first),
+                demand_to_resolve(&forged, &text),
+                demand_to_resolve(&real, &text),
             ],
         )
         .await
         .expect("join as submit");
-        let recorded = history_of(&space, &original, |s| s["status"] == "resolved");
-        assert_eq!(recorded["resolved_to"], first, "{recorded}");
-        let step = history_of(&space, &drv, |_| true);
-        assert_eq!(step["status"], "built", "{step}");
-        assert!(step["resolved_to"].is_null(), "{step}");
+        let good = Session::join(&route(&space, Role::Worker), worker("good"))
+            .await
+            .expect("join as worker");
+        // The real step is resolved (to itself: it has no inputs) and given to the worker with
+        // its text, which the worker will check again.
+        let given = build::Assigned {
+            drv: real.clone(),
+            worker: "good".to_owned(),
+            settings: nixspace_protocol::BuildSettings::default().to_wire(),
+            derivation: text.clone(),
+        }
+        .unparse();
+        assert!(frontend.wait_until(&given, true).await);
+        let seen = frontend.with_label("assigned");
         assert!(
-            space.log("up").contains("ignoring a resolution"),
-            "{}",
-            space.log("up")
+            !seen
+                .iter()
+                .any(|a| nixspace_test_support::dataspace::text(a).contains(&forged)),
+            "{seen:?}"
         );
-        forger.leave();
+        let up = space.log("up");
+        assert!(
+            up.contains("ignoring a demand") && up.contains("is not taken"),
+            "{up}"
+        );
+        good.leave();
         frontend.leave();
     });
 }

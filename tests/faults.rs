@@ -633,6 +633,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
                 requester: "flooder".to_owned(),
                 priority: 0.into(),
                 depth: 0.into(),
+                derivation: Vec::new(),
             }
             .unparse()
         })

@@ -161,6 +161,13 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
             assigned(&drv, "w"),
             claim(&drv, "w"),
             worker("w"),
+            // Only the planner resolves steps.
+            build::Resolved {
+                from: drv.clone(),
+                to: fake_drv("submit-forges-resolution"),
+                system: "x86_64-linux".to_owned(),
+            }
+            .unparse(),
         ];
         // Positive control: a demand sent after the forgeries on the same connection is
         // planned, so anything before it would have been seen first.
@@ -179,7 +186,7 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
             assert!(!s.sees(value), "{value:?} reached the dataspace");
         }
         assert!(s.sees(&ready(&drv)), "the step left the ready queue");
-        for label in ["built", "assigned", "claim", "worker"] {
+        for label in ["built", "assigned", "claim", "worker", "resolved"] {
             let log = space.log("up");
             assert!(
                 log.contains(&format!("value=<{label} ")),

@@ -122,6 +122,8 @@ pub enum Event {
         drv: DrvPath,
         /// How to build it.
         settings: BuildSettings,
+        /// The text of a derivation the planner resolved (empty for any other step).
+        derivation: Vec<u8>,
     },
     /// The planner withdrew this worker's assignment of a step.
     Unassigned {
@@ -227,14 +229,18 @@ impl Entity<Event> for Builder {
         match event {
             // Given to us (pushed, or a claim granted). Even a draining worker builds a step
             // the planner gave it before it saw the drain.
-            Event::Assigned { drv, settings } => {
+            Event::Assigned {
+                drv,
+                settings,
+                derivation,
+            } => {
                 if !self.building.contains_key(&drv) {
                     if !self.claims.contains_key(&drv) {
                         self.claim(t, drv.clone());
                     }
                     let this = &*self;
                     let facet = t.facet(|t| {
-                        build_step(t, this, drv.clone(), settings);
+                        build_step(t, this, drv.clone(), settings, derivation);
                         Ok(())
                     })?;
                     self.building.insert(drv, facet);
@@ -431,15 +437,19 @@ pub fn start(
         Ok(())
     }));
 
-    enclose!((builder) during!(t, ds, <assigned $drv: String #(literal) $settings>,
+    enclose!((builder) during!(t, ds, <assigned $drv: String #(literal) $settings $derivation>,
     |t: &mut Activation| {
         let drv = DrvPath::from(drv.as_str());
         let Ok(settings) = build::BuildSettings::parse(&settings) else {
             tracing::warn!(%drv, ?settings, "ignoring an assignment with malformed settings");
             return Ok(());
         };
+        let Ok(derivation) = derivation.to_bytestring().map(|d| d.into_owned()) else {
+            tracing::warn!(%drv, "ignoring an assignment whose derivation is not a byte string");
+            return Ok(());
+        };
         let settings = BuildSettings::from_wire(&settings);
-        t.message(&builder, Event::Assigned { drv: drv.clone(), settings });
+        t.message(&builder, Event::Assigned { drv: drv.clone(), settings, derivation });
         on_retraction(t, enclose!((builder) move |t| {
             t.message(&builder, Event::Unassigned { drv });
             Ok(())
@@ -451,7 +461,7 @@ pub fn start(
     // longer kept for us): then let go of the claim.
     for drv in pending {
         let step = AnyValue::new(drv.to_string());
-        enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String _>, |t: &mut Activation| {
+        enclose!((builder, me) during!(t, ds, <assigned #(step) $worker: String _ _>, |t: &mut Activation| {
             if me != worker.as_str() {
                 t.message(&builder, Event::AssignedElsewhere { drv: drv.clone() });
             }
@@ -465,7 +475,13 @@ pub fn start(
 /// running already), then assert its outcome there and tell the builder its slot is free.
 /// Stopping the facet withdraws the outcome; the build itself is stopped by
 /// [`Builds::cancel`].
-fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: BuildSettings) {
+fn build_step(
+    t: &mut Activation,
+    worker: &Builder,
+    drv: DrvPath,
+    settings: BuildSettings,
+    derivation: Vec<u8>,
+) {
     let (ds, config) = (Arc::clone(&worker.ds), Arc::clone(&worker.config));
     let (pool, store) = (worker.pool.clone(), worker.store.clone());
     let builder = worker.me.get().and_then(Weak::upgrade);
@@ -490,6 +506,9 @@ fn build_step(t: &mut Activation, worker: &Builder, drv: DrvPath, settings: Buil
         let (config, drv) = (Arc::clone(&config), drv.clone());
         async move {
             tracing::info!(%drv, "building");
+            if !derivation.is_empty() {
+                write_resolved(&config, &pool, &store, &drv, &derivation).await?;
+            }
             run_build(&config, &pool, &store, &drv, settings, |log| {
                 lines.send(log)
             })
@@ -613,13 +632,7 @@ async fn run_build(
     mut send_log: impl FnMut(BuildLog) + Send,
 ) -> Outcome {
     let worker = config.id.as_str();
-    let fetch_failed = |e: FetchError| {
-        let lost = e.missing_path().map(str::to_owned);
-        BuildFailure {
-            lost,
-            ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
-        }
-    };
+    let fetch_failed = |e: FetchError| fetch_failed(worker, e);
     // Substituters need the derivation first. Otherwise a derivation (or input derivation)
     // this store lacks comes back from the build as a missing input and is fetched then: no
     // validity round trip for the common case of a worker sharing the frontend's store.
@@ -682,6 +695,71 @@ async fn run_build(
             })?;
     }
     Ok(built)
+}
+
+/// Inputs of a step could not be fetched on `worker`: a transient failure, naming the path no
+/// store has any more if that is why.
+fn fetch_failed(worker: &str, e: FetchError) -> BuildFailure {
+    let lost = e.missing_path().map(str::to_owned);
+    BuildFailure {
+        lost,
+        ..BuildFailure::transient(format!("cannot fetch inputs on worker {worker}: {e}"))
+    }
+}
+
+/// Write the derivation `text` the planner resolved into the local store as `drv`: checked to
+/// be `drv`'s (its text path), its inputs (the outputs it was resolved with) fetched first from
+/// the stores that have them.
+async fn write_resolved(
+    config: &BuilderConfig,
+    pool: &DaemonPool,
+    store: &StoreNode,
+    drv: &DrvPath,
+    text: &[u8],
+) -> Result<(), BuildFailure> {
+    let worker = config.id.as_str();
+    let store_dir = pool.store_dir();
+    let refused = |why: String| {
+        BuildFailure::permanent(format!(
+            "the resolved derivation {drv} given to worker {worker} is not taken: {why}"
+        ))
+    };
+    let path = store_dir
+        .parse(drv.as_str())
+        .map_err(|e| refused(e.to_string()))?;
+    let derivation =
+        Derivation::parse_checked(store_dir, &path, text).map_err(|e| refused(e.to_string()))?;
+    let inputs: Vec<String> = derivation
+        .input_srcs
+        .iter()
+        .map(|p| store_dir.print(p))
+        .collect();
+    store
+        .ensure(&inputs)
+        .await
+        .map_err(|e| fetch_failed(worker, e))?;
+    let mut lease = pool
+        .lease()
+        .await
+        .map_err(|e| BuildFailure::transient(e.to_string()))?;
+    match lease
+        .client()
+        .add_text_to_store(path.name(), text, &derivation.input_srcs)
+        .await
+    {
+        Ok(written) if written == path => {
+            lease.release();
+            Ok(())
+        }
+        Ok(written) => Err(refused(format!(
+            "the store wrote it as {}",
+            store_dir.print(&written)
+        ))),
+        Err(e) => Err(BuildFailure::transient(format!(
+            "cannot write {drv} on worker {worker}: {}",
+            lease.failed(e)
+        ))),
+    }
 }
 
 /// Sign `realisations` with `key` and register the signed copies in the local store (Nix adds

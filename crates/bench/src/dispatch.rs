@@ -262,6 +262,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
         requester: requester.to_owned(),
         priority: 0.into(),
         depth: 0.into(),
+        derivation: Vec::new(),
     }
 }
 
@@ -360,7 +361,7 @@ impl SimWorker {
         let literal = AnyValue::new(self.id.clone());
         let me: Arc<Ref<SimEvent>> = t.create_ref(self);
         let _ = own.set(Arc::downgrade(&me));
-        enclose!((me) during!(t, ds, <assigned $drv: String #(literal) _>, |t: &mut Activation| {
+        enclose!((me) during!(t, ds, <assigned $drv: String #(literal) _ _>, |t: &mut Activation| {
             t.message(&me, SimEvent::Assigned(drv.clone()));
             on_retraction(t, enclose!((me, drv) move |t| {
                 t.message(&me, SimEvent::Unassigned(drv));

@@ -211,6 +211,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         input_drvs: inputs.iter().map(|&d| name(d)).collect(),
         settings: Default::default(),
         outputs: vec![],
+        derivation: Default::default(),
     };
     let depths = dag.depths();
     for (i, inputs) in dag.steps.iter().enumerate() {

@@ -117,6 +117,7 @@ pub fn demands(
             requester: requester.to_owned(),
             priority: priority.into(),
             depth: (depths.get(drv.as_str()).copied().unwrap_or(0) as i64).into(),
+            derivation: Vec::new(),
         })
         .collect()
 }

@@ -87,6 +87,39 @@ pub(crate) enum StepEvent {
     },
 }
 
+impl StepEvent {
+    /// The step the event is about (none for a refusal).
+    pub(crate) fn drv(&self) -> Option<&DrvPath> {
+        match self {
+            StepEvent::Unschedulable { drv, .. }
+            | StepEvent::Schedulable { drv }
+            | StepEvent::Built { drv, .. }
+            | StepEvent::Failed { drv, .. }
+            | StepEvent::Assigned { drv, .. }
+            | StepEvent::Unassigned { drv }
+            | StepEvent::Log { drv, .. }
+            | StepEvent::Activity { drv, .. } => Some(drv),
+            StepEvent::Refused { .. } => None,
+        }
+    }
+
+    /// The same event about step `step` instead.
+    pub(crate) fn about(mut self, step: DrvPath) -> StepEvent {
+        match &mut self {
+            StepEvent::Unschedulable { drv, .. }
+            | StepEvent::Schedulable { drv }
+            | StepEvent::Built { drv, .. }
+            | StepEvent::Failed { drv, .. }
+            | StepEvent::Assigned { drv, .. }
+            | StepEvent::Unassigned { drv }
+            | StepEvent::Log { drv, .. }
+            | StepEvent::Activity { drv, .. } => *drv = step,
+            StepEvent::Refused { .. } => {}
+        }
+        self
+    }
+}
+
 /// A receiver of [`StepEvent`]s, called inside the actor's turns.
 pub(crate) type Handler = Arc<dyn Fn(&mut Activation, StepEvent) -> ActorResult + Send + Sync>;
 
@@ -129,7 +162,7 @@ pub(crate) fn observe(t: &mut Activation, ds: &Arc<Cap>, handler: Handler) {
         };
         handler(t, StepEvent::Failed { drv: DrvPath::from(drv), failure: failure_of(&worker, &reason, cause) })
     }));
-    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String _>,
+    enclose!((handler) during!(t, ds, <assigned $drv: String $worker: String _ _>,
     |t: &mut Activation| {
         let drv = DrvPath::from(drv);
         handler(t, StepEvent::Assigned { drv: drv.clone(), worker: WorkerId::from(worker) })?;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::{ClientSettings, LogEvent};
-use nixspace_nix_tools::{DaemonPool, DerivationInfo};
+use nixspace_nix_tools::DaemonPool;
 use nixspace_protocol::{expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
@@ -362,32 +362,23 @@ impl BuildSession {
             &self.plan,
             self.pool.store_dir().clone(),
             self.pool.clone(),
-            store.clone(),
             &self.requester,
-            config.priority,
-            self.step_settings(config),
         )
         .await?;
-        let held = resolver.held();
-        let demanded: BTreeMap<String, &DerivationInfo> = self
-            .plan
-            .steps()
-            .into_iter()
-            .filter(|(d, _)| !held.contains(d))
-            .collect();
-        let demands = demands(
-            &demanded,
+        let mut demands = demands(
+            &self.plan.steps().into_iter().collect(),
             &self.requester,
             config.priority,
             &self.step_settings(config),
         );
+        resolver.rename_demands(&mut demands);
         self.clock.end("prepare the demands");
         let (tx, incoming) = mpsc::unbounded_channel();
         // Steps settled, as the actor saw them: their demands are not asserted again.
         let settled: Arc<Mutex<BTreeSet<String>>> = Arc::default();
         let handler: Handler = {
             let (tx, settled) = (tx.clone(), Arc::clone(&settled));
-            Arc::new(move |_t, event| {
+            resolver.translating(Arc::new(move |_t, event| {
                 if let StepEvent::Built { drv, .. } | StepEvent::Failed { drv, .. } = &event {
                     if let Ok(mut settled) = settled.lock() {
                         settled.insert(drv.to_string());
@@ -396,7 +387,7 @@ impl BuildSession {
                 // The receiver is gone once the session is over; late events do not matter.
                 let _ = tx.send(Incoming::Step(event));
                 Ok(())
-            })
+            }))
         };
         let membership = Membership {
             facet: Arc::default(),
@@ -414,10 +405,13 @@ impl BuildSession {
                     *facet = Some(t.facet_ref());
                 }
                 store.attach(t, Arc::clone(&ds));
+                resolver.attach(t, Arc::clone(&ds));
                 events::observe(t, &ds, Arc::clone(&handler));
-                resolver.attach(t, Arc::clone(&ds), handler);
                 let settled = settled.lock().map_err(|_| "session state poisoned")?;
-                for d in demands.iter().filter(|d| !settled.contains(&d.drv)) {
+                for d in demands
+                    .iter()
+                    .filter(|d| !settled.contains(resolver.original(&d.drv)))
+                {
                     ds.assert(t, d);
                 }
                 Ok(())

@@ -188,6 +188,15 @@ pub enum DerivationError {
     /// A `.drv` path was expected.
     #[error("'{0}' is not a derivation path (no .drv suffix)")]
     NotADerivationPath(StorePath),
+    /// The text is a derivation, but its text path is another than the one it was given
+    /// for.
+    #[error("the text given for {expected} is the derivation {actual}")]
+    NotItsText {
+        /// The path it was given for (its base name).
+        expected: String,
+        /// The path its text has (its base name).
+        actual: String,
+    },
     /// Computing a store path failed (e.g. invalid derivation name).
     #[error(transparent)]
     StorePath(#[from] StorePathError),
@@ -620,6 +629,25 @@ impl Derivation {
         Derivation::parse(store_dir, name, text)
     }
 
+    /// Parses `text` as the `.drv` file at `drv_path`, from anyone: only if it is that
+    /// derivation's text (its text path, computed over it with its inputs as references, is
+    /// `drv_path`), so nobody can make another derivation pass as it.
+    pub fn parse_checked(
+        store_dir: &StoreDir,
+        drv_path: &StorePath,
+        text: &[u8],
+    ) -> Result<Derivation, DerivationError> {
+        let drv = Derivation::parse_at(store_dir, drv_path, text)?;
+        let actual = drv.drv_path(store_dir)?;
+        if actual != *drv_path {
+            return Err(DerivationError::NotItsText {
+                expected: drv_path.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        Ok(drv)
+    }
+
     /// The ATerm text, exactly as Nix writes it into the `.drv` file.
     pub fn to_aterm(&self, store_dir: &StoreDir) -> Vec<u8> {
         self.unparse(store_dir, false, None)
@@ -883,19 +911,63 @@ impl Derivation {
     pub fn try_resolve(
         &self,
         store_dir: &StoreDir,
-        mut lookup: impl FnMut(&StorePath, &str) -> Option<StorePath>,
+        lookup: impl FnMut(&StorePath, &str) -> Option<StorePath>,
     ) -> Result<Option<BasicDerivation>, DerivationError> {
-        let mut resolved = BasicDerivation::from_derivation(self);
+        let mut drv = self.resolve_some(store_dir, lookup, |_| None);
+        if !drv.input_drvs.is_empty() {
+            return Ok(None);
+        }
+        let h = drv.hash_modulo(store_dir, true, |_| None)?;
+        drv.fill_deferred_outputs(store_dir, &h)?;
+        Ok(Some(BasicDerivation::from_derivation(&drv)))
+    }
+
+    /// Resolve what is known, rename the rest: each input derivation whose
+    /// used outputs `lookup` all knows is replaced as [`Derivation::try_resolve`]
+    /// replaces it (its paths become input sources, its downstream
+    /// placeholders those paths); every other one stays an input derivation,
+    /// under the path `rename` gives it (if any), its downstream placeholders
+    /// rewritten to the new path's. Outputs are left as they are. Resolving
+    /// the result with the renamed inputs' outputs gives what resolving
+    /// `self` with all of them gives.
+    pub fn resolve_some(
+        &self,
+        store_dir: &StoreDir,
+        mut lookup: impl FnMut(&StorePath, &str) -> Option<StorePath>,
+        mut rename: impl FnMut(&StorePath) -> Option<StorePath>,
+    ) -> Derivation {
+        let mut resolved = self.clone();
+        resolved.input_drvs = BTreeMap::new();
         let mut rewrites: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         for (drv, outputs) in &self.input_drvs {
-            for output in outputs {
-                let Some(actual) = lookup(drv, output) else {
-                    return Ok(None);
-                };
-                rewrites
-                    .entry(downstream_placeholder(drv, output).into_bytes())
-                    .or_insert_with(|| store_dir.print(&actual).into_bytes());
-                resolved.input_srcs.insert(actual);
+            let known: Option<Vec<(&String, StorePath)>> =
+                outputs.iter().map(|o| Some((o, lookup(drv, o)?))).collect();
+            match known {
+                Some(known) => {
+                    for (output, actual) in known {
+                        rewrites
+                            .entry(downstream_placeholder(drv, output).into_bytes())
+                            .or_insert_with(|| store_dir.print(&actual).into_bytes());
+                        resolved.input_srcs.insert(actual);
+                    }
+                }
+                None => {
+                    let to = rename(drv).unwrap_or_else(|| drv.clone());
+                    if to != *drv {
+                        for output in outputs {
+                            rewrites
+                                .entry(downstream_placeholder(drv, output).into_bytes())
+                                .or_insert_with(|| {
+                                    downstream_placeholder(&to, output).into_bytes()
+                                });
+                        }
+                    }
+                    resolved
+                        .input_drvs
+                        .entry(to)
+                        .or_default()
+                        .extend(outputs.iter().cloned());
+                }
             }
         }
         resolved.builder = rewrite_strings(&resolved.builder, &rewrites);
@@ -909,10 +981,7 @@ impl Derivation {
                 .or_insert_with(|| rewrite_strings(v, &rewrites));
         }
         resolved.env = env;
-        let mut drv = Derivation::from(resolved);
-        let h = drv.hash_modulo(store_dir, true, |_| None)?;
-        drv.fill_deferred_outputs(store_dir, &h)?;
-        Ok(Some(BasicDerivation::from_derivation(&drv)))
+        resolved
     }
 }
 

@@ -12,14 +12,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use nixspace_protocol::build;
+use nixspace_protocol::{build, DrvPath};
 use preserves_schema::Parse;
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::dataspace_patterns::AsDataspacePattern;
 use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 
-use crate::schedule::{StepInfo, Urgency};
+use crate::resolution::ToResolve;
+use crate::schedule::{StepDerivation, StepInfo, Urgency};
 use crate::service::Event;
 use crate::wire::step_from_wire;
 
@@ -158,13 +159,22 @@ impl DemandGate {
     }
 }
 
-/// The step and urgency of a demand, if its numbers are in range.
-fn wanted(demand: &build::Demand) -> Option<(StepInfo, Urgency)> {
+/// The step and urgency of a demand, if its numbers are in range and the derivation it
+/// carries (if any) is the step's.
+fn wanted(demand: &build::Demand) -> Result<(StepInfo, Urgency), String> {
+    let out_of_range = || "an out-of-range priority or depth".to_owned();
     let urgency = Urgency {
-        priority: i64::try_from(&demand.priority).ok()?,
-        depth: u64::try_from(&demand.depth).ok()?,
+        priority: i64::try_from(&demand.priority).map_err(|_| out_of_range())?,
+        depth: u64::try_from(&demand.depth).map_err(|_| out_of_range())?,
     };
-    Some((step_from_wire(demand.step.clone()), urgency))
+    let derivation = if demand.derivation.is_empty() {
+        StepDerivation::InStores
+    } else {
+        let drv = DrvPath::from(demand.drv.as_str());
+        let checked = ToResolve::check(&drv, &demand.derivation).map_err(|e| e.to_string())?;
+        StepDerivation::ToResolve(Arc::new(checked))
+    };
+    Ok((step_from_wire(demand.step.clone(), derivation), urgency))
 }
 
 impl Entity<Vec<AnyValue>> for DemandGate {
@@ -173,10 +183,12 @@ impl Entity<Vec<AnyValue>> for DemandGate {
             tracing::warn!(value = ?captures.first(), "ignoring a malformed demand");
             return Ok(());
         };
-        let Some((step, urgency)) = wanted(&demand) else {
-            tracing::warn!(drv = %demand.drv, requester = %demand.requester,
-                "ignoring a demand with an out-of-range priority or depth");
-            return Ok(());
+        let (step, urgency) = match wanted(&demand) {
+            Ok(wanted) => wanted,
+            Err(why) => {
+                tracing::warn!(drv = %demand.drv, requester = %demand.requester, %why, "ignoring a demand");
+                return Ok(());
+            }
         };
         let admission = self.cap.admit(&demand.requester);
         match admission {

@@ -699,6 +699,23 @@ impl History {
         rows
     }
 
+    /// The output paths the history recorded for `drv`, built (or resolved to a derivation
+    /// that was built), in output-name order.
+    pub fn outputs(&self, drv: &DrvPath) -> Result<Option<Vec<String>>, HistoryError> {
+        let outputs: Option<Option<String>> = self
+            .conn
+            .query_row(
+                "SELECT outputs FROM steps WHERE drv = ?1 AND status IN ('built', 'resolved')",
+                params![drv.as_str()],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(outputs
+            .flatten()
+            .map(|o| o.split_whitespace().map(str::to_owned).collect()))
+    }
+
     /// The most recently demanded steps, newest first.
     pub fn recent(&self, limit: usize) -> Result<Vec<StepRecord>, HistoryError> {
         let mut steps = self

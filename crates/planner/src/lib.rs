@@ -14,6 +14,7 @@ pub mod demand_gate;
 pub mod history;
 pub mod matching;
 pub mod metrics;
+pub mod resolution;
 pub mod schedule;
 pub mod service;
 mod wire;

@@ -1,14 +1,17 @@
 //! The step table and its transitions.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nixspace_protocol::{BuildSettings, DrvPath, WorkerId};
 
 use crate::matching::{mismatch, unschedulable_reason};
+use crate::resolution::ToResolve;
 
 mod dispatch;
 mod rejoin;
+mod resolving;
 mod stealing;
 
 pub use stealing::StealPolicy;
@@ -36,7 +39,36 @@ pub struct StepInfo {
     /// The outputs it must produce, in output-name order: `name=path`, or `name=` when the
     /// path is known only once built (see [`nixspace_protocol::expected_outputs`]).
     pub outputs: Vec<String>,
+    /// Where its derivation comes from, and whether the planner resolves it first.
+    pub derivation: StepDerivation,
 }
+
+/// Where the worker building a step gets its derivation, and whether the planner resolves the
+/// step first.
+#[derive(Debug, Clone, Default)]
+pub enum StepDerivation {
+    /// From the stores in the dataspace (the demander's, usually).
+    #[default]
+    InStores,
+    /// The planner resolves the step once its inputs are built, and builds the resolved
+    /// derivation in its place (see [`crate::resolution`]).
+    ToResolve(Arc<ToResolve>),
+    /// A derivation the planner resolved: its text goes to the worker with the assignment.
+    Resolved(Arc<Vec<u8>>),
+}
+
+impl PartialEq for StepDerivation {
+    fn eq(&self, other: &StepDerivation) -> bool {
+        match (self, other) {
+            (StepDerivation::InStores, StepDerivation::InStores) => true,
+            (StepDerivation::ToResolve(a), StepDerivation::ToResolve(b)) => Arc::ptr_eq(a, b),
+            (StepDerivation::Resolved(a), StepDerivation::Resolved(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for StepDerivation {}
 
 /// How urgent a step is: higher priority first, then deeper (more demanded
 /// steps wait on it), then older.
@@ -93,6 +125,13 @@ pub enum StepState {
     Assigned(WorkerId),
     /// A transient failure happened; the step is ready again after a delay.
     Retrying,
+    /// Its inputs are built and the planner resolves it (see [`StepDerivation::ToResolve`]).
+    Resolving,
+    /// Resolved: the derivation `to` is built in its place.
+    Resolved {
+        /// The resolved derivation.
+        to: DrvPath,
+    },
     /// Outputs are valid.
     Built {
         /// The worker that built it.
@@ -195,6 +234,26 @@ pub enum Effect {
         /// The step.
         drv: DrvPath,
     },
+    /// Resolve the step now (see [`Schedule::to_resolve`]), then report with
+    /// [`Schedule::resolved`] or [`Schedule::cannot_resolve`].
+    Resolve {
+        /// The step.
+        drv: DrvPath,
+    },
+    /// Record and announce that the original `from` was resolved to `to`.
+    Linked {
+        /// The original.
+        from: DrvPath,
+        /// The resolved derivation built in its place.
+        to: DrvPath,
+        /// Its platform.
+        system: String,
+    },
+    /// Withdraw the announcement that `from` was resolved.
+    Unlinked {
+        /// The original.
+        from: DrvPath,
+    },
     /// Invite an idle, faster worker to duplicate a step running on another.
     OfferSteal {
         /// The step.
@@ -277,6 +336,10 @@ pub struct Schedule {
     unschedulable: BTreeSet<DrvPath>,
     max_attempts: u32,
     retry_backoff: Duration,
+    /// Each resolved original's resolution.
+    links: BTreeMap<DrvPath, resolving::Link>,
+    /// Each resolved derivation's originals.
+    resolutions: BTreeMap<DrvPath, BTreeSet<DrvPath>>,
 }
 
 impl Default for Schedule {
@@ -303,6 +366,8 @@ impl Schedule {
             unschedulable: BTreeSet::new(),
             max_attempts: max_attempts.max(1),
             retry_backoff,
+            links: BTreeMap::new(),
+            resolutions: BTreeMap::new(),
         }
     }
 
@@ -445,8 +510,14 @@ impl Schedule {
             StepState::Built { .. } | StepState::Failed { .. } => {
                 effects.push(Effect::Forget { drv: drv.clone() })
             }
-            StepState::Waiting | StepState::Ready | StepState::Retrying => {}
+            StepState::Waiting
+            | StepState::Ready
+            | StepState::Retrying
+            | StepState::Resolving
+            | StepState::Resolved { .. } => {}
         }
+        // Its resolution is not wanted for it any more.
+        self.unlink(drv, &mut effects);
         effects
     }
 
@@ -548,8 +619,11 @@ impl Schedule {
     /// that step (if one is demanded and built) and what to publish.
     pub fn lost(&mut self, path: &str) -> (Option<DrvPath>, Vec<Effect>) {
         let mut effects = Vec::new();
-        let made_it = self.steps.iter_mut().find(|(_, s)| {
-            matches!(&s.state, StepState::Built { outputs, .. } if outputs.iter().any(|o| o == path))
+        // The step that built it, not an original resolved to that step.
+        let links = &self.links;
+        let made_it = self.steps.iter_mut().find(|(d, s)| {
+            !links.contains_key(*d)
+                && matches!(&s.state, StepState::Built { outputs, .. } if outputs.iter().any(|o| o == path))
         });
         let Some((drv, step)) = made_it else {
             return (None, effects);
@@ -559,8 +633,21 @@ impl Schedule {
         step.attempts = 0;
         step.transient_reasons.clear();
         step.inputs_built = 0;
-        effects.push(Effect::Forget { drv: drv.clone() });
-        for dependent in self.dependents_of(&drv) {
+        // The originals resolved to it wait for it again.
+        let mut unbuilt = vec![drv.clone()];
+        for from in self.originals_of(&drv) {
+            if let Some(step) = self.steps.get_mut(&from) {
+                if matches!(step.state, StepState::Built { .. }) {
+                    step.state = StepState::Resolved { to: drv.clone() };
+                    unbuilt.push(from);
+                }
+            }
+        }
+        for gone in &unbuilt {
+            effects.push(Effect::Forget { drv: gone.clone() });
+        }
+        let dependents: Vec<DrvPath> = unbuilt.iter().flat_map(|d| self.dependents_of(d)).collect();
+        for dependent in dependents {
             self.input_unbuilt(&dependent);
             match self.state(&dependent) {
                 Some(StepState::Ready) => {
@@ -604,11 +691,9 @@ impl Schedule {
         effects.push(Effect::Built {
             drv: drv.clone(),
             worker: worker.clone(),
-            outputs,
+            outputs: outputs.clone(),
         });
-        for dependent in self.dependents_of(drv) {
-            self.settle(&dependent, &mut effects);
-        }
+        self.mark_built(drv, worker, &outputs, &mut effects);
         effects
     }
 
@@ -721,6 +806,10 @@ impl Schedule {
             if let Some(step) = self.steps.get_mut(&drv) {
                 step.state = failed;
             }
+            // The originals resolved to it fail as it did.
+            for from in self.originals_of(&drv) {
+                pending.push((from, worker.clone(), reason.clone(), cause.clone()));
+            }
             // Reversed, so that the first dependent is failed (with all above it) first.
             for dependent in self.dependents_of(&drv).into_iter().rev() {
                 let why = format!("dependency {drv} failed");
@@ -791,6 +880,13 @@ impl Schedule {
     /// Make a step ready, noting whether any worker can take it; a connected worker that
     /// claimed it early gets it at once.
     fn enter_ready(&mut self, drv: &DrvPath, effects: &mut Vec<Effect>) {
+        if let Some(step) = self.steps.get_mut(drv) {
+            if matches!(step.info.derivation, StepDerivation::ToResolve(_)) {
+                step.state = StepState::Resolving;
+                effects.push(Effect::Resolve { drv: drv.clone() });
+                return;
+            }
+        }
         let now = Instant::now();
         let claims = self.early_claims.remove(drv).unwrap_or_default();
         let connected = |w: &WorkerId| self.workers.contains_key(w);
@@ -899,6 +995,7 @@ mod tests {
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
             outputs: vec![],
+            derivation: Default::default(),
         }
     }
 
@@ -1247,6 +1344,7 @@ mod more_tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            derivation: Default::default(),
         }
     }
 

@@ -19,6 +19,7 @@ use syndicate_macros::{during, on_message};
 use crate::demand_gate::DemandGate;
 use crate::history::{AttemptOutcome, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
+use crate::resolution::outputs_by_name;
 use crate::schedule::{
     Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
     WorkerOffer,
@@ -111,15 +112,6 @@ pub enum Event {
         /// How many more steps it takes now.
         free_slots: i64,
     },
-    /// A frontend resolved a content-addressed step.
-    Resolved {
-        /// The original step.
-        from: DrvPath,
-        /// The resolved derivation demanded in its place.
-        to: DrvPath,
-        /// Its platform.
-        system: String,
-    },
     /// Time to look for steals.
     Tick,
     /// A worker found no store with input `path` of step `drv`.
@@ -151,6 +143,8 @@ struct Planner {
     /// The thieves' assignments, by step.
     stolen: HashMap<DrvPath, Handle>,
     outcomes: HashMap<DrvPath, Handle>,
+    /// The `resolved` record of each resolved original.
+    links: HashMap<DrvPath, Handle>,
     /// The planner's `rejected` records of the most recent discarded results, oldest first.
     rejections: VecDeque<Handle>,
     /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
@@ -216,16 +210,6 @@ impl Entity<Event> for Planner {
                 }
                 effects
             }
-            Event::Resolved { from, to, system } => {
-                tracing::info!(%from, %to, "resolved");
-                note(&mut self.history, |h| {
-                    if let Resolution::Ignored { status } = h.resolved(&from, &to, &system)? {
-                        tracing::warn!(%from, %to, %status, "ignoring a resolution of a step recorded as {status}");
-                    }
-                    Ok(())
-                });
-                Vec::new()
-            }
         };
         self.schedule.dispatch(&mut effects);
         self.publish(t, effects);
@@ -239,9 +223,33 @@ impl Entity<Event> for Planner {
 
 impl Planner {
     fn publish(&mut self, t: &mut Activation, effects: Vec<Effect>) {
-        for effect in effects {
+        // A worklist: resolving a step has effects of its own.
+        let mut effects = VecDeque::from(effects);
+        while let Some(effect) = effects.pop_front() {
             tracing::debug!(?effect);
             match effect {
+                Effect::Resolve { drv } => {
+                    let mut more = self.resolve(&drv);
+                    self.schedule.dispatch(&mut more);
+                    effects.extend(more);
+                }
+                Effect::Linked { from, to, system } => {
+                    tracing::info!(%from, %to, "resolved");
+                    note(&mut self.history, |h| {
+                        if let Resolution::Ignored { status } = h.resolved(&from, &to, &system)? {
+                            tracing::warn!(%from, %to, %status, "the history keeps a resolution of a step recorded as {status} as it was");
+                        }
+                        Ok(())
+                    });
+                    let record = build::Resolved {
+                        from: from.to_string(),
+                        to: to.to_string(),
+                        system,
+                    };
+                    let h = self.ds.assert(t, &record);
+                    replace(t, &mut self.links, from, h);
+                }
+                Effect::Unlinked { from } => retract(t, &mut self.links, &from),
                 Effect::Ready { drv, info, urgency } => {
                     let ready = build::Ready {
                         drv: drv.to_string(),
@@ -304,6 +312,7 @@ impl Planner {
                             drv: drv.to_string(),
                             worker: worker.into(),
                             settings: self.schedule.settings(&drv).to_wire(),
+                            derivation: self.schedule.derivation_text(&drv),
                         },
                     );
                     replace(t, &mut self.assigned, drv, h);
@@ -334,6 +343,7 @@ impl Planner {
                             drv: drv.to_string(),
                             worker: thief.into(),
                             settings: self.schedule.settings(&drv).to_wire(),
+                            derivation: self.schedule.derivation_text(&drv),
                         },
                     );
                     replace(t, &mut self.stolen, drv, h);
@@ -349,13 +359,17 @@ impl Planner {
                     worker,
                     outputs,
                 } => {
-                    self.metrics.built.inc();
-                    tracing::info!(%drv, %worker, "built");
-                    self.record(
-                        &drv,
-                        Some(&worker),
-                        AttemptOutcome::Built { outputs: &outputs },
-                    );
+                    // An original resolved to another derivation is built with it: the
+                    // history keeps the link, and the attempts are the other's.
+                    if self.schedule.resolved_to(&drv).is_none() {
+                        self.metrics.built.inc();
+                        tracing::info!(%drv, %worker, "built");
+                        self.record(
+                            &drv,
+                            Some(&worker),
+                            AttemptOutcome::Built { outputs: &outputs },
+                        );
+                    }
                     let h = self.ds.assert(
                         t,
                         &build::Built {
@@ -372,16 +386,18 @@ impl Planner {
                     reason,
                     cause,
                 } => {
-                    self.metrics.failed.inc();
-                    tracing::warn!(%drv, ?worker, %reason, ?cause, "failed");
-                    self.record(
-                        &drv,
-                        worker.as_ref(),
-                        AttemptOutcome::Failed {
-                            reason: &reason,
-                            cause: &cause,
-                        },
-                    );
+                    if self.schedule.resolved_to(&drv).is_none() {
+                        self.metrics.failed.inc();
+                        tracing::warn!(%drv, ?worker, %reason, ?cause, "failed");
+                        self.record(
+                            &drv,
+                            worker.as_ref(),
+                            AttemptOutcome::Failed {
+                                reason: &reason,
+                                cause: &cause,
+                            },
+                        );
+                    }
                     let failed = build::Failed {
                         drv: drv.to_string(),
                         worker: worker.map(String::from).unwrap_or_default(),
@@ -447,6 +463,31 @@ impl Planner {
             self.realised(t, r.id, r.path, r.signatures);
         }
         self.schedule.built(&drv, &worker, outputs)
+    }
+
+    /// Resolve the step `drv` with its inputs' outputs (see [`crate::resolution`]).
+    fn resolve(&mut self, drv: &DrvPath) -> Vec<Effect> {
+        let Some(step) = self.schedule.to_resolve(drv) else {
+            return Vec::new();
+        };
+        // An input built before the planner restarted is not demanded again: its outputs are
+        // in the history.
+        let history = self.history.as_ref();
+        let recorded = |input: &DrvPath| {
+            let outputs = history?.outputs(input).ok().flatten()?;
+            Some(outputs_by_name(input, &outputs))
+        };
+        let built = |input: &DrvPath| match self.schedule.state(input) {
+            None => recorded(input),
+            Some(_) => self.schedule.built_outputs(input),
+        };
+        match step.resolve(built) {
+            Ok(resolved) => self.schedule.resolved(drv, resolved),
+            Err(e) => {
+                tracing::warn!(%drv, error = %e, "cannot resolve");
+                self.schedule.cannot_resolve(drv, e.to_string())
+            }
+        }
     }
 
     /// Discard `worker`'s result for `drv`: count it, record it and assert it for `status`
@@ -687,6 +728,7 @@ pub fn start(
             steal_offers: HashMap::new(),
             stolen: HashMap::new(),
             outcomes: HashMap::new(),
+            links: HashMap::new(),
             rejections: VecDeque::new(),
             realisations: HashMap::new(),
         };
@@ -708,11 +750,6 @@ pub fn start(
 
         enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
             t.message(&planner, Event::Lost { drv: drv.into(), path, worker: worker.into() });
-            Ok(())
-        }));
-
-        enclose!((planner) during!(t, ds, <resolved $from: String $to: String $system: String>, |t: &mut Activation| {
-            t.message(&planner, Event::Resolved { from: from.as_str().into(), to: to.as_str().into(), system: system.clone() });
             Ok(())
         }));
 

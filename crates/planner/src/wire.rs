@@ -7,7 +7,7 @@ use preserves::ValueImpl;
 use preserves_schema::Parse;
 use syndicate::actor::AnyValue;
 
-use crate::schedule::{FailureCause, FailureKind, StepInfo};
+use crate::schedule::{FailureCause, FailureKind, StepDerivation, StepInfo};
 
 /// A step as the dataspace carries it.
 pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
@@ -20,14 +20,15 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
     }
 }
 
-/// A step as the schedule keeps it.
-pub(crate) fn step_from_wire(info: build::StepInfo) -> StepInfo {
+/// A step as the schedule keeps it, its derivation from where `derivation` says.
+pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) -> StepInfo {
     StepInfo {
         system: info.system,
         features: info.features,
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
         settings: BuildSettings::from_wire(&info.settings),
         outputs: info.outputs,
+        derivation,
     }
 }
 

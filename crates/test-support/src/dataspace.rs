@@ -68,6 +68,7 @@ pub fn demand_by(drv: &str, requester: &str) -> AnyValue {
         requester: requester.to_owned(),
         priority: 0.into(),
         depth: 0.into(),
+        derivation: Vec::new(),
     }
     .unparse()
 }
@@ -95,6 +96,7 @@ pub fn chain_demands(name: &str, steps: usize) -> (Vec<String>, Vec<AnyValue>) {
                 requester: "chain-test".to_owned(),
                 priority: 0.into(),
                 depth: 0.into(),
+                derivation: Vec::new(),
             }
             .unparse()
         })
@@ -121,6 +123,7 @@ pub fn assigned(drv: &str, worker: &str) -> AnyValue {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
+        derivation: Vec::new(),
     }
     .unparse()
 }

@@ -18,14 +18,12 @@ mod closure;
 mod inflight;
 pub mod nar_stream;
 mod node;
-mod offered;
 mod path_info;
 pub mod source;
 mod trust;
 
 pub use closure::{ClosureLimits, ClosureTooLarge};
 pub use node::{CopyError, FetchError, StoreNode, Timeouts, WANT_PATIENCE};
-pub use offered::OfferError;
 pub use path_info::PathInfoError;
 pub use source::SourceError;
 pub use trust::{Untrusted, MAX_ANNOUNCED_KEYS};

@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, watch};
 use crate::closure::{Claimed, ClosureLimits, ClosureTooLarge};
 use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
 use crate::nar_stream::{receive, STREAM_IDLE};
-use crate::offered::{OfferError, Offered, WithOffered};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::source::{serve, DaemonSource, PathSource, Role};
 use crate::trust::{TrustPolicy, Untrusted};
@@ -215,8 +214,6 @@ struct Inner {
     trust: Mutex<TrustPolicy>,
     /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
     announcements: AtomicU64,
-    /// Texts served from memory besides the store's paths.
-    offered: Arc<Offered>,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -307,23 +304,8 @@ impl StoreNode {
                 substituters: Mutex::new(BTreeSet::new()),
                 trust: Mutex::new(TrustPolicy::from_nix_conf()),
                 announcements: AtomicU64::new(0),
-                offered: Arc::default(),
             }),
         }
-    }
-
-    /// Offer `text` to the other stores as the path `AddTextToStore` would give it here
-    /// (`name`, with `references`), without adding it to this store: served from memory for
-    /// as long as this node lives, to stores that hold its references. Returns the path.
-    pub fn offer_text(
-        &self,
-        name: &str,
-        text: &[u8],
-        references: &BTreeSet<StorePath>,
-    ) -> Result<StorePath, OfferError> {
-        self.inner
-            .offered
-            .text(self.inner.pool.store_dir(), name, text, references)
     }
 
     /// Trust signatures by `keys` too (besides the local Nix configuration's
@@ -375,10 +357,7 @@ impl StoreNode {
                 lost,
             });
         }
-        let source: Arc<dyn PathSource> = Arc::new(WithOffered {
-            offered: Arc::clone(&self.inner.offered),
-            store: Arc::new(DaemonSource(self.inner.pool.clone())),
-        });
+        let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
         serve(
             t,
             &ds,

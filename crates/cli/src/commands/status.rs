@@ -163,7 +163,7 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
         track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Queued); },
             move |s| s.clear_step(&d, &StepView::Queued))
     }));
-    enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String _>, |t: &mut Activation| {
+    enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String _ _>, |t: &mut Activation| {
         let (d, w) = (drv.clone(), worker.clone());
         track(t, &snapshot, |s| s.assigned(&drv, &worker),
             move |s| s.unassigned(&d, &w))

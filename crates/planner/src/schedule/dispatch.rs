@@ -226,6 +226,7 @@ mod tests {
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
             outputs: vec![],
+            derivation: Default::default(),
         }
     }
 

@@ -69,6 +69,7 @@ mod tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            derivation: Default::default(),
         }
     }
 

@@ -194,6 +194,7 @@ mod tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            derivation: Default::default(),
         }
     }
 
