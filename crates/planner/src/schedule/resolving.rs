@@ -163,7 +163,7 @@ impl Schedule {
     ) {
         let mut built = vec![drv.clone()];
         while let Some(drv) = built.pop() {
-            for from in self.resolutions.get(&drv).cloned().unwrap_or_default() {
+            for from in self.originals_of(&drv) {
                 let Some(step) = self.steps.get_mut(&from) else {
                     continue;
                 };
@@ -181,15 +181,12 @@ impl Schedule {
                 });
                 built.push(from);
             }
-            let now = self
-                .built_outcome(&drv)
-                .map(|(_, o)| o.clone())
-                .unwrap_or_default();
+            // Every step of the worklist was built with `outputs`.
             for dependent in self.dependents_of(&drv) {
                 let stale = self
                     .links
                     .get(&dependent)
-                    .is_some_and(|l| l.against.get(&drv).is_some_and(|then| *then != now))
+                    .is_some_and(|l| l.against.get(&drv).is_some_and(|then| then != outputs))
                     && matches!(self.state(&dependent), Some(StepState::Resolved { .. }));
                 if stale {
                     tracing::info!(original = %dependent, input = %drv, "an input was built again with other outputs; resolving anew");
