@@ -19,6 +19,7 @@ mod post_build;
 mod scaleout;
 mod scheduling;
 mod security;
+mod serve;
 mod settings;
 mod stores;
 mod translator;

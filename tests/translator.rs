@@ -1044,19 +1044,9 @@ fn a_stdio_client_that_leaves_during_a_build_ends_its_daemon_and_the_build() {
 
 #[test]
 fn an_ssh_ng_store_runs_nix_daemon_stdio_on_the_remote_side() {
-    use std::os::unix::fs::PermissionsExt;
     let dir = DaemonDir::new();
-    // An `ssh` that runs the remote command (its last argument) here, as sshd would run it
-    // on the remote machine.
-    let fake_ssh = dir.tmp.path().join("fake-ssh");
-    std::fs::create_dir(&fake_ssh).expect("fake-ssh");
-    let ssh = fake_ssh.join("ssh");
-    std::fs::write(
-        &ssh,
-        "#!/bin/sh\nfor last; do :; done\nexec /bin/sh -c \"$last\"\n",
-    )
-    .expect("ssh");
-    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let fake_ssh =
+        nixspace_test_support::fake_ssh(&dir.tmp.path().join("fake-ssh")).expect("fake ssh");
     let path = std::env::join_paths(
         std::iter::once(fake_ssh).chain(std::env::split_paths(&dir.package_first_on_path())),
     )

@@ -83,7 +83,7 @@ impl InputWatch {
     }
 
     /// Wait until the client leaves or sends something: the error says which. Cancel-safe.
-    async fn interrupted(&self) -> ConnError {
+    pub(crate) async fn interrupted(&self) -> ConnError {
         let mut probe = [0u8; 1];
         loop {
             if let Err(e) = self.0.readable().await {

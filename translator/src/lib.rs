@@ -12,6 +12,9 @@
 //! - [`passthrough`]: every other operation relayed to the upstream store ([`upstream`]),
 //!   shaped by [`relay`], granting untrusted clients what `nix-daemon` would;
 //! - [`client`]: the client's streams and the connection's error type.
+//!
+//! [`serve`] serves the serve protocol (`nix-store --serve`, Nix's legacy `ssh://` store) on
+//! stdin and stdout as a client of the same layers, through a connection in this process.
 
 pub mod backend;
 pub mod build_result;
@@ -19,6 +22,7 @@ pub mod builds;
 pub mod client;
 pub mod passthrough;
 pub mod relay;
+pub mod serve;
 pub mod server;
 pub mod service;
 pub mod trust;
@@ -26,7 +30,7 @@ pub mod upstream;
 
 pub use backend::DaemonBackend;
 pub use server::{serve, Config};
-pub use service::{serve_stdio, TranslatorOptions, TranslatorService};
+pub use service::{serve_legacy_stdio, serve_stdio, TranslatorOptions, TranslatorService};
 pub use trust::TrustConfig;
 pub use upstream::UpstreamSpec;
 

@@ -103,6 +103,18 @@ pub async fn serve_stdio(config: &Config) -> Result<(), ConnError> {
     handle(streams, config, 0, Ok(Trust::Trusted)).await
 }
 
+/// Serve a client of this process's own on `stream` (the serve protocol's session, see
+/// [`crate::serve`]), trusted as the client on stdin and stdout is.
+pub(crate) async fn serve_in_process(stream: UnixStream, config: &Config) -> Result<(), ConnError> {
+    handle(
+        ClientStreams::socket(stream)?,
+        config,
+        0,
+        Ok(Trust::Trusted),
+    )
+    .await
+}
+
 /// Decide about the peer of `stream` (the user and group lookups run off the async threads).
 async fn admit(stream: &UnixStream, trust: &TrustConfig, id: u64) -> Result<Trust, Refusal> {
     let unknown = || Refusal {

@@ -2,7 +2,8 @@
 //! binds the socket and serves; [`TranslatorService::failed`] waits for serving to fail;
 //! dropping the service stops serving and removes the socket. `nixspace translate`, `nixspace
 //! up --translator` and `nixspace daemon` start it the same way. [`serve_stdio`] serves the
-//! one client on stdin and stdout instead (`nixspace daemon --stdio`).
+//! one client on stdin and stdout instead (`nixspace daemon --stdio`), and
+//! [`serve_legacy_stdio`] one session of the serve protocol (`nixspace daemon --serve`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -100,6 +101,10 @@ pub enum ServiceError {
     /// The client on stdin and stdout could not be served to the end.
     #[error("serving the client on stdin and stdout failed")]
     Stdio(#[source] Box<ConnError>),
+    /// The serve protocol's session on stdin and stdout ended in an error; its message is
+    /// what `nix-store --serve` would print.
+    #[error(transparent)]
+    Serve(Box<crate::serve::ServeSessionError>),
 }
 
 /// A translator serving in this process; dropping it stops serving and removes the socket.
@@ -161,6 +166,19 @@ pub async fn serve_stdio(options: TranslatorOptions) -> Result<(), ServiceError>
     crate::server::serve_stdio(&config)
         .await
         .map_err(|e| ServiceError::Stdio(Box::new(e)))
+}
+
+/// Serve one session of the serve protocol on this process's stdin and stdout, as `nix-store
+/// --serve` does (`--write` when `write_allowed`), with the configuration
+/// [`TranslatorService::start`] reads; see [`crate::serve`].
+pub async fn serve_legacy_stdio(
+    options: TranslatorOptions,
+    write_allowed: bool,
+) -> Result<(), ServiceError> {
+    let config = server_config(options)?;
+    crate::serve::serve_legacy_stdio(&config, write_allowed)
+        .await
+        .map_err(|e| ServiceError::Serve(Box::new(e)))
 }
 
 /// The server's configuration: `options`, with the Nix configuration (and the trust settings

@@ -17,6 +17,9 @@
 //!   Each has read and write implementations so both the client and the server side can use
 //!   them.
 //! - [`client`]: [`DaemonClient`], a client over any `AsyncRead`/`AsyncWrite` pair.
+//! - [`serve`]: the serve protocol of `nix-store --serve` (Nix's legacy `ssh://` store), which
+//!   shares the encodings of [`wire`] and some values above (no log frames: replies follow
+//!   each command at once).
 //!
 //! Store paths and hashes are `nixspace-nix-formats`' types:
 //! [`StorePath`](nixspace_nix_formats::store_path::StorePath) (a base name, printed and parsed
@@ -38,6 +41,7 @@ pub mod nar_copy;
 pub mod ops;
 pub mod path_info;
 pub mod realisation;
+pub mod serve;
 pub mod stderr;
 pub mod version;
 pub mod wire;

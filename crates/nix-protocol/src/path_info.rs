@@ -15,7 +15,9 @@ use crate::wire::{NixDeserialize, NixReader, NixSerialize, NixWriter, WireError}
 /// Reads a NAR hash. Nix 2.8 sends 64 lowercase hex digits without a prefix and reads with
 /// `Hash::parseAny(s, htSHA256)`, so any SHA-256 form is accepted (bare or `sha256:`-prefixed
 /// base-16, nixbase32 or base-64, or SRI); another algorithm is an error.
-async fn read_nar_hash<R: AsyncRead + Unpin>(r: &mut NixReader<R>) -> Result<Hash, WireError> {
+pub(crate) async fn read_nar_hash<R: AsyncRead + Unpin>(
+    r: &mut NixReader<R>,
+) -> Result<Hash, WireError> {
     let s = r.read_string("narHash").await?;
     Hash::parse_any(&s, Some(HashAlgo::Sha256)).map_err(|source| WireError::Hash {
         what: "narHash",
@@ -73,9 +75,12 @@ pub struct ValidPathInfo {
     pub info: PathInfo,
 }
 
-impl NixDeserialize for PathInfo {
-    async fn read_from<R: AsyncRead + Unpin + Send>(
+impl PathInfo {
+    /// Reads the fields in their wire order; `ultimate`, `sigs` and `ca` only if
+    /// `with_trust` (the worker protocol from 1.16; the serve protocol's `AddToStoreNar`).
+    pub(crate) async fn read_fields<R: AsyncRead + Unpin>(
         r: &mut NixReader<R>,
+        with_trust: bool,
     ) -> Result<Self, WireError> {
         let deriver = r.read_opt_store_path("deriver").await?;
         let nar_hash = read_nar_hash(r).await?;
@@ -83,7 +88,7 @@ impl NixDeserialize for PathInfo {
         let registration_time = r.read_u64("registrationTime").await?;
         let nar_size = r.read_u64("narSize").await?;
         let (mut ultimate, mut sigs, mut ca) = (false, BTreeSet::new(), None);
-        if r.version() >= PATH_INFO_ULTIMATE_SIGS_CA {
+        if with_trust {
             ultimate = r.read_bool("ultimate").await?;
             sigs = r.read_string_set("sigs").await?;
             ca = Some(r.read_string("ca").await?).filter(|s| !s.is_empty());
@@ -99,12 +104,12 @@ impl NixDeserialize for PathInfo {
             ca,
         })
     }
-}
 
-impl NixSerialize for PathInfo {
-    async fn write_to<W: AsyncWrite + Unpin + Send>(
+    /// Writes the fields as [`PathInfo::read_fields`] reads them.
+    pub(crate) async fn write_fields<W: AsyncWrite + Unpin>(
         &self,
         w: &mut NixWriter<W>,
+        with_trust: bool,
     ) -> Result<(), WireError> {
         w.write_opt_store_path(self.deriver.as_ref(), "deriver")
             .await?;
@@ -113,12 +118,31 @@ impl NixSerialize for PathInfo {
         w.write_u64(self.registration_time, "registrationTime")
             .await?;
         w.write_u64(self.nar_size, "narSize").await?;
-        if w.version() >= PATH_INFO_ULTIMATE_SIGS_CA {
+        if with_trust {
             w.write_bool(self.ultimate, "ultimate").await?;
             w.write_strings(&self.sigs, "sigs").await?;
             w.write_str(self.ca.as_deref().unwrap_or(""), "ca").await?;
         }
         Ok(())
+    }
+}
+
+impl NixDeserialize for PathInfo {
+    async fn read_from<R: AsyncRead + Unpin + Send>(
+        r: &mut NixReader<R>,
+    ) -> Result<Self, WireError> {
+        let with_trust = r.version() >= PATH_INFO_ULTIMATE_SIGS_CA;
+        Self::read_fields(r, with_trust).await
+    }
+}
+
+impl NixSerialize for PathInfo {
+    async fn write_to<W: AsyncWrite + Unpin + Send>(
+        &self,
+        w: &mut NixWriter<W>,
+    ) -> Result<(), WireError> {
+        let with_trust = w.version() >= PATH_INFO_ULTIMATE_SIGS_CA;
+        self.write_fields(w, with_trust).await
     }
 }
 

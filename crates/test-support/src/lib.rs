@@ -49,6 +49,21 @@ pub fn write_nix_conf(dir: &Path) -> std::io::Result<()> {
     std::fs::write(dir.join("nix.conf"), NIX_CONF)
 }
 
+/// Write `dir/ssh`, an `ssh` that runs the remote command (its last argument) here, as sshd
+/// would run it on the remote machine: with `dir` first on PATH, Nix's `ssh://` and
+/// `ssh-ng://` stores work on one machine. Creates `dir`; returns it.
+pub fn fake_ssh(dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let ssh = dir.join("ssh");
+    std::fs::write(
+        &ssh,
+        "#!/bin/sh\nfor last; do :; done\nexec /bin/sh -c \"$last\"\n",
+    )?;
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755))?;
+    Ok(dir.to_owned())
+}
+
 /// A name unique to this process and call: `<prefix>-<pid>-<nanos>-<n>`.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);

@@ -10,7 +10,7 @@ use nixspace_coordinator::{CoordinatorOptions, HostedCoordinator};
 use nixspace_space::{HostConfig, Role};
 
 use crate::services::{join_worker, local_builder, start_translator, Announce};
-use nixspace_translator::{serve_stdio, TranslatorOptions, UpstreamSpec};
+use nixspace_translator::{serve_legacy_stdio, serve_stdio, TranslatorOptions, UpstreamSpec};
 
 /// Serve the Nix daemon socket, like nix-daemon, with builds on a dataspace.
 ///
@@ -50,8 +50,25 @@ pub struct DaemonArgs {
 
     /// The socket's mode, in octal (e.g. 660). Default: 666 when run as root (as
     /// nix-daemon's), else 600.
-    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, conflicts_with = "stdio")]
+    #[arg(long, value_name = "MODE", value_parser = super::parse_mode, conflicts_with_all = ["stdio", "serve"])]
     socket_mode: Option<u32>,
+
+    /// Serve one session of the serve protocol on stdin and stdout instead,
+    /// as `nix-store --serve` does: what Nix's legacy ssh:// store (and
+    /// Hydra) runs on the remote side, as `REMOTE-PROGRAM --serve --write`.
+    /// So `ssh://HOST?remote-program=nixspace%20daemon` makes the remote side
+    /// this command, whose builds (BuildPaths, BuildDerivation) go to its
+    /// dataspace and whose store operations go to the local store, with the
+    /// client trusted as with --stdio. Errors end the session, saying why on
+    /// stderr; logs only warnings and errors unless asked for more.
+    #[arg(long, conflicts_with = "stdio")]
+    serve: bool,
+
+    /// With --serve: allow the commands that add paths to the store or build
+    /// (ImportPaths, AddToStoreNar, BuildPaths, BuildDerivation), as
+    /// `nix-store --serve --write` does; without it they end the session.
+    #[arg(long, requires = "serve")]
+    write: bool,
 }
 
 impl DaemonArgs {
@@ -62,12 +79,14 @@ impl DaemonArgs {
             max_jobs: None,
             stdio,
             socket_mode: None,
+            serve: false,
+            write: false,
         }
     }
 
-    /// Whether it serves one client on stdin and stdout (`--stdio`).
+    /// Whether it serves one client on stdin and stdout (`--stdio` or `--serve`).
     pub fn stdio(&self) -> bool {
-        self.stdio
+        self.stdio || self.serve
     }
 }
 
@@ -98,7 +117,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         Some(n) => builder.max_jobs = n,
         None => {}
     }
-    let socket = (!args.stdio).then(daemon_socket);
+    let socket = (!args.stdio()).then(daemon_socket);
     if let Some(parent) = socket.as_deref().and_then(Path::parent) {
         std::fs::create_dir_all(parent)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", parent.display()))?;
@@ -142,7 +161,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         }
         None => tokio::select! {
             r = super::shutdown_signal() => r.map_err(anyhow::Error::from),
-            r = serve_stdio(options) => r.map_err(anyhow::Error::from),
+            r = serve_stdio(options.clone()), if !args.serve => r.map_err(anyhow::Error::from),
+            r = serve_legacy_stdio(options, args.write), if args.serve => r.map_err(anyhow::Error::from),
             e = worker.ended() => Err(anyhow::anyhow!("the local worker cannot join: {e}")),
         },
     };
