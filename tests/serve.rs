@@ -478,3 +478,57 @@ async fn an_export_made_by_nix_store_imports_through_the_serve_protocol() {
     assert!(status.success(), "{stderr}");
     assert_eq!(remote.ok("nix-store", &["-qR", &drv]), closure);
 }
+
+/// Installed as a package's `bin/nix-store` first on PATH, nixspace is what an `ssh://` store
+/// runs by default (`nix-store --serve --write`); its `--version` is the real one's.
+#[test]
+fn nixspace_installed_as_nix_store_serves_an_ssh_store_with_the_default_remote_program() {
+    let remote = Remote::new();
+    let bin = remote.tmp.path().join("pkg/bin");
+    std::fs::create_dir_all(&bin).expect("pkg/bin");
+    std::os::unix::fs::symlink(nixspace_bin(), bin.join("nix-store")).expect("symlink");
+    let package_first = |c: &mut std::process::Command| {
+        let rest = c
+            .get_envs()
+            .find(|(k, _)| *k == "PATH")
+            .and_then(|(_, v)| v.map(ToOwned::to_owned))
+            .expect("PATH");
+        let mut dirs = std::env::split_paths(&rest).collect::<Vec<_>>();
+        // After the fake ssh, before the real nix-store.
+        dirs.insert(1, bin.clone());
+        c.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    };
+    // A path added here (a `.drv` would be read as a derivation, which an ssh store cannot).
+    let file = remote.tmp.path().join(format!("added-{}", nonce()));
+    std::fs::write(&file, nonce()).expect("file");
+    let added = remote.ok("nix-store", &["--add", file.to_str().expect("path")]);
+    let mut info = remote.nix("nix");
+    info.args([
+        "path-info",
+        "--json",
+        "--store",
+        "ssh://nixspace-test",
+        &added,
+    ]);
+    package_first(&mut info);
+    let served = run(info, LIMIT);
+    assert!(served.status.success(), "{served:?}");
+    let local = remote.ok("nix", &["path-info", "--json", &added]);
+    // The same, but for the registration time, which the serve protocol does not carry.
+    let served = served.stdout.trim().trim_end_matches("}]");
+    assert!(local.starts_with(served), "{served} / {local}");
+    assert!(served.contains("narHash"), "{served}");
+    // Whatever asks its version is told the real nix-store's.
+    let mut version = remote.nix(bin.join("nix-store").to_str().expect("path"));
+    version.arg("--version");
+    package_first(&mut version);
+    let ours = run(version, LIMIT);
+    assert!(ours.status.success(), "{ours:?}");
+    assert_eq!(ours.stdout.trim(), remote.ok("nix-store", &["--version"]));
+    // And any other use is refused, saying so.
+    let mut other = remote.nix(bin.join("nix-store").to_str().expect("path"));
+    other.args(["-qR", &added]);
+    let refused = run(other, LIMIT);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("serves only"), "{refused:?}");
+}

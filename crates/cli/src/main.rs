@@ -4,12 +4,14 @@
 //! 130 interrupted.
 //!
 //! Invoked under the file name `nix-daemon`, it takes nix-daemon's command line instead
-//! ([`nix_daemon_cli`]).
+//! ([`nix_daemon_cli`]); under the name `nix-store`, only `nix-store --serve [--write]`
+//! ([`nix_store_cli`]).
 
 mod commands;
 mod logging;
 mod metrics_http;
 mod nix_daemon_cli;
+mod nix_store_cli;
 mod progress;
 mod services;
 mod signing_keys;
@@ -55,7 +57,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match nix_daemon_cli::invocation() {
+    let cli = match nix_daemon_cli::invocation().or_else(nix_store_cli::invocation) {
         None => Cli::parse(),
         Some(NixDaemonInvocation::Serve(args)) => Cli {
             log_level: None,

@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use nixspace_nix_tools::{real_nix_daemon, NIX_DAEMON};
+use nixspace_nix_tools::{real_program, NIX_DAEMON};
 
 use crate::commands::daemon::DaemonArgs;
 
@@ -35,7 +35,7 @@ pub fn invocation() -> Option<NixDaemonInvocation> {
     }
     Some(match parse(args) {
         Ok(Parsed::Serve { stdio }) => NixDaemonInvocation::Serve(DaemonArgs::nix_daemon(stdio)),
-        Ok(Parsed::Version) => NixDaemonInvocation::Exit(print_real_version()),
+        Ok(Parsed::Version) => NixDaemonInvocation::Exit(print_real_version(NIX_DAEMON)),
         Ok(Parsed::Help) => {
             print!("{}", help());
             NixDaemonInvocation::Exit(ExitCode::SUCCESS)
@@ -95,10 +95,10 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, UsageError>
     Ok(Parsed::Serve { stdio })
 }
 
-/// Print the real `nix-daemon`'s `--version` (its output passes straight through); its exit
-/// status.
-fn print_real_version() -> ExitCode {
-    let real = match real_nix_daemon() {
+/// Print the real `program`'s `--version` (its output passes straight through: tools read
+/// Nix's version from it); its exit status.
+pub fn print_real_version(program: &str) -> ExitCode {
+    let real = match real_program(Path::new(program)) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("error: {e}");

@@ -84,6 +84,16 @@ impl DaemonArgs {
         }
     }
 
+    /// What `nix-store --serve [--write]` asks for: one serve-protocol session, the rest as
+    /// `nixspace daemon` has it by default.
+    pub fn nix_store_serve(write: bool) -> DaemonArgs {
+        DaemonArgs {
+            serve: true,
+            write,
+            ..DaemonArgs::nix_daemon(false)
+        }
+    }
+
     /// Whether it serves one client on stdin and stdout (`--stdio` or `--serve`).
     pub fn stdio(&self) -> bool {
         self.stdio || self.serve
