@@ -15,7 +15,10 @@ use nixspace_protocol::build;
 use nixspace_space::{Role, Route, Transport};
 use nixspace_test_support::dataspace::Session;
 use nixspace_test_support::proxy::{tcp_address, CuttingProxy};
-use nixspace_test_support::{peak_rss, run, step_binding, Running, Space};
+use nixspace_test_support::{
+    check_dag_outputs, epoch_ms, marked_dag_file, name_store, peak_rss, run, step_binding, Running,
+    Space,
+};
 use preserves_schema::{Parse, Unparse};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -93,40 +96,6 @@ fn layered_dag(steps: usize, width: usize, rng: &mut StdRng) -> BTreeMap<String,
         .collect();
     deps.insert("root".to_owned(), tops);
     deps
-}
-
-/// The file in a worker's own store (`DIR/nix/WORKER`, seen by its builders as `/nix/WORKER`)
-/// that names the worker: each store is mounted on `/nix` only in its worker's namespace.
-const WORKER: &str = "worker";
-
-/// The Nix file of `dag`: each builder appends `start NAME WORKER MS` to `runs` (WORKER: the
-/// worker whose store it runs in, from `/nix/`[`WORKER`]; MS: the time in milliseconds since
-/// the epoch), sleeps, writes its name and its inputs' paths to `$out`, then appends
-/// `done NAME WORKER MS`.
-fn dag_file(
-    space: &Space,
-    dag: &BTreeMap<String, Vec<String>>,
-    runs: &Path,
-    sleep: &str,
-) -> std::path::PathBuf {
-    let binding = step_binding(
-        "name: deps",
-        "",
-        &format!(
-            "me=$(/bin/cat /nix/{WORKER})
-      echo start ${{name}} $me $(/bin/date +%s%3N) >> {runs}
-      /bin/sleep {sleep}
-      echo ${{name}} $deps > $out
-      echo done ${{name}} $me $(/bin/date +%s%3N) >> {runs}",
-            runs = runs.display()
-        ),
-    );
-    // `let` bindings are recursive: their order does not matter.
-    let steps: String = dag
-        .iter()
-        .map(|(name, deps)| format!("  {name} = step \"{name}\" [ {} ];\n", deps.join(" ")))
-        .collect();
-    space.nix_file("soak.nix", &format!("let\n{binding}{steps}in\nroot\n"))
 }
 
 /// How long before a builder run a kill of its worker may still explain it: a killed worker's
@@ -270,13 +239,6 @@ fn story(space: &Space, steps: &[String]) -> String {
     out
 }
 
-/// Milliseconds since the epoch.
-fn epoch_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Steps the planner recorded built more than once (`nixspace history`): a worker reports
 /// an outcome again when the coordinator restarted before withdrawing the step (no builder
 /// runs for that; the runs file counts those).
@@ -298,40 +260,6 @@ fn recorded_built_twice(space: &Space) -> Vec<String> {
         })
         .map(|s| s["drv"].as_str().unwrap_or_default().to_owned())
         .collect()
-}
-
-/// Check every output in the closure of `root_out`: one per step of `dag`, each naming its
-/// step and referring to exactly the outputs of that step's dependencies.
-fn check_outputs(space: &Space, root_out: &str, dag: &BTreeMap<String, Vec<String>>) {
-    let mut closure = space.nix("nix-store", None);
-    closure.args(["-qR", root_out]);
-    let closure = run(closure, Duration::from_secs(60));
-    assert!(closure.status.success(), "{closure:?}");
-    let name_of = |path: &str| -> String {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        text.split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let mut seen = BTreeSet::new();
-    for path in closure.stdout.lines() {
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let mut words = text.split_whitespace();
-        let name = words.next().expect("a name").to_owned();
-        let mut inputs: Vec<String> = words.map(name_of).collect();
-        inputs.sort();
-        let expected = dag
-            .get(&name)
-            .unwrap_or_else(|| panic!("unknown step {name} in {path}"));
-        assert_eq!(&inputs, expected, "inputs of {name} ({path})");
-        assert!(seen.insert(name.clone()), "two outputs for {name}");
-    }
-    assert_eq!(
-        seen.len(),
-        dag.len(),
-        "outputs in the closure of {root_out}"
-    );
 }
 
 fn kill(worker: &str, at: u64) -> Kill {
@@ -393,14 +321,12 @@ fn soak() {
         workers.iter().map(|w| (w.clone(), store_of(w))).collect();
     for w in &workers {
         // Its builders read which worker they run on from its store.
-        let nix = Path::new(&stores[w]).join("nix");
-        std::fs::create_dir_all(&nix).expect("store directory");
-        std::fs::write(nix.join(WORKER), w).expect("worker name file");
+        name_store(Path::new(&stores[w]), w);
         space.worker(w, &["--own-store", &stores[w]]);
     }
     let runs = space.tmp.path().join("runs");
     let dag = layered_dag(soak.steps, soak.width, &mut rng);
-    let file = dag_file(&space, &dag, &runs, soak.sleep);
+    let file = marked_dag_file(&space, "soak.nix", &dag, &runs, soak.sleep);
 
     let started = Instant::now();
     let mut client = Running::new(space.spawn_build(&file));
@@ -452,7 +378,7 @@ fn soak() {
     let wall = started.elapsed();
     assert!(built.status.success(), "{built:?}");
     let root_out = built.stdout.trim();
-    check_outputs(&space, root_out, &dag);
+    check_dag_outputs(&space, root_out, &dag);
 
     let runs = read_runs(&runs, &worker_kills);
     let built_twice = recorded_built_twice(&space);

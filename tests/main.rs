@@ -12,6 +12,7 @@ mod e2e;
 mod faults;
 mod flow;
 mod fuzz_sockets;
+mod multihost;
 mod nixbuild;
 mod noise;
 mod outboard;

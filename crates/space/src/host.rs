@@ -332,6 +332,7 @@ impl Accept for TcpListener {
     async fn next(&self) -> std::io::Result<(Reader, Writer, String)> {
         let (stream, addr) = self.accept().await?;
         stream.set_nodelay(true)?;
+        crate::dead_peer::drop_when_silent(&stream)?;
         let (i, o) = stream.into_split();
         Ok((Box::pin(i), Box::pin(o), addr.to_string()))
     }

@@ -71,6 +71,7 @@ pub async fn open(route: &Route) -> Result<(BoxedRead, BoxedWrite, Transport), J
                 .await
                 .and_then(|s| {
                     s.set_nodelay(true)?;
+                    crate::dead_peer::drop_when_silent(&s)?;
                     let (i, o) = s.into_split();
                     Ok((Box::new(i) as BoxedRead, Box::new(o) as BoxedWrite))
                 }),

@@ -10,6 +10,7 @@
 //! This crate knows nothing about Nix: it moves capabilities, not builds.
 
 pub mod connection;
+pub mod dead_peer;
 pub mod doorman;
 pub mod external;
 pub mod framing;

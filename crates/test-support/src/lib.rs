@@ -8,7 +8,8 @@
 //! nixspace of real processes on this machine; `process`, the children a test
 //! runs; `nix_files`, the Nix expressions tests build; `dataspace`, in-process
 //! and raw clients of a dataspace; `proxy`, a TCP proxy that cuts connections;
-//! `syndicate_server`, a nixspace on a standalone `syndicate-server`.
+//! `syndicate_server`, a nixspace on a standalone `syndicate-server`; `hosts`, hosts of
+//! their own (network namespaces) joined by a switch that delays packets.
 // Test code only: a setup step that fails is a failed test, with the reason in its panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,6 +17,8 @@ pub mod fuzz;
 
 #[cfg(feature = "e2e")]
 pub mod dataspace;
+#[cfg(feature = "e2e")]
+pub mod hosts;
 #[cfg(feature = "e2e")]
 pub mod nix_files;
 #[cfg(feature = "e2e")]

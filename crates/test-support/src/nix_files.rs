@@ -115,3 +115,86 @@ pub fn counted_referring_script(runs: &Path) -> String {
         runs.display()
     )
 }
+
+/// A DAG of steps by name (Nix identifiers), each with the names of its dependencies
+/// (sorted); `root` is the step built.
+pub type Dag = std::collections::BTreeMap<String, Vec<String>>;
+
+/// The file in a worker's own store (`DIR/nix/worker`, seen by its builders as `/nix/worker`)
+/// that names the worker: each store is mounted on `/nix` only in its worker's namespace.
+const WORKER_FILE: &str = "worker";
+
+/// Write the file that tells the builders running in the own store `store` (a worker's
+/// `--own-store DIR`) the name of their worker.
+pub fn name_store(store: &Path, worker: &str) {
+    let nix = store.join("nix");
+    std::fs::create_dir_all(&nix).expect("store directory");
+    std::fs::write(nix.join(WORKER_FILE), worker).expect("worker name file");
+}
+
+/// Write `file`, the Nix file of `dag`: each builder appends `start NAME WORKER MS` to `runs`
+/// (WORKER: the worker whose store it runs in, as [`name_store`] wrote it; MS: the time in
+/// milliseconds since the epoch), sleeps `sleep` seconds, writes its name and its inputs'
+/// paths to `$out`, then appends `done NAME WORKER MS`.
+pub fn marked_dag_file(space: &Space, file: &str, dag: &Dag, runs: &Path, sleep: &str) -> PathBuf {
+    let binding = step_binding(
+        "name: deps",
+        "",
+        &format!(
+            "me=$(/bin/cat /nix/{WORKER_FILE})
+      echo start ${{name}} $me $(/bin/date +%s%3N) >> {runs}
+      /bin/sleep {sleep}
+      echo ${{name}} $deps > $out
+      echo done ${{name}} $me $(/bin/date +%s%3N) >> {runs}",
+            runs = runs.display()
+        ),
+    );
+    // `let` bindings are recursive: their order does not matter.
+    let steps: String = dag
+        .iter()
+        .map(|(name, deps)| format!("  {name} = step \"{name}\" [ {} ];\n", deps.join(" ")))
+        .collect();
+    space.nix_file(file, &format!("let\n{binding}{steps}in\nroot\n"))
+}
+
+/// Milliseconds since the epoch (the clock of [`marked_dag_file`]'s runs file).
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Check every output in the closure of `root_out` (built from [`marked_dag_file`]): one per
+/// step of `dag`, each naming its step and referring to exactly the outputs of that step's
+/// dependencies.
+pub fn check_dag_outputs(space: &Space, root_out: &str, dag: &Dag) {
+    let mut closure = space.nix("nix-store", None);
+    closure.args(["-qR", root_out]);
+    let closure = crate::run(closure, std::time::Duration::from_secs(60));
+    assert!(closure.status.success(), "{closure:?}");
+    let name_of = |path: &str| -> String {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        text.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for path in closure.stdout.lines() {
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut words = text.split_whitespace();
+        let name = words.next().expect("a name").to_owned();
+        let mut inputs: Vec<String> = words.map(name_of).collect();
+        inputs.sort();
+        let expected = dag
+            .get(&name)
+            .unwrap_or_else(|| panic!("unknown step {name} in {path}"));
+        assert_eq!(&inputs, expected, "inputs of {name} ({path})");
+        assert!(seen.insert(name.clone()), "two outputs for {name}");
+    }
+    assert_eq!(
+        seen.len(),
+        dag.len(),
+        "outputs in the closure of {root_out}"
+    );
+}
