@@ -212,8 +212,8 @@ in step "top" "echo top" [ l r ]"#
     let top = instantiate(&space, &file);
     let realised = realised_here(&space, &top);
     assert!(realised.iter().any(|p| p == out), "{realised:?}");
-    // Only the root's output came here: the others stay in the workers' stores (the
-    // resolved derivations were offered to them from memory, not written here).
+    // Only the root's output came here: the others stay in the workers' stores (the planner
+    // resolved the derivations and sent them with the assignments; none was written here).
     let history = run(space.command(&["history", "--json"]), LIMIT);
     let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
     let outputs: std::collections::BTreeSet<String> = steps
@@ -719,4 +719,31 @@ fn realisations_are_signed_by_their_builder_recorded_and_reused() {
     assert_eq!(runs_of(&runs), ["base", "extra", "left", "right", "top"]);
     let content = std::fs::read_to_string(built.stdout.trim()).unwrap();
     assert!(content.ends_with("top\nextra\n"), "{content}");
+}
+
+#[test]
+fn an_input_realised_on_a_worker_is_not_built_again_for_a_new_dependent() {
+    let mut space = Space::start();
+    own_store_workers(&mut space);
+    let runs = space.tmp.path().join("runs");
+    let tag = nixspace_test_support::nonce();
+    let file = ca_diamond_under(
+        &space,
+        &runs,
+        false,
+        "later.nix",
+        &format!(r#"{{ inherit top; later = step "later" "echo later-{tag}" [ left ]; }}"#),
+    );
+    let first = space.build_with(&file, &["-A", "top"], LIMIT);
+    assert!(first.status.success(), "{first:?}");
+    assert_eq!(runs_of(&runs), ["base", "left", "right", "top"]);
+    // `left`'s output is only in a worker's store, its realisation only in the dataspace.
+    let later = space.build_with(&file, &["-A", "later"], LIMIT);
+    assert!(
+        later.status.success(),
+        "{later:?}\n{}\n{}",
+        space.log("w1"),
+        space.log("w2")
+    );
+    assert_eq!(runs_of(&runs), ["base", "later", "left", "right", "top"]);
 }

@@ -304,6 +304,111 @@ fn outputs_in_a_binary_cache_are_substituted_not_built() {
     assert!(run(verify, LIMIT).status.success());
 }
 
+/// A floating content-addressed step appending its name to `runs`, built with plain
+/// `nix-build` on the local store (its realisation signed with `secret` if given), copied
+/// into the binary cache at `cache` with its realisation (`nix copy --file`), then deleted
+/// from the store (its realisation with it). Returns the Nix file and its output path.
+fn cached_ca_step(
+    space: &Space,
+    name: &str,
+    runs: &Path,
+    cache: &Path,
+    secret: Option<&Path>,
+) -> (PathBuf, String) {
+    let file = space.nix_file(
+        &format!("{name}.nix"),
+        &format!(
+            r#"derivation {{
+  name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo {name} >> {runs}; echo {name}-{tag} > $out" ];
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+}}"#,
+            runs = runs.display(),
+            tag = nonce()
+        ),
+    );
+    let mut b = space.nix("nix-build", None);
+    b.arg(&file).arg("--no-out-link");
+    if let Some(secret) = secret {
+        b.env(
+            "NIX_CONFIG",
+            format!("secret-key-files = {}", secret.display()),
+        );
+    }
+    let built = run(b, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    let out = built.stdout.trim().to_owned();
+    let mut copy = space.nix("nix", None);
+    copy.args(["copy", "--to"])
+        .arg(format!("file://{}", cache.display()))
+        .arg("--file")
+        .arg(&file);
+    let copied = run(copy, LIMIT);
+    assert!(copied.status.success(), "{copied:?}");
+    let mut delete = space.nix("nix-store", None);
+    delete.args(["--delete", &out]);
+    let deleted = run(delete, LIMIT);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(!Path::new(&out).exists());
+    (file, out)
+}
+
+#[test]
+fn a_content_addressed_output_is_substituted_through_its_signed_realisation() {
+    let (mut space, secret) = space_trusting_the_cache_key();
+    let (runs, cache) = (
+        space.tmp.path().join("runs"),
+        space.tmp.path().join("cache"),
+    );
+    let (signed, signed_out) = cached_ca_step(&space, "signed", &runs, &cache, Some(&secret));
+    let (unsigned, unsigned_out) = cached_ca_step(&space, "unsigned", &runs, &cache, None);
+    std::fs::remove_file(&runs).unwrap();
+    let store = space.tmp.path().join("w1-store");
+    space.worker("w1", &["--own-store", store.to_str().unwrap()]);
+    let _cache = substituter(&space, &cache);
+
+    // Signed by a key the stores trust: the worker takes the realisation, fetches the path
+    // it names and builds nothing; the frontend gets the output and its realisation.
+    let built = space.build(&signed, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert_eq!(built.stdout.trim(), signed_out);
+    assert!(
+        !runs.exists(),
+        "built: {:?}",
+        std::fs::read_to_string(&runs)
+    );
+    let worker = space.log("w1");
+    assert!(
+        worker.contains("fetched") && worker.contains("cache"),
+        "{worker}"
+    );
+    let mut info = space.nix("nix", None);
+    info.args(["realisation", "info", "--json", "--file"])
+        .arg(&signed);
+    let info = run(info, LIMIT);
+    assert!(info.status.success(), "{info:?}");
+    assert!(
+        info.stdout
+            .contains(&signed_out[signed_out.rfind('/').unwrap() + 1..])
+            && info.stdout.contains("stores-test-cache-1:"),
+        "{info:?}"
+    );
+
+    // The control: the same cache, the same substituter, a realisation nobody signed. The
+    // worker does not believe it and builds the step.
+    let built = space.build(&unsigned, LIMIT);
+    assert!(built.status.success(), "{built:?}");
+    assert_eq!(built.stdout.trim(), unsigned_out);
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "unsigned\n");
+    assert!(
+        space
+            .log("w1")
+            .contains("ignoring a realisation not signed by a trusted key"),
+        "{}",
+        space.log("w1")
+    );
+}
+
 #[test]
 fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
     let (mut space, secret) = space_trusting_the_cache_key();

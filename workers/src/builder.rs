@@ -37,6 +37,7 @@ use nixspace_protocol::{build, on_retraction, BuildMode, BuildSettings, DrvPath,
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 use preserves_schema::Parse;
 
+use crate::ca_substitutes::realised_by_substituters;
 use crate::detached::{BuildFailure, Builds, Outcome};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
@@ -656,15 +657,18 @@ async fn run_build(
     }
     // Checking or repairing builds the outputs again: substitutes would not do.
     let substitutes = match settings.mode {
-        BuildMode::Normal => substituted(store, pool.store_dir(), drv).await,
+        BuildMode::Normal => match substituted(store, pool.store_dir(), drv).await {
+            Some(outputs) => Some(BuiltStep {
+                outputs,
+                realisations: Vec::new(),
+            }),
+            None => realised_by_substituters(store, pool, drv).await,
+        },
         BuildMode::Check | BuildMode::Repair => None,
     };
-    if let Some(outputs) = substitutes {
+    if let Some(substituted) = substitutes {
         send_log(BuildLog::Line(format!("substituted the outputs of {drv}")));
-        return Ok(BuiltStep {
-            outputs,
-            realisations: Vec::new(),
-        });
+        return Ok(substituted);
     }
     // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
     let mut fetches = 0;

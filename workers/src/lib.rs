@@ -7,6 +7,7 @@
 //! [`service`] runs a builder that stays joined to a dataspace.
 
 pub mod builder;
+mod ca_substitutes;
 pub mod detached;
 pub mod service;
 

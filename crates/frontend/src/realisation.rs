@@ -132,17 +132,8 @@ impl<'a> OutputIds<'a> {
         }
         let h = self.hash(drv, true)?;
         let root = load(&mut self.derivations, self.store_dir, drv)?.clone();
-        let ids = root
-            .outputs
-            .keys()
-            .filter_map(|name| {
-                let hash = h.hashes.get(name)?;
-                Some((
-                    name.clone(),
-                    format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
-                ))
-            })
-            .collect();
+        let mut ids = h.output_ids();
+        ids.retain(|name, _| root.outputs.contains_key(name));
         Ok((root, ids))
     }
 

@@ -357,21 +357,23 @@ impl Resolver {
             })
             .unwrap_or_default();
         let mut realisations = self.realisations_of(&originals).await?;
-        let mut built = self.realisations_of(&resolved).await?;
-        if realisations.is_empty() && built.is_empty() {
+        realisations.append(&mut self.realisations_of(&resolved).await?);
+        if realisations.is_empty() {
             return Ok(0);
         }
-        // Learn the signatures of the resolved ones from the planner's records (a frontend
-        // asserts no realisations: the planner records them only from the builders).
+        // Learn the signatures of those built as they are (the steps built as they were and
+        // the resolved ones) from the planner's records (a frontend asserts no realisations:
+        // the planner records them only from the builders, or the substituters they trusted).
         if let Some(link) = self.inner.link() {
-            let signatures = link.signatures_of(&self.inner.requester, &built).await;
-            for r in &mut built {
+            let signatures = link
+                .signatures_of(&self.inner.requester, &realisations)
+                .await;
+            for r in &mut realisations {
                 if let Some(s) = signatures.get(&r.id) {
                     r.signatures.extend(s.iter().cloned());
                 }
             }
         }
-        realisations.append(&mut built);
         self.record(realisations).await
     }
 

@@ -434,6 +434,22 @@ pub struct DrvHash {
     pub kind: DrvHashKind,
 }
 
+impl DrvHash {
+    /// The ids Nix gives the derivation's outputs (its `DrvOutput`s), by output name:
+    /// `<algorithm>:<hash in base 16>!<output>`, the keys of realisations.
+    pub fn output_ids(&self) -> BTreeMap<String, String> {
+        self.hashes
+            .iter()
+            .map(|(name, hash)| {
+                (
+                    name.clone(),
+                    format!("{}:{}!{name}", hash.algo(), hash.to_base16()),
+                )
+            })
+            .collect()
+    }
+}
+
 /// The content of a derivation without its input derivations (Nix's
 /// `BasicDerivation`): what a resolved derivation is, and what is sent to
 /// remote builders.

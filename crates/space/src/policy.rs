@@ -78,6 +78,7 @@ pub fn allowed(role: Role) -> Vec<Shape> {
         Shape::of::<store::NarRequest>(),
         // Any participant with a store may compute a closure and share it.
         Shape::of::<store::Closure>(),
+        Shape::of::<store::WantRealisation>(),
     ];
     match role {
         Role::Submit => shapes.push(Shape::of::<build::Demand>()),
@@ -97,6 +98,8 @@ pub fn allowed(role: Role) -> Vec<Shape> {
                 // Substituters join with the worker capability.
                 Shape::of::<store::Substituter>(),
                 Shape::of::<store::Missing>(),
+                Shape::of::<store::RealisationOffer>(),
+                Shape::of::<store::RealisationMissing>(),
             ]);
             // `NarReply` is an or-type of inline records: no pattern type of
             // its own. Normally sent to a requester's sink, not the dataspace.
@@ -127,6 +130,9 @@ pub fn observable(role: Role) -> Vec<String> {
         Shape::of::<store::Substituter>(),
         Shape::of::<store::Missing>(),
         Shape::of::<store::Closure>(),
+        Shape::of::<store::WantRealisation>(),
+        Shape::of::<store::RealisationOffer>(),
+        Shape::of::<store::RealisationMissing>(),
         // The keys the coordinator tells every store to trust; no role may assert it.
         Shape::of::<store::TrustedKeys>(),
     ];
@@ -392,8 +398,8 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
-        assert_eq!(allowed(Role::Submit).len(), 6);
-        assert_eq!(allowed(Role::Worker).len(), 20);
+        assert_eq!(allowed(Role::Submit).len(), 7);
+        assert_eq!(allowed(Role::Worker).len(), 23);
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("report-built", 4)));
@@ -402,9 +408,9 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 26);
+        assert_eq!(observable(Role::Submit).len(), 29);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
-        assert_eq!(observable(Role::Worker).len(), 11);
+        assert_eq!(observable(Role::Worker).len(), 14);
         for role in [Role::Submit, Role::Worker] {
             assert!(observable(role).contains(&"trusted-keys".to_owned()));
         }

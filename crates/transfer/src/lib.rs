@@ -19,6 +19,7 @@ mod inflight;
 pub mod nar_stream;
 mod node;
 mod path_info;
+mod realisations;
 pub mod source;
 mod trust;
 

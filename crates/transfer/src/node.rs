@@ -1,7 +1,7 @@
 //! One participant's store in the dataspace: serving its paths to others and fetching what
 //! it lacks.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,7 +23,8 @@ use crate::closure::{Claimed, ClosureLimits, ClosureTooLarge};
 use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
 use crate::nar_stream::{receive, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
-use crate::source::{serve, DaemonSource, PathSource, Role};
+use crate::realisations::wanted_realisation;
+use crate::source::{serve, DaemonSource, OfferedRealisation, PathSource, Role};
 use crate::trust::{TrustPolicy, Untrusted};
 
 /// How long a fetch waits for some store to say it has the path, by default.
@@ -218,20 +219,20 @@ struct Inner {
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
 #[derive(Clone)]
-struct Link {
-    ds: Arc<Cap>,
+pub(crate) struct Link {
+    pub(crate) ds: Arc<Cap>,
     facet: FacetRef,
     /// Turns true when the actor holding the connection ends (the connection dropped).
     lost: watch::Receiver<bool>,
 }
 
 impl Link {
-    fn is_lost(&self) -> bool {
+    pub(crate) fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
 
     /// Resolves once the connection is gone.
-    async fn until_lost(&self) {
+    pub(crate) async fn until_lost(&self) {
         let mut lost = self.lost.clone();
         let _ = lost.wait_for(|l| *l).await;
     }
@@ -402,16 +403,20 @@ impl StoreNode {
         self.inner.substituters.lock().is_ok_and(|s| !s.is_empty())
     }
 
+    /// The substituters in the dataspace now.
+    fn substituters(&self) -> BTreeSet<String> {
+        self.inner
+            .substituters
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
     /// Make `paths` valid in this store from what the dataspace already has (substituters and
     /// peers), without waiting for anything to be built: `Ok(true)` if all are valid now,
     /// `Ok(false)` if some store lacks one (or there is no substituter to ask).
     pub async fn substitute(&self, paths: &[String]) -> Result<bool, FetchError> {
-        let substituters = self
-            .inner
-            .substituters
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let substituters = self.substituters();
         if substituters.is_empty() {
             return Ok(false);
         }
@@ -429,6 +434,51 @@ impl StoreNode {
             }
         }
         Ok(true)
+    }
+
+    /// The realisations of the derivation outputs `ids` that substituters offer with a
+    /// signature this store trusts, by id: `Ok(None)` if some output has none (or there is no
+    /// substituter to ask). Waits for each substituter's answer, at most
+    /// [`SUBSTITUTE_PATIENCE`] per output. Fetch the paths with [`StoreNode::substitute`].
+    pub async fn substitute_realisations(
+        &self,
+        ids: &[String],
+    ) -> Result<Option<BTreeMap<String, OfferedRealisation>>, FetchError> {
+        let substituters = self.substituters();
+        if substituters.is_empty() {
+            return Ok(None);
+        }
+        let link = self.inner.link()?;
+        let mut found = BTreeMap::new();
+        for id in ids {
+            let trusts = |offer: &OfferedRealisation| {
+                let Ok(path) = self.inner.pool.store_dir().parse(&offer.path) else {
+                    return false;
+                };
+                self.inner.trust.lock().is_ok_and(|trust| {
+                    trust.trusts_realisation(id, &path.to_string(), &offer.signatures)
+                })
+            };
+            let offered = wanted_realisation(
+                &link,
+                &self.inner.name,
+                id,
+                &substituters,
+                SUBSTITUTE_PATIENCE,
+                trusts,
+            )
+            .await;
+            if link.is_lost() {
+                return Err(FetchError::Detached);
+            }
+            match offered {
+                Some(offer) => {
+                    found.insert(id.clone(), offer);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(found))
     }
 
     /// `paths` as store paths of this store.
@@ -960,13 +1010,16 @@ impl Inner {
 }
 
 /// A child facet of the link's facet, stopped (withdrawing what it asserted) when dropped.
-struct ChildFacet {
+pub(crate) struct ChildFacet {
     facet: FacetRef,
     id: Option<FacetId>,
 }
 
 impl ChildFacet {
-    fn start(link: &Link, body: impl FnOnce(&mut Activation) -> ActorResult) -> ChildFacet {
+    pub(crate) fn start(
+        link: &Link,
+        body: impl FnOnce(&mut Activation) -> ActorResult,
+    ) -> ChildFacet {
         let mut id = None;
         link.facet.activate(&account("transfer"), None, |t| {
             id = Some(t.facet(body)?);

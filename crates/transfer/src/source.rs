@@ -90,6 +90,36 @@ pub enum SourceError {
     /// The task reading the NAR did not finish.
     #[error("{0}")]
     Task(#[source] tokio::task::JoinError),
+    /// A realisation was asked for under something that is not a derivation output's id.
+    #[error("{0:?} is not a derivation output id")]
+    BadOutputId(String),
+    /// A realisation file is larger than any realisation.
+    #[error("{} is over {MAX_REALISATION_FILE} bytes", .0.display())]
+    RealisationTooLarge(PathBuf),
+    /// A realisation file does not parse (or names an output other than its own).
+    #[error("{}: {reason}", file.display())]
+    Realisation {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A realisation carries no valid signature by a trusted key.
+    #[error("{}: not signed by a trusted key", .0.display())]
+    RealisationNotSigned(PathBuf),
+}
+
+/// The most bytes a realisation file (`realisations/<id>.doi`) may have.
+pub const MAX_REALISATION_FILE: u64 = 64 * 1024;
+
+/// A realisation a source offers: the output `id` was realised as `path` (printed), with
+/// `signatures`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedRealisation {
+    /// The output path, printed.
+    pub path: String,
+    /// Nix's realisation signatures (`name:base64`).
+    pub signatures: Vec<String>,
 }
 
 /// Somewhere paths can be served from.
@@ -102,6 +132,12 @@ pub trait PathSource: Send + Sync + 'static {
         path: &'a str,
         out: &'a mut NarSender,
     ) -> BoxFuture<'a, Result<u64, SourceError>>;
+    /// The realisation of the derivation output `id` this source offers, if any. A binary
+    /// cache has those `nix copy` wrote; a store answers none (the planner asserts what was
+    /// built in the dataspace).
+    fn realisation<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Option<OfferedRealisation>> {
+        Box::pin(async { None })
+    }
 }
 
 /// How a store serves.
@@ -156,6 +192,9 @@ pub fn serve(
         }
         Ok(())
     }));
+    if role == Role::Substituter {
+        answer_realisation_wants(t, ds, &name, &source);
+    }
     enclose!((name, source) during!(t, ds, <nar-request $path: String $store: String $sink>, |t: &mut Activation| {
         if store != name {
             return Ok(());
@@ -181,6 +220,39 @@ pub fn serve(
                     sender.fail(reason);
                 }
             }
+            Ok(LinkedTaskTermination::KeepFacet)
+        }));
+        Ok(())
+    }));
+}
+
+/// As substituter `name`, answer others' `want-realisation`s with `realisation-offer` or
+/// `realisation-missing` while they last.
+fn answer_realisation_wants(
+    t: &mut Activation,
+    ds: &Arc<Cap>,
+    name: &str,
+    source: &Arc<dyn PathSource>,
+) {
+    let name = name.to_owned();
+    enclose!((name, source, ds) during!(t, ds, <want-realisation $id: String $store: String>, |t: &mut Activation| {
+        if store == name {
+            return Ok(());
+        }
+        let facet = t.facet_ref();
+        t.linked_task(Some(AnyValue::symbol("answer-want-realisation")), enclose!((name, source, ds) async move {
+            let offered = source.realisation(&id).await;
+            facet.activate(&account("realisation-offer"), None, |t| {
+                match offered {
+                    Some(OfferedRealisation { path, signatures }) => {
+                        ds.assert(t, &store::RealisationOffer { id, store: name, path, signatures });
+                    }
+                    None => {
+                        ds.assert(t, &store::RealisationMissing { id, store: name });
+                    }
+                }
+                Ok(())
+            });
             Ok(LinkedTaskTermination::KeepFacet)
         }));
         Ok(())

@@ -7,10 +7,11 @@
 //! halves of `secret-key-files`, as Nix's `getPublicKeys`), keys given by whoever runs the
 //! store (flags), and keys the coordinator announces in the dataspace (`<trusted-keys …>`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use nixspace_nix_formats::signature::{
-    fingerprint, is_content_addressed, valid_signers, PublicKey, PublicKeys, SecretKey,
+    fingerprint, is_content_addressed, realisation_fingerprint, valid_signers, verify, PublicKey,
+    PublicKeys, SecretKey,
 };
 use nixspace_nix_formats::store_path::{ContentAddress, StoreDir};
 use nixspace_nix_protocol::ValidPathInfo;
@@ -163,6 +164,26 @@ impl TrustPolicy {
         keys
     }
 
+    /// Whether a realisation of output `id` as `out_path` (a store path's base name, as Nix
+    /// signs it) with `signatures` may be believed here: one of them by a trusted key, or
+    /// signatures not required (Nix's `require-sigs = false`). A realisation has no content
+    /// address to stand in for a signature: nothing else ties the output to the path.
+    pub(crate) fn trusts_realisation(
+        &self,
+        id: &str,
+        out_path: &str,
+        signatures: &[String],
+    ) -> bool {
+        if !self.require_sigs {
+            return true;
+        }
+        let keys = self.keys();
+        let fingerprint = realisation_fingerprint(id, out_path, &BTreeMap::new());
+        signatures
+            .iter()
+            .any(|sig| verify(&keys, &fingerprint, sig))
+    }
+
     /// Whether `info` may be added to the store of `store_dir`, and on what grounds.
     pub(crate) fn check(
         &self,
@@ -216,6 +237,25 @@ mod tests {
             announced: HashMap::new(),
             require_sigs: true,
         }
+    }
+
+    #[test]
+    fn a_realisation_is_believed_only_with_a_trusted_signature() {
+        let secret = SecretKey::from_seed("k1", &[1; 32]).unwrap();
+        let other = SecretKey::from_seed("k2", &[2; 32]).unwrap();
+        let id = "sha256:5662b097423a35d15c8b79c9ec29ae9ee73f665bf1bc919a507c6ffaa046481a!out";
+        let out = "jnpmh6wd5kpqhhdwy1d8jzq11yzbysk0-ca";
+        let fingerprint = realisation_fingerprint(id, out, &BTreeMap::new());
+        let signed = vec![nixspace_nix_formats::signature::sign(&secret, &fingerprint)];
+        let trusting = policy(&[&secret.to_public()]);
+        assert!(trusting.trusts_realisation(id, out, &signed));
+        // The same signature for another path, or by an untrusted key, is not believed.
+        assert!(!trusting.trusts_realisation(id, "00000000000000000000000000000000-ca", &signed));
+        assert!(!policy(&[&other.to_public()]).trusts_realisation(id, out, &signed));
+        assert!(!trusting.trusts_realisation(id, out, &[]));
+        let mut unrequired = policy(&[]);
+        unrequired.require_sigs = false;
+        assert!(unrequired.trusts_realisation(id, out, &[]));
     }
 
     fn info() -> ValidPathInfo {

@@ -20,7 +20,11 @@ use super::JoinArgs;
 /// DIR is a cache in the layout `nix copy --to file://DIR` writes (`*.narinfo` and the NARs
 /// they name, uncompressed or xz). Workers ask substituters for a step's outputs before
 /// building it and fetch them from here (checking size and hash) when the cache has them.
-/// With --trusted-public-key, only paths signed by one of the keys are offered.
+/// For a floating content-addressed step, whose output paths only a realisation names, they
+/// ask for the realisations the cache holds (`realisations/<id>.doi`, which `nix copy` writes
+/// with the paths) and believe one only if it is signed by a key their store trusts.
+/// With --trusted-public-key, only paths and realisations signed by one of the keys are
+/// offered.
 #[derive(Args, Debug)]
 pub struct SubstituteArgs {
     #[command(flatten)]
