@@ -17,6 +17,7 @@ mod nixbuild;
 mod noise;
 mod outboard;
 mod post_build;
+mod resources;
 mod scaleout;
 mod scheduling;
 mod security;

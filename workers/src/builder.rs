@@ -32,6 +32,7 @@ use nixspace_nix_formats::derivation::Derivation;
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::build_activity;
+use nixspace_nix_tools::build_cgroup::{BuildCgroups, MIB};
 use nixspace_nix_tools::{BuildLog, BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
@@ -81,12 +82,21 @@ pub struct BuilderConfig {
     pub stream_idle: Duration,
     /// The most log bytes one build sends to the dataspace; the rest is dropped.
     pub max_log_bytes: u64,
+    /// Where each build gets a control group of its own (measured, and limited to
+    /// `memory_limit`); `None`: builds run unmeasured (no cgroup hierarchy, not root, or a
+    /// daemon behind `daemon_socket`).
+    pub cgroups: Option<BuildCgroups>,
+    /// The most memory one build may use, in bytes (with `cgroups`).
+    pub memory_limit: Option<u64>,
 }
 
 impl BuilderConfig {
     /// The daemon connections this worker builds over: one per slot.
     fn pool(&self) -> DaemonPool {
-        self.pool_of(self.max_jobs as usize)
+        let mut pool = self.pool_config(self.max_jobs as usize);
+        pool.cgroups = self.cgroups.clone();
+        pool.memory_limit = self.memory_limit;
+        DaemonPool::new(pool)
     }
 
     /// The worker's store in the dataspace: it serves the paths this worker has and fetches
@@ -95,7 +105,7 @@ impl BuilderConfig {
     pub fn store(&self) -> StoreNode {
         StoreNode::with_timeouts(
             self.id.to_string(),
-            self.pool_of(TRANSFER_CONNECTIONS),
+            DaemonPool::new(self.pool_config(TRANSFER_CONNECTIONS)),
             Timeouts {
                 want: self.fetch_patience,
                 stream_idle: self.stream_idle,
@@ -103,14 +113,14 @@ impl BuilderConfig {
         )
     }
 
-    fn pool_of(&self, connections: usize) -> DaemonPool {
+    fn pool_config(&self, connections: usize) -> PoolConfig {
         let mut pool = PoolConfig::new(connections);
         pool.features = self.features.clone();
         pool.secret_key_files = self.signing_key_file.iter().cloned().collect();
         if let Some(socket) = &self.daemon_socket {
             pool.target = DaemonTarget::Socket(socket.clone());
         }
-        DaemonPool::new(pool)
+        pool
     }
 }
 
@@ -661,6 +671,7 @@ async fn run_build(
             Some(outputs) => Some(BuiltStep {
                 outputs,
                 realisations: Vec::new(),
+                usage: None,
             }),
             None => realised_by_substituters(store, pool, drv).await,
         },
@@ -689,6 +700,15 @@ async fn run_build(
         e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
         e => BuildFailure::transient(e.to_string()),
     })?;
+    if let Some(usage) = &built.usage {
+        tracing::info!(
+            %drv,
+            wall_s = usage.wall_time.as_secs_f64(),
+            cpu_s = usage.cpu_time.as_secs_f64(),
+            peak_mib = usage.peak_memory.map(|p| p / MIB),
+            "built; usage measured by its control group"
+        );
+    }
     if let Some(key) = &config.signing_key {
         sign_realisations(pool, key, &mut built.realisations)
             .await

@@ -90,5 +90,6 @@ pub(crate) async fn realised_by_substituters(
     Some(BuiltStep {
         outputs,
         realisations,
+        usage: None,
     })
 }

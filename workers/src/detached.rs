@@ -201,6 +201,7 @@ mod tests {
         BuiltStep {
             outputs: outputs.iter().map(|o| o.to_string()).collect(),
             realisations: Vec::new(),
+            usage: None,
         }
     }
 

@@ -29,6 +29,20 @@ pub fn local_builder() -> BuilderConfig {
         fetch_patience: nixspace_transfer::WANT_PATIENCE,
         stream_idle: nixspace_transfer::nar_stream::STREAM_IDLE,
         max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
+        cgroups: build_cgroups(),
+        memory_limit: None,
+    }
+}
+
+/// A control group per build where this machine lets this process make them; else builds
+/// run unmeasured, as the log says.
+fn build_cgroups() -> Option<nixspace_nix_tools::build_cgroup::BuildCgroups> {
+    match nixspace_nix_tools::build_cgroup::BuildCgroups::detect() {
+        Ok(cgroups) => Some(cgroups),
+        Err(e) => {
+            tracing::info!(error = %e, "builds run without control groups: no memory limits, no usage measured");
+            None
+        }
     }
 }
 

@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::build_activity::{BuildEvents, BuildLog};
+use crate::build_cgroup::{BuildCgroup, BuildCgroups, BuildUsage, MIB};
 use crate::daemon_options::{nix_build_mode, DaemonDefaults};
 use crate::private_daemon::{PrivateDaemon, PrivateDaemonError};
 use crate::NixError;
@@ -82,6 +83,12 @@ pub struct PoolConfig {
     pub secret_key_files: Vec<PathBuf>,
     /// The store directory (`NIX_STORE_DIR`, or `/nix/store`).
     pub store_dir: StoreDir,
+    /// Where each build of the private daemon gets a control group of its own, measured
+    /// (and limited to `memory_limit`); `None`: builds run unmeasured. A daemon behind a
+    /// socket runs builds as its own configuration says.
+    pub cgroups: Option<BuildCgroups>,
+    /// The most memory, in bytes, one build may use (with `cgroups`).
+    pub memory_limit: Option<u64>,
 }
 
 impl PoolConfig {
@@ -98,6 +105,8 @@ impl PoolConfig {
             features: Vec::new(),
             secret_key_files: Vec::new(),
             store_dir,
+            cgroups: None,
+            memory_limit: None,
         }
     }
 }
@@ -167,6 +176,15 @@ pub enum StepError {
         /// The output.
         output: String,
     },
+    /// The kernel killed the build for going over its memory limit on this worker:
+    /// transient (a worker with more memory may build it).
+    #[error("killed for going over the memory limit of {} MiB per build (Nix: {message})", .limit / MIB)]
+    OutOfMemory {
+        /// The limit, in bytes.
+        limit: u64,
+        /// Nix's message.
+        message: String,
+    },
     /// The daemon or the connection failed: transient.
     #[error("Nix daemon: {}", error_chain(.0))]
     Daemon(Box<ClientError>),
@@ -223,6 +241,9 @@ struct Inner {
     daemon: tokio::sync::Mutex<Option<PrivateDaemon>>,
     /// The local Nix's configuration, once a build's settings needed it.
     defaults: tokio::sync::OnceCell<DaemonDefaults>,
+    /// Held while a connection to the private daemon opens, when its serving process is
+    /// looked for.
+    opening: tokio::sync::Mutex<()>,
 }
 
 impl Inner {
@@ -243,6 +264,17 @@ impl Inner {
         let socket = started.socket().to_owned();
         *daemon = Some(started);
         Ok(socket)
+    }
+}
+
+impl Inner {
+    /// The private daemon's process, if it is running.
+    async fn daemon_pid(&self) -> Option<u32> {
+        self.daemon
+            .lock()
+            .await
+            .as_ref()
+            .and_then(PrivateDaemon::pid)
     }
 }
 
@@ -267,6 +299,7 @@ impl DaemonPool {
                 opened: AtomicU64::new(0),
                 daemon: tokio::sync::Mutex::new(None),
                 defaults: tokio::sync::OnceCell::new(),
+                opening: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -332,6 +365,8 @@ impl DaemonPool {
                 return Err(lease.failed(e));
             }
         }
+        let server = lease.conn.as_ref().and_then(|c| c.server);
+        let group = self.build_group(&step.drv_path, server);
         let mut events = BuildEvents::default();
         let mut logs = |event: LogEvent| events.sort(event, &mut on_log);
         let mode = nix_build_mode(settings.mode);
@@ -351,7 +386,37 @@ impl DaemonPool {
             Err(e) => return Err(lease.failed(e)),
         };
         lease.retire();
-        step.outputs(store, result)
+        let usage = group.as_ref().map(BuildCgroup::usage);
+        match (step.outputs(store, result), usage) {
+            (Ok(built), usage) => Ok(BuiltStep { usage, ..built }),
+            (Err(StepError::Build { message, .. }), Some(usage)) if usage.oom_killed => {
+                Err(StepError::OutOfMemory {
+                    limit: self.inner.config.memory_limit.unwrap_or_default(),
+                    message,
+                })
+            }
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// A control group for the build of `drv` by the private daemon's process `server`
+    /// (serving the build's connection), moved into it; `None` without cgroups or that
+    /// process (or if the group cannot be made: the build runs unmeasured).
+    fn build_group(&self, drv: &StorePath, server: Option<u32>) -> Option<BuildCgroup> {
+        let config = &self.inner.config;
+        let (Some(cgroups), Some(server)) = (&config.cgroups, server) else {
+            return None;
+        };
+        let group = cgroups
+            .start(&drv.to_string(), config.memory_limit)
+            .and_then(|group| group.enter(server).map(|()| group));
+        match group {
+            Ok(group) => Some(group),
+            Err(e) => {
+                tracing::warn!(%drv, error = %e, "cannot make the build's control group; building unmeasured");
+                None
+            }
+        }
     }
 
     /// The local Nix's configuration, read once.
@@ -499,6 +564,9 @@ struct Connection {
     /// For the private daemon: the local store's database file when the connection opened
     /// the store (the daemon's process serving it keeps that one open).
     store_db: Option<(u64, u64)>,
+    /// For the private daemon, with build cgroups: the daemon's process serving the
+    /// connection (where its builds run).
+    server: Option<u32>,
 }
 
 /// The local store's database file.
@@ -531,6 +599,18 @@ impl Connection {
             DaemonTarget::Socket(_) => None,
         };
         let path = inner.socket().await?;
+        // Which of the private daemon's processes serves the new connection: the child it
+        // forked for it, found by opening one connection at a time (nothing else connects
+        // to a private daemon).
+        let watched = match (&config.target, &config.cgroups) {
+            (DaemonTarget::Private, Some(_)) => inner.daemon_pid().await,
+            _ => None,
+        };
+        let _one_at_a_time = match watched {
+            Some(_) => Some(inner.opening.lock().await),
+            None => None,
+        };
+        let before = watched.map(children_of).unwrap_or_default();
         let stream = crate::daemon_socket::connect(&path)
             .await
             .map_err(|source| StepError::Connect { path, source })?;
@@ -539,9 +619,38 @@ impl Connection {
         let client = DaemonClient::handshake_with_config(r, w, &client_config)
             .await
             .map_err(|e| StepError::Daemon(Box::new(e)))?;
-        tracing::debug!(target = ?config.target, "opened a Nix daemon connection");
-        Ok(Connection { client, store_db })
+        let server = watched.and_then(|daemon| {
+            let mut new = children_of(daemon)
+                .into_iter()
+                .filter(|c| !before.contains(c));
+            match (new.next(), new.next()) {
+                (Some(server), None) => Some(server),
+                _ => None,
+            }
+        });
+        tracing::debug!(target = ?config.target, ?server, "opened a Nix daemon connection");
+        Ok(Connection {
+            client,
+            store_db,
+            server,
+        })
     }
+}
+
+/// The processes `pid` forked that are running (`/proc/<pid>/task/*/children`).
+fn children_of(pid: u32) -> BTreeSet<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return BTreeSet::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
 
 /// `extra-system-features "a b"` as a daemon's `--option`, or nothing for no features.
@@ -577,6 +686,8 @@ pub struct BuiltStep {
     /// Nix's realisations of the outputs whose paths were not known before the build
     /// (floating content-addressed ones), as the daemon reported and registered them.
     pub realisations: Vec<Realisation>,
+    /// What the build used, where it ran in a control group of its own.
+    pub usage: Option<BuildUsage>,
 }
 
 /// One derivation, ready to send.
@@ -647,6 +758,7 @@ impl Step {
         let mut built = BuiltStep {
             outputs: Vec::new(),
             realisations: Vec::new(),
+            usage: None,
         };
         for (name, output) in &self.basic.outputs {
             let path = match output.path() {

@@ -19,6 +19,7 @@
 //! keeps the log lines and activities of a build from what its daemon sends.
 
 pub mod build_activity;
+pub mod build_cgroup;
 mod command;
 mod daemon_options;
 mod daemon_pool;

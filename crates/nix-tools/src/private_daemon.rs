@@ -171,6 +171,11 @@ impl PrivateDaemon {
         &self.socket
     }
 
+    /// Its process id (none once it was reaped).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

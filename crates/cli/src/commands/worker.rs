@@ -57,6 +57,15 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "daemon_socket")]
     own_store: Option<PathBuf>,
 
+    /// The most memory one build may use, e.g. 4G, 512M or a number of bytes. Each build
+    /// runs in a control group of its own (cgroup v2 with the memory controller, else v1's
+    /// memory and cpuacct hierarchies; needs root), which measures its peak memory and CPU
+    /// time with or without a limit; a build over the limit is killed by the kernel and
+    /// fails, saying so, to be tried again elsewhere. Not with --daemon-socket: that
+    /// daemon's builds are its own.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "daemon_socket")]
+    build_memory_limit: Option<u64>,
+
     /// Sign what this worker builds with the secret key in FILE (`name:base64`,
     /// as written by `nix-store --generate-binary-cache-key`): its private
     /// `nix-daemon` signs every output as it registers it, and the realisations
@@ -151,6 +160,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         );
     }
     config.max_log_bytes = args.max_log_bytes;
+    if config.daemon_socket.is_some() {
+        config.cgroups = None;
+    }
+    if let Some(limit) = args.build_memory_limit {
+        if config.cgroups.is_none() {
+            anyhow::bail!(
+                "--build-memory-limit needs a control group per build, and this machine lets \
+                 this process make none (root, with cgroup v2's memory controller or v1's memory \
+                 and cpuacct hierarchies mounted)"
+            );
+        }
+        config.memory_limit = Some(limit);
+    }
     let route = args.join.route(Role::Worker)?;
     let mut worker = crate::services::join_worker(route, config, crate::services::Announce::Stderr);
     let id = worker.id.clone();
@@ -180,4 +202,43 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 /// `file` as an absolute path (the private `nix-daemon` is told it, and runs elsewhere).
 fn absolute(file: &std::path::Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+/// A size in bytes: a number, optionally followed by K, M, G or T (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{text:?}: not a size (e.g. 4G, 512M, 1048576)")),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: not a size (e.g. 4G, 512M, 1048576)"))?;
+    number
+        .checked_mul(1 << shift)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_are_read_in_powers_of_1024() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        for bad in ["", "M", "4X", "-1G", "0", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

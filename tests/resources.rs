@@ -1,0 +1,85 @@
+//! What builds use: each build on a worker runs in a control group of its own, which
+//! measures it and holds it to the worker's memory limit per build.
+// The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
+// functions as tests, not the helpers of a test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nixspace_test_support::{nonce, Space};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// A derivation whose builder holds about `mib` MiB at once (a line of that many zero bytes
+/// held whole by `tail -n 1`), then writes its output.
+fn allocating(space: &Space, name: &str, mib: u64) -> PathBuf {
+    space.nix_file(
+        &format!("{name}.nix"),
+        &format!(
+            r#"derivation {{
+  name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh"; nonce = "{tag}";
+  args = [ "-c" "/usr/bin/head -c {bytes} /dev/zero | /usr/bin/tail -n 1 > /dev/null && echo held > $out" ];
+}}"#,
+            tag = nonce(),
+            bytes = mib << 20
+        ),
+    )
+}
+
+/// The peak memory, in MiB, the worker's log gives for the build of the derivation whose
+/// path ends with `drv_suffix`.
+fn peak_mib(log: &str, drv_suffix: &str) -> u64 {
+    let measured = log
+        .lines()
+        .find(|l| {
+            l.contains("usage measured by its control group")
+                && l.contains(&format!("{drv_suffix} "))
+        })
+        .unwrap_or_else(|| panic!("no usage of {drv_suffix} in {log}"));
+    measured
+        .split("peak_mib=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{measured}"))
+}
+
+#[test]
+fn a_build_over_the_workers_memory_limit_is_killed_and_the_failure_says_so() {
+    let mut space = Space::start();
+    space.worker("w1", &["--build-memory-limit", "64M"]);
+
+    // Under the limit: built, and measured by its group.
+    let small = allocating(&space, "small", 16);
+    let built = space.build(&small, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
+    let peak = peak_mib(&space.log("w1"), "-small.drv");
+    assert!((16..64).contains(&peak), "{peak} MiB");
+
+    // The same builder holding four times as much: the kernel kills it, and the frontend is
+    // told why.
+    let big = allocating(&space, "big", 256);
+    let failed = space.build(&big, LIMIT);
+    assert!(!failed.status.success(), "{failed:?}");
+    assert!(
+        failed
+            .stderr
+            .contains("killed for going over the memory limit of 64 MiB per build"),
+        "{failed:?}\n{}",
+        space.log("w1")
+    );
+}
+
+#[test]
+fn without_a_limit_the_same_build_succeeds_and_is_measured() {
+    // The control of the test above: the builder that was killed is fine on a worker
+    // without a limit, and its peak is what it held.
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let big = allocating(&space, "big", 256);
+    let built = space.build(&big, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
+    let peak = peak_mib(&space.log("w1"), "-big.drv");
+    assert!(peak >= 256, "{peak} MiB");
+}
