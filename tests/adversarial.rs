@@ -443,21 +443,8 @@ fn a_submitter_cannot_pass_another_derivation_off_as_a_step() {
             .expect("join as worker");
         // The real step is resolved (to itself: it has no inputs) and given to the worker with
         // its text, which the worker will check again.
-        let given = build::Assigned {
-            drv: real.clone(),
-            worker: "good".to_owned(),
-            settings: nixspace_protocol::BuildSettings::default().to_wire(),
-            derivation: text.clone(),
-        }
-        .unparse();
-        assert!(frontend.wait_until(&given, true).await);
-        let seen = frontend.with_label("assigned");
-        assert!(
-            !seen
-                .iter()
-                .any(|a| nixspace_test_support::dataspace::text(a).contains(&forged)),
-            "{seen:?}"
-        );
+        assert!(frontend.wait_until(&given(&real, &text), true).await);
+        never_assigned(&frontend, &forged);
         let up = space.log("up");
         assert!(
             up.contains("ignoring a demand") && up.contains("is not taken"),
@@ -465,6 +452,75 @@ fn a_submitter_cannot_pass_another_derivation_off_as_a_step() {
         );
         good.leave();
         frontend.leave();
+    });
+}
+
+/// Check that `session` saw no assignment of step `drv`.
+fn never_assigned(session: &Session, drv: &str) {
+    let seen = session.with_label("assigned");
+    assert!(
+        !seen
+            .iter()
+            .any(|a| nixspace_test_support::dataspace::text(a).contains(drv)),
+        "{seen:?}"
+    );
+}
+
+/// `<assigned drv good … text>`: step `drv` given to worker `good` with its derivation `text`.
+fn given(drv: &str, text: &[u8]) -> AnyValue {
+    build::Assigned {
+        drv: drv.to_owned(),
+        worker: "good".to_owned(),
+        settings: nixspace_protocol::BuildSettings::default().to_wire(),
+        derivation: text.to_vec(),
+    }
+    .unparse()
+}
+
+/// `<inline-derivation drv text>`: a vouch for `text` as `drv`'s inline derivation.
+fn vouch(drv: &str, text: &[u8]) -> AnyValue {
+    build::InlineDerivation {
+        drv: drv.to_owned(),
+        derivation: text.to_vec(),
+    }
+    .unparse()
+}
+
+#[test]
+fn a_submitter_cannot_vouch_for_an_inline_derivation() {
+    let space = Space::start();
+    let (_, text) = ca_derivation("sent-inline");
+    let forged = fake_drv("vouched-by-a-submitter");
+    let vouched = fake_drv("vouched-by-the-trusted");
+    runtime().block_on(async {
+        // A submitter vouches for a text that is not its step's, and demands the step with it.
+        let submitter = Session::join(
+            &route(&space, Role::Submit),
+            vec![vouch(&forged, &text), demand_to_resolve(&forged, &text)],
+        )
+        .await
+        .expect("join as submit");
+        // The positive control: the trusted capability doing the same for another step.
+        let trusted = Session::join(
+            &route(&space, Role::Trusted),
+            vec![vouch(&vouched, &text), demand_to_resolve(&vouched, &text)],
+        )
+        .await
+        .expect("join as trusted");
+        let good = Session::join(&route(&space, Role::Worker), worker("good"))
+            .await
+            .expect("join as worker");
+        assert!(trusted.wait_until(&given(&vouched, &text), true).await);
+        never_assigned(&trusted, &forged);
+        let up = space.log("up");
+        assert!(
+            up.contains("refused an assertion the role may not make")
+                && up.contains("inline-derivation"),
+            "{up}"
+        );
+        good.leave();
+        trusted.leave();
+        submitter.leave();
     });
 }
 

@@ -7,6 +7,7 @@ mod adversarial;
 mod bench;
 mod budgets;
 mod build_logs;
+mod builder;
 mod ca;
 mod e2e;
 mod faults;

@@ -1621,3 +1621,73 @@ fn a_50000_step_chain_added_as_text_fails_and_the_daemon_answers() {
         a_failing_chain_added_as_text_is_answered(&dir, 50_000).await;
     });
 }
+
+/// A derivation a client sends inline with BuildDerivation (its `.drv` not in the store), as a
+/// remote builder's client does: an untrusted client's input-addressed one is refused in Nix
+/// 2.8's words (its output paths cannot be checked without the derivation closure); a trusted
+/// client's is built on the dataspace as sent (the positive control).
+#[test]
+fn an_inline_input_addressed_derivation_is_built_for_trusted_clients_only() {
+    use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
+    use nixspace_nix_formats::store_path::StoreDir;
+    use nixspace_nix_protocol::stderr::DiscardLogs;
+    use nixspace_nix_protocol::{BuildMode, ClientError, DaemonClient};
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let trusted = space.translator();
+    let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
+    // A derivation instantiated in a throwaway store, so its `.drv` is not in this one.
+    let elsewhere = space.scratch_dir("elsewhere");
+    let file = space.nix_file(
+        "inline.nix",
+        &format!(
+            r#"derivation {{ name = "inline"; nonce = "{}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo inline > $out" ]; }}"#,
+            nonce()
+        ),
+    );
+    let mut instantiate =
+        space.in_other_store(&elsewhere, &format!("nix-instantiate {}", file.display()));
+    instantiate.env_remove("NIX_REMOTE");
+    let drv_file = run(instantiate, Duration::from_secs(60));
+    assert!(drv_file.status.success(), "{drv_file:?}");
+    let drv_file = drv_file.stdout.trim().to_owned();
+    let store = StoreDir::default();
+    let drv_path = store.parse(&drv_file).unwrap();
+    let text = std::fs::read(elsewhere.join(drv_file.trim_start_matches('/'))).unwrap();
+    let derivation = Derivation::parse_at(&store, &drv_path, &text).unwrap();
+    assert!(!Path::new(&drv_file).exists(), "{drv_file} is in the store");
+    let basic = BasicDerivation::from_derivation(&derivation);
+    let build = |socket: std::path::PathBuf| {
+        let (drv_path, basic) = (drv_path.clone(), basic.clone());
+        runtime().block_on(async move {
+            let mut client = DaemonClient::connect(&socket).await.unwrap();
+            client
+                .build_derivation(&drv_path, &basic, BuildMode::Normal, &mut DiscardLogs)
+                .await
+                .map_err(Box::new)
+        })
+    };
+    match build(untrusted).map_err(|e| *e) {
+        Err(ClientError::Daemon(e)) => assert!(
+            e.message
+                .contains("you are not privileged to build input-addressed derivations"),
+            "{e:?}"
+        ),
+        other => panic!("not refused: {other:?}"),
+    }
+    let result = build(trusted).expect("built");
+    assert!(result.status.is_success(), "{result:?}");
+    let out = derivation.outputs["out"]
+        .path()
+        .map(|p| store.print(p))
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "inline\n");
+    assert!(space.log("w1").contains("building"), "{}", space.log("w1"));
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use nixspace_frontend::{BuildSession, PostBuild, Progress, Report, SessionConfig};
+use nixspace_frontend::{
+    BuildSession, InlineDerivation, PostBuild, Progress, Report, SessionConfig,
+};
+use nixspace_nix_formats::derivation::DerivationOutput;
 use nixspace_nix_formats::store_path::StorePath;
 use nixspace_nix_protocol::stderr::{activity_type, result_type, Field};
 use nixspace_nix_protocol::{
@@ -41,6 +44,16 @@ pub struct Translator<'a> {
     /// The client's last `SetOptions`.
     settings: ClientSettings,
 }
+
+/// What a build builds: derivations in the store, or one a client sent inline.
+enum Roots {
+    Stored(Vec<DrvPath>),
+    Inline(Box<InlineDerivation>),
+}
+
+/// Nix's refusal of an untrusted client's inline input-addressed derivation: its output paths
+/// cannot be checked without the derivation closure, which the client did not send.
+const NOT_PRIVILEGED: &str = "you are not privileged to build input-addressed derivations";
 
 /// An answer read from the store database.
 enum DbAnswer {
@@ -98,6 +111,17 @@ impl<'a> Translator<'a> {
         roots: Vec<DrvPath>,
         mode: BuildMode,
     ) -> Result<Result<Report, DaemonError>, ConnError> {
+        self.build_on_dataspace(client, Roots::Stored(roots), mode)
+            .await
+    }
+
+    /// Build `roots` on the dataspace in `mode`, relaying progress (see [`Translator::build`]).
+    async fn build_on_dataspace(
+        &mut self,
+        client: &mut Client,
+        roots: Roots,
+        mode: BuildMode,
+    ) -> Result<Result<Report, DaemonError>, ConnError> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let settings = match self.build_settings(client.trust, mode) {
             Ok(settings) => settings,
@@ -131,7 +155,11 @@ impl<'a> Translator<'a> {
             post_build,
             substitution: Some(self.substitution_settings(client.trust)),
         };
-        let mut session = match BuildSession::start(config, roots).await {
+        let started = match roots {
+            Roots::Stored(roots) => BuildSession::start(config, roots).await,
+            Roots::Inline(inline) => BuildSession::start_inline(config, *inline).await,
+        };
+        let mut session = match started {
             Ok(s) => s,
             Err(e) => return Ok(Err(DaemonError::new(format!("nixspace: {e}")))),
         };
@@ -472,17 +500,47 @@ impl DaemonBackend for Translator<'_> {
             .await
     }
 
-    /// The stored derivation is built, never the client's inline copy, so an untrusted
-    /// client can build nothing it could not build with `BuildPaths`.
+    /// A derivation in the store is built as it is stored (so an untrusted client builds
+    /// nothing it could not build with `BuildPaths`). One that is not (a remote builder's
+    /// client copies only the inputs) is built as the client sent it, as nix-daemon builds
+    /// it: for a trusted client, or a content-addressed one for anyone (its outputs are
+    /// checked by their content); an untrusted client's input-addressed one is refused in
+    /// Nix's words. The translator vouches for it on the dataspace, which takes a trusted
+    /// route.
     async fn build_derivation(
         &mut self,
         client: &mut Client,
         drv_path: StorePath,
-        _drv: BasicDerivation,
+        basic: BasicDerivation,
         mode: BuildMode,
     ) -> Served {
         let drv = DrvPath::from(self.config.store_dir.print(&drv_path));
-        let result = match self.build(client, vec![drv.clone()], mode).await? {
+        let stored = tokio::fs::try_exists(drv.as_str()).await.unwrap_or(false);
+        let roots = match stored {
+            true => Roots::Stored(vec![drv.clone()]),
+            false => {
+                let content_addressed = basic.outputs.values().all(|o| {
+                    matches!(
+                        o,
+                        DerivationOutput::CaFixed { .. } | DerivationOutput::CaFloating { .. }
+                    )
+                });
+                if client.trust == Trust::Untrusted && !content_addressed {
+                    return client.error(&DaemonError::new(NOT_PRIVILEGED)).await;
+                }
+                if !self.config.vouches {
+                    let e = DaemonError::new(format!(
+                        "nixspace: {drv} is not in the store, and this translator joined the \
+                         dataspace without the trusted route that builds a derivation sent \
+                         inline"
+                    ));
+                    return client.error(&e).await;
+                }
+                let inline = InlineDerivation::new(drv.clone(), basic, &self.config.store_dir);
+                Roots::Inline(Box::new(inline))
+            }
+        };
+        let result = match self.build_on_dataspace(client, roots, mode).await? {
             Ok(report) => result_for(&report, &drv),
             Err(e) => {
                 let mut r = BuildResult::new(BuildStatus::MiscFailure);

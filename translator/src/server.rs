@@ -36,8 +36,10 @@ use crate::upstream::{Upstream, UpstreamSpec};
 pub struct Config {
     /// Where store operations go.
     pub upstream: UpstreamSpec,
-    /// The dataspace builds go to (a submit route).
+    /// The dataspace builds go to (a submit route, or a trusted one).
     pub route: Route,
+    /// Whether `route` is a trusted route, which may vouch for inline derivations.
+    pub vouches: bool,
     /// How long a step may stay unschedulable before its build fails.
     pub patience: Duration,
     /// How long a build keeps trying to rejoin a dataspace that went away.

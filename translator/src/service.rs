@@ -30,8 +30,11 @@ pub const DEFAULT_RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// What a translator serves with.
 #[derive(Debug, Clone)]
 pub struct TranslatorOptions {
-    /// The dataspace's submit route.
+    /// The dataspace's submit route, or its trusted route (see `vouches`).
     pub route: Route,
+    /// Whether `route` is a trusted route: then a trusted client's inline derivations (or
+    /// anyone's content-addressed ones) are built, vouched for on the dataspace.
+    pub vouches: bool,
     /// Where store operations go.
     pub upstream: UpstreamSpec,
     /// How long a step may wait for a capable worker.
@@ -49,6 +52,7 @@ impl TranslatorOptions {
     pub fn new(route: Route) -> TranslatorOptions {
         TranslatorOptions {
             route,
+            vouches: false,
             upstream: UpstreamSpec::default(),
             patience: DEFAULT_PATIENCE,
             reconnect_for: DEFAULT_RECONNECT_FOR,
@@ -209,6 +213,7 @@ fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
         store_db,
         upstream: options.upstream,
         route: options.route,
+        vouches: options.vouches,
         patience: options.patience,
         reconnect_for: options.reconnect_for,
         priority: options.priority,

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use nixspace_nix_formats::derivation::Derivation;
+use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::build_activity;
@@ -517,13 +517,21 @@ fn build_step(
         let (config, drv) = (Arc::clone(&config), drv.clone());
         async move {
             tracing::info!(%drv, "building");
-            if !derivation.is_empty() {
-                write_resolved(&config, &pool, &store, &drv, &derivation).await?;
+            let inline = match derivation.is_empty() {
+                true => None,
+                false => write_resolved(&config, &pool, &store, &drv, &derivation).await?,
+            };
+            match inline {
+                Some(basic) => {
+                    build_inline(&config, &pool, &drv, basic, settings, |log| lines.send(log)).await
+                }
+                None => {
+                    run_build(&config, &pool, &store, &drv, settings, |log| {
+                        lines.send(log)
+                    })
+                    .await
+                }
             }
-            run_build(&config, &pool, &store, &drv, settings, |log| {
-                lines.send(log)
-            })
-            .await
         }
     });
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
@@ -692,14 +700,7 @@ async fn run_build(
             built => break built,
         }
     };
-    let mut built = built.map_err(|e| match e {
-        StepError::InputsMissing(missing) => BuildFailure::transient(format!(
-            "inputs not valid on worker {worker}: {}",
-            missing.join(" ")
-        )),
-        e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
-        e => BuildFailure::transient(e.to_string()),
-    })?;
+    let mut built = built.map_err(|e| step_failed(worker, e))?;
     if let Some(usage) = &built.usage {
         tracing::info!(
             %drv,
@@ -721,6 +722,39 @@ async fn run_build(
     Ok(built)
 }
 
+/// Build the inline derivation `basic` under `drv` over the worker's daemon pool (its inputs
+/// are valid: [`write_resolved`] fetched them), passing its log lines and activity events to
+/// `send_log`.
+async fn build_inline(
+    config: &BuilderConfig,
+    pool: &DaemonPool,
+    drv: &DrvPath,
+    basic: BasicDerivation,
+    settings: BuildSettings,
+    send_log: impl FnMut(BuildLog) + Send,
+) -> Outcome {
+    let worker = config.id.as_str();
+    let path = pool
+        .store_dir()
+        .parse(drv.as_str())
+        .map_err(|e| BuildFailure::permanent(format!("{drv}: {e}")))?;
+    pool.build_inline(path, basic, &settings, send_log)
+        .await
+        .map_err(|e| step_failed(worker, e))
+}
+
+/// A build that failed on `worker`, as the worker reports it.
+fn step_failed(worker: &str, e: StepError) -> BuildFailure {
+    match e {
+        StepError::InputsMissing(missing) => BuildFailure::transient(format!(
+            "inputs not valid on worker {worker}: {}",
+            missing.join(" ")
+        )),
+        e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
+        e => BuildFailure::transient(e.to_string()),
+    }
+}
+
 /// Inputs of a step could not be fetched on `worker`: a transient failure, naming the path no
 /// store has any more if that is why.
 fn fetch_failed(worker: &str, e: FetchError) -> BuildFailure {
@@ -731,16 +765,19 @@ fn fetch_failed(worker: &str, e: FetchError) -> BuildFailure {
     }
 }
 
-/// Write the derivation `text` the planner resolved into the local store as `drv`: checked to
-/// be `drv`'s (its text path), its inputs (the outputs it was resolved with) fetched first from
-/// the stores that have them.
+/// Write the derivation `text` the planner gave with `drv` into the local store as `drv`, if it
+/// is `drv`'s (its text path: a derivation the planner resolved), its inputs (the outputs it
+/// was resolved with) fetched first from the stores that have them. A text that is not `drv`'s
+/// is an inline derivation a trusted frontend vouched for (only the planner assigns, and it
+/// takes such a text only with a vouch): its inputs are fetched likewise, and it is returned
+/// to be built as it is, unwritten.
 async fn write_resolved(
     config: &BuilderConfig,
     pool: &DaemonPool,
     store: &StoreNode,
     drv: &DrvPath,
     text: &[u8],
-) -> Result<(), BuildFailure> {
+) -> Result<Option<BasicDerivation>, BuildFailure> {
     let worker = config.id.as_str();
     let store_dir = pool.store_dir();
     let refused = |why: String| {
@@ -751,8 +788,17 @@ async fn write_resolved(
     let path = store_dir
         .parse(drv.as_str())
         .map_err(|e| refused(e.to_string()))?;
-    let derivation =
-        Derivation::parse_checked(store_dir, &path, text).map_err(|e| refused(e.to_string()))?;
+    let (derivation, inline) = match Derivation::parse_checked(store_dir, &path, text) {
+        Ok(derivation) => (derivation, false),
+        Err(_) => {
+            let derivation =
+                Derivation::parse_at(store_dir, &path, text).map_err(|e| refused(e.to_string()))?;
+            if !derivation.input_drvs.is_empty() {
+                return Err(refused("an inline derivation has input derivations".into()));
+            }
+            (derivation, true)
+        }
+    };
     let inputs: Vec<String> = derivation
         .input_srcs
         .iter()
@@ -762,6 +808,9 @@ async fn write_resolved(
         .ensure(&inputs)
         .await
         .map_err(|e| fetch_failed(worker, e))?;
+    if inline {
+        return Ok(Some(BasicDerivation::from_derivation(&derivation)));
+    }
     let mut lease = pool
         .lease()
         .await
@@ -773,7 +822,7 @@ async fn write_resolved(
     {
         Ok(written) if written == path => {
             lease.release();
-            Ok(())
+            Ok(None)
         }
         Ok(written) => Err(refused(format!(
             "the store wrote it as {}",

@@ -33,5 +33,5 @@ pub mod walk;
 pub use outcome::{Failure, FailureCause, StepOutcome};
 pub use post_build::PostBuild;
 pub use report::Report;
-pub use session::{BuildSession, Progress, SessionConfig, SessionError};
+pub use session::{BuildSession, InlineDerivation, Progress, SessionConfig, SessionError};
 pub use store_db::StoreDb;

@@ -19,10 +19,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use nixspace_nix_formats::store_path::StorePath;
+use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
+use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::{ClientSettings, LogEvent};
-use nixspace_nix_tools::DaemonPool;
-use nixspace_protocol::{expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
+use nixspace_nix_tools::{DaemonPool, DerivationInfo};
+use nixspace_protocol::{build, expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
 use nixspace_transfer::{FetchError, StoreNode};
@@ -271,6 +272,29 @@ pub struct BuildSession {
     following: Option<Following>,
     clock: PhaseClock,
     started: SystemTime,
+    /// The inline derivation this session builds, and its text: vouched for while joined.
+    inline: Option<(String, Vec<u8>)>,
+}
+
+/// A derivation a Nix client sent inline (`BuildDerivation`), which is not in the local
+/// store: see [`BuildSession::start_inline`].
+#[derive(Debug, Clone)]
+pub struct InlineDerivation {
+    /// The path the client names it by.
+    pub drv: DrvPath,
+    /// Its ATerm text, with no input derivations: what the worker builds.
+    pub text: Vec<u8>,
+    /// What scheduling needs to know about it.
+    pub info: DerivationInfo,
+}
+
+impl InlineDerivation {
+    /// The derivation `basic` a client sent as `drv` (paths in `store`).
+    pub fn new(drv: DrvPath, basic: BasicDerivation, store: &StoreDir) -> InlineDerivation {
+        let text = basic.to_aterm(store);
+        let info = DerivationInfo::from_derivation(&Derivation::from(basic), store);
+        InlineDerivation { drv, text, info }
+    }
 }
 
 impl std::fmt::Debug for BuildSession {
@@ -313,6 +337,58 @@ impl BuildSession {
             BuildMode::Normal => {}
         }
         clock.end("plan");
+        BuildSession::planned(config, roots, plan, repairing, None, clock, started).await
+    }
+
+    /// Build `inline`, a derivation a trusted Nix client sent with `BuildDerivation` (not in
+    /// the local store; its inputs are): one step (unless its outputs are all valid here
+    /// already and it is not to be checked or repaired), demanded with its text, which the
+    /// session vouches for with `<inline-derivation …>`: `config.route` must be a trusted
+    /// route, or the planner never takes the demand.
+    pub async fn start_inline(
+        config: SessionConfig,
+        inline: InlineDerivation,
+    ) -> Result<BuildSession, SessionError> {
+        let started = SystemTime::now();
+        let clock = PhaseClock::start("build");
+        let drv = inline.drv.to_string();
+        let mut plan = Plan::default();
+        let known: Option<Vec<String>> = inline.info.outputs.values().cloned().collect();
+        plan.infos.insert(drv.clone(), inline.info);
+        let valid = match (known, config.settings.mode) {
+            (Some(known), BuildMode::Normal) => {
+                missing_here(&known, config.db.as_deref(), &config.pool)
+                    .await
+                    .is_empty()
+            }
+            _ => false,
+        };
+        if !valid {
+            plan.needed.insert(drv.clone());
+        }
+        let vouched = Some((drv, inline.text));
+        BuildSession::planned(
+            config,
+            vec![inline.drv],
+            plan,
+            Vec::new(),
+            vouched,
+            clock,
+            started,
+        )
+        .await
+    }
+
+    /// The session for `plan`, joined to the dataspace if anything must be built.
+    async fn planned(
+        config: SessionConfig,
+        roots: Vec<DrvPath>,
+        plan: Plan,
+        repairing: Vec<String>,
+        inline: Option<(String, Vec<u8>)>,
+        clock: PhaseClock,
+        started: SystemTime,
+    ) -> Result<BuildSession, SessionError> {
         let steps = plan
             .needed
             .iter()
@@ -340,6 +416,7 @@ impl BuildSession {
             following: None,
             clock,
             started,
+            inline,
         };
         if !session.steps.is_empty() {
             session.following = Some(session.join(&config).await?);
@@ -372,6 +449,12 @@ impl BuildSession {
             &self.step_settings(config),
         );
         resolver.rename_demands(&mut demands);
+        let vouch = self.inline.clone().map(|(drv, derivation)| {
+            for d in demands.iter_mut().filter(|d| d.drv == drv) {
+                d.derivation = derivation.clone();
+            }
+            build::InlineDerivation { drv, derivation }
+        });
         self.clock.end("prepare the demands");
         let (tx, incoming) = mpsc::unbounded_channel();
         // Steps settled, as the actor saw them: their demands are not asserted again.
@@ -407,6 +490,10 @@ impl BuildSession {
                 store.attach(t, Arc::clone(&ds));
                 resolver.attach(t, Arc::clone(&ds));
                 events::observe(t, &ds, Arc::clone(&handler));
+                // Before the demand: the planner takes it once it has seen the vouch.
+                if let Some(vouch) = &vouch {
+                    ds.assert(t, vouch);
+                }
                 let settled = settled.lock().map_err(|_| "session state poisoned")?;
                 for d in demands
                     .iter()

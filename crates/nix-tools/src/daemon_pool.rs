@@ -326,6 +326,34 @@ impl DaemonPool {
         &self,
         drv: &str,
         settings: &BuildSettings,
+        on_log: impl FnMut(BuildLog) + Send,
+    ) -> Result<BuiltStep, StepError> {
+        let step = Step::load(self.store_dir().clone(), drv.to_owned()).await?;
+        self.build_step(step, settings, on_log).await
+    }
+
+    /// Build `basic`, a derivation a client sent inline, under the path `drv` it named it by
+    /// (not in the store: Nix's daemon builds it as it is, for a trusted client), as
+    /// [`DaemonPool::build`] builds a stored one; its input sources must be valid.
+    pub async fn build_inline(
+        &self,
+        drv: StorePath,
+        basic: BasicDerivation,
+        settings: &BuildSettings,
+        on_log: impl FnMut(BuildLog) + Send,
+    ) -> Result<BuiltStep, StepError> {
+        let step = Step {
+            drv_path: drv,
+            closure: basic.input_srcs.clone(),
+            basic,
+        };
+        self.build_step(step, settings, on_log).await
+    }
+
+    async fn build_step(
+        &self,
+        step: Step,
+        settings: &BuildSettings,
         mut on_log: impl FnMut(BuildLog) + Send,
     ) -> Result<BuiltStep, StepError> {
         let store = &self.inner.config.store_dir;
@@ -333,7 +361,6 @@ impl DaemonPool {
             true => None,
             false => Some(self.defaults().await?.with(settings)),
         };
-        let step = Step::load(store.clone(), drv.to_owned()).await?;
         let mut lease = self.lease().await?;
         let valid = match lease.client().query_valid_paths(&step.closure, false).await {
             Ok(valid) => valid,

@@ -33,7 +33,8 @@ pub struct DerivationInfo {
 }
 
 impl DerivationInfo {
-    fn from_derivation(drv: &Derivation, store: &StoreDir) -> DerivationInfo {
+    /// The facts about `drv`, its paths printed in `store`.
+    pub fn from_derivation(drv: &Derivation, store: &StoreDir) -> DerivationInfo {
         DerivationInfo {
             system: drv.system.clone(),
             features: drv

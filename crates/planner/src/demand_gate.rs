@@ -8,6 +8,12 @@
 //! while a requester has such a demand live the planner asserts `<demands-refused requester
 //! reason>`, which the frontend of that name turns into an error. A client using many
 //! requester names is not caught here.
+//!
+//! A demand whose derivation text is not its step's is taken only while a trusted frontend
+//! vouches for exactly that text with `<inline-derivation drv text>` (a record only the
+//! trusted role may assert): a derivation a trusted Nix client sent inline, built as it is
+//! (the worker gets the text with its assignment). Until a vouch arrives such a demand waits
+//! here, untaken.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use syndicate::dataspace_patterns::AsDataspacePattern;
 use syndicate::schemas::dataspace::Observe;
 use syndicate::schemas::dataspace_patterns as dp;
 
-use crate::resolution::ToResolve;
+use crate::resolution::{ToResolve, MAX_DERIVATION_TEXT};
 use crate::schedule::{StepDerivation, StepInfo, Urgency};
 use crate::service::Event;
 use crate::wire::step_from_wire;
@@ -116,6 +122,10 @@ pub struct DemandGate {
     seen: HashMap<Handle, Seen>,
     /// The refusal asserted for each requester over the cap.
     refusals: HashMap<String, Handle>,
+    /// The inline derivations trusted frontends vouch for: step → (vouch, text).
+    vouched: HashMap<String, Vec<(Handle, Vec<u8>)>>,
+    /// Demands whose text is not their step's and that no vouch covers (yet).
+    unvouched: HashMap<Handle, build::Demand>,
 }
 
 impl DemandGate {
@@ -128,66 +138,83 @@ impl DemandGate {
             cap: RequesterCap::new(max),
             seen: HashMap::new(),
             refusals: HashMap::new(),
+            vouched: HashMap::new(),
+            unvouched: HashMap::new(),
         };
         let observer = t.create_cap(gate);
-        ds.assert(
-            t,
-            &Observe {
-                pattern: dp::Pattern::Bind {
-                    pattern: Box::new(build::Demand::wildcard_dataspace_pattern()),
+        for pattern in [
+            build::Demand::wildcard_dataspace_pattern(),
+            build::InlineDerivation::wildcard_dataspace_pattern(),
+        ] {
+            ds.assert(
+                t,
+                &Observe {
+                    pattern: dp::Pattern::Bind {
+                        pattern: Box::new(pattern),
+                    },
+                    observer: Arc::clone(&observer),
                 },
-                observer,
-            },
-        );
-    }
-
-    /// Tell `requester` (once while it is over the cap) that demands were refused.
-    fn refuse(&mut self, t: &mut Activation, requester: &str) {
-        let max = self.cap.max;
-        tracing::warn!(%requester, max, "refused demands over the per-requester cap");
-        let refusal = build::DemandsRefused {
-            requester: requester.to_owned(),
-            reason: format!(
-                "too many demands from requester {requester:?}: the planner takes at most \
-                 {max} at once per requester (nixspace up --external --max-demands-per-client); \
-                 the rest were refused"
-            ),
-        };
-        if let Some(h) = self.ds.assert(t, &refusal) {
-            self.refusals.insert(requester.to_owned(), h);
+            );
         }
     }
-}
 
-/// The step and urgency of a demand, if its numbers are in range and the derivation it
-/// carries (if any) is the step's.
-fn wanted(demand: &build::Demand) -> Result<(StepInfo, Urgency), String> {
-    let out_of_range = || "an out-of-range priority or depth".to_owned();
-    let urgency = Urgency {
-        priority: i64::try_from(&demand.priority).map_err(|_| out_of_range())?,
-        depth: u64::try_from(&demand.depth).map_err(|_| out_of_range())?,
-    };
-    let derivation = if demand.derivation.is_empty() {
-        StepDerivation::InStores
-    } else {
-        let drv = DrvPath::from(demand.drv.as_str());
-        let checked = ToResolve::check(&drv, &demand.derivation).map_err(|e| e.to_string())?;
-        StepDerivation::ToResolve(Arc::new(checked))
-    };
-    Ok((step_from_wire(demand.step.clone(), derivation), urgency))
-}
+    /// Whether a trusted frontend vouches for `text` as step `drv`'s inline derivation.
+    fn vouches(&self, drv: &str, text: &[u8]) -> bool {
+        self.vouched
+            .get(drv)
+            .is_some_and(|texts| texts.iter().any(|(_, t)| t == text))
+    }
 
-impl Entity<Vec<AnyValue>> for DemandGate {
-    fn assert(&mut self, t: &mut Activation, captures: Vec<AnyValue>, h: Handle) -> ActorResult {
-        let Some(Ok(demand)) = captures.first().map(build::Demand::parse) else {
-            tracing::warn!(value = ?captures.first(), "ignoring a malformed demand");
-            return Ok(());
+    /// A trusted frontend vouched for an inline derivation: the demands waiting for it are
+    /// taken.
+    fn vouch(&mut self, t: &mut Activation, vouch: build::InlineDerivation, h: Handle) {
+        let waiting: Vec<Handle> = self
+            .unvouched
+            .iter()
+            .filter(|(_, d)| d.drv == vouch.drv && d.derivation == vouch.derivation)
+            .map(|(h, _)| *h)
+            .collect();
+        self.vouched
+            .entry(vouch.drv)
+            .or_default()
+            .push((h, vouch.derivation));
+        for handle in waiting {
+            if let Some(demand) = self.unvouched.remove(&handle) {
+                self.take(t, demand, handle);
+            }
+        }
+    }
+
+    /// A vouch went: later demands of its text wait again (taken ones stay).
+    fn unvouch(&mut self, h: Handle) -> bool {
+        let Some(drv) = self
+            .vouched
+            .iter()
+            .find(|(_, texts)| texts.iter().any(|(v, _)| *v == h))
+            .map(|(drv, _)| drv.clone())
+        else {
+            return false;
         };
-        let (step, urgency) = match wanted(&demand) {
+        if let Some(texts) = self.vouched.get_mut(&drv) {
+            texts.retain(|(v, _)| *v != h);
+            if texts.is_empty() {
+                self.vouched.remove(&drv);
+            }
+        }
+        true
+    }
+
+    /// Take `demand` (asserted as `h`) if it is wanted and within its requester's cap.
+    fn take(&mut self, t: &mut Activation, demand: build::Demand, h: Handle) {
+        let inline = self.vouches(&demand.drv, &demand.derivation);
+        let (step, urgency) = match wanted(&demand, inline) {
             Ok(wanted) => wanted,
             Err(why) => {
                 tracing::warn!(drv = %demand.drv, requester = %demand.requester, %why, "ignoring a demand");
-                return Ok(());
+                if !demand.derivation.is_empty() {
+                    self.unvouched.insert(h, demand);
+                }
+                return;
             }
         };
         let admission = self.cap.admit(&demand.requester);
@@ -211,10 +238,78 @@ impl Entity<Vec<AnyValue>> for DemandGate {
                 admission,
             },
         );
+    }
+
+    /// Tell `requester` (once while it is over the cap) that demands were refused.
+    fn refuse(&mut self, t: &mut Activation, requester: &str) {
+        let max = self.cap.max;
+        tracing::warn!(%requester, max, "refused demands over the per-requester cap");
+        let refusal = build::DemandsRefused {
+            requester: requester.to_owned(),
+            reason: format!(
+                "too many demands from requester {requester:?}: the planner takes at most \
+                 {max} at once per requester (nixspace up --external --max-demands-per-client); \
+                 the rest were refused"
+            ),
+        };
+        if let Some(h) = self.ds.assert(t, &refusal) {
+            self.refusals.insert(requester.to_owned(), h);
+        }
+    }
+}
+
+/// The step and urgency of a demand, if its numbers are in range and the derivation it
+/// carries (if any) is the step's, or an inline derivation a trusted frontend vouches for
+/// (`vouched`: built as it is, with no input steps).
+fn wanted(demand: &build::Demand, vouched: bool) -> Result<(StepInfo, Urgency), String> {
+    let out_of_range = || "an out-of-range priority or depth".to_owned();
+    let urgency = Urgency {
+        priority: i64::try_from(&demand.priority).map_err(|_| out_of_range())?,
+        depth: u64::try_from(&demand.depth).map_err(|_| out_of_range())?,
+    };
+    let derivation = if demand.derivation.is_empty() {
+        StepDerivation::InStores
+    } else {
+        let drv = DrvPath::from(demand.drv.as_str());
+        match ToResolve::check(&drv, &demand.derivation) {
+            Ok(checked) => StepDerivation::ToResolve(Arc::new(checked)),
+            Err(_)
+                if vouched
+                    && demand.step.input_drvs.is_empty()
+                    && demand.derivation.len() <= MAX_DERIVATION_TEXT =>
+            {
+                StepDerivation::Resolved(Arc::new(demand.derivation.clone()))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "{e}, and no trusted frontend vouches for it as an inline derivation"
+                ))
+            }
+        }
+    };
+    Ok((step_from_wire(demand.step.clone(), derivation), urgency))
+}
+
+impl Entity<Vec<AnyValue>> for DemandGate {
+    fn assert(&mut self, t: &mut Activation, captures: Vec<AnyValue>, h: Handle) -> ActorResult {
+        let Some(value) = captures.first() else {
+            return Ok(());
+        };
+        if let Ok(vouch) = build::InlineDerivation::parse(value) {
+            self.vouch(t, vouch, h);
+            return Ok(());
+        }
+        match build::Demand::parse(value) {
+            Ok(demand) => self.take(t, demand, h),
+            Err(_) => tracing::warn!(?value, "ignoring a malformed demand"),
+        }
         Ok(())
     }
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
+        if self.unvouched.remove(&h).is_some() || self.unvouch(h) {
+            return Ok(());
+        }
         let Some(seen) = self.seen.remove(&h) else {
             return Ok(());
         };

@@ -92,7 +92,7 @@ pub fn write(dir: &Path, listen: &[Transport]) -> Result<Written, ConfigError> {
     }
     create_private_dir(dir)?;
     let names = [PLANNER, Role::Submit.name(), Role::Worker.name()];
-    let keys = Keys::load_or_create(&dir.join("keys"), &names)?;
+    let keys = Keys::load_with(dir, &names, Role::Trusted.name())?;
     let config = dir.join(CONFIG_FILE);
     write_private(&config, &config_text(listen, &keys)?)?;
     let mut routes = Vec::new();
@@ -220,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn the_config_is_preserves_text_with_a_listener_per_address_and_three_binds() {
+    fn the_config_is_preserves_text_with_a_listener_per_address_and_a_bind_per_capability() {
         let (_tmp, w) = written();
         let text = std::fs::read_to_string(&w.config).unwrap();
         let forms: Vec<AnyValue> = preserves::BytesBinarySource::new(text.as_bytes())
@@ -234,7 +234,7 @@ mod tests {
                 .count()
         };
         assert_eq!(labelled("require-service"), 2, "{text}");
-        assert_eq!(labelled("bind"), 3, "{text}");
+        assert_eq!(labelled("bind"), 4, "{text}");
         assert!(
             text.contains("<relay-listener <tcp \"127.0.0.1\" 7420> $gatekeeper>"),
             "{text}"
@@ -276,7 +276,7 @@ mod tests {
         use crate::doorman::check;
         let (tmp, w) = written();
         let dir = tmp.path().join("server");
-        assert_eq!(w.routes.len(), 3);
+        assert_eq!(w.routes.len(), 4);
         let keys = Keys::load_or_create(&dir.join("keys"), &[PLANNER, "submit", "worker"])
             .unwrap()
             .ring();

@@ -239,8 +239,8 @@ impl HostedSpace {
         config: &HostConfig,
         listeners: Listeners,
     ) -> Result<HostedSpace, HostError> {
-        let names = Role::ALL.map(Role::name);
-        let keys = Keys::load_or_create(&config.dir.join("keys"), &names)?;
+        let names = [Role::Submit, Role::Worker].map(Role::name);
+        let keys = Keys::load_with(&config.dir, &names, Role::Trusted.name())?;
         let noise = match listeners.tcp {
             Some(_) => Some(Arc::new(NoiseKey::load_or_create(
                 &config.dir.join("noise-key"),

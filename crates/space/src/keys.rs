@@ -66,6 +66,16 @@ impl Keys {
         }
     }
 
+    /// The keys of `names` from `<dir>/keys`, and the key of `later` from `<dir>/keys-<later>`
+    /// (a file of its own), each file created on first use. A capability added later keeps
+    /// its key in a file of its own, so key files made before it existed stay valid.
+    pub fn load_with(dir: &Path, names: &[&str], later: &str) -> Result<Keys, KeyError> {
+        let mut keys = Keys::load_or_create(&dir.join("keys"), names)?;
+        let own = Keys::load_or_create(&dir.join(format!("keys-{later}")), &[later])?;
+        keys.0.extend(own.0);
+        Ok(keys)
+    }
+
     /// Read the keys of `names` from `path`.
     fn read(path: &Path, names: &[&str]) -> Result<Keys, KeyError> {
         let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
@@ -280,6 +290,17 @@ mod tests {
         assert_eq!(again.public(), first.public());
         let other = NoiseKey::load_or_create(&dir.path().join("other")).unwrap();
         assert_ne!(other.public(), first.public());
+    }
+
+    #[test]
+    fn a_later_capability_keeps_its_key_beside_an_older_key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Keys::load_or_create(&dir.path().join("keys"), &["a"]).unwrap();
+        let keys = Keys::load_with(dir.path(), &["a"], "b").unwrap();
+        assert_eq!(keys.key("a"), old.key("a"));
+        assert_eq!(keys.key("b").len(), 32);
+        let again = Keys::load_with(dir.path(), &["a"], "b").unwrap();
+        assert_eq!(again.key("b"), keys.key("b"));
     }
 
     #[test]

@@ -82,6 +82,11 @@ pub fn allowed(role: Role) -> Vec<Shape> {
     ];
     match role {
         Role::Submit => shapes.push(Shape::of::<build::Demand>()),
+        // A trusted frontend vouches for the derivations its trusted clients sent inline.
+        Role::Trusted => shapes.extend([
+            Shape::of::<build::Demand>(),
+            Shape::of::<build::InlineDerivation>(),
+        ]),
         Role::Worker => {
             shapes.extend([
                 Shape::of::<build::Worker>(),
@@ -137,7 +142,7 @@ pub fn observable(role: Role) -> Vec<String> {
         Shape::of::<store::TrustedKeys>(),
     ];
     let builds = match role {
-        Role::Submit => vec![
+        Role::Submit | Role::Trusted => vec![
             Shape::of::<build::Demand>(),
             Shape::of::<build::Worker>(),
             Shape::of::<build::Offer>(),
@@ -424,6 +429,18 @@ mod tests {
         assert!(!passes(Role::Worker, demand()));
         assert!(passes(Role::Worker, report_built()));
         assert!(!passes(Role::Submit, report_built()));
+        // Only a trusted frontend vouches for an inline derivation; it demands as a
+        // submitter does.
+        let inline = build::InlineDerivation {
+            drv: "/nix/store/a.drv".into(),
+            derivation: b"Derive([],[],[],\"x\",\"b\",[],[])".to_vec(),
+        }
+        .unparse();
+        assert!(passes(Role::Trusted, inline.clone()));
+        assert!(passes(Role::Trusted, demand()));
+        assert!(!passes(Role::Submit, inline.clone()));
+        assert!(!passes(Role::Worker, inline));
+        assert!(!passes(Role::Trusted, report_built()));
         let assigned = build::Assigned {
             drv: "d".into(),
             worker: "w".into(),
@@ -466,6 +483,7 @@ mod tests {
             resolved,
         ] {
             assert!(!passes(Role::Submit, planners_only.clone()));
+            assert!(!passes(Role::Trusted, planners_only.clone()));
             assert!(!passes(Role::Worker, planners_only));
         }
     }

@@ -22,24 +22,28 @@ use syndicate::schemas::noise;
 use syndicate::schemas::sturdy::SturdyRef;
 use syndicate::schemas::transport_address;
 
-/// The two kinds of capability a nixspace host hands out.
+/// The kinds of capability a nixspace host hands out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Frontends: assert demands, watch progress.
     Submit,
     /// Workers: assert offers, claim and build steps.
     Worker,
+    /// Trusted frontends (the translator of `up` and `daemon`): a submitter that may also
+    /// vouch for a derivation a trusted Nix client sent inline (`<inline-derivation …>`).
+    Trusted,
 }
 
 impl Role {
     /// Every role, in a fixed order.
-    pub const ALL: [Role; 2] = [Role::Submit, Role::Worker];
+    pub const ALL: [Role; 3] = [Role::Submit, Role::Worker, Role::Trusted];
 
     /// The role's name, used as the sturdy ref's oid and in file names.
     pub fn name(self) -> &'static str {
         match self {
             Role::Submit => "submit",
             Role::Worker => "worker",
+            Role::Trusted => "trusted",
         }
     }
 

@@ -51,6 +51,17 @@ pub fn assert_each_step_built_once(runs: &Path, expected: usize) {
 /// builder run appends the step's name to `runs` (outside the store), so the
 /// test can count builder runs.
 pub fn layered_dag(space: &Space, layers: usize, width: usize, runs: &Path) -> PathBuf {
+    layered_dag_with(space, layers, width, runs, "")
+}
+
+/// [`layered_dag`] whose builders also run the shell code `extra` (e.g. a sleep).
+pub fn layered_dag_with(
+    space: &Space,
+    layers: usize,
+    width: usize,
+    runs: &Path,
+    extra: &str,
+) -> PathBuf {
     let text = format!(
         r#"
 let
@@ -58,7 +69,7 @@ let
   layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (n: n) {layers});
 in step "root" (builtins.elemAt layers ({layers} - 1))
 "#,
-        step = counted_step_bindings(runs, ""),
+        step = counted_step_bindings(runs, extra),
     );
     space.nix_file("dag.nix", &text)
 }

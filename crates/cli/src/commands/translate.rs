@@ -24,8 +24,10 @@ use super::JoinArgs;
 /// to an upstream nix-daemon: the socket given with --upstream-socket, or by
 /// default a private `nix-daemon` (NIX_REMOTE=local) of the translator's
 /// own, a connection per client. Build operations (BuildPaths, BuildPathsWithResults,
-/// BuildDerivation) become demands on the dataspace joined with the submit
-/// route; build logs are relayed to the client, and a client that goes away
+/// BuildDerivation) become demands on the dataspace joined with the trusted
+/// route when this user can read it (then a trusted client's derivation sent
+/// inline, as a remote builder's client sends it, is built too), else the
+/// submit route; build logs are relayed to the client, and a client that goes away
 /// withdraws its demands; a client's build rejoins a dataspace that restarts
 /// (--reconnect-for). Runs until Ctrl-C or SIGTERM.
 ///
@@ -41,8 +43,14 @@ pub struct TranslateArgs {
     join: JoinArgs,
 
     /// The socket to serve (created; an existing socket file is replaced).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "stdio")]
+    socket: Option<PathBuf>,
+
+    /// Serve one client on stdin and stdout instead, trusted, as `nix-daemon --stdio` does:
+    /// what an ssh-ng store runs on the remote side, so a Nix client can use the dataspace
+    /// as a remote builder (`ssh-ng://host?remote-program=nixspace%20translate`).
+    #[arg(long, conflicts_with_all = ["socket", "socket_mode"])]
+    stdio: bool,
 
     /// The socket's mode, in octal (e.g. 660). Default: 600, or 666 when run as root.
     #[arg(long, value_name = "MODE", value_parser = super::parse_mode)]
@@ -71,7 +79,18 @@ pub struct TranslateArgs {
 
 /// Run `nixspace translate`.
 pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
-    let route = args.join.route(Role::Submit)?;
+    // The trusted route, when this user may read it, vouches for trusted clients' inline
+    // derivations (a remote builder's client sends its derivations inline).
+    // (`--route` names one route, taken as a submit route.)
+    let trusted = match &args.join.route {
+        Some(_) => None,
+        None => nixspace_space::Route::read(&args.join.route_file(Role::Trusted)).ok(),
+    };
+    let vouches = trusted.is_some();
+    let route = match trusted {
+        Some(route) => route,
+        None => args.join.route(Role::Submit)?,
+    };
     let patience = Duration::try_from_secs_f64(args.wait_for_workers)
         .map_err(|e| anyhow::anyhow!("--wait-for-workers {}: {e}", args.wait_for_workers))?;
     let reconnect_for = Duration::try_from_secs_f64(args.reconnect_for)
@@ -82,13 +101,20 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
     };
     let options = TranslatorOptions {
         route,
+        vouches,
         upstream,
         patience,
         reconnect_for,
         priority: args.priority,
         socket_mode: args.socket_mode,
     };
-    let mut translator = crate::services::start_translator(args.socket, options).await?;
+    let Some(socket) = args.socket else {
+        return tokio::select! {
+            r = nixspace_translator::serve_stdio(options) => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),
+            r = super::shutdown_signal() => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),
+        };
+    };
+    let mut translator = crate::services::start_translator(socket, options).await?;
     tokio::select! {
         e = translator.failed() => Err(e.into()),
         r = super::shutdown_signal() => r.map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from),

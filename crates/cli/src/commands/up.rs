@@ -219,9 +219,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         "nixspace: stores in the dataspace trust signatures by {}",
         trusted_keys.join(" ")
     );
-    let (submit, session, hosted) = if args.external {
+    let (submit, vouches, session, hosted) = if args.external {
         let planner_route = read_route(&external::planner_route_file(&dir))?;
-        let submit = read_route(&Role::Submit.route_file(&dir))?;
+        // A configuration written before the trusted capability existed has no trusted
+        // route: the translator then builds no inline derivation.
+        let trusted = Role::Trusted.route_file(&dir);
+        let submit = match trusted.exists() {
+            true => read_route(&trusted)?,
+            false => read_route(&Role::Submit.route_file(&dir))?,
+        };
+        let vouches = trusted.exists();
         for t in &planner_route.transports {
             eprintln!("nixspace: joining the external dataspace at {t}");
         }
@@ -246,7 +253,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("nixspace: planner: {why}; retrying in {after:?}")
             }
         }));
-        (submit, Some(session), None)
+        (submit, vouches, Some(session), None)
     } else {
         let space = HostedCoordinator::start(CoordinatorOptions {
             host: HostConfig {
@@ -275,7 +282,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         for (_, f) in space.routes.values() {
             eprintln!("nixspace: wrote {}", f.display());
         }
-        (space.route(Role::Submit)?, None, Some((space, socket)))
+        (
+            space.route(Role::Trusted)?,
+            true,
+            None,
+            Some((space, socket)),
+        )
     };
     if let Some(listener) = metrics_listener {
         if let Ok(addr) = listener.local_addr() {
@@ -285,7 +297,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let mut translator = match args.translator {
         Some(path) => {
+            // The translator in `up` vouches for its trusted clients' inline derivations.
             let mut options = nixspace_translator::TranslatorOptions::new(submit);
+            options.vouches = vouches;
             options.socket_mode = args.translator_socket_mode;
             Some(crate::services::start_translator(path, options).await?)
         }
