@@ -88,6 +88,7 @@ fn report(drv: &str, worker: &str, output: &str) -> AnyValue {
         worker: worker.to_owned(),
         outputs: vec![output.to_owned()],
         realisations: vec![],
+        usage: vec![],
     }
     .unparse()
 }

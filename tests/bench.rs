@@ -62,7 +62,7 @@ fn bench_dag_builds_every_shape_with_every_column_and_plots_them() {
         "--jobs",
         "2",
         "--columns",
-        "local,daemon,ssh,nixspace,own-store,translator",
+        "local,daemon,ssh,nixspace,own-store,translator,ssh-nixspace",
         "--plot",
         plot_dir,
     ]);
@@ -73,6 +73,7 @@ fn bench_dag_builds_every_shape_with_every_column_and_plots_them() {
         "(c) nixspace build",
         "(c') nixspace, own-store worker/TCP",
         "(d) nix-build via translator",
+        "(e) ssh-ng builder = nixspace",
     ] {
         assert_eq!(
             rows(&out.stdout, label).len(),
@@ -90,6 +91,11 @@ fn bench_dag_builds_every_shape_with_every_column_and_plots_them() {
     assert!(
         out.stdout
             .contains("goal (c') ≥ 15x faster per derivation than (b)"),
+        "{out:?}"
+    );
+    assert!(
+        out.stdout
+            .contains("(e) ssh-ng builder = nixspace vs (b) plain ssh-ng"),
         "{out:?}"
     );
     assert!(

@@ -82,4 +82,19 @@ fn without_a_limit_the_same_build_succeeds_and_is_measured() {
     assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
     let peak = peak_mib(&space.log("w1"), "-big.drv");
     assert!(peak >= 256, "{peak} MiB");
+    // The planner keeps what the worker reported with the attempt.
+    let history = nixspace_test_support::run(space.command(&["history", "--json"]), LIMIT);
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let step = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["drv"].as_str().unwrap().ends_with("-big.drv"))
+        .unwrap_or_else(|| panic!("{steps}"));
+    let usage = &step["attempts"][0]["usage"];
+    assert!(
+        usage["peak_memory"].as_i64().unwrap() >= 256 << 20
+            && usage["wall_ms"].as_i64().unwrap() > 0,
+        "{step}"
+    );
 }

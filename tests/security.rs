@@ -42,6 +42,7 @@ fn report(drv: &str, worker: &str) -> AnyValue {
         worker: worker.to_owned(),
         outputs: vec![],
         realisations: vec![],
+        usage: vec![],
     }
     .unparse()
 }

@@ -32,7 +32,7 @@ use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
 use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_tools::build_activity;
-use nixspace_nix_tools::build_cgroup::{BuildCgroups, MIB};
+use nixspace_nix_tools::build_cgroup::{BuildCgroups, BuildUsage, MIB};
 use nixspace_nix_tools::{BuildLog, BuiltStep, DaemonPool, DaemonTarget, PoolConfig, StepError};
 use nixspace_protocol::{build, on_retraction, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_transfer::{FetchError, StoreNode, Timeouts};
@@ -565,6 +565,7 @@ fn build_step(
                             worker: config.id.to_string(),
                             outputs: built.outputs,
                             realisations,
+                            usage: built.usage.iter().map(usage_to_wire).collect(),
                         },
                     );
                 }
@@ -832,6 +833,19 @@ async fn write_resolved(
             "cannot write {drv} on worker {worker}: {}",
             lease.failed(e)
         ))),
+    }
+}
+
+/// What a build used, as the report carries it (a peak of -1: none kept).
+fn usage_to_wire(usage: &BuildUsage) -> build::BuildUsage {
+    let millis = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    build::BuildUsage {
+        peak_memory: usage
+            .peak_memory
+            .map_or(-1, |p| i64::try_from(p).unwrap_or(i64::MAX))
+            .into(),
+        cpu_millis: millis(usage.cpu_time).into(),
+        wall_millis: millis(usage.wall_time).into(),
     }
 }
 

@@ -416,6 +416,7 @@ impl SimWorker {
             worker: self.id.clone(),
             outputs: vec![],
             realisations: vec![],
+            usage: vec![],
         };
         *outcome = ds.assert(t, &built);
         // The planner counts a slot busy until it has this report: a worker it saw full

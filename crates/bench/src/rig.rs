@@ -32,6 +32,10 @@ pub enum Column {
     /// (d) `nix-build --store unix://<translator>`: the translator of a dataspace with the
     /// local workers of (c).
     Translator,
+    /// (e) the client of (b) with the same sshd as its `ssh-ng://` builder, whose sessions
+    /// run `nixspace translate --stdio` on (c)'s dataspace: the whole dataspace as one
+    /// builder of K jobs.
+    SshNixspace,
 }
 
 impl Column {
@@ -44,6 +48,7 @@ impl Column {
             Column::Nixspace => "(c) nixspace build",
             Column::OwnStore => "(c') nixspace, own-store worker/TCP",
             Column::Translator => "(d) nix-build via translator",
+            Column::SshNixspace => "(e) ssh-ng builder = nixspace",
         }
     }
 }
@@ -105,10 +110,10 @@ impl Rig {
         if has(Column::Daemon) {
             rig.daemon = Some(PrivateDaemon::start_in(&tmp.join("daemon"), &[]).await?);
         }
-        if has(Column::Ssh) {
+        if has(Column::Ssh) || has(Column::SshNixspace) {
             rig.ssh = Some(SshBuilder::start(&tmp.join("ssh")).await?);
         }
-        if has(Column::Nixspace) || has(Column::Translator) {
+        if has(Column::Nixspace) || has(Column::Translator) || has(Column::SshNixspace) {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
@@ -175,11 +180,24 @@ impl Rig {
         Ok(match column {
             Column::Local => nix_build(None),
             Column::Daemon => nix_build(Some(self.daemon.as_ref().ok_or_else(missing)?.socket())),
-            Column::Ssh => self
-                .ssh
-                .as_ref()
-                .ok_or_else(missing)?
-                .nix_build(file, self.capacity.total())?,
+            Column::Ssh => self.ssh.as_ref().ok_or_else(missing)?.nix_build(
+                file,
+                self.capacity.total(),
+                None,
+            )?,
+            Column::SshNixspace => {
+                // Nix appends ` --stdio`; the spaces are percent-encoded in the store URI.
+                let program = format!(
+                    "{}%20translate%20--log-level%20warn%20--dir%20{}",
+                    self.exe.display(),
+                    self.local_space.display()
+                );
+                self.ssh.as_ref().ok_or_else(missing)?.nix_build(
+                    file,
+                    self.capacity.total(),
+                    Some(&program),
+                )?
+            }
             Column::Nixspace => nixspace_build(&self.local_space),
             Column::OwnStore => nixspace_build(&self.own_space),
             Column::Translator => nix_build(Some(&self.translator)),

@@ -113,14 +113,23 @@ impl SshBuilder {
 
     /// `nix-build FILE` in a private mount namespace with a store of its own (kept in
     /// `<dir>/client`), building nothing itself (`--max-jobs 0`) and everything on this
-    /// sshd as an `ssh-ng://` builder of `jobs` jobs.
-    pub fn nix_build(&self, file: &Path, jobs: u32) -> Result<Command, BenchError> {
+    /// sshd as an `ssh-ng://` builder of `jobs` jobs, whose sessions run `remote_program`
+    /// (percent-encoded as in a store URI; `None`: Nix's default, `nix-daemon`).
+    pub fn nix_build(
+        &self,
+        file: &Path,
+        jobs: u32,
+        remote_program: Option<&str>,
+    ) -> Result<Command, BenchError> {
         let client = self.dir.join("client/nix");
         for sub in ["store", "var/nix/db"] {
             std::fs::create_dir_all(client.join(sub))?;
         }
+        let query = remote_program
+            .map(|p| format!("?remote-program={p}"))
+            .unwrap_or_default();
         let builders = format!(
-            "ssh-ng://root@127.0.0.1 {} {} {jobs} 1 - - -",
+            "ssh-ng://root@127.0.0.1{query} {} {} {jobs} 1 - - -",
             nixspace_nix_tools::current_system(),
             self.dir.join("client_key").display()
         );

@@ -102,6 +102,10 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE attempts;
      ALTER TABLE attempts_v6 RENAME TO attempts;
      CREATE INDEX attempts_by_drv ON attempts(drv);",
+    // 7: what a built attempt used, as its worker measured it.
+    "ALTER TABLE attempts ADD COLUMN peak_memory INTEGER;
+     ALTER TABLE attempts ADD COLUMN cpu_ms INTEGER;
+     ALTER TABLE attempts ADD COLUMN wall_ms INTEGER;",
 ];
 
 /// How long a connection waits for another connection's lock before failing.
@@ -253,6 +257,17 @@ pub struct RealisationRecord {
     pub signatures: Vec<String>,
 }
 
+/// What a build used, as its worker's control group for it measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BuildUsage {
+    /// Peak memory in bytes, if the kernel keeps one.
+    pub peak_memory: Option<i64>,
+    /// CPU time, user and system, in milliseconds.
+    pub cpu_ms: i64,
+    /// Wall time in milliseconds.
+    pub wall_ms: i64,
+}
+
 /// One attempt to build a step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttemptRecord {
@@ -270,6 +285,8 @@ pub struct AttemptRecord {
     pub cause: Option<String>,
     /// The failed input, when `cause` is `dependency`.
     pub failed_input: Option<String>,
+    /// What the build used, if its worker measured it.
+    pub usage: Option<BuildUsage>,
 }
 
 /// The open history database.
@@ -661,6 +678,30 @@ impl History {
         tx.commit().map_err(err)
     }
 
+    /// What `worker`'s open attempt at `drv` used (recorded as its report arrives, before the
+    /// attempt ends).
+    pub fn attempt_usage(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        usage: &BuildUsage,
+    ) -> Result<(), HistoryError> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET peak_memory = ?3, cpu_ms = ?4, wall_ms = ?5
+                 WHERE drv = ?1 AND worker = ?2 AND finished IS NULL",
+                params![
+                    drv.as_str(),
+                    worker.as_str(),
+                    usage.peak_memory,
+                    usage.cpu_ms,
+                    usage.wall_ms
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// `worker`'s open attempt at `drv` ended with its result discarded, for `reason`.
     pub fn attempt_rejected(
         &mut self,
@@ -753,7 +794,8 @@ impl History {
         let mut attempts = self
             .conn
             .prepare(
-                "SELECT worker, started, finished, outcome, reason, cause, failed_input
+                "SELECT worker, started, finished, outcome, reason, cause, failed_input,
+                        peak_memory, cpu_ms, wall_ms
                  FROM attempts WHERE drv = ?1 ORDER BY id",
             )
             .map_err(|e| self.err(e))?;
@@ -790,6 +832,14 @@ impl History {
                         reason: r.get(4)?,
                         cause: r.get(5)?,
                         failed_input: r.get(6)?,
+                        usage: match (r.get(8)?, r.get(9)?) {
+                            (Some(cpu_ms), Some(wall_ms)) => Some(BuildUsage {
+                                peak_memory: r.get(7)?,
+                                cpu_ms,
+                                wall_ms,
+                            }),
+                            _ => None,
+                        },
                     })
                 })
                 .map_err(|e| self.err(e))?

@@ -17,7 +17,7 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
 use crate::demand_gate::DemandGate;
-use crate::history::{AttemptOutcome, History, HistoryError, Resolution};
+use crate::history::{AttemptOutcome, BuildUsage, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
 use crate::resolution::outputs_by_name;
 use crate::schedule::{
@@ -26,7 +26,7 @@ use crate::schedule::{
 };
 use crate::wire::{
     cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, step_to_wire,
-    worker_from_wire,
+    usage_from_wire, worker_from_wire,
 };
 
 /// How many of the most recent rejected results the planner keeps asserting (for `status`).
@@ -91,6 +91,8 @@ pub enum Event {
         /// The realisations of its floating content-addressed outputs, as reported (bounded
         /// by [`crate::wire::realisations_from_wire`]).
         realisations: Vec<build::Realisation>,
+        /// What the build used, if the worker measured it.
+        usage: Option<BuildUsage>,
     },
     /// A worker reported a step failed.
     Failed {
@@ -178,7 +180,8 @@ impl Entity<Event> for Planner {
                 worker,
                 outputs,
                 realisations,
-            } => self.reported_built(t, drv, worker, outputs, realisations),
+                usage,
+            } => self.reported_built(t, drv, worker, outputs, realisations, usage),
             Event::Failed {
                 drv,
                 worker,
@@ -437,6 +440,7 @@ impl Planner {
         worker: WorkerId,
         outputs: Vec<String>,
         realisations: Vec<build::Realisation>,
+        usage: Option<BuildUsage>,
     ) -> Vec<Effect> {
         if !self.schedule.is_building(&drv, &worker) {
             if !matches!(self.schedule.state(&drv), Some(StepState::Built { worker: w, .. }) if *w == worker)
@@ -461,6 +465,11 @@ impl Planner {
                 continue;
             }
             self.realised(t, r.id, r.path, r.signatures);
+        }
+        if let Some(usage) = usage {
+            note(&mut self.history, |h| {
+                h.attempt_usage(&drv, &worker, &usage)
+            });
         }
         self.schedule.built(&drv, &worker, outputs)
     }
@@ -787,11 +796,12 @@ pub fn start(
             }));
 
         // Workers' reports, never the `built` and `failed` records (the planner's own).
-        enclose!((planner) during!(t, ds, <report-built $drv: String $worker: String $outputs: Vec<String> $realisations>,
+        enclose!((planner) during!(t, ds, <report-built $drv: String $worker: String $outputs: Vec<String> $realisations $usage>,
             |t: &mut Activation| {
                 let (drv, worker) = (drv.as_str().into(), worker.as_str().into());
                 let realisations = realisations_from_wire(&realisations, outputs.len());
-                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone(), realisations });
+                let usage = usage_from_wire(&usage);
+                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone(), realisations, usage });
                 Ok(())
             }));
 

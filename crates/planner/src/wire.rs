@@ -7,6 +7,7 @@ use preserves::ValueImpl;
 use preserves_schema::Parse;
 use syndicate::actor::AnyValue;
 
+use crate::history::BuildUsage;
 use crate::schedule::{FailureCause, FailureKind, StepDerivation, StepInfo};
 
 /// A step as the dataspace carries it.
@@ -37,6 +38,24 @@ pub(crate) const MAX_SIGNATURES: usize = 16;
 
 /// The longest id, path or signature of a realisation the planner takes, in bytes.
 const MAX_REALISATION_FIELD: usize = 1024;
+
+/// The usage a worker's `report-built` carries (a list of none or one): one record of the
+/// vocabulary's shape with values in range (a peak of at least -1, times not negative),
+/// else none.
+pub(crate) fn usage_from_wire(usage: &AnyValue) -> Option<BuildUsage> {
+    if !usage.is_sequence() || usage.len() != 1 {
+        return None;
+    }
+    let parsed = build::BuildUsage::parse(&usage.index(0)).ok()?;
+    let peak = i64::try_from(&parsed.peak_memory).ok()?;
+    let cpu_ms = i64::try_from(&parsed.cpu_millis).ok()?;
+    let wall_ms = i64::try_from(&parsed.wall_millis).ok()?;
+    (peak >= -1 && cpu_ms >= 0 && wall_ms >= 0).then_some(BuildUsage {
+        peak_memory: (peak >= 0).then_some(peak),
+        cpu_ms,
+        wall_ms,
+    })
+}
 
 /// The realisations of a worker's `report-built` that the planner considers: records of the
 /// vocabulary's shape, at most one per output (`outputs`), each field at most
@@ -140,14 +159,43 @@ mod tests {
                 realisation("sha256:00!out", "/nix/store/a"),
                 realisation("sha256:00!dev", "/nix/store/b"),
             ],
+            usage: vec![],
         }
         .unparse();
         let reported = report.index(3);
+        assert_eq!(usage_from_wire(&report.index(4)), None);
         let taken = realisations_from_wire(&reported, 2);
         // The first is too long, the third is past the two outputs.
         assert_eq!(taken, vec![realisation("sha256:00!out", "/nix/store/a")]);
         // Positive control: within the bounds, all are taken.
         assert_eq!(realisations_from_wire(&reported, 3).len(), 2);
         assert!(realisations_from_wire(&AnyValue::new("no"), 3).is_empty());
+    }
+
+    #[test]
+    fn a_usage_is_taken_only_whole_and_in_range() {
+        let usage = |peak: i64, cpu: i64, wall: i64| -> AnyValue {
+            AnyValue::new(vec![build::BuildUsage {
+                peak_memory: peak.into(),
+                cpu_millis: cpu.into(),
+                wall_millis: wall.into(),
+            }
+            .unparse()])
+        };
+        assert_eq!(
+            usage_from_wire(&usage(4096, 20, 30)),
+            Some(BuildUsage {
+                peak_memory: Some(4096),
+                cpu_ms: 20,
+                wall_ms: 30
+            })
+        );
+        assert_eq!(
+            usage_from_wire(&usage(-1, 0, 0)).map(|u| u.peak_memory),
+            Some(None)
+        );
+        assert_eq!(usage_from_wire(&usage(-2, 0, 0)), None);
+        assert_eq!(usage_from_wire(&usage(0, -1, 0)), None);
+        assert_eq!(usage_from_wire(&AnyValue::symbol("usage")), None);
     }
 }

@@ -396,6 +396,7 @@ mod tests {
             worker: "w".into(),
             outputs: vec![],
             realisations: vec![],
+            usage: vec![],
         }
         .unparse()
     }
@@ -407,7 +408,7 @@ mod tests {
         assert_eq!(allowed(Role::Worker).len(), 23);
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
-        assert!(allowed(Role::Worker).contains(&Shape::new("report-built", 4)));
+        assert!(allowed(Role::Worker).contains(&Shape::new("report-built", 5)));
         assert!(allowed(Role::Worker).contains(&Shape::new("lost", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
