@@ -448,6 +448,21 @@ pub fn verify(keys: &PublicKeys, fingerprint: &str, sig: &str) -> bool {
         .is_some_and(|k| k.verify(fingerprint.as_bytes(), &sig))
 }
 
+/// Whether one of `signatures` is a valid signature by a key in `keys` of the realisation
+/// of output `id` as `out_path` (a base name) with `dependent` realisations.
+pub fn is_realisation_signed<'a>(
+    keys: &PublicKeys,
+    id: &str,
+    out_path: &str,
+    dependent: &BTreeMap<String, String>,
+    signatures: impl IntoIterator<Item = &'a String>,
+) -> bool {
+    let fingerprint = realisation_fingerprint(id, out_path, dependent);
+    signatures
+        .into_iter()
+        .any(|sig| verify(keys, &fingerprint, sig))
+}
+
 /// Checks a narinfo's `Sig` lines against trusted keys. Returns the names of
 /// the keys with a valid signature (at least one, sorted, each once), or
 /// [`SignatureError::NoValidSignature`].

@@ -11,7 +11,9 @@
 //! and `cpuacct` hierarchies (Debian's Nix 2.8 has no cgroup support of its own). The
 //! daemon's process is counted from the move on (v1 does not move what it had charged).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why build groups are not available, or one could not be made or joined.
@@ -58,10 +60,34 @@ enum Layout {
     V1 { memory: PathBuf, cpuacct: PathBuf },
 }
 
+impl Layout {
+    /// Its directories, one per hierarchy.
+    fn dirs(&self) -> Vec<PathBuf> {
+        match self {
+            Layout::V2(dir) => vec![dir.clone()],
+            Layout::V1 { memory, cpuacct } => vec![memory.clone(), cpuacct.clone()],
+        }
+    }
+
+    /// The group `name` under this one.
+    fn child(&self, name: &str) -> Layout {
+        match self {
+            Layout::V2(dir) => Layout::V2(dir.join(name)),
+            Layout::V1 { memory, cpuacct } => Layout::V1 {
+                memory: memory.join(name),
+                cpuacct: cpuacct.join(name),
+            },
+        }
+    }
+}
+
 /// Where this process makes its builds' groups.
 #[derive(Debug, Clone)]
 pub struct BuildCgroups {
     layout: Layout,
+    /// The names of the groups of builds under way: [`BuildCgroups::start`] removes only
+    /// the others (a group just made holds no process until its build enters it).
+    live: Arc<Mutex<BTreeSet<String>>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -153,8 +179,11 @@ impl BuildCgroups {
             (None, Some(memory), Some(cpuacct)) => Layout::V1 { memory, cpuacct },
             _ => return Err(CgroupError::NotMounted),
         };
-        let cgroups = BuildCgroups { layout };
-        for dir in cgroups.dirs(None) {
+        let cgroups = BuildCgroups {
+            layout,
+            live: Arc::default(),
+        };
+        for dir in cgroups.layout.dirs() {
             if let Some(parent) = dir.parent() {
                 remove_those_of_gone_processes(parent);
             }
@@ -163,33 +192,26 @@ impl BuildCgroups {
         Ok(cgroups)
     }
 
-    /// The directories of the group `name` under ours (ours with `None`), one per hierarchy.
-    fn dirs(&self, name: Option<&str>) -> Vec<PathBuf> {
-        let at = |dir: &PathBuf| name.map_or_else(|| dir.clone(), |n| dir.join(n));
-        match &self.layout {
-            Layout::V2(dir) => vec![at(dir)],
-            Layout::V1 { memory, cpuacct } => vec![at(memory), at(cpuacct)],
-        }
-    }
-
     /// A new group `name` for one build, limited to `memory_limit` bytes if given. Groups
     /// left behind by earlier builds whose processes have all gone are removed first.
     pub fn start(&self, name: &str, memory_limit: Option<u64>) -> Result<BuildCgroup, CgroupError> {
-        self.sweep();
-        let dirs = self.dirs(Some(name));
-        for dir in &dirs {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            for dir in self.layout.dirs() {
+                remove_empty_groups_in(&dir, &live);
+            }
+            live.insert(name.to_owned());
         }
+        // From here on, dropping the group takes its name out of the live ones again.
         let group = BuildCgroup {
-            layout: match &self.layout {
-                Layout::V2(_) => Layout::V2(dirs[0].clone()),
-                Layout::V1 { .. } => Layout::V1 {
-                    memory: dirs[0].clone(),
-                    cpuacct: dirs[1].clone(),
-                },
-            },
+            layout: self.layout.child(name),
             made: Instant::now(),
+            name: name.to_owned(),
+            live: Arc::clone(&self.live),
         };
+        for dir in group.layout.dirs() {
+            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        }
         if let Some(limit) = memory_limit {
             let limit = limit.to_string();
             match &group.layout {
@@ -213,20 +235,20 @@ impl BuildCgroups {
         }
         Ok(group)
     }
+}
 
-    /// Remove the groups under ours that no process is in any more (a build's daemon process
-    /// may outlive the build by a moment, so its group is not always removed with it).
-    fn sweep(&self) {
-        for dir in self.dirs(None) {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    // Fails, harmlessly, while a process is still in it.
-                    let _ = std::fs::remove_dir(entry.path());
-                }
-            }
+/// Remove the groups in `dir` that no process is in any more, but those named in `keep`
+/// (a build's daemon process may outlive the build by a moment, so its group is not always
+/// removed with it).
+fn remove_empty_groups_in(dir: &Path, keep: &BTreeSet<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let kept = entry.file_name().to_str().is_some_and(|n| keep.contains(n));
+        if !kept && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            // Fails, harmlessly, while a process is still in it.
+            let _ = std::fs::remove_dir(entry.path());
         }
     }
 }
@@ -249,14 +271,7 @@ fn remove_those_of_gone_processes(dir: &Path) {
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        if let Ok(builds) = std::fs::read_dir(entry.path()) {
-            for build in builds
-                .flatten()
-                .filter(|b| b.file_type().is_ok_and(|t| t.is_dir()))
-            {
-                let _ = std::fs::remove_dir(build.path());
-            }
-        }
+        remove_empty_groups_in(&entry.path(), &BTreeSet::new());
         let _ = std::fs::remove_dir(entry.path());
     }
 }
@@ -267,16 +282,15 @@ fn remove_those_of_gone_processes(dir: &Path) {
 pub struct BuildCgroup {
     layout: Layout,
     made: Instant,
+    /// Its name among [`BuildCgroups`]' live groups, left when it is dropped.
+    name: String,
+    live: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl BuildCgroup {
     /// Move process `pid` (and so whatever it forks from now on) into the group.
     pub fn enter(&self, pid: u32) -> Result<(), CgroupError> {
-        let dirs = match &self.layout {
-            Layout::V2(dir) => vec![dir.clone()],
-            Layout::V1 { memory, cpuacct } => vec![memory.clone(), cpuacct.clone()],
-        };
-        for dir in dirs {
+        for dir in self.layout.dirs() {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
@@ -314,11 +328,11 @@ impl BuildCgroup {
 
 impl Drop for BuildCgroup {
     fn drop(&mut self) {
-        let dirs = match &self.layout {
-            Layout::V2(dir) => vec![dir.clone()],
-            Layout::V1 { memory, cpuacct } => vec![memory.clone(), cpuacct.clone()],
-        };
-        for dir in dirs {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+        for dir in self.layout.dirs() {
             let _ = std::fs::remove_dir(dir);
         }
     }
@@ -391,6 +405,8 @@ mod tests {
         }
         // The same allocation over a smaller limit: killed, and the group says why.
         let tight = cgroups.start("aaaa-tight.drv", Some(32 * MIB)).unwrap();
+        // Making it removed none of the live groups: the first, empty now, still counts.
+        assert_eq!(roomy.usage().cpu_time, used.cpu_time);
         assert!(!build_in(&tight, 64 * MIB).success());
         assert!(tight.usage().oom_killed, "{:?}", tight.usage());
     }

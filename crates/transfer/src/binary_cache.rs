@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nixspace_nix_formats::narinfo::NarInfo;
 use nixspace_nix_formats::signature::{
-    check_narinfo_signatures, realisation_fingerprint, verify, PublicKeys,
+    check_narinfo_signatures, is_realisation_signed, PublicKeys,
 };
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::Realisation;
@@ -110,16 +110,14 @@ impl BinaryCache {
             .parse(&format!("{}/{}", self.store_dir, realisation.out_path))
             .map_err(|e| invalid(e.to_string()))?;
         if let Some(keys) = &self.trusted {
-            let fingerprint = realisation_fingerprint(
+            let signed = is_realisation_signed(
+                keys,
                 id,
                 &realisation.out_path,
                 &realisation.dependent_realisations,
+                &realisation.signatures,
             );
-            if !realisation
-                .signatures
-                .iter()
-                .any(|sig| verify(keys, &fingerprint, sig))
-            {
+            if !signed {
                 return Err(SourceError::RealisationNotSigned(file));
             }
         }
@@ -263,7 +261,7 @@ impl Write for ChunkWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nixspace_nix_formats::signature::{sign, SecretKey};
+    use nixspace_nix_formats::signature::{realisation_fingerprint, sign, SecretKey};
 
     const ID: &str = "sha256:5662b097423a35d15c8b79c9ec29ae9ee73f665bf1bc919a507c6ffaa046481a!out";
     const OUT: &str = "jnpmh6wd5kpqhhdwy1d8jzq11yzbysk0-ca";

@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use nixspace_nix_formats::signature::{
-    fingerprint, is_content_addressed, realisation_fingerprint, valid_signers, verify, PublicKey,
-    PublicKeys, SecretKey,
+    fingerprint, is_content_addressed, is_realisation_signed, valid_signers, PublicKey, PublicKeys,
+    SecretKey,
 };
 use nixspace_nix_formats::store_path::{ContentAddress, StoreDir};
 use nixspace_nix_protocol::ValidPathInfo;
@@ -177,11 +177,7 @@ impl TrustPolicy {
         if !self.require_sigs {
             return true;
         }
-        let keys = self.keys();
-        let fingerprint = realisation_fingerprint(id, out_path, &BTreeMap::new());
-        signatures
-            .iter()
-            .any(|sig| verify(&keys, &fingerprint, sig))
+        is_realisation_signed(&self.keys(), id, out_path, &BTreeMap::new(), signatures)
     }
 
     /// Whether `info` may be added to the store of `store_dir`, and on what grounds.
@@ -245,7 +241,8 @@ mod tests {
         let other = SecretKey::from_seed("k2", &[2; 32]).unwrap();
         let id = "sha256:5662b097423a35d15c8b79c9ec29ae9ee73f665bf1bc919a507c6ffaa046481a!out";
         let out = "jnpmh6wd5kpqhhdwy1d8jzq11yzbysk0-ca";
-        let fingerprint = realisation_fingerprint(id, out, &BTreeMap::new());
+        let fingerprint =
+            nixspace_nix_formats::signature::realisation_fingerprint(id, out, &BTreeMap::new());
         let signed = vec![nixspace_nix_formats::signature::sign(&secret, &fingerprint)];
         let trusting = policy(&[&secret.to_public()]);
         assert!(trusting.trusts_realisation(id, out, &signed));
