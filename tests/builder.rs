@@ -183,3 +183,53 @@ fn a_step_no_worker_can_build_fails_at_the_client_with_the_reason() {
     let built = run(client.nix_build(&space, &plain, "", ""), LIMIT);
     assert!(built.status.success(), "{built:?}");
 }
+
+#[test]
+fn a_trusted_clients_unsigned_input_reaches_a_worker_with_a_store_of_its_own() {
+    let mut space = Space::start();
+    let own = space.scratch_dir("w1-store").display().to_string();
+    space.worker("w1", &["--own-store", &own]);
+    let client = Client::new(&space);
+    let nonce = nixspace_test_support::nonce();
+    let file = space.nix_file(
+        "input.nix",
+        &format!(
+            r#"rec {{
+  input = derivation {{
+    name = "local-input";
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo local > $out" ];
+  }};
+  top = derivation {{
+    name = "top";
+    nonce = "{nonce}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "read line < ${{input}}; echo $line > $out" ];
+  }};
+}}
+"#
+        ),
+    );
+    // The input is built here, by Nix alone, so no key signs it, and the client gets a copy.
+    let mut local = space.nix("nix-build", None);
+    local.args(["--no-out-link", "-A", "input"]).arg(&file);
+    let input = run(local, LIMIT);
+    assert!(input.status.success(), "{input:?}");
+    let input = input.stdout.trim().to_owned();
+    let mut copy = space.nix("nix", None);
+    copy.args(["--extra-experimental-features", "nix-command", "copy"])
+        .args(["--no-check-sigs", "--to", &client.store, &input]);
+    let copied = run(copy, LIMIT);
+    assert!(copied.status.success(), "{copied:?}");
+    // The client's step on it builds on w1, which fetches the input from the translator's
+    // store: the translator vouches for what its trusted client gave it.
+    let mut top = client.nix_build(&space, &file, "", "");
+    top.args(["-A", "top"]);
+    let built = run(top, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
+    assert!(built.stdout.trim().ends_with("-top"), "{built:?}");
+    assert!(built_by(&space, "w1") > 0, "{}", space.log("w1"));
+}

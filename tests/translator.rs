@@ -1628,46 +1628,20 @@ fn a_50000_step_chain_added_as_text_fails_and_the_daemon_answers() {
 /// client's is built on the dataspace as sent (the positive control).
 #[test]
 fn an_inline_input_addressed_derivation_is_built_for_trusted_clients_only() {
-    use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
+    use nixspace_nix_formats::derivation::BasicDerivation;
     use nixspace_nix_formats::store_path::StoreDir;
-    use nixspace_nix_protocol::stderr::DiscardLogs;
-    use nixspace_nix_protocol::{BuildMode, ClientError, DaemonClient};
+    use nixspace_nix_protocol::ClientError;
     let mut space = Space::start();
     space.worker("w1", &[]);
     let trusted = space.translator();
     let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
-    // A derivation instantiated in a throwaway store, so its `.drv` is not in this one.
-    let elsewhere = space.scratch_dir("elsewhere");
-    let file = space.nix_file(
-        "inline.nix",
-        &format!(
-            r#"derivation {{ name = "inline"; nonce = "{}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo inline > $out" ]; }}"#,
-            nonce()
-        ),
+    let text = format!(
+        r#"derivation {{ name = "inline"; nonce = "{}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo inline > $out" ]; }}"#,
+        nonce()
     );
-    let mut instantiate =
-        space.in_other_store(&elsewhere, &format!("nix-instantiate {}", file.display()));
-    instantiate.env_remove("NIX_REMOTE");
-    let drv_file = run(instantiate, Duration::from_secs(60));
-    assert!(drv_file.status.success(), "{drv_file:?}");
-    let drv_file = drv_file.stdout.trim().to_owned();
-    let store = StoreDir::default();
-    let drv_path = store.parse(&drv_file).unwrap();
-    let text = std::fs::read(elsewhere.join(drv_file.trim_start_matches('/'))).unwrap();
-    let derivation = Derivation::parse_at(&store, &drv_path, &text).unwrap();
-    assert!(!Path::new(&drv_file).exists(), "{drv_file} is in the store");
+    let (drv_path, derivation) = instantiated_elsewhere(&space, "inline", &text);
     let basic = BasicDerivation::from_derivation(&derivation);
-    let build = |socket: std::path::PathBuf| {
-        let (drv_path, basic) = (drv_path.clone(), basic.clone());
-        runtime().block_on(async move {
-            let mut client = DaemonClient::connect(&socket).await.unwrap();
-            client
-                .build_derivation(&drv_path, &basic, BuildMode::Normal, &mut DiscardLogs)
-                .await
-                .map_err(Box::new)
-        })
-    };
-    match build(untrusted).map_err(|e| *e) {
+    match build_inline(untrusted, &drv_path, &basic).map_err(|e| *e) {
         Err(ClientError::Daemon(e)) => assert!(
             e.message
                 .contains("you are not privileged to build input-addressed derivations"),
@@ -1675,14 +1649,109 @@ fn an_inline_input_addressed_derivation_is_built_for_trusted_clients_only() {
         ),
         other => panic!("not refused: {other:?}"),
     }
-    let result = build(trusted).expect("built");
+    let result = build_inline(trusted, &drv_path, &basic).expect("built");
     assert!(result.status.is_success(), "{result:?}");
+    let store = StoreDir::default();
     let out = derivation.outputs["out"]
         .path()
         .map(|p| store.print(p))
         .unwrap();
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "inline\n");
     assert!(space.log("w1").contains("building"), "{}", space.log("w1"));
+}
+
+#[test]
+fn only_a_trusted_clients_unsigned_inputs_are_vouched_for() {
+    use nixspace_nix_formats::derivation::BasicDerivation;
+    use nixspace_nix_formats::hash::Hash;
+    use nixspace_nix_formats::store_path::StoreDir;
+    let mut space = Space::start_with(&["--max-attempts", "1"]);
+    let own = space.scratch_dir("w1-store").display().to_string();
+    space.worker("w1", &["--own-store", &own]);
+    let trusted = space.translator();
+    let untrusted = space.translator_with("untrusted", "trusted-users = nobody\n");
+    // An input built here by Nix alone: no key signs it.
+    let nonce = nonce();
+    let input_file = space.nix_file(
+        "input.nix",
+        &format!(
+            r#"derivation {{ name = "unsigned-input"; nonce = "{nonce}"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "echo {nonce} > $out" ]; }}"#
+        ),
+    );
+    let mut local = space.nix("nix-build", None);
+    local.arg("--no-out-link").arg(&input_file);
+    let input = run(local, Duration::from_secs(60));
+    assert!(input.status.success(), "{input:?}");
+    let input = input.stdout.trim().to_owned();
+    // A fixed-output derivation on it, which an untrusted client may have built inline too.
+    let hash = Hash::sha256(format!("{nonce}\n")).to_nixbase32();
+    let text = format!(
+        r#"derivation {{ name = "on-unsigned"; system = builtins.currentSystem; builder = "/bin/sh"; args = [ "-c" "read line < {input}; echo $line > $out" ]; outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{hash}"; }}"#
+    );
+    let (drv_path, derivation) = instantiated_elsewhere(&space, "on-unsigned", &text);
+    let mut basic = BasicDerivation::from_derivation(&derivation);
+    basic
+        .input_srcs
+        .insert(StoreDir::default().parse(&input).unwrap());
+    // The untrusted client's input reaches no worker with a store of its own.
+    let refused = build_inline(untrusted, &drv_path, &basic).expect("answered");
+    assert!(!refused.status.is_success(), "{refused:?}");
+    assert!(
+        space.log("w1").contains("not signed by a trusted key"),
+        "{}",
+        space.log("w1")
+    );
+    // The positive control: the trusted client's build of the same derivation gets it there.
+    let result = build_inline(trusted, &drv_path, &basic).expect("built");
+    assert!(
+        result.status.is_success(),
+        "{result:?}\n{}",
+        space.log("w1")
+    );
+}
+
+/// `text`, a Nix expression of one derivation, instantiated in a throwaway store (so its
+/// `.drv` is not in this one): the `.drv`'s path and the derivation.
+fn instantiated_elsewhere(
+    space: &Space,
+    name: &str,
+    text: &str,
+) -> (
+    nixspace_nix_formats::store_path::StorePath,
+    nixspace_nix_formats::derivation::Derivation,
+) {
+    let elsewhere = space.scratch_dir(&format!("elsewhere-{name}"));
+    let file = space.nix_file(&format!("{name}.nix"), text);
+    let mut instantiate =
+        space.in_other_store(&elsewhere, &format!("nix-instantiate {}", file.display()));
+    instantiate.env_remove("NIX_REMOTE");
+    let drv_file = run(instantiate, Duration::from_secs(60));
+    assert!(drv_file.status.success(), "{drv_file:?}");
+    let drv_file = drv_file.stdout.trim().to_owned();
+    let store = nixspace_nix_formats::store_path::StoreDir::default();
+    let drv_path = store.parse(&drv_file).unwrap();
+    let text = std::fs::read(elsewhere.join(drv_file.trim_start_matches('/'))).unwrap();
+    let derivation =
+        nixspace_nix_formats::derivation::Derivation::parse_at(&store, &drv_path, &text).unwrap();
+    assert!(!Path::new(&drv_file).exists(), "{drv_file} is in the store");
+    (drv_path, derivation)
+}
+
+/// BuildDerivation of `basic` as `drv_path`, sent inline to the translator on `socket`.
+fn build_inline(
+    socket: std::path::PathBuf,
+    drv_path: &nixspace_nix_formats::store_path::StorePath,
+    basic: &nixspace_nix_formats::derivation::BasicDerivation,
+) -> Result<nixspace_nix_protocol::BuildResult, Box<nixspace_nix_protocol::ClientError>> {
+    use nixspace_nix_protocol::stderr::DiscardLogs;
+    use nixspace_nix_protocol::{BuildMode, DaemonClient};
+    runtime().block_on(async move {
+        let mut client = DaemonClient::connect(&socket).await.map_err(Box::new)?;
+        client
+            .build_derivation(drv_path, basic, BuildMode::Normal, &mut DiscardLogs)
+            .await
+            .map_err(Box::new)
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {

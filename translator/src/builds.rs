@@ -536,7 +536,10 @@ impl DaemonBackend for Translator<'_> {
                     ));
                     return client.error(&e).await;
                 }
-                let inline = InlineDerivation::new(drv.clone(), basic, &self.config.store_dir);
+                let mut inline = InlineDerivation::new(drv.clone(), basic, &self.config.store_dir);
+                if let (Trust::Trusted, Some(key)) = (client.trust, &self.config.vouching_key) {
+                    inline = inline.vouched_by(Arc::clone(key));
+                }
                 Roots::Inline(Box::new(inline))
             }
         };

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixspace_frontend::StoreDb;
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::handshake::{server_greeting, server_handshake, ServerHello};
 use nixspace_nix_protocol::stderr::send_error;
@@ -40,6 +41,9 @@ pub struct Config {
     pub route: Route,
     /// Whether `route` is a trusted route, which may vouch for inline derivations.
     pub vouches: bool,
+    /// The key trusted clients' inputs are vouched for with (see
+    /// [`crate::TranslatorOptions::vouching_key`]).
+    pub vouching_key: Option<Arc<SecretKey>>,
     /// How long a step may stay unschedulable before its build fails.
     pub patience: Duration,
     /// How long a build keeps trying to rejoin a dataspace that went away.

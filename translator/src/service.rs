@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixspace_frontend::StoreDb;
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_nix_formats::store_path::{StoreDir, StorePathError};
 use nixspace_space::host::{bind_unix, HostError};
 use nixspace_space::Route;
@@ -35,6 +36,11 @@ pub struct TranslatorOptions {
     /// Whether `route` is a trusted route: then a trusted client's inline derivations (or
     /// anyone's content-addressed ones) are built, vouched for on the dataspace.
     pub vouches: bool,
+    /// The key a vouching translator signs its trusted clients' inputs with, as they are
+    /// served to the dataspace (the one beside the trusted route), so that workers with
+    /// stores of their own take them; without one, only signed or content-addressed inputs
+    /// reach those workers.
+    pub vouching_key: Option<Arc<SecretKey>>,
     /// Where store operations go.
     pub upstream: UpstreamSpec,
     /// How long a step may wait for a capable worker.
@@ -53,6 +59,7 @@ impl TranslatorOptions {
         TranslatorOptions {
             route,
             vouches: false,
+            vouching_key: None,
             upstream: UpstreamSpec::default(),
             patience: DEFAULT_PATIENCE,
             reconnect_for: DEFAULT_RECONNECT_FOR,
@@ -214,6 +221,7 @@ fn server_config(options: TranslatorOptions) -> Result<Config, ServiceError> {
         upstream: options.upstream,
         route: options.route,
         vouches: options.vouches,
+        vouching_key: options.vouching_key,
         patience: options.patience,
         reconnect_for: options.reconnect_for,
         priority: options.priority,

@@ -1,13 +1,15 @@
 //! The Nix signing keys of workers, kept beside their route files: `nixspace up` makes one for
 //! its shared worker route (`worker.key` beside `worker.route`), `nixspace route worker NAME`
 //! one per named worker (`worker-NAME.key`). A worker signs what it builds with the key beside
-//! the route file it joined with; `up` tells every store in the dataspace to trust the public
-//! halves. The files hold Nix's secret key text (`name:base64`, as
+//! the route file it joined with. The trusted route comes with one too (`trusted.key`), which a
+//! translator holding that route signs its trusted clients' inputs with as it serves them.
+//! `up` tells every store in the dataspace to trust the public halves. The files hold Nix's secret key text (`name:base64`, as
 //! `nix-store --generate-binary-cache-key` writes it), mode 0600, written atomically.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use nixspace_nix_formats::signature::{PublicKey, SecretKey};
@@ -55,9 +57,27 @@ pub fn load(path: &Path) -> anyhow::Result<Option<SecretKey>> {
     }
 }
 
-/// The public keys of the worker signing keys in `dir` (`worker.key`, `worker-*.key`), in
-/// file name order; a file that does not parse is skipped with a warning.
-pub fn worker_public_keys(dir: &Path) -> Vec<PublicKey> {
+/// The key beside `trusted_route`, which a translator holding that route vouches for its
+/// trusted clients' inputs with; none (said once in the log) if there is no such file or it
+/// cannot be read.
+pub fn vouching_key(trusted_route: &Path) -> Option<Arc<SecretKey>> {
+    let file = nixspace_space::route::signing_key_beside(trusted_route);
+    match load(&file) {
+        Ok(Some(key)) => Some(Arc::new(key)),
+        Ok(None) => {
+            tracing::info!(file = %file.display(), "no key beside the trusted route: workers with stores of their own take only clients' signed or content-addressed inputs");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "workers with stores of their own take only clients' signed or content-addressed inputs");
+            None
+        }
+    }
+}
+
+/// The public keys of the signing keys in `dir` (`trusted.key`, `worker.key`,
+/// `worker-*.key`), in file name order; a file that does not parse is skipped with a warning.
+pub fn dataspace_public_keys(dir: &Path) -> Vec<PublicKey> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -68,7 +88,7 @@ pub fn worker_public_keys(dir: &Path) -> Vec<PublicKey> {
             p.extension().is_some_and(|e| e == "key")
                 && p.file_stem()
                     .and_then(|s| s.to_str())
-                    .is_some_and(|s| s == "worker" || s.starts_with("worker-"))
+                    .is_some_and(|s| s == "trusted" || s == "worker" || s.starts_with("worker-"))
         })
         .collect();
     files.sort();
@@ -135,11 +155,12 @@ mod tests {
         let again = load_or_create(&file, "other").unwrap();
         assert_eq!(again.to_text(), made.to_text());
         load_or_create(&dir.path().join("worker-w2.key"), "w2").unwrap();
+        load_or_create(&dir.path().join("trusted.key"), "translator").unwrap();
         std::fs::write(dir.path().join("submit.key"), made.to_text()).unwrap();
-        let names: Vec<String> = worker_public_keys(dir.path())
+        let names: Vec<String> = dataspace_public_keys(dir.path())
             .iter()
             .map(|k| k.name().to_owned())
             .collect();
-        assert_eq!(names, ["w2", "host__a-1"]);
+        assert_eq!(names, ["translator", "w2", "host__a-1"]);
     }
 }

@@ -20,13 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use nixspace_nix_formats::derivation::{BasicDerivation, Derivation};
+use nixspace_nix_formats::signature::SecretKey;
 use nixspace_nix_formats::store_path::{StoreDir, StorePath};
 use nixspace_nix_protocol::{ClientSettings, LogEvent};
 use nixspace_nix_tools::{DaemonPool, DerivationInfo};
 use nixspace_protocol::{build, expected_outputs, BuildMode, BuildSettings, DrvPath, WorkerId};
 use nixspace_space::join::{stay_joined, Backoff, JoinError, SessionEvent};
 use nixspace_space::Route;
-use nixspace_transfer::{FetchError, StoreNode};
+use nixspace_transfer::{FetchError, StoreNode, Vouch, VouchError};
 use syndicate::actor::{Account, Activation, Cap, FacetRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -189,6 +190,9 @@ pub enum SessionError {
     /// A repair found a path it cannot repair, or could not check the store.
     #[error(transparent)]
     Repair(#[from] RepairError),
+    /// The inputs of an inline derivation could not be vouched for.
+    #[error(transparent)]
+    Vouch(#[from] VouchError),
 }
 
 /// The dataspace connection of a session; leaving (on drop) withdraws the demands.
@@ -272,8 +276,20 @@ pub struct BuildSession {
     following: Option<Following>,
     clock: PhaseClock,
     started: SystemTime,
-    /// The inline derivation this session builds, and its text: vouched for while joined.
-    inline: Option<(String, Vec<u8>)>,
+    /// The inline derivation this session builds: vouched for while joined.
+    inline: Option<InlineStep>,
+}
+
+/// The step of an inline derivation, as a session vouches for it on the dataspace.
+#[derive(Debug, Clone)]
+struct InlineStep {
+    /// The path the client names it by.
+    drv: String,
+    /// Its ATerm text.
+    text: Vec<u8>,
+    /// The closure of its inputs, which this store vouches for to workers with stores of
+    /// their own (a trusted client's, unsigned as they may be).
+    inputs: Option<Arc<Vouch>>,
 }
 
 /// A derivation a Nix client sent inline (`BuildDerivation`), which is not in the local
@@ -286,14 +302,34 @@ pub struct InlineDerivation {
     pub text: Vec<u8>,
     /// What scheduling needs to know about it.
     pub info: DerivationInfo,
+    /// Its input paths (the client copied them here).
+    pub sources: BTreeSet<StorePath>,
+    /// The key this store vouches for the closure of `sources` with, if the client is
+    /// trusted (see [`InlineDerivation::vouched_by`]).
+    pub vouching_key: Option<Arc<SecretKey>>,
 }
 
 impl InlineDerivation {
     /// The derivation `basic` a client sent as `drv` (paths in `store`).
     pub fn new(drv: DrvPath, basic: BasicDerivation, store: &StoreDir) -> InlineDerivation {
         let text = basic.to_aterm(store);
+        let sources = basic.input_srcs.clone();
         let info = DerivationInfo::from_derivation(&Derivation::from(basic), store);
-        InlineDerivation { drv, text, info }
+        InlineDerivation {
+            drv,
+            text,
+            info,
+            sources,
+            vouching_key: None,
+        }
+    }
+
+    /// A trusted client's derivation: the closure of its inputs is served to the dataspace
+    /// signed by `key` too, so workers with stores of their own take what the client copied
+    /// here unsigned, as Nix's daemon takes it from a trusted user.
+    pub fn vouched_by(mut self, key: Arc<SecretKey>) -> InlineDerivation {
+        self.vouching_key = Some(key);
+        self
     }
 }
 
@@ -366,7 +402,19 @@ impl BuildSession {
         if !valid {
             plan.needed.insert(drv.clone());
         }
-        let vouched = Some((drv, inline.text));
+        let inputs = match inline.vouching_key {
+            Some(key) if !plan.needed.is_empty() => {
+                let vouch = Vouch::over_closure(&config.pool, key, inline.sources).await?;
+                tracing::debug!(%drv, paths = vouch.len(), "vouching for the inputs' closure");
+                Some(Arc::new(vouch))
+            }
+            _ => None,
+        };
+        let vouched = Some(InlineStep {
+            drv,
+            text: inline.text,
+            inputs,
+        });
         BuildSession::planned(
             config,
             vec![inline.drv],
@@ -385,7 +433,7 @@ impl BuildSession {
         roots: Vec<DrvPath>,
         plan: Plan,
         repairing: Vec<String>,
-        inline: Option<(String, Vec<u8>)>,
+        inline: Option<InlineStep>,
         clock: PhaseClock,
         started: SystemTime,
     ) -> Result<BuildSession, SessionError> {
@@ -435,6 +483,9 @@ impl BuildSession {
         // This machine's store in the dataspace: workers with stores of their own fetch the
         // derivations and sources from it, and the results come back.
         let store = StoreNode::new(self.requester.clone(), self.pool.clone());
+        if let Some(inputs) = self.inline.as_ref().and_then(|i| i.inputs.clone()) {
+            store.vouch(inputs);
+        }
         let resolver = Resolver::new(
             &self.plan,
             self.pool.store_dir().clone(),
@@ -449,11 +500,14 @@ impl BuildSession {
             &self.step_settings(config),
         );
         resolver.rename_demands(&mut demands);
-        let vouch = self.inline.clone().map(|(drv, derivation)| {
+        let vouch = self.inline.clone().map(|InlineStep { drv, text, .. }| {
             for d in demands.iter_mut().filter(|d| d.drv == drv) {
-                d.derivation = derivation.clone();
+                d.derivation = text.clone();
             }
-            build::InlineDerivation { drv, derivation }
+            build::InlineDerivation {
+                drv,
+                derivation: text,
+            }
         });
         self.clock.end("prepare the demands");
         let (tx, incoming) = mpsc::unbounded_channel();

@@ -22,9 +22,11 @@ mod path_info;
 mod realisations;
 pub mod source;
 mod trust;
+mod vouch;
 
 pub use closure::{ClosureLimits, ClosureTooLarge};
 pub use node::{CopyError, FetchError, StoreNode, Timeouts, WANT_PATIENCE};
 pub use path_info::PathInfoError;
 pub use source::SourceError;
 pub use trust::{Untrusted, MAX_ANNOUNCED_KEYS};
+pub use vouch::{Vouch, VouchError, MAX_VOUCHED_PATHS};

@@ -26,6 +26,7 @@ use crate::path_info::{from_wire, PathInfoError};
 use crate::realisations::wanted_realisation;
 use crate::source::{serve, DaemonSource, OfferedRealisation, PathSource, Role};
 use crate::trust::{TrustPolicy, Untrusted};
+use crate::vouch::{Vouch, VouchingSource};
 
 /// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
@@ -215,6 +216,8 @@ struct Inner {
     trust: Mutex<TrustPolicy>,
     /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
     announcements: AtomicU64,
+    /// The paths this store's holder vouches for, if any.
+    vouch: Mutex<Option<Arc<Vouch>>>,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -305,6 +308,7 @@ impl StoreNode {
                 substituters: Mutex::new(BTreeSet::new()),
                 trust: Mutex::new(TrustPolicy::from_nix_conf()),
                 announcements: AtomicU64::new(0),
+                vouch: Mutex::new(None),
             }),
         }
     }
@@ -315,6 +319,14 @@ impl StoreNode {
     pub fn trust_keys(&self, keys: &PublicKeys) {
         if let Ok(mut trust) = self.inner.trust.lock() {
             trust.add(keys);
+        }
+    }
+
+    /// Serve the path-infos of `vouch`'s paths with its signature, from the next
+    /// [`StoreNode::attach`] on.
+    pub fn vouch(&self, vouch: Arc<Vouch>) {
+        if let Ok(mut v) = self.inner.vouch.lock() {
+            *v = Some(vouch);
         }
     }
 
@@ -358,7 +370,12 @@ impl StoreNode {
                 lost,
             });
         }
-        let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
+        let store = DaemonSource(self.inner.pool.clone());
+        let vouch = self.inner.vouch.lock().ok().and_then(|v| v.clone());
+        let source: Arc<dyn PathSource> = match vouch {
+            Some(vouch) => Arc::new(VouchingSource { store, vouch }),
+            None => Arc::new(store),
+        };
         serve(
             t,
             &ds,

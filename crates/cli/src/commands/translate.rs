@@ -87,6 +87,10 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
         None => nixspace_space::Route::read(&args.join.route_file(Role::Trusted)).ok(),
     };
     let vouches = trusted.is_some();
+    let vouching_key = match vouches {
+        true => crate::signing_keys::vouching_key(&args.join.route_file(Role::Trusted)),
+        false => None,
+    };
     let route = match trusted {
         Some(route) => route,
         None => args.join.route(Role::Submit)?,
@@ -102,6 +106,7 @@ pub async fn run(args: TranslateArgs) -> anyhow::Result<ExitCode> {
     let options = TranslatorOptions {
         route,
         vouches,
+        vouching_key,
         upstream,
         patience,
         reconnect_for,

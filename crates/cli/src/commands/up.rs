@@ -155,16 +155,19 @@ pub struct UpArgs {
     trusted_public_keys: Vec<String>,
 }
 
-/// The public keys every store in the dataspace is told to trust: those of the worker signing
-/// keys in `dir` (`worker.key`, made now if missing, and `worker-NAME.key`) and `flags`.
+/// The public keys every store in the dataspace is told to trust: those of the signing keys
+/// in `dir` (`worker.key` and `trusted.key`, made now if missing, and `worker-NAME.key`) and
+/// `flags`.
 fn trusted_keys(dir: &std::path::Path, flags: &[String]) -> anyhow::Result<Vec<String>> {
-    let worker_key = nixspace_space::route::signing_key_beside(&Role::Worker.route_file(dir));
     let host = rustix::system::uname()
         .nodename()
         .to_string_lossy()
         .into_owned();
-    crate::signing_keys::load_or_create(&worker_key, &format!("{host}-nixspace-worker-1"))?;
-    let mut keys: Vec<String> = crate::signing_keys::worker_public_keys(dir)
+    for (role, name) in [(Role::Worker, "worker"), (Role::Trusted, "translator")] {
+        let key = nixspace_space::route::signing_key_beside(&role.route_file(dir));
+        crate::signing_keys::load_or_create(&key, &format!("{host}-nixspace-{name}-1"))?;
+    }
+    let mut keys: Vec<String> = crate::signing_keys::dataspace_public_keys(dir)
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -215,6 +218,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let metrics = Arc::new(Metrics::default());
     let trusted_keys = trusted_keys(&dir, &args.trusted_public_keys)?;
+    let vouching_key = crate::signing_keys::vouching_key(&Role::Trusted.route_file(&dir));
     eprintln!(
         "nixspace: stores in the dataspace trust signatures by {}",
         trusted_keys.join(" ")
@@ -300,6 +304,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             // The translator in `up` vouches for its trusted clients' inline derivations.
             let mut options = nixspace_translator::TranslatorOptions::new(submit);
             options.vouches = vouches;
+            options.vouching_key = vouches.then_some(vouching_key).flatten();
             options.socket_mode = args.translator_socket_mode;
             Some(crate::services::start_translator(path, options).await?)
         }
