@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::closure::{Claimed, ClosureLimits, ClosureTooLarge};
 use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
-use crate::nar_stream::{receive, STREAM_IDLE};
+use crate::nar_stream::{receive, NarReceiver, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::realisations::wanted_realisation;
 use crate::source::{serve, DaemonSource, OfferedRealisation, PathSource, Role};
@@ -227,6 +227,48 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// A link to `ds` from the current facet, lost when the facet's actor ends.
+    pub(crate) fn attach(t: &mut Activation, ds: Arc<Cap>) -> Link {
+        let (lost_tx, lost) = watch::channel(false);
+        let watch = t.create_ref(LinkWatch(lost_tx));
+        t.add_exit_hook(&watch);
+        Link {
+            ds,
+            facet: t.facet_ref(),
+            lost,
+        }
+    }
+
+    /// Ask `holder` for `printed`'s NAR, to be checked against `info`, abandoned when it
+    /// stalls for `idle`: the request (withdrawn when dropped) and the stream.
+    pub(crate) fn request_nar(
+        &self,
+        printed: &str,
+        holder: &str,
+        info: &ValidPathInfo,
+        idle: Duration,
+    ) -> (ChildFacet, NarReceiver) {
+        let (sink, nar) = receive(
+            self.facet.clone(),
+            info.info.nar_hash.clone(),
+            info.info.nar_size,
+            idle,
+        );
+        let request = ChildFacet::start(self, |t| {
+            let sink = t.create_cap(sink);
+            self.ds.assert(
+                t,
+                &store::NarRequest {
+                    path: printed.to_owned(),
+                    store: holder.to_owned(),
+                    sink,
+                },
+            );
+            Ok(())
+        });
+        (request, nar)
+    }
+
     pub(crate) fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
@@ -348,15 +390,8 @@ impl StoreNode {
         if let Ok(mut s) = self.inner.substituters.lock() {
             s.clear();
         }
-        let (lost_tx, lost) = watch::channel(false);
-        let watch = t.create_ref(LinkWatch(lost_tx));
-        t.add_exit_hook(&watch);
         if let Ok(mut link) = self.inner.link.lock() {
-            *link = Some(Link {
-                ds: Arc::clone(&ds),
-                facet: t.facet_ref(),
-                lost,
-            });
+            *link = Some(Link::attach(t, Arc::clone(&ds)));
         }
         let source: Arc<dyn PathSource> = Arc::new(DaemonSource(self.inner.pool.clone()));
         serve(
@@ -963,24 +998,8 @@ impl Inner {
             }
         };
         tracing::debug!(path = %printed, %holder, ?trusted, "adding a fetched path");
-        let (sink, mut nar) = receive(
-            link.facet.clone(),
-            info.info.nar_hash.clone(),
-            info.info.nar_size,
-            self.timeouts.stream_idle,
-        );
-        let _request = ChildFacet::start(link, |t| {
-            let sink = t.create_cap(sink);
-            link.ds.assert(
-                t,
-                &store::NarRequest {
-                    path: printed.to_owned(),
-                    store: holder.to_owned(),
-                    sink,
-                },
-            );
-            Ok(())
-        });
+        let (_request, mut nar) =
+            link.request_nar(printed, holder, info, self.timeouts.stream_idle);
         let mut lease = self
             .pool
             .lease()

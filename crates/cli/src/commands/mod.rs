@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod cache;
 pub mod daemon;
 pub mod demo;
 pub mod history;
@@ -17,7 +18,7 @@ pub mod worker;
 use std::path::PathBuf;
 
 use clap::Args;
-use nixspace_space::{Role, Route};
+use nixspace_space::{Role, Route, SessionEvent};
 
 /// Where to find the dataspace: shared by the commands that join one.
 #[derive(Args, Debug, Clone)]
@@ -65,6 +66,24 @@ pub fn parse_mode(text: &str) -> Result<u32, String> {
         .ok()
         .filter(|mode| *mode <= 0o777)
         .ok_or_else(|| format!("{text:?} is not an octal mode such as 600 or 666"))
+}
+
+/// Tell on standard error how the session of a serving participant (`what` `name`, e.g.
+/// `substituter cache-1`) goes: `serving …` once it first joined, then rejoins, losses and
+/// retries.
+pub fn report_session(what: &str, name: &str, serving: &str, event: SessionEvent) {
+    match event {
+        SessionEvent::Joined { connection: 1 } => {
+            eprintln!("nixspace: {what} {name} serving {serving}")
+        }
+        SessionEvent::Joined { .. } => eprintln!("nixspace: {what} {name} rejoined"),
+        SessionEvent::Lost(why) => {
+            eprintln!("nixspace: {what} {name} lost the dataspace ({why}); reconnecting")
+        }
+        SessionEvent::Retrying { after, why } => {
+            eprintln!("nixspace: {what} {name}: {why}; retrying in {after:?}")
+        }
+    }
 }
 
 /// Wait for Ctrl-C or SIGTERM.
