@@ -615,6 +615,60 @@ mod tests {
         assert_eq!(unknown.kind(), io::ErrorKind::Unsupported);
     }
 
+    #[tokio::test]
+    async fn caches_are_asked_in_priority_order_and_another_store_dir_is_refused() {
+        let store_dir = StoreDir::default();
+        let path = "/nix/store/970x0qcwwvlpdzs2v286r8jsqk2pyb3x-c";
+        let parsed = store_dir.parse(path).unwrap();
+        let cache = |priority: &str, nar_size: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("nix-cache-info"),
+                format!("StoreDir: /nix/store\nPriority: {priority}\n"),
+            )
+            .unwrap();
+            let info = NarInfo::new(
+                parsed.clone(),
+                "nar/x.nar".to_owned(),
+                nixspace_nix_formats::hash::Hash::sha256(b"x"),
+                nar_size,
+            );
+            std::fs::write(
+                dir.path().join(format!("{}.narinfo", parsed.hash_part())),
+                info.to_text(&store_dir),
+            )
+            .unwrap();
+            dir
+        };
+        let (late, early) = (cache("60", 1), cache("10", 2));
+        let locations = [late.path(), early.path()]
+            .map(|d| format!("file://{}", d.display()))
+            .to_vec();
+        let caches = BinaryCaches::open(&locations, store_dir.clone(), None)
+            .await
+            .unwrap();
+        let offered = caches.path_info(path).await.unwrap();
+        assert_eq!(offered.nar_size, 2.into(), "from the cache of priority 10");
+        assert_eq!(
+            caches
+                .path_of_hash_part(parsed.hash_part())
+                .await
+                .as_deref(),
+            Some(path)
+        );
+        assert_eq!(caches.path_of_hash_part("../../etc/passwd").await, None);
+        // The control above opened a cache of /nix/store; one of another store is refused.
+        std::fs::write(
+            early.path().join("nix-cache-info"),
+            "StoreDir: /other/store\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            BinaryCaches::open(&locations, store_dir, None).await,
+            Err(CacheOpenError::StoreDir { .. })
+        ));
+    }
+
     #[test]
     fn nix_cache_info_gives_priority_and_mass_query() {
         let info = CacheInfo::parse("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n");

@@ -259,6 +259,91 @@ impl Read for BodyReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server answering `GET /NAME` with the body `files` gives NAME, else 404, one request
+    /// per connection; its URL and how many requests it got.
+    async fn server(files: Vec<(&'static str, Vec<u8>)>) -> (Url, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/", listener.local_addr().unwrap())).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&count);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = stream.read(&mut buf).await.unwrap();
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap().to_owned();
+                let body = files.iter().find(|(n, _)| format!("/{n}") == path);
+                let response = match body {
+                    Some((_, body)) => {
+                        let mut r = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        r.extend_from_slice(body);
+                        r
+                    }
+                    None => {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    }
+                };
+                stream.write_all(&response).await.unwrap();
+                stream.shutdown().await.unwrap();
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn responses_are_bounded_and_404s_asked_once() {
+        let (url, count) = server(vec![
+            ("small", b"12345".to_vec()),
+            ("large", vec![b'x'; 1000]),
+        ])
+        .await;
+        let files = HttpFiles::new(url, client().unwrap());
+        // Within the bound: read, and read again from the server every time.
+        for asked in 1..=2 {
+            assert_eq!(
+                files.read_small("small", 5).await.unwrap(),
+                Some(b"12345".to_vec())
+            );
+            assert_eq!(count.load(Ordering::SeqCst), asked);
+        }
+        // Past it: refused, whole or streamed.
+        assert!(matches!(
+            files.read_small("large", 999).await,
+            Err(SourceError::TooLarge { limit: 999, .. })
+        ));
+        let mut body = Vec::new();
+        let mut reader = files.open("large", 999).await.unwrap();
+        let read = tokio::task::spawn_blocking(move || reader.read_to_end(&mut body))
+            .await
+            .unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        let mut whole = Vec::new();
+        let mut reader = files.open("large", 1000).await.unwrap();
+        let read =
+            tokio::task::spawn_blocking(move || reader.read_to_end(&mut whole).map(|_| whole))
+                .await
+                .unwrap();
+        assert_eq!(read.unwrap().len(), 1000);
+        // A missing file is asked for once, then remembered.
+        let before = count.load(Ordering::SeqCst);
+        assert_eq!(files.read_small("missing", 5).await.unwrap(), None);
+        assert_eq!(files.read_small("missing", 5).await.unwrap(), None);
+        assert_eq!(count.load(Ordering::SeqCst), before + 1);
+    }
 
     #[test]
     fn missing_files_are_remembered_within_the_bound() {
