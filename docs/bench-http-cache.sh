@@ -34,7 +34,7 @@ fetch http://127.0.0.1:18080 "(a) nix copy --from python http.server (zstd files
 $NS up --dir $D/ns --state-dir $D/state >$D/up.log 2>&1 & pids+=($!)
 while [ ! -e $D/ns/worker.route ]; do sleep 0.2; done
 $NS substitute --dir $D/ns --name cache http://127.0.0.1:18080 --trusted-public-key "$(cat $D/pk)" >$D/sub.log 2>&1 & SUB=$!; pids+=($SUB)
-$NS cache serve --dir $D/ns --name serve 127.0.0.1:18081 --secret-key $D/sk --wait 10 >$D/serve.log 2>&1 & pids+=($!)
+$NS cache serve --dir $D/ns --name serve 127.0.0.1:18081 --secret-key $D/sk --trusted-public-key "$(cat $D/pk)" --wait 10 >$D/serve.log 2>&1 & pids+=($!)
 sleep 2
 fetch http://127.0.0.1:18081 "(b) nix copy --from cache serve <- dataspace <- substitute http (zstd)"
 kill $SUB; sleep 1

@@ -185,6 +185,27 @@ fn nix_build_in_a_fresh_store_substitutes_what_a_worker_built_from_cache_serve()
     );
     // Substituted, not built again.
     assert_each_step_built_once(&runs, 2);
+
+    // A path the worker's store has but nobody trusted signed (built by plain nix-build on
+    // the same store) is not served: the store offers it, the cache refuses to vouch for it.
+    let unsigned_runs = tmp.join("unsigned-runs");
+    let mut plain = space.nix("nix-build", None);
+    plain
+        .arg(referring_chain(&space, &unsigned_runs))
+        .arg("--no-out-link");
+    let plain = run(plain, LIMIT);
+    assert!(plain.status.success(), "{plain:?}");
+    let unsigned = plain.stdout.trim().to_owned();
+    let hash_part = &unsigned["/nix/store/".len()..][..32];
+    let refused = http_get(&addr, &format!("/{hash_part}.narinfo"));
+    assert!(refused.starts_with("HTTP/1.1 404"), "{refused}");
+    assert!(
+        space
+            .log("cache-serve")
+            .contains("not serving a path another store offers"),
+        "{}",
+        space.log("cache-serve")
+    );
 }
 
 /// The whole HTTP/1.1 response to `HEAD path` from `addr`.

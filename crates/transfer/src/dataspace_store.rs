@@ -1,13 +1,16 @@
 //! The dataspace's stores seen from outside as one read-only store, with no Nix store of its
 //! own (what `nixspace cache serve` answers binary cache clients from): a path is found by its
-//! hash part (`<want-hash-part …>`, answered with `available` by whichever store has it), and
-//! its NAR streamed from that store, checked against the size and hash it claimed.
+//! hash part (`<want-hash-part …>`, answered with `available` by whichever store has it), taken
+//! only if signed by a key trusted here or content-addressed (as a store adds a path, but
+//! whatever the local `require-sigs`: what is served here is vouched for to others), and its
+//! NAR streamed from that store, checked against the size and hash it claimed.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nixspace_nix_formats::signature::PublicKeys;
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_protocol::store;
@@ -21,6 +24,7 @@ use crate::nar_stream::NarReceiver;
 use crate::node::{ChildFacet, Link};
 use crate::path_info::from_wire;
 use crate::source::is_hash_part;
+use crate::trust::{SharedTrust, TrustPolicy};
 use crate::FetchError;
 
 /// A path some store of the dataspace has.
@@ -40,22 +44,33 @@ pub struct DataspaceStore {
     store_dir: StoreDir,
     stream_idle: Duration,
     link: Mutex<Option<Link>>,
+    trust: Arc<SharedTrust>,
 }
 
 impl DataspaceStore {
     /// Reading paths of `store_dir` as `name`, giving up on NAR streams that stall for
-    /// `stream_idle`.
-    pub fn new(name: impl Into<String>, store_dir: StoreDir, stream_idle: Duration) -> Self {
+    /// `stream_idle`, taking paths signed by `trusted` keys (besides the local Nix
+    /// configuration's and those the coordinator announces) or content-addressed.
+    pub fn new(
+        name: impl Into<String>,
+        store_dir: StoreDir,
+        stream_idle: Duration,
+        trusted: &PublicKeys,
+    ) -> Self {
+        let mut policy = TrustPolicy::from_nix_conf().requiring_signatures();
+        policy.add(trusted);
         DataspaceStore {
             name: name.into(),
             store_dir,
             stream_idle,
             link: Mutex::new(None),
+            trust: SharedTrust::new(policy),
         }
     }
 
     /// Read through `ds` from the current facet from now on (call again after rejoining).
     pub fn attach(&self, t: &mut Activation, ds: Arc<Cap>) {
+        self.trust.follow_announcements(t, &ds);
         if let Ok(mut link) = self.link.lock() {
             *link = Some(Link::attach(t, ds));
         }
@@ -71,7 +86,7 @@ impl DataspaceStore {
     }
 
     /// The first path with hash part `hash_part` that a store of the dataspace says it has
-    /// within `patience` (with a well-formed path-info), or `None`.
+    /// within `patience`, with a well-formed path-info that is trusted, or `None`.
     pub async fn find(
         &self,
         hash_part: &str,
@@ -114,8 +129,19 @@ impl DataspaceStore {
             if path.hash_part() != hash_part {
                 continue;
             }
-            match from_wire(&self.store_dir, &path, &wire) {
-                Ok(info) => {
+            let info = match from_wire(&self.store_dir, &path, &wire) {
+                Ok(info) => info,
+                Err(reason) => {
+                    tracing::warn!(path = %printed, %holder, %reason, "ignoring a malformed path-info");
+                    continue;
+                }
+            };
+            let trusted = match self.trust.lock() {
+                Ok(policy) => policy.check(&self.store_dir, &info),
+                Err(_) => return Err(FetchError::Detached),
+            };
+            match trusted {
+                Ok(_) => {
                     return Ok(Some(Found {
                         printed,
                         info,
@@ -123,7 +149,7 @@ impl DataspaceStore {
                     }))
                 }
                 Err(reason) => {
-                    tracing::warn!(path = %printed, %holder, %reason, "ignoring a malformed path-info");
+                    tracing::warn!(path = %printed, %holder, %reason, "not serving a path another store offers");
                 }
             }
         }

@@ -25,7 +25,7 @@ use crate::nar_stream::{receive, NarReceiver, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::realisations::wanted_realisation;
 use crate::source::{serve, DaemonSource, OfferedRealisation, PathSource, Role};
-use crate::trust::{TrustPolicy, Untrusted};
+use crate::trust::{SharedTrust, TrustPolicy, Untrusted};
 
 /// How long a fetch waits for some store to say it has the path, by default.
 pub const WANT_PATIENCE: Duration = Duration::from_secs(30);
@@ -212,9 +212,7 @@ struct Inner {
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
     /// Which keys' signatures make a path trusted here.
-    trust: Mutex<TrustPolicy>,
-    /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
-    announcements: AtomicU64,
+    trust: Arc<SharedTrust>,
 }
 
 /// The dataspace the node is attached to, and the facet its assertions live in.
@@ -345,8 +343,7 @@ impl StoreNode {
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
-                trust: Mutex::new(TrustPolicy::from_nix_conf()),
-                announcements: AtomicU64::new(0),
+                trust: SharedTrust::new(TrustPolicy::from_nix_conf()),
             }),
         }
     }
@@ -415,21 +412,7 @@ impl StoreNode {
             }));
             Ok(())
         }));
-        // Only the coordinator may assert these (the roles' caveats refuse them).
-        enclose!((inner) during!(t, ds, <trusted-keys $keys: Vec<String>>, |t: &mut Activation| {
-            let id = inner.announcements.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut trust) = inner.trust.lock() {
-                trust.announce(id, &keys);
-            }
-            tracing::debug!(keys = keys.len(), "trusting the keys the coordinator announced");
-            on_retraction(t, enclose!((inner) move |_t| {
-                if let Ok(mut trust) = inner.trust.lock() {
-                    trust.withdraw(id);
-                }
-                Ok(())
-            }));
-            Ok(())
-        }));
+        inner.trust.follow_announcements(t, &ds);
     }
 
     /// Whether any substituter is in the dataspace (else [`StoreNode::substitute`] has nobody

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use nixspace_nix_formats::signature::SecretKey;
-use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_space::{Backoff, Role};
 use nixspace_transfer::dataspace_store::DataspaceStore;
 use nixspace_transfer::nar_stream::STREAM_IDLE;
@@ -29,7 +28,9 @@ enum CacheCommand {
     /// Serve the dataspace's stores as one binary cache over HTTP, for plain Nix clients
     /// (`substituters = http://ADDR`): `/<hash>.narinfo` and the NAR it names are answered
     /// from whichever store of the dataspace has the path (a worker's, a frontend's, a
-    /// substituter's), the narinfo signed with --secret-key, the NAR uncompressed and
+    /// substituter's) if it is signed by a key trusted here (the local Nix configuration's
+    /// trusted-public-keys, --trusted-public-key, the keys `nixspace up` announces) or
+    /// content-addressed, the narinfo signed with --secret-key, the NAR uncompressed and
     /// streamed as the store sends it. A path no store says it has within --wait is 404.
     Serve(ServeArgs),
 }
@@ -48,6 +49,10 @@ struct ServeArgs {
     /// the stores have.
     #[arg(long, value_name = "FILE")]
     secret_key: Option<PathBuf>,
+
+    /// Serve paths signed by this key too (`name:base64`); repeat for several.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    trusted: Vec<String>,
 
     /// The priority `nix-cache-info` announces (lower is asked first; cache.nixos.org has 40).
     #[arg(long, default_value_t = 30)]
@@ -83,17 +88,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let patience = Duration::try_from_secs_f64(args.wait)
         .map_err(|e| anyhow::anyhow!("--wait {}: {e}", args.wait))?;
-    let store_dir = std::env::var("NIX_STORE_DIR")
-        .ok()
-        .and_then(|d| StoreDir::new(&d).ok())
-        .unwrap_or_default();
+    let store_dir = super::store_dir_from_env();
     let name = args
         .name
         .unwrap_or_else(|| format!("cache-serve-{}", std::process::id()));
+    let trusted = super::parse_public_keys(&args.trusted)?;
     let stores = Arc::new(DataspaceStore::new(
         name.clone(),
         store_dir.clone(),
         STREAM_IDLE,
+        &trusted,
     ));
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await

@@ -18,6 +18,8 @@ pub mod worker;
 use std::path::PathBuf;
 
 use clap::Args;
+use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
+use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_space::{Role, Route, SessionEvent};
 
 /// Where to find the dataspace: shared by the commands that join one.
@@ -84,6 +86,25 @@ pub fn report_session(what: &str, name: &str, serving: &str, event: SessionEvent
             eprintln!("nixspace: {what} {name}: {why}; retrying in {after:?}")
         }
     }
+}
+
+/// The public keys `texts` give (`name:base64` each, as `--trusted-public-key` takes them).
+pub fn parse_public_keys(texts: &[String]) -> anyhow::Result<PublicKeys> {
+    let mut keys = PublicKeys::new();
+    for k in texts {
+        keys.insert(
+            PublicKey::parse(k).map_err(|e| anyhow::anyhow!("--trusted-public-key {k}: {e}"))?,
+        );
+    }
+    Ok(keys)
+}
+
+/// The store directory `NIX_STORE_DIR` names, else `/nix/store`.
+pub fn store_dir_from_env() -> StoreDir {
+    std::env::var("NIX_STORE_DIR")
+        .ok()
+        .and_then(|d| StoreDir::new(&d).ok())
+        .unwrap_or_default()
 }
 
 /// Wait for Ctrl-C or SIGTERM.

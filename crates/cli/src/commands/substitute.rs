@@ -5,8 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
-use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_space::{Backoff, Role};
 use nixspace_transfer::binary_cache::BinaryCaches;
 use nixspace_transfer::nar_stream::STREAM_IDLE;
@@ -53,19 +51,9 @@ pub async fn run(args: SubstituteArgs) -> anyhow::Result<ExitCode> {
     let trusted = if args.trusted.is_empty() {
         None
     } else {
-        let mut keys = PublicKeys::new();
-        for k in &args.trusted {
-            keys.insert(
-                PublicKey::parse(k)
-                    .map_err(|e| anyhow::anyhow!("--trusted-public-key {k}: {e}"))?,
-            );
-        }
-        Some(keys)
+        Some(super::parse_public_keys(&args.trusted)?)
     };
-    let store_dir = std::env::var("NIX_STORE_DIR")
-        .ok()
-        .and_then(|d| StoreDir::new(&d).ok())
-        .unwrap_or_default();
+    let store_dir = super::store_dir_from_env();
     let caches = BinaryCaches::open(&args.caches, store_dir, trusted).await?;
     let shown = caches
         .caches()
