@@ -1,7 +1,7 @@
 //! The benchmarks run end to end on tiny inputs: every column of `bench dag` (the real
 //! `nix-build`, `nix-daemon`, a private sshd as an ssh-ng builder, nixspace with local
 //! workers, with a worker on its own store over TCP, and the translator) builds, and the
-//! planner, dataspace and dispatch benchmarks report what they promise.
+//! planner, dataspace, dispatch and cache benchmarks report what they promise.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -144,5 +144,20 @@ fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
     ]);
     for row in ["demand → assigned", "assigned → built", "demand → built"] {
         assert!(out.stdout.contains(row), "{row}: {out:?}");
+    }
+}
+
+#[test]
+fn bench_cache_copies_from_a_file_server_and_from_cache_serve() {
+    let (out, _tmp) = bench(&["cache", "--paths", "3", "--size", "4096", "--runs", "1"]);
+    for row in [
+        "(a) file server",
+        "(b) cache serve <- substitute (a)",
+        "(c) cache serve <- worker's store",
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l.starts_with(row)),
+            "{row}: {out:?}"
+        );
     }
 }

@@ -13,6 +13,7 @@ mod e2e;
 mod faults;
 mod flow;
 mod fuzz_sockets;
+mod http_cache;
 mod multihost;
 mod nixbuild;
 mod noise;

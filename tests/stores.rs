@@ -50,7 +50,7 @@ fn split_chain(space: &Space) -> PathBuf {
 
 /// A chain `base` → `top` whose `top` output refers to `base`'s, each builder run appended
 /// to `runs`.
-fn referring_chain(space: &Space, runs: &Path) -> PathBuf {
+pub(crate) fn referring_chain(space: &Space, runs: &Path) -> PathBuf {
     let binding = step_binding("name: deps", "", &counted_referring_script(runs));
     space.nix_file(
         "chain.nix",
@@ -199,12 +199,12 @@ fn nix_build_through_the_translator_gets_results_from_workers_with_their_own_sto
 }
 
 /// The key binary caches and other stores of these tests sign with.
-fn cache_key() -> SecretKey {
+pub(crate) fn cache_key() -> SecretKey {
     SecretKey::from_seed("stores-test-cache-1", &[5; 32]).unwrap()
 }
 
 /// A space whose stores trust [`cache_key`], with the key's secret file in its directory.
-fn space_trusting_the_cache_key() -> (Space, PathBuf) {
+pub(crate) fn space_trusting_the_cache_key() -> (Space, PathBuf) {
     let public = cache_key().to_public().to_string();
     let space = Space::start_with(&["--trusted-public-key", &public]);
     let secret = space.tmp.path().join("cache.key");
@@ -215,7 +215,7 @@ fn space_trusting_the_cache_key() -> (Space, PathBuf) {
 /// A chain `base` → `top` built with plain `nix-build` on the local store, copied into a
 /// binary cache at `cache` (`nix copy --to file://…` with `compression`, signed with the key
 /// in `secret`), then deleted from the store. Returns the Nix file and `top`'s output path.
-fn cached_chain(
+pub(crate) fn cached_chain(
     space: &Space,
     runs: &Path,
     cache: &Path,
@@ -252,14 +252,14 @@ fn cached_chain(
     (file, top)
 }
 
-/// Start `nixspace substitute CACHE` on `space`, logging to `<tmp>/substituter.log`.
-fn substituter(space: &Space, cache: &Path) -> KillOnDrop {
+/// Start `nixspace substitute CACHE…` on `space`, logging to `<tmp>/substituter.log`.
+pub(crate) fn substituter(space: &Space, caches: &[&std::ffi::OsStr]) -> KillOnDrop {
     let log = space.tmp.path().join("substituter.log");
     let child = space
         .command(&["substitute", "--name", "cache"])
         .arg("--dir")
         .arg(space.dir())
-        .arg(cache)
+        .args(caches)
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -276,7 +276,7 @@ fn outputs_in_a_binary_cache_are_substituted_not_built() {
     );
     let (file, top) = cached_chain(&space, &runs, &cache, "xz", &secret);
     space.worker("w1", &[]);
-    let _cache = substituter(&space, &cache);
+    let _cache = substituter(&space, &[cache.as_os_str()]);
 
     let built = space.build(&file, LIMIT);
     assert!(built.status.success(), "{built:?}");
@@ -365,7 +365,7 @@ fn a_content_addressed_output_is_substituted_through_its_signed_realisation() {
     std::fs::remove_file(&runs).unwrap();
     let store = space.tmp.path().join("w1-store");
     space.worker("w1", &["--own-store", store.to_str().unwrap()]);
-    let _cache = substituter(&space, &cache);
+    let _cache = substituter(&space, &[cache.as_os_str()]);
 
     // Signed by a key the stores trust: the worker takes the realisation, fetches the path
     // it names and builds nothing; the frontend gets the output and its realisation.
@@ -426,7 +426,7 @@ fn a_corrupted_nar_in_a_binary_cache_is_rejected_and_the_step_built() {
         std::fs::write(&path, bytes).unwrap();
     }
     space.worker("w1", &[]);
-    let _cache = substituter(&space, &cache);
+    let _cache = substituter(&space, &[cache.as_os_str()]);
 
     let built = space.build(&file, LIMIT);
     assert!(built.status.success(), "{built:?}");

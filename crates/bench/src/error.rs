@@ -25,6 +25,9 @@ pub enum BenchError {
     /// The private `nix-daemon` of a compared setup did not start.
     #[error(transparent)]
     PrivateDaemon(#[from] PrivateDaemonError),
+    /// What a benchmark sets up did not come about.
+    #[error("{0}")]
+    Setup(&'static str),
     /// A file, a socket or a process failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),

@@ -1,5 +1,5 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
-//! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`), the
+//! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`, `cache`), the
 //! setups they compare (`rig`, `ssh`; a private `nix-daemon` from `nixspace-nix-tools`), generated inputs (`shapes`), plots
 //! (`plot`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
 //! benchmark (`error`). `processes` holds
@@ -7,6 +7,7 @@
 //! shared with `nixspace demo`. The benchmarks start `up`, `worker`, `build` and `translate`
 //! as children of the running program, so they run inside the `nixspace` binary.
 
+mod cache;
 mod dag;
 mod dataspace;
 mod dispatch;
@@ -37,6 +38,7 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     Dag(dag::DagArgs),
+    Cache(cache::CacheArgs),
     Planner(planner::PlannerArgs),
     Dataspace(dataspace::DataspaceArgs),
     Dispatch(dispatch::DispatchArgs),
@@ -47,6 +49,7 @@ enum BenchCommand {
 pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
     match args.what {
         BenchCommand::Dag(a) => dag::run(a).await,
+        BenchCommand::Cache(a) => cache::run(a).await,
         BenchCommand::Planner(a) => planner::run(a).await,
         BenchCommand::Dataspace(a) => dataspace::run(a).await,
         BenchCommand::Dispatch(a) => dispatch::run(a).await,

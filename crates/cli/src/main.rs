@@ -7,7 +7,9 @@
 //! ([`nix_daemon_cli`]); under the name `nix-store`, only `nix-store --serve [--write]`
 //! ([`nix_store_cli`]).
 
+mod cache_http;
 mod commands;
+mod http_request;
 mod logging;
 mod metrics_http;
 mod nix_daemon_cli;
@@ -52,6 +54,7 @@ enum Command {
     Translate(commands::translate::TranslateArgs),
     Daemon(commands::daemon::DaemonArgs),
     Substitute(commands::substitute::SubstituteArgs),
+    Cache(commands::cache::CacheArgs),
     Route(commands::route::RouteArgs),
     ServerConfig(commands::server_config::ServerConfigArgs),
 }
@@ -109,6 +112,7 @@ fn main() -> ExitCode {
             Command::Translate(a) => commands::translate::run(a).await,
             Command::Daemon(a) => commands::daemon::run(a).await,
             Command::Substitute(a) => commands::substitute::run(a).await,
+            Command::Cache(a) => commands::cache::run(a).await,
             Command::Route(a) => commands::route::run(a).await,
             Command::ServerConfig(a) => commands::server_config::run(a).await,
         }

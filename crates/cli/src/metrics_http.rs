@@ -3,17 +3,12 @@
 //! Requests are read with a size and time limit, one per connection.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use nixspace_planner::metrics::Metrics;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-/// The largest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
-
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::http_request::read_request;
 
 /// Serve `metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
@@ -33,13 +28,8 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
-    let request_line = head.lines().next().unwrap_or_default();
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path) {
+    let request = read_request(&mut stream).await?;
+    let (status, content_type, body) = match (request.method.as_str(), request.path.as_str()) {
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -57,24 +47,4 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
-}
-
-/// Read up to the blank line that ends an HTTP request head.
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_REQUEST {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too large",
-            ));
-        }
-    }
-    Ok(String::from_utf8_lossy(&head).into_owned())
 }

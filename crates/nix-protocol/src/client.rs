@@ -519,6 +519,25 @@ where
         self.track(res)
     }
 
+    /// `QueryPathFromHashPart`: the valid path (printed) whose hash part is `hash_part`, if
+    /// any.
+    pub async fn query_path_from_hash_part(
+        &mut self,
+        hash_part: &str,
+    ) -> Result<Option<String>, ClientError> {
+        let res = async {
+            self.simple(&Request::QueryPathFromHashPart(hash_part.to_owned()))
+                .await?;
+            let path = self
+                .reader
+                .read_string("QueryPathFromHashPart reply")
+                .await?;
+            Ok(Some(path).filter(|p| !p.is_empty()))
+        }
+        .await;
+        self.track(res)
+    }
+
     /// `IsValidPath`.
     pub async fn is_valid_path(&mut self, path: &StorePath) -> Result<bool, ClientError> {
         let res = async {

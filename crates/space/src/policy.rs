@@ -74,6 +74,7 @@ pub fn allowed(role: Role) -> Vec<Shape> {
     let mut shapes = vec![
         Shape::of::<build::Probe>(),
         Shape::of::<store::Want>(),
+        Shape::of::<store::WantHashPart>(),
         Shape::of::<store::Available>(),
         Shape::of::<store::NarRequest>(),
         // Any participant with a store may compute a closure and share it.
@@ -130,6 +131,7 @@ pub fn observable(role: Role) -> Vec<String> {
     let stores = [
         Shape::of::<build::Probe>(),
         Shape::of::<store::Want>(),
+        Shape::of::<store::WantHashPart>(),
         Shape::of::<store::Available>(),
         Shape::of::<store::NarRequest>(),
         Shape::of::<store::Substituter>(),
@@ -269,6 +271,7 @@ const IDENTITY_FIELDS: &[(&str, usize)] = &[
     ("report-failed", 1),
     ("lost", 2),
     ("want", 1),
+    ("want-hash-part", 1),
     ("available", 1),
     ("substituter", 0),
     ("missing", 1),
@@ -404,8 +407,9 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
-        assert_eq!(allowed(Role::Submit).len(), 7);
-        assert_eq!(allowed(Role::Worker).len(), 23);
+        assert_eq!(allowed(Role::Submit).len(), 8);
+        assert_eq!(allowed(Role::Worker).len(), 24);
+        assert!(allowed(Role::Worker).contains(&Shape::new("want-hash-part", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("realisation", 3)));
         assert!(allowed(Role::Worker).contains(&Shape::new("report-built", 5)));
@@ -414,9 +418,9 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 29);
+        assert_eq!(observable(Role::Submit).len(), 30);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
-        assert_eq!(observable(Role::Worker).len(), 14);
+        assert_eq!(observable(Role::Worker).len(), 15);
         for role in [Role::Submit, Role::Worker] {
             assert!(observable(role).contains(&"trusted-keys".to_owned()));
         }

@@ -9,7 +9,8 @@
 //! runs; `nix_files`, the Nix expressions tests build; `dataspace`, in-process
 //! and raw clients of a dataspace; `proxy`, a TCP proxy that cuts connections;
 //! `syndicate_server`, a nixspace on a standalone `syndicate-server`; `hosts`, hosts of
-//! their own (network namespaces) joined by a switch that delays packets.
+//! their own (network namespaces) joined by a switch that delays packets; `http_files`, a
+//! small HTTP server of a directory's files (binary caches over HTTP).
 // Test code only: a setup step that fails is a failed test, with the reason in its panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +20,8 @@ pub mod fuzz;
 pub mod dataspace;
 #[cfg(feature = "e2e")]
 pub mod hosts;
+#[cfg(feature = "e2e")]
+pub mod http_files;
 #[cfg(feature = "e2e")]
 pub mod nix_files;
 #[cfg(feature = "e2e")]

@@ -15,6 +15,8 @@
 
 pub mod binary_cache;
 mod closure;
+pub mod dataspace_store;
+pub mod http_cache;
 mod inflight;
 pub mod nar_stream;
 mod node;

@@ -21,11 +21,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::closure::{Claimed, ClosureLimits, ClosureTooLarge};
 use crate::inflight::{Claim, FetchId, Inflight, Ownership, WaitCycle};
-use crate::nar_stream::{receive, STREAM_IDLE};
+use crate::nar_stream::{receive, NarReceiver, STREAM_IDLE};
 use crate::path_info::{from_wire, PathInfoError};
 use crate::realisations::wanted_realisation;
 use crate::source::{serve, DaemonSource, OfferedRealisation, PathSource, Role};
-use crate::trust::{TrustPolicy, Untrusted};
+use crate::trust::{SharedTrust, TrustPolicy, Untrusted};
 use crate::vouch::{Vouch, VouchingSource};
 
 /// How long a fetch waits for some store to say it has the path, by default.
@@ -213,9 +213,7 @@ struct Inner {
     /// The substituters in the dataspace.
     substituters: Mutex<BTreeSet<String>>,
     /// Which keys' signatures make a path trusted here.
-    trust: Mutex<TrustPolicy>,
-    /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
-    announcements: AtomicU64,
+    trust: Arc<SharedTrust>,
     /// The paths this store's holder vouches for, if any.
     vouch: Mutex<Option<Arc<Vouch>>>,
 }
@@ -230,6 +228,48 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// A link to `ds` from the current facet, lost when the facet's actor ends.
+    pub(crate) fn attach(t: &mut Activation, ds: Arc<Cap>) -> Link {
+        let (lost_tx, lost) = watch::channel(false);
+        let watch = t.create_ref(LinkWatch(lost_tx));
+        t.add_exit_hook(&watch);
+        Link {
+            ds,
+            facet: t.facet_ref(),
+            lost,
+        }
+    }
+
+    /// Ask `holder` for `printed`'s NAR, to be checked against `info`, abandoned when it
+    /// stalls for `idle`: the request (withdrawn when dropped) and the stream.
+    pub(crate) fn request_nar(
+        &self,
+        printed: &str,
+        holder: &str,
+        info: &ValidPathInfo,
+        idle: Duration,
+    ) -> (ChildFacet, NarReceiver) {
+        let (sink, nar) = receive(
+            self.facet.clone(),
+            info.info.nar_hash.clone(),
+            info.info.nar_size,
+            idle,
+        );
+        let request = ChildFacet::start(self, |t| {
+            let sink = t.create_cap(sink);
+            self.ds.assert(
+                t,
+                &store::NarRequest {
+                    path: printed.to_owned(),
+                    store: holder.to_owned(),
+                    sink,
+                },
+            );
+            Ok(())
+        });
+        (request, nar)
+    }
+
     pub(crate) fn is_lost(&self) -> bool {
         *self.lost.borrow()
     }
@@ -306,8 +346,7 @@ impl StoreNode {
                 fetched: AtomicU64::new(0),
                 fetched_bytes: AtomicU64::new(0),
                 substituters: Mutex::new(BTreeSet::new()),
-                trust: Mutex::new(TrustPolicy::from_nix_conf()),
-                announcements: AtomicU64::new(0),
+                trust: SharedTrust::new(TrustPolicy::from_nix_conf()),
                 vouch: Mutex::new(None),
             }),
         }
@@ -360,15 +399,8 @@ impl StoreNode {
         if let Ok(mut s) = self.inner.substituters.lock() {
             s.clear();
         }
-        let (lost_tx, lost) = watch::channel(false);
-        let watch = t.create_ref(LinkWatch(lost_tx));
-        t.add_exit_hook(&watch);
         if let Ok(mut link) = self.inner.link.lock() {
-            *link = Some(Link {
-                ds: Arc::clone(&ds),
-                facet: t.facet_ref(),
-                lost,
-            });
+            *link = Some(Link::attach(t, Arc::clone(&ds)));
         }
         let store = DaemonSource(self.inner.pool.clone());
         let vouch = self.inner.vouch.lock().ok().and_then(|v| v.clone());
@@ -397,21 +429,7 @@ impl StoreNode {
             }));
             Ok(())
         }));
-        // Only the coordinator may assert these (the roles' caveats refuse them).
-        enclose!((inner) during!(t, ds, <trusted-keys $keys: Vec<String>>, |t: &mut Activation| {
-            let id = inner.announcements.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut trust) = inner.trust.lock() {
-                trust.announce(id, &keys);
-            }
-            tracing::debug!(keys = keys.len(), "trusting the keys the coordinator announced");
-            on_retraction(t, enclose!((inner) move |_t| {
-                if let Ok(mut trust) = inner.trust.lock() {
-                    trust.withdraw(id);
-                }
-                Ok(())
-            }));
-            Ok(())
-        }));
+        inner.trust.follow_announcements(t, &ds);
     }
 
     /// Whether any substituter is in the dataspace (else [`StoreNode::substitute`] has nobody
@@ -980,24 +998,8 @@ impl Inner {
             }
         };
         tracing::debug!(path = %printed, %holder, ?trusted, "adding a fetched path");
-        let (sink, mut nar) = receive(
-            link.facet.clone(),
-            info.info.nar_hash.clone(),
-            info.info.nar_size,
-            self.timeouts.stream_idle,
-        );
-        let _request = ChildFacet::start(link, |t| {
-            let sink = t.create_cap(sink);
-            link.ds.assert(
-                t,
-                &store::NarRequest {
-                    path: printed.to_owned(),
-                    store: holder.to_owned(),
-                    sink,
-                },
-            );
-            Ok(())
-        });
+        let (_request, mut nar) =
+            link.request_nar(printed, holder, info, self.timeouts.stream_idle);
         let mut lease = self
             .pool
             .lease()

@@ -1,16 +1,16 @@
 //! Serving paths to the dataspace from any source: a Nix store (through its daemon) or a
-//! binary cache directory.
+//! binary cache.
 
 use std::future::Future;
 use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nixspace_nix_formats::narinfo::NarInfoError;
+use nixspace_nix_formats::nixbase32;
 use nixspace_nix_formats::signature::SignatureError;
-use nixspace_nix_formats::store_path::StorePathError;
+use nixspace_nix_formats::store_path::{StorePathError, HASH_PART_LEN};
 use nixspace_nix_tools::{DaemonPool, StepError};
 use nixspace_protocol::store;
 use syndicate::actor::{Activation, AnyValue, Cap, LinkedTaskTermination};
@@ -40,31 +40,51 @@ pub enum SourceError {
     #[error(transparent)]
     Store(#[from] StepError),
     /// A file of a binary cache cannot be read.
-    #[error("{}: {source}", file.display())]
+    #[error("{file}: {source}")]
     Read {
         /// The file.
-        file: PathBuf,
+        file: String,
         /// The cause.
         #[source]
         source: io::Error,
     },
+    /// A binary cache does not have a file (its directory lacks it, or its server answered
+    /// 404).
+    #[error("{0}: not in the cache")]
+    NotInCache(String),
+    /// A binary cache's server failed, or answered other than with the file or "not found".
+    #[error("{url}: {reason}")]
+    Http {
+        /// The URL asked for.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file of a binary cache is larger than any file of its kind may be.
+    #[error("{file} is over {limit} bytes")]
+    TooLarge {
+        /// The file.
+        file: String,
+        /// The most bytes it may have.
+        limit: u64,
+    },
     /// A narinfo does not parse.
-    #[error("{}: {source}", file.display())]
+    #[error("{file}: {source}")]
     NarInfo {
         /// The file.
-        file: PathBuf,
+        file: String,
         /// The cause.
         #[source]
         source: NarInfoError,
     },
     /// A narinfo describes a path other than the one its name says.
-    #[error("{} describes another path", .0.display())]
-    OtherPath(PathBuf),
+    #[error("{0} describes another path")]
+    OtherPath(String),
     /// A narinfo carries no valid signature by a trusted key.
-    #[error("{}: {source}", file.display())]
+    #[error("{file}: {source}")]
     Signature {
         /// The file.
-        file: PathBuf,
+        file: String,
         /// The cause.
         #[source]
         source: SignatureError,
@@ -72,18 +92,15 @@ pub enum SourceError {
     /// A narinfo's NAR URL points outside the cache.
     #[error("NAR URL {0:?} leaves the cache")]
     UrlOutsideCache(String),
-    /// A NAR cannot be decompressed.
-    #[error("{}: {source}", file.display())]
+    /// A NAR cannot be read or decompressed (or is compressed in a way not supported).
+    #[error("{file}: {source}")]
     Decompress {
         /// The file.
-        file: PathBuf,
+        file: String,
         /// The cause.
         #[source]
-        source: lzma_rs::error::Error,
+        source: io::Error,
     },
-    /// A NAR is compressed in a way this source does not read.
-    #[error("compression {0:?} is not supported (use none or xz)")]
-    Compression(String),
     /// Writing the NAR into the stream failed.
     #[error("{0}")]
     Stream(#[source] io::Error),
@@ -93,20 +110,17 @@ pub enum SourceError {
     /// A realisation was asked for under something that is not a derivation output's id.
     #[error("{0:?} is not a derivation output id")]
     BadOutputId(String),
-    /// A realisation file is larger than any realisation.
-    #[error("{} is over {MAX_REALISATION_FILE} bytes", .0.display())]
-    RealisationTooLarge(PathBuf),
     /// A realisation file does not parse (or names an output other than its own).
-    #[error("{}: {reason}", file.display())]
+    #[error("{file}: {reason}")]
     Realisation {
         /// The file.
-        file: PathBuf,
+        file: String,
         /// What is wrong with it.
         reason: String,
     },
     /// A realisation carries no valid signature by a trusted key.
-    #[error("{}: not signed by a trusted key", .0.display())]
-    RealisationNotSigned(PathBuf),
+    #[error("{0}: not signed by a trusted key")]
+    RealisationNotSigned(String),
 }
 
 /// The most bytes a realisation file (`realisations/<id>.doi`) may have.
@@ -138,6 +152,17 @@ pub trait PathSource: Send + Sync + 'static {
     fn realisation<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Option<OfferedRealisation>> {
         Box::pin(async { None })
     }
+    /// The path (printed) whose hash part is `hash_part` (checked by [`is_hash_part`]), if
+    /// this source has one (and serves it).
+    fn path_of_hash_part<'a>(&'a self, _hash_part: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+}
+
+/// Whether `text` is a store path's hash part: 32 characters of Nix's base-32 alphabet (so
+/// it is also a safe file name).
+pub fn is_hash_part(text: &str) -> bool {
+    text.len() == HASH_PART_LEN && text.bytes().all(|b| nixbase32::ALPHABET.contains(&b))
 }
 
 /// How a store serves.
@@ -192,6 +217,7 @@ pub fn serve(
         }
         Ok(())
     }));
+    answer_hash_part_wants(t, ds, &name, &source);
     if role == Role::Substituter {
         answer_realisation_wants(t, ds, &name, &source);
     }
@@ -220,6 +246,37 @@ pub fn serve(
                     sender.fail(reason);
                 }
             }
+            Ok(LinkedTaskTermination::KeepFacet)
+        }));
+        Ok(())
+    }));
+}
+
+/// As store `name`, answer others' `want-hash-part`s with `available` for the path of that
+/// hash part, if `source` has one, while they last.
+fn answer_hash_part_wants(
+    t: &mut Activation,
+    ds: &Arc<Cap>,
+    name: &str,
+    source: &Arc<dyn PathSource>,
+) {
+    let name = name.to_owned();
+    enclose!((name, source, ds) during!(t, ds, <want-hash-part $hash_part: String $store: String>, |t: &mut Activation| {
+        if store == name || !is_hash_part(&hash_part) {
+            return Ok(());
+        }
+        let facet = t.facet_ref();
+        t.linked_task(Some(AnyValue::symbol("answer-want-hash-part")), enclose!((name, source, ds) async move {
+            let Some(path) = source.path_of_hash_part(&hash_part).await else {
+                return Ok(LinkedTaskTermination::KeepFacet);
+            };
+            let info = source.path_info(&path).await;
+            facet.activate(&account("available"), None, |t| {
+                if let Some(info) = info {
+                    ds.assert(t, &store::Available { path, store: name, info });
+                }
+                Ok(())
+            });
             Ok(LinkedTaskTermination::KeepFacet)
         }));
         Ok(())
@@ -276,6 +333,23 @@ impl PathSource for DaemonSource {
                 Err(e) => {
                     let e = lease.failed(e);
                     tracing::warn!(%path, error = %e, "cannot query the local store");
+                    None
+                }
+            }
+        })
+    }
+
+    fn path_of_hash_part<'a>(&'a self, hash_part: &'a str) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let mut lease = self.0.lease().await.ok()?;
+            match lease.client().query_path_from_hash_part(hash_part).await {
+                Ok(path) => {
+                    lease.release();
+                    path
+                }
+                Err(e) => {
+                    let e = lease.failed(e);
+                    tracing::warn!(%hash_part, error = %e, "cannot query the local store");
                     None
                 }
             }

@@ -8,6 +8,8 @@
 //! store (flags), and keys the coordinator announces in the dataspace (`<trusted-keys …>`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LockResult, Mutex, MutexGuard};
 
 use nixspace_nix_formats::signature::{
     fingerprint, is_content_addressed, is_realisation_signed, valid_signers, PublicKey, PublicKeys,
@@ -16,6 +18,10 @@ use nixspace_nix_formats::signature::{
 use nixspace_nix_formats::store_path::{ContentAddress, StoreDir};
 use nixspace_nix_protocol::ValidPathInfo;
 use nixspace_nix_tools::nix_conf::NixConf;
+use nixspace_protocol::on_retraction;
+use syndicate::actor::{Activation, Cap};
+use syndicate::enclose;
+use syndicate_macros::during;
 
 /// At most this many keys are taken from one `<trusted-keys …>` record.
 pub const MAX_ANNOUNCED_KEYS: usize = 256;
@@ -76,6 +82,50 @@ impl Trusted {
     }
 }
 
+/// A [`TrustPolicy`] shared by a store's tasks, following the keys the coordinator announces
+/// in the dataspace.
+pub(crate) struct SharedTrust {
+    policy: Mutex<TrustPolicy>,
+    /// Numbers the `<trusted-keys …>` records seen, to forget each when it is withdrawn.
+    announcements: AtomicU64,
+}
+
+impl SharedTrust {
+    /// Sharing `policy`.
+    pub(crate) fn new(policy: TrustPolicy) -> Arc<SharedTrust> {
+        Arc::new(SharedTrust {
+            policy: Mutex::new(policy),
+            announcements: AtomicU64::new(0),
+        })
+    }
+
+    /// The policy, locked.
+    pub(crate) fn lock(&self) -> LockResult<MutexGuard<'_, TrustPolicy>> {
+        self.policy.lock()
+    }
+
+    /// From the current facet, trust the keys `<trusted-keys …>` records on `ds` announce
+    /// while they are asserted (only the coordinator may assert them: the roles' caveats
+    /// refuse them).
+    pub(crate) fn follow_announcements(self: &Arc<Self>, t: &mut Activation, ds: &Arc<Cap>) {
+        let trust = self;
+        enclose!((trust) during!(t, ds, <trusted-keys $keys: Vec<String>>, |t: &mut Activation| {
+            let id = trust.announcements.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut policy) = trust.lock() {
+                policy.announce(id, &keys);
+            }
+            tracing::debug!(keys = keys.len(), "trusting the keys the coordinator announced");
+            on_retraction(t, enclose!((trust) move |_t| {
+                if let Ok(mut policy) = trust.lock() {
+                    policy.withdraw(id);
+                }
+                Ok(())
+            }));
+            Ok(())
+        }));
+    }
+}
+
 /// The keys a store trusts, and whether it requires signatures at all.
 #[derive(Debug, Clone)]
 pub(crate) struct TrustPolicy {
@@ -124,6 +174,12 @@ impl TrustPolicy {
             }
         }
         policy
+    }
+
+    /// Require signatures (or a content address) whatever the configuration says.
+    pub(crate) fn requiring_signatures(mut self) -> TrustPolicy {
+        self.require_sigs = true;
+        self
     }
 
     /// Trust `keys` too.

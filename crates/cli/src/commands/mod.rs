@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod build;
+pub mod cache;
 pub mod daemon;
 pub mod demo;
 pub mod history;
@@ -17,7 +18,9 @@ pub mod worker;
 use std::path::PathBuf;
 
 use clap::Args;
-use nixspace_space::{Role, Route};
+use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
+use nixspace_nix_formats::store_path::StoreDir;
+use nixspace_space::{Role, Route, SessionEvent};
 
 /// Where to find the dataspace: shared by the commands that join one.
 #[derive(Args, Debug, Clone)]
@@ -65,6 +68,43 @@ pub fn parse_mode(text: &str) -> Result<u32, String> {
         .ok()
         .filter(|mode| *mode <= 0o777)
         .ok_or_else(|| format!("{text:?} is not an octal mode such as 600 or 666"))
+}
+
+/// Tell on standard error how the session of a serving participant (`what` `name`, e.g.
+/// `substituter cache-1`) goes: `serving …` once it first joined, then rejoins, losses and
+/// retries.
+pub fn report_session(what: &str, name: &str, serving: &str, event: SessionEvent) {
+    match event {
+        SessionEvent::Joined { connection: 1 } => {
+            eprintln!("nixspace: {what} {name} serving {serving}")
+        }
+        SessionEvent::Joined { .. } => eprintln!("nixspace: {what} {name} rejoined"),
+        SessionEvent::Lost(why) => {
+            eprintln!("nixspace: {what} {name} lost the dataspace ({why}); reconnecting")
+        }
+        SessionEvent::Retrying { after, why } => {
+            eprintln!("nixspace: {what} {name}: {why}; retrying in {after:?}")
+        }
+    }
+}
+
+/// The public keys `texts` give (`name:base64` each, as `--trusted-public-key` takes them).
+pub fn parse_public_keys(texts: &[String]) -> anyhow::Result<PublicKeys> {
+    let mut keys = PublicKeys::new();
+    for k in texts {
+        keys.insert(
+            PublicKey::parse(k).map_err(|e| anyhow::anyhow!("--trusted-public-key {k}: {e}"))?,
+        );
+    }
+    Ok(keys)
+}
+
+/// The store directory `NIX_STORE_DIR` names, else `/nix/store`.
+pub fn store_dir_from_env() -> StoreDir {
+    std::env::var("NIX_STORE_DIR")
+        .ok()
+        .and_then(|d| StoreDir::new(&d).ok())
+        .unwrap_or_default()
 }
 
 /// Wait for Ctrl-C or SIGTERM.

@@ -1,24 +1,26 @@
-//! `nixspace substitute`: serve a Nix binary cache directory to a dataspace.
+//! `nixspace substitute`: serve Nix binary caches (directories and HTTP(S) caches) to a
+//! dataspace.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
-use nixspace_nix_formats::store_path::StoreDir;
-use nixspace_space::{Backoff, Role, SessionEvent};
-use nixspace_transfer::binary_cache::BinaryCache;
+use nixspace_space::{Backoff, Role};
+use nixspace_transfer::binary_cache::BinaryCaches;
 use nixspace_transfer::nar_stream::STREAM_IDLE;
 use nixspace_transfer::source::{self, PathSource};
 use syndicate::actor::Activation;
 
 use super::JoinArgs;
 
-/// Serve a Nix binary cache directory to the dataspace as a substituter.
+/// Serve Nix binary caches to the dataspace as a substituter.
 ///
-/// DIR is a cache in the layout `nix copy --to file://DIR` writes (`*.narinfo` and the NARs
-/// they name, uncompressed or xz). Workers ask substituters for a step's outputs before
+/// Each CACHE is a directory (or `file://` URL) in the layout `nix copy --to file://DIR`
+/// writes (`*.narinfo` and the NARs they name, uncompressed or compressed with xz, zstd,
+/// bzip2 or brotli), or an `http://` or `https://` URL of a cache in the same layout (as
+/// `nix copy --to` and Nix's substituters read them). Several caches are asked in the order
+/// of the priority their `nix-cache-info` gives (then as given); "not found" answers of HTTP
+/// caches are believed for an hour. Workers ask substituters for a step's outputs before
 /// building it and fetch them from here (checking size and hash) when the cache has them.
 /// For a floating content-addressed step, whose output paths only a realisation names, they
 /// ask for the realisations the cache holds (`realisations/<id>.doi`, which `nix copy` writes
@@ -30,9 +32,9 @@ pub struct SubstituteArgs {
     #[command(flatten)]
     join: JoinArgs,
 
-    /// The binary cache directory (a `file://` URL or a path).
-    #[arg(value_name = "DIR")]
-    cache: String,
+    /// The binary caches: directories, `file://`, `http://` or `https://` URLs.
+    #[arg(value_name = "CACHE", required = true)]
+    caches: Vec<String>,
 
     /// Offer only paths whose narinfo is signed by this key (`name:base64`, as in nix.conf's
     /// trusted-public-keys); repeat for several.
@@ -46,27 +48,31 @@ pub struct SubstituteArgs {
 
 /// Run `nixspace substitute`.
 pub async fn run(args: SubstituteArgs) -> anyhow::Result<ExitCode> {
-    let dir = PathBuf::from(args.cache.strip_prefix("file://").unwrap_or(&args.cache));
-    if !dir.is_dir() {
-        anyhow::bail!("{}: not a directory", dir.display());
-    }
     let trusted = if args.trusted.is_empty() {
         None
     } else {
-        let mut keys = PublicKeys::new();
-        for k in &args.trusted {
-            keys.insert(
-                PublicKey::parse(k)
-                    .map_err(|e| anyhow::anyhow!("--trusted-public-key {k}: {e}"))?,
-            );
-        }
-        Some(keys)
+        Some(super::parse_public_keys(&args.trusted)?)
     };
-    let store_dir = std::env::var("NIX_STORE_DIR")
-        .ok()
-        .and_then(|d| StoreDir::new(&d).ok())
-        .unwrap_or_default();
-    let cache: Arc<dyn PathSource> = Arc::new(BinaryCache::new(dir.clone(), store_dir, trusted));
+    let store_dir = super::store_dir_from_env();
+    let caches = BinaryCaches::open(&args.caches, store_dir, trusted).await?;
+    let shown = caches
+        .caches()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} (priority {}{})",
+                c.location(),
+                c.info().priority,
+                if c.info().want_mass_query {
+                    ", mass queries"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cache: Arc<dyn PathSource> = Arc::new(caches);
     let name = args
         .name
         .unwrap_or_else(|| format!("cache-{}", std::process::id()));
@@ -85,20 +91,9 @@ pub async fn run(args: SubstituteArgs) -> anyhow::Result<ExitCode> {
             Ok(())
         }
     };
-    let shown = dir.display().to_string();
-    let session =
-        nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| match event {
-            SessionEvent::Joined { connection: 1 } => {
-                eprintln!("nixspace: substituter {name} serving {shown}")
-            }
-            SessionEvent::Joined { .. } => eprintln!("nixspace: substituter {name} rejoined"),
-            SessionEvent::Lost(why) => {
-                eprintln!("nixspace: substituter {name} lost the dataspace ({why}); reconnecting")
-            }
-            SessionEvent::Retrying { after, why } => {
-                eprintln!("nixspace: substituter {name}: {why}; retrying in {after:?}")
-            }
-        });
+    let session = nixspace_space::join::stay_joined(&route, Backoff::default(), body, |event| {
+        super::report_session("substituter", &name, &shown, event)
+    });
     tokio::select! {
         r = super::shutdown_signal() => {
             r?;

@@ -1,0 +1,55 @@
+//! Reading the head of one HTTP/1.1 request, within a size and a time limit, for nixspace's
+//! small HTTP endpoints (metrics, binary cache).
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// The largest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request's method and path (both empty if its first line has none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// `GET`, `HEAD`, …
+    pub method: String,
+    /// The path asked for, as sent.
+    pub path: String,
+}
+
+/// Read the head of the request on `stream` (up to its blank line), within the limits.
+pub async fn read_request(stream: &mut TcpStream) -> std::io::Result<Request> {
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
+    let request_line = head.lines().next().unwrap_or_default();
+    let mut parts = request_line.split_whitespace();
+    Ok(Request {
+        method: parts.next().unwrap_or_default().to_owned(),
+        path: parts.next().unwrap_or_default().to_owned(),
+    })
+}
+
+/// Read up to the blank line that ends an HTTP request head.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+        if head.len() > MAX_REQUEST {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
+        }
+    }
+    Ok(String::from_utf8_lossy(&head).into_owned())
+}
