@@ -161,3 +161,12 @@ fn bench_cache_copies_from_a_file_server_and_from_cache_serve() {
         );
     }
 }
+
+#[test]
+fn bench_remote_builds_through_the_delaying_proxy_both_ways_at_each_rtt() {
+    let (out, _tmp) = bench(&["remote", "--nodes", "2", "--rtt", "0,20"]);
+    for setup in ["nixspace worker", "ssh-ng builder"] {
+        let rows = rows(&out.stdout, &format!("ms {setup}"));
+        assert_eq!(rows.len(), 2, "{setup}: {out:?}");
+    }
+}

@@ -39,7 +39,7 @@ use nixspace_transfer::{FetchError, StoreNode, Timeouts};
 use preserves_schema::Parse;
 
 use crate::ca_substitutes::realised_by_substituters;
-use crate::detached::{BuildFailure, Builds, Outcome};
+use crate::detached::{BuildFailure, Builds, Grant, Outcome};
 use syndicate::actor::{
     Account, Activation, ActorError, ActorResult, AnyValue, Cap, Entity, FacetId, Handle,
     LinkedTaskTermination, Ref,
@@ -257,9 +257,11 @@ impl Entity<Event> for Builder {
                     self.building.insert(drv, facet);
                 }
             }
-            // Another worker got the step; unless we build it too (a steal), let go.
+            // Another worker got the step; unless we build it too (a steal), let go of it and
+            // of what we did towards it while the dataspace was away.
             Event::AssignedElsewhere { drv } => {
                 if !self.building.contains_key(&drv) {
+                    self.builds.cancel(&drv);
                     self.release(t, &drv);
                 }
             }
@@ -513,31 +515,40 @@ fn build_step(
             Ok(())
         });
     });
-    let mut outcome = worker.builds.follow(&drv, Box::new(lines), |lines| {
-        let (config, drv) = (Arc::clone(&config), drv.clone());
-        async move {
-            tracing::info!(%drv, "building");
-            let inline = match derivation.is_empty() {
-                true => None,
-                false => write_resolved(&config, &pool, &store, &drv, &derivation).await?,
-            };
-            match inline {
-                Some(basic) => {
-                    build_inline(&config, &pool, &drv, basic, settings, |log| lines.send(log)).await
-                }
-                None => {
-                    run_build(&config, &pool, &store, &drv, settings, |log| {
-                        lines.send(log)
-                    })
-                    .await
+    let followed = worker
+        .builds
+        .follow(&drv, Box::new(lines), |lines, mut grant| {
+            let (config, drv) = (Arc::clone(&config), drv.clone());
+            async move {
+                tracing::info!(%drv, "building");
+                let inline = match derivation.is_empty() {
+                    true => None,
+                    false => write_resolved(&config, &pool, &store, &drv, &derivation).await?,
+                };
+                match inline {
+                    Some(basic) => {
+                        // As in run_build: the builder runs only while the step is granted here.
+                        grant.granted().await;
+                        build_inline(&config, &pool, &drv, basic, settings, |log| lines.send(log))
+                            .await
+                    }
+                    None => {
+                        run_build(&config, &pool, &store, &drv, settings, &mut grant, |log| {
+                            lines.send(log)
+                        })
+                        .await
+                    }
                 }
             }
-        }
-    });
+        });
     t.linked_task(Some(AnyValue::new(format!("build {drv}"))), async move {
-        let outcome = match outcome.wait_for(Option::is_some).await {
-            Ok(o) => o.clone(),
-            Err(_) => None,
+        // The build is followed (its step granted to us here) while this task lives.
+        let outcome = match followed {
+            Ok((mut outcome, _following)) => match outcome.wait_for(Option::is_some).await {
+                Ok(o) => o.clone(),
+                Err(_) => None,
+            },
+            Err(failure) => Some(Err(failure)),
         };
         let outcome = outcome.unwrap_or_else(|| Err(BuildFailure::transient("the build stopped")));
         facet.activate(&account, None, |t| {
@@ -642,13 +653,15 @@ async fn known_outputs(store_dir: &StoreDir, drv: &DrvPath) -> Option<Vec<String
 
 /// Build `drv` with `settings` over the worker's daemon pool, passing its log lines and
 /// activity events to `send_log`. The derivation and the inputs the local store lacks are fetched first from the
-/// stores in the dataspace. Dropping the future interrupts the build.
+/// stores in the dataspace; the builder runs only while the step is granted to this worker
+/// (`grant`). Dropping the future interrupts the build.
 async fn run_build(
     config: &BuilderConfig,
     pool: &DaemonPool,
     store: &StoreNode,
     drv: &DrvPath,
     settings: BuildSettings,
+    grant: &mut Grant,
     mut send_log: impl FnMut(BuildLog) + Send,
 ) -> Outcome {
     let worker = config.id.as_str();
@@ -693,6 +706,9 @@ async fn run_build(
     // At most two rounds of fetching: the derivations, then the inputs' outputs they name.
     let mut fetches = 0;
     let built = loop {
+        // Cut off from the dataspace while fetching, the step may have been built elsewhere
+        // or withdrawn meanwhile: run the builder only once it is granted to us again.
+        grant.granted().await;
         match pool.build(drv.as_str(), &settings, &mut send_log).await {
             Err(StepError::InputsMissing(missing)) if fetches < 2 => {
                 fetches += 1;

@@ -1,7 +1,8 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
-//! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`, `cache`), the
+//! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`, `cache`,
+//! `remote`), the
 //! setups they compare (`rig`, `ssh`; a private `nix-daemon` from `nixspace-nix-tools`), generated inputs (`shapes`), plots
-//! (`plot`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
+//! (`plot`), a delaying TCP proxy (`delay`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
 //! benchmark (`error`). `processes` holds
 //! the child processes of this program (a dataspace and its workers in a scratch directory),
 //! shared with `nixspace demo`. The benchmarks start `up`, `worker`, `build` and `translate`
@@ -10,6 +11,7 @@
 mod cache;
 mod dag;
 mod dataspace;
+mod delay;
 mod dispatch;
 mod error;
 mod measure;
@@ -18,6 +20,7 @@ mod planner;
 mod plot;
 pub mod processes;
 mod queries;
+mod remote;
 mod rig;
 mod shapes;
 mod ssh;
@@ -43,6 +46,7 @@ enum BenchCommand {
     Dataspace(dataspace::DataspaceArgs),
     Dispatch(dispatch::DispatchArgs),
     Queries(queries::QueriesArgs),
+    Remote(remote::RemoteArgs),
 }
 
 /// Run the benchmark `args` names.
@@ -54,5 +58,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
         BenchCommand::Dataspace(a) => dataspace::run(a).await,
         BenchCommand::Dispatch(a) => dispatch::run(a).await,
         BenchCommand::Queries(a) => queries::run(a).await,
+        BenchCommand::Remote(a) => remote::run(a).await,
     }
 }

@@ -184,6 +184,7 @@ impl Rig {
                 file,
                 self.capacity.total(),
                 None,
+                None,
             )?,
             Column::SshNixspace => {
                 // Nix appends ` --stdio`; the spaces are percent-encoded in the store URI.
@@ -196,6 +197,7 @@ impl Rig {
                     file,
                     self.capacity.total(),
                     Some(&program),
+                    None,
                 )?
             }
             Column::Nixspace => nixspace_build(&self.local_space),

@@ -18,6 +18,9 @@ use crate::processes::kill_group;
 /// Where Debian's openssh-server puts the daemon (it is not on a normal user's PATH).
 const SSHD: &str = "/usr/sbin/sshd";
 
+/// The name the client knows the sshd's host key by, whichever port it reaches it on.
+const HOST_ALIAS: &str = "nixspace-bench-sshd";
+
 /// A running private `sshd` and the files a client needs to use it as a Nix builder.
 pub struct SshBuilder {
     sshd: Child,
@@ -60,7 +63,7 @@ impl SshBuilder {
         let host_key = std::fs::read_to_string(dir.join("host_key.pub"))?;
         std::fs::write(
             dir.join("known_hosts"),
-            format!("[127.0.0.1]:{port} {}", host_key.trim()),
+            format!("{HOST_ALIAS} {}", host_key.trim()),
         )?;
         std::fs::write(dir.join("sshd_config"), sshd_config(&dir, port))?;
         // sshd refuses to start without its privilege separation directory.
@@ -111,15 +114,23 @@ impl SshBuilder {
         }
     }
 
+    /// Where the sshd listens.
+    pub fn address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// `nix-build FILE` in a private mount namespace with a store of its own (kept in
     /// `<dir>/client`), building nothing itself (`--max-jobs 0`) and everything on this
     /// sshd as an `ssh-ng://` builder of `jobs` jobs, whose sessions run `remote_program`
-    /// (percent-encoded as in a store URI; `None`: Nix's default, `nix-daemon`).
+    /// (percent-encoded as in a store URI; `None`: Nix's default, `nix-daemon`), ssh
+    /// connecting through `proxy` (a port on 127.0.0.1 forwarding to this sshd; `None`:
+    /// directly).
     pub fn nix_build(
         &self,
         file: &Path,
         jobs: u32,
         remote_program: Option<&str>,
+        proxy: Option<u16>,
     ) -> Result<Command, BenchError> {
         let client = self.dir.join("client/nix");
         for sub in ["store", "var/nix/db"] {
@@ -134,8 +145,9 @@ impl SshBuilder {
             self.dir.join("client_key").display()
         );
         let ssh_opts = format!(
-            "-p {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes",
-            self.port,
+            "-p {} -o HostKeyAlias={HOST_ALIAS} -o UserKnownHostsFile={} \
+             -o StrictHostKeyChecking=yes -o BatchMode=yes",
+            proxy.unwrap_or(self.port),
             self.dir.join("known_hosts").display()
         );
         let mut cmd = Command::new("/usr/bin/unshare");
