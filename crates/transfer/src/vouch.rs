@@ -26,7 +26,7 @@ pub enum VouchError {
     /// The store's daemon failed.
     #[error("cannot read the closure to vouch for: {0}")]
     Store(#[from] StepError),
-    /// The closure has more paths than [`MAX_VOUCHED_PATHS`].
+    /// The closure reaches more paths than [`MAX_VOUCHED_PATHS`].
     #[error("the closure to vouch for has more than {MAX_VOUCHED_PATHS} paths")]
     TooLarge,
 }
@@ -49,28 +49,26 @@ impl Vouch {
     ) -> Result<Vouch, VouchError> {
         let store_dir = pool.store_dir();
         let mut seen: BTreeSet<StorePath> = BTreeSet::new();
+        let mut paths: BTreeSet<String> = BTreeSet::new();
         let mut queue: VecDeque<StorePath> = roots.into_iter().collect();
         let mut lease = pool.lease().await?;
         while let Some(path) = queue.pop_front() {
-            if seen.contains(&path) {
+            if !seen.insert(path.clone()) {
                 continue;
             }
-            let info = match lease.client().query_path_info(&path).await {
-                Ok(info) => info,
-                Err(e) => return Err(lease.failed(e).into()),
-            };
-            seen.insert(path);
-            let Some(info) = info else { continue };
             if seen.len() > MAX_VOUCHED_PATHS {
                 return Err(VouchError::TooLarge);
             }
+            let info = match lease.client().query_path_info(&path).await {
+                Ok(Some(info)) => info,
+                Ok(None) => continue,
+                Err(e) => return Err(lease.failed(e).into()),
+            };
+            paths.insert(store_dir.print(&path));
             queue.extend(info.references.into_iter().filter(|r| !seen.contains(r)));
         }
         lease.release();
-        Ok(Vouch {
-            key,
-            paths: seen.iter().map(|p| store_dir.print(p)).collect(),
-        })
+        Ok(Vouch { key, paths })
     }
 
     /// How many paths are vouched for.
