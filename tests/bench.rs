@@ -170,3 +170,16 @@ fn bench_remote_builds_through_the_delaying_proxy_both_ways_at_each_rtt() {
         assert_eq!(rows.len(), 2, "{setup}: {out:?}");
     }
 }
+
+#[test]
+fn bench_nar_moves_a_path_each_of_the_three_ways_at_each_rtt() {
+    let (out, _tmp) = bench(&["nar", "--mib", "2", "--rtt", "0,20"]);
+    for way in [
+        "nixspace, Noise TCP",
+        "nixspace, TCP in clear",
+        "nix copy, ssh-ng",
+    ] {
+        let rows = rows(&out.stdout, &format!("ms {way}"));
+        assert_eq!(rows.len(), 2, "{way}: {out:?}");
+    }
+}

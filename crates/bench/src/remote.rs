@@ -43,6 +43,9 @@ pub struct RemoteArgs {
     no_ssh: bool,
 }
 
+/// The log level of the benchmarks' children.
+pub(crate) const QUIET: [&str; 2] = ["--log-level", "warn"];
+
 /// One measured build: RTT, setup, time.
 type Row = (u64, &'static str, Duration);
 
@@ -71,44 +74,17 @@ async fn measure(
     tmp: &Path,
     children: &mut Children,
 ) -> Result<Vec<Row>, BenchError> {
-    let quiet = ["--log-level", "warn"];
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_nanos();
     let dag = Dag::generate(Shape::Chain, args.nodes, 1, 1);
-    let ssh = match args.no_ssh {
-        true => None,
-        false => Some(SshBuilder::start(&tmp.join("ssh")).await?),
-    };
+    let ssh = SshBuilder::start_unless(args.no_ssh, &tmp.join("ssh")).await?;
     let mut rows = Vec::new();
     for &rtt_ms in &args.rtt {
         let rtt = Duration::from_millis(rtt_ms);
-        // A dataspace of its own per RTT, its one worker joining through the proxy.
-        let dir = tmp.join(format!("run-{rtt_ms}"));
-        let state = tmp.join(format!("state-{rtt_ms}"));
-        let up = [
-            "--tcp",
-            "127.0.0.1:0",
-            "--state-dir",
-            &state.to_string_lossy(),
-        ];
-        spawn_up(exe, &quiet, &dir, &up, children).await?;
-        let (route, proxy) = delayed_worker_route(&dir, rtt).await?;
-        let store = tmp.join(format!("store-{rtt_ms}"));
-        let join = [
-            OsStr::new("--route"),
-            route.as_os_str(),
-            OsStr::new("--own-store"),
-            store.as_os_str(),
-        ];
-        spawn_worker(exe, &quiet, &format!("remote-{rtt_ms}"), 1, &join, children)?;
+        let (dir, proxy) = remote_worker(exe, tmp, &rtt_ms.to_string(), rtt, &[], children).await?;
         let file = chain_file(tmp, &dag, &format!("{epoch}-nixspace-{rtt_ms}"))?;
-        let mut build = Command::new(exe);
-        build
-            .args(quiet)
-            .args(["build", "--no-out-link", "--dir"])
-            .arg(&dir)
-            .arg(&file);
+        let mut build = nixspace_build(exe, &dir, &file);
         rows.push((rtt_ms, "nixspace worker", timed(&mut build).await?));
         drop(proxy);
         if let Some(ssh) = &ssh {
@@ -120,6 +96,48 @@ async fn measure(
         eprintln!("bench remote: {rtt_ms} ms done");
     }
     Ok(rows)
+}
+
+/// A dataspace of its own in `<tmp>/run-LABEL` (`up --tcp 127.0.0.1:0` and `up_args`) and
+/// one worker of one slot on a store of its own (`<tmp>/store-LABEL`) joined to it through a
+/// proxy delaying its TCP by `rtt`. Returns the dataspace's directory and the proxy, which
+/// runs while it lives.
+pub(crate) async fn remote_worker(
+    exe: &Path,
+    tmp: &Path,
+    label: &str,
+    rtt: Duration,
+    up_args: &[&str],
+    children: &mut Children,
+) -> Result<(std::path::PathBuf, DelayProxy), BenchError> {
+    let dir = tmp.join(format!("run-{label}"));
+    let state = tmp.join(format!("state-{label}"));
+    let state = state.to_string_lossy();
+    let mut up = vec!["--tcp", "127.0.0.1:0", "--state-dir", &state];
+    up.extend_from_slice(up_args);
+    spawn_up(exe, &QUIET, &dir, &up, children).await?;
+    let (route, proxy) = delayed_worker_route(&dir, rtt).await?;
+    let store = tmp.join(format!("store-{label}"));
+    let join = [
+        OsStr::new("--route"),
+        route.as_os_str(),
+        OsStr::new("--own-store"),
+        store.as_os_str(),
+    ];
+    spawn_worker(exe, &QUIET, &format!("remote-{label}"), 1, &join, children)?;
+    Ok((dir, proxy))
+}
+
+/// `nixspace build --no-out-link` of `target` (a Nix file or a `.drv`) on the dataspace in
+/// `dir`.
+pub(crate) fn nixspace_build(exe: &Path, dir: &Path, target: &Path) -> Command {
+    let mut build = Command::new(exe);
+    build
+        .args(QUIET)
+        .args(["build", "--no-out-link", "--dir"])
+        .arg(dir)
+        .arg(target);
+    build
 }
 
 /// The chain's Nix expression with `nonce`, written under `tmp`.

@@ -91,6 +91,14 @@ impl SshBuilder {
         Ok(builder)
     }
 
+    /// [`SshBuilder::start`] in `dir`, unless `skip`.
+    pub async fn start_unless(skip: bool, dir: &Path) -> Result<Option<SshBuilder>, BenchError> {
+        match skip {
+            true => Ok(None),
+            false => SshBuilder::start(dir).await.map(Some),
+        }
+    }
+
     async fn wait_listening(&mut self, limit: Duration) -> Result<(), BenchError> {
         let start = Instant::now();
         loop {
@@ -132,10 +140,6 @@ impl SshBuilder {
         remote_program: Option<&str>,
         proxy: Option<u16>,
     ) -> Result<Command, BenchError> {
-        let client = self.dir.join("client/nix");
-        for sub in ["store", "var/nix/db"] {
-            std::fs::create_dir_all(client.join(sub))?;
-        }
         let query = remote_program
             .map(|p| format!("?remote-program={p}"))
             .unwrap_or_default();
@@ -144,6 +148,48 @@ impl SshBuilder {
             nixspace_nix_tools::current_system(),
             self.dir.join("client_key").display()
         );
+        let mut cmd = self.client("nix-build", proxy)?;
+        cmd.arg(file)
+            .args(["--no-out-link", "--quiet", "--max-jobs", "0", "--builders"])
+            .arg(builders);
+        Ok(cmd)
+    }
+
+    /// `nix-store --add FILE` into the client's store (see [`SshBuilder::nix_build`]).
+    pub fn add_to_client_store(&self, file: &Path) -> Result<Command, BenchError> {
+        let mut cmd = self.client("nix-store", None)?;
+        cmd.arg("--add").arg(file);
+        Ok(cmd)
+    }
+
+    /// `nix copy --to ssh-ng://…` of `path` from the client's store (see
+    /// [`SshBuilder::nix_build`]) to this sshd's, through `proxy` as there, signatures not
+    /// required (the path was added locally, unsigned).
+    pub fn nix_copy_to(&self, path: &str, proxy: Option<u16>) -> Result<Command, BenchError> {
+        let mut cmd = self.client("nix", proxy)?;
+        cmd.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "copy",
+            "--no-check-sigs",
+            "--to",
+        ])
+        .arg(format!(
+            "ssh-ng://root@127.0.0.1?ssh-key={}",
+            self.dir.join("client_key").display()
+        ))
+        .arg(path);
+        Ok(cmd)
+    }
+
+    /// `program` run in a private mount namespace with the client's store (`<dir>/client`
+    /// mounted on `/nix`), its ssh connections to this sshd going through `proxy` (a port on
+    /// 127.0.0.1 forwarding to it; `None`: directly).
+    fn client(&self, program: &str, proxy: Option<u16>) -> Result<Command, BenchError> {
+        let client = self.dir.join("client/nix");
+        for sub in ["store", "var/nix/db"] {
+            std::fs::create_dir_all(client.join(sub))?;
+        }
         let ssh_opts = format!(
             "-p {} -o HostKeyAlias={HOST_ALIAS} -o UserKnownHostsFile={} \
              -o StrictHostKeyChecking=yes -o BatchMode=yes",
@@ -154,10 +200,7 @@ impl SshBuilder {
         cmd.args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
             .arg(r#"mount --bind "$0" /nix && exec "$@""#)
             .arg(&client)
-            .arg("nix-build")
-            .arg(file)
-            .args(["--no-out-link", "--quiet", "--max-jobs", "0", "--builders"])
-            .arg(builders)
+            .arg(program)
             .env("NIX_REMOTE", "local")
             .env("NIX_SSHOPTS", ssh_opts);
         Ok(cmd)

@@ -29,8 +29,9 @@ use crate::node::account;
 /// Bytes per `<nar-chunk>` message.
 pub const CHUNK: usize = 64 * 1024;
 
-/// Chunks a sender may have sent beyond those the receiver acknowledged (16 × 64 KiB = 1 MiB).
-pub const WINDOW: u64 = 16;
+/// Chunks a sender may have sent beyond those the receiver acknowledged (64 × 64 KiB = 4 MiB:
+/// a stream moves at most a window per round trip, 80 MiB/s at 50 ms).
+pub const WINDOW: u64 = 64;
 
 /// Chunks a receiver acknowledges at once.
 const CREDIT_BATCH: u64 = WINDOW / 4;
