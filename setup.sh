@@ -23,7 +23,8 @@ cd "$(dirname "$0")"
 # Debian packages, each with the program that shows it is there: Nix 2.8; sshd
 # and ssh-keygen for the ssh-ng remote-builder baseline of tests/bench.rs; kill
 # for the tests' private nix-daemons; unshare and mount for workers with stores
-# of their own; ip for a test's own network namespace (tests/noise.rs).
+# of their own; ip for a test's own network namespace (tests/noise.rs); headless
+# Chromium for the web view's test in a real browser (tests/web.rs).
 TEST_PROGRAMS=(
     "nix-bin nix-store"
     "openssh-server /usr/sbin/sshd"
@@ -32,6 +33,7 @@ TEST_PROGRAMS=(
     "util-linux unshare"
     "mount mount"
     "iproute2 ip"
+    "chromium chromium"
 )
 # And syndicate-server, which tests/scaleout.rs runs, from the crate registry
 # (about 5 minutes to build; `syndicate` needs nightly features, hence

@@ -27,3 +27,4 @@ mod serve;
 mod settings;
 mod stores;
 mod translator;
+mod web;

@@ -14,10 +14,12 @@ mod logging;
 mod metrics_http;
 mod nix_daemon_cli;
 mod nix_store_cli;
+mod observe;
 mod progress;
 mod services;
 mod signing_keys;
 mod snapshot;
+mod web;
 
 use std::process::ExitCode;
 

@@ -41,8 +41,9 @@ pub enum StepView {
 pub struct Snapshot {
     /// Workers by id.
     pub workers: BTreeMap<String, WorkerView>,
-    /// Free slots by worker id.
-    pub offers: BTreeMap<String, i64>,
+    /// Free slots by worker id, each offer asserted, oldest first: a worker replaces its offer
+    /// by asserting the new one before it retracts the old, so the newest is the last.
+    pub offers: BTreeMap<String, Vec<i64>>,
     /// Demanded steps (with priority) by requester.
     pub demands: BTreeMap<String, BTreeMap<String, i64>>,
     /// The system of each demanded step.
@@ -87,6 +88,23 @@ impl Snapshot {
         self.clear_step(drv, &StepView::Running(worker.to_owned()));
     }
 
+    /// Worker `id` asserted an offer of `free` slots.
+    pub fn offered(&mut self, id: &str, free: i64) {
+        self.offers.entry(id.to_owned()).or_default().push(free);
+    }
+
+    /// Worker `id` retracted an offer of `free` slots (the oldest such, as it came first).
+    pub fn withdrew_offer(&mut self, id: &str, free: i64) {
+        if let Some(offers) = self.offers.get_mut(id) {
+            if let Some(at) = offers.iter().position(|&f| f == free) {
+                offers.remove(at);
+            }
+            if offers.is_empty() {
+                self.offers.remove(id);
+            }
+        }
+    }
+
     /// Forget a step's state if it is still `view` (a newer state may have
     /// replaced it already).
     pub fn clear_step(&mut self, drv: &str, view: &StepView) {
@@ -119,7 +137,12 @@ impl Snapshot {
                     systems: w.systems.clone(),
                     features: w.features.clone(),
                     slots_total: w.max_jobs,
-                    slots_used: w.max_jobs - self.offers.get(id).copied().unwrap_or(w.max_jobs),
+                    slots_used: w.max_jobs
+                        - self
+                            .offers
+                            .get(id)
+                            .and_then(|o| o.last().copied())
+                            .unwrap_or(w.max_jobs),
                     speed: w.speed,
                     building,
                 }
@@ -353,6 +376,33 @@ impl fmt::Display for Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replaced_offer_shows_the_new_one_whichever_goes_first() {
+        let mut s = Snapshot::default();
+        s.workers.insert(
+            "w".into(),
+            WorkerView {
+                host: "h".into(),
+                systems: vec![],
+                features: vec![],
+                max_jobs: 2,
+                speed: 1.0,
+            },
+        );
+        let used = |s: &Snapshot| {
+            serde_json::to_value(s.report()).unwrap()["workers"][0]["slots_used"].clone()
+        };
+        s.offered("w", 2);
+        assert_eq!(used(&s), 0);
+        // As a worker replaces its offer: the new one asserted, then the old one retracted.
+        s.offered("w", 1);
+        s.withdrew_offer("w", 2);
+        assert_eq!(used(&s), 1);
+        s.offered("w", 1);
+        s.withdrew_offer("w", 1);
+        assert_eq!(used(&s), 1, "the same value offered again");
+    }
 
     #[test]
     fn a_second_assignment_shows_as_stolen_until_one_builder_is_left() {

@@ -17,6 +17,8 @@
 pub mod fuzz;
 
 #[cfg(feature = "e2e")]
+pub mod browser;
+#[cfg(feature = "e2e")]
 pub mod dataspace;
 #[cfg(feature = "e2e")]
 pub mod hosts;

@@ -130,11 +130,23 @@ impl Space {
     /// The address (`host:port`) of `up`'s metrics endpoint, from its log (started with
     /// `--metrics 127.0.0.1:0`).
     pub fn metrics_address(&self) -> String {
+        self.address_in_up_log("metrics on http://")
+    }
+
+    /// The address (`host:port`) of `up`'s web view, from its log (started with `--http
+    /// 127.0.0.1:0`).
+    pub fn web_address(&self) -> String {
+        self.address_in_up_log("web view on http://")
+    }
+
+    /// The `host:port` that follows `marker` in `up`'s log, once it is there.
+    fn address_in_up_log(&self, marker: &str) -> String {
+        self.wait_for_log("up", marker, Duration::from_secs(20));
         let log = self.log("up");
-        log.split("metrics on http://")
+        log.split(marker)
             .nth(1)
             .and_then(|rest| rest.split('/').next())
-            .unwrap_or_else(|| panic!("no metrics address in:\n{log}"))
+            .unwrap_or_else(|| panic!("no {marker:?} in:\n{log}"))
             .to_owned()
     }
 

@@ -1,18 +1,17 @@
 //! `nixspace status`: what the dataspace holds right now.
 
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use nixspace_protocol::{build, on_retraction};
+use nixspace_protocol::build;
 use nixspace_space::Role;
-use syndicate::actor::{Activation, ActorResult, Cap};
+use syndicate::actor::Activation;
 use syndicate::enclose;
-use syndicate_macros::{during, on_message};
+use syndicate_macros::on_message;
 
 use super::JoinArgs;
-use crate::snapshot::{Snapshot, StepView, WorkerView};
+use crate::observe::{observe, Observed};
 
 /// Show workers, demands, the queue and unschedulable steps.
 ///
@@ -45,12 +44,12 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let route = args.join.route(Role::Submit)?;
-    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    let observed = Observed::default();
     let (tx, synced) = tokio::sync::oneshot::channel();
     let actor = nixspace_space::join::join(
         &route,
-        enclose!((snapshot) move |t: &mut Activation, ds| {
-            observe(t, &ds, &snapshot);
+        enclose!((observed) move |t: &mut Activation, ds| {
+            observe(t, &ds, &observed);
             // The relay cannot forward a Syndicate sync: send ourselves a
             // probe instead. When it comes back, the dataspace has sent us
             // every assertion our observers matched.
@@ -75,7 +74,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     tokio::pin!(actor);
     loop {
         let text = {
-            let s = snapshot
+            let s = observed
+                .snapshot
                 .lock()
                 .map_err(|_| anyhow::anyhow!("status state poisoned"))?;
             if args.json {
@@ -96,104 +96,4 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-}
-
-type Shared = Arc<Mutex<Snapshot>>;
-
-/// Apply `f` now and `undo` when the matched assertion goes away.
-fn track(
-    t: &mut Activation,
-    snapshot: &Shared,
-    f: impl FnOnce(&mut Snapshot),
-    undo: impl 'static + Send + FnOnce(&mut Snapshot),
-) -> ActorResult {
-    if let Ok(mut s) = snapshot.lock() {
-        f(&mut s);
-    }
-    on_retraction(
-        t,
-        enclose!((snapshot) move |_t| {
-            if let Ok(mut s) = snapshot.lock() {
-                undo(&mut s);
-            }
-            Ok(())
-        }),
-    );
-    Ok(())
-}
-
-fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
-    enclose!((snapshot) during!(t, ds,
-    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64>,
-    |t: &mut Activation| {
-        let view = WorkerView {
-            host: host.clone(),
-            systems: systems.clone(),
-            features: features.clone(),
-            max_jobs,
-            speed,
-        };
-        let key = id.clone();
-        track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },
-            move |s| { s.workers.remove(&key); })
-    }));
-    enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
-        let key = id.clone();
-        track(t, &snapshot, |s| { s.offers.insert(id.clone(), free); },
-            move |s| { s.offers.remove(&key); })
-    }));
-    enclose!((snapshot) during!(t, ds,
-    <demand $drv: String $step: build::StepInfo $requester: String $priority: i64 _>,
-    |t: &mut Activation| {
-        let (d, r) = (drv.clone(), requester.clone());
-        track(t, &snapshot, |s| {
-            s.demands.entry(requester.clone()).or_default().insert(drv.clone(), priority);
-            s.systems.insert(drv.clone(), step.system.clone());
-        }, move |s| {
-            if let Some(steps) = s.demands.get_mut(&r) {
-                steps.remove(&d);
-                if steps.is_empty() {
-                    s.demands.remove(&r);
-                }
-            }
-        })
-    }));
-    enclose!((snapshot) during!(t, ds, <ready $drv: String _ _ _>, |t: &mut Activation| {
-        let d = drv.clone();
-        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Queued); },
-            move |s| s.clear_step(&d, &StepView::Queued))
-    }));
-    enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String _ _>, |t: &mut Activation| {
-        let (d, w) = (drv.clone(), worker.clone());
-        track(t, &snapshot, |s| s.assigned(&drv, &worker),
-            move |s| s.unassigned(&d, &w))
-    }));
-    enclose!((snapshot) during!(t, ds, <built $drv: String _ _>, |t: &mut Activation| {
-        let d = drv.clone();
-        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Built); },
-            move |s| s.clear_step(&d, &StepView::Built))
-    }));
-    enclose!((snapshot) during!(t, ds, <failed $drv: String _ $reason: String _ _>, |t: &mut Activation| {
-        let (d, view) = (drv.clone(), StepView::Failed(reason.clone()));
-        let undo = view.clone();
-        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), view); },
-            move |s| s.clear_step(&d, &undo))
-    }));
-    enclose!((snapshot) during!(t, ds, <want $path: String $store: String>, |t: &mut Activation| {
-        let key = (path.clone(), store.clone());
-        let undo = key.clone();
-        track(t, &snapshot, |s| { s.transfers.insert(key); },
-            move |s| { s.transfers.remove(&undo); })
-    }));
-    enclose!((snapshot) during!(t, ds, <rejected $drv: String $worker: String $reason: String>, |t: &mut Activation| {
-        let key = (drv.clone(), worker.clone());
-        let undo = key.clone();
-        track(t, &snapshot, |s| { s.rejected.insert(key, reason.clone()); },
-            move |s| { s.rejected.remove(&undo); })
-    }));
-    enclose!((snapshot) during!(t, ds, <unschedulable $drv: String $reason: String>, |t: &mut Activation| {
-        let d = drv.clone();
-        track(t, &snapshot, |s| { s.unschedulable.insert(drv.clone(), reason.clone()); },
-            move |s| { s.unschedulable.remove(&d); })
-    }));
 }

@@ -67,6 +67,14 @@ pub struct UpArgs {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 
+    /// Serve a live web view of the farm on this address, e.g. 127.0.0.1:8080 (use 0 for
+    /// any free port): workers and their steps, each frontend's progress, the queue,
+    /// unschedulable steps, steals, transfers, rejected results, and any step's build log
+    /// as it grows. Read-only; anyone who can reach the address sees what the dataspace
+    /// holds, so keep it on loopback or behind an authenticating proxy.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+
     /// How many times a step is tried when its worker goes away.
     #[arg(long, default_value_t = nixspace_planner::DEFAULT_MAX_ATTEMPTS, value_name = "N")]
     max_attempts: u32,
@@ -190,14 +198,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         .state_dir
         .unwrap_or_else(nixspace_space::runtime_dir::default_state_dir);
     let history = super::open_history(&state_dir, true)?;
-    let metrics_listener = match args.metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?,
-        ),
-        None => None,
-    };
+    let metrics_listener = listen(args.metrics, "metrics").await?;
+    let web_listener = listen(args.http, "the web view").await?;
+    let submit_route_file = Role::Submit.route_file(&dir);
     if !(args.steal_ratio.is_finite() && args.steal_ratio >= 1.0) {
         anyhow::bail!("--steal-ratio must be at least 1, got {}", args.steal_ratio);
     }
@@ -299,6 +302,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
         tokio::spawn(crate::metrics_http::serve(listener, metrics));
     }
+    if let Some(listener) = web_listener {
+        let route = Route::read(&submit_route_file)?;
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("nixspace: web view on http://{addr}/");
+        }
+        tokio::spawn(crate::web::serve(listener, route));
+    }
     let mut translator = match args.translator {
         Some(path) => {
             // The translator in `up` vouches for its trusted clients' inline derivations.
@@ -343,6 +353,18 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// A listener on `addr`, if given, to serve `what` on.
+async fn listen(
+    addr: Option<SocketAddr>,
+    what: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("cannot serve {what} on {addr}: {e}"))
 }
 
 /// Read a route file written by `nixspace server-config`.

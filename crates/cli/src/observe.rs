@@ -1,0 +1,137 @@
+//! What `nixspace status` and the web view show: the workers, offers, demands, steps,
+//! transfers, rejected results and unschedulable steps asserted in a dataspace, kept in a
+//! [`Snapshot`] while they are asserted.
+
+use std::sync::{Arc, Mutex};
+
+use nixspace_protocol::{build, on_retraction};
+use syndicate::actor::{Activation, ActorResult, Cap};
+use syndicate::enclose;
+use syndicate_macros::during;
+use tokio::sync::watch;
+
+use crate::snapshot::{Snapshot, StepView, WorkerView};
+
+/// What the dataspace holds, as far as the observers have seen it, and a counter bumped at
+/// every change (for those waiting for the next one).
+#[derive(Clone)]
+pub struct Observed {
+    /// The picture.
+    pub snapshot: Arc<Mutex<Snapshot>>,
+    /// Bumped after every change to `snapshot`.
+    pub changed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Observed {
+    fn default() -> Self {
+        Observed {
+            snapshot: Arc::default(),
+            changed: Arc::new(watch::channel(0).0),
+        }
+    }
+}
+
+impl Observed {
+    /// Change the snapshot with `f` and tell those waiting.
+    pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
+        if let Ok(mut s) = self.snapshot.lock() {
+            f(&mut s);
+        }
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+/// Apply `f` now and `undo` when the matched assertion goes away.
+fn track(
+    t: &mut Activation,
+    snapshot: &Observed,
+    f: impl FnOnce(&mut Snapshot),
+    undo: impl 'static + Send + FnOnce(&mut Snapshot),
+) -> ActorResult {
+    snapshot.update(f);
+    on_retraction(
+        t,
+        enclose!((snapshot) move |_t| {
+            snapshot.update(undo);
+            Ok(())
+        }),
+    );
+    Ok(())
+}
+
+/// Keep `observed` up to date with the workers, offers, demands, steps, transfers, rejected
+/// results and unschedulable steps asserted in `ds`.
+pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
+    enclose!((snapshot) during!(t, ds,
+    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64>,
+    |t: &mut Activation| {
+        let view = WorkerView {
+            host: host.clone(),
+            systems: systems.clone(),
+            features: features.clone(),
+            max_jobs,
+            speed,
+        };
+        let key = id.clone();
+        track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },
+            move |s| { s.workers.remove(&key); })
+    }));
+    enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
+        let key = id.clone();
+        track(t, &snapshot, |s| s.offered(&id, free), move |s| s.withdrew_offer(&key, free))
+    }));
+    enclose!((snapshot) during!(t, ds,
+    <demand $drv: String $step: build::StepInfo $requester: String $priority: i64 _>,
+    |t: &mut Activation| {
+        let (d, r) = (drv.clone(), requester.clone());
+        track(t, &snapshot, |s| {
+            s.demands.entry(requester.clone()).or_default().insert(drv.clone(), priority);
+            s.systems.insert(drv.clone(), step.system.clone());
+        }, move |s| {
+            if let Some(steps) = s.demands.get_mut(&r) {
+                steps.remove(&d);
+                if steps.is_empty() {
+                    s.demands.remove(&r);
+                }
+            }
+        })
+    }));
+    enclose!((snapshot) during!(t, ds, <ready $drv: String _ _ _>, |t: &mut Activation| {
+        let d = drv.clone();
+        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Queued); },
+            move |s| s.clear_step(&d, &StepView::Queued))
+    }));
+    enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String _ _>, |t: &mut Activation| {
+        let (d, w) = (drv.clone(), worker.clone());
+        track(t, &snapshot, |s| s.assigned(&drv, &worker),
+            move |s| s.unassigned(&d, &w))
+    }));
+    enclose!((snapshot) during!(t, ds, <built $drv: String _ _>, |t: &mut Activation| {
+        let d = drv.clone();
+        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Built); },
+            move |s| s.clear_step(&d, &StepView::Built))
+    }));
+    enclose!((snapshot) during!(t, ds, <failed $drv: String _ $reason: String _ _>, |t: &mut Activation| {
+        let (d, view) = (drv.clone(), StepView::Failed(reason.clone()));
+        let undo = view.clone();
+        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), view); },
+            move |s| s.clear_step(&d, &undo))
+    }));
+    enclose!((snapshot) during!(t, ds, <want $path: String $store: String>, |t: &mut Activation| {
+        let key = (path.clone(), store.clone());
+        let undo = key.clone();
+        track(t, &snapshot, |s| { s.transfers.insert(key); },
+            move |s| { s.transfers.remove(&undo); })
+    }));
+    enclose!((snapshot) during!(t, ds, <rejected $drv: String $worker: String $reason: String>, |t: &mut Activation| {
+        let key = (drv.clone(), worker.clone());
+        let undo = key.clone();
+        track(t, &snapshot, |s| { s.rejected.insert(key, reason.clone()); },
+            move |s| { s.rejected.remove(&undo); })
+    }));
+    enclose!((snapshot) during!(t, ds, <unschedulable $drv: String $reason: String>, |t: &mut Activation| {
+        let d = drv.clone();
+        track(t, &snapshot, |s| { s.unschedulable.insert(drv.clone(), reason.clone()); },
+            move |s| { s.unschedulable.remove(&d); })
+    }));
+}

@@ -1,0 +1,252 @@
+//! `up --http ADDR`: a live web view of the farm. One page (no build step, no outside
+//! scripts) that follows `/events`, server-sent events carrying what `nixspace status --json`
+//! prints each time it changes, and `/log?drv=PATH`, the lines of one step's build log: the
+//! recent ones, then each as it comes. `/state` answers the same report once.
+//!
+//! The view joins the dataspace as any client does, with the submit capability, and only
+//! reads. Requests are read within the size and time limits of [`read_request`]; at most
+//! [`MAX_CONNECTIONS`] are served at once, and a page that does not take what is sent within
+//! [`WRITE_TIMEOUT`] is dropped.
+
+mod logs;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nixspace_space::Route;
+use syndicate::actor::Activation;
+use syndicate::enclose;
+use syndicate_macros::on_message;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, Semaphore};
+
+use crate::http_request::read_request;
+use crate::observe::{observe, Observed};
+use logs::StepLogs;
+
+/// The page, served at `/`.
+const PAGE: &str = include_str!("page.html");
+
+/// Connections served at once (each page holds two: its events and a step's log).
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a page may take to accept what is sent to it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an idle event stream sends a comment, so proxies and browsers keep it open.
+const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The least time between two reports sent on one event stream: changes in between are sent
+/// together.
+const COALESCE: Duration = Duration::from_millis(200);
+
+/// The longest step path taken from a query.
+const MAX_DRV: usize = 512;
+
+/// What the view shows: the dataspace's state and the steps' recent logs.
+#[derive(Clone, Default)]
+struct View {
+    observed: Observed,
+    logs: Arc<StepLogs>,
+}
+
+/// Serve the web view on `listener`, reading the dataspace `route` leads to (rejoining when
+/// the connection is lost), until the task is dropped.
+pub async fn serve(listener: TcpListener, route: Route) {
+    let view = View::default();
+    tokio::spawn(stay_joined(route, view.clone()));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::debug!(%peer, "web: too many connections; refusing one");
+                    continue;
+                };
+                let view = view.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = answer(stream, &view).await {
+                        tracing::debug!(%peer, %error, "web: request ended");
+                    }
+                    drop(slot);
+                });
+            }
+            Err(error) => tracing::warn!(%error, "web: accept failed"),
+        }
+    }
+}
+
+/// Keep `view` joined to the dataspace at `route`; while it is not, it shows nothing.
+async fn stay_joined(route: Route, view: View) {
+    loop {
+        let joined = nixspace_space::join::join(
+            &route,
+            enclose!((view) move |t: &mut Activation, ds| {
+                observe(t, &ds, &view.observed);
+                let logs = Arc::clone(&view.logs);
+                on_message!(t, ds, <log $drv: String _ $line: String>, |_t: &mut Activation| {
+                    logs.push(&drv, &line);
+                    Ok(())
+                });
+                Ok(())
+            }),
+        )
+        .await;
+        match joined {
+            Ok(actor) => {
+                let end = actor.await;
+                tracing::warn!(
+                    "web: lost the dataspace ({}); rejoining",
+                    nixspace_space::join::describe_end(end)
+                );
+            }
+            Err(error) => tracing::warn!(%error, "web: cannot join the dataspace; retrying"),
+        }
+        view.observed.update(|s| *s = Default::default());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
+    let request = read_request(&mut stream).await?;
+    let (path, query) = request
+        .path
+        .split_once('?')
+        .unwrap_or((request.path.as_str(), ""));
+    if request.method != "GET" {
+        return respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        )
+        .await;
+    }
+    match path {
+        "/" | "/index.html" => respond(&mut stream, "200 OK", "text/html", PAGE).await,
+        "/state" => {
+            let json = report_json(view);
+            respond(&mut stream, "200 OK", "application/json", &json).await
+        }
+        "/events" => events(stream, view).await,
+        "/log" => match step_of(query) {
+            Some(drv) => step_log(stream, view, &drv).await,
+            None => {
+                let why = "/log needs ?drv=<a store path ending in .drv>\n";
+                respond(&mut stream, "400 Bad Request", "text/plain", why).await
+            }
+        },
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+    }
+}
+
+/// The step a `/log` query names: `drv=`, a store path ending in `.drv`, of bounded length.
+fn step_of(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "drv")
+        .map(|(_, v)| v.into_owned())
+        .filter(|drv| drv.starts_with('/') && drv.ends_with(".drv") && drv.len() <= MAX_DRV)
+}
+
+/// What `nixspace status --json` prints, now.
+fn report_json(view: &View) -> String {
+    match view.observed.snapshot.lock() {
+        Ok(s) => serde_json::to_string(&s.report()).unwrap_or_else(|_| "{}".to_owned()),
+        Err(_) => "{}".to_owned(),
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\n\
+         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    send(stream, head.as_bytes()).await?;
+    send(stream, body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Write `bytes`, or fail if the page does not take them within [`WRITE_TIMEOUT`].
+async fn send(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "page too slow"))?
+}
+
+/// Start an event stream.
+async fn start_events(stream: &mut TcpStream) -> std::io::Result<()> {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\
+                Cache-Control: no-store\r\nConnection: close\r\n\r\n";
+    send(stream, head.as_bytes()).await
+}
+
+/// One server-sent event of `data` (one line: JSON has no raw newlines).
+fn event(data: &str) -> String {
+    format!("data: {data}\n\n")
+}
+
+/// `/events`: the report now, then again after each change (changes [`COALESCE`]d).
+async fn events(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
+    let mut changes = view.observed.changed.subscribe();
+    start_events(&mut stream).await?;
+    loop {
+        changes.mark_unchanged();
+        send(&mut stream, event(&report_json(view)).as_bytes()).await?;
+        tokio::time::sleep(COALESCE).await;
+        loop {
+            match tokio::time::timeout(KEEPALIVE, changes.changed()).await {
+                Ok(Ok(())) => break,
+                Ok(Err(_)) => return Ok(()),
+                Err(_) => send(&mut stream, b": keepalive\n\n").await?,
+            }
+        }
+    }
+}
+
+/// `/log?drv=`: the step's recent lines, then each new one, as events of JSON strings.
+async fn step_log(mut stream: TcpStream, view: &View, drv: &str) -> std::io::Result<()> {
+    let (kept, mut live) = view.logs.follow(drv);
+    start_events(&mut stream).await?;
+    for line in kept {
+        send(&mut stream, event(&json_string(&line)).as_bytes()).await?;
+    }
+    loop {
+        match tokio::time::timeout(KEEPALIVE, live.recv()).await {
+            Ok(Ok(line)) => send(&mut stream, event(&json_string(&line)).as_bytes()).await?,
+            Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                let note = format!("[nixspace: {n} lines skipped: this page fell behind]");
+                send(&mut stream, event(&json_string(&note)).as_bytes()).await?
+            }
+            Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(()),
+            Err(_) => send(&mut stream, b": keepalive\n\n").await?,
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::Value::from(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_query_names_a_derivation_or_nothing() {
+        assert_eq!(
+            step_of("drv=%2Fnix%2Fstore%2Fabc-x.drv").as_deref(),
+            Some("/nix/store/abc-x.drv")
+        );
+        assert_eq!(step_of("drv=/etc/passwd"), None);
+        assert_eq!(step_of("other=/nix/store/abc-x.drv"), None);
+        let long = format!("drv=/{}.drv", "a".repeat(MAX_DRV));
+        assert_eq!(step_of(&long), None);
+    }
+}
