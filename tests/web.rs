@@ -72,6 +72,12 @@ fn a_running_steps_log_grows_on_the_page_without_a_reload() {
     assert_eq!(browser.eval("window.stillTheSamePage === true"), true);
     let status = build.wait().unwrap();
     assert!(status.success(), "{}", space.log("w1"));
+    // The recent steps show the step built, with its attempt on w1.
+    browser.wait_for(
+        "the step built in the recent steps",
+        "document.getElementById('history').innerText.includes('w1: built')",
+        LIMIT,
+    );
     // When the build is done, the page shows the worker idle again, live.
     browser.wait_for(
         "the worker idle",
@@ -90,6 +96,9 @@ fn the_endpoints_refuse_what_they_do_not_serve() {
     let state = http_get(&address, "/state");
     assert!(state.starts_with("HTTP/1.1 200"), "{state}");
     assert!(state.contains("\"workers\":"), "{state}");
+    let history = http_get(&address, "/history");
+    assert!(history.starts_with("HTTP/1.1 200"), "{history}");
+    assert!(history.ends_with("[]"), "no step yet: {history}");
     for (path, status) in [
         ("/log?drv=/etc/passwd", "400"),
         ("/log", "400"),

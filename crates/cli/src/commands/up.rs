@@ -307,7 +307,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         if let Ok(addr) = listener.local_addr() {
             eprintln!("nixspace: web view on http://{addr}/");
         }
-        tokio::spawn(crate::web::serve(listener, route));
+        let history = super::history_path(&state_dir);
+        tokio::spawn(crate::web::serve(listener, route, history));
     }
     let mut translator = match args.translator {
         Some(path) => {

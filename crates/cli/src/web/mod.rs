@@ -1,7 +1,8 @@
 //! `up --http ADDR`: a live web view of the farm. One page (no build step, no outside
 //! scripts) that follows `/events`, server-sent events carrying what `nixspace status --json`
 //! prints each time it changes, and `/log?drv=PATH`, the lines of one step's build log: the
-//! recent ones, then each as it comes. `/state` answers the same report once.
+//! recent ones, then each as it comes. `/state` answers the same report once, `/history` the
+//! most recent steps of the build history with every attempt (`nixspace history --json`).
 //!
 //! The view joins the dataspace as any client does, with the submit capability, and only
 //! reads. Requests are read within the size and time limits of [`read_request`]; at most
@@ -10,9 +11,11 @@
 
 mod logs;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nixspace_planner::history::History;
 use nixspace_space::Route;
 use syndicate::actor::Activation;
 use syndicate::enclose;
@@ -44,17 +47,26 @@ const COALESCE: Duration = Duration::from_millis(200);
 /// The longest step path taken from a query.
 const MAX_DRV: usize = 512;
 
-/// What the view shows: the dataspace's state and the steps' recent logs.
-#[derive(Clone, Default)]
+/// Steps `/history` answers, newest first.
+const HISTORY_STEPS: usize = 50;
+
+/// What the view shows: the dataspace's state, the steps' recent logs and the build history.
+#[derive(Clone)]
 struct View {
     observed: Observed,
     logs: Arc<StepLogs>,
+    /// The build history's database file.
+    history: Arc<PathBuf>,
 }
 
 /// Serve the web view on `listener`, reading the dataspace `route` leads to (rejoining when
-/// the connection is lost), until the task is dropped.
-pub async fn serve(listener: TcpListener, route: Route) {
-    let view = View::default();
+/// the connection is lost) and the build history in `history`, until the task is dropped.
+pub async fn serve(listener: TcpListener, route: Route, history: PathBuf) {
+    let view = View {
+        observed: Observed::default(),
+        logs: Arc::default(),
+        history: Arc::new(history),
+    };
     tokio::spawn(stay_joined(route, view.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -129,6 +141,10 @@ async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
             let json = report_json(view);
             respond(&mut stream, "200 OK", "application/json", &json).await
         }
+        "/history" => {
+            let json = history_json(view).await;
+            respond(&mut stream, "200 OK", "application/json", &json).await
+        }
         "/events" => events(stream, view).await,
         "/log" => match step_of(query) {
             Some(drv) => step_log(stream, view, &drv).await,
@@ -155,6 +171,20 @@ fn report_json(view: &View) -> String {
         Ok(s) => serde_json::to_string(&s.report()).unwrap_or_else(|_| "{}".to_owned()),
         Err(_) => "{}".to_owned(),
     }
+}
+
+/// The most recent steps of the build history with their attempts, as JSON (an error as
+/// `{"error": …}`: the page shows it).
+async fn history_json(view: &View) -> String {
+    let path = Arc::clone(&view.history);
+    let read = tokio::task::spawn_blocking(move || {
+        let history = History::open_read_only(&path).map_err(|e| e.to_string())?;
+        let steps = history.recent(HISTORY_STEPS).map_err(|e| e.to_string())?;
+        serde_json::to_string(&steps).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    read.unwrap_or_else(|error| serde_json::json!({ "error": error }).to_string())
 }
 
 async fn respond(
