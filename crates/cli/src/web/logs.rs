@@ -16,6 +16,12 @@ const MAX_BYTES_PER_STEP: usize = 64 * 1024;
 /// Longest line kept; longer ones are cut there.
 const MAX_LINE: usize = 4 * 1024;
 
+/// What each line kept costs besides its bytes, so that empty lines are bounded too.
+const LINE_COST: usize = 32;
+
+/// The longest step name kept; lines of steps with longer names (not store paths) are dropped.
+const MAX_DRV: usize = 512;
+
 /// Lines a page following a step may fall behind by before it misses some.
 const FOLLOW_BACKLOG: usize = 512;
 
@@ -66,6 +72,9 @@ impl Steps {
 impl StepLogs {
     /// Keep `line`, a line of `drv`'s build log, and pass it to the pages following it.
     pub fn push(&self, drv: &str, line: &str) {
+        if drv.len() > MAX_DRV {
+            return;
+        }
         let mut line = line.to_owned();
         if line.len() > MAX_LINE {
             let mut end = MAX_LINE;
@@ -78,11 +87,11 @@ impl StepLogs {
             return;
         };
         let log = steps.log(drv);
-        log.bytes += line.len();
+        log.bytes += line.len() + LINE_COST;
         log.lines.push_back(line.clone());
         while log.bytes > MAX_BYTES_PER_STEP {
             match log.lines.pop_front() {
-                Some(old) => log.bytes -= old.len(),
+                Some(old) => log.bytes -= old.len() + LINE_COST,
                 None => break,
             }
         }
@@ -113,7 +122,7 @@ mod tests {
             logs.push("a.drv", &format!("{i} {line}"));
         }
         let (kept, _) = logs.follow("a.drv");
-        assert!(kept.iter().map(String::len).sum::<usize>() <= MAX_BYTES_PER_STEP);
+        assert!(kept.iter().map(|l| l.len() + LINE_COST).sum::<usize>() <= MAX_BYTES_PER_STEP);
         assert!(kept.last().is_some_and(|l| l.starts_with("199 ")));
         assert!(kept.len() < 200, "some lines were dropped");
     }
@@ -128,6 +137,20 @@ mod tests {
         }
         assert!(logs.follow("first.drv").0.is_empty(), "forgotten");
         assert_eq!(logs.follow(&format!("{}.drv", MAX_STEPS - 1)).0, ["line"]);
+    }
+
+    #[test]
+    fn empty_lines_and_overlong_step_names_are_bounded_too() {
+        let logs = StepLogs::default();
+        for _ in 0..100_000 {
+            logs.push("a.drv", "");
+        }
+        assert!(logs.follow("a.drv").0.len() <= MAX_BYTES_PER_STEP / LINE_COST);
+        let long = format!("/{}.drv", "n".repeat(MAX_DRV));
+        logs.push(&long, "dropped");
+        logs.push("b.drv", "kept");
+        assert!(logs.follow(&long).0.is_empty());
+        assert_eq!(logs.follow("b.drv").0, ["kept"]);
     }
 
     #[test]
