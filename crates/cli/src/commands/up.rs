@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator};
+use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator, JobsOptions};
 use nixspace_nix_formats::signature::PublicKey;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
@@ -278,6 +278,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             planner,
             metrics: Arc::clone(&metrics),
             trusted_keys,
+            jobs: Some(JobsOptions {
+                history: super::history_path(&state_dir),
+                roots: state_dir.join("jobs"),
+            }),
         })
         .await?;
         for t in &space.transports {

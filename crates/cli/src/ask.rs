@@ -1,0 +1,58 @@
+//! Asking the coordinator something through the dataspace (`submit`, `cancel`): assert a
+//! request record, wait for the answer the coordinator asserts while the request lasts, then
+//! leave (the request goes with the connection).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nixspace_space::Route;
+use preserves_schema::Unparse;
+use syndicate::actor::{Activation, ActorResult, Cap};
+use tokio::sync::oneshot;
+
+/// How long to wait for the coordinator's answer.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Where an observer puts the answer (the first one counts).
+pub struct Reply<T>(Arc<Mutex<Option<oneshot::Sender<T>>>>);
+
+impl<T> Clone for Reply<T> {
+    fn clone(&self) -> Self {
+        Reply(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Reply<T> {
+    /// Give the answer.
+    pub fn give(&self, answer: T) {
+        if let Some(tx) = self.0.lock().ok().and_then(|mut tx| tx.take()) {
+            let _ = tx.send(answer);
+        }
+    }
+}
+
+/// Join the dataspace at `route`, assert `request`, and wait for the answer that the
+/// observers `observe` sets up give.
+pub async fn ask<Q, T, F>(route: &Route, request: Q, observe: F) -> anyhow::Result<T>
+where
+    Q: Unparse<Arc<Cap>> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce(&mut Activation, &Arc<Cap>, Reply<T>) -> ActorResult + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let reply = Reply(Arc::new(Mutex::new(Some(tx))));
+    let actor = nixspace_space::join::join(route, move |t: &mut Activation, ds| {
+        observe(t, &ds, reply)?;
+        ds.assert(t, &request);
+        Ok(())
+    })
+    .await?;
+    tokio::pin!(actor);
+    tokio::select! {
+        answer = rx => answer.map_err(|_| anyhow::anyhow!("the dataspace closed the connection before the coordinator answered")),
+        end = &mut actor => anyhow::bail!("lost the dataspace: {}", nixspace_space::join::describe_end(end)),
+        _ = tokio::time::sleep(PATIENCE) => anyhow::bail!(
+            "the coordinator did not answer within {PATIENCE:?} (jobs are kept by `nixspace up` hosting the dataspace)"
+        ),
+    }
+}

@@ -1,0 +1,148 @@
+//! Jobs that outlive their client: `nixspace submit` hands a release expression's jobs to
+//! the coordinator, which keeps them in its history, roots their derivations and builds them
+//! across its own restarts; `nixspace jobs` shows their progress and results.
+// The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
+// functions as tests, not the helpers of a test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nixspace_test_support::{nonce, run, Finished, Space};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `nixspace submit FILE ARGS…` against `space`; the job's number.
+fn submit(space: &Space, file: &Path, args: &[&str]) -> i64 {
+    let mut c = space.command(&["submit", "--dir"]);
+    c.arg(space.dir()).args(args).arg(file);
+    let submitted = run(c, LIMIT);
+    assert!(submitted.status.success(), "{submitted:?}");
+    submitted
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no job number: {submitted:?}"))
+}
+
+/// `nixspace jobs --json ARGS…`.
+fn jobs(space: &Space, args: &[&str]) -> serde_json::Value {
+    let mut c = space.command(&["jobs", "--json"]);
+    c.args(args);
+    let shown = run(c, LIMIT);
+    assert!(shown.status.success(), "{shown:?}");
+    serde_json::from_str(&shown.stdout).unwrap_or_else(|e| panic!("{e}: {shown:?}"))
+}
+
+/// Job `id` once its status is no longer `pending`.
+fn ended_job(space: &Space, id: i64) -> serde_json::Value {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let job = jobs(space, &[&id.to_string()]);
+        if job["status"] != "pending" {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} still pending: {job}\nup said:\n{}",
+            space.log("up-restarted")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The attribute `name` of a job as `nixspace jobs --json ID` shows it.
+fn attribute<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    job["attributes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["name"] == name))
+        .unwrap_or_else(|| panic!("no attribute {name} in {job}"))
+}
+
+/// `nix-store ARGS…` on the space's store.
+fn nix_store(space: &Space, args: &[&str]) -> Finished {
+    let mut c = space.nix("nix-store", None);
+    c.args(args);
+    run(c, LIMIT)
+}
+
+/// A release expression of shell steps `sh name script`, with `body` as its value.
+fn release(space: &Space, file: &str, body: &str) -> std::path::PathBuf {
+    let nonce = nonce();
+    space.nix_file(
+        file,
+        &format!(
+            r#"let sh = name: script: derivation {{
+  inherit name;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo {nonce} >/dev/null; ${{script}}" ];
+}}; in {body}"#
+        ),
+    )
+}
+
+#[test]
+fn a_job_whose_client_left_is_built_after_the_coordinator_was_killed_and_restarted() {
+    let mut space = Space::start();
+    let file = release(
+        &space,
+        "release.nix",
+        r#"{
+  hello = sh "hello" "echo hello > $out";
+  nested = { world = sh "world" "echo world > $out"; nothing = null; };
+}"#,
+    );
+    // No worker yet: the job waits, and the submitting process returns.
+    let id = submit(&space, &file, &["--name", "release"]);
+    let job = jobs(&space, &[&id.to_string()]);
+    assert_eq!(job["status"], "pending", "{job}");
+    assert_eq!(job["name"], "release", "{job}");
+    // Hydra's walk: nested sets are recursed into, null is no job.
+    let names: Vec<&str> = job["attributes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["hello", "nested.world"], "{job}");
+    // The coordinator keeps the job's derivations from the garbage collector…
+    let drv = attribute(&job, "hello")["drv"].as_str().unwrap().to_owned();
+    let refused = nix_store(&space, &["--delete", &drv]);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(refused.stderr.contains("still alive"), "{refused:?}");
+    // …while an unrooted derivation is collected (the positive control).
+    let loose = release(&space, "loose.nix", r#"sh "loose" "echo loose > $out""#);
+    let mut instantiate = space.nix("nix-instantiate", None);
+    instantiate.arg(&loose);
+    let loose = run(instantiate, LIMIT);
+    assert!(loose.status.success(), "{loose:?}");
+    let deleted = nix_store(&space, &["--delete", loose.stdout.trim()]);
+    assert!(deleted.status.success(), "{deleted:?}");
+
+    space.kill_up();
+    space.restart_up();
+    space.worker("w1", &[]);
+    let job = ended_job(&space, id);
+    assert_eq!(job["status"], "built", "{job}");
+    assert_eq!(job["steps_built"], 2, "{job}");
+    assert_eq!(job["steps_queued"], 0, "{job}");
+    for (name, content) in [("hello", "hello\n"), ("nested.world", "world\n")] {
+        let outputs = attribute(&job, name)["outputs"].as_array().unwrap().clone();
+        assert_eq!(outputs.len(), 1, "{job}");
+        let out = outputs[0].as_str().unwrap();
+        assert_eq!(std::fs::read_to_string(out).unwrap(), content);
+        // The coordinator keeps the outputs too.
+        let kept = nix_store(&space, &["--delete", out]);
+        assert!(!kept.status.success(), "{kept:?}");
+    }
+    // The list shows the job with its progress.
+    let listed = jobs(&space, &[]);
+    let listed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"] == id)
+        .unwrap_or_else(|| panic!("job {id} not listed: {listed}"));
+    assert_eq!(listed["status"], "built", "{listed}");
+}
