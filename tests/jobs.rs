@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nixspace_test_support::{nonce, run, Finished, Space};
+use nixspace_test_support::{command_lines_with, nonce, run, unique_sleep, Finished, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -44,7 +44,8 @@ fn ended_job(space: &Space, id: i64) -> serde_json::Value {
         }
         assert!(
             Instant::now() < deadline,
-            "job {id} still pending: {job}\nup said:\n{}",
+            "job {id} still pending: {job}\nup said:\n{}{}",
+            space.log("up"),
             space.log("up-restarted")
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -145,4 +146,60 @@ fn a_job_whose_client_left_is_built_after_the_coordinator_was_killed_and_restart
         .find(|j| j["id"] == id)
         .unwrap_or_else(|| panic!("job {id} not listed: {listed}"));
     assert_eq!(listed["status"], "built", "{listed}");
+}
+
+/// `nixspace cancel ID` against `space`.
+fn cancel(space: &Space, id: i64) -> Finished {
+    let mut c = space.command(&["cancel", "--dir"]);
+    c.arg(space.dir()).arg(id.to_string());
+    run(c, LIMIT)
+}
+
+/// Wait until some process's command line contains `needle` (`present`) or none does.
+fn wait_for_process(needle: &str, present: bool) {
+    let deadline = Instant::now() + LIMIT;
+    while command_lines_with(&[needle.to_owned()]).is_empty() == present {
+        assert!(
+            Instant::now() < deadline,
+            "{needle} never {}",
+            if present { "started" } else { "stopped" }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cancelling_a_job_withdraws_its_demands_and_stops_its_running_step() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let long = unique_sleep(300);
+    let short = unique_sleep(1);
+    let cancelled = release(
+        &space,
+        "long.nix",
+        &format!(r#"{{ long = sh "long" "{long}; echo done > $out"; }}"#),
+    );
+    let kept = release(
+        &space,
+        "short.nix",
+        &format!(r#"{{ short = sh "short" "{short}; echo done > $out"; }}"#),
+    );
+    let cancelled = submit(&space, &cancelled, &[]);
+    let kept = submit(&space, &kept, &[]);
+    wait_for_process(&long, true);
+    let done = cancel(&space, cancelled);
+    assert!(done.status.success(), "{done:?}");
+    // The running step stops: nobody demands it any more.
+    wait_for_process(&long, false);
+    let job = jobs(&space, &[&cancelled.to_string()]);
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert_eq!(attribute(&job, "long")["status"], "cancelled", "{job}");
+    // A job that ended is not cancelled again.
+    let again = cancel(&space, cancelled);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(again.stderr.contains("ended already"), "{again:?}");
+    // Positive control: the job nobody cancelled is built.
+    let job = ended_job(&space, kept);
+    assert_eq!(job["status"], "built", "{job}");
+    assert_eq!(attribute(&job, "short")["status"], "built", "{job}");
 }

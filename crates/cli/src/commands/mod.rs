@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod build;
 pub mod cache;
+pub mod cancel;
 pub mod daemon;
 pub mod demo;
 pub mod history;
