@@ -203,3 +203,55 @@ fn cancelling_a_job_withdraws_its_demands_and_stops_its_running_step() {
     assert_eq!(job["status"], "built", "{job}");
     assert_eq!(attribute(&job, "short")["status"], "built", "{job}");
 }
+
+#[test]
+fn a_failing_attribute_shows_as_failed_with_its_log_tail() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let file = release(
+        &space,
+        "failing.nix",
+        r#"rec {
+  bad = sh "bad" "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo bad line $i; done; exit 3";
+  after = sh "after" "cat ${bad} > $out";
+  good = sh "good" "echo good > $out";
+}"#,
+    );
+    let id = submit(&space, &file, &[]);
+    let job = ended_job(&space, id);
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["steps_failed"], 2, "{job}");
+    assert_eq!(job["steps_built"], 1, "{job}");
+    let bad = attribute(&job, "bad");
+    assert_eq!(bad["status"], "failed", "{job}");
+    assert!(
+        bad["error"].as_str().unwrap().contains("exit code 3"),
+        "{job}"
+    );
+    // Nix's 10 lines: the last ones.
+    let tail: Vec<&str> = bad["log_tail"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(tail.len(), 10, "{job}");
+    assert_eq!(tail.first(), Some(&"bad line 3"), "{job}");
+    assert_eq!(tail.last(), Some(&"bad line 12"), "{job}");
+    // A dependent fails with its input, and shows the input's log tail.
+    let after = attribute(&job, "after");
+    assert_eq!(after["status"], "failed", "{job}");
+    assert!(after["error"].as_str().unwrap().contains("bad"), "{job}");
+    assert_eq!(after["log_tail"], bad["log_tail"], "{job}");
+    // Positive control: the independent attribute is built.
+    let good = attribute(&job, "good");
+    assert_eq!(good["status"], "built", "{job}");
+    assert_eq!(good["log_tail"].as_array().map(Vec::len), Some(0), "{job}");
+    // The text view shows the failure with its tail.
+    let mut c = space.command(&["jobs", &id.to_string()]);
+    c.arg("--limit").arg("5");
+    let shown = run(c, LIMIT);
+    assert!(shown.status.success(), "{shown:?}");
+    assert!(shown.stdout.contains("bad: failed:"), "{shown:?}");
+    assert!(shown.stdout.contains("    > bad line 12"), "{shown:?}");
+}
