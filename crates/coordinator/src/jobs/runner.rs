@@ -1,13 +1,13 @@
 //! One job's build: its derivations rooted against the garbage collector, a frontend
 //! [`BuildSession`] demanding its steps (inputs first, keep going after failures, waiting for
-//! capable workers as long as it takes), its progress written to the history as steps end,
-//! and at the end each attribute's outputs (rooted too) or failure with the failing step's log
+//! capable workers as long as it takes), its progress written to the history at most once per
+//! [`PROGRESS_EVERY`] while steps end (a large job's steps end faster than that), and at the end each attribute's outputs (rooted too) or failure with the failing step's log
 //! tail.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nixspace_frontend::{
     BuildSession, FailureCause, PostBuild, Progress, Report, SessionConfig, SessionError,
@@ -24,6 +24,9 @@ use super::intake::Answer;
 /// How long a job's steps wait for a capable worker, and its session for the dataspace:
 /// a job is kept until it ends, not given up.
 const WAIT_FOREVER: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How often at most a job's progress is written to the history while its steps end.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// What every job's runner shares.
 pub(crate) struct JobContext {
@@ -132,14 +135,19 @@ async fn build(job: &PendingJob, context: &JobContext) -> Result<Report, Session
     let total = job.steps_built + session.len() as i64;
     let (mut built, mut failed) = (job.steps_built, 0);
     context.with_history(|h| h.job_progress(job.id, total, built, failed));
+    let mut written = Instant::now();
     while let Some(progress) = session.next().await? {
         match progress {
             Progress::Built { .. } => built += 1,
             Progress::Failed { .. } => failed += 1,
             _ => continue,
         }
-        context.with_history(|h| h.job_progress(job.id, total, built, failed));
+        if written.elapsed() >= PROGRESS_EVERY {
+            context.with_history(|h| h.job_progress(job.id, total, built, failed));
+            written = Instant::now();
+        }
     }
+    context.with_history(|h| h.job_progress(job.id, total, built, failed));
     session.finish().await
 }
 
