@@ -6,9 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use nixspace_test_support::{command_lines_with, nonce, run, unique_sleep, Finished, Space};
+use nixspace_test_support::{
+    command_lines_with, nonce, run, unique_sleep, wait_output, Finished, Space,
+};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -185,7 +188,15 @@ fn cancelling_a_job_withdraws_its_demands_and_stops_its_running_step() {
         &format!(r#"{{ short = sh "short" "{short}; echo done > $out"; }}"#),
     );
     let cancelled = submit(&space, &cancelled, &[]);
-    let kept = submit(&space, &kept, &[]);
+    // The positive control's submitter stays until its job ends.
+    let waiting = space
+        .command(&["submit", "--wait", "--dir"])
+        .arg(space.dir())
+        .arg(&kept)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     wait_for_process(&long, true);
     let done = cancel(&space, cancelled);
     assert!(done.status.success(), "{done:?}");
@@ -198,8 +209,11 @@ fn cancelling_a_job_withdraws_its_demands_and_stops_its_running_step() {
     let again = cancel(&space, cancelled);
     assert_eq!(again.status.code(), Some(1), "{again:?}");
     assert!(again.stderr.contains("ended already"), "{again:?}");
-    // Positive control: the job nobody cancelled is built.
-    let job = ended_job(&space, kept);
+    // Positive control: the job nobody cancelled is built, and its waiting submitter says so.
+    let waited = wait_output(waiting, LIMIT);
+    assert!(waited.status.success(), "{waited:?}");
+    assert!(waited.stderr.contains("ended built"), "{waited:?}");
+    let job = jobs(&space, &[waited.stdout.trim()]);
     assert_eq!(job["status"], "built", "{job}");
     assert_eq!(attribute(&job, "short")["status"], "built", "{job}");
 }
@@ -217,8 +231,14 @@ fn a_failing_attribute_shows_as_failed_with_its_log_tail() {
   good = sh "good" "echo good > $out";
 }"#,
     );
-    let id = submit(&space, &file, &[]);
-    let job = ended_job(&space, id);
+    // A waiting submitter stays until the job ends, and fails with it.
+    let mut c = space.command(&["submit", "--wait", "--dir"]);
+    c.arg(space.dir()).arg(&file);
+    let waited = run(c, LIMIT);
+    assert_eq!(waited.status.code(), Some(1), "{waited:?}");
+    assert!(waited.stderr.contains("ended failed"), "{waited:?}");
+    let id: i64 = waited.stdout.trim().parse().unwrap();
+    let job = jobs(&space, &[&id.to_string()]);
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["steps_failed"], 2, "{job}");
     assert_eq!(job["steps_built"], 1, "{job}");

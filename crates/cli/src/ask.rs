@@ -1,6 +1,7 @@
 //! Asking the coordinator something through the dataspace (`submit`, `cancel`): assert a
 //! request record, wait for the answer the coordinator asserts while the request lasts, then
-//! leave (the request goes with the connection).
+//! leave (the request goes with the connection); or, with no request, wait for a record
+//! (`submit --wait`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,19 +40,37 @@ where
     T: Send + 'static,
     F: FnOnce(&mut Activation, &Arc<Cap>, Reply<T>) -> ActorResult + Send + 'static,
 {
-    let (tx, rx) = oneshot::channel();
-    let reply = Reply(Arc::new(Mutex::new(Some(tx))));
-    let actor = nixspace_space::join::join(route, move |t: &mut Activation, ds| {
-        observe(t, &ds, reply)?;
+    let body = move |t: &mut Activation, ds: &Arc<Cap>, reply| {
+        observe(t, ds, reply)?;
         ds.assert(t, &request);
         Ok(())
-    })
-    .await?;
+    };
+    wait_for(route, body, Some(PATIENCE)).await
+}
+
+/// Join the dataspace at `route`, run `body` there, and wait for the answer it gives, for at
+/// most `patience` (`None`: as long as it takes, while the connection lasts).
+pub async fn wait_for<T, F>(route: &Route, body: F, patience: Option<Duration>) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Activation, &Arc<Cap>, Reply<T>) -> ActorResult + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let reply = Reply(Arc::new(Mutex::new(Some(tx))));
+    let actor =
+        nixspace_space::join::join(route, move |t: &mut Activation, ds| body(t, &ds, reply))
+            .await?;
+    let patience = async {
+        match patience {
+            Some(p) => tokio::time::sleep(p).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(actor);
     tokio::select! {
         answer = rx => answer.map_err(|_| anyhow::anyhow!("the dataspace closed the connection before the coordinator answered")),
         end = &mut actor => anyhow::bail!("lost the dataspace: {}", nixspace_space::join::describe_end(end)),
-        _ = tokio::time::sleep(PATIENCE) => anyhow::bail!(
+        _ = patience => anyhow::bail!(
             "the coordinator did not answer within {PATIENCE:?} (jobs are kept by `nixspace up` hosting the dataspace)"
         ),
     }

@@ -174,6 +174,7 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::JobAccepted>(),
             Shape::of::<build::JobRefused>(),
             Shape::of::<build::JobCancelled>(),
+            Shape::of::<build::Job>(),
         ],
         Role::Worker => vec![
             Shape::of::<build::Planner>(),
@@ -429,7 +430,7 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 33);
+        assert_eq!(observable(Role::Submit).len(), 34);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 15);
         for role in [Role::Submit, Role::Worker] {

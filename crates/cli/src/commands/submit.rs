@@ -14,7 +14,7 @@ use syndicate::enclose;
 use syndicate_macros::during;
 
 use super::{EvalArgs, JoinArgs};
-use crate::ask::ask;
+use crate::ask::{ask, wait_for, Reply};
 
 /// Submit a release expression's jobs to the coordinator and return.
 ///
@@ -42,6 +42,11 @@ pub struct SubmitArgs {
     /// The job's name. Default: the file's name without `.nix`.
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
+
+    /// Stay until the job ends, showing its progress; exit 0 when every job was built, 1
+    /// otherwise (leaving does not cancel it).
+    #[arg(long)]
+    wait: bool,
 }
 
 /// What the coordinator answered.
@@ -129,11 +134,40 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         Answer::Accepted(job) => {
             eprintln!("nixspace: submitted job {job} ({name}, {count} attributes); `nixspace jobs {job}` shows it");
             println!("{job}");
-            Ok(ExitCode::SUCCESS)
+            match args.wait {
+                true => wait(&route, job).await,
+                false => Ok(ExitCode::SUCCESS),
+            }
         }
         Answer::Refused(reason) => {
             eprintln!("nixspace: the coordinator refused the job: {reason}");
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// Follow job `job` until it ends: its progress on stderr, exit 0 when it was built.
+async fn wait(route: &nixspace_space::Route, id: i64) -> anyhow::Result<ExitCode> {
+    let body = move |t: &mut Activation,
+                     ds: &std::sync::Arc<syndicate::actor::Cap>,
+                     reply: Reply<String>| {
+        during!(t, ds, <job $job: i64 _ $status: String $built: i64 $failed: i64 $total: i64>, |_t: &mut Activation| {
+            if job == id {
+                eprintln!("nixspace: job {id} {status}: {built} built, {failed} failed of {total} steps");
+                if status != "pending" {
+                    reply.give(status.clone());
+                }
+            }
+            Ok(())
+        });
+        Ok(())
+    };
+    let status = wait_for(route, body, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; the job goes on (`nixspace jobs {id}` shows it)"))?;
+    eprintln!("nixspace: job {id} ended {status}; `nixspace jobs {id}` shows its results");
+    Ok(match status.as_str() {
+        "built" => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
 }

@@ -4,6 +4,7 @@
 //! cancelled.
 //!
 //! - [`intake`]: the `submit-job` and `cancel-job` records, checked, and the answers.
+//! - [`board`]: the `<job …>` records of the pending and recently ended jobs.
 //! - [`runner`]: one job's build: garbage collector roots for its derivations, a frontend
 //!   `BuildSession` demanding its steps, its progress and results written to the history.
 //!
@@ -11,6 +12,7 @@
 //! per pending job, and on start takes up every job an earlier run left pending (the
 //! coordinator was stopped or killed): their demands are asserted again.
 
+mod board;
 mod intake;
 mod runner;
 
@@ -28,6 +30,7 @@ use syndicate::actor::{Activation, Cap};
 use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::task::{AbortHandle, JoinSet};
 
+use board::Board;
 use intake::{Answer, Submission};
 pub use intake::{MAX_JOB_ATTRIBUTES, MAX_NAME_BYTES};
 use runner::JobContext;
@@ -79,6 +82,7 @@ pub(crate) fn start(t: &mut Activation, ds: &Arc<Cap>, route: Route, options: Jo
         pool,
         history: Arc::new(Mutex::new(history)),
         roots: options.roots,
+        board: Board::new(t.facet_ref(), Arc::clone(ds)),
     });
     let keeper = tokio::spawn(keep(context, rx));
     t.on_stop(move |_| {
@@ -182,6 +186,7 @@ impl Keeper {
         {
             Some(true) => {
                 tracing::info!(job, "job cancelled");
+                self.context.board.end(job, "cancelled");
                 "cancelled".to_owned()
             }
             Some(false) => match self.context.with_history(|h| h.job(job)) {

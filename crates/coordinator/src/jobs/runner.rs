@@ -19,6 +19,7 @@ use nixspace_planner::job_history::{AttributeEnd, JobEnd, PendingJob};
 use nixspace_protocol::{build, BuildSettings, DrvPath};
 use nixspace_space::Route;
 
+use super::board::{Board, JobState};
 use super::intake::Answer;
 
 /// How long a job's steps wait for a capable worker, and its session for the dataspace:
@@ -40,6 +41,8 @@ pub(crate) struct JobContext {
     pub history: Arc<Mutex<History>>,
     /// Where each job's garbage collector roots go.
     pub roots: PathBuf,
+    /// The jobs' records in the dataspace.
+    pub board: Board,
 }
 
 impl JobContext {
@@ -56,6 +59,19 @@ impl JobContext {
                 None
             }
         }
+    }
+
+    /// Job `job` has `built` and `failed` steps of `total`: written to the history and shown.
+    fn progress(&self, job: &PendingJob, built: i64, failed: i64, total: i64) {
+        self.with_history(|h| h.job_progress(job.id, total, built, failed));
+        let state = JobState {
+            name: job.name.clone(),
+            status: "pending",
+            built,
+            failed,
+            total,
+        };
+        self.board.show(job.id, state);
     }
 
     /// Make `path` a garbage collector root of job `job` (a link named by its base name).
@@ -85,6 +101,7 @@ pub(crate) async fn run(
     for drv in &drvs {
         context.root(id, drv).await;
     }
+    context.progress(&job, job.steps_built, 0, 0);
     if let Some((answer, submission)) = accepted {
         answer.give(build::JobAccepted {
             submission,
@@ -107,6 +124,14 @@ pub(crate) async fn run(
     }
     tracing::info!(job = id, ?end, "job ended");
     context.with_history(|h| h.job_ended(id, end, error.as_deref(), &attributes));
+    context.board.end(
+        id,
+        match end {
+            JobEnd::Built => "built",
+            JobEnd::Failed => "failed",
+            JobEnd::Cancelled => "cancelled",
+        },
+    );
     id
 }
 
@@ -134,7 +159,7 @@ async fn build(job: &PendingJob, context: &JobContext) -> Result<Report, Session
     // Steps built by an earlier run of the coordinator are not planned again.
     let total = job.steps_built + session.len() as i64;
     let (mut built, mut failed) = (job.steps_built, 0);
-    context.with_history(|h| h.job_progress(job.id, total, built, failed));
+    context.progress(job, built, failed, total);
     let mut written = Instant::now();
     while let Some(progress) = session.next().await? {
         match progress {
@@ -143,11 +168,11 @@ async fn build(job: &PendingJob, context: &JobContext) -> Result<Report, Session
             _ => continue,
         }
         if written.elapsed() >= PROGRESS_EVERY {
-            context.with_history(|h| h.job_progress(job.id, total, built, failed));
+            context.progress(job, built, failed, total);
             written = Instant::now();
         }
     }
-    context.with_history(|h| h.job_progress(job.id, total, built, failed));
+    context.progress(job, built, failed, total);
     session.finish().await
 }
 
