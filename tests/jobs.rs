@@ -9,9 +9,13 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use nixspace_protocol::build;
+use nixspace_space::Role;
+use nixspace_test_support::dataspace::{fake_drv, route, runtime, Session, ANSWER};
 use nixspace_test_support::{
     command_lines_with, nonce, run, unique_sleep, wait_output, Finished, Space,
 };
+use preserves_schema::Unparse;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -274,4 +278,42 @@ fn a_failing_attribute_shows_as_failed_with_its_log_tail() {
     assert!(shown.status.success(), "{shown:?}");
     assert!(shown.stdout.contains("bad: failed:"), "{shown:?}");
     assert!(shown.stdout.contains("    > bad line 12"), "{shown:?}");
+}
+
+#[test]
+fn a_worker_capability_can_neither_submit_nor_cancel_a_job() {
+    let space = Space::start();
+    let file = release(
+        &space,
+        "kept.nix",
+        r#"{ kept = sh "kept" "echo kept > $out"; }"#,
+    );
+    let id = submit(&space, &file, &[]);
+    let forged = vec![
+        build::CancelJob { job: id.into() }.unparse(),
+        build::SubmitJob {
+            submission: "forged".into(),
+            name: "forged".into(),
+            attributes: vec![build::JobAttribute {
+                name: "a".into(),
+                drv: fake_drv("forged-job"),
+            }],
+        }
+        .unparse(),
+    ];
+    runtime().block_on(async {
+        let _worker = Session::join(&route(&space, Role::Worker), forged)
+            .await
+            .expect("join as worker");
+        for label in ["cancel-job", "submit-job"] {
+            space.wait_for_log("up", &format!("value=<{label} "), ANSWER);
+        }
+    });
+    let job = jobs(&space, &[&id.to_string()]);
+    assert_eq!(job["status"], "pending", "{job}");
+    assert_eq!(jobs(&space, &[]).as_array().map(Vec::len), Some(1));
+    // Positive control: the submit capability cancels it.
+    let cancelled = cancel(&space, id);
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    assert_eq!(jobs(&space, &[&id.to_string()])["status"], "cancelled");
 }
