@@ -231,7 +231,7 @@ fn a_failing_attribute_shows_as_failed_with_its_log_tail() {
         "failing.nix",
         r#"rec {
   bad = sh "bad" "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do echo bad line $i; done; exit 3";
-  after = sh "after" "cat ${bad} > $out";
+  after = sh "after" "/bin/cat ${bad} > $out";
   good = sh "good" "echo good > $out";
 }"#,
     );
@@ -316,4 +316,32 @@ fn a_worker_capability_can_neither_submit_nor_cancel_a_job() {
     let cancelled = cancel(&space, id);
     assert!(cancelled.status.success(), "{cancelled:?}");
     assert_eq!(jobs(&space, &[&id.to_string()])["status"], "cancelled");
+}
+
+#[test]
+fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
+    let mut space = Space::start();
+    space.worker("w1", &[]);
+    let sleep = unique_sleep(3);
+    let file = release(
+        &space,
+        "midway.nix",
+        &format!(
+            r#"rec {{
+  first = sh "first" "{sleep}; echo first > $out";
+  second = sh "second" "/bin/cat ${{first}} > $out; echo second >> $out";
+}}"#
+        ),
+    );
+    let id = submit(&space, &file, &[]);
+    wait_for_process(&sleep, true);
+    space.kill_up();
+    space.restart_up();
+    let job = ended_job(&space, id);
+    assert_eq!(job["status"], "built", "{job}");
+    let second = attribute(&job, "second")["outputs"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(std::fs::read_to_string(second).unwrap(), "first\nsecond\n");
 }
