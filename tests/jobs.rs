@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use nixspace_protocol::build;
 use nixspace_space::Role;
 use nixspace_test_support::dataspace::{fake_drv, route, runtime, Session, ANSWER};
+use nixspace_test_support::syndicate_server::ExternalSpace;
 use nixspace_test_support::{
     command_lines_with, nonce, run, unique_sleep, wait_output, Finished, Space,
 };
@@ -344,4 +345,24 @@ fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
         .unwrap()
         .to_owned();
     assert_eq!(std::fs::read_to_string(second).unwrap(), "first\nsecond\n");
+}
+
+#[test]
+fn a_job_on_a_syndicate_server_outlives_a_killed_planner() {
+    let mut space = ExternalSpace::start();
+    let file = release(
+        &space,
+        "external.nix",
+        r#"{ one = sh "one" "echo one > $out"; }"#,
+    );
+    let id = submit(&space, &file, &[]);
+    space.restart_planner();
+    space.worker("w1", &[]);
+    let job = ended_job(&space, id);
+    assert_eq!(job["status"], "built", "{job}");
+    let out = attribute(&job, "one")["outputs"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "one\n");
 }

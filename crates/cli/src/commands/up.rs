@@ -242,6 +242,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             // Opened (and migrated) above; each connection's planner reopens it.
             history: super::history_path(&state_dir),
             trusted_keys,
+            jobs: Some((submit.clone(), jobs_options(&state_dir))),
         };
         drop(history);
         let session = tokio::spawn(planner.stay_joined(planner_route, |event| match event {
@@ -278,10 +279,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             planner,
             metrics: Arc::clone(&metrics),
             trusted_keys,
-            jobs: Some(JobsOptions {
-                history: super::history_path(&state_dir),
-                roots: state_dir.join("jobs"),
-            }),
+            jobs: Some(jobs_options(&state_dir)),
         })
         .await?;
         for t in &space.transports {
@@ -347,6 +345,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         let _ = std::fs::remove_file(socket);
     }
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Where `up` keeps jobs: in the build history of `state_dir`, their roots in its `jobs`.
+fn jobs_options(state_dir: &std::path::Path) -> JobsOptions {
+    JobsOptions {
+        history: super::history_path(state_dir),
+        roots: state_dir.join("jobs"),
+    }
 }
 
 /// Read a route file written by `nixspace server-config`.

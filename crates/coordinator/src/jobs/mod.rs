@@ -64,7 +64,7 @@ pub(crate) enum Request {
 }
 
 /// Start keeping jobs on `ds`, the jobs' sessions joining it with `route` (a submit or
-/// trusted route); the keeper stops with the active facet.
+/// trusted route); the keeper stops with the active facet or its actor.
 pub(crate) fn start(t: &mut Activation, ds: &Arc<Cap>, route: Route, options: JobsOptions) {
     let history = match History::open(&options.history) {
         Ok(history) => history,
@@ -84,11 +84,22 @@ pub(crate) fn start(t: &mut Activation, ds: &Arc<Cap>, route: Route, options: Jo
         roots: options.roots,
         board: Board::new(t.facet_ref(), Arc::clone(ds)),
     });
-    let keeper = tokio::spawn(keep(context, rx));
+    // The keeper goes with the facet: when it stops, or when the actor ends without stopping
+    // it (aborted, or its connection dropped), which drops the facet's stop actions.
+    let keeper = StopOnDrop(tokio::spawn(keep(context, rx)));
     t.on_stop(move |_| {
-        keeper.abort();
+        drop(keeper);
         Ok(())
     });
+}
+
+/// A task aborted when this is dropped.
+struct StopOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The keeper's state: the runner of each pending job.
