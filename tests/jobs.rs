@@ -17,6 +17,7 @@ use nixspace_test_support::{
     command_lines_with, nonce, run, unique_sleep, wait_output, Finished, Space,
 };
 use preserves_schema::Unparse;
+use syndicate::actor::AnyValue;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -365,4 +366,77 @@ fn a_job_on_a_syndicate_server_outlives_a_killed_planner() {
         .unwrap()
         .to_owned();
     assert_eq!(std::fs::read_to_string(out).unwrap(), "one\n");
+}
+
+#[test]
+fn malformed_and_oversized_submissions_are_refused_with_a_reason() {
+    let space = Space::start();
+    let submission = |id: &str, name: AnyValue, attributes: Vec<AnyValue>| {
+        AnyValue::record(
+            AnyValue::symbol("submit-job".to_owned()),
+            vec![
+                AnyValue::new(id.to_owned()),
+                name,
+                AnyValue::new(attributes),
+            ],
+        )
+    };
+    let attribute = |name: &str, drv: &str| {
+        build::JobAttribute {
+            name: name.into(),
+            drv: drv.into(),
+        }
+        .unparse()
+    };
+    let good = attribute("a", &fake_drv("submitted"));
+    let too_many: Vec<AnyValue> = (0..5_001)
+        .map(|i| attribute(&format!("a{i}"), &fake_drv("many")))
+        .collect();
+    let asked = vec![
+        submission("not-a-name", AnyValue::new(3), vec![good.clone()]),
+        submission(
+            "outside",
+            AnyValue::new("job"),
+            vec![attribute("a", "/etc/passwd")],
+        ),
+        submission("too-many", AnyValue::new("job"), too_many),
+        // Positive control: a well-formed submission is accepted.
+        submission("well-formed", AnyValue::new("job"), vec![good]),
+    ];
+    runtime().block_on(async {
+        let s = Session::join(&route(&space, Role::Submit), asked)
+            .await
+            .expect("join as submit");
+        let refused = |id: &str, reason: &str| {
+            build::JobRefused {
+                submission: id.into(),
+                reason: reason.into(),
+            }
+            .unparse()
+        };
+        for expected in [
+            refused("not-a-name", "a job's name must be a string"),
+            refused(
+                "outside",
+                "attribute a: \"/etc/passwd\" is not a .drv path in /nix/store",
+            ),
+            refused(
+                "too-many",
+                "a job has 1 to 5000 attributes, this one has 5001",
+            ),
+        ] {
+            assert!(
+                s.wait_until(&expected, true).await,
+                "never saw {expected:?}"
+            );
+        }
+        let accepted = build::JobAccepted {
+            submission: "well-formed".into(),
+            job: 1.into(),
+        }
+        .unparse();
+        assert!(s.wait_until(&accepted, true).await, "never accepted");
+    });
+    // Only the well-formed one was recorded.
+    assert_eq!(jobs(&space, &[]).as_array().map(Vec::len), Some(1));
 }

@@ -117,24 +117,39 @@ pub(crate) fn observe(
     store_dir: String,
     keeper: UnboundedSender<Request>,
 ) {
-    enclose!((ds, keeper) during!(t, ds, <submit-job $submission: String $name: String $attributes>,
+    enclose!((ds, keeper) during!(t, ds, <submit-job $submission $name $attributes>,
     |t: &mut Activation| {
+        // A submission that is not a string cannot be answered (the answer names it).
+        let Some(submission) = submission.as_string().map(|s| s.into_owned()) else {
+            tracing::warn!(?submission, "ignoring a submit-job whose submission is not a string");
+            return Ok(());
+        };
         let answer = Answer { facet: t.facet_ref(), ds: Arc::clone(&ds) };
-        match check(&submission, &name, &attributes, &store_dir) {
-            Ok(attributes) => {
+        let checked = match name.as_string() {
+            Some(name) => check(&submission, &name, &attributes, &store_dir)
+                .map(|attributes| (name.into_owned(), attributes)),
+            None => Err("a job's name must be a string".to_owned()),
+        };
+        match checked {
+            Ok((name, attributes)) => {
                 // The facet waits for the keeper's answer.
                 let _keep_alive = t.prevent_inert_check();
-                let submission = Submission { submission: submission.clone(), name: name.clone(), attributes };
+                let submission = Submission { submission, name, attributes };
                 let _ = keeper.send(Request::Submit { submission, answer });
             }
             Err(reason) => {
                 tracing::warn!(%submission, %reason, "refusing a job");
-                ds.assert(t, &build::JobRefused { submission: submission.clone(), reason });
+                ds.assert(t, &build::JobRefused { submission, reason });
             }
         }
         Ok(())
     }));
-    enclose!((ds, keeper) during!(t, ds, <cancel-job $job: i64>, |t: &mut Activation| {
+    enclose!((ds, keeper) during!(t, ds, <cancel-job $job>, |t: &mut Activation| {
+        // A job that is not a number cannot be answered (the answer names it).
+        let Some(Ok(job)) = job.as_i64() else {
+            tracing::warn!(?job, "ignoring a cancel-job whose job is not a number");
+            return Ok(());
+        };
         let answer = Answer { facet: t.facet_ref(), ds: Arc::clone(&ds) };
         let _keep_alive = t.prevent_inert_check();
         let _ = keeper.send(Request::Cancel { job, answer });

@@ -1,8 +1,9 @@
 //! One job's build: its derivations rooted against the garbage collector, a frontend
 //! [`BuildSession`] demanding its steps (inputs first, keep going after failures, waiting for
 //! capable workers as long as it takes), its progress written to the history at most once per
-//! [`PROGRESS_EVERY`] while steps end (a large job's steps end faster than that), and at the end each attribute's outputs (rooted too) or failure with the failing step's log
-//! tail.
+//! [`PROGRESS_EVERY`] while steps end (a large job's steps end faster than that) and shown as
+//! a `<job …>` record, and at the end each attribute's outputs (rooted too) or failure with
+//! the failing step's log tail.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
