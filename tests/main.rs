@@ -14,6 +14,7 @@ mod faults;
 mod flow;
 mod fuzz_sockets;
 mod http_cache;
+mod jobs;
 mod multihost;
 mod nixbuild;
 mod noise;

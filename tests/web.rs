@@ -111,3 +111,82 @@ fn the_endpoints_refuse_what_they_do_not_serve() {
         );
     }
 }
+
+/// `nixspace submit FILE` against `space`; the job's number.
+fn submit(space: &Space, file: &std::path::Path) -> i64 {
+    let mut c = space.command(&["submit", "--dir"]);
+    c.arg(space.dir()).arg(file);
+    let submitted = nixspace_test_support::run(c, LIMIT);
+    assert!(submitted.status.success(), "{submitted:?}");
+    submitted.stdout.trim().parse().expect("a job number")
+}
+
+/// The text of the route file `name` of `space`, as a JavaScript string.
+fn route_text(space: &Space, name: &str) -> String {
+    let text = std::fs::read_to_string(space.dir().join(name)).unwrap();
+    serde_json::Value::from(text).to_string()
+}
+
+#[test]
+fn a_job_is_cancelled_from_the_page_only_with_the_submit_capability() {
+    let mut space = Space::start_with(&["--http", "127.0.0.1:0"]);
+    space.worker("w1", &[]);
+    let file = space.nix_file(
+        "job.nix",
+        &format!(
+            r#"{{ held = derivation {{
+  name = "held"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo {}; while true; do /bin/sleep 0.1; done" ];
+}}; }}"#,
+            nonce()
+        ),
+    );
+    let id = submit(&space, &file);
+    let mut browser = Browser::open(&format!("http://{}/", space.web_address()));
+    browser.wait_for(
+        "the job pending, its step building",
+        "document.querySelector('button.cancel') !== null \
+         && document.querySelector('#workers button.step') !== null",
+        LIMIT,
+    );
+    // The worker's capability does not cancel it.
+    let worker = route_text(&space, "worker.route");
+    browser.eval(&format!(
+        "sessionStorage.setItem('nixspace-capability', {worker})"
+    ));
+    browser.eval("document.querySelector('button.cancel').click()");
+    browser.wait_for(
+        "the refusal",
+        "document.getElementById('cancel-result').textContent.includes('needs the submit capability')",
+        LIMIT,
+    );
+    assert!(
+        browser.text().contains(&format!("Cancel #{id}")),
+        "still pending"
+    );
+    assert!(space
+        .log("up")
+        .contains("without the submit capability refused"));
+    // The page forgot the refused capability and asks for one: the submit route cancels it.
+    browser.eval("document.querySelector('button.cancel').click()");
+    browser.wait_for(
+        "the form asking for a capability",
+        "!document.getElementById('capability').hidden",
+        LIMIT,
+    );
+    screenshot(&mut browser, "web-view-cancel");
+    let submit = route_text(&space, "submit.route");
+    browser.eval(&format!(
+        "document.getElementById('capability-text').value = {submit}; \
+         document.getElementById('capability').requestSubmit()"
+    ));
+    browser.wait_for(
+        "the job cancelled, its step stopped",
+        &format!(
+            "document.getElementById('cancel-result').textContent.includes('job {id} cancelled') \
+             && document.getElementById('jobs').innerText.includes('cancelled') \
+             && document.querySelector('#workers button.step') === null"
+        ),
+        LIMIT,
+    );
+}

@@ -1,5 +1,5 @@
 //! Reading the head of one HTTP/1.1 request, within a size and a time limit, for nixspace's
-//! small HTTP endpoints (metrics, binary cache).
+//! small HTTP endpoints (metrics, binary cache, web view).
 
 use std::time::Duration;
 
@@ -12,13 +12,25 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A request's method and path (both empty if its first line has none).
+/// A request's method, path (both empty if its first line has none) and headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// `GET`, `HEAD`, …
     pub method: String,
     /// The path asked for, as sent.
     pub path: String,
+    /// The header fields, names in lower case, values trimmed, in the order sent.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The value of the first header field named `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Read the head of the request on `stream` (up to its blank line), within the limits.
@@ -26,11 +38,18 @@ pub async fn read_request(stream: &mut TcpStream) -> std::io::Result<Request> {
     let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request too slow"))??;
-    let request_line = head.lines().next().unwrap_or_default();
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split_whitespace();
+    let headers = lines
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
     Ok(Request {
         method: parts.next().unwrap_or_default().to_owned(),
         path: parts.next().unwrap_or_default().to_owned(),
+        headers,
     })
 }
 

@@ -7,6 +7,7 @@
 //! ([`nix_daemon_cli`]); under the name `nix-store`, only `nix-store --serve [--write]`
 //! ([`nix_store_cli`]).
 
+mod ask;
 mod cache_http;
 mod commands;
 mod http_request;
@@ -51,6 +52,9 @@ enum Command {
     Build(commands::build::BuildArgs),
     Status(commands::status::StatusArgs),
     History(commands::history::HistoryArgs),
+    Submit(commands::submit::SubmitArgs),
+    Jobs(commands::jobs::JobsArgs),
+    Cancel(commands::cancel::CancelArgs),
     Bench(commands::bench::BenchArgs),
     Demo(commands::demo::DemoArgs),
     Translate(commands::translate::TranslateArgs),
@@ -109,6 +113,9 @@ fn main() -> ExitCode {
             Command::Build(a) => commands::build::run(a).await,
             Command::Status(a) => commands::status::run(a).await,
             Command::History(a) => commands::history::run(a).await,
+            Command::Submit(a) => commands::submit::run(a).await,
+            Command::Jobs(a) => commands::jobs::run(a).await,
+            Command::Cancel(a) => commands::cancel::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Demo(a) => commands::demo::run(a).await,
             Command::Translate(a) => commands::translate::run(a).await,

@@ -1,4 +1,4 @@
-//! What `nixspace status` and the web view show: the workers, offers, demands, steps,
+//! What `nixspace status` and the web view show: the workers, offers, jobs, demands, steps,
 //! transfers, rejected results and unschedulable steps asserted in a dataspace, kept in a
 //! [`Snapshot`] while they are asserted.
 
@@ -10,7 +10,7 @@ use syndicate::enclose;
 use syndicate_macros::during;
 use tokio::sync::watch;
 
-use crate::snapshot::{Snapshot, StepView, WorkerView};
+use crate::snapshot::{JobView, Snapshot, StepView, WorkerView};
 
 /// What the dataspace holds, as far as the observers have seen it, and a counter bumped at
 /// every change (for those waiting for the next one).
@@ -78,7 +78,16 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
     }));
     enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
         let key = id.clone();
-        track(t, &snapshot, |s| s.offered(&id, free), move |s| s.withdrew_offer(&key, free))
+        track(t, &snapshot, |s| s.offers.asserted(id.clone(), free),
+            move |s| s.offers.retracted(&key, &free))
+    }));
+    enclose!((snapshot) during!(t, ds,
+    <job $id: i64 $name: String $status: String $built: i64 $failed: i64 $total: i64>,
+    |t: &mut Activation| {
+        let job = JobView { name, status, built, failed, total };
+        let undo = job.clone();
+        track(t, &snapshot, |s| s.jobs.asserted(id, job),
+            move |s| s.jobs.retracted(&id, &undo))
     }));
     enclose!((snapshot) during!(t, ds,
     <demand $drv: String $step: build::StepInfo $requester: String $priority: i64 _>,

@@ -41,9 +41,10 @@ pub enum StepView {
 pub struct Snapshot {
     /// Workers by id.
     pub workers: BTreeMap<String, WorkerView>,
-    /// Free slots by worker id, each offer asserted, oldest first: a worker replaces its offer
-    /// by asserting the new one before it retracts the old, so the newest is the last.
-    pub offers: BTreeMap<String, Vec<i64>>,
+    /// Free slots by worker id.
+    pub offers: Replaced<String, i64>,
+    /// Jobs the coordinator keeps, by number.
+    pub jobs: Replaced<i64, JobView>,
     /// Demanded steps (with priority) by requester.
     pub demands: BTreeMap<String, BTreeMap<String, i64>>,
     /// The system of each demanded step.
@@ -88,23 +89,6 @@ impl Snapshot {
         self.clear_step(drv, &StepView::Running(worker.to_owned()));
     }
 
-    /// Worker `id` asserted an offer of `free` slots.
-    pub fn offered(&mut self, id: &str, free: i64) {
-        self.offers.entry(id.to_owned()).or_default().push(free);
-    }
-
-    /// Worker `id` retracted an offer of `free` slots (the oldest such, as it came first).
-    pub fn withdrew_offer(&mut self, id: &str, free: i64) {
-        if let Some(offers) = self.offers.get_mut(id) {
-            if let Some(at) = offers.iter().position(|&f| f == free) {
-                offers.remove(at);
-            }
-            if offers.is_empty() {
-                self.offers.remove(id);
-            }
-        }
-    }
-
     /// Forget a step's state if it is still `view` (a newer state may have
     /// replaced it already).
     pub fn clear_step(&mut self, drv: &str, view: &StepView) {
@@ -137,12 +121,7 @@ impl Snapshot {
                     systems: w.systems.clone(),
                     features: w.features.clone(),
                     slots_total: w.max_jobs,
-                    slots_used: w.max_jobs
-                        - self
-                            .offers
-                            .get(id)
-                            .and_then(|o| o.last().copied())
-                            .unwrap_or(w.max_jobs),
+                    slots_used: w.max_jobs - self.offers.newest(id).copied().unwrap_or(w.max_jobs),
                     speed: w.speed,
                     building,
                 }
@@ -180,6 +159,14 @@ impl Snapshot {
         Report {
             workers,
             demands,
+            jobs: self
+                .jobs
+                .newest_each()
+                .map(|(&id, job)| JobReport {
+                    id,
+                    job: job.clone(),
+                })
+                .collect(),
             queue,
             unschedulable: self.unschedulable.clone(),
             stolen: self
@@ -238,6 +225,76 @@ pub struct DemandReport {
     failed: usize,
 }
 
+/// A job the coordinator keeps, as its `<job …>` record says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobView {
+    /// Its name.
+    pub name: String,
+    /// `pending`, `built`, `failed` or `cancelled`.
+    pub status: String,
+    /// Its steps built so far.
+    pub built: i64,
+    /// Its steps failed so far.
+    pub failed: i64,
+    /// Its steps (0 until planned).
+    pub total: i64,
+}
+
+/// One job's line.
+#[derive(Debug, Serialize)]
+pub struct JobReport {
+    id: i64,
+    #[serde(flatten)]
+    job: JobView,
+}
+
+/// Records a participant replaces by asserting the new one before it retracts the old (a
+/// worker's offer, a job's progress): every one asserted, per key, oldest first, so that the
+/// newest is the one shown whichever order the two changes come in.
+#[derive(Debug)]
+pub struct Replaced<K, V> {
+    by_key: BTreeMap<K, Vec<V>>,
+}
+
+impl<K, V> Default for Replaced<K, V> {
+    fn default() -> Self {
+        Replaced {
+            by_key: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord, V: PartialEq> Replaced<K, V> {
+    /// `value` was asserted for `key`.
+    pub fn asserted(&mut self, key: K, value: V) {
+        self.by_key.entry(key).or_default().push(value);
+    }
+
+    /// `value` was retracted for `key` (the oldest equal one, as it came first).
+    pub fn retracted(&mut self, key: &K, value: &V) {
+        if let Some(values) = self.by_key.get_mut(key) {
+            if let Some(at) = values.iter().position(|v| v == value) {
+                values.remove(at);
+            }
+            if values.is_empty() {
+                self.by_key.remove(key);
+            }
+        }
+    }
+
+    /// The newest value of `key`.
+    pub fn newest(&self, key: &K) -> Option<&V> {
+        self.by_key.get(key).and_then(|v| v.last())
+    }
+
+    /// Each key with its newest value.
+    pub fn newest_each(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.by_key
+            .iter()
+            .filter_map(|(k, v)| v.last().map(|v| (k, v)))
+    }
+}
+
 /// A step being duplicated by a faster worker.
 #[derive(Debug, Serialize)]
 pub struct StealReport {
@@ -253,6 +310,8 @@ pub struct StealReport {
 pub struct Report {
     workers: Vec<WorkerReport>,
     demands: Vec<DemandReport>,
+    /// Submitted jobs the coordinator keeps (pending and recently ended).
+    jobs: Vec<JobReport>,
     /// Ready steps per system.
     queue: BTreeMap<String, usize>,
     /// Steps no worker can take, with the reason.
@@ -334,6 +393,20 @@ impl fmt::Display for Report {
                 d.requester, d.priority, d.steps, d.built, d.running, d.queued, d.waiting, d.failed
             )?;
         }
+        if !self.jobs.is_empty() {
+            writeln!(f, "jobs: {}", self.jobs.len())?;
+            for j in &self.jobs {
+                let failed = match j.job.failed {
+                    0 => String::new(),
+                    n => format!(", {n} failed"),
+                };
+                writeln!(
+                    f,
+                    "  #{} {} {}: {}/{} built{failed}",
+                    j.id, j.job.name, j.job.status, j.job.built, j.job.total
+                )?;
+            }
+        }
         let queued: usize = self.queue.values().sum();
         write!(f, "queue: {queued} ready")?;
         for (system, n) in &self.queue {
@@ -393,14 +466,14 @@ mod tests {
         let used = |s: &Snapshot| {
             serde_json::to_value(s.report()).unwrap()["workers"][0]["slots_used"].clone()
         };
-        s.offered("w", 2);
+        s.offers.asserted("w".into(), 2);
         assert_eq!(used(&s), 0);
         // As a worker replaces its offer: the new one asserted, then the old one retracted.
-        s.offered("w", 1);
-        s.withdrew_offer("w", 2);
+        s.offers.asserted("w".into(), 1);
+        s.offers.retracted(&"w".into(), &2);
         assert_eq!(used(&s), 1);
-        s.offered("w", 1);
-        s.withdrew_offer("w", 1);
+        s.offers.asserted("w".into(), 1);
+        s.offers.retracted(&"w".into(), &1);
         assert_eq!(used(&s), 1, "the same value offered again");
     }
 

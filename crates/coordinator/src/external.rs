@@ -10,6 +10,8 @@ use nixspace_planner::PlannerConfig;
 use nixspace_space::{Backoff, JoinError, Route, SessionEvent};
 use syndicate::actor::{Activation, Cap};
 
+use crate::jobs::JobsOptions;
+
 /// What the planner needs on every connection.
 #[derive(Clone)]
 pub struct ExternalPlanner {
@@ -22,6 +24,9 @@ pub struct ExternalPlanner {
     /// Public keys (`name:base64`) announced for every store to trust (`<trusted-keys …>`),
     /// on every connection.
     pub trusted_keys: Vec<String>,
+    /// Where jobs are kept and the route their sessions join with, if the coordinator keeps
+    /// them (`nixspace submit`): each connection takes up the pending jobs anew.
+    pub jobs: Option<(Route, JobsOptions)>,
 }
 
 impl ExternalPlanner {
@@ -47,11 +52,14 @@ impl ExternalPlanner {
                 .ok();
             nixspace_planner::service::start(
                 t,
-                ds,
+                Arc::clone(&ds),
                 self.planner,
                 Arc::clone(&self.metrics),
                 history,
             );
+            if let Some((route, jobs)) = &self.jobs {
+                crate::jobs::start(t, &ds, route.clone(), jobs.clone());
+            }
             Ok(())
         };
         nixspace_space::join::stay_joined(&route, Backoff::default(), body, on_event).await

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use nixspace_planner::history::History;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::PlannerConfig;
+
+use crate::jobs::JobsOptions;
 use nixspace_space::host::{HostError, Listeners};
 use nixspace_space::{HostConfig, HostedSpace, Role, Route, Transport};
 use syndicate::actor::{Actor, ActorHandle};
@@ -23,6 +25,8 @@ pub struct CoordinatorOptions {
     pub metrics: Arc<Metrics>,
     /// Public keys (`name:base64`) announced for every store to trust (`<trusted-keys …>`).
     pub trusted_keys: Vec<String>,
+    /// Where jobs are kept, if the coordinator keeps them (`nixspace submit`).
+    pub jobs: Option<JobsOptions>,
 }
 
 /// Why the coordinator could not start.
@@ -66,6 +70,7 @@ impl HostedCoordinator {
             planner,
             metrics,
             trusted_keys,
+            jobs,
         } = options;
         let listeners = Listeners::bind(&host).await?;
         let transports = listeners.transports();
@@ -74,6 +79,11 @@ impl HostedCoordinator {
             let hosted = HostedSpace::start(t, &host, listeners).map(|h| {
                 crate::announce_trusted_keys(t, &h.dataspace, &trusted_keys);
                 nixspace_planner::service::start(t, h.dataspace.clone(), planner, metrics, history);
+                // The jobs' sessions join as trusted frontends do.
+                let route = h.routes.get(Role::Trusted.name()).map(|(r, _)| r.clone());
+                if let (Some(jobs), Some(route)) = (jobs, route) {
+                    crate::jobs::start(t, &h.dataspace, route, jobs);
+                }
                 h.routes
             });
             let _ = tx.send(hosted);

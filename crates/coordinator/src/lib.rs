@@ -5,9 +5,12 @@
 //!   dropping it stops serving.
 //! - [`external`]: the planner as a client of a dataspace hosted elsewhere (a standalone
 //!   syndicate-server), rejoining whenever that dataspace restarts.
+//! - [`jobs`]: jobs that outlive their client (`nixspace submit`), kept in the build history
+//!   and built by the coordinator itself, across its restarts.
 
 pub mod external;
 pub mod hosted;
+pub mod jobs;
 
 use std::sync::Arc;
 
@@ -28,3 +31,4 @@ fn announce_trusted_keys(t: &mut Activation, ds: &Arc<Cap>, keys: &[String]) {
 
 pub use external::ExternalPlanner;
 pub use hosted::{CoordinatorError, CoordinatorOptions, HostedCoordinator};
+pub use jobs::JobsOptions;

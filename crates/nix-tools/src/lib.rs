@@ -40,7 +40,9 @@ pub use daemon_pool::{
 };
 pub use derivation_info::{read_closure, DerivationInfo};
 pub use gc_root::{add_perm_root, GcRootError};
-pub use instantiate::{instantiate, Evaluation, FunctionArg, Instantiated};
+pub use instantiate::{
+    evaluate_jobs, instantiate, EvaluatedJob, Evaluation, FunctionArg, Instantiated,
+};
 pub use nix_conf::{NixConf, NixConfError};
 pub use real_program::{real_nix_daemon, real_program, ProgramNotFound, NIX_DAEMON};
 

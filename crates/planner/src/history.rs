@@ -106,6 +106,32 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE attempts ADD COLUMN peak_memory INTEGER;
      ALTER TABLE attempts ADD COLUMN cpu_ms INTEGER;
      ALTER TABLE attempts ADD COLUMN wall_ms INTEGER;",
+    // 8: jobs (`nixspace submit`): each job, its progress in steps, and each of its attributes
+    // with its `.drv` and, once it ended, its outputs or its failure and log tail.
+    "CREATE TABLE jobs (
+         id INTEGER PRIMARY KEY,
+         submission TEXT NOT NULL UNIQUE,
+         name TEXT NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('pending', 'built', 'failed', 'cancelled')),
+         submitted INTEGER NOT NULL,
+         finished INTEGER,
+         steps_total INTEGER NOT NULL DEFAULT 0,
+         steps_built INTEGER NOT NULL DEFAULT 0,
+         steps_failed INTEGER NOT NULL DEFAULT 0,
+         error TEXT
+     );
+     CREATE INDEX jobs_by_status ON jobs(status);
+     CREATE TABLE job_attributes (
+         job INTEGER NOT NULL REFERENCES jobs(id),
+         name TEXT NOT NULL,
+         drv TEXT NOT NULL,
+         status TEXT NOT NULL DEFAULT 'pending'
+             CHECK (status IN ('pending', 'built', 'failed', 'cancelled')),
+         outputs TEXT,
+         error TEXT,
+         log_tail TEXT,
+         PRIMARY KEY (job, name)
+     );",
 ];
 
 /// How long a connection waits for another connection's lock before failing.
@@ -291,7 +317,7 @@ pub struct AttemptRecord {
 
 /// The open history database.
 pub struct History {
-    conn: Connection,
+    pub(crate) conn: Connection,
     path: PathBuf,
     /// The highest attempt id when this connection opened: attempts up to it that are still
     /// open were left by an earlier run.
@@ -304,7 +330,7 @@ impl std::fmt::Debug for History {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
@@ -403,7 +429,23 @@ impl History {
         })
     }
 
-    fn err(&self, source: rusqlite::Error) -> HistoryError {
+    /// Run `f` in one transaction, committed when it succeeds.
+    pub(crate) fn in_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, HistoryError> {
+        let path = &self.path;
+        let err = |source| HistoryError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let value = f(&tx).map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(value)
+    }
+
+    pub(crate) fn err(&self, source: rusqlite::Error) -> HistoryError {
         HistoryError::Sqlite {
             path: self.path.clone(),
             source,

@@ -12,6 +12,7 @@
 
 pub mod demand_gate;
 pub mod history;
+pub mod job_history;
 pub mod matching;
 pub mod metrics;
 pub mod resolution;

@@ -82,10 +82,17 @@ pub fn allowed(role: Role) -> Vec<Shape> {
         Shape::of::<store::WantRealisation>(),
     ];
     match role {
-        Role::Submit => shapes.push(Shape::of::<build::Demand>()),
+        // Submitters hand jobs to the coordinator and cancel them.
+        Role::Submit => shapes.extend([
+            Shape::of::<build::Demand>(),
+            Shape::of::<build::SubmitJob>(),
+            Shape::of::<build::CancelJob>(),
+        ]),
         // A trusted frontend vouches for the derivations its trusted clients sent inline.
         Role::Trusted => shapes.extend([
             Shape::of::<build::Demand>(),
+            Shape::of::<build::SubmitJob>(),
+            Shape::of::<build::CancelJob>(),
             Shape::of::<build::InlineDerivation>(),
         ]),
         Role::Worker => {
@@ -163,6 +170,11 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::Realisation>(),
             Shape::of::<build::Rejected>(),
             Shape::of::<build::DemandsRefused>(),
+            // The coordinator's answers to submitted and cancelled jobs.
+            Shape::of::<build::JobAccepted>(),
+            Shape::of::<build::JobRefused>(),
+            Shape::of::<build::JobCancelled>(),
+            Shape::of::<build::Job>(),
         ],
         Role::Worker => vec![
             Shape::of::<build::Planner>(),
@@ -407,7 +419,7 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
-        assert_eq!(allowed(Role::Submit).len(), 8);
+        assert_eq!(allowed(Role::Submit).len(), 10);
         assert_eq!(allowed(Role::Worker).len(), 24);
         assert!(allowed(Role::Worker).contains(&Shape::new("want-hash-part", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
@@ -418,7 +430,7 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 30);
+        assert_eq!(observable(Role::Submit).len(), 34);
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 15);
         for role in [Role::Submit, Role::Worker] {

@@ -207,6 +207,19 @@ impl Route {
         )
     }
 
+    /// Whether `other` presents the same capability (the same sturdy ref), compared in a time
+    /// that does not depend on where the two differ.
+    pub fn same_capability(&self, other: &Route) -> bool {
+        let text = |r: &Route| {
+            TextWriter::encode(&mut NoEmbeddedDomainCodec, &r.sturdy_ref.unparse())
+                .unwrap_or_default()
+        };
+        let (a, b) = (text(self), text(other));
+        !a.is_empty()
+            && a.len() == b.len()
+            && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+    }
+
     /// The Syndicate value of this route.
     pub fn to_value(&self) -> AnyValue {
         let noise_step = self.noise.iter().map(|spec| gatekeeper::PathStep {
@@ -306,6 +319,17 @@ mod tests {
         let e =
             Route::parse("<route [] <ref {oid: 1 sig: #[]}> <ref {oid: 1 sig: #[]}>>").unwrap_err();
         assert!(matches!(e, RouteError::Shape(_)), "{e}");
+    }
+
+    #[test]
+    fn the_same_capability_is_the_same_sturdy_ref_whatever_the_transports() {
+        let r = sample();
+        assert!(r.same_capability(&r.tcp_only()));
+        let other = Route {
+            sturdy_ref: SturdyRef::mint(AnyValue::new("worker"), b"another key"),
+            ..sample()
+        };
+        assert!(!r.same_capability(&other));
     }
 
     #[test]

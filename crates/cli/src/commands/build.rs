@@ -14,12 +14,12 @@ use clap::Args;
 use nixspace_frontend::phase::PhaseClock;
 use nixspace_frontend::{BuildSession, PostBuild, Report, SessionConfig, StoreDb};
 use nixspace_nix_tools::nix_conf::NixConf;
-use nixspace_nix_tools::{DaemonPool, Evaluation, FunctionArg, PoolConfig};
+use nixspace_nix_tools::{DaemonPool, PoolConfig};
 use nixspace_protocol::{BuildMode, BuildSettings, DrvPath};
 use nixspace_space::Role;
 
 use super::out_links::{self, OutLink};
-use super::JoinArgs;
+use super::{EvalArgs, JoinArgs};
 use crate::progress::{print_line, Terminal};
 
 /// Build a Nix file or a derivation on the dataspace's workers.
@@ -40,25 +40,8 @@ pub struct BuildArgs {
     #[arg(value_name = "FILE.nix|DRV")]
     target: PathBuf,
 
-    /// Attribute of the file to build (like nix-build -A); repeat it to build
-    /// several roots in one build.
-    #[arg(short = 'A', long = "attr", value_name = "ATTR")]
-    attrs: Vec<String>,
-
-    /// Pass the Nix expression EXPR as argument NAME to the function the file
-    /// evaluates to (like nix-build --arg); repeatable.
-    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
-    arg: Vec<String>,
-
-    /// Pass the string VALUE as argument NAME to the function the file
-    /// evaluates to (like nix-build --argstr); repeatable.
-    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
-    argstr: Vec<String>,
-
-    /// Add PATH, or NAME=PATH for `<NAME>`, to the Nix search path for the
-    /// evaluation (like nix-build -I); repeatable, earlier entries first.
-    #[arg(short = 'I', value_name = "PATH|NAME=PATH")]
-    include: Vec<String>,
+    #[command(flatten)]
+    eval: EvalArgs,
 
     /// Keep building everything that can be built after a step failed, and
     /// report every failure (like nix-build --keep-going). Without it the build
@@ -237,7 +220,7 @@ async fn resolve_target(args: &BuildArgs) -> anyhow::Result<Vec<(String, String)
     let target = &args.target;
     let text = target.to_string_lossy();
     if text.ends_with(".drv") {
-        if !args.attrs.is_empty() {
+        if !args.eval.attrs.is_empty() {
             anyhow::bail!("-A/--attr applies to Nix files, not to a .drv path");
         }
         if !target.is_file() {
@@ -248,27 +231,7 @@ async fn resolve_target(args: &BuildArgs) -> anyhow::Result<Vec<(String, String)
     if !target.exists() {
         anyhow::bail!("{text}: no such file");
     }
-    let pairs = |values: &[String]| -> Vec<(String, String)> {
-        values
-            .chunks_exact(2)
-            .map(|c| (c[0].clone(), c[1].clone()))
-            .collect()
-    };
-    let mut function_args: Vec<FunctionArg> = pairs(&args.arg)
-        .into_iter()
-        .map(|(name, expr)| FunctionArg::Expr { name, expr })
-        .collect();
-    function_args.extend(
-        pairs(&args.argstr)
-            .into_iter()
-            .map(|(name, value)| FunctionArg::Str { name, value }),
-    );
-    let evaluation = Evaluation {
-        file: target.clone(),
-        attrs: args.attrs.clone(),
-        args: function_args,
-        search_path: args.include.clone(),
-    };
+    let evaluation = args.eval.evaluation(target);
     let drvs = nixspace_nix_tools::instantiate(&evaluation).await?;
     if drvs.is_empty() {
         anyhow::bail!("{text} evaluates to no derivation");

@@ -150,6 +150,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         metrics: Arc::default(),
         // Its one worker builds in the store its frontend serves from: nothing is fetched.
         trusted_keys: Vec::new(),
+        // No history, no jobs: a daemon serves its clients' builds only.
+        jobs: None,
     })
     .await?;
     let mut worker = join_worker(space.route(Role::Worker)?, builder, Announce::Log);

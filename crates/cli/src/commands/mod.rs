@@ -3,13 +3,16 @@
 pub mod bench;
 pub mod build;
 pub mod cache;
+pub mod cancel;
 pub mod daemon;
 pub mod demo;
 pub mod history;
+pub mod jobs;
 pub mod out_links;
 pub mod route;
 pub mod server_config;
 pub mod status;
+pub mod submit;
 pub mod substitute;
 pub mod translate;
 pub mod up;
@@ -20,6 +23,7 @@ use std::path::PathBuf;
 use clap::Args;
 use nixspace_nix_formats::signature::{PublicKey, PublicKeys};
 use nixspace_nix_formats::store_path::StoreDir;
+use nixspace_nix_tools::{Evaluation, FunctionArg};
 use nixspace_space::{Role, Route, SessionEvent};
 
 /// Where to find the dataspace: shared by the commands that join one.
@@ -59,6 +63,58 @@ impl JoinArgs {
         self.dir
             .clone()
             .unwrap_or_else(nixspace_space::runtime_dir::default_runtime_dir)
+    }
+}
+
+/// What to evaluate a Nix file with, as `nix-build` takes it: shared by `build` and `submit`.
+#[derive(Args, Debug, Clone)]
+pub struct EvalArgs {
+    /// Attribute of the file to take (like nix-build -A): for `build`, a root
+    /// to build; for `submit`, the part of the release expression whose jobs
+    /// to submit. Repeatable.
+    #[arg(short = 'A', long = "attr", value_name = "ATTR")]
+    pub attrs: Vec<String>,
+
+    /// Pass the Nix expression EXPR as argument NAME to the function the file
+    /// evaluates to (like nix-build --arg); repeatable.
+    #[arg(long = "arg", num_args = 2, value_names = ["NAME", "EXPR"], action = clap::ArgAction::Append)]
+    pub arg: Vec<String>,
+
+    /// Pass the string VALUE as argument NAME to the function the file
+    /// evaluates to (like nix-build --argstr); repeatable.
+    #[arg(long = "argstr", num_args = 2, value_names = ["NAME", "VALUE"], action = clap::ArgAction::Append)]
+    pub argstr: Vec<String>,
+
+    /// Add PATH, or NAME=PATH for `<NAME>`, to the Nix search path for the
+    /// evaluation (like nix-build -I); repeatable, earlier entries first.
+    #[arg(short = 'I', value_name = "PATH|NAME=PATH")]
+    pub include: Vec<String>,
+}
+
+impl EvalArgs {
+    /// The evaluation of `file` with these arguments.
+    pub fn evaluation(&self, file: &std::path::Path) -> Evaluation {
+        let pairs = |values: &[String]| -> Vec<(String, String)> {
+            values
+                .chunks_exact(2)
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect()
+        };
+        let mut args: Vec<FunctionArg> = pairs(&self.arg)
+            .into_iter()
+            .map(|(name, expr)| FunctionArg::Expr { name, expr })
+            .collect();
+        args.extend(
+            pairs(&self.argstr)
+                .into_iter()
+                .map(|(name, value)| FunctionArg::Str { name, value }),
+        );
+        Evaluation {
+            file: file.to_owned(),
+            attrs: self.attrs.clone(),
+            args,
+            search_path: self.include.clone(),
+        }
     }
 }
 

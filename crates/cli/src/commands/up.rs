@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Args;
-use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator};
+use nixspace_coordinator::{CoordinatorOptions, ExternalPlanner, HostedCoordinator, JobsOptions};
 use nixspace_nix_formats::signature::PublicKey;
 use nixspace_planner::metrics::Metrics;
 use nixspace_planner::{PlannerConfig, StealPolicy};
@@ -201,6 +201,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let metrics_listener = listen(args.metrics, "metrics").await?;
     let web_listener = listen(args.http, "the web view").await?;
     let submit_route_file = Role::Submit.route_file(&dir);
+    let trusted_route_file = Role::Trusted.route_file(&dir);
     if !(args.steal_ratio.is_finite() && args.steal_ratio >= 1.0) {
         anyhow::bail!("--steal-ratio must be at least 1, got {}", args.steal_ratio);
     }
@@ -245,6 +246,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             // Opened (and migrated) above; each connection's planner reopens it.
             history: super::history_path(&state_dir),
             trusted_keys,
+            jobs: Some((submit.clone(), jobs_options(&state_dir))),
         };
         drop(history);
         let session = tokio::spawn(planner.stay_joined(planner_route, |event| match event {
@@ -281,6 +283,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             planner,
             metrics: Arc::clone(&metrics),
             trusted_keys,
+            jobs: Some(jobs_options(&state_dir)),
         })
         .await?;
         for t in &space.transports {
@@ -308,7 +311,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             eprintln!("nixspace: web view on http://{addr}/");
         }
         let history = super::history_path(&state_dir);
-        tokio::spawn(crate::web::serve(listener, route, history));
+        // Holders of the submit or trusted capability may cancel jobs from the page.
+        let mut cancellers = vec![route.clone()];
+        cancellers.extend(
+            trusted_route_file
+                .exists()
+                .then(|| Route::read(&trusted_route_file))
+                .transpose()?,
+        );
+        tokio::spawn(crate::web::serve(listener, route, history, cancellers));
     }
     let mut translator = match args.translator {
         Some(path) => {
@@ -366,6 +377,14 @@ async fn listen(
         .await
         .map(Some)
         .map_err(|e| anyhow::anyhow!("cannot serve {what} on {addr}: {e}"))
+}
+
+/// Where `up` keeps jobs: in the build history of `state_dir`, their roots in its `jobs`.
+fn jobs_options(state_dir: &std::path::Path) -> JobsOptions {
+    JobsOptions {
+        history: super::history_path(state_dir),
+        roots: state_dir.join("jobs"),
+    }
 }
 
 /// Read a route file written by `nixspace server-config`.

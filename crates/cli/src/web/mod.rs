@@ -4,8 +4,12 @@
 //! recent ones, then each as it comes. `/state` answers the same report once, `/history` the
 //! most recent steps of the build history with every attempt (`nixspace history --json`).
 //!
-//! The view joins the dataspace as any client does, with the submit capability, and only
-//! reads. Requests are read within the size and time limits of [`read_request`]; at most
+//! The view joins the dataspace as any client does, with the submit capability, and reads.
+//! It writes one thing: `POST /cancel?job=N` cancels a job, for holders of the submit (or
+//! trusted) capability only: the request carries a route file's text, percent-encoded, in
+//! the `X-Nixspace-Capability` header (a header a page of another site cannot send without
+//! asking first, which this server never allows), and the job is cancelled only if its
+//! sturdy ref is one of those. Requests are read within the size and time limits of [`read_request`]; at most
 //! [`MAX_CONNECTIONS`] are served at once, and a page that does not take what is sent within
 //! [`WRITE_TIMEOUT`] is dropped.
 
@@ -24,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::http_request::read_request;
+use crate::http_request::{read_request, Request};
 use crate::observe::{observe, Observed};
 use logs::StepLogs;
 
@@ -50,24 +54,35 @@ const MAX_DRV: usize = 512;
 /// Steps `/history` answers, newest first.
 const HISTORY_STEPS: usize = 50;
 
-/// What the view shows: the dataspace's state, the steps' recent logs and the build history.
+/// The header a page sends a capability in.
+const CAPABILITY_HEADER: &str = "x-nixspace-capability";
+
+/// What the view shows: the dataspace's state, the steps' recent logs and the build history;
+/// and who may cancel jobs.
 #[derive(Clone)]
 struct View {
     observed: Observed,
     logs: Arc<StepLogs>,
     /// The build history's database file.
     history: Arc<PathBuf>,
+    /// The dataspace's route, with the submit capability.
+    route: Arc<Route>,
+    /// The capabilities whose holders may cancel jobs.
+    cancellers: Arc<Vec<Route>>,
 }
 
 /// Serve the web view on `listener`, reading the dataspace `route` leads to (rejoining when
 /// the connection is lost) and the build history in `history`, until the task is dropped.
-pub async fn serve(listener: TcpListener, route: Route, history: PathBuf) {
+/// Holders of the capabilities of `cancellers` may cancel jobs.
+pub async fn serve(listener: TcpListener, route: Route, history: PathBuf, cancellers: Vec<Route>) {
     let view = View {
         observed: Observed::default(),
         logs: Arc::default(),
         history: Arc::new(history),
+        route: Arc::new(route),
+        cancellers: Arc::new(cancellers),
     };
-    tokio::spawn(stay_joined(route, view.clone()));
+    tokio::spawn(stay_joined(view.clone()));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
@@ -89,11 +104,11 @@ pub async fn serve(listener: TcpListener, route: Route, history: PathBuf) {
     }
 }
 
-/// Keep `view` joined to the dataspace at `route`; while it is not, it shows nothing.
-async fn stay_joined(route: Route, view: View) {
+/// Keep `view` joined to its dataspace; while it is not, it shows nothing.
+async fn stay_joined(view: View) {
     loop {
         let joined = nixspace_space::join::join(
-            &route,
+            &view.route,
             enclose!((view) move |t: &mut Activation, ds| {
                 observe(t, &ds, &view.observed);
                 let logs = Arc::clone(&view.logs);
@@ -126,14 +141,13 @@ async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
         .path
         .split_once('?')
         .unwrap_or((request.path.as_str(), ""));
+    if (request.method.as_str(), path) == ("POST", "/cancel") {
+        let (status, body) = cancel(view, &request, query).await;
+        return respond(&mut stream, status, "text/plain", &body).await;
+    }
     if request.method != "GET" {
-        return respond(
-            &mut stream,
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n",
-        )
-        .await;
+        let only = "GET only, but for POST /cancel\n";
+        return respond(&mut stream, "405 Method Not Allowed", "text/plain", only).await;
     }
     match path {
         "/" | "/index.html" => respond(&mut stream, "200 OK", "text/html", PAGE).await,
@@ -155,6 +169,48 @@ async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
         },
         _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
     }
+}
+
+/// `POST /cancel?job=N`: cancel job N if the request carries a capability allowed to.
+async fn cancel(view: &View, request: &Request, query: &str) -> (&'static str, String) {
+    let job = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "job")
+        .and_then(|(_, v)| v.parse::<i64>().ok());
+    let Some(job) = job else {
+        return (
+            "400 Bad Request",
+            "/cancel needs ?job=<the job's number>\n".to_owned(),
+        );
+    };
+    let presented = request
+        .header(CAPABILITY_HEADER)
+        .map(percent_decoded)
+        .and_then(|text| Route::parse(&text).ok());
+    let allowed = presented.is_some_and(|p| view.cancellers.iter().any(|c| c.same_capability(&p)));
+    if !allowed {
+        tracing::warn!(job, "web: a cancel without the submit capability refused");
+        let why = "cancelling needs the submit capability: paste the text of a submit.route\n";
+        return ("403 Forbidden", why.to_owned());
+    }
+    match crate::ask::cancel_job(&view.route, job).await {
+        Ok(outcome) if outcome == "cancelled" => ("200 OK", format!("job {job} cancelled\n")),
+        Ok(outcome) => (
+            "409 Conflict",
+            format!("job {job} not cancelled: {outcome}\n"),
+        ),
+        Err(error) => (
+            "502 Bad Gateway",
+            format!("job {job} not cancelled: {error}\n"),
+        ),
+    }
+}
+
+/// `text` with its percent escapes decoded (as `encodeURIComponent` writes them).
+fn percent_decoded(text: &str) -> String {
+    form_urlencoded::parse(format!("v={text}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 /// The step a `/log` query names: `drv=`, a store path ending in `.drv`, of bounded length.
