@@ -190,3 +190,43 @@ fn a_job_is_cancelled_from_the_page_only_with_the_submit_capability() {
         LIMIT,
     );
 }
+
+#[test]
+fn a_job_built_after_the_coordinator_was_killed_and_restarted_shows_built_on_the_page() {
+    let mut space = Space::start_with(&["--http", "127.0.0.1:0"]);
+    space.worker("w1", &[]);
+    let gate = space.tmp.path().join("gate");
+    let file = space.nix_file(
+        "job.nix",
+        &format!(
+            r#"{{ gated = derivation {{
+  name = "gated"; system = builtins.currentSystem; builder = "/bin/sh";
+  args = [ "-c" "echo {}; while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out" ];
+}}; }}"#,
+            nonce(),
+            gate.display()
+        ),
+    );
+    // The submitter is gone once it printed the job's number.
+    let id = submit(&space, &file);
+    space.wait_for_status("the job's step building", |r| {
+        r["workers"][0]["building"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty())
+    });
+    space.kill_up();
+    space.restart_up_logged("up");
+    std::fs::write(&gate, "").unwrap();
+    let mut browser = Browser::open(&format!("http://{}/", space.web_address()));
+    browser.wait_for(
+        "the job built",
+        &format!("document.getElementById('jobs').innerText.includes('#{id}\\tjob\\tbuilt')"),
+        LIMIT,
+    );
+    browser.wait_for(
+        "its step built in the recent steps",
+        "document.getElementById('history').innerText.includes('w1: built')",
+        LIMIT,
+    );
+    screenshot(&mut browser, "web-view-job-built");
+}
