@@ -321,6 +321,37 @@ fn a_worker_capability_can_neither_submit_nor_cancel_a_job() {
 }
 
 #[test]
+fn a_submission_past_the_pending_jobs_cap_is_refused_until_one_ends() {
+    let space = Space::start_with(&["--max-pending-jobs", "1"]);
+    // No worker: the first job stays pending.
+    let first = release(
+        &space,
+        "first.nix",
+        r#"{ a = sh "first" "echo a > $out"; }"#,
+    );
+    let second = release(
+        &space,
+        "second.nix",
+        r#"{ b = sh "second" "echo b > $out"; }"#,
+    );
+    let id = submit(&space, &first, &[]);
+    let mut c = space.command(&["submit", "--dir"]);
+    c.arg(space.dir()).arg(&second);
+    let refused = run(c, LIMIT);
+    assert!(!refused.status.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("at most 1 pending jobs"),
+        "{refused:?}"
+    );
+    assert_eq!(jobs(&space, &[]).as_array().map(Vec::len), Some(1));
+    // Positive control: once the first has ended, the second is taken.
+    let cancelled = cancel(&space, id);
+    assert!(cancelled.status.success(), "{cancelled:?}");
+    submit(&space, &second, &[]);
+    assert_eq!(jobs(&space, &[]).as_array().map(Vec::len), Some(2));
+}
+
+#[test]
 fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
     let mut space = Space::start();
     space.worker("w1", &[]);

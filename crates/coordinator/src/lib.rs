@@ -31,4 +31,4 @@ fn announce_trusted_keys(t: &mut Activation, ds: &Arc<Cap>, keys: &[String]) {
 
 pub use external::ExternalPlanner;
 pub use hosted::{CoordinatorError, CoordinatorOptions, HostedCoordinator};
-pub use jobs::JobsOptions;
+pub use jobs::{JobsOptions, DEFAULT_MAX_PENDING_JOBS};

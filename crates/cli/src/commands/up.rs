@@ -120,6 +120,11 @@ pub struct UpArgs {
     #[arg(long, default_value_t = limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
     max_demands_per_client: usize,
 
+    /// The most submitted jobs (`nixspace submit`) kept pending at once; a submission past it
+    /// is refused with the reason, until some end or are cancelled.
+    #[arg(long, default_value_t = nixspace_coordinator::DEFAULT_MAX_PENDING_JOBS, value_name = "N")]
+    max_pending_jobs: usize,
+
     /// The most bytes of build log (lines plus newlines) one client connection, normally a
     /// worker, may send per step. Past it the coordinator passes on one line saying it
     /// truncated the log and drops the rest of that step's log. 0: no cap. The default is
@@ -246,7 +251,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             // Opened (and migrated) above; each connection's planner reopens it.
             history: super::history_path(&state_dir),
             trusted_keys,
-            jobs: Some((submit.clone(), jobs_options(&state_dir))),
+            jobs: Some((
+                submit.clone(),
+                jobs_options(&state_dir, args.max_pending_jobs),
+            )),
         };
         drop(history);
         let session = tokio::spawn(planner.stay_joined(planner_route, |event| match event {
@@ -283,7 +291,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             planner,
             metrics: Arc::clone(&metrics),
             trusted_keys,
-            jobs: Some(jobs_options(&state_dir)),
+            jobs: Some(jobs_options(&state_dir, args.max_pending_jobs)),
         })
         .await?;
         for t in &space.transports {
@@ -379,11 +387,13 @@ async fn listen(
         .map_err(|e| anyhow::anyhow!("cannot serve {what} on {addr}: {e}"))
 }
 
-/// Where `up` keeps jobs: in the build history of `state_dir`, their roots in its `jobs`.
-fn jobs_options(state_dir: &std::path::Path) -> JobsOptions {
+/// Where `up` keeps jobs: in the build history of `state_dir`, their roots in its `jobs`;
+/// at most `max_pending` at once.
+fn jobs_options(state_dir: &std::path::Path, max_pending: usize) -> JobsOptions {
     JobsOptions {
         history: super::history_path(state_dir),
         roots: state_dir.join("jobs"),
+        max_pending,
     }
 }
 

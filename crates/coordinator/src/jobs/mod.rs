@@ -43,7 +43,12 @@ pub struct JobsOptions {
     /// Where each job's garbage collector roots go: `<roots>/<job>/`, one link per
     /// derivation and, once built, per output.
     pub roots: PathBuf,
+    /// The most jobs kept pending at once; a submission past it is refused with the reason.
+    pub max_pending: usize,
 }
+
+/// The default of [`JobsOptions::max_pending`].
+pub const DEFAULT_MAX_PENDING_JOBS: usize = 1_000;
 
 /// What the intake hands the keeper.
 pub(crate) enum Request {
@@ -86,7 +91,7 @@ pub(crate) fn start(t: &mut Activation, ds: &Arc<Cap>, route: Route, options: Jo
     });
     // The keeper goes with the facet: when it stops, or when the actor ends without stopping
     // it (aborted, or its connection dropped), which drops the facet's stop actions.
-    let keeper = StopOnDrop(tokio::spawn(keep(context, rx)));
+    let keeper = StopOnDrop(tokio::spawn(keep(context, options.max_pending, rx)));
     t.on_stop(move |_| {
         drop(keeper);
         Ok(())
@@ -107,14 +112,21 @@ struct Keeper {
     context: Arc<JobContext>,
     runners: JoinSet<i64>,
     running: HashMap<i64, AbortHandle>,
+    /// The most jobs pending at once.
+    max_pending: usize,
 }
 
 /// Take up the pending jobs, then serve the intake's requests until it stops.
-async fn keep(context: Arc<JobContext>, mut requests: UnboundedReceiver<Request>) {
+async fn keep(
+    context: Arc<JobContext>,
+    max_pending: usize,
+    mut requests: UnboundedReceiver<Request>,
+) {
     let mut keeper = Keeper {
         context,
         runners: JoinSet::new(),
         running: HashMap::new(),
+        max_pending,
     };
     match keeper.context.with_history(|h| h.pending_jobs()) {
         Some(pending) => {
@@ -159,6 +171,18 @@ impl Keeper {
             name,
             attributes,
         } = submission;
+        if self.running.len() >= self.max_pending {
+            tracing::warn!(%name, "a job refused: {} pending already", self.running.len());
+            answer.give(build::JobRefused {
+                submission,
+                reason: format!(
+                    "the coordinator keeps at most {} pending jobs (up --max-pending-jobs); \
+                     wait for some to end, or cancel some",
+                    self.max_pending
+                ),
+            });
+            return;
+        }
         let recorded = self
             .context
             .with_history(|h| h.job_submitted(&submission, &name, &attributes));
