@@ -52,6 +52,9 @@ fn worker(id: &str) -> Vec<AnyValue> {
             features: vec![],
             max_jobs: 4.into(),
             speed: 100.0.into(),
+            memory: 0.into(),
+            build_memory: 0.into(),
+            cpus: 1.into(),
         }
         .unparse(),
         build::Offer {

@@ -98,3 +98,41 @@ fn without_a_limit_the_same_build_succeeds_and_is_measured() {
         "{step}"
     );
 }
+
+#[test]
+fn workers_offer_the_memory_and_cpus_they_are_given_and_status_shows_them() {
+    let mut space = Space::start();
+    space.worker("given", &["--memory", "3G", "--cpus", "3"]);
+    // The harness gives every worker two slots.
+    space.worker("limited", &["--build-memory-limit", "64M"]);
+    let report = space.wait_for_status("both workers", |r| {
+        r["workers"].as_array().is_some_and(|w| w.len() == 2)
+    });
+    let worker = |id: &str| {
+        report["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["id"] == id)
+            .unwrap_or_else(|| panic!("{report}"))
+            .clone()
+    };
+    let given = worker("given");
+    assert_eq!(given["memory"], 3u64 << 30, "{report}");
+    assert_eq!(given["build_memory"], 0, "{report}");
+    assert_eq!(given["cpus"], 3, "{report}");
+    // Detected: the per-build limit times the slots (less than the machine's memory), and
+    // the CPUs the process may use.
+    let limited = worker("limited");
+    assert_eq!(limited["memory"], 128u64 << 20, "{report}");
+    assert_eq!(limited["build_memory"], 64u64 << 20, "{report}");
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(limited["cpus"], cpus, "{report}");
+    let mut status = space.command(&["status", "--dir"]);
+    status.arg(space.dir());
+    let text = nixspace_test_support::run(status, LIMIT).stdout;
+    assert!(
+        text.contains("3072M") && text.contains("128M/64M"),
+        "{text}"
+    );
+}

@@ -345,6 +345,9 @@ impl SimWorker {
                 features: vec![],
                 max_jobs: (self.slots as i64).into(),
                 speed: 1.0.into(),
+                memory: 0.into(),
+                build_memory: 0.into(),
+                cpus: 1.into(),
             },
         );
         // Always all slots: the planner's own count keeps it to them.

@@ -201,6 +201,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             features: vec![],
             speed: 1.0,
             max_jobs: SLOTS,
+            resources: Default::default(),
         },
     );
     s.offer(&worker, SLOTS.into());

@@ -21,6 +21,12 @@ pub struct WorkerView {
     pub max_jobs: i64,
     /// Relative speed.
     pub speed: f64,
+    /// Bytes of memory it offers its builds together (0: not said).
+    pub memory: u64,
+    /// The most bytes one build may use there (0: no limit of its own).
+    pub build_memory: u64,
+    /// CPUs it offers.
+    pub cpus: u32,
 }
 
 /// Where a step stands.
@@ -121,6 +127,9 @@ impl Snapshot {
                     slots_total: w.max_jobs,
                     slots_used: w.max_jobs - self.offers.get(id).copied().unwrap_or(w.max_jobs),
                     speed: w.speed,
+                    memory: w.memory,
+                    build_memory: w.build_memory,
+                    cpus: w.cpus,
                     building,
                 }
             })
@@ -199,6 +208,11 @@ pub struct WorkerReport {
     slots_used: i64,
     slots_total: i64,
     speed: f64,
+    /// Bytes of memory offered to its builds together (0: not said).
+    memory: u64,
+    /// The most bytes one build may use (0: no limit of its own).
+    build_memory: u64,
+    cpus: u32,
     building: Vec<String>,
 }
 
@@ -260,6 +274,19 @@ pub struct TransferReport {
     into: String,
 }
 
+/// A worker's memory for people: the total in MiB, and the per-build limit if it has one
+/// (`2048M/512M`); `-` when it said none.
+fn memory_text(memory: u64, build_memory: u64) -> String {
+    let total = match memory {
+        0 => "-".to_owned(),
+        m => format!("{}M", m >> 20),
+    };
+    match build_memory {
+        0 => total,
+        one => format!("{total}/{}M", one >> 20),
+    }
+}
+
 fn list(xs: &[String]) -> String {
     if xs.is_empty() {
         "-".to_owned()
@@ -274,21 +301,23 @@ impl fmt::Display for Report {
         if !self.workers.is_empty() {
             writeln!(
                 f,
-                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  BUILDING",
-                "ID", "HOST", "SYSTEMS", "FEATURES", "SLOTS", "SPEED"
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6} {:>16} {:>4}  BUILDING",
+                "ID", "HOST", "SYSTEMS", "FEATURES", "SLOTS", "SPEED", "MEMORY", "CPUS"
             )?;
         }
         for w in &self.workers {
             let building: Vec<&str> = w.building.iter().map(|d| short_name(d)).collect();
             writeln!(
                 f,
-                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  {}",
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6} {:>16} {:>4}  {}",
                 w.id,
                 w.host,
                 list(&w.systems),
                 list(&w.features),
                 format!("{}/{}", w.slots_used, w.slots_total),
                 w.speed,
+                memory_text(w.memory, w.build_memory),
+                w.cpus,
                 if building.is_empty() {
                     "-".to_owned()
                 } else {

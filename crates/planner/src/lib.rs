@@ -20,8 +20,8 @@ pub mod service;
 mod wire;
 
 pub use schedule::{
-    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
-    WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
+    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepInfo, StepState,
+    Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
 
 /// After a restart, how long a step that was being built is kept for its worker (see

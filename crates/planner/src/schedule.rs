@@ -91,6 +91,30 @@ pub struct WorkerOffer {
     pub speed: f64,
     /// How many steps it builds at once.
     pub max_jobs: u32,
+    /// The memory and CPUs it offers its builds.
+    pub resources: Resources,
+}
+
+/// What a worker offers its builds besides slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    /// The bytes its builds may use together (0: not said, so not counted).
+    pub memory: u64,
+    /// The most bytes one build may use there (its per-build limit; 0: none but `memory`).
+    pub build_memory: u64,
+    /// Its CPUs.
+    pub cpus: u32,
+}
+
+impl Resources {
+    /// The most memory one build may use on the worker (`None`: not said).
+    pub fn one_build(&self) -> Option<u64> {
+        match (self.memory, self.build_memory) {
+            (0, 0) => None,
+            (0, one) | (one, 0) => Some(one),
+            (all, one) => Some(all.min(one)),
+        }
+    }
 }
 
 /// Whether a failure is worth retrying elsewhere.
@@ -1094,6 +1118,7 @@ mod tests {
                 features: vec![],
                 speed: 1.0,
                 max_jobs: 1,
+                resources: Default::default(),
             },
         );
         // The worker rejoined a restarted planner before the frontend demanded again.
@@ -1354,6 +1379,7 @@ mod more_tests {
             features: features.iter().map(|s| s.to_string()).collect(),
             speed: 1.0,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 

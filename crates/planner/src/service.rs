@@ -21,8 +21,8 @@ use crate::history::{AttemptOutcome, BuildUsage, History, HistoryError, Resoluti
 use crate::metrics::Metrics;
 use crate::resolution::outputs_by_name;
 use crate::schedule::{
-    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
-    WorkerOffer,
+    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepInfo, StepState,
+    Urgency, WorkerOffer,
 };
 use crate::wire::{
     cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, step_to_wire,
@@ -770,10 +770,11 @@ pub fn start(
         let max_demands = config.max_demands_per_requester.unwrap_or(usize::MAX);
         DemandGate::observe(t, &ds, Arc::clone(&planner), max_demands);
 
-        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64>,
+        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
             |t: &mut Activation| {
                 let worker = WorkerId::from(id.as_str());
-                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs };
+                let resources = Resources { memory, build_memory, cpus };
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, resources };
                 tracing::info!(%worker, ?offer, "worker joined");
                 t.message(&planner, Event::WorkerJoined { worker: worker.clone(), offer });
                 on_retraction(t, enclose!((planner) move |t| {

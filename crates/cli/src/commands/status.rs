@@ -124,7 +124,7 @@ fn track(
 
 fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
     enclose!((snapshot) during!(t, ds,
-    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64>,
+    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
     |t: &mut Activation| {
         let view = WorkerView {
             host: host.clone(),
@@ -132,6 +132,9 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
             features: features.clone(),
             max_jobs,
             speed,
+            memory,
+            build_memory,
+            cpus,
         };
         let key = id.clone();
         track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },

@@ -216,6 +216,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs,
+            resources: Default::default(),
         }
     }
 

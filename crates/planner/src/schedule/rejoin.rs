@@ -59,6 +59,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 

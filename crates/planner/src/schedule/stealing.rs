@@ -184,6 +184,7 @@ mod tests {
             features: vec![],
             speed,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 
