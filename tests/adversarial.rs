@@ -33,6 +33,7 @@ fn demand(drv: &str) -> AnyValue {
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
             outputs: vec!["out=".to_owned()],
+            memory: 0.into(),
         },
         requester: "adversarial-test".to_owned(),
         priority: 0.into(),

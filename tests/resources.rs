@@ -4,10 +4,11 @@
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nixspace_test_support::{nonce, Space};
+use nixspace_test_support::{nonce, step_binding, Space};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -134,5 +135,71 @@ fn workers_offer_the_memory_and_cpus_they_are_given_and_status_shows_them() {
     assert!(
         text.contains("3072M") && text.contains("128M/64M"),
         "{text}"
+    );
+}
+
+/// Two steps, `hungry-a` and `hungry-b`, each stating that its build needs 600 MiB
+/// (`requiredMemory`), whose builders append `start NAME MS` and `done NAME MS` (milliseconds
+/// since the epoch) to `runs` around a two-second sleep.
+fn two_hungry_steps(space: &Space, runs: &Path) -> PathBuf {
+    let binding = step_binding(
+        "name: deps",
+        "requiredMemory = 600;",
+        &format!(
+            "echo start ${{name}} $(/bin/date +%s%3N) >> {runs}
+      /bin/sleep 2
+      echo ${{name}} > $out
+      echo done ${{name}} $(/bin/date +%s%3N) >> {runs}",
+            runs = runs.display()
+        ),
+    );
+    space.nix_file(
+        "hungry.nix",
+        &format!("let\n{binding}in [ (step \"hungry-a\" [ ]) (step \"hungry-b\" [ ]) ]\n"),
+    )
+}
+
+/// Build [`two_hungry_steps`] on one worker offering `memory` (two slots) and return each
+/// step's (start, done) as its builder recorded them.
+fn hungry_runs(memory: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut space = Space::start();
+    space.worker("w1", &["--memory", memory]);
+    let runs = space.scratch_dir("runs").join("runs");
+    let file = two_hungry_steps(&space, &runs);
+    let built = space.build(&file, LIMIT);
+    assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let mut times: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let [what, name, ms] = words[..] else {
+            panic!("{text}");
+        };
+        let entry = times.entry(name.to_owned()).or_default();
+        match what {
+            "start" => entry.0 = ms.parse().unwrap(),
+            _ => entry.1 = ms.parse().unwrap(),
+        }
+    }
+    assert_eq!(times.len(), 2, "{text}");
+    times
+}
+
+#[test]
+fn two_memory_hungry_steps_on_a_worker_with_memory_for_one_run_one_after_the_other() {
+    // 1 GiB holds one 600 MiB step, not two, though the worker has two slots.
+    let times = hungry_runs("1G");
+    let (a, b) = (times["hungry-a"], times["hungry-b"]);
+    assert!(a.1 <= b.0 || b.1 <= a.0, "the builds overlapped: {times:?}");
+}
+
+#[test]
+fn two_memory_hungry_steps_on_a_worker_with_memory_for_both_run_at_once() {
+    // The control of the test above: with memory for both, its two slots build them together.
+    let times = hungry_runs("2G");
+    let (a, b) = (times["hungry-a"], times["hungry-b"]);
+    assert!(
+        a.0 < b.1 && b.0 < a.1,
+        "the builds did not overlap: {times:?}"
     );
 }

@@ -258,6 +258,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
             outputs: vec![],
+            memory: 0.into(),
         },
         requester: requester.to_owned(),
         priority: 0.into(),

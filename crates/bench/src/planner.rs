@@ -212,6 +212,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         input_drvs: inputs.iter().map(|&d| name(d)).collect(),
         settings: Default::default(),
         outputs: vec![],
+        memory: None,
         derivation: Default::default(),
     };
     let depths = dag.depths();

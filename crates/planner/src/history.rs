@@ -106,7 +106,20 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE attempts ADD COLUMN peak_memory INTEGER;
      ALTER TABLE attempts ADD COLUMN cpu_ms INTEGER;
      ALTER TABLE attempts ADD COLUMN wall_ms INTEGER;",
+    // 8: each step's package (its derivation name without the version), what the planner
+    // learns memory estimates by; NULL in rows written before.
+    "ALTER TABLE steps ADD COLUMN package TEXT;
+     CREATE INDEX steps_by_package ON steps(package);",
 ];
+
+/// How many of a package's most recent measured builds its memory estimate looks at.
+const ESTIMATE_WINDOW: i64 = 5;
+
+/// The package of the derivation `drv`: its name without the version, as Nix's
+/// `parseDrvName` splits it (`None` for a path that is not a derivation's).
+pub fn package_of(drv: &DrvPath) -> Option<&str> {
+    nixspace_nix_formats::drv_name::package_of_drv_path(drv.as_str())
+}
 
 /// How long a connection waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -415,11 +428,12 @@ impl History {
     pub fn demanded(&mut self, drv: &DrvPath, system: &str) -> Result<(), HistoryError> {
         self.conn
             .execute(
-                "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
+                "INSERT INTO steps (drv, system, first_demanded, status, package)
+                     VALUES (?1, ?2, ?3, 'demanded', ?4)
                  ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
                      failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
-                params![drv.as_str(), system, now()],
+                params![drv.as_str(), system, now(), package_of(drv)],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -738,6 +752,29 @@ impl History {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e));
         rows
+    }
+
+    /// The memory a build of `drv` is predicted to need, learned from its package's earlier
+    /// builds (the package: its name without the version, see [`package_of`]): the highest
+    /// peak among the last [`ESTIMATE_WINDOW`] built attempts whose peak was measured. `None`
+    /// when there is none.
+    pub fn memory_estimate(&self, drv: &DrvPath) -> Result<Option<u64>, HistoryError> {
+        let Some(package) = package_of(drv) else {
+            return Ok(None);
+        };
+        let peak: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT MAX(peak_memory) FROM (
+                     SELECT attempts.peak_memory FROM attempts JOIN steps USING (drv)
+                     WHERE steps.package = ?1 AND attempts.outcome = 'built'
+                         AND attempts.peak_memory IS NOT NULL
+                     ORDER BY attempts.id DESC LIMIT ?2)",
+                params![package, ESTIMATE_WINDOW],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(peak.and_then(|p| u64::try_from(p).ok()))
     }
 
     /// The output paths the history recorded for `drv`, built (or resolved to a derivation
@@ -1100,6 +1137,41 @@ mod tests {
         let s = &h.recent(1).unwrap()[0];
         assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
         assert_eq!(s.cause, None);
+    }
+
+    #[test]
+    fn memory_is_estimated_from_the_last_builds_of_the_same_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let build = |h: &mut History, drv: &str, peak: Option<i64>| {
+            let (drv, worker) = (DrvPath::from(drv), WorkerId::from("w1"));
+            h.demanded(&drv, "x86_64-linux").unwrap();
+            h.attempt_started(&drv, &worker).unwrap();
+            let usage = BuildUsage {
+                peak_memory: peak,
+                cpu_ms: 1,
+                wall_ms: 1,
+            };
+            h.attempt_usage(&drv, &worker, &usage).unwrap();
+            h.attempt_ended(&drv, Some(&worker), built(&[])).unwrap();
+        };
+        let next = DrvPath::from("/nix/store/00-hello-2.13.drv");
+        assert_eq!(h.memory_estimate(&next).unwrap(), None);
+        build(&mut h, "/nix/store/01-hello-2.10.drv", Some(300 << 20));
+        build(&mut h, "/nix/store/02-hello-2.11.drv", Some(100 << 20));
+        build(&mut h, "/nix/store/03-hello-2.12.drv", None);
+        // Another package's builds do not count.
+        build(&mut h, "/nix/store/04-hello-world-1.drv", Some(900 << 20));
+        assert_eq!(h.memory_estimate(&next).unwrap(), Some(300 << 20));
+        // Only the last few builds count: older peaks are forgotten.
+        for i in 0..ESTIMATE_WINDOW {
+            build(
+                &mut h,
+                &format!("/nix/store/1{i}-hello-3.{i}.drv"),
+                Some(50 << 20),
+            );
+        }
+        assert_eq!(h.memory_estimate(&next).unwrap(), Some(50 << 20));
     }
 
     #[test]

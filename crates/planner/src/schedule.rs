@@ -39,6 +39,9 @@ pub struct StepInfo {
     /// The outputs it must produce, in output-name order: `name=path`, or `name=` when the
     /// path is known only once built (see [`nixspace_protocol::expected_outputs`]).
     pub outputs: Vec<String>,
+    /// The memory its build is predicted to need, in bytes: as its derivation states it,
+    /// else as the planner learned it from earlier builds (`None`: not known, so not counted).
+    pub memory: Option<u64>,
     /// Where its derivation comes from, and whether the planner resolves it first.
     pub derivation: StepDerivation,
 }
@@ -1019,6 +1022,7 @@ mod tests {
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
             derivation: Default::default(),
         }
     }
@@ -1369,6 +1373,7 @@ mod more_tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
             derivation: Default::default(),
         }
     }

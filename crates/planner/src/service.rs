@@ -159,8 +159,15 @@ impl Entity<Event> for Planner {
         tracing::debug!(?event);
         let s = &mut self.schedule;
         let mut effects = match event {
-            Event::Demand { drv, info, urgency } => {
+            Event::Demand {
+                drv,
+                mut info,
+                urgency,
+            } => {
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
+                if info.memory.is_none() {
+                    info.memory = learned_memory(self.history.as_ref(), &drv);
+                }
                 s.demand(&drv, info, urgency)
             }
             Event::WorkerJoined { worker, offer } => {
@@ -631,6 +638,22 @@ impl Planner {
             t.message(&me, Event::Retry { drv });
             Ok(())
         });
+    }
+}
+
+/// The memory the history predicts `drv`'s build needs, from its package's earlier builds.
+fn learned_memory(history: Option<&History>, drv: &DrvPath) -> Option<u64> {
+    match history?.memory_estimate(drv) {
+        Ok(estimate) => {
+            if let Some(bytes) = estimate {
+                tracing::debug!(%drv, mib = bytes >> 20, "memory predicted from earlier builds");
+            }
+            estimate
+        }
+        Err(error) => {
+            tracing::warn!(%drv, %error, "cannot read the memory earlier builds used");
+            None
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
         input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
         settings: info.settings.to_wire(),
         outputs: info.outputs.clone(),
+        memory: info.memory.unwrap_or(0).into(),
     }
 }
 
@@ -29,6 +30,7 @@ pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) 
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
         settings: BuildSettings::from_wire(&info.settings),
         outputs: info.outputs,
+        memory: u64::try_from(&info.memory).ok().filter(|m| *m > 0),
         derivation,
     }
 }

@@ -375,6 +375,7 @@ mod tests {
                 input_drvs: vec![],
                 settings: nixspace_protocol::BuildSettings::default().to_wire(),
                 outputs: vec![],
+                memory: 0.into(),
             },
             requester: "me".into(),
             priority: 0.into(),

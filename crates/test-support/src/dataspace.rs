@@ -52,6 +52,7 @@ fn test_step() -> build::StepInfo {
         input_drvs: vec![],
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
         outputs: vec![],
+        memory: 0.into(),
     }
 }
 

@@ -70,6 +70,7 @@ mod tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
             derivation: Default::default(),
         }
     }

@@ -235,6 +235,7 @@ mod tests {
             input_drvs: inputs.iter().map(|d| (*d).clone()).collect(),
             settings: Default::default(),
             outputs: vec!["out=".into()],
+            memory: None,
             derivation,
         }
     }
