@@ -46,6 +46,19 @@ fn peak_mib(log: &str, drv_suffix: &str) -> u64 {
         .unwrap_or_else(|| panic!("{measured}"))
 }
 
+/// The step whose derivation path ends with `drv_suffix` as `nixspace history --json` shows it.
+fn recorded_step(space: &Space, drv_suffix: &str) -> serde_json::Value {
+    let history = nixspace_test_support::run(space.command(&["history", "--json"]), LIMIT);
+    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["drv"].as_str().unwrap().ends_with(drv_suffix))
+        .unwrap_or_else(|| panic!("{steps}"))
+        .clone()
+}
+
 #[test]
 fn a_build_over_the_workers_memory_limit_is_killed_and_the_failure_says_so() {
     let mut space = Space::start();
@@ -58,15 +71,18 @@ fn a_build_over_the_workers_memory_limit_is_killed_and_the_failure_says_so() {
     let peak = peak_mib(&space.log("w1"), "-small.drv");
     assert!((16..64).contains(&peak), "{peak} MiB");
 
-    // The same builder holding four times as much: the kernel kills it, and the frontend is
-    // told why.
+    // The same builder holding four times as much: the kernel kills it, and with no worker
+    // allowing more, the frontend is told why.
     let big = allocating(&space, "big", 256);
     let failed = space.build(&big, LIMIT);
     assert!(!failed.status.success(), "{failed:?}");
     assert!(
         failed
             .stderr
-            .contains("killed for going over the memory limit of 64 MiB per build"),
+            .contains("killed for going over the memory limit of 64 MiB per build")
+            && failed
+                .stderr
+                .contains("no connected worker allows one build more than 64 MiB"),
         "{failed:?}\n{}",
         space.log("w1")
     );
@@ -84,14 +100,7 @@ fn without_a_limit_the_same_build_succeeds_and_is_measured() {
     let peak = peak_mib(&space.log("w1"), "-big.drv");
     assert!(peak >= 256, "{peak} MiB");
     // The planner keeps what the worker reported with the attempt.
-    let history = nixspace_test_support::run(space.command(&["history", "--json"]), LIMIT);
-    let steps: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
-    let step = steps
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["drv"].as_str().unwrap().ends_with("-big.drv"))
-        .unwrap_or_else(|| panic!("{steps}"));
+    let step = recorded_step(&space, "-big.drv");
     let usage = &step["attempts"][0]["usage"];
     assert!(
         usage["peak_memory"].as_i64().unwrap() >= 256 << 20
@@ -202,4 +211,35 @@ fn two_memory_hungry_steps_on_a_worker_with_memory_for_both_run_at_once() {
         a.0 < b.1 && b.0 < a.1,
         "the builds did not overlap: {times:?}"
     );
+}
+
+#[test]
+fn a_build_killed_for_memory_is_built_again_on_a_worker_with_more_and_the_history_says_why() {
+    let mut space = Space::start();
+    // The faster worker gets the step first, and its limit kills the build.
+    space.worker("small", &["--build-memory-limit", "64M", "--speed", "10"]);
+    space.worker("big", &[]);
+    let big = allocating(&space, "big", 256);
+    let built = space.build(&big, LIMIT);
+    assert!(
+        built.status.success(),
+        "{built:?}\n{}\n{}",
+        space.log("small"),
+        space.log("big")
+    );
+    let step = recorded_step(&space, "-big.drv");
+    let attempts = step["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{step}");
+    let (killed, rebuilt) = (&attempts[0], &attempts[1]);
+    assert_eq!(killed["worker"], "small", "{step}");
+    assert_eq!(killed["cause"], "out-of-memory", "{step}");
+    assert!(
+        killed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("killed for going over the memory limit of 64 MiB per build"),
+        "{step}"
+    );
+    assert_eq!(rebuilt["worker"], "big", "{step}");
+    assert_eq!(rebuilt["outcome"], "built", "{step}");
 }

@@ -775,6 +775,12 @@ fn step_failed(worker: &str, e: StepError) -> BuildFailure {
             "inputs not valid on worker {worker}: {}",
             missing.join(" ")
         )),
+        StepError::OutOfMemory { limit, .. } => BuildFailure {
+            cause: build::FailureCause::OutOfMemory {
+                limit: limit.into(),
+            },
+            ..BuildFailure::transient(e.to_string())
+        },
         e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
         e => BuildFailure::transient(e.to_string()),
     }

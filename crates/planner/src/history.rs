@@ -110,6 +110,50 @@ const MIGRATIONS: &[&str] = &[
     // learns memory estimates by; NULL in rows written before.
     "ALTER TABLE steps ADD COLUMN package TEXT;
      CREATE INDEX steps_by_package ON steps(package);",
+    // 9: a cause may be `out-of-memory`: the build was killed for going over the memory one
+    // build may use on its worker (the limit in the reason).
+    "CREATE TABLE steps_v9 (
+         drv TEXT PRIMARY KEY,
+         system TEXT NOT NULL,
+         first_demanded INTEGER NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('demanded', 'built', 'failed', 'resolved')),
+         outputs TEXT,
+         error TEXT,
+         finished INTEGER,
+         cause TEXT CHECK (cause IN ('build', 'dependency', 'infrastructure', 'out-of-memory')),
+         failed_input TEXT,
+         package TEXT
+     );
+     INSERT INTO steps_v9 (drv, system, first_demanded, status, outputs, error, finished, cause,
+                           failed_input, package)
+         SELECT drv, system, first_demanded, status, outputs, error, finished, cause,
+                failed_input, package
+         FROM steps;
+     DROP TABLE steps;
+     ALTER TABLE steps_v9 RENAME TO steps;
+     CREATE INDEX steps_by_package ON steps(package);
+     CREATE TABLE attempts_v9 (
+         id INTEGER PRIMARY KEY,
+         drv TEXT NOT NULL REFERENCES steps(drv),
+         worker TEXT NOT NULL,
+         started INTEGER NOT NULL,
+         finished INTEGER,
+         outcome TEXT CHECK (outcome IN ('built', 'failed', 'lost', 'cancelled', 'rejected')),
+         reason TEXT,
+         cause TEXT CHECK (cause IN ('build', 'dependency', 'infrastructure', 'out-of-memory')),
+         failed_input TEXT,
+         peak_memory INTEGER,
+         cpu_ms INTEGER,
+         wall_ms INTEGER
+     );
+     INSERT INTO attempts_v9 (id, drv, worker, started, finished, outcome, reason, cause,
+                              failed_input, peak_memory, cpu_ms, wall_ms)
+         SELECT id, drv, worker, started, finished, outcome, reason, cause, failed_input,
+                peak_memory, cpu_ms, wall_ms
+         FROM attempts;
+     DROP TABLE attempts;
+     ALTER TABLE attempts_v9 RENAME TO attempts;
+     CREATE INDEX attempts_by_drv ON attempts(drv);",
 ];
 
 /// How many of a package's most recent measured builds its memory estimate looks at.
@@ -227,6 +271,7 @@ fn cause_columns(cause: &FailureCause) -> (&'static str, Option<&str>) {
         FailureCause::Build => ("build", None),
         FailureCause::Dependency(input) => ("dependency", Some(input.as_str())),
         FailureCause::Infrastructure => ("infrastructure", None),
+        FailureCause::OutOfMemory { .. } => ("out-of-memory", None),
     }
 }
 

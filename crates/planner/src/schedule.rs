@@ -98,6 +98,13 @@ pub struct WorkerOffer {
     pub resources: Resources,
 }
 
+impl WorkerOffer {
+    /// Whether the worker builds for the step's system with the features it requires.
+    pub fn builds(&self, info: &StepInfo) -> bool {
+        mismatch(&self.systems, &self.features, &info.system, &info.features).is_none()
+    }
+}
+
 /// What a worker offers its builds besides slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Resources {
@@ -110,6 +117,12 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Whether one build may use more than `limit` bytes on the worker (not when it says
+    /// nothing).
+    pub fn allows_more_than(&self, limit: u64) -> bool {
+        self.one_build().is_some_and(|one| one > limit)
+    }
+
     /// The most memory one build may use on the worker (`None`: not said).
     pub fn one_build(&self) -> Option<u64> {
         match (self.memory, self.build_memory) {
@@ -139,6 +152,12 @@ pub enum FailureCause {
     /// Something around the build failed: the worker was lost, a transfer failed, the
     /// planner gave up retrying.
     Infrastructure,
+    /// The kernel killed its build for going over the memory one build may use on its
+    /// worker, `limit` bytes.
+    OutOfMemory {
+        /// That limit.
+        limit: u64,
+    },
 }
 
 /// Where a step is in its life.
@@ -334,8 +353,12 @@ struct Step {
     inputs_built: usize,
     /// Where the step sits in the ready queue, while it is ready.
     queued: Option<dispatch::TakeOrder>,
-    /// Workers whose report on this step was rejected: never given it again.
+    /// Workers whose report on this step was rejected, or that were killed for memory
+    /// building it: never given it again.
     excluded: BTreeSet<WorkerId>,
+    /// The memory limit its build was killed for going over, once: it is tried again only
+    /// on a worker that allows one build more, and fails for good if killed again.
+    needs_more_than: Option<u64>,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -493,6 +516,7 @@ impl Schedule {
                 inputs_built: 0,
                 queued: None,
                 excluded: BTreeSet::new(),
+                needs_more_than: None,
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -782,6 +806,16 @@ impl Schedule {
             self.fail_for_good(drv, Some(worker), reason.to_owned(), cause, &mut effects);
             return effects;
         }
+        if let FailureCause::OutOfMemory { limit } = cause {
+            if let Some(why) = self.killed_for_memory(drv, worker, limit) {
+                let reason = format!("{reason}; {why}");
+                self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
+                return effects;
+            }
+        }
+        let Some(step) = self.steps.get_mut(drv) else {
+            return effects;
+        };
         step.transient_reasons
             .push(format!("attempt {}: {reason}", step.attempts));
         if step.attempts < max_attempts {
@@ -805,6 +839,43 @@ impl Schedule {
         );
         self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
         effects
+    }
+
+    /// `worker`'s build of `drv` was killed for going over `limit`, the memory one build may
+    /// use there. The first time, the step is kept for a worker that allows one build more
+    /// (and never given to `worker` again), predicted to need at least `limit`; `None` then.
+    /// Otherwise (killed again, or no connected worker that may build it allows more) why it
+    /// fails for good.
+    fn killed_for_memory(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        limit: u64,
+    ) -> Option<String> {
+        let step = self.steps.get(drv)?;
+        if let Some(before) = step.needs_more_than {
+            return Some(format!(
+                "killed again after a retry on a worker allowing one build more than {} MiB",
+                before >> 20
+            ));
+        }
+        let bigger = self.workers.iter().any(|(id, offer)| {
+            id != worker
+                && !step.excluded.contains(id)
+                && offer.builds(&step.info)
+                && offer.resources.allows_more_than(limit)
+        });
+        if !bigger {
+            return Some(format!(
+                "no connected worker allows one build more than {} MiB",
+                limit >> 20
+            ));
+        }
+        let step = self.steps.get_mut(drv)?;
+        step.needs_more_than = Some(limit);
+        step.excluded.insert(worker.clone());
+        step.info.memory = Some(step.info.memory.unwrap_or(0).max(limit));
+        None
     }
 
     /// `drv` will not be built, and neither will the steps that need it. A worklist, not a
@@ -969,8 +1040,10 @@ impl Schedule {
 
     /// Why no connected worker can take the step, if none can.
     fn unschedulable_because(&self, drv: &DrvPath) -> Option<String> {
-        let info = &self.steps.get(drv)?.info;
+        let step = self.steps.get(drv)?;
+        let info = &step.info;
         let mut mismatches = Vec::new();
+        let mut too_small = None;
         for offer in self.workers.values() {
             match mismatch(
                 &offer.systems,
@@ -978,9 +1051,20 @@ impl Schedule {
                 &info.system,
                 &info.features,
             ) {
-                None => return None,
+                None => match step.needs_more_than {
+                    Some(limit) if !offer.resources.allows_more_than(limit) => {
+                        too_small = Some(limit)
+                    }
+                    _ => return None,
+                },
                 Some(m) => mismatches.push(m),
             }
+        }
+        if let Some(limit) = too_small {
+            return Some(format!(
+                "killed for going over {} MiB of memory, and no connected worker allows one build more",
+                limit >> 20
+            ));
         }
         Some(unschedulable_reason(&mismatches, &info.system))
     }

@@ -114,6 +114,9 @@ pub(crate) fn cause_from_wire(cause: &AnyValue) -> Option<FailureCause> {
         build::FailureCause::Build => FailureCause::Build,
         build::FailureCause::Dependency { drv } => FailureCause::Dependency(drv.into()),
         build::FailureCause::Infrastructure => FailureCause::Infrastructure,
+        build::FailureCause::OutOfMemory { limit } => FailureCause::OutOfMemory {
+            limit: u64::try_from(&limit).ok()?,
+        },
     })
 }
 
@@ -123,6 +126,9 @@ pub(crate) fn cause_to_wire(cause: FailureCause) -> build::FailureCause {
         FailureCause::Build => build::FailureCause::Build,
         FailureCause::Dependency(drv) => build::FailureCause::Dependency { drv: drv.into() },
         FailureCause::Infrastructure => build::FailureCause::Infrastructure,
+        FailureCause::OutOfMemory { limit } => build::FailureCause::OutOfMemory {
+            limit: limit.into(),
+        },
     }
 }
 
@@ -137,6 +143,7 @@ mod tests {
             FailureCause::Build,
             FailureCause::Dependency("/nix/store/a.drv".into()),
             FailureCause::Infrastructure,
+            FailureCause::OutOfMemory { limit: 64 << 20 },
         ] {
             let value: AnyValue = cause_to_wire(cause.clone()).unparse();
             assert_eq!(cause_from_wire(&value), Some(cause));

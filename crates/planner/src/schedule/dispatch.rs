@@ -18,7 +18,6 @@ use std::time::Instant;
 use nixspace_protocol::{DrvPath, WorkerId};
 
 use super::{Effect, Schedule, Step, StepState};
-use crate::matching::mismatch;
 
 /// Where a ready step sits in the queue: highest priority first, then the deepest (the
 /// longest chain of demanded steps waits on it), then the oldest.
@@ -180,13 +179,10 @@ impl Schedule {
         step.state == StepState::Ready
             && !self.kept_from(drv, worker, now)
             && !step.excluded.contains(worker)
-            && mismatch(
-                &offer.systems,
-                &offer.features,
-                &step.info.system,
-                &step.info.features,
-            )
-            .is_none()
+            && step
+                .needs_more_than
+                .is_none_or(|limit| offer.resources.allows_more_than(limit))
+            && offer.builds(&step.info)
     }
 
     /// How many of the step's inputs `worker` built (their outputs are in its store).
@@ -597,5 +593,91 @@ mod tests {
         assert_eq!(assigns(&e), vec![("tiny", "small")]);
         let e = demand_hungry(&mut s, &["more"], Some(1));
         assert!(assigns(&e).is_empty(), "the small worker is full: {e:?}");
+    }
+
+    /// Fail `drv` on `worker` as killed for going over `mib` MiB, and dispatch.
+    fn killed(s: &mut Schedule, drv: &str, worker: &str, mib: u64) -> Vec<Effect> {
+        let e = s.failed(
+            &drv.into(),
+            Some(&worker.into()),
+            &format!("killed for going over the memory limit of {mib} MiB per build"),
+            FailureKind::Transient,
+            FailureCause::OutOfMemory { limit: mib * MIB },
+        );
+        then(s, e)
+    }
+
+    fn failures(effects: &[Effect]) -> Vec<(&str, &str, &FailureCause)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Failed {
+                    drv, reason, cause, ..
+                } => Some((drv.as_str(), reason.as_str(), cause)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_build_killed_for_memory_is_tried_once_more_on_a_worker_that_allows_more() {
+        let mut s = with_memory(&[("small", 2, 64)]);
+        let e = demand_hungry(&mut s, &["a"], None);
+        assert_eq!(assigns(&e), vec![("a", "small")]);
+        for (id, mib) in [("other-small", 64), ("big", 1024)] {
+            let offer = WorkerOffer {
+                resources: super::super::Resources {
+                    memory: mib * MIB,
+                    build_memory: 0,
+                    cpus: 2,
+                },
+                ..worker("x86_64-linux", 2)
+            };
+            s.worker_joined(&id.into(), offer);
+            s.offer(&id.into(), 2);
+        }
+        let e = killed(&mut s, "a", "small", 64);
+        assert!(
+            e.iter().any(|e| matches!(
+                e,
+                Effect::RetryAfter {
+                    cause: FailureCause::OutOfMemory { .. },
+                    ..
+                }
+            )),
+            "{e:?}"
+        );
+        let e = s.retry(&"a".into());
+        // Not the same worker, nor one that allows no more.
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "big")]);
+        // Killed again: it fails for good, saying so.
+        let e = killed(&mut s, "a", "big", 1024);
+        let failed = failures(&e);
+        assert_eq!(failed.len(), 1, "{e:?}");
+        assert!(failed[0].1.contains("killed again"), "{}", failed[0].1);
+        assert_eq!(
+            failed[0].2,
+            &FailureCause::OutOfMemory { limit: 1024 * MIB }
+        );
+    }
+
+    #[test]
+    fn a_build_killed_for_memory_with_no_bigger_worker_fails_with_the_reason() {
+        let mut s = with_memory(&[("small", 2, 64), ("same", 2, 64)]);
+        let e = demand_hungry(&mut s, &["a"], None);
+        let holder = assigns(&e)[0].1.to_owned();
+        let e = killed(&mut s, "a", &holder, 64);
+        let failed = failures(&e);
+        assert_eq!(failed.len(), 1, "{e:?}");
+        assert!(
+            failed[0]
+                .1
+                .contains("killed for going over the memory limit of 64 MiB")
+                && failed[0]
+                    .1
+                    .contains("no connected worker allows one build more than 64 MiB"),
+            "{}",
+            failed[0].1
+        );
     }
 }
