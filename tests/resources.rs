@@ -147,37 +147,38 @@ fn workers_offer_the_memory_and_cpus_they_are_given_and_status_shows_them() {
     );
 }
 
-/// Two steps, `hungry-a` and `hungry-b`, each stating that its build needs 600 MiB
-/// (`requiredMemory`), whose builders append `start NAME MS` and `done NAME MS` (milliseconds
-/// since the epoch) to `runs` around a two-second sleep.
-fn two_hungry_steps(space: &Space, runs: &Path) -> PathBuf {
+/// A Nix file of steps named `names`, each with the Nix attributes `attrs`, whose builders
+/// append `start NAME MS` to `runs` (milliseconds since the epoch), hold about `mib` MiB at
+/// once, sleep two seconds, write their output and append `done NAME MS`.
+fn timed_steps(space: &Space, names: &[&str], attrs: &str, mib: u64, runs: &Path) -> PathBuf {
     let binding = step_binding(
         "name: deps",
-        "requiredMemory = 600;",
+        attrs,
         &format!(
             "echo start ${{name}} $(/bin/date +%s%3N) >> {runs}
+      /usr/bin/head -c {bytes} /dev/zero | /usr/bin/tail -n 1 > /dev/null
       /bin/sleep 2
       echo ${{name}} > $out
       echo done ${{name}} $(/bin/date +%s%3N) >> {runs}",
-            runs = runs.display()
+            runs = runs.display(),
+            bytes = mib << 20
         ),
     );
+    let steps: String = names
+        .iter()
+        .map(|name| format!("(step \"{name}\" [ ]) "))
+        .collect();
     space.nix_file(
-        "hungry.nix",
-        &format!("let\n{binding}in [ (step \"hungry-a\" [ ]) (step \"hungry-b\" [ ]) ]\n"),
+        &format!("{}.nix", names.join("-")),
+        &format!("let\n{binding}in [ {steps}]\n"),
     )
 }
 
-/// Build [`two_hungry_steps`] on one worker offering `memory` (two slots) and return each
-/// step's (start, done) as its builder recorded them.
-fn hungry_runs(memory: &str) -> BTreeMap<String, (u64, u64)> {
-    let mut space = Space::start();
-    space.worker("w1", &["--memory", memory]);
-    let runs = space.scratch_dir("runs").join("runs");
-    let file = two_hungry_steps(&space, &runs);
-    let built = space.build(&file, LIMIT);
+/// Build `file` and return each step's (start, done) as its builder recorded them in `runs`.
+fn build_timed(space: &Space, file: &Path, runs: &Path) -> BTreeMap<String, (u64, u64)> {
+    let built = space.build(file, LIMIT);
     assert!(built.status.success(), "{built:?}\n{}", space.log("w1"));
-    let text = std::fs::read_to_string(&runs).unwrap();
+    let text = std::fs::read_to_string(runs).unwrap();
     let mut times: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for line in text.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -190,25 +191,42 @@ fn hungry_runs(memory: &str) -> BTreeMap<String, (u64, u64)> {
             _ => entry.1 = ms.parse().unwrap(),
         }
     }
-    assert_eq!(times.len(), 2, "{text}");
     times
+}
+
+/// Whether the builds of steps `a` and `b` overlapped in time.
+fn overlapped(times: &BTreeMap<String, (u64, u64)>, a: &str, b: &str) -> bool {
+    let (a, b) = (times[a], times[b]);
+    a.0 < b.1 && b.0 < a.1
+}
+
+/// Build `hungry-a` and `hungry-b`, each stating that it needs 600 MiB (`requiredMemory`),
+/// on one worker offering `memory` (two slots); return each step's (start, done).
+fn hungry_runs(memory: &str) -> BTreeMap<String, (u64, u64)> {
+    let mut space = Space::start();
+    space.worker("w1", &["--memory", memory]);
+    let runs = space.scratch_dir("runs").join("runs");
+    let names = ["hungry-a", "hungry-b"];
+    let file = timed_steps(&space, &names, "requiredMemory = 600;", 1, &runs);
+    build_timed(&space, &file, &runs)
 }
 
 #[test]
 fn two_memory_hungry_steps_on_a_worker_with_memory_for_one_run_one_after_the_other() {
     // 1 GiB holds one 600 MiB step, not two, though the worker has two slots.
     let times = hungry_runs("1G");
-    let (a, b) = (times["hungry-a"], times["hungry-b"]);
-    assert!(a.1 <= b.0 || b.1 <= a.0, "the builds overlapped: {times:?}");
+    assert!(
+        !overlapped(&times, "hungry-a", "hungry-b"),
+        "the builds overlapped: {times:?}"
+    );
 }
 
 #[test]
 fn two_memory_hungry_steps_on_a_worker_with_memory_for_both_run_at_once() {
     // The control of the test above: with memory for both, its two slots build them together.
     let times = hungry_runs("2G");
-    let (a, b) = (times["hungry-a"], times["hungry-b"]);
     assert!(
-        a.0 < b.1 && b.0 < a.1,
+        overlapped(&times, "hungry-a", "hungry-b"),
         "the builds did not overlap: {times:?}"
     );
 }
@@ -242,4 +260,39 @@ fn a_build_killed_for_memory_is_built_again_on_a_worker_with_more_and_the_histor
     );
     assert_eq!(rebuilt["worker"], "big", "{step}");
     assert_eq!(rebuilt["outcome"], "built", "{step}");
+}
+
+/// Build `hog-2` and `hog-3`, each holding 256 MiB and stating nothing, on one worker offering
+/// 400 MiB (two slots), after `hog-1` (the same package, another version) if `learn`;
+/// return each step's (start, done).
+fn hog_runs(learn: bool) -> BTreeMap<String, (u64, u64)> {
+    let mut space = Space::start();
+    space.worker("w1", &["--memory", "400M"]);
+    let runs = space.scratch_dir("runs").join("runs");
+    if learn {
+        let first = timed_steps(&space, &["hog-1"], "", 256, &runs);
+        build_timed(&space, &first, &runs);
+    }
+    let file = timed_steps(&space, &["hog-2", "hog-3"], "", 256, &runs);
+    build_timed(&space, &file, &runs)
+}
+
+#[test]
+fn memory_learned_from_an_earlier_version_of_a_package_keeps_two_builds_apart() {
+    // hog-1 peaked at over 256 MiB: two later versions do not fit 400 MiB together.
+    let times = hog_runs(true);
+    assert!(
+        !overlapped(&times, "hog-2", "hog-3"),
+        "the builds overlapped: {times:?}"
+    );
+}
+
+#[test]
+fn with_nothing_learned_the_same_builds_run_at_once() {
+    // The control of the test above: no earlier build, no prediction, two slots.
+    let times = hog_runs(false);
+    assert!(
+        overlapped(&times, "hog-2", "hog-3"),
+        "the builds did not overlap: {times:?}"
+    );
 }
