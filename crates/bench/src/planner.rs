@@ -213,6 +213,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         settings: Default::default(),
         outputs: vec![],
         memory: None,
+        duration_ms: None,
         derivation: Default::default(),
     };
     let depths = dag.depths();

@@ -156,7 +156,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX attempts_by_drv ON attempts(drv);",
 ];
 
-/// How many of a package's most recent measured builds its memory estimate looks at.
+/// How many of a package's most recent measured builds its estimates look at.
 const ESTIMATE_WINDOW: i64 = 5;
 
 /// The package of the derivation `drv`: its name without the version, as Nix's
@@ -324,6 +324,15 @@ pub struct BuildUsage {
     pub cpu_ms: i64,
     /// Wall time in milliseconds.
     pub wall_ms: i64,
+}
+
+/// What a step's build is predicted to need, learned from earlier builds of its package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Estimates {
+    /// Peak memory in bytes.
+    pub memory: Option<u64>,
+    /// Wall time in milliseconds.
+    pub duration_ms: Option<u64>,
 }
 
 /// One attempt to build a step.
@@ -799,27 +808,31 @@ impl History {
         rows
     }
 
-    /// The memory a build of `drv` is predicted to need, learned from its package's earlier
-    /// builds (the package: its name without the version, see [`package_of`]): the highest
-    /// peak among the last [`ESTIMATE_WINDOW`] built attempts whose peak was measured. `None`
-    /// when there is none.
-    pub fn memory_estimate(&self, drv: &DrvPath) -> Result<Option<u64>, HistoryError> {
+    /// What a build of `drv` is predicted to need, learned from its package's earlier builds
+    /// (the package: its name without the version, see [`package_of`]): among the last
+    /// [`ESTIMATE_WINDOW`] built attempts whose worker measured them, the highest peak memory
+    /// and the mean wall time. Nothing when there is none.
+    pub fn estimates(&self, drv: &DrvPath) -> Result<Estimates, HistoryError> {
         let Some(package) = package_of(drv) else {
-            return Ok(None);
+            return Ok(Estimates::default());
         };
-        let peak: Option<i64> = self
+        let (peak, wall): (Option<i64>, Option<f64>) = self
             .conn
             .query_row(
-                "SELECT MAX(peak_memory) FROM (
-                     SELECT attempts.peak_memory FROM attempts JOIN steps USING (drv)
+                "SELECT MAX(peak_memory), AVG(wall_ms) FROM (
+                     SELECT attempts.peak_memory, attempts.wall_ms
+                     FROM attempts JOIN steps USING (drv)
                      WHERE steps.package = ?1 AND attempts.outcome = 'built'
-                         AND attempts.peak_memory IS NOT NULL
+                         AND attempts.wall_ms IS NOT NULL
                      ORDER BY attempts.id DESC LIMIT ?2)",
                 params![package, ESTIMATE_WINDOW],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| self.err(e))?;
-        Ok(peak.and_then(|p| u64::try_from(p).ok()))
+        Ok(Estimates {
+            memory: peak.and_then(|p| u64::try_from(p).ok()),
+            duration_ms: wall.filter(|w| *w >= 0.0).map(|w| w.round() as u64),
+        })
     }
 
     /// The output paths the history recorded for `drv`, built (or resolved to a derivation
@@ -1185,38 +1198,62 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_estimated_from_the_last_builds_of_the_same_package() {
+    fn memory_and_duration_are_estimated_from_the_last_builds_of_the_same_package() {
         let dir = tempfile::tempdir().unwrap();
         let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
-        let build = |h: &mut History, drv: &str, peak: Option<i64>| {
+        let build = |h: &mut History, drv: &str, peak: Option<i64>, wall_ms: i64| {
             let (drv, worker) = (DrvPath::from(drv), WorkerId::from("w1"));
             h.demanded(&drv, "x86_64-linux").unwrap();
             h.attempt_started(&drv, &worker).unwrap();
             let usage = BuildUsage {
                 peak_memory: peak,
                 cpu_ms: 1,
-                wall_ms: 1,
+                wall_ms,
             };
             h.attempt_usage(&drv, &worker, &usage).unwrap();
             h.attempt_ended(&drv, Some(&worker), built(&[])).unwrap();
         };
         let next = DrvPath::from("/nix/store/00-hello-2.13.drv");
-        assert_eq!(h.memory_estimate(&next).unwrap(), None);
-        build(&mut h, "/nix/store/01-hello-2.10.drv", Some(300 << 20));
-        build(&mut h, "/nix/store/02-hello-2.11.drv", Some(100 << 20));
-        build(&mut h, "/nix/store/03-hello-2.12.drv", None);
+        assert_eq!(h.estimates(&next).unwrap(), Estimates::default());
+        build(
+            &mut h,
+            "/nix/store/01-hello-2.10.drv",
+            Some(300 << 20),
+            1000,
+        );
+        build(
+            &mut h,
+            "/nix/store/02-hello-2.11.drv",
+            Some(100 << 20),
+            2000,
+        );
+        build(&mut h, "/nix/store/03-hello-2.12.drv", None, 3000);
         // Another package's builds do not count.
-        build(&mut h, "/nix/store/04-hello-world-1.drv", Some(900 << 20));
-        assert_eq!(h.memory_estimate(&next).unwrap(), Some(300 << 20));
-        // Only the last few builds count: older peaks are forgotten.
+        build(
+            &mut h,
+            "/nix/store/04-hello-world-1.drv",
+            Some(900 << 20),
+            9000,
+        );
+        assert_eq!(
+            h.estimates(&next).unwrap(),
+            Estimates {
+                memory: Some(300 << 20),
+                duration_ms: Some(2000)
+            }
+        );
+        // Only the last few builds count: older ones are forgotten.
         for i in 0..ESTIMATE_WINDOW {
-            build(
-                &mut h,
-                &format!("/nix/store/1{i}-hello-3.{i}.drv"),
-                Some(50 << 20),
-            );
+            let drv = format!("/nix/store/1{i}-hello-3.{i}.drv");
+            build(&mut h, &drv, Some(50 << 20), 500);
         }
-        assert_eq!(h.memory_estimate(&next).unwrap(), Some(50 << 20));
+        assert_eq!(
+            h.estimates(&next).unwrap(),
+            Estimates {
+                memory: Some(50 << 20),
+                duration_ms: Some(500)
+            }
+        );
     }
 
     #[test]

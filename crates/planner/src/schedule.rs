@@ -9,6 +9,7 @@ use nixspace_protocol::{BuildSettings, DrvPath, WorkerId};
 use crate::matching::{mismatch, unschedulable_reason};
 use crate::resolution::ToResolve;
 
+mod critical_path;
 mod dispatch;
 mod rejoin;
 mod resolving;
@@ -42,6 +43,9 @@ pub struct StepInfo {
     /// The memory its build is predicted to need, in bytes: as its derivation states it,
     /// else as the planner learned it from earlier builds (`None`: not known, so not counted).
     pub memory: Option<u64>,
+    /// How long its build is predicted to take, in milliseconds, as the planner learned it
+    /// from earlier builds (`None`: not known).
+    pub duration_ms: Option<u64>,
     /// Where its derivation comes from, and whether the planner resolves it first.
     pub derivation: StepDerivation,
 }
@@ -359,6 +363,9 @@ struct Step {
     /// The memory limit its build was killed for going over, once: it is tried again only
     /// on a worker that allows one build more, and fails for good if killed again.
     needs_more_than: Option<u64>,
+    /// How long the longest path of demanded steps from it up to a root is predicted to take,
+    /// its own build included (see [`critical_path`]).
+    remaining_ms: u64,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -390,6 +397,8 @@ pub struct Schedule {
     links: BTreeMap<DrvPath, resolving::Link>,
     /// Each resolved derivation's originals.
     resolutions: BTreeMap<DrvPath, BTreeSet<DrvPath>>,
+    /// Whether demands changed since the remaining paths were last computed.
+    paths_stale: bool,
 }
 
 impl Default for Schedule {
@@ -418,6 +427,7 @@ impl Schedule {
             retry_backoff,
             links: BTreeMap::new(),
             resolutions: BTreeMap::new(),
+            paths_stale: false,
         }
     }
 
@@ -501,6 +511,8 @@ impl Schedule {
                 .or_default()
                 .insert(drv.clone());
         }
+        self.paths_stale = true;
+        let remaining_ms = critical_path::first_guess(&info, urgency);
         self.steps.insert(
             drv.clone(),
             Step {
@@ -517,6 +529,7 @@ impl Schedule {
                 queued: None,
                 excluded: BTreeSet::new(),
                 needs_more_than: None,
+                remaining_ms,
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -548,6 +561,7 @@ impl Schedule {
         let Some(step) = self.steps.remove(drv) else {
             return effects;
         };
+        self.paths_stale = true;
         for input in &step.info.input_drvs {
             if let Some(d) = self.dependents.get_mut(input) {
                 d.remove(drv);
@@ -1099,7 +1113,8 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    fn info(inputs: &[&str]) -> StepInfo {
+    /// A step for x86_64-linux with these inputs and nothing else.
+    pub(super) fn info(inputs: &[&str]) -> StepInfo {
         StepInfo {
             system: "x86_64-linux".into(),
             features: vec![],
@@ -1107,6 +1122,7 @@ mod tests {
             settings: Default::default(),
             outputs: vec![],
             memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
@@ -1458,11 +1474,13 @@ mod more_tests {
             settings: Default::default(),
             outputs: vec![],
             memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
 
-    fn offer(features: &[&str]) -> WorkerOffer {
+    /// A worker for x86_64-linux with these features and one slot.
+    pub(super) fn offer(features: &[&str]) -> WorkerOffer {
         WorkerOffer {
             systems: vec!["x86_64-linux".into()],
             features: features.iter().map(|s| s.to_string()).collect(),

@@ -17,7 +17,7 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
 use crate::demand_gate::DemandGate;
-use crate::history::{AttemptOutcome, BuildUsage, History, HistoryError, Resolution};
+use crate::history::{AttemptOutcome, BuildUsage, Estimates, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
 use crate::resolution::outputs_by_name;
 use crate::schedule::{
@@ -165,9 +165,9 @@ impl Entity<Event> for Planner {
                 urgency,
             } => {
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
-                if info.memory.is_none() {
-                    info.memory = learned_memory(self.history.as_ref(), &drv);
-                }
+                let learned = estimates(self.history.as_ref(), &drv);
+                info.memory = info.memory.or(learned.memory);
+                info.duration_ms = learned.duration_ms;
                 s.demand(&drv, info, urgency)
             }
             Event::WorkerJoined { worker, offer } => {
@@ -202,6 +202,7 @@ impl Entity<Event> for Planner {
             }
             Event::Tick => {
                 let now = Instant::now();
+                s.update_critical_paths();
                 let mut effects = s.expire_reservations(now);
                 effects.extend(s.tick(now));
                 effects
@@ -641,18 +642,19 @@ impl Planner {
     }
 }
 
-/// The memory the history predicts `drv`'s build needs, from its package's earlier builds.
-fn learned_memory(history: Option<&History>, drv: &DrvPath) -> Option<u64> {
-    match history?.memory_estimate(drv) {
-        Ok(estimate) => {
-            if let Some(bytes) = estimate {
-                tracing::debug!(%drv, mib = bytes >> 20, "memory predicted from earlier builds");
-            }
-            estimate
+/// What the history predicts `drv`'s build needs, from its package's earlier builds.
+fn estimates(history: Option<&History>, drv: &DrvPath) -> Estimates {
+    let Some(history) = history else {
+        return Estimates::default();
+    };
+    match history.estimates(drv) {
+        Ok(estimates) => {
+            tracing::debug!(%drv, ?estimates, "predicted from earlier builds");
+            estimates
         }
         Err(error) => {
-            tracing::warn!(%drv, %error, "cannot read the memory earlier builds used");
-            None
+            tracing::warn!(%drv, %error, "cannot read what earlier builds used");
+            Estimates::default()
         }
     }
 }

@@ -31,6 +31,7 @@ pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) 
         settings: BuildSettings::from_wire(&info.settings),
         outputs: info.outputs,
         memory: u64::try_from(&info.memory).ok().filter(|m| *m > 0),
+        duration_ms: None,
         derivation,
     }
 }

@@ -19,11 +19,13 @@ use nixspace_protocol::{DrvPath, WorkerId};
 
 use super::{Effect, Schedule, Step, StepState};
 
-/// Where a ready step sits in the queue: highest priority first, then the deepest (the
+/// Where a ready step sits in the queue: highest priority first, then the longest predicted
+/// path of demanded steps from it up (see [`super::critical_path`]), then the deepest (the
 /// longest chain of demanded steps waits on it), then the oldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TakeOrder {
     priority: Reverse<i64>,
+    pub(super) remaining_ms: Reverse<u64>,
     depth: Reverse<u64>,
     age: u64,
 }
@@ -236,11 +238,31 @@ impl Schedule {
         };
         let order = TakeOrder {
             priority: Reverse(step.urgency.priority),
+            remaining_ms: Reverse(step.remaining_ms),
             depth: Reverse(step.urgency.depth),
             age: self.queued_count,
         };
         step.queued = Some(order);
         self.ready_queue.insert(order, drv.clone());
+    }
+
+    /// Move the queued step `drv` to where its remaining path now puts it, keeping its age.
+    pub(super) fn requeue(&mut self, drv: &DrvPath) {
+        let Some(step) = self.steps.get_mut(drv) else {
+            return;
+        };
+        let Some(order) = step.queued else {
+            return;
+        };
+        let moved = TakeOrder {
+            remaining_ms: Reverse(step.remaining_ms),
+            ..order
+        };
+        if moved != order {
+            step.queued = Some(moved);
+            self.ready_queue.remove(&order);
+            self.ready_queue.insert(moved, drv.clone());
+        }
     }
 
     /// Take `drv` out of the ready queue.
@@ -308,6 +330,7 @@ mod tests {
             settings: Default::default(),
             outputs: vec![],
             memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }

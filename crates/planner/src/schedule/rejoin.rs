@@ -71,6 +71,7 @@ mod tests {
             settings: Default::default(),
             outputs: vec![],
             memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }

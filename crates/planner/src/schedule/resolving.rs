@@ -236,6 +236,7 @@ mod tests {
             settings: Default::default(),
             outputs: vec!["out=".into()],
             memory: None,
+            duration_ms: None,
             derivation,
         }
     }

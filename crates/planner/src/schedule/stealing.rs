@@ -196,6 +196,7 @@ mod tests {
             settings: Default::default(),
             outputs: vec![],
             memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
