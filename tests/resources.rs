@@ -296,3 +296,26 @@ fn with_nothing_learned_the_same_builds_run_at_once() {
         "the builds did not overlap: {times:?}"
     );
 }
+
+#[test]
+fn a_frontends_estimated_time_to_completion_shows_in_status_and_the_metrics() {
+    let mut space = Space::start_with(&["--metrics", "127.0.0.1:0"]);
+    space.worker("w1", &[]);
+    let (file, _) = nixspace_test_support::sleeper(&space, 30);
+    let mut build = space.spawn_build(&file);
+    let report = space.wait_for_status("an estimate", |r| {
+        r["demands"][0]["eta_seconds"]
+            .as_f64()
+            .is_some_and(|s| s > 0.0)
+    });
+    let requester = report["demands"][0]["requester"].as_str().unwrap();
+    let metrics = nixspace_test_support::http_get(&space.metrics_address(), "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "nixspace_eta_seconds{{requester=\"{requester}\"}}"
+        )),
+        "{metrics}"
+    );
+    build.kill().expect("stop the build");
+    build.wait().expect("reap the build");
+}

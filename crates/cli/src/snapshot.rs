@@ -64,6 +64,8 @@ pub struct Snapshot {
     /// Results the planner discarded (the most recent it keeps asserting): the reason by
     /// (step, worker that reported it).
     pub rejected: BTreeMap<(String, String), String>,
+    /// The planner's estimated time to completion of each frontend, in milliseconds.
+    pub etas: BTreeMap<String, u64>,
 }
 
 impl Snapshot {
@@ -142,6 +144,7 @@ impl Snapshot {
                     requester: requester.clone(),
                     priority: steps.values().copied().max().unwrap_or(0),
                     steps: steps.len(),
+                    eta_seconds: self.etas.get(requester).map(|ms| *ms as f64 / 1000.0),
                     ..DemandReport::default()
                 };
                 for drv in steps.keys() {
@@ -227,6 +230,8 @@ pub struct DemandReport {
     queued: usize,
     waiting: usize,
     failed: usize,
+    /// The planner's estimate of the time its unfinished steps take, if it made one.
+    eta_seconds: Option<f64>,
 }
 
 /// A step being duplicated by a faster worker.
@@ -329,15 +334,34 @@ impl fmt::Display for Report {
         if !self.demands.is_empty() {
             writeln!(
                 f,
-                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
-                "REQUESTER", "PRIO", "STEPS", "BUILT", "RUNNING", "QUEUED", "WAITING", "FAILED"
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>8}",
+                "REQUESTER",
+                "PRIO",
+                "STEPS",
+                "BUILT",
+                "RUNNING",
+                "QUEUED",
+                "WAITING",
+                "FAILED",
+                "ETA"
             )?;
         }
         for d in &self.demands {
+            let eta = d
+                .eta_seconds
+                .map_or("-".to_owned(), |s| format!("{}s", s.ceil()));
             writeln!(
                 f,
-                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
-                d.requester, d.priority, d.steps, d.built, d.running, d.queued, d.waiting, d.failed
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>8}",
+                d.requester,
+                d.priority,
+                d.steps,
+                d.built,
+                d.running,
+                d.queued,
+                d.waiting,
+                d.failed,
+                eta
             )?;
         }
         let queued: usize = self.queue.values().sum();
@@ -422,6 +446,19 @@ mod tests {
         let text = s.report().to_string();
         assert!(text.contains("rejected results: 1"), "{text}");
         assert!(text.contains("from liar: output out reported as"), "{text}");
+    }
+
+    #[test]
+    fn a_frontends_estimate_shows_with_its_progress() {
+        let mut s = Snapshot::default();
+        s.demands
+            .entry("build-1".into())
+            .or_default()
+            .insert("a.drv".into(), 0);
+        s.etas.insert("build-1".into(), 61_500);
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(report["demands"][0]["eta_seconds"], 61.5);
+        assert!(s.report().to_string().contains("62s"), "{}", s.report());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
 
 pub mod demand_gate;
+mod eta;
 pub mod history;
 pub mod matching;
 pub mod metrics;

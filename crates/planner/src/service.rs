@@ -17,6 +17,7 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
 use crate::demand_gate::DemandGate;
+use crate::eta::Frontends;
 use crate::history::{AttemptOutcome, BuildUsage, Estimates, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
 use crate::resolution::outputs_by_name;
@@ -43,11 +44,15 @@ pub enum Event {
         info: StepInfo,
         /// How urgent the demand is.
         urgency: Urgency,
+        /// The frontend that demands it.
+        requester: String,
     },
     /// A demand for a step went away.
     Undemand {
         /// The step.
         drv: DrvPath,
+        /// The frontend that demanded it.
+        requester: String,
     },
     /// A worker claimed a step.
     Claim {
@@ -152,6 +157,8 @@ struct Planner {
     /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
     /// its path, its signatures, and the planner's assertion of it.
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
+    /// Each frontend's demanded steps and estimated time to completion.
+    frontends: Frontends,
 }
 
 impl Entity<Event> for Planner {
@@ -163,7 +170,9 @@ impl Entity<Event> for Planner {
                 drv,
                 mut info,
                 urgency,
+                requester,
             } => {
+                self.frontends.demanded(requester, &drv);
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
                 let learned = estimates(self.history.as_ref(), &drv);
                 info.memory = info.memory.or(learned.memory);
@@ -179,7 +188,10 @@ impl Entity<Event> for Planner {
                 s.worker_left(&worker)
             }
             Event::Retry { drv } => s.retry(&drv),
-            Event::Undemand { drv } => s.undemand(&drv),
+            Event::Undemand { drv, requester } => {
+                self.frontends.undemanded(&requester, &drv);
+                s.undemand(&drv)
+            }
             Event::Claim { drv, worker } => s.claim(&drv, &worker),
             Event::Unclaim { drv, worker } => s.unclaim(&drv, &worker),
             Event::Built {
@@ -203,6 +215,9 @@ impl Entity<Event> for Planner {
             Event::Tick => {
                 let now = Instant::now();
                 s.update_critical_paths();
+                self.frontends
+                    .publish(t, &self.ds, &self.schedule, &self.metrics);
+                let s = &mut self.schedule;
                 let mut effects = s.expire_reservations(now);
                 effects.extend(s.tick(now));
                 effects
@@ -765,6 +780,7 @@ pub fn start(
             links: HashMap::new(),
             rejections: VecDeque::new(),
             realisations: HashMap::new(),
+            frontends: Frontends::default(),
         };
         planner.reload_realisations(t);
         ds.assert(

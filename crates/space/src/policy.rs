@@ -163,6 +163,7 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::Realisation>(),
             Shape::of::<build::Rejected>(),
             Shape::of::<build::DemandsRefused>(),
+            Shape::of::<build::Eta>(),
         ],
         Role::Worker => vec![
             Shape::of::<build::Planner>(),
@@ -419,7 +420,9 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 30);
+        assert_eq!(observable(Role::Submit).len(), 31);
+        assert!(observable(Role::Submit).contains(&"eta".to_owned()));
+        assert!(!allowed(Role::Submit).contains(&Shape::new("eta", 2)));
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 15);
         for role in [Role::Submit, Role::Worker] {

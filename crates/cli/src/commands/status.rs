@@ -18,8 +18,9 @@ use crate::snapshot::{Snapshot, StepView, WorkerView};
 ///
 /// Joins the dataspace with the submit capability, reads what is asserted
 /// there and prints it: each worker (systems, features, slots used/total,
-/// speed, current steps), each frontend's demands (steps built, running,
-/// queued, waiting for inputs, failed), ready steps per system, steps no
+/// speed, memory and CPUs, current steps), each frontend's demands (steps built,
+/// running, queued, waiting for inputs, failed) and the planner's estimate of
+/// its time to completion, ready steps per system, steps no
 /// worker can take with the reason, and the most recent workers' results the
 /// planner discarded (outputs other than the step's) with the reason.
 #[derive(Args, Debug)]
@@ -139,6 +140,11 @@ fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Shared) {
         let key = id.clone();
         track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },
             move |s| { s.workers.remove(&key); })
+    }));
+    enclose!((snapshot) during!(t, ds, <eta $requester: String $millis: u64>, |t: &mut Activation| {
+        let key = requester.clone();
+        track(t, &snapshot, |s| { s.etas.insert(requester.clone(), millis); },
+            move |s| { s.etas.remove(&key); })
     }));
     enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
         let key = id.clone();

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use nixspace_protocol::DrvPath;
 
-use super::{Schedule, StepInfo, Urgency};
+use super::{Schedule, StepInfo, StepState, Urgency};
 
 /// What a step whose duration nothing predicts counts for on a path.
 pub const UNKNOWN_DURATION_MS: u64 = 1000;
@@ -30,6 +30,28 @@ pub(super) fn first_guess(info: &StepInfo, urgency: Urgency) -> u64 {
 }
 
 impl Schedule {
+    /// How long the unfinished steps among `drvs` are predicted to take, in milliseconds: the
+    /// longer of the longest remaining path among them and their predicted work spread over
+    /// every connected worker's slots. Time already spent on running steps is not taken off.
+    pub fn eta_ms<'a>(&self, drvs: impl IntoIterator<Item = &'a DrvPath>) -> u64 {
+        let (mut path, mut work) = (0u64, 0u64);
+        for drv in drvs {
+            let Some(step) = self.steps.get(drv) else {
+                continue;
+            };
+            if matches!(
+                step.state,
+                StepState::Built { .. } | StepState::Failed { .. } | StepState::Resolved { .. }
+            ) {
+                continue;
+            }
+            path = path.max(step.remaining_ms);
+            work = work.saturating_add(duration(&step.info));
+        }
+        let slots: u64 = self.workers.values().map(|w| u64::from(w.max_jobs)).sum();
+        path.max(work / slots.max(1))
+    }
+
     /// Recompute every demanded step's remaining path if demands changed since the last time,
     /// and move the ready steps to where their paths put them in the queue. Steps whose
     /// dependents form a cycle (no derivations do) keep their own duration.
@@ -88,7 +110,7 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Effect, StepState};
+    use super::super::Effect;
     use super::*;
 
     fn step(inputs: &[&str], duration_ms: Option<u64>) -> StepInfo {
@@ -138,6 +160,15 @@ mod tests {
         s.dispatch(&mut effects);
         assert_eq!(first_assigned(&effects), Some("short-leaf"), "{effects:?}");
         assert_eq!(s.state(&"long-leaf".into()), Some(&StepState::Ready));
+        // The whole build waits on the slow chain (30.1 s); one slot takes 34.2 s for all.
+        let all: Vec<DrvPath> = s.steps.keys().cloned().collect();
+        assert_eq!(s.eta_ms(&all), 34_200);
+        s.worker_joined(&"w2".into(), super::super::more_tests::offer(&[]));
+        s.worker_joined(&"w3".into(), super::super::more_tests::offer(&[]));
+        assert_eq!(s.eta_ms(&all), 30_100, "three slots: the path");
+        // Built steps count no more.
+        s.built(&"short-leaf".into(), &"w".into(), vec![]);
+        assert_eq!(s.eta_ms(&all), 30_000);
         // Positive control: with nothing learned every step counts the same, and the chain of
         // more steps goes first.
         let mut s = two_paths(false);
