@@ -1,6 +1,6 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
 //! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`, `cache`,
-//! `remote`), the
+//! `remote`, `resources`), the
 //! setups they compare (`rig`, `ssh`; a private `nix-daemon` from `nixspace-nix-tools`), generated inputs (`shapes`), plots
 //! (`plot`), a delaying TCP proxy (`delay`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
 //! benchmark (`error`). `processes` holds
@@ -21,6 +21,7 @@ mod plot;
 pub mod processes;
 mod queries;
 mod remote;
+mod resources;
 mod rig;
 mod shapes;
 mod ssh;
@@ -47,6 +48,7 @@ enum BenchCommand {
     Dispatch(dispatch::DispatchArgs),
     Queries(queries::QueriesArgs),
     Remote(remote::RemoteArgs),
+    Resources(resources::ResourcesArgs),
 }
 
 /// Run the benchmark `args` names.
@@ -59,5 +61,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
         BenchCommand::Dispatch(a) => dispatch::run(a).await,
         BenchCommand::Queries(a) => queries::run(a).await,
         BenchCommand::Remote(a) => remote::run(a).await,
+        BenchCommand::Resources(a) => resources::run(a).await,
     }
 }
