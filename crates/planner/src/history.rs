@@ -12,7 +12,7 @@
 //! their worker may rejoin and report them; they are closed as `lost` ("interrupted") when
 //! the step's next attempt starts or when the step ends on another worker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -158,6 +158,9 @@ const MIGRATIONS: &[&str] = &[
 
 /// How many of a package's most recent measured builds its estimates look at.
 const ESTIMATE_WINDOW: i64 = 5;
+
+/// The most packages whose estimates are kept in memory (then they are read again).
+const MAX_ESTIMATED: usize = 100_000;
 
 /// The package of the derivation `drv`: its name without the version, as Nix's
 /// `parseDrvName` splits it (`None` for a path that is not a derivation's).
@@ -363,6 +366,10 @@ pub struct History {
     /// The highest attempt id when this connection opened: attempts up to it that are still
     /// open were left by an earlier run.
     earlier_attempts: i64,
+    /// The estimates read per package, until a build of the package is measured again: a
+    /// frontend demands many steps of one package at once (generated DAGs name all theirs
+    /// alike), and each read walks the package's steps.
+    estimated: HashMap<String, Estimates>,
 }
 
 impl std::fmt::Debug for History {
@@ -467,6 +474,7 @@ impl History {
             conn,
             path: path.to_owned(),
             earlier_attempts,
+            estimated: HashMap::new(),
         })
     }
 
@@ -754,6 +762,9 @@ impl History {
         worker: &WorkerId,
         usage: &BuildUsage,
     ) -> Result<(), HistoryError> {
+        if let Some(package) = package_of(drv) {
+            self.estimated.remove(package);
+        }
         self.conn
             .execute(
                 "UPDATE attempts SET peak_memory = ?3, cpu_ms = ?4, wall_ms = ?5
@@ -812,10 +823,13 @@ impl History {
     /// (the package: its name without the version, see [`package_of`]): among the last
     /// [`ESTIMATE_WINDOW`] built attempts whose worker measured them, the highest peak memory
     /// and the mean wall time. Nothing when there is none.
-    pub fn estimates(&self, drv: &DrvPath) -> Result<Estimates, HistoryError> {
+    pub fn estimates(&mut self, drv: &DrvPath) -> Result<Estimates, HistoryError> {
         let Some(package) = package_of(drv) else {
             return Ok(Estimates::default());
         };
+        if let Some(known) = self.estimated.get(package) {
+            return Ok(*known);
+        }
         let (peak, wall): (Option<i64>, Option<f64>) = self
             .conn
             .query_row(
@@ -829,10 +843,15 @@ impl History {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(|e| self.err(e))?;
-        Ok(Estimates {
+        let estimates = Estimates {
             memory: peak.and_then(|p| u64::try_from(p).ok()),
             duration_ms: wall.filter(|w| *w >= 0.0).map(|w| w.round() as u64),
-        })
+        };
+        if self.estimated.len() >= MAX_ESTIMATED {
+            self.estimated.clear();
+        }
+        self.estimated.insert(package.to_owned(), estimates);
+        Ok(estimates)
     }
 
     /// The output paths the history recorded for `drv`, built (or resolved to a derivation

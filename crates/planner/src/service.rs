@@ -174,7 +174,7 @@ impl Entity<Event> for Planner {
             } => {
                 self.frontends.demanded(requester, &drv);
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
-                let learned = estimates(self.history.as_ref(), &drv);
+                let learned = estimates(self.history.as_mut(), &drv);
                 info.memory = info.memory.or(learned.memory);
                 info.duration_ms = learned.duration_ms;
                 s.demand(&drv, info, urgency)
@@ -658,7 +658,7 @@ impl Planner {
 }
 
 /// What the history predicts `drv`'s build needs, from its package's earlier builds.
-fn estimates(history: Option<&History>, drv: &DrvPath) -> Estimates {
+fn estimates(history: Option<&mut History>, drv: &DrvPath) -> Estimates {
     let Some(history) = history else {
         return Estimates::default();
     };
