@@ -125,6 +125,9 @@ async fn nixspace(
     let small_args: Vec<&OsStr> = join.iter().chain(small.iter()).copied().collect();
     spawn_worker(exe, &quiet, "big", 2, &big_args, children)?;
     spawn_worker(exe, &quiet, "small", 2, &small_args, children)?;
+    // Both workers present before the build: the first steps go where the planner sends them,
+    // not to whichever worker joined first.
+    wait_for_workers(exe, &run, &["\"id\":\"big\"", "\"id\":\"small\""]).await?;
     let mut build = Command::new(exe);
     build
         .args(quiet)
@@ -149,6 +152,27 @@ async fn nixspace(
         .count();
     children.stop().await;
     Ok((makespan, kills))
+}
+
+/// Wait until `nixspace status --json` of the dataspace in `run` shows every one of `ids`
+/// (JSON fragments naming workers), for at most 30 s.
+async fn wait_for_workers(exe: &Path, run: &Path, ids: &[&str]) -> Result<(), BenchError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut status = Command::new(exe);
+        status
+            .args(["--log-level", "warn", "status", "--json", "--dir"])
+            .arg(run);
+        let out = succeeded(&mut status).await?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if ids.iter().all(|id| text.contains(id)) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(BenchError::Setup("the workers did not join within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Write the DAG's Nix file (a fresh `nonce`); the hungry steps state their need (their hold
