@@ -33,6 +33,7 @@ fn demand(drv: &str) -> AnyValue {
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
             outputs: vec!["out=".to_owned()],
+            memory: 0.into(),
         },
         requester: "adversarial-test".to_owned(),
         priority: 0.into(),
@@ -52,6 +53,9 @@ fn worker(id: &str) -> Vec<AnyValue> {
             features: vec![],
             max_jobs: 4.into(),
             speed: 100.0.into(),
+            memory: 0.into(),
+            build_memory: 0.into(),
+            cpus: 1.into(),
         }
         .unparse(),
         build::Offer {

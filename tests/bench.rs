@@ -1,7 +1,8 @@
 //! The benchmarks run end to end on tiny inputs: every column of `bench dag` (the real
 //! `nix-build`, `nix-daemon`, a private sshd as an ssh-ng builder, nixspace with local
 //! workers, with a worker on its own store over TCP, and the translator) builds, and the
-//! planner, dataspace, dispatch and cache benchmarks report what they promise.
+//! planner, dataspace, dispatch, cache, remote and resources benchmarks report what they
+//! promise.
 // The workspace denies unwrap and expect outside tests; clippy counts only `#[test]`
 // functions as tests, not the helpers of a test crate.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -182,4 +183,23 @@ fn bench_nar_moves_a_path_each_of_the_three_ways_at_each_rtt() {
         let rows = rows(&out.stdout, &format!("ms {way}"));
         assert_eq!(rows.len(), 2, "{way}: {out:?}");
     }
+}
+
+#[test]
+fn bench_resources_counts_the_builds_killed_for_memory_with_and_without_admission() {
+    let (out, _tmp) = bench(&["resources", "--hungry", "2", "--cpu", "1", "--hold", "128"]);
+    let killed = |setup: &str| -> String {
+        let row = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(setup))
+            .unwrap_or_else(|| panic!("{setup}: {out:?}"));
+        row.split_whitespace().last().unwrap().to_owned()
+    };
+    // Admission keeps the hungry steps off the small worker; nix-build counts none.
+    assert_eq!(killed("(2) nixspace, admission"), "0", "{out:?}");
+    assert_eq!(killed("(3) nix-build"), "-", "{out:?}");
+    // Positive control: without admission, the small (faster) worker takes hungry steps
+    // first and they are killed there.
+    assert_ne!(killed("(1) nixspace, slot only"), "0", "{out:?}");
 }

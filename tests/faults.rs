@@ -555,6 +555,7 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
                     input_drvs: vec![],
                     settings: nixspace_protocol::BuildSettings::default().to_wire(),
                     outputs: vec![],
+                    memory: 0.into(),
                 },
                 requester: "flooder".to_owned(),
                 priority: 0.into(),

@@ -55,6 +55,9 @@ fn worker(id: &str) -> AnyValue {
         features: vec![],
         max_jobs: 1.into(),
         speed: 1.0.into(),
+        memory: 0.into(),
+        build_memory: 0.into(),
+        cpus: 1.into(),
     }
     .unparse()
 }

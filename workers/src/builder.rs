@@ -88,6 +88,11 @@ pub struct BuilderConfig {
     pub cgroups: Option<BuildCgroups>,
     /// The most memory one build may use, in bytes (with `cgroups`).
     pub memory_limit: Option<u64>,
+    /// The memory this worker offers its builds together, in bytes (0: not said): the
+    /// planner gives it no more steps than their predicted memory fits in.
+    pub memory: u64,
+    /// The CPUs it offers its builds.
+    pub cpus: u32,
 }
 
 impl BuilderConfig {
@@ -398,6 +403,9 @@ pub fn start(
             features: config.features.clone(),
             max_jobs: (config.max_jobs as i64).into(),
             speed: config.speed.into(),
+            memory: config.memory.into(),
+            build_memory: config.memory_limit.unwrap_or(0).into(),
+            cpus: config.cpus.into(),
         },
     );
     store.attach(t, Arc::clone(&ds));
@@ -767,6 +775,12 @@ fn step_failed(worker: &str, e: StepError) -> BuildFailure {
             "inputs not valid on worker {worker}: {}",
             missing.join(" ")
         )),
+        StepError::OutOfMemory { limit, .. } => BuildFailure {
+            cause: build::FailureCause::OutOfMemory {
+                limit: limit.into(),
+            },
+            ..BuildFailure::transient(e.to_string())
+        },
         e if e.is_permanent() => BuildFailure::permanent(e.to_string()),
         e => BuildFailure::transient(e.to_string()),
     }

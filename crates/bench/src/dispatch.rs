@@ -258,6 +258,7 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
             input_drvs: vec![],
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
             outputs: vec![],
+            memory: 0.into(),
         },
         requester: requester.to_owned(),
         priority: 0.into(),
@@ -345,6 +346,9 @@ impl SimWorker {
                 features: vec![],
                 max_jobs: (self.slots as i64).into(),
                 speed: 1.0.into(),
+                memory: 0.into(),
+                build_memory: 0.into(),
+                cpus: 1.into(),
             },
         );
         // Always all slots: the planner's own count keeps it to them.

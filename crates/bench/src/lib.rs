@@ -1,6 +1,6 @@
 //! The benchmarks behind `nixspace bench`: nixspace measured against what users run today.
 //! One module per benchmark (`dag`, `planner`, `dataspace`, `dispatch`, `queries`, `cache`,
-//! `remote`, `nar`), the
+//! `remote`, `nar`, `resources`), the
 //! setups they compare (`rig`, `ssh`; a private `nix-daemon` from `nixspace-nix-tools`), generated inputs (`shapes`), plots
 //! (`plot`), a delaying TCP proxy (`delay`), timing (`measure`), the `/metrics` histograms (`metrics`) and what stops a
 //! benchmark (`error`). `processes` holds
@@ -22,6 +22,7 @@ mod plot;
 pub mod processes;
 mod queries;
 mod remote;
+mod resources;
 mod rig;
 mod shapes;
 mod ssh;
@@ -49,6 +50,7 @@ enum BenchCommand {
     Queries(queries::QueriesArgs),
     Remote(remote::RemoteArgs),
     Nar(nar::NarArgs),
+    Resources(resources::ResourcesArgs),
 }
 
 /// Run the benchmark `args` names.
@@ -62,5 +64,6 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
         BenchCommand::Queries(a) => queries::run(a).await,
         BenchCommand::Remote(a) => remote::run(a).await,
         BenchCommand::Nar(a) => nar::run(a).await,
+        BenchCommand::Resources(a) => resources::run(a).await,
     }
 }

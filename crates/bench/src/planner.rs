@@ -201,6 +201,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             features: vec![],
             speed: 1.0,
             max_jobs: SLOTS,
+            resources: Default::default(),
         },
     );
     s.offer(&worker, SLOTS.into());
@@ -211,6 +212,8 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
         input_drvs: inputs.iter().map(|&d| name(d)).collect(),
         settings: Default::default(),
         outputs: vec![],
+        memory: None,
+        duration_ms: None,
         derivation: Default::default(),
     };
     let depths = dag.depths();

@@ -1,4 +1,5 @@
-//! What `nixspace status` and the web view show: the workers, offers, jobs, demands, steps,
+//! What `nixspace status` and the web view show: the workers, offers, jobs, demands and their
+//! estimated times to completion, steps,
 //! transfers, rejected results and unschedulable steps asserted in a dataspace, kept in a
 //! [`Snapshot`] while they are asserted.
 
@@ -63,7 +64,7 @@ fn track(
 /// results and unschedulable steps asserted in `ds`.
 pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
     enclose!((snapshot) during!(t, ds,
-    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64>,
+    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
     |t: &mut Activation| {
         let view = WorkerView {
             host: host.clone(),
@@ -71,10 +72,18 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
             features: features.clone(),
             max_jobs,
             speed,
+            memory,
+            build_memory,
+            cpus,
         };
         let key = id.clone();
         track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },
             move |s| { s.workers.remove(&key); })
+    }));
+    enclose!((snapshot) during!(t, ds, <eta $requester: String $millis: u64>, |t: &mut Activation| {
+        let key = requester.clone();
+        track(t, &snapshot, |s| s.etas.asserted(requester.clone(), millis),
+            move |s| s.etas.retracted(&key, &millis))
     }));
     enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
         let key = id.clone();

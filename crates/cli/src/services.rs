@@ -10,7 +10,7 @@ use nixspace_workers::{BuilderConfig, WorkerService};
 
 /// A builder for this machine with the defaults of `nixspace worker`: named
 /// `<hostname>-<pid>`, building for this machine's platform, one slot per CPU,
-/// through a private `nix-daemon` of its own.
+/// through a private `nix-daemon` of its own, offering the machine's memory and CPUs.
 pub fn local_builder() -> BuilderConfig {
     let host = rustix::system::uname()
         .nodename()
@@ -31,6 +31,8 @@ pub fn local_builder() -> BuilderConfig {
         max_log_bytes: nixspace_workers::DEFAULT_MAX_LOG_BYTES,
         cgroups: build_cgroups(),
         memory_limit: None,
+        memory: nixspace_workers::machine::total_memory().unwrap_or(0),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     }
 }
 
@@ -70,11 +72,13 @@ impl Announce {
 pub fn join_worker(route: Route, config: BuilderConfig, announce: Announce) -> WorkerService {
     let name = config.id.clone();
     let summary = format!(
-        "systems {}, features [{}], {} slots, speed {}",
+        "systems {}, features [{}], {} slots, speed {}, {} MiB of memory, {} CPUs",
         config.systems.join(","),
         config.features.join(","),
         config.max_jobs,
-        config.speed
+        config.speed,
+        config.memory >> 20,
+        config.cpus
     );
     WorkerService::join(route, config, move |event| {
         announce.say(match event {

@@ -21,6 +21,12 @@ pub struct WorkerView {
     pub max_jobs: i64,
     /// Relative speed.
     pub speed: f64,
+    /// Bytes of memory it offers its builds together (0: not said).
+    pub memory: u64,
+    /// The most bytes one build may use there (0: no limit of its own).
+    pub build_memory: u64,
+    /// CPUs it offers.
+    pub cpus: u32,
 }
 
 /// Where a step stands.
@@ -60,6 +66,8 @@ pub struct Snapshot {
     /// Results the planner discarded (the most recent it keeps asserting): the reason by
     /// (step, worker that reported it).
     pub rejected: BTreeMap<(String, String), String>,
+    /// The planner's estimated time to completion of each frontend, in milliseconds.
+    pub etas: Replaced<String, u64>,
 }
 
 impl Snapshot {
@@ -123,6 +131,9 @@ impl Snapshot {
                     slots_total: w.max_jobs,
                     slots_used: w.max_jobs - self.offers.newest(id).copied().unwrap_or(w.max_jobs),
                     speed: w.speed,
+                    memory: w.memory,
+                    build_memory: w.build_memory,
+                    cpus: w.cpus,
                     building,
                 }
             })
@@ -135,6 +146,7 @@ impl Snapshot {
                     requester: requester.clone(),
                     priority: steps.values().copied().max().unwrap_or(0),
                     steps: steps.len(),
+                    eta_seconds: self.etas.newest(requester).map(|ms| *ms as f64 / 1000.0),
                     ..DemandReport::default()
                 };
                 for drv in steps.keys() {
@@ -209,6 +221,11 @@ pub struct WorkerReport {
     slots_used: i64,
     slots_total: i64,
     speed: f64,
+    /// Bytes of memory offered to its builds together (0: not said).
+    memory: u64,
+    /// The most bytes one build may use (0: no limit of its own).
+    build_memory: u64,
+    cpus: u32,
     building: Vec<String>,
 }
 
@@ -223,6 +240,8 @@ pub struct DemandReport {
     queued: usize,
     waiting: usize,
     failed: usize,
+    /// The planner's estimate of the time its unfinished steps take, if it made one.
+    eta_seconds: Option<f64>,
 }
 
 /// A job the coordinator keeps, as its `<job …>` record says.
@@ -342,6 +361,19 @@ pub struct TransferReport {
     into: String,
 }
 
+/// A worker's memory for people: the total in MiB, and the per-build limit if it has one
+/// (`2048M/512M`); `-` when it said none.
+fn memory_text(memory: u64, build_memory: u64) -> String {
+    let total = match memory {
+        0 => "-".to_owned(),
+        m => format!("{}M", m >> 20),
+    };
+    match build_memory {
+        0 => total,
+        one => format!("{total}/{}M", one >> 20),
+    }
+}
+
 fn list(xs: &[String]) -> String {
     if xs.is_empty() {
         "-".to_owned()
@@ -356,21 +388,23 @@ impl fmt::Display for Report {
         if !self.workers.is_empty() {
             writeln!(
                 f,
-                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  BUILDING",
-                "ID", "HOST", "SYSTEMS", "FEATURES", "SLOTS", "SPEED"
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6} {:>16} {:>4}  BUILDING",
+                "ID", "HOST", "SYSTEMS", "FEATURES", "SLOTS", "SPEED", "MEMORY", "CPUS"
             )?;
         }
         for w in &self.workers {
             let building: Vec<&str> = w.building.iter().map(|d| short_name(d)).collect();
             writeln!(
                 f,
-                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6}  {}",
+                "  {:<20} {:<12} {:<16} {:<16} {:>7} {:>6} {:>16} {:>4}  {}",
                 w.id,
                 w.host,
                 list(&w.systems),
                 list(&w.features),
                 format!("{}/{}", w.slots_used, w.slots_total),
                 w.speed,
+                memory_text(w.memory, w.build_memory),
+                w.cpus,
                 if building.is_empty() {
                     "-".to_owned()
                 } else {
@@ -382,15 +416,34 @@ impl fmt::Display for Report {
         if !self.demands.is_empty() {
             writeln!(
                 f,
-                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
-                "REQUESTER", "PRIO", "STEPS", "BUILT", "RUNNING", "QUEUED", "WAITING", "FAILED"
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>8}",
+                "REQUESTER",
+                "PRIO",
+                "STEPS",
+                "BUILT",
+                "RUNNING",
+                "QUEUED",
+                "WAITING",
+                "FAILED",
+                "ETA"
             )?;
         }
         for d in &self.demands {
+            let eta = d
+                .eta_seconds
+                .map_or("-".to_owned(), |s| format!("{}s", s.ceil()));
             writeln!(
                 f,
-                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7}",
-                d.requester, d.priority, d.steps, d.built, d.running, d.queued, d.waiting, d.failed
+                "  {:<28} {:>4} {:>6} {:>6} {:>8} {:>7} {:>8} {:>7} {:>8}",
+                d.requester,
+                d.priority,
+                d.steps,
+                d.built,
+                d.running,
+                d.queued,
+                d.waiting,
+                d.failed,
+                eta
             )?;
         }
         if !self.jobs.is_empty() {
@@ -461,6 +514,9 @@ mod tests {
                 features: vec![],
                 max_jobs: 2,
                 speed: 1.0,
+                memory: 0,
+                build_memory: 0,
+                cpus: 1,
             },
         );
         let used = |s: &Snapshot| {
@@ -516,6 +572,19 @@ mod tests {
         let text = s.report().to_string();
         assert!(text.contains("rejected results: 1"), "{text}");
         assert!(text.contains("from liar: output out reported as"), "{text}");
+    }
+
+    #[test]
+    fn a_frontends_estimate_shows_with_its_progress() {
+        let mut s = Snapshot::default();
+        s.demands
+            .entry("build-1".into())
+            .or_default()
+            .insert("a.drv".into(), 0);
+        s.etas.asserted("build-1".into(), 61_500);
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(report["demands"][0]["eta_seconds"], 61.5);
+        assert!(s.report().to_string().contains("62s"), "{}", s.report());
     }
 
     #[test]

@@ -113,6 +113,7 @@ pub fn demands(
                 input_drvs: info.input_drvs.clone(),
                 settings: settings.of(drv).to_wire(),
                 outputs: outputs_of(info),
+                memory: info.required_memory.unwrap_or(0).into(),
             },
             requester: requester.to_owned(),
             priority: priority.into(),
@@ -130,6 +131,7 @@ mod tests {
         DerivationInfo {
             system: "x86_64-linux".into(),
             features: Vec::new(),
+            required_memory: None,
             input_drvs: inputs.iter().map(|s| s.to_string()).collect(),
             input_outputs: BTreeMap::new(),
             allow_substitutes: true,

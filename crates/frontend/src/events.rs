@@ -129,6 +129,9 @@ pub(crate) fn failure_of(worker: &str, reason: &str, cause: build::FailureCause)
         build::FailureCause::Build => FailureCause::Build,
         build::FailureCause::Dependency { drv } => FailureCause::Dependency(DrvPath::from(drv)),
         build::FailureCause::Infrastructure => FailureCause::Infrastructure,
+        build::FailureCause::OutOfMemory { limit } => FailureCause::OutOfMemory {
+            limit: u64::try_from(&limit).unwrap_or(0),
+        },
     };
     Failure {
         worker: (!worker.is_empty()).then(|| WorkerId::from(worker)),

@@ -13,6 +13,12 @@ pub enum FailureCause {
     Dependency(DrvPath),
     /// Nothing could build it: no worker, a refusal by the coordinator, a lost store.
     Infrastructure,
+    /// Its build was killed for going over the memory one build may use on its worker
+    /// (`limit` bytes), and no worker that allows more could build it.
+    OutOfMemory {
+        /// The limit it went over, in bytes.
+        limit: u64,
+    },
     /// Another step failed and the client did not ask to keep going (Nix's `--keep-going`
     /// off), so this one was abandoned.
     Abandoned,

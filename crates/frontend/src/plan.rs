@@ -470,6 +470,7 @@ mod tests {
         DerivationInfo {
             system: "x86_64-linux".into(),
             features: Vec::new(),
+            required_memory: None,
             input_drvs: inputs.iter().map(|d| d.to_string()).collect(),
             input_outputs: BTreeMap::new(),
             allow_substitutes: true,

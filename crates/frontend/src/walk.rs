@@ -156,6 +156,7 @@ mod tests {
         DerivationInfo {
             system: "x86_64-linux".into(),
             features: Vec::new(),
+            required_memory: None,
             input_drvs: inputs.iter().map(|(d, _)| d.to_string()).collect(),
             input_outputs: inputs
                 .iter()

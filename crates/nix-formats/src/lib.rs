@@ -8,6 +8,7 @@
 //! * [`nar`]: the NAR archive format (streaming writer and reader).
 //! * [`narinfo`]: the `.narinfo` text format of binary caches.
 //! * [`signature`]: ed25519 keys and signatures of store paths.
+//! * [`drv_name`]: package names without their versions, as Nix's `parseDrvName`.
 //!
 //! Nothing here does I/O except through caller-supplied `std::io` readers
 //! and writers (NAR) and the separate file system walker in
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod derivation;
+pub mod drv_name;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;

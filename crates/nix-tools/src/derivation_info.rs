@@ -16,6 +16,9 @@ pub struct DerivationInfo {
     pub system: String,
     /// Its `requiredSystemFeatures`.
     pub features: Vec<String>,
+    /// The memory its build needs, in bytes, as it states it: `requiredMemory`, a number of
+    /// MiB (`None`: not stated, or not a number).
+    pub required_memory: Option<u64>,
     /// The derivations it depends on.
     pub input_drvs: Vec<String>,
     /// The outputs it uses of each derivation it depends on (its `inputDrvs`).
@@ -41,6 +44,10 @@ impl DerivationInfo {
                 .env_str("requiredSystemFeatures")
                 .map(|f| f.split_whitespace().map(str::to_owned).collect())
                 .unwrap_or_default(),
+            required_memory: drv
+                .env_str("requiredMemory")
+                .and_then(|mib| mib.trim().parse::<u64>().ok())
+                .and_then(|mib| mib.checked_mul(1 << 20)),
             input_drvs: drv.input_drvs.keys().map(|p| store.print(p)).collect(),
             input_outputs: drv
                 .input_drvs

@@ -225,6 +225,7 @@ impl DemandGate {
                     drv: demand.drv.as_str().into(),
                     info: step,
                     urgency,
+                    requester: demand.requester.clone(),
                 },
             ),
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
@@ -318,6 +319,7 @@ impl Entity<Vec<AnyValue>> for DemandGate {
                 &self.planner,
                 Event::Undemand {
                     drv: seen.drv.into(),
+                    requester: seen.requester.clone(),
                 },
             );
         }

@@ -12,7 +12,7 @@
 //! their worker may rejoin and report them; they are closed as `lost` ("interrupted") when
 //! the step's next attempt starts or when the step ends on another worker.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,7 +106,55 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE attempts ADD COLUMN peak_memory INTEGER;
      ALTER TABLE attempts ADD COLUMN cpu_ms INTEGER;
      ALTER TABLE attempts ADD COLUMN wall_ms INTEGER;",
-    // 8: jobs (`nixspace submit`): each job, its progress in steps, and each of its attributes
+    // 8: each step's package (its derivation name without the version), what the planner
+    // learns memory estimates by; NULL in rows written before.
+    "ALTER TABLE steps ADD COLUMN package TEXT;
+     CREATE INDEX steps_by_package ON steps(package);",
+    // 9: a cause may be `out-of-memory`: the build was killed for going over the memory one
+    // build may use on its worker (the limit in the reason).
+    "CREATE TABLE steps_v9 (
+         drv TEXT PRIMARY KEY,
+         system TEXT NOT NULL,
+         first_demanded INTEGER NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('demanded', 'built', 'failed', 'resolved')),
+         outputs TEXT,
+         error TEXT,
+         finished INTEGER,
+         cause TEXT CHECK (cause IN ('build', 'dependency', 'infrastructure', 'out-of-memory')),
+         failed_input TEXT,
+         package TEXT
+     );
+     INSERT INTO steps_v9 (drv, system, first_demanded, status, outputs, error, finished, cause,
+                           failed_input, package)
+         SELECT drv, system, first_demanded, status, outputs, error, finished, cause,
+                failed_input, package
+         FROM steps;
+     DROP TABLE steps;
+     ALTER TABLE steps_v9 RENAME TO steps;
+     CREATE INDEX steps_by_package ON steps(package);
+     CREATE TABLE attempts_v9 (
+         id INTEGER PRIMARY KEY,
+         drv TEXT NOT NULL REFERENCES steps(drv),
+         worker TEXT NOT NULL,
+         started INTEGER NOT NULL,
+         finished INTEGER,
+         outcome TEXT CHECK (outcome IN ('built', 'failed', 'lost', 'cancelled', 'rejected')),
+         reason TEXT,
+         cause TEXT CHECK (cause IN ('build', 'dependency', 'infrastructure', 'out-of-memory')),
+         failed_input TEXT,
+         peak_memory INTEGER,
+         cpu_ms INTEGER,
+         wall_ms INTEGER
+     );
+     INSERT INTO attempts_v9 (id, drv, worker, started, finished, outcome, reason, cause,
+                              failed_input, peak_memory, cpu_ms, wall_ms)
+         SELECT id, drv, worker, started, finished, outcome, reason, cause, failed_input,
+                peak_memory, cpu_ms, wall_ms
+         FROM attempts;
+     DROP TABLE attempts;
+     ALTER TABLE attempts_v9 RENAME TO attempts;
+     CREATE INDEX attempts_by_drv ON attempts(drv);",
+    // 10: jobs (`nixspace submit`): each job, its progress in steps, and each of its attributes
     // with its `.drv` and, once it ended, its outputs or its failure and log tail.
     "CREATE TABLE jobs (
          id INTEGER PRIMARY KEY,
@@ -133,6 +181,18 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (job, name)
      );",
 ];
+
+/// How many of a package's most recent measured builds its estimates look at.
+const ESTIMATE_WINDOW: i64 = 5;
+
+/// The most packages whose estimates are kept in memory (then they are read again).
+const MAX_ESTIMATED: usize = 100_000;
+
+/// The package of the derivation `drv`: its name without the version, as Nix's
+/// `parseDrvName` splits it (`None` for a path that is not a derivation's).
+pub fn package_of(drv: &DrvPath) -> Option<&str> {
+    nixspace_nix_formats::drv_name::package_of_drv_path(drv.as_str())
+}
 
 /// How long a connection waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -240,6 +300,7 @@ fn cause_columns(cause: &FailureCause) -> (&'static str, Option<&str>) {
         FailureCause::Build => ("build", None),
         FailureCause::Dependency(input) => ("dependency", Some(input.as_str())),
         FailureCause::Infrastructure => ("infrastructure", None),
+        FailureCause::OutOfMemory { .. } => ("out-of-memory", None),
     }
 }
 
@@ -294,6 +355,15 @@ pub struct BuildUsage {
     pub wall_ms: i64,
 }
 
+/// What a step's build is predicted to need, learned from earlier builds of its package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Estimates {
+    /// Peak memory in bytes.
+    pub memory: Option<u64>,
+    /// Wall time in milliseconds.
+    pub duration_ms: Option<u64>,
+}
+
 /// One attempt to build a step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AttemptRecord {
@@ -322,6 +392,10 @@ pub struct History {
     /// The highest attempt id when this connection opened: attempts up to it that are still
     /// open were left by an earlier run.
     earlier_attempts: i64,
+    /// The estimates read per package, until a build of the package is measured again: a
+    /// frontend demands many steps of one package at once (generated DAGs name all theirs
+    /// alike), and each read walks the package's steps.
+    estimated: HashMap<String, Estimates>,
 }
 
 impl std::fmt::Debug for History {
@@ -426,6 +500,7 @@ impl History {
             conn,
             path: path.to_owned(),
             earlier_attempts,
+            estimated: HashMap::new(),
         })
     }
 
@@ -457,11 +532,12 @@ impl History {
     pub fn demanded(&mut self, drv: &DrvPath, system: &str) -> Result<(), HistoryError> {
         self.conn
             .execute(
-                "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
+                "INSERT INTO steps (drv, system, first_demanded, status, package)
+                     VALUES (?1, ?2, ?3, 'demanded', ?4)
                  ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
                      failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
-                params![drv.as_str(), system, now()],
+                params![drv.as_str(), system, now(), package_of(drv)],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
@@ -728,6 +804,9 @@ impl History {
         worker: &WorkerId,
         usage: &BuildUsage,
     ) -> Result<(), HistoryError> {
+        if let Some(package) = package_of(drv) {
+            self.estimated.remove(package);
+        }
         self.conn
             .execute(
                 "UPDATE attempts SET peak_memory = ?3, cpu_ms = ?4, wall_ms = ?5
@@ -780,6 +859,41 @@ impl History {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.err(e));
         rows
+    }
+
+    /// What a build of `drv` is predicted to need, learned from its package's earlier builds
+    /// (the package: its name without the version, see [`package_of`]): among the last
+    /// [`ESTIMATE_WINDOW`] built attempts whose worker measured them, the highest peak memory
+    /// and the mean wall time. Nothing when there is none.
+    pub fn estimates(&mut self, drv: &DrvPath) -> Result<Estimates, HistoryError> {
+        let Some(package) = package_of(drv) else {
+            return Ok(Estimates::default());
+        };
+        if let Some(known) = self.estimated.get(package) {
+            return Ok(*known);
+        }
+        let (peak, wall): (Option<i64>, Option<f64>) = self
+            .conn
+            .query_row(
+                "SELECT MAX(peak_memory), AVG(wall_ms) FROM (
+                     SELECT attempts.peak_memory, attempts.wall_ms
+                     FROM attempts JOIN steps USING (drv)
+                     WHERE steps.package = ?1 AND attempts.outcome = 'built'
+                         AND attempts.wall_ms IS NOT NULL
+                     ORDER BY attempts.id DESC LIMIT ?2)",
+                params![package, ESTIMATE_WINDOW],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        let estimates = Estimates {
+            memory: peak.and_then(|p| u64::try_from(p).ok()),
+            duration_ms: wall.filter(|w| *w >= 0.0).map(|w| w.round() as u64),
+        };
+        if self.estimated.len() >= MAX_ESTIMATED {
+            self.estimated.clear();
+        }
+        self.estimated.insert(package.to_owned(), estimates);
+        Ok(estimates)
     }
 
     /// The output paths the history recorded for `drv`, built (or resolved to a derivation
@@ -1142,6 +1256,65 @@ mod tests {
         let s = &h.recent(1).unwrap()[0];
         assert_eq!((s.status.as_str(), s.error.as_deref()), ("demanded", None));
         assert_eq!(s.cause, None);
+    }
+
+    #[test]
+    fn memory_and_duration_are_estimated_from_the_last_builds_of_the_same_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        let build = |h: &mut History, drv: &str, peak: Option<i64>, wall_ms: i64| {
+            let (drv, worker) = (DrvPath::from(drv), WorkerId::from("w1"));
+            h.demanded(&drv, "x86_64-linux").unwrap();
+            h.attempt_started(&drv, &worker).unwrap();
+            let usage = BuildUsage {
+                peak_memory: peak,
+                cpu_ms: 1,
+                wall_ms,
+            };
+            h.attempt_usage(&drv, &worker, &usage).unwrap();
+            h.attempt_ended(&drv, Some(&worker), built(&[])).unwrap();
+        };
+        let next = DrvPath::from("/nix/store/00-hello-2.13.drv");
+        assert_eq!(h.estimates(&next).unwrap(), Estimates::default());
+        build(
+            &mut h,
+            "/nix/store/01-hello-2.10.drv",
+            Some(300 << 20),
+            1000,
+        );
+        build(
+            &mut h,
+            "/nix/store/02-hello-2.11.drv",
+            Some(100 << 20),
+            2000,
+        );
+        build(&mut h, "/nix/store/03-hello-2.12.drv", None, 3000);
+        // Another package's builds do not count.
+        build(
+            &mut h,
+            "/nix/store/04-hello-world-1.drv",
+            Some(900 << 20),
+            9000,
+        );
+        assert_eq!(
+            h.estimates(&next).unwrap(),
+            Estimates {
+                memory: Some(300 << 20),
+                duration_ms: Some(2000)
+            }
+        );
+        // Only the last few builds count: older ones are forgotten.
+        for i in 0..ESTIMATE_WINDOW {
+            let drv = format!("/nix/store/1{i}-hello-3.{i}.drv");
+            build(&mut h, &drv, Some(50 << 20), 500);
+        }
+        assert_eq!(
+            h.estimates(&next).unwrap(),
+            Estimates {
+                memory: Some(50 << 20),
+                duration_ms: Some(500)
+            }
+        );
     }
 
     #[test]

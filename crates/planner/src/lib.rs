@@ -11,6 +11,7 @@
 //! [`service`] is the actor that connects a [`Schedule`] to a dataspace.
 
 pub mod demand_gate;
+mod eta;
 pub mod history;
 pub mod job_history;
 pub mod matching;
@@ -21,8 +22,8 @@ pub mod service;
 mod wire;
 
 pub use schedule::{
-    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
-    WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
+    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepInfo, StepState,
+    Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
 
 /// After a restart, how long a step that was being built is kept for its worker (see

@@ -4,8 +4,12 @@
 //! Prometheus text format by [`Metrics::render`] (served by `nixspace up
 //! --metrics`).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -37,6 +41,14 @@ pub struct Metrics {
     pub realisation_conflicts: Counter,
     /// Seconds from a step becoming ready to a worker being granted it.
     pub dispatch_seconds: Histogram,
+    /// Each frontend's estimated time to completion, in seconds.
+    eta_seconds: Family<RequesterLabel, Gauge<f64, AtomicU64>>,
+}
+
+/// The label of a per-frontend metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequesterLabel {
+    requester: String,
 }
 
 impl Default for Metrics {
@@ -56,6 +68,7 @@ impl Default for Metrics {
             realisation_conflicts: Counter::default(),
             // 50 µs to ~1.6 s.
             dispatch_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
+            eta_seconds: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -110,6 +123,11 @@ impl Default for Metrics {
             "Time from a step becoming ready to a worker being granted it",
             metrics.dispatch_seconds.clone(),
         );
+        registry.register(
+            "eta_seconds",
+            "Each frontend's estimated time to completion (learned durations)",
+            metrics.eta_seconds.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -118,6 +136,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Set `requester`'s estimated time to completion.
+    pub(crate) fn set_eta(&self, requester: &str, millis: u64) {
+        let label = RequesterLabel {
+            requester: requester.to_owned(),
+        };
+        self.eta_seconds
+            .get_or_create(&label)
+            .set(millis as f64 / 1000.0);
+    }
+
+    /// Forget `requester`'s estimate (it demands nothing any more).
+    pub(crate) fn forget_eta(&self, requester: &str) {
+        self.eta_seconds.remove(&RequesterLabel {
+            requester: requester.to_owned(),
+        });
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -142,6 +177,9 @@ mod tests {
         let m = Metrics::default();
         m.built.inc();
         m.dispatch_seconds.observe(0.001);
+        m.set_eta("build-1", 1500);
+        m.set_eta("gone", 1);
+        m.forget_eta("gone");
         let text = m.render();
         for name in [
             "nixspace_steps_ready",
@@ -156,8 +194,10 @@ mod tests {
             "nixspace_rejected_results_total",
             "nixspace_realisation_conflicts_total",
             "nixspace_dispatch_seconds_count 1",
+            "nixspace_eta_seconds{requester=\"build-1\"} 1.5",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        assert!(!text.contains("gone"), "{text}");
     }
 }

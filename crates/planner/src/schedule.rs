@@ -9,6 +9,7 @@ use nixspace_protocol::{BuildSettings, DrvPath, WorkerId};
 use crate::matching::{mismatch, unschedulable_reason};
 use crate::resolution::ToResolve;
 
+mod critical_path;
 mod dispatch;
 mod rejoin;
 mod resolving;
@@ -39,6 +40,12 @@ pub struct StepInfo {
     /// The outputs it must produce, in output-name order: `name=path`, or `name=` when the
     /// path is known only once built (see [`nixspace_protocol::expected_outputs`]).
     pub outputs: Vec<String>,
+    /// The memory its build is predicted to need, in bytes: as its derivation states it,
+    /// else as the planner learned it from earlier builds (`None`: not known, so not counted).
+    pub memory: Option<u64>,
+    /// How long its build is predicted to take, in milliseconds, as the planner learned it
+    /// from earlier builds (`None`: not known).
+    pub duration_ms: Option<u64>,
     /// Where its derivation comes from, and whether the planner resolves it first.
     pub derivation: StepDerivation,
 }
@@ -91,6 +98,43 @@ pub struct WorkerOffer {
     pub speed: f64,
     /// How many steps it builds at once.
     pub max_jobs: u32,
+    /// The memory and CPUs it offers its builds.
+    pub resources: Resources,
+}
+
+impl WorkerOffer {
+    /// Whether the worker builds for the step's system with the features it requires.
+    pub fn builds(&self, info: &StepInfo) -> bool {
+        mismatch(&self.systems, &self.features, &info.system, &info.features).is_none()
+    }
+}
+
+/// What a worker offers its builds besides slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    /// The bytes its builds may use together (0: not said, so not counted).
+    pub memory: u64,
+    /// The most bytes one build may use there (its per-build limit; 0: none but `memory`).
+    pub build_memory: u64,
+    /// Its CPUs.
+    pub cpus: u32,
+}
+
+impl Resources {
+    /// Whether one build may use more than `limit` bytes on the worker (not when it says
+    /// nothing).
+    pub fn allows_more_than(&self, limit: u64) -> bool {
+        self.one_build().is_some_and(|one| one > limit)
+    }
+
+    /// The most memory one build may use on the worker (`None`: not said).
+    pub fn one_build(&self) -> Option<u64> {
+        match (self.memory, self.build_memory) {
+            (0, 0) => None,
+            (0, one) | (one, 0) => Some(one),
+            (all, one) => Some(all.min(one)),
+        }
+    }
 }
 
 /// Whether a failure is worth retrying elsewhere.
@@ -112,6 +156,12 @@ pub enum FailureCause {
     /// Something around the build failed: the worker was lost, a transfer failed, the
     /// planner gave up retrying.
     Infrastructure,
+    /// The kernel killed its build for going over the memory one build may use on its
+    /// worker, `limit` bytes.
+    OutOfMemory {
+        /// That limit.
+        limit: u64,
+    },
 }
 
 /// Where a step is in its life.
@@ -307,8 +357,15 @@ struct Step {
     inputs_built: usize,
     /// Where the step sits in the ready queue, while it is ready.
     queued: Option<dispatch::TakeOrder>,
-    /// Workers whose report on this step was rejected: never given it again.
+    /// Workers whose report on this step was rejected, or that were killed for memory
+    /// building it: never given it again.
     excluded: BTreeSet<WorkerId>,
+    /// The memory limit its build was killed for going over, once: it is tried again only
+    /// on a worker that allows one build more, and fails for good if killed again.
+    needs_more_than: Option<u64>,
+    /// How long the longest path of demanded steps from it up to a root is predicted to take,
+    /// its own build included (see [`critical_path`]).
+    remaining_ms: u64,
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -340,6 +397,8 @@ pub struct Schedule {
     links: BTreeMap<DrvPath, resolving::Link>,
     /// Each resolved derivation's originals.
     resolutions: BTreeMap<DrvPath, BTreeSet<DrvPath>>,
+    /// Whether demands changed since the remaining paths were last computed.
+    paths_stale: bool,
 }
 
 impl Default for Schedule {
@@ -368,6 +427,7 @@ impl Schedule {
             retry_backoff,
             links: BTreeMap::new(),
             resolutions: BTreeMap::new(),
+            paths_stale: false,
         }
     }
 
@@ -451,6 +511,8 @@ impl Schedule {
                 .or_default()
                 .insert(drv.clone());
         }
+        self.paths_stale = true;
+        let remaining_ms = critical_path::first_guess(&info, urgency);
         self.steps.insert(
             drv.clone(),
             Step {
@@ -466,6 +528,8 @@ impl Schedule {
                 inputs_built: 0,
                 queued: None,
                 excluded: BTreeSet::new(),
+                needs_more_than: None,
+                remaining_ms,
             },
         );
         // Dependents that were ready because this input was not demanded
@@ -497,6 +561,7 @@ impl Schedule {
         let Some(step) = self.steps.remove(drv) else {
             return effects;
         };
+        self.paths_stale = true;
         for input in &step.info.input_drvs {
             if let Some(d) = self.dependents.get_mut(input) {
                 d.remove(drv);
@@ -755,6 +820,16 @@ impl Schedule {
             self.fail_for_good(drv, Some(worker), reason.to_owned(), cause, &mut effects);
             return effects;
         }
+        if let FailureCause::OutOfMemory { limit } = cause {
+            if let Some(why) = self.killed_for_memory(drv, worker, limit) {
+                let reason = format!("{reason}; {why}");
+                self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
+                return effects;
+            }
+        }
+        let Some(step) = self.steps.get_mut(drv) else {
+            return effects;
+        };
         step.transient_reasons
             .push(format!("attempt {}: {reason}", step.attempts));
         if step.attempts < max_attempts {
@@ -778,6 +853,43 @@ impl Schedule {
         );
         self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
         effects
+    }
+
+    /// `worker`'s build of `drv` was killed for going over `limit`, the memory one build may
+    /// use there. The first time, the step is kept for a worker that allows one build more
+    /// (and never given to `worker` again), predicted to need at least `limit`; `None` then.
+    /// Otherwise (killed again, or no connected worker that may build it allows more) why it
+    /// fails for good.
+    fn killed_for_memory(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        limit: u64,
+    ) -> Option<String> {
+        let step = self.steps.get(drv)?;
+        if let Some(before) = step.needs_more_than {
+            return Some(format!(
+                "killed again after a retry on a worker allowing one build more than {} MiB",
+                before >> 20
+            ));
+        }
+        let bigger = self.workers.iter().any(|(id, offer)| {
+            id != worker
+                && !step.excluded.contains(id)
+                && offer.builds(&step.info)
+                && offer.resources.allows_more_than(limit)
+        });
+        if !bigger {
+            return Some(format!(
+                "no connected worker allows one build more than {} MiB",
+                limit >> 20
+            ));
+        }
+        let step = self.steps.get_mut(drv)?;
+        step.needs_more_than = Some(limit);
+        step.excluded.insert(worker.clone());
+        step.info.memory = Some(step.info.memory.unwrap_or(0).max(limit));
+        None
     }
 
     /// `drv` will not be built, and neither will the steps that need it. A worklist, not a
@@ -942,8 +1054,10 @@ impl Schedule {
 
     /// Why no connected worker can take the step, if none can.
     fn unschedulable_because(&self, drv: &DrvPath) -> Option<String> {
-        let info = &self.steps.get(drv)?.info;
+        let step = self.steps.get(drv)?;
+        let info = &step.info;
         let mut mismatches = Vec::new();
+        let mut too_small = None;
         for offer in self.workers.values() {
             match mismatch(
                 &offer.systems,
@@ -951,9 +1065,20 @@ impl Schedule {
                 &info.system,
                 &info.features,
             ) {
-                None => return None,
+                None => match step.needs_more_than {
+                    Some(limit) if !offer.resources.allows_more_than(limit) => {
+                        too_small = Some(limit)
+                    }
+                    _ => return None,
+                },
                 Some(m) => mismatches.push(m),
             }
+        }
+        if let Some(limit) = too_small {
+            return Some(format!(
+                "killed for going over {} MiB of memory, and no connected worker allows one build more",
+                limit >> 20
+            ));
         }
         Some(unschedulable_reason(&mismatches, &info.system))
     }
@@ -988,13 +1113,16 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    fn info(inputs: &[&str]) -> StepInfo {
+    /// A step for x86_64-linux with these inputs and nothing else.
+    pub(super) fn info(inputs: &[&str]) -> StepInfo {
         StepInfo {
             system: "x86_64-linux".into(),
             features: vec![],
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
@@ -1094,6 +1222,7 @@ mod tests {
                 features: vec![],
                 speed: 1.0,
                 max_jobs: 1,
+                resources: Default::default(),
             },
         );
         // The worker rejoined a restarted planner before the frontend demanded again.
@@ -1344,16 +1473,20 @@ mod more_tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
 
-    fn offer(features: &[&str]) -> WorkerOffer {
+    /// A worker for x86_64-linux with these features and one slot.
+    pub(super) fn offer(features: &[&str]) -> WorkerOffer {
         WorkerOffer {
             systems: vec!["x86_64-linux".into()],
             features: features.iter().map(|s| s.to_string()).collect(),
             speed: 1.0,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 

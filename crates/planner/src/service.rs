@@ -17,12 +17,13 @@ use syndicate::enclose;
 use syndicate_macros::{during, on_message};
 
 use crate::demand_gate::DemandGate;
-use crate::history::{AttemptOutcome, BuildUsage, History, HistoryError, Resolution};
+use crate::eta::Frontends;
+use crate::history::{AttemptOutcome, BuildUsage, Estimates, History, HistoryError, Resolution};
 use crate::metrics::Metrics;
 use crate::resolution::outputs_by_name;
 use crate::schedule::{
-    Effect, FailureCause, FailureKind, Schedule, StealPolicy, StepInfo, StepState, Urgency,
-    WorkerOffer,
+    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepInfo, StepState,
+    Urgency, WorkerOffer,
 };
 use crate::wire::{
     cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, step_to_wire,
@@ -43,11 +44,15 @@ pub enum Event {
         info: StepInfo,
         /// How urgent the demand is.
         urgency: Urgency,
+        /// The frontend that demands it.
+        requester: String,
     },
     /// A demand for a step went away.
     Undemand {
         /// The step.
         drv: DrvPath,
+        /// The frontend that demanded it.
+        requester: String,
     },
     /// A worker claimed a step.
     Claim {
@@ -152,6 +157,8 @@ struct Planner {
     /// Every realisation recorded (reloaded from the history at start, or seen since), by id:
     /// its path, its signatures, and the planner's assertion of it.
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
+    /// Each frontend's demanded steps and estimated time to completion.
+    frontends: Frontends,
 }
 
 impl Entity<Event> for Planner {
@@ -159,8 +166,17 @@ impl Entity<Event> for Planner {
         tracing::debug!(?event);
         let s = &mut self.schedule;
         let mut effects = match event {
-            Event::Demand { drv, info, urgency } => {
+            Event::Demand {
+                drv,
+                mut info,
+                urgency,
+                requester,
+            } => {
+                self.frontends.demanded(requester, &drv);
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
+                let learned = estimates(self.history.as_mut(), &drv);
+                info.memory = info.memory.or(learned.memory);
+                info.duration_ms = learned.duration_ms;
                 s.demand(&drv, info, urgency)
             }
             Event::WorkerJoined { worker, offer } => {
@@ -172,7 +188,10 @@ impl Entity<Event> for Planner {
                 s.worker_left(&worker)
             }
             Event::Retry { drv } => s.retry(&drv),
-            Event::Undemand { drv } => s.undemand(&drv),
+            Event::Undemand { drv, requester } => {
+                self.frontends.undemanded(&requester, &drv);
+                s.undemand(&drv)
+            }
             Event::Claim { drv, worker } => s.claim(&drv, &worker),
             Event::Unclaim { drv, worker } => s.unclaim(&drv, &worker),
             Event::Built {
@@ -195,6 +214,10 @@ impl Entity<Event> for Planner {
             }
             Event::Tick => {
                 let now = Instant::now();
+                s.update_critical_paths();
+                self.frontends
+                    .publish(t, &self.ds, &self.schedule, &self.metrics);
+                let s = &mut self.schedule;
                 let mut effects = s.expire_reservations(now);
                 effects.extend(s.tick(now));
                 effects
@@ -634,6 +657,23 @@ impl Planner {
     }
 }
 
+/// What the history predicts `drv`'s build needs, from its package's earlier builds.
+fn estimates(history: Option<&mut History>, drv: &DrvPath) -> Estimates {
+    let Some(history) = history else {
+        return Estimates::default();
+    };
+    match history.estimates(drv) {
+        Ok(estimates) => {
+            tracing::debug!(%drv, ?estimates, "predicted from earlier builds");
+            estimates
+        }
+        Err(error) => {
+            tracing::warn!(%drv, %error, "cannot read what earlier builds used");
+            Estimates::default()
+        }
+    }
+}
+
 fn replace(
     t: &mut Activation,
     map: &mut HashMap<DrvPath, Handle>,
@@ -740,6 +780,7 @@ pub fn start(
             links: HashMap::new(),
             rejections: VecDeque::new(),
             realisations: HashMap::new(),
+            frontends: Frontends::default(),
         };
         planner.reload_realisations(t);
         ds.assert(
@@ -770,10 +811,11 @@ pub fn start(
         let max_demands = config.max_demands_per_requester.unwrap_or(usize::MAX);
         DemandGate::observe(t, &ds, Arc::clone(&planner), max_demands);
 
-        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64>,
+        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
             |t: &mut Activation| {
                 let worker = WorkerId::from(id.as_str());
-                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs };
+                let resources = Resources { memory, build_memory, cpus };
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, resources };
                 tracing::info!(%worker, ?offer, "worker joined");
                 t.message(&planner, Event::WorkerJoined { worker: worker.clone(), offer });
                 on_retraction(t, enclose!((planner) move |t| {

@@ -18,6 +18,7 @@ pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
         input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
         settings: info.settings.to_wire(),
         outputs: info.outputs.clone(),
+        memory: info.memory.unwrap_or(0).into(),
     }
 }
 
@@ -29,6 +30,8 @@ pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) 
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
         settings: BuildSettings::from_wire(&info.settings),
         outputs: info.outputs,
+        memory: u64::try_from(&info.memory).ok().filter(|m| *m > 0),
+        duration_ms: None,
         derivation,
     }
 }
@@ -112,6 +115,9 @@ pub(crate) fn cause_from_wire(cause: &AnyValue) -> Option<FailureCause> {
         build::FailureCause::Build => FailureCause::Build,
         build::FailureCause::Dependency { drv } => FailureCause::Dependency(drv.into()),
         build::FailureCause::Infrastructure => FailureCause::Infrastructure,
+        build::FailureCause::OutOfMemory { limit } => FailureCause::OutOfMemory {
+            limit: u64::try_from(&limit).ok()?,
+        },
     })
 }
 
@@ -121,6 +127,9 @@ pub(crate) fn cause_to_wire(cause: FailureCause) -> build::FailureCause {
         FailureCause::Build => build::FailureCause::Build,
         FailureCause::Dependency(drv) => build::FailureCause::Dependency { drv: drv.into() },
         FailureCause::Infrastructure => build::FailureCause::Infrastructure,
+        FailureCause::OutOfMemory { limit } => build::FailureCause::OutOfMemory {
+            limit: limit.into(),
+        },
     }
 }
 
@@ -135,6 +144,7 @@ mod tests {
             FailureCause::Build,
             FailureCause::Dependency("/nix/store/a.drv".into()),
             FailureCause::Infrastructure,
+            FailureCause::OutOfMemory { limit: 64 << 20 },
         ] {
             let value: AnyValue = cause_to_wire(cause.clone()).unparse();
             assert_eq!(cause_from_wire(&value), Some(cause));

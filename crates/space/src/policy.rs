@@ -175,6 +175,7 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::JobRefused>(),
             Shape::of::<build::JobCancelled>(),
             Shape::of::<build::Job>(),
+            Shape::of::<build::Eta>(),
         ],
         Role::Worker => vec![
             Shape::of::<build::Planner>(),
@@ -387,6 +388,7 @@ mod tests {
                 input_drvs: vec![],
                 settings: nixspace_protocol::BuildSettings::default().to_wire(),
                 outputs: vec![],
+                memory: 0.into(),
             },
             requester: "me".into(),
             priority: 0.into(),
@@ -430,7 +432,9 @@ mod tests {
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 34);
+        assert_eq!(observable(Role::Submit).len(), 35);
+        assert!(observable(Role::Submit).contains(&"eta".to_owned()));
+        assert!(!allowed(Role::Submit).contains(&Shape::new("eta", 2)));
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 15);
         for role in [Role::Submit, Role::Worker] {

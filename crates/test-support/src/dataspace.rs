@@ -52,6 +52,7 @@ fn test_step() -> build::StepInfo {
         input_drvs: vec![],
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
         outputs: vec![],
+        memory: 0.into(),
     }
 }
 
@@ -113,6 +114,9 @@ pub fn test_worker(id: &str) -> AnyValue {
         features: vec![],
         max_jobs: 1.into(),
         speed: 1.0.into(),
+        memory: 0.into(),
+        build_memory: 0.into(),
+        cpus: 1.into(),
     }
     .unparse()
 }

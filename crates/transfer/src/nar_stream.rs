@@ -505,8 +505,10 @@ mod tests {
     #[tokio::test]
     async fn a_whole_nar_reads_through_and_every_chunk_is_acknowledged_in_batches() {
         let (facet, credit, mut grants) = actor().await;
-        let nar: Vec<u8> = (0..9u8).collect();
-        let (mut sink, mut r) = receive(facet, Hash::sha256(&nar), 9, Duration::from_secs(5));
+        // Two batches and one chunk more.
+        let chunks = 2 * CREDIT_BATCH + 1;
+        let nar: Vec<u8> = (0..chunks as u8).collect();
+        let (mut sink, mut r) = receive(facet, Hash::sha256(&nar), chunks, Duration::from_secs(5));
         sink.push(Incoming::Start(credit));
         for piece in nar.chunks(1) {
             sink.push(Incoming::Reply(chunk(piece)));
@@ -515,7 +517,7 @@ mod tests {
         let mut out = Vec::new();
         r.read_to_end(&mut out).await.unwrap();
         assert_eq!(out, nar);
-        // Nine chunks read on: two batches acknowledged, the last chunk needs no credit.
+        // Every chunk read on: two batches acknowledged, the last chunk needs no credit.
         assert_eq!(grants.recv().await, Some(CREDIT_BATCH));
         assert_eq!(grants.recv().await, Some(CREDIT_BATCH));
         assert!(grants.try_recv().is_err());

@@ -17,8 +17,9 @@ use crate::observe::{observe, Observed};
 ///
 /// Joins the dataspace with the submit capability, reads what is asserted
 /// there and prints it: each worker (systems, features, slots used/total,
-/// speed, current steps), each frontend's demands (steps built, running,
-/// queued, waiting for inputs, failed), ready steps per system, steps no
+/// speed, memory and CPUs, current steps), each frontend's demands (steps built,
+/// running, queued, waiting for inputs, failed) and the planner's estimate of
+/// its time to completion, ready steps per system, steps no
 /// worker can take with the reason, and the most recent workers' results the
 /// planner discarded (outputs other than the step's) with the reason.
 #[derive(Args, Debug)]

@@ -66,6 +66,16 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, conflicts_with = "daemon_socket")]
     build_memory_limit: Option<u64>,
 
+    /// The memory this worker offers its builds together, e.g. 16G: the planner gives it no
+    /// more steps than their predicted memory fits in. Default: the machine's total memory
+    /// (MemTotal), or with --build-memory-limit at most that limit times --max-jobs.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
+
+    /// The CPUs this worker offers its builds. Default: the CPUs this process may use.
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+
     /// Sign what this worker builds with the secret key in FILE (`name:base64`,
     /// as written by `nix-store --generate-binary-cache-key`): its private
     /// `nix-daemon` signs every output as it registers it, and the realisations
@@ -172,6 +182,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             );
         }
         config.memory_limit = Some(limit);
+        let all_slots = limit.saturating_mul(config.max_jobs.into());
+        config.memory = match config.memory {
+            0 => all_slots,
+            total => total.min(all_slots),
+        };
+    }
+    if let Some(memory) = args.memory {
+        config.memory = memory;
+    }
+    match args.cpus {
+        Some(0) => anyhow::bail!("--cpus must be at least 1"),
+        Some(n) => config.cpus = n,
+        None => {}
     }
     let route = args.join.route(Role::Worker)?;
     let mut worker = crate::services::join_worker(route, config, crate::services::Announce::Stderr);

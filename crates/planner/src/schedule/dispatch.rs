@@ -5,6 +5,12 @@
 //! Room is counted on both sides: a worker takes part while its last offer has free slots
 //! (a draining worker offers none), and it gets at most `max_jobs` steps at once by the
 //! planner's own count, which is exact the moment an outcome arrives (the offer lags).
+//!
+//! Memory is admitted too: a worker is never given steps whose predicted memory adds up to
+//! more than it offers, nor one predicted to need more than one build may use there. A step
+//! predicted to need more than every worker that can build it allows one build still runs:
+//! on the biggest of them, alone (that worker is kept for it, given nothing else, until it is
+//! idle), so nothing waits for ever. Steps with no prediction count for nothing.
 
 use std::cmp::Reverse;
 use std::time::Instant;
@@ -12,15 +18,27 @@ use std::time::Instant;
 use nixspace_protocol::{DrvPath, WorkerId};
 
 use super::{Effect, Schedule, Step, StepState};
-use crate::matching::mismatch;
 
-/// Where a ready step sits in the queue: highest priority first, then the deepest (the
+/// Where a ready step sits in the queue: highest priority first, then the longest predicted
+/// path of demanded steps from it up (see [`super::critical_path`]), then the deepest (the
 /// longest chain of demanded steps waits on it), then the oldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TakeOrder {
     priority: Reverse<i64>,
+    pub(super) remaining_ms: Reverse<u64>,
     depth: Reverse<u64>,
     age: u64,
+}
+
+/// What a worker can still take in one dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Room {
+    /// More steps it may be given.
+    slots: usize,
+    /// The memory its running steps' predictions leave free (`None`: it offers no total).
+    memory: Option<u64>,
+    /// Whether it builds nothing.
+    idle: bool,
 }
 
 impl Schedule {
@@ -42,10 +60,13 @@ impl Schedule {
             let Some(step) = self.steps.get(drv) else {
                 continue;
             };
+            let biggest = self.biggest_build(drv, step, now);
             let best = room
                 .iter()
                 .enumerate()
-                .filter(|(_, (worker, _))| self.can_take(drv, step, worker, now))
+                .filter(|(_, (worker, r))| {
+                    self.can_take(drv, step, worker, now) && self.fits(step, worker, r, biggest)
+                })
                 .max_by(|(_, (a, room_a)), (_, (b, room_b))| {
                     let speed = |w: &WorkerId| self.workers.get(w).map_or(0.0, |o| o.speed);
                     speed(a)
@@ -54,16 +75,31 @@ impl Schedule {
                             self.inputs_built_by(step, a)
                                 .cmp(&self.inputs_built_by(step, b))
                         })
-                        .then_with(|| room_a.cmp(room_b))
+                        .then_with(|| room_a.slots.cmp(&room_b.slots))
                         .then_with(|| b.cmp(a))
                 })
                 .map(|(i, _)| i);
             let Some(i) = best else {
+                if let (Some(need), Some(biggest)) = (step.info.memory, biggest) {
+                    if need > biggest {
+                        // Kept for the step: the biggest workers get nothing else until one
+                        // of them is idle.
+                        room.retain(|(w, _)| self.one_build(w) != Some(biggest));
+                        if room.is_empty() {
+                            break;
+                        }
+                    }
+                }
                 continue;
             };
             grants.push((drv.clone(), room[i].0.clone()));
-            room[i].1 -= 1;
-            if room[i].1 == 0 {
+            let r = &mut room[i].1;
+            r.slots -= 1;
+            r.idle = false;
+            if let (Some(free), Some(need)) = (&mut r.memory, step.info.memory) {
+                *free = free.saturating_sub(need);
+            }
+            if r.slots == 0 {
                 room.swap_remove(i);
                 if room.is_empty() {
                     break;
@@ -75,17 +111,66 @@ impl Schedule {
         }
     }
 
-    /// Workers that take part in dispatch and how many more steps each can take.
-    fn room(&self) -> Vec<(WorkerId, usize)> {
+    /// Workers that take part in dispatch and the room each has.
+    fn room(&self) -> Vec<(WorkerId, Room)> {
         self.workers
             .iter()
             .filter(|(id, _)| self.free_slots.get(*id).is_some_and(|&free| free > 0))
             .filter_map(|(id, offer)| {
-                let running = self.running.get(id).map_or(0, |r| r.len());
-                let room = (offer.max_jobs as usize).saturating_sub(running);
-                (room > 0).then(|| (id.clone(), room))
+                let running = self.running.get(id);
+                let slots =
+                    (offer.max_jobs as usize).saturating_sub(running.map_or(0, |r| r.len()));
+                let predicted: u64 = running
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|drv| self.steps.get(drv)?.info.memory)
+                    .sum();
+                let memory = match offer.resources.memory {
+                    0 => None,
+                    all => Some(all.saturating_sub(predicted)),
+                };
+                let idle = running.is_none_or(|r| r.is_empty());
+                (slots > 0).then(|| {
+                    (
+                        id.clone(),
+                        Room {
+                            slots,
+                            memory,
+                            idle,
+                        },
+                    )
+                })
             })
             .collect()
+    }
+
+    /// The most memory one build may use on `worker` (`None`: it says nothing).
+    fn one_build(&self, worker: &WorkerId) -> Option<u64> {
+        self.workers.get(worker)?.resources.one_build()
+    }
+
+    /// The most memory one build may use on the biggest connected worker that may build the
+    /// ready step `drv` (`None`: none of them says).
+    fn biggest_build(&self, drv: &DrvPath, step: &Step, now: Instant) -> Option<u64> {
+        self.workers
+            .keys()
+            .filter(|w| self.can_take(drv, step, w, now))
+            .filter_map(|w| self.one_build(w))
+            .max()
+    }
+
+    /// Whether `step` fits `worker`'s `room` by memory: its prediction fits what one build
+    /// may use there and what the worker's running steps leave; or it is bigger than what
+    /// one build may use on every worker that may build it (`biggest`), and `worker`, one of
+    /// the biggest, is idle. A step or worker that says nothing of memory always fits.
+    fn fits(&self, step: &Step, worker: &WorkerId, room: &Room, biggest: Option<u64>) -> bool {
+        let (Some(need), Some(one)) = (step.info.memory, self.one_build(worker)) else {
+            return true;
+        };
+        if need <= one {
+            return room.memory.is_none_or(|free| need <= free);
+        }
+        biggest.is_some_and(|biggest| need > biggest && one == biggest) && room.idle
     }
 
     /// Whether `worker` may be given the ready step `drv` now.
@@ -96,13 +181,10 @@ impl Schedule {
         step.state == StepState::Ready
             && !self.kept_from(drv, worker, now)
             && !step.excluded.contains(worker)
-            && mismatch(
-                &offer.systems,
-                &offer.features,
-                &step.info.system,
-                &step.info.features,
-            )
-            .is_none()
+            && step
+                .needs_more_than
+                .is_none_or(|limit| offer.resources.allows_more_than(limit))
+            && offer.builds(&step.info)
     }
 
     /// How many of the step's inputs `worker` built (their outputs are in its store).
@@ -156,11 +238,31 @@ impl Schedule {
         };
         let order = TakeOrder {
             priority: Reverse(step.urgency.priority),
+            remaining_ms: Reverse(step.remaining_ms),
             depth: Reverse(step.urgency.depth),
             age: self.queued_count,
         };
         step.queued = Some(order);
         self.ready_queue.insert(order, drv.clone());
+    }
+
+    /// Move the queued step `drv` to where its remaining path now puts it, keeping its age.
+    pub(super) fn requeue(&mut self, drv: &DrvPath) {
+        let Some(step) = self.steps.get_mut(drv) else {
+            return;
+        };
+        let Some(order) = step.queued else {
+            return;
+        };
+        let moved = TakeOrder {
+            remaining_ms: Reverse(step.remaining_ms),
+            ..order
+        };
+        if moved != order {
+            step.queued = Some(moved);
+            self.ready_queue.remove(&order);
+            self.ready_queue.insert(moved, drv.clone());
+        }
     }
 
     /// Take `drv` out of the ready queue.
@@ -216,6 +318,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs,
+            resources: Default::default(),
         }
     }
 
@@ -226,6 +329,8 @@ mod tests {
             input_drvs: inputs.iter().map(|s| DrvPath::from(*s)).collect(),
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }
@@ -432,5 +537,170 @@ mod tests {
         then(&mut control, e);
         let e = control.retry(&"a".into());
         assert_eq!(assigns(&then(&mut control, e)), vec![("a", "liar")]);
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    /// `s` with workers `(id, slots, MiB offered)` for x86_64-linux, each offering all its
+    /// slots.
+    fn with_memory(workers: &[(&str, u32, u64)]) -> Schedule {
+        let mut s = Schedule::default();
+        for (id, slots, mib) in workers {
+            let offer = WorkerOffer {
+                resources: super::super::Resources {
+                    memory: mib * MIB,
+                    build_memory: 0,
+                    cpus: 2,
+                },
+                ..worker("x86_64-linux", *slots)
+            };
+            s.worker_joined(&(*id).into(), offer);
+            s.offer(&(*id).into(), (*slots).into());
+        }
+        s
+    }
+
+    /// Demand `drvs`, each predicted to need `mib` MiB, and dispatch.
+    fn demand_hungry(s: &mut Schedule, drvs: &[&str], mib: Option<u64>) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        for drv in drvs {
+            let info = StepInfo {
+                memory: mib.map(|m| m * MIB),
+                ..step("x86_64-linux", &[])
+            };
+            effects.extend(s.demand(&(*drv).into(), info, Urgency::default()));
+        }
+        then(s, effects)
+    }
+
+    #[test]
+    fn a_worker_is_given_no_more_predicted_memory_than_it_offers() {
+        let mut s = with_memory(&[("w", 2, 1024)]);
+        let e = demand_hungry(&mut s, &["a", "b"], Some(600));
+        assert_eq!(assigns(&e), vec![("a", "w")], "one at a time: {e:?}");
+        assert_eq!(s.state(&"b".into()), Some(&StepState::Ready));
+        let e = s.built(&"a".into(), &"w".into(), vec![]);
+        assert_eq!(assigns(&then(&mut s, e)), vec![("b", "w")]);
+        // Positive controls: offering enough for both, or steps with no prediction, both go.
+        let mut s = with_memory(&[("w", 2, 2048)]);
+        let e = demand_hungry(&mut s, &["a", "b"], Some(600));
+        assert_eq!(assigns(&e).len(), 2, "{e:?}");
+        let mut s = with_memory(&[("w", 2, 1024)]);
+        let e = demand_hungry(&mut s, &["a", "b"], None);
+        assert_eq!(assigns(&e).len(), 2, "{e:?}");
+    }
+
+    #[test]
+    fn a_step_goes_to_a_worker_its_prediction_fits() {
+        let mut s = with_memory(&[("small", 2, 512), ("big", 2, 4096)]);
+        // Equal but for their memory: the step goes where it fits.
+        let e = demand_hungry(&mut s, &["a"], Some(1024));
+        assert_eq!(assigns(&e), vec![("a", "big")]);
+    }
+
+    #[test]
+    fn a_step_bigger_than_every_worker_runs_alone_on_the_biggest() {
+        let mut s = with_memory(&[("small", 2, 512), ("big", 2, 1024)]);
+        let e = demand_hungry(&mut s, &["first"], Some(600));
+        assert_eq!(assigns(&e), vec![("first", "big")]);
+        // Bigger than any worker: never on the small one, and the big one is kept for it (a
+        // later step goes to the small one) until it is idle.
+        let e = demand_hungry(&mut s, &["huge"], Some(8192));
+        assert!(assigns(&e).is_empty(), "{e:?}");
+        let e = demand_hungry(&mut s, &["later"], Some(100));
+        assert_eq!(assigns(&e), vec![("later", "small")]);
+        let e = s.built(&"first".into(), &"big".into(), vec![]);
+        assert_eq!(assigns(&then(&mut s, e)), vec![("huge", "big")]);
+        // Alone: nothing else goes to the big worker while the huge step runs there.
+        let e = demand_hungry(&mut s, &["tiny"], Some(1));
+        assert_eq!(assigns(&e), vec![("tiny", "small")]);
+        let e = demand_hungry(&mut s, &["more"], Some(1));
+        assert!(assigns(&e).is_empty(), "the small worker is full: {e:?}");
+    }
+
+    /// Fail `drv` on `worker` as killed for going over `mib` MiB, and dispatch.
+    fn killed(s: &mut Schedule, drv: &str, worker: &str, mib: u64) -> Vec<Effect> {
+        let e = s.failed(
+            &drv.into(),
+            Some(&worker.into()),
+            &format!("killed for going over the memory limit of {mib} MiB per build"),
+            FailureKind::Transient,
+            FailureCause::OutOfMemory { limit: mib * MIB },
+        );
+        then(s, e)
+    }
+
+    fn failures(effects: &[Effect]) -> Vec<(&str, &str, &FailureCause)> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Failed {
+                    drv, reason, cause, ..
+                } => Some((drv.as_str(), reason.as_str(), cause)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_build_killed_for_memory_is_tried_once_more_on_a_worker_that_allows_more() {
+        let mut s = with_memory(&[("small", 2, 64)]);
+        let e = demand_hungry(&mut s, &["a"], None);
+        assert_eq!(assigns(&e), vec![("a", "small")]);
+        for (id, mib) in [("other-small", 64), ("big", 1024)] {
+            let offer = WorkerOffer {
+                resources: super::super::Resources {
+                    memory: mib * MIB,
+                    build_memory: 0,
+                    cpus: 2,
+                },
+                ..worker("x86_64-linux", 2)
+            };
+            s.worker_joined(&id.into(), offer);
+            s.offer(&id.into(), 2);
+        }
+        let e = killed(&mut s, "a", "small", 64);
+        assert!(
+            e.iter().any(|e| matches!(
+                e,
+                Effect::RetryAfter {
+                    cause: FailureCause::OutOfMemory { .. },
+                    ..
+                }
+            )),
+            "{e:?}"
+        );
+        let e = s.retry(&"a".into());
+        // Not the same worker, nor one that allows no more.
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "big")]);
+        // Killed again: it fails for good, saying so.
+        let e = killed(&mut s, "a", "big", 1024);
+        let failed = failures(&e);
+        assert_eq!(failed.len(), 1, "{e:?}");
+        assert!(failed[0].1.contains("killed again"), "{}", failed[0].1);
+        assert_eq!(
+            failed[0].2,
+            &FailureCause::OutOfMemory { limit: 1024 * MIB }
+        );
+    }
+
+    #[test]
+    fn a_build_killed_for_memory_with_no_bigger_worker_fails_with_the_reason() {
+        let mut s = with_memory(&[("small", 2, 64), ("same", 2, 64)]);
+        let e = demand_hungry(&mut s, &["a"], None);
+        let holder = assigns(&e)[0].1.to_owned();
+        let e = killed(&mut s, "a", &holder, 64);
+        let failed = failures(&e);
+        assert_eq!(failed.len(), 1, "{e:?}");
+        assert!(
+            failed[0]
+                .1
+                .contains("killed for going over the memory limit of 64 MiB")
+                && failed[0]
+                    .1
+                    .contains("no connected worker allows one build more than 64 MiB"),
+            "{}",
+            failed[0].1
+        );
     }
 }

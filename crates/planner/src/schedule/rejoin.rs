@@ -59,6 +59,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 
@@ -69,6 +70,8 @@ mod tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }

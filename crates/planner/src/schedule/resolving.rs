@@ -235,6 +235,8 @@ mod tests {
             input_drvs: inputs.iter().map(|d| (*d).clone()).collect(),
             settings: Default::default(),
             outputs: vec!["out=".into()],
+            memory: None,
+            duration_ms: None,
             derivation,
         }
     }

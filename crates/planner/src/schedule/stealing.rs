@@ -184,6 +184,7 @@ mod tests {
             features: vec![],
             speed,
             max_jobs: 1,
+            resources: Default::default(),
         }
     }
 
@@ -194,6 +195,8 @@ mod tests {
             input_drvs: vec![],
             settings: Default::default(),
             outputs: vec![],
+            memory: None,
+            duration_ms: None,
             derivation: Default::default(),
         }
     }

@@ -1,0 +1,179 @@
+//! The critical path: ready steps are taken (after priority) by how long the longest path of
+//! demanded steps from each up to a root is predicted to take, each step counting its learned
+//! duration ([`StepInfo::duration_ms`]; [`UNKNOWN_DURATION_MS`] when none was learned), so
+//! the step the whole build waits on longest starts first.
+//!
+//! The paths are computed over the whole table in one pass (O(steps + edges)) when
+//! [`Schedule::update_critical_paths`] is called and demands changed since: the service does
+//! it on its periodic tick, not on every demand (a frontend demands thousands at once). A
+//! step demanded in between is queued with [`first_guess`]: its own duration plus one
+//! [`UNKNOWN_DURATION_MS`] per step its demand says waits above it.
+
+use std::collections::BTreeMap;
+
+use nixspace_protocol::DrvPath;
+
+use super::{Schedule, StepInfo, StepState, Urgency};
+
+/// What a step whose duration nothing predicts counts for on a path.
+pub const UNKNOWN_DURATION_MS: u64 = 1000;
+
+/// A step's predicted duration.
+fn duration(info: &StepInfo) -> u64 {
+    info.duration_ms.unwrap_or(UNKNOWN_DURATION_MS)
+}
+
+/// The remaining path of a step just demanded, until the next computation: its own duration
+/// and an unknown one per step of the chain its demand says waits on it.
+pub(super) fn first_guess(info: &StepInfo, urgency: Urgency) -> u64 {
+    duration(info).saturating_add(urgency.depth.saturating_mul(UNKNOWN_DURATION_MS))
+}
+
+impl Schedule {
+    /// How long the unfinished steps among `drvs` are predicted to take, in milliseconds: the
+    /// longer of the longest remaining path among them and their predicted work spread over
+    /// every connected worker's slots. Time already spent on running steps is not taken off.
+    pub fn eta_ms<'a>(&self, drvs: impl IntoIterator<Item = &'a DrvPath>) -> u64 {
+        let (mut path, mut work) = (0u64, 0u64);
+        for drv in drvs {
+            let Some(step) = self.steps.get(drv) else {
+                continue;
+            };
+            if matches!(
+                step.state,
+                StepState::Built { .. } | StepState::Failed { .. } | StepState::Resolved { .. }
+            ) {
+                continue;
+            }
+            path = path.max(step.remaining_ms);
+            work = work.saturating_add(duration(&step.info));
+        }
+        let slots: u64 = self.workers.values().map(|w| u64::from(w.max_jobs)).sum();
+        path.max(work / slots.max(1))
+    }
+
+    /// Recompute every demanded step's remaining path if demands changed since the last time,
+    /// and move the ready steps to where their paths put them in the queue. Steps whose
+    /// dependents form a cycle (no derivations do) keep their own duration.
+    pub fn update_critical_paths(&mut self) {
+        if !self.paths_stale {
+            return;
+        }
+        self.paths_stale = false;
+        // Dependents before inputs: a step is done once all its demanded dependents are.
+        let mut waiting: BTreeMap<&DrvPath, usize> = self
+            .steps
+            .keys()
+            .map(|drv| (drv, self.dependents.get(drv).map_or(0, |d| d.len())))
+            .collect();
+        let mut done: Vec<&DrvPath> = waiting
+            .iter()
+            .filter(|(_, n)| **n == 0)
+            .map(|(drv, _)| *drv)
+            .collect();
+        let mut remaining: BTreeMap<&DrvPath, u64> = BTreeMap::new();
+        while let Some(drv) = done.pop() {
+            let Some(step) = self.steps.get(drv) else {
+                continue;
+            };
+            let above = self
+                .dependents
+                .get(drv)
+                .into_iter()
+                .flatten()
+                .filter_map(|d| remaining.get(d))
+                .max()
+                .copied()
+                .unwrap_or(0);
+            remaining.insert(drv, duration(&step.info).saturating_add(above));
+            for input in &step.info.input_drvs {
+                if let Some(n) = waiting.get_mut(input) {
+                    *n -= 1;
+                    if *n == 0 {
+                        done.push(input);
+                    }
+                }
+            }
+        }
+        let remaining: Vec<(DrvPath, u64)> = remaining
+            .into_iter()
+            .map(|(drv, ms)| (drv.clone(), ms))
+            .collect();
+        for (drv, ms) in remaining {
+            if let Some(step) = self.steps.get_mut(&drv) {
+                step.remaining_ms = ms;
+            }
+            self.requeue(&drv);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Effect;
+    use super::*;
+
+    fn step(inputs: &[&str], duration_ms: Option<u64>) -> StepInfo {
+        StepInfo {
+            duration_ms,
+            ..super::super::tests::info(inputs)
+        }
+    }
+
+    fn first_assigned(effects: &[Effect]) -> Option<&str> {
+        effects.iter().find_map(|e| match e {
+            Effect::Assign { drv, .. } => Some(drv.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Two ready leaves: `long-leaf` under four learned 1 s steps, `short-leaf` under three
+    /// learned 10 s steps; one worker with one slot.
+    fn two_paths(learned: bool) -> Schedule {
+        let ms = |n: u64| learned.then_some(n);
+        let mut s = Schedule::default();
+        // The long chain is demanded first: older, and deeper by count.
+        let demands = [
+            ("long-leaf", vec![], ms(100)),
+            ("quick-1", vec!["long-leaf"], ms(1_000)),
+            ("quick-2", vec!["quick-1"], ms(1_000)),
+            ("quick-3", vec!["quick-2"], ms(1_000)),
+            ("quick-4", vec!["quick-3"], ms(1_000)),
+            ("short-leaf", vec![], ms(100)),
+            ("slow-1", vec!["short-leaf"], ms(10_000)),
+            ("slow-2", vec!["slow-1"], ms(10_000)),
+            ("slow-3", vec!["slow-2"], ms(10_000)),
+        ];
+        for (drv, inputs, duration) in demands {
+            s.demand(&drv.into(), step(&inputs, duration), Urgency::default());
+        }
+        s.update_critical_paths();
+        s.worker_joined(&"w".into(), super::super::more_tests::offer(&[]));
+        s.offer(&"w".into(), 1);
+        s
+    }
+
+    #[test]
+    fn the_step_under_the_longest_predicted_path_goes_first() {
+        let mut s = two_paths(true);
+        let mut effects = Vec::new();
+        s.dispatch(&mut effects);
+        assert_eq!(first_assigned(&effects), Some("short-leaf"), "{effects:?}");
+        assert_eq!(s.state(&"long-leaf".into()), Some(&StepState::Ready));
+        // The whole build waits on the slow chain (30.1 s); one slot takes 34.2 s for all.
+        let all: Vec<DrvPath> = s.steps.keys().cloned().collect();
+        assert_eq!(s.eta_ms(&all), 34_200);
+        s.worker_joined(&"w2".into(), super::super::more_tests::offer(&[]));
+        s.worker_joined(&"w3".into(), super::super::more_tests::offer(&[]));
+        assert_eq!(s.eta_ms(&all), 30_100, "three slots: the path");
+        // Built steps count no more.
+        s.built(&"short-leaf".into(), &"w".into(), vec![]);
+        assert_eq!(s.eta_ms(&all), 30_000);
+        // Positive control: with nothing learned every step counts the same, and the chain of
+        // more steps goes first.
+        let mut s = two_paths(false);
+        let mut effects = Vec::new();
+        s.dispatch(&mut effects);
+        assert_eq!(first_assigned(&effects), Some("long-leaf"), "{effects:?}");
+    }
+}
