@@ -22,7 +22,7 @@ use syndicate::actor::AnyValue;
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// `nixspace submit FILE ARGS…` against `space`; the job's number.
-fn submit(space: &Space, file: &Path, args: &[&str]) -> i64 {
+pub(crate) fn submit(space: &Space, file: &Path, args: &[&str]) -> i64 {
     let mut c = space.command(&["submit", "--dir"]);
     c.arg(space.dir()).args(args).arg(file);
     let submitted = run(c, LIMIT);
@@ -69,6 +69,12 @@ fn attribute<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Valu
         .unwrap_or_else(|| panic!("no attribute {name} in {job}"))
 }
 
+/// What the first output of attribute `name` of `job` holds.
+fn output_text(job: &serde_json::Value, name: &str) -> String {
+    let out = attribute(job, name)["outputs"][0].as_str().unwrap();
+    std::fs::read_to_string(out).unwrap()
+}
+
 /// `nix-store ARGS…` on the space's store.
 fn nix_store(space: &Space, args: &[&str]) -> Finished {
     let mut c = space.nix("nix-store", None);
@@ -77,7 +83,7 @@ fn nix_store(space: &Space, args: &[&str]) -> Finished {
 }
 
 /// A release expression of shell steps `sh name script`, with `body` as its value.
-fn release(space: &Space, file: &str, body: &str) -> std::path::PathBuf {
+pub(crate) fn release(space: &Space, file: &str, body: &str) -> std::path::PathBuf {
     let nonce = nonce();
     space.nix_file(
         file,
@@ -372,11 +378,7 @@ fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
     space.restart_up();
     let job = ended_job(&space, id);
     assert_eq!(job["status"], "built", "{job}");
-    let second = attribute(&job, "second")["outputs"][0]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(std::fs::read_to_string(second).unwrap(), "first\nsecond\n");
+    assert_eq!(output_text(&job, "second"), "first\nsecond\n");
 }
 
 #[test]
@@ -392,11 +394,7 @@ fn a_job_on_a_syndicate_server_outlives_a_killed_planner() {
     space.worker("w1", &[]);
     let job = ended_job(&space, id);
     assert_eq!(job["status"], "built", "{job}");
-    let out = attribute(&job, "one")["outputs"][0]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(std::fs::read_to_string(out).unwrap(), "one\n");
+    assert_eq!(output_text(&job, "one"), "one\n");
 }
 
 #[test]

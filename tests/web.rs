@@ -10,6 +10,8 @@ use std::time::Duration;
 use nixspace_test_support::browser::Browser;
 use nixspace_test_support::{http_get, nonce, Space};
 
+use crate::jobs::{release, submit};
+
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Save what `browser` shows as `NAME.png` in `NIXSPACE_SCREENSHOTS`, when set.
@@ -112,15 +114,6 @@ fn the_endpoints_refuse_what_they_do_not_serve() {
     }
 }
 
-/// `nixspace submit FILE` against `space`; the job's number.
-fn submit(space: &Space, file: &std::path::Path) -> i64 {
-    let mut c = space.command(&["submit", "--dir"]);
-    c.arg(space.dir()).arg(file);
-    let submitted = nixspace_test_support::run(c, LIMIT);
-    assert!(submitted.status.success(), "{submitted:?}");
-    submitted.stdout.trim().parse().expect("a job number")
-}
-
 /// The text of the route file `name` of `space`, as a JavaScript string.
 fn route_text(space: &Space, name: &str) -> String {
     let text = std::fs::read_to_string(space.dir().join(name)).unwrap();
@@ -131,17 +124,12 @@ fn route_text(space: &Space, name: &str) -> String {
 fn a_job_is_cancelled_from_the_page_only_with_the_submit_capability() {
     let mut space = Space::start_with(&["--http", "127.0.0.1:0"]);
     space.worker("w1", &[]);
-    let file = space.nix_file(
+    let file = release(
+        &space,
         "job.nix",
-        &format!(
-            r#"{{ held = derivation {{
-  name = "held"; system = builtins.currentSystem; builder = "/bin/sh";
-  args = [ "-c" "echo {}; while true; do /bin/sleep 0.1; done" ];
-}}; }}"#,
-            nonce()
-        ),
+        r#"{ held = sh "held" "while true; do /bin/sleep 0.1; done"; }"#,
     );
-    let id = submit(&space, &file);
+    let id = submit(&space, &file, &[]);
     let mut browser = Browser::open(&format!("http://{}/", space.web_address()));
     browser.wait_for(
         "the job pending, its step building",
@@ -196,19 +184,16 @@ fn a_job_built_after_the_coordinator_was_killed_and_restarted_shows_built_on_the
     let mut space = Space::start_with(&["--http", "127.0.0.1:0"]);
     space.worker("w1", &[]);
     let gate = space.tmp.path().join("gate");
-    let file = space.nix_file(
+    let file = release(
+        &space,
         "job.nix",
         &format!(
-            r#"{{ gated = derivation {{
-  name = "gated"; system = builtins.currentSystem; builder = "/bin/sh";
-  args = [ "-c" "echo {}; while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out" ];
-}}; }}"#,
-            nonce(),
+            r#"{{ gated = sh "gated" "while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out"; }}"#,
             gate.display()
         ),
     );
     // The submitter is gone once it printed the job's number.
-    let id = submit(&space, &file);
+    let id = submit(&space, &file, &[]);
     space.wait_for_status("the job's step building", |r| {
         r["workers"][0]["building"]
             .as_array()

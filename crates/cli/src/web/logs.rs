@@ -19,8 +19,9 @@ const MAX_LINE: usize = 4 * 1024;
 /// What each line kept costs besides its bytes, so that empty lines are bounded too.
 const LINE_COST: usize = 32;
 
-/// The longest step name kept; lines of steps with longer names (not store paths) are dropped.
-const MAX_DRV: usize = 512;
+/// The longest step name kept, or taken from a page's query; lines of steps with longer names
+/// (not store paths) are dropped.
+pub(super) const MAX_DRV: usize = 512;
 
 /// Lines a page following a step may fall behind by before it misses some.
 const FOLLOW_BACKLOG: usize = 512;

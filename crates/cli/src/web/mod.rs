@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, Semaphore};
 
 use crate::http_request::{read_request, Request};
 use crate::observe::{observe, Observed};
-use logs::StepLogs;
+use logs::{StepLogs, MAX_DRV};
 
 /// The page, served at `/`.
 const PAGE: &str = include_str!("page.html");
@@ -47,9 +47,6 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 /// The least time between two reports sent on one event stream: changes in between are sent
 /// together.
 const COALESCE: Duration = Duration::from_millis(200);
-
-/// The longest step path taken from a query.
-const MAX_DRV: usize = 512;
 
 /// Steps `/history` answers, newest first.
 const HISTORY_STEPS: usize = 50;
@@ -173,9 +170,7 @@ async fn answer(mut stream: TcpStream, view: &View) -> std::io::Result<()> {
 
 /// `POST /cancel?job=N`: cancel job N if the request carries a capability allowed to.
 async fn cancel(view: &View, request: &Request, query: &str) -> (&'static str, String) {
-    let job = form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "job")
-        .and_then(|(_, v)| v.parse::<i64>().ok());
+    let job = query_value(query, "job").and_then(|v| v.parse::<i64>().ok());
     let Some(job) = job else {
         return (
             "400 Bad Request",
@@ -205,19 +200,21 @@ async fn cancel(view: &View, request: &Request, query: &str) -> (&'static str, S
     }
 }
 
+/// The value of the first `name=` in `query`, its percent escapes decoded.
+fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// `text` with its percent escapes decoded (as `encodeURIComponent` writes them).
 fn percent_decoded(text: &str) -> String {
-    form_urlencoded::parse(format!("v={text}").as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
+    query_value(&format!("v={text}"), "v").unwrap_or_default()
 }
 
 /// The step a `/log` query names: `drv=`, a store path ending in `.drv`, of bounded length.
 fn step_of(query: &str) -> Option<String> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "drv")
-        .map(|(_, v)| v.into_owned())
+    query_value(query, "drv")
         .filter(|drv| drv.starts_with('/') && drv.ends_with(".drv") && drv.len() <= MAX_DRV)
 }
 
