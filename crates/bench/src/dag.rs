@@ -85,14 +85,9 @@ pub async fn run(mut args: DagArgs) -> Result<ExitCode, BenchError> {
     }
     args.columns.sort();
     args.columns.dedup();
-    let Scratch {
-        exe,
-        tmp,
-        mut children,
-        ..
-    } = Scratch::new("nixspace-bench-")?;
-    let result = measure(&args, &exe, tmp.path(), &mut children).await;
-    children.stop().await;
+    let result = Scratch::new("nixspace-bench-")?
+        .measure(async |exe, tmp, children| measure(&args, exe, tmp, children).await)
+        .await;
     let (results, histogram) = result?;
     report(&args, &results);
     print_dispatch_latency(&histogram);

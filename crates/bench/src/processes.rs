@@ -193,6 +193,19 @@ impl Scratch {
     }
 }
 
+impl Scratch {
+    /// Run `measure` with this program, the temporary directory and the children it starts,
+    /// then stop the children, whatever it returned; its result.
+    pub(crate) async fn measure<T, E>(
+        mut self,
+        measure: impl AsyncFnOnce(&Path, &Path, &mut Children) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let result = measure(&self.exe, self.tmp.path(), &mut self.children).await;
+        self.children.stop().await;
+        result
+    }
+}
+
 /// Wait until `path` exists, failing after `limit`.
 pub async fn wait_for_file(path: &Path, limit: Duration) -> Result<(), ProcessError> {
     let start = Instant::now();

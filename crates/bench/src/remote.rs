@@ -56,14 +56,9 @@ pub async fn run(args: RemoteArgs) -> Result<ExitCode, BenchError> {
             "--nodes must be at least 1 and --rtt must list a round-trip time",
         ));
     }
-    let Scratch {
-        exe,
-        tmp,
-        mut children,
-        ..
-    } = Scratch::new("nixspace-bench-remote-")?;
-    let result = measure(&args, &exe, tmp.path(), &mut children).await;
-    children.stop().await;
+    let result = Scratch::new("nixspace-bench-remote-")?
+        .measure(async |exe, tmp, children| measure(&args, exe, tmp, children).await)
+        .await;
     report(&args, &result?);
     Ok(ExitCode::SUCCESS)
 }

@@ -50,14 +50,9 @@ pub async fn run(args: ResourcesArgs) -> Result<ExitCode, BenchError> {
             "--hungry and --cpu must add up to at least 1, and --hold must be at least 2",
         ));
     }
-    let Scratch {
-        exe,
-        tmp,
-        mut children,
-        ..
-    } = Scratch::new("nixspace-bench-resources-")?;
-    let result = measure(&args, &exe, tmp.path(), &mut children).await;
-    children.stop().await;
+    let result = Scratch::new("nixspace-bench-resources-")?
+        .measure(async |exe, tmp, children| measure(&args, exe, tmp, children).await)
+        .await;
     report(&args, &result?);
     Ok(ExitCode::SUCCESS)
 }
