@@ -573,9 +573,15 @@ impl RawPeer {
     /// Read for at most `wait`, or until the text received so far contains
     /// `needle`. Returns everything received on this connection so far.
     pub fn read_until(&mut self, needle: &str, wait: Duration) -> String {
+        self.read_until_after(0, needle, wait)
+    }
+
+    /// Like [`RawPeer::read_until`], looking for `needle` only in what arrived after the
+    /// first `start` bytes, and returning only that.
+    fn read_until_after(&mut self, start: usize, needle: &str, wait: Duration) -> String {
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 65536];
-        while !String::from_utf8_lossy(&self.received).contains(needle) {
+        while !String::from_utf8_lossy(&self.received[start..]).contains(needle) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero()
                 || self
@@ -590,7 +596,7 @@ impl RawPeer {
                 Ok(n) => self.received.extend_from_slice(&buf[..n]),
             }
         }
-        String::from_utf8_lossy(&self.received).into_owned()
+        String::from_utf8_lossy(&self.received[start..]).into_owned()
     }
 
     /// Stop sending and wait for the host to close the connection. Whether
@@ -631,9 +637,11 @@ impl RawPeer {
     /// has not used).
     pub fn resolve_as(&mut self, route: &Route, handle: u64) -> Result<u64, String> {
         let packet = format!("[[0 <A {} {handle}>]]", resolve_text(route));
+        // An earlier answer on this connection is not this one's.
+        let start = self.received.len();
         self.send(packet.as_bytes()).map_err(|e| e.to_string())?;
         // The answer looks like `[[0, <A <ok #:[0, 1]> 523>]]`.
-        let got = self.read_until("<ok #:[0", ANSWER);
+        let got = self.read_until_after(start, "<ok #:[0", ANSWER);
         got.find("<ok #:[0")
             .and_then(|at| {
                 got[at + "<ok #:[0".len()..]
