@@ -142,8 +142,17 @@ fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
         "1",
         "--latency-steps",
         "10",
+        "--dataspace-records",
+        "500",
     ]);
-    for row in ["demand → assigned", "assigned → built", "demand → built"] {
+    for row in [
+        "demand → assigned",
+        "assigned → built",
+        "demand → built",
+        "first assignment",
+        "bytes per demanded step",
+        "the dataspace allows",
+    ] {
         assert!(out.stdout.contains(row), "{row}: {out:?}");
     }
 }

@@ -71,7 +71,7 @@ impl Tally {
 }
 
 /// A client actor with an observer on the dataspace, driven from outside.
-struct Client {
+pub(crate) struct Client {
     facet: FacetRef,
     ds: Arc<Cap>,
     tally: Arc<Tally>,
@@ -168,12 +168,9 @@ pub async fn run(args: DataspaceArgs) -> Result<ExitCode, BenchError> {
         "nixspace bench dataspace: {} records per run, {} runs (rates per second: min / median / max)",
         args.count, args.runs
     );
-    println!(
-        "{:<28} {:>26} {:>26} {:>26}",
-        "", "assert + observe", "retract", "messages"
-    );
+    print_heading();
     let local = in_process().await?;
-    report("in process", &local, &args).await?;
+    report("in process", &local, args.count, args.runs).await?;
     let Scratch {
         exe,
         tmp,
@@ -188,31 +185,49 @@ pub async fn run(args: DataspaceArgs) -> Result<ExitCode, BenchError> {
     }
     .await;
     let result = match remote {
-        Ok(client) => report("unix socket (nixspace up)", &client, &args).await,
+        Ok(client) => report("unix socket (nixspace up)", &client, args.count, args.runs)
+            .await
+            .map(|_| ()),
         Err(e) => Err(e),
     };
     children.stop().await;
     result.map(|()| ExitCode::SUCCESS)
 }
 
-async fn report(name: &str, client: &Client, args: &DataspaceArgs) -> Result<(), BenchError> {
+/// The table's heading.
+pub(crate) fn print_heading() {
+    println!(
+        "{:<28} {:>26} {:>26} {:>26}",
+        "", "assert + observe", "retract", "messages"
+    );
+}
+
+/// Measure `runs` runs of `count` records through `client`'s dataspace (a client new to
+/// it: the observer counts from zero) and print a row of
+/// the table; the median rates per second (assertions, retractions, messages).
+pub(crate) async fn report(
+    name: &str,
+    client: &Client,
+    count: usize,
+    runs: usize,
+) -> Result<[f64; 3], BenchError> {
     let mut times: [Vec<Duration>; 3] = Default::default();
-    for run in 0..args.runs {
-        for (kind, took) in client.run(args.count, run).await?.into_iter().enumerate() {
+    for run in 0..runs {
+        for (kind, took) in client.run(count, run).await?.into_iter().enumerate() {
             times[kind].push(took);
         }
     }
-    let rates: Vec<String> = times
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    let stats: Vec<Stats> = times.iter().map(|t| Stats::of(t)).collect();
+    let rates: Vec<String> = stats
         .iter()
-        .map(|t| {
+        .map(|s| {
             // The fastest run has the highest rate.
-            let s = Stats::of(t);
-            let rate = |d: Duration| args.count as f64 / d.as_secs_f64() / 1e3;
             format!(
                 "{:.1}k / {:.1}k / {:.1}k",
-                rate(s.max),
-                rate(s.median),
-                rate(s.min)
+                rate(s.max) / 1e3,
+                rate(s.median) / 1e3,
+                rate(s.min) / 1e3
             )
         })
         .collect();
@@ -220,7 +235,7 @@ async fn report(name: &str, client: &Client, args: &DataspaceArgs) -> Result<(),
         "{name:<28} {:>26} {:>26} {:>26}",
         rates[0], rates[1], rates[2]
     );
-    Ok(())
+    Ok([0, 1, 2].map(|kind| rate(stats[kind].median)))
 }
 
 /// A dataspace in its own actor in this process, and a client actor beside it.
@@ -244,7 +259,7 @@ async fn in_process() -> Result<Client, BenchError> {
 }
 
 /// A client joined to the dataspace in `dir` over its unix socket (submit role).
-async fn over_socket(dir: &Path) -> Result<Client, BenchError> {
+pub(crate) async fn over_socket(dir: &Path) -> Result<Client, BenchError> {
     let route = Route::read(&Role::Submit.route_file(dir))?;
     let tally = Arc::new(Tally::default());
     let (ready, client) = tokio::sync::oneshot::channel();

@@ -17,17 +17,22 @@ use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, R
 use syndicate::enclose;
 use syndicate_macros::during;
 
+use crate::dataspace;
 use crate::error::BenchError;
 use crate::processes::{spawn_space, Children, Scratch};
+use crate::resident::Process;
 
 /// The scheduler alone: simulated workers that finish every step at once.
 ///
 /// Starts `nixspace up`, joins WORKERS simulated workers of JOBS slots each over its socket,
 /// demands STEPS independent steps and waits until all are reported built. Prints how long a
 /// worker's slot stays idle (step reported built → next step assigned to it) as
-/// min/median/p99/max, and the steps per second through the whole cycle, per run. Then
-/// demands LATENCY_STEPS steps one at a time and prints the median and p99 of demand →
-/// assigned → built.
+/// min/median/p99/max, and the steps per second through the whole cycle, per run; then, per
+/// run, how long after the demands the first step was assigned, and how much `up`'s peak
+/// resident memory grew over its size before the run, per demanded step. Then it measures
+/// the same dataspace alone and prints how many steps per second it allows and how close
+/// each run came to that. Last it demands LATENCY_STEPS steps one at a time and prints the
+/// median and p99 of demand → assigned → built.
 #[derive(Args, Debug)]
 pub struct DispatchArgs {
     /// Steps demanded per run.
@@ -47,6 +52,11 @@ pub struct DispatchArgs {
     /// against the ideal (every slot always busy).
     #[arg(long, default_value_t = 0)]
     build_ms: u64,
+    /// Then measure the same dataspace alone with this many records per run (three runs, as
+    /// `nixspace bench dataspace` does over the socket) and print the steps per second it
+    /// allows at this benchmark's assertions and retractions per step; 0 skips it.
+    #[arg(long, default_value_t = 20_000)]
+    dataspace_records: usize,
     /// Then demand this many steps one at a time (each once the previous one is built)
     /// and report demand → assigned → built latencies; 0 skips it.
     #[arg(long, default_value_t = 200)]
@@ -81,6 +91,7 @@ async fn runs(
     let state = tmp.join("state");
     let up_args = ["--state-dir", state.to_str().unwrap_or("state")];
     spawn_space(exe, &["--log-level", "warn"], dir, 0, 0, &up_args, children).await?;
+    let up = children.first_id().map(Process::Id);
     let worker_route = Route::read(&Role::Worker.route_file(dir))?;
     let submit_route = Route::read(&Role::Submit.route_file(dir))?;
     let slots = SlotTimes::default();
@@ -117,11 +128,23 @@ async fn runs(
         "{:>4} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>9}",
         "run", "min", "median", "p99", "max", "total", "steps/s", "of ideal"
     );
+    let mut footprints = Vec::new();
+    let mut rates_reached = Vec::new();
     for run in 0..args.runs {
         if let Ok(mut s) = slots.lock() {
             *s = Slots::default();
         }
-        let total = demand_all(&submit_route, args.steps, run).await?;
+        let before = up.map(Process::resident_peak_reset).transpose()?;
+        let (start, total) = demand_all(&submit_route, args.steps, run).await?;
+        let peak = up.map(Process::peak_resident).transpose()?;
+        let first = assigned.lock().ok().and_then(|a| {
+            a.iter()
+                .filter(|(drv, _)| drv.starts_with(&run_prefix(run)))
+                .map(|(_, at)| at.saturating_duration_since(start))
+                .min()
+        });
+        footprints.push((run, first, before.zip(peak)));
+        rates_reached.push(args.steps as f64 / total.as_secs_f64());
         let mut lat = slots.lock().map(|s| s.idle.clone()).unwrap_or_default();
         lat.sort();
         let q = |f: f64| {
@@ -144,6 +167,36 @@ async fn runs(
             of_ideal
         );
     }
+    println!("the first step assigned after the first demand, and `nixspace up`'s peak resident set over its size before the run:");
+    for (run, first, memory) in footprints {
+        let first = first.map_or("-".to_owned(), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1e3)
+        });
+        let memory = memory.map_or("-".to_owned(), |(before, peak)| {
+            let grown = peak.saturating_sub(before);
+            format!(
+                "+{:.0} MiB, {} bytes per demanded step",
+                grown as f64 / (1 << 20) as f64,
+                grown / args.steps as u64
+            )
+        });
+        println!(
+            "{:>4} first assignment {first:>9}  memory {memory}",
+            run + 1
+        );
+    }
+    if args.dataspace_records > 0 {
+        let rates = dataspace_alone(dir, args.dataspace_records).await?;
+        let ceiling = 1.0 / (ASSERTIONS_PER_STEP / rates[0] + RETRACTIONS_PER_STEP / rates[1]);
+        println!(
+            "at {ASSERTIONS_PER_STEP} assertions and {RETRACTIONS_PER_STEP} retractions per step, the dataspace allows {ceiling:.0} steps/s; the runs reached {}",
+            rates_reached
+                .iter()
+                .map(|r| format!("{:.0}%", 100.0 * r / ceiling))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     if args.latency_steps > 0 {
         let lat = one_at_a_time(&submit_route, args.latency_steps, &assigned).await?;
         print_latency(args.latency_steps, &lat);
@@ -152,6 +205,22 @@ async fn runs(
         a.abort();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What one step of this benchmark asks of the dataspace: the demand, the assignment, the
+/// worker's claim and report, and the planner's `built` are asserted; the assignment, the
+/// claim and the report are retracted (the demand and `built` stay until the run ends).
+const ASSERTIONS_PER_STEP: f64 = 5.0;
+/// See [`ASSERTIONS_PER_STEP`].
+const RETRACTIONS_PER_STEP: f64 = 3.0;
+
+/// The dataspace in `dir` alone, through its socket: a table as `bench dataspace` prints
+/// it, and the median assertions, retractions and messages per second.
+async fn dataspace_alone(dir: &Path, records: usize) -> Result<[f64; 3], BenchError> {
+    println!("the same dataspace alone, {records} records per run, 3 runs (rates per second: min / median / max):");
+    dataspace::print_heading();
+    let client = dataspace::over_socket(dir).await?;
+    dataspace::report("unix socket (nixspace up)", &client, records, 3).await
 }
 
 /// When each step was first assigned to a simulated worker.
@@ -267,11 +336,21 @@ fn sim_demand(drv: &str, requester: &str) -> build::Demand {
     }
 }
 
-/// Demand `steps` independent steps and wait until every one is reported built.
-async fn demand_all(route: &Route, steps: usize, run: usize) -> Result<Duration, BenchError> {
+/// The start of the store paths of run `run`'s steps.
+fn run_prefix(run: usize) -> String {
+    format!("/nix/store/{run:08}")
+}
+
+/// Demand `steps` independent steps and wait until every one is reported built: when the
+/// demands were asserted, and how long until the last was built.
+async fn demand_all(
+    route: &Route,
+    steps: usize,
+    run: usize,
+) -> Result<(Instant, Duration), BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
-    let prefix = format!("/nix/store/{run:08}");
+    let prefix = run_prefix(run);
     let requester = format!("bench-dispatch-{run}");
     let demands: Vec<build::Demand> = (0..steps)
         .map(|i| sim_demand(&format!("{prefix}{i:024}-sim.drv"), &requester))
@@ -304,7 +383,7 @@ async fn demand_all(route: &Route, steps: usize, run: usize) -> Result<Duration,
     let total = start.elapsed();
     actor.abort();
     match done {
-        Ok(Ok(())) => Ok(total),
+        Ok(Ok(())) => Ok((start, total)),
         _ => Err(BenchError::Timeout {
             what: "the steps were not all built".to_owned(),
             limit,

@@ -86,8 +86,8 @@ pub enum BenchError {
         /// The steps asked for.
         nodes: usize,
     },
-    /// `/proc/self/status` lacks a field.
-    #[error("no {0} in /proc/self/status")]
+    /// A process's `/proc/PID/status` lacks a field.
+    #[error("no {0} in the process's /proc status")]
     ProcStatus(&'static str),
     /// A chart could not be drawn.
     #[error("cannot draw {}: {message}", file.display())]

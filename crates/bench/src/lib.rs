@@ -22,6 +22,7 @@ mod plot;
 pub mod processes;
 mod queries;
 mod remote;
+mod resident;
 mod resources;
 mod rig;
 mod shapes;

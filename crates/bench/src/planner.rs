@@ -15,6 +15,7 @@ use tokio::process::Command;
 use crate::error::BenchError;
 use crate::measure::{succeeded, Stats};
 use crate::plot;
+use crate::resident::Process;
 use crate::shapes::{Dag, Shape};
 
 /// The planner alone on DAGs of --nodes steps: time and peak memory.
@@ -61,9 +62,9 @@ pub async fn run(args: PlannerArgs) -> Result<ExitCode, BenchError> {
     }
     if args.one {
         let dag = Dag::generate(args.shape, args.nodes[0], args.width, 1);
-        let base = resident_peak_reset()?;
+        let base = Process::Own.resident_peak_reset()?;
         let (time, built) = planner_time(&dag);
-        let peak = peak_resident()?;
+        let peak = Process::Own.peak_resident()?;
         println!("{} {} {built}", time.as_nanos(), peak.saturating_sub(base));
         return Ok(ExitCode::SUCCESS);
     }
@@ -159,31 +160,6 @@ async fn measure_in_child(
     }
 }
 
-/// Reset the kernel's record of this process's peak resident set to its current size and
-/// return that size, in bytes.
-fn resident_peak_reset() -> Result<u64, BenchError> {
-    // "5" resets the peak resident set size (VmHWM) to the current one.
-    std::fs::write("/proc/self/clear_refs", "5").map_err(|source| BenchError::Doing {
-        what: "cannot reset the peak resident set".to_owned(),
-        source,
-    })?;
-    status_kib("VmRSS:").map(|k| k * 1024)
-}
-
-/// The peak resident set since the last reset, in bytes.
-fn peak_resident() -> Result<u64, BenchError> {
-    status_kib("VmHWM:").map(|k| k * 1024)
-}
-
-fn status_kib(field: &'static str) -> Result<u64, BenchError> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or(BenchError::ProcStatus(field))
-}
-
 /// The planner's pure schedule on `dag` (and its root): demand every step, dispatching after
 /// each change as the planner does, then report each assigned step built (four slots of one
 /// worker) until nothing is left. Returns the time taken and how many steps were built.
@@ -262,15 +238,5 @@ mod tests {
             let dag = Dag::generate(shape, 1000, 10, 3);
             assert_eq!(planner_time(&dag).1, 1001, "{shape:?}");
         }
-    }
-
-    #[test]
-    fn the_peak_resident_set_grows_with_an_allocation() {
-        let base = resident_peak_reset().unwrap();
-        // Filled with ones, so every page is touched; kept opaque, so it is not optimised out.
-        let block = std::hint::black_box(vec![1u8; 64 << 20]);
-        let peak = peak_resident().unwrap();
-        assert!(peak >= base + (60 << 20), "{base} → {peak}");
-        drop(std::hint::black_box(block));
     }
 }

@@ -56,6 +56,12 @@ impl Children {
         self.0.push(child);
     }
 
+    /// The process id of the first child started (`nixspace up`, for [`spawn_space`]), while
+    /// it runs.
+    pub fn first_id(&self) -> Option<u32> {
+        self.0.first().and_then(Child::id)
+    }
+
     /// Stop the children, last started first (workers before the dataspace).
     pub async fn stop(&mut self) {
         while let Some(mut child) = self.0.pop() {

@@ -4,8 +4,10 @@
 //! One file, versioned with `PRAGMA user_version`; [`History::open`] applies
 //! the migrations a file lacks, in order, each in its own transaction;
 //! [`History::open_read_only`] (for `nixspace history`) never writes, and refuses a file
-//! of another version. Each recorded state change is one transaction; every connection
-//! waits up to [`BUSY_TIMEOUT`] for another's lock.
+//! of another version. Each recorded state change is one transaction, or part of a batch
+//! ([`History::begin_batch`]: the planner writes one turn's changes in one commit); every
+//! connection waits up to [`BUSY_TIMEOUT`] for another's lock. Statements run through the
+//! connection's cache of prepared statements.
 //!
 //! An outcome closes only the attempt of the worker that reported it. Attempts an earlier
 //! run left open (the coordinator stopped or was killed while they ran) stay open while
@@ -196,6 +198,9 @@ pub fn package_of(drv: &DrvPath) -> Option<&str> {
 
 /// How long a connection waits for another connection's lock before failing.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many prepared statements a connection keeps (more than the history has).
+const STATEMENT_CACHE: usize = 64;
 
 /// Why an attempt left open by an earlier run was closed.
 const INTERRUPTED: &str = "interrupted: the coordinator stopped while it ran";
@@ -404,6 +409,16 @@ impl std::fmt::Debug for History {
     }
 }
 
+/// Run `sql` with `params` through `conn`'s cache of prepared statements: the planner runs
+/// the same few statements for every step.
+fn execute_cached(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
 pub(crate) fn now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -488,6 +503,7 @@ impl History {
     }
 
     fn with(conn: Connection, path: &Path) -> Result<History, HistoryError> {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let earlier_attempts = conn
             .query_row("SELECT coalesce(max(id), 0) FROM attempts", [], |r| {
                 r.get(0)
@@ -504,17 +520,38 @@ impl History {
         })
     }
 
-    /// Run `f` in one transaction, committed when it succeeds.
+    /// Start a batch: the changes recorded until [`History::end_batch`] go into one
+    /// transaction (taking the write lock now, so a read in the batch never has to upgrade).
+    /// Nothing while a batch is open (one whose commit failed stays open).
+    pub fn begin_batch(&mut self) -> Result<(), HistoryError> {
+        if !self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))
+    }
+
+    /// Commit the open batch, if any.
+    pub fn end_batch(&mut self) -> Result<(), HistoryError> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
+        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+    }
+
+    /// Run `f` in one transaction (a savepoint within an open batch), committed when it
+    /// succeeds.
     pub(crate) fn in_transaction<T>(
         &mut self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, HistoryError> {
         let path = &self.path;
         let err = |source| HistoryError::Sqlite {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self.conn.savepoint().map_err(err)?;
         let value = f(&tx).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(value)
@@ -530,17 +567,17 @@ impl History {
     /// A step was demanded (again). A step demanded anew after it finished
     /// starts a new life: status back to `demanded`, attempts kept.
     pub fn demanded(&mut self, drv: &DrvPath, system: &str) -> Result<(), HistoryError> {
-        self.conn
-            .execute(
-                "INSERT INTO steps (drv, system, first_demanded, status, package)
+        execute_cached(
+            &self.conn,
+            "INSERT INTO steps (drv, system, first_demanded, status, package)
                      VALUES (?1, ?2, ?3, 'demanded', ?4)
                  ON CONFLICT(drv) DO UPDATE SET status = 'demanded', error = NULL, cause = NULL,
                      failed_input = NULL, finished = NULL
                  WHERE status = 'failed'",
-                params![drv.as_str(), system, now(), package_of(drv)],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![drv.as_str(), system, now(), package_of(drv)],
+        )
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     /// The content-addressed step `from` was resolved to the derivation `to` (for `system`):
@@ -559,7 +596,7 @@ impl History {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self.conn.savepoint().map_err(err)?;
         let status: Option<String> = tx
             .query_row(
                 "SELECT status FROM steps WHERE drv = ?1",
@@ -573,7 +610,8 @@ impl History {
                 status: status.to_owned(),
             });
         }
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO steps (drv, system, first_demanded, status, finished)
              VALUES (?1, ?2, ?3, 'resolved', ?3)
              ON CONFLICT(drv) DO UPDATE SET status = 'resolved', error = NULL, cause = NULL,
@@ -581,13 +619,14 @@ impl History {
             params![from.as_str(), system, t],
         )
         .map_err(err)?;
-        tx.execute(
+        execute_cached(&tx,
             "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
              ON CONFLICT(drv) DO NOTHING",
             params![to.as_str(), system, t],
         )
         .map_err(err)?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO resolutions (resolved_from, resolved_to, recorded) VALUES (?1, ?2, ?3)
              ON CONFLICT(resolved_from) DO UPDATE SET resolved_to = ?2, recorded = ?3",
             params![from.as_str(), to.as_str(), t],
@@ -611,7 +650,7 @@ impl History {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self.conn.savepoint().map_err(err)?;
         let known: Option<(String, String)> = tx
             .query_row(
                 "SELECT out_path, signatures FROM realisations WHERE id = ?1",
@@ -627,7 +666,8 @@ impl History {
             }
         }
         let merged = merged.into_iter().collect::<Vec<_>>().join(" ");
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO realisations (id, out_path, recorded, signatures) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET out_path = ?2, signatures = ?4",
             params![id, out_path, now(), merged],
@@ -639,12 +679,12 @@ impl History {
     /// Forget the realisations naming `out_path` (an output no store has any more, built
     /// again): a restarted planner must not assert them again. One statement.
     pub fn forget_realisations_of(&mut self, out_path: &str) -> Result<(), HistoryError> {
-        self.conn
-            .execute(
-                "DELETE FROM realisations WHERE out_path = ?1",
-                params![out_path],
-            )
-            .map_err(|e| self.err(e))?;
+        execute_cached(
+            &self.conn,
+            "DELETE FROM realisations WHERE out_path = ?1",
+            params![out_path],
+        )
+        .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -682,15 +722,17 @@ impl History {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
+        let tx = self.conn.savepoint().map_err(err)?;
+        execute_cached(
+            &tx,
             "UPDATE attempts SET finished = ?2, outcome = 'lost', reason = ?3,
                  cause = 'infrastructure'
              WHERE drv = ?1 AND finished IS NULL AND id <= ?4",
             params![drv.as_str(), t, INTERRUPTED, self.earlier_attempts],
         )
         .map_err(err)?;
-        tx.execute(
+        execute_cached(
+            &tx,
             "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
             params![drv.as_str(), worker.as_str(), t],
         )
@@ -718,9 +760,10 @@ impl History {
         let (reason, cause, failed_input) = outcome.failure();
         let drv = drv.as_str();
         let earlier = self.earlier_attempts;
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self.conn.savepoint().map_err(err)?;
         match worker {
-            Some(worker) => tx.execute(
+            Some(worker) => execute_cached(
+                &tx,
                 "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
                      failed_input = ?6
                  WHERE drv = ?1 AND finished IS NULL AND worker = ?7",
@@ -734,7 +777,8 @@ impl History {
                     worker.as_str()
                 ],
             ),
-            None => tx.execute(
+            None => execute_cached(
+                &tx,
                 "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
                      failed_input = ?6
                  WHERE drv = ?1 AND finished IS NULL AND id > ?7",
@@ -755,7 +799,8 @@ impl History {
                 Some(w) => format!("the step ended on {w}"),
                 None => "the step ended".to_owned(),
             };
-            tx.execute(
+            execute_cached(
+                &tx,
                 "UPDATE attempts SET finished = ?2,
                      outcome = CASE WHEN id <= ?3 THEN 'lost' ELSE 'cancelled' END,
                      reason = CASE WHEN id <= ?3 THEN ?4 ELSE ?5 END,
@@ -767,7 +812,8 @@ impl History {
         }
         match outcome {
             AttemptOutcome::Built { outputs } => {
-                tx.execute(
+                execute_cached(
+                    &tx,
                     "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, cause = NULL,
                          failed_input = NULL, finished = ?3
                      WHERE drv = ?1",
@@ -775,7 +821,8 @@ impl History {
                 )
                 .map_err(err)?;
                 // The originals resolved to it have its outputs.
-                tx.execute(
+                execute_cached(
+                    &tx,
                     "UPDATE steps SET outputs = ?2 WHERE drv IN
                      (SELECT resolved_from FROM resolutions WHERE resolved_to = ?1)",
                     params![drv, outputs.join(" ")],
@@ -783,7 +830,8 @@ impl History {
                 .map_err(err)?;
             }
             AttemptOutcome::Failed { .. } => {
-                tx.execute(
+                execute_cached(
+                    &tx,
                     "UPDATE steps SET status = 'failed', error = ?2, cause = ?3, failed_input = ?4,
                          finished = ?5
                      WHERE drv = ?1",
@@ -807,20 +855,20 @@ impl History {
         if let Some(package) = package_of(drv) {
             self.estimated.remove(package);
         }
-        self.conn
-            .execute(
-                "UPDATE attempts SET peak_memory = ?3, cpu_ms = ?4, wall_ms = ?5
+        execute_cached(
+            &self.conn,
+            "UPDATE attempts SET peak_memory = ?3, cpu_ms = ?4, wall_ms = ?5
                  WHERE drv = ?1 AND worker = ?2 AND finished IS NULL",
-                params![
-                    drv.as_str(),
-                    worker.as_str(),
-                    usage.peak_memory,
-                    usage.cpu_ms,
-                    usage.wall_ms
-                ],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![
+                drv.as_str(),
+                worker.as_str(),
+                usage.peak_memory,
+                usage.cpu_ms,
+                usage.wall_ms
+            ],
+        )
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     /// `worker`'s open attempt at `drv` ended with its result discarded, for `reason`.
@@ -830,15 +878,15 @@ impl History {
         worker: &WorkerId,
         reason: &str,
     ) -> Result<(), HistoryError> {
-        self.conn
-            .execute(
-                "UPDATE attempts SET finished = ?3, outcome = 'rejected', reason = ?4,
+        execute_cached(
+            &self.conn,
+            "UPDATE attempts SET finished = ?3, outcome = 'rejected', reason = ?4,
                      cause = 'infrastructure'
                  WHERE drv = ?1 AND worker = ?2 AND finished IS NULL",
-                params![drv.as_str(), worker.as_str(), now(), reason],
-            )
-            .map(|_| ())
-            .map_err(|e| self.err(e))
+            params![drv.as_str(), worker.as_str(), now(), reason],
+        )
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     /// The attempts that never ended, as (drv, worker): what was being built when the

@@ -379,6 +379,10 @@ pub struct Schedule {
     free_slots: BTreeMap<WorkerId, i64>,
     /// The steps each worker is building (assigned to it, or duplicated by it as a thief).
     running: BTreeMap<WorkerId, BTreeSet<DrvPath>>,
+    /// The workers that may be given a step now: connected, offering free slots and given
+    /// fewer steps than their `max_jobs` (kept by [`reopen`](Schedule::reopen), so dispatch
+    /// looks at these instead of every worker of a busy farm).
+    open: BTreeSet<WorkerId>,
     /// Ready steps in take order (see [`dispatch`](Schedule::dispatch)).
     ready_queue: BTreeMap<dispatch::TakeOrder, DrvPath>,
     /// How many steps have been queued (the age in the take order).
@@ -417,6 +421,7 @@ impl Schedule {
             workers: BTreeMap::new(),
             free_slots: BTreeMap::new(),
             running: BTreeMap::new(),
+            open: BTreeSet::new(),
             ready_queue: BTreeMap::new(),
             queued_count: 0,
             early_claims: BTreeMap::new(),
@@ -589,6 +594,7 @@ impl Schedule {
     /// A worker connected (or changed what it offers).
     pub fn worker_joined(&mut self, id: &WorkerId, offer: WorkerOffer) -> Vec<Effect> {
         self.workers.insert(id.clone(), offer);
+        self.reopen(id);
         self.recheck_schedulability()
     }
 
@@ -597,6 +603,7 @@ impl Schedule {
     pub fn worker_left(&mut self, id: &WorkerId) -> Vec<Effect> {
         self.workers.remove(id);
         self.free_slots.remove(id);
+        self.reopen(id);
         let mut effects = Vec::new();
         let running = self.running.get(id).cloned().unwrap_or_default();
         for drv in running {

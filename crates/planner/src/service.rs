@@ -30,6 +30,9 @@ use crate::wire::{
     usage_from_wire, worker_from_wire,
 };
 
+/// The most events the planner handles in one turn; the rest wait for later turns.
+const EVENTS_PER_TURN: usize = 512;
+
 /// How many of the most recent rejected results the planner keeps asserting (for `status`).
 const RECENT_REJECTIONS: usize = 16;
 
@@ -121,6 +124,12 @@ pub enum Event {
     },
     /// Time to look for steals.
     Tick,
+    /// The turn is ending (delivered by the planner to itself just before its turn's
+    /// assertions go out): commit the history's batch of this turn's changes.
+    EndTurn,
+    /// Handle events queued because an earlier turn had handled its share (sent by the
+    /// planner to itself).
+    Drain,
     /// A worker found no store with input `path` of step `drv`.
     Lost {
         /// The step that needs the input.
@@ -159,13 +168,52 @@ struct Planner {
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
     /// Each frontend's demanded steps and estimated time to completion.
     frontends: Frontends,
+    /// Events handled in this turn so far (an [`Event::EndTurn`] is due before the turn
+    /// commits while it is not zero).
+    handled_this_turn: usize,
+    /// Events that came after this turn's share: handled in later turns, in order.
+    queued: VecDeque<Event>,
+    /// Whether an [`Event::Drain`] is on its way.
+    draining: bool,
 }
 
 impl Entity<Event> for Planner {
     fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
         tracing::debug!(?event);
+        match event {
+            Event::EndTurn => {
+                self.handled_this_turn = 0;
+                note(&mut self.history, History::end_batch);
+            }
+            Event::Drain => {
+                self.draining = false;
+                while self.handled_this_turn < EVENTS_PER_TURN {
+                    let Some(event) = self.queued.pop_front() else {
+                        break;
+                    };
+                    self.handle(t, event);
+                }
+                self.drain_later(t);
+            }
+            event if self.handled_this_turn >= EVENTS_PER_TURN || !self.queued.is_empty() => {
+                self.queued.push_back(event);
+                self.drain_later(t);
+            }
+            event => self.handle(t, event),
+        }
+        Ok(())
+    }
+}
+
+impl Planner {
+    /// Handle one event: change the schedule, dispatch, and publish the effects. The first
+    /// event of a turn opens the turn's batch in the history.
+    fn handle(&mut self, t: &mut Activation, event: Event) {
+        self.begin_turn(t);
+        self.handled_this_turn += 1;
         let s = &mut self.schedule;
         let mut effects = match event {
+            Event::EndTurn | Event::Drain => Vec::new(),
             Event::Demand {
                 drv,
                 mut info,
@@ -243,11 +291,41 @@ impl Entity<Event> for Planner {
         m.ready.set(self.ready.len() as i64);
         m.running.set(self.assigned.len() as i64);
         m.unschedulable.set(self.unschedulable.len() as i64);
-        Ok(())
     }
-}
 
-impl Planner {
+    /// On a turn's first event: put the turn's changes to the history in one transaction,
+    /// committed by [`Event::EndTurn`] just before the turn ends (before its assertions leave
+    /// the actor, so nothing is announced that the history has not kept): one commit per turn
+    /// instead of one per change. A commit that fails leaves the batch open, and the next
+    /// turn's end commits it.
+    fn begin_turn(&mut self, t: &mut Activation) {
+        if self.handled_this_turn > 0 {
+            return;
+        }
+        let Some(me) = self.me.get().cloned() else {
+            return;
+        };
+        note(&mut self.history, History::begin_batch);
+        t.pre_commit(move |t| match me.upgrade() {
+            Some(me) => t.with_entity(&me, |t, planner| planner.message(t, Event::EndTurn)),
+            None => Ok(()),
+        });
+    }
+
+    /// Have the queued events handled in a later turn, unless none are queued or that is
+    /// arranged already: a turn handles at most [`EVENTS_PER_TURN`] events, so what it
+    /// decided (the first assignments after 100,000 demands, say) goes out without waiting
+    /// for the rest.
+    fn drain_later(&mut self, t: &mut Activation) {
+        if self.draining || self.queued.is_empty() {
+            return;
+        }
+        if let Some(me) = self.me.get().and_then(Weak::upgrade) {
+            self.draining = true;
+            t.message(&me, Event::Drain);
+        }
+    }
+
     fn publish(&mut self, t: &mut Activation, effects: Vec<Effect>) {
         // A worklist: resolving a step has effects of its own.
         let mut effects = VecDeque::from(effects);
@@ -781,6 +859,9 @@ pub fn start(
             rejections: VecDeque::new(),
             realisations: HashMap::new(),
             frontends: Frontends::default(),
+            handled_this_turn: 0,
+            queued: VecDeque::new(),
+            draining: false,
         };
         planner.reload_realisations(t);
         ds.assert(

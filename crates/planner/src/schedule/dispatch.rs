@@ -60,7 +60,11 @@ impl Schedule {
             let Some(step) = self.steps.get(drv) else {
                 continue;
             };
-            let biggest = self.biggest_build(drv, step, now);
+            // Only a step with a memory prediction asks how big the biggest worker is.
+            let biggest = step
+                .info
+                .memory
+                .and_then(|_| self.biggest_build(drv, step, now));
             let best = room
                 .iter()
                 .enumerate()
@@ -111,12 +115,13 @@ impl Schedule {
         }
     }
 
-    /// Workers that take part in dispatch and the room each has.
+    /// Workers that take part in dispatch and the room each has: the open ones (a full
+    /// worker, most of them on a busy farm, costs nothing here).
     fn room(&self) -> Vec<(WorkerId, Room)> {
-        self.workers
+        self.open
             .iter()
-            .filter(|(id, _)| self.free_slots.get(*id).is_some_and(|&free| free > 0))
-            .filter_map(|(id, offer)| {
+            .filter_map(|id| {
+                let offer = self.workers.get(id)?;
                 let running = self.running.get(id);
                 let slots =
                     (offer.max_jobs as usize).saturating_sub(running.map_or(0, |r| r.len()));
@@ -130,18 +135,30 @@ impl Schedule {
                     all => Some(all.saturating_sub(predicted)),
                 };
                 let idle = running.is_none_or(|r| r.is_empty());
-                (slots > 0).then(|| {
-                    (
-                        id.clone(),
-                        Room {
-                            slots,
-                            memory,
-                            idle,
-                        },
-                    )
-                })
+                Some((
+                    id.clone(),
+                    Room {
+                        slots,
+                        memory,
+                        idle,
+                    },
+                ))
             })
             .collect()
+    }
+
+    /// Put `worker` among the open workers, or take it out, by what it offers and runs now.
+    /// Called wherever either changes.
+    pub(super) fn reopen(&mut self, worker: &WorkerId) {
+        let has_room = self.workers.get(worker).is_some_and(|offer| {
+            self.free_slots.get(worker).is_some_and(|&free| free > 0)
+                && self.running.get(worker).map_or(0, |r| r.len()) < offer.max_jobs as usize
+        });
+        if has_room {
+            self.open.insert(worker.clone());
+        } else {
+            self.open.remove(worker);
+        }
     }
 
     /// The most memory one build may use on `worker` (`None`: it says nothing).
@@ -278,6 +295,7 @@ impl Schedule {
             .entry(worker.clone())
             .or_default()
             .insert(drv.clone());
+        self.reopen(worker);
     }
 
     /// Note that `worker` no longer builds `drv`.
@@ -288,6 +306,7 @@ impl Schedule {
                 self.running.remove(worker);
             }
         }
+        self.reopen(worker);
     }
 
     /// Note that nobody builds `drv` any more (its assignee and thief, if any, let go).
@@ -365,6 +384,17 @@ mod tests {
             }
         }
         assert_eq!(s.running, expected, "occupancy out of step with the states");
+        let mut open = BTreeSet::new();
+        for (w, offer) in &s.workers {
+            let running = s.running.get(w).map_or(0, |r| r.len());
+            if s.free_slots.get(w).is_some_and(|&f| f > 0) && running < offer.max_jobs as usize {
+                open.insert(w.clone());
+            }
+        }
+        assert_eq!(
+            s.open, open,
+            "open workers out of step with offers and occupancy"
+        );
         effects
     }
 

@@ -31,6 +31,7 @@ impl Schedule {
     /// `worker` announced how many build slots it has free.
     pub fn offer(&mut self, worker: &WorkerId, free_slots: i64) {
         self.free_slots.insert(worker.clone(), free_slots);
+        self.reopen(worker);
     }
 
     /// Look for steals as of `now`: invite idle, fast enough workers to duplicate steps that
