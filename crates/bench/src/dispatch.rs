@@ -372,9 +372,8 @@ async fn demand_all(
             }
             Ok(())
         }));
-        for d in &demands {
-            ds.assert(t, d);
-        }
+        // As a frontend's session does.
+        nixspace_space::paced::assert_in_turns(t, ds, demands.into_iter());
         Ok(())
     })
     .await?;

@@ -549,12 +549,14 @@ impl BuildSession {
                     ds.assert(t, vouch);
                 }
                 let settled = settled.lock().map_err(|_| "session state poisoned")?;
-                for d in demands
+                let unsettled: Vec<build::Demand> = demands
                     .iter()
                     .filter(|d| !settled.contains(resolver.original(&d.drv)))
-                {
-                    ds.assert(t, d);
-                }
+                    .cloned()
+                    .collect();
+                // Over a run of turns, inputs first: the planner takes in and gives out the
+                // first steps of a large build while the rest are still on their way.
+                nixspace_space::paced::assert_in_turns(t, ds, unsettled.into_iter());
                 Ok(())
             }
         };

@@ -19,6 +19,7 @@ pub mod join;
 pub mod keys;
 pub mod limits;
 pub mod log_budget;
+pub mod paced;
 pub mod policy;
 pub mod private_file;
 pub mod route;
