@@ -29,9 +29,7 @@ where
     let facet = t.facet_ref();
     let account = Account::new(Some(AnyValue::symbol("paced-assertions")), None);
     tokio::spawn(async move {
-        account.ensure_clear_funds().await;
-        let again = Arc::clone(&account);
-        facet.activate(&again, None, move |t| {
+        facet.activate(&account, None, move |t| {
             assert_in_turns(t, ds, records);
             Ok(())
         });
