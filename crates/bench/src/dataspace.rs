@@ -202,9 +202,9 @@ pub(crate) fn print_heading() {
     );
 }
 
-/// Measure `runs` runs of `count` records through `client`'s dataspace (a client new to it:
-/// the observer counts from zero) and print a row of the table; the median rates per second
-/// (assertions, retractions, messages).
+/// Measure `runs` runs of `count` records through `client`'s dataspace (a client new to
+/// it: the observer counts from zero) and print a row of
+/// the table; the median rates per second (assertions, retractions, messages).
 pub(crate) async fn report(
     name: &str,
     client: &Client,

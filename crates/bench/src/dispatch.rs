@@ -137,10 +137,9 @@ async fn runs(
         let before = up.map(Process::resident_peak_reset).transpose()?;
         let (start, total) = demand_all(&submit_route, args.steps, run).await?;
         let peak = up.map(Process::peak_resident).transpose()?;
-        let prefix = run_prefix(run);
         let first = assigned.lock().ok().and_then(|a| {
             a.iter()
-                .filter(|(drv, _)| drv.starts_with(&prefix))
+                .filter(|(drv, _)| drv.starts_with(&run_prefix(run)))
                 .map(|(_, at)| at.saturating_duration_since(start))
                 .min()
         });

@@ -619,8 +619,7 @@ impl History {
             params![from.as_str(), system, t],
         )
         .map_err(err)?;
-        execute_cached(
-            &tx,
+        execute_cached(&tx,
             "INSERT INTO steps (drv, system, first_demanded, status) VALUES (?1, ?2, ?3, 'demanded')
              ON CONFLICT(drv) DO NOTHING",
             params![to.as_str(), system, t],

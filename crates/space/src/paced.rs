@@ -29,7 +29,9 @@ where
     let facet = t.facet_ref();
     let account = Account::new(Some(AnyValue::symbol("paced-assertions")), None);
     tokio::spawn(async move {
-        facet.activate(&account, None, move |t| {
+        account.ensure_clear_funds().await;
+        let again = Arc::clone(&account);
+        facet.activate(&again, None, move |t| {
             assert_in_turns(t, ds, records);
             Ok(())
         });
