@@ -381,6 +381,79 @@ fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
     assert_eq!(output_text(&job, "second"), "first\nsecond\n");
 }
 
+/// `drv`'s record in `nixspace history --json`.
+fn history_of(space: &Space, drv: &str) -> serde_json::Value {
+    let shown = run(space.command(&["history", "--json"]), LIMIT);
+    assert!(shown.status.success(), "{shown:?}");
+    let steps: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();
+    steps
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["drv"] == drv))
+        .cloned()
+        .unwrap_or_else(|| panic!("{drv} not in the history: {steps}"))
+}
+
+#[test]
+fn a_step_finished_while_the_coordinator_was_down_is_not_left_running_in_the_history() {
+    let mut space = Space::start_with(&["--rejoin-grace", "1"]);
+    space.worker("w1", &[]);
+    let gate = space.tmp.path().join("gate");
+    let file = release(
+        &space,
+        "gated.nix",
+        &format!(
+            r#"{{ gated = sh "gated" "while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out"; }}"#,
+            gate.display()
+        ),
+    );
+    let id = submit(&space, &file, &[]);
+    let job = jobs(&space, &[&id.to_string()]);
+    let drv = attribute(&job, "gated")["drv"].as_str().unwrap().to_owned();
+    let queried = nix_store(&space, &["--query", "--outputs", &drv]);
+    assert!(queried.status.success(), "{queried:?}");
+    let out = queried.stdout.trim().to_owned();
+    space.wait_for_status("the step building", |r| {
+        r["workers"][0]["building"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty())
+    });
+    // The build ends while the coordinator is down: the restarted job finds its output
+    // valid and demands nothing, so nobody asks w1 for the step again.
+    space.kill_up();
+    std::fs::write(&gate, "").unwrap();
+    let deadline = Instant::now() + LIMIT;
+    while !nix_store(&space, &["--check-validity", &out])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{out} never became valid");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Before the restart, the attempt is open (the positive control).
+    assert_eq!(
+        history_of(&space, &drv)["attempts"][0]["outcome"],
+        serde_json::Value::Null
+    );
+    space.restart_up();
+    assert_eq!(ended_job(&space, id)["status"], "built");
+    loop {
+        let step = history_of(&space, &drv);
+        let attempts = step["attempts"].as_array().unwrap();
+        if attempts.iter().all(|a| !a["outcome"].is_null()) {
+            assert_eq!(attempts.len(), 1, "{step}");
+            assert_eq!(attempts[0]["worker"], "w1", "{step}");
+            assert_eq!(attempts[0]["outcome"], "cancelled", "{step}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an attempt is still open: {step}\nup said:\n{}",
+            space.log("up-restarted")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn a_job_on_a_syndicate_server_outlives_a_killed_planner() {
     let mut space = ExternalSpace::start();

@@ -201,6 +201,14 @@ fn a_job_built_after_the_coordinator_was_killed_and_restarted_shows_built_on_the
     });
     space.kill_up();
     space.restart_up_logged("up");
+    // The restarted job demands the step again and it is given back to w1 before it ends
+    // (`jobs::a_step_finished_while_the_coordinator_was_down_is_not_left_running_in_the_history`
+    // lets it end first).
+    space.wait_for_status("the step given back to w1", |r| {
+        r["workers"][0]["building"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty())
+    });
     std::fs::write(&gate, "").unwrap();
     let mut browser = Browser::open(&format!("http://{}/", space.web_address()));
     browser.wait_for(

@@ -335,6 +335,14 @@ pub enum Effect {
         /// The step.
         drv: DrvPath,
     },
+    /// The step kept for `worker` after a restart was not demanded again while it was kept:
+    /// the attempt the coordinator left open on it ends, as nobody wants the step.
+    Abandoned {
+        /// The step.
+        drv: DrvPath,
+        /// The worker it was kept for.
+        worker: WorkerId,
+    },
 }
 
 #[derive(Debug)]

@@ -427,6 +427,10 @@ impl Planner {
                     self.record(&drv, None, AttemptOutcome::Cancelled);
                     self.unassign(t, &drv)
                 }
+                Effect::Abandoned { drv, worker } => {
+                    tracing::info!(%drv, %worker, "not demanded again after the restart: the attempt left open on it is cancelled");
+                    self.record(&drv, Some(&worker), AttemptOutcome::Cancelled);
+                }
                 Effect::OfferSteal { drv, from, to } => {
                     tracing::info!(%drv, %from, %to, "inviting a faster idle worker to steal");
                     let steal = build::Steal {

@@ -23,7 +23,7 @@ impl Schedule {
     }
 
     /// End the reservations run out by `now`; a ready step goes to a connected worker whose
-    /// claim waited for it.
+    /// claim waited for it, and a step nobody demanded again is abandoned.
     pub fn expire_reservations(&mut self, now: Instant) -> Vec<Effect> {
         let expired: Vec<DrvPath> = self
             .reserved
@@ -33,9 +33,19 @@ impl Schedule {
             .collect();
         let mut effects = Vec::new();
         for drv in expired {
-            self.reserved.remove(&drv);
-            if !matches!(self.state(&drv), Some(StepState::Ready)) {
+            let Some((keeper, _)) = self.reserved.remove(&drv) else {
                 continue;
+            };
+            match self.state(&drv) {
+                None => {
+                    effects.push(Effect::Abandoned {
+                        drv,
+                        worker: keeper,
+                    });
+                    continue;
+                }
+                Some(StepState::Ready) => {}
+                Some(_) => continue,
             }
             let waiting = self.early_claims.remove(&drv).unwrap_or_default();
             if let Some(worker) = waiting.into_iter().find(|w| self.workers.contains_key(w)) {
@@ -118,6 +128,32 @@ mod tests {
                 worker: "keeper".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_kept_step_nobody_demands_again_is_abandoned_once_the_grace_is_over() {
+        let mut s = Schedule::default();
+        let until = Instant::now() + Duration::from_secs(60);
+        s.reserve(&"a".into(), &"keeper".into(), until);
+        s.reserve(&"b".into(), &"keeper".into(), until);
+        s.worker_joined(&"keeper".into(), offer());
+        // The keeper claims both; only `b` is demanded again, and it gets it.
+        assert!(s.claim(&"a".into(), &"keeper".into()).is_empty());
+        assert!(s.claim(&"b".into(), &"keeper".into()).is_empty());
+        s.demand(&"b".into(), info(), Urgency::default());
+        assert_eq!(
+            s.state(&"b".into()),
+            Some(&StepState::Assigned("keeper".into()))
+        );
+        assert!(s.expire_reservations(Instant::now()).is_empty(), "not yet");
+        assert_eq!(
+            s.expire_reservations(until),
+            vec![Effect::Abandoned {
+                drv: "a".into(),
+                worker: "keeper".into()
+            }]
+        );
+        assert!(s.expire_reservations(until).is_empty(), "once");
     }
 
     #[test]
