@@ -85,7 +85,7 @@ fn built(drv: &str, worker: &str, output: &str) -> AnyValue {
     .unparse()
 }
 
-/// A worker's report that it built `drv` with `output`.
+/// A worker's report (a message) that it built `drv` with `output`.
 fn report(drv: &str, worker: &str, output: &str) -> AnyValue {
     build::ReportBuilt {
         drv: drv.to_owned(),
@@ -338,7 +338,7 @@ fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
             );
             assert_eq!(loot.forged, 0);
         }
-        let done = Session::join(
+        let done = Session::send(
             &route(space, Role::Worker),
             vec![report(&drv, "real", &real_output)],
         )
@@ -553,7 +553,7 @@ fn a_lying_worker_is_caught_and_the_step_built_by_another() {
             .expect("join as worker");
         assert!(frontend.wait_until(&assigned(&drv, "liar"), true).await);
         // The liar, assigned the step, reports an output the derivation does not have.
-        let lie = Session::join(
+        let lie = Session::send(
             &route(&space, Role::Worker),
             vec![report(&drv, "liar", &fake_output("lied-about-elsewhere"))],
         )
@@ -583,7 +583,7 @@ fn a_lying_worker_is_caught_and_the_step_built_by_another() {
             .await
             .expect("join as worker");
         assert!(frontend.wait_until(&assigned(&drv, "honest"), true).await);
-        let truth = Session::join(
+        let truth = Session::send(
             &route(&space, Role::Worker),
             vec![report(&drv, "honest", &output)],
         )

@@ -138,7 +138,7 @@ async fn a_chain_failing_at_its_base_fails_every_step(space: &Space, name: &str,
         poll_until(CHAIN_PATIENCE, || claims.sees(&base)).await,
         "the base of {name} was never assigned"
     );
-    let report = Session::join(
+    let report = Session::send(
         &route(space, Role::Worker),
         vec![reported_failed_for_good(&drvs[0], &worker)],
     )

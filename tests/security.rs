@@ -35,7 +35,7 @@ fn built(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
-/// A worker's report that it built `drv` (the test demands name no outputs).
+/// A worker's report (a message) that it built `drv` (the test demands name no outputs).
 fn report(drv: &str, worker: &str) -> AnyValue {
     build::ReportBuilt {
         drv: drv.to_owned(),
@@ -200,6 +200,19 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
     });
 }
 
+/// A worker connection sends `report`, then, once the dataspace handled it, another asserts
+/// `claim`: the planner answers the claim after it took the report in.
+async fn report_then_claim(space: &Space, report: AnyValue, claim: AnyValue) -> [Session; 2] {
+    let worker = route(space, Role::Worker);
+    let reported = Session::send(&worker, vec![report])
+        .await
+        .expect("join as worker");
+    let claimed = Session::join(&worker, vec![claim])
+        .await
+        .expect("join as worker");
+    [reported, claimed]
+}
+
 #[test]
 fn only_the_assigned_worker_can_complete_a_step() {
     let space = Space::start();
@@ -222,12 +235,8 @@ fn only_the_assigned_worker_can_complete_a_step() {
         .await
         .expect("join as submit");
         // Built by a worker nobody assigned: ignored, the step stays ready.
-        let _rogue = Session::join(
-            &route(&space, Role::Worker),
-            vec![report(&drv, "rogue"), claim(&controls[0], "rogue")],
-        )
-        .await
-        .expect("join as worker");
+        let _rogue =
+            report_then_claim(&space, report(&drv, "rogue"), claim(&controls[0], "rogue")).await;
         assert!(
             s.wait_until(&assigned(&controls[0], "rogue"), true).await,
             "the control claim was never granted"
@@ -245,12 +254,8 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.wait_until(&assigned(&drv, "good"), true).await,
             "never assigned"
         );
-        let _other = Session::join(
-            &route(&space, Role::Worker),
-            vec![report(&drv, "other"), claim(&controls[1], "other")],
-        )
-        .await
-        .expect("join as worker");
+        let _other =
+            report_then_claim(&space, report(&drv, "other"), claim(&controls[1], "other")).await;
         assert!(
             s.wait_until(&assigned(&controls[1], "other"), true).await,
             "the control claim was never granted"
@@ -259,7 +264,7 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.sees(&assigned(&drv, "good")),
             "another worker's report counted"
         );
-        let _done = Session::join(&route(&space, Role::Worker), vec![report(&drv, "good")])
+        let _done = Session::send(&route(&space, Role::Worker), vec![report(&drv, "good")])
             .await
             .expect("join as worker");
         assert!(

@@ -11,17 +11,17 @@
 //!    daemon over a pool of reused connections (one per slot). W also claims
 //!    a step it is invited to steal, and the steps it built while the
 //!    dataspace was away; the planner grants those claims.
-//! 4. W sends `<log drv W line>` messages while building, then asserts
+//! 4. W sends `<log drv W line>` messages while building, then the message
 //!    `<report-built drv W outputs realisations>` or `<report-failed drv W reason kind cause>` (the cause: its
-//!    own `build`, or the `infrastructure` around it).
+//!    own `build`, or the `infrastructure` around it). A report the planner
+//!    missed (it went away) is sent again once a next planner grants W's claim.
 //! 5. When the planner withdraws the assignment (outcome recorded, or the
 //!    step is no longer wanted) W withdraws everything about the step; a
 //!    build still running is killed.
 //!
 //! Observers only forward [`Event`]s to the [`Builder`] entity in the root
 //! facet, so claims and the offer outlive the observer facets that caused
-//! them. Each build runs in its own child facet: stopping it kills the build
-//! and withdraws its outcome.
+//! them. Each build runs in its own child facet: stopping it kills the build.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -185,7 +185,7 @@ pub enum Event {
         /// The step.
         drv: DrvPath,
     },
-    /// The outcome of a build is asserted: its slot is free for the next step.
+    /// The outcome of a build is reported: its slot is free for the next step.
     Finished {
         /// The step.
         drv: DrvPath,
@@ -229,7 +229,7 @@ struct Builder {
     claims: BTreeMap<DrvPath, Handle>,
     /// The facet of each build, until its assignment is withdrawn.
     building: BTreeMap<DrvPath, FacetId>,
-    /// Builds whose outcome is asserted (their slot is free again).
+    /// Builds whose outcome is reported (their slot is free again).
     finished: BTreeSet<DrvPath>,
     /// The builds themselves, which outlive this connection.
     builds: Builds,
@@ -493,9 +493,8 @@ pub fn start(
 }
 
 /// Follow the build of one assigned step from the current facet (starting it if it is not
-/// running already), then assert its outcome there and tell the builder its slot is free.
-/// Stopping the facet withdraws the outcome; the build itself is stopped by
-/// [`Builds::cancel`].
+/// running already), then report its outcome and tell the builder its slot is free.
+/// The build itself is stopped by [`Builds::cancel`].
 fn build_step(
     t: &mut Activation,
     worker: &Builder,
@@ -577,7 +576,7 @@ fn build_step(
                             signatures: r.signatures.into_iter().collect(),
                         })
                         .collect();
-                    ds.assert(
+                    ds.message(
                         t,
                         &build::ReportBuilt {
                             drv: drv.into(),
@@ -606,7 +605,7 @@ fn build_step(
                             },
                         );
                     }
-                    ds.assert(
+                    ds.message(
                         t,
                         &build::ReportFailed {
                             drv: drv.into(),

@@ -923,7 +923,7 @@ pub fn start(
             }));
 
         // Workers' reports, never the `built` and `failed` records (the planner's own).
-        enclose!((planner) during!(t, ds, <report-built $drv: String $worker: String $outputs: Vec<String> $realisations $usage>,
+        enclose!((planner) on_message!(t, ds, <report-built $drv: String $worker: String $outputs: Vec<String> $realisations $usage>,
             |t: &mut Activation| {
                 let (drv, worker) = (drv.as_str().into(), worker.as_str().into());
                 let realisations = realisations_from_wire(&realisations, outputs.len());
@@ -932,7 +932,7 @@ pub fn start(
                 Ok(())
             }));
 
-        enclose!((planner) during!(t, ds, <report-failed $drv: String $worker: String $reason: String $kind $cause>,
+        enclose!((planner) on_message!(t, ds, <report-failed $drv: String $worker: String $reason: String $kind $cause>,
             |t: &mut Activation| {
                 match (kind_from_wire(&kind), cause_from_wire(&cause)) {
                     (Some(kind), Some(cause)) => t.message(

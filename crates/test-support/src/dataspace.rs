@@ -141,7 +141,7 @@ pub fn claim(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
-/// What worker `worker` asserts to report that its build of `drv` failed for good (the
+/// What worker `worker` sends to report that its build of `drv` failed for good (the
 /// builder exited non-zero). The one place tests write a worker's failure report.
 pub fn reported_failed_for_good(drv: &str, worker: &str) -> AnyValue {
     build::ReportFailed {
@@ -255,6 +255,12 @@ impl Session {
     ) -> anyhow::Result<Session> {
         let watch = Watch::Role(role_of(route));
         Session::start(route, asserts, messages, patience, watch).await
+    }
+
+    /// Join with `route` only to send `messages` (a worker's reports, …): returns once the
+    /// dataspace has handled them.
+    pub async fn send(route: &Route, messages: Vec<AnyValue>) -> anyhow::Result<Session> {
+        Session::join_sending(route, Vec::new(), messages, ANSWER).await
     }
 
     /// Like [`Session::join_within`], observing only field `field` of the `<label …>` records:
