@@ -98,6 +98,21 @@ pub(crate) fn release(space: &Space, file: &str, body: &str) -> std::path::PathB
     )
 }
 
+/// A release expression in `file` whose one job, `gated`, builds once the returned gate file
+/// exists (and waits for it until then).
+pub(crate) fn gated_release(space: &Space, file: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let gate = space.tmp.path().join("gate");
+    let file = release(
+        space,
+        file,
+        &format!(
+            r#"{{ gated = sh "gated" "while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out"; }}"#,
+            gate.display()
+        ),
+    );
+    (gate, file)
+}
+
 #[test]
 fn a_job_whose_client_left_is_built_after_the_coordinator_was_killed_and_restarted() {
     let mut space = Space::start();
@@ -397,15 +412,7 @@ fn history_of(space: &Space, drv: &str) -> serde_json::Value {
 fn a_step_finished_while_the_coordinator_was_down_is_not_left_running_in_the_history() {
     let mut space = Space::start_with(&["--rejoin-grace", "1"]);
     space.worker("w1", &[]);
-    let gate = space.tmp.path().join("gate");
-    let file = release(
-        &space,
-        "gated.nix",
-        &format!(
-            r#"{{ gated = sh "gated" "while [ ! -e {} ]; do /bin/sleep 0.1; done; echo done > $out"; }}"#,
-            gate.display()
-        ),
-    );
+    let (gate, file) = gated_release(&space, "gated.nix");
     let id = submit(&space, &file, &[]);
     let job = jobs(&space, &[&id.to_string()]);
     let drv = attribute(&job, "gated")["drv"].as_str().unwrap().to_owned();

@@ -15,7 +15,7 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::http_request::read_request;
+use crate::http_request::{read_request, response_head};
 
 /// The most requests answered at once; further connections wait to be accepted.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -190,8 +190,6 @@ async fn write_head(
     content_type: &str,
     length: u64,
 ) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
-    );
+    let head = response_head(status, content_type, Some(length), "");
     out.write_all(head.as_bytes()).await
 }

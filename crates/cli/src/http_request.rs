@@ -1,5 +1,6 @@
-//! Reading the head of one HTTP/1.1 request, within a size and a time limit, for nixspace's
-//! small HTTP endpoints (metrics, binary cache, web view).
+//! Reading the head of one HTTP/1.1 request, within a size and a time limit, and writing the
+//! head of the response, for nixspace's small HTTP endpoints (metrics, binary cache, web
+//! view): one request per connection.
 
 use std::time::Duration;
 
@@ -51,6 +52,16 @@ pub async fn read_request(stream: &mut TcpStream) -> std::io::Result<Request> {
         path: parts.next().unwrap_or_default().to_owned(),
         headers,
     })
+}
+
+/// The head of a response to the one request of a connection, closed after it: `status`
+/// (`200 OK`, …), `content_type`, the body's `length` when it is known (none for a stream
+/// that ends with the connection) and `extra` header lines (each ending in `\r\n`).
+pub fn response_head(status: &str, content_type: &str, length: Option<u64>, extra: &str) -> String {
+    let length = length.map_or(String::new(), |l| format!("Content-Length: {l}\r\n"));
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n{length}{extra}Connection: close\r\n\r\n"
+    )
 }
 
 /// Read up to the blank line that ends an HTTP request head.

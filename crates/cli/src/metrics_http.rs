@@ -8,7 +8,7 @@ use nixspace_planner::metrics::Metrics;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::http_request::read_request;
+use crate::http_request::{read_request, response_head};
 
 /// Serve `metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
@@ -41,10 +41,8 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
             "nixspace serves only GET /metrics\n".to_owned(),
         ),
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
+    let head = response_head(status, content_type, Some(body.len() as u64), "");
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }

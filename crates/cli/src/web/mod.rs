@@ -28,7 +28,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, Semaphore};
 
-use crate::http_request::{read_request, Request};
+use crate::http_request::{read_request, response_head, Request};
 use crate::observe::{observe, Observed};
 use logs::{StepLogs, MAX_DRV};
 
@@ -246,15 +246,15 @@ async fn respond(
     content_type: &str,
     body: &str,
 ) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}; charset=utf-8\r\n\
-         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let content_type = format!("{content_type}; charset=utf-8");
+    let head = response_head(status, &content_type, Some(body.len() as u64), NO_STORE);
     send(stream, head.as_bytes()).await?;
     send(stream, body.as_bytes()).await?;
     stream.shutdown().await
 }
+
+/// The page and its data are never stored by the browser or a proxy: they change all along.
+const NO_STORE: &str = "Cache-Control: no-store\r\n";
 
 /// Write `bytes`, or fail if the page does not take them within [`WRITE_TIMEOUT`].
 async fn send(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
@@ -265,8 +265,7 @@ async fn send(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Start an event stream.
 async fn start_events(stream: &mut TcpStream) -> std::io::Result<()> {
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\
-                Cache-Control: no-store\r\nConnection: close\r\n\r\n";
+    let head = response_head("200 OK", "text/event-stream; charset=utf-8", None, NO_STORE);
     send(stream, head.as_bytes()).await
 }
 

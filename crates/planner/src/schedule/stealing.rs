@@ -2,6 +2,7 @@
 //! that has run for `after` duplicates it; the first to finish wins and the other's
 //! assignment is withdrawn (which stops its build).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nixspace_protocol::{DrvPath, WorkerId};
@@ -36,31 +37,42 @@ impl Schedule {
 
     /// Look for steals as of `now`: invite idle, fast enough workers to duplicate steps that
     /// have run past the policy's threshold, and withdraw invitations nobody can take up any
-    /// more.
+    /// more. Looks at the running steps only, and at the rest of the schedule once (see
+    /// [`Scan`]).
     pub fn tick(&mut self, now: Instant) -> Vec<Effect> {
         let mut effects = Vec::new();
-        let running: Vec<DrvPath> = self
-            .steps
-            .iter()
-            .filter(|(_, s)| matches!(s.state, StepState::Assigned(_)) && s.thief.is_none())
-            .filter(|(_, s)| {
-                s.assigned_at
-                    .is_some_and(|at| now.saturating_duration_since(at) >= self.steal.after)
+        let running: BTreeSet<DrvPath> = self
+            .running
+            .values()
+            .flatten()
+            .filter(|drv| {
+                self.steps.get(*drv).is_some_and(|s| {
+                    matches!(s.state, StepState::Assigned(_))
+                        && s.thief.is_none()
+                        && s.assigned_at
+                            .is_some_and(|at| now.saturating_duration_since(at) >= self.steal.after)
+                })
             })
-            .map(|(d, _)| d.clone())
+            .cloned()
             .collect();
+        if running.is_empty() {
+            return effects;
+        }
+        let mut scan = self.scan();
         for drv in running {
             let invited = self.steps.get(&drv).and_then(|s| s.steal_offer.clone());
             match invited {
-                Some(thief) if self.can_steal(&drv, &thief) => {}
-                Some(_) => {
+                Some(thief) if self.can_steal(&drv, &thief, &scan) => {}
+                Some(thief) => {
                     if let Some(step) = self.steps.get_mut(&drv) {
                         step.steal_offer = None;
                     }
+                    scan.taken.remove(&thief);
                     effects.push(Effect::WithdrawSteal { drv: drv.clone() });
                 }
                 None => {
-                    if let Some(thief) = self.best_thief(&drv) {
+                    if let Some(thief) = self.best_thief(&drv, &scan) {
+                        scan.taken.insert(thief.clone(), drv.clone());
                         let Some(step) = self.steps.get_mut(&drv) else {
                             continue;
                         };
@@ -80,18 +92,44 @@ impl Schedule {
         effects
     }
 
+    /// What [`Schedule::can_steal`] needs to know of the steps other than the one to steal.
+    fn scan(&self) -> Scan {
+        let kinds: BTreeSet<(&str, &[String])> = self
+            .ready_queue
+            .values()
+            .filter_map(|drv| self.steps.get(drv))
+            .filter(|s| s.state == StepState::Ready)
+            .map(|s| (s.info.system.as_str(), s.info.features.as_slice()))
+            .collect();
+        let mut taken = BTreeMap::new();
+        for drv in self.running.values().flatten() {
+            if let Some(step) = self.steps.get(drv) {
+                for worker in step.steal_offer.iter().chain(&step.thief) {
+                    taken.insert(worker.clone(), drv.clone());
+                }
+            }
+        }
+        Scan {
+            ready_kinds: kinds
+                .into_iter()
+                .map(|(system, features)| (system.to_owned(), features.to_vec()))
+                .collect(),
+            taken,
+        }
+    }
+
     /// The fastest worker that may steal `drv` now, if any.
-    fn best_thief(&self, drv: &DrvPath) -> Option<WorkerId> {
+    fn best_thief(&self, drv: &DrvPath, scan: &Scan) -> Option<WorkerId> {
         self.workers
             .iter()
-            .filter(|(id, _)| self.can_steal(drv, id))
+            .filter(|(id, _)| self.can_steal(drv, id, scan))
             .max_by(|(_, a), (_, b)| a.speed.total_cmp(&b.speed))
             .map(|(id, _)| id.clone())
     }
 
     /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot,
     /// no ready step it could take instead, and no other invitation.
-    fn can_steal(&self, drv: &DrvPath, thief: &WorkerId) -> bool {
+    fn can_steal(&self, drv: &DrvPath, thief: &WorkerId, scan: &Scan) -> bool {
         let (Some(step), Some(offer)) = (self.steps.get(drv), self.workers.get(thief)) else {
             return false;
         };
@@ -101,30 +139,30 @@ impl Schedule {
         let Some(owner_speed) = self.workers.get(owner).map(|w| w.speed) else {
             return false;
         };
-        let matches = |info: &super::StepInfo| {
-            mismatch(
-                &offer.systems,
-                &offer.features,
-                &info.system,
-                &info.features,
-            )
-            .is_none()
+        let matches = |system: &str, features: &[String]| {
+            mismatch(&offer.systems, &offer.features, system, features).is_none()
         };
         owner != thief
             && !step.excluded.contains(thief)
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
-            && matches(&step.info)
-            && !self
-                .steps
-                .values()
-                .any(|s| s.state == StepState::Ready && matches(&s.info))
-            && !self.steps.iter().any(|(d, s)| {
-                d != drv
-                    && (s.steal_offer.as_ref() == Some(thief) || s.thief.as_ref() == Some(thief))
-            })
+            && matches(&step.info.system, &step.info.features)
+            && !scan.ready_kinds.iter().any(|(s, f)| matches(s, f))
+            && !matches!(scan.taken.get(thief), Some(other) if other != drv)
     }
+}
 
+/// The rest of the schedule as stealing sees it, taken once per tick: a farm's tail has
+/// thousands of long steps running, hundreds of fast workers idle, and every step built so
+/// far still demanded, so looking through all steps for each step and worker would not end.
+struct Scan {
+    /// The platforms and features of the ready steps.
+    ready_kinds: Vec<(String, Vec<String>)>,
+    /// The workers invited to steal a step or stealing one, with that step.
+    taken: BTreeMap<WorkerId, DrvPath>,
+}
+
+impl Schedule {
     /// A claim on a step that is already assigned: granted to the invited thief.
     pub(super) fn claim_steal(&mut self, drv: &DrvPath, worker: &WorkerId) -> Vec<Effect> {
         let Some(step) = self.steps.get_mut(drv) else {
@@ -261,6 +299,46 @@ mod tests {
         let (mut s, start) = running(4.0);
         s.demand(&"b".into(), step(), Urgency::default());
         assert!(s.tick(start + Duration::from_secs(60)).is_empty());
+    }
+
+    #[test]
+    fn a_ready_step_the_thief_cannot_build_does_not_keep_it_from_stealing() {
+        let (mut s, start) = running(4.0);
+        let elsewhere = StepInfo {
+            system: "aarch64-linux".into(),
+            ..step()
+        };
+        s.demand(&"b".into(), elsewhere, Urgency::default());
+        assert_eq!(s.state(&"b".into()), Some(&StepState::Ready));
+        assert_eq!(
+            s.tick(start + Duration::from_secs(6)),
+            vec![Effect::OfferSteal {
+                drv: "a".into(),
+                from: "slow".into(),
+                to: "fast".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_thief_is_invited_to_one_step_at_a_time() {
+        let (mut s, start) = running(4.0);
+        s.worker_joined(&"slow2".into(), worker(1.0));
+        s.demand(&"c".into(), step(), Urgency::default());
+        s.claim(&"c".into(), &"slow2".into());
+        s.offer(&"fast".into(), 2);
+        let e = s.tick(start + Duration::from_secs(6));
+        assert_eq!(e.len(), 1, "one invitation in one tick: {e:?}");
+        assert!(s.tick(start + Duration::from_secs(7)).is_empty());
+        // Its invitation withdrawn (busy), then free again: invited anew.
+        s.offer(&"fast".into(), 0);
+        assert_eq!(s.tick(start + Duration::from_secs(8)).len(), 1, "withdrawn");
+        s.offer(&"fast".into(), 2);
+        assert_eq!(
+            s.tick(start + Duration::from_secs(9)).len(),
+            1,
+            "invited again"
+        );
     }
 
     #[test]
