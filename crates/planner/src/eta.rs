@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 use nixspace_protocol::{build, DrvPath};
 use syndicate::actor::{Activation, Cap, Handle};
@@ -51,14 +52,15 @@ impl Frontends {
         }
     }
 
-    /// Assert each frontend's estimate (where it changed) and withdraw those of frontends
-    /// gone; the gauge follows.
+    /// Assert each frontend's estimate as of `now` (where it changed) and withdraw those of
+    /// frontends gone; the gauge follows.
     pub(crate) fn publish(
         &mut self,
         t: &mut Activation,
         ds: &Arc<Cap>,
         schedule: &Schedule,
         metrics: &Metrics,
+        now: Instant,
     ) {
         let gone: Vec<String> = self
             .published
@@ -73,7 +75,7 @@ impl Frontends {
             metrics.forget_eta(&requester);
         }
         for (requester, steps) in self.demands.iter().take(MAX_FRONTENDS) {
-            let millis = schedule.eta_ms(steps.keys());
+            let millis = schedule.eta_ms(steps.keys(), now);
             if self
                 .published
                 .get(requester)

@@ -264,7 +264,7 @@ impl Planner {
                 let now = Instant::now();
                 s.update_critical_paths();
                 self.frontends
-                    .publish(t, &self.ds, &self.schedule, &self.metrics);
+                    .publish(t, &self.ds, &self.schedule, &self.metrics, now);
                 let s = &mut self.schedule;
                 let mut effects = s.expire_reservations(now);
                 effects.extend(s.tick(now));

@@ -10,6 +10,7 @@
 //! [`UNKNOWN_DURATION_MS`] per step its demand says waits above it.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use nixspace_protocol::DrvPath;
 
@@ -30,10 +31,11 @@ pub(super) fn first_guess(info: &StepInfo, urgency: Urgency) -> u64 {
 }
 
 impl Schedule {
-    /// How long the unfinished steps among `drvs` are predicted to take, in milliseconds: the
-    /// longer of the longest remaining path among them and their predicted work spread over
-    /// every connected worker's slots. Time already spent on running steps is not taken off.
-    pub fn eta_ms<'a>(&self, drvs: impl IntoIterator<Item = &'a DrvPath>) -> u64 {
+    /// How long the unfinished steps among `drvs` are predicted to take as of `now`, in
+    /// milliseconds: the longer of the longest remaining path among them and their predicted
+    /// work spread over every connected worker's slots. A running step counts what is left of
+    /// its duration (none once it ran past it).
+    pub fn eta_ms<'a>(&self, drvs: impl IntoIterator<Item = &'a DrvPath>, now: Instant) -> u64 {
         let (mut path, mut work) = (0u64, 0u64);
         for drv in drvs {
             let Some(step) = self.steps.get(drv) else {
@@ -45,8 +47,16 @@ impl Schedule {
             ) {
                 continue;
             }
-            path = path.max(step.remaining_ms);
-            work = work.saturating_add(duration(&step.info));
+            let own = duration(&step.info);
+            let spent = match (&step.state, step.assigned_at) {
+                (StepState::Assigned(_), Some(at)) => {
+                    let ms = now.saturating_duration_since(at).as_millis();
+                    u64::try_from(ms).unwrap_or(u64::MAX).min(own)
+                }
+                _ => 0,
+            };
+            path = path.max(step.remaining_ms.saturating_sub(spent));
+            work = work.saturating_add(own - spent);
         }
         let slots: u64 = self.workers.values().map(|w| u64::from(w.max_jobs)).sum();
         path.max(work / slots.max(1))
@@ -162,13 +172,21 @@ mod tests {
         assert_eq!(s.state(&"long-leaf".into()), Some(&StepState::Ready));
         // The whole build waits on the slow chain (30.1 s); one slot takes 34.2 s for all.
         let all: Vec<DrvPath> = s.steps.keys().cloned().collect();
-        assert_eq!(s.eta_ms(&all), 34_200);
+        let now = Instant::now();
+        assert_eq!(s.eta_ms(&all, now), 34_200);
         s.worker_joined(&"w2".into(), super::super::more_tests::offer(&[]));
         s.worker_joined(&"w3".into(), super::super::more_tests::offer(&[]));
-        assert_eq!(s.eta_ms(&all), 30_100, "three slots: the path");
+        assert_eq!(s.eta_ms(&all, now), 30_100, "three slots: the path");
+        // The running leaf counts what is left of its 100 ms, none once it ran past it.
+        let at = s.steps[&DrvPath::from("short-leaf")]
+            .assigned_at
+            .expect("assigned");
+        let later = |ms: u64| at + std::time::Duration::from_millis(ms);
+        assert_eq!(s.eta_ms(&all, later(40)), 30_060);
+        assert_eq!(s.eta_ms(&all, later(5_000)), 30_000);
         // Built steps count no more.
         s.built(&"short-leaf".into(), &"w".into(), vec![]);
-        assert_eq!(s.eta_ms(&all), 30_000);
+        assert_eq!(s.eta_ms(&all, now), 30_000);
         // Positive control: with nothing learned every step counts the same, and the chain of
         // more steps goes first.
         let mut s = two_paths(false);
