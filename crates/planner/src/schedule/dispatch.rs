@@ -125,21 +125,12 @@ impl Schedule {
                 let running = self.running.get(id);
                 let slots =
                     (offer.max_jobs as usize).saturating_sub(running.map_or(0, |r| r.len()));
-                let predicted: u64 = running
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|drv| self.steps.get(drv)?.info.memory)
-                    .sum();
-                let memory = match offer.resources.memory {
-                    0 => None,
-                    all => Some(all.saturating_sub(predicted)),
-                };
                 let idle = running.is_none_or(|r| r.is_empty());
                 Some((
                     id.clone(),
                     Room {
                         slots,
-                        memory,
+                        memory: self.free_memory(id),
                         idle,
                     },
                 ))
@@ -159,6 +150,44 @@ impl Schedule {
         } else {
             self.open.remove(worker);
         }
+    }
+
+    /// The memory `worker`'s running steps leave of what it offers, by their predictions
+    /// (`None`: it says nothing).
+    fn free_memory(&self, worker: &WorkerId) -> Option<u64> {
+        let all = self.workers.get(worker)?.resources.memory;
+        if all == 0 {
+            return None;
+        }
+        let predicted: u64 = self
+            .running
+            .get(worker)
+            .into_iter()
+            .flatten()
+            .filter_map(|drv| self.steps.get(drv)?.info.memory)
+            .sum();
+        Some(all.saturating_sub(predicted))
+    }
+
+    /// Whether `step` may run on `worker` beside what runs there, by memory alone: its
+    /// prediction fits what one build may use there and what the running steps leave, and it
+    /// was not killed for going over a limit `worker` does not exceed. A step or worker that
+    /// says nothing of memory fits. (Dispatch also lets a step bigger than every worker's
+    /// per-build limit run alone on one of the biggest: see [`Schedule::fits`].)
+    pub(super) fn fits_beside(&self, step: &Step, worker: &WorkerId) -> bool {
+        let Some(offer) = self.workers.get(worker) else {
+            return false;
+        };
+        let predicted_fits = match (step.info.memory, offer.resources.one_build()) {
+            (Some(need), Some(one)) => {
+                need <= one && self.free_memory(worker).is_none_or(|free| need <= free)
+            }
+            _ => true,
+        };
+        predicted_fits
+            && step
+                .needs_more_than
+                .is_none_or(|limit| offer.resources.allows_more_than(limit))
     }
 
     /// The most memory one build may use on `worker` (`None`: it says nothing).

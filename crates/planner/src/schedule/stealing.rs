@@ -127,8 +127,9 @@ impl Schedule {
             .map(|(id, _)| id.clone())
     }
 
-    /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot,
-    /// no ready step it could take instead, and no other invitation.
+    /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot
+    /// and the memory the step is predicted to need, no ready step it could take instead, and
+    /// no other invitation.
     fn can_steal(&self, drv: &DrvPath, thief: &WorkerId, scan: &Scan) -> bool {
         let (Some(step), Some(offer)) = (self.steps.get(drv), self.workers.get(thief)) else {
             return false;
@@ -147,6 +148,7 @@ impl Schedule {
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
             && matches(&step.info.system, &step.info.features)
+            && self.fits_beside(step, thief)
             && !scan.ready_kinds.iter().any(|(s, f)| matches(s, f))
             && !matches!(scan.taken.get(thief), Some(other) if other != drv)
     }
@@ -317,6 +319,41 @@ mod tests {
                 from: "slow".into(),
                 to: "fast".into()
             }]
+        );
+    }
+
+    #[test]
+    fn a_thief_without_the_memory_the_step_needs_is_not_invited() {
+        let gib = 1 << 30;
+        let policy = StealPolicy {
+            ratio: 2.0,
+            after: Duration::from_secs(5),
+        };
+        let with_memory = |speed: f64, memory: u64| WorkerOffer {
+            resources: super::super::Resources {
+                memory,
+                build_memory: 0,
+                cpus: 1,
+            },
+            ..worker(speed)
+        };
+        let hungry = StepInfo {
+            memory: Some(4 * gib),
+            ..step()
+        };
+        let invited = |thief_memory: u64| {
+            let mut s = Schedule::default().with_stealing(policy);
+            s.worker_joined(&"slow".into(), with_memory(1.0, 8 * gib));
+            s.demand(&"a".into(), hungry.clone(), Urgency::default());
+            s.claim(&"a".into(), &"slow".into());
+            s.worker_joined(&"fast".into(), with_memory(4.0, thief_memory));
+            s.offer(&"fast".into(), 1);
+            !s.tick(Instant::now() + Duration::from_secs(6)).is_empty()
+        };
+        assert!(!invited(2 * gib), "a 4 GiB step invited to a 2 GiB worker");
+        assert!(
+            invited(8 * gib),
+            "the positive control: a worker with room is invited"
         );
     }
 
