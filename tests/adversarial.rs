@@ -48,6 +48,7 @@ fn worker(id: &str) -> Vec<AnyValue> {
     vec![
         build::Worker {
             id: id.to_owned(),
+            session: "adversarial".to_owned(),
             host: "adversarial".to_owned(),
             systems: vec![SYSTEM.to_owned()],
             features: vec![],

@@ -790,3 +790,74 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
         "{up}"
     );
 }
+
+/// The outcomes of `drv`'s attempts in the history, oldest first (`null` while open).
+fn attempt_outcomes(space: &Space, drv: &str) -> Vec<serde_json::Value> {
+    let step = crate::jobs::history_of(space, drv);
+    step["attempts"]
+        .as_array()
+        .map(|a| a.iter().map(|a| a["outcome"].clone()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_worker_restarted_before_its_old_connection_is_noticed_gone_loses_only_the_old_steps() {
+    use nixspace_test_support::dataspace::{
+        assigned, demand, fake_drv, poll_until, route, runtime, test_worker_process, ANSWER,
+    };
+    let space = Space::start_with(&["--retry-backoff", "0.1"]);
+    let drv = fake_drv("restarted-worker");
+    let worker = route(&space, Role::Worker);
+    let offer = build::Offer {
+        worker: "w".to_owned(),
+        free_slots: 1.into(),
+    }
+    .unparse();
+    let outcomes = |expected: &[serde_json::Value]| {
+        let deadline = Instant::now() + ANSWER;
+        loop {
+            let now = attempt_outcomes(&space, &drv);
+            if now == expected || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (open, lost) = (serde_json::Value::Null, serde_json::json!("lost"));
+    runtime().block_on(async {
+        let frontend = Session::join(&route(&space, Role::Submit), vec![demand(&drv)])
+            .await
+            .expect("join as submit");
+        // The old process; its connection stays, as one whose host went down unnoticed does.
+        let old = Session::join(
+            &worker,
+            vec![test_worker_process("w", "old"), offer.clone()],
+        )
+        .await
+        .expect("join as worker");
+        assert!(frontend.wait_until(&assigned(&drv, "w"), true).await);
+        let expected = [open.clone()];
+        assert_eq!(outcomes(&expected), expected);
+        // The restarted process joins under the same name: the old one's step is lost and
+        // given to the new one.
+        let new = Session::join(&worker, vec![test_worker_process("w", "new"), offer])
+            .await
+            .expect("join as worker");
+        let expected = [lost.clone(), open.clone()];
+        assert_eq!(outcomes(&expected), expected, "{}", space.log("up"));
+        assert!(frontend.wait_until(&assigned(&drv, "w"), true).await);
+        // The old connection noticed gone at last: the new process keeps its step.
+        old.leave();
+        space.wait_for_log("up", "worker left worker=w session=old", ANSWER);
+        let taken = poll_until(Duration::from_secs(1), || {
+            !frontend.sees(&assigned(&drv, "w"))
+        })
+        .await;
+        assert!(!taken, "the new process's step was taken away");
+        assert_eq!(attempt_outcomes(&space, &drv), expected);
+        // Positive control: the new process leaving loses it.
+        new.leave();
+        let expected = [lost.clone(), lost];
+        assert_eq!(outcomes(&expected), expected, "{}", space.log("up"));
+    });
+}

@@ -397,7 +397,7 @@ fn a_job_whose_step_was_building_when_the_coordinator_was_killed_is_built() {
 }
 
 /// `drv`'s record in `nixspace history --json`.
-fn history_of(space: &Space, drv: &str) -> serde_json::Value {
+pub(crate) fn history_of(space: &Space, drv: &str) -> serde_json::Value {
     let shown = run(space.command(&["history", "--json"]), LIMIT);
     assert!(shown.status.success(), "{shown:?}");
     let steps: serde_json::Value = serde_json::from_str(&shown.stdout).unwrap();

@@ -50,6 +50,7 @@ fn report(drv: &str, worker: &str) -> AnyValue {
 fn worker(id: &str) -> AnyValue {
     build::Worker {
         id: id.to_owned(),
+        session: "test".to_owned(),
         host: "test".to_owned(),
         systems: vec!["test-system".to_owned()],
         features: vec![],

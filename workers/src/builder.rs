@@ -382,6 +382,18 @@ impl Builder {
     }
 }
 
+/// This worker process's session, as its `<worker>` record carries it: the same across its
+/// reconnections, another after a restart.
+fn process_session() -> &'static str {
+    static SESSION: OnceLock<String> = OnceLock::new();
+    SESSION.get_or_init(|| {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}-{started}", std::process::id())
+    })
+}
+
 /// Start the builder in the current actor, on dataspace `ds`, serving and fetching through
 /// `store` ([`BuilderConfig::store`]; the same across reconnections, like `builds`). Returns
 /// the builder entity, to which [`Event::Drain`] can be sent.
@@ -398,6 +410,7 @@ pub fn start(
         t,
         &build::Worker {
             id: config.id.to_string(),
+            session: process_session().to_owned(),
             host: config.host.clone(),
             systems: config.systems.clone(),
             features: config.features.clone(),

@@ -425,6 +425,7 @@ impl SimWorker {
             t,
             &build::Worker {
                 id: self.id.clone(),
+                session: "simulated".to_owned(),
                 host: "simulated".to_owned(),
                 systems: vec![nixspace_nix_tools::current_system()],
                 features: vec![],

@@ -64,7 +64,7 @@ fn track(
 /// results and unschedulable steps asserted in `ds`.
 pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
     enclose!((snapshot) during!(t, ds,
-    <worker $id: String $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
+    <worker $id: String _ $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
     |t: &mut Activation| {
         let view = WorkerView {
             host: host.clone(),
@@ -76,9 +76,9 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
             build_memory,
             cpus,
         };
-        let key = id.clone();
-        track(t, &snapshot, |s| { s.workers.insert(id.clone(), view); },
-            move |s| { s.workers.remove(&key); })
+        let (key, undo) = (id.clone(), view.clone());
+        track(t, &snapshot, |s| s.workers.asserted(id.clone(), view),
+            move |s| s.workers.retracted(&key, &undo))
     }));
     enclose!((snapshot) during!(t, ds, <eta $requester: String $millis: u64>, |t: &mut Activation| {
         let key = requester.clone();

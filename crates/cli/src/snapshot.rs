@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::progress::short_name;
 
 /// What is known about one connected worker.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerView {
     /// Its machine.
     pub host: String,
@@ -45,8 +45,9 @@ pub enum StepView {
 /// Everything observed so far.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    /// Workers by id.
-    pub workers: BTreeMap<String, WorkerView>,
+    /// Workers by id (a worker process restarted under the same name asserts its record
+    /// before the old one's goes).
+    pub workers: Replaced<String, WorkerView>,
     /// Free slots by worker id.
     pub offers: Replaced<String, i64>,
     /// Jobs the coordinator keeps, by number.
@@ -109,7 +110,7 @@ impl Snapshot {
     pub fn report(&self) -> Report {
         let workers = self
             .workers
-            .iter()
+            .newest_each()
             .map(|(id, w)| {
                 let thefts = self
                     .stolen
@@ -506,7 +507,7 @@ mod tests {
     #[test]
     fn a_replaced_offer_shows_the_new_one_whichever_goes_first() {
         let mut s = Snapshot::default();
-        s.workers.insert(
+        s.workers.asserted(
             "w".into(),
             WorkerView {
                 host: "h".into(),

@@ -607,15 +607,29 @@ impl Schedule {
     }
 
     /// A worker disconnected. Steps it was building (given to it, whether or not it claimed
-    /// them yet) failed transiently.
+    /// them) failed transiently.
     pub fn worker_left(&mut self, id: &WorkerId) -> Vec<Effect> {
         self.workers.remove(id);
         self.free_slots.remove(id);
         self.reopen(id);
+        let mut effects = self.lose_running(id, "left");
+        effects.extend(self.recheck_schedulability());
+        effects
+    }
+
+    /// Another process joined as worker `id` while the old one's connection was not yet
+    /// noticed gone: the steps the old one was building failed transiently. The worker stays
+    /// (its offer is the new process's).
+    pub fn worker_restarted(&mut self, id: &WorkerId) -> Vec<Effect> {
+        self.lose_running(id, "restarted")
+    }
+
+    /// The steps worker `id` was building failed transiently: it `went` (left, restarted).
+    fn lose_running(&mut self, id: &WorkerId, went: &str) -> Vec<Effect> {
         let mut effects = Vec::new();
         let running = self.running.get(id).cloned().unwrap_or_default();
         for drv in running {
-            let reason = format!("worker {id} left while building");
+            let reason = format!("worker {id} {went} while building");
             effects.extend(self.failed(
                 &drv,
                 Some(id),
@@ -624,7 +638,6 @@ impl Schedule {
                 FailureCause::Infrastructure,
             ));
         }
-        effects.extend(self.recheck_schedulability());
         effects
     }
 
@@ -1550,6 +1563,33 @@ mod more_tests {
             e.contains(&Effect::Schedulable { drv: "arm".into() }),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn a_restarted_worker_loses_its_steps_and_keeps_its_slots() {
+        let mut s = Schedule::new(5, Duration::ZERO);
+        s.worker_joined(&"w".into(), offer(&[]));
+        s.offer(&"w".into(), 1);
+        s.demand(&"a".into(), info("x86_64-linux", &[]), Urgency::default());
+        let mut effects = Vec::new();
+        s.dispatch(&mut effects);
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Assigned("w".into())));
+        let e = s.worker_restarted(&"w".into());
+        assert!(
+            e.iter().any(|e| matches!(e, Effect::RetryAfter { reason, .. } if reason == "worker w restarted while building")),
+            "{e:?}"
+        );
+        // The new process offers what the old one did (the same record, so no new offer
+        // arrives): the step goes to it once retried.
+        let mut effects = s.retry(&"a".into());
+        s.dispatch(&mut effects);
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Assigned("w".into())));
+        // Positive control: a worker that left gets nothing.
+        s.worker_left(&"w".into());
+        s.worker_joined(&"w".into(), offer(&[]));
+        let mut effects = s.retry(&"a".into());
+        s.dispatch(&mut effects);
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Ready));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub enum Event {
     WorkerJoined {
         /// The worker.
         worker: WorkerId,
+        /// Its process's session.
+        session: String,
         /// What it can build.
         offer: WorkerOffer,
     },
@@ -82,6 +84,8 @@ pub enum Event {
     WorkerLeft {
         /// The worker.
         worker: WorkerId,
+        /// The session of the process that disconnected.
+        session: String,
     },
     /// A step's retry delay is over.
     Retry {
@@ -168,6 +172,8 @@ struct Planner {
     realisations: HashMap<String, (String, BTreeSet<String>, Handle)>,
     /// Each frontend's demanded steps and estimated time to completion.
     frontends: Frontends,
+    /// The session of each connected worker's process.
+    sessions: HashMap<WorkerId, String>,
     /// Events handled in this turn so far (an [`Event::EndTurn`] is due before the turn
     /// commits while it is not zero).
     handled_this_turn: usize,
@@ -227,13 +233,36 @@ impl Planner {
                 info.duration_ms = learned.duration_ms;
                 s.demand(&drv, info, urgency)
             }
-            Event::WorkerJoined { worker, offer } => {
-                self.metrics.workers.inc();
-                s.worker_joined(&worker, offer)
+            Event::WorkerJoined {
+                worker,
+                session,
+                offer,
+            } => {
+                let mut effects = Vec::new();
+                match self.sessions.insert(worker.clone(), session.clone()) {
+                    Some(old) if old != session => {
+                        // Restarted before its old connection was noticed gone: what the
+                        // old process was building is lost with it.
+                        tracing::warn!(%worker, "a new process joined as this worker; its old one's steps are lost");
+                        effects.extend(s.worker_restarted(&worker));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.metrics.workers.inc();
+                    }
+                }
+                effects.extend(s.worker_joined(&worker, offer));
+                effects
             }
-            Event::WorkerLeft { worker } => {
-                self.metrics.workers.dec();
-                s.worker_left(&worker)
+            Event::WorkerLeft { worker, session } => {
+                if self.sessions.get(&worker) == Some(&session) {
+                    self.sessions.remove(&worker);
+                    self.metrics.workers.dec();
+                    s.worker_left(&worker)
+                } else {
+                    // An earlier process of a worker that rejoined since.
+                    Vec::new()
+                }
             }
             Event::Retry { drv } => s.retry(&drv),
             Event::Undemand { drv, requester } => {
@@ -863,6 +892,7 @@ pub fn start(
             rejections: VecDeque::new(),
             realisations: HashMap::new(),
             frontends: Frontends::default(),
+            sessions: HashMap::new(),
             handled_this_turn: 0,
             queued: VecDeque::new(),
             draining: false,
@@ -896,16 +926,16 @@ pub fn start(
         let max_demands = config.max_demands_per_requester.unwrap_or(usize::MAX);
         DemandGate::observe(t, &ds, Arc::clone(&planner), max_demands);
 
-        enclose!((planner) during!(t, ds, <worker $id: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
+        enclose!((planner) during!(t, ds, <worker $id: String $session: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
             |t: &mut Activation| {
                 let worker = WorkerId::from(id.as_str());
                 let resources = Resources { memory, build_memory, cpus };
                 let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, resources };
-                tracing::info!(%worker, ?offer, "worker joined");
-                t.message(&planner, Event::WorkerJoined { worker: worker.clone(), offer });
-                on_retraction(t, enclose!((planner) move |t| {
-                    tracing::info!(%worker, "worker left");
-                    t.message(&planner, Event::WorkerLeft { worker });
+                tracing::info!(%worker, %session, ?offer, "worker joined");
+                t.message(&planner, Event::WorkerJoined { worker: worker.clone(), session: session.clone(), offer });
+                on_retraction(t, enclose!((planner, session) move |t| {
+                    tracing::info!(%worker, %session, "worker left");
+                    t.message(&planner, Event::WorkerLeft { worker, session });
                     Ok(())
                 }));
                 Ok(())

@@ -107,8 +107,14 @@ pub fn chain_demands(name: &str, steps: usize) -> (Vec<String>, Vec<AnyValue>) {
 
 /// A worker named `id` for the system of [`demand`]'s steps, with one slot.
 pub fn test_worker(id: &str) -> AnyValue {
+    test_worker_process(id, "test")
+}
+
+/// Like [`test_worker`], the process of session `session`.
+pub fn test_worker_process(id: &str, session: &str) -> AnyValue {
     build::Worker {
         id: id.to_owned(),
+        session: session.to_owned(),
         host: "test".to_owned(),
         systems: vec![test_step().system],
         features: vec![],
