@@ -716,28 +716,22 @@ impl History {
         drv: &DrvPath,
         worker: &WorkerId,
     ) -> Result<(), HistoryError> {
-        let t = now();
-        let path = self.path.clone();
-        let err = |source| HistoryError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.savepoint().map_err(err)?;
-        execute_cached(
-            &tx,
-            "UPDATE attempts SET finished = ?2, outcome = 'lost', reason = ?3,
-                 cause = 'infrastructure'
-             WHERE drv = ?1 AND finished IS NULL AND id <= ?4",
-            params![drv.as_str(), t, INTERRUPTED, self.earlier_attempts],
-        )
-        .map_err(err)?;
-        execute_cached(
-            &tx,
-            "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
-            params![drv.as_str(), worker.as_str(), t],
-        )
-        .map_err(err)?;
-        tx.commit().map_err(err)
+        let (t, earlier) = (now(), self.earlier_attempts);
+        self.in_transaction(|tx| {
+            execute_cached(
+                tx,
+                "UPDATE attempts SET finished = ?2, outcome = 'lost', reason = ?3,
+                     cause = 'infrastructure'
+                 WHERE drv = ?1 AND finished IS NULL AND id <= ?4",
+                params![drv.as_str(), t, INTERRUPTED, earlier],
+            )?;
+            execute_cached(
+                tx,
+                "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
+                params![drv.as_str(), worker.as_str(), t],
+            )?;
+            Ok(())
+        })
     }
 
     /// An attempt on `drv` ended with `outcome`, reported by `worker` (`None` when the planner
@@ -752,96 +746,89 @@ impl History {
         outcome: AttemptOutcome<'_>,
     ) -> Result<(), HistoryError> {
         let t = now();
-        let path = self.path.clone();
-        let err = |source| HistoryError::Sqlite {
-            path: path.clone(),
-            source,
-        };
         let (reason, cause, failed_input) = outcome.failure();
         let drv = drv.as_str();
         let earlier = self.earlier_attempts;
-        let tx = self.conn.savepoint().map_err(err)?;
-        match worker {
-            Some(worker) => execute_cached(
-                &tx,
-                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+        self.in_transaction(|tx| {
+            match worker {
+                Some(worker) => execute_cached(
+                    tx,
+                    "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
                      failed_input = ?6
                  WHERE drv = ?1 AND finished IS NULL AND worker = ?7",
-                params![
-                    drv,
-                    t,
-                    outcome.as_str(),
-                    reason,
-                    cause,
-                    failed_input,
-                    worker.as_str()
-                ],
-            ),
-            None => execute_cached(
-                &tx,
-                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+                    params![
+                        drv,
+                        t,
+                        outcome.as_str(),
+                        reason,
+                        cause,
+                        failed_input,
+                        worker.as_str()
+                    ],
+                ),
+                None => execute_cached(
+                    tx,
+                    "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
                      failed_input = ?6
                  WHERE drv = ?1 AND finished IS NULL AND id > ?7",
-                params![
-                    drv,
-                    t,
-                    outcome.as_str(),
-                    reason,
-                    cause,
-                    failed_input,
-                    earlier
-                ],
-            ),
-        }
-        .map_err(err)?;
-        if !matches!(outcome, AttemptOutcome::Lost { .. }) {
-            let ended_by = match worker {
-                Some(w) => format!("the step ended on {w}"),
-                None => "the step ended".to_owned(),
-            };
-            execute_cached(
-                &tx,
-                "UPDATE attempts SET finished = ?2,
+                    params![
+                        drv,
+                        t,
+                        outcome.as_str(),
+                        reason,
+                        cause,
+                        failed_input,
+                        earlier
+                    ],
+                ),
+            }?;
+            if !matches!(outcome, AttemptOutcome::Lost { .. }) {
+                let ended_by = match worker {
+                    Some(w) => format!("the step ended on {w}"),
+                    None => "the step ended".to_owned(),
+                };
+                execute_cached(
+                    tx,
+                    "UPDATE attempts SET finished = ?2,
                      outcome = CASE WHEN id <= ?3 THEN 'lost' ELSE 'cancelled' END,
                      reason = CASE WHEN id <= ?3 THEN ?4 ELSE ?5 END,
                      cause = CASE WHEN id <= ?3 THEN 'infrastructure' END
                  WHERE drv = ?1 AND finished IS NULL",
-                params![drv, t, earlier, INTERRUPTED, ended_by],
-            )
-            .map_err(err)?;
-        }
-        match outcome {
-            AttemptOutcome::Built { outputs } => {
-                execute_cached(
-                    &tx,
+                    params![drv, t, earlier, INTERRUPTED, ended_by],
+                )?;
+            }
+            match outcome {
+                AttemptOutcome::Built { outputs } => {
+                    execute_cached(
+                    tx,
                     "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, cause = NULL,
                          failed_input = NULL, finished = ?3
                      WHERE drv = ?1",
                     params![drv, outputs.join(" "), t],
                 )
-                .map_err(err)?;
-                // The originals resolved to it have its outputs.
-                execute_cached(
-                    &tx,
-                    "UPDATE steps SET outputs = ?2 WHERE drv IN
+                ?;
+                    // The originals resolved to it have its outputs.
+                    execute_cached(
+                        tx,
+                        "UPDATE steps SET outputs = ?2 WHERE drv IN
                      (SELECT resolved_from FROM resolutions WHERE resolved_to = ?1)",
-                    params![drv, outputs.join(" ")],
-                )
-                .map_err(err)?;
-            }
-            AttemptOutcome::Failed { .. } => {
-                execute_cached(
-                    &tx,
+                        params![drv, outputs.join(" ")],
+                    )?;
+                }
+                AttemptOutcome::Failed { .. } => {
+                    execute_cached(
+                    tx,
                     "UPDATE steps SET status = 'failed', error = ?2, cause = ?3, failed_input = ?4,
                          finished = ?5
                      WHERE drv = ?1",
                     params![drv, reason, cause, failed_input, t],
                 )
-                .map_err(err)?;
+                ?;
+                }
+                AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
             }
-            AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
-        }
-        tx.commit().map_err(err)
+            Ok(())
+        })
     }
 
     /// What `worker`'s open attempt at `drv` used (recorded as its report arrives, before the
