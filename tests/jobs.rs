@@ -98,9 +98,10 @@ pub(crate) fn release(space: &Space, file: &str, body: &str) -> std::path::PathB
     )
 }
 
-/// A release expression in `file` whose one job, `gated`, builds once the returned gate file
-/// exists (and waits for it until then).
-pub(crate) fn gated_release(space: &Space, file: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+/// Submit a release expression, written to `file`, whose one job, `gated`, builds once the
+/// returned gate file exists; return the gate and the job's number once the step is building
+/// on the space's one worker (the submitter is gone by then).
+pub(crate) fn submit_gated_job(space: &Space, file: &str) -> (std::path::PathBuf, i64) {
     let gate = space.tmp.path().join("gate");
     let file = release(
         space,
@@ -110,7 +111,13 @@ pub(crate) fn gated_release(space: &Space, file: &str) -> (std::path::PathBuf, s
             gate.display()
         ),
     );
-    (gate, file)
+    let id = submit(space, &file, &[]);
+    space.wait_for_status("the job's step building", |r| {
+        r["workers"][0]["building"]
+            .as_array()
+            .is_some_and(|b| !b.is_empty())
+    });
+    (gate, id)
 }
 
 #[test]
@@ -412,18 +419,12 @@ pub(crate) fn history_of(space: &Space, drv: &str) -> serde_json::Value {
 fn a_step_finished_while_the_coordinator_was_down_is_not_left_running_in_the_history() {
     let mut space = Space::start_with(&["--rejoin-grace", "1"]);
     space.worker("w1", &[]);
-    let (gate, file) = gated_release(&space, "gated.nix");
-    let id = submit(&space, &file, &[]);
+    let (gate, id) = submit_gated_job(&space, "gated.nix");
     let job = jobs(&space, &[&id.to_string()]);
     let drv = attribute(&job, "gated")["drv"].as_str().unwrap().to_owned();
     let queried = nix_store(&space, &["--query", "--outputs", &drv]);
     assert!(queried.status.success(), "{queried:?}");
     let out = queried.stdout.trim().to_owned();
-    space.wait_for_status("the step building", |r| {
-        r["workers"][0]["building"]
-            .as_array()
-            .is_some_and(|b| !b.is_empty())
-    });
     // The build ends while the coordinator is down: the restarted job finds its output
     // valid and demands nothing, so nobody asks w1 for the step again.
     space.kill_up();

@@ -10,7 +10,7 @@ use std::time::Duration;
 use nixspace_test_support::browser::Browser;
 use nixspace_test_support::{http_get, nonce, Space};
 
-use crate::jobs::{gated_release, release, submit};
+use crate::jobs::{release, submit, submit_gated_job};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -183,14 +183,7 @@ fn a_job_is_cancelled_from_the_page_only_with_the_submit_capability() {
 fn a_job_built_after_the_coordinator_was_killed_and_restarted_shows_built_on_the_page() {
     let mut space = Space::start_with(&["--http", "127.0.0.1:0"]);
     space.worker("w1", &[]);
-    let (gate, file) = gated_release(&space, "job.nix");
-    // The submitter is gone once it printed the job's number.
-    let id = submit(&space, &file, &[]);
-    space.wait_for_status("the job's step building", |r| {
-        r["workers"][0]["building"]
-            .as_array()
-            .is_some_and(|b| !b.is_empty())
-    });
+    let (gate, id) = submit_gated_job(&space, "job.nix");
     space.kill_up();
     space.restart_up_logged("up");
     // The restarted job demands the step again and it is given back to w1 before it ends

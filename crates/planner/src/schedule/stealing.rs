@@ -72,7 +72,6 @@ impl Schedule {
                 }
                 None => {
                     if let Some(thief) = self.best_thief(&drv, &scan) {
-                        scan.taken.insert(thief.clone(), drv.clone());
                         let Some(step) = self.steps.get_mut(&drv) else {
                             continue;
                         };
@@ -84,6 +83,7 @@ impl Schedule {
                             from: from.clone(),
                             to: thief.clone(),
                         });
+                        scan.taken.insert(thief.clone(), drv.clone());
                         step.steal_offer = Some(thief);
                     }
                 }
