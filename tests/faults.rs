@@ -678,6 +678,7 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
     const CAP: usize = 64 << 10;
     const FLOOD: usize = 8 << 20;
     const LINE: usize = 1023;
+    const AFRESH: &str = "the next build of the step";
     let space = Space::start_with(&["--max-log-bytes-per-step", &CAP.to_string()]);
     let drv = nixspace_test_support::dataspace::fake_drv("chatty");
     let other = nixspace_test_support::dataspace::fake_drv("quiet");
@@ -690,7 +691,8 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
         .unparse()
     };
     // 8 MiB of log for one step (a well-behaved worker would stop at its own cap), 1 MiB of
-    // malformed log messages (no step named), then one line of another step.
+    // malformed log messages (no step named), the step reported failed and one more line of
+    // it (its next build, counted afresh), then one line of another step.
     let malformed = AnyValue::record(
         AnyValue::symbol("log"),
         vec![
@@ -703,12 +705,11 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
         .map(|i| log(&drv, format!("{i:0LINE$}")))
         .chain(std::iter::repeat_n(malformed, 1024))
         .collect();
+    flood.push(nixspace_test_support::dataspace::reported_failed_for_good(
+        &drv, "rogue",
+    ));
+    flood.push(log(&drv, AFRESH.to_owned()));
     flood.push(log(&other, "still heard".to_owned()));
-    let claim = build::Claim {
-        drv: drv.clone(),
-        worker: "rogue".to_owned(),
-    }
-    .unparse();
     let (worker, submit) = (
         nixspace_test_support::dataspace::route(&space, Role::Worker),
         nixspace_test_support::dataspace::route(&space, Role::Submit),
@@ -718,7 +719,7 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
             .await
             .expect("join as submit");
         let started = Instant::now();
-        let rogue = Session::join_sending(&worker, vec![claim], flood, Duration::from_secs(120))
+        let rogue = Session::join_sending(&worker, vec![], flood, Duration::from_secs(120))
             .await
             .expect("join as worker with the flood");
         eprintln!(
@@ -741,9 +742,15 @@ fn a_worker_ignoring_its_log_cap_is_truncated_by_the_coordinator() {
         assert!(got_all, "the other step's line never came");
         let lines = heard(&observer);
         let (chatty, rest): (Vec<&build::Log>, Vec<_>) = lines.iter().partition(|l| l.drv == drv);
-        let (notices, passed): (Vec<&build::Log>, Vec<_>) = chatty
+        let (notices, mut passed): (Vec<&build::Log>, Vec<_>) = chatty
             .into_iter()
             .partition(|l| l.line.contains("truncated by the coordinator"));
+        // The line after the report passed: the cap is per build of the step.
+        assert_eq!(
+            passed.pop().map(|l| l.line.as_str()),
+            Some(AFRESH),
+            "the line logged after the step was reported"
+        );
         let bytes: usize = passed.iter().map(|l| l.line.len() + 1).sum();
         eprintln!(
             "log flood: the observer got {} lines ({bytes} bytes) of {}",

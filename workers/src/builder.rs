@@ -4,13 +4,16 @@
 //! 1. W asserts `<worker W …>` (what it can build, how many at once) and
 //!    `<offer W free-slots>` (none while draining).
 //! 2. The planner gives W a ready step W can build: `<assigned drv W settings>`
-//!    (how the client asked it built: build mode, time limits, …). W
-//!    holds it with `<claim drv W>` (the planner takes the claim's retraction,
-//!    or W leaving, as W lost) and builds the step — but only once every
-//!    input's outputs are valid in its store. Builds go to the local Nix
-//!    daemon over a pool of reused connections (one per slot). W also claims
-//!    a step it is invited to steal, and the steps it built while the
-//!    dataspace was away; the planner grants those claims.
+//!    (how the client asked it built: build mode, time limits, …), and W
+//!    builds it — but only once every input's outputs are valid in its store
+//!    (W leaving, or another process of W joining, loses the step). Builds go
+//!    to the local Nix daemon over a pool of reused connections (one per slot).
+//!    W asks for a step with `<claim drv W>` only when it was not given it: a
+//!    step it is invited to steal, the steps it built while the dataspace was
+//!    away, and a build whose assignment went away with the planner; the
+//!    planner grants those claims. W withdraws a claim once the step's
+//!    assignment is withdrawn (the planner takes a withdrawn claim of a step
+//!    it gave W as W lost).
 //! 4. W sends `<log drv W line>` messages while building, then the message
 //!    `<report-built drv W outputs realisations>` or `<report-failed drv W reason kind cause>` (the cause: its
 //!    own `build`, or the `infrastructure` around it). A report the planner
@@ -225,7 +228,7 @@ struct Builder {
     store: StoreNode,
     /// Set when the worker is leaving: take nothing new.
     draining: Option<DrainDone>,
-    /// Steps this worker claimed (waiting for a grant, or building).
+    /// Steps this worker claimed (waiting for a grant, or building a step it claimed).
     claims: BTreeMap<DrvPath, Handle>,
     /// The facet of each build, until its assignment is withdrawn.
     building: BTreeMap<DrvPath, FacetId>,
@@ -251,9 +254,6 @@ impl Entity<Event> for Builder {
                 derivation,
             } => {
                 if !self.building.contains_key(&drv) {
-                    if !self.claims.contains_key(&drv) {
-                        self.claim(t, drv.clone());
-                    }
                     let this = &*self;
                     let facet = t.facet(|t| {
                         build_step(t, this, drv.clone(), settings, derivation);
@@ -281,6 +281,9 @@ impl Entity<Event> for Builder {
                 if let Some(facet) = self.building.remove(&drv) {
                     tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
                     t.stop_facet(facet);
+                    if !self.claims.contains_key(&drv) {
+                        self.claim(t, drv);
+                    }
                 }
             }
             Event::AssignmentGone { drv } => self.stop_build(t, &drv),
@@ -296,8 +299,9 @@ impl Entity<Event> for Builder {
                 }
             }
             Event::Steal { drv, from } => {
-                let free = self.claims.len() < self.config.max_jobs as usize;
-                if self.draining.is_none() && free && !self.claims.contains_key(&drv) {
+                let free = self.held() < self.config.max_jobs as usize;
+                let held = self.claims.contains_key(&drv) || self.building.contains_key(&drv);
+                if self.draining.is_none() && free && !held {
                     tracing::info!(%drv, %from, "stealing a step from a slower worker");
                     self.claim(t, drv);
                 }
@@ -348,6 +352,15 @@ impl Builder {
             free_slots: free.into(),
         };
         self.ds.update(t, &mut self.offer, Some(&offer));
+    }
+
+    /// How many steps this worker holds: given to it, or claimed.
+    fn held(&self) -> usize {
+        let waiting = self
+            .claims
+            .keys()
+            .filter(|d| !self.building.contains_key(*d));
+        self.building.len() + waiting.count()
     }
 
     /// Ask to build a step.

@@ -1,8 +1,8 @@
 //! Worker actors.
 //!
 //! [`builder`] joins a dataspace as a build worker: it announces what it can
-//! build, claims ready steps while it has free slots, builds the ones it is
-//! assigned with the local Nix, streams their logs and asserts the outcome.
+//! build and how many at once, builds the steps the planner gives it with the local Nix,
+//! streams their logs and reports the outcome.
 //! [`detached`] keeps those builds running across losses of the dataspace.
 //! [`service`] runs a builder that stays joined to a dataspace. [`machine`] reads what the
 //! machine offers its builds.

@@ -18,7 +18,8 @@
 //! It also counts the bytes of `<log drv worker line>` and `<build-activity drv worker event>`
 //! messages per step ([`LogBudget`]): past [`Limits::max_log_bytes_per_step`] it passes one
 //! notice on (as a `log` line) instead of the first message over and drops the rest of that
-//! step's log, so a worker ignoring its own log cap cannot flood the frontends.
+//! step's log, so a worker ignoring its own log cap cannot flood the frontends. A step's count
+//! starts afresh once the connection sends `<report-built drv …>` or `<report-failed drv …>`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -87,8 +88,6 @@ pub struct Limiter {
     demands: HashSet<Handle>,
     refused: u64,
     refusal: Option<Handle>,
-    /// The client's handles that are claims → the claimed step.
-    claims: HashMap<Handle, String>,
     /// Log bytes per step.
     log: LogBudget,
     /// What we warned about already (once per connection): dropped log lines, by why.
@@ -107,7 +106,6 @@ impl Limiter {
             demands: HashSet::new(),
             refused: 0,
             refusal: None,
-            claims: HashMap::new(),
             log: LogBudget::new(limits.max_log_bytes_per_step),
             warned: HashSet::new(),
         }
@@ -178,7 +176,6 @@ impl Limiter {
                 self.target.message(t, &notice);
             }
             Verdict::Drop => {}
-            Verdict::Untracked => self.warn_once(UNTRACKED),
         }
     }
 
@@ -211,10 +208,6 @@ fn event_size(event: &build::ActivityEvent) -> usize {
     }
 }
 
-/// Why lines of steps past [`MAX_UNCLAIMED_STEPS`](crate::log_budget::MAX_UNCLAIMED_STEPS)
-/// are dropped.
-const UNTRACKED: &str = "dropping log lines of steps not claimed: too many such steps at once";
-
 fn has_label(v: &AnyValue, label: &'static str) -> bool {
     v.is_record() && v.label() == AnyValue::symbol(label)
 }
@@ -231,9 +224,6 @@ impl Entity<AnyValue> for Limiter {
                 return Ok(());
             }
             self.demands.insert(h);
-        } else if let Ok(claim) = build::Claim::parse(&a) {
-            self.log.claimed(&claim.drv);
-            self.claims.insert(h, claim.drv);
         }
         if let Some(ours) = self.target.assert(t, &a) {
             self.forwarded.insert(h, ours);
@@ -243,9 +233,6 @@ impl Entity<AnyValue> for Limiter {
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
         self.demands.remove(&h);
-        if let Some(drv) = self.claims.remove(&h) {
-            self.log.released(&drv);
-        }
         if let Some(ours) = self.forwarded.remove(&h) {
             t.retract(ours);
         }
@@ -258,6 +245,11 @@ impl Entity<AnyValue> for Limiter {
         } else if has_label(&m, "build-activity") {
             self.activity(t, &m);
         } else {
+            if (has_label(&m, "report-built") || has_label(&m, "report-failed")) && m.len() > 0 {
+                if let Some(drv) = m.index(0).as_string() {
+                    self.log.ended(&drv);
+                }
+            }
             self.target.message(t, &m);
         }
         Ok(())

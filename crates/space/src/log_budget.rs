@@ -6,19 +6,23 @@
 //! bytes of log sent per step (`drv`); past the cap the first line over is replaced by a
 //! notice and the rest are dropped.
 //!
-//! Memory stays bounded: a step's counter is forgotten when the connection's last `<claim>`
-//! on it goes (a worker logs only steps it claimed and holds the claim while it builds), and
-//! at most [`MAX_UNCLAIMED_STEPS`] steps the connection does not claim are counted at once;
-//! lines of further unclaimed steps are dropped.
+//! A step's count lasts one build of it: it is forgotten when the connection reports the
+//! step built or failed (a worker logs a step while it builds it, then reports). Memory stays
+//! bounded: at most [`MAX_TRACKED_STEPS`] steps are counted at once, and a step logged past
+//! that bound makes the step logged least recently be forgotten (a build stopped without a
+//! report, because its assignment was withdrawn, logs no more). The cap therefore stops a
+//! runaway build log, not a connection set on flooding (it can report, or log as many other
+//! steps, to start a step's count again): what bounds that is the connection's flow control
+//! and each frontend's own cap on the log it keeps per step.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The default cap on the log bytes per step and connection: above the worker's own default
 /// (10 MiB), so a well-behaved worker's own truncation notice still gets through.
 pub const DEFAULT_MAX_LOG_BYTES_PER_STEP: u64 = 16 << 20;
 
-/// How many steps a connection may log without claiming them, counted at once.
-pub const MAX_UNCLAIMED_STEPS: usize = 64;
+/// How many steps one connection's log is counted for at once.
+pub const MAX_TRACKED_STEPS: usize = 1024;
 
 /// What to do with one log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +37,15 @@ pub enum Verdict {
     },
     /// Past the cap: drop it.
     Drop,
-    /// A step neither claimed nor counted while [`MAX_UNCLAIMED_STEPS`] others are: drop it.
-    Untracked,
 }
 
 /// One step's log so far.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct StepLog {
     /// Bytes of log (one more per line, for the newline) sent so far.
     bytes: u64,
-    /// The connection's live claims on the step.
-    claims: usize,
+    /// When it was last logged, in [`LogBudget::clock`] ticks (its key in `by_recency`).
+    last: u64,
 }
 
 /// Log bytes per step for one connection (see the module docs).
@@ -52,8 +54,10 @@ pub struct LogBudget {
     /// Bytes per step passed on at most; 0 means no cap.
     max: u64,
     steps: HashMap<String, StepLog>,
-    /// How many of `steps` have no claim.
-    unclaimed: usize,
+    /// The counted steps by when they were last logged, least recent first.
+    by_recency: BTreeMap<u64, String>,
+    /// Ticks once per line counted.
+    clock: u64,
 }
 
 impl LogBudget {
@@ -62,7 +66,8 @@ impl LogBudget {
         LogBudget {
             max,
             steps: HashMap::new(),
-            unclaimed: 0,
+            by_recency: BTreeMap::new(),
+            clock: 0,
         }
     }
 
@@ -71,27 +76,10 @@ impl LogBudget {
         self.max
     }
 
-    /// The connection claimed `drv`.
-    pub fn claimed(&mut self, drv: &str) {
-        let step = self.steps.entry(drv.to_owned()).or_insert_with(|| {
-            // Counted as unclaimed until the line below.
-            self.unclaimed += 1;
-            StepLog::default()
-        });
-        if step.claims == 0 {
-            self.unclaimed -= 1;
-        }
-        step.claims += 1;
-    }
-
-    /// One of the connection's claims on `drv` went; with the last one the step's counter
-    /// is forgotten.
-    pub fn released(&mut self, drv: &str) {
-        if let Some(step) = self.steps.get_mut(drv) {
-            step.claims = step.claims.saturating_sub(1);
-            if step.claims == 0 {
-                self.steps.remove(drv);
-            }
+    /// The connection reported `drv` built or failed: its next build is counted afresh.
+    pub fn ended(&mut self, drv: &str) {
+        if let Some(step) = self.steps.remove(drv) {
+            self.by_recency.remove(&step.last);
         }
     }
 
@@ -100,14 +88,26 @@ impl LogBudget {
         if self.max == 0 {
             return Verdict::Pass;
         }
+        self.clock += 1;
+        let now = self.clock;
         let step = match self.steps.get_mut(drv) {
-            Some(step) => step,
-            None if self.unclaimed >= MAX_UNCLAIMED_STEPS => return Verdict::Untracked,
+            Some(step) => {
+                self.by_recency.remove(&step.last);
+                step
+            }
             None => {
-                self.unclaimed += 1;
-                self.steps.entry(drv.to_owned()).or_default()
+                if self.steps.len() >= MAX_TRACKED_STEPS {
+                    if let Some((_, oldest)) = self.by_recency.pop_first() {
+                        self.steps.remove(&oldest);
+                    }
+                }
+                self.steps
+                    .entry(drv.to_owned())
+                    .or_insert(StepLog { bytes: 0, last: 0 })
             }
         };
+        step.last = now;
+        self.by_recency.insert(now, drv.to_owned());
         let before = step.bytes;
         step.bytes = before.saturating_add(len as u64 + 1);
         if step.bytes <= self.max {
@@ -151,36 +151,32 @@ mod tests {
     }
 
     #[test]
-    fn a_step_is_forgotten_with_its_last_claim() {
+    fn a_reported_step_is_counted_afresh() {
         let mut budget = LogBudget::new(10);
-        budget.claimed("a");
-        budget.claimed("a");
         assert_eq!(budget.admit("a", 20), Verdict::Truncate { after: 0 });
-        budget.released("a");
         assert_eq!(budget.admit("a", 1), Verdict::Drop);
-        budget.released("a");
+        budget.ended("a");
         assert_eq!(budget.tracked(), 0);
-        // Claimed anew (built again), it has its whole budget again.
-        budget.claimed("a");
+        // Built again, it has its whole budget again.
         assert_eq!(budget.admit("a", 8), Verdict::Pass);
+        // Reporting a step never logged changes nothing.
+        budget.ended("never-logged");
+        assert_eq!(budget.tracked(), 1);
     }
 
     #[test]
-    fn unclaimed_steps_are_counted_up_to_a_bound() {
+    fn past_the_bound_the_step_logged_least_recently_is_forgotten() {
         let mut budget = LogBudget::new(10);
-        for i in 0..MAX_UNCLAIMED_STEPS {
-            assert_eq!(budget.admit(&format!("s{i}"), 1), Verdict::Pass);
+        for i in 0..MAX_TRACKED_STEPS {
+            assert_eq!(budget.admit(&format!("s{i}"), 9), Verdict::Pass);
         }
-        assert_eq!(budget.admit("one-more", 1), Verdict::Untracked);
-        assert_eq!(budget.tracked(), MAX_UNCLAIMED_STEPS);
-        // Claimed steps are always counted, and claiming a counted step frees a place.
-        budget.claimed("claimed");
-        assert_eq!(budget.admit("claimed", 1), Verdict::Pass);
-        budget.claimed("s0");
+        // s0 logs again: s1 is now the least recent.
+        assert_eq!(budget.admit("s0", 100), Verdict::Truncate { after: 10 });
         assert_eq!(budget.admit("one-more", 1), Verdict::Pass);
-        assert_eq!(budget.admit("another", 1), Verdict::Untracked);
-        budget.released("s0");
-        budget.released("claimed");
-        assert_eq!(budget.tracked(), MAX_UNCLAIMED_STEPS);
+        assert_eq!(budget.tracked(), MAX_TRACKED_STEPS);
+        // s0 is still counted (over its cap); s1 was forgotten and starts again.
+        assert_eq!(budget.admit("s0", 1), Verdict::Drop);
+        assert_eq!(budget.admit("s1", 9), Verdict::Pass);
+        assert_eq!(budget.tracked(), MAX_TRACKED_STEPS);
     }
 }
