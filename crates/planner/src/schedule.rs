@@ -389,8 +389,12 @@ pub struct Schedule {
     running: BTreeMap<WorkerId, BTreeSet<DrvPath>>,
     /// The workers that may be given a step now: connected, offering free slots and given
     /// fewer steps than their `max_jobs` (kept by [`reopen`](Schedule::reopen), so dispatch
-    /// looks at these instead of every worker of a busy farm).
-    open: BTreeSet<WorkerId>,
+    /// looks at these instead of every worker of a busy farm), each with its place in
+    /// `open_order`.
+    open: BTreeMap<WorkerId, dispatch::OpenWorker>,
+    /// The open workers in the order dispatch prefers them, inputs aside: fastest, then
+    /// the most room, then by name.
+    open_order: BTreeSet<dispatch::OpenWorker>,
     /// Ready steps in take order (see [`dispatch`](Schedule::dispatch)).
     ready_queue: BTreeMap<dispatch::TakeOrder, DrvPath>,
     /// How many steps have been queued (the age in the take order).
@@ -429,7 +433,8 @@ impl Schedule {
             workers: BTreeMap::new(),
             free_slots: BTreeMap::new(),
             running: BTreeMap::new(),
-            open: BTreeSet::new(),
+            open: BTreeMap::new(),
+            open_order: BTreeSet::new(),
             ready_queue: BTreeMap::new(),
             queued_count: 0,
             early_claims: BTreeMap::new(),

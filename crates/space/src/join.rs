@@ -117,7 +117,7 @@ where
         let Some(gk) = relay::TunnelRelay::run(
             t,
             relay::Input::Bytes(Box::pin(i)),
-            relay::Output::Bytes(Box::pin(o)),
+            relay::Output::Bytes(Box::pin(crate::peer_gone::PeerGoneWriter::new(o))),
             None,
             Some(sturdy::Oid(0.into())),
             false,

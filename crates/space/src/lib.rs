@@ -20,6 +20,7 @@ pub mod keys;
 pub mod limits;
 pub mod log_budget;
 pub mod paced;
+pub mod peer_gone;
 pub mod policy;
 pub mod private_file;
 pub mod route;

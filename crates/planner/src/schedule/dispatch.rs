@@ -12,7 +12,9 @@
 //! on the biggest of them, alone (that worker is kept for it, given nothing else, until it is
 //! idle), so nothing waits for ever. Steps with no prediction count for nothing.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BTreeSet;
+use std::ops::Bound;
 use std::time::Instant;
 
 use nixspace_protocol::{DrvPath, WorkerId};
@@ -30,15 +32,37 @@ pub(super) struct TakeOrder {
     age: u64,
 }
 
-/// What a worker can still take in one dispatch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Room {
-    /// More steps it may be given.
-    slots: usize,
-    /// The memory its running steps' predictions leave free (`None`: it offers no total).
-    memory: Option<u64>,
-    /// Whether it builds nothing.
-    idle: bool,
+/// An open worker's place in dispatch's order of preference (inputs aside): the fastest
+/// first, then the one with the most room, then by name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct OpenWorker {
+    speed: Reverse<Speed>,
+    slots: Reverse<usize>,
+    id: WorkerId,
+}
+
+/// A worker's speed, ordered as [`f64::total_cmp`] orders it.
+#[derive(Debug, Clone, Copy)]
+struct Speed(f64);
+
+impl PartialEq for Speed {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Speed {}
+
+impl PartialOrd for Speed {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Speed {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 impl Schedule {
@@ -46,110 +70,115 @@ impl Schedule {
     /// worker, preferring (at equal speed) the one that built most of its inputs, then the
     /// one with the most room. Call after every change; it does nothing when no worker has
     /// room or nothing is ready.
+    ///
+    /// The open workers are kept in that order of preference (inputs aside), so a step
+    /// goes to the first of them that may take it, unless one holding its inputs is as fast:
+    /// on a farm of like workers a grant costs a look at one worker, not at every open one.
     pub fn dispatch(&mut self, effects: &mut Vec<Effect>) {
-        if self.ready_queue.is_empty() {
-            return;
-        }
-        let mut room = self.room();
-        if room.is_empty() {
-            return;
-        }
         let now = Instant::now();
-        let mut grants = Vec::new();
-        for drv in self.ready_queue.values() {
-            let Some(step) = self.steps.get(drv) else {
+        // Workers kept for a step bigger than every worker allows one build: given nothing
+        // else in this dispatch.
+        let mut kept = BTreeSet::new();
+        let mut after: Option<TakeOrder> = None;
+        while self.open.len() > kept.len() {
+            let next = match after {
+                None => self.ready_queue.iter().next(),
+                Some(order) => self
+                    .ready_queue
+                    .range((Bound::Excluded(order), Bound::Unbounded))
+                    .next(),
+            };
+            let Some((&order, drv)) = next else {
+                break;
+            };
+            after = Some(order);
+            let drv = drv.clone();
+            let Some(step) = self.steps.get(&drv) else {
                 continue;
             };
             // Only a step with a memory prediction asks how big the biggest worker is.
             let biggest = step
                 .info
                 .memory
-                .and_then(|_| self.biggest_build(drv, step, now));
-            let best = room
-                .iter()
-                .enumerate()
-                .filter(|(_, (worker, r))| {
-                    self.can_take(drv, step, worker, now) && self.fits(step, worker, r, biggest)
-                })
-                .max_by(|(_, (a, room_a)), (_, (b, room_b))| {
-                    let speed = |w: &WorkerId| self.workers.get(w).map_or(0.0, |o| o.speed);
-                    speed(a)
-                        .total_cmp(&speed(b))
-                        .then_with(|| {
-                            self.inputs_built_by(step, a)
-                                .cmp(&self.inputs_built_by(step, b))
-                        })
-                        .then_with(|| room_a.slots.cmp(&room_b.slots))
-                        .then_with(|| b.cmp(a))
-                })
-                .map(|(i, _)| i);
-            let Some(i) = best else {
-                if let (Some(need), Some(biggest)) = (step.info.memory, biggest) {
-                    if need > biggest {
-                        // Kept for the step: the biggest workers get nothing else until one
-                        // of them is idle.
-                        room.retain(|(w, _)| self.one_build(w) != Some(biggest));
-                        if room.is_empty() {
-                            break;
-                        }
-                    }
-                }
+                .and_then(|_| self.biggest_build(&drv, step, now));
+            if let Some(worker) = self.best_worker(&drv, step, now, biggest, &kept) {
+                self.grant(&drv, &worker, effects);
                 continue;
-            };
-            grants.push((drv.clone(), room[i].0.clone()));
-            let r = &mut room[i].1;
-            r.slots -= 1;
-            r.idle = false;
-            if let (Some(free), Some(need)) = (&mut r.memory, step.info.memory) {
-                *free = free.saturating_sub(need);
             }
-            if r.slots == 0 {
-                room.swap_remove(i);
-                if room.is_empty() {
-                    break;
+            if let (Some(need), Some(biggest)) = (step.info.memory, biggest) {
+                if need > biggest {
+                    // Kept for the step: the biggest workers get nothing else until one of
+                    // them is idle.
+                    let biggest_ones = self
+                        .open
+                        .keys()
+                        .filter(|w| self.one_build(w) == Some(biggest))
+                        .cloned()
+                        .collect::<Vec<_>>();
+                    kept.extend(biggest_ones);
                 }
             }
         }
-        for (drv, worker) in grants {
-            self.grant(&drv, &worker, effects);
-        }
     }
 
-    /// Workers that take part in dispatch and the room each has: the open ones (a full
-    /// worker, most of them on a busy farm, costs nothing here).
-    fn room(&self) -> Vec<(WorkerId, Room)> {
-        self.open
-            .iter()
-            .filter_map(|id| {
-                let offer = self.workers.get(id)?;
-                let running = self.running.get(id);
-                let slots =
-                    (offer.max_jobs as usize).saturating_sub(running.map_or(0, |r| r.len()));
-                let idle = running.is_none_or(|r| r.is_empty());
-                Some((
-                    id.clone(),
-                    Room {
-                        slots,
-                        memory: self.free_memory(id),
-                        idle,
-                    },
-                ))
+    /// The open worker (not in `kept`) that ready step `drv` goes to, if any may take it:
+    /// the first in the order of preference, or one as fast that built more of its inputs.
+    fn best_worker(
+        &self,
+        drv: &DrvPath,
+        step: &Step,
+        now: Instant,
+        biggest: Option<u64>,
+        kept: &BTreeSet<WorkerId>,
+    ) -> Option<WorkerId> {
+        let may_take = |w: &WorkerId| {
+            !kept.contains(w) && self.can_take(drv, step, w, now) && self.fits(step, w, biggest)
+        };
+        let first = self.open_order.iter().find(|o| may_take(&o.id));
+        let holders =
+            step.info
+                .input_drvs
+                .iter()
+                .filter_map(|input| match &self.steps.get(input)?.state {
+                    StepState::Built { worker, .. } => self.open.get(worker),
+                    _ => None,
+                });
+        first
+            .into_iter()
+            .chain(holders.filter(|o| may_take(&o.id)))
+            .max_by(|a, b| {
+                b.speed
+                    .cmp(&a.speed)
+                    .then_with(|| {
+                        self.inputs_built_by(step, &a.id)
+                            .cmp(&self.inputs_built_by(step, &b.id))
+                    })
+                    .then_with(|| b.cmp(a))
             })
-            .collect()
+            .map(|o| o.id.clone())
     }
 
-    /// Put `worker` among the open workers, or take it out, by what it offers and runs now.
-    /// Called wherever either changes.
+    /// Put `worker` among the open workers, or take it out, by what it offers and runs now,
+    /// in its place in the order of preference. Called wherever either changes.
     pub(super) fn reopen(&mut self, worker: &WorkerId) {
-        let has_room = self.workers.get(worker).is_some_and(|offer| {
-            self.free_slots.get(worker).is_some_and(|&free| free > 0)
-                && self.running.get(worker).map_or(0, |r| r.len()) < offer.max_jobs as usize
-        });
-        if has_room {
-            self.open.insert(worker.clone());
-        } else {
-            self.open.remove(worker);
+        if let Some(old) = self.open.remove(worker) {
+            self.open_order.remove(&old);
         }
+        let Some(offer) = self.workers.get(worker) else {
+            return;
+        };
+        let running = self.running.get(worker).map_or(0, |r| r.len());
+        let offers_slots = self.free_slots.get(worker).is_some_and(|&free| free > 0);
+        if !offers_slots || running >= offer.max_jobs as usize {
+            return;
+        }
+        let place = OpenWorker {
+            speed: Reverse(Speed(offer.speed)),
+            slots: Reverse(offer.max_jobs as usize - running),
+            id: worker.clone(),
+        };
+        self.open_order.insert(place.clone());
+        self.open.insert(worker.clone(), place);
     }
 
     /// The memory `worker`'s running steps leave of what it offers, by their predictions
@@ -205,18 +234,19 @@ impl Schedule {
             .max()
     }
 
-    /// Whether `step` fits `worker`'s `room` by memory: its prediction fits what one build
-    /// may use there and what the worker's running steps leave; or it is bigger than what
-    /// one build may use on every worker that may build it (`biggest`), and `worker`, one of
-    /// the biggest, is idle. A step or worker that says nothing of memory always fits.
-    fn fits(&self, step: &Step, worker: &WorkerId, room: &Room, biggest: Option<u64>) -> bool {
+    /// Whether `step` fits `worker` by memory: its prediction fits what one build may use
+    /// there and what the worker's running steps leave; or it is bigger than what one build
+    /// may use on every worker that may build it (`biggest`), and `worker`, one of the
+    /// biggest, is idle. A step or worker that says nothing of memory always fits.
+    fn fits(&self, step: &Step, worker: &WorkerId, biggest: Option<u64>) -> bool {
         let (Some(need), Some(one)) = (step.info.memory, self.one_build(worker)) else {
             return true;
         };
         if need <= one {
-            return room.memory.is_none_or(|free| need <= free);
+            return self.free_memory(worker).is_none_or(|free| need <= free);
         }
-        biggest.is_some_and(|biggest| need > biggest && one == biggest) && room.idle
+        let idle = self.running.get(worker).is_none_or(|r| r.is_empty());
+        biggest.is_some_and(|biggest| need > biggest && one == biggest) && idle
     }
 
     /// Whether `worker` may be given the ready step `drv` now.
@@ -421,9 +451,24 @@ mod tests {
             }
         }
         assert_eq!(
-            s.open, open,
+            s.open.keys().cloned().collect::<BTreeSet<_>>(),
+            open,
             "open workers out of step with offers and occupancy"
         );
+        assert_eq!(
+            s.open.values().cloned().collect::<BTreeSet<_>>(),
+            s.open_order,
+            "the order of the open workers out of step with them"
+        );
+        for place in &s.open_order {
+            let offer = &s.workers[&place.id];
+            let running = s.running.get(&place.id).map_or(0, |r| r.len());
+            assert_eq!(
+                place.slots.0,
+                offer.max_jobs as usize - running,
+                "{place:?}"
+            );
+        }
         effects
     }
 
@@ -517,6 +562,48 @@ mod tests {
         let e = s.built(&"a".into(), &holder.as_str().into(), vec!["/out/a".into()]);
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("b", holder.as_str())]);
+    }
+
+    #[test]
+    fn the_fastest_worker_goes_first_then_the_one_with_the_most_room() {
+        let mut s = Schedule::default();
+        for (id, speed, slots) in [
+            ("slow-big", 1.0, 3),
+            ("fast", 2.0, 1),
+            ("slow-small", 1.0, 1),
+        ] {
+            let offer = WorkerOffer {
+                speed,
+                ..worker("x86_64-linux", slots)
+            };
+            s.worker_joined(&id.into(), offer);
+            s.offer(&id.into(), slots.into());
+        }
+        let mut given = Vec::new();
+        for (drv, depth) in [("a", 9), ("b", 8), ("c", 7), ("d", 6), ("e", 5)] {
+            let e = s.demand(&drv.into(), step("x86_64-linux", &[]), urgency(0, depth));
+            let e = then(&mut s, e);
+            given.extend(assigns(&e).into_iter().map(|(d, w)| format!("{d}:{w}")));
+        }
+        // slow-big keeps the most room until it is down to one slot, then goes by name.
+        assert_eq!(
+            given,
+            [
+                "a:fast",
+                "b:slow-big",
+                "c:slow-big",
+                "d:slow-big",
+                "e:slow-small"
+            ]
+        );
+        // A fast worker freed takes the next step before any slower one with room.
+        let e = s.built(&"a".into(), &"fast".into(), vec!["/out/a".into()]);
+        then(&mut s, e);
+        let e = s.built(&"c".into(), &"slow-big".into(), vec!["/out/c".into()]);
+        then(&mut s, e);
+        let e = s.demand(&"f".into(), step("x86_64-linux", &["c"]), urgency(0, 1));
+        let e = then(&mut s, e);
+        assert_eq!(assigns(&e), vec![("f", "fast")]);
     }
 
     #[test]
