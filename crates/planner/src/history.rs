@@ -750,38 +750,24 @@ impl History {
         let drv = drv.as_str();
         let earlier = self.earlier_attempts;
         self.in_transaction(|tx| {
-            match worker {
-                Some(worker) => execute_cached(
-                    tx,
-                    "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
+            // The worker's open attempt; with no worker named, every attempt of this run.
+            execute_cached(
+                tx,
+                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
                      failed_input = ?6
-                 WHERE drv = ?1 AND finished IS NULL AND worker = ?7",
-                    params![
-                        drv,
-                        t,
-                        outcome.as_str(),
-                        reason,
-                        cause,
-                        failed_input,
-                        worker.as_str()
-                    ],
-                ),
-                None => execute_cached(
-                    tx,
-                    "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
-                     failed_input = ?6
-                 WHERE drv = ?1 AND finished IS NULL AND id > ?7",
-                    params![
-                        drv,
-                        t,
-                        outcome.as_str(),
-                        reason,
-                        cause,
-                        failed_input,
-                        earlier
-                    ],
-                ),
-            }?;
+                 WHERE drv = ?1 AND finished IS NULL
+                     AND CASE WHEN ?7 IS NULL THEN id > ?8 ELSE worker = ?7 END",
+                params![
+                    drv,
+                    t,
+                    outcome.as_str(),
+                    reason,
+                    cause,
+                    failed_input,
+                    worker.map(WorkerId::as_str),
+                    earlier
+                ],
+            )?;
             if !matches!(outcome, AttemptOutcome::Lost { .. }) {
                 let ended_by = match worker {
                     Some(w) => format!("the step ended on {w}"),

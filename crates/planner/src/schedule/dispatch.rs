@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use nixspace_protocol::{DrvPath, WorkerId};
 
-use super::{Effect, Schedule, Step, StepState};
+use super::{Effect, Schedule, Step, StepState, WorkerOffer};
 
 /// Where a ready step sits in the queue: highest priority first, then the longest predicted
 /// path of demanded steps from it up (see [`super::critical_path`]), then the deepest (the
@@ -207,16 +207,8 @@ impl Schedule {
         let Some(offer) = self.workers.get(worker) else {
             return false;
         };
-        let predicted_fits = match (step.info.memory, offer.resources.one_build()) {
-            (Some(need), Some(one)) => {
-                need <= one && self.free_memory(worker).is_none_or(|free| need <= free)
-            }
-            _ => true,
-        };
-        predicted_fits
-            && step
-                .needs_more_than
-                .is_none_or(|limit| offer.resources.allows_more_than(limit))
+        // No step counts as bigger than every worker here: it fits by its prediction alone.
+        self.fits(step, worker, None) && allows_what_killed(step, offer)
     }
 
     /// The most memory one build may use on `worker` (`None`: it says nothing).
@@ -257,9 +249,7 @@ impl Schedule {
         step.state == StepState::Ready
             && !self.kept_from(drv, worker, now)
             && !step.excluded.contains(worker)
-            && step
-                .needs_more_than
-                .is_none_or(|limit| offer.resources.allows_more_than(limit))
+            && allows_what_killed(step, offer)
             && offer.builds(&step.info)
     }
 
@@ -381,6 +371,13 @@ impl Schedule {
             self.leave(&worker, drv);
         }
     }
+}
+
+/// Whether `offer` lets one build use more memory than the limit `step` was killed for
+/// going over (true if it never was).
+fn allows_what_killed(step: &Step, offer: &WorkerOffer) -> bool {
+    step.needs_more_than
+        .is_none_or(|limit| offer.resources.allows_more_than(limit))
 }
 
 #[cfg(test)]
