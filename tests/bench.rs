@@ -138,6 +138,8 @@ fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
         "dispatch",
         "--steps",
         "50",
+        "--layers",
+        "5",
         "--runs",
         "1",
         "--latency-steps",
@@ -146,6 +148,7 @@ fn bench_dataspace_and_dispatch_report_rates_and_latencies() {
         "500",
     ]);
     for row in [
+        "50 steps in 5 layers",
         "demand → assigned",
         "assigned → built",
         "demand → built",

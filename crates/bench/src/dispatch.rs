@@ -25,7 +25,8 @@ use crate::resident::Process;
 /// The scheduler alone: simulated workers that finish every step at once.
 ///
 /// Starts `nixspace up`, joins WORKERS simulated workers of JOBS slots each over its socket,
-/// demands STEPS independent steps and waits until all are reported built. Prints how long a
+/// demands STEPS steps in LAYERS layers (each step past the first layer needs two steps of
+/// the layer before; one layer: independent steps) and waits until all are reported built. Prints how long a
 /// worker's slot stays idle (step reported built → next step assigned to it) as
 /// min/median/p99/max, and the steps per second through the whole cycle, per run; then, per
 /// run, how long after the demands the first step was assigned, and how much `up`'s peak
@@ -38,6 +39,10 @@ pub struct DispatchArgs {
     /// Steps demanded per run.
     #[arg(long, default_value_t = 2000)]
     steps: usize,
+    /// Layers the steps are spread over, as evenly as they go: each step past the first layer
+    /// needs the step in its place in the layer before and the next one. 1: independent steps.
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
     /// Simulated workers.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -65,9 +70,9 @@ pub struct DispatchArgs {
 
 /// Run `nixspace bench dispatch`.
 pub async fn run(args: DispatchArgs) -> Result<ExitCode, BenchError> {
-    if args.steps == 0 || args.workers == 0 || args.jobs == 0 || args.runs == 0 {
+    if [args.steps, args.layers, args.workers, args.jobs, args.runs].contains(&0) {
         return Err(BenchError::Arguments(
-            "--steps, --workers, --jobs and --runs must be at least 1",
+            "--steps, --layers, --workers, --jobs and --runs must be at least 1",
         ));
     }
     let Scratch {
@@ -117,8 +122,8 @@ async fn runs(
         );
     }
     println!(
-        "nixspace bench dispatch: {} steps, {} simulated workers × {} slots, {} ms per step, {} runs",
-        args.steps, args.workers, args.jobs, args.build_ms, args.runs
+        "nixspace bench dispatch: {} steps in {} layers, {} simulated workers × {} slots, {} ms per step, {} runs",
+        args.steps, args.layers, args.workers, args.jobs, args.build_ms, args.runs
     );
     // Every slot busy all the time.
     let ideal = (args.build_ms > 0)
@@ -135,7 +140,7 @@ async fn runs(
             *s = Slots::default();
         }
         let before = up.map(Process::resident_peak_reset).transpose()?;
-        let (start, total) = demand_all(&submit_route, args.steps, run).await?;
+        let (start, total) = demand_all(&submit_route, args.steps, args.layers, run).await?;
         let peak = up.map(Process::peak_resident).transpose()?;
         let first = assigned.lock().ok().and_then(|a| {
             a.iter()
@@ -271,6 +276,8 @@ async fn one_at_a_time(
         let demand = sim_demand(
             &format!("/nix/store/latency{i:025}-sim.drv"),
             "bench-latency",
+            vec![],
+            0,
         );
         let drv = demand.drv.clone();
         let ds = Arc::clone(&ds);
@@ -322,21 +329,22 @@ fn print_latency(steps: usize, lat: &[(Duration, Duration)]) {
     row("demand → built", lat.iter().map(|l| l.0 + l.1).collect());
 }
 
-/// A demand for an independent step `drv` of this machine's system.
-fn sim_demand(drv: &str, requester: &str) -> build::Demand {
+/// A demand for step `drv` of this machine's system, needing the steps `inputs`, with
+/// `depth` demanded steps above it.
+fn sim_demand(drv: &str, requester: &str, inputs: Vec<String>, depth: usize) -> build::Demand {
     build::Demand {
         drv: drv.to_owned(),
         step: build::StepInfo {
             system: nixspace_nix_tools::current_system(),
             features: vec![],
-            input_drvs: vec![],
+            input_drvs: inputs,
             settings: nixspace_protocol::BuildSettings::default().to_wire(),
             outputs: vec![],
             memory: 0.into(),
         },
         requester: requester.to_owned(),
         priority: 0.into(),
-        depth: 0.into(),
+        depth: (depth as i64).into(),
         derivation: Vec::new(),
     }
 }
@@ -346,19 +354,37 @@ fn run_prefix(run: usize) -> String {
     format!("/nix/store/{run:08}")
 }
 
-/// Demand `steps` independent steps and wait until every one is reported built: when the
-/// demands were asserted, and how long until the last was built.
+/// Demand `steps` steps in `layers` layers (see [`DispatchArgs`]), inputs first, and wait
+/// until every one is reported built: when the demands were asserted, and how long until
+/// the last was built.
 async fn demand_all(
     route: &Route,
     steps: usize,
+    layers: usize,
     run: usize,
 ) -> Result<(Instant, Duration), BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let prefix = run_prefix(run);
     let requester = format!("bench-dispatch-{run}");
+    let name = |i: usize| format!("{prefix}{i:024}-sim.drv");
+    let width = steps.div_ceil(layers);
     let demands: Vec<build::Demand> = (0..steps)
-        .map(|i| sim_demand(&format!("{prefix}{i:024}-sim.drv"), &requester))
+        .map(|i| {
+            let (layer, place) = (i / width, i % width);
+            let below = (layer * width).saturating_sub(width);
+            let inputs = if layer == 0 {
+                vec![]
+            } else {
+                let mut inputs = vec![name(below + place)];
+                if width > 1 {
+                    inputs.push(name(below + (place + 1) % width));
+                }
+                inputs
+            };
+            let depth = (steps - 1) / width - layer;
+            sim_demand(&name(i), &requester, inputs, depth)
+        })
         .collect();
     let start = Instant::now();
     let built = Arc::new(Mutex::new(0usize));
