@@ -300,8 +300,8 @@ impl Entity<Event> for Builder {
             }
             Event::Steal { drv, from } => {
                 let free = self.held() < self.config.max_jobs as usize;
-                let held = self.claims.contains_key(&drv) || self.building.contains_key(&drv);
-                if self.draining.is_none() && free && !held {
+                let holds_it = self.claims.contains_key(&drv) || self.building.contains_key(&drv);
+                if self.draining.is_none() && free && !holds_it {
                     tracing::info!(%drv, %from, "stealing a step from a slower worker");
                     self.claim(t, drv);
                 }

@@ -786,13 +786,12 @@ impl History {
             match outcome {
                 AttemptOutcome::Built { outputs } => {
                     execute_cached(
-                    tx,
-                    "UPDATE steps SET status = 'built', outputs = ?2, error = NULL, cause = NULL,
-                         failed_input = NULL, finished = ?3
-                     WHERE drv = ?1",
-                    params![drv, outputs.join(" "), t],
-                )
-                ?;
+                        tx,
+                        "UPDATE steps SET status = 'built', outputs = ?2, error = NULL,
+                             cause = NULL, failed_input = NULL, finished = ?3
+                         WHERE drv = ?1",
+                        params![drv, outputs.join(" "), t],
+                    )?;
                     // The originals resolved to it have its outputs.
                     execute_cached(
                         tx,
@@ -803,13 +802,12 @@ impl History {
                 }
                 AttemptOutcome::Failed { .. } => {
                     execute_cached(
-                    tx,
-                    "UPDATE steps SET status = 'failed', error = ?2, cause = ?3, failed_input = ?4,
-                         finished = ?5
-                     WHERE drv = ?1",
-                    params![drv, reason, cause, failed_input, t],
-                )
-                ?;
+                        tx,
+                        "UPDATE steps SET status = 'failed', error = ?2, cause = ?3,
+                             failed_input = ?4, finished = ?5
+                         WHERE drv = ?1",
+                        params![drv, reason, cause, failed_input, t],
+                    )?;
                 }
                 AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
             }

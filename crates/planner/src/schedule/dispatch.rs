@@ -92,16 +92,17 @@ impl Schedule {
                 break;
             };
             after = Some(order);
-            let drv = drv.clone();
-            let Some(step) = self.steps.get(&drv) else {
+            let Some(step) = self.steps.get(drv) else {
                 continue;
             };
             // Only a step with a memory prediction asks how big the biggest worker is.
             let biggest = step
                 .info
                 .memory
-                .and_then(|_| self.biggest_build(&drv, step, now));
-            if let Some(worker) = self.best_worker(&drv, step, now, biggest, &kept) {
+                .and_then(|_| self.biggest_build(drv, step, now));
+            if let Some(worker) = self.best_worker(drv, step, now, biggest, &kept) {
+                // Copied only to be given: the steps nobody may take are looked at in place.
+                let drv = drv.clone();
                 self.grant(&drv, &worker, effects);
                 continue;
             }
