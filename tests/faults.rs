@@ -539,53 +539,42 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-#[test]
-fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering() {
-    const CAP: usize = 1_000;
-    const FLOOD: usize = 100_000;
-    let space = Space::start_with(&["--max-demands-per-client", &CAP.to_string()]);
-    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
-    let demands: Vec<AnyValue> = (0..FLOOD)
+/// A flood of 100,000 demands, each as `demand` says, for steps no worker can build.
+fn flood_demands() -> Vec<build::Demand> {
+    (0..100_000)
         .map(|i| {
-            build::Demand {
-                drv: format!("/nix/store/{i:032}-flood.drv"),
-                step: build::StepInfo {
-                    system: "test-system".to_owned(),
-                    features: vec![],
-                    input_drvs: vec![],
-                    settings: nixspace_protocol::BuildSettings::default().to_wire(),
-                    outputs: vec![],
-                    memory: 0.into(),
-                },
-                requester: "flooder".to_owned(),
-                priority: 0.into(),
-                depth: 0.into(),
-                derivation: Vec::new(),
-            }
-            .unparse()
+            nixspace_test_support::dataspace::demand_record(
+                &format!("/nix/store/{i:032}-flood.drv"),
+                "flooder",
+            )
         })
-        .collect();
+        .collect()
+}
+
+/// A client asserting `records` on a coordinator taking at most `cap` demands per client is
+/// told it was refused, the coordinator keeps `kept` steps and still answers, and leaving
+/// withdraws them.
+fn a_flood_is_capped(cap: usize, records: Vec<AnyValue>, kept: usize) {
+    let space = Space::start_with(&["--max-demands-per-client", &cap.to_string()]);
+    let route = Route::read(&Role::Submit.route_file(&space.dir())).expect("route");
     let started = Instant::now();
     runtime().block_on(async {
-        let flood = Session::join_within(&route, demands, Duration::from_secs(120))
+        let flood = Session::join_within(&route, records, Duration::from_secs(120))
             .await
             .expect("join with the flood");
-        eprintln!(
-            "flood: {FLOOD} demands taken or refused in {:?}",
-            started.elapsed()
-        );
+        eprintln!("flood: demands taken or refused in {:?}", started.elapsed());
         // The flooder is told, in words.
         let refusals = flood.with_label("demands-refused");
         assert_eq!(refusals.len(), 1, "{refusals:?}");
         let text = nixspace_test_support::dataspace::text(&refusals[0]);
         assert!(text.contains("\"flooder\""), "{text}");
-        assert!(text.contains(&format!("at most {CAP}")), "{text}");
-        // The coordinator kept the first CAP demands only, and still answers.
+        assert!(text.contains(&format!("at most {cap}")), "{text}");
+        // The coordinator kept the demands within the cap only, and still answers.
         space.wait_for_status("the capped flood, each step unschedulable", |r| {
             r["demands"]
                 .as_array()
-                .is_some_and(|d| d.iter().any(|d| d["steps"] == CAP))
-                && r["unschedulable"].as_object().map(|u| u.len()) == Some(CAP)
+                .is_some_and(|d| d.iter().any(|d| d["steps"] == kept))
+                && r["unschedulable"].as_object().map(|u| u.len()) == Some(kept)
         });
         let rss = peak_rss(space.up_pid()) / 1024;
         eprintln!("flood: peak RSS of nixspace up {} MiB", rss / 1024);
@@ -601,6 +590,28 @@ fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering()
         "refused demands over the per-connection cap",
         Duration::from_secs(5),
     );
+}
+
+#[test]
+fn a_client_over_the_demand_cap_is_refused_and_the_coordinator_keeps_answering() {
+    let records = flood_demands().iter().map(Unparse::unparse).collect();
+    a_flood_is_capped(1_000, records, 1_000);
+}
+
+#[test]
+fn a_demands_record_counts_each_of_its_demands_against_the_cap() {
+    // 333 records of 300 demands: three fit under a cap of 1,000, the fourth would go past
+    // it and is refused whole, as are the rest. Counted per record, all would be taken.
+    let records = flood_demands()[..99_900]
+        .chunks(300)
+        .map(|demands| {
+            build::Demands {
+                demands: demands.to_vec(),
+            }
+            .unparse()
+        })
+        .collect();
+    a_flood_is_capped(1_000, records, 900);
 }
 
 #[test]

@@ -197,7 +197,7 @@ async fn runs(
                 + RETRACTIONS_PER_STEP / rates[1]
                 + MESSAGES_PER_STEP / rates[2]);
         println!(
-            "at {ASSERTIONS_PER_STEP} assertions, {RETRACTIONS_PER_STEP} retractions and {MESSAGES_PER_STEP} message per step, the dataspace allows {ceiling:.0} steps/s; the runs reached {}",
+            "at {ASSERTIONS_PER_STEP:.3} assertions, {RETRACTIONS_PER_STEP} retractions and {MESSAGES_PER_STEP} message per step, the dataspace allows {ceiling:.0} steps/s; the runs reached {}",
             rates_reached
                 .iter()
                 .map(|r| format!("{:.0}%", 100.0 * r / ceiling))
@@ -215,10 +215,11 @@ async fn runs(
     Ok(ExitCode::SUCCESS)
 }
 
-/// What one step of this benchmark asks of the dataspace: the demand, the assignment and the
-/// planner's `built` are asserted; the assignment is retracted (the demand and `built` stay
-/// until the run ends); the worker's report is a message.
-const ASSERTIONS_PER_STEP: f64 = 3.0;
+/// What one step of this benchmark asks of the dataspace: the assignment and the planner's
+/// `built` are asserted, and its demand's share of a `<demands …>` record; the assignment
+/// is retracted (the demands and `built` stay until the run ends); the worker's report is a
+/// message.
+const ASSERTIONS_PER_STEP: f64 = 2.0 + 1.0 / nixspace_space::paced::DEMANDS_PER_RECORD as f64;
 /// See [`ASSERTIONS_PER_STEP`].
 const RETRACTIONS_PER_STEP: f64 = 1.0;
 /// See [`ASSERTIONS_PER_STEP`].
@@ -404,7 +405,7 @@ async fn demand_all(
             Ok(())
         }));
         // As a frontend's session does.
-        nixspace_space::paced::assert_in_turns(t, ds, demands.into_iter());
+        nixspace_space::paced::assert_demands(t, ds, demands.into_iter());
         Ok(())
     })
     .await?;

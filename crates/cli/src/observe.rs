@@ -60,6 +60,45 @@ fn track(
     Ok(())
 }
 
+/// What the snapshot shows of one demand.
+struct DemandView {
+    drv: String,
+    system: String,
+    requester: String,
+    priority: i64,
+}
+
+/// Show `demands` (one record's) while the record is asserted.
+fn track_demands(t: &mut Activation, snapshot: &Observed, demands: Vec<DemandView>) -> ActorResult {
+    let gone: Vec<(String, String)> = demands
+        .iter()
+        .map(|d| (d.requester.clone(), d.drv.clone()))
+        .collect();
+    track(
+        t,
+        snapshot,
+        |s| {
+            for d in demands {
+                s.systems.insert(d.drv.clone(), d.system);
+                s.demands
+                    .entry(d.requester)
+                    .or_default()
+                    .insert(d.drv, d.priority);
+            }
+        },
+        move |s| {
+            for (requester, drv) in gone {
+                if let Some(steps) = s.demands.get_mut(&requester) {
+                    steps.remove(&drv);
+                    if steps.is_empty() {
+                        s.demands.remove(&requester);
+                    }
+                }
+            }
+        },
+    )
+}
+
 /// Keep `observed` up to date with the workers, offers, demands, steps, transfers, rejected
 /// results and unschedulable steps asserted in `ds`.
 pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
@@ -101,18 +140,18 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
     enclose!((snapshot) during!(t, ds,
     <demand $drv: String $step: build::StepInfo $requester: String $priority: i64 _>,
     |t: &mut Activation| {
-        let (d, r) = (drv.clone(), requester.clone());
-        track(t, &snapshot, |s| {
-            s.demands.entry(requester.clone()).or_default().insert(drv.clone(), priority);
-            s.systems.insert(drv.clone(), step.system.clone());
-        }, move |s| {
-            if let Some(steps) = s.demands.get_mut(&r) {
-                steps.remove(&d);
-                if steps.is_empty() {
-                    s.demands.remove(&r);
-                }
-            }
-        })
+        track_demands(t, &snapshot, vec![DemandView { drv, system: step.system, requester, priority }])
+    }));
+    enclose!((snapshot) during!(t, ds, <demands $demands: Vec<build::Demand>>,
+    |t: &mut Activation| {
+        // A demand whose priority is out of range is left out, as the planner leaves it.
+        let views = demands.into_iter().filter_map(|d| Some(DemandView {
+            priority: i64::try_from(&d.priority).ok()?,
+            drv: d.drv,
+            system: d.step.system,
+            requester: d.requester,
+        }));
+        track_demands(t, &snapshot, views.collect())
     }));
     enclose!((snapshot) during!(t, ds, <ready $drv: String _ _ _>, |t: &mut Activation| {
         let d = drv.clone();

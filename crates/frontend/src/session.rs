@@ -556,7 +556,7 @@ impl BuildSession {
                     .collect();
                 // Over a run of turns, inputs first: the planner takes in and gives out the
                 // first steps of a large build while the rest are still on their way.
-                nixspace_space::paced::assert_in_turns(t, ds, unsettled.into_iter());
+                nixspace_space::paced::assert_demands(t, ds, unsettled.into_iter());
                 Ok(())
             }
         };

@@ -9,6 +9,9 @@
 //! reason>`, which the frontend of that name turns into an error. A client using many
 //! requester names is not caught here.
 //!
+//! Demands come one to a `<demand …>` record or many to a `<demands …>` record; the cap counts
+//! demands, and a record's retraction withdraws each of its demands.
+//!
 //! A demand whose derivation text is not its step's is taken only while a trusted frontend
 //! vouches for exactly that text with `<inline-derivation drv text>` (a record only the
 //! trusted role may assert): a derivation a trusted Nix client sent inline, built as it is
@@ -114,18 +117,20 @@ struct Seen {
     admission: Admission,
 }
 
-/// Observes `<demand …>` assertions and passes those within the cap on to the planner.
+/// Observes `<demand …>` and `<demands …>` assertions and passes the demands within the cap
+/// on to the planner.
 pub struct DemandGate {
     ds: Arc<Cap>,
     planner: Arc<Ref<Event>>,
     cap: RequesterCap,
-    seen: HashMap<Handle, Seen>,
+    /// The demands each record carried that were taken or refused.
+    seen: HashMap<Handle, Vec<Seen>>,
     /// The refusal asserted for each requester over the cap.
     refusals: HashMap<String, Handle>,
     /// The inline derivations trusted frontends vouch for: step → (vouch, text).
     vouched: HashMap<String, Vec<(Handle, Vec<u8>)>>,
-    /// Demands whose text is not their step's and that no vouch covers (yet).
-    unvouched: HashMap<Handle, build::Demand>,
+    /// Demands whose text is not their step's and that no vouch covers (yet), by record.
+    unvouched: HashMap<Handle, Vec<build::Demand>>,
 }
 
 impl DemandGate {
@@ -144,6 +149,7 @@ impl DemandGate {
         let observer = t.create_cap(gate);
         for pattern in [
             build::Demand::wildcard_dataspace_pattern(),
+            build::Demands::wildcard_dataspace_pattern(),
             build::InlineDerivation::wildcard_dataspace_pattern(),
         ] {
             ds.assert(
@@ -168,20 +174,20 @@ impl DemandGate {
     /// A trusted frontend vouched for an inline derivation: the demands waiting for it are
     /// taken.
     fn vouch(&mut self, t: &mut Activation, vouch: build::InlineDerivation, h: Handle) {
-        let waiting: Vec<Handle> = self
-            .unvouched
-            .iter()
-            .filter(|(_, d)| d.drv == vouch.drv && d.derivation == vouch.derivation)
-            .map(|(h, _)| *h)
-            .collect();
+        let covered = |d: &build::Demand| d.drv == vouch.drv && d.derivation == vouch.derivation;
+        let mut waiting = Vec::new();
+        self.unvouched.retain(|handle, demands| {
+            let (now, still): (Vec<_>, Vec<_>) = demands.drain(..).partition(covered);
+            waiting.extend(now.into_iter().map(|d| (*handle, d)));
+            *demands = still;
+            !demands.is_empty()
+        });
         self.vouched
             .entry(vouch.drv)
             .or_default()
             .push((h, vouch.derivation));
-        for handle in waiting {
-            if let Some(demand) = self.unvouched.remove(&handle) {
-                self.take(t, demand, handle);
-            }
+        for (handle, demand) in waiting {
+            self.take(t, demand, handle);
         }
     }
 
@@ -204,7 +210,7 @@ impl DemandGate {
         true
     }
 
-    /// Take `demand` (asserted as `h`) if it is wanted and within its requester's cap.
+    /// Take `demand` (asserted in record `h`) if it is wanted and within its requester's cap.
     fn take(&mut self, t: &mut Activation, demand: build::Demand, h: Handle) {
         let inline = self.vouches(&demand.drv, &demand.derivation);
         let (step, urgency) = match wanted(&demand, inline) {
@@ -212,7 +218,7 @@ impl DemandGate {
             Err(why) => {
                 tracing::warn!(drv = %demand.drv, requester = %demand.requester, %why, "ignoring a demand");
                 if !demand.derivation.is_empty() {
-                    self.unvouched.insert(h, demand);
+                    self.unvouched.entry(h).or_default().push(demand);
                 }
                 return;
             }
@@ -231,14 +237,11 @@ impl DemandGate {
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
             Admission::Refused { first: false } => {}
         }
-        self.seen.insert(
-            h,
-            Seen {
-                drv: demand.drv,
-                requester: demand.requester,
-                admission,
-            },
-        );
+        self.seen.entry(h).or_default().push(Seen {
+            drv: demand.drv,
+            requester: demand.requester,
+            admission,
+        });
     }
 
     /// Tell `requester` (once while it is over the cap) that demands were refused.
@@ -300,32 +303,40 @@ impl Entity<Vec<AnyValue>> for DemandGate {
             self.vouch(t, vouch, h);
             return Ok(());
         }
-        match build::Demand::parse(value) {
-            Ok(demand) => self.take(t, demand, h),
-            Err(_) => tracing::warn!(?value, "ignoring a malformed demand"),
+        if let Ok(demand) = build::Demand::parse(value) {
+            self.take(t, demand, h);
+        } else if let Ok(record) = build::Demands::parse(value) {
+            for demand in record.demands {
+                self.take(t, demand, h);
+            }
+        } else {
+            tracing::warn!("ignoring a malformed demand record");
         }
         Ok(())
     }
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
-        if self.unvouched.remove(&h).is_some() || self.unvouch(h) {
-            return Ok(());
-        }
+        let waited = self.unvouched.remove(&h).is_some();
         let Some(seen) = self.seen.remove(&h) else {
+            if !waited {
+                self.unvouch(h);
+            }
             return Ok(());
         };
-        if seen.admission == Admission::Taken {
-            t.message(
-                &self.planner,
-                Event::Undemand {
-                    drv: seen.drv.into(),
-                    requester: seen.requester.clone(),
-                },
-            );
-        }
-        if self.cap.withdraw(&seen.requester, seen.admission) {
-            if let Some(refusal) = self.refusals.remove(&seen.requester) {
-                t.retract(refusal);
+        for seen in seen {
+            if seen.admission == Admission::Taken {
+                t.message(
+                    &self.planner,
+                    Event::Undemand {
+                        drv: seen.drv.into(),
+                        requester: seen.requester.clone(),
+                    },
+                );
+            }
+            if self.cap.withdraw(&seen.requester, seen.admission) {
+                if let Some(refusal) = self.refusals.remove(&seen.requester) {
+                    t.retract(refusal);
+                }
             }
         }
         Ok(())

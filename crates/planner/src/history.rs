@@ -541,20 +541,22 @@ impl History {
     }
 
     /// Run `f` in one transaction (a savepoint within an open batch), committed when it
-    /// succeeds.
+    /// succeeds and rolled back when it fails. The savepoint's statements are prepared once
+    /// (the planner runs this for every step it gives out and every step that ends).
     pub(crate) fn in_transaction<T>(
         &mut self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, HistoryError> {
-        let path = &self.path;
-        let err = |source| HistoryError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let tx = self.conn.savepoint().map_err(err)?;
-        let value = f(&tx).map_err(err)?;
-        tx.commit().map_err(err)?;
-        Ok(value)
+        let conn = &self.conn;
+        let done = execute_cached(conn, "SAVEPOINT change", []).and_then(|_| {
+            let done = f(conn).and_then(|v| execute_cached(conn, "RELEASE change", []).map(|_| v));
+            if done.is_err() {
+                // Undo the change and end the savepoint; the error that matters is the first.
+                let _ = conn.execute_batch("ROLLBACK TO change; RELEASE change");
+            }
+            done
+        });
+        done.map_err(|e| self.err(e))
     }
 
     pub(crate) fn err(&self, source: rusqlite::Error) -> HistoryError {
@@ -749,14 +751,26 @@ impl History {
         let (reason, cause, failed_input) = outcome.failure();
         let drv = drv.as_str();
         let earlier = self.earlier_attempts;
+        let step_ends = !matches!(outcome, AttemptOutcome::Lost { .. });
+        let ended_by = match worker {
+            Some(w) => format!("the step ended on {w}"),
+            None => "the step ended".to_owned(),
+        };
         self.in_transaction(|tx| {
-            // The worker's open attempt; with no worker named, every attempt of this run.
+            // The worker's open attempt (with no worker named, every attempt of this run)
+            // takes the outcome; when the step ends, its other open attempts end too.
             execute_cached(
                 tx,
-                "UPDATE attempts SET finished = ?2, outcome = ?3, reason = ?4, cause = ?5,
-                     failed_input = ?6
-                 WHERE drv = ?1 AND finished IS NULL
-                     AND CASE WHEN ?7 IS NULL THEN id > ?8 ELSE worker = ?7 END",
+                "UPDATE attempts SET finished = ?2,
+                     outcome = CASE WHEN mine THEN ?3 WHEN id <= ?8 THEN 'lost'
+                         ELSE 'cancelled' END,
+                     reason = CASE WHEN mine THEN ?4 WHEN id <= ?8 THEN ?9 ELSE ?10 END,
+                     cause = CASE WHEN mine THEN ?5 WHEN id <= ?8 THEN 'infrastructure' END,
+                     failed_input = CASE WHEN mine THEN ?6 ELSE failed_input END
+                 FROM (SELECT id AS attempt,
+                           CASE WHEN ?7 IS NULL THEN id > ?8 ELSE worker = ?7 END AS mine
+                       FROM attempts WHERE drv = ?1 AND finished IS NULL)
+                 WHERE id = attempt AND (mine OR ?11)",
                 params![
                     drv,
                     t,
@@ -765,24 +779,12 @@ impl History {
                     cause,
                     failed_input,
                     worker.map(WorkerId::as_str),
-                    earlier
+                    earlier,
+                    INTERRUPTED,
+                    ended_by,
+                    step_ends
                 ],
             )?;
-            if !matches!(outcome, AttemptOutcome::Lost { .. }) {
-                let ended_by = match worker {
-                    Some(w) => format!("the step ended on {w}"),
-                    None => "the step ended".to_owned(),
-                };
-                execute_cached(
-                    tx,
-                    "UPDATE attempts SET finished = ?2,
-                     outcome = CASE WHEN id <= ?3 THEN 'lost' ELSE 'cancelled' END,
-                     reason = CASE WHEN id <= ?3 THEN ?4 ELSE ?5 END,
-                     cause = CASE WHEN id <= ?3 THEN 'infrastructure' END
-                 WHERE drv = ?1 AND finished IS NULL",
-                    params![drv, t, earlier, INTERRUPTED, ended_by],
-                )?;
-            }
             match outcome {
                 AttemptOutcome::Built { outputs } => {
                     execute_cached(
@@ -1404,6 +1406,47 @@ mod tests {
         assert_eq!(recorded[0].2.as_deref(), Some(INTERRUPTED));
         assert_eq!(recorded[1].0, "w2");
         assert_eq!(recorded[1].1.as_deref(), Some("built"));
+    }
+
+    #[test]
+    fn a_change_that_fails_is_undone_and_the_next_one_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = History::open(&dir.path().join("h.sqlite")).unwrap();
+        h.demanded(&DrvPath::from("a"), "x86_64-linux").unwrap();
+        let count = |h: &History| -> i64 {
+            h.conn
+                .query_row("SELECT COUNT(*) FROM attempts", [], |r| r.get(0))
+                .unwrap()
+        };
+        for batch in [false, true] {
+            if batch {
+                h.begin_batch().unwrap();
+            }
+            // A change whose second statement fails leaves nothing of its first.
+            let failed = h.in_transaction(|tx| {
+                execute_cached(
+                    tx,
+                    "INSERT INTO attempts (drv, worker, started) VALUES ('a', 'w', 0)",
+                    [],
+                )?;
+                execute_cached(tx, "INSERT INTO no_such_table VALUES (1)", [])
+            });
+            assert!(failed.is_err());
+            assert_eq!(count(&h), 0);
+            // Positive control: the same change without the failing statement is kept.
+            h.in_transaction(|tx| {
+                execute_cached(
+                    tx,
+                    "INSERT INTO attempts (drv, worker, started) VALUES ('a', 'w', 0)",
+                    [],
+                )
+            })
+            .unwrap();
+            h.end_batch().unwrap();
+            assert!(h.conn.is_autocommit(), "a savepoint was left open");
+            assert_eq!(count(&h), 1);
+            h.conn.execute("DELETE FROM attempts", []).unwrap();
+        }
     }
 
     #[test]

@@ -252,6 +252,7 @@ mod tests {
             );
         }
         assert!(text.contains("<accept <demand _ _ _ _ _ _>>"), "{text}");
+        assert!(text.contains("<accept <demands _>>"), "{text}");
         // Observations are confined to record patterns, bound whole or not.
         assert!(
             text.contains("<accept <Observe <group <rec built> _> _>>"),

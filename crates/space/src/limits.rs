@@ -10,9 +10,9 @@
 //!
 //! The [`Doorman`](crate::doorman::Doorman) hands every client that resolved a capability a
 //! [`Limiter`] in front of the role's dataspace instead of the dataspace itself. The limiter
-//! forwards everything, counting the client's live `<demand …>` assertions; past
-//! [`Limits::max_demands`] it drops further demands and asserts, once and for as long as the
-//! connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
+//! forwards everything, counting the demands in the client's live `<demand …>` and
+//! `<demands …>` assertions; a record that would take the count past [`Limits::max_demands`]
+//! it drops whole, and it asserts, once and for as long as the connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
 //! clear error). Dropped demands never reach the dataspace's index or the planner.
 //!
 //! It also counts the bytes of `<log drv worker line>` and `<build-activity drv worker event>`
@@ -48,7 +48,7 @@ pub const DEFAULT_RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What one connection may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Live `demand` assertions per connection.
+    /// Live demands per connection (one per `demand` record, each of a `demands` record).
     pub max_demands: usize,
     /// Bytes of build log per step and connection passed on (0: no cap).
     pub max_log_bytes_per_step: u64,
@@ -84,8 +84,10 @@ pub struct Limiter {
     peer: String,
     /// The client's handles → what we asserted on their behalf.
     forwarded: HashMap<Handle, Handle>,
-    /// The client's handles that are demands.
-    demands: HashSet<Handle>,
+    /// The client's handles that are demand records → how many demands each carries.
+    demands: HashMap<Handle, usize>,
+    /// The demands in [`Limiter::demands`], together.
+    live_demands: usize,
     refused: u64,
     refusal: Option<Handle>,
     /// Log bytes per step.
@@ -103,7 +105,8 @@ impl Limiter {
             limits,
             peer,
             forwarded: HashMap::new(),
-            demands: HashSet::new(),
+            demands: HashMap::new(),
+            live_demands: 0,
             refused: 0,
             refusal: None,
             log: LogBudget::new(limits.max_log_bytes_per_step),
@@ -111,13 +114,19 @@ impl Limiter {
         }
     }
 
-    /// Note a demand over the cap; tell the client once.
-    fn refuse(&mut self, t: &mut Activation, demand: &AnyValue) {
-        self.refused += 1;
+    /// Note `count` demands of `record` over the cap; tell the client once.
+    fn refuse(&mut self, t: &mut Activation, record: &AnyValue, count: usize) {
+        self.refused += count as u64;
         if self.refusal.is_some() {
             return;
         }
-        let requester = build::Demand::parse(demand)
+        let requester = build::Demand::parse(record)
+            .ok()
+            .or_else(|| {
+                build::Demands::parse(record)
+                    .ok()
+                    .and_then(|r| r.demands.into_iter().next())
+            })
             .map(|d| d.requester)
             .unwrap_or_default();
         let max = self.limits.max_demands;
@@ -212,18 +221,33 @@ fn has_label(v: &AnyValue, label: &'static str) -> bool {
     v.is_record() && v.label() == AnyValue::symbol(label)
 }
 
-fn is_demand(v: &AnyValue) -> bool {
-    has_label(v, "demand")
+/// How many demands `v` carries: one for a `<demand …>` record, one per element of a
+/// `<demands [..]>` record's sequence (one if that is no sequence: the planner ignores it).
+fn demands_in(v: &AnyValue) -> usize {
+    if has_label(v, "demand") {
+        1
+    } else if has_label(v, "demands") && v.len() > 0 {
+        let items = v.index(0);
+        if items.is_sequence() {
+            items.len().max(1)
+        } else {
+            1
+        }
+    } else {
+        0
+    }
 }
 
 impl Entity<AnyValue> for Limiter {
     fn assert(&mut self, t: &mut Activation, a: AnyValue, h: Handle) -> ActorResult {
-        if is_demand(&a) {
-            if self.demands.len() >= self.limits.max_demands {
-                self.refuse(t, &a);
+        let count = demands_in(&a);
+        if count > 0 {
+            if self.live_demands + count > self.limits.max_demands {
+                self.refuse(t, &a, count);
                 return Ok(());
             }
-            self.demands.insert(h);
+            self.live_demands += count;
+            self.demands.insert(h, count);
         }
         if let Some(ours) = self.target.assert(t, &a) {
             self.forwarded.insert(h, ours);
@@ -232,7 +256,9 @@ impl Entity<AnyValue> for Limiter {
     }
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
-        self.demands.remove(&h);
+        if let Some(count) = self.demands.remove(&h) {
+            self.live_demands -= count;
+        }
         if let Some(ours) = self.forwarded.remove(&h) {
             t.retract(ours);
         }

@@ -85,12 +85,14 @@ pub fn allowed(role: Role) -> Vec<Shape> {
         // Submitters hand jobs to the coordinator and cancel them.
         Role::Submit => shapes.extend([
             Shape::of::<build::Demand>(),
+            Shape::of::<build::Demands>(),
             Shape::of::<build::SubmitJob>(),
             Shape::of::<build::CancelJob>(),
         ]),
         // A trusted frontend vouches for the derivations its trusted clients sent inline.
         Role::Trusted => shapes.extend([
             Shape::of::<build::Demand>(),
+            Shape::of::<build::Demands>(),
             Shape::of::<build::SubmitJob>(),
             Shape::of::<build::CancelJob>(),
             Shape::of::<build::InlineDerivation>(),
@@ -153,6 +155,7 @@ pub fn observable(role: Role) -> Vec<String> {
     let builds = match role {
         Role::Submit | Role::Trusted => vec![
             Shape::of::<build::Demand>(),
+            Shape::of::<build::Demands>(),
             Shape::of::<build::Worker>(),
             Shape::of::<build::Offer>(),
             Shape::of::<build::Ready>(),
@@ -421,7 +424,7 @@ mod tests {
     #[test]
     fn every_shape_is_derived_from_the_schemas() {
         // Observing is not a record of the vocabulary: see `observing_is_confined`.
-        assert_eq!(allowed(Role::Submit).len(), 10);
+        assert_eq!(allowed(Role::Submit).len(), 11);
         assert_eq!(allowed(Role::Worker).len(), 24);
         assert!(allowed(Role::Worker).contains(&Shape::new("want-hash-part", 2)));
         assert!(allowed(Role::Worker).contains(&Shape::new("build-activity", 3)));
@@ -431,8 +434,10 @@ mod tests {
         assert!(allowed(Role::Worker).contains(&Shape::new("closure", 2)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("built", 3)));
         assert!(allowed(Role::Submit).contains(&Shape::new("demand", 6)));
+        assert!(allowed(Role::Submit).contains(&Shape::new("demands", 1)));
+        assert!(!allowed(Role::Worker).contains(&Shape::new("demands", 1)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 35);
+        assert_eq!(observable(Role::Submit).len(), 36);
         assert!(observable(Role::Submit).contains(&"eta".to_owned()));
         assert!(!allowed(Role::Submit).contains(&Shape::new("eta", 2)));
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));

@@ -63,6 +63,11 @@ pub fn demand(drv: &str) -> AnyValue {
 
 /// Like [`demand`], by the frontend named `requester`.
 pub fn demand_by(drv: &str, requester: &str) -> AnyValue {
+    demand_record(drv, requester).unparse()
+}
+
+/// The demand [`demand_by`] asserts, as a record to put in a `<demands …>` record.
+pub fn demand_record(drv: &str, requester: &str) -> build::Demand {
     build::Demand {
         drv: drv.to_owned(),
         step: test_step(),
@@ -71,7 +76,6 @@ pub fn demand_by(drv: &str, requester: &str) -> AnyValue {
         depth: 0.into(),
         derivation: Vec::new(),
     }
-    .unparse()
 }
 
 /// The demands of a chain of `steps` fake steps named `name`, each depending on the one

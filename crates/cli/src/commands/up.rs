@@ -114,7 +114,9 @@ pub struct UpArgs {
 
     /// The most demands one frontend may hold at once; further demands are refused (never
     /// scheduled) and the frontend is told so (it fails with that reason). With the embedded
-    /// dataspace the cap is per client connection, enforced by the host. With `--external`
+    /// dataspace the cap is per client connection, enforced by the host, and a `demands`
+    /// record (a frontend sends a few hundred steps in one) that would go past it is refused
+    /// whole. With `--external`
     /// the connections are the server's: the planner caps demands per requester name
     /// instead, so a client asserting demands under many names is not caught there.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
@@ -126,8 +128,9 @@ pub struct UpArgs {
     max_pending_jobs: usize,
 
     /// The most bytes of build log (lines plus newlines) one client connection, normally a
-    /// worker, may send per step. Past it the coordinator passes on one line saying it
-    /// truncated the log and drops the rest of that step's log. 0: no cap. The default is
+    /// worker, may send per build of a step (the count starts afresh once it reports the step
+    /// built or failed). Past it the coordinator passes on one line saying it truncated the
+    /// log and drops the rest of that build's log. 0: no cap. The default is
     /// above `worker --max-log-bytes`'s, so a worker's own truncation notice gets through.
     /// Embedded dataspace only: with `--external` the connections are the server's.
     #[arg(long, default_value_t = log_budget::DEFAULT_MAX_LOG_BYTES_PER_STEP,
