@@ -65,6 +65,20 @@ enum Command {
     ServerConfig(commands::server_config::ServerConfigArgs),
 }
 
+/// The process's async runtime, one thread per core. Each Syndicate actor is a tokio task,
+/// and tokio runs a task woken by another next on the waker's thread (its "LIFO slot", which
+/// the other threads cannot steal): the dataspace, the connections and the planner wake each
+/// other for every step, so they all ran on one thread, 97% busy, while the other idled.
+/// Without the slot they spread over every core (`nixspace bench dispatch`: a third more
+/// steps per second). The switch needs `--cfg tokio_unstable` (`.cargo/config.toml`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    #[cfg(tokio_unstable)]
+    builder.disable_lifo_slot();
+    builder.build()
+}
+
 fn main() -> ExitCode {
     let cli = match nix_daemon_cli::invocation().or_else(nix_store_cli::invocation) {
         None => Cli::parse(),
@@ -99,7 +113,7 @@ fn main() -> ExitCode {
         // daemon does. Set before any thread exists.
         std::env::set_var("NIX_REMOTE", "local");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("nixspace: cannot start the async runtime: {e}");
