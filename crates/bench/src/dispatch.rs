@@ -26,14 +26,14 @@ use crate::resident::Process;
 ///
 /// Starts `nixspace up`, joins WORKERS simulated workers of JOBS slots each over its socket,
 /// demands STEPS steps in LAYERS layers (each step past the first layer needs two steps of
-/// the layer before; one layer: independent steps) and waits until all are reported built. Prints how long a
-/// worker's slot stays idle (step reported built → next step assigned to it) as
-/// min/median/p99/max, and the steps per second through the whole cycle, per run; then, per
-/// run, how long after the demands the first step was assigned, and how much `up`'s peak
-/// resident memory grew over its size before the run, per demanded step. Then it measures
-/// the same dataspace alone and prints how many steps per second it allows and how close
-/// each run came to that. Last it demands LATENCY_STEPS steps one at a time and prints the
-/// median and p99 of demand → assigned → built.
+/// the layer before; one layer: independent steps) and waits until all are reported built.
+/// Prints how long a worker's slot stays idle (step reported built → next step assigned to
+/// it) as min/median/p99/max, and the steps per second through the whole cycle, per run;
+/// then, per run, how long after the demands the first step was assigned, and how much
+/// `up`'s peak resident memory grew over its size before the run, per demanded step. Then it
+/// measures the same dataspace alone and prints how many steps per second it allows and how
+/// close each run came to that. Last it demands LATENCY_STEPS steps one at a time and prints
+/// the median and p99 of demand → assigned → built.
 #[derive(Args, Debug)]
 pub struct DispatchArgs {
     /// Steps demanded per run.

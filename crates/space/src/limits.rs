@@ -11,8 +11,9 @@
 //! The [`Doorman`](crate::doorman::Doorman) hands every client that resolved a capability a
 //! [`Limiter`] in front of the role's dataspace instead of the dataspace itself. The limiter
 //! forwards everything, counting the demands in the client's live `<demand …>` and
-//! `<demands …>` assertions; a record that would take the count past [`Limits::max_demands`]
-//! it drops whole, and it asserts, once and for as long as the connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
+//! `<demands …>` assertions. A record that would take the count past
+//! [`Limits::max_demands`] it drops whole, and it asserts, once and for as long as the
+//! connection lasts, `<demands-refused requester reason>` (which the frontend turns into a
 //! clear error). Dropped demands never reach the dataspace's index or the planner.
 //!
 //! It also counts the bytes of `<log drv worker line>` and `<build-activity drv worker event>`
@@ -221,18 +222,18 @@ fn has_label(v: &AnyValue, label: &'static str) -> bool {
     v.is_record() && v.label() == AnyValue::symbol(label)
 }
 
-/// How many demands `v` carries: one for a `<demand …>` record, one per element of a
-/// `<demands [..]>` record's sequence (one if that is no sequence: the planner ignores it).
+/// How many demands `v` counts for: one for a `<demand …>` record; for a `<demands [..]>`
+/// record, one per element of its sequence and at least one, so that no record the index
+/// must hold escapes the cap (an empty or malformed one, which the planner ignores).
 fn demands_in(v: &AnyValue) -> usize {
     if has_label(v, "demand") {
         1
-    } else if has_label(v, "demands") && v.len() > 0 {
-        let items = v.index(0);
-        if items.is_sequence() {
-            items.len().max(1)
-        } else {
-            1
-        }
+    } else if has_label(v, "demands") {
+        let items = (v.len() > 0).then(|| v.index(0));
+        items
+            .filter(|i| i.is_sequence())
+            .map_or(0, |i| i.len())
+            .max(1)
     } else {
         0
     }

@@ -116,9 +116,9 @@ pub struct UpArgs {
     /// scheduled) and the frontend is told so (it fails with that reason). With the embedded
     /// dataspace the cap is per client connection, enforced by the host, and a `demands`
     /// record (a frontend sends a few hundred steps in one) that would go past it is refused
-    /// whole. With `--external`
-    /// the connections are the server's: the planner caps demands per requester name
-    /// instead, so a client asserting demands under many names is not caught there.
+    /// whole. With `--external` the connections are the server's: the planner caps demands
+    /// per requester name instead, so a client asserting demands under many names is not
+    /// caught there.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_DEMANDS, value_name = "N")]
     max_demands_per_client: usize,
 
