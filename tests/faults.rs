@@ -242,9 +242,10 @@ fn story(space: &Space, steps: &[String]) -> String {
 /// Steps the planner recorded built more than once (`nixspace history`): a worker reports
 /// an outcome again when the coordinator restarted before withdrawing the step (no builder
 /// runs for that; the runs file counts those).
-fn recorded_built_twice(space: &Space) -> Vec<String> {
+fn recorded_built_twice(space: &Space, steps: usize) -> Vec<String> {
+    let limit = steps.to_string();
     let history = run(
-        space.command(&["history", "--json"]),
+        space.command(&["history", "--json", "--limit", &limit]),
         Duration::from_secs(60),
     );
     assert!(history.status.success(), "{history:?}");
@@ -381,7 +382,7 @@ fn soak() {
     check_dag_outputs(&space, root_out, &dag);
 
     let runs = read_runs(&runs, &worker_kills);
-    let built_twice = recorded_built_twice(&space);
+    let built_twice = recorded_built_twice(&space, soak.steps);
     let planner_retries: usize = std::iter::once("up".to_owned())
         .chain((2..=up_kills + 1).map(|i| format!("up-{i}")))
         .map(|log| {
@@ -878,4 +879,95 @@ fn a_worker_restarted_before_its_old_connection_is_noticed_gone_loses_only_the_o
         let expected = [lost.clone(), lost];
         assert_eq!(outcomes(&expected), expected, "{}", space.log("up"));
     });
+}
+
+#[test]
+fn a_step_built_just_before_a_coordinator_kill_is_not_built_again_after_the_restart() {
+    use nixspace_protocol::{BuildMode, BuildSettings};
+    use nixspace_test_support::dataspace::{
+        assigned, demand, demand_record, fake_drv, reported_built, route, runtime, test_worker,
+    };
+    let mut space = Space::start();
+    let (drv, checked) = (
+        fake_drv("built-before-the-kill"),
+        fake_drv("checked-after-it"),
+    );
+    let check = BuildSettings {
+        mode: BuildMode::Check,
+        ..BuildSettings::default()
+    };
+    let worker = |free: i64| {
+        let offer = build::Offer {
+            worker: "w".to_owned(),
+            free_slots: free.into(),
+        };
+        vec![test_worker("w"), offer.unparse()]
+    };
+    let built = |drv: &str| {
+        build::Built {
+            drv: drv.to_owned(),
+            worker: "w".to_owned(),
+            outputs: vec![],
+        }
+        .unparse()
+    };
+    let (submit, as_worker) = (route(&space, Role::Submit), route(&space, Role::Worker));
+    runtime().block_on(async {
+        for step in [&drv, &checked] {
+            let frontend = Session::join(&submit, vec![demand(step)])
+                .await
+                .expect("join as submit");
+            let _worker = Session::join(&as_worker, worker(1))
+                .await
+                .expect("join as worker");
+            assert!(frontend.wait_until(&assigned(step, "w"), true).await);
+            let _report = Session::send(&as_worker, vec![reported_built(step, "w")])
+                .await
+                .expect("report");
+            assert!(frontend.wait_until(&built(step), true).await);
+        }
+    });
+    // Killed right after the planner took the reports: a frontend that had not seen the
+    // `built` yet demands the step again from the restarted coordinator, and the worker
+    // forgot it (the planner had withdrawn the assignment).
+    space.kill_up();
+    space.restart_up();
+    let (submit, as_worker) = (route(&space, Role::Submit), route(&space, Role::Worker));
+    let check_it = build::Demand {
+        step: build::StepInfo {
+            settings: check.to_wire(),
+            ..demand_record(&checked, "frontend").step
+        },
+        ..demand_record(&checked, "frontend")
+    };
+    runtime().block_on(async {
+        let frontend = Session::join(&submit, vec![demand(&drv), check_it.unparse()])
+            .await
+            .expect("join as submit");
+        let _worker = Session::join(&as_worker, worker(2))
+            .await
+            .expect("join as worker");
+        assert!(
+            frontend.wait_until(&built(&drv), true).await,
+            "{}",
+            space.log("up-restarted")
+        );
+        // Positive control: a step to be checked is built again, so a step taken for
+        // building would have been seen given out by now.
+        let check_assigned = build::Assigned {
+            drv: checked.clone(),
+            worker: "w".to_owned(),
+            settings: check.to_wire(),
+            derivation: Vec::new(),
+        }
+        .unparse();
+        assert!(frontend.wait_until(&check_assigned, true).await);
+        assert!(!frontend.sees(&assigned(&drv, "w")), "built again");
+    });
+    assert_eq!(attempt_outcomes(&space, &drv), [serde_json::json!("built")]);
+    space.wait_for_log(
+        "up-restarted",
+        "built just before the restart: taken as built",
+        Duration::from_secs(1),
+    );
 }

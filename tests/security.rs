@@ -13,7 +13,7 @@ use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{
     assert_a_worker_cannot_demand, assigned, claim, demand, fake_drv, poll_until, ready,
-    resolve_text, route, runtime, text, RawPeer, Session, ANSWER,
+    reported_built, resolve_text, route, runtime, text, RawPeer, Session, ANSWER,
 };
 use nixspace_test_support::Space;
 use preserves_schema::Unparse;
@@ -31,18 +31,6 @@ fn built(drv: &str, worker: &str) -> AnyValue {
         drv: drv.to_owned(),
         worker: worker.to_owned(),
         outputs: vec![format!("/nix/store/{}-forged", "1".repeat(32))],
-    }
-    .unparse()
-}
-
-/// A worker's report (a message) that it built `drv` (the test demands name no outputs).
-fn report(drv: &str, worker: &str) -> AnyValue {
-    build::ReportBuilt {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        outputs: vec![],
-        realisations: vec![],
-        usage: vec![],
     }
     .unparse()
 }
@@ -236,8 +224,12 @@ fn only_the_assigned_worker_can_complete_a_step() {
         .await
         .expect("join as submit");
         // Built by a worker nobody assigned: ignored, the step stays ready.
-        let _rogue =
-            report_then_claim(&space, report(&drv, "rogue"), claim(&controls[0], "rogue")).await;
+        let _rogue = report_then_claim(
+            &space,
+            reported_built(&drv, "rogue"),
+            claim(&controls[0], "rogue"),
+        )
+        .await;
         assert!(
             s.wait_until(&assigned(&controls[0], "rogue"), true).await,
             "the control claim was never granted"
@@ -255,8 +247,12 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.wait_until(&assigned(&drv, "good"), true).await,
             "never assigned"
         );
-        let _other =
-            report_then_claim(&space, report(&drv, "other"), claim(&controls[1], "other")).await;
+        let _other = report_then_claim(
+            &space,
+            reported_built(&drv, "other"),
+            claim(&controls[1], "other"),
+        )
+        .await;
         assert!(
             s.wait_until(&assigned(&controls[1], "other"), true).await,
             "the control claim was never granted"
@@ -265,9 +261,12 @@ fn only_the_assigned_worker_can_complete_a_step() {
             s.sees(&assigned(&drv, "good")),
             "another worker's report counted"
         );
-        let _done = Session::send(&route(&space, Role::Worker), vec![report(&drv, "good")])
-            .await
-            .expect("join as worker");
+        let _done = Session::send(
+            &route(&space, Role::Worker),
+            vec![reported_built(&drv, "good")],
+        )
+        .await
+        .expect("join as worker");
         assert!(
             s.wait_until(&assigned(&drv, "good"), false).await,
             "the assignee's report did not complete the step"

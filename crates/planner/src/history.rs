@@ -882,6 +882,49 @@ impl History {
         rows
     }
 
+    /// When the last attempt an earlier run of the planner recorded ended (seconds since the
+    /// epoch): about when that run stopped. `None` when no attempt ended before this run.
+    pub fn last_ended_before_this_run(&self) -> Result<Option<i64>, HistoryError> {
+        self.conn
+            .query_row(
+                "SELECT max(finished) FROM attempts WHERE id <= ?1",
+                params![self.earlier_attempts],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// The worker that built `drv` and its outputs, if an earlier run of the planner recorded
+    /// the step built by an attempt that ended at or after `since` (seconds since the epoch),
+    /// and nothing has made it unbuilt since.
+    pub fn built_by_an_earlier_run(
+        &self,
+        drv: &DrvPath,
+        since: i64,
+    ) -> Result<Option<(WorkerId, Vec<String>)>, HistoryError> {
+        let built: Option<(String, Option<String>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT attempts.worker, steps.outputs FROM attempts JOIN steps USING (drv)
+                 WHERE drv = ?1 AND steps.status = 'built' AND attempts.outcome = 'built'
+                     AND attempts.finished >= ?2 AND attempts.id <= ?3
+                 ORDER BY attempts.id DESC LIMIT 1",
+            )
+            .and_then(|mut query| {
+                query
+                    .query_row(params![drv.as_str(), since, self.earlier_attempts], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
+                    .optional()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(built.map(|(worker, outputs)| {
+            let outputs = outputs.unwrap_or_default();
+            let outputs = outputs.split_whitespace().map(str::to_owned).collect();
+            (WorkerId::from(worker), outputs)
+        }))
+    }
+
     /// What a build of `drv` is predicted to need, learned from its package's earlier builds
     /// (the package: its name without the version, see [`package_of`]): among the last
     /// [`ESTIMATE_WINDOW`] built attempts whose worker measured them, the highest peak memory
@@ -1384,6 +1427,43 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(ids, vec!["sha256:bb!out".to_owned()]);
+    }
+
+    #[test]
+    fn a_step_built_by_the_run_before_is_found_and_one_built_by_this_run_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let (before, later) = (
+            DrvPath::from("/nix/store/a.drv"),
+            DrvPath::from("/nix/store/b.drv"),
+        );
+        let outputs = vec!["/nix/store/a".to_owned()];
+        let mut h = History::open(&path).unwrap();
+        assert_eq!(h.last_ended_before_this_run().unwrap(), None);
+        h.demanded(&before, "x86_64-linux").unwrap();
+        h.attempt_started(&before, &"w1".into()).unwrap();
+        h.attempt_ended(&before, Some(&"w1".into()), built(&outputs))
+            .unwrap();
+        drop(h); // The coordinator is killed.
+        let mut h = History::open(&path).unwrap();
+        let last = h
+            .last_ended_before_this_run()
+            .unwrap()
+            .expect("a build ended");
+        assert!((now() - last).abs() < 60, "{last}");
+        assert_eq!(
+            h.built_by_an_earlier_run(&before, last).unwrap(),
+            Some((WorkerId::from("w1"), outputs.clone()))
+        );
+        // Not one that ended before `since`.
+        assert_eq!(h.built_by_an_earlier_run(&before, last + 1).unwrap(), None);
+        // Positive control beside it: a step this run built is not the run before's.
+        h.demanded(&later, "x86_64-linux").unwrap();
+        h.attempt_started(&later, &"w1".into()).unwrap();
+        h.attempt_ended(&later, Some(&"w1".into()), built(&outputs))
+            .unwrap();
+        assert_eq!(h.built_by_an_earlier_run(&later, 0).unwrap(), None);
+        assert_eq!(h.last_ended_before_this_run().unwrap(), Some(last));
     }
 
     #[test]

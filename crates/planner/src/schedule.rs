@@ -786,13 +786,25 @@ impl Schedule {
         step.thief = None;
         step.steal_offer = None;
         effects.push(Effect::Unassign { drv: drv.clone() });
+        self.announce_built(drv, worker, outputs, &mut effects);
+        effects
+    }
+
+    /// Say that `drv`, now in the state `Built`, was built by `worker` with `outputs`, and
+    /// settle what waited on it (see [`Schedule::mark_built`]).
+    fn announce_built(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        outputs: Vec<String>,
+        effects: &mut Vec<Effect>,
+    ) {
         effects.push(Effect::Built {
             drv: drv.clone(),
             worker: worker.clone(),
             outputs: outputs.clone(),
         });
-        self.mark_built(drv, worker, &outputs, &mut effects);
-        effects
+        self.mark_built(drv, worker, &outputs, effects);
     }
 
     /// The planner discarded `worker`'s report on `drv` (see [`nixspace_protocol::expected_outputs`]):

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use nixspace_protocol::{build, expected_outputs, on_retraction, DrvPath, WorkerId};
+use nixspace_protocol::{build, expected_outputs, on_retraction, BuildMode, DrvPath, WorkerId};
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -35,6 +35,10 @@ const EVENTS_PER_TURN: usize = 512;
 
 /// How many of the most recent rejected results the planner keeps asserting (for `status`).
 const RECENT_REJECTIONS: usize = 16;
+
+/// After a restart, a step the run before recorded built in its last minute, demanded in the
+/// new run's first minute, is taken as built (see [`EarlierBuilds`]).
+const BUILT_BEFORE_RESTART: Duration = Duration::from_secs(60);
 
 /// What the planner's observers saw.
 #[derive(Debug)]
@@ -181,6 +185,37 @@ struct Planner {
     queued: VecDeque<Event>,
     /// Whether an [`Event::Drain`] is on its way.
     draining: bool,
+    /// Until a while after a restart: which steps the run before built that count as built.
+    earlier_builds: Option<EarlierBuilds>,
+}
+
+/// The builds the run of the planner before a restart recorded in its last moments. A
+/// frontend may have missed their `built` when the coordinator went down (the worker that
+/// built one forgot it once the planner took its report), and demand them again: they are
+/// taken as built instead of built again. Their outputs are in the stores of the dataspace;
+/// should none have them any more, the step is built again as any lost output's is.
+struct EarlierBuilds {
+    /// Builds that ended at or after this (seconds since the epoch) count.
+    since: i64,
+    /// Demands after this are not looked up any more.
+    until: Instant,
+}
+
+impl EarlierBuilds {
+    /// The recent builds of the run before, if `history` recorded any.
+    fn of(history: Option<&History>) -> Option<EarlierBuilds> {
+        let last = match history?.last_ended_before_this_run() {
+            Ok(last) => last?,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read when the last run's builds ended");
+                return None;
+            }
+        };
+        Some(EarlierBuilds {
+            since: last - BUILT_BEFORE_RESTART.as_secs() as i64,
+            until: Instant::now() + BUILT_BEFORE_RESTART,
+        })
+    }
 }
 
 impl Entity<Event> for Planner {
@@ -232,7 +267,12 @@ impl Planner {
                 let learned = estimates(self.history.as_mut(), &drv);
                 info.memory = info.memory.or(learned.memory);
                 info.duration_ms = learned.duration_ms;
-                s.demand(&drv, info, urgency)
+                let new = s.state(&drv).is_none();
+                let mut effects = s.demand(&drv, info, urgency);
+                if new {
+                    effects.extend(self.built_before_restart(&drv));
+                }
+                effects
             }
             Event::WorkerJoined {
                 worker,
@@ -753,6 +793,34 @@ impl Planner {
         retract(t, &mut self.steal_offers, drv);
     }
 
+    /// Take the newly demanded step `drv` as built if the run before the restart built it
+    /// (see [`EarlierBuilds`]); not when it is to be checked or repaired.
+    fn built_before_restart(&mut self, drv: &DrvPath) -> Vec<Effect> {
+        let Some(earlier) = &self.earlier_builds else {
+            return Vec::new();
+        };
+        if Instant::now() >= earlier.until {
+            self.earlier_builds = None;
+            return Vec::new();
+        }
+        let (Some(history), BuildMode::Normal) =
+            (self.history.as_ref(), self.schedule.settings(drv).mode)
+        else {
+            return Vec::new();
+        };
+        match history.built_by_an_earlier_run(drv, earlier.since) {
+            Ok(Some((worker, outputs))) => {
+                tracing::info!(%drv, %worker, "built just before the restart: taken as built");
+                self.schedule.built_before_restart(drv, &worker, outputs)
+            }
+            Ok(None) => Vec::new(),
+            Err(error) => {
+                tracing::warn!(%drv, %error, "cannot look the step up in the history");
+                Vec::new()
+            }
+        }
+    }
+
     /// Note the end of an attempt (of `worker`'s, or of the step's when the planner decided)
     /// in the history, if one is kept.
     fn record(&mut self, drv: &DrvPath, worker: Option<&WorkerId>, outcome: AttemptOutcome<'_>) {
@@ -877,6 +945,7 @@ pub fn start(
         let mut schedule = Schedule::new(config.max_attempts, config.retry_backoff)
             .with_stealing(config.steal);
         keep_for_rejoining_workers(&mut schedule, history.as_ref(), config.rejoin_grace);
+        let earlier_builds = EarlierBuilds::of(history.as_ref());
         let me = Arc::new(OnceLock::new());
         let mut planner = Planner {
             ds: Arc::clone(&ds),
@@ -899,6 +968,7 @@ pub fn start(
             handled_this_turn: 0,
             queued: VecDeque::new(),
             draining: false,
+            earlier_builds,
         };
         planner.reload_realisations(t);
         ds.assert(

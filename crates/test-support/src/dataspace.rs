@@ -151,6 +151,18 @@ pub fn claim(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
+/// What worker `worker` sends to report that it built `drv` (the fake steps name no outputs).
+pub fn reported_built(drv: &str, worker: &str) -> AnyValue {
+    build::ReportBuilt {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: vec![],
+        realisations: vec![],
+        usage: vec![],
+    }
+    .unparse()
+}
+
 /// What worker `worker` sends to report that its build of `drv` failed for good (the
 /// builder exited non-zero). The one place tests write a worker's failure report.
 pub fn reported_failed_for_good(drv: &str, worker: &str) -> AnyValue {

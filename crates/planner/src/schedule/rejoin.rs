@@ -1,7 +1,8 @@
 //! After a restart of the coordinator, the steps that were assigned when it went down are
 //! kept for their workers a little while: a worker rejoining a moment later claims the step
 //! it built (or is still building) and reports it, instead of another worker that happened
-//! to rejoin first building it again.
+//! to rejoin first building it again. And a step the history says was built just before the
+//! restart, demanded again by a frontend that missed its `built`, is taken as built.
 
 use std::time::Instant;
 
@@ -52,6 +53,33 @@ impl Schedule {
                 effects.extend(self.claim(&drv, &worker));
             }
         }
+        effects
+    }
+
+    /// `drv`, just demanded and not given out yet, was built by `worker` with `outputs`
+    /// before the coordinator restarted (its history says so): take it as built, as the
+    /// restarted coordinator would have had the frontend demanding it again not missed the
+    /// `built` that went down with it. Nothing for a step in any other state.
+    pub fn built_before_restart(
+        &mut self,
+        drv: &DrvPath,
+        worker: &WorkerId,
+        outputs: Vec<String>,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let built = StepState::Built {
+            worker: worker.clone(),
+            outputs: outputs.clone(),
+        };
+        match self.steps.get_mut(drv) {
+            Some(step) if step.state == StepState::Waiting => step.state = built,
+            Some(step) if step.state == StepState::Ready => {
+                self.leave_ready(drv, built, &mut effects)
+            }
+            _ => return effects,
+        }
+        self.reserved.remove(drv);
+        self.announce_built(drv, worker, outputs, &mut effects);
         effects
     }
 }
@@ -176,6 +204,52 @@ mod tests {
         assert_eq!(
             s.state(&"a".into()),
             Some(&StepState::Assigned("other".into()))
+        );
+    }
+
+    #[test]
+    fn a_step_built_before_the_restart_is_taken_as_built_and_its_dependents_get_ready() {
+        let mut s = Schedule::default();
+        s.worker_joined(&"w".into(), offer());
+        let top = StepInfo {
+            input_drvs: vec!["a".into()],
+            ..info()
+        };
+        s.demand(&"top".into(), top, Urgency::default());
+        // Ready, and no worker asked for it yet: taken as built.
+        s.demand(&"a".into(), info(), Urgency::default());
+        assert_eq!(s.state(&"a".into()), Some(&StepState::Ready));
+        let outputs = vec!["/nix/store/a-out".to_owned()];
+        let e = s.built_before_restart(&"a".into(), &"builder".into(), outputs.clone());
+        assert!(e.contains(&Effect::Unready { drv: "a".into() }), "{e:?}");
+        assert!(
+            e.contains(&Effect::Built {
+                drv: "a".into(),
+                worker: "builder".into(),
+                outputs: outputs.clone()
+            }),
+            "{e:?}"
+        );
+        assert_eq!(
+            s.state(&"a".into()),
+            Some(&StepState::Built {
+                worker: "builder".into(),
+                outputs
+            })
+        );
+        assert_eq!(s.state(&"top".into()), Some(&StepState::Ready));
+        // Positive control: a step given out already is left to its worker.
+        assert!(s
+            .claim(&"top".into(), &"w".into())
+            .contains(&Effect::Assign {
+                drv: "top".into(),
+                worker: "w".into()
+            }));
+        let e = s.built_before_restart(&"top".into(), &"builder".into(), Vec::new());
+        assert!(e.is_empty(), "{e:?}");
+        assert_eq!(
+            s.state(&"top".into()),
+            Some(&StepState::Assigned("w".into()))
         );
     }
 }
