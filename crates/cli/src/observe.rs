@@ -153,7 +153,7 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
         }));
         track_demands(t, &snapshot, views.collect())
     }));
-    enclose!((snapshot) during!(t, ds, <ready $drv: String _ _ _>, |t: &mut Activation| {
+    enclose!((snapshot) during!(t, ds, <ready $drv: String _ _>, |t: &mut Activation| {
         let d = drv.clone();
         track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Queued); },
             move |s| s.clear_step(&d, &StepView::Queued))

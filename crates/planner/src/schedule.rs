@@ -203,12 +203,10 @@ pub enum StepState {
 /// Something the planner actor must publish, withdraw or schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Assert that the step is ready to be claimed.
+    /// Assert that the step waits for a worker with room.
     Ready {
         /// The step.
         drv: DrvPath,
-        /// What it needs.
-        info: StepInfo,
         /// How urgent it is.
         urgency: Urgency,
     },
@@ -515,7 +513,6 @@ impl Schedule {
                 if step.state == StepState::Ready {
                     effects.push(Effect::Ready {
                         drv: drv.clone(),
-                        info: step.info.clone(),
                         urgency: raised,
                     });
                     self.queue(drv);
@@ -1064,7 +1061,6 @@ impl Schedule {
         step.state = StepState::Ready;
         effects.push(Effect::Ready {
             drv: drv.clone(),
-            info: step.info.clone(),
             urgency: step.urgency,
         });
         self.queue(drv);
@@ -1650,7 +1646,6 @@ mod more_tests {
             e,
             vec![Effect::Ready {
                 drv: "a".into(),
-                info: info("x86_64-linux", &[]),
                 urgency: Urgency {
                     priority: 5,
                     depth: 1

@@ -26,8 +26,8 @@ use crate::schedule::{
     Urgency, WorkerOffer,
 };
 use crate::wire::{
-    cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, step_to_wire,
-    usage_from_wire, worker_from_wire,
+    cause_from_wire, cause_to_wire, kind_from_wire, realisations_from_wire, usage_from_wire,
+    worker_from_wire,
 };
 
 /// The most events the planner handles in one turn; the rest wait for later turns.
@@ -426,10 +426,9 @@ impl Planner {
                     replace(t, &mut self.links, from, h);
                 }
                 Effect::Unlinked { from } => retract(t, &mut self.links, &from),
-                Effect::Ready { drv, info, urgency } => {
+                Effect::Ready { drv, urgency } => {
                     let ready = build::Ready {
                         drv: drv.to_string(),
-                        step: step_to_wire(&info),
                         priority: urgency.priority.into(),
                         depth: (urgency.depth as i64).into(),
                     };

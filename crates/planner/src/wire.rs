@@ -10,18 +10,6 @@ use syndicate::actor::AnyValue;
 use crate::history::BuildUsage;
 use crate::schedule::{FailureCause, FailureKind, StepDerivation, StepInfo};
 
-/// A step as the dataspace carries it.
-pub(crate) fn step_to_wire(info: &StepInfo) -> build::StepInfo {
-    build::StepInfo {
-        system: info.system.clone(),
-        features: info.features.clone(),
-        input_drvs: info.input_drvs.iter().map(|d| d.to_string()).collect(),
-        settings: info.settings.to_wire(),
-        outputs: info.outputs.clone(),
-        memory: info.memory.unwrap_or(0).into(),
-    }
-}
-
 /// A step as the schedule keeps it, its derivation from where `derivation` says.
 pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) -> StepInfo {
     StepInfo {

@@ -4,16 +4,18 @@
 //! it into a [`DrvPath`] or a [`WorkerId`] once, where it reads the record, and back when it
 //! writes one. Neither type checks what it holds: a derivation path from the dataspace is
 //! whatever a participant asserted, and whoever reads a file by it must parse it as a store
-//! path first.
+//! path first. Both share their text among their clones: a step's path is kept in many of the
+//! planner's tables at once.
 
 use std::borrow::Borrow;
 use std::fmt;
+use std::sync::Arc;
 
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// The name as the wire carries it.
@@ -21,27 +23,23 @@ macro_rules! name_type {
                 &self.0
             }
 
-            /// The name as the wire carries it, owned.
-            pub fn into_string(self) -> String {
-                self.0
-            }
         }
 
         impl From<String> for $name {
             fn from(s: String) -> $name {
-                $name(s)
+                $name(s.into())
             }
         }
 
         impl From<&str> for $name {
             fn from(s: &str) -> $name {
-                $name(s.to_owned())
+                $name(s.into())
             }
         }
 
         impl From<$name> for String {
             fn from(n: $name) -> String {
-                n.0
+                n.0.as_ref().to_owned()
             }
         }
 
@@ -65,13 +63,13 @@ macro_rules! name_type {
 
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
-                self.0 == other
+                &*self.0 == other
             }
         }
 
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
-                self.0 == *other
+                &*self.0 == *other
             }
         }
     };

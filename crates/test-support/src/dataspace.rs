@@ -180,7 +180,6 @@ pub fn reported_failed_for_good(drv: &str, worker: &str) -> AnyValue {
 pub fn ready(drv: &str) -> AnyValue {
     build::Ready {
         drv: drv.to_owned(),
-        step: test_step(),
         priority: 0.into(),
         depth: 0.into(),
     }
