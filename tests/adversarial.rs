@@ -12,7 +12,9 @@ use nixspace_nix_formats::derivation::{hash_placeholder, Derivation};
 use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
-use nixspace_test_support::dataspace::{fake_drv, poll_until, route, runtime, Session, ANSWER};
+use nixspace_test_support::dataspace::{
+    built, fake_drv, offer, poll_until, route, runtime, Session, ANSWER,
+};
 use nixspace_test_support::process::run;
 use nixspace_test_support::syndicate_server::ExternalSpace;
 use nixspace_test_support::Space;
@@ -59,11 +61,7 @@ fn worker(id: &str) -> Vec<AnyValue> {
             cpus: 1.into(),
         }
         .unparse(),
-        build::Offer {
-            worker: id.to_owned(),
-            free_slots: 4.into(),
-        }
-        .unparse(),
+        offer(id, 4),
     ]
 }
 
@@ -73,15 +71,6 @@ fn assigned(drv: &str, worker: &str) -> AnyValue {
         worker: worker.to_owned(),
         settings: nixspace_protocol::BuildSettings::default().to_wire(),
         derivation: Vec::new(),
-    }
-    .unparse()
-}
-
-fn built(drv: &str, worker: &str, output: &str) -> AnyValue {
-    build::Built {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        outputs: vec![output.to_owned()],
     }
     .unparse()
 }
@@ -327,7 +316,7 @@ fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
             .await
             .expect("join as worker");
         assert!(frontend.wait_until(&assigned(&drv, "real"), true).await);
-        let forged = vec![built(&drv, "real", &forged_output)];
+        let forged = vec![built(&drv, "real", &[&forged_output])];
         let (attacker, loot) = attack(&route(space, Role::Worker), forged, "assigned").await;
         wait_for_legit(&loot, "assigned").await;
         {
@@ -347,12 +336,12 @@ fn a_worker_cannot_reach_a_frontends_observers(space: &Space) {
         .expect("join as worker");
         assert!(
             frontend
-                .wait_until(&built(&drv, "real", &real_output), true)
+                .wait_until(&built(&drv, "real", &[&real_output]), true)
                 .await,
             "the assignee's report never reached the frontend"
         );
         assert!(frontend.wait_until(&assigned(&drv, "real"), false).await);
-        assert!(!frontend.sees(&built(&drv, "real", &forged_output)));
+        assert!(!frontend.sees(&built(&drv, "real", &[&forged_output])));
         let log = space.log("up");
         assert!(log.contains("role=worker value=<Observe"), "{log}");
         attacker.abort();
@@ -592,7 +581,7 @@ fn a_lying_worker_is_caught_and_the_step_built_by_another() {
         .expect("join as worker");
         assert!(
             frontend
-                .wait_until(&built(&drv, "honest", &output), true)
+                .wait_until(&built(&drv, "honest", &[&output]), true)
                 .await,
             "{}",
             space.log("up")

@@ -822,16 +822,12 @@ fn attempt_outcomes(space: &Space, drv: &str) -> Vec<serde_json::Value> {
 #[test]
 fn a_worker_restarted_before_its_old_connection_is_noticed_gone_loses_only_the_old_steps() {
     use nixspace_test_support::dataspace::{
-        assigned, demand, fake_drv, poll_until, route, runtime, test_worker_process, ANSWER,
+        assigned, demand, fake_drv, offer, poll_until, route, runtime, test_worker_process, ANSWER,
     };
     let space = Space::start_with(&["--retry-backoff", "0.1"]);
     let drv = fake_drv("restarted-worker");
     let worker = route(&space, Role::Worker);
-    let offer = build::Offer {
-        worker: "w".to_owned(),
-        free_slots: 1.into(),
-    }
-    .unparse();
+    let offer = offer("w", 1);
     let outcomes = |expected: &[serde_json::Value]| {
         let deadline = Instant::now() + ANSWER;
         loop {
@@ -885,7 +881,8 @@ fn a_worker_restarted_before_its_old_connection_is_noticed_gone_loses_only_the_o
 fn a_step_built_just_before_a_coordinator_kill_is_not_built_again_after_the_restart() {
     use nixspace_protocol::{BuildMode, BuildSettings};
     use nixspace_test_support::dataspace::{
-        assigned, demand, demand_record, fake_drv, reported_built, route, runtime, test_worker,
+        assigned, built, demand, demand_record, fake_drv, offer, reported_built, route, runtime,
+        test_worker,
     };
     let mut space = Space::start();
     let (drv, checked) = (
@@ -896,21 +893,7 @@ fn a_step_built_just_before_a_coordinator_kill_is_not_built_again_after_the_rest
         mode: BuildMode::Check,
         ..BuildSettings::default()
     };
-    let worker = |free: i64| {
-        let offer = build::Offer {
-            worker: "w".to_owned(),
-            free_slots: free.into(),
-        };
-        vec![test_worker("w"), offer.unparse()]
-    };
-    let built = |drv: &str| {
-        build::Built {
-            drv: drv.to_owned(),
-            worker: "w".to_owned(),
-            outputs: vec![],
-        }
-        .unparse()
-    };
+    let worker = |free: i64| vec![test_worker("w"), offer("w", free)];
     let (submit, as_worker) = (route(&space, Role::Submit), route(&space, Role::Worker));
     runtime().block_on(async {
         for step in [&drv, &checked] {
@@ -924,7 +907,7 @@ fn a_step_built_just_before_a_coordinator_kill_is_not_built_again_after_the_rest
             let _report = Session::send(&as_worker, vec![reported_built(step, "w")])
                 .await
                 .expect("report");
-            assert!(frontend.wait_until(&built(step), true).await);
+            assert!(frontend.wait_until(&built(step, "w", &[]), true).await);
         }
     });
     // Killed right after the planner took the reports: a frontend that had not seen the
@@ -948,7 +931,7 @@ fn a_step_built_just_before_a_coordinator_kill_is_not_built_again_after_the_rest
             .await
             .expect("join as worker");
         assert!(
-            frontend.wait_until(&built(&drv), true).await,
+            frontend.wait_until(&built(&drv, "w", &[]), true).await,
             "{}",
             space.log("up-restarted")
         );

@@ -12,7 +12,7 @@ use std::time::Duration;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{
-    assert_a_worker_cannot_demand, assigned, claim, demand, fake_drv, poll_until, ready,
+    assert_a_worker_cannot_demand, assigned, built, claim, demand, fake_drv, poll_until, ready,
     reported_built, resolve_text, route, runtime, text, RawPeer, Session, ANSWER,
 };
 use nixspace_test_support::Space;
@@ -24,15 +24,6 @@ fn socket(space: &Space) -> std::path::PathBuf {
         nixspace_space::Transport::Unix(path) => path.clone(),
         other => panic!("expected a unix transport first, got {other}"),
     }
-}
-
-fn built(drv: &str, worker: &str) -> AnyValue {
-    build::Built {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        outputs: vec![format!("/nix/store/{}-forged", "1".repeat(32))],
-    }
-    .unparse()
 }
 
 fn worker(id: &str) -> AnyValue {
@@ -150,7 +141,11 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
             .expect("join as submit");
         assert!(s.wait_until(&ready(&drv), true).await, "never ready");
         let forged = vec![
-            built(&drv, "w"),
+            built(
+                &drv,
+                "w",
+                &[&format!("/nix/store/{}-forged", "1".repeat(32))],
+            ),
             assigned(&drv, "w"),
             claim(&drv, "w"),
             worker("w"),

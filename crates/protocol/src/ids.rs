@@ -22,7 +22,6 @@ macro_rules! name_type {
             pub fn as_str(&self) -> &str {
                 &self.0
             }
-
         }
 
         impl From<String> for $name {

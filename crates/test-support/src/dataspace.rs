@@ -151,6 +151,25 @@ pub fn claim(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
+/// What worker `worker` asserts to offer `free_slots` free build slots.
+pub fn offer(worker: &str, free_slots: i64) -> AnyValue {
+    build::Offer {
+        worker: worker.to_owned(),
+        free_slots: free_slots.into(),
+    }
+    .unparse()
+}
+
+/// What the planner asserts once it took `worker`'s report that it built `drv` with `outputs`.
+pub fn built(drv: &str, worker: &str, outputs: &[&str]) -> AnyValue {
+    build::Built {
+        drv: drv.to_owned(),
+        worker: worker.to_owned(),
+        outputs: outputs.iter().map(|o| (*o).to_owned()).collect(),
+    }
+    .unparse()
+}
+
 /// What worker `worker` sends to report that it built `drv` (the fake steps name no outputs).
 pub fn reported_built(drv: &str, worker: &str) -> AnyValue {
     build::ReportBuilt {
