@@ -55,6 +55,7 @@ fn worker(id: &str) -> Vec<AnyValue> {
             systems: vec![SYSTEM.to_owned()],
             features: vec![],
             max_jobs: 4.into(),
+            hold: 0.into(),
             speed: 100.0.into(),
             memory: 0.into(),
             build_memory: 0.into(),

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use nixspace_test_support::{http_get, layered_dag, nonce, sleeper, Space};
+use nixspace_test_support::{counted_step_bindings, http_get, layered_dag, nonce, sleeper, Space};
 use rustix::process::Signal;
 
 const BUILD_LIMIT: Duration = Duration::from_secs(180);
@@ -124,6 +124,58 @@ fn a_terminated_worker_finishes_its_build_before_leaving() {
     let result = nixspace_test_support::wait_output(build, BUILD_LIMIT);
     assert!(result.status.success(), "{result:?}");
     assert!(result.stderr.contains("built sleeper-"), "{result:?}");
+}
+
+#[test]
+fn a_worker_holding_a_step_starts_it_when_a_slot_frees() {
+    let mut space = Space::start();
+    space.worker("w1", &["--hold", "1"]); // and the harness's --max-jobs 2
+    let runs = space.tmp.path().join("runs");
+    let end = format!("/bin/sleep 5; echo end-${{name}} >> {};", runs.display());
+    let file = space.nix_file(
+        "held.nix",
+        &format!(
+            "let\n{}in map (n: step n []) [ \"held-a\" \"held-b\" \"held-c\" ]",
+            counted_step_bindings(&runs, &end)
+        ),
+    );
+    let build = space.spawn_build(&file);
+    // All three given to the one worker: two build, the third waits there for a slot.
+    let report = space.wait_for_status("a step held", |r| {
+        r["workers"][0]["held"] == 1 && r["workers"][0]["slots_used"] == 2
+    });
+    let given = report["workers"][0]["building"].as_array().map(Vec::len);
+    assert_eq!(given, Some(3), "{report}");
+    let result = nixspace_test_support::wait_output(build, BUILD_LIMIT);
+    assert!(result.status.success(), "{result:?}");
+    // Never more than its two slots at once, and each step built once.
+    let log = std::fs::read_to_string(&runs).expect("runs");
+    let (mut running, mut most) = (0, 0);
+    for line in log.lines() {
+        running += if line.starts_with("end-") { -1 } else { 1 };
+        most = most.max(running);
+    }
+    assert_eq!((log.lines().count(), most), (6, 2), "{log}");
+}
+
+#[test]
+fn a_worker_holds_no_more_steps_than_it_builds() {
+    let space = Space::start();
+    // (A worker with --hold 1 and --max-jobs 1 joins: the test above.)
+    let worker = space
+        .command(&["worker", "--dir"])
+        .arg(space.dir())
+        .args(["--max-jobs", "1", "--hold", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nixspace worker");
+    let out = nixspace_test_support::wait_output(worker, Duration::from_secs(30));
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("--hold 2 is more than --max-jobs 1"),
+        "{out:?}"
+    );
 }
 
 #[test]

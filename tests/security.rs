@@ -34,6 +34,7 @@ fn worker(id: &str) -> AnyValue {
         systems: vec!["test-system".to_owned()],
         features: vec![],
         max_jobs: 1.into(),
+        hold: 0.into(),
         speed: 1.0.into(),
         memory: 0.into(),
         build_memory: 0.into(),

@@ -26,7 +26,7 @@
 //! facet, so claims and the offer outlive the observer facets that caused
 //! them. Each build runs in its own child facet: stopping it kills the build.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -66,6 +66,9 @@ pub struct BuilderConfig {
     pub features: Vec<String>,
     /// How many steps it builds at once.
     pub max_jobs: u32,
+    /// How many steps it keeps waiting beyond those, each started the moment a build ends
+    /// (no round trip through the planner between one build and the next).
+    pub hold: u32,
     /// Speed relative to a reference machine (1.0).
     pub speed: f64,
     /// Build through the Nix daemon listening on this socket instead of
@@ -219,6 +222,13 @@ impl std::fmt::Debug for DrainDone {
     }
 }
 
+/// A step given to the worker and held until a slot frees.
+struct HeldStep {
+    drv: DrvPath,
+    settings: BuildSettings,
+    derivation: Vec<u8>,
+}
+
 struct Builder {
     ds: Arc<Cap>,
     config: Arc<BuilderConfig>,
@@ -234,6 +244,9 @@ struct Builder {
     building: BTreeMap<DrvPath, FacetId>,
     /// Builds whose outcome is reported (their slot is free again).
     finished: BTreeSet<DrvPath>,
+    /// Steps given to it while every slot was busy, in the order they came: each starts
+    /// when a slot frees.
+    waiting: VecDeque<HeldStep>,
     /// The builds themselves, which outlive this connection.
     builds: Builds,
     offer: Option<Handle>,
@@ -253,13 +266,20 @@ impl Entity<Event> for Builder {
                 settings,
                 derivation,
             } => {
-                if !self.building.contains_key(&drv) {
-                    let this = &*self;
-                    let facet = t.facet(|t| {
-                        build_step(t, this, drv.clone(), settings, derivation);
-                        Ok(())
-                    })?;
-                    self.building.insert(drv, facet);
+                let held = self.waiting.iter().any(|w| w.drv == drv);
+                let step = HeldStep {
+                    drv,
+                    settings,
+                    derivation,
+                };
+                if self.building.contains_key(&step.drv) || held {
+                    // Given again (a claim granted anew): it is ours already.
+                } else if self.builds.has(&step.drv) {
+                    // Built, or building, while the dataspace was away: it has its slot.
+                    self.start(t, step)?;
+                } else {
+                    tracing::debug!(drv = %step.drv, "given; it starts when a slot is free");
+                    self.waiting.push_back(step);
                 }
             }
             // Another worker got the step; unless we build it too (a steal), let go of it and
@@ -277,6 +297,8 @@ impl Entity<Event> for Builder {
                 None => self.stop_build(t, &drv),
             },
             Event::AssignmentGone { drv } if self.planners.is_empty() => {
+                // A step held and not started is the next planner's to give again.
+                self.waiting.retain(|w| w.drv != drv);
                 self.finished.remove(&drv);
                 if let Some(facet) = self.building.remove(&drv) {
                     tracing::info!(%drv, "the planner went away; the build goes on and is claimed from the next planner");
@@ -328,9 +350,10 @@ impl Entity<Event> for Builder {
                 self.draining = Some(done);
             }
         }
+        self.start_waiting(t)?;
         self.update_offer(t);
         if let Some(done) = &self.draining {
-            if self.building.is_empty() {
+            if self.building.is_empty() && self.waiting.is_empty() {
                 done.notify();
             }
         }
@@ -339,13 +362,47 @@ impl Entity<Event> for Builder {
 }
 
 impl Builder {
-    /// Announce how many more steps this worker takes now: none while draining.
+    /// The builds running (their outcome not yet reported).
+    fn busy(&self) -> usize {
+        self.building.len() - self.finished.len()
+    }
+
+    /// Start the steps held while a slot is free, oldest first (a draining worker too: the
+    /// planner gave them before it saw the drain).
+    fn start_waiting(&mut self, t: &mut Activation) -> ActorResult {
+        while self.busy() < self.config.max_jobs as usize {
+            let Some(step) = self.waiting.pop_front() else {
+                break;
+            };
+            self.start(t, step)?;
+        }
+        Ok(())
+    }
+
+    /// Build a step given to this worker, in a facet of its own.
+    fn start(&mut self, t: &mut Activation, step: HeldStep) -> ActorResult {
+        let HeldStep {
+            drv,
+            settings,
+            derivation,
+        } = step;
+        let this = &*self;
+        let facet = t.facet(|t| {
+            build_step(t, this, drv.clone(), settings, derivation);
+            Ok(())
+        })?;
+        self.building.insert(drv, facet);
+        Ok(())
+    }
+
+    /// Announce how many more steps this worker takes now, to build or to hold: none while
+    /// draining.
     fn update_offer(&mut self, t: &mut Activation) {
         let free = if self.draining.is_some() {
             0
         } else {
-            let busy = self.building.len() - self.finished.len();
-            self.config.max_jobs as i64 - busy as i64
+            let taken = self.busy() + self.waiting.len();
+            (self.config.max_jobs + self.config.hold) as i64 - taken as i64
         };
         let offer = build::Offer {
             worker: self.config.id.to_string(),
@@ -354,13 +411,14 @@ impl Builder {
         self.ds.update(t, &mut self.offer, Some(&offer));
     }
 
-    /// How many steps this worker holds: given to it, or claimed.
+    /// How many steps this worker holds: given to it (building or waiting for a slot), or
+    /// claimed.
     fn held(&self) -> usize {
-        let waiting = self
+        let claimed = self
             .claims
             .keys()
             .filter(|d| !self.building.contains_key(*d));
-        self.building.len() + waiting.count()
+        self.building.len() + self.waiting.len() + claimed.count()
     }
 
     /// Ask to build a step.
@@ -375,8 +433,9 @@ impl Builder {
         }
     }
 
-    /// Stop building `drv` and let go of it (its assignment was withdrawn).
+    /// Stop building `drv` (or holding it) and let go of it (its assignment was withdrawn).
     fn stop_build(&mut self, t: &mut Activation, drv: &DrvPath) {
+        self.waiting.retain(|w| &w.drv != drv);
         self.builds.cancel(drv);
         self.finished.remove(drv);
         if let Some(facet) = self.building.remove(drv) {
@@ -428,6 +487,7 @@ pub fn start(
             systems: config.systems.clone(),
             features: config.features.clone(),
             max_jobs: (config.max_jobs as i64).into(),
+            hold: (config.hold as i64).into(),
             speed: config.speed.into(),
             memory: config.memory.into(),
             build_memory: config.memory_limit.unwrap_or(0).into(),
@@ -444,6 +504,7 @@ pub fn start(
         claims: BTreeMap::new(),
         building: BTreeMap::new(),
         finished: BTreeSet::new(),
+        waiting: VecDeque::new(),
         builds,
         offer: None,
         planners: BTreeSet::new(),

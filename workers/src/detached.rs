@@ -170,6 +170,11 @@ impl Builds {
             .unwrap_or_default()
     }
 
+    /// Whether a build of `drv` runs, or finished with its outcome not yet taken.
+    pub fn has(&self, drv: &DrvPath) -> bool {
+        self.slots.lock().is_ok_and(|s| s.contains_key(drv))
+    }
+
     /// Follow the build of `drv` (granted to this worker) while the returned [`Following`]
     /// is held, sending its log lines and activity events to `lines`; start it with `start` if
     /// it is not running or finished already. The receiver sees its outcome.

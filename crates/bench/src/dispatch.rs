@@ -49,6 +49,10 @@ pub struct DispatchArgs {
     /// Slots per simulated worker.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Steps each simulated worker holds beyond its slots (`nixspace worker --hold`): a held
+    /// step starts the moment a slot frees.
+    #[arg(long, default_value_t = 0)]
+    hold: usize,
     /// Repetitions.
     #[arg(long, default_value_t = 5)]
     runs: usize,
@@ -106,11 +110,14 @@ async fn runs(
         let worker = SimWorker {
             id: format!("sim-{i}"),
             slots: args.jobs,
+            hold: args.hold,
             build_time: Duration::from_millis(args.build_ms),
             times: slots.clone(),
             assigned: assigned.clone(),
             ds: None,
             held: HashSet::new(),
+            running: 0,
+            waiting: VecDeque::new(),
             me: Arc::new(OnceLock::new()),
         };
         actors.push(
@@ -122,8 +129,8 @@ async fn runs(
         );
     }
     println!(
-        "nixspace bench dispatch: {} steps in {} layers, {} simulated workers × {} slots, {} ms per step, {} runs",
-        args.steps, args.layers, args.workers, args.jobs, args.build_ms, args.runs
+        "nixspace bench dispatch: {} steps in {} layers, {} simulated workers × {} slots (holding {} more), {} ms per step, {} runs",
+        args.steps, args.layers, args.workers, args.jobs, args.hold, args.build_ms, args.runs
     );
     // Every slot busy all the time.
     let ideal = (args.build_ms > 0)
@@ -432,16 +439,22 @@ enum SimEvent {
     Done(String),
 }
 
-/// A worker that holds every step assigned to it and reports it built after `build_time`.
+/// A worker that builds up to `slots` steps assigned to it at once, holds up to `hold` more
+/// until a slot frees, and reports each built `build_time` after it started.
 struct SimWorker {
     id: String,
     slots: usize,
+    hold: usize,
     build_time: Duration,
     times: SlotTimes,
     assigned: AssignTimes,
     ds: Option<Arc<Cap>>,
     /// The steps given to it and not yet withdrawn.
     held: HashSet<String>,
+    /// The steps it is "building".
+    running: usize,
+    /// The steps given to it while every slot was busy, oldest first.
+    waiting: VecDeque<String>,
     /// This entity's own reference, for its build timers.
     me: Arc<OnceLock<Weak<Ref<SimEvent>>>>,
 }
@@ -457,6 +470,7 @@ impl SimWorker {
                 systems: vec![nixspace_nix_tools::current_system()],
                 features: vec![],
                 max_jobs: (self.slots as i64).into(),
+                hold: (self.hold as i64).into(),
                 speed: 1.0.into(),
                 memory: 0.into(),
                 build_memory: 0.into(),
@@ -468,7 +482,7 @@ impl SimWorker {
             t,
             &build::Offer {
                 worker: self.id.clone(),
-                free_slots: (self.slots as i64).into(),
+                free_slots: ((self.slots + self.hold) as i64).into(),
             },
         );
         self.ds = Some(Arc::clone(&ds));
@@ -487,22 +501,32 @@ impl SimWorker {
         }));
     }
 
-    /// Hold a step given to us and "build" it.
+    /// Take a step given to us: "build" it if a slot is free, else hold it until one is.
     fn take(&mut self, t: &mut Activation, drv: String) {
         if self.ds.is_none() {
             return;
         }
-        let now = Instant::now();
+        if let Ok(mut a) = self.assigned.lock() {
+            a.entry(drv.clone()).or_insert_with(Instant::now);
+        }
+        self.held.insert(drv.clone());
+        if self.running < self.slots {
+            self.build(t, drv);
+        } else {
+            self.waiting.push_back(drv);
+        }
+    }
+
+    /// "Build" a step in a free slot (the time since the slot was freed, if it was sampled,
+    /// is its idle time).
+    fn build(&mut self, t: &mut Activation, drv: String) {
         if let Ok(mut times) = self.times.lock() {
             let freed = times.freed.entry(self.id.clone()).or_default().pop_front();
             if let Some(freed) = freed {
-                times.idle.push(now - freed);
+                times.idle.push(freed.elapsed());
             }
         }
-        if let Ok(mut a) = self.assigned.lock() {
-            a.entry(drv.clone()).or_insert(now);
-        }
-        self.held.insert(drv.clone());
+        self.running += 1;
         match self.me.get().and_then(Weak::upgrade) {
             Some(me) if !self.build_time.is_zero() => {
                 t.after(self.build_time, move |t| {
@@ -514,8 +538,8 @@ impl SimWorker {
         }
     }
 
-    /// Report a held step built; its slot is free from now (when the worker was full, the
-    /// time until the next step is given to it is sampled).
+    /// Report a step built; its slot is free from now, and takes the oldest step held, if
+    /// any. When every slot was busy, the time until the slot's next step starts is sampled.
     fn report(&mut self, t: &mut Activation, drv: String) {
         let Some(ds) = self.ds.clone().filter(|_| self.held.contains(&drv)) else {
             return;
@@ -528,17 +552,20 @@ impl SimWorker {
             usage: vec![],
         };
         ds.message(t, &built);
-        // The planner counts a slot busy until it has this report: a worker it saw full
-        // waits for it to give the next step.
-        if self.held.len() < self.slots {
-            return;
+        self.running -= 1;
+        // The planner counts a slot busy until it has this report: a worker it saw with
+        // every slot taken waits for it to give the next step, unless it holds one.
+        if self.held.len() >= self.slots {
+            if let Ok(mut times) = self.times.lock() {
+                times
+                    .freed
+                    .entry(self.id.clone())
+                    .or_default()
+                    .push_back(Instant::now());
+            }
         }
-        if let Ok(mut times) = self.times.lock() {
-            times
-                .freed
-                .entry(self.id.clone())
-                .or_default()
-                .push_back(Instant::now());
+        if let Some(next) = self.waiting.pop_front() {
+            self.build(t, next);
         }
     }
 }
@@ -553,6 +580,7 @@ impl Entity<SimEvent> for SimWorker {
             }
             SimEvent::Unassigned(drv) => {
                 self.held.remove(&drv);
+                self.waiting.retain(|d| *d != drv);
             }
             SimEvent::Done(drv) => self.report(t, drv),
         }

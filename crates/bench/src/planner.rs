@@ -177,6 +177,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
             features: vec![],
             speed: 1.0,
             max_jobs: SLOTS,
+            hold: 0,
             resources: Default::default(),
         },
     );

@@ -103,13 +103,14 @@ fn track_demands(t: &mut Activation, snapshot: &Observed, demands: Vec<DemandVie
 /// results and unschedulable steps asserted in `ds`.
 pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
     enclose!((snapshot) during!(t, ds,
-    <worker $id: String _ $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
+    <worker $id: String _ $host: String $systems: Vec<String> $features: Vec<String> $max_jobs: i64 $hold: i64 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
     |t: &mut Activation| {
         let view = WorkerView {
             host: host.clone(),
             systems: systems.clone(),
             features: features.clone(),
             max_jobs,
+            hold,
             speed,
             memory,
             build_memory,

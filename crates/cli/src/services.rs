@@ -22,6 +22,7 @@ pub fn local_builder() -> BuilderConfig {
         systems: vec![nixspace_nix_tools::current_system()],
         features: Vec::new(),
         max_jobs: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        hold: 0,
         speed: 1.0,
         daemon_socket: None,
         signing_key: None,

@@ -19,6 +19,8 @@ pub struct WorkerView {
     pub features: Vec<String>,
     /// Steps it builds at once.
     pub max_jobs: i64,
+    /// Steps it holds beyond those, waiting for a slot.
+    pub hold: i64,
     /// Relative speed.
     pub speed: f64,
     /// Bytes of memory it offers its builds together (0: not said).
@@ -124,13 +126,17 @@ impl Snapshot {
                     .map(|(d, _)| d.clone())
                     .chain(thefts)
                     .collect();
+                // Its offer counts the steps it may still take, to build or to hold.
+                let capacity = w.max_jobs + w.hold;
+                let taken = capacity - self.offers.newest(id).copied().unwrap_or(capacity);
                 WorkerReport {
                     id: id.clone(),
                     host: w.host.clone(),
                     systems: w.systems.clone(),
                     features: w.features.clone(),
                     slots_total: w.max_jobs,
-                    slots_used: w.max_jobs - self.offers.newest(id).copied().unwrap_or(w.max_jobs),
+                    slots_used: taken.min(w.max_jobs),
+                    held: (taken - w.max_jobs).max(0),
                     speed: w.speed,
                     memory: w.memory,
                     build_memory: w.build_memory,
@@ -221,6 +227,8 @@ pub struct WorkerReport {
     features: Vec<String>,
     slots_used: i64,
     slots_total: i64,
+    /// Steps given to it that wait for one of its slots.
+    held: i64,
     speed: f64,
     /// Bytes of memory offered to its builds together (0: not said).
     memory: u64,
@@ -362,6 +370,15 @@ pub struct TransferReport {
     into: String,
 }
 
+/// A worker's slots for people: used of total, and the steps it holds beyond them
+/// (`4/4+1`).
+fn slots_text(w: &WorkerReport) -> String {
+    match w.held {
+        0 => format!("{}/{}", w.slots_used, w.slots_total),
+        held => format!("{}/{}+{held}", w.slots_used, w.slots_total),
+    }
+}
+
 /// A worker's memory for people: the total in MiB, and the per-build limit if it has one
 /// (`2048M/512M`); `-` when it said none.
 fn memory_text(memory: u64, build_memory: u64) -> String {
@@ -402,7 +419,7 @@ impl fmt::Display for Report {
                 w.host,
                 list(&w.systems),
                 list(&w.features),
-                format!("{}/{}", w.slots_used, w.slots_total),
+                slots_text(w),
                 w.speed,
                 memory_text(w.memory, w.build_memory),
                 w.cpus,
@@ -504,8 +521,8 @@ impl fmt::Display for Report {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_replaced_offer_shows_the_new_one_whichever_goes_first() {
+    /// A snapshot with worker `w` of two slots, holding `hold` more.
+    fn with_worker(hold: i64) -> Snapshot {
         let mut s = Snapshot::default();
         s.workers.asserted(
             "w".into(),
@@ -514,12 +531,19 @@ mod tests {
                 systems: vec![],
                 features: vec![],
                 max_jobs: 2,
+                hold,
                 speed: 1.0,
                 memory: 0,
                 build_memory: 0,
                 cpus: 1,
             },
         );
+        s
+    }
+
+    #[test]
+    fn a_replaced_offer_shows_the_new_one_whichever_goes_first() {
+        let mut s = with_worker(0);
         let used = |s: &Snapshot| {
             serde_json::to_value(s.report()).unwrap()["workers"][0]["slots_used"].clone()
         };
@@ -532,6 +556,24 @@ mod tests {
         s.offers.asserted("w".into(), 1);
         s.offers.retracted(&"w".into(), &1);
         assert_eq!(used(&s), 1, "the same value offered again");
+    }
+
+    #[test]
+    fn a_worker_that_holds_steps_shows_its_slots_and_what_it_holds() {
+        let mut s = with_worker(1);
+        let line = |s: &Snapshot| {
+            let w = serde_json::to_value(s.report()).unwrap()["workers"][0].clone();
+            (w["slots_used"].clone(), w["held"].clone())
+        };
+        s.offers.asserted("w".into(), 3);
+        assert_eq!(line(&s), (0.into(), 0.into()));
+        s.offers.asserted("w".into(), 1);
+        s.offers.retracted(&"w".into(), &3);
+        assert_eq!(line(&s), (2.into(), 0.into()));
+        s.offers.asserted("w".into(), 0);
+        s.offers.retracted(&"w".into(), &1);
+        assert_eq!(line(&s), (2.into(), 1.into()));
+        assert!(s.report().to_string().contains(" 2/2+1 "), "{}", s.report());
     }
 
     #[test]

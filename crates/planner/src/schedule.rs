@@ -98,11 +98,18 @@ pub struct WorkerOffer {
     pub speed: f64,
     /// How many steps it builds at once.
     pub max_jobs: u32,
+    /// How many more it keeps waiting, each started the moment one of its builds ends.
+    pub hold: u32,
     /// The memory and CPUs it offers its builds.
     pub resources: Resources,
 }
 
 impl WorkerOffer {
+    /// How many steps it may be given at once: those it builds and those it holds.
+    pub fn capacity(&self) -> usize {
+        self.max_jobs as usize + self.hold as usize
+    }
+
     /// Whether the worker builds for the step's system with the features it requires.
     pub fn builds(&self, info: &StepInfo) -> bool {
         mismatch(&self.systems, &self.features, &info.system, &info.features).is_none()
@@ -386,7 +393,7 @@ pub struct Schedule {
     /// The steps each worker is building (assigned to it, or duplicated by it as a thief).
     running: BTreeMap<WorkerId, BTreeSet<DrvPath>>,
     /// The workers that may be given a step now: connected, offering free slots and given
-    /// fewer steps than their `max_jobs` (kept by [`reopen`](Schedule::reopen), so dispatch
+    /// fewer steps than their [`capacity`](WorkerOffer::capacity) (kept by [`reopen`](Schedule::reopen), so dispatch
     /// looks at these instead of every worker of a busy farm), each with its place in
     /// `open_order`.
     open: BTreeMap<WorkerId, dispatch::OpenWorker>,
@@ -1263,6 +1270,7 @@ mod tests {
                 features: vec![],
                 speed: 1.0,
                 max_jobs: 1,
+                hold: 0,
                 resources: Default::default(),
             },
         );
@@ -1527,6 +1535,7 @@ mod more_tests {
             features: features.iter().map(|s| s.to_string()).collect(),
             speed: 1.0,
             max_jobs: 1,
+            hold: 0,
             resources: Default::default(),
         }
     }

@@ -998,11 +998,13 @@ pub fn start(
         let max_demands = config.max_demands_per_requester.unwrap_or(usize::MAX);
         DemandGate::observe(t, &ds, Arc::clone(&planner), max_demands);
 
-        enclose!((planner) during!(t, ds, <worker $id: String $session: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
+        enclose!((planner) during!(t, ds, <worker $id: String $session: String _ $systems: Vec<String> $features: Vec<String> $max_jobs: u32 $hold: u32 $speed: f64 $memory: u64 $build_memory: u64 $cpus: u32>,
             |t: &mut Activation| {
                 let worker = WorkerId::from(id.as_str());
                 let resources = Resources { memory, build_memory, cpus };
-                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, resources };
+                // A worker holds at most as many steps as it builds.
+                let hold = hold.min(max_jobs);
+                let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, hold, resources };
                 tracing::info!(%worker, %session, ?offer, "worker joined");
                 t.message(&planner, Event::WorkerJoined { worker: worker.clone(), session: session.clone(), offer });
                 on_retraction(t, enclose!((planner, session) move |t| {

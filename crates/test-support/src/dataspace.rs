@@ -123,6 +123,7 @@ pub fn test_worker_process(id: &str, session: &str) -> AnyValue {
         systems: vec![test_step().system],
         features: vec![],
         max_jobs: 1.into(),
+        hold: 0.into(),
         speed: 1.0.into(),
         memory: 0.into(),
         build_memory: 0.into(),

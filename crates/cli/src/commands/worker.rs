@@ -39,6 +39,13 @@ pub struct WorkerArgs {
     #[arg(long, value_name = "N")]
     max_jobs: Option<u32>,
 
+    /// Steps held beyond --max-jobs: the planner may give the worker this many more, each
+    /// started the moment one of its builds ends, with no round trip through the planner in
+    /// between. Worth it for farms of many short steps (a few seconds or less); a held step
+    /// waits here even if another worker frees a slot first. At most --max-jobs.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    hold: u32,
+
     /// Speed relative to a reference machine (used for work stealing).
     #[arg(long, default_value_t = 1.0, value_name = "FACTOR")]
     speed: f64,
@@ -130,6 +137,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         Some(n) => config.max_jobs = n,
         None => {}
     }
+    if args.hold > config.max_jobs {
+        anyhow::bail!(
+            "--hold {} is more than --max-jobs {}: a worker holds at most as many steps as it builds",
+            args.hold,
+            config.max_jobs
+        );
+    }
+    config.hold = args.hold;
     config.speed = args.speed;
     config.daemon_socket = args.daemon_socket;
     config.fetch_patience = std::time::Duration::try_from_secs_f64(args.fetch_patience)

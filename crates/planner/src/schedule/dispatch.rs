@@ -4,7 +4,8 @@
 //!
 //! Room is counted on both sides: a worker takes part while its last offer has free slots
 //! (a draining worker offers none), and it gets at most `max_jobs` steps at once by the
-//! planner's own count, which is exact the moment an outcome arrives (the offer lags).
+//! planner's own count, which is exact the moment an outcome arrives (the offer lags), plus
+//! the `hold` it keeps waiting: a held step starts the moment one of its builds ends.
 //!
 //! Memory is admitted too: a worker is never given steps whose predicted memory adds up to
 //! more than it offers, nor one predicted to need more than one build may use there. A step
@@ -170,12 +171,12 @@ impl Schedule {
         };
         let running = self.running.get(worker).map_or(0, |r| r.len());
         let offers_slots = self.free_slots.get(worker).is_some_and(|&free| free > 0);
-        if !offers_slots || running >= offer.max_jobs as usize {
+        if !offers_slots || running >= offer.capacity() {
             return;
         }
         let place = OpenWorker {
             speed: Reverse(Speed(offer.speed)),
-            slots: Reverse(offer.max_jobs as usize - running),
+            slots: Reverse(offer.capacity() - running),
             id: worker.clone(),
         };
         self.open_order.insert(place.clone());
@@ -394,6 +395,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs,
+            hold: 0,
             resources: Default::default(),
         }
     }
@@ -444,7 +446,7 @@ mod tests {
         let mut open = BTreeSet::new();
         for (w, offer) in &s.workers {
             let running = s.running.get(w).map_or(0, |r| r.len());
-            if s.free_slots.get(w).is_some_and(|&f| f > 0) && running < offer.max_jobs as usize {
+            if s.free_slots.get(w).is_some_and(|&f| f > 0) && running < offer.capacity() {
                 open.insert(w.clone());
             }
         }
@@ -461,11 +463,7 @@ mod tests {
         for place in &s.open_order {
             let offer = &s.workers[&place.id];
             let running = s.running.get(&place.id).map_or(0, |r| r.len());
-            assert_eq!(
-                place.slots.0,
-                offer.max_jobs as usize - running,
-                "{place:?}"
-            );
+            assert_eq!(place.slots.0, offer.capacity() - running, "{place:?}");
         }
         effects
     }
@@ -513,6 +511,36 @@ mod tests {
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("b", "w")]);
         assert!(e.contains(&Effect::Unready { drv: "b".into() }), "{e:?}");
+    }
+
+    #[test]
+    fn a_worker_that_holds_steps_is_given_its_slots_and_its_hold() {
+        let mut s = Schedule::default();
+        let held = WorkerOffer {
+            hold: 1,
+            ..worker("x86_64-linux", 1)
+        };
+        s.worker_joined(&"w".into(), held);
+        s.offer(&"w".into(), 2);
+        for drv in ["a", "b", "c"] {
+            let e = s.demand(&drv.into(), step("x86_64-linux", &[]), Urgency::default());
+            then(&mut s, e);
+        }
+        let given = |s: &Schedule| {
+            ["a", "b", "c"]
+                .into_iter()
+                .filter(|d| matches!(s.state(&(*d).into()), Some(StepState::Assigned(_))))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(given(&s), vec!["a", "b"], "one to build, one to hold");
+        let e = s.built(&"a".into(), &"w".into(), vec![]);
+        let e = then(&mut s, e);
+        assert_eq!(
+            assigns(&e),
+            vec![("c", "w")],
+            "the held one builds now; c is held"
+        );
+        assert_eq!(given(&s), vec!["b", "c"]);
     }
 
     #[test]

@@ -97,6 +97,7 @@ mod tests {
             features: vec![],
             speed: 1.0,
             max_jobs: 1,
+            hold: 0,
             resources: Default::default(),
         }
     }

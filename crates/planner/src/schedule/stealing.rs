@@ -127,9 +127,9 @@ impl Schedule {
             .map(|(id, _)| id.clone())
     }
 
-    /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free slot
-    /// and the memory the step is predicted to need, no ready step it could take instead, and
-    /// no other invitation.
+    /// Whether `thief` may duplicate `drv`: it can build it, is fast enough, has a free build
+    /// slot (room to hold a step does not count) and the memory the step is predicted to
+    /// need, no ready step it could take instead, and no other invitation.
     fn can_steal(&self, drv: &DrvPath, thief: &WorkerId, scan: &Scan) -> bool {
         let (Some(step), Some(offer)) = (self.steps.get(drv), self.workers.get(thief)) else {
             return false;
@@ -147,6 +147,7 @@ impl Schedule {
             && !step.excluded.contains(thief)
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
+            && self.running.get(thief).map_or(0, BTreeSet::len) < offer.max_jobs as usize
             && matches(&step.info.system, &step.info.features)
             && self.fits_beside(step, thief)
             && !scan.ready_kinds.iter().any(|(s, f)| matches(s, f))
@@ -225,6 +226,7 @@ mod tests {
             features: vec![],
             speed,
             max_jobs: 1,
+            hold: 0,
             resources: Default::default(),
         }
     }
@@ -244,6 +246,12 @@ mod tests {
 
     /// `a` running on `slow` (speed 1) since now, `fast` (speed `fast`) idle.
     fn running(fast: f64) -> (Schedule, Instant) {
+        running_beside(worker(fast), 1)
+    }
+
+    /// `a` running on `slow` (speed 1) since now; `fast`, offering `offer`, offers `free`
+    /// slots.
+    fn running_beside(offer: WorkerOffer, free: i64) -> (Schedule, Instant) {
         let policy = StealPolicy {
             ratio: 2.0,
             after: Duration::from_secs(5),
@@ -252,8 +260,8 @@ mod tests {
         s.worker_joined(&"slow".into(), worker(1.0));
         s.demand(&"a".into(), step(), Urgency::default());
         s.claim(&"a".into(), &"slow".into());
-        s.worker_joined(&"fast".into(), worker(fast));
-        s.offer(&"fast".into(), 1);
+        s.worker_joined(&"fast".into(), offer);
+        s.offer(&"fast".into(), free);
         (s, Instant::now())
     }
 
@@ -288,6 +296,26 @@ mod tests {
         assert!(s
             .built(&"a".into(), &"slow".into(), vec!["/out".into()])
             .is_empty());
+    }
+
+    #[test]
+    fn a_worker_with_room_only_to_hold_a_step_does_not_steal() {
+        let holding = WorkerOffer {
+            hold: 1,
+            ..worker(4.0)
+        };
+        let (mut s, start) = running_beside(holding, 2);
+        let mut e = s.demand(&"b".into(), step(), Urgency::default());
+        s.dispatch(&mut e);
+        assert!(
+            matches!(s.state(&"b".into()), Some(StepState::Assigned(w)) if w.as_str() == "fast"),
+            "{e:?}"
+        );
+        s.offer(&"fast".into(), 1);
+        assert!(
+            s.tick(start + Duration::from_secs(60)).is_empty(),
+            "its one build slot is taken"
+        );
     }
 
     #[test]
