@@ -149,6 +149,37 @@ pub enum Event {
     },
 }
 
+/// The events waiting for a [`Event::Drain`] turn, in two lanes, each in the order its events
+/// came: what workers and timers say (reports, offers, claims, workers coming and going) is
+/// handled before the frontends' demands and their withdrawals, so a slot freed while
+/// 100,000 demands are coming in is given its next step without waiting for them. The lanes
+/// are about different things: a report names a step given out, whose demand was handled.
+#[derive(Debug, Default)]
+struct Lanes {
+    workers: VecDeque<Event>,
+    demands: VecDeque<Event>,
+}
+
+impl Lanes {
+    fn push(&mut self, event: Event) {
+        match event {
+            Event::Demand { .. } | Event::Undemand { .. } => self.demands.push_back(event),
+            event => self.workers.push_back(event),
+        }
+    }
+
+    /// The next event to handle: the workers' lane first.
+    fn pop(&mut self) -> Option<Event> {
+        self.workers
+            .pop_front()
+            .or_else(|| self.demands.pop_front())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.workers.is_empty() && self.demands.is_empty()
+    }
+}
+
 /// The planner entity: the schedule and the handles of what it asserted.
 struct Planner {
     ds: Arc<Cap>,
@@ -181,8 +212,8 @@ struct Planner {
     /// Events handled in this turn so far (an [`Event::EndTurn`] is due before the turn
     /// commits while it is not zero).
     handled_this_turn: usize,
-    /// Events waiting for an [`Event::Drain`] turn, in the order they came.
-    queued: VecDeque<Event>,
+    /// Events waiting for an [`Event::Drain`] turn.
+    queued: Lanes,
     /// Whether an [`Event::Drain`] is on its way.
     draining: bool,
     /// Until a while after a restart: which steps the run before built that count as built.
@@ -229,7 +260,7 @@ impl Entity<Event> for Planner {
             Event::Drain => {
                 self.draining = false;
                 while self.handled_this_turn < EVENTS_PER_TURN {
-                    let Some(event) = self.queued.pop_front() else {
+                    let Some(event) = self.queued.pop() else {
                         break;
                     };
                     self.handle(t, event);
@@ -239,7 +270,7 @@ impl Entity<Event> for Planner {
             // Every event waits for the next `Drain` turn, with the events that arrive
             // before it: one history commit for all of them instead of one per event.
             event => {
-                self.queued.push_back(event);
+                self.queued.push(event);
                 self.drain_later(t);
             }
         }
@@ -965,7 +996,7 @@ pub fn start(
             frontends: Frontends::default(),
             sessions: HashMap::new(),
             handled_this_turn: 0,
-            queued: VecDeque::new(),
+            queued: Lanes::default(),
             draining: false,
             earlier_builds,
         };
@@ -1055,4 +1086,39 @@ pub fn start(
             }));
         Ok(())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn undemand(drv: &str) -> Event {
+        Event::Undemand {
+            drv: drv.into(),
+            requester: "r".into(),
+        }
+    }
+
+    fn claim(drv: &str) -> Event {
+        Event::Claim {
+            drv: drv.into(),
+            worker: "w".into(),
+        }
+    }
+
+    #[test]
+    fn what_workers_say_goes_before_the_demands_each_lane_in_order() {
+        let mut lanes = Lanes::default();
+        for event in [undemand("a"), claim("b"), undemand("c"), claim("d")] {
+            lanes.push(event);
+        }
+        let order: Vec<String> = std::iter::from_fn(|| lanes.pop())
+            .map(|e| match e {
+                Event::Undemand { drv, .. } | Event::Claim { drv, .. } => drv.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(order, ["b", "d", "a", "c"]);
+        assert!(lanes.is_empty());
+    }
 }
