@@ -384,7 +384,9 @@ struct Step {
 /// The planner's table of demanded steps and connected workers.
 #[derive(Debug)]
 pub struct Schedule {
-    steps: BTreeMap<DrvPath, Step>,
+    /// Each step boxed: the table's nodes then hold a pointer per step, not the whole step
+    /// (half of a node's room is empty after inserts in order, as a large build's are).
+    steps: BTreeMap<DrvPath, Box<Step>>,
     /// input drv → steps that list it as an input.
     dependents: BTreeMap<DrvPath, BTreeSet<DrvPath>>,
     workers: BTreeMap<WorkerId, WorkerOffer>,
@@ -537,7 +539,7 @@ impl Schedule {
         let remaining_ms = critical_path::first_guess(&info, urgency);
         self.steps.insert(
             drv.clone(),
-            Step {
+            Box::new(Step {
                 info,
                 urgency,
                 demands: 1,
@@ -552,7 +554,7 @@ impl Schedule {
                 excluded: BTreeSet::new(),
                 needs_more_than: None,
                 remaining_ms,
-            },
+            }),
         );
         // Dependents that were ready because this input was not demanded
         // (and so taken to be valid) must wait for it after all.
