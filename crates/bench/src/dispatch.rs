@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use nixspace_nix_formats::hash::{compress_hash, Hash};
+use nixspace_nix_formats::nixbase32;
 use nixspace_protocol::{build, on_retraction};
 use nixspace_space::{Role, Route};
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Ref};
@@ -151,7 +153,7 @@ async fn runs(
         let peak = up.map(Process::peak_resident).transpose()?;
         let first = assigned.lock().ok().and_then(|a| {
             a.iter()
-                .filter(|(drv, _)| drv.starts_with(&run_prefix(run)))
+                .filter(|(drv, _)| drv.ends_with(&run_suffix(run)))
                 .map(|(_, at)| at.saturating_duration_since(start))
                 .min()
         });
@@ -358,9 +360,20 @@ fn sim_demand(drv: &str, requester: &str, inputs: Vec<String>, depth: usize) -> 
     }
 }
 
-/// The start of the store paths of run `run`'s steps.
-fn run_prefix(run: usize) -> String {
-    format!("/nix/store/{run:08}")
+/// How the store paths of run `run`'s steps end.
+fn run_suffix(run: usize) -> String {
+    format!("-sim-{run}.drv")
+}
+
+/// The store path of step `i` of run `run`: a hash part as Nix makes one (SHA-256 folded to
+/// 20 bytes, in Nix's base 32), so names differ from their first characters after the store
+/// directory as a real build's do. (Numbered names share dozens of leading bytes, which made
+/// every comparison of two names in the dataspace's index and the planner's tables dearer
+/// than with real paths, and every insert into them an insert in order.)
+fn step_path(run: usize, i: usize) -> String {
+    let digest = Hash::sha256(format!("{run}/{i}"));
+    let hash_part = nixbase32::encode(&compress_hash(digest.as_bytes(), 20));
+    format!("/nix/store/{hash_part}{}", run_suffix(run))
 }
 
 /// Demand `steps` steps in `layers` layers (see [`DispatchArgs`]), inputs first, and wait
@@ -374,9 +387,9 @@ async fn demand_all(
 ) -> Result<(Instant, Duration), BenchError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let tx = Arc::new(Mutex::new(Some(tx)));
-    let prefix = run_prefix(run);
+    let suffix = run_suffix(run);
     let requester = format!("bench-dispatch-{run}");
-    let name = |i: usize| format!("{prefix}{i:024}-sim.drv");
+    let name = |i: usize| step_path(run, i);
     let width = steps.div_ceil(layers);
     let demands: Vec<build::Demand> = (0..steps)
         .map(|i| {
@@ -399,8 +412,8 @@ async fn demand_all(
     let built = Arc::new(Mutex::new(0usize));
     let actor = nixspace_space::join::join(route, move |t, ds| {
         // Capture the step: observers see each distinct capture once. Count this run's only.
-        enclose!((built, tx, prefix) during!(t, ds, <built $drv: String _ _>, |_t| {
-            if !drv.starts_with(&prefix) {
+        enclose!((built, tx, suffix) during!(t, ds, <built $drv: String _ _>, |_t| {
+            if !drv.ends_with(&suffix) {
                 return Ok(());
             }
             let mut n = built.lock().map_err(|_| "poisoned")?;
