@@ -12,8 +12,9 @@ use std::time::Duration;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{
-    assert_a_worker_cannot_demand, assigned, built, claim, demand, fake_drv, poll_until, ready,
-    reported_built, resolve_text, route, runtime, text, RawPeer, Session, ANSWER,
+    assert_a_worker_cannot_demand, assigned, built, claim, demand, fake_drv, holding_worker, offer,
+    poll_until, ready, reported_built, resolve_text, route, runtime, text, RawPeer, Session,
+    ANSWER,
 };
 use nixspace_test_support::Space;
 use preserves_schema::Unparse;
@@ -182,6 +183,49 @@ fn a_submit_capability_cannot_act_as_a_worker_or_the_planner() {
                 "refusal of {label} not logged:\n{log}"
             );
         }
+    });
+}
+
+#[test]
+fn a_worker_saying_it_holds_more_than_it_builds_is_given_no_more_than_twice_its_slots() {
+    let space = Space::start();
+    let steps: Vec<String> = (0..3).map(|i| fake_drv(&format!("greedy-{i}"))).collect();
+    runtime().block_on(async {
+        let s = Session::join(
+            &route(&space, Role::Submit),
+            steps.iter().map(|d| demand(d)).collect(),
+        )
+        .await
+        .expect("join as submit");
+        for drv in &steps {
+            assert!(s.wait_until(&ready(drv), true).await, "never ready");
+        }
+        // One slot, a hold of a thousand, and every slot offered: the planner takes the hold
+        // as at most the slots.
+        let _greedy = Session::join(
+            &route(&space, Role::Worker),
+            vec![holding_worker("greedy", 1000), offer("greedy", 1001)],
+        )
+        .await
+        .expect("join as worker");
+        // Positive control: more than its one slot (a hold is taken at all).
+        let given = |s: &Session| {
+            steps
+                .iter()
+                .filter(|d| s.sees(&assigned(d, "greedy")))
+                .count()
+        };
+        assert!(
+            poll_until(ANSWER, || given(&s) >= 2).await,
+            "the hold was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            given(&s),
+            2,
+            "given more than its slot and a hold of as many"
+        );
+        assert_eq!(steps.iter().filter(|d| s.sees(&ready(d))).count(), 1);
     });
 }
 

@@ -116,6 +116,15 @@ pub fn test_worker(id: &str) -> AnyValue {
 
 /// Like [`test_worker`], the process of session `session`.
 pub fn test_worker_process(id: &str, session: &str) -> AnyValue {
+    worker_record(id, session, 0)
+}
+
+/// Like [`test_worker`], saying it holds `hold` steps beyond its one slot.
+pub fn holding_worker(id: &str, hold: i64) -> AnyValue {
+    worker_record(id, "test", hold)
+}
+
+fn worker_record(id: &str, session: &str, hold: i64) -> AnyValue {
     build::Worker {
         id: id.to_owned(),
         session: session.to_owned(),
@@ -123,7 +132,7 @@ pub fn test_worker_process(id: &str, session: &str) -> AnyValue {
         systems: vec![test_step().system],
         features: vec![],
         max_jobs: 1.into(),
-        hold: 0.into(),
+        hold: hold.into(),
         speed: 1.0.into(),
         memory: 0.into(),
         build_memory: 0.into(),
