@@ -149,6 +149,9 @@ pub enum Event {
     },
 }
 
+/// The most events an empty lane keeps room for.
+const LANE_ROOM_KEPT: usize = 1024;
+
 /// The events waiting for a [`Event::Drain`] turn, in two lanes, each in the order its events
 /// came: what workers and timers say (reports, offers, claims, workers coming and going) is
 /// handled before the frontends' demands and their withdrawals, so a slot freed while
@@ -168,11 +171,19 @@ impl Lanes {
         }
     }
 
-    /// The next event to handle: the workers' lane first.
+    /// The next event to handle: the workers' lane first. A lane emptied after a burst (a
+    /// frontend's 100,000 demands) gives back its room.
     fn pop(&mut self) -> Option<Event> {
-        self.workers
+        let event = self
+            .workers
             .pop_front()
-            .or_else(|| self.demands.pop_front())
+            .or_else(|| self.demands.pop_front());
+        for lane in [&mut self.workers, &mut self.demands] {
+            if lane.is_empty() && lane.capacity() > LANE_ROOM_KEPT {
+                *lane = VecDeque::new();
+            }
+        }
+        event
     }
 
     fn is_empty(&self) -> bool {
@@ -1120,5 +1131,16 @@ mod tests {
             .collect();
         assert_eq!(order, ["b", "d", "a", "c"]);
         assert!(lanes.is_empty());
+    }
+
+    #[test]
+    fn a_lane_emptied_after_a_burst_gives_back_its_room() {
+        let mut lanes = Lanes::default();
+        for i in 0..5000 {
+            lanes.push(undemand(&i.to_string()));
+        }
+        assert!(lanes.demands.capacity() >= 5000);
+        while lanes.pop().is_some() {}
+        assert!(lanes.demands.capacity() <= LANE_ROOM_KEPT);
     }
 }
