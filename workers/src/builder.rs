@@ -8,6 +8,8 @@
 //!    builds it — but only once every input's outputs are valid in its store
 //!    (W leaving, or another process of W joining, loses the step). Builds go
 //!    to the local Nix daemon over a pool of reused connections (one per slot).
+//!    With `hold` (`nixspace worker --hold`) W may be given steps beyond its
+//!    slots: they wait in W, in the order given, and start as builds end.
 //!    W asks for a step with `<claim drv W>` only when it was not given it: a
 //!    step it is invited to steal, the steps it built while the dataspace was
 //!    away, and a build whose assignment went away with the planner; the
