@@ -151,9 +151,10 @@ async fn runs(
         let before = up.map(Process::resident_peak_reset).transpose()?;
         let (start, total) = demand_all(&submit_route, args.steps, args.layers, run).await?;
         let peak = up.map(Process::peak_resident).transpose()?;
+        let suffix = run_suffix(run);
         let first = assigned.lock().ok().and_then(|a| {
             a.iter()
-                .filter(|(drv, _)| drv.ends_with(&run_suffix(run)))
+                .filter(|(drv, _)| drv.ends_with(&suffix))
                 .map(|(_, at)| at.saturating_duration_since(start))
                 .min()
         });
@@ -551,30 +552,31 @@ impl SimWorker {
         }
     }
 
-    /// Report a step built; its slot is free from now, and takes the oldest step held, if
-    /// any. When every slot was busy, the time until the slot's next step starts is sampled.
+    /// A build started by [`SimWorker::build`] is over: report the step built unless its
+    /// assignment was withdrawn meanwhile. Its slot is free from now either way, and takes
+    /// the oldest step held, if any. When every slot was busy, the time until the slot's
+    /// next step starts is sampled.
     fn report(&mut self, t: &mut Activation, drv: String) {
-        let Some(ds) = self.ds.clone().filter(|_| self.held.contains(&drv)) else {
-            return;
-        };
-        let built = build::ReportBuilt {
-            drv,
-            worker: self.id.clone(),
-            outputs: vec![],
-            realisations: vec![],
-            usage: vec![],
-        };
-        ds.message(t, &built);
         self.running -= 1;
-        // The planner counts a slot busy until it has this report: a worker it saw with
-        // every slot taken waits for it to give the next step, unless it holds one.
-        if self.held.len() >= self.slots {
-            if let Ok(mut times) = self.times.lock() {
-                times
-                    .freed
-                    .entry(self.id.clone())
-                    .or_default()
-                    .push_back(Instant::now());
+        if let Some(ds) = self.ds.clone().filter(|_| self.held.contains(&drv)) {
+            let built = build::ReportBuilt {
+                drv,
+                worker: self.id.clone(),
+                outputs: vec![],
+                realisations: vec![],
+                usage: vec![],
+            };
+            ds.message(t, &built);
+            // The planner counts a slot busy until it has this report: a worker it saw with
+            // every slot taken waits for it to give the next step, unless it holds one.
+            if self.held.len() >= self.slots {
+                if let Ok(mut times) = self.times.lock() {
+                    times
+                        .freed
+                        .entry(self.id.clone())
+                        .or_default()
+                        .push_back(Instant::now());
+                }
             }
         }
         if let Some(next) = self.waiting.pop_front() {
