@@ -126,9 +126,11 @@ impl Snapshot {
                     .map(|(d, _)| d.clone())
                     .chain(thefts)
                     .collect();
-                // Its offer counts the steps it may still take, to build or to hold.
-                let capacity = w.max_jobs + w.hold;
-                let taken = capacity - self.offers.newest(id).copied().unwrap_or(capacity);
+                // Its offer counts the steps it may still take, to build or to hold. The
+                // numbers are the worker's own: saturating, as they may be anything.
+                let capacity = w.max_jobs.saturating_add(w.hold);
+                let free = self.offers.newest(id).copied().unwrap_or(capacity);
+                let taken = capacity.saturating_sub(free);
                 WorkerReport {
                     id: id.clone(),
                     host: w.host.clone(),
@@ -136,7 +138,7 @@ impl Snapshot {
                     features: w.features.clone(),
                     slots_total: w.max_jobs,
                     slots_used: taken.min(w.max_jobs),
-                    held: (taken - w.max_jobs).max(0),
+                    held: taken.saturating_sub(w.max_jobs).max(0),
                     speed: w.speed,
                     memory: w.memory,
                     build_memory: w.build_memory,
@@ -521,8 +523,8 @@ impl fmt::Display for Report {
 mod tests {
     use super::*;
 
-    /// A snapshot with worker `w` of two slots, holding `hold` more.
-    fn with_worker(hold: i64) -> Snapshot {
+    /// A snapshot with worker `w` of `max_jobs` slots, holding `hold` more.
+    fn with_worker(max_jobs: i64, hold: i64) -> Snapshot {
         let mut s = Snapshot::default();
         s.workers.asserted(
             "w".into(),
@@ -530,7 +532,7 @@ mod tests {
                 host: "h".into(),
                 systems: vec![],
                 features: vec![],
-                max_jobs: 2,
+                max_jobs,
                 hold,
                 speed: 1.0,
                 memory: 0,
@@ -543,7 +545,7 @@ mod tests {
 
     #[test]
     fn a_replaced_offer_shows_the_new_one_whichever_goes_first() {
-        let mut s = with_worker(0);
+        let mut s = with_worker(2, 0);
         let used = |s: &Snapshot| {
             serde_json::to_value(s.report()).unwrap()["workers"][0]["slots_used"].clone()
         };
@@ -560,7 +562,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_holds_steps_shows_its_slots_and_what_it_holds() {
-        let mut s = with_worker(1);
+        let mut s = with_worker(2, 1);
         let line = |s: &Snapshot| {
             let w = serde_json::to_value(s.report()).unwrap()["workers"][0].clone();
             (w["slots_used"].clone(), w["held"].clone())
@@ -574,6 +576,22 @@ mod tests {
         s.offers.retracted(&"w".into(), &1);
         assert_eq!(line(&s), (2.into(), 1.into()));
         assert!(s.report().to_string().contains(" 2/2+1 "), "{}", s.report());
+    }
+
+    #[test]
+    fn a_worker_announcing_extreme_numbers_does_not_overflow_the_report() {
+        let mut s = with_worker(i64::MAX, i64::MAX);
+        s.offers.asserted("w".into(), i64::MIN);
+        let w = serde_json::to_value(s.report()).unwrap()["workers"][0].clone();
+        assert_eq!(w["slots_used"], i64::MAX, "{w}");
+        // Positive control: ordinary numbers give ordinary figures.
+        let mut s = with_worker(2, 1);
+        s.offers.asserted("w".into(), 0);
+        let w = serde_json::to_value(s.report()).unwrap()["workers"][0].clone();
+        assert_eq!(
+            (w["slots_used"].clone(), w["held"].clone()),
+            (2.into(), 1.into())
+        );
     }
 
     #[test]
