@@ -11,7 +11,7 @@ use syndicate::enclose;
 use syndicate_macros::during;
 use tokio::sync::watch;
 
-use crate::snapshot::{JobView, Snapshot, StepView, WorkerView};
+use crate::snapshot::{JobView, Replaced, Snapshot, StepView, WorkerView};
 
 /// What the dataspace holds, as far as the observers have seen it, and a counter bumped at
 /// every change (for those waiting for the next one).
@@ -60,10 +60,31 @@ fn track(
     Ok(())
 }
 
+/// Show `value` for `key` in the snapshot's `field` (a record replaced by asserting the new one
+/// first, see [`Replaced`]) while the matched assertion is there.
+fn track_replaced<K, V>(
+    t: &mut Activation,
+    snapshot: &Observed,
+    field: fn(&mut Snapshot) -> &mut Replaced<K, V>,
+    key: K,
+    value: V,
+) -> ActorResult
+where
+    K: Ord + Clone + Send + 'static,
+    V: PartialEq + Clone + Send + 'static,
+{
+    let (k, v) = (key.clone(), value.clone());
+    track(
+        t,
+        snapshot,
+        move |s| field(s).asserted(key, value),
+        move |s| field(s).retracted(&k, &v),
+    )
+}
+
 /// What the snapshot shows of one demand.
 struct DemandView {
     drv: String,
-    system: String,
     requester: String,
     priority: i64,
 }
@@ -79,7 +100,6 @@ fn track_demands(t: &mut Activation, snapshot: &Observed, demands: Vec<DemandVie
         snapshot,
         |s| {
             for d in demands {
-                s.systems.insert(d.drv.clone(), d.system);
                 s.demands
                     .entry(d.requester)
                     .or_default()
@@ -116,32 +136,24 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
             build_memory,
             cpus,
         };
-        let (key, undo) = (id.clone(), view.clone());
-        track(t, &snapshot, |s| s.workers.asserted(id.clone(), view),
-            move |s| s.workers.retracted(&key, &undo))
+        track_replaced(t, &snapshot, |s| &mut s.workers, id.clone(), view)
     }));
     enclose!((snapshot) during!(t, ds, <eta $requester: String $millis: u64>, |t: &mut Activation| {
-        let key = requester.clone();
-        track(t, &snapshot, |s| s.etas.asserted(requester.clone(), millis),
-            move |s| s.etas.retracted(&key, &millis))
+        track_replaced(t, &snapshot, |s| &mut s.etas, requester.clone(), millis)
     }));
     enclose!((snapshot) during!(t, ds, <offer $id: String $free: i64>, |t: &mut Activation| {
-        let key = id.clone();
-        track(t, &snapshot, |s| s.offers.asserted(id.clone(), free),
-            move |s| s.offers.retracted(&key, &free))
+        track_replaced(t, &snapshot, |s| &mut s.offers, id.clone(), free)
     }));
     enclose!((snapshot) during!(t, ds,
     <job $id: i64 $name: String $status: String $built: i64 $failed: i64 $total: i64>,
     |t: &mut Activation| {
         let job = JobView { name, status, built, failed, total };
-        let undo = job.clone();
-        track(t, &snapshot, |s| s.jobs.asserted(id, job),
-            move |s| s.jobs.retracted(&id, &undo))
+        track_replaced(t, &snapshot, |s| &mut s.jobs, id, job)
     }));
     enclose!((snapshot) during!(t, ds,
-    <demand $drv: String $step: build::StepInfo $requester: String $priority: i64 _>,
+    <demand $drv: String _ $requester: String $priority: i64 _>,
     |t: &mut Activation| {
-        track_demands(t, &snapshot, vec![DemandView { drv, system: step.system, requester, priority }])
+        track_demands(t, &snapshot, vec![DemandView { drv, requester, priority }])
     }));
     enclose!((snapshot) during!(t, ds, <demands $demands: Vec<build::Demand>>,
     |t: &mut Activation| {
@@ -149,15 +161,15 @@ pub fn observe(t: &mut Activation, ds: &Arc<Cap>, snapshot: &Observed) {
         let views = demands.into_iter().filter_map(|d| Some(DemandView {
             priority: i64::try_from(&d.priority).ok()?,
             drv: d.drv,
-            system: d.step.system,
             requester: d.requester,
         }));
         track_demands(t, &snapshot, views.collect())
     }));
-    enclose!((snapshot) during!(t, ds, <ready $drv: String _ _>, |t: &mut Activation| {
-        let d = drv.clone();
-        track(t, &snapshot, |s| { s.steps.insert(drv.clone(), StepView::Queued); },
-            move |s| s.clear_step(&d, &StepView::Queued))
+    enclose!((snapshot) during!(t, ds, <queue $system: String $steps: u64>, |t: &mut Activation| {
+        track_replaced(t, &snapshot, |s| &mut s.queue, system.clone(), steps)
+    }));
+    enclose!((snapshot) during!(t, ds, <queued $requester: String $steps: u64>, |t: &mut Activation| {
+        track_replaced(t, &snapshot, |s| &mut s.queued, requester.clone(), steps)
     }));
     enclose!((snapshot) during!(t, ds, <assigned $drv: String $worker: String _ _>, |t: &mut Activation| {
         let (d, w) = (drv.clone(), worker.clone());

@@ -31,11 +31,9 @@ pub struct WorkerView {
     pub cpus: u32,
 }
 
-/// Where a step stands.
+/// Where a step stands (one that waits, for its inputs or for a worker, has none).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepView {
-    /// Ready, waiting for a worker.
-    Queued,
     /// Being built by this worker.
     Running(String),
     /// Built.
@@ -56,9 +54,7 @@ pub struct Snapshot {
     pub jobs: Replaced<i64, JobView>,
     /// Demanded steps (with priority) by requester.
     pub demands: BTreeMap<String, BTreeMap<String, i64>>,
-    /// The system of each demanded step.
-    pub systems: BTreeMap<String, String>,
-    /// Steps whose state is asserted (ready, assigned, built, failed).
+    /// Steps whose state is asserted (assigned, built, failed).
     pub steps: BTreeMap<String, StepView>,
     /// Unschedulable steps with the reason.
     pub unschedulable: BTreeMap<String, String>,
@@ -71,6 +67,12 @@ pub struct Snapshot {
     pub rejected: BTreeMap<(String, String), String>,
     /// The planner's estimated time to completion of each frontend, in milliseconds.
     pub etas: Replaced<String, u64>,
+    /// How many of each frontend's steps wait for a worker with room, as the planner counted
+    /// them on its last tick.
+    pub queued: Replaced<String, u64>,
+    /// How many ready steps wait for a worker with room, per system, as the planner counted
+    /// them on its last tick.
+    pub queue: Replaced<String, u64>,
 }
 
 impl Snapshot {
@@ -158,25 +160,27 @@ impl Snapshot {
                     eta_seconds: self.etas.newest(requester).map(|ms| *ms as f64 / 1000.0),
                     ..DemandReport::default()
                 };
+                let mut unsettled = 0;
                 for drv in steps.keys() {
                     match self.steps.get(drv) {
                         Some(StepView::Built) => d.built += 1,
                         Some(StepView::Running(_)) => d.running += 1,
-                        Some(StepView::Queued) => d.queued += 1,
                         Some(StepView::Failed(_)) => d.failed += 1,
-                        None => d.waiting += 1,
+                        None => unsettled += 1,
                     }
                 }
+                // The planner's count is as of its last tick: never more than those unsettled.
+                let queued = self.queued.newest(requester).copied().unwrap_or(0);
+                d.queued = usize::try_from(queued).unwrap_or(usize::MAX).min(unsettled);
+                d.waiting = unsettled - d.queued;
                 d
             })
             .collect();
-        let mut queue: BTreeMap<String, usize> = BTreeMap::new();
-        for (drv, view) in &self.steps {
-            if *view == StepView::Queued {
-                let system = self.systems.get(drv).cloned().unwrap_or_default();
-                *queue.entry(system).or_default() += 1;
-            }
-        }
+        let queue = self
+            .queue
+            .newest_each()
+            .map(|(system, &n)| (system.clone(), usize::try_from(n).unwrap_or(usize::MAX)))
+            .collect();
         Report {
             workers,
             demands,
@@ -541,6 +545,37 @@ mod tests {
             },
         );
         s
+    }
+
+    #[test]
+    fn a_frontends_waiting_steps_are_split_by_the_planners_count() {
+        let mut s = Snapshot::default();
+        let steps = ["a", "b", "c", "d"];
+        s.demands.insert(
+            "f".into(),
+            steps.iter().map(|d| (d.to_string(), 0)).collect(),
+        );
+        s.steps.insert("a".into(), StepView::Built);
+        s.steps.insert("b".into(), StepView::Running("w".into()));
+        let demand = |s: &Snapshot| serde_json::to_value(s.report()).unwrap()["demands"][0].clone();
+        assert_eq!(
+            (demand(&s)["queued"].clone(), demand(&s)["waiting"].clone()),
+            (0.into(), 2.into())
+        );
+        s.queued.asserted("f".into(), 1);
+        s.queue.asserted("x86_64-linux".into(), 1);
+        assert_eq!(
+            (demand(&s)["queued"].clone(), demand(&s)["waiting"].clone()),
+            (1.into(), 1.into())
+        );
+        let report = serde_json::to_value(s.report()).unwrap();
+        assert_eq!(report["queue"]["x86_64-linux"], 1, "{report}");
+        // A count from the tick before the last step ran: no more than those not settled.
+        s.queued.asserted("f".into(), 5);
+        assert_eq!(
+            (demand(&s)["queued"].clone(), demand(&s)["waiting"].clone()),
+            (2.into(), 0.into())
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
-//! Each frontend's estimated time to completion: the planner keeps which steps each requester
-//! demands and, on its tick, asserts `<eta requester millis>` for each (from
-//! [`Schedule::eta_ms`]) and sets the `nixspace_eta_seconds{requester}` gauge.
+//! Each frontend's estimated time to completion and its steps waiting for a worker: the
+//! planner keeps which steps each requester demands and, on its tick, asserts
+//! `<eta requester millis>` and `<queued requester steps>` for each (from
+//! [`Schedule::progress`]) and sets the `nixspace_eta_seconds{requester}` gauge.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use nixspace_protocol::{build, DrvPath};
+use preserves_schema::support::Unparse;
 use syndicate::actor::{Activation, Cap, Handle};
 
 use crate::metrics::Metrics;
@@ -23,6 +25,8 @@ pub(crate) struct Frontends {
     demands: BTreeMap<String, BTreeMap<DrvPath, usize>>,
     /// The `eta` record asserted for each requester, with its value.
     published: HashMap<String, (u64, Handle)>,
+    /// The `queued` record asserted for each requester, with its value.
+    queued: HashMap<String, (u64, Handle)>,
 }
 
 impl Frontends {
@@ -69,31 +73,51 @@ impl Frontends {
             .cloned()
             .collect();
         for requester in gone {
-            if let Some((_, handle)) = self.published.remove(&requester) {
-                t.retract(handle);
+            for published in [&mut self.published, &mut self.queued] {
+                if let Some((_, handle)) = published.remove(&requester) {
+                    t.retract(handle);
+                }
             }
             metrics.forget_eta(&requester);
         }
         for (requester, steps) in self.demands.iter().take(MAX_FRONTENDS) {
-            let millis = schedule.eta_ms(steps.keys(), now);
-            if self
-                .published
-                .get(requester)
-                .is_some_and(|(m, _)| *m == millis)
-            {
-                continue;
-            }
-            metrics.set_eta(requester, millis);
+            let progress = schedule.progress(steps.keys(), now);
+            let millis = progress.eta_ms;
             let record = build::Eta {
                 requester: requester.clone(),
                 millis: millis.into(),
             };
-            let Some(handle) = ds.assert(t, &record) else {
-                continue;
-            };
-            if let Some((_, old)) = self.published.insert(requester.clone(), (millis, handle)) {
-                t.retract(old);
+            if republish(t, ds, &mut self.published, requester, millis, &record) {
+                metrics.set_eta(requester, millis);
             }
+            let queued = progress.queued as u64;
+            let record = build::Queued {
+                requester: requester.clone(),
+                steps: queued.into(),
+            };
+            republish(t, ds, &mut self.queued, requester, queued, &record);
         }
     }
+}
+
+/// Assert `record` for `requester`, whose value is `value`, unless `published` holds that
+/// value for it already; the record it replaces is withdrawn. Whether it was asserted.
+fn republish<V: PartialEq, R: Unparse<Arc<Cap>>>(
+    t: &mut Activation,
+    ds: &Arc<Cap>,
+    published: &mut HashMap<String, (V, Handle)>,
+    requester: &str,
+    value: V,
+    record: &R,
+) -> bool {
+    if published.get(requester).is_some_and(|(v, _)| *v == value) {
+        return false;
+    }
+    let Some(handle) = ds.assert(t, record) else {
+        return false;
+    };
+    if let Some((_, old)) = published.insert(requester.to_owned(), (value, handle)) {
+        t.retract(old);
+    }
+    true
 }

@@ -210,14 +210,13 @@ pub enum StepState {
 /// Something the planner actor must publish, withdraw or schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Assert that the step waits for a worker with room.
+    /// The step waits in the ready queue for a worker with room (counted in `<queue>` and
+    /// `<queued>` on the tick; the service times how long it waits).
     Ready {
         /// The step.
         drv: DrvPath,
-        /// How urgent it is.
-        urgency: Urgency,
     },
-    /// Withdraw the step's ready assertion.
+    /// The step left the ready queue without being given to a worker.
     Unready {
         /// The step.
         drv: DrvPath,
@@ -406,6 +405,8 @@ pub struct Schedule {
     ready_queue: BTreeMap<dispatch::TakeOrder, DrvPath>,
     /// How many steps have been queued (the age in the take order).
     queued_count: u64,
+    /// How many steps wait in the ready queue, per system.
+    queue_by_system: BTreeMap<String, usize>,
     /// Claims on steps not ready (yet): a worker that built a step while the planner was
     /// away claims it again on rejoining, and gets it as soon as it is ready.
     early_claims: BTreeMap<DrvPath, BTreeSet<WorkerId>>,
@@ -444,6 +445,7 @@ impl Schedule {
             open_order: BTreeSet::new(),
             ready_queue: BTreeMap::new(),
             queued_count: 0,
+            queue_by_system: BTreeMap::new(),
             early_claims: BTreeMap::new(),
             reserved: BTreeMap::new(),
             steal: StealPolicy::default(),
@@ -520,10 +522,6 @@ impl Schedule {
             if raised != step.urgency {
                 step.urgency = raised;
                 if step.state == StepState::Ready {
-                    effects.push(Effect::Ready {
-                        drv: drv.clone(),
-                        urgency: raised,
-                    });
                     self.queue(drv);
                 }
             }
@@ -1068,10 +1066,7 @@ impl Schedule {
             return;
         };
         step.state = StepState::Ready;
-        effects.push(Effect::Ready {
-            drv: drv.clone(),
-            urgency: step.urgency,
-        });
+        effects.push(Effect::Ready { drv: drv.clone() });
         self.queue(drv);
         if let Some(worker) = early {
             // Granted at once: the readiness is never announced (see `grant`).
@@ -1637,31 +1632,14 @@ mod more_tests {
     #[test]
     fn a_second_demand_can_raise_urgency() {
         let mut s = Schedule::default();
-        s.demand(
-            &"a".into(),
-            info("x86_64-linux", &[]),
-            Urgency {
-                priority: 0,
-                depth: 1,
-            },
-        );
-        let e = s.demand(
-            &"a".into(),
-            info("x86_64-linux", &[]),
-            Urgency {
-                priority: 5,
-                depth: 0,
-            },
-        );
-        assert_eq!(
-            e,
-            vec![Effect::Ready {
-                drv: "a".into(),
-                urgency: Urgency {
-                    priority: 5,
-                    depth: 1
-                }
-            }]
-        );
+        let urgency = |priority, depth| Urgency { priority, depth };
+        s.demand(&"a".into(), info("x86_64-linux", &[]), urgency(0, 1));
+        s.demand(&"b".into(), info("x86_64-linux", &[]), urgency(3, 0));
+        let first = |s: &Schedule| s.ready_queue.values().next().cloned();
+        assert_eq!(first(&s), Some("b".into()), "the higher priority first");
+        let e = s.demand(&"a".into(), info("x86_64-linux", &[]), urgency(5, 0));
+        assert_eq!(e, vec![], "it waits in the queue as before");
+        assert_eq!(s.steps[&DrvPath::from("a")].urgency, urgency(5, 1));
+        assert_eq!(first(&s), Some("a".into()), "moved up the queue");
     }
 }

@@ -197,9 +197,10 @@ struct Planner {
     /// This entity's own reference, for timers that call back into it.
     me: Arc<OnceLock<Weak<Ref<Event>>>>,
     schedule: Schedule,
-    ready: HashMap<DrvPath, Handle>,
-    /// When each ready step became ready (for the dispatch latency).
+    /// When each step waiting in the ready queue became ready (for the dispatch latency).
     ready_since: HashMap<DrvPath, Instant>,
+    /// The `<queue>` record asserted for each system with steps waiting, with its count.
+    queue: HashMap<String, (usize, Handle)>,
     unschedulable: HashMap<DrvPath, Handle>,
     metrics: Arc<Metrics>,
     history: Option<History>,
@@ -377,6 +378,7 @@ impl Planner {
                 s.update_critical_paths();
                 self.frontends
                     .publish(t, &self.ds, &self.schedule, &self.metrics, now);
+                self.publish_queue(t);
                 let s = &mut self.schedule;
                 let mut effects = s.expire_reservations(now);
                 effects.extend(s.tick(now));
@@ -400,9 +402,37 @@ impl Planner {
         self.schedule.dispatch(&mut effects);
         self.publish(t, effects);
         let m = &self.metrics;
-        m.ready.set(self.ready.len() as i64);
+        m.ready.set(self.ready_since.len() as i64);
         m.running.set(self.assigned.len() as i64);
         m.unschedulable.set(self.unschedulable.len() as i64);
+    }
+
+    /// Assert how many steps wait for each system (where the count changed since the last
+    /// tick), and withdraw the counts of systems with none waiting any more.
+    fn publish_queue(&mut self, t: &mut Activation) {
+        let waiting = self.schedule.queue_by_system();
+        self.queue.retain(|system, (_, handle)| {
+            let keep = waiting.contains_key(system);
+            if !keep {
+                t.retract(*handle);
+            }
+            keep
+        });
+        for (system, &steps) in waiting {
+            if self.queue.get(system).is_some_and(|(n, _)| *n == steps) {
+                continue;
+            }
+            let record = build::Queue {
+                system: system.clone(),
+                steps: (steps as i64).into(),
+            };
+            let Some(handle) = self.ds.assert(t, &record) else {
+                continue;
+            };
+            if let Some((_, old)) = self.queue.insert(system.clone(), (steps, handle)) {
+                t.retract(old);
+            }
+        }
     }
 
     /// On a turn's first event: put the turn's changes to the history in one transaction,
@@ -468,21 +498,11 @@ impl Planner {
                     replace(t, &mut self.links, from, h);
                 }
                 Effect::Unlinked { from } => retract(t, &mut self.links, &from),
-                Effect::Ready { drv, urgency } => {
-                    let ready = build::Ready {
-                        drv: drv.to_string(),
-                        priority: urgency.priority.into(),
-                        depth: (urgency.depth as i64).into(),
-                    };
-                    let h = self.ds.assert(t, &ready);
-                    self.ready_since
-                        .entry(drv.clone())
-                        .or_insert_with(Instant::now);
-                    replace(t, &mut self.ready, drv, h);
+                Effect::Ready { drv } => {
+                    self.ready_since.entry(drv).or_insert_with(Instant::now);
                 }
                 Effect::Unready { drv } => {
                     self.ready_since.remove(&drv);
-                    retract(t, &mut self.ready, &drv)
                 }
                 Effect::Unschedulable { drv, reason } => {
                     tracing::warn!(%drv, %reason, "unschedulable");
@@ -992,8 +1012,8 @@ pub fn start(
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
             schedule,
-            ready: HashMap::new(),
             ready_since: HashMap::new(),
+            queue: HashMap::new(),
             unschedulable: HashMap::new(),
             metrics,
             history,

@@ -158,7 +158,8 @@ pub fn observable(role: Role) -> Vec<String> {
             Shape::of::<build::Demands>(),
             Shape::of::<build::Worker>(),
             Shape::of::<build::Offer>(),
-            Shape::of::<build::Ready>(),
+            Shape::of::<build::Queue>(),
+            Shape::of::<build::Queued>(),
             Shape::of::<build::Unschedulable>(),
             Shape::of::<build::Claim>(),
             Shape::of::<build::Assigned>(),
@@ -437,8 +438,10 @@ mod tests {
         assert!(allowed(Role::Submit).contains(&Shape::new("demands", 1)));
         assert!(!allowed(Role::Worker).contains(&Shape::new("demands", 1)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("Observe", 2)));
-        assert_eq!(observable(Role::Submit).len(), 36);
+        assert_eq!(observable(Role::Submit).len(), 37);
         assert!(observable(Role::Submit).contains(&"eta".to_owned()));
+        assert!(observable(Role::Submit).contains(&"queued".to_owned()));
+        assert!(!allowed(Role::Submit).contains(&Shape::new("queue", 2)));
         assert!(!allowed(Role::Submit).contains(&Shape::new("eta", 2)));
         assert!(observable(Role::Submit).contains(&"build-activity".to_owned()));
         assert_eq!(observable(Role::Worker).len(), 15);

@@ -205,12 +205,22 @@ pub fn reported_failed_for_good(drv: &str, worker: &str) -> AnyValue {
     .unparse()
 }
 
-/// What the planner asserts for [`demand`]`(drv)`.
-pub fn ready(drv: &str) -> AnyValue {
-    build::Ready {
+/// What the planner asserts for [`demand`]`(drv)` while no worker is connected: it planned
+/// the step, which is ready and waits for a worker.
+pub fn unschedulable(drv: &str) -> AnyValue {
+    build::Unschedulable {
         drv: drv.to_owned(),
-        priority: 0.into(),
-        depth: 0.into(),
+        reason: nixspace_planner::matching::unschedulable_reason(&[], &test_step().system),
+    }
+    .unparse()
+}
+
+/// What the planner asserts on its tick while `steps` of the frontend `requester`'s wait for
+/// a worker with room.
+pub fn queued(requester: &str, steps: u64) -> AnyValue {
+    build::Queued {
+        requester: requester.to_owned(),
+        steps: steps.into(),
     }
     .unparse()
 }
@@ -227,7 +237,7 @@ pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
         let observer = Session::join(&route(space, Role::Submit), vec![demand(&control)])
             .await
             .expect("join as submit");
-        assert!(observer.wait_until(&ready(&control), true).await);
+        assert!(observer.wait_until(&unschedulable(&control), true).await);
         let w = Session::join(
             &route(space, Role::Worker),
             vec![demand(&drv), claim(&control, "w-control")],
@@ -235,7 +245,7 @@ pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
         .await
         .expect("join as worker");
         // A connection's assertions reach the planner in the order sent, and the observer
-        // sees the planner's answers in order: had the demand been planned, its `ready`
+        // sees the planner's answers in order: had the demand been planned, its `unschedulable`
         // would have come before this.
         assert!(
             observer
@@ -244,7 +254,10 @@ pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
             "the control claim, sent after the demand, was never granted"
         );
         assert!(!observer.sees(&demand(&drv)));
-        assert!(!observer.sees(&ready(&drv)), "the planner saw the demand");
+        assert!(
+            !observer.sees(&unschedulable(&drv)),
+            "the planner saw the demand"
+        );
         space.wait_for_log("up", "refused an assertion the role may not make", ANSWER);
         assert!(
             space.log("up").contains("role=worker"),
@@ -256,7 +269,10 @@ pub fn assert_a_worker_cannot_demand(space: &crate::space::Space) {
         let s = Session::join(&route(space, Role::Submit), vec![demand(&drv)])
             .await
             .expect("join as submit");
-        assert!(s.wait_until(&ready(&drv), true).await, "never ready");
+        assert!(
+            s.wait_until(&unschedulable(&drv), true).await,
+            "never ready"
+        );
     });
 }
 

@@ -19,6 +19,15 @@ use super::{Schedule, StepInfo, StepState, Urgency};
 /// What a step whose duration nothing predicts counts for on a path.
 pub const UNKNOWN_DURATION_MS: u64 = 1000;
 
+/// How far one frontend's steps are (see [`Schedule::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// How long its unfinished steps are predicted to take, in milliseconds.
+    pub eta_ms: u64,
+    /// How many of its steps wait in the ready queue for a worker with room.
+    pub queued: usize,
+}
+
 /// A step's predicted duration.
 fn duration(info: &StepInfo) -> u64 {
     info.duration_ms.unwrap_or(UNKNOWN_DURATION_MS)
@@ -31,12 +40,17 @@ pub(super) fn first_guess(info: &StepInfo, urgency: Urgency) -> u64 {
 }
 
 impl Schedule {
-    /// How long the unfinished steps among `drvs` are predicted to take as of `now`, in
-    /// milliseconds: the longer of the longest remaining path among them and their predicted
-    /// work spread over every connected worker's slots. A running step counts what is left of
-    /// its duration (none once it ran past it).
-    pub fn eta_ms<'a>(&self, drvs: impl IntoIterator<Item = &'a DrvPath>, now: Instant) -> u64 {
-        let (mut path, mut work) = (0u64, 0u64);
+    /// How far the steps among `drvs` (one frontend's) are as of `now`: how long the
+    /// unfinished ones are predicted to take, in milliseconds (the longer of the longest
+    /// remaining path among them and their predicted work spread over every connected
+    /// worker's slots; a running step counts what is left of its duration, none once it ran
+    /// past it), and how many wait in the ready queue. One pass over the steps, on the tick.
+    pub fn progress<'a>(
+        &self,
+        drvs: impl IntoIterator<Item = &'a DrvPath>,
+        now: Instant,
+    ) -> Progress {
+        let (mut path, mut work, mut queued) = (0u64, 0u64, 0usize);
         for drv in drvs {
             let Some(step) = self.steps.get(drv) else {
                 continue;
@@ -46,6 +60,9 @@ impl Schedule {
                 StepState::Built { .. } | StepState::Failed { .. } | StepState::Resolved { .. }
             ) {
                 continue;
+            }
+            if step.queued.is_some() {
+                queued += 1;
             }
             let own = duration(&step.info);
             let spent = match (&step.state, step.assigned_at) {
@@ -59,7 +76,10 @@ impl Schedule {
             work = work.saturating_add(own - spent);
         }
         let slots: u64 = self.workers.values().map(|w| u64::from(w.max_jobs)).sum();
-        path.max(work / slots.max(1))
+        Progress {
+            eta_ms: path.max(work / slots.max(1)),
+            queued,
+        }
     }
 
     /// Recompute every demanded step's remaining path if demands changed since the last time,
@@ -173,20 +193,31 @@ mod tests {
         // The whole build waits on the slow chain (30.1 s); one slot takes 34.2 s for all.
         let all: Vec<DrvPath> = s.steps.keys().cloned().collect();
         let now = Instant::now();
-        assert_eq!(s.eta_ms(&all, now), 34_200);
+        assert_eq!(s.progress(&all, now).eta_ms, 34_200);
+        assert_eq!(s.progress(&all, now).queued, 1, "the other leaf waits");
         s.worker_joined(&"w2".into(), super::super::more_tests::offer(&[]));
         s.worker_joined(&"w3".into(), super::super::more_tests::offer(&[]));
-        assert_eq!(s.eta_ms(&all, now), 30_100, "three slots: the path");
+        assert_eq!(
+            s.progress(&all, now).eta_ms,
+            30_100,
+            "three slots: the path"
+        );
         // The running leaf counts what is left of its 100 ms, none once it ran past it.
         let at = s.steps[&DrvPath::from("short-leaf")]
             .assigned_at
             .expect("assigned");
         let later = |ms: u64| at + std::time::Duration::from_millis(ms);
-        assert_eq!(s.eta_ms(&all, later(40)), 30_060);
-        assert_eq!(s.eta_ms(&all, later(5_000)), 30_000);
+        assert_eq!(s.progress(&all, later(40)).eta_ms, 30_060);
+        assert_eq!(s.progress(&all, later(5_000)).eta_ms, 30_000);
         // Built steps count no more.
         s.built(&"short-leaf".into(), &"w".into(), vec![]);
-        assert_eq!(s.eta_ms(&all, now), 30_000);
+        assert_eq!(s.progress(&all, now).eta_ms, 30_000);
+        // Its dependent is ready now, and waits beside the other leaf (nothing dispatched).
+        assert_eq!(s.progress(&all, now).queued, 2);
+        assert_eq!(
+            s.queue_by_system(),
+            &BTreeMap::from([("x86_64-linux".to_owned(), 2)])
+        );
         // Positive control: with nothing learned every step counts the same, and the chain of
         // more steps goes first.
         let mut s = two_paths(false);

@@ -14,7 +14,7 @@
 //! idle), so nothing waits for ever. Steps with no prediction count for nothing.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::time::Instant;
 
@@ -311,6 +311,10 @@ impl Schedule {
             age: self.queued_count,
         };
         step.queued = Some(order);
+        *self
+            .queue_by_system
+            .entry(step.info.system.clone())
+            .or_default() += 1;
         self.ready_queue.insert(order, drv.clone());
     }
 
@@ -335,9 +339,24 @@ impl Schedule {
 
     /// Take `drv` out of the ready queue.
     pub(super) fn unqueue(&mut self, drv: &DrvPath) {
-        if let Some(order) = self.steps.get_mut(drv).and_then(|s| s.queued.take()) {
-            self.ready_queue.remove(&order);
+        let Some(step) = self.steps.get_mut(drv) else {
+            return;
+        };
+        let Some(order) = step.queued.take() else {
+            return;
+        };
+        self.ready_queue.remove(&order);
+        if let Some(n) = self.queue_by_system.get_mut(&step.info.system) {
+            *n -= 1;
+            if *n == 0 {
+                self.queue_by_system.remove(&step.info.system);
+            }
         }
+    }
+
+    /// How many steps wait in the ready queue, per system (none listed with none waiting).
+    pub fn queue_by_system(&self) -> &BTreeMap<String, usize> {
+        &self.queue_by_system
     }
 
     /// Note that `worker` builds `drv`.
