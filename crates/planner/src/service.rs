@@ -33,6 +33,10 @@ use crate::wire::{
 /// The most events the planner handles in one turn; the rest wait for later turns.
 const EVENTS_PER_TURN: usize = 512;
 
+/// The most demands (and withdrawals) among them: while a frontend's 100,000 demands come
+/// in, a worker's report waits for at most this many to be planned and recorded before it.
+const DEMANDS_PER_TURN: usize = 128;
+
 /// How many of the most recent rejected results the planner keeps asserting (for `status`).
 const RECENT_REJECTIONS: usize = 16;
 
@@ -135,8 +139,8 @@ pub enum Event {
     /// The turn is ending (delivered by the planner to itself just before its turn's
     /// assertions go out): commit the history's batch of this turn's changes.
     EndTurn,
-    /// Handle the queued events, at most [`EVENTS_PER_TURN`] of them (sent by the planner to
-    /// itself).
+    /// Handle the queued events, at most [`EVENTS_PER_TURN`] of them and of those at most
+    /// [`DEMANDS_PER_TURN`] demands (sent by the planner to itself).
     Drain,
     /// A worker found no store with input `path` of step `drv`.
     Lost {
@@ -164,20 +168,26 @@ struct Lanes {
 }
 
 impl Lanes {
+    fn is_demand(event: &Event) -> bool {
+        matches!(event, Event::Demand { .. } | Event::Undemand { .. })
+    }
+
     fn push(&mut self, event: Event) {
-        match event {
-            Event::Demand { .. } | Event::Undemand { .. } => self.demands.push_back(event),
-            event => self.workers.push_back(event),
+        if Lanes::is_demand(&event) {
+            self.demands.push_back(event);
+        } else {
+            self.workers.push_back(event);
         }
     }
 
-    /// The next event to handle: the workers' lane first. A lane emptied after a burst (a
-    /// frontend's 100,000 demands) gives back its room.
-    fn pop(&mut self) -> Option<Event> {
+    /// The next event to handle: the workers' lane first, then the demands' if `demands`
+    /// allows. A lane emptied after a burst (a frontend's 100,000 demands) gives back its
+    /// room.
+    fn pop(&mut self, demands: bool) -> Option<Event> {
         let event = self
             .workers
             .pop_front()
-            .or_else(|| self.demands.pop_front());
+            .or_else(|| demands.then(|| self.demands.pop_front()).flatten());
         for lane in [&mut self.workers, &mut self.demands] {
             if lane.is_empty() && lane.capacity() > LANE_ROOM_KEPT {
                 *lane = VecDeque::new();
@@ -271,10 +281,12 @@ impl Entity<Event> for Planner {
             }
             Event::Drain => {
                 self.draining = false;
+                let mut demands = 0;
                 while self.handled_this_turn < EVENTS_PER_TURN {
-                    let Some(event) = self.queued.pop() else {
+                    let Some(event) = self.queued.pop(demands < DEMANDS_PER_TURN) else {
                         break;
                     };
+                    demands += usize::from(Lanes::is_demand(&event));
                     self.handle(t, event);
                 }
                 self.drain_later(t);
@@ -1143,7 +1155,7 @@ mod tests {
         for event in [undemand("a"), claim("b"), undemand("c"), claim("d")] {
             lanes.push(event);
         }
-        let order: Vec<String> = std::iter::from_fn(|| lanes.pop())
+        let order: Vec<String> = std::iter::from_fn(|| lanes.pop(true))
             .map(|e| match e {
                 Event::Undemand { drv, .. } | Event::Claim { drv, .. } => drv.to_string(),
                 other => panic!("{other:?}"),
@@ -1154,13 +1166,25 @@ mod tests {
     }
 
     #[test]
+    fn demands_wait_while_a_turn_has_had_its_share_of_them() {
+        let mut lanes = Lanes::default();
+        for event in [undemand("a"), claim("b")] {
+            lanes.push(event);
+        }
+        assert!(matches!(lanes.pop(false), Some(Event::Claim { .. })));
+        assert!(lanes.pop(false).is_none(), "a demand past the turn's share");
+        assert!(!lanes.is_empty());
+        assert!(matches!(lanes.pop(true), Some(Event::Undemand { .. })));
+    }
+
+    #[test]
     fn a_lane_emptied_after_a_burst_gives_back_its_room() {
         let mut lanes = Lanes::default();
         for i in 0..5000 {
             lanes.push(undemand(&i.to_string()));
         }
         assert!(lanes.demands.capacity() >= 5000);
-        while lanes.pop().is_some() {}
+        while lanes.pop(true).is_some() {}
         assert!(lanes.demands.capacity() <= LANE_ROOM_KEPT);
     }
 }

@@ -169,7 +169,7 @@ impl Schedule {
         let Some(offer) = self.workers.get(worker) else {
             return;
         };
-        let running = self.running.get(worker).map_or(0, |r| r.len());
+        let running = self.running_on(worker);
         let offers_slots = self.free_slots.get(worker).is_some_and(|&free| free > 0);
         if !offers_slots || running >= offer.capacity() {
             return;
@@ -357,6 +357,11 @@ impl Schedule {
     /// How many steps wait in the ready queue, per system (none listed with none waiting).
     pub fn queue_by_system(&self) -> &BTreeMap<String, usize> {
         &self.queue_by_system
+    }
+
+    /// How many steps `worker` is building (given to it, or stolen by it).
+    pub(super) fn running_on(&self, worker: &WorkerId) -> usize {
+        self.running.get(worker).map_or(0, BTreeSet::len)
     }
 
     /// Note that `worker` builds `drv`.

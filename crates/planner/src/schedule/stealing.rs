@@ -147,7 +147,7 @@ impl Schedule {
             && !step.excluded.contains(thief)
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
-            && self.running.get(thief).map_or(0, BTreeSet::len) < offer.max_jobs as usize
+            && self.running_on(thief) < offer.max_jobs as usize
             && matches(&step.info.system, &step.info.features)
             && self.fits_beside(step, thief)
             && !scan.ready_kinds.iter().any(|(s, f)| matches(s, f))
