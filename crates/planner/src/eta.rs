@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use nixspace_protocol::{build, DrvPath};
-use preserves_schema::support::Unparse;
 use syndicate::actor::{Activation, Cap, Handle};
 
 use crate::metrics::Metrics;
 use crate::schedule::Schedule;
+use crate::service::republish;
 
 /// The most frontends an estimate is published for (requester names come from frontends: a
 /// flood of names must not grow the planner's assertions and metrics without bound).
@@ -98,26 +98,4 @@ impl Frontends {
             republish(t, ds, &mut self.queued, requester, queued, &record);
         }
     }
-}
-
-/// Assert `record` for `requester`, whose value is `value`, unless `published` holds that
-/// value for it already; the record it replaces is withdrawn. Whether it was asserted.
-fn republish<V: PartialEq, R: Unparse<Arc<Cap>>>(
-    t: &mut Activation,
-    ds: &Arc<Cap>,
-    published: &mut HashMap<String, (V, Handle)>,
-    requester: &str,
-    value: V,
-    record: &R,
-) -> bool {
-    if published.get(requester).is_some_and(|(v, _)| *v == value) {
-        return false;
-    }
-    let Some(handle) = ds.assert(t, record) else {
-        return false;
-    };
-    if let Some((_, old)) = published.insert(requester.to_owned(), (value, handle)) {
-        t.retract(old);
-    }
-    true
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use nixspace_protocol::{build, expected_outputs, on_retraction, BuildMode, DrvPath, WorkerId};
+use preserves_schema::support::Unparse;
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle, Ref};
 use syndicate::enclose;
 use syndicate_macros::{during, on_message};
@@ -431,19 +432,11 @@ impl Planner {
             keep
         });
         for (system, &steps) in waiting {
-            if self.queue.get(system).is_some_and(|(n, _)| *n == steps) {
-                continue;
-            }
             let record = build::Queue {
                 system: system.clone(),
                 steps: (steps as i64).into(),
             };
-            let Some(handle) = self.ds.assert(t, &record) else {
-                continue;
-            };
-            if let Some((_, old)) = self.queue.insert(system.clone(), (steps, handle)) {
-                t.retract(old);
-            }
+            republish(t, &self.ds, &mut self.queue, system, steps, &record);
         }
     }
 
@@ -942,6 +935,28 @@ fn replace(
     if let Some(old) = old {
         t.retract(old);
     }
+}
+
+/// Assert `record` for `key`, whose value is `value`, unless `published` holds that value for
+/// it already; the record it replaces is withdrawn. Whether it was asserted.
+pub(crate) fn republish<V: PartialEq, R: Unparse<Arc<Cap>>>(
+    t: &mut Activation,
+    ds: &Arc<Cap>,
+    published: &mut HashMap<String, (V, Handle)>,
+    key: &str,
+    value: V,
+    record: &R,
+) -> bool {
+    if published.get(key).is_some_and(|(v, _)| *v == value) {
+        return false;
+    }
+    let Some(handle) = ds.assert(t, record) else {
+        return false;
+    };
+    if let Some((_, old)) = published.insert(key.to_owned(), (value, handle)) {
+        t.retract(old);
+    }
+    true
 }
 
 fn retract(t: &mut Activation, map: &mut HashMap<DrvPath, Handle>, drv: &DrvPath) {
