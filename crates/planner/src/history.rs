@@ -7,15 +7,19 @@
 //! of another version. Each recorded state change is one transaction, or part of a batch
 //! ([`History::begin_batch`]: the planner writes one turn's changes in one commit); every
 //! connection waits up to [`BUSY_TIMEOUT`] for another's lock. Statements run through the
-//! connection's cache of prepared statements.
+//! connection's cache of prepared statements. A writing connection only appends its commits
+//! to the write-ahead log: a [`Checkpointer`] thread with a connection of its own moves
+//! them into the database file.
 //!
 //! An outcome closes only the attempt of the worker that reported it. Attempts an earlier
 //! run left open (the coordinator stopped or was killed while they ran) stay open while
 //! their worker may rejoin and report them; they are closed as `lost` ("interrupted") when
 //! the step's next attempt starts or when the step ends on another worker.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nixspace_protocol::{DrvPath, WorkerId};
@@ -202,6 +206,15 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many prepared statements a connection keeps (more than the history has).
 const STATEMENT_CACHE: usize = 64;
 
+/// How often the [`Checkpointer`] moves the committed pages of the write-ahead log into the
+/// database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// The pages the write-ahead log may hold before the [`Checkpointer`] waits for the writer
+/// to pause and empties the log (about 64 MiB): commits that keep coming while it copies
+/// would otherwise never let the log start over.
+const MOST_LOG_PAGES: i64 = 16_384;
+
 /// Why an attempt left open by an earlier run was closed.
 const INTERRUPTED: &str = "interrupted: the coordinator stopped while it ran";
 
@@ -215,6 +228,14 @@ pub enum HistoryError {
         path: PathBuf,
         /// The cause.
         source: rusqlite::Error,
+    },
+    /// The thread that checkpoints the history's log could not be started.
+    #[error("build history {path}: cannot start its checkpoints: {source}")]
+    Checkpointer {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
     },
     /// The file was written by a newer nixspace.
     #[error("build history {path} has schema version {found}, newer than this nixspace knows ({known}); upgrade nixspace or use another --state-dir")]
@@ -397,10 +418,80 @@ pub struct History {
     /// The highest attempt id when this connection opened: attempts up to it that are still
     /// open were left by an earlier run.
     earlier_attempts: i64,
+    /// The steps with attempts an earlier run left open, not closed since (a writing
+    /// connection's, read when it opens): only their next attempt has any to close.
+    left_open: HashSet<String>,
     /// The estimates read per package, until a build of the package is measured again: a
     /// frontend demands many steps of one package at once (generated DAGs name all theirs
     /// alike), and each read walks the package's steps.
     estimated: HashMap<String, Estimates>,
+    /// A writing connection's checkpoints (none for a read-only one).
+    checkpointer: Option<Checkpointer>,
+}
+
+/// Moves the committed pages of a history's write-ahead log into its database file, every
+/// [`CHECKPOINT_EVERY`], from a thread and connection of its own: the connection that writes
+/// only appends to the log (SQLite's automatic checkpoint, run by the committing connection,
+/// was half of the planner's commit at thousands of steps per second). Checkpointing moves
+/// only what is committed already: whether it has run or not, a killed process loses nothing
+/// committed. Stops, after a last checkpoint, when dropped.
+struct Checkpointer {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Open another connection to the history at `path` and checkpoint through it, emptying
+    /// the log when it holds more than `most_log_pages`.
+    fn start(path: &Path, most_log_pages: i64) -> Result<Checkpointer, HistoryError> {
+        let err = |source| HistoryError::Sqlite {
+            path: path.to_owned(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let (path, path_of_error) = (path.to_owned(), path.to_owned());
+        let thread = std::thread::Builder::new()
+            .name("history-checkpoint".to_owned())
+            .spawn(move || loop {
+                let last = stopped.recv_timeout(CHECKPOINT_EVERY) != Err(mpsc::RecvTimeoutError::Timeout);
+                if let Err(error) = checkpoint(&conn, most_log_pages) {
+                    tracing::warn!(path = %path.display(), %error, "cannot checkpoint the history's log");
+                }
+                if last {
+                    break;
+                }
+            })
+            .map_err(|source| HistoryError::Checkpointer {
+                path: path_of_error.clone(),
+                source,
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+/// Copy the log's committed pages into the database without waiting for anyone; when the log
+/// has grown past `most_log_pages`, wait for the writer's commit, copy the rest and empty the
+/// log.
+fn checkpoint(conn: &Connection, most_log_pages: i64) -> rusqlite::Result<()> {
+    let log_pages: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+    if log_pages > most_log_pages {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(())
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl std::fmt::Debug for History {
@@ -464,6 +555,9 @@ impl History {
         // per state change, which bounds how fast steps can be dispatched.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        // Commits only append to the log; the checkpointer moves them into the file.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(err)?;
         let version = schema_version(&conn, path)?;
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
             let tx = conn.transaction().map_err(err)?;
@@ -474,7 +568,10 @@ impl History {
         }
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(err)?;
-        History::with(conn, path)
+        let mut history = History::with(conn, path)?;
+        history.left_open = history.steps_left_open()?;
+        history.checkpointer = Some(Checkpointer::start(path, MOST_LOG_PAGES)?);
+        Ok(history)
     }
 
     /// Open the history at `path` for reading only, as `nixspace history` does beside a
@@ -516,7 +613,9 @@ impl History {
             conn,
             path: path.to_owned(),
             earlier_attempts,
+            left_open: HashSet::new(),
             estimated: HashMap::new(),
+            checkpointer: None,
         })
     }
 
@@ -718,7 +817,13 @@ impl History {
         drv: &DrvPath,
         worker: &WorkerId,
     ) -> Result<(), HistoryError> {
+        const START: &str = "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)";
         let (t, earlier) = (now(), self.earlier_attempts);
+        if !self.left_open.contains(drv.as_str()) {
+            return execute_cached(&self.conn, START, params![drv.as_str(), worker.as_str(), t])
+                .map(|_| ())
+                .map_err(|e| self.err(e));
+        }
         self.in_transaction(|tx| {
             execute_cached(
                 tx,
@@ -727,13 +832,25 @@ impl History {
                  WHERE drv = ?1 AND finished IS NULL AND id <= ?4",
                 params![drv.as_str(), t, INTERRUPTED, earlier],
             )?;
-            execute_cached(
-                tx,
-                "INSERT INTO attempts (drv, worker, started) VALUES (?1, ?2, ?3)",
-                params![drv.as_str(), worker.as_str(), t],
-            )?;
+            execute_cached(tx, START, params![drv.as_str(), worker.as_str(), t])?;
             Ok(())
-        })
+        })?;
+        self.left_open.remove(drv.as_str());
+        Ok(())
+    }
+
+    /// The steps with attempts an earlier run left open.
+    fn steps_left_open(&self) -> Result<HashSet<String>, HistoryError> {
+        let mut query = self
+            .conn
+            .prepare("SELECT DISTINCT drv FROM attempts WHERE finished IS NULL AND id <= ?1")
+            .map_err(|e| self.err(e))?;
+        let drvs = query
+            .query_map(params![self.earlier_attempts], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<Result<HashSet<String>, _>>()
+            .map_err(|e| self.err(e));
+        drvs
     }
 
     /// An attempt on `drv` ended with `outcome`, reported by `worker` (`None` when the planner
@@ -814,7 +931,11 @@ impl History {
                 AttemptOutcome::Lost { .. } | AttemptOutcome::Cancelled => {}
             }
             Ok(())
-        })
+        })?;
+        if step_ends {
+            self.left_open.remove(drv);
+        }
+        Ok(())
     }
 
     /// What `worker`'s open attempt at `drv` used (recorded as its report arrives, before the
@@ -1478,6 +1599,8 @@ mod tests {
         drop(h); // The coordinator is killed while w1 builds.
         let mut h = History::open(&path).unwrap();
         h.attempt_started(&drv, &"w2".into()).unwrap();
+        // The next attempt closed it.
+        assert_eq!(attempts(&h)[0].1.as_deref(), Some("lost"));
         h.attempt_ended(&drv, Some(&"w2".into()), built(&outputs))
             .unwrap();
         let recorded = attempts(&h);
@@ -1599,6 +1722,49 @@ mod tests {
         // The history waits for the lock instead.
         h.demanded(&"/nix/store/a.drv".into(), "s").unwrap();
         release.join().unwrap();
+    }
+
+    #[test]
+    fn commits_reach_the_database_file_through_the_checkpointer_not_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sqlite");
+        let mut h = History::open(&path).unwrap();
+        drop(h.checkpointer.take());
+        let file_size = || std::fs::metadata(&path).unwrap().len();
+        let before = file_size();
+        // More pages than SQLite's automatic checkpoint would let the log hold (1,000): had
+        // the writer checkpointed, the file would have grown.
+        h.begin_batch().unwrap();
+        for i in 0..40_000 {
+            h.demanded(
+                &format!("/nix/store/{i:032}-p-{i}.drv").as_str().into(),
+                "s",
+            )
+            .unwrap();
+        }
+        h.end_batch().unwrap();
+        let log_size = || {
+            std::fs::metadata(path.with_extension("sqlite-wal"))
+                .unwrap()
+                .len()
+        };
+        assert!(log_size() > 1_000 * 4096, "{}", log_size());
+        assert_eq!(file_size(), before, "the writer checkpointed");
+        // The checkpointer copies the log into the file and, the log being longer than it
+        // lets logs grow, empties it.
+        let _checkpointer = Checkpointer::start(&path, 100).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log_size() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(log_size(), 0, "not emptied");
+        assert!(file_size() > before, "not checkpointed");
+        drop(h);
+        let steps: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM steps", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(steps, 40_000);
     }
 
     #[test]
