@@ -13,7 +13,7 @@ use nixspace_nix_formats::store_path::StoreDir;
 use nixspace_protocol::build;
 use nixspace_space::{Role, Route};
 use nixspace_test_support::dataspace::{
-    built, fake_drv, offer, poll_until, route, runtime, Session, ANSWER,
+    assigned, built, fake_drv, offer, poll_until, route, runtime, worker_building, Session, ANSWER,
 };
 use nixspace_test_support::process::run;
 use nixspace_test_support::syndicate_server::ExternalSpace;
@@ -47,33 +47,7 @@ fn demand(drv: &str) -> AnyValue {
 
 /// A worker for [`SYSTEM`] and the offer that gives it room.
 fn worker(id: &str) -> Vec<AnyValue> {
-    vec![
-        build::Worker {
-            id: id.to_owned(),
-            session: "adversarial".to_owned(),
-            host: "adversarial".to_owned(),
-            systems: vec![SYSTEM.to_owned()],
-            features: vec![],
-            max_jobs: 4.into(),
-            hold: 0.into(),
-            speed: 100.0.into(),
-            memory: 0.into(),
-            build_memory: 0.into(),
-            cpus: 1.into(),
-        }
-        .unparse(),
-        offer(id, 4),
-    ]
-}
-
-fn assigned(drv: &str, worker: &str) -> AnyValue {
-    build::Assigned {
-        drv: drv.to_owned(),
-        worker: worker.to_owned(),
-        settings: nixspace_protocol::BuildSettings::default().to_wire(),
-        derivation: Vec::new(),
-    }
-    .unparse()
+    vec![worker_building(id, SYSTEM, 4), offer(id, 4)]
 }
 
 /// A worker's report (a message) that it built `drv` with `output`.

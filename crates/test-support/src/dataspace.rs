@@ -116,22 +116,27 @@ pub fn test_worker(id: &str) -> AnyValue {
 
 /// Like [`test_worker`], the process of session `session`.
 pub fn test_worker_process(id: &str, session: &str) -> AnyValue {
-    worker_record(id, session, 0)
+    worker_record(id, session, &test_step().system, 1, 0)
 }
 
 /// Like [`test_worker`], saying it holds `hold` steps beyond its one slot.
 pub fn holding_worker(id: &str, hold: i64) -> AnyValue {
-    worker_record(id, "test", hold)
+    worker_record(id, "test", &test_step().system, 1, hold)
 }
 
-fn worker_record(id: &str, session: &str, hold: i64) -> AnyValue {
+/// Like [`test_worker`], building up to `jobs` steps at once for `system`.
+pub fn worker_building(id: &str, system: &str, jobs: i64) -> AnyValue {
+    worker_record(id, "test", system, jobs, 0)
+}
+
+fn worker_record(id: &str, session: &str, system: &str, jobs: i64, hold: i64) -> AnyValue {
     build::Worker {
         id: id.to_owned(),
         session: session.to_owned(),
         host: "test".to_owned(),
-        systems: vec![test_step().system],
+        systems: vec![system.to_owned()],
         features: vec![],
-        max_jobs: 1.into(),
+        max_jobs: jobs.into(),
         hold: hold.into(),
         speed: 1.0.into(),
         memory: 0.into(),
