@@ -30,7 +30,7 @@ use syndicate::schemas::dataspace_patterns as dp;
 
 use crate::resolution::{ToResolve, MAX_DERIVATION_TEXT};
 use crate::schedule::{StepDerivation, StepInfo, Urgency};
-use crate::service::Event;
+use crate::service::{Event, Message};
 use crate::wire::step_from_wire;
 
 /// Whether a demand was taken.
@@ -121,7 +121,7 @@ struct Seen {
 /// on to the planner.
 pub struct DemandGate {
     ds: Arc<Cap>,
-    planner: Arc<Ref<Event>>,
+    planner: Arc<Ref<Message>>,
     cap: RequesterCap,
     /// The demands each record carried that were taken or refused.
     seen: HashMap<Handle, Vec<Seen>>,
@@ -136,7 +136,7 @@ pub struct DemandGate {
 impl DemandGate {
     /// Observe the demands in `ds` for `planner`, taking at most `max` per requester
     /// (`usize::MAX`: all).
-    pub fn observe(t: &mut Activation, ds: &Arc<Cap>, planner: Arc<Ref<Event>>, max: usize) {
+    pub fn observe(t: &mut Activation, ds: &Arc<Cap>, planner: Arc<Ref<Message>>, max: usize) {
         let gate = DemandGate {
             ds: Arc::clone(ds),
             planner,
@@ -232,7 +232,8 @@ impl DemandGate {
                     info: step,
                     urgency,
                     requester: demand.requester.clone(),
-                },
+                }
+                .into(),
             ),
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
             Admission::Refused { first: false } => {}
@@ -330,7 +331,8 @@ impl Entity<Vec<AnyValue>> for DemandGate {
                     Event::Undemand {
                         drv: seen.drv.into(),
                         requester: seen.requester.clone(),
-                    },
+                    }
+                    .into(),
                 );
             }
             if self.cap.withdraw(&seen.requester, seen.admission) {

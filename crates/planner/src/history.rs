@@ -8,7 +8,7 @@
 //! ([`History::begin_batch`]: the planner writes one turn's changes in one commit); every
 //! connection waits up to [`BUSY_TIMEOUT`] for another's lock. Statements run through the
 //! connection's cache of prepared statements. A writing connection only appends its commits
-//! to the write-ahead log: a [`Checkpointer`] thread with a connection of its own moves
+//! to the write-ahead log: a `Checkpointer` thread with a connection of its own moves
 //! them into the database file.
 //!
 //! An outcome closes only the attempt of the worker that reported it. Attempts an earlier

@@ -137,12 +137,6 @@ pub enum Event {
     },
     /// Time to look for steals.
     Tick,
-    /// The turn is ending (delivered by the planner to itself just before its turn's
-    /// assertions go out): commit the history's batch of this turn's changes.
-    EndTurn,
-    /// Handle the queued events, at most [`EVENTS_PER_TURN`] of them and of those at most
-    /// [`DEMANDS_PER_TURN`] demands (sent by the planner to itself).
-    Drain,
     /// A worker found no store with input `path` of step `drv`.
     Lost {
         /// The step that needs the input.
@@ -154,10 +148,33 @@ pub enum Event {
     },
 }
 
+/// What the planner entity receives: an event its observers saw, or a step of its own turns.
+// An event is moved into a lane once; boxing it for the two small messages' sake would cost an
+// allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Message {
+    /// Something seen in the dataspace (or a timer): it waits in [`Lanes`] for a
+    /// [`Message::Drain`] turn.
+    Event(Event),
+    /// The turn is ending (delivered by the planner to itself just before its turn's
+    /// assertions go out): commit the history's batch of this turn's changes.
+    EndTurn,
+    /// Handle the queued events, at most [`EVENTS_PER_TURN`] of them and of those at most
+    /// [`DEMANDS_PER_TURN`] demands (sent by the planner to itself).
+    Drain,
+}
+
+impl From<Event> for Message {
+    fn from(event: Event) -> Message {
+        Message::Event(event)
+    }
+}
+
 /// The most events an empty lane keeps room for.
 const LANE_ROOM_KEPT: usize = 1024;
 
-/// The events waiting for a [`Event::Drain`] turn, in two lanes, each in the order its events
+/// The events waiting for a [`Message::Drain`] turn, in two lanes, each in the order its events
 /// came: what workers and timers say (reports, offers, claims, workers coming and going) is
 /// handled before the frontends' demands and their withdrawals, so a slot freed while
 /// 100,000 demands are coming in is given its next step without waiting for them. The lanes
@@ -206,7 +223,7 @@ impl Lanes {
 struct Planner {
     ds: Arc<Cap>,
     /// This entity's own reference, for timers that call back into it.
-    me: Arc<OnceLock<Weak<Ref<Event>>>>,
+    me: Arc<OnceLock<Weak<Ref<Message>>>>,
     schedule: Schedule,
     /// When each step waiting in the ready queue became ready (for the dispatch latency).
     ready_since: HashMap<DrvPath, Instant>,
@@ -232,12 +249,12 @@ struct Planner {
     frontends: Frontends,
     /// The session of each connected worker's process.
     sessions: HashMap<WorkerId, String>,
-    /// Events handled in this turn so far (an [`Event::EndTurn`] is due before the turn
+    /// Events handled in this turn so far (an [`Message::EndTurn`] is due before the turn
     /// commits while it is not zero).
     handled_this_turn: usize,
-    /// Events waiting for an [`Event::Drain`] turn.
+    /// Events waiting for an [`Message::Drain`] turn.
     queued: Lanes,
-    /// Whether an [`Event::Drain`] is on its way.
+    /// Whether an [`Message::Drain`] is on its way.
     draining: bool,
     /// Until a while after a restart: which steps the run before built that count as built.
     earlier_builds: Option<EarlierBuilds>,
@@ -272,15 +289,15 @@ impl EarlierBuilds {
     }
 }
 
-impl Entity<Event> for Planner {
-    fn message(&mut self, t: &mut Activation, event: Event) -> ActorResult {
-        tracing::debug!(?event);
-        match event {
-            Event::EndTurn => {
+impl Entity<Message> for Planner {
+    fn message(&mut self, t: &mut Activation, message: Message) -> ActorResult {
+        tracing::debug!(?message);
+        match message {
+            Message::EndTurn => {
                 self.handled_this_turn = 0;
                 note(&mut self.history, History::end_batch);
             }
-            Event::Drain => {
+            Message::Drain => {
                 self.draining = false;
                 let mut demands = 0;
                 while self.handled_this_turn < EVENTS_PER_TURN {
@@ -294,7 +311,7 @@ impl Entity<Event> for Planner {
             }
             // Every event waits for the next `Drain` turn, with the events that arrive
             // before it: one history commit for all of them instead of one per event.
-            event => {
+            Message::Event(event) => {
                 self.queued.push(event);
                 self.drain_later(t);
             }
@@ -311,7 +328,6 @@ impl Planner {
         self.handled_this_turn += 1;
         let s = &mut self.schedule;
         let mut effects = match event {
-            Event::EndTurn | Event::Drain => Vec::new(),
             Event::Demand {
                 drv,
                 mut info,
@@ -441,7 +457,7 @@ impl Planner {
     }
 
     /// On a turn's first event: put the turn's changes to the history in one transaction,
-    /// committed by [`Event::EndTurn`] just before the turn ends (before its assertions leave
+    /// committed by [`Message::EndTurn`] just before the turn ends (before its assertions leave
     /// the actor, so nothing is announced that the history has not kept): one commit per turn
     /// instead of one per change. A commit that fails leaves the batch open, and the next
     /// turn's end commits it.
@@ -454,7 +470,7 @@ impl Planner {
         };
         note(&mut self.history, History::begin_batch);
         t.pre_commit(move |t| match me.upgrade() {
-            Some(me) => t.with_entity(&me, |t, planner| planner.message(t, Event::EndTurn)),
+            Some(me) => t.with_entity(&me, |t, planner| planner.message(t, Message::EndTurn)),
             None => Ok(()),
         });
     }
@@ -471,7 +487,7 @@ impl Planner {
         }
         if let Some(me) = self.me.get().and_then(Weak::upgrade) {
             self.draining = true;
-            t.message(&me, Event::Drain);
+            t.message(&me, Message::Drain);
         }
     }
 
@@ -899,7 +915,7 @@ impl Planner {
             return;
         };
         t.after(delay, move |t| {
-            t.message(&me, Event::Retry { drv });
+            t.message(&me, Event::Retry { drv }.into());
             Ok(())
         });
     }
@@ -1065,22 +1081,22 @@ pub fn start(
                 id: format!("planner-{}", std::process::id()),
             },
         );
-        let planner: Arc<Ref<Event>> = t.create_ref(planner);
+        let planner: Arc<Ref<Message>> = t.create_ref(planner);
         let _ = me.set(Arc::downgrade(&planner));
 
         let period = (config.steal.after / 2).clamp(Duration::from_millis(100), Duration::from_secs(1));
         enclose!((planner) t.every(period, move |t| {
-            t.message(&planner, Event::Tick);
+            t.message(&planner, Event::Tick.into());
             Ok(())
         }))?;
 
         enclose!((planner) on_message!(t, ds, <lost $drv: String $path: String $worker: String>, |t: &mut Activation| {
-            t.message(&planner, Event::Lost { drv: drv.into(), path, worker: worker.into() });
+            t.message(&planner, Event::Lost { drv: drv.into(), path, worker: worker.into() }.into());
             Ok(())
         }));
 
         enclose!((planner) during!(t, ds, <offer $worker: String $free: i64>, |t: &mut Activation| {
-            t.message(&planner, Event::Offer { worker: worker.as_str().into(), free_slots: free });
+            t.message(&planner, Event::Offer { worker: worker.as_str().into(), free_slots: free }.into());
             Ok(())
         }));
 
@@ -1095,10 +1111,10 @@ pub fn start(
                 let hold = hold.min(max_jobs);
                 let offer = WorkerOffer { systems: systems.clone(), features: features.clone(), speed, max_jobs, hold, resources };
                 tracing::info!(%worker, %session, ?offer, "worker joined");
-                t.message(&planner, Event::WorkerJoined { worker: worker.clone(), session: session.clone(), offer });
+                t.message(&planner, Event::WorkerJoined { worker: worker.clone(), session: session.clone(), offer }.into());
                 on_retraction(t, enclose!((planner, session) move |t| {
                     tracing::info!(%worker, %session, "worker left");
-                    t.message(&planner, Event::WorkerLeft { worker, session });
+                    t.message(&planner, Event::WorkerLeft { worker, session }.into());
                     Ok(())
                 }));
                 Ok(())
@@ -1107,9 +1123,9 @@ pub fn start(
         enclose!((planner) during!(t, ds, <claim $drv: String $worker: String>,
             |t: &mut Activation| {
                 let (drv, worker) = (DrvPath::from(drv.as_str()), WorkerId::from(worker.as_str()));
-                t.message(&planner, Event::Claim { drv: drv.clone(), worker: worker.clone() });
+                t.message(&planner, Event::Claim { drv: drv.clone(), worker: worker.clone() }.into());
                 on_retraction(t, enclose!((planner) move |t| {
-                    t.message(&planner, Event::Unclaim { drv, worker });
+                    t.message(&planner, Event::Unclaim { drv, worker }.into());
                     Ok(())
                 }));
                 Ok(())
@@ -1121,7 +1137,7 @@ pub fn start(
                 let (drv, worker) = (drv.as_str().into(), worker.as_str().into());
                 let realisations = realisations_from_wire(&realisations, outputs.len());
                 let usage = usage_from_wire(&usage);
-                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone(), realisations, usage });
+                t.message(&planner, Event::Built { drv, worker, outputs: outputs.clone(), realisations, usage }.into());
                 Ok(())
             }));
 
@@ -1136,7 +1152,7 @@ pub fn start(
                             reason: reason.clone(),
                             kind,
                             cause,
-                        },
+                        }.into(),
                     ),
                     _ => tracing::warn!(%drv, %worker, ?kind, ?cause, "ignoring failure of unknown kind or cause"),
                 }
