@@ -29,7 +29,8 @@ use std::time::Duration;
 use crate::doorman::Resolved;
 use crate::log_budget::{LogBudget, Verdict, DEFAULT_MAX_LOG_BYTES_PER_STEP};
 use nixspace_protocol::build;
-use preserves::ValueImpl;
+use preserves::packed::view::View;
+use preserves::{NoEmbeddedDomainCodec, PackedWriter, Record, ValueImpl};
 use preserves_schema::{Parse, Unparse};
 use syndicate::actor::{Activation, ActorResult, AnyValue, Cap, Entity, Handle};
 use syndicate::schemas::rpc;
@@ -239,6 +240,36 @@ fn demands_in(v: &AnyValue) -> usize {
     }
 }
 
+/// A demand record as the dataspace keeps it: each demand as its packed bytes (one
+/// allocation, read in place) instead of a tree of decoded values (some twenty heap nodes per
+/// demand). A `<demands [..]>` record stays a decoded record of packed demands, so that
+/// comparing two records (the dataspace's index does, often) reads one demand of each, not
+/// the whole sequence. `None` for a value that embeds a reference or is not such a record.
+fn packed(v: &AnyValue) -> Option<AnyValue> {
+    if !has_label(v, "demands") {
+        return packed_value(v);
+    }
+    let items = (v.len() == 1).then(|| v.index(0))?;
+    if !items.is_sequence() {
+        return None;
+    }
+    let demands: Vec<AnyValue> = items
+        .iter()
+        .map(|demand| packed_value(&demand))
+        .collect::<Option<_>>()?;
+    let mut record = Record::_from_vec(vec![v.label()]);
+    record._vec_mut().push(AnyValue::new(demands));
+    Some(AnyValue::new(record))
+}
+
+/// `v` as its packed bytes, read in place.
+fn packed_value(v: &AnyValue) -> Option<AnyValue> {
+    let bytes = PackedWriter::encode(&mut NoEmbeddedDomainCodec, v).ok()?;
+    let view: View<Arc<Cap>, Arc<[u8]>> =
+        View::new(Arc::from(bytes), &mut NoEmbeddedDomainCodec, false).ok()?;
+    Some(AnyValue::new(view))
+}
+
 impl Entity<AnyValue> for Limiter {
     fn assert(&mut self, t: &mut Activation, a: AnyValue, h: Handle) -> ActorResult {
         let count = demands_in(&a);
@@ -250,6 +281,12 @@ impl Entity<AnyValue> for Limiter {
             self.live_demands += count;
             self.demands.insert(h, count);
         }
+        // What the dataspace keeps longest, demands, it keeps packed.
+        let a = if count > 0 {
+            packed(&a).unwrap_or(a)
+        } else {
+            a
+        };
         if let Some(ours) = self.target.assert(t, &a) {
             self.forwarded.insert(h, ours);
         }
@@ -357,5 +394,49 @@ impl Entity<AnyValue> for LimitedAnswer {
             t.retract(ours);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demands(n: usize) -> AnyValue {
+        let demand = |i: usize| build::Demand {
+            drv: format!("/nix/store/{i:032}-step-{i}.drv"),
+            step: build::StepInfo {
+                system: "x86_64-linux".to_owned(),
+                features: vec!["kvm".to_owned()],
+                input_drvs: vec![format!("/nix/store/{:032}-input.drv", i + 1)],
+                settings: nixspace_protocol::BuildSettings::default().to_wire(),
+                outputs: vec![format!("out=/nix/store/{i:032}-step-{i}")],
+                memory: 0.into(),
+            },
+            requester: "frontend".to_owned(),
+            priority: 1.into(),
+            depth: (i as i64).into(),
+            derivation: Vec::new(),
+        };
+        build::Demands {
+            demands: (0..n).map(demand).collect(),
+        }
+        .unparse()
+    }
+
+    #[test]
+    fn a_packed_demands_record_is_the_same_value_to_every_reader() {
+        let decoded = demands(250);
+        let packed = packed(&decoded).expect("no embedded references");
+        assert_eq!(packed, decoded);
+        assert_eq!(packed.cmp(&decoded), std::cmp::Ordering::Equal);
+        assert_eq!(demands_in(&packed), 250);
+        let parsed = build::Demands::parse(&packed).expect("parses");
+        assert_eq!(parsed, build::Demands::parse(&decoded).expect("parses"));
+        assert_eq!(
+            PackedWriter::encode(&mut NoEmbeddedDomainCodec, &packed).expect("encodes"),
+            PackedWriter::encode(&mut NoEmbeddedDomainCodec, &decoded).expect("encodes"),
+        );
+        // Positive control: another record is another value.
+        assert_ne!(packed, demands(249));
     }
 }
