@@ -244,10 +244,12 @@ fn demands_in(v: &AnyValue) -> usize {
 /// allocation, read in place) instead of a tree of decoded values (some twenty heap nodes per
 /// demand). A `<demands [..]>` record stays a decoded record of packed demands, so that
 /// comparing two records (the dataspace's index does, often) reads one demand of each, not
-/// the whole sequence. `None` for a value that embeds a reference or is not such a record.
+/// the whole sequence. `None` (the record passed on as it came) unless every demand in it is
+/// well-formed: only values of the schema's fixed shape are packed, never nesting a client
+/// chose.
 fn packed(v: &AnyValue) -> Option<AnyValue> {
     if !has_label(v, "demands") {
-        return packed_value(v);
+        return packed_demand(v);
     }
     let items = (v.len() == 1).then(|| v.index(0))?;
     if !items.is_sequence() {
@@ -255,15 +257,17 @@ fn packed(v: &AnyValue) -> Option<AnyValue> {
     }
     let demands: Vec<AnyValue> = items
         .iter()
-        .map(|demand| packed_value(&demand))
+        .map(|demand| packed_demand(&demand))
         .collect::<Option<_>>()?;
     let mut record = Record::_from_vec(vec![v.label()]);
     record._vec_mut().push(AnyValue::new(demands));
     Some(AnyValue::new(record))
 }
 
-/// `v` as its packed bytes, read in place.
-fn packed_value(v: &AnyValue) -> Option<AnyValue> {
+/// The demand `v` as its packed bytes, read in place; `None` if it is not a well-formed
+/// `<demand …>`.
+fn packed_demand(v: &AnyValue) -> Option<AnyValue> {
+    build::Demand::parse(v).ok()?;
     let bytes = PackedWriter::encode(&mut NoEmbeddedDomainCodec, v).ok()?;
     let view: View<Arc<Cap>, Arc<[u8]>> =
         View::new(Arc::from(bytes), &mut NoEmbeddedDomainCodec, false).ok()?;
@@ -438,5 +442,21 @@ mod tests {
         );
         // Positive control: another record is another value.
         assert_ne!(packed, demands(249));
+    }
+
+    #[test]
+    fn a_record_with_a_malformed_demand_is_passed_on_as_it_came() {
+        let good = demands(2);
+        assert!(packed(&good).is_some());
+        let mut items: Vec<AnyValue> = good.index(0).iter().collect();
+        items.push(AnyValue::new(vec![AnyValue::new(vec![AnyValue::new(
+            "deep",
+        )])]));
+        let mut record = Record::_from_vec(vec![good.label()]);
+        record._vec_mut().push(AnyValue::new(items));
+        let malformed = AnyValue::new(record);
+        assert_eq!(demands_in(&malformed), 3);
+        assert!(packed(&malformed).is_none());
+        assert!(packed(&AnyValue::new("not a demand")).is_none());
     }
 }
