@@ -451,20 +451,21 @@ impl Checkpointer {
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         let (stop, stopped) = mpsc::channel::<()>();
-        let (path, path_of_error) = (path.to_owned(), path.to_owned());
+        let log = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("history-checkpoint".to_owned())
             .spawn(move || loop {
-                let last = stopped.recv_timeout(CHECKPOINT_EVERY) != Err(mpsc::RecvTimeoutError::Timeout);
+                let last =
+                    stopped.recv_timeout(CHECKPOINT_EVERY) != Err(mpsc::RecvTimeoutError::Timeout);
                 if let Err(error) = checkpoint(&conn, most_log_pages) {
-                    tracing::warn!(path = %path.display(), %error, "cannot checkpoint the history's log");
+                    tracing::warn!(path = %log, %error, "cannot checkpoint the history's log");
                 }
                 if last {
                     break;
                 }
             })
             .map_err(|source| HistoryError::Checkpointer {
-                path: path_of_error.clone(),
+                path: path.to_owned(),
                 source,
             })?;
         Ok(Checkpointer {
@@ -569,7 +570,12 @@ impl History {
         conn.pragma_update(None, "foreign_keys", true)
             .map_err(err)?;
         let mut history = History::with(conn, path)?;
-        history.left_open = history.steps_left_open()?;
+        // Every attempt open now was left by an earlier run.
+        let open = history.open_attempts()?;
+        history.left_open = open
+            .into_iter()
+            .map(|(drv, _)| drv.as_str().to_owned())
+            .collect();
         history.checkpointer = Some(Checkpointer::start(path, MOST_LOG_PAGES)?);
         Ok(history)
     }
@@ -837,20 +843,6 @@ impl History {
         })?;
         self.left_open.remove(drv.as_str());
         Ok(())
-    }
-
-    /// The steps with attempts an earlier run left open.
-    fn steps_left_open(&self) -> Result<HashSet<String>, HistoryError> {
-        let mut query = self
-            .conn
-            .prepare("SELECT DISTINCT drv FROM attempts WHERE finished IS NULL AND id <= ?1")
-            .map_err(|e| self.err(e))?;
-        let drvs = query
-            .query_map(params![self.earlier_attempts], |r| r.get(0))
-            .map_err(|e| self.err(e))?
-            .collect::<Result<HashSet<String>, _>>()
-            .map_err(|e| self.err(e));
-        drvs
     }
 
     /// An attempt on `drv` ended with `outcome`, reported by `worker` (`None` when the planner
