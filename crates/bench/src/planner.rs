@@ -183,6 +183,7 @@ pub fn planner_time(dag: &Dag) -> (Duration, usize) {
     );
     s.offer(&worker, SLOTS.into());
     let mut assigned = Vec::new();
+    let system: std::sync::Arc<str> = system.into();
     let step = |inputs: &[usize]| StepInfo {
         system: system.clone(),
         features: vec![],

@@ -11,6 +11,7 @@ mod ask;
 mod cache_http;
 mod commands;
 mod http_request;
+mod large_blocks;
 mod logging;
 mod metrics_http;
 mod nix_daemon_cli;
@@ -122,7 +123,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Up(a) => commands::up::run(a).await,
+            Command::Up(a) => {
+                large_blocks::give_back_large_blocks();
+                commands::up::run(a).await
+            }
             Command::Worker(a) => commands::worker::run(a).await,
             Command::Build(a) => commands::build::run(a).await,
             Command::Status(a) => commands::status::run(a).await,

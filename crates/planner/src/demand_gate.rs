@@ -110,11 +110,12 @@ impl RequesterCap {
     }
 }
 
-/// A live demand as the gate saw it.
+/// A live demand record as the gate saw it: the record (the value the dataspace keeps, shared;
+/// its demands are read again when it goes) and, by position, what became of each of its
+/// demands (`None`: ignored, or waiting for a vouch).
 struct Seen {
-    drv: String,
-    requester: String,
-    admission: Admission,
+    record: AnyValue,
+    admissions: Vec<Option<Admission>>,
 }
 
 /// Observes `<demand …>` and `<demands …>` assertions and passes the demands within the cap
@@ -123,14 +124,18 @@ pub struct DemandGate {
     ds: Arc<Cap>,
     planner: Arc<Ref<Message>>,
     cap: RequesterCap,
-    /// The demands each record carried that were taken or refused.
-    seen: HashMap<Handle, Vec<Seen>>,
+    /// Each live demand record.
+    seen: HashMap<Handle, Seen>,
     /// The refusal asserted for each requester over the cap.
     refusals: HashMap<String, Handle>,
     /// The inline derivations trusted frontends vouch for: step → (vouch, text).
     vouched: HashMap<String, Vec<(Handle, Vec<u8>)>>,
-    /// Demands whose text is not their step's and that no vouch covers (yet), by record.
-    unvouched: HashMap<Handle, Vec<build::Demand>>,
+    /// Demands whose text is not their step's and that no vouch covers (yet), by record, with
+    /// their positions in it.
+    unvouched: HashMap<Handle, Vec<(usize, build::Demand)>>,
+    /// The platform of the last demand taken: the steps of a run of demands of one platform
+    /// share this copy of its name.
+    last_system: Arc<str>,
 }
 
 impl DemandGate {
@@ -145,6 +150,7 @@ impl DemandGate {
             refusals: HashMap::new(),
             vouched: HashMap::new(),
             unvouched: HashMap::new(),
+            last_system: Arc::from(""),
         };
         let observer = t.create_cap(gate);
         for pattern in [
@@ -174,11 +180,13 @@ impl DemandGate {
     /// A trusted frontend vouched for an inline derivation: the demands waiting for it are
     /// taken.
     fn vouch(&mut self, t: &mut Activation, vouch: build::InlineDerivation, h: Handle) {
-        let covered = |d: &build::Demand| d.drv == vouch.drv && d.derivation == vouch.derivation;
+        let covered = |(_, d): &(usize, build::Demand)| {
+            d.drv == vouch.drv && d.derivation == vouch.derivation
+        };
         let mut waiting = Vec::new();
         self.unvouched.retain(|handle, demands| {
             let (now, still): (Vec<_>, Vec<_>) = demands.drain(..).partition(covered);
-            waiting.extend(now.into_iter().map(|d| (*handle, d)));
+            waiting.extend(now.into_iter().map(|(at, d)| (*handle, at, d)));
             *demands = still;
             !demands.is_empty()
         });
@@ -186,8 +194,8 @@ impl DemandGate {
             .entry(vouch.drv)
             .or_default()
             .push((h, vouch.derivation));
-        for (handle, demand) in waiting {
-            self.take(t, demand, handle);
+        for (handle, at, demand) in waiting {
+            self.take(t, demand, handle, at);
         }
     }
 
@@ -210,15 +218,20 @@ impl DemandGate {
         true
     }
 
-    /// Take `demand` (asserted in record `h`) if it is wanted and within its requester's cap.
-    fn take(&mut self, t: &mut Activation, demand: build::Demand, h: Handle) {
+    /// Take `demand` (at position `at` of record `h`) if it is wanted and within its
+    /// requester's cap.
+    fn take(&mut self, t: &mut Activation, demand: build::Demand, h: Handle, at: usize) {
         let inline = self.vouches(&demand.drv, &demand.derivation);
-        let (step, urgency) = match wanted(&demand, inline) {
+        if *self.last_system != *demand.step.system {
+            self.last_system = Arc::from(demand.step.system.as_str());
+        }
+        let system = Arc::clone(&self.last_system);
+        let (step, urgency) = match wanted(&demand, system, inline) {
             Ok(wanted) => wanted,
             Err(why) => {
                 tracing::warn!(drv = %demand.drv, requester = %demand.requester, %why, "ignoring a demand");
                 if !demand.derivation.is_empty() {
-                    self.unvouched.entry(h).or_default().push(demand);
+                    self.unvouched.entry(h).or_default().push((at, demand));
                 }
                 return;
             }
@@ -228,21 +241,23 @@ impl DemandGate {
             Admission::Taken => t.message(
                 &self.planner,
                 Event::Demand {
-                    drv: demand.drv.as_str().into(),
+                    drv: demand.drv.into(),
                     info: step,
                     urgency,
-                    requester: demand.requester.clone(),
+                    requester: demand.requester,
                 }
                 .into(),
             ),
             Admission::Refused { first: true } => self.refuse(t, &demand.requester),
             Admission::Refused { first: false } => {}
         }
-        self.seen.entry(h).or_default().push(Seen {
-            drv: demand.drv,
-            requester: demand.requester,
-            admission,
-        });
+        if let Some(place) = self
+            .seen
+            .get_mut(&h)
+            .and_then(|seen| seen.admissions.get_mut(at))
+        {
+            *place = Some(admission);
+        }
     }
 
     /// Tell `requester` (once while it is over the cap) that demands were refused.
@@ -263,10 +278,14 @@ impl DemandGate {
     }
 }
 
-/// The step and urgency of a demand, if its numbers are in range and the derivation it
-/// carries (if any) is the step's, or an inline derivation a trusted frontend vouches for
-/// (`vouched`: built as it is, with no input steps).
-fn wanted(demand: &build::Demand, vouched: bool) -> Result<(StepInfo, Urgency), String> {
+/// The step (of platform `system`, the demand's) and urgency of a demand, if its numbers are in
+/// range and the derivation it carries (if any) is the step's, or an inline derivation a
+/// trusted frontend vouches for (`vouched`: built as it is, with no input steps).
+fn wanted(
+    demand: &build::Demand,
+    system: Arc<str>,
+    vouched: bool,
+) -> Result<(StepInfo, Urgency), String> {
     let out_of_range = || "an out-of-range priority or depth".to_owned();
     let urgency = Urgency {
         priority: i64::try_from(&demand.priority).map_err(|_| out_of_range())?,
@@ -292,7 +311,10 @@ fn wanted(demand: &build::Demand, vouched: bool) -> Result<(StepInfo, Urgency), 
             }
         }
     };
-    Ok((step_from_wire(demand.step.clone(), derivation), urgency))
+    Ok((
+        step_from_wire(demand.step.clone(), system, derivation),
+        urgency,
+    ))
 }
 
 impl Entity<Vec<AnyValue>> for DemandGate {
@@ -304,44 +326,59 @@ impl Entity<Vec<AnyValue>> for DemandGate {
             self.vouch(t, vouch, h);
             return Ok(());
         }
-        if let Ok(demand) = build::Demand::parse(value) {
-            self.take(t, demand, h);
-        } else if let Ok(record) = build::Demands::parse(value) {
-            for demand in record.demands {
-                self.take(t, demand, h);
-            }
-        } else {
+        let Some(demands) = demands_of(value) else {
             tracing::warn!("ignoring a malformed demand record");
+            return Ok(());
+        };
+        let seen = Seen {
+            record: value.clone(),
+            admissions: vec![None; demands.len()],
+        };
+        self.seen.insert(h, seen);
+        for (at, demand) in demands.into_iter().enumerate() {
+            self.take(t, demand, h, at);
         }
         Ok(())
     }
 
     fn retract(&mut self, t: &mut Activation, h: Handle) -> ActorResult {
-        let waited = self.unvouched.remove(&h).is_some();
+        self.unvouched.remove(&h);
         let Some(seen) = self.seen.remove(&h) else {
-            if !waited {
-                self.unvouch(h);
-            }
+            self.unvouch(h);
             return Ok(());
         };
-        for seen in seen {
-            if seen.admission == Admission::Taken {
+        let demands = demands_of(&seen.record).unwrap_or_default();
+        for (demand, admission) in demands.into_iter().zip(seen.admissions) {
+            let Some(admission) = admission else {
+                continue;
+            };
+            if admission == Admission::Taken {
                 t.message(
                     &self.planner,
                     Event::Undemand {
-                        drv: seen.drv.into(),
-                        requester: seen.requester.clone(),
+                        drv: demand.drv.into(),
+                        requester: demand.requester.clone(),
                     }
                     .into(),
                 );
             }
-            if self.cap.withdraw(&seen.requester, seen.admission) {
-                if let Some(refusal) = self.refusals.remove(&seen.requester) {
+            if self.cap.withdraw(&demand.requester, admission) {
+                if let Some(refusal) = self.refusals.remove(&demand.requester) {
                     t.retract(refusal);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// The demands of a `<demand …>` or `<demands [..]>` record, in order; `None` if it is
+/// neither.
+fn demands_of(record: &AnyValue) -> Option<Vec<build::Demand>> {
+    if let Ok(demand) = build::Demand::parse(record) {
+        Some(vec![demand])
+    } else {
+        build::Demands::parse(record).ok().map(|r| r.demands)
     }
 }
 

@@ -22,7 +22,7 @@ const MAX_FRONTENDS: usize = 256;
 #[derive(Debug, Default)]
 pub(crate) struct Frontends {
     /// Demands per step, by requester.
-    demands: BTreeMap<String, BTreeMap<DrvPath, usize>>,
+    demands: BTreeMap<String, BTreeMap<DrvPath, u32>>,
     /// The `eta` record asserted for each requester, with its value.
     published: HashMap<String, (u64, Handle)>,
     /// The `queued` record asserted for each requester, with its value.
@@ -32,12 +32,13 @@ pub(crate) struct Frontends {
 impl Frontends {
     /// `requester` demands `drv`.
     pub(crate) fn demanded(&mut self, requester: String, drv: &DrvPath) {
-        *self
+        let n = self
             .demands
             .entry(requester)
             .or_default()
             .entry(drv.clone())
-            .or_default() += 1;
+            .or_default();
+        *n = n.saturating_add(1);
     }
 
     /// `requester` withdrew a demand of `drv`.

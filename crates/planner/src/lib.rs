@@ -22,8 +22,8 @@ pub mod service;
 mod wire;
 
 pub use schedule::{
-    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepInfo, StepState,
-    Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
+    Effect, FailureCause, FailureKind, Resources, Schedule, StealPolicy, StepFailure, StepInfo,
+    StepState, Urgency, WorkerOffer, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BACKOFF,
 };
 
 /// After a restart, how long a step that was being built is kept for its worker (see

@@ -29,8 +29,9 @@ const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
 /// What the planner knows about a step without reading its derivation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepInfo {
-    /// The platform the step must build on, e.g. `x86_64-linux`.
-    pub system: String,
+    /// The platform the step must build on, e.g. `x86_64-linux` (one copy shared by the
+    /// steps that came in together).
+    pub system: Arc<str>,
     /// Features a worker must offer (`requiredSystemFeatures`).
     pub features: Vec<String>,
     /// The derivations whose outputs this step needs.
@@ -196,22 +197,28 @@ pub enum StepState {
         /// Output store paths.
         outputs: Vec<String>,
     },
-    /// The step will not be built.
-    Failed {
-        /// The worker that reported it (none when the planner decided).
-        worker: Option<WorkerId>,
-        /// Human-readable cause.
-        reason: String,
-        /// What made it fail.
-        cause: FailureCause,
-    },
+    /// The step will not be built (boxed: few steps fail, and every step's state is as large
+    /// as its largest kind).
+    Failed(Box<StepFailure>),
+}
+
+/// Why a step will not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepFailure {
+    /// The worker that reported it (none when the planner decided).
+    pub worker: Option<WorkerId>,
+    /// Human-readable cause.
+    pub reason: String,
+    /// What made it fail.
+    pub cause: FailureCause,
 }
 
 /// Something the planner actor must publish, withdraw or schedule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// The step waits in the ready queue for a worker with room (counted in `<queue>` and
-    /// `<queued>` on the tick; the service times how long it waits).
+    /// `<queued>` on the tick, and by the service as it goes; [`Schedule::waited`] says how
+    /// long it waited once it is assigned).
     Ready {
         /// The step.
         drv: DrvPath,
@@ -353,31 +360,77 @@ pub enum Effect {
 struct Step {
     info: StepInfo,
     urgency: Urgency,
-    demands: usize,
+    demands: u32,
     state: StepState,
     attempts: u32,
-    transient_reasons: Vec<String>,
-    /// When the current assignment was granted.
-    assigned_at: Option<Instant>,
-    /// The worker invited to steal the step, until it claims it.
-    steal_offer: Option<WorkerId>,
-    /// The worker duplicating the step's build.
-    thief: Option<WorkerId>,
+    /// When it became ready, while it is ready; when its current assignment was granted, while
+    /// it is assigned.
+    since: Option<Instant>,
+    /// How long it waited ready before its current assignment, in microseconds (at most
+    /// `u32::MAX`).
+    waited_us: u32,
     /// How many of `info.input_drvs`, from the first, are known built (or not demanded):
     /// settling resumes there, so a step with many inputs is not rescanned from the start
     /// each time one of them is built. Reset when an input stops being built.
     inputs_built: usize,
     /// Where the step sits in the ready queue, while it is ready.
     queued: Option<dispatch::TakeOrder>,
+    /// What few steps have (failures, exclusions, a steal): boxed on first use.
+    extras: Option<Box<StepExtras>>,
+    /// How long the longest path of demanded steps from it up to a root is predicted to take,
+    /// its own build included (see [`critical_path`]).
+    remaining_ms: u64,
+    /// How many of its dependents [`Schedule::update_critical_paths`] has still to reach
+    /// before it (meaningful only while that runs).
+    dependents_left: u32,
+}
+
+/// What few of a step's lives need: earlier transient failures, workers it is not given to, a
+/// steal in progress. Kept apart from [`Step`] and made on first use, so a step built by the
+/// first worker it is given carries one pointer for all of it.
+#[derive(Debug, Default)]
+struct StepExtras {
+    /// The reasons of its transient failures so far, for the message if it fails for good.
+    transient_reasons: Vec<String>,
+    /// The worker invited to steal the step, until it claims it.
+    steal_offer: Option<WorkerId>,
+    /// The worker duplicating the step's build.
+    thief: Option<WorkerId>,
     /// Workers whose report on this step was rejected, or that were killed for memory
     /// building it: never given it again.
     excluded: BTreeSet<WorkerId>,
     /// The memory limit its build was killed for going over, once: it is tried again only
     /// on a worker that allows one build more, and fails for good if killed again.
     needs_more_than: Option<u64>,
-    /// How long the longest path of demanded steps from it up to a root is predicted to take,
-    /// its own build included (see [`critical_path`]).
-    remaining_ms: u64,
+}
+
+/// The extras of a step that has none.
+static NO_EXTRAS: StepExtras = StepExtras {
+    transient_reasons: Vec::new(),
+    steal_offer: None,
+    thief: None,
+    excluded: BTreeSet::new(),
+    needs_more_than: None,
+};
+
+impl Step {
+    /// Its extras (the empty ones if it has none).
+    fn extras(&self) -> &StepExtras {
+        self.extras.as_deref().unwrap_or(&NO_EXTRAS)
+    }
+
+    /// Its extras, made for it if it has none.
+    fn extras_mut(&mut self) -> &mut StepExtras {
+        self.extras.get_or_insert_default()
+    }
+
+    /// Nobody is invited to steal it or duplicates its build any more.
+    fn end_steal(&mut self) {
+        if let Some(extras) = &mut self.extras {
+            extras.steal_offer = None;
+            extras.thief = None;
+        }
+    }
 }
 
 /// The planner's table of demanded steps and connected workers.
@@ -479,7 +532,7 @@ impl Schedule {
     pub fn is_building(&self, drv: &DrvPath, worker: &WorkerId) -> bool {
         self.steps.get(drv).is_some_and(|step| {
             matches!(&step.state, StepState::Assigned(w) if w == worker)
-                || step.thief.as_ref() == Some(worker)
+                || step.extras().thief.as_ref() == Some(worker)
         })
     }
 
@@ -487,7 +540,15 @@ impl Schedule {
     pub(crate) fn is_excluded(&self, drv: &DrvPath, worker: &WorkerId) -> bool {
         self.steps
             .get(drv)
-            .is_some_and(|step| step.excluded.contains(worker))
+            .is_some_and(|step| step.extras().excluded.contains(worker))
+    }
+
+    /// How long `drv` waited in the ready queue before its current assignment (none if it is
+    /// not demanded).
+    pub fn waited(&self, drv: &DrvPath) -> Duration {
+        self.steps.get(drv).map_or(Duration::ZERO, |step| {
+            Duration::from_micros(step.waited_us.into())
+        })
     }
 
     /// The settings a step's build runs with (the default if it is not demanded).
@@ -508,11 +569,20 @@ impl Schedule {
         self.steps.is_empty()
     }
 
+    /// The copy of `drv`'s name the table keeps already, as a step's or as an input's of
+    /// one: a step is named by its own demand and by each of its dependents', and each name
+    /// is kept once.
+    pub fn shared_name(&self, drv: &DrvPath) -> Option<DrvPath> {
+        let step = self.steps.get_key_value(drv).map(|(name, _)| name);
+        step.or_else(|| self.dependents.get_key_value(drv).map(|(name, _)| name))
+            .cloned()
+    }
+
     /// A frontend demands `drv`.
-    pub fn demand(&mut self, drv: &DrvPath, info: StepInfo, urgency: Urgency) -> Vec<Effect> {
+    pub fn demand(&mut self, drv: &DrvPath, mut info: StepInfo, urgency: Urgency) -> Vec<Effect> {
         let mut effects = Vec::new();
         if let Some(step) = self.steps.get_mut(drv) {
-            step.demands += 1;
+            step.demands = step.demands.saturating_add(1);
             // A step given to a worker already keeps the settings it was given.
             step.info.settings = step.info.settings.stricter(info.settings);
             let raised = Urgency {
@@ -527,6 +597,12 @@ impl Schedule {
             }
             return effects;
         }
+        for input in &mut info.input_drvs {
+            if let Some(shared) = self.shared_name(input) {
+                *input = shared;
+            }
+        }
+        let drv = &self.shared_name(drv).unwrap_or_else(|| drv.clone());
         for input in &info.input_drvs {
             self.dependents
                 .entry(input.clone())
@@ -543,15 +619,13 @@ impl Schedule {
                 demands: 1,
                 state: StepState::Waiting,
                 attempts: 0,
-                transient_reasons: Vec::new(),
-                assigned_at: None,
-                steal_offer: None,
-                thief: None,
+                since: None,
+                waited_us: 0,
                 inputs_built: 0,
                 queued: None,
-                excluded: BTreeSet::new(),
-                needs_more_than: None,
+                extras: None,
                 remaining_ms,
+                dependents_left: 0,
             }),
         );
         // Dependents that were ready because this input was not demanded
@@ -733,7 +807,9 @@ impl Schedule {
         let drv = drv.clone();
         step.state = StepState::Waiting;
         step.attempts = 0;
-        step.transient_reasons.clear();
+        if let Some(extras) = &mut step.extras {
+            extras.transient_reasons.clear();
+        }
         step.inputs_built = 0;
         // The originals resolved to it wait for it again.
         let mut unbuilt = vec![drv.clone()];
@@ -776,7 +852,8 @@ impl Schedule {
             return effects;
         };
         match &step.state {
-            StepState::Assigned(w) if w == worker || step.thief.as_ref() == Some(worker) => {}
+            StepState::Assigned(w)
+                if w == worker || step.extras().thief.as_ref() == Some(worker) => {}
             _ => return effects,
         }
         self.vacate(drv);
@@ -787,8 +864,7 @@ impl Schedule {
             worker: worker.clone(),
             outputs: outputs.clone(),
         };
-        step.thief = None;
-        step.steal_offer = None;
+        step.end_steal();
         effects.push(Effect::Unassign { drv: drv.clone() });
         self.announce_built(drv, worker, outputs, &mut effects);
         effects
@@ -820,7 +896,7 @@ impl Schedule {
             return Vec::new();
         }
         if let Some(step) = self.steps.get_mut(drv) {
-            step.excluded.insert(worker.clone());
+            step.extras_mut().excluded.insert(worker.clone());
         }
         self.failed(
             drv,
@@ -855,15 +931,15 @@ impl Schedule {
             return effects;
         };
         match &step.state {
-            StepState::Assigned(w) if w == worker || step.thief.as_ref() == Some(worker) => {}
+            StepState::Assigned(w)
+                if w == worker || step.extras().thief.as_ref() == Some(worker) => {}
             _ => return effects,
         }
         self.vacate(drv);
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
         };
-        step.thief = None;
-        step.steal_offer = None;
+        step.end_steal();
         effects.push(Effect::Unassign { drv: drv.clone() });
         if kind == FailureKind::Permanent {
             self.fail_for_good(drv, Some(worker), reason.to_owned(), cause, &mut effects);
@@ -879,8 +955,8 @@ impl Schedule {
         let Some(step) = self.steps.get_mut(drv) else {
             return effects;
         };
-        step.transient_reasons
-            .push(format!("attempt {}: {reason}", step.attempts));
+        let failure = format!("attempt {}: {reason}", step.attempts);
+        step.extras_mut().transient_reasons.push(failure);
         if step.attempts < max_attempts {
             step.state = StepState::Retrying;
             let delay = base
@@ -898,7 +974,7 @@ impl Schedule {
         let reason = format!(
             "gave up after {} attempts: {}",
             step.attempts,
-            step.transient_reasons.join("; ")
+            step.extras().transient_reasons.join("; ")
         );
         self.fail_for_good(drv, Some(worker), reason, cause, &mut effects);
         effects
@@ -916,7 +992,7 @@ impl Schedule {
         limit: u64,
     ) -> Option<String> {
         let step = self.steps.get(drv)?;
-        if let Some(before) = step.needs_more_than {
+        if let Some(before) = step.extras().needs_more_than {
             return Some(format!(
                 "killed again after a retry on a worker allowing one build more than {} MiB",
                 before >> 20
@@ -924,7 +1000,7 @@ impl Schedule {
         }
         let bigger = self.workers.iter().any(|(id, offer)| {
             id != worker
-                && !step.excluded.contains(id)
+                && !step.extras().excluded.contains(id)
                 && offer.builds(&step.info)
                 && offer.resources.allows_more_than(limit)
         });
@@ -935,8 +1011,8 @@ impl Schedule {
             ));
         }
         let step = self.steps.get_mut(drv)?;
-        step.needs_more_than = Some(limit);
-        step.excluded.insert(worker.clone());
+        step.extras_mut().needs_more_than = Some(limit);
+        step.extras_mut().excluded.insert(worker.clone());
         step.info.memory = Some(step.info.memory.unwrap_or(0).max(limit));
         None
     }
@@ -954,11 +1030,11 @@ impl Schedule {
     ) {
         let mut pending = vec![(drv.clone(), worker.cloned(), reason, cause)];
         while let Some((drv, worker, reason, cause)) = pending.pop() {
-            let failed = StepState::Failed {
+            let failed = StepState::Failed(Box::new(StepFailure {
                 worker: worker.clone(),
                 reason: reason.clone(),
                 cause: cause.clone(),
-            };
+            }));
             match self.state(&drv) {
                 None | Some(StepState::Built { .. }) | Some(StepState::Failed { .. }) => continue,
                 Some(StepState::Ready) => self.leave_ready(&drv, failed.clone(), effects),
@@ -1066,6 +1142,7 @@ impl Schedule {
             return;
         };
         step.state = StepState::Ready;
+        step.since = Some(now);
         effects.push(Effect::Ready { drv: drv.clone() });
         self.queue(drv);
         if let Some(worker) = early {
@@ -1110,7 +1187,7 @@ impl Schedule {
                 &info.system,
                 &info.features,
             ) {
-                None => match step.needs_more_than {
+                None => match step.extras().needs_more_than {
                     Some(limit) if !offer.resources.allows_more_than(limit) => {
                         too_small = Some(limit)
                     }
@@ -1376,7 +1453,7 @@ mod tests {
                 for i in 1..STEPS {
                     let expected = FailureCause::Dependency(name(i - 1));
                     assert!(
-                        matches!(s.state(&name(i)), Some(StepState::Failed { cause, .. }) if *cause == expected),
+                        matches!(s.state(&name(i)), Some(StepState::Failed(failure)) if failure.cause == expected),
                         "step {i}: {:?}",
                         s.state(&name(i))
                     );

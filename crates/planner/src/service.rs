@@ -225,8 +225,8 @@ struct Planner {
     /// This entity's own reference, for timers that call back into it.
     me: Arc<OnceLock<Weak<Ref<Message>>>>,
     schedule: Schedule,
-    /// When each step waiting in the ready queue became ready (for the dispatch latency).
-    ready_since: HashMap<DrvPath, Instant>,
+    /// How many steps wait in the ready queue.
+    ready: usize,
     /// The `<queue>` record asserted for each system with steps waiting, with its count.
     queue: HashMap<String, (usize, Handle)>,
     unschedulable: HashMap<DrvPath, Handle>,
@@ -334,6 +334,7 @@ impl Planner {
                 urgency,
                 requester,
             } => {
+                let drv = s.shared_name(&drv).unwrap_or(drv);
                 self.frontends.demanded(requester, &drv);
                 note(&mut self.history, |h| h.demanded(&drv, &info.system));
                 let learned = estimates(self.history.as_mut(), &drv);
@@ -431,7 +432,7 @@ impl Planner {
         self.schedule.dispatch(&mut effects);
         self.publish(t, effects);
         let m = &self.metrics;
-        m.ready.set(self.ready_since.len() as i64);
+        m.ready.set(self.ready as i64);
         m.running.set(self.assigned.len() as i64);
         m.unschedulable.set(self.unschedulable.len() as i64);
     }
@@ -519,12 +520,8 @@ impl Planner {
                     replace(t, &mut self.links, from, h);
                 }
                 Effect::Unlinked { from } => retract(t, &mut self.links, &from),
-                Effect::Ready { drv } => {
-                    self.ready_since.entry(drv).or_insert_with(Instant::now);
-                }
-                Effect::Unready { drv } => {
-                    self.ready_since.remove(&drv);
-                }
+                Effect::Ready { .. } => self.ready += 1,
+                Effect::Unready { .. } => self.ready = self.ready.saturating_sub(1),
                 Effect::Unschedulable { drv, reason } => {
                     tracing::warn!(%drv, %reason, "unschedulable");
                     let h = self.ds.assert(
@@ -559,11 +556,8 @@ impl Planner {
                 Effect::Assign { drv, worker } => {
                     tracing::info!(%drv, %worker, "assigned");
                     note(&mut self.history, |h| h.attempt_started(&drv, &worker));
-                    // A step given to a worker the moment it became ready was never announced.
-                    let waited = self.ready_since.remove(&drv).map(|since| since.elapsed());
-                    self.metrics
-                        .dispatch_seconds
-                        .observe(waited.unwrap_or_default().as_secs_f64());
+                    let waited = self.schedule.waited(&drv);
+                    self.metrics.dispatch_seconds.observe(waited.as_secs_f64());
                     let h = self.ds.assert(
                         t,
                         &build::Assigned {
@@ -1055,7 +1049,7 @@ pub fn start(
             ds: Arc::clone(&ds),
             me: Arc::clone(&me),
             schedule,
-            ready_since: HashMap::new(),
+            ready: 0,
             queue: HashMap::new(),
             unschedulable: HashMap::new(),
             metrics,

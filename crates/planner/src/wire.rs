@@ -2,6 +2,8 @@
 //! place where the planner turns what it reads from the dataspace into its own types, and
 //! back where it asserts.
 
+use std::sync::Arc;
+
 use nixspace_protocol::{build, BuildSettings, DrvPath, WorkerId};
 use preserves::ValueImpl;
 use preserves_schema::Parse;
@@ -10,10 +12,15 @@ use syndicate::actor::AnyValue;
 use crate::history::BuildUsage;
 use crate::schedule::{FailureCause, FailureKind, StepDerivation, StepInfo};
 
-/// A step as the schedule keeps it, its derivation from where `derivation` says.
-pub(crate) fn step_from_wire(info: build::StepInfo, derivation: StepDerivation) -> StepInfo {
+/// A step as the schedule keeps it, with `system` for the wire's platform (a copy shared with
+/// other steps'), its derivation from where `derivation` says.
+pub(crate) fn step_from_wire(
+    info: build::StepInfo,
+    system: Arc<str>,
+    derivation: StepDerivation,
+) -> StepInfo {
     StepInfo {
-        system: info.system,
+        system,
         features: info.features,
         input_drvs: info.input_drvs.into_iter().map(DrvPath::from).collect(),
         settings: BuildSettings::from_wire(&info.settings),

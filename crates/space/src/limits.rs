@@ -240,38 +240,52 @@ fn demands_in(v: &AnyValue) -> usize {
     }
 }
 
-/// A demand record as the dataspace keeps it: each demand as its packed bytes (one
-/// allocation, read in place) instead of a tree of decoded values (some twenty heap nodes per
-/// demand). A `<demands [..]>` record stays a decoded record of packed demands, so that
-/// comparing two records (the dataspace's index does, often) reads one demand of each, not
-/// the whole sequence. `None` (the record passed on as it came) unless every demand in it is
-/// well-formed: only values of the schema's fixed shape are packed, never nesting a client
-/// chose.
+/// A demand record as the dataspace keeps it: each demand as its packed bytes (read in place)
+/// instead of a tree of decoded values (some twenty heap nodes per demand), the bytes of all
+/// of a record's demands in one allocation. A `<demands [..]>` record stays a decoded record
+/// of packed demands, so that comparing two records (the dataspace's index does, often) reads
+/// one demand of each, not the whole sequence. `None` (the record passed on as it came) unless
+/// every demand in it is well-formed: only values of the schema's fixed shape are packed,
+/// never nesting a client chose.
 fn packed(v: &AnyValue) -> Option<AnyValue> {
     if !has_label(v, "demands") {
-        return packed_demand(v);
+        return packed_demands([v.clone()])?.pop();
     }
     let items = (v.len() == 1).then(|| v.index(0))?;
     if !items.is_sequence() {
         return None;
     }
-    let demands: Vec<AnyValue> = items
-        .iter()
-        .map(|demand| packed_demand(&demand))
-        .collect::<Option<_>>()?;
+    let demands = packed_demands(items.iter())?;
     let mut record = Record::_from_vec(vec![v.label()]);
     record._vec_mut().push(AnyValue::new(demands));
     Some(AnyValue::new(record))
 }
 
-/// The demand `v` as its packed bytes, read in place; `None` if it is not a well-formed
-/// `<demand …>`.
-fn packed_demand(v: &AnyValue) -> Option<AnyValue> {
-    build::Demand::parse(v).ok()?;
-    let bytes = PackedWriter::encode(&mut NoEmbeddedDomainCodec, v).ok()?;
-    let view: View<Arc<Cap>, Arc<[u8]>> =
-        View::new(Arc::from(bytes), &mut NoEmbeddedDomainCodec, false).ok()?;
-    Some(AnyValue::new(view))
+/// Each of `demands` as a view of its packed bytes, the bytes of all in one buffer; `None` if
+/// one is not a well-formed `<demand …>`.
+fn packed_demands(demands: impl IntoIterator<Item = AnyValue>) -> Option<Vec<AnyValue>> {
+    let mut bytes = Vec::new();
+    let mut starts = Vec::new();
+    for demand in demands {
+        build::Demand::parse(&demand).ok()?;
+        starts.push(bytes.len());
+        demand
+            .write(
+                &mut PackedWriter::new(&mut bytes),
+                &mut NoEmbeddedDomainCodec,
+            )
+            .ok()?;
+    }
+    let bytes: Arc<[u8]> = Arc::from(bytes);
+    starts
+        .into_iter()
+        .map(|start| {
+            let view: View<Arc<Cap>, Arc<[u8]>> =
+                View::new_offset(Arc::clone(&bytes), &mut NoEmbeddedDomainCodec, start, false)
+                    .ok()?;
+            Some(AnyValue::new(view))
+        })
+        .collect()
 }
 
 impl Entity<AnyValue> for Limiter {
@@ -440,6 +454,9 @@ mod tests {
             PackedWriter::encode(&mut NoEmbeddedDomainCodec, &packed).expect("encodes"),
             PackedWriter::encode(&mut NoEmbeddedDomainCodec, &decoded).expect("encodes"),
         );
+        // A lone demand is packed alike.
+        let one = decoded.index(0).index(1);
+        assert_eq!(super::packed(&one).expect("well-formed"), one);
         // Positive control: another record is another value.
         assert_ne!(packed, demands(249));
     }

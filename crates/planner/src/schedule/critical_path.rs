@@ -9,7 +9,6 @@
 //! step demanded in between is queued with [`first_guess`]: its own duration plus one
 //! [`UNKNOWN_DURATION_MS`] per step its demand says waits above it.
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use nixspace_protocol::DrvPath;
@@ -65,7 +64,7 @@ impl Schedule {
                 queued += 1;
             }
             let own = duration(&step.info);
-            let spent = match (&step.state, step.assigned_at) {
+            let spent = match (&step.state, step.since) {
                 (StepState::Assigned(_), Some(at)) => {
                     let ms = now.saturating_duration_since(at).as_millis();
                     u64::try_from(ms).unwrap_or(u64::MAX).min(own)
@@ -90,48 +89,42 @@ impl Schedule {
             return;
         }
         self.paths_stale = false;
-        // Dependents before inputs: a step is done once all its demanded dependents are.
-        let mut waiting: BTreeMap<&DrvPath, usize> = self
-            .steps
-            .keys()
-            .map(|drv| (drv, self.dependents.get(drv).map_or(0, |d| d.len())))
-            .collect();
-        let mut done: Vec<&DrvPath> = waiting
-            .iter()
-            .filter(|(_, n)| **n == 0)
-            .map(|(drv, _)| *drv)
-            .collect();
-        let mut remaining: BTreeMap<&DrvPath, u64> = BTreeMap::new();
-        while let Some(drv) = done.pop() {
-            let Some(step) = self.steps.get(drv) else {
-                continue;
-            };
-            let above = self
-                .dependents
-                .get(drv)
-                .into_iter()
-                .flatten()
-                .filter_map(|d| remaining.get(d))
-                .max()
-                .copied()
-                .unwrap_or(0);
-            remaining.insert(drv, duration(&step.info).saturating_add(above));
-            for input in &step.info.input_drvs {
-                if let Some(n) = waiting.get_mut(input) {
-                    *n -= 1;
-                    if *n == 0 {
-                        done.push(input);
-                    }
-                }
+        // Dependents before inputs: a step is done once all its demanded dependents are. Each
+        // step counts its dependents not done yet, and its path is written in place: no table
+        // of the whole schedule is built beside it.
+        let mut done = Vec::new();
+        for (drv, step) in &mut self.steps {
+            let dependents = self.dependents.get(drv).map_or(0, |d| d.len());
+            step.dependents_left = u32::try_from(dependents).unwrap_or(u32::MAX);
+            if step.dependents_left == 0 {
+                done.push(drv.clone());
             }
         }
-        let remaining: Vec<(DrvPath, u64)> = remaining
-            .into_iter()
-            .map(|(drv, ms)| (drv.clone(), ms))
-            .collect();
-        for (drv, ms) in remaining {
-            if let Some(step) = self.steps.get_mut(&drv) {
-                step.remaining_ms = ms;
+        while let Some(drv) = done.pop() {
+            let above = self
+                .dependents
+                .get(&drv)
+                .into_iter()
+                .flatten()
+                .filter_map(|d| self.steps.get(d))
+                .map(|d| d.remaining_ms)
+                .max()
+                .unwrap_or(0);
+            let Some(step) = self.steps.get_mut(&drv) else {
+                continue;
+            };
+            step.remaining_ms = duration(&step.info).saturating_add(above);
+            for i in 0..step.info.input_drvs.len() {
+                let input = self.steps[&drv].info.input_drvs[i].clone();
+                // An input a step lists twice is counted down twice (it is one dependent in
+                // `dependents`): never below zero, and taken once.
+                let Some(input_step) = self.steps.get_mut(&input) else {
+                    continue;
+                };
+                if input_step.dependents_left == 1 {
+                    done.push(input);
+                }
+                input_step.dependents_left = input_step.dependents_left.saturating_sub(1);
             }
             self.requeue(&drv);
         }
@@ -140,6 +133,8 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::super::Effect;
     use super::*;
 
@@ -204,7 +199,7 @@ mod tests {
         );
         // The running leaf counts what is left of its 100 ms, none once it ran past it.
         let at = s.steps[&DrvPath::from("short-leaf")]
-            .assigned_at
+            .since
             .expect("assigned");
         let later = |ms: u64| at + std::time::Duration::from_millis(ms);
         assert_eq!(s.progress(&all, later(40)).eta_ms, 30_060);

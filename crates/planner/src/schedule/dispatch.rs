@@ -24,13 +24,28 @@ use super::{Effect, Schedule, Step, StepState, WorkerOffer};
 
 /// Where a ready step sits in the queue: highest priority first, then the longest predicted
 /// path of demanded steps from it up (see [`super::critical_path`]), then the deepest (the
-/// longest chain of demanded steps waits on it), then the oldest.
+/// longest chain of demanded steps waits on it), then the oldest. The path and the depth are
+/// kept in 32 bits (a path of 49 days and a chain of four billion steps are as long as any
+/// longer): every ready step has one, in the queue and in its step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TakeOrder {
     priority: Reverse<i64>,
-    pub(super) remaining_ms: Reverse<u64>,
-    depth: Reverse<u64>,
+    remaining_ms: Reverse<u32>,
+    depth: Reverse<u32>,
     age: u64,
+}
+
+impl TakeOrder {
+    /// `step`'s place, `age` its turn in the order steps were queued.
+    fn of(step: &Step, age: u64) -> TakeOrder {
+        let saturated = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        TakeOrder {
+            priority: Reverse(step.urgency.priority),
+            remaining_ms: Reverse(saturated(step.remaining_ms)),
+            depth: Reverse(saturated(step.urgency.depth)),
+            age,
+        }
+    }
 }
 
 /// An open worker's place in dispatch's order of preference (inputs aside): the fastest
@@ -250,7 +265,7 @@ impl Schedule {
         };
         step.state == StepState::Ready
             && !self.kept_from(drv, worker, now)
-            && !step.excluded.contains(worker)
+            && !step.extras().excluded.contains(worker)
             && allows_what_killed(step, offer)
             && offer.builds(&step.info)
     }
@@ -292,8 +307,11 @@ impl Schedule {
             }
         }
         if let Some(step) = self.steps.get_mut(drv) {
+            let now = Instant::now();
             step.attempts += 1;
-            step.assigned_at = Some(Instant::now());
+            let waited = step.since.map(|ready| now.saturating_duration_since(ready));
+            step.waited_us = waited.map_or(0, |w| u32::try_from(w.as_micros()).unwrap_or(u32::MAX));
+            step.since = Some(now);
         }
     }
 
@@ -304,17 +322,15 @@ impl Schedule {
         let Some(step) = self.steps.get_mut(drv) else {
             return;
         };
-        let order = TakeOrder {
-            priority: Reverse(step.urgency.priority),
-            remaining_ms: Reverse(step.remaining_ms),
-            depth: Reverse(step.urgency.depth),
-            age: self.queued_count,
-        };
+        let order = TakeOrder::of(step, self.queued_count);
         step.queued = Some(order);
-        *self
-            .queue_by_system
-            .entry(step.info.system.clone())
-            .or_default() += 1;
+        match self.queue_by_system.get_mut(&*step.info.system) {
+            Some(n) => *n += 1,
+            None => {
+                let system = step.info.system.to_string();
+                self.queue_by_system.insert(system, 1);
+            }
+        }
         self.ready_queue.insert(order, drv.clone());
     }
 
@@ -326,10 +342,7 @@ impl Schedule {
         let Some(order) = step.queued else {
             return;
         };
-        let moved = TakeOrder {
-            remaining_ms: Reverse(step.remaining_ms),
-            ..order
-        };
+        let moved = TakeOrder::of(step, order.age);
         if moved != order {
             step.queued = Some(moved);
             self.ready_queue.remove(&order);
@@ -346,10 +359,10 @@ impl Schedule {
             return;
         };
         self.ready_queue.remove(&order);
-        if let Some(n) = self.queue_by_system.get_mut(&step.info.system) {
+        if let Some(n) = self.queue_by_system.get_mut(&*step.info.system) {
             *n -= 1;
             if *n == 0 {
-                self.queue_by_system.remove(&step.info.system);
+                self.queue_by_system.remove(&*step.info.system);
             }
         }
     }
@@ -393,7 +406,7 @@ impl Schedule {
             StepState::Assigned(owner) => Some(owner.clone()),
             _ => None,
         };
-        for worker in owner.into_iter().chain(step.thief.clone()) {
+        for worker in owner.into_iter().chain(step.extras().thief.clone()) {
             self.leave(&worker, drv);
         }
     }
@@ -402,13 +415,15 @@ impl Schedule {
 /// Whether `offer` lets one build use more memory than the limit `step` was killed for
 /// going over (true if it never was).
 fn allows_what_killed(step: &Step, offer: &WorkerOffer) -> bool {
-    step.needs_more_than
+    step.extras()
+        .needs_more_than
         .is_none_or(|limit| offer.resources.allows_more_than(limit))
 }
 
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
 
     use super::super::{FailureCause, FailureKind, StepInfo, Urgency, WorkerOffer};
     use super::*;
@@ -459,7 +474,7 @@ mod tests {
             if let StepState::Assigned(w) = &step.state {
                 expected.entry(w.clone()).or_default().insert(drv.clone());
             }
-            if let Some(thief) = &step.thief {
+            if let Some(thief) = &step.extras().thief {
                 expected
                     .entry(thief.clone())
                     .or_default()
@@ -535,6 +550,22 @@ mod tests {
         let e = then(&mut s, e);
         assert_eq!(assigns(&e), vec![("b", "w")]);
         assert!(e.contains(&Effect::Unready { drv: "b".into() }), "{e:?}");
+    }
+
+    #[test]
+    fn a_step_assigned_says_how_long_it_waited_ready() {
+        let mut s = with_workers(&[("w", 1)]);
+        let e = s.demand(&"a".into(), step("x86_64-linux", &[]), Urgency::default());
+        assert_eq!(assigns(&then(&mut s, e)), vec![("a", "w")]);
+        let e = s.demand(&"b".into(), step("x86_64-linux", &[]), Urgency::default());
+        assert!(assigns(&then(&mut s, e)).is_empty());
+        std::thread::sleep(Duration::from_millis(30));
+        let e = s.built(&"a".into(), &"w".into(), vec![]);
+        assert_eq!(assigns(&then(&mut s, e)), vec![("b", "w")]);
+        // b waited for the slot; a was given it the moment it was ready.
+        assert!(s.waited(&"b".into()) >= Duration::from_millis(30));
+        assert!(s.waited(&"a".into()) < Duration::from_millis(30));
+        assert_eq!(s.waited(&"unknown".into()), Duration::ZERO);
     }
 
     #[test]

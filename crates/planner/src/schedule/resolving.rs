@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use nixspace_protocol::{DrvPath, WorkerId};
 
-use super::{Effect, FailureCause, Schedule, StepDerivation, StepInfo, StepState};
+use super::{Effect, FailureCause, Schedule, StepDerivation, StepFailure, StepInfo, StepState};
 use crate::resolution::{Resolved, ToResolve};
 
 /// What an original was resolved to, and against which outputs of its inputs.
@@ -116,7 +116,7 @@ impl Schedule {
         effects.push(Effect::Linked {
             from: from.clone(),
             to: to.clone(),
-            system: info.system.clone(),
+            system: info.system.to_string(),
         });
         effects.extend(self.demand(&to, info, urgency));
         // Resolved like another original before: it has ended already.
@@ -124,11 +124,14 @@ impl Schedule {
             Some(StepState::Built { worker, outputs }) => {
                 self.mark_built(&to, &worker, &outputs, &mut effects)
             }
-            Some(StepState::Failed {
-                worker,
-                reason,
-                cause,
-            }) => self.fail_for_good(from, worker.as_ref(), reason, cause, &mut effects),
+            Some(StepState::Failed(failure)) => {
+                let StepFailure {
+                    worker,
+                    reason,
+                    cause,
+                } = *failure;
+                self.fail_for_good(from, worker.as_ref(), reason, cause, &mut effects)
+            }
             _ => {}
         }
         effects

@@ -48,8 +48,8 @@ impl Schedule {
             .filter(|drv| {
                 self.steps.get(*drv).is_some_and(|s| {
                     matches!(s.state, StepState::Assigned(_))
-                        && s.thief.is_none()
-                        && s.assigned_at
+                        && s.extras().thief.is_none()
+                        && s.since
                             .is_some_and(|at| now.saturating_duration_since(at) >= self.steal.after)
                 })
             })
@@ -60,12 +60,15 @@ impl Schedule {
         }
         let mut scan = self.scan();
         for drv in running {
-            let invited = self.steps.get(&drv).and_then(|s| s.steal_offer.clone());
+            let invited = self
+                .steps
+                .get(&drv)
+                .and_then(|s| s.extras().steal_offer.clone());
             match invited {
                 Some(thief) if self.can_steal(&drv, &thief, &scan) => {}
                 Some(thief) => {
                     if let Some(step) = self.steps.get_mut(&drv) {
-                        step.steal_offer = None;
+                        step.extras_mut().steal_offer = None;
                     }
                     scan.taken.remove(&thief);
                     effects.push(Effect::WithdrawSteal { drv: drv.clone() });
@@ -84,7 +87,7 @@ impl Schedule {
                             to: thief.clone(),
                         });
                         scan.taken.insert(thief.clone(), drv.clone());
-                        step.steal_offer = Some(thief);
+                        step.extras_mut().steal_offer = Some(thief);
                     }
                 }
             }
@@ -99,12 +102,12 @@ impl Schedule {
             .values()
             .filter_map(|drv| self.steps.get(drv))
             .filter(|s| s.state == StepState::Ready)
-            .map(|s| (s.info.system.as_str(), s.info.features.as_slice()))
+            .map(|s| (&*s.info.system, s.info.features.as_slice()))
             .collect();
         let mut taken = BTreeMap::new();
         for drv in self.running.values().flatten() {
             if let Some(step) = self.steps.get(drv) {
-                for worker in step.steal_offer.iter().chain(&step.thief) {
+                for worker in step.extras().steal_offer.iter().chain(&step.extras().thief) {
                     taken.insert(worker.clone(), drv.clone());
                 }
             }
@@ -144,7 +147,7 @@ impl Schedule {
             mismatch(&offer.systems, &offer.features, system, features).is_none()
         };
         owner != thief
-            && !step.excluded.contains(thief)
+            && !step.extras().excluded.contains(thief)
             && offer.speed >= self.steal.ratio * owner_speed
             && self.free_slots.get(thief).is_some_and(|&f| f > 0)
             && self.running_on(thief) < offer.max_jobs as usize
@@ -172,13 +175,13 @@ impl Schedule {
             return Vec::new();
         };
         if !matches!(step.state, StepState::Assigned(_))
-            || step.thief.is_some()
-            || step.steal_offer.as_ref() != Some(worker)
+            || step.extras().thief.is_some()
+            || step.extras().steal_offer.as_ref() != Some(worker)
         {
             return Vec::new();
         }
-        step.steal_offer = None;
-        step.thief = Some(worker.clone());
+        step.extras_mut().steal_offer = None;
+        step.extras_mut().thief = Some(worker.clone());
         self.occupy(worker, drv);
         // The thief sees its assignment before the invitation goes away, so it keeps its claim.
         vec![
@@ -198,9 +201,9 @@ impl Schedule {
         let StepState::Assigned(owner) = &step.state else {
             return None;
         };
-        let thief = step.thief.clone()?;
+        let thief = step.extras().thief.clone()?;
         if thief == *worker {
-            step.thief = None;
+            step.extras_mut().thief = None;
             self.leave(&thief, drv);
             return Some(vec![Effect::Unsteal { drv: drv.clone() }]);
         }
@@ -209,7 +212,7 @@ impl Schedule {
         }
         let owner = owner.clone();
         step.state = StepState::Assigned(thief);
-        step.thief = None;
+        step.extras_mut().thief = None;
         self.leave(&owner, drv);
         Some(vec![Effect::Promote { drv: drv.clone() }])
     }
