@@ -403,9 +403,16 @@ fn a_flood_of_demands_does_not_take_the_coordinator_down() {
         .map(|i| demand(&format!("/nix/store/{i:032}-flood.drv")))
         .collect();
     runtime().block_on(async {
-        let flood = Session::join(&route(&space, Role::Submit), demands)
-            .await
-            .expect("join with the flood");
+        // Joining waits for our probe to come back behind every demand sent back to this
+        // session and the steps' `<unschedulable>` records the planner asserts meanwhile:
+        // about ten seconds in a debug build on two cores, more than a plain answer's wait.
+        let flood = Session::join_within(
+            &route(&space, Role::Submit),
+            demands,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("join with the flood");
         // The coordinator took every demand and still answers others.
         space.wait_for_status("the whole flood, each step unschedulable", |r| {
             r["demands"]
