@@ -459,7 +459,7 @@ pub struct Schedule {
     /// How many steps have been queued (the age in the take order).
     queued_count: u64,
     /// How many steps wait in the ready queue, per system.
-    queue_by_system: BTreeMap<String, usize>,
+    queue_by_system: BTreeMap<Arc<str>, usize>,
     /// Claims on steps not ready (yet): a worker that built a step while the planner was
     /// away claims it again on rejoining, and gets it as soon as it is ready.
     early_claims: BTreeMap<DrvPath, BTreeSet<WorkerId>>,
@@ -1011,8 +1011,9 @@ impl Schedule {
             ));
         }
         let step = self.steps.get_mut(drv)?;
-        step.extras_mut().needs_more_than = Some(limit);
-        step.extras_mut().excluded.insert(worker.clone());
+        let extras = step.extras_mut();
+        extras.needs_more_than = Some(limit);
+        extras.excluded.insert(worker.clone());
         step.info.memory = Some(step.info.memory.unwrap_or(0).max(limit));
         None
     }

@@ -442,7 +442,7 @@ impl Planner {
     fn publish_queue(&mut self, t: &mut Activation) {
         let waiting = self.schedule.queue_by_system();
         self.queue.retain(|system, (_, handle)| {
-            let keep = waiting.contains_key(system);
+            let keep = waiting.contains_key(system.as_str());
             if !keep {
                 t.retract(*handle);
             }
@@ -450,7 +450,7 @@ impl Planner {
         });
         for (system, &steps) in waiting {
             let record = build::Queue {
-                system: system.clone(),
+                system: system.to_string(),
                 steps: (steps as i64).into(),
             };
             republish(t, &self.ds, &mut self.queue, system, steps, &record);

@@ -134,6 +134,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     use super::super::Effect;
     use super::*;
@@ -211,7 +212,7 @@ mod tests {
         assert_eq!(s.progress(&all, now).queued, 2);
         assert_eq!(
             s.queue_by_system(),
-            &BTreeMap::from([("x86_64-linux".to_owned(), 2)])
+            &BTreeMap::from([(Arc::from("x86_64-linux"), 2)])
         );
         // Positive control: with nothing learned every step counts the same, and the chain of
         // more steps goes first.

@@ -16,6 +16,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nixspace_protocol::{DrvPath, WorkerId};
@@ -324,13 +325,10 @@ impl Schedule {
         };
         let order = TakeOrder::of(step, self.queued_count);
         step.queued = Some(order);
-        match self.queue_by_system.get_mut(&*step.info.system) {
-            Some(n) => *n += 1,
-            None => {
-                let system = step.info.system.to_string();
-                self.queue_by_system.insert(system, 1);
-            }
-        }
+        *self
+            .queue_by_system
+            .entry(Arc::clone(&step.info.system))
+            .or_default() += 1;
         self.ready_queue.insert(order, drv.clone());
     }
 
@@ -359,16 +357,16 @@ impl Schedule {
             return;
         };
         self.ready_queue.remove(&order);
-        if let Some(n) = self.queue_by_system.get_mut(&*step.info.system) {
+        if let Some(n) = self.queue_by_system.get_mut(&step.info.system) {
             *n -= 1;
             if *n == 0 {
-                self.queue_by_system.remove(&*step.info.system);
+                self.queue_by_system.remove(&step.info.system);
             }
         }
     }
 
     /// How many steps wait in the ready queue, per system (none listed with none waiting).
-    pub fn queue_by_system(&self) -> &BTreeMap<String, usize> {
+    pub fn queue_by_system(&self) -> &BTreeMap<Arc<str>, usize> {
         &self.queue_by_system
     }
 

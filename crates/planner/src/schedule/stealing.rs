@@ -180,8 +180,9 @@ impl Schedule {
         {
             return Vec::new();
         }
-        step.extras_mut().steal_offer = None;
-        step.extras_mut().thief = Some(worker.clone());
+        let extras = step.extras_mut();
+        extras.steal_offer = None;
+        extras.thief = Some(worker.clone());
         self.occupy(worker, drv);
         // The thief sees its assignment before the invitation goes away, so it keeps its claim.
         vec![
