@@ -868,18 +868,33 @@ impl History {
         self.in_transaction(|tx| {
             // The worker's open attempt (with no worker named, every attempt of this run)
             // takes the outcome; when the step ends, its other open attempts end too.
+            // `mine!()` is written into the statement, not taken from a subquery: SQLite
+            // would build a temporary table for the subquery on every call.
+            macro_rules! mine {
+                () => {
+                    "(CASE WHEN ?7 IS NULL THEN id > ?8 ELSE worker = ?7 END)"
+                };
+            }
             execute_cached(
                 tx,
-                "UPDATE attempts SET finished = ?2,
-                     outcome = CASE WHEN mine THEN ?3 WHEN id <= ?8 THEN 'lost'
-                         ELSE 'cancelled' END,
-                     reason = CASE WHEN mine THEN ?4 WHEN id <= ?8 THEN ?9 ELSE ?10 END,
-                     cause = CASE WHEN mine THEN ?5 WHEN id <= ?8 THEN 'infrastructure' END,
-                     failed_input = CASE WHEN mine THEN ?6 ELSE failed_input END
-                 FROM (SELECT id AS attempt,
-                           CASE WHEN ?7 IS NULL THEN id > ?8 ELSE worker = ?7 END AS mine
-                       FROM attempts WHERE drv = ?1 AND finished IS NULL)
-                 WHERE id = attempt AND (mine OR ?11)",
+                concat!(
+                    "UPDATE attempts SET finished = ?2,
+                         outcome = CASE WHEN ",
+                    mine!(),
+                    " THEN ?3 WHEN id <= ?8 THEN 'lost' ELSE 'cancelled' END,
+                         reason = CASE WHEN ",
+                    mine!(),
+                    " THEN ?4 WHEN id <= ?8 THEN ?9 ELSE ?10 END,
+                         cause = CASE WHEN ",
+                    mine!(),
+                    " THEN ?5 WHEN id <= ?8 THEN 'infrastructure' END,
+                         failed_input = CASE WHEN ",
+                    mine!(),
+                    " THEN ?6 ELSE failed_input END
+                     WHERE drv = ?1 AND finished IS NULL AND (",
+                    mine!(),
+                    " OR ?11)"
+                ),
                 params![
                     drv,
                     t,
@@ -896,20 +911,29 @@ impl History {
             )?;
             match outcome {
                 AttemptOutcome::Built { outputs } => {
+                    let outputs = outputs.join(" ");
                     execute_cached(
                         tx,
                         "UPDATE steps SET status = 'built', outputs = ?2, error = NULL,
                              cause = NULL, failed_input = NULL, finished = ?3
                          WHERE drv = ?1",
-                        params![drv, outputs.join(" "), t],
+                        params![drv, outputs, t],
                     )?;
-                    // The originals resolved to it have its outputs.
-                    execute_cached(
-                        tx,
-                        "UPDATE steps SET outputs = ?2 WHERE drv IN
-                     (SELECT resolved_from FROM resolutions WHERE resolved_to = ?1)",
-                        params![drv, outputs.join(" ")],
-                    )?;
+                    // The originals resolved to it have its outputs. Looked up first (almost
+                    // always none): an `IN (SELECT …)` would build a temporary table each time.
+                    let originals = tx
+                        .prepare_cached(
+                            "SELECT resolved_from FROM resolutions WHERE resolved_to = ?1",
+                        )?
+                        .query_map([drv], |r| r.get::<_, String>(0))?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    for original in originals {
+                        execute_cached(
+                            tx,
+                            "UPDATE steps SET outputs = ?2 WHERE drv = ?1",
+                            params![original, outputs],
+                        )?;
+                    }
                 }
                 AttemptOutcome::Failed { .. } => {
                     execute_cached(
