@@ -15,6 +15,7 @@ mod rejoin;
 mod resolving;
 mod stealing;
 
+pub use critical_path::{Progress, Tally};
 pub use stealing::StealPolicy;
 
 /// How many times a step is tried before a transient failure becomes final.
@@ -1233,11 +1234,11 @@ impl Schedule {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A step for x86_64-linux with these inputs and nothing else.
-    pub(super) fn info(inputs: &[&str]) -> StepInfo {
+    pub(crate) fn info(inputs: &[&str]) -> StepInfo {
         StepInfo {
             system: "x86_64-linux".into(),
             features: vec![],

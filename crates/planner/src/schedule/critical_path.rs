@@ -38,46 +38,68 @@ pub(super) fn first_guess(info: &StepInfo, urgency: Urgency) -> u64 {
     duration(info).saturating_add(urgency.depth.saturating_mul(UNKNOWN_DURATION_MS))
 }
 
+/// What [`Schedule::count`] has counted so far of one frontend's steps; [`Schedule::progress_of`]
+/// makes it a [`Progress`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// The longest remaining path among the unfinished steps counted.
+    path: u64,
+    /// Their predicted work left, in milliseconds.
+    work: u64,
+    /// How many of them wait in the ready queue.
+    queued: usize,
+}
+
 impl Schedule {
     /// How far the steps among `drvs` (one frontend's) are as of `now`: how long the
     /// unfinished ones are predicted to take, in milliseconds (the longer of the longest
     /// remaining path among them and their predicted work spread over every connected
     /// worker's slots; a running step counts what is left of its duration, none once it ran
-    /// past it), and how many wait in the ready queue. One pass over the steps, on the tick.
+    /// past it), and how many wait in the ready queue. One pass over the steps.
     pub fn progress<'a>(
         &self,
         drvs: impl IntoIterator<Item = &'a DrvPath>,
         now: Instant,
     ) -> Progress {
-        let (mut path, mut work, mut queued) = (0u64, 0u64, 0usize);
+        let mut tally = Tally::default();
         for drv in drvs {
-            let Some(step) = self.steps.get(drv) else {
-                continue;
-            };
-            if matches!(
-                step.state,
-                StepState::Built { .. } | StepState::Failed { .. } | StepState::Resolved { .. }
-            ) {
-                continue;
-            }
-            if step.queued.is_some() {
-                queued += 1;
-            }
-            let own = duration(&step.info);
-            let spent = match (&step.state, step.since) {
-                (StepState::Assigned(_), Some(at)) => {
-                    let ms = now.saturating_duration_since(at).as_millis();
-                    u64::try_from(ms).unwrap_or(u64::MAX).min(own)
-                }
-                _ => 0,
-            };
-            path = path.max(step.remaining_ms.saturating_sub(spent));
-            work = work.saturating_add(own - spent);
+            self.count(drv, now, &mut tally);
         }
+        self.progress_of(tally)
+    }
+
+    /// Count `drv` into `tally` as of `now`, if it is unfinished (see [`Schedule::progress`]).
+    pub fn count(&self, drv: &DrvPath, now: Instant, tally: &mut Tally) {
+        let Some(step) = self.steps.get(drv) else {
+            return;
+        };
+        if matches!(
+            step.state,
+            StepState::Built { .. } | StepState::Failed { .. } | StepState::Resolved { .. }
+        ) {
+            return;
+        }
+        if step.queued.is_some() {
+            tally.queued += 1;
+        }
+        let own = duration(&step.info);
+        let spent = match (&step.state, step.since) {
+            (StepState::Assigned(_), Some(at)) => {
+                let ms = now.saturating_duration_since(at).as_millis();
+                u64::try_from(ms).unwrap_or(u64::MAX).min(own)
+            }
+            _ => 0,
+        };
+        tally.path = tally.path.max(step.remaining_ms.saturating_sub(spent));
+        tally.work = tally.work.saturating_add(own - spent);
+    }
+
+    /// The progress of the steps counted in `tally`, over the slots connected now.
+    pub fn progress_of(&self, tally: Tally) -> Progress {
         let slots: u64 = self.workers.values().map(|w| u64::from(w.max_jobs)).sum();
         Progress {
-            eta_ms: path.max(work / slots.max(1)),
-            queued,
+            eta_ms: tally.path.max(tally.work / slots.max(1)),
+            queued: tally.queued,
         }
     }
 
