@@ -6,7 +6,7 @@
 //! A tick counts at most [`STEPS_PER_TICK`] steps, going on where the last one stopped: a
 //! frontend of 100,000 steps took the planner's turn for 40 ms a second, every worker's
 //! report waiting behind it. A frontend's figures change once all its steps are counted,
-//! every tick for small ones, every few seconds for the largest.
+//! every tick for most, every ten seconds for one of 100,000 steps.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,7 +24,7 @@ use crate::service::republish;
 const MAX_FRONTENDS: usize = 256;
 
 /// The most steps one tick counts (about 4 ms of the planner's turn at 100,000 steps).
-pub(crate) const STEPS_PER_TICK: usize = 10_000;
+const STEPS_PER_TICK: usize = 10_000;
 
 /// The steps each frontend demands, and what the planner asserted about them.
 #[derive(Debug, Default)]
@@ -128,22 +128,17 @@ impl Frontends {
     ) -> Vec<(String, Progress)> {
         let mut counted = Vec::new();
         let resume = self.resume.take();
-        let frontends = self.demands.iter().take(MAX_FRONTENDS);
-        let (frontends, mut tally, after) = match resume {
-            Some(r) => {
-                let first = r.requester.clone();
-                let rest = frontends.skip_while(move |(requester, _)| **requester < first);
-                (rest.collect::<Vec<_>>(), r.tally, Some(r))
-            }
-            None => (frontends.collect(), Tally::default(), None),
-        };
+        let frontends = self
+            .demands
+            .iter()
+            .take(MAX_FRONTENDS)
+            .skip_while(|(requester, _)| {
+                resume.as_ref().is_some_and(|r| **requester < r.requester)
+            });
         for (requester, steps) in frontends {
-            let left = match after.as_ref().filter(|r| r.requester == *requester) {
-                Some(r) => steps.range::<DrvPath, _>(&r.from..),
-                None => {
-                    tally = Tally::default();
-                    steps.range::<DrvPath, _>(..)
-                }
+            let (mut tally, left) = match resume.as_ref().filter(|r| r.requester == *requester) {
+                Some(r) => (r.tally, steps.range::<DrvPath, _>(&r.from..)),
+                None => (Tally::default(), steps.range::<DrvPath, _>(..)),
             };
             for (drv, _) in left {
                 if budget == 0 {
